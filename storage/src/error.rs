@@ -1,0 +1,48 @@
+//! The storage crate's one error enum.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in storage. Variants carry the numbers
+/// needed to debug them.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// An I/O call failed.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A batch's bytes are malformed (bad length, magic, CRC, or records).
+    #[error("corrupt batch: {reason}")]
+    CorruptBatch { reason: String },
+    /// Corruption found in a closed segment at a known place.
+    #[error("corrupt segment {path} at position {position}: {reason}")]
+    CorruptSegment {
+        path: PathBuf,
+        position: u64,
+        reason: String,
+    },
+    /// The batch exceeds max.message.bytes.
+    #[error("batch of {size} bytes exceeds max.message.bytes {max}")]
+    RecordTooLarge { size: usize, max: usize },
+    /// Requested offset outside [log_start_offset, log_end_offset].
+    #[error("offset {offset} out of range [{log_start_offset}, {log_end_offset}]")]
+    OffsetOutOfRange {
+        offset: i64,
+        log_start_offset: i64,
+        log_end_offset: i64,
+    },
+    /// A follower append whose first offset is not the log end offset.
+    #[error("non-contiguous append: batch starts at {base_offset}, log ends at {log_end_offset}")]
+    NonContiguous {
+        base_offset: i64,
+        log_end_offset: i64,
+    },
+    /// A batch with no records.
+    #[error("empty batch")]
+    EmptyBatch,
+    /// The log was deleted or closed.
+    #[error("log {dir} is closed")]
+    Closed { dir: PathBuf },
+}
