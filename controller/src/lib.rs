@@ -1,1 +1,46 @@
-//! placeholder
+//! Runnel's cluster metadata: what brokers, topics and partitions exist,
+//! who leads each partition, and in which epoch.
+//!
+//! Where it sits on the data path: at the bottom of the control plane. The
+//! broker's admin service turns requests into [`MetadataCommand`]s and
+//! submits them to a [`MetadataStore`]; the store orders them, applies them
+//! to the [`ClusterMetadata`] state machine and publishes each new state to
+//! the broker, which opens or closes partition logs to match. Record bytes
+//! never pass through here.
+//!
+//! Layout
+//! - [`metadata`]: the state (brokers, topics, partitions) and `apply`.
+//! - [`command`]: the typed commands, the only way state changes.
+//! - [`topic_config`]: topic config keys, defaults and validation.
+//! - [`store`]: the [`MetadataStore`] interface every store implements.
+//! - [`local`]: the single-node store, persisted to one file. The openraft
+//!   quorum store implements the same trait.
+//! - `error`: [`MetadataError`].
+//!
+//! ```
+//! use runnel_controller::{ClusterMetadata, MetadataCommand};
+//! let mut state = ClusterMetadata::new("cluster-a");
+//! state.apply(MetadataCommand::RegisterBroker {
+//!     id: 1, address: "127.0.0.1:9092".into(), rack: String::new(),
+//!     roles: vec!["broker".into()],
+//! }).unwrap();
+//! state.apply(MetadataCommand::CreateTopic {
+//!     name: "events".into(), topic_id: "t-1".into(), partitions: 3,
+//!     replication_factor: 1, configs: Default::default(),
+//! }).unwrap();
+//! assert_eq!(state.topics["events"].partitions.len(), 3);
+//! assert_eq!(state.topics["events"].partitions[0].leader, 1);
+//! ```
+
+pub mod command;
+pub mod error;
+pub mod local;
+pub mod metadata;
+pub mod store;
+pub mod topic_config;
+
+pub use command::MetadataCommand;
+pub use error::MetadataError;
+pub use local::LocalMetadataStore;
+pub use metadata::{BrokerInfo, ClusterMetadata, PartitionInfo, TopicInfo};
+pub use store::MetadataStore;

@@ -1,0 +1,494 @@
+//! The cluster metadata state machine. `apply` is pure and deterministic:
+//! the same commands in the same order give the same state on every node.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{topic_config, MetadataCommand, MetadataError};
+
+/// Most partitions one topic may have.
+pub const PARTITIONS_MAX: i32 = 10_000;
+/// Longest topic name (Kafka's rule).
+pub const TOPIC_NAME_LEN_MAX: usize = 249;
+
+/// A registered broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerInfo {
+    /// node.id.
+    pub id: i32,
+    /// Client address, HOST:PORT.
+    pub address: String,
+    /// Rack, or empty.
+    pub rack: String,
+    /// "broker" and/or "controller".
+    pub roles: Vec<String>,
+    /// Bumped at every registration, so a restart is told from a retry.
+    pub epoch: i64,
+    /// A fenced broker is out of every ISR and leads nothing.
+    pub fenced: bool,
+}
+
+/// One partition's replica placement and leadership.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    /// Broker ids holding a replica; the first is the preferred leader.
+    pub replicas: Vec<i32>,
+    /// Current leader, or -1 when offline.
+    pub leader: i32,
+    /// Bumped at every leader change.
+    pub leader_epoch: i32,
+    /// In-sync replicas.
+    pub isr: Vec<i32>,
+    /// Bumped at every change of this partition's state.
+    pub partition_epoch: i32,
+}
+
+/// A topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    /// Topic name.
+    pub name: String,
+    /// Stable id; a re-created topic gets a new one.
+    pub topic_id: String,
+    /// Partitions, by index.
+    pub partitions: Vec<PartitionInfo>,
+    /// Replicas per partition.
+    pub replication_factor: i32,
+    /// Config overrides (only keys the user set).
+    pub configs: BTreeMap<String, String>,
+}
+
+/// The whole cluster metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMetadata {
+    /// Fixed when the cluster was formatted.
+    pub cluster_id: String,
+    /// Registered brokers by id.
+    pub brokers: BTreeMap<i32, BrokerInfo>,
+    /// Topics by name.
+    pub topics: BTreeMap<String, TopicInfo>,
+    /// How many commands were applied; a version for watchers.
+    pub applied: u64,
+}
+
+/// What an applied command changed, for the broker to act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Nothing to do beyond reading the new state.
+    Done,
+    /// A topic was deleted; brokers remove its partitions' data.
+    TopicDeleted { topic_id: String, partitions: i32 },
+}
+
+/// Kafka's topic-name rules.
+pub fn validate_topic_name(name: &str) -> Result<(), MetadataError> {
+    let bad = |reason| {
+        Err(MetadataError::InvalidTopicName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > TOPIC_NAME_LEN_MAX {
+        return bad("longer than 249 characters");
+    }
+    if name == "." || name == ".." {
+        return bad("'.' and '..' are not allowed");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return bad("only ASCII letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+impl ClusterMetadata {
+    /// An empty cluster.
+    pub fn new(cluster_id: impl Into<String>) -> Self {
+        Self {
+            cluster_id: cluster_id.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Unfenced broker ids in id order.
+    pub fn live_brokers(&self) -> Vec<i32> {
+        self.brokers
+            .values()
+            .filter(|b| !b.fenced)
+            .map(|b| b.id)
+            .collect()
+    }
+
+    /// Checks a command against the current state without applying it.
+    pub fn check(&self, cmd: &MetadataCommand) -> Result<(), MetadataError> {
+        self.clone().apply(cmd.clone()).map(|_| ())
+    }
+
+    /// Applies one command. On error the state is unchanged.
+    pub fn apply(&mut self, cmd: MetadataCommand) -> Result<Applied, MetadataError> {
+        let applied = match cmd {
+            MetadataCommand::RegisterBroker {
+                id,
+                address,
+                rack,
+                roles,
+            } => {
+                let epoch = self.brokers.get(&id).map_or(1, |b| b.epoch + 1);
+                self.brokers.insert(
+                    id,
+                    BrokerInfo {
+                        id,
+                        address,
+                        rack,
+                        roles,
+                        epoch,
+                        fenced: false,
+                    },
+                );
+                // A broker that comes back leads the partitions left
+                // offline without a leader that it replicates.
+                for topic in self.topics.values_mut() {
+                    for p in &mut topic.partitions {
+                        if p.leader == -1 && p.replicas.contains(&id) && p.isr.contains(&id) {
+                            p.leader = id;
+                            p.leader_epoch += 1;
+                            p.partition_epoch += 1;
+                        }
+                    }
+                }
+                Applied::Done
+            }
+            MetadataCommand::FenceBroker { id } => {
+                let broker = self
+                    .brokers
+                    .get_mut(&id)
+                    .ok_or(MetadataError::UnknownBroker { id })?;
+                broker.fenced = true;
+                for topic in self.topics.values_mut() {
+                    for p in &mut topic.partitions {
+                        if !p.replicas.contains(&id) {
+                            continue;
+                        }
+                        if p.isr.len() > 1 {
+                            p.isr.retain(|r| *r != id);
+                        }
+                        if p.leader == id {
+                            p.leader = p.isr.iter().copied().find(|r| *r != id).unwrap_or(-1);
+                            p.leader_epoch += 1;
+                        }
+                        p.partition_epoch += 1;
+                    }
+                }
+                Applied::Done
+            }
+            MetadataCommand::CreateTopic {
+                name,
+                topic_id,
+                partitions,
+                replication_factor,
+                configs,
+            } => {
+                validate_topic_name(&name)?;
+                if self.topics.contains_key(&name) {
+                    return Err(MetadataError::TopicAlreadyExists { name });
+                }
+                check_partitions(partitions, 0)?;
+                topic_config::validate_all(&configs)?;
+                let live = self.live_brokers();
+                check_replication_factor(replication_factor, live.len())?;
+                if let Some(min_isr) = configs.get("min.insync.replicas") {
+                    let min_isr: i32 = min_isr.parse().unwrap_or(i32::MAX);
+                    if min_isr > replication_factor {
+                        return Err(MetadataError::InvalidConfig {
+                            key: "min.insync.replicas".into(),
+                            value: min_isr.to_string(),
+                            reason: format!(
+                                "exceeds the replication factor {replication_factor}"
+                            ),
+                        });
+                    }
+                }
+                let parts = (0..partitions)
+                    .map(|p| new_partition(&live, p, replication_factor))
+                    .collect();
+                self.topics.insert(
+                    name.clone(),
+                    TopicInfo {
+                        name,
+                        topic_id,
+                        partitions: parts,
+                        replication_factor,
+                        configs,
+                    },
+                );
+                Applied::Done
+            }
+            MetadataCommand::DeleteTopic { name } => {
+                let topic = self
+                    .topics
+                    .remove(&name)
+                    .ok_or(MetadataError::UnknownTopic { name })?;
+                Applied::TopicDeleted {
+                    topic_id: topic.topic_id,
+                    partitions: topic.partitions.len() as i32,
+                }
+            }
+            MetadataCommand::AddPartitions {
+                name,
+                total_partitions,
+            } => {
+                let live = self.live_brokers();
+                let topic = self
+                    .topics
+                    .get_mut(&name)
+                    .ok_or(MetadataError::UnknownTopic { name })?;
+                check_partitions(total_partitions, topic.partitions.len() as i32)?;
+                check_replication_factor(topic.replication_factor, live.len())?;
+                for p in topic.partitions.len() as i32..total_partitions {
+                    topic
+                        .partitions
+                        .push(new_partition(&live, p, topic.replication_factor));
+                }
+                Applied::Done
+            }
+            MetadataCommand::AlterTopicConfig { name, set, delete } => {
+                let topic = self
+                    .topics
+                    .get_mut(&name)
+                    .ok_or(MetadataError::UnknownTopic { name })?;
+                topic_config::validate_all(&set)?;
+                for key in &delete {
+                    if topic_config::key(key).is_none() {
+                        return Err(MetadataError::InvalidConfig {
+                            key: key.clone(),
+                            value: String::new(),
+                            reason: "unknown config key".into(),
+                        });
+                    }
+                }
+                let mut configs = topic.configs.clone();
+                for key in &delete {
+                    configs.remove(key);
+                }
+                configs.extend(set);
+                if let Some(min_isr) = configs.get("min.insync.replicas") {
+                    if min_isr.parse::<i32>().unwrap_or(i32::MAX) > topic.replication_factor {
+                        return Err(MetadataError::InvalidConfig {
+                            key: "min.insync.replicas".into(),
+                            value: min_isr.clone(),
+                            reason: format!(
+                                "exceeds the replication factor {}",
+                                topic.replication_factor
+                            ),
+                        });
+                    }
+                }
+                topic.configs = configs;
+                Applied::Done
+            }
+        };
+        self.applied += 1;
+        Ok(applied)
+    }
+}
+
+fn check_partitions(count: i32, current: i32) -> Result<(), MetadataError> {
+    let reason = if count < 1 {
+        "must be at least 1".to_string()
+    } else if count > PARTITIONS_MAX {
+        format!("must be at most {PARTITIONS_MAX}")
+    } else if count <= current {
+        format!("must exceed the current count {current}")
+    } else {
+        return Ok(());
+    };
+    Err(MetadataError::InvalidPartitions { count, reason })
+}
+
+fn check_replication_factor(factor: i32, live: usize) -> Result<(), MetadataError> {
+    if factor < 1 {
+        return Err(MetadataError::InvalidReplicationFactor {
+            factor,
+            reason: "must be at least 1".into(),
+        });
+    }
+    if factor as usize > live {
+        return Err(MetadataError::InvalidReplicationFactor {
+            factor,
+            reason: format!("only {live} live brokers"),
+        });
+    }
+    Ok(())
+}
+
+/// Kafka-style placement: partition p's replicas start at broker p mod n
+/// and continue round the ring, so leaders spread evenly.
+fn new_partition(live: &[i32], index: i32, replication_factor: i32) -> PartitionInfo {
+    let n = live.len();
+    let replicas: Vec<i32> = (0..replication_factor as usize)
+        .map(|i| live[(index as usize + i) % n])
+        .collect();
+    PartitionInfo {
+        leader: replicas[0],
+        leader_epoch: 0,
+        isr: replicas.clone(),
+        replicas,
+        partition_epoch: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(state: &mut ClusterMetadata, id: i32) {
+        state
+            .apply(MetadataCommand::RegisterBroker {
+                id,
+                address: format!("127.0.0.1:{}", 9000 + id),
+                rack: String::new(),
+                roles: vec!["broker".into()],
+            })
+            .unwrap();
+    }
+
+    fn create(name: &str, partitions: i32, rf: i32) -> MetadataCommand {
+        MetadataCommand::CreateTopic {
+            name: name.into(),
+            topic_id: format!("id-{name}"),
+            partitions,
+            replication_factor: rf,
+            configs: BTreeMap::new(),
+        }
+    }
+
+    fn three() -> ClusterMetadata {
+        let mut s = ClusterMetadata::new("c");
+        for id in 1..=3 {
+            register(&mut s, id);
+        }
+        s
+    }
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        for good in ["a", "A-b_c.d", &"x".repeat(249)] {
+            validate_topic_name(good).unwrap();
+        }
+        for bad in ["", ".", "..", "a b", "ü", "a/b", &"x".repeat(250)] {
+            assert!(validate_topic_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn placement_spreads_leaders_round_the_ring() {
+        let mut s = three();
+        s.apply(create("t", 4, 2)).unwrap();
+        let parts = &s.topics["t"].partitions;
+        let replicas: Vec<_> = parts.iter().map(|p| p.replicas.clone()).collect();
+        assert_eq!(replicas, vec![vec![1, 2], vec![2, 3], vec![3, 1], vec![1, 2]]);
+        assert!(parts.iter().all(|p| p.leader == p.replicas[0] && p.isr == p.replicas));
+    }
+
+    #[test]
+    fn refused_commands_change_nothing() {
+        let mut s = three();
+        s.apply(create("t", 1, 1)).unwrap();
+        let before = s.clone();
+        let cases = [
+            create("t", 1, 1),
+            create("bad name", 1, 1),
+            create("u", 0, 1),
+            create("u", 1, 4),
+            create("u", 1, 0),
+            MetadataCommand::DeleteTopic { name: "nope".into() },
+            MetadataCommand::AddPartitions { name: "t".into(), total_partitions: 1 },
+            MetadataCommand::AlterTopicConfig {
+                name: "t".into(),
+                set: [("retention.ms".to_string(), "x".to_string())].into(),
+                delete: vec![],
+            },
+            MetadataCommand::AlterTopicConfig {
+                name: "t".into(),
+                set: [("min.insync.replicas".to_string(), "2".to_string())].into(),
+                delete: vec![],
+            },
+        ];
+        for cmd in cases {
+            assert!(s.apply(cmd.clone()).is_err(), "{cmd:?} accepted");
+            assert_eq!(s, before, "{cmd:?} changed state");
+        }
+    }
+
+    #[test]
+    fn fencing_moves_leadership_within_the_isr_and_bumps_epochs() {
+        let mut s = three();
+        s.apply(create("t", 3, 3)).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 1 }).unwrap();
+        let p0 = &s.topics["t"].partitions[0];
+        assert_eq!((p0.leader, p0.leader_epoch), (2, 1));
+        assert_eq!(p0.isr, vec![2, 3]);
+        let p1 = &s.topics["t"].partitions[1];
+        assert_eq!((p1.leader, p1.leader_epoch), (2, 0));
+        assert_eq!(p1.isr, vec![2, 3]);
+    }
+
+    #[test]
+    fn last_isr_member_fenced_leaves_partition_offline_until_it_returns() {
+        let mut s = three();
+        s.apply(create("t", 1, 1)).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 1 }).unwrap();
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!((p.leader, p.leader_epoch, p.isr.clone()), (-1, 1, vec![1]));
+        register(&mut s, 1);
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!((p.leader, p.leader_epoch), (1, 2));
+    }
+
+    #[test]
+    fn add_partitions_and_alter_config() {
+        let mut s = three();
+        s.apply(create("t", 1, 1)).unwrap();
+        s.apply(MetadataCommand::AddPartitions { name: "t".into(), total_partitions: 3 })
+            .unwrap();
+        assert_eq!(s.topics["t"].partitions.len(), 3);
+        s.apply(MetadataCommand::AlterTopicConfig {
+            name: "t".into(),
+            set: [("retention.ms".to_string(), "1000".to_string())].into(),
+            delete: vec![],
+        })
+        .unwrap();
+        assert_eq!(s.topics["t"].configs["retention.ms"], "1000");
+        s.apply(MetadataCommand::AlterTopicConfig {
+            name: "t".into(),
+            set: BTreeMap::new(),
+            delete: vec!["retention.ms".into()],
+        })
+        .unwrap();
+        assert!(s.topics["t"].configs.is_empty());
+    }
+
+    #[test]
+    fn replay_is_deterministic() {
+        let cmds = vec![
+            MetadataCommand::RegisterBroker { id: 2, address: "a".into(), rack: String::new(), roles: vec![] },
+            MetadataCommand::RegisterBroker { id: 1, address: "b".into(), rack: String::new(), roles: vec![] },
+            create("x", 5, 2),
+            MetadataCommand::FenceBroker { id: 2 },
+        ];
+        let run = || {
+            let mut s = ClusterMetadata::new("c");
+            for c in cmds.clone() {
+                s.apply(c).unwrap();
+            }
+            s
+        };
+        assert_eq!(run(), run());
+    }
+}

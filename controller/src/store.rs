@@ -1,0 +1,45 @@
+//! The interface between the broker and whatever holds the metadata: the
+//! single-node [`crate::LocalMetadataStore`] now, the Raft quorum later.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::metadata::Applied;
+use crate::{ClusterMetadata, MetadataCommand, MetadataError};
+
+/// A boxed future, so the trait stays object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Orders metadata commands, applies them, makes them durable, and
+/// publishes every new state.
+pub trait MetadataStore: Send + Sync + 'static {
+    /// The latest applied state.
+    fn current(&self) -> Arc<ClusterMetadata>;
+    /// A receiver that sees each new state.
+    fn watch(&self) -> watch::Receiver<Arc<ClusterMetadata>>;
+    /// Applies `cmd` once it is durable; refused commands change nothing.
+    fn submit(&self, cmd: MetadataCommand) -> BoxFuture<'_, Result<Applied, MetadataError>>;
+    /// Broker id of the active controller, or -1 when there is none.
+    fn controller_id(&self) -> i32;
+}
+
+/// A random 128-bit id as 32 hex digits (cluster and topic ids).
+pub fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::with_capacity(32);
+    for salt in 0..2u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(salt);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+        );
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}

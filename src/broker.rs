@@ -1,0 +1,610 @@
+//! The broker core: routes client requests to the partitions this node
+//! hosts, and keeps the set of hosted partitions in step with the cluster
+//! metadata. The gRPC services in [`crate::service`] are thin wrappers.
+//!
+//! Produce path: pick the partition (explicit, murmur2 of the key, or
+//! round-robin) → check leadership and min.insync.replicas → encode or
+//! accept the batch → `Log::append_as_leader` on a blocking thread →
+//! advance the high watermark (a single-replica ISR is the leader alone)
+//! → answer. Fetch path: check the offset against [log start, high
+//! watermark] → wait on the high-watermark watch when caught up → read
+//! whole stored batches → send them raw or decoded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use runnel_controller::metadata::Applied;
+use runnel_controller::store::random_id;
+use runnel_controller::{topic_config, ClusterMetadata, MetadataCommand, MetadataStore, TopicInfo};
+use runnel_proto::v1 as pb;
+use runnel_storage::{BatchBuilder, LogManager, RecordBatch, StorageError};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, instrument, warn};
+
+use crate::config::ServerConfig;
+use crate::error::BrokerError;
+use crate::partition::{log_config, Partition};
+use crate::partitioner::partition_for_key;
+
+/// Default fetch size when the request says 0.
+const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// One broker node.
+pub struct Broker {
+    node_id: i32,
+    config: ServerConfig,
+    metadata: Arc<dyn MetadataStore>,
+    logs: LogManager,
+    /// Hosted partitions by (topic, index). Short critical sections only.
+    partitions: RwLock<HashMap<(String, i32), Arc<Partition>>>,
+    /// Broker-wide topic config defaults.
+    topic_defaults: BTreeMap<String, String>,
+    /// Round-robin cursor for keyless produce requests.
+    round_robin: AtomicU32,
+    /// Cancelled at shutdown; long polls end early.
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("node_id", &self.node_id).finish()
+    }
+}
+
+impl Broker {
+    /// Opens the logs under the data directory and registers this broker.
+    pub async fn open(
+        config: ServerConfig,
+        metadata: Arc<dyn MetadataStore>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let topic_defaults = config.topic_defaults();
+        let logs = LogManager::open(&config.data_dir, log_config(&topic_defaults))?;
+        let broker = Arc::new(Self {
+            node_id: config.node_id,
+            metadata,
+            logs,
+            partitions: RwLock::new(HashMap::new()),
+            topic_defaults,
+            round_robin: AtomicU32::new(0),
+            shutdown,
+            config,
+        });
+        broker
+            .metadata
+            .submit(MetadataCommand::RegisterBroker {
+                id: broker.node_id,
+                address: broker.config.advertised(),
+                rack: broker.config.rack.clone(),
+                roles: broker.config.roles.clone(),
+            })
+            .await?;
+        broker.reconcile()?;
+        Ok(broker)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> i32 {
+        self.node_id
+    }
+
+    /// The metadata store.
+    pub fn metadata(&self) -> &Arc<dyn MetadataStore> {
+        &self.metadata
+    }
+
+    /// Effective configs of a topic.
+    pub fn effective_configs(&self, topic: &TopicInfo) -> BTreeMap<String, String> {
+        topic_config::effective(&self.topic_defaults, &topic.configs)
+    }
+
+    /// Opens logs for partitions this node now hosts, applies config
+    /// changes, and deletes logs of partitions it no longer hosts.
+    pub fn reconcile(&self) -> Result<(), BrokerError> {
+        let meta = self.metadata.current();
+        let mut wanted: HashMap<(String, i32), &TopicInfo> = HashMap::new();
+        for topic in meta.topics.values() {
+            for (i, p) in topic.partitions.iter().enumerate() {
+                if p.replicas.contains(&self.node_id) {
+                    wanted.insert((topic.name.clone(), i as i32), topic);
+                }
+            }
+        }
+        let mut map = self.partitions.write().unwrap_or_else(|e| e.into_inner());
+        for ((name, index), topic) in &wanted {
+            let config = log_config(&self.effective_configs(topic));
+            let key = (name.clone(), *index);
+            match map.get(&key) {
+                Some(p) if p.topic_id == topic.topic_id => p.log.set_config(config),
+                _ => {
+                    let log = self.logs.get_or_create(name, *index, config.clone())?;
+                    log.set_config(config);
+                    info!(topic = %name, partition = index, log_end_offset = log.log_end_offset(), "hosting partition");
+                    map.insert(
+                        key,
+                        Arc::new(Partition::new(name.clone(), *index, topic.topic_id.clone(), log)),
+                    );
+                }
+            }
+        }
+        map.retain(|key, _| wanted.contains_key(key));
+        for (topic, index, _) in self.logs.all() {
+            if !wanted.contains_key(&(topic.clone(), index)) {
+                info!(%topic, partition = index, "deleting partition no longer hosted");
+                self.logs.delete(&topic, index)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn hosted(&self, topic: &str, index: i32) -> Option<Arc<Partition>> {
+        let map = self.partitions.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&(topic.to_string(), index)).cloned()
+    }
+
+    /// Checks that this broker leads `topic`-`index` and returns it.
+    fn leader_partition(
+        &self,
+        meta: &ClusterMetadata,
+        topic: &str,
+        index: i32,
+    ) -> Result<Arc<Partition>, BrokerError> {
+        let info = meta.topics.get(topic).ok_or_else(|| BrokerError::UnknownTopic {
+            topic: topic.to_string(),
+        })?;
+        let p = usize::try_from(index)
+            .ok()
+            .and_then(|i| info.partitions.get(i))
+            .ok_or_else(|| BrokerError::UnknownPartition {
+                topic: topic.to_string(),
+                partition: index,
+                partitions: info.partitions.len() as i32,
+            })?;
+        if p.leader == -1 {
+            return Err(BrokerError::PartitionOffline {
+                topic: topic.to_string(),
+                partition: index,
+            });
+        }
+        if p.leader != self.node_id {
+            let leader = meta
+                .brokers
+                .get(&p.leader)
+                .map(|b| b.address.clone())
+                .unwrap_or_default();
+            return Err(BrokerError::NotLeader {
+                topic: topic.to_string(),
+                partition: index,
+                leader,
+            });
+        }
+        match self.hosted(topic, index) {
+            Some(p) => Ok(p),
+            None => {
+                self.reconcile()?;
+                self.hosted(topic, index).ok_or(BrokerError::PartitionOffline {
+                    topic: topic.to_string(),
+                    partition: index,
+                })
+            }
+        }
+    }
+
+    /// Appends a batch; see the module docs for the path.
+    #[instrument(skip_all, fields(topic = %req.topic, partition, offset))]
+    pub async fn produce(&self, req: pb::ProduceRequest) -> Result<pb::ProduceResponse, BrokerError> {
+        let meta = self.metadata.current();
+        let topic = meta.topics.get(&req.topic).ok_or_else(|| BrokerError::UnknownTopic {
+            topic: req.topic.clone(),
+        })?;
+        let count = topic.partitions.len() as i32;
+        let index = match req.partition {
+            Some(p) => p,
+            None => match req.records.first().and_then(|r| r.key.as_ref()) {
+                Some(key) => partition_for_key(key, count),
+                None => (self.round_robin.fetch_add(1, Ordering::Relaxed) % count as u32) as i32,
+            },
+        };
+        tracing::Span::current().record("partition", index);
+        let partition = self.leader_partition(&meta, &req.topic, index)?;
+        let pinfo = &topic.partitions[index as usize];
+        let acks = pb::Acks::try_from(req.acks).unwrap_or(pb::Acks::All);
+        if matches!(acks, pb::Acks::All | pb::Acks::Unspecified) {
+            let min_isr: i32 = self
+                .effective_configs(topic)
+                .get("min.insync.replicas")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            if !runnel_replication::enough_replicas(pinfo.isr.len(), min_isr) {
+                return Err(BrokerError::NotEnoughReplicas {
+                    topic: req.topic.clone(),
+                    partition: index,
+                    isr: pinfo.isr.len(),
+                    min_isr,
+                });
+            }
+        }
+        let batch = encode_batch(&req)?;
+        let leader_epoch = pinfo.leader_epoch;
+        let single_replica = pinfo.isr == [self.node_id];
+        let append = {
+            let partition = partition.clone();
+            move || {
+                let info = partition.log.append_as_leader(batch, leader_epoch)?;
+                if single_replica {
+                    partition.advance_high_watermark(partition.log.log_end_offset());
+                }
+                Ok::<_, StorageError>(info)
+            }
+        };
+        let mut response = pb::ProduceResponse {
+            correlation_id: req.correlation_id,
+            topic: req.topic.clone(),
+            partition: index,
+            base_offset: -1,
+            last_offset: -1,
+            log_append_time_ms: -1,
+            log_start_offset: partition.log.log_start_offset(),
+            ..Default::default()
+        };
+        if acks == pb::Acks::None {
+            let handle = tokio::task::spawn_blocking(append);
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = handle.await {
+                    warn!(error = %e, "acks=none append failed");
+                }
+            });
+            return Ok(response);
+        }
+        let info = tokio::task::spawn_blocking(append)
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)??;
+        tracing::Span::current().record("offset", info.base_offset);
+        debug!(base_offset = info.base_offset, records = info.record_count, "appended");
+        response.base_offset = info.base_offset;
+        response.last_offset = info.last_offset;
+        response.log_append_time_ms = info.log_append_time_ms;
+        Ok(response)
+    }
+
+    /// Reads from a partition, long-polling up to `max_wait_ms`.
+    #[instrument(skip_all, fields(topic = %req.topic, partition = req.partition, offset = req.offset))]
+    pub async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchResponse, BrokerError> {
+        let meta = self.metadata.current();
+        let partition = self.leader_partition(&meta, &req.topic, req.partition)?;
+        let log = &partition.log;
+        let max_bytes = match req.max_bytes {
+            0 => FETCH_BYTES_DEFAULT,
+            n => n as usize,
+        };
+        let wait = Duration::from_millis(
+            u64::from(req.max_wait_ms).min(self.config.broker.fetch_wait_max_ms),
+        );
+        let mut hw_rx = partition.watch_high_watermark();
+        let mut high_watermark = log.high_watermark();
+        let out_of_range = |hw: i64| {
+            BrokerError::Storage(StorageError::OffsetOutOfRange {
+                offset: req.offset,
+                log_start_offset: log.log_start_offset(),
+                log_end_offset: hw,
+            })
+        };
+        if req.offset < log.log_start_offset() || req.offset > high_watermark {
+            return Err(out_of_range(high_watermark));
+        }
+        if req.offset == high_watermark && !wait.is_zero() {
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    changed = hw_rx.changed() => {
+                        if changed.is_err() { break; }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = self.shutdown.cancelled() => break,
+                }
+                high_watermark = log.high_watermark();
+                if high_watermark > req.offset {
+                    break;
+                }
+            }
+        }
+        high_watermark = log.high_watermark();
+        let read = log.read(req.offset, max_bytes, high_watermark)?;
+        let mut response = pb::FetchResponse {
+            topic: req.topic.clone(),
+            partition: req.partition,
+            high_watermark,
+            log_start_offset: read.log_start_offset,
+            next_offset: req.offset,
+            ..Default::default()
+        };
+        if read.batches.is_empty() {
+            return Ok(response);
+        }
+        let batches = RecordBatch::parse_all(read.batches.clone())?;
+        if let Some(last) = batches.last() {
+            response.next_offset = last.last_offset() + 1;
+        }
+        if req.raw {
+            response.batches = read.batches;
+        } else {
+            for batch in &batches {
+                for record in batch.records()? {
+                    if record.offset < req.offset {
+                        continue;
+                    }
+                    response.records.push(to_proto_record(record));
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    /// Offsets by spec.
+    pub async fn list_offsets(
+        &self,
+        req: pb::ListOffsetsRequest,
+    ) -> Result<pb::ListOffsetsResponse, BrokerError> {
+        let meta = self.metadata.current();
+        let partition = self.leader_partition(&meta, &req.topic, req.partition)?;
+        let log = &partition.log;
+        let (start, hw) = (log.log_start_offset(), log.high_watermark());
+        let spec = pb::OffsetSpec::try_from(req.spec).unwrap_or(pb::OffsetSpec::Latest);
+        let (offset, timestamp_ms) = match spec {
+            pb::OffsetSpec::Earliest => (start, -1),
+            pb::OffsetSpec::Latest | pb::OffsetSpec::Unspecified => (hw, -1),
+            pb::OffsetSpec::Timestamp => match log.offset_for_timestamp(req.timestamp_ms)? {
+                Some((offset, ts)) if offset < hw => (offset, ts),
+                _ => (hw, -1),
+            },
+        };
+        Ok(pb::ListOffsetsResponse {
+            offset,
+            timestamp_ms,
+            log_start_offset: start,
+            high_watermark: hw,
+        })
+    }
+
+    /// Creates a topic (or only checks it, with validate_only).
+    #[instrument(skip_all, fields(topic = %req.name))]
+    pub async fn create_topic(
+        &self,
+        req: pb::CreateTopicRequest,
+    ) -> Result<pb::TopicDescription, BrokerError> {
+        let cmd = MetadataCommand::CreateTopic {
+            name: req.name.clone(),
+            topic_id: random_id(),
+            partitions: req.partitions,
+            replication_factor: req.replication_factor,
+            configs: req.configs.into_iter().collect(),
+        };
+        if req.validate_only {
+            let mut preview = (*self.metadata.current()).clone();
+            preview.apply(cmd)?;
+            return self.describe_in(&preview, &req.name);
+        }
+        self.metadata.submit(cmd).await?;
+        info!(partitions = req.partitions, replication_factor = req.replication_factor, "topic created");
+        self.reconcile()?;
+        self.describe_topic(&req.name)
+    }
+
+    /// Deletes a topic and its data on this broker.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+        let applied = self
+            .metadata
+            .submit(MetadataCommand::DeleteTopic { name: name.to_string() })
+            .await?;
+        if let Applied::TopicDeleted { partitions, .. } = applied {
+            info!(topic = name, partitions, "topic deleted");
+        }
+        self.reconcile()
+    }
+
+    /// Grows a topic.
+    pub async fn add_partitions(
+        &self,
+        name: &str,
+        total_partitions: i32,
+    ) -> Result<pb::TopicDescription, BrokerError> {
+        self.metadata
+            .submit(MetadataCommand::AddPartitions {
+                name: name.to_string(),
+                total_partitions,
+            })
+            .await?;
+        self.reconcile()?;
+        self.describe_topic(name)
+    }
+
+    /// Sets and removes config overrides.
+    pub async fn alter_topic_config(
+        &self,
+        req: pb::AlterTopicConfigRequest,
+    ) -> Result<pb::TopicDescription, BrokerError> {
+        let cmd = MetadataCommand::AlterTopicConfig {
+            name: req.name.clone(),
+            set: req.set.into_iter().collect(),
+            delete: req.delete,
+        };
+        if req.validate_only {
+            let mut preview = (*self.metadata.current()).clone();
+            preview.apply(cmd)?;
+            return self.describe_in(&preview, &req.name);
+        }
+        self.metadata.submit(cmd).await?;
+        self.reconcile()?;
+        self.describe_topic(&req.name)
+    }
+
+    /// Describes one topic from the current metadata.
+    pub fn describe_topic(&self, name: &str) -> Result<pb::TopicDescription, BrokerError> {
+        self.describe_in(&self.metadata.current(), name)
+    }
+
+    fn describe_in(&self, meta: &ClusterMetadata, name: &str) -> Result<pb::TopicDescription, BrokerError> {
+        let topic = meta.topics.get(name).ok_or_else(|| BrokerError::UnknownTopic {
+            topic: name.to_string(),
+        })?;
+        let partitions = topic
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let log = self.hosted(name, i as i32).map(|h| h.log.clone());
+                pb::PartitionDescription {
+                    partition: i as i32,
+                    leader: p.leader,
+                    leader_epoch: p.leader_epoch,
+                    replicas: p.replicas.clone(),
+                    isr: p.isr.clone(),
+                    log_start_offset: log.as_ref().map_or(-1, |l| l.log_start_offset()),
+                    high_watermark: log.as_ref().map_or(-1, |l| l.high_watermark()),
+                    log_end_offset: log.as_ref().map_or(-1, |l| l.log_end_offset()),
+                }
+            })
+            .collect();
+        Ok(pb::TopicDescription {
+            name: topic.name.clone(),
+            topic_id: topic.topic_id.clone(),
+            partitions,
+            configs: self.effective_configs(topic).into_iter().collect(),
+            overridden_configs: topic.configs.keys().cloned().collect(),
+            replication_factor: topic.replication_factor,
+        })
+    }
+
+    /// Topic names and sizes.
+    pub fn list_topics(&self, include_internal: bool) -> pb::ListTopicsResponse {
+        let meta = self.metadata.current();
+        let topics = meta
+            .topics
+            .values()
+            .filter(|t| include_internal || !t.name.starts_with("__"))
+            .map(|t| pb::TopicSummary {
+                name: t.name.clone(),
+                partitions: t.partitions.len() as i32,
+                replication_factor: t.replication_factor,
+                internal: t.name.starts_with("__"),
+            })
+            .collect();
+        pb::ListTopicsResponse { topics }
+    }
+
+    /// Brokers and controller.
+    pub fn describe_cluster(&self) -> pb::ClusterDescription {
+        let meta = self.metadata.current();
+        pb::ClusterDescription {
+            cluster_id: meta.cluster_id.clone(),
+            controller_id: self.metadata.controller_id(),
+            brokers: brokers_of(&meta),
+        }
+    }
+
+    /// Routing metadata.
+    pub fn cluster_metadata(&self, topics: &[String]) -> Result<pb::MetadataResponse, BrokerError> {
+        let meta = self.metadata.current();
+        let names: Vec<String> = if topics.is_empty() {
+            meta.topics.keys().cloned().collect()
+        } else {
+            topics.to_vec()
+        };
+        let topics = names
+            .iter()
+            .map(|n| self.describe_in(&meta, n))
+            .collect::<Result<_, _>>()?;
+        Ok(pb::MetadataResponse {
+            brokers: brokers_of(&meta),
+            topics,
+            cluster_id: meta.cluster_id.clone(),
+            controller_id: self.metadata.controller_id(),
+        })
+    }
+
+    /// Periodic storage work: retention, age roll, interval flush.
+    pub fn tick(&self) -> Result<(), BrokerError> {
+        self.logs.tick(now_ms())?;
+        Ok(())
+    }
+
+    /// Flushes and closes every log.
+    pub fn close(&self) -> Result<(), BrokerError> {
+        self.logs.close()?;
+        Ok(())
+    }
+}
+
+fn brokers_of(meta: &ClusterMetadata) -> Vec<pb::BrokerDescription> {
+    meta.brokers
+        .values()
+        .map(|b| pb::BrokerDescription {
+            id: b.id,
+            address: b.address.clone(),
+            rack: b.rack.clone(),
+            fenced: b.fenced,
+            roles: b.roles.clone(),
+        })
+        .collect()
+}
+
+/// Turns a produce request into one batch: the client's pre-encoded batch
+/// (taken over without a copy when possible) or the records encoded once.
+fn encode_batch(req: &pb::ProduceRequest) -> Result<BytesMut, BrokerError> {
+    match (req.records.is_empty(), req.batch.is_empty()) {
+        (false, false) => Err(BrokerError::InvalidRequest {
+            reason: "set either records or batch, not both".into(),
+        }),
+        (true, true) => Err(BrokerError::InvalidRequest {
+            reason: "no records to produce".into(),
+        }),
+        (true, false) => Ok(bytes_to_mut(req.batch.clone())),
+        (false, true) => {
+            let now = now_ms();
+            let mut builder = BatchBuilder::new();
+            if req.producer_id > 0 {
+                builder = builder.producer(req.producer_id, req.producer_epoch as i16, req.base_sequence);
+            }
+            for r in &req.records {
+                let headers: Vec<(&str, Option<&[u8]>)> = r
+                    .headers
+                    .iter()
+                    .map(|h| (h.key.as_str(), h.value.as_deref()))
+                    .collect();
+                let ts = if r.timestamp_ms > 0 { r.timestamp_ms } else { now };
+                builder.push(ts, r.key.as_deref(), r.value.as_deref(), &headers);
+            }
+            Ok(builder.build())
+        }
+    }
+}
+
+fn bytes_to_mut(b: Bytes) -> BytesMut {
+    b.try_into_mut().unwrap_or_else(|b| BytesMut::from(&b[..]))
+}
+
+/// A stored record as the public API shows it.
+pub fn to_proto_record(r: runnel_storage::Record) -> pb::Record {
+    pb::Record {
+        key: r.key,
+        value: r.value,
+        headers: r
+            .headers
+            .into_iter()
+            .map(|h| pb::Header { key: h.key, value: h.value })
+            .collect(),
+        timestamp_ms: r.timestamp_ms,
+        offset: r.offset,
+    }
+}

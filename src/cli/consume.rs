@@ -1,0 +1,151 @@
+//! `runnel consume TOPIC`: prints records, one per line.
+
+use std::io::Write;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use runnel::client::{Client, ConsumedRecord, StartFrom};
+use tokio::sync::mpsc;
+
+use super::Output;
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Topic to read.
+    topic: String,
+    /// Where to start: earliest, latest, an offset, or an ISO-8601 time
+    /// (e.g. 2026-11-24T10:00:00Z).
+    #[arg(long, default_value = "earliest")]
+    from: String,
+    /// Read only this partition (default: all).
+    #[arg(long)]
+    partition: Option<i32>,
+    /// Stop after this many records.
+    #[arg(long)]
+    max_records: Option<u64>,
+    /// Consume as a member of this consumer group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Keep waiting for new records instead of stopping at the end.
+    #[arg(long)]
+    follow: bool,
+}
+
+fn parse_from(s: &str) -> anyhow::Result<StartFrom> {
+    match s {
+        "earliest" => return Ok(StartFrom::Earliest),
+        "latest" => return Ok(StartFrom::Latest),
+        _ => {}
+    }
+    if let Ok(offset) = s.parse::<i64>() {
+        if offset < 0 {
+            bail!("--from offset must not be negative, got {offset}");
+        }
+        return Ok(StartFrom::Offset(offset));
+    }
+    let time = humantime::parse_rfc3339_weak(s).with_context(|| {
+        format!("--from expects earliest, latest, an offset or an ISO-8601 time, got '{s}'")
+    })?;
+    let ms = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    Ok(StartFrom::Timestamp(ms))
+}
+
+pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::Result<()> {
+    if args.group.is_some() {
+        bail!("consumer groups are not supported by this version of runnel yet; consume without --group");
+    }
+    let from = parse_from(&args.from)?;
+    let topic = client.topic(&args.topic).await?;
+    let partitions: Vec<i32> = match args.partition {
+        Some(p) if p < 0 || p as usize >= topic.partitions.len() => {
+            bail!("topic '{}' has no partition {p} (it has {})", args.topic, topic.partitions.len())
+        }
+        Some(p) => vec![p],
+        None => topic.partitions.iter().map(|p| p.partition).collect(),
+    };
+    let limit = args.max_records.unwrap_or(u64::MAX);
+    let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<ConsumedRecord>>>(16);
+    for partition in partitions {
+        let mut consumer = client.partition_consumer(&args.topic, partition, from).await?;
+        let tx = tx.clone();
+        let follow = args.follow;
+        tokio::spawn(async move {
+            // Without --follow, stop at the high watermark seen at start.
+            let end = consumer.high_watermark();
+            loop {
+                if !follow && consumer.position() >= end {
+                    return;
+                }
+                let batch = consumer.poll().await.map_err(anyhow::Error::from);
+                let failed = batch.is_err();
+                if tx.send(batch).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    while printed < limit {
+        let Some(batch) = rx.recv().await else { break };
+        for record in batch? {
+            if printed >= limit {
+                break;
+            }
+            write_record(&mut out, &record, output)?;
+            printed += 1;
+        }
+        out.flush()?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn lossy(b: &Option<bytes::Bytes>) -> serde_json::Value {
+    match b {
+        Some(b) => serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn write_record(out: &mut impl Write, r: &ConsumedRecord, output: Output) -> std::io::Result<()> {
+    match output {
+        Output::Table => {
+            out.write_all(r.value.as_deref().unwrap_or_default())?;
+            out.write_all(b"\n")
+        }
+        Output::Json => {
+            let headers: serde_json::Map<String, serde_json::Value> =
+                r.headers.iter().map(|(k, v)| (k.clone(), lossy(v))).collect();
+            let line = serde_json::json!({
+                "topic": r.topic, "partition": r.partition, "offset": r.offset,
+                "timestamp_ms": r.timestamp_ms, "key": lossy(&r.key), "value": lossy(&r.value),
+                "headers": headers,
+            });
+            writeln!(out, "{line}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_accepts_the_documented_spellings() {
+        assert_eq!(parse_from("earliest").unwrap(), StartFrom::Earliest);
+        assert_eq!(parse_from("latest").unwrap(), StartFrom::Latest);
+        assert_eq!(parse_from("42").unwrap(), StartFrom::Offset(42));
+        assert_eq!(
+            parse_from("2026-01-01T00:00:00Z").unwrap(),
+            StartFrom::Timestamp(1_767_225_600_000)
+        );
+        assert!(parse_from("-1").is_err());
+        assert!(parse_from("yesterday").is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! Command-line definitions (clap) and dispatch.
+
+mod consume;
+mod produce;
+mod server;
+mod topic;
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use runnel::client::Client;
+
+/// Runnel: a Kafka-style partitioned log broker.
+#[derive(Debug, Parser)]
+#[command(name = "runnel", version, about)]
+pub struct Cli {
+    /// Brokers to contact first, HOST:PORT[,HOST:PORT...].
+    #[arg(long, global = true, env = "RUNNEL_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    pub bootstrap: String,
+    /// Output format for results.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable tables (for `consume`: one value per line).
+    Table,
+    /// JSON (for `consume`: one JSON object per line).
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a broker.
+    Server(server::ServerArgs),
+    /// Create, list, describe, alter and delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// Produce one record per line of stdin (or --file).
+    Produce(produce::ProduceArgs),
+    /// Consume records and print them, one per line.
+    Consume(consume::ConsumeArgs),
+    /// Inspect the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Brokers and the active controller.
+    Describe,
+}
+
+/// `--config key=value`, repeatable.
+#[derive(Debug, Args, Default)]
+pub struct ConfigPairs {
+    /// A topic config, key=value (repeatable).
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    pub pairs: Vec<String>,
+}
+
+impl ConfigPairs {
+    fn to_map(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut map = BTreeMap::new();
+        for pair in &self.pairs {
+            let Some((k, v)) = pair.split_once('=') else {
+                bail!("--config expects KEY=VALUE, got '{pair}'");
+            };
+            map.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        Ok(map)
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Server(args) => server::run(args).await,
+        command => {
+            init_client_tracing();
+            let client = Client::connect(&cli.bootstrap)
+                .await
+                .with_context(|| format!("cannot reach the cluster at {}", cli.bootstrap))?;
+            match command {
+                Command::Topic(cmd) => topic::run(&client, cmd, cli.output).await,
+                Command::Produce(args) => produce::run(&client, args).await,
+                Command::Consume(args) => consume::run(&client, args, cli.output).await,
+                Command::Cluster(ClusterCommand::Describe) => cluster_describe(&client, cli.output).await,
+                Command::Server(_) => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+fn init_client_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn cluster_describe(client: &Client, output: Output) -> anyhow::Result<()> {
+    let c = client.describe_cluster().await?;
+    if output == Output::Json {
+        let brokers: Vec<_> = c
+            .brokers
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "id": b.id, "address": b.address, "rack": b.rack,
+                    "fenced": b.fenced, "roles": b.roles,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "cluster_id": c.cluster_id, "controller_id": c.controller_id, "brokers": brokers,
+            })
+        );
+        return Ok(());
+    }
+    println!("cluster id:  {}", c.cluster_id);
+    println!("controller:  {}", c.controller_id);
+    let mut rows = vec![vec![
+        "ID".to_string(),
+        "ADDRESS".into(),
+        "RACK".into(),
+        "ROLES".into(),
+        "STATUS".into(),
+    ]];
+    for b in &c.brokers {
+        rows.push(vec![
+            b.id.to_string(),
+            b.address.clone(),
+            b.rack.clone(),
+            b.roles.join(","),
+            if b.fenced { "fenced" } else { "up" }.to_string(),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// Prints rows as left-aligned columns.
+pub fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(String::len).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| format!("{cell:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}

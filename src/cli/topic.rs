@@ -1,0 +1,184 @@
+//! `runnel topic ...`.
+
+use anyhow::bail;
+use clap::Subcommand;
+use runnel::client::Client;
+use runnel_proto::v1 as pb;
+
+use super::{print_table, ConfigPairs, Output};
+
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name: [a-zA-Z0-9._-], at most 249 characters.
+        name: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: i32,
+        /// Replicas per partition.
+        #[arg(long, default_value_t = 1)]
+        replication_factor: i32,
+        #[command(flatten)]
+        config: ConfigPairs,
+    },
+    /// List topics.
+    List {
+        /// Include internal topics (names starting with "__").
+        #[arg(long)]
+        internal: bool,
+    },
+    /// Show a topic's partitions, replicas and configs.
+    Describe { name: String },
+    /// Delete a topic and its data.
+    Delete { name: String },
+    /// Change configs or grow the partition count.
+    Alter {
+        name: String,
+        #[command(flatten)]
+        config: ConfigPairs,
+        /// Reset a config to the broker default (repeatable).
+        #[arg(long = "delete-config", value_name = "KEY")]
+        delete_config: Vec<String>,
+        /// New total partition count.
+        #[arg(long)]
+        partitions: Option<i32>,
+    },
+}
+
+pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::Result<()> {
+    match cmd {
+        TopicCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+            config,
+        } => {
+            let t = client
+                .create_topic(&name, partitions, replication_factor, config.to_map()?)
+                .await?;
+            match output {
+                Output::Json => println!("{}", topic_json(&t)),
+                Output::Table => println!(
+                    "created topic {} with {} partitions, replication factor {}",
+                    t.name,
+                    t.partitions.len(),
+                    t.replication_factor
+                ),
+            }
+        }
+        TopicCommand::List { internal } => {
+            let topics = client.list_topics(internal).await?;
+            match output {
+                Output::Json => {
+                    let list: Vec<_> = topics
+                        .iter()
+                        .map(|t| serde_json::json!({"name": t.name, "partitions": t.partitions, "replication_factor": t.replication_factor}))
+                        .collect();
+                    println!("{}", serde_json::Value::Array(list));
+                }
+                Output::Table => {
+                    let mut rows = vec![vec!["TOPIC".to_string(), "PARTITIONS".into(), "RF".into()]];
+                    for t in topics {
+                        rows.push(vec![t.name, t.partitions.to_string(), t.replication_factor.to_string()]);
+                    }
+                    print_table(&rows);
+                }
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let t = client.describe_topic(&name).await?;
+            match output {
+                Output::Json => println!("{}", topic_json(&t)),
+                Output::Table => print_topic(&t),
+            }
+        }
+        TopicCommand::Delete { name } => {
+            client.delete_topic(&name).await?;
+            if output == Output::Table {
+                println!("deleted topic {name}");
+            }
+        }
+        TopicCommand::Alter {
+            name,
+            config,
+            delete_config,
+            partitions,
+        } => {
+            let set = config.to_map()?;
+            if set.is_empty() && delete_config.is_empty() && partitions.is_none() {
+                bail!("nothing to alter: give --config, --delete-config or --partitions");
+            }
+            let mut t = None;
+            if let Some(n) = partitions {
+                t = Some(client.add_partitions(&name, n).await?);
+            }
+            if !set.is_empty() || !delete_config.is_empty() {
+                t = Some(client.alter_topic_config(&name, set, delete_config).await?);
+            }
+            let t = t.expect("one branch ran");
+            match output {
+                Output::Json => println!("{}", topic_json(&t)),
+                Output::Table => print_topic(&t),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
+    let partitions: Vec<_> = t
+        .partitions
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "partition": p.partition, "leader": p.leader, "leader_epoch": p.leader_epoch,
+                "replicas": p.replicas, "isr": p.isr, "log_start_offset": p.log_start_offset,
+                "high_watermark": p.high_watermark, "log_end_offset": p.log_end_offset,
+            })
+        })
+        .collect();
+    let configs: std::collections::BTreeMap<_, _> = t.configs.iter().collect();
+    serde_json::json!({
+        "name": t.name, "topic_id": t.topic_id, "replication_factor": t.replication_factor,
+        "partitions": partitions, "configs": configs, "overridden_configs": t.overridden_configs,
+    })
+}
+
+fn print_topic(t: &pb::TopicDescription) {
+    println!("topic:               {}", t.name);
+    println!("id:                  {}", t.topic_id);
+    println!("replication factor:  {}", t.replication_factor);
+    let mut rows = vec![vec![
+        "PARTITION".to_string(),
+        "LEADER".into(),
+        "EPOCH".into(),
+        "REPLICAS".into(),
+        "ISR".into(),
+        "START".into(),
+        "HW".into(),
+        "END".into(),
+    ]];
+    let join = |v: &[i32]| v.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
+    for p in &t.partitions {
+        rows.push(vec![
+            p.partition.to_string(),
+            p.leader.to_string(),
+            p.leader_epoch.to_string(),
+            join(&p.replicas),
+            join(&p.isr),
+            p.log_start_offset.to_string(),
+            p.high_watermark.to_string(),
+            p.log_end_offset.to_string(),
+        ]);
+    }
+    print_table(&rows);
+    if !t.overridden_configs.is_empty() {
+        println!("configs overridden:");
+        let mut keys = t.overridden_configs.clone();
+        keys.sort();
+        for k in keys {
+            println!("  {k}={}", t.configs.get(&k).cloned().unwrap_or_default());
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The Rust client: connects to any broker of a cluster, learns the
+//! partition leaders from its metadata, and routes requests to them.
+//!
+//! - [`Client`]: connections, metadata, admin calls, fetch and offsets.
+//! - [`producer`]: [`Producer`], batching records per partition with a
+//!   linger, pipelining batches over one stream per partition.
+//! - [`consumer`]: [`PartitionConsumer`], polling one partition.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), runnel::client::ClientError> {
+//! use runnel::client::{Client, ProducerConfig, ProducerRecord};
+//! let client = Client::connect("127.0.0.1:9092").await?;
+//! client.create_topic("events", 3, 1, Default::default()).await?;
+//! let producer = client.producer(ProducerConfig::default());
+//! let ack = producer.send("events", ProducerRecord::value("hello")).await?;
+//! println!("stored at {:?}", ack.await?);
+//! producer.close().await?;
+//! # Ok(()) }
+//! ```
+
+mod consumer;
+mod producer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use runnel_proto::v1 as pb;
+use runnel_proto::v1::admin_client::AdminClient;
+use runnel_proto::v1::consumer_client::ConsumerClient;
+use runnel_proto::v1::producer_client::ProducerClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub use consumer::{ConsumedRecord, PartitionConsumer, StartFrom};
+pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
+
+use crate::error::error_code_of;
+
+/// Largest message the client sends or accepts.
+pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Why a client call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// No broker of the bootstrap list answered.
+    #[error("cannot connect to any of {bootstrap}: {reason}")]
+    Connect { bootstrap: String, reason: String },
+    /// The broker refused the request; `code` says why.
+    #[error("{message} ({code:?})")]
+    Broker {
+        code: pb::ErrorCode,
+        message: String,
+        /// Leader address, on NOT_LEADER.
+        leader: Option<String>,
+    },
+    /// A transport failure (connection lost, ...).
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// Bad input from the caller.
+    #[error("{0}")]
+    Invalid(String),
+    /// The producer was closed.
+    #[error("producer is closed")]
+    Closed,
+}
+
+impl ClientError {
+    /// The broker's error code, or UNKNOWN for client-side failures.
+    pub fn code(&self) -> pb::ErrorCode {
+        match self {
+            ClientError::Broker { code, .. } => *code,
+            _ => pb::ErrorCode::Unknown,
+        }
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        let code = error_code_of(&status);
+        if code == pb::ErrorCode::Unknown && status.code() != tonic::Code::Internal {
+            return ClientError::Transport(format!("{}: {}", status.code(), status.message()));
+        }
+        let leader = status
+            .metadata()
+            .get(crate::error::LEADER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        ClientError::Broker {
+            code,
+            message: status.message().to_string(),
+            leader,
+        }
+    }
+}
+
+/// A connection to a Runnel cluster. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// The broker that answered the bootstrap.
+    bootstrap: Channel,
+    /// Channels by broker address.
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Last metadata seen, by topic.
+    topics: Mutex<HashMap<String, pb::TopicDescription>>,
+    /// Broker addresses by id.
+    brokers: Mutex<HashMap<i32, String>>,
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Endpoint::from_shared(uri)
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_adaptive_window(true)
+        })
+        .map_err(|e| ClientError::Invalid(format!("bad broker address '{addr}': {e}")))
+}
+
+impl Client {
+    /// Connects to the first reachable broker of a comma-separated
+    /// `HOST:PORT` list.
+    pub async fn connect(bootstrap: &str) -> Result<Client, ClientError> {
+        let mut last = String::from("empty bootstrap list");
+        for addr in bootstrap.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            match endpoint(addr)?.connect().await {
+                Ok(channel) => {
+                    let mut channels = HashMap::new();
+                    channels.insert(addr.to_string(), channel.clone());
+                    return Ok(Client {
+                        inner: Arc::new(Inner {
+                            bootstrap: channel,
+                            channels: Mutex::new(channels),
+                            topics: Mutex::new(HashMap::new()),
+                            brokers: Mutex::new(HashMap::new()),
+                        }),
+                    });
+                }
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(ClientError::Connect {
+            bootstrap: bootstrap.to_string(),
+            reason: last,
+        })
+    }
+
+    fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.inner.bootstrap.clone())
+    }
+
+    /// A channel to the broker at `addr` (created lazily, then reused).
+    fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        let mut channels = self.inner.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = endpoint(addr)?.connect_lazy();
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Refreshes and returns routing metadata for `topics` (all if empty).
+    pub async fn metadata(&self, topics: &[String]) -> Result<pb::MetadataResponse, ClientError> {
+        let resp = self
+            .admin()
+            .metadata(pb::MetadataRequest { topics: topics.to_vec() })
+            .await?
+            .into_inner();
+        {
+            let mut brokers = self.inner.brokers.lock().unwrap_or_else(|e| e.into_inner());
+            for b in &resp.brokers {
+                brokers.insert(b.id, b.address.clone());
+            }
+            let mut cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+            for t in &resp.topics {
+                cache.insert(t.name.clone(), t.clone());
+            }
+        }
+        Ok(resp)
+    }
+
+    /// A topic's description from the cache, fetching it when missing.
+    pub async fn topic(&self, name: &str) -> Result<pb::TopicDescription, ClientError> {
+        if let Some(t) = self.cached_topic(name) {
+            return Ok(t);
+        }
+        self.metadata(&[name.to_string()]).await?;
+        self.cached_topic(name).ok_or_else(|| ClientError::Broker {
+            code: pb::ErrorCode::UnknownTopic,
+            message: format!("unknown topic '{name}'"),
+            leader: None,
+        })
+    }
+
+    fn cached_topic(&self, name: &str) -> Option<pb::TopicDescription> {
+        let cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(name).cloned()
+    }
+
+    /// Forgets cached metadata of `topic` (after NOT_LEADER and the like).
+    pub fn invalidate(&self, topic: &str) {
+        let mut cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+        cache.remove(topic);
+    }
+
+    /// The channel to the leader of `topic`-`partition`.
+    pub(crate) async fn leader(&self, topic: &str, partition: i32) -> Result<Channel, ClientError> {
+        let t = self.topic(topic).await?;
+        let p = t
+            .partitions
+            .iter()
+            .find(|p| p.partition == partition)
+            .ok_or_else(|| ClientError::Broker {
+                code: pb::ErrorCode::UnknownPartition,
+                message: format!("topic '{topic}' has no partition {partition}"),
+                leader: None,
+            })?;
+        let addr = {
+            let brokers = self.inner.brokers.lock().unwrap_or_else(|e| e.into_inner());
+            brokers.get(&p.leader).cloned()
+        };
+        match addr {
+            Some(addr) => self.channel(&addr),
+            None => Ok(self.inner.bootstrap.clone()),
+        }
+    }
+
+    /// A producer client for `topic`-`partition`'s leader.
+    pub(crate) async fn producer_client(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<ProducerClient<Channel>, ClientError> {
+        Ok(ProducerClient::new(self.leader(topic, partition).await?)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+
+    /// A consumer client for `topic`-`partition`'s leader.
+    pub(crate) async fn consumer_client(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<ConsumerClient<Channel>, ClientError> {
+        Ok(ConsumerClient::new(self.leader(topic, partition).await?)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+
+    /// Creates a topic.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        replication_factor: i32,
+        configs: BTreeMap<String, String>,
+    ) -> Result<pb::TopicDescription, ClientError> {
+        let resp = self
+            .admin()
+            .create_topic(pb::CreateTopicRequest {
+                name: name.to_string(),
+                partitions,
+                replication_factor,
+                configs: configs.into_iter().collect(),
+                validate_only: false,
+            })
+            .await?
+            .into_inner();
+        resp.topic
+            .ok_or_else(|| ClientError::Transport("create_topic answered no topic".into()))
+    }
+
+    /// Deletes a topic.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        self.admin()
+            .delete_topic(pb::DeleteTopicRequest { name: name.to_string() })
+            .await?;
+        self.invalidate(name);
+        Ok(())
+    }
+
+    /// Lists topics.
+    pub async fn list_topics(&self, include_internal: bool) -> Result<Vec<pb::TopicSummary>, ClientError> {
+        Ok(self
+            .admin()
+            .list_topics(pb::ListTopicsRequest { include_internal })
+            .await?
+            .into_inner()
+            .topics)
+    }
+
+    /// Describes a topic (fresh, not cached).
+    pub async fn describe_topic(&self, name: &str) -> Result<pb::TopicDescription, ClientError> {
+        Ok(self
+            .admin()
+            .describe_topic(pb::DescribeTopicRequest { name: name.to_string() })
+            .await?
+            .into_inner())
+    }
+
+    /// Grows a topic to `total_partitions`.
+    pub async fn add_partitions(&self, name: &str, total_partitions: i32) -> Result<pb::TopicDescription, ClientError> {
+        self.invalidate(name);
+        Ok(self
+            .admin()
+            .add_partitions(pb::AddPartitionsRequest { name: name.to_string(), total_partitions })
+            .await?
+            .into_inner())
+    }
+
+    /// Sets and removes config overrides.
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+        delete: Vec<String>,
+    ) -> Result<pb::TopicDescription, ClientError> {
+        Ok(self
+            .admin()
+            .alter_topic_config(pb::AlterTopicConfigRequest {
+                name: name.to_string(),
+                set: set.into_iter().collect(),
+                delete,
+                validate_only: false,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Describes the cluster.
+    pub async fn describe_cluster(&self) -> Result<pb::ClusterDescription, ClientError> {
+        Ok(self
+            .admin()
+            .describe_cluster(pb::DescribeClusterRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Looks an offset up.
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        partition: i32,
+        spec: pb::OffsetSpec,
+        timestamp_ms: i64,
+    ) -> Result<pb::ListOffsetsResponse, ClientError> {
+        let mut c = self.consumer_client(topic, partition).await?;
+        Ok(c.list_offsets(pb::ListOffsetsRequest {
+            topic: topic.to_string(),
+            partition,
+            spec: spec as i32,
+            timestamp_ms,
+        })
+        .await?
+        .into_inner())
+    }
+
+    /// One fetch call.
+    pub async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchResponse, ClientError> {
+        let mut c = self.consumer_client(&req.topic, req.partition).await?;
+        Ok(c.fetch(req).await?.into_inner())
+    }
+
+    /// Starts a batching producer.
+    pub fn producer(&self, config: ProducerConfig) -> Producer {
+        Producer::start(self.clone(), config)
+    }
+
+    /// A consumer of one partition, starting at `from`.
+    pub async fn partition_consumer(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: StartFrom,
+    ) -> Result<PartitionConsumer, ClientError> {
+        PartitionConsumer::new(self.clone(), topic, partition, from).await
+    }
+}

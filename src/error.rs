@@ -1,0 +1,174 @@
+//! The broker's typed errors and their one mapping to gRPC statuses.
+//!
+//! Every status carries a human message plus the `runnel-error-code`
+//! trailer (the [`ErrorCode`] name) and, for NOT_LEADER, `runnel-leader`
+//! with the leader's address. Details of internal failures are logged, not
+//! sent.
+
+use runnel_controller::MetadataError;
+use runnel_proto::v1::ErrorCode;
+use runnel_storage::StorageError;
+use tonic::{Code, Status};
+
+/// Trailer naming the machine-readable error code.
+pub const ERROR_CODE_HEADER: &str = "runnel-error-code";
+/// Trailer naming the partition leader's address on NOT_LEADER.
+pub const LEADER_HEADER: &str = "runnel-leader";
+
+/// Why a broker request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("unknown topic '{topic}'")]
+    UnknownTopic { topic: String },
+    #[error("topic '{topic}' has no partition {partition} (it has {partitions})")]
+    UnknownPartition {
+        topic: String,
+        partition: i32,
+        partitions: i32,
+    },
+    #[error("this broker does not lead {topic}-{partition}; the leader is {leader}")]
+    NotLeader {
+        topic: String,
+        partition: i32,
+        leader: String,
+    },
+    #[error("{topic}-{partition} is offline: no leader")]
+    PartitionOffline { topic: String, partition: i32 },
+    #[error("not enough in-sync replicas for {topic}-{partition}: {isr} in sync, min.insync.replicas is {min_isr}")]
+    NotEnoughReplicas {
+        topic: String,
+        partition: i32,
+        isr: usize,
+        min_isr: i32,
+    },
+    #[error("invalid request: {reason}")]
+    InvalidRequest { reason: String },
+    #[error("consumer groups are not implemented yet")]
+    Unsupported { what: &'static str },
+    #[error("broker is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl BrokerError {
+    /// The machine-readable code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BrokerError::UnknownTopic { .. } => ErrorCode::UnknownTopic,
+            BrokerError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
+            BrokerError::NotLeader { .. } | BrokerError::PartitionOffline { .. } => {
+                ErrorCode::NotLeader
+            }
+            BrokerError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+            BrokerError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
+            BrokerError::Unsupported { .. } => ErrorCode::Unsupported,
+            BrokerError::ShuttingDown => ErrorCode::BrokerNotAvailable,
+            BrokerError::Metadata(e) => match e {
+                MetadataError::TopicAlreadyExists { .. } => ErrorCode::TopicAlreadyExists,
+                MetadataError::UnknownTopic { .. } => ErrorCode::UnknownTopic,
+                MetadataError::InvalidTopicName { .. } => ErrorCode::InvalidTopic,
+                MetadataError::InvalidPartitions { .. } => ErrorCode::InvalidPartitions,
+                MetadataError::InvalidReplicationFactor { .. } => {
+                    ErrorCode::InvalidReplicationFactor
+                }
+                MetadataError::InvalidConfig { .. } => ErrorCode::InvalidConfig,
+                MetadataError::UnknownBroker { .. } => ErrorCode::InvalidRequest,
+                MetadataError::Persist { .. }
+                | MetadataError::Corrupt { .. }
+                | MetadataError::ClusterIdMismatch { .. } => ErrorCode::Unknown,
+            },
+            BrokerError::Storage(e) => match e {
+                StorageError::RecordTooLarge { .. } => ErrorCode::RecordTooLarge,
+                StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+                StorageError::CorruptBatch { .. } | StorageError::EmptyBatch => {
+                    ErrorCode::CorruptMessage
+                }
+                StorageError::Closed { .. } => ErrorCode::NotLeader,
+                _ => ErrorCode::StorageError,
+            },
+        }
+    }
+
+    /// Whether the detail is safe and useful to show to clients.
+    fn is_internal(&self) -> bool {
+        matches!(self.code(), ErrorCode::Unknown | ErrorCode::StorageError)
+    }
+}
+
+fn grpc_code(code: ErrorCode) -> Code {
+    match code {
+        ErrorCode::None => Code::Ok,
+        ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownGroup => {
+            Code::NotFound
+        }
+        ErrorCode::TopicAlreadyExists => Code::AlreadyExists,
+        ErrorCode::NotLeader
+        | ErrorCode::NotCoordinator
+        | ErrorCode::NotController
+        | ErrorCode::BrokerNotAvailable
+        | ErrorCode::NotEnoughReplicas => Code::Unavailable,
+        ErrorCode::OffsetOutOfRange => Code::OutOfRange,
+        ErrorCode::RecordTooLarge
+        | ErrorCode::InvalidTopic
+        | ErrorCode::InvalidPartitions
+        | ErrorCode::InvalidReplicationFactor
+        | ErrorCode::InvalidConfig
+        | ErrorCode::InvalidRequest
+        | ErrorCode::CorruptMessage
+        | ErrorCode::OutOfOrderSequence => Code::InvalidArgument,
+        ErrorCode::RequestTimedOut | ErrorCode::NotEnoughReplicasAfterAppend => {
+            Code::DeadlineExceeded
+        }
+        ErrorCode::UnknownMember
+        | ErrorCode::IllegalGeneration
+        | ErrorCode::RebalanceInProgress
+        | ErrorCode::GroupNotEmpty
+        | ErrorCode::ProducerFenced
+        | ErrorCode::UnknownProducerId => Code::FailedPrecondition,
+        ErrorCode::AuthenticationFailed => Code::Unauthenticated,
+        ErrorCode::AuthorizationFailed => Code::PermissionDenied,
+        ErrorCode::Unsupported => Code::Unimplemented,
+        ErrorCode::Unknown | ErrorCode::StorageError => Code::Internal,
+    }
+}
+
+/// Builds a status with Runnel's trailers.
+pub fn status(code: ErrorCode, message: impl Into<String>, leader: Option<&str>) -> Status {
+    let mut status = Status::new(grpc_code(code), message);
+    let md = status.metadata_mut();
+    if let Ok(v) = code.as_str_name().parse() {
+        md.insert(ERROR_CODE_HEADER, v);
+    }
+    if let Some(Ok(v)) = leader.map(str::parse) {
+        md.insert(LEADER_HEADER, v);
+    }
+    status
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        let code = e.code();
+        if e.is_internal() {
+            tracing::error!(error = %e, ?code, "request failed");
+            return status(code, format!("internal broker error ({})", code.as_str_name()), None);
+        }
+        let leader = match &e {
+            BrokerError::NotLeader { leader, .. } => Some(leader.as_str()),
+            _ => None,
+        };
+        status(code, e.to_string(), leader)
+    }
+}
+
+/// Reads Runnel's error code from a status (for clients).
+pub fn error_code_of(status: &Status) -> ErrorCode {
+    status
+        .metadata()
+        .get(ERROR_CODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ErrorCode::from_str_name)
+        .unwrap_or(ErrorCode::Unknown)
+}

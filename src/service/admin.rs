@@ -1,0 +1,84 @@
+//! `runnel.v1.Admin`.
+
+use std::sync::Arc;
+
+use runnel_proto::v1 as pb;
+use runnel_proto::v1::admin_server::Admin;
+use tonic::{Request, Response, Status};
+
+use crate::broker::Broker;
+
+/// Serves topic and cluster administration.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    broker: Arc<Broker>,
+}
+
+impl AdminService {
+    /// Wraps a broker.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let topic = self.broker.create_topic(request.into_inner()).await?;
+        Ok(Response::new(pb::CreateTopicResponse { topic: Some(topic) }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        self.broker.delete_topic(&request.into_inner().name).await?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        Ok(Response::new(self.broker.list_topics(request.into_inner().include_internal)))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::TopicDescription>, Status> {
+        Ok(Response::new(self.broker.describe_topic(&request.into_inner().name)?))
+    }
+
+    async fn add_partitions(
+        &self,
+        request: Request<pb::AddPartitionsRequest>,
+    ) -> Result<Response<pb::TopicDescription>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(self.broker.add_partitions(&req.name, req.total_partitions).await?))
+    }
+
+    async fn alter_topic_config(
+        &self,
+        request: Request<pb::AlterTopicConfigRequest>,
+    ) -> Result<Response<pb::TopicDescription>, Status> {
+        Ok(Response::new(self.broker.alter_topic_config(request.into_inner()).await?))
+    }
+
+    async fn describe_cluster(
+        &self,
+        _request: Request<pb::DescribeClusterRequest>,
+    ) -> Result<Response<pb::ClusterDescription>, Status> {
+        Ok(Response::new(self.broker.describe_cluster()))
+    }
+
+    async fn metadata(
+        &self,
+        request: Request<pb::MetadataRequest>,
+    ) -> Result<Response<pb::MetadataResponse>, Status> {
+        Ok(Response::new(self.broker.cluster_metadata(&request.into_inner().topics)?))
+    }
+}

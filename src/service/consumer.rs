@@ -1,0 +1,90 @@
+//! `runnel.v1.Consumer`.
+
+use std::sync::Arc;
+
+use runnel_proto::v1 as pb;
+use runnel_proto::v1::consumer_server::Consumer;
+use tonic::{Request, Response, Status};
+
+use super::producer::async_stream;
+use crate::broker::Broker;
+
+/// Serves fetches and offset lookups.
+#[derive(Debug, Clone)]
+pub struct ConsumerService {
+    broker: Arc<Broker>,
+}
+
+impl ConsumerService {
+    /// Wraps a broker.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
+
+/// How long each Subscribe poll waits before re-checking the client.
+const SUBSCRIBE_POLL_MS: u32 = 1_000;
+
+#[tonic::async_trait]
+impl Consumer for ConsumerService {
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchResponse>, Status> {
+        Ok(Response::new(self.broker.fetch(request.into_inner()).await?))
+    }
+
+    type SubscribeStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FetchResponse, Status>> + Send>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        let broker = self.broker.clone();
+        let mut fetch = pb::FetchRequest {
+            topic: req.topic,
+            partition: req.partition,
+            offset: req.offset,
+            max_bytes: req.max_bytes,
+            max_wait_ms: SUBSCRIBE_POLL_MS,
+            raw: req.raw,
+        };
+        // Fail fast on a bad first request instead of opening the stream.
+        let first = broker.fetch(pb::FetchRequest { max_wait_ms: 0, ..fetch.clone() }).await?;
+        let output = async_stream(move |tx| async move {
+            let mut next = Some(first);
+            loop {
+                let response = match next.take() {
+                    Some(r) => Ok(r),
+                    None => broker.fetch(fetch.clone()).await.map_err(Status::from),
+                };
+                match response {
+                    Ok(r) => {
+                        fetch.offset = r.next_offset;
+                        let empty = r.records.is_empty() && r.batches.is_empty();
+                        if !empty && tx.send(Ok(r)).await.is_err() {
+                            return;
+                        }
+                        if empty && tx.is_closed() {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(output))
+    }
+
+    async fn list_offsets(
+        &self,
+        request: Request<pb::ListOffsetsRequest>,
+    ) -> Result<Response<pb::ListOffsetsResponse>, Status> {
+        Ok(Response::new(self.broker.list_offsets(request.into_inner()).await?))
+    }
+}

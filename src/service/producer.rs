@@ -1,0 +1,91 @@
+//! `runnel.v1.Producer`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use runnel_proto::v1 as pb;
+use runnel_proto::v1::producer_server::Producer;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::broker::Broker;
+
+/// Serves produce requests.
+#[derive(Debug, Clone)]
+pub struct ProducerService {
+    broker: Arc<Broker>,
+}
+
+impl ProducerService {
+    /// Wraps a broker.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::ProduceResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Producer for ProducerService {
+    async fn produce(
+        &self,
+        request: Request<pb::ProduceRequest>,
+    ) -> Result<Response<pb::ProduceResponse>, Status> {
+        Ok(Response::new(self.broker.produce(request.into_inner()).await?))
+    }
+
+    type ProduceStreamStream = ResponseStream;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<pb::ProduceRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let mut input = request.into_inner();
+        let broker = self.broker.clone();
+        // Requests are appended in arrival order, one at a time, so a
+        // partition's batches keep the order the client sent them in.
+        let output = async_stream(move |tx| async move {
+            while let Some(next) = input.next().await {
+                let req = match next {
+                    Ok(req) => req,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let correlation_id = req.correlation_id;
+                let (topic, partition) = (req.topic.clone(), req.partition.unwrap_or(-1));
+                let response = match broker.produce(req).await {
+                    Ok(r) => r,
+                    Err(e) => pb::ProduceResponse {
+                        correlation_id,
+                        topic,
+                        partition,
+                        base_offset: -1,
+                        last_offset: -1,
+                        log_append_time_ms: -1,
+                        log_start_offset: -1,
+                        error_code: e.code() as i32,
+                        error_message: e.to_string(),
+                    },
+                };
+                if tx.send(Ok(response)).await.is_err() {
+                    return; // client went away
+                }
+            }
+        });
+        Ok(Response::new(output))
+    }
+}
+
+/// Runs `body` as a task feeding a bounded channel, returned as a stream.
+pub(crate) fn async_stream<T, F, Fut>(body: F) -> Pin<Box<dyn Stream<Item = T> + Send>>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
