@@ -76,9 +76,9 @@ impl BrokerError {
                 }
                 MetadataError::InvalidConfig { .. } => ErrorCode::InvalidConfig,
                 MetadataError::UnknownBroker { .. } => ErrorCode::InvalidRequest,
-                MetadataError::Persist { .. }
-                | MetadataError::Corrupt { .. }
-                | MetadataError::ClusterIdMismatch { .. } => ErrorCode::Unknown,
+                MetadataError::NotController { .. } => ErrorCode::NotController,
+                // Internal failures: the detail is logged, not sent.
+                _ => ErrorCode::Unknown,
             },
             BrokerError::Storage(e) => match e {
                 StorageError::RecordTooLarge { .. } => ErrorCode::RecordTooLarge,

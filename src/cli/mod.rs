@@ -1,6 +1,7 @@
 //! Command-line definitions (clap) and dispatch.
 
 mod consume;
+mod perf;
 mod produce;
 mod server;
 mod topic;
@@ -48,6 +49,9 @@ pub enum Command {
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Measure throughput and latency.
+    #[command(subcommand)]
+    Perf(perf::PerfCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +84,10 @@ impl ConfigPairs {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => server::run(args).await,
+        Command::Perf(cmd) => {
+            init_client_tracing();
+            perf::run(&cli.bootstrap, cmd, cli.output).await
+        }
         command => {
             init_client_tracing();
             let client = Client::connect(&cli.bootstrap)
@@ -90,7 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Produce(args) => produce::run(&client, args).await,
                 Command::Consume(args) => consume::run(&client, args, cli.output).await,
                 Command::Cluster(ClusterCommand::Describe) => cluster_describe(&client, cli.output).await,
-                Command::Server(_) => unreachable!("handled above"),
+                Command::Server(_) | Command::Perf(_) => unreachable!("handled above"),
             }
         }
     }

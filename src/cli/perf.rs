@@ -1,0 +1,518 @@
+//! `runnel perf ...`: throughput and latency of a running cluster, and the
+//! machine's own baselines (plain disk write, loopback TCP) to compare
+//! against in the same run.
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{Bytes, BytesMut};
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use runnel::client::{Client, ClientError, ProducerConfig, ProducerRecord, StartFrom};
+use runnel_proto::v1 as pb;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+
+use super::Output;
+
+#[derive(Debug, Subcommand)]
+pub enum PerfCommand {
+    /// Produce N records as fast as possible (or at --rate) and report
+    /// throughput and acknowledgement latency.
+    Produce(ProduceArgs),
+    /// Read N records from the earliest offset and report throughput.
+    Consume(ConsumeArgs),
+    /// Produce and consume at once; report end-to-end latency.
+    E2e(ProduceArgs),
+    /// Measure this machine's plain sequential disk write and single-stream
+    /// loopback TCP speed, the baselines for the figures above.
+    Baseline(BaselineArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Workload {
+    /// Topic (created if missing).
+    #[arg(long, default_value = "perf")]
+    topic: String,
+    /// Number of records.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    record_size: usize,
+    /// Partitions when the topic is created.
+    #[arg(long, default_value_t = 1)]
+    partitions: i32,
+    /// Replication factor when the topic is created.
+    #[arg(long, default_value_t = 1)]
+    replication_factor: i32,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ProduceArgs {
+    #[command(flatten)]
+    workload: Workload,
+    /// all, leader or none.
+    #[arg(long, default_value = "leader")]
+    acks: String,
+    /// Batch size in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    batch_bytes: usize,
+    /// Linger in ms.
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+    /// Target records per second; 0 is flat out.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Batches in flight per partition.
+    #[arg(long, default_value_t = 5)]
+    in_flight: usize,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ConsumeArgs {
+    #[command(flatten)]
+    workload: Workload,
+    /// Bytes per fetch.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    fetch_bytes: u32,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct BaselineArgs {
+    /// Directory for the disk test file (removed afterwards).
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// Bytes to write and to send.
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: u64,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Serialize)]
+struct Latency {
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p95_ms: ms(h.value_at_quantile(0.95)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            p999_ms: ms(h.value_at_quantile(0.999)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    test: &'static str,
+    records: u64,
+    bytes: u64,
+    seconds: f64,
+    records_per_sec: f64,
+    mb_per_sec: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency: Option<Latency>,
+}
+
+impl Report {
+    fn new(test: &'static str, records: u64, bytes: u64, elapsed: Duration, latency: Option<Latency>) -> Self {
+        let seconds = elapsed.as_secs_f64().max(1e-9);
+        Report {
+            test,
+            records,
+            bytes,
+            seconds,
+            records_per_sec: records as f64 / seconds,
+            mb_per_sec: bytes as f64 / seconds / 1e6,
+            latency,
+        }
+    }
+
+    fn print(&self, output: Output) {
+        if output == Output::Json {
+            println!("{}", serde_json::to_string(self).expect("serialisable"));
+            return;
+        }
+        println!(
+            "{}: {} records, {:.1} MB in {:.2} s: {:.0} records/s, {:.1} MB/s",
+            self.test,
+            self.records,
+            self.bytes as f64 / 1e6,
+            self.seconds,
+            self.records_per_sec,
+            self.mb_per_sec
+        );
+        if let Some(l) = &self.latency {
+            println!(
+                "  latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                l.p50_ms, l.p95_ms, l.p99_ms, l.p999_ms, l.max_ms
+            );
+        }
+    }
+}
+
+pub async fn run(bootstrap: &str, cmd: PerfCommand, output: Output) -> anyhow::Result<()> {
+    if let PerfCommand::Baseline(args) = cmd {
+        return baseline(args, output).await;
+    }
+    let client = Client::connect(bootstrap)
+        .await
+        .with_context(|| format!("cannot reach the cluster at {bootstrap}"))?;
+    match cmd {
+        PerfCommand::Produce(args) => {
+            ensure_topic(&client, &args.workload).await?;
+            let report = produce(&client, &args, output, None).await?;
+            report.print(output);
+        }
+        PerfCommand::Consume(args) => {
+            let report = consume(&client, &args, output).await?;
+            report.print(output);
+        }
+        PerfCommand::E2e(args) => {
+            ensure_topic(&client, &args.workload).await?;
+            let report = e2e(&client, &args, output).await?;
+            report.print(output);
+        }
+        PerfCommand::Baseline(_) => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+async fn ensure_topic(client: &Client, w: &Workload) -> anyhow::Result<()> {
+    match client
+        .create_topic(&w.topic, w.partitions, w.replication_factor, Default::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == pb::ErrorCode::TopicAlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn progress(total: u64, output: Output, what: &str) -> ProgressBar {
+    if output == Output::Json {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn acks(s: &str) -> anyhow::Result<pb::Acks> {
+    Ok(match s {
+        "all" => pb::Acks::All,
+        "leader" => pb::Acks::Leader,
+        "none" => pb::Acks::None,
+        other => bail!("--acks must be all, leader or none, got '{other}'"),
+    })
+}
+
+/// Produces the workload. With `stamp`, each value starts with the
+/// nanoseconds since that instant (for end-to-end latency).
+async fn produce(
+    client: &Client,
+    args: &ProduceArgs,
+    output: Output,
+    stamp: Option<Instant>,
+) -> anyhow::Result<Report> {
+    let w = &args.workload;
+    if stamp.is_some() && w.record_size < 8 {
+        bail!("--record-size must be at least 8 for e2e");
+    }
+    let producer = client.producer(ProducerConfig {
+        acks: acks(&args.acks)?,
+        batch_bytes_max: args.batch_bytes,
+        linger: Duration::from_millis(args.linger_ms),
+        in_flight_max: args.in_flight,
+        timeout_ms: 0,
+    });
+    let payload = Bytes::from(vec![b'x'; w.record_size]);
+    let bar = progress(w.records, output, "produce");
+    let (tx, mut rx) = mpsc::channel::<(Instant, runnel::client::DeliveryFuture)>(65_536);
+    let collector = tokio::spawn(async move {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        let mut pending = tokio_stream::StreamMap::new();
+        let mut next_id = 0u64;
+        let mut error: Option<ClientError> = None;
+        let mut open = true;
+        loop {
+            tokio::select! {
+                item = rx.recv(), if open => match item {
+                    Some((t0, fut)) => {
+                        pending.insert(next_id, Timed { t0, fut: Some(fut) });
+                        next_id += 1;
+                    }
+                    None => open = false,
+                },
+                Some((_, (elapsed, result))) = pending.next(), if !pending.is_empty() => {
+                    match result {
+                        Ok(_) => { let _ = hist.record(elapsed.as_micros().max(1) as u64); }
+                        Err(e) => { error.get_or_insert(e); }
+                    }
+                }
+                else => break,
+            }
+            if !open && pending.is_empty() {
+                break;
+            }
+        }
+        (hist, error)
+    });
+    let start = Instant::now();
+    for i in 0..w.records {
+        if args.rate > 0 {
+            let due = start + Duration::from_secs_f64(i as f64 / args.rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let value = match stamp {
+            Some(origin) => {
+                let mut v = BytesMut::from(&payload[..]);
+                v[..8].copy_from_slice(&(origin.elapsed().as_nanos() as u64).to_le_bytes());
+                v.freeze()
+            }
+            None => payload.clone(),
+        };
+        let t0 = Instant::now();
+        let ack = producer.send(&w.topic, ProducerRecord { value: Some(value), ..Default::default() }).await?;
+        tx.send((t0, ack)).await.context("collector stopped")?;
+        if i % 4096 == 0 {
+            bar.set_position(i);
+        }
+    }
+    producer.close().await?;
+    drop(tx);
+    let (hist, error) = collector.await.context("collector panicked")?;
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    if let Some(e) = error {
+        bail!("some records were not acknowledged: {e}");
+    }
+    Ok(Report::new(
+        "produce",
+        w.records,
+        w.records * w.record_size as u64,
+        elapsed,
+        Some(Latency::of(&hist)),
+    ))
+}
+
+async fn consume(client: &Client, args: &ConsumeArgs, output: Output) -> anyhow::Result<Report> {
+    let w = &args.workload;
+    let topic = client.topic(&w.topic).await?;
+    let (tx, mut rx) = mpsc::channel::<anyhow::Result<(u64, u64)>>(64);
+    let mut available = 0u64;
+    for p in &topic.partitions {
+        let mut c = client.partition_consumer(&w.topic, p.partition, StartFrom::Earliest).await?;
+        c.max_bytes = args.fetch_bytes;
+        available += (c.high_watermark() - c.position()).max(0) as u64;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let end = c.high_watermark();
+            while c.position() < end {
+                let batch = c.poll().await;
+                let msg = batch
+                    .map(|records| {
+                        let bytes = records.iter().map(|r| r.value.as_ref().map_or(0, |v| v.len()) as u64).sum();
+                        (records.len() as u64, bytes)
+                    })
+                    .map_err(anyhow::Error::from);
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let target = w.records.min(available);
+    let bar = progress(target, output, "consume");
+    let start = Instant::now();
+    let (mut records, mut bytes) = (0u64, 0u64);
+    while records < target {
+        let Some(msg) = rx.recv().await else { break };
+        let (n, b) = msg?;
+        records += n;
+        bytes += b;
+        bar.set_position(records);
+    }
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    Ok(Report::new("consume", records, bytes, elapsed, None))
+}
+
+async fn e2e(client: &Client, args: &ProduceArgs, output: Output) -> anyhow::Result<Report> {
+    let w = &args.workload;
+    let origin = Instant::now();
+    let topic = client.topic(&w.topic).await?;
+    let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<u64>>>(64);
+    for p in &topic.partitions {
+        let mut c = client.partition_consumer(&w.topic, p.partition, StartFrom::Latest).await?;
+        c.max_wait_ms = 100;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = c.poll().await.map_err(anyhow::Error::from).map(|records| {
+                    let now = origin.elapsed().as_nanos() as u64;
+                    records
+                        .iter()
+                        .filter_map(|r| r.value.as_ref())
+                        .filter(|v| v.len() >= 8)
+                        .map(|v| now.saturating_sub(u64::from_le_bytes(v[..8].try_into().expect("8 bytes"))))
+                        .collect()
+                });
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let total = w.records;
+    let collect = tokio::spawn(async move {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        let mut seen = 0u64;
+        while seen < total {
+            match rx.recv().await {
+                Some(Ok(latencies)) => {
+                    for ns in latencies {
+                        let _ = hist.record((ns / 1000).max(1));
+                        seen += 1;
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        Ok((hist, seen))
+    });
+    let produced = produce(client, args, output, Some(origin)).await?;
+    let (hist, seen) = tokio::time::timeout(Duration::from_secs(60), collect)
+        .await
+        .context("consumers did not receive every record within 60 s")?
+        .context("collector panicked")??;
+    Ok(Report::new(
+        "e2e",
+        seen,
+        seen * w.record_size as u64,
+        Duration::from_secs_f64(produced.seconds),
+        Some(Latency::of(&hist)),
+    ))
+}
+
+/// Plain sequential write and loopback TCP copy of `bytes`.
+async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
+    let bytes = args.bytes;
+    let dir = args.dir.clone();
+    let (disk, fsync) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Report, Report)> {
+        let path = dir.join(format!(".runnel-baseline-{}", std::process::id()));
+        let chunk = vec![0x5au8; 1 << 20];
+        let start = Instant::now();
+        {
+            let mut f = std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+            let mut written = 0u64;
+            while written < bytes {
+                let n = chunk.len().min((bytes - written) as usize);
+                f.write_all(&chunk[..n])?;
+                written += n as u64;
+            }
+        }
+        let disk = Report::new("disk-write", bytes / chunk.len() as u64, bytes, start.elapsed(), None);
+        std::fs::remove_file(&path)?;
+        // fdatasync'd 64 KiB writes, on a smaller volume.
+        let sync_bytes = (bytes / 16).max(1 << 20);
+        let start = Instant::now();
+        {
+            let mut f = std::fs::File::create(&path)?;
+            let mut written = 0u64;
+            while written < sync_bytes {
+                f.write_all(&chunk[..64 * 1024])?;
+                f.sync_data()?;
+                written += 64 * 1024;
+            }
+        }
+        let fsync = Report::new("disk-fdatasync-64k", sync_bytes / (64 * 1024), sync_bytes, start.elapsed(), None);
+        std::fs::remove_file(&path)?;
+        Ok((disk, fsync))
+    })
+    .await??;
+    let tcp = tokio::task::spawn_blocking(move || -> anyhow::Result<Report> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+            let (mut s, _) = listener.accept()?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(total);
+                }
+                total += n as u64;
+            }
+        });
+        let chunk = vec![0x5au8; 1 << 20];
+        let start = Instant::now();
+        {
+            let mut s = std::net::TcpStream::connect(addr)?;
+            let mut sent = 0u64;
+            while sent < bytes {
+                let n = chunk.len().min((bytes - sent) as usize);
+                s.write_all(&chunk[..n])?;
+                sent += n as u64;
+            }
+        }
+        let received = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        Ok(Report::new("loopback-tcp", received / chunk.len() as u64, received, start.elapsed(), None))
+    })
+    .await??;
+    for r in [disk, fsync, tcp] {
+        r.print(output);
+    }
+    Ok(())
+}
+
+/// Yields once, when the delivery resolves, with the time since `t0`.
+struct Timed {
+    t0: Instant,
+    fut: Option<runnel::client::DeliveryFuture>,
+}
+
+impl tokio_stream::Stream for Timed {
+    type Item = (Duration, Result<runnel::client::RecordMetadata, ClientError>);
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let Some(fut) = self.fut.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        match std::pin::Pin::new(fut).poll(cx) {
+            std::task::Poll::Ready(r) => {
+                self.fut = None;
+                std::task::Poll::Ready(Some((self.t0.elapsed(), r)))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
