@@ -20,7 +20,9 @@ use runnel_controller::metadata::Applied;
 use runnel_controller::store::random_id;
 use runnel_controller::{topic_config, ClusterMetadata, MetadataCommand, MetadataStore, TopicInfo};
 use runnel_proto::v1 as pb;
+use runnel_replication::Command as ReplicationCommand;
 use runnel_storage::{BatchBuilder, LogManager, RecordBatch, StorageError};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
@@ -28,6 +30,8 @@ use crate::config::ServerConfig;
 use crate::error::BrokerError;
 use crate::partition::{log_config, Partition};
 use crate::partitioner::partition_for_key;
+use crate::replica::fetcher::{Assignment, ReplicaSettings};
+use crate::replica::FetcherManager;
 
 /// Default fetch size when the request says 0.
 const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
@@ -54,11 +58,17 @@ pub struct Broker {
     round_robin: AtomicU32,
     /// Cancelled at shutdown; long polls end early.
     shutdown: CancellationToken,
+    /// Follower-side fetcher tasks.
+    fetchers: FetcherManager,
+    /// Bumped after every append; replica fetches long-poll on it.
+    appended: Arc<watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("node_id", &self.node_id).finish()
+        f.debug_struct("Broker")
+            .field("node_id", &self.node_id)
+            .finish()
     }
 }
 
@@ -71,14 +81,16 @@ impl Broker {
     ) -> Result<Arc<Self>, BrokerError> {
         let topic_defaults = config.topic_defaults();
         let logs = LogManager::open(&config.data_dir, log_config(&topic_defaults))?;
-        let broker = Arc::new(Self {
+        let broker = Arc::new_cyclic(|weak| Self {
             node_id: config.node_id,
             metadata,
             logs,
             partitions: RwLock::new(HashMap::new()),
             topic_defaults,
             round_robin: AtomicU32::new(0),
+            fetchers: FetcherManager::new(weak.clone(), shutdown.clone()),
             shutdown,
+            appended: Arc::new(watch::channel(0).0),
             config,
         });
         broker
@@ -91,7 +103,99 @@ impl Broker {
             })
             .await?;
         broker.reconcile()?;
+        broker.clone().spawn_metadata_watcher();
         Ok(broker)
+    }
+
+    /// Follows metadata changes made anywhere in the cluster.
+    fn spawn_metadata_watcher(self: Arc<Self>) {
+        let mut rx = self.metadata.watch();
+        let shutdown = self.shutdown.clone();
+        let weak = Arc::downgrade(&self);
+        drop(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = shutdown.cancelled() => return,
+                }
+                let Some(broker) = weak.upgrade() else { return };
+                if let Err(e) = broker.reconcile() {
+                    warn!(error = %e, "applying metadata change failed");
+                }
+            }
+        });
+    }
+
+    /// A hosted partition replica, whatever its role.
+    pub fn hosted_partition(&self, topic: &str, index: i32) -> Option<Arc<Partition>> {
+        self.hosted(topic, index)
+    }
+
+    /// A receiver bumped after every append on this broker.
+    pub fn watch_appends(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    /// Wakes replica fetches waiting for data.
+    pub fn notify_append(&self) {
+        self.appended.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Cap on long-poll waits (ms).
+    pub fn fetch_wait_max_ms(&self) -> u64 {
+        self.config.broker.fetch_wait_max_ms
+    }
+
+    /// Follower-side settings.
+    pub fn replica_settings(&self) -> ReplicaSettings {
+        let b = &self.config.broker;
+        ReplicaSettings {
+            replica_id: self.node_id,
+            fetch_bytes_max: b.replica_fetch_bytes_max,
+            fetch_wait_max_ms: b.replica_fetch_wait_max_ms,
+            bytes_per_sec_max: b.replication_bytes_per_sec_max,
+        }
+    }
+
+    /// Sends ISR proposals to the controller; a refusal resets the leader
+    /// to the committed ISR, a success arrives through the metadata.
+    pub fn propose_isr_changes(
+        &self,
+        partition: &Arc<Partition>,
+        proposals: Vec<ReplicationCommand>,
+    ) {
+        for cmd in proposals {
+            let ReplicationCommand::ProposeIsr(isr) = cmd else {
+                continue;
+            };
+            let meta = self.metadata.current();
+            let Some(info) = meta
+                .topics
+                .get(&partition.topic)
+                .and_then(|t| t.partitions.get(partition.index as usize))
+            else {
+                continue;
+            };
+            let command = MetadataCommand::AlterPartitionIsr {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                leader_id: self.node_id,
+                leader_epoch: info.leader_epoch,
+                partition_epoch: info.partition_epoch,
+                isr: isr.clone(),
+            };
+            let store = self.metadata.clone();
+            let partition = partition.clone();
+            let committed = info.isr.clone();
+            info!(topic = %partition.topic, partition = partition.index, from = ?committed, to = ?isr, "proposing ISR change");
+            tokio::spawn(async move {
+                if let Err(e) = store.submit(command).await {
+                    warn!(topic = %partition.topic, partition = partition.index, error = %e, "ISR change refused");
+                    partition.isr_refused(&committed);
+                }
+            });
+        }
     }
 
     /// This node's id.
@@ -133,12 +237,53 @@ impl Broker {
                     info!(topic = %name, partition = index, log_end_offset = log.log_end_offset(), "hosting partition");
                     map.insert(
                         key,
-                        Arc::new(Partition::new(name.clone(), *index, topic.topic_id.clone(), log)),
+                        Arc::new(Partition::new(
+                            name.clone(),
+                            *index,
+                            topic.topic_id.clone(),
+                            log,
+                        )),
                     );
                 }
             }
         }
         map.retain(|key, _| wanted.contains_key(key));
+        let now = now_ms();
+        let mut by_leader: HashMap<i32, (String, BTreeMap<(String, i32), Assignment>)> =
+            HashMap::new();
+        let mut proposals = Vec::new();
+        for ((name, index), topic) in &wanted {
+            let key = (name.clone(), *index);
+            let (Some(partition), Some(info)) =
+                (map.get(&key), topic.partitions.get(*index as usize))
+            else {
+                continue;
+            };
+            let cmds = partition.update_role(self.node_id, info, now);
+            if !cmds.is_empty() {
+                proposals.push((partition.clone(), cmds));
+            }
+            if info.leader >= 0 && info.leader != self.node_id {
+                if let Some(b) = meta.brokers.get(&info.leader) {
+                    by_leader
+                        .entry(info.leader)
+                        .or_insert_with(|| (b.address.clone(), BTreeMap::new()))
+                        .1
+                        .insert(
+                            key,
+                            Assignment {
+                                partition: partition.clone(),
+                                leader_epoch: info.leader_epoch,
+                            },
+                        );
+                }
+            }
+        }
+        drop(map);
+        self.fetchers.assign(by_leader);
+        for (partition, cmds) in proposals {
+            self.propose_isr_changes(&partition, cmds);
+        }
         for (topic, index, _) in self.logs.all() {
             if !wanted.contains_key(&(topic.clone(), index)) {
                 info!(%topic, partition = index, "deleting partition no longer hosted");
@@ -160,9 +305,12 @@ impl Broker {
         topic: &str,
         index: i32,
     ) -> Result<Arc<Partition>, BrokerError> {
-        let info = meta.topics.get(topic).ok_or_else(|| BrokerError::UnknownTopic {
-            topic: topic.to_string(),
-        })?;
+        let info = meta
+            .topics
+            .get(topic)
+            .ok_or_else(|| BrokerError::UnknownTopic {
+                topic: topic.to_string(),
+            })?;
         let p = usize::try_from(index)
             .ok()
             .and_then(|i| info.partitions.get(i))
@@ -193,21 +341,28 @@ impl Broker {
             Some(p) => Ok(p),
             None => {
                 self.reconcile()?;
-                self.hosted(topic, index).ok_or(BrokerError::PartitionOffline {
-                    topic: topic.to_string(),
-                    partition: index,
-                })
+                self.hosted(topic, index)
+                    .ok_or(BrokerError::PartitionOffline {
+                        topic: topic.to_string(),
+                        partition: index,
+                    })
             }
         }
     }
 
     /// Appends a batch; see the module docs for the path.
     #[instrument(skip_all, fields(topic = %req.topic, partition, offset))]
-    pub async fn produce(&self, req: pb::ProduceRequest) -> Result<pb::ProduceResponse, BrokerError> {
+    pub async fn produce(
+        &self,
+        req: pb::ProduceRequest,
+    ) -> Result<pb::ProduceResponse, BrokerError> {
         let meta = self.metadata.current();
-        let topic = meta.topics.get(&req.topic).ok_or_else(|| BrokerError::UnknownTopic {
-            topic: req.topic.clone(),
-        })?;
+        let topic = meta
+            .topics
+            .get(&req.topic)
+            .ok_or_else(|| BrokerError::UnknownTopic {
+                topic: req.topic.clone(),
+            })?;
         let count = topic.partitions.len() as i32;
         let index = match req.partition {
             Some(p) => p,
@@ -221,11 +376,7 @@ impl Broker {
         let pinfo = &topic.partitions[index as usize];
         let acks = pb::Acks::try_from(req.acks).unwrap_or(pb::Acks::All);
         if matches!(acks, pb::Acks::All | pb::Acks::Unspecified) {
-            let min_isr: i32 = self
-                .effective_configs(topic)
-                .get("min.insync.replicas")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1);
+            let min_isr = self.min_insync_replicas(topic);
             if !runnel_replication::enough_replicas(pinfo.isr.len(), min_isr) {
                 return Err(BrokerError::NotEnoughReplicas {
                     topic: req.topic.clone(),
@@ -237,14 +388,14 @@ impl Broker {
         }
         let batch = encode_batch(&req)?;
         let leader_epoch = pinfo.leader_epoch;
-        let single_replica = pinfo.isr == [self.node_id];
+        let min_isr = self.min_insync_replicas(topic);
         let append = {
             let partition = partition.clone();
+            let appended = self.appended.clone();
             move || {
                 let info = partition.log.append_as_leader(batch, leader_epoch)?;
-                if single_replica {
-                    partition.advance_high_watermark(partition.log.log_end_offset());
-                }
+                partition.on_append();
+                appended.send_modify(|n| *n = n.wrapping_add(1));
                 Ok::<_, StorageError>(info)
             }
         };
@@ -267,15 +418,80 @@ impl Broker {
             });
             return Ok(response);
         }
+        let mut hw_rx = partition.watch_high_watermark();
         let info = tokio::task::spawn_blocking(append)
             .await
             .map_err(|_| BrokerError::ShuttingDown)??;
         tracing::Span::current().record("offset", info.base_offset);
-        debug!(base_offset = info.base_offset, records = info.record_count, "appended");
+        if acks != pb::Acks::Leader {
+            let timeout_ms = match req.timeout_ms {
+                0 => self.config.broker.request_timeout_ms,
+                t => u64::from(t),
+            };
+            self.wait_for_replicas(
+                &partition,
+                &mut hw_rx,
+                info.last_offset + 1,
+                min_isr,
+                timeout_ms,
+            )
+            .await?;
+        }
+        debug!(
+            base_offset = info.base_offset,
+            records = info.record_count,
+            "appended"
+        );
         response.base_offset = info.base_offset;
         response.last_offset = info.last_offset;
         response.log_append_time_ms = info.log_append_time_ms;
         Ok(response)
+    }
+
+    fn min_insync_replicas(&self, topic: &TopicInfo) -> i32 {
+        self.effective_configs(topic)
+            .get("min.insync.replicas")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+    }
+
+    /// acks=all: waits until the high watermark reaches `end` (every ISR
+    /// member has the batch) and checks the ISR still has min.insync.replicas.
+    async fn wait_for_replicas(
+        &self,
+        partition: &Partition,
+        hw_rx: &mut watch::Receiver<i64>,
+        end: i64,
+        min_isr: i32,
+        timeout_ms: u64,
+    ) -> Result<(), BrokerError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+        loop {
+            if partition.log.high_watermark() >= end {
+                let isr = partition.isr().map_or(0, |i| i.len());
+                if !runnel_replication::enough_replicas(isr, min_isr) {
+                    return Err(BrokerError::NotEnoughReplicasAfterAppend {
+                        topic: partition.topic.clone(),
+                        partition: partition.index,
+                        isr,
+                        min_isr,
+                    });
+                }
+                return Ok(());
+            }
+            tokio::select! {
+                r = hw_rx.changed() => if r.is_err() { return Err(BrokerError::ShuttingDown) },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(BrokerError::ReplicationTimeout {
+                        topic: partition.topic.clone(),
+                        partition: partition.index,
+                        offset: end - 1,
+                        timeout_ms,
+                    });
+                }
+                _ = self.shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+            }
+        }
     }
 
     /// Reads from a partition, long-polling up to `max_wait_ms`.
@@ -396,7 +612,11 @@ impl Broker {
             return self.describe_in(&preview, &req.name);
         }
         self.metadata.submit(cmd).await?;
-        info!(partitions = req.partitions, replication_factor = req.replication_factor, "topic created");
+        info!(
+            partitions = req.partitions,
+            replication_factor = req.replication_factor,
+            "topic created"
+        );
         self.reconcile()?;
         self.describe_topic(&req.name)
     }
@@ -405,7 +625,9 @@ impl Broker {
     pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         let applied = self
             .metadata
-            .submit(MetadataCommand::DeleteTopic { name: name.to_string() })
+            .submit(MetadataCommand::DeleteTopic {
+                name: name.to_string(),
+            })
             .await?;
         if let Applied::TopicDeleted { partitions, .. } = applied {
             info!(topic = name, partitions, "topic deleted");
@@ -454,10 +676,17 @@ impl Broker {
         self.describe_in(&self.metadata.current(), name)
     }
 
-    fn describe_in(&self, meta: &ClusterMetadata, name: &str) -> Result<pb::TopicDescription, BrokerError> {
-        let topic = meta.topics.get(name).ok_or_else(|| BrokerError::UnknownTopic {
-            topic: name.to_string(),
-        })?;
+    fn describe_in(
+        &self,
+        meta: &ClusterMetadata,
+        name: &str,
+    ) -> Result<pb::TopicDescription, BrokerError> {
+        let topic = meta
+            .topics
+            .get(name)
+            .ok_or_else(|| BrokerError::UnknownTopic {
+                topic: name.to_string(),
+            })?;
         let partitions = topic
             .partitions
             .iter()
@@ -535,7 +764,17 @@ impl Broker {
 
     /// Periodic storage work: retention, age roll, interval flush.
     pub fn tick(&self) -> Result<(), BrokerError> {
-        self.logs.tick(now_ms())?;
+        let now = now_ms();
+        self.logs.tick(now)?;
+        let lag_max = self.config.broker.replica_lag_time_max_ms as i64;
+        let hosted: Vec<Arc<Partition>> = {
+            let map = self.partitions.read().unwrap_or_else(|e| e.into_inner());
+            map.values().cloned().collect()
+        };
+        for p in hosted {
+            let proposals = p.on_tick(now, lag_max);
+            self.propose_isr_changes(&p, proposals);
+        }
         Ok(())
     }
 
@@ -574,7 +813,11 @@ fn encode_batch(req: &pb::ProduceRequest) -> Result<BytesMut, BrokerError> {
             let now = now_ms();
             let mut builder = BatchBuilder::new();
             if req.producer_id > 0 {
-                builder = builder.producer(req.producer_id, req.producer_epoch as i16, req.base_sequence);
+                builder = builder.producer(
+                    req.producer_id,
+                    req.producer_epoch as i16,
+                    req.base_sequence,
+                );
             }
             for r in &req.records {
                 let headers: Vec<(&str, Option<&[u8]>)> = r
@@ -582,7 +825,11 @@ fn encode_batch(req: &pb::ProduceRequest) -> Result<BytesMut, BrokerError> {
                     .iter()
                     .map(|h| (h.key.as_str(), h.value.as_deref()))
                     .collect();
-                let ts = if r.timestamp_ms > 0 { r.timestamp_ms } else { now };
+                let ts = if r.timestamp_ms > 0 {
+                    r.timestamp_ms
+                } else {
+                    now
+                };
                 builder.push(ts, r.key.as_deref(), r.value.as_deref(), &headers);
             }
             Ok(builder.build())
@@ -602,7 +849,10 @@ pub fn to_proto_record(r: runnel_storage::Record) -> pb::Record {
         headers: r
             .headers
             .into_iter()
-            .map(|h| pb::Header { key: h.key, value: h.value })
+            .map(|h| pb::Header {
+                key: h.key,
+                value: h.value,
+            })
             .collect(),
         timestamp_ms: r.timestamp_ms,
         offset: r.offset,

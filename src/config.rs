@@ -60,6 +60,14 @@ pub struct BrokerSection {
     pub grpc_message_bytes_max: usize,
     /// Grace period for draining requests at shutdown (ms).
     pub shutdown_grace_ms: u64,
+    /// A follower not caught up for this long leaves the ISR (ms).
+    pub replica_lag_time_max_ms: u64,
+    /// Bytes a follower asks for per fetch.
+    pub replica_fetch_bytes_max: u32,
+    /// Long-poll wait of a follower fetch (ms).
+    pub replica_fetch_wait_max_ms: u32,
+    /// Replication byte-rate limit per fetcher; 0 = unlimited.
+    pub replication_bytes_per_sec_max: u64,
 }
 
 impl Default for BrokerSection {
@@ -70,6 +78,10 @@ impl Default for BrokerSection {
             maintenance_interval_ms: 1_000,
             grpc_message_bytes_max: 64 * 1024 * 1024,
             shutdown_grace_ms: 5_000,
+            replica_lag_time_max_ms: 30_000,
+            replica_fetch_bytes_max: 8 * 1024 * 1024,
+            replica_fetch_wait_max_ms: 500,
+            replication_bytes_per_sec_max: 0,
         }
     }
 }
@@ -142,9 +154,8 @@ impl ServerConfig {
             ));
         }
         for (key, value) in self.topic_defaults_strings()? {
-            topic_config::validate(&key, &value).map_err(|e| {
-                invalid(&format!("topic_defaults.\"{key}\""), e.to_string())
-            })?;
+            topic_config::validate(&key, &value)
+                .map_err(|e| invalid(&format!("topic_defaults.\"{key}\""), e.to_string()))?;
         }
         Ok(())
     }
@@ -161,7 +172,10 @@ impl ServerConfig {
                     other => {
                         return Err(ConfigError::Invalid {
                             key: format!("topic_defaults.\"{k}\""),
-                            reason: format!("expected a string or integer, got {}", other.type_str()),
+                            reason: format!(
+                                "expected a string or integer, got {}",
+                                other.type_str()
+                            ),
                         })
                     }
                 };

@@ -41,6 +41,20 @@ pub enum BrokerError {
         isr: usize,
         min_isr: i32,
     },
+    #[error("{topic}-{partition} was appended but only {isr} replicas are in sync, below min.insync.replicas {min_isr}; it may not survive a leader failure")]
+    NotEnoughReplicasAfterAppend {
+        topic: String,
+        partition: i32,
+        isr: usize,
+        min_isr: i32,
+    },
+    #[error("{topic}-{partition}: offset {offset} was appended but not replicated to every in-sync replica within {timeout_ms} ms; it may or may not survive a leader failure")]
+    ReplicationTimeout {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        timeout_ms: u64,
+    },
     #[error("invalid request: {reason}")]
     InvalidRequest { reason: String },
     #[error("consumer groups are not implemented yet")]
@@ -63,6 +77,10 @@ impl BrokerError {
                 ErrorCode::NotLeader
             }
             BrokerError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+            BrokerError::NotEnoughReplicasAfterAppend { .. } => {
+                ErrorCode::NotEnoughReplicasAfterAppend
+            }
+            BrokerError::ReplicationTimeout { .. } => ErrorCode::RequestTimedOut,
             BrokerError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
             BrokerError::Unsupported { .. } => ErrorCode::Unsupported,
             BrokerError::ShuttingDown => ErrorCode::BrokerNotAvailable,
@@ -153,7 +171,11 @@ impl From<BrokerError> for Status {
         let code = e.code();
         if e.is_internal() {
             tracing::error!(error = %e, ?code, "request failed");
-            return status(code, format!("internal broker error ({})", code.as_str_name()), None);
+            return status(
+                code,
+                format!("internal broker error ({})", code.as_str_name()),
+                None,
+            );
         }
         let leader = match &e {
             BrokerError::NotLeader { leader, .. } => Some(leader.as_str()),

@@ -14,6 +14,8 @@
 //! - [`partition`]: a hosted partition and topic-config → storage mapping.
 //! - [`partitioner`]: Kafka-compatible murmur2 key hashing.
 //! - [`service`]: tonic adapters.
+//! - [`replica`]: replication I/O: the leader's `Replication` service and
+//!   the follower fetchers.
 //! - [`error`]: [`error::BrokerError`] and the one mapping to gRPC status.
 //! - [`client`]: producer (batching, linger), consumer and admin clients.
 
@@ -23,5 +25,6 @@ pub mod config;
 pub mod error;
 pub mod partition;
 pub mod partitioner;
+pub mod replica;
 pub mod server;
 pub mod service;

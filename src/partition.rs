@@ -1,11 +1,27 @@
-//! A partition this broker hosts: its log and the watch that wakes
-//! long-polling fetches when the high watermark moves.
+//! A partition this broker hosts: its log, its role (leader state or the
+//! leader it follows), and the watch that wakes long-polling fetches and
+//! acks=all producers when the high watermark moves.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use runnel_controller::PartitionInfo;
+use runnel_replication::{Command, LeaderState};
+use tracing::info;
 
 use runnel_storage::{FlushPolicy, Log, LogConfig, TimestampType};
 use tokio::sync::watch;
+
+/// This broker's role for a partition, as the metadata says.
+#[derive(Debug)]
+pub enum Role {
+    /// Leads in this epoch; tracks followers.
+    Leader(LeaderState),
+    /// Follows `leader` in `leader_epoch`.
+    Follower { leader: i32, leader_epoch: i32 },
+    /// Hosts a replica but the partition has no leader.
+    Offline,
+}
 
 /// One hosted partition replica.
 #[derive(Debug)]
@@ -18,8 +34,10 @@ pub struct Partition {
     pub topic_id: String,
     /// The partition's log.
     pub log: Arc<Log>,
-    /// Publishes the high watermark; fetchers wait on it.
+    /// Publishes the high watermark; fetchers and acks=all wait on it.
     hw_tx: watch::Sender<i64>,
+    /// Leader or follower state. Short critical sections only.
+    role: Mutex<Role>,
 }
 
 impl Partition {
@@ -32,7 +50,12 @@ impl Partition {
             topic_id,
             log,
             hw_tx,
+            role: Mutex::new(Role::Offline),
         }
+    }
+
+    fn role(&self) -> std::sync::MutexGuard<'_, Role> {
+        self.role.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sets the high watermark and wakes waiting fetches.
@@ -49,6 +72,119 @@ impl Partition {
     /// A receiver that sees every high-watermark change.
     pub fn watch_high_watermark(&self) -> watch::Receiver<i64> {
         self.hw_tx.subscribe()
+    }
+
+    /// Applies the metadata's view of this partition. Returns ISR
+    /// proposals to send to the controller.
+    pub fn update_role(&self, me: i32, info: &PartitionInfo, now_ms: i64) -> Vec<Command> {
+        let mut role = self.role();
+        let leo = self.log.log_end_offset();
+        if info.leader == me {
+            if let Role::Leader(state) = &mut *role {
+                if state.leader_epoch() == info.leader_epoch {
+                    let cmds = state.on_isr_committed(&info.isr, leo);
+                    drop(role);
+                    return self.run(cmds);
+                }
+            }
+            info!(topic = %self.topic, partition = self.index, leader_epoch = info.leader_epoch, isr = ?info.isr, "became leader");
+            let mut state = LeaderState::new(
+                me,
+                info.leader_epoch,
+                &info.replicas,
+                &info.isr,
+                self.log.high_watermark(),
+                now_ms,
+            );
+            let cmds = state.on_append(leo);
+            *role = Role::Leader(state);
+            drop(role);
+            return self.run(cmds);
+        }
+        let next = if info.leader < 0 {
+            Role::Offline
+        } else {
+            Role::Follower {
+                leader: info.leader,
+                leader_epoch: info.leader_epoch,
+            }
+        };
+        let changed = !matches!((&*role, &next),
+            (Role::Follower { leader: a, leader_epoch: b }, Role::Follower { leader: c, leader_epoch: d }) if a == c && b == d)
+            && !matches!((&*role, &next), (Role::Offline, Role::Offline));
+        if changed {
+            info!(topic = %self.topic, partition = self.index, leader = info.leader, leader_epoch = info.leader_epoch, "became follower");
+            *role = next;
+        }
+        Vec::new()
+    }
+
+    /// The leader epoch when this broker leads the partition.
+    pub fn leader_epoch(&self) -> Option<i32> {
+        match &*self.role() {
+            Role::Leader(s) => Some(s.leader_epoch()),
+            _ => None,
+        }
+    }
+
+    /// The committed ISR this leader works with.
+    pub fn isr(&self) -> Option<Vec<i32>> {
+        match &*self.role() {
+            Role::Leader(s) => Some(s.isr()),
+            _ => None,
+        }
+    }
+
+    /// After a leader append: the high watermark may advance.
+    pub fn on_append(&self) -> Vec<Command> {
+        let leo = self.log.log_end_offset();
+        let cmds = match &mut *self.role() {
+            Role::Leader(s) => s.on_append(leo),
+            _ => Vec::new(),
+        };
+        self.run(cmds)
+    }
+
+    /// A follower fetched from `fetch_offset`.
+    pub fn on_follower_fetch(&self, follower: i32, fetch_offset: i64, now_ms: i64) -> Vec<Command> {
+        let leo = self.log.log_end_offset();
+        let cmds = match &mut *self.role() {
+            Role::Leader(s) => s.on_fetch(follower, fetch_offset, leo, now_ms),
+            _ => Vec::new(),
+        };
+        self.run(cmds)
+    }
+
+    /// Periodic ISR check.
+    pub fn on_tick(&self, now_ms: i64, lag_time_max_ms: i64) -> Vec<Command> {
+        let cmds = match &mut *self.role() {
+            Role::Leader(s) => s.on_tick(now_ms, lag_time_max_ms),
+            _ => Vec::new(),
+        };
+        self.run(cmds)
+    }
+
+    /// A refused ISR proposal: go back to the committed ISR.
+    pub fn isr_refused(&self, committed: &[i32]) {
+        let leo = self.log.log_end_offset();
+        let cmds = match &mut *self.role() {
+            Role::Leader(s) => s.on_isr_committed(committed, leo),
+            _ => Vec::new(),
+        };
+        self.run(cmds);
+    }
+
+    /// Runs high-watermark commands here; returns the ISR proposals.
+    fn run(&self, cmds: Vec<Command>) -> Vec<Command> {
+        cmds.into_iter()
+            .filter(|c| match c {
+                Command::AdvanceHighWatermark(hw) => {
+                    self.advance_high_watermark(*hw);
+                    false
+                }
+                Command::ProposeIsr(_) => true,
+            })
+            .collect()
     }
 }
 
@@ -107,7 +243,10 @@ mod tests {
         c.insert("flush.messages".into(), "-1".into());
         assert_eq!(
             log_config(&c).flush,
-            FlushPolicy::Interval { messages: None, ms: Some(1000) }
+            FlushPolicy::Interval {
+                messages: None,
+                ms: Some(1000)
+            }
         );
     }
 }

@@ -51,18 +51,29 @@ pub enum ServerError {
 /// `runnel listening on ADDR` on stdout once it accepts connections.
 pub async fn run(mut config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
     let dir = config.data_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|source| ServerError::DataDir { dir: dir.clone(), source })?;
+    std::fs::create_dir_all(&dir).map_err(|source| ServerError::DataDir {
+        dir: dir.clone(),
+        source,
+    })?;
     let lock_path = dir.join(".lock");
-    let lock = std::fs::File::create(&lock_path)
-        .map_err(|source| ServerError::DataDir { dir: dir.clone(), source })?;
+    let lock = std::fs::File::create(&lock_path).map_err(|source| ServerError::DataDir {
+        dir: dir.clone(),
+        source,
+    })?;
     if lock.try_lock().is_err() {
         return Err(ServerError::DataDirLocked { dir });
     }
 
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
-    let local = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     if config.advertised_address.is_none() {
         config.advertised_address = Some(local.to_string());
     }
@@ -74,9 +85,15 @@ pub async fn run(mut config: ServerConfig, shutdown: CancellationToken) -> Resul
     let broker = Broker::open(config.clone(), metadata, shutdown.clone()).await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<ProducerServer<ProducerService>>().await;
-    health_reporter.set_serving::<ConsumerServer<ConsumerService>>().await;
-    health_reporter.set_serving::<AdminServer<AdminService>>().await;
+    health_reporter
+        .set_serving::<ProducerServer<ProducerService>>()
+        .await;
+    health_reporter
+        .set_serving::<ConsumerServer<ConsumerService>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServer<AdminService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(runnel_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

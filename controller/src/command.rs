@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// A change to the cluster metadata.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetadataCommand {
+    /// Fixes the cluster id of a freshly bootstrapped quorum. The first
+    /// leader submits it; once set, the same id is a no-op and another id
+    /// is refused, so every node ends with the first one applied.
+    InitCluster { cluster_id: String },
     /// A broker starts (or restarts) and announces its address.
     RegisterBroker {
         id: i32,
@@ -32,6 +36,17 @@ pub enum MetadataCommand {
     DeleteTopic { name: String },
     /// Grows a topic to `total_partitions`.
     AddPartitions { name: String, total_partitions: i32 },
+    /// A partition leader changes the ISR (shrink a lagging follower, add
+    /// one that caught up). Refused unless the leader and both epochs are
+    /// current, so a deposed leader's late proposal changes nothing.
+    AlterPartitionIsr {
+        topic: String,
+        partition: i32,
+        leader_id: i32,
+        leader_epoch: i32,
+        partition_epoch: i32,
+        isr: Vec<i32>,
+    },
     /// Sets and removes topic config overrides.
     AlterTopicConfig {
         name: String,

@@ -6,6 +6,14 @@ use std::path::PathBuf;
 /// variant but `Persist` is the caller's fault and changes nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
+    /// An ISR change from a leader whose view is out of date, or an ISR
+    /// that breaks the rules.
+    #[error("ISR change for {topic}-{partition} refused: {reason}")]
+    InvalidIsrChange {
+        topic: String,
+        partition: i32,
+        reason: String,
+    },
     /// CreateTopic for a name that exists.
     #[error("topic '{name}' already exists")]
     TopicAlreadyExists { name: String },
@@ -44,4 +52,15 @@ pub enum MetadataError {
     /// The data directory belongs to another cluster.
     #[error("data directory belongs to cluster '{found}', not '{expected}'")]
     ClusterIdMismatch { expected: String, found: String },
+    /// No controller leader could be reached before the deadline; the
+    /// command was not applied. Retryable.
+    #[error("no active controller after {waited_ms} ms (last known leader: {leader_hint:?})")]
+    NotController {
+        leader_hint: Option<i32>,
+        waited_ms: u64,
+    },
+    /// The Raft quorum could not be started or stopped (bad config, sled,
+    /// or a fatal Raft error).
+    #[error("raft controller: {reason}")]
+    Raft { reason: String },
 }

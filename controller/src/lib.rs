@@ -13,8 +13,10 @@
 //! - [`command`]: the typed commands, the only way state changes.
 //! - [`topic_config`]: topic config keys, defaults and validation.
 //! - [`store`]: the [`MetadataStore`] interface every store implements.
-//! - [`local`]: the single-node store, persisted to one file. The openraft
-//!   quorum store implements the same trait.
+//! - [`local`]: the single-node store, persisted to one file.
+//! - [`raft`]: [`RaftMetadataStore`], the openraft quorum (sled log and
+//!   state machine, tonic transport, broker heartbeats and fencing)
+//!   behind the same trait.
 //! - `error`: [`MetadataError`].
 //!
 //! ```
@@ -36,6 +38,7 @@ pub mod command;
 pub mod error;
 pub mod local;
 pub mod metadata;
+pub mod raft;
 pub mod store;
 pub mod topic_config;
 
@@ -43,4 +46,5 @@ pub use command::MetadataCommand;
 pub use error::MetadataError;
 pub use local::LocalMetadataStore;
 pub use metadata::{BrokerInfo, ClusterMetadata, PartitionInfo, TopicInfo};
+pub use raft::{RaftConfig, RaftMetadataStore};
 pub use store::MetadataStore;

@@ -142,7 +142,9 @@ mod tests {
             .await
             .unwrap();
         let err = store
-            .submit(MetadataCommand::DeleteTopic { name: "nope".into() })
+            .submit(MetadataCommand::DeleteTopic {
+                name: "nope".into(),
+            })
             .await
             .unwrap_err();
         assert!(matches!(err, MetadataError::UnknownTopic { .. }));

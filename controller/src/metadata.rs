@@ -73,7 +73,7 @@ pub struct ClusterMetadata {
 }
 
 /// What an applied command changed, for the broker to act on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
     /// Nothing to do beyond reading the new state.
     Done,
@@ -133,6 +133,18 @@ impl ClusterMetadata {
     /// Applies one command. On error the state is unchanged.
     pub fn apply(&mut self, cmd: MetadataCommand) -> Result<Applied, MetadataError> {
         let applied = match cmd {
+            MetadataCommand::InitCluster { cluster_id } => {
+                if cluster_id.is_empty()
+                    || (!self.cluster_id.is_empty() && self.cluster_id != cluster_id)
+                {
+                    return Err(MetadataError::ClusterIdMismatch {
+                        expected: self.cluster_id.clone(),
+                        found: cluster_id,
+                    });
+                }
+                self.cluster_id = cluster_id;
+                Applied::Done
+            }
             MetadataCommand::RegisterBroker {
                 id,
                 address,
@@ -208,9 +220,7 @@ impl ClusterMetadata {
                         return Err(MetadataError::InvalidConfig {
                             key: "min.insync.replicas".into(),
                             value: min_isr.to_string(),
-                            reason: format!(
-                                "exceeds the replication factor {replication_factor}"
-                            ),
+                            reason: format!("exceeds the replication factor {replication_factor}"),
                         });
                     }
                 }
@@ -255,6 +265,63 @@ impl ClusterMetadata {
                         .partitions
                         .push(new_partition(&live, p, topic.replication_factor));
                 }
+                Applied::Done
+            }
+            MetadataCommand::AlterPartitionIsr {
+                topic,
+                partition,
+                leader_id,
+                leader_epoch,
+                partition_epoch,
+                isr,
+            } => {
+                let refuse = |reason: String| MetadataError::InvalidIsrChange {
+                    topic: topic.clone(),
+                    partition,
+                    reason,
+                };
+                let info = self
+                    .topics
+                    .get(&topic)
+                    .ok_or_else(|| MetadataError::UnknownTopic { name: topic.clone() })?;
+                let p = usize::try_from(partition)
+                    .ok()
+                    .and_then(|i| info.partitions.get(i))
+                    .ok_or_else(|| refuse("no such partition".into()))?;
+                if p.leader != leader_id || p.leader_epoch != leader_epoch {
+                    return Err(refuse(format!(
+                        "leader {leader_id} in epoch {leader_epoch} is not current (leader {} in epoch {})",
+                        p.leader, p.leader_epoch
+                    )));
+                }
+                if p.partition_epoch != partition_epoch {
+                    return Err(refuse(format!(
+                        "partition epoch {partition_epoch} is stale (now {})",
+                        p.partition_epoch
+                    )));
+                }
+                let mut new_isr = isr.clone();
+                new_isr.sort_unstable();
+                new_isr.dedup();
+                if !new_isr.contains(&leader_id) {
+                    return Err(refuse("the ISR must contain the leader".into()));
+                }
+                if let Some(r) = new_isr.iter().find(|r| !p.replicas.contains(r)) {
+                    return Err(refuse(format!("broker {r} holds no replica")));
+                }
+                if let Some(r) = new_isr
+                    .iter()
+                    .find(|r| !p.isr.contains(r) && self.brokers.get(r).is_none_or(|b| b.fenced))
+                {
+                    return Err(refuse(format!("broker {r} is fenced")));
+                }
+                let p = &mut self
+                    .topics
+                    .get_mut(&topic)
+                    .expect("checked above")
+                    .partitions[partition as usize];
+                p.isr = new_isr;
+                p.partition_epoch += 1;
                 Applied::Done
             }
             MetadataCommand::AlterTopicConfig { name, set, delete } => {
@@ -392,8 +459,13 @@ mod tests {
         s.apply(create("t", 4, 2)).unwrap();
         let parts = &s.topics["t"].partitions;
         let replicas: Vec<_> = parts.iter().map(|p| p.replicas.clone()).collect();
-        assert_eq!(replicas, vec![vec![1, 2], vec![2, 3], vec![3, 1], vec![1, 2]]);
-        assert!(parts.iter().all(|p| p.leader == p.replicas[0] && p.isr == p.replicas));
+        assert_eq!(
+            replicas,
+            vec![vec![1, 2], vec![2, 3], vec![3, 1], vec![1, 2]]
+        );
+        assert!(parts
+            .iter()
+            .all(|p| p.leader == p.replicas[0] && p.isr == p.replicas));
     }
 
     #[test]
@@ -407,8 +479,13 @@ mod tests {
             create("u", 0, 1),
             create("u", 1, 4),
             create("u", 1, 0),
-            MetadataCommand::DeleteTopic { name: "nope".into() },
-            MetadataCommand::AddPartitions { name: "t".into(), total_partitions: 1 },
+            MetadataCommand::DeleteTopic {
+                name: "nope".into(),
+            },
+            MetadataCommand::AddPartitions {
+                name: "t".into(),
+                total_partitions: 1,
+            },
             MetadataCommand::AlterTopicConfig {
                 name: "t".into(),
                 set: [("retention.ms".to_string(), "x".to_string())].into(),
@@ -451,12 +528,53 @@ mod tests {
         assert_eq!((p.leader, p.leader_epoch), (1, 2));
     }
 
+    fn alter_isr(leader_epoch: i32, partition_epoch: i32, isr: Vec<i32>) -> MetadataCommand {
+        MetadataCommand::AlterPartitionIsr {
+            topic: "t".into(),
+            partition: 0,
+            leader_id: 1,
+            leader_epoch,
+            partition_epoch,
+            isr,
+        }
+    }
+
+    #[test]
+    fn isr_changes_need_the_current_leader_and_epochs() {
+        let mut s = three();
+        s.apply(create("t", 1, 3)).unwrap();
+        s.apply(alter_isr(0, 0, vec![3, 1])).unwrap();
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!((p.isr.clone(), p.partition_epoch), (vec![1, 3], 1));
+        let before = s.clone();
+        for (cmd, why) in [
+            (alter_isr(0, 0, vec![1]), "stale"),
+            (alter_isr(1, 1, vec![1]), "not current"),
+            (alter_isr(0, 1, vec![2, 3]), "contain the leader"),
+            (alter_isr(0, 1, vec![1, 4]), "holds no replica"),
+        ] {
+            let err = s.apply(cmd).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+            assert_eq!(s, before);
+        }
+        // A fenced broker cannot rejoin.
+        s.apply(MetadataCommand::FenceBroker { id: 2 }).unwrap();
+        let epoch = s.topics["t"].partitions[0].partition_epoch;
+        let err = s.apply(alter_isr(0, epoch, vec![1, 2, 3])).unwrap_err().to_string();
+        assert!(err.contains("fenced"), "{err}");
+        s.apply(alter_isr(0, epoch, vec![1])).unwrap();
+        assert_eq!(s.topics["t"].partitions[0].isr, vec![1]);
+    }
+
     #[test]
     fn add_partitions_and_alter_config() {
         let mut s = three();
         s.apply(create("t", 1, 1)).unwrap();
-        s.apply(MetadataCommand::AddPartitions { name: "t".into(), total_partitions: 3 })
-            .unwrap();
+        s.apply(MetadataCommand::AddPartitions {
+            name: "t".into(),
+            total_partitions: 3,
+        })
+        .unwrap();
         assert_eq!(s.topics["t"].partitions.len(), 3);
         s.apply(MetadataCommand::AlterTopicConfig {
             name: "t".into(),
@@ -475,10 +593,42 @@ mod tests {
     }
 
     #[test]
+    fn init_cluster_sets_the_id_once() {
+        let mut s = ClusterMetadata::default();
+        let init = |id: &str| MetadataCommand::InitCluster {
+            cluster_id: id.into(),
+        };
+        assert!(s.apply(init("")).is_err());
+        assert_eq!((s.cluster_id.as_str(), s.applied), ("", 0));
+        s.apply(init("a")).unwrap();
+        assert_eq!((s.cluster_id.as_str(), s.applied), ("a", 1));
+        // The same id again (a second leader racing) is a no-op success.
+        s.apply(init("a")).unwrap();
+        assert_eq!((s.cluster_id.as_str(), s.applied), ("a", 2));
+        let before = s.clone();
+        let err = s.apply(init("b")).unwrap_err();
+        assert!(
+            matches!(&err, MetadataError::ClusterIdMismatch { expected, found } if expected == "a" && found == "b"),
+            "{err}"
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
     fn replay_is_deterministic() {
         let cmds = vec![
-            MetadataCommand::RegisterBroker { id: 2, address: "a".into(), rack: String::new(), roles: vec![] },
-            MetadataCommand::RegisterBroker { id: 1, address: "b".into(), rack: String::new(), roles: vec![] },
+            MetadataCommand::RegisterBroker {
+                id: 2,
+                address: "a".into(),
+                rack: String::new(),
+                roles: vec![],
+            },
+            MetadataCommand::RegisterBroker {
+                id: 1,
+                address: "b".into(),
+                rack: String::new(),
+                roles: vec![],
+            },
             create("x", 5, 2),
             MetadataCommand::FenceBroker { id: 2 },
         ];

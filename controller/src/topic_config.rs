@@ -32,37 +32,55 @@ pub const KEYS: &[ConfigKey] = &[
         name: "retention.ms",
         default: "604800000",
         doc: "Delete segments whose newest record is older than this (ms); -1 keeps forever",
-        kind: Kind::Int { min: -1, max: i64::MAX },
+        kind: Kind::Int {
+            min: -1,
+            max: i64::MAX,
+        },
     },
     ConfigKey {
         name: "retention.bytes",
         default: "-1",
         doc: "Delete oldest segments while the partition is larger than this; -1 for no limit",
-        kind: Kind::Int { min: -1, max: i64::MAX },
+        kind: Kind::Int {
+            min: -1,
+            max: i64::MAX,
+        },
     },
     ConfigKey {
         name: "segment.bytes",
         default: "1073741824",
         doc: "Roll to a new segment file at this size",
-        kind: Kind::Int { min: 1024, max: i32::MAX as i64 },
+        kind: Kind::Int {
+            min: 1024,
+            max: i32::MAX as i64,
+        },
     },
     ConfigKey {
         name: "segment.ms",
         default: "604800000",
         doc: "Roll to a new segment file when the active one is this old (ms)",
-        kind: Kind::Int { min: 1, max: i64::MAX },
+        kind: Kind::Int {
+            min: 1,
+            max: i64::MAX,
+        },
     },
     ConfigKey {
         name: "max.message.bytes",
         default: "1048588",
         doc: "Largest record batch accepted, in bytes",
-        kind: Kind::Int { min: 64, max: i32::MAX as i64 },
+        kind: Kind::Int {
+            min: 64,
+            max: i32::MAX as i64,
+        },
     },
     ConfigKey {
         name: "min.insync.replicas",
         default: "1",
         doc: "acks=all needs at least this many in-sync replicas",
-        kind: Kind::Int { min: 1, max: i32::MAX as i64 },
+        kind: Kind::Int {
+            min: 1,
+            max: i32::MAX as i64,
+        },
     },
     ConfigKey {
         name: "cleanup.policy",
@@ -80,19 +98,28 @@ pub const KEYS: &[ConfigKey] = &[
         name: "flush.messages",
         default: "-1",
         doc: "fsync after this many messages; 1 means before every ack; -1 leaves it to flush.ms",
-        kind: Kind::Int { min: -1, max: i64::MAX },
+        kind: Kind::Int {
+            min: -1,
+            max: i64::MAX,
+        },
     },
     ConfigKey {
         name: "flush.ms",
         default: "1000",
         doc: "fsync at least this often (ms); -1 leaves it to the OS",
-        kind: Kind::Int { min: -1, max: i64::MAX },
+        kind: Kind::Int {
+            min: -1,
+            max: i64::MAX,
+        },
     },
     ConfigKey {
         name: "index.interval.bytes",
         default: "4096",
         doc: "Bytes of log between two sparse offset-index entries",
-        kind: Kind::Int { min: 0, max: i32::MAX as i64 },
+        kind: Kind::Int {
+            min: 0,
+            max: i32::MAX as i64,
+        },
     },
     ConfigKey {
         name: "unclean.leader.election.enable",
@@ -177,7 +204,9 @@ mod tests {
         assert!(err.contains("not an integer"), "{err}");
         let err = validate("segment.bytes", "10").unwrap_err().to_string();
         assert!(err.contains("between 1024"), "{err}");
-        let err = validate("message.timestamp.type", "Now").unwrap_err().to_string();
+        let err = validate("message.timestamp.type", "Now")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("CreateTime"), "{err}");
         validate("message.timestamp.type", "LogAppendTime").unwrap();
     }

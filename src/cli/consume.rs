@@ -61,7 +61,11 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
     let topic = client.topic(&args.topic).await?;
     let partitions: Vec<i32> = match args.partition {
         Some(p) if p < 0 || p as usize >= topic.partitions.len() => {
-            bail!("topic '{}' has no partition {p} (it has {})", args.topic, topic.partitions.len())
+            bail!(
+                "topic '{}' has no partition {p} (it has {})",
+                args.topic,
+                topic.partitions.len()
+            )
         }
         Some(p) => vec![p],
         None => topic.partitions.iter().map(|p| p.partition).collect(),
@@ -69,7 +73,9 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
     let limit = args.max_records.unwrap_or(u64::MAX);
     let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<ConsumedRecord>>>(16);
     for partition in partitions {
-        let mut consumer = client.partition_consumer(&args.topic, partition, from).await?;
+        let mut consumer = client
+            .partition_consumer(&args.topic, partition, from)
+            .await?;
         let tx = tx.clone();
         let follow = args.follow;
         tokio::spawn(async move {
@@ -120,8 +126,11 @@ fn write_record(out: &mut impl Write, r: &ConsumedRecord, output: Output) -> std
             out.write_all(b"\n")
         }
         Output::Json => {
-            let headers: serde_json::Map<String, serde_json::Value> =
-                r.headers.iter().map(|(k, v)| (k.clone(), lossy(v))).collect();
+            let headers: serde_json::Map<String, serde_json::Value> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), lossy(v)))
+                .collect();
             let line = serde_json::json!({
                 "topic": r.topic, "partition": r.partition, "offset": r.offset,
                 "timestamp_ms": r.timestamp_ms, "key": lossy(&r.key), "value": lossy(&r.value),

@@ -17,7 +17,12 @@ use runnel::client::Client;
 #[command(name = "runnel", version, about)]
 pub struct Cli {
     /// Brokers to contact first, HOST:PORT[,HOST:PORT...].
-    #[arg(long, global = true, env = "RUNNEL_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        global = true,
+        env = "RUNNEL_BOOTSTRAP",
+        default_value = "127.0.0.1:9092"
+    )]
     pub bootstrap: String,
     /// Output format for results.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
@@ -97,7 +102,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Topic(cmd) => topic::run(&client, cmd, cli.output).await,
                 Command::Produce(args) => produce::run(&client, args).await,
                 Command::Consume(args) => consume::run(&client, args, cli.output).await,
-                Command::Cluster(ClusterCommand::Describe) => cluster_describe(&client, cli.output).await,
+                Command::Cluster(ClusterCommand::Describe) => {
+                    cluster_describe(&client, cli.output).await
+                }
                 Command::Server(_) | Command::Perf(_) => unreachable!("handled above"),
             }
         }
@@ -160,7 +167,13 @@ async fn cluster_describe(client: &Client, output: Output) -> anyhow::Result<()>
 pub fn print_table(rows: &[Vec<String>]) {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(String::len).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     for row in rows {
         let line: Vec<String> = row

@@ -129,7 +129,13 @@ struct Report {
 }
 
 impl Report {
-    fn new(test: &'static str, records: u64, bytes: u64, elapsed: Duration, latency: Option<Latency>) -> Self {
+    fn new(
+        test: &'static str,
+        records: u64,
+        bytes: u64,
+        elapsed: Duration,
+        latency: Option<Latency>,
+    ) -> Self {
         let seconds = elapsed.as_secs_f64().max(1e-9);
         Report {
             test,
@@ -194,7 +200,12 @@ pub async fn run(bootstrap: &str, cmd: PerfCommand, output: Output) -> anyhow::R
 
 async fn ensure_topic(client: &Client, w: &Workload) -> anyhow::Result<()> {
     match client
-        .create_topic(&w.topic, w.partitions, w.replication_factor, Default::default())
+        .create_topic(
+            &w.topic,
+            w.partitions,
+            w.replication_factor,
+            Default::default(),
+        )
         .await
     {
         Ok(_) => Ok(()),
@@ -249,7 +260,8 @@ async fn produce(
     let bar = progress(w.records, output, "produce");
     let (tx, mut rx) = mpsc::channel::<(Instant, runnel::client::DeliveryFuture)>(65_536);
     let collector = tokio::spawn(async move {
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        let mut hist =
+            Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
         let mut pending = tokio_stream::StreamMap::new();
         let mut next_id = 0u64;
         let mut error: Option<ClientError> = None;
@@ -292,7 +304,15 @@ async fn produce(
             None => payload.clone(),
         };
         let t0 = Instant::now();
-        let ack = producer.send(&w.topic, ProducerRecord { value: Some(value), ..Default::default() }).await?;
+        let ack = producer
+            .send(
+                &w.topic,
+                ProducerRecord {
+                    value: Some(value),
+                    ..Default::default()
+                },
+            )
+            .await?;
         tx.send((t0, ack)).await.context("collector stopped")?;
         if i % 4096 == 0 {
             bar.set_position(i);
@@ -321,7 +341,9 @@ async fn consume(client: &Client, args: &ConsumeArgs, output: Output) -> anyhow:
     let (tx, mut rx) = mpsc::channel::<anyhow::Result<(u64, u64)>>(64);
     let mut available = 0u64;
     for p in &topic.partitions {
-        let mut c = client.partition_consumer(&w.topic, p.partition, StartFrom::Earliest).await?;
+        let mut c = client
+            .partition_consumer(&w.topic, p.partition, StartFrom::Earliest)
+            .await?;
         c.max_bytes = args.fetch_bytes;
         available += (c.high_watermark() - c.position()).max(0) as u64;
         let tx = tx.clone();
@@ -331,7 +353,10 @@ async fn consume(client: &Client, args: &ConsumeArgs, output: Output) -> anyhow:
                 let batch = c.poll().await;
                 let msg = batch
                     .map(|records| {
-                        let bytes = records.iter().map(|r| r.value.as_ref().map_or(0, |v| v.len()) as u64).sum();
+                        let bytes = records
+                            .iter()
+                            .map(|r| r.value.as_ref().map_or(0, |v| v.len()) as u64)
+                            .sum();
                         (records.len() as u64, bytes)
                     })
                     .map_err(anyhow::Error::from);
@@ -365,7 +390,9 @@ async fn e2e(client: &Client, args: &ProduceArgs, output: Output) -> anyhow::Res
     let topic = client.topic(&w.topic).await?;
     let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<u64>>>(64);
     for p in &topic.partitions {
-        let mut c = client.partition_consumer(&w.topic, p.partition, StartFrom::Latest).await?;
+        let mut c = client
+            .partition_consumer(&w.topic, p.partition, StartFrom::Latest)
+            .await?;
         c.max_wait_ms = 100;
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -376,7 +403,11 @@ async fn e2e(client: &Client, args: &ProduceArgs, output: Output) -> anyhow::Res
                         .iter()
                         .filter_map(|r| r.value.as_ref())
                         .filter(|v| v.len() >= 8)
-                        .map(|v| now.saturating_sub(u64::from_le_bytes(v[..8].try_into().expect("8 bytes"))))
+                        .map(|v| {
+                            now.saturating_sub(u64::from_le_bytes(
+                                v[..8].try_into().expect("8 bytes"),
+                            ))
+                        })
                         .collect()
                 });
                 let failed = msg.is_err();
@@ -389,7 +420,8 @@ async fn e2e(client: &Client, args: &ProduceArgs, output: Output) -> anyhow::Res
     drop(tx);
     let total = w.records;
     let collect = tokio::spawn(async move {
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        let mut hist =
+            Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
         let mut seen = 0u64;
         while seen < total {
             match rx.recv().await {
@@ -428,7 +460,8 @@ async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
         let chunk = vec![0x5au8; 1 << 20];
         let start = Instant::now();
         {
-            let mut f = std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+            let mut f = std::fs::File::create(&path)
+                .with_context(|| format!("create {}", path.display()))?;
             let mut written = 0u64;
             while written < bytes {
                 let n = chunk.len().min((bytes - written) as usize);
@@ -436,7 +469,13 @@ async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
                 written += n as u64;
             }
         }
-        let disk = Report::new("disk-write", bytes / chunk.len() as u64, bytes, start.elapsed(), None);
+        let disk = Report::new(
+            "disk-write",
+            bytes / chunk.len() as u64,
+            bytes,
+            start.elapsed(),
+            None,
+        );
         std::fs::remove_file(&path)?;
         // fdatasync'd 64 KiB writes, on a smaller volume.
         let sync_bytes = (bytes / 16).max(1 << 20);
@@ -450,7 +489,13 @@ async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
                 written += 64 * 1024;
             }
         }
-        let fsync = Report::new("disk-fdatasync-64k", sync_bytes / (64 * 1024), sync_bytes, start.elapsed(), None);
+        let fsync = Report::new(
+            "disk-fdatasync-64k",
+            sync_bytes / (64 * 1024),
+            sync_bytes,
+            start.elapsed(),
+            None,
+        );
         std::fs::remove_file(&path)?;
         Ok((disk, fsync))
     })
@@ -481,8 +526,16 @@ async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
                 sent += n as u64;
             }
         }
-        let received = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
-        Ok(Report::new("loopback-tcp", received / chunk.len() as u64, received, start.elapsed(), None))
+        let received = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        Ok(Report::new(
+            "loopback-tcp",
+            received / chunk.len() as u64,
+            received,
+            start.elapsed(),
+            None,
+        ))
     })
     .await??;
     for r in [disk, fsync, tcp] {
@@ -498,7 +551,10 @@ struct Timed {
 }
 
 impl tokio_stream::Stream for Timed {
-    type Item = (Duration, Result<runnel::client::RecordMetadata, ClientError>);
+    type Item = (
+        Duration,
+        Result<runnel::client::RecordMetadata, ClientError>,
+    );
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,

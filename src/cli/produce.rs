@@ -46,7 +46,11 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
     let topic = client.topic(&args.topic).await?;
     if let Some(p) = args.partition {
         if p < 0 || p as usize >= topic.partitions.len() {
-            bail!("topic '{}' has no partition {p} (it has {})", args.topic, topic.partitions.len());
+            bail!(
+                "topic '{}' has no partition {p} (it has {})",
+                args.topic,
+                topic.partitions.len()
+            );
         }
     }
     let producer = client.producer(ProducerConfig {

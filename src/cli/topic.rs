@@ -78,9 +78,14 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
                     println!("{}", serde_json::Value::Array(list));
                 }
                 Output::Table => {
-                    let mut rows = vec![vec!["TOPIC".to_string(), "PARTITIONS".into(), "RF".into()]];
+                    let mut rows =
+                        vec![vec!["TOPIC".to_string(), "PARTITIONS".into(), "RF".into()]];
                     for t in topics {
-                        rows.push(vec![t.name, t.partitions.to_string(), t.replication_factor.to_string()]);
+                        rows.push(vec![
+                            t.name,
+                            t.partitions.to_string(),
+                            t.replication_factor.to_string(),
+                        ]);
                     }
                     print_table(&rows);
                 }

@@ -131,7 +131,11 @@ impl Client {
     /// `HOST:PORT` list.
     pub async fn connect(bootstrap: &str) -> Result<Client, ClientError> {
         let mut last = String::from("empty bootstrap list");
-        for addr in bootstrap.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        for addr in bootstrap
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        {
             match endpoint(addr)?.connect().await {
                 Ok(channel) => {
                     let mut channels = HashMap::new();
@@ -160,7 +164,11 @@ impl Client {
 
     /// A channel to the broker at `addr` (created lazily, then reused).
     fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
-        let mut channels = self.inner.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
@@ -173,7 +181,9 @@ impl Client {
     pub async fn metadata(&self, topics: &[String]) -> Result<pb::MetadataResponse, ClientError> {
         let resp = self
             .admin()
-            .metadata(pb::MetadataRequest { topics: topics.to_vec() })
+            .metadata(pb::MetadataRequest {
+                topics: topics.to_vec(),
+            })
             .await?
             .into_inner();
         {
@@ -283,14 +293,19 @@ impl Client {
     /// Deletes a topic.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
         self.admin()
-            .delete_topic(pb::DeleteTopicRequest { name: name.to_string() })
+            .delete_topic(pb::DeleteTopicRequest {
+                name: name.to_string(),
+            })
             .await?;
         self.invalidate(name);
         Ok(())
     }
 
     /// Lists topics.
-    pub async fn list_topics(&self, include_internal: bool) -> Result<Vec<pb::TopicSummary>, ClientError> {
+    pub async fn list_topics(
+        &self,
+        include_internal: bool,
+    ) -> Result<Vec<pb::TopicSummary>, ClientError> {
         Ok(self
             .admin()
             .list_topics(pb::ListTopicsRequest { include_internal })
@@ -303,17 +318,26 @@ impl Client {
     pub async fn describe_topic(&self, name: &str) -> Result<pb::TopicDescription, ClientError> {
         Ok(self
             .admin()
-            .describe_topic(pb::DescribeTopicRequest { name: name.to_string() })
+            .describe_topic(pb::DescribeTopicRequest {
+                name: name.to_string(),
+            })
             .await?
             .into_inner())
     }
 
     /// Grows a topic to `total_partitions`.
-    pub async fn add_partitions(&self, name: &str, total_partitions: i32) -> Result<pb::TopicDescription, ClientError> {
+    pub async fn add_partitions(
+        &self,
+        name: &str,
+        total_partitions: i32,
+    ) -> Result<pb::TopicDescription, ClientError> {
         self.invalidate(name);
         Ok(self
             .admin()
-            .add_partitions(pb::AddPartitionsRequest { name: name.to_string(), total_partitions })
+            .add_partitions(pb::AddPartitionsRequest {
+                name: name.to_string(),
+                total_partitions,
+            })
             .await?
             .into_inner())
     }

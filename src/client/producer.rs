@@ -137,7 +137,11 @@ impl Producer {
 
     /// Queues a record; the returned future resolves once it is stored.
     /// Waits when the producer's queue is full (backpressure).
-    pub async fn send(&self, topic: &str, record: ProducerRecord) -> Result<DeliveryFuture, ClientError> {
+    pub async fn send(
+        &self,
+        topic: &str,
+        record: ProducerRecord,
+    ) -> Result<DeliveryFuture, ClientError> {
         let (ack, rx) = oneshot::channel();
         self.tx
             .send(Command::Send {
@@ -222,13 +226,19 @@ impl Accumulator {
         }
     }
 
-    async fn partition_for(&mut self, topic: &str, record: &ProducerRecord) -> Result<i32, ClientError> {
+    async fn partition_for(
+        &mut self,
+        topic: &str,
+        record: &ProducerRecord,
+    ) -> Result<i32, ClientError> {
         if let Some(p) = record.partition {
             return Ok(p);
         }
         let count = self.client.topic(topic).await?.partitions.len() as i32;
         if count == 0 {
-            return Err(ClientError::Invalid(format!("topic '{topic}' has no partitions")));
+            return Err(ClientError::Invalid(format!(
+                "topic '{topic}' has no partitions"
+            )));
         }
         Ok(match &record.key {
             Some(key) => partition_for_key(key, count),
@@ -311,7 +321,12 @@ impl Accumulator {
         // Keyless records move to another partition once a batch is full.
         if let Some(sticky) = self.sticky.get_mut(&key.0) {
             if *sticky == key.1 {
-                let count = self.client.topic(&key.0).await.map(|t| t.partitions.len()).unwrap_or(1);
+                let count = self
+                    .client
+                    .topic(&key.0)
+                    .await
+                    .map(|t| t.partitions.len())
+                    .unwrap_or(1);
                 *sticky = (key.1 + 1) % count.max(1) as i32;
             }
         }
@@ -469,7 +484,11 @@ async fn open_stream(
 
 fn complete(acks: Vec<Ack>, topic: &str, partition: i32, r: &pb::ProduceResponse) {
     for (i, ack) in acks.into_iter().enumerate() {
-        let offset = if r.base_offset < 0 { -1 } else { r.base_offset + i as i64 };
+        let offset = if r.base_offset < 0 {
+            -1
+        } else {
+            r.base_offset + i as i64
+        };
         let _ = ack.send(Ok(RecordMetadata {
             topic: topic.to_string(),
             partition,

@@ -28,7 +28,9 @@ impl Admin for AdminService {
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
         let topic = self.broker.create_topic(request.into_inner()).await?;
-        Ok(Response::new(pb::CreateTopicResponse { topic: Some(topic) }))
+        Ok(Response::new(pb::CreateTopicResponse {
+            topic: Some(topic),
+        }))
     }
 
     async fn delete_topic(
@@ -43,14 +45,19 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
-        Ok(Response::new(self.broker.list_topics(request.into_inner().include_internal)))
+        Ok(Response::new(
+            self.broker
+                .list_topics(request.into_inner().include_internal),
+        ))
     }
 
     async fn describe_topic(
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
-        Ok(Response::new(self.broker.describe_topic(&request.into_inner().name)?))
+        Ok(Response::new(
+            self.broker.describe_topic(&request.into_inner().name)?,
+        ))
     }
 
     async fn add_partitions(
@@ -58,14 +65,20 @@ impl Admin for AdminService {
         request: Request<pb::AddPartitionsRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(self.broker.add_partitions(&req.name, req.total_partitions).await?))
+        Ok(Response::new(
+            self.broker
+                .add_partitions(&req.name, req.total_partitions)
+                .await?,
+        ))
     }
 
     async fn alter_topic_config(
         &self,
         request: Request<pb::AlterTopicConfigRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
-        Ok(Response::new(self.broker.alter_topic_config(request.into_inner()).await?))
+        Ok(Response::new(
+            self.broker.alter_topic_config(request.into_inner()).await?,
+        ))
     }
 
     async fn describe_cluster(
@@ -79,6 +92,8 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::MetadataRequest>,
     ) -> Result<Response<pb::MetadataResponse>, Status> {
-        Ok(Response::new(self.broker.cluster_metadata(&request.into_inner().topics)?))
+        Ok(Response::new(
+            self.broker.cluster_metadata(&request.into_inner().topics)?,
+        ))
     }
 }

@@ -31,11 +31,14 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
-        Ok(Response::new(self.broker.fetch(request.into_inner()).await?))
+        Ok(Response::new(
+            self.broker.fetch(request.into_inner()).await?,
+        ))
     }
 
-    type SubscribeStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FetchResponse, Status>> + Send>>;
+    type SubscribeStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::FetchResponse, Status>> + Send>,
+    >;
 
     async fn subscribe(
         &self,
@@ -52,7 +55,12 @@ impl Consumer for ConsumerService {
             raw: req.raw,
         };
         // Fail fast on a bad first request instead of opening the stream.
-        let first = broker.fetch(pb::FetchRequest { max_wait_ms: 0, ..fetch.clone() }).await?;
+        let first = broker
+            .fetch(pb::FetchRequest {
+                max_wait_ms: 0,
+                ..fetch.clone()
+            })
+            .await?;
         let output = async_stream(move |tx| async move {
             let mut next = Some(first);
             loop {
@@ -85,6 +93,8 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::ListOffsetsRequest>,
     ) -> Result<Response<pb::ListOffsetsResponse>, Status> {
-        Ok(Response::new(self.broker.list_offsets(request.into_inner()).await?))
+        Ok(Response::new(
+            self.broker.list_offsets(request.into_inner()).await?,
+        ))
     }
 }

@@ -13,7 +13,10 @@ use crate::error::BrokerError;
 pub struct GroupsService;
 
 fn unsupported<T>() -> Result<Response<T>, Status> {
-    Err(BrokerError::Unsupported { what: "consumer groups" }.into())
+    Err(BrokerError::Unsupported {
+        what: "consumer groups",
+    }
+    .into())
 }
 
 macro_rules! unsupported_rpcs {

@@ -10,3 +10,5 @@ pub use admin::AdminService;
 pub use consumer::ConsumerService;
 pub use groups::GroupsService;
 pub use producer::ProducerService;
+
+pub(crate) use producer::async_stream;

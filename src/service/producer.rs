@@ -31,7 +31,9 @@ impl Producer for ProducerService {
         &self,
         request: Request<pb::ProduceRequest>,
     ) -> Result<Response<pb::ProduceResponse>, Status> {
-        Ok(Response::new(self.broker.produce(request.into_inner()).await?))
+        Ok(Response::new(
+            self.broker.produce(request.into_inner()).await?,
+        ))
     }
 
     type ProduceStreamStream = ResponseStream;

@@ -1,0 +1,368 @@
+//! Broker lifecycle: registration, heartbeats and fencing.
+//!
+//! Every broker registers (a `RegisterBroker` command, through any node)
+//! and then heartbeats to the active controller (the Raft leader). The
+//! controller keeps the time of each broker's last heartbeat in memory and
+//! submits `FenceBroker` for one silent longer than
+//! `broker_session_timeout_ms`. A newly elected controller starts every
+//! clock afresh (a full grace period), since it never saw the heartbeats
+//! sent to its predecessor. Registering again unfences.
+//!
+//! The same loop fixes the cluster id of a new quorum and adds registered
+//! brokers that are not Raft members as learners, so broker-only nodes
+//! receive the metadata log.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use openraft::{BasicNode, ServerState};
+use runnel_proto::v1::internal::broker_lifecycle_client::BrokerLifecycleClient;
+use runnel_proto::v1::internal::broker_lifecycle_server::BrokerLifecycle;
+use runnel_proto::v1::internal::{
+    AlterPartitionRequest, AlterPartitionResponse, BrokerHeartbeatRequest, BrokerHeartbeatResponse,
+    RegisterBrokerRequest, RegisterBrokerResponse,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::network::LEADER_HEADER;
+use super::type_config::NodeId;
+use super::{new_cluster_id, RaftMetadataStore};
+use crate::{MetadataCommand, MetadataError, MetadataStore};
+
+/// The active controller's view of broker liveness.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    inner: Mutex<SessionState>,
+}
+
+#[derive(Debug, Default)]
+struct SessionState {
+    /// The Raft term these clocks were started in; `None` when not leader.
+    term: Option<u64>,
+    /// Broker id → (last heartbeat or registration, broker epoch then).
+    last_seen: HashMap<i32, (Instant, i64)>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn heard(&self, id: i32, epoch: i64, now: Instant) {
+        self.lock().last_seen.insert(id, (now, epoch));
+    }
+}
+
+/// The controller loop, one per node; acts only while the node leads.
+pub(super) async fn run_controller(store: Weak<RaftMetadataStore>, cancel: CancellationToken) {
+    let Some(s) = store.upgrade() else { return };
+    let mut metrics = s.raft.metrics();
+    let mut state_rx = s.tx.subscribe();
+    let period = Duration::from_millis(
+        (s.config.broker_heartbeat_interval_ms)
+            .min(s.config.broker_session_timeout_ms / 4)
+            .max(10),
+    );
+    drop(s);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+            r = metrics.changed() => if r.is_err() { return },
+            r = state_rx.changed() => if r.is_err() { return },
+        }
+        let Some(s) = store.upgrade() else { return };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = s.controller_step() => {}
+        }
+    }
+}
+
+impl RaftMetadataStore {
+    /// One round of the active controller's duties; a no-op elsewhere.
+    async fn controller_step(&self) {
+        let me = self.config.node_id as NodeId;
+        let (term, leading) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (
+                m.current_term,
+                m.current_leader == Some(me) && m.state == ServerState::Leader,
+            )
+        };
+        if !leading {
+            self.sessions.lock().term = None;
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut s = self.sessions.lock();
+            if s.term != Some(term) {
+                tracing::info!(
+                    term,
+                    "became the active controller: fresh broker grace period"
+                );
+                s.term = Some(term);
+                s.last_seen.clear();
+            }
+        }
+        let state = self.current();
+        if state.cluster_id.is_empty() {
+            let cmd = MetadataCommand::InitCluster {
+                cluster_id: new_cluster_id(&self.config),
+            };
+            match self.submit_cmd(cmd).await {
+                Ok(_) => {
+                    tracing::info!(cluster_id = %self.current().cluster_id, "cluster id fixed")
+                }
+                Err(error) => tracing::debug!(%error, "InitCluster"),
+            }
+            return;
+        }
+
+        let session = Duration::from_millis(self.config.broker_session_timeout_ms);
+        let to_fence: Vec<i32> = {
+            let mut s = self.sessions.lock();
+            state
+                .brokers
+                .values()
+                .filter_map(|b| {
+                    let seen = s.last_seen.entry(b.id).or_insert((now, b.epoch));
+                    if seen.1 != b.epoch {
+                        // Registered again (maybe through another node).
+                        *seen = (now, b.epoch);
+                    }
+                    (!b.fenced && now.duration_since(seen.0) > session).then_some(b.id)
+                })
+                .collect()
+        };
+        for id in to_fence {
+            tracing::info!(broker = id, "broker session expired: fencing");
+            if let Err(error) = self.submit_cmd(MetadataCommand::FenceBroker { id }).await {
+                tracing::warn!(broker = id, %error, "could not fence");
+            }
+        }
+
+        let members = self.members();
+        for b in state.brokers.values() {
+            if b.fenced || members.contains(&(b.id as NodeId)) {
+                continue;
+            }
+            tracing::info!(broker = b.id, addr = %b.address, "adding broker as raft learner");
+            let node = BasicNode {
+                addr: b.address.clone(),
+            };
+            if let Err(error) = self.raft.add_learner(b.id as NodeId, node, false).await {
+                tracing::debug!(broker = b.id, %error, "add_learner");
+            }
+        }
+    }
+
+    /// Registers broker `id` at `address` (through the leader) and answers
+    /// its new broker epoch.
+    pub async fn register_broker(
+        &self,
+        id: i32,
+        address: &str,
+        rack: &str,
+    ) -> Result<i64, MetadataError> {
+        let mut roles = vec!["broker".to_string()];
+        if self.config.voters.contains_key(&id) {
+            roles.push("controller".to_string());
+        }
+        self.submit_cmd(MetadataCommand::RegisterBroker {
+            id,
+            address: address.to_string(),
+            rack: rack.to_string(),
+            roles,
+        })
+        .await?;
+        let epoch = self
+            .current()
+            .brokers
+            .get(&id)
+            .map(|b| b.epoch)
+            .ok_or(MetadataError::UnknownBroker { id })?;
+        if self.is_leader() {
+            self.sessions.heard(id, epoch, Instant::now());
+        }
+        Ok(epoch)
+    }
+
+    /// The active controller's answer to a heartbeat.
+    fn heartbeat_local(&self, req: &BrokerHeartbeatRequest) -> BrokerHeartbeatResponse {
+        let state = self.current();
+        let fenced = match state.brokers.get(&req.broker_id) {
+            Some(b) => b.fenced || b.epoch != req.broker_epoch,
+            None => true,
+        };
+        if !fenced {
+            self.sessions
+                .heard(req.broker_id, req.broker_epoch, Instant::now());
+        }
+        BrokerHeartbeatResponse {
+            fenced,
+            should_shut_down: req.want_shutdown,
+        }
+    }
+
+    /// Sends one heartbeat to the active controller (locally when this node
+    /// leads).
+    pub async fn heartbeat(
+        &self,
+        broker_id: i32,
+        broker_epoch: i64,
+    ) -> Result<BrokerHeartbeatResponse, Status> {
+        let req = BrokerHeartbeatRequest {
+            broker_id,
+            broker_epoch,
+            metadata_offset: self
+                .raft
+                .metrics()
+                .borrow()
+                .last_applied
+                .map_or(0, |l| l.index),
+            want_shutdown: false,
+        };
+        if self.is_leader() {
+            return Ok(self.heartbeat_local(&req));
+        }
+        let addr = match self.leader().1 {
+            Some(addr) => addr,
+            None => self
+                .next_voter_addr()
+                .ok_or_else(|| Status::unavailable("no active controller"))?,
+        };
+        let mut client = BrokerLifecycleClient::new(self.channels.get(&addr)?);
+        let mut request = Request::new(req);
+        request.set_timeout(Duration::from_millis(
+            self.config.broker_heartbeat_interval_ms.max(100) * 2,
+        ));
+        Ok(client.broker_heartbeat(request).await?.into_inner())
+    }
+}
+
+/// Registers broker `broker_id`, then heartbeats every `interval` until
+/// `cancel` (or the store's shutdown); registers again when the controller
+/// reports it fenced.
+pub fn spawn_heartbeat(
+    store: Arc<RaftMetadataStore>,
+    broker_id: i32,
+    address: String,
+    interval: Duration,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let stop = store.cancel.clone();
+    tokio::spawn(async move {
+        let stopped = || cancel.is_cancelled() || stop.is_cancelled();
+        let pause = |d: Duration| {
+            let (cancel, stop) = (cancel.clone(), stop.clone());
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = cancel.cancelled() => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+        };
+        while !stopped() {
+            let epoch = match store.register_broker(broker_id, &address, "").await {
+                Ok(epoch) => epoch,
+                Err(error) => {
+                    tracing::warn!(broker = broker_id, %error, "registration failed; retrying");
+                    pause(interval).await;
+                    continue;
+                }
+            };
+            tracing::info!(broker = broker_id, epoch, "broker registered");
+            loop {
+                pause(interval).await;
+                if stopped() {
+                    return;
+                }
+                match store.heartbeat(broker_id, epoch).await {
+                    Ok(resp) if resp.fenced => {
+                        tracing::warn!(
+                            broker = broker_id,
+                            epoch,
+                            "controller reports broker fenced; registering again"
+                        );
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(status) => tracing::debug!(broker = broker_id, %status, "heartbeat failed"),
+                }
+            }
+        }
+    })
+}
+
+/// The tonic server of `runnel.v1.internal.BrokerLifecycle`.
+#[derive(Debug, Clone)]
+pub struct LifecycleService {
+    store: Arc<RaftMetadataStore>,
+}
+
+impl LifecycleService {
+    /// A service for `store`.
+    pub fn new(store: Arc<RaftMetadataStore>) -> Self {
+        Self { store }
+    }
+}
+
+#[tonic::async_trait]
+impl BrokerLifecycle for LifecycleService {
+    #[tracing::instrument(level = "debug", skip_all, fields(broker = request.get_ref().broker_id))]
+    async fn register_broker(
+        &self,
+        request: Request<RegisterBrokerRequest>,
+    ) -> Result<Response<RegisterBrokerResponse>, Status> {
+        let req = request.into_inner();
+        let mine = self.store.current().cluster_id.clone();
+        if !req.cluster_id.is_empty() && !mine.is_empty() && req.cluster_id != mine {
+            return Err(Status::failed_precondition(format!(
+                "broker belongs to cluster '{}', this controller to '{mine}'",
+                req.cluster_id
+            )));
+        }
+        match self
+            .store
+            .register_broker(req.broker_id, &req.address, &req.rack)
+            .await
+        {
+            Ok(broker_epoch) => Ok(Response::new(RegisterBrokerResponse { broker_epoch })),
+            Err(e @ MetadataError::NotController { .. }) => Err(Status::unavailable(e.to_string())),
+            Err(e) => Err(Status::failed_precondition(e.to_string())),
+        }
+    }
+
+    #[tracing::instrument(level = "trace", skip_all, fields(broker = request.get_ref().broker_id))]
+    async fn broker_heartbeat(
+        &self,
+        request: Request<BrokerHeartbeatRequest>,
+    ) -> Result<Response<BrokerHeartbeatResponse>, Status> {
+        if !self.store.is_leader() {
+            let mut status = Status::unavailable("not the active controller");
+            let leader = self.store.controller_id();
+            if let Ok(v) = leader.to_string().parse() {
+                status.metadata_mut().insert(LEADER_HEADER, v);
+            }
+            return Err(status);
+        }
+        Ok(Response::new(self.store.heartbeat_local(request.get_ref())))
+    }
+
+    async fn alter_partition(
+        &self,
+        _request: Request<AlterPartitionRequest>,
+    ) -> Result<Response<AlterPartitionResponse>, Status> {
+        Err(Status::unimplemented(
+            "AlterPartition: ISR changes are not metadata commands yet",
+        ))
+    }
+}

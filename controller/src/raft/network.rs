@@ -1,0 +1,224 @@
+//! The Raft transport: openraft's RPCs as JSON in `RaftPayload`, over the
+//! `runnel.v1.internal.Raft` tonic service, plus the `ClientWrite` forward
+//! and the broker-lifecycle client. One lazily connected channel per peer
+//! address, shared by all callers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use runnel_proto::v1::internal::raft_client::RaftClient;
+use runnel_proto::v1::internal::RaftPayload;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use super::cluster_id::ClusterIdGuard;
+use super::type_config::{Envelope, NodeId, TypeConfig, WIRE_VERSION};
+
+/// gRPC metadata key naming the receiver's cluster id when it refuses a
+/// peer from another cluster (status `FAILED_PRECONDITION`).
+pub const CLUSTER_ID_HEADER: &str = "runnel-cluster-id";
+/// gRPC metadata key with the known leader id on `UNAVAILABLE` answers of
+/// the lifecycle service.
+pub const LEADER_HEADER: &str = "runnel-controller-id";
+
+/// Channels by peer address.
+#[derive(Debug, Default)]
+pub struct Channels {
+    by_addr: Mutex<HashMap<String, Channel>>,
+}
+
+impl Channels {
+    /// The channel to `addr` (HOST:PORT), connected on first use.
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::Status> {
+        let mut map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ch) = map.get(addr) {
+            return Ok(ch.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| tonic::Status::invalid_argument(format!("bad address {addr}: {e}")))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true);
+        let ch = endpoint.connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+}
+
+/// Wraps `body` with the sender's cluster id.
+pub fn encode<T: Serialize>(cluster_id: &ClusterIdGuard, body: &T) -> RaftPayload {
+    let env = Envelope {
+        version: WIRE_VERSION,
+        cluster_id: cluster_id.get(),
+        body,
+    };
+    RaftPayload {
+        data: serde_json::to_vec(&env)
+            .expect("raft messages serialise")
+            .into(),
+    }
+}
+
+/// Unwraps a payload, refusing another version or another cluster.
+#[allow(clippy::result_large_err)]
+pub fn decode<T: DeserializeOwned>(
+    cluster_id: &ClusterIdGuard,
+    payload: &RaftPayload,
+) -> Result<T, tonic::Status> {
+    let env: Envelope<T> = serde_json::from_slice(&payload.data)
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad raft payload: {e}")))?;
+    if env.version != WIRE_VERSION {
+        return Err(tonic::Status::invalid_argument(format!(
+            "raft payload version {} (expected {WIRE_VERSION})",
+            env.version
+        )));
+    }
+    if !cluster_id.accepts(&env.cluster_id) {
+        let mut status = tonic::Status::failed_precondition(format!(
+            "peer belongs to cluster '{}', this node to '{}'",
+            env.cluster_id,
+            cluster_id.get()
+        ));
+        if let Ok(v) = cluster_id.get().parse() {
+            status.metadata_mut().insert(CLUSTER_ID_HEADER, v);
+        }
+        return Err(status);
+    }
+    Ok(env.body)
+}
+
+/// The cluster id a refusing peer named, if that is why it refused.
+pub fn refused_cluster_id(status: &tonic::Status) -> Option<String> {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    let v = status.metadata().get(CLUSTER_ID_HEADER)?;
+    v.to_str().ok().map(str::to_string)
+}
+
+/// Which Raft RPC to call.
+#[derive(Clone, Copy, Debug)]
+pub enum Rpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+    ClientWrite,
+}
+
+/// One unary call of the Raft service, payload in, payload out.
+pub async fn call(
+    channel: Channel,
+    rpc: Rpc,
+    payload: RaftPayload,
+    timeout: Duration,
+) -> Result<RaftPayload, tonic::Status> {
+    let mut client = RaftClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut req = tonic::Request::new(payload);
+    req.set_timeout(timeout);
+    let resp = match rpc {
+        Rpc::AppendEntries => client.append_entries(req).await,
+        Rpc::Vote => client.vote(req).await,
+        Rpc::InstallSnapshot => client.install_snapshot(req).await,
+        Rpc::ClientWrite => client.client_write(req).await,
+    };
+    // Bound the whole exchange even if the peer ignores the deadline.
+    resp.map(tonic::Response::into_inner)
+}
+
+/// openraft's network factory: one [`PeerClient`] per replication target.
+#[derive(Clone, Debug)]
+pub struct Network {
+    pub channels: Arc<Channels>,
+    pub cluster_id: Arc<ClusterIdGuard>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            net: self.clone(),
+        }
+    }
+}
+
+/// A connection to one peer.
+#[derive(Debug)]
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    net: Network,
+}
+
+impl PeerClient {
+    async fn send<Req, Resp, E>(
+        &self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let channel = self
+            .net
+            .channels
+            .get(&self.addr)
+            .map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+        let payload = encode(&self.net.cluster_id, req);
+        let resp = call(channel, rpc, payload, option.hard_ttl())
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::Unavailable | tonic::Code::Cancelled => {
+                    RPCError::Unreachable(Unreachable::new(&s))
+                }
+                _ => RPCError::Network(NetworkError::new(&s)),
+            })?;
+        let body: Result<Resp, RaftError<NodeId, E>> = decode(&self.net.cluster_id, &resp)
+            .map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+        body.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.send(Rpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.send(Rpc::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.send(Rpc::Vote, &rpc, &option).await
+    }
+}

@@ -1,0 +1,275 @@
+//! Leader-side bookkeeping of one partition, written as a pure state
+//! machine: events in (a follower fetched, the leader appended, time
+//! passed, the controller committed an ISR), commands out (advance the high
+//! watermark, propose a new ISR). The broker runs the commands.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What the broker must do after an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Set the partition's high watermark to this offset (it only grows).
+    AdvanceHighWatermark(i64),
+    /// Ask the controller to commit this ISR (sorted broker ids).
+    ProposeIsr(Vec<i32>),
+}
+
+/// What the leader knows of one follower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FollowerProgress {
+    /// The follower's log end offset (its last fetch offset); -1 until it
+    /// fetches under this leader.
+    pub log_end_offset: i64,
+    /// Last time (ms) the follower had everything the leader had.
+    pub last_caught_up_ms: i64,
+}
+
+/// One partition's leader state.
+#[derive(Clone, Debug)]
+pub struct LeaderState {
+    leader_id: i32,
+    leader_epoch: i32,
+    /// The ISR as committed by the controller (includes the leader).
+    isr: BTreeSet<i32>,
+    followers: BTreeMap<i32, FollowerProgress>,
+    high_watermark: i64,
+    /// An ISR change sent to the controller and not yet committed.
+    pending_isr: Option<Vec<i32>>,
+}
+
+impl LeaderState {
+    /// A leader starting at `high_watermark`; every follower gets a full
+    /// `replica.lag.time.max.ms` of grace from `now_ms`.
+    pub fn new(
+        leader_id: i32,
+        leader_epoch: i32,
+        replicas: &[i32],
+        isr: &[i32],
+        high_watermark: i64,
+        now_ms: i64,
+    ) -> Self {
+        let followers = replicas
+            .iter()
+            .filter(|r| **r != leader_id)
+            .map(|r| {
+                (
+                    *r,
+                    FollowerProgress {
+                        log_end_offset: -1,
+                        last_caught_up_ms: now_ms,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            leader_id,
+            leader_epoch,
+            isr: isr.iter().copied().collect(),
+            followers,
+            high_watermark,
+            pending_isr: None,
+        }
+    }
+
+    /// The leader epoch this state belongs to.
+    pub fn leader_epoch(&self) -> i32 {
+        self.leader_epoch
+    }
+
+    /// The committed ISR.
+    pub fn isr(&self) -> Vec<i32> {
+        self.isr.iter().copied().collect()
+    }
+
+    /// The high watermark as this state computed it.
+    pub fn high_watermark(&self) -> i64 {
+        self.high_watermark
+    }
+
+    /// A follower's progress.
+    pub fn follower(&self, id: i32) -> Option<FollowerProgress> {
+        self.followers.get(&id).copied()
+    }
+
+    /// Smallest log end offset over the ISR; an ISR follower that has not
+    /// fetched yet holds the high watermark where it is.
+    fn isr_minimum(&self, leader_log_end_offset: i64) -> i64 {
+        self.isr
+            .iter()
+            .filter(|id| **id != self.leader_id)
+            .map(|id| match self.followers.get(id) {
+                Some(f) if f.log_end_offset >= 0 => f.log_end_offset,
+                _ => self.high_watermark,
+            })
+            .fold(leader_log_end_offset, i64::min)
+    }
+
+    fn maybe_advance(&mut self, leader_log_end_offset: i64, out: &mut Vec<Command>) {
+        let candidate = self.isr_minimum(leader_log_end_offset);
+        if candidate > self.high_watermark {
+            self.high_watermark = candidate;
+            out.push(Command::AdvanceHighWatermark(candidate));
+        }
+    }
+
+    fn propose(&mut self, isr: BTreeSet<i32>, out: &mut Vec<Command>) {
+        let isr: Vec<i32> = isr.into_iter().collect();
+        self.pending_isr = Some(isr.clone());
+        out.push(Command::ProposeIsr(isr));
+    }
+
+    /// The leader appended; its log now ends at `leader_log_end_offset`.
+    pub fn on_append(&mut self, leader_log_end_offset: i64) -> Vec<Command> {
+        let mut out = Vec::new();
+        self.maybe_advance(leader_log_end_offset, &mut out);
+        out
+    }
+
+    /// A follower fetched from `fetch_offset` (so it holds everything
+    /// below). Returns the commands; an unknown follower is ignored.
+    pub fn on_fetch(
+        &mut self,
+        follower: i32,
+        fetch_offset: i64,
+        leader_log_end_offset: i64,
+        now_ms: i64,
+    ) -> Vec<Command> {
+        let mut out = Vec::new();
+        let Some(progress) = self.followers.get_mut(&follower) else {
+            return out;
+        };
+        progress.log_end_offset = fetch_offset;
+        let caught_up = fetch_offset >= leader_log_end_offset;
+        if caught_up {
+            progress.last_caught_up_ms = now_ms;
+        }
+        self.maybe_advance(leader_log_end_offset, &mut out);
+        // Rejoin: a follower outside the ISR that reached the log end.
+        if caught_up && !self.isr.contains(&follower) && self.pending_isr.is_none() {
+            let mut isr = self.isr.clone();
+            isr.insert(follower);
+            self.propose(isr, &mut out);
+        }
+        out
+    }
+
+    /// Periodic check: ISR followers not caught up for longer than
+    /// `lag_time_max_ms` are proposed for removal.
+    pub fn on_tick(&mut self, now_ms: i64, lag_time_max_ms: i64) -> Vec<Command> {
+        let mut out = Vec::new();
+        if self.pending_isr.is_some() {
+            return out;
+        }
+        let lagging: Vec<i32> = self
+            .isr
+            .iter()
+            .filter(|id| **id != self.leader_id)
+            .filter(|id| {
+                self.followers
+                    .get(id)
+                    .is_some_and(|f| now_ms - f.last_caught_up_ms > lag_time_max_ms)
+            })
+            .copied()
+            .collect();
+        if !lagging.is_empty() {
+            let isr = self
+                .isr
+                .iter()
+                .copied()
+                .filter(|id| !lagging.contains(id))
+                .collect();
+            self.propose(isr, &mut out);
+        }
+        out
+    }
+
+    /// The controller committed `isr` (or refused the proposal: call with
+    /// the current committed ISR). Shrinking may let the high watermark
+    /// advance.
+    pub fn on_isr_committed(&mut self, isr: &[i32], leader_log_end_offset: i64) -> Vec<Command> {
+        self.isr = isr.iter().copied().collect();
+        self.pending_isr = None;
+        let mut out = Vec::new();
+        self.maybe_advance(leader_log_end_offset, &mut out);
+        out
+    }
+
+    /// Whether an ISR proposal is in flight.
+    pub fn has_pending_isr(&self) -> bool {
+        self.pending_isr.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Command::*;
+
+    fn three(now: i64) -> LeaderState {
+        LeaderState::new(1, 5, &[1, 2, 3], &[1, 2, 3], 0, now)
+    }
+
+    #[test]
+    fn high_watermark_waits_for_every_isr_member() {
+        let mut s = three(0);
+        assert_eq!(s.on_append(10), vec![]);
+        assert_eq!(s.on_fetch(2, 10, 10, 1), vec![]);
+        assert_eq!(s.on_fetch(3, 4, 10, 1), vec![AdvanceHighWatermark(4)]);
+        assert_eq!(s.on_fetch(3, 10, 10, 2), vec![AdvanceHighWatermark(10)]);
+        // Never moves backwards.
+        assert_eq!(s.on_fetch(3, 7, 10, 3), vec![]);
+        assert_eq!(s.high_watermark(), 10);
+    }
+
+    #[test]
+    fn a_single_replica_isr_commits_on_append() {
+        let mut s = LeaderState::new(1, 0, &[1], &[1], 0, 0);
+        assert_eq!(s.on_append(3), vec![AdvanceHighWatermark(3)]);
+    }
+
+    #[test]
+    fn lagging_follower_is_proposed_out_and_hw_advances_without_it() {
+        let mut s = three(0);
+        s.on_append(10);
+        s.on_fetch(2, 10, 10, 100);
+        s.on_fetch(3, 2, 10, 100);
+        assert_eq!(s.high_watermark(), 2);
+        // Follower 2 caught up at 100, follower 3 never since 0.
+        assert_eq!(s.on_tick(20_000, 30_000), vec![]);
+        assert_eq!(s.on_tick(30_001, 30_000), vec![ProposeIsr(vec![1, 2])]);
+        // Only one proposal at a time.
+        assert_eq!(s.on_tick(40_000, 30_000), vec![]);
+        assert_eq!(
+            s.on_isr_committed(&[1, 2], 10),
+            vec![AdvanceHighWatermark(10)]
+        );
+    }
+
+    #[test]
+    fn follower_rejoins_once_it_reaches_the_log_end() {
+        let mut s = LeaderState::new(1, 0, &[1, 2], &[1], 0, 0);
+        s.on_append(10);
+        assert_eq!(s.on_fetch(2, 5, 10, 1), vec![]);
+        assert_eq!(s.on_fetch(2, 10, 10, 2), vec![ProposeIsr(vec![1, 2])]);
+        assert!(s.has_pending_isr());
+        assert_eq!(s.on_isr_committed(&[1, 2], 10), vec![]);
+        assert_eq!(s.isr(), vec![1, 2]);
+    }
+
+    #[test]
+    fn unknown_follower_positions_hold_the_high_watermark() {
+        // A new leader does not know where followers are: HW stays until
+        // they fetch.
+        let mut s = LeaderState::new(2, 1, &[1, 2, 3], &[1, 2, 3], 7, 0);
+        assert_eq!(s.on_append(12), vec![]);
+        assert_eq!(s.on_fetch(1, 12, 12, 1), vec![]);
+        assert_eq!(s.on_fetch(3, 9, 12, 1), vec![AdvanceHighWatermark(9)]);
+    }
+
+    #[test]
+    fn followers_outside_the_isr_never_hold_the_high_watermark() {
+        let mut s = LeaderState::new(1, 0, &[1, 2], &[1], 0, 0);
+        s.on_fetch(2, 0, 0, 0);
+        assert_eq!(s.on_append(5), vec![AdvanceHighWatermark(5)]);
+    }
+}

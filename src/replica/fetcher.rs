@@ -1,0 +1,342 @@
+//! The follower side: one task per leader broker pulls every partition
+//! this broker follows from that leader over one `ReplicaFetch` stream,
+//! appends the stored batches unchanged, and adopts the leader's high
+//! watermark. Before fetching in a new leader epoch it asks the leader for
+//! the end of its own latest epoch and truncates divergent history.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use runnel_proto::v1::internal as ipb;
+use runnel_proto::v1::internal::replication_client::ReplicationClient;
+use runnel_replication::{truncation_offset, Throttle};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::broker::{now_ms, Broker};
+use crate::partition::Partition;
+
+/// Pause after a failed round, so a dead leader is not hammered.
+const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+
+/// One followed partition.
+#[derive(Clone, Debug)]
+pub struct Assignment {
+    /// The partition replica.
+    pub partition: Arc<Partition>,
+    /// The leader epoch to fetch in.
+    pub leader_epoch: i32,
+}
+
+type Assignments = BTreeMap<(String, i32), Assignment>;
+
+struct Fetcher {
+    address: String,
+    assignments: watch::Sender<Assignments>,
+    cancel: CancellationToken,
+}
+
+/// Starts, updates and stops the fetcher tasks.
+pub struct FetcherManager {
+    broker: Weak<Broker>,
+    fetchers: Mutex<HashMap<i32, Fetcher>>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for FetcherManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetcherManager").finish_non_exhaustive()
+    }
+}
+
+impl FetcherManager {
+    /// A manager whose tasks stop with `shutdown`.
+    pub fn new(broker: Weak<Broker>, shutdown: CancellationToken) -> Self {
+        Self {
+            broker,
+            fetchers: Mutex::new(HashMap::new()),
+            shutdown,
+        }
+    }
+
+    /// Sets what each leader is fetched for: `by_leader` maps a leader
+    /// broker id to its address and the partitions followed from it.
+    pub fn assign(&self, by_leader: HashMap<i32, (String, Assignments)>) {
+        let mut fetchers = self.fetchers.lock().unwrap_or_else(|e| e.into_inner());
+        fetchers.retain(|leader, f| {
+            let keep = by_leader
+                .get(leader)
+                .is_some_and(|(addr, _)| *addr == f.address);
+            if !keep {
+                f.cancel.cancel();
+            }
+            keep
+        });
+        for (leader, (address, assignments)) in by_leader {
+            match fetchers.get(&leader) {
+                Some(f) => {
+                    f.assignments.send_if_modified(|cur| {
+                        let changed = !same_assignments(cur, &assignments);
+                        if changed {
+                            *cur = assignments.clone();
+                        }
+                        changed
+                    });
+                }
+                None => {
+                    let (tx, rx) = watch::channel(assignments);
+                    let cancel = self.shutdown.child_token();
+                    tokio::spawn(run_fetcher(
+                        self.broker.clone(),
+                        leader,
+                        address.clone(),
+                        rx,
+                        cancel.clone(),
+                    ));
+                    fetchers.insert(
+                        leader,
+                        Fetcher {
+                            address,
+                            assignments: tx,
+                            cancel,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn same_assignments(a: &Assignments, b: &Assignments) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b.iter()).all(|((ka, va), (kb, vb))| {
+            ka == kb
+                && va.leader_epoch == vb.leader_epoch
+                && Arc::ptr_eq(&va.partition, &vb.partition)
+        })
+}
+
+type Stream = (
+    mpsc::Sender<ipb::ReplicaFetchRequest>,
+    tonic::Streaming<ipb::ReplicaFetchResponse>,
+);
+
+async fn run_fetcher(
+    broker: Weak<Broker>,
+    leader: i32,
+    address: String,
+    mut assignments: watch::Receiver<Assignments>,
+    cancel: CancellationToken,
+) {
+    info!(leader, %address, "replica fetcher started");
+    let channel = match Endpoint::from_shared(format!("http://{address}")) {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy(),
+        Err(e) => {
+            warn!(leader, %address, error = %e, "bad leader address");
+            return;
+        }
+    };
+    let mut client = ReplicationClient::new(channel.clone())
+        .max_decoding_message_size(crate::client::MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(crate::client::MESSAGE_BYTES_MAX);
+    let mut stream: Option<Stream> = None;
+    // Partitions already checked for divergence in their current epoch.
+    let mut truncated: HashMap<(String, i32), i32> = HashMap::new();
+    let mut throttle: Option<Throttle> = None;
+    loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let Some(broker) = broker.upgrade() else {
+            break;
+        };
+        let current = assignments.borrow_and_update().clone();
+        if current.is_empty() {
+            drop(broker);
+            tokio::select! {
+                r = assignments.changed() => if r.is_err() { break },
+                _ = cancel.cancelled() => break,
+            }
+            continue;
+        }
+        let settings = broker.replica_settings();
+        let throttle =
+            throttle.get_or_insert_with(|| Throttle::new(settings.bytes_per_sec_max, now_ms()));
+        let result = fetch_round(
+            &broker,
+            &mut client,
+            &mut stream,
+            &current,
+            &mut truncated,
+            settings,
+        )
+        .await;
+        drop(broker);
+        let pause = match result {
+            Ok(bytes) => throttle.record(bytes, now_ms()),
+            Err(e) => {
+                debug!(leader, error = %e, "replica fetch round failed");
+                stream = None;
+                RETRY_BACKOFF
+            }
+        };
+        if !pause.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+    }
+    info!(leader, "replica fetcher stopped");
+}
+
+/// Settings of the follower side.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplicaSettings {
+    /// This broker's id.
+    pub replica_id: i32,
+    /// Bytes per fetch.
+    pub fetch_bytes_max: u32,
+    /// Long-poll wait per fetch (ms).
+    pub fetch_wait_max_ms: u32,
+    /// Replication byte-rate limit; 0 = none.
+    pub bytes_per_sec_max: u64,
+}
+
+/// Truncates where needed, sends one fetch, applies the answer. Returns the
+/// bytes appended.
+async fn fetch_round(
+    broker: &Broker,
+    client: &mut ReplicationClient<Channel>,
+    stream: &mut Option<Stream>,
+    assigned: &Assignments,
+    truncated: &mut HashMap<(String, i32), i32>,
+    settings: ReplicaSettings,
+) -> Result<u64, String> {
+    truncated.retain(|k, _| assigned.contains_key(k));
+    for ((topic, index), a) in assigned {
+        if truncated.get(&(topic.clone(), *index)) == Some(&a.leader_epoch) {
+            continue;
+        }
+        truncate_divergent(client, topic, *index, a).await?;
+        truncated.insert((topic.clone(), *index), a.leader_epoch);
+    }
+    if stream.is_none() {
+        let (tx, rx) = mpsc::channel(1);
+        let responses = client
+            .replica_fetch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        *stream = Some((tx, responses));
+    }
+    let (tx, responses) = stream.as_mut().expect("opened above");
+    let request = ipb::ReplicaFetchRequest {
+        replica_id: settings.replica_id,
+        broker_epoch: 0,
+        partitions: assigned
+            .iter()
+            .map(|((topic, index), a)| ipb::ReplicaFetchPartition {
+                topic: topic.clone(),
+                partition: *index,
+                fetch_offset: a.partition.log.log_end_offset(),
+                current_leader_epoch: a.leader_epoch,
+                log_start_offset: a.partition.log.log_start_offset(),
+            })
+            .collect(),
+        max_bytes: settings.fetch_bytes_max,
+        max_wait_ms: settings.fetch_wait_max_ms,
+    };
+    tx.send(request)
+        .await
+        .map_err(|_| "fetch stream closed".to_string())?;
+    let response = responses
+        .next()
+        .await
+        .ok_or_else(|| "fetch stream ended".to_string())?
+        .map_err(|s| s.to_string())?;
+    let mut appended = 0u64;
+    let mut refresh = false;
+    for data in response.partitions {
+        let Some(a) = assigned.get(&(data.topic.clone(), data.partition)) else {
+            continue;
+        };
+        if data.error_code != 0 {
+            debug!(topic = %data.topic, partition = data.partition, code = data.error_code, "leader refused fetch");
+            refresh = true;
+            continue;
+        }
+        let log = &a.partition.log;
+        if !data.batches.is_empty() {
+            appended += data.batches.len() as u64;
+            let batches = data.batches.clone();
+            let log2 = log.clone();
+            tokio::task::spawn_blocking(move || log2.append_as_follower(batches))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{}-{}: {e}", data.topic, data.partition))?;
+            broker.notify_append();
+        }
+        a.partition
+            .advance_high_watermark(data.high_watermark.min(log.log_end_offset()));
+    }
+    if refresh && appended == 0 {
+        // Leadership moved or our metadata is stale: wait a little for the
+        // metadata to catch up instead of spinning.
+        return Err("leader refused some partitions".into());
+    }
+    Ok(appended)
+}
+
+/// Asks the leader where our latest epoch ends and cuts what it never had.
+async fn truncate_divergent(
+    client: &mut ReplicationClient<Channel>,
+    topic: &str,
+    index: i32,
+    a: &Assignment,
+) -> Result<(), String> {
+    let log = &a.partition.log;
+    let Some((latest_epoch, _)) = log.latest_epoch() else {
+        return Ok(()); // nothing written in any epoch: nothing can diverge
+    };
+    let answer = client
+        .offset_for_leader_epoch(ipb::OffsetForLeaderEpochRequest {
+            topic: topic.to_string(),
+            partition: index,
+            leader_epoch: latest_epoch,
+            current_leader_epoch: a.leader_epoch,
+        })
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    if answer.error_code != 0 {
+        return Err(format!(
+            "{topic}-{index}: leader refused OffsetForLeaderEpoch ({})",
+            answer.error_code
+        ));
+    }
+    let leo = log.log_end_offset();
+    let own = if answer.leader_epoch >= 0 {
+        log.end_offset_for_epoch(answer.leader_epoch)
+    } else {
+        None
+    };
+    if let Some(to) = truncation_offset(leo, own, (answer.leader_epoch, answer.end_offset)) {
+        info!(%topic, partition = index, from = leo, to, leader_epoch = a.leader_epoch, "truncating divergent log");
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || log.truncate_to(to))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        a.partition
+            .advance_high_watermark(a.partition.log.high_watermark());
+    }
+    Ok(())
+}

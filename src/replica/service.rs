@@ -1,0 +1,143 @@
+//! `runnel.v1.internal.Replication`, the leader side: answers follower
+//! fetches with stored batch bytes (unchanged) and records each follower's
+//! progress, which advances the high watermark and grows or shrinks the ISR.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runnel_proto::v1::internal as ipb;
+use runnel_proto::v1::internal::replication_server::Replication;
+use runnel_proto::v1::ErrorCode;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+use crate::broker::{now_ms, Broker};
+
+/// Serves follower fetches.
+#[derive(Debug, Clone)]
+pub struct ReplicationService {
+    broker: Arc<Broker>,
+}
+
+impl ReplicationService {
+    /// Wraps a broker.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
+
+type FetchStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<ipb::ReplicaFetchResponse, Status>> + Send>,
+>;
+
+/// Answers one fetch request for many partitions.
+async fn serve_fetch(broker: &Broker, req: ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchResponse {
+    let wait = Duration::from_millis(u64::from(req.max_wait_ms).min(broker.fetch_wait_max_ms()));
+    let mut appended = broker.watch_appends();
+    let first = answer(broker, &req);
+    let has_data = first
+        .partitions
+        .iter()
+        .any(|p| !p.batches.is_empty() || p.error_code != 0);
+    if has_data || wait.is_zero() {
+        return first;
+    }
+    // Long poll: wait for any append on this broker, then answer again.
+    let _ = tokio::time::timeout(wait, appended.changed()).await;
+    answer(broker, &req)
+}
+
+fn answer(broker: &Broker, req: &ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchResponse {
+    let mut budget = match req.max_bytes {
+        0 => 1024 * 1024,
+        n => n as usize,
+    };
+    let now = now_ms();
+    let partitions = req
+        .partitions
+        .iter()
+        .map(|p| {
+            let mut out = ipb::ReplicaFetchPartitionData {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                ..Default::default()
+            };
+            let Some(partition) = broker.hosted_partition(&p.topic, p.partition) else {
+                out.error_code = ErrorCode::UnknownPartition as i32;
+                return out;
+            };
+            if partition.leader_epoch() != Some(p.current_leader_epoch) {
+                out.error_code = ErrorCode::NotLeader as i32;
+                return out;
+            }
+            let log = &partition.log;
+            let proposals = partition.on_follower_fetch(req.replica_id, p.fetch_offset, now);
+            broker.propose_isr_changes(&partition, proposals);
+            out.high_watermark = log.high_watermark();
+            out.log_start_offset = log.log_start_offset();
+            out.log_end_offset = log.log_end_offset();
+            if budget == 0 {
+                return out;
+            }
+            match log.read(p.fetch_offset, budget, out.log_end_offset) {
+                Ok(read) => {
+                    budget = budget.saturating_sub(read.batches.len());
+                    out.batches = read.batches;
+                }
+                Err(e) => {
+                    debug!(topic = %p.topic, partition = p.partition, error = %e, "replica read failed");
+                    out.error_code = crate::error::BrokerError::from(e).code() as i32;
+                }
+            }
+            out
+        })
+        .collect();
+    ipb::ReplicaFetchResponse { partitions }
+}
+
+#[tonic::async_trait]
+impl Replication for ReplicationService {
+    type ReplicaFetchStream = FetchStream;
+
+    async fn replica_fetch(
+        &self,
+        request: Request<Streaming<ipb::ReplicaFetchRequest>>,
+    ) -> Result<Response<Self::ReplicaFetchStream>, Status> {
+        let mut input = request.into_inner();
+        let broker = self.broker.clone();
+        let output = crate::service::async_stream(move |tx| async move {
+            while let Some(next) = input.next().await {
+                let response = match next {
+                    Ok(req) => Ok(serve_fetch(&broker, req).await),
+                    Err(status) => Err(status),
+                };
+                let failed = response.is_err();
+                if tx.send(response).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(output))
+    }
+
+    async fn offset_for_leader_epoch(
+        &self,
+        request: Request<ipb::OffsetForLeaderEpochRequest>,
+    ) -> Result<Response<ipb::OffsetForLeaderEpochResponse>, Status> {
+        let req = request.into_inner();
+        let mut out = ipb::OffsetForLeaderEpochResponse::default();
+        match self.broker.hosted_partition(&req.topic, req.partition) {
+            Some(p) if p.leader_epoch().is_some() => {
+                let (epoch, end) = p
+                    .log
+                    .end_offset_for_epoch(req.leader_epoch)
+                    .unwrap_or((-1, p.log.log_start_offset()));
+                out.leader_epoch = epoch;
+                out.end_offset = end;
+            }
+            _ => out.error_code = ErrorCode::NotLeader as i32,
+        }
+        Ok(Response::new(out))
+    }
+}
