@@ -20,25 +20,45 @@ fn error_code(status: &tonic::Status) -> String {
         .to_string()
 }
 
-fn expect(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, runnel: &str, text: &str) {
+fn expect(
+    result: Result<impl std::fmt::Debug, tonic::Status>,
+    code: Code,
+    runnel: &str,
+    text: &str,
+) {
     let status = result.expect_err("request should be refused");
     assert_eq!(status.code(), code, "{status:?}");
     assert_eq!(error_code(&status), runnel, "{status:?}");
-    assert!(status.message().contains(text), "message {:?} lacks {text:?}", status.message());
+    assert!(
+        status.message().contains(text),
+        "message {:?} lacks {text:?}",
+        status.message()
+    );
 }
 
-fn create(name: &str, partitions: i32, rf: i32, configs: &[(&str, &str)]) -> pb::CreateTopicRequest {
+fn create(
+    name: &str,
+    partitions: i32,
+    rf: i32,
+    configs: &[(&str, &str)],
+) -> pb::CreateTopicRequest {
     pb::CreateTopicRequest {
         name: name.into(),
         partitions,
         replication_factor: rf,
-        configs: configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        configs: configs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         validate_only: false,
     }
 }
 
 fn value(v: &[u8]) -> pb::Record {
-    pb::Record { value: Some(v.to_vec().into()), ..Default::default() }
+    pb::Record {
+        value: Some(v.to_vec().into()),
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,58 +70,186 @@ async fn refusals_are_clear_and_change_nothing() {
     let mut producer = ProducerClient::connect(url.clone()).await.unwrap();
     let mut consumer = ConsumerClient::connect(url.clone()).await.unwrap();
 
-    admin.create_topic(create("small", 1, 1, &[("max.message.bytes", "1024")])).await.unwrap();
+    admin
+        .create_topic(create("small", 1, 1, &[("max.message.bytes", "1024")]))
+        .await
+        .unwrap();
     producer
-        .produce(pb::ProduceRequest { topic: "small".into(), records: vec![value(b"ok")], ..Default::default() })
+        .produce(pb::ProduceRequest {
+            topic: "small".into(),
+            records: vec![value(b"ok")],
+            ..Default::default()
+        })
         .await
         .unwrap();
 
     // Topic creation.
     let long = "x".repeat(250);
     for name in ["bad name", "a/b", ".", "..", "", long.as_str(), "ü"] {
-        expect(admin.create_topic(create(name, 1, 1, &[])).await, Code::InvalidArgument, "INVALID_TOPIC", "invalid topic name");
+        expect(
+            admin.create_topic(create(name, 1, 1, &[])).await,
+            Code::InvalidArgument,
+            "INVALID_TOPIC",
+            "invalid topic name",
+        );
     }
     for partitions in [0, -1] {
-        expect(admin.create_topic(create("t", partitions, 1, &[])).await, Code::InvalidArgument, "INVALID_PARTITIONS", "at least 1");
+        expect(
+            admin.create_topic(create("t", partitions, 1, &[])).await,
+            Code::InvalidArgument,
+            "INVALID_PARTITIONS",
+            "at least 1",
+        );
     }
-    expect(admin.create_topic(create("t", 1, 2, &[])).await, Code::InvalidArgument, "INVALID_REPLICATION_FACTOR", "only 1 live brokers");
-    expect(admin.create_topic(create("t", 1, 0, &[])).await, Code::InvalidArgument, "INVALID_REPLICATION_FACTOR", "at least 1");
-    expect(admin.create_topic(create("t", 1, 1, &[("retention.msec", "1")])).await, Code::InvalidArgument, "INVALID_CONFIG", "retention.msec");
-    expect(admin.create_topic(create("t", 1, 1, &[("retention.ms", "soon")])).await, Code::InvalidArgument, "INVALID_CONFIG", "not an integer");
-    expect(admin.create_topic(create("small", 1, 1, &[])).await, Code::AlreadyExists, "TOPIC_ALREADY_EXISTS", "already exists");
+    expect(
+        admin.create_topic(create("t", 1, 2, &[])).await,
+        Code::InvalidArgument,
+        "INVALID_REPLICATION_FACTOR",
+        "only 1 live brokers",
+    );
+    expect(
+        admin.create_topic(create("t", 1, 0, &[])).await,
+        Code::InvalidArgument,
+        "INVALID_REPLICATION_FACTOR",
+        "at least 1",
+    );
+    expect(
+        admin
+            .create_topic(create("t", 1, 1, &[("retention.msec", "1")]))
+            .await,
+        Code::InvalidArgument,
+        "INVALID_CONFIG",
+        "retention.msec",
+    );
+    expect(
+        admin
+            .create_topic(create("t", 1, 1, &[("retention.ms", "soon")]))
+            .await,
+        Code::InvalidArgument,
+        "INVALID_CONFIG",
+        "not an integer",
+    );
+    expect(
+        admin.create_topic(create("small", 1, 1, &[])).await,
+        Code::AlreadyExists,
+        "TOPIC_ALREADY_EXISTS",
+        "already exists",
+    );
 
     // Produce.
-    let produce = |topic: &str, partition: Option<i32>, records: Vec<pb::Record>| pb::ProduceRequest {
-        topic: topic.into(),
-        partition,
-        records,
+    let produce =
+        |topic: &str, partition: Option<i32>, records: Vec<pb::Record>| pb::ProduceRequest {
+            topic: topic.into(),
+            partition,
+            records,
+            ..Default::default()
+        };
+    expect(
+        producer
+            .produce(produce("nope", None, vec![value(b"x")]))
+            .await,
+        Code::NotFound,
+        "UNKNOWN_TOPIC",
+        "unknown topic 'nope'",
+    );
+    expect(
+        producer
+            .produce(produce("small", Some(3), vec![value(b"x")]))
+            .await,
+        Code::NotFound,
+        "UNKNOWN_PARTITION",
+        "no partition 3",
+    );
+    expect(
+        producer
+            .produce(produce("small", Some(-1), vec![value(b"x")]))
+            .await,
+        Code::NotFound,
+        "UNKNOWN_PARTITION",
+        "no partition -1",
+    );
+    expect(
+        producer
+            .produce(produce("small", None, vec![value(&[7u8; 2000])]))
+            .await,
+        Code::InvalidArgument,
+        "RECORD_TOO_LARGE",
+        "max.message.bytes",
+    );
+    expect(
+        producer.produce(produce("small", None, vec![])).await,
+        Code::InvalidArgument,
+        "INVALID_REQUEST",
+        "no records",
+    );
+    let mut corrupt = pb::ProduceRequest {
+        topic: "small".into(),
+        batch: vec![0u8; 80].into(),
         ..Default::default()
     };
-    expect(producer.produce(produce("nope", None, vec![value(b"x")])).await, Code::NotFound, "UNKNOWN_TOPIC", "unknown topic 'nope'");
-    expect(producer.produce(produce("small", Some(3), vec![value(b"x")])).await, Code::NotFound, "UNKNOWN_PARTITION", "no partition 3");
-    expect(producer.produce(produce("small", Some(-1), vec![value(b"x")])).await, Code::NotFound, "UNKNOWN_PARTITION", "no partition -1");
-    expect(producer.produce(produce("small", None, vec![value(&[7u8; 2000])])).await, Code::InvalidArgument, "RECORD_TOO_LARGE", "max.message.bytes");
-    expect(producer.produce(produce("small", None, vec![])).await, Code::InvalidArgument, "INVALID_REQUEST", "no records");
-    let mut corrupt = pb::ProduceRequest { topic: "small".into(), batch: vec![0u8; 80].into(), ..Default::default() };
-    expect(producer.produce(corrupt.clone()).await, Code::InvalidArgument, "CORRUPT_MESSAGE", "corrupt");
+    expect(
+        producer.produce(corrupt.clone()).await,
+        Code::InvalidArgument,
+        "CORRUPT_MESSAGE",
+        "corrupt",
+    );
     corrupt.batch = b"short".to_vec().into();
-    expect(producer.produce(corrupt).await, Code::InvalidArgument, "CORRUPT_MESSAGE", "corrupt");
+    expect(
+        producer.produce(corrupt).await,
+        Code::InvalidArgument,
+        "CORRUPT_MESSAGE",
+        "corrupt",
+    );
 
     // Fetch.
-    let fetch = |offset: i64| pb::FetchRequest { topic: "small".into(), partition: 0, offset, ..Default::default() };
-    expect(consumer.fetch(fetch(-1)).await, Code::OutOfRange, "OFFSET_OUT_OF_RANGE", "offset -1 out of range");
-    expect(consumer.fetch(fetch(2)).await, Code::OutOfRange, "OFFSET_OUT_OF_RANGE", "offset 2 out of range");
+    let fetch = |offset: i64| pb::FetchRequest {
+        topic: "small".into(),
+        partition: 0,
+        offset,
+        ..Default::default()
+    };
     expect(
-        consumer.fetch(pb::FetchRequest { topic: "nope".into(), ..Default::default() }).await,
+        consumer.fetch(fetch(-1)).await,
+        Code::OutOfRange,
+        "OFFSET_OUT_OF_RANGE",
+        "offset -1 out of range",
+    );
+    expect(
+        consumer.fetch(fetch(2)).await,
+        Code::OutOfRange,
+        "OFFSET_OUT_OF_RANGE",
+        "offset 2 out of range",
+    );
+    expect(
+        consumer
+            .fetch(pb::FetchRequest {
+                topic: "nope".into(),
+                ..Default::default()
+            })
+            .await,
         Code::NotFound,
         "UNKNOWN_TOPIC",
         "nope",
     );
 
     // Nothing changed: one topic, one record.
-    let topics = admin.list_topics(pb::ListTopicsRequest::default()).await.unwrap().into_inner().topics;
-    assert_eq!(topics.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["small"]);
-    let d = admin.describe_topic(pb::DescribeTopicRequest { name: "small".into() }).await.unwrap().into_inner();
+    let topics = admin
+        .list_topics(pb::ListTopicsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .topics;
+    assert_eq!(
+        topics.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        vec!["small"]
+    );
+    let d = admin
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "small".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(d.partitions[0].log_end_offset, 1);
     let got = consumer.fetch(fetch(0)).await.unwrap().into_inner();
     assert_eq!(got.records.len(), 1);
@@ -148,7 +296,11 @@ fn malformed_config_files_are_refused_by_key() {
         assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");
     }
     // A missing file is named too.
-    let out = cli("127.0.0.1:1", &["server", "--config", "/nonexistent/runnel.toml"], None);
+    let out = cli(
+        "127.0.0.1:1",
+        &["server", "--config", "/nonexistent/runnel.toml"],
+        None,
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/runnel.toml"));
 }

@@ -24,7 +24,11 @@ async fn stock_grpc_client_produces_and_consumes() {
             name: "raw".into(),
             partitions: 2,
             replication_factor: 1,
-            configs: [("message.timestamp.type".to_string(), "LogAppendTime".to_string())].into(),
+            configs: [(
+                "message.timestamp.type".to_string(),
+                "LogAppendTime".to_string(),
+            )]
+            .into(),
             validate_only: false,
         })
         .await
@@ -35,7 +39,10 @@ async fn stock_grpc_client_produces_and_consumes() {
         .map(|i| pb::Record {
             key: Some(format!("k{i}").into()),
             value: Some(format!("v{i}").into()),
-            headers: vec![pb::Header { key: "h".into(), value: Some(format!("x{i}").into()) }],
+            headers: vec![pb::Header {
+                key: "h".into(),
+                value: Some(format!("x{i}").into()),
+            }],
             timestamp_ms: 0,
             offset: 0,
         })
@@ -51,14 +58,23 @@ async fn stock_grpc_client_produces_and_consumes() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((resp.partition, resp.base_offset, resp.last_offset), (1, 0, 4));
-    assert!(resp.log_append_time_ms > 0, "LogAppendTime topic stamps the append time");
+    assert_eq!(
+        (resp.partition, resp.base_offset, resp.last_offset),
+        (1, 0, 4)
+    );
+    assert!(
+        resp.log_append_time_ms > 0,
+        "LogAppendTime topic stamps the append time"
+    );
 
     // Streaming produce: answers in order, one per request.
     let requests = (0..3).map(|i| pb::ProduceRequest {
         topic: "raw".into(),
         partition: Some(1),
-        records: vec![pb::Record { value: Some(format!("s{i}").into()), ..Default::default() }],
+        records: vec![pb::Record {
+            value: Some(format!("s{i}").into()),
+            ..Default::default()
+        }],
         acks: pb::Acks::Leader as i32,
         correlation_id: 100 + i,
         ..Default::default()
@@ -97,7 +113,10 @@ async fn stock_grpc_client_produces_and_consumes() {
     let offsets: Vec<i64> = fetched.records.iter().map(|r| r.offset).collect();
     assert_eq!(offsets, (2..8).collect::<Vec<_>>());
     assert_eq!(fetched.records[0].key.as_deref(), Some(&b"k2"[..]));
-    assert_eq!(fetched.records[0].headers[0].value.as_deref(), Some(&b"x2"[..]));
+    assert_eq!(
+        fetched.records[0].headers[0].value.as_deref(),
+        Some(&b"x2"[..])
+    );
     assert_eq!((fetched.high_watermark, fetched.next_offset), (8, 8));
 
     // Long poll: a fetch at the end waits and returns the new record.
@@ -117,7 +136,10 @@ async fn stock_grpc_client_produces_and_consumes() {
         .produce(pb::ProduceRequest {
             topic: "raw".into(),
             partition: Some(1),
-            records: vec![pb::Record { value: Some("late".into()), ..Default::default() }],
+            records: vec![pb::Record {
+                value: Some("late".into()),
+                ..Default::default()
+            }],
             ..Default::default()
         })
         .await
@@ -174,10 +196,16 @@ async fn reflection_and_health_answer() {
     let server = ServerProcess::start(dir.path(), &[]);
     let url = format!("http://{}", server.addr);
 
-    let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = HealthClient::new(channel.clone());
     let status = health
-        .check(HealthCheckRequest { service: "runnel.v1.Producer".into() })
+        .check(HealthCheckRequest {
+            service: "runnel.v1.Producer".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -198,7 +226,15 @@ async fn reflection_and_health_answer() {
         panic!("unexpected reflection answer");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["runnel.v1.Producer", "runnel.v1.Consumer", "runnel.v1.Admin", "runnel.v1.ConsumerGroups"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    for want in [
+        "runnel.v1.Producer",
+        "runnel.v1.Consumer",
+        "runnel.v1.Admin",
+        "runnel.v1.ConsumerGroups",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
     }
 }

@@ -25,7 +25,11 @@ struct Seen {
 
 /// Reads every record of `topic` with the CLI, as JSON lines.
 fn consume_cli(addr: &str, topic: &str) -> Vec<Seen> {
-    let out = cli_ok(addr, &["--output", "json", "consume", topic, "--from", "earliest"], None);
+    let out = cli_ok(
+        addr,
+        &["--output", "json", "consume", topic, "--from", "earliest"],
+        None,
+    );
     out.lines()
         .map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).expect("json line");
@@ -110,17 +114,33 @@ async fn cli_and_library_round_trip_and_survive_restart() {
 
     let out = cli_ok(
         &addr,
-        &["topic", "create", "cli-topic", "--partitions", "3", "--replication-factor", "1"],
+        &[
+            "topic",
+            "create",
+            "cli-topic",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "1",
+        ],
         None,
     );
     assert!(out.contains("created topic cli-topic"), "{out}");
-    cli_ok(&addr, &["topic", "create", "lib-topic", "--partitions", "3"], None);
+    cli_ok(
+        &addr,
+        &["topic", "create", "lib-topic", "--partitions", "3"],
+        None,
+    );
 
     // 10,000 keyed records through the CLI.
     let input: String = (0..RECORDS)
         .map(|i| format!("k{}:cli-{i}\n", i % KEYS))
         .collect();
-    cli_ok(&addr, &["produce", "cli-topic", "--key-separator", ":"], Some(input.as_bytes()));
+    cli_ok(
+        &addr,
+        &["produce", "cli-topic", "--key-separator", ":"],
+        Some(input.as_bytes()),
+    );
 
     // 10,000 keyed records through the library.
     let client = Client::connect(&addr).await.unwrap();
@@ -168,7 +188,13 @@ async fn cli_and_library_round_trip_and_survive_restart() {
     let client = Client::connect(&addr).await.unwrap();
     let producer = client.producer(ProducerConfig::default());
     let ack = producer
-        .send("lib-topic", ProducerRecord { partition: Some(0), ..ProducerRecord::value("after") })
+        .send(
+            "lib-topic",
+            ProducerRecord {
+                partition: Some(0),
+                ..ProducerRecord::value("after")
+            },
+        )
         .await
         .unwrap();
     producer.close().await.unwrap();
@@ -190,16 +216,27 @@ async fn consume_from_offset_time_and_max_records() {
 
     let out = cli_ok(&addr, &["consume", "t", "--from", "90"], None);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines, (90..100).map(|i| format!("v{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        lines,
+        (90..100).map(|i| format!("v{i}")).collect::<Vec<_>>()
+    );
 
     let out = cli_ok(&addr, &["consume", "t", "--max-records", "3"], None);
     assert_eq!(out.lines().collect::<Vec<_>>(), vec!["v0", "v1", "v2"]);
 
     // Every record was stamped before now, so a time in the future yields
     // nothing and a time in the past yields everything.
-    let out = cli_ok(&addr, &["consume", "t", "--from", "2999-01-01T00:00:00Z"], None);
+    let out = cli_ok(
+        &addr,
+        &["consume", "t", "--from", "2999-01-01T00:00:00Z"],
+        None,
+    );
     assert_eq!(out, "");
-    let out = cli_ok(&addr, &["consume", "t", "--from", "2000-01-01T00:00:00Z"], None);
+    let out = cli_ok(
+        &addr,
+        &["consume", "t", "--from", "2000-01-01T00:00:00Z"],
+        None,
+    );
     assert_eq!(out.lines().count(), 100);
 
     let out = cli_ok(&addr, &["consume", "t", "--from", "latest"], None);

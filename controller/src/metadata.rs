@@ -283,7 +283,9 @@ impl ClusterMetadata {
                 let info = self
                     .topics
                     .get(&topic)
-                    .ok_or_else(|| MetadataError::UnknownTopic { name: topic.clone() })?;
+                    .ok_or_else(|| MetadataError::UnknownTopic {
+                        name: topic.clone(),
+                    })?;
                 let p = usize::try_from(partition)
                     .ok()
                     .and_then(|i| info.partitions.get(i))
@@ -560,7 +562,10 @@ mod tests {
         // A fenced broker cannot rejoin.
         s.apply(MetadataCommand::FenceBroker { id: 2 }).unwrap();
         let epoch = s.topics["t"].partitions[0].partition_epoch;
-        let err = s.apply(alter_isr(0, epoch, vec![1, 2, 3])).unwrap_err().to_string();
+        let err = s
+            .apply(alter_isr(0, epoch, vec![1, 2, 3]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("fenced"), "{err}");
         s.apply(alter_isr(0, epoch, vec![1])).unwrap();
         assert_eq!(s.topics["t"].partitions[0].isr, vec![1]);

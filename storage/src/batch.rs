@@ -1,14 +1,223 @@
 //! The record-batch format (modelled on Kafka's v2 batch), I/O-free.
 //! See storage/README.md for the byte layout.
+//!
+//! Where it sits on the data path: the produce handler validates a batch
+//! once ([`validate_for_append`] via `Log::append_as_leader`); the log then
+//! rewrites only the base offset and leader epoch (neither covered by the
+//! CRC) and stores and serves the bytes as they are.
+//!
+//! Every decoder here is total: lengths are checked before use and no
+//! allocation is sized from an unchecked length.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::Result;
+use crate::varint::{put_varint, put_varlong, read_varint, read_varlong};
+use crate::{Result, StorageError};
 
 /// Size of the fixed batch header.
 pub const HEADER_LEN: usize = 61;
 /// The only batch format version.
 pub const MAGIC: u8 = 2;
+
+/// Byte positions of the header fields (big-endian).
+pub mod field {
+    pub const BASE_OFFSET: usize = 0;
+    pub const BATCH_LENGTH: usize = 8;
+    /// Bytes before and including `batch_length`: total = this + batch_length.
+    pub const LOG_OVERHEAD: usize = 12;
+    pub const PARTITION_LEADER_EPOCH: usize = 12;
+    pub const MAGIC: usize = 16;
+    pub const CRC: usize = 17;
+    /// The CRC covers `[CRC_START..end]`.
+    pub const CRC_START: usize = 21;
+    pub const ATTRIBUTES: usize = 21;
+    pub const LAST_OFFSET_DELTA: usize = 23;
+    pub const BASE_TIMESTAMP: usize = 27;
+    pub const MAX_TIMESTAMP: usize = 35;
+    pub const PRODUCER_ID: usize = 43;
+    pub const PRODUCER_EPOCH: usize = 51;
+    pub const BASE_SEQUENCE: usize = 53;
+    pub const RECORDS_COUNT: usize = 57;
+}
+
+/// Attribute bits 0-2: compression codec (only 0 = none is supported).
+pub const ATTR_COMPRESSION_MASK: i16 = 0x07;
+/// Attribute bit 3: timestamps are the broker's log-append time.
+pub const ATTR_LOG_APPEND_TIME: i16 = 0x08;
+/// Attribute bit 4: transactional (reserved).
+pub const ATTR_TRANSACTIONAL: i16 = 0x10;
+/// Attribute bit 5: control batch (reserved).
+pub const ATTR_CONTROL: i16 = 0x20;
+
+/// Smallest encoded record: seven one-byte varints/fields.
+const RECORD_BYTES_MIN: usize = 7;
+
+/// Result of the cheap hot-path framing check [`batch_len`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decode {
+    /// A whole batch of this many bytes starts the buffer.
+    Complete(usize),
+    /// The buffer holds a prefix; at least this many bytes are needed in
+    /// total (the whole batch once the length field is readable).
+    Incomplete(usize),
+    /// The framing is invalid (length or magic).
+    Invalid(&'static str),
+}
+
+fn be_i16(buf: &[u8], at: usize) -> i16 {
+    i16::from_be_bytes([buf[at], buf[at + 1]])
+}
+fn be_i32(buf: &[u8], at: usize) -> i32 {
+    i32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
+}
+fn be_u32(buf: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
+}
+fn be_i64(buf: &[u8], at: usize) -> i64 {
+    i64::from_be_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Frames the batch at the start of `buf` from its length field and magic
+/// only (no CRC). Never panics.
+pub fn batch_len(buf: &[u8]) -> Decode {
+    if buf.len() < field::LOG_OVERHEAD {
+        return Decode::Incomplete(field::LOG_OVERHEAD);
+    }
+    let batch_length = be_i32(buf, field::BATCH_LENGTH);
+    if batch_length < (HEADER_LEN - field::LOG_OVERHEAD) as i32 {
+        return Decode::Invalid("batch length smaller than the header");
+    }
+    let total = field::LOG_OVERHEAD + batch_length as usize;
+    if buf.len() > field::MAGIC && buf[field::MAGIC] != MAGIC {
+        return Decode::Invalid("unknown magic");
+    }
+    if buf.len() < total {
+        return Decode::Incomplete(total);
+    }
+    Decode::Complete(total)
+}
+
+/// The hot-path check: frames the first batch in `buf` and verifies its
+/// CRC. Returns the batch's total length.
+pub fn check_batch(buf: &[u8]) -> Result<usize> {
+    let total = match batch_len(buf) {
+        Decode::Complete(total) => total,
+        Decode::Incomplete(needed) => {
+            return Err(corrupt(format!(
+                "truncated batch: {} bytes of {needed}",
+                buf.len()
+            )))
+        }
+        Decode::Invalid(reason) => return Err(corrupt(reason.to_string())),
+    };
+    let stored = be_u32(buf, field::CRC);
+    let computed = crc32c::crc32c(&buf[field::CRC_START..total]);
+    if stored != computed {
+        return Err(corrupt(format!(
+            "crc mismatch: stored {stored:#010x}, computed {computed:#010x}"
+        )));
+    }
+    Ok(total)
+}
+
+fn corrupt(reason: String) -> StorageError {
+    StorageError::CorruptBatch { reason }
+}
+
+/// Header fields read without CRC verification (for scans over trusted,
+/// already-framed bytes). `buf` must hold at least [`HEADER_LEN`] bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HeaderView {
+    pub base_offset: i64,
+    pub total_len: usize,
+    pub last_offset_delta: i32,
+    pub max_timestamp: i64,
+    pub leader_epoch: i32,
+}
+
+impl HeaderView {
+    /// Reads a header, checking the framing; `None` if `buf` is short or
+    /// the framing is invalid.
+    pub(crate) fn read(buf: &[u8]) -> Option<HeaderView> {
+        if buf.len() < HEADER_LEN {
+            return None;
+        }
+        let total_len = match batch_len(&buf[..field::LOG_OVERHEAD]) {
+            Decode::Incomplete(total) if total >= HEADER_LEN => total,
+            _ => return None,
+        };
+        if buf[field::MAGIC] != MAGIC {
+            return None;
+        }
+        Some(HeaderView {
+            base_offset: be_i64(buf, field::BASE_OFFSET),
+            total_len,
+            last_offset_delta: be_i32(buf, field::LAST_OFFSET_DELTA),
+            max_timestamp: be_i64(buf, field::MAX_TIMESTAMP),
+            leader_epoch: be_i32(buf, field::PARTITION_LEADER_EPOCH),
+        })
+    }
+
+    pub(crate) fn last_offset(&self) -> i64 {
+        self.base_offset
+            .saturating_add(i64::from(self.last_offset_delta))
+    }
+}
+
+/// Rewrites the base offset (not covered by the CRC).
+pub fn set_base_offset(batch: &mut [u8], base_offset: i64) {
+    batch[field::BASE_OFFSET..field::BASE_OFFSET + 8].copy_from_slice(&base_offset.to_be_bytes());
+}
+
+/// Rewrites the partition leader epoch (not covered by the CRC).
+pub fn set_leader_epoch(batch: &mut [u8], leader_epoch: i32) {
+    let at = field::PARTITION_LEADER_EPOCH;
+    batch[at..at + 4].copy_from_slice(&leader_epoch.to_be_bytes());
+}
+
+/// Marks the batch as log-append-time stamped at `now_ms` and recomputes
+/// the CRC. `batch` must be one whole, framed batch.
+pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {
+    let attributes = be_i16(batch, field::ATTRIBUTES) | ATTR_LOG_APPEND_TIME;
+    batch[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
+    batch[field::MAX_TIMESTAMP..field::MAX_TIMESTAMP + 8].copy_from_slice(&now_ms.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[field::CRC_START..]);
+    batch[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Full validation a leader does once before storing a producer's batch:
+/// framing, magic, CRC, no compression, record count matching the decoded
+/// records, offset deltas exactly `0..n`, and a max timestamp equal to the
+/// largest record timestamp (create time). Returns the parsed batch.
+pub fn validate_for_append(bytes: Bytes) -> Result<RecordBatch> {
+    let batch = RecordBatch::parse(bytes)?;
+    let count = batch.record_count();
+    if count == 0 {
+        return Err(StorageError::EmptyBatch);
+    }
+    if batch.last_offset_delta() != count - 1 {
+        return Err(corrupt(format!(
+            "last offset delta {} with {count} records",
+            batch.last_offset_delta()
+        )));
+    }
+    let records = batch.records()?;
+    let mut timestamp_max = i64::MIN;
+    for (i, record) in records.iter().enumerate() {
+        let delta = record.offset - batch.base_offset();
+        if delta != i as i64 {
+            return Err(corrupt(format!("record {i} has offset delta {delta}")));
+        }
+        timestamp_max = timestamp_max.max(record.timestamp_ms);
+    }
+    if !batch.is_log_append_time() && batch.max_timestamp() != timestamp_max {
+        return Err(corrupt(format!(
+            "max timestamp {} but largest record timestamp {timestamp_max}",
+            batch.max_timestamp()
+        )));
+    }
+    Ok(batch)
+}
 
 /// One record header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,86 +240,456 @@ pub struct Record {
 }
 
 /// Builds one batch from records, base offset 0, CRC set.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BatchBuilder {
-    _todo: (),
+    /// Encoded records (everything after the header).
+    body: BytesMut,
+    count: i32,
+    /// First record's timestamp; deltas are relative to it.
+    base_timestamp: i64,
+    max_timestamp: i64,
+    producer_id: i64,
+    producer_epoch: i16,
+    base_sequence: i32,
+}
+
+impl Default for BatchBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn put_bytes_field(out: &mut BytesMut, value: Option<&[u8]>) {
+    match value {
+        None => put_varint(out, -1),
+        Some(v) => {
+            put_varint(out, v.len() as i32);
+            out.put_slice(v);
+        }
+    }
 }
 
 impl BatchBuilder {
     pub fn new() -> Self {
-        todo!()
+        BatchBuilder {
+            body: BytesMut::new(),
+            count: 0,
+            base_timestamp: -1,
+            max_timestamp: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            base_sequence: -1,
+        }
     }
     /// Producer identity for idempotence; default -1/-1/-1.
-    pub fn producer(self, _producer_id: i64, _producer_epoch: i16, _base_sequence: i32) -> Self {
-        todo!()
+    pub fn producer(mut self, producer_id: i64, producer_epoch: i16, base_sequence: i32) -> Self {
+        self.producer_id = producer_id;
+        self.producer_epoch = producer_epoch;
+        self.base_sequence = base_sequence;
+        self
     }
     pub fn push(
         &mut self,
-        _timestamp_ms: i64,
-        _key: Option<&[u8]>,
-        _value: Option<&[u8]>,
-        _headers: &[(&str, Option<&[u8]>)],
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
     ) {
-        todo!()
+        if self.count == 0 {
+            self.base_timestamp = timestamp_ms;
+            self.max_timestamp = timestamp_ms;
+        }
+        self.max_timestamp = self.max_timestamp.max(timestamp_ms);
+        let mut rec = BytesMut::new();
+        rec.put_i8(0); // record attributes (unused)
+        put_varlong(&mut rec, timestamp_ms.wrapping_sub(self.base_timestamp));
+        put_varint(&mut rec, self.count);
+        put_bytes_field(&mut rec, key);
+        put_bytes_field(&mut rec, value);
+        put_varint(&mut rec, headers.len() as i32);
+        for (hkey, hvalue) in headers {
+            put_bytes_field(&mut rec, Some(hkey.as_bytes()));
+            put_bytes_field(&mut rec, *hvalue);
+        }
+        put_varint(&mut self.body, rec.len() as i32);
+        self.body.put_slice(&rec);
+        self.count += 1;
     }
     pub fn len(&self) -> usize {
-        todo!()
+        self.count as usize
     }
     pub fn is_empty(&self) -> bool {
-        todo!()
+        self.count == 0
     }
     /// Encoded size so far (header included).
     pub fn size_bytes(&self) -> usize {
-        todo!()
+        HEADER_LEN + self.body.len()
     }
     pub fn build(self) -> BytesMut {
-        todo!()
+        let total = self.size_bytes();
+        let mut out = BytesMut::with_capacity(total);
+        out.put_i64(0); // base offset, assigned by the log
+        out.put_i32((total - field::LOG_OVERHEAD) as i32);
+        out.put_i32(-1); // partition leader epoch, stamped by the log
+        out.put_u8(MAGIC);
+        out.put_u32(0); // crc, filled below
+        out.put_i16(0); // attributes
+        out.put_i32(self.count - 1);
+        out.put_i64(self.base_timestamp);
+        out.put_i64(self.max_timestamp);
+        out.put_i64(self.producer_id);
+        out.put_i16(self.producer_epoch);
+        out.put_i32(self.base_sequence);
+        out.put_i32(self.count);
+        out.put_slice(&self.body);
+        let crc = crc32c::crc32c(&out[field::CRC_START..]);
+        out[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        out
     }
 }
 
 /// A validated batch: header fields readable, CRC checked.
 #[derive(Clone, Debug)]
 pub struct RecordBatch {
-    _bytes: Bytes,
+    bytes: Bytes,
 }
 
 impl RecordBatch {
     /// Validates one whole batch (length, magic, CRC); `bytes` must hold
     /// exactly one batch.
-    pub fn parse(_bytes: Bytes) -> Result<RecordBatch> {
-        todo!()
+    pub fn parse(bytes: Bytes) -> Result<RecordBatch> {
+        let total = check_batch(&bytes)?;
+        if total != bytes.len() {
+            return Err(corrupt(format!(
+                "batch length {total} but {} bytes given",
+                bytes.len()
+            )));
+        }
+        let batch = RecordBatch { bytes };
+        if batch.record_count() < 0 {
+            return Err(corrupt(format!(
+                "negative record count {}",
+                batch.record_count()
+            )));
+        }
+        if batch.last_offset_delta() < 0 && batch.record_count() > 0 {
+            return Err(corrupt(format!(
+                "negative last offset delta {}",
+                batch.last_offset_delta()
+            )));
+        }
+        Ok(batch)
     }
     /// Splits concatenated batches (as returned by `Log::read`); a trailing
     /// partial batch is an error.
-    pub fn parse_all(_bytes: Bytes) -> Result<Vec<RecordBatch>> {
-        todo!()
+    pub fn parse_all(bytes: Bytes) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        let mut position = 0;
+        while position < bytes.len() {
+            let total = check_batch(&bytes[position..]).map_err(|e| match e {
+                StorageError::CorruptBatch { reason } => {
+                    corrupt(format!("at byte {position}: {reason}"))
+                }
+                other => other,
+            })?;
+            out.push(RecordBatch::parse(bytes.slice(position..position + total))?);
+            position += total;
+        }
+        Ok(out)
     }
     pub fn base_offset(&self) -> i64 {
-        todo!()
+        be_i64(&self.bytes, field::BASE_OFFSET)
     }
     pub fn last_offset(&self) -> i64 {
-        todo!()
+        self.base_offset()
+            .saturating_add(i64::from(self.last_offset_delta()))
+    }
+    /// `last_offset - base_offset`.
+    pub fn last_offset_delta(&self) -> i32 {
+        be_i32(&self.bytes, field::LAST_OFFSET_DELTA)
     }
     pub fn record_count(&self) -> i32 {
-        todo!()
+        be_i32(&self.bytes, field::RECORDS_COUNT)
     }
     pub fn leader_epoch(&self) -> i32 {
-        todo!()
+        be_i32(&self.bytes, field::PARTITION_LEADER_EPOCH)
+    }
+    pub fn attributes(&self) -> i16 {
+        be_i16(&self.bytes, field::ATTRIBUTES)
+    }
+    /// True when the broker stamped the batch with log-append time.
+    pub fn is_log_append_time(&self) -> bool {
+        self.attributes() & ATTR_LOG_APPEND_TIME != 0
+    }
+    pub fn base_timestamp(&self) -> i64 {
+        be_i64(&self.bytes, field::BASE_TIMESTAMP)
     }
     pub fn max_timestamp(&self) -> i64 {
-        todo!()
+        be_i64(&self.bytes, field::MAX_TIMESTAMP)
     }
     pub fn producer_id(&self) -> i64 {
-        todo!()
+        be_i64(&self.bytes, field::PRODUCER_ID)
+    }
+    pub fn producer_epoch(&self) -> i16 {
+        be_i16(&self.bytes, field::PRODUCER_EPOCH)
+    }
+    pub fn base_sequence(&self) -> i32 {
+        be_i32(&self.bytes, field::BASE_SEQUENCE)
     }
     pub fn size_bytes(&self) -> usize {
-        todo!()
+        self.bytes.len()
     }
     pub fn as_bytes(&self) -> &Bytes {
-        todo!()
+        &self.bytes
     }
     /// Decodes the records, zero-copy.
     pub fn records(&self) -> Result<Vec<Record>> {
-        todo!()
+        let codec = self.attributes() & ATTR_COMPRESSION_MASK;
+        if codec != 0 {
+            return Err(corrupt(format!("unsupported compression codec {codec}")));
+        }
+        let count = self.record_count();
+        let body = self.bytes.slice(HEADER_LEN..);
+        let count_usize = usize::try_from(count)
+            .map_err(|_| corrupt(format!("negative record count {count}")))?;
+        // Never trust the count for allocation: bound it by what the bytes
+        // could possibly hold.
+        let mut records = Vec::with_capacity(count_usize.min(body.len() / RECORD_BYTES_MIN));
+        let mut cursor = Cursor {
+            buf: &body,
+            position: 0,
+        };
+        let log_append_time = self.is_log_append_time().then(|| self.max_timestamp());
+        for index in 0..count_usize {
+            let record = cursor
+                .record(self.base_offset(), self.base_timestamp(), log_append_time)
+                .map_err(|reason| corrupt(format!("record {index}: {reason}")))?;
+            records.push(record);
+        }
+        if cursor.position != body.len() {
+            return Err(corrupt(format!(
+                "{} trailing bytes after {count} records",
+                body.len() - cursor.position
+            )));
+        }
+        Ok(records)
+    }
+}
+
+/// A bounds-checked reader over a batch body.
+struct Cursor<'a> {
+    buf: &'a Bytes,
+    position: usize,
+}
+
+impl Cursor<'_> {
+    fn varint(&mut self) -> Result<i32, &'static str> {
+        let (v, used) = read_varint(&self.buf[self.position..]).ok_or("bad varint")?;
+        self.position += used;
+        Ok(v)
+    }
+    fn varlong(&mut self) -> Result<i64, &'static str> {
+        let (v, used) = read_varlong(&self.buf[self.position..]).ok_or("bad varlong")?;
+        self.position += used;
+        Ok(v)
+    }
+    fn i8(&mut self) -> Result<i8, &'static str> {
+        let b = *self.buf.get(self.position).ok_or("truncated")?;
+        self.position += 1;
+        Ok(b as i8)
+    }
+    /// A length-prefixed byte field; -1 means null.
+    fn bytes(&mut self, end: usize) -> Result<Option<Bytes>, &'static str> {
+        let len = self.varint()?;
+        if len == -1 {
+            return Ok(None);
+        }
+        let len = usize::try_from(len).map_err(|_| "negative length")?;
+        if len > end.saturating_sub(self.position) {
+            return Err("length beyond record");
+        }
+        let out = self.buf.slice(self.position..self.position + len);
+        self.position += len;
+        Ok(Some(out))
+    }
+    fn record(
+        &mut self,
+        base_offset: i64,
+        base_timestamp: i64,
+        log_append_time: Option<i64>,
+    ) -> Result<Record, &'static str> {
+        let len = self.varint()?;
+        let len = usize::try_from(len).map_err(|_| "negative record length")?;
+        if len > self.buf.len() - self.position {
+            return Err("record length beyond batch");
+        }
+        let end = self.position + len;
+        let _attributes = self.i8()?;
+        let timestamp_delta = self.varlong()?;
+        let offset_delta = self.varint()?;
+        let key = self.bytes(end)?;
+        let value = self.bytes(end)?;
+        let header_count = self.varint()?;
+        let header_count = usize::try_from(header_count).map_err(|_| "negative header count")?;
+        // Each header takes at least two bytes.
+        let mut headers =
+            Vec::with_capacity(header_count.min(end.saturating_sub(self.position) / 2));
+        for _ in 0..header_count {
+            let key = self.bytes(end)?.ok_or("null header key")?;
+            let key = String::from_utf8(key.to_vec()).map_err(|_| "header key not utf-8")?;
+            let value = self.bytes(end)?;
+            headers.push(Header { key, value });
+        }
+        if self.position != end {
+            return Err("record length does not match its fields");
+        }
+        let timestamp_ms = match log_append_time {
+            Some(t) => t,
+            None => base_timestamp
+                .checked_add(timestamp_delta)
+                .ok_or("timestamp overflow")?,
+        };
+        Ok(Record {
+            offset: base_offset
+                .checked_add(i64::from(offset_delta))
+                .ok_or("offset overflow")?,
+            timestamp_ms,
+            key,
+            value,
+            headers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> BytesMut {
+        let mut b = BatchBuilder::new().producer(7, 1, 3);
+        b.push(
+            1000,
+            Some(b"k1"),
+            Some(b"v1"),
+            &[("h", Some(b"x")), ("n", None)],
+        );
+        b.push(990, None, Some(b"v2"), &[]);
+        b.push(1010, Some(b""), None, &[]);
+        b.build()
+    }
+
+    #[test]
+    fn builds_and_decodes() {
+        let bytes = sample().freeze();
+        let batch = RecordBatch::parse(bytes.clone()).unwrap();
+        assert_eq!(batch.size_bytes(), bytes.len());
+        assert_eq!(batch.record_count(), 3);
+        assert_eq!(batch.last_offset(), 2);
+        assert_eq!(batch.max_timestamp(), 1010);
+        assert_eq!(batch.producer_id(), 7);
+        let records = batch.records().unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[0].key.as_deref(), Some(&b"k1"[..]));
+        assert_eq!(records[0].headers[0].key, "h");
+        assert_eq!(records[0].headers[1].value, None);
+        assert_eq!(records[1].timestamp_ms, 990);
+        assert_eq!(records[1].key, None);
+        assert_eq!(records[2].value, None);
+        assert_eq!(records[2].offset, 2);
+        validate_for_append(bytes).unwrap();
+    }
+
+    #[test]
+    fn offset_and_epoch_rewrite_keep_crc() {
+        let mut b = sample();
+        set_base_offset(&mut b, 100);
+        set_leader_epoch(&mut b, 9);
+        let batch = RecordBatch::parse(b.freeze()).unwrap();
+        assert_eq!(batch.base_offset(), 100);
+        assert_eq!(batch.leader_epoch(), 9);
+        assert_eq!(batch.records().unwrap()[2].offset, 102);
+    }
+
+    #[test]
+    fn log_append_time_overrides_timestamps() {
+        let mut b = sample();
+        set_log_append_time(&mut b, 5555);
+        let batch = RecordBatch::parse(b.freeze()).unwrap();
+        assert!(batch.is_log_append_time());
+        assert!(batch
+            .records()
+            .unwrap()
+            .iter()
+            .all(|r| r.timestamp_ms == 5555));
+    }
+
+    #[test]
+    fn framing_states() {
+        let b = sample();
+        assert_eq!(batch_len(&b[..5]), Decode::Incomplete(12));
+        assert_eq!(batch_len(&b[..20]), Decode::Incomplete(b.len()));
+        assert_eq!(batch_len(&b), Decode::Complete(b.len()));
+        let mut bad = b.clone();
+        bad[field::MAGIC] = 1;
+        assert_eq!(batch_len(&bad), Decode::Invalid("unknown magic"));
+        let mut bad = b.clone();
+        bad[8..12].copy_from_slice(&3i32.to_be_bytes());
+        assert!(matches!(batch_len(&bad), Decode::Invalid(_)));
+    }
+
+    #[test]
+    fn crc_flip_is_detected() {
+        let mut b = sample();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        assert!(matches!(
+            RecordBatch::parse(b.freeze()),
+            Err(StorageError::CorruptBatch { .. })
+        ));
+    }
+
+    #[test]
+    fn huge_record_count_does_not_allocate() {
+        let mut b = sample();
+        b[field::RECORDS_COUNT..field::RECORDS_COUNT + 4].copy_from_slice(&i32::MAX.to_be_bytes());
+        let crc = crc32c::crc32c(&b[field::CRC_START..]);
+        b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        let batch = RecordBatch::parse(b.freeze()).unwrap();
+        assert!(matches!(
+            batch.records(),
+            Err(StorageError::CorruptBatch { .. })
+        ));
+    }
+
+    #[test]
+    fn validation_rejects_bad_counts_and_empty() {
+        let empty = BatchBuilder::new().build().freeze();
+        assert!(matches!(
+            validate_for_append(empty),
+            Err(StorageError::EmptyBatch)
+        ));
+        let mut b = sample();
+        b[field::LAST_OFFSET_DELTA..field::LAST_OFFSET_DELTA + 4]
+            .copy_from_slice(&5i32.to_be_bytes());
+        let crc = crc32c::crc32c(&b[field::CRC_START..]);
+        b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            validate_for_append(b.freeze()),
+            Err(StorageError::CorruptBatch { .. })
+        ));
+    }
+
+    #[test]
+    fn parse_all_splits_and_rejects_partial_tail() {
+        let one = sample();
+        let mut two = BytesMut::new();
+        two.extend_from_slice(&one);
+        two.extend_from_slice(&one);
+        assert_eq!(
+            RecordBatch::parse_all(two.clone().freeze()).unwrap().len(),
+            2
+        );
+        two.extend_from_slice(&one[..30]);
+        assert!(RecordBatch::parse_all(two.freeze()).is_err());
     }
 }

@@ -45,4 +45,7 @@ pub enum StorageError {
     /// The log was deleted or closed.
     #[error("log {dir} is closed")]
     Closed { dir: PathBuf },
+    /// A topic name or partition number that cannot name a directory.
+    #[error("invalid partition {topic}-{partition}")]
+    InvalidPartition { topic: String, partition: i32 },
 }

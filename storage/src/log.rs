@@ -1,10 +1,29 @@
-//! A partition's log: an ordered list of segments.
+//! A partition's log: an ordered list of segments, the last one active.
+//!
+//! Where it sits on the data path: produce → [`Log::append_as_leader`];
+//! replica fetchers → [`Log::append_as_follower`]; fetch → [`Log::read`];
+//! replication drives [`Log::set_high_watermark`], [`Log::truncate_to`] and
+//! [`Log::end_offset_for_epoch`].
+//!
+//! Concurrency: one writer at a time (the `writer` mutex serialises
+//! appends, rolls, truncation, retention and flushes); readers take an
+//! `Arc` snapshot of the segment list and atomics, never the writer lock.
+//! Bytes are written first, then the segment's size and the log end offset
+//! are published, so a reader never sees a half-written batch.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::Result;
+use crate::batch::{self, HeaderView, RecordBatch};
+use crate::checkpoint;
+use crate::epoch::EpochCache;
+use crate::index_file::io_err;
+use crate::segment::{self, OpenMode, Segment};
+use crate::{Result, StorageError};
 
 /// Which timestamp a record carries in the log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,8 +72,22 @@ pub struct LogConfig {
 }
 
 impl Default for LogConfig {
+    /// Kafka-like defaults.
     fn default() -> Self {
-        todo!()
+        LogConfig {
+            segment_bytes_max: 1 << 30,
+            segment_ms_max: None,
+            index_interval_bytes: 4096,
+            index_bytes_max: 10 << 20,
+            retention_bytes_max: None,
+            retention_ms_max: Some(7 * 24 * 60 * 60 * 1000),
+            message_bytes_max: 1_048_588,
+            timestamp_type: TimestampType::CreateTime,
+            flush: FlushPolicy::Interval {
+                messages: None,
+                ms: Some(1000),
+            },
+        }
     }
 }
 
@@ -81,95 +114,732 @@ pub struct ReadResult {
     pub high_watermark: i64,
 }
 
+type Segments = Arc<Vec<Arc<Segment>>>;
+
+/// How many times a read retries after racing with a truncation.
+const READ_RETRIES_MAX: usize = 16;
+
+/// State only the writer touches.
+#[derive(Debug)]
+struct Writer {
+    /// Messages appended since the last flush.
+    unflushed_messages: u64,
+    /// Wall-clock ms of the last flush.
+    last_flush_ms: i64,
+    /// The persisted recovery point.
+    recovery_point: i64,
+    /// The persisted high watermark.
+    high_watermark_persisted: i64,
+    /// A segment file was created or removed since the last dir fsync.
+    dir_dirty: bool,
+    closed: bool,
+}
+
 /// One partition's log. `Send + Sync`: one writer at a time (appends
 /// serialise internally), reads from any number of threads without waiting
 /// for the writer.
 #[derive(Debug)]
 pub struct Log {
-    _todo: (),
+    dir: PathBuf,
+    config: RwLock<LogConfig>,
+    /// Ordered by base offset; the last is the active segment. Replaced
+    /// wholesale (copy on write) on roll, truncation and deletion.
+    segments: RwLock<Segments>,
+    writer: Mutex<Writer>,
+    epochs: RwLock<EpochCache>,
+    log_start_offset: AtomicI64,
+    log_end_offset: AtomicI64,
+    high_watermark: AtomicI64,
+    closed: AtomicBool,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Files a crashed run may leave behind that are never valid state.
+fn is_leftover(name: &str) -> bool {
+    name.ends_with(".swap") || name.ends_with(".tmp")
 }
 
 impl Log {
     /// Opens (creating if absent) the log in `dir`, recovering the tail.
-    pub fn open(_dir: impl Into<PathBuf>, _config: LogConfig) -> Result<Log> {
-        todo!()
+    pub fn open(dir: impl Into<PathBuf>, config: LogConfig) -> Result<Log> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut bases = Vec::new();
+        let mut index_files = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(base) = segment::parse_log_name(name) {
+                bases.push(base);
+            } else if is_leftover(name) {
+                let _ = std::fs::remove_file(entry.path());
+            } else if name.ends_with(".index") || name.ends_with(".timeindex") {
+                index_files.push(entry.path());
+            }
+        }
+        bases.sort_unstable();
+        // Indexes without a log file are orphans.
+        for path in index_files {
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            if !dir.join(format!("{stem}.log")).exists() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let clean = dir.join(checkpoint::CLEAN_SHUTDOWN).exists();
+        let recovery_point =
+            checkpoint::read_offset(&dir, checkpoint::RECOVERY_POINT)?.unwrap_or(0);
+        let scan_from = if clean {
+            bases.len()
+        } else {
+            bases
+                .partition_point(|&b| b <= recovery_point)
+                .saturating_sub(1)
+        };
+        let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len());
+        for (i, &base) in bases.iter().enumerate() {
+            let mode = if i < scan_from {
+                OpenMode::Trusted
+            } else {
+                OpenMode::Recover
+            };
+            let (seg, truncated) = Segment::open(&dir, base, &config, mode)?;
+            segments.push(Arc::new(seg));
+            if truncated {
+                for &later in &bases[i + 1..] {
+                    segment::delete_files(&dir, later)?;
+                }
+                break;
+            }
+        }
+        let lso_checkpoint = checkpoint::read_offset(&dir, checkpoint::LOG_START_OFFSET)?;
+        if segments.is_empty() {
+            let base = lso_checkpoint.unwrap_or(0).max(0);
+            segments.push(Arc::new(Segment::create(&dir, base, &config)?));
+        }
+        let last = segments.len() - 1;
+        for seg in &segments[..last] {
+            seg.seal()?;
+        }
+        segments[last].make_active(&config)?;
+        let log_end_offset = segments[last].next_offset();
+        let log_start_offset = lso_checkpoint
+            .unwrap_or(i64::MIN)
+            .max(segments[0].base_offset())
+            .min(log_end_offset);
+        let high_watermark = checkpoint::read_offset(&dir, checkpoint::HIGH_WATERMARK)?
+            .unwrap_or(log_start_offset)
+            .clamp(log_start_offset, log_end_offset);
+        let mut epochs = EpochCache::load(&dir)?;
+        epochs.truncate_from_end(log_end_offset)?;
+        epochs.truncate_from_start(log_start_offset)?;
+        if !clean {
+            // Everything scanned is now known good; make it durable and
+            // move the recovery point to the end.
+            for seg in &segments[scan_from.min(last)..] {
+                seg.sync_all()?;
+            }
+        }
+        checkpoint::write_offset(&dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
+        if clean {
+            // Must be durable before any append: a stale marker would skip
+            // recovery of a torn tail after the next crash.
+            let marker = dir.join(checkpoint::CLEAN_SHUTDOWN);
+            std::fs::remove_file(&marker).map_err(io_err(&marker))?;
+        }
+        checkpoint::sync_dir(&dir)?;
+        tracing::debug!(dir = %dir.display(), log_start_offset, log_end_offset, clean, segments = segments.len(), "opened log");
+        Ok(Log {
+            dir,
+            config: RwLock::new(config),
+            segments: RwLock::new(Arc::new(segments)),
+            writer: Mutex::new(Writer {
+                unflushed_messages: 0,
+                last_flush_ms: now_ms(),
+                recovery_point: log_end_offset,
+                high_watermark_persisted: high_watermark,
+                dir_dirty: false,
+                closed: false,
+            }),
+            epochs: RwLock::new(epochs),
+            log_start_offset: AtomicI64::new(log_start_offset),
+            log_end_offset: AtomicI64::new(log_end_offset),
+            high_watermark: AtomicI64::new(high_watermark),
+            closed: AtomicBool::new(false),
+        })
     }
+
     pub fn dir(&self) -> &Path {
-        todo!()
+        &self.dir
     }
     pub fn config(&self) -> LogConfig {
-        todo!()
+        self.config.read().expect("config lock").clone()
     }
     /// Replace the config (alter topic config); takes effect from now.
-    pub fn set_config(&self, _config: LogConfig) {
-        todo!()
+    pub fn set_config(&self, config: LogConfig) {
+        *self.config.write().expect("config lock") = config;
     }
+
+    fn snapshot(&self) -> Segments {
+        self.segments.read().expect("segments lock").clone()
+    }
+
+    fn publish(&self, segments: Vec<Arc<Segment>>) {
+        *self.segments.write().expect("segments lock") = Arc::new(segments);
+    }
+
+    fn closed_error(&self) -> StorageError {
+        StorageError::Closed {
+            dir: self.dir.clone(),
+        }
+    }
+
+    fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if w.closed {
+            return Err(self.closed_error());
+        }
+        Ok(w)
+    }
+
     /// Validates, assigns offsets from the log end, stamps `leader_epoch`
     /// (and log-append time), writes. Returns the assigned offsets.
-    pub fn append_as_leader(&self, _batch: BytesMut, _leader_epoch: i32) -> Result<AppendInfo> {
-        todo!()
+    pub fn append_as_leader(&self, batch: BytesMut, leader_epoch: i32) -> Result<AppendInfo> {
+        let config = self.config();
+        if batch.len() > config.message_bytes_max as usize {
+            return Err(StorageError::RecordTooLarge {
+                size: batch.len(),
+                max: config.message_bytes_max as usize,
+            });
+        }
+        let frozen = batch.freeze();
+        let record_count = batch::validate_for_append(frozen.clone())?.record_count();
+        let mut batch = frozen
+            .try_into_mut()
+            .unwrap_or_else(|b| BytesMut::from(&b[..]));
+        let mut w = self.lock_writer()?;
+        let base_offset = self.log_end_offset();
+        batch::set_base_offset(&mut batch, base_offset);
+        batch::set_leader_epoch(&mut batch, leader_epoch);
+        let mut log_append_time_ms = -1;
+        if config.timestamp_type == TimestampType::LogAppendTime {
+            log_append_time_ms = now_ms();
+            batch::set_log_append_time(&mut batch, log_append_time_ms);
+        }
+        let header = HeaderView::read(&batch).expect("validated batch has a header");
+        self.epochs
+            .write()
+            .expect("epochs lock")
+            .assign(leader_epoch, base_offset)?;
+        self.append_locked(&mut w, &config, &batch, &header)?;
+        self.after_append(&mut w, &config, i64::from(record_count) as u64)?;
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: header.last_offset(),
+            log_append_time_ms,
+            record_count,
+        })
     }
+
     /// Appends batches that already carry offsets and epochs (replication).
-    pub fn append_as_follower(&self, _batches: Bytes) -> Result<AppendInfo> {
-        todo!()
+    pub fn append_as_follower(&self, batches: Bytes) -> Result<AppendInfo> {
+        let config = self.config();
+        let parsed = RecordBatch::parse_all(batches)?;
+        let mut w = self.lock_writer()?;
+        let log_end_offset = self.log_end_offset();
+        let Some(first) = parsed.first() else {
+            return Err(StorageError::EmptyBatch);
+        };
+        let mut expected = log_end_offset;
+        let mut record_count: i32 = 0;
+        for b in &parsed {
+            if b.base_offset() != expected {
+                return Err(StorageError::NonContiguous {
+                    base_offset: b.base_offset(),
+                    log_end_offset: expected,
+                });
+            }
+            if b.record_count() <= 0 || b.last_offset_delta() < 0 {
+                return Err(StorageError::EmptyBatch);
+            }
+            expected = b.last_offset() + 1;
+            record_count = record_count.saturating_add(b.record_count());
+        }
+        let base_offset = first.base_offset();
+        for b in &parsed {
+            let header = HeaderView::read(b.as_bytes()).expect("parsed batch has a header");
+            self.epochs
+                .write()
+                .expect("epochs lock")
+                .assign(b.leader_epoch(), b.base_offset())?;
+            self.append_locked(&mut w, &config, b.as_bytes(), &header)?;
+        }
+        self.after_append(&mut w, &config, record_count.max(0) as u64)?;
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: expected - 1,
+            log_append_time_ms: -1,
+            record_count,
+        })
     }
+
+    /// Writer only: rolls if needed, writes one batch, publishes the end.
+    fn append_locked(
+        &self,
+        w: &mut Writer,
+        config: &LogConfig,
+        bytes: &[u8],
+        header: &HeaderView,
+    ) -> Result<()> {
+        let segments = self.snapshot();
+        let mut active = segments.last().expect("always one segment").clone();
+        if self.should_roll(
+            &active,
+            config,
+            bytes.len() as u64,
+            header.last_offset(),
+            now_ms(),
+        ) {
+            active = self.roll(w, config, header.base_offset)?;
+        }
+        active.append(bytes, header, config)?;
+        self.log_end_offset
+            .store(header.last_offset() + 1, Ordering::Release);
+        Ok(())
+    }
+
+    fn should_roll(
+        &self,
+        active: &Segment,
+        config: &LogConfig,
+        len: u64,
+        last_offset: i64,
+        now_ms: i64,
+    ) -> bool {
+        let size = active.size();
+        if size == 0 {
+            return false;
+        }
+        let too_big = size + len > config.segment_bytes_max || size + len > u64::from(u32::MAX);
+        let too_old = config
+            .segment_ms_max
+            .is_some_and(|ms| now_ms.saturating_sub(active.first_timestamp()) > ms as i64);
+        let offsets_overflow = last_offset - active.base_offset() > i64::from(u32::MAX);
+        too_big || too_old || offsets_overflow || active.indexes_full()
+    }
+
+    /// Writer only: seals the active segment and starts one at `base`.
+    fn roll(&self, w: &mut Writer, config: &LogConfig, base: i64) -> Result<Arc<Segment>> {
+        let segments = self.snapshot();
+        let old = segments.last().expect("always one segment");
+        let base = base.max(old.next_offset());
+        old.seal()?;
+        let new = Arc::new(Segment::create(&self.dir, base, config)?);
+        let mut list = segments.as_ref().clone();
+        list.push(new.clone());
+        self.publish(list);
+        w.dir_dirty = true;
+        tracing::debug!(dir = %self.dir.display(), base, "rolled segment");
+        Ok(new)
+    }
+
+    fn after_append(&self, w: &mut Writer, config: &LogConfig, messages: u64) -> Result<()> {
+        w.unflushed_messages += messages;
+        match config.flush {
+            FlushPolicy::EveryBatch => self.sync_segments(w),
+            FlushPolicy::Interval { messages, ms } => {
+                let by_count = messages.is_some_and(|m| w.unflushed_messages >= m);
+                let now = now_ms();
+                let by_time = ms.is_some_and(|ms| now.saturating_sub(w.last_flush_ms) >= ms as i64);
+                if by_count || by_time {
+                    self.flush_locked(w, now)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// fsyncs every dirty segment's bytes (and the directory if segments
+    /// were created); does not move the recovery point.
+    fn sync_segments(&self, w: &mut Writer) -> Result<()> {
+        for seg in self.snapshot().iter() {
+            seg.sync_data()?;
+        }
+        if w.dir_dirty {
+            checkpoint::sync_dir(&self.dir)?;
+            w.dir_dirty = false;
+        }
+        w.unflushed_messages = 0;
+        Ok(())
+    }
+
+    /// fsyncs everything and records the recovery point and high watermark.
+    fn flush_locked(&self, w: &mut Writer, now: i64) -> Result<()> {
+        let log_end_offset = self.log_end_offset();
+        for seg in self.snapshot().iter() {
+            seg.sync_all()?;
+        }
+        if w.dir_dirty {
+            checkpoint::sync_dir(&self.dir)?;
+            w.dir_dirty = false;
+        }
+        if w.recovery_point != log_end_offset {
+            checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
+            w.recovery_point = log_end_offset;
+        }
+        self.persist_high_watermark(w)?;
+        w.unflushed_messages = 0;
+        w.last_flush_ms = now;
+        Ok(())
+    }
+
+    fn persist_high_watermark(&self, w: &mut Writer) -> Result<()> {
+        let hw = self.high_watermark();
+        if hw != w.high_watermark_persisted {
+            checkpoint::write_offset(&self.dir, checkpoint::HIGH_WATERMARK, hw)?;
+            w.high_watermark_persisted = hw;
+        }
+        Ok(())
+    }
+
     /// Reads whole batches from the segment holding `offset`, up to
     /// `max_bytes` (at least one batch), only batches whose last offset is
     /// below `upper_bound` (exclusive, e.g. the high watermark).
-    pub fn read(&self, _offset: i64, _max_bytes: usize, _upper_bound: i64) -> Result<ReadResult> {
-        todo!()
+    pub fn read(&self, offset: i64, max_bytes: usize, upper_bound: i64) -> Result<ReadResult> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let mut attempt = 0;
+        loop {
+            let log_start_offset = self.log_start_offset();
+            let log_end_offset = self.log_end_offset();
+            let high_watermark = self.high_watermark();
+            // Taken after loading the log end, so a segment rolled for any
+            // offset below that end is in the list.
+            let segments = self.snapshot();
+            if offset < log_start_offset || offset > log_end_offset {
+                return Err(StorageError::OffsetOutOfRange {
+                    offset,
+                    log_start_offset,
+                    log_end_offset,
+                });
+            }
+            let mut result = ReadResult {
+                batches: Bytes::new(),
+                log_start_offset,
+                log_end_offset,
+                high_watermark,
+            };
+            if offset == log_end_offset || offset >= upper_bound {
+                return Ok(result);
+            }
+            let first = segments
+                .partition_point(|s| s.base_offset() <= offset)
+                .saturating_sub(1);
+            let mut raced = false;
+            for seg in &segments[first..] {
+                if offset >= seg.next_offset() {
+                    continue; // empty segment or a gap: try the next one
+                }
+                let read = seg.read(offset.max(seg.base_offset()), max_bytes, upper_bound);
+                if seg.is_retired() {
+                    raced = true;
+                    break;
+                }
+                result.batches = read?;
+                return Ok(result);
+            }
+            if !raced || attempt >= READ_RETRIES_MAX {
+                return Ok(result);
+            }
+            attempt += 1;
+        }
     }
+
     pub fn log_start_offset(&self) -> i64 {
-        todo!()
+        self.log_start_offset.load(Ordering::Acquire)
     }
     pub fn log_end_offset(&self) -> i64 {
-        todo!()
+        self.log_end_offset.load(Ordering::Acquire)
     }
     pub fn high_watermark(&self) -> i64 {
-        todo!()
+        self.high_watermark.load(Ordering::Acquire)
     }
     /// Replication's hook: sets the high watermark (clamped to
     /// [log_start_offset, log_end_offset]) and persists it lazily.
-    pub fn set_high_watermark(&self, _offset: i64) {
-        todo!()
+    pub fn set_high_watermark(&self, offset: i64) {
+        let clamped = offset.clamp(self.log_start_offset(), self.log_end_offset());
+        self.high_watermark.store(clamped, Ordering::Release);
     }
+
     /// First (offset, timestamp) whose timestamp >= `timestamp_ms`.
-    pub fn offset_for_timestamp(&self, _timestamp_ms: i64) -> Result<Option<(i64, i64)>> {
-        todo!()
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(i64, i64)>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        for _ in 0..READ_RETRIES_MAX {
+            let log_start_offset = self.log_start_offset();
+            let mut found = None;
+            let mut raced = false;
+            for seg in self.snapshot().iter() {
+                if seg.max_timestamp() < timestamp_ms || seg.next_offset() <= log_start_offset {
+                    continue;
+                }
+                let r = seg.find_timestamp(timestamp_ms, log_start_offset);
+                if seg.is_retired() {
+                    raced = true;
+                    break;
+                }
+                if let Some(hit) = r? {
+                    found = Some(hit);
+                    break;
+                }
+            }
+            if !raced {
+                return Ok(found);
+            }
+        }
+        Ok(None)
     }
+
     /// Removes every record at or after `offset`.
-    pub fn truncate_to(&self, _offset: i64) -> Result<()> {
-        todo!()
+    pub fn truncate_to(&self, offset: i64) -> Result<()> {
+        let mut w = self.lock_writer()?;
+        let config = self.config();
+        if offset >= self.log_end_offset() {
+            return Ok(());
+        }
+        let segments = self.snapshot();
+        let log_start_offset = self.log_start_offset();
+        let mut kept: Vec<Arc<Segment>>;
+        let doomed: Vec<Arc<Segment>>;
+        if offset <= log_start_offset || offset <= segments[0].base_offset() {
+            // Nothing survives: start over at `offset`.
+            let new_start = offset.max(0);
+            doomed = segments.iter().rev().cloned().collect();
+            for seg in &doomed {
+                seg.delete_files()?;
+            }
+            kept = vec![Arc::new(Segment::create(&self.dir, new_start, &config)?)];
+            checkpoint::write_offset(&self.dir, checkpoint::LOG_START_OFFSET, new_start)?;
+            self.log_start_offset.store(new_start, Ordering::Release);
+        } else {
+            let i = segments.partition_point(|s| s.base_offset() <= offset) - 1;
+            doomed = segments[i + 1..].iter().rev().cloned().collect();
+            for seg in &doomed {
+                seg.delete_files()?;
+            }
+            let replacement = Arc::new(segments[i].truncate_to(&self.dir, offset, &config)?);
+            kept = segments[..i].to_vec();
+            kept.push(replacement);
+        }
+        let log_end_offset = kept.last().expect("one segment").next_offset();
+        self.publish(kept);
+        w.dir_dirty = true;
+        self.log_end_offset.store(log_end_offset, Ordering::Release);
+        if self.log_start_offset() > log_end_offset {
+            // The batch holding the log start went too (truncation is by
+            // whole batches): the log is now empty at its end.
+            checkpoint::write_offset(&self.dir, checkpoint::LOG_START_OFFSET, log_end_offset)?;
+            self.log_start_offset
+                .store(log_end_offset, Ordering::Release);
+        }
+        self.high_watermark
+            .fetch_min(log_end_offset, Ordering::AcqRel);
+        if w.recovery_point > log_end_offset {
+            checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
+            w.recovery_point = log_end_offset;
+        }
+        self.epochs
+            .write()
+            .expect("epochs lock")
+            .truncate_from_end(log_end_offset)?;
+        checkpoint::sync_dir(&self.dir)?;
+        w.dir_dirty = false;
+        tracing::info!(dir = %self.dir.display(), offset, log_end_offset, removed_segments = doomed.len(), "truncated log");
+        Ok(())
     }
+
     /// Advances the log start offset to `offset`, deleting whole segments
     /// below it. Returns the new log start offset.
-    pub fn delete_records_before(&self, _offset: i64) -> Result<i64> {
-        todo!()
+    pub fn delete_records_before(&self, offset: i64) -> Result<i64> {
+        let mut w = self.lock_writer()?;
+        let log_end_offset = self.log_end_offset();
+        let log_start_offset = self.log_start_offset();
+        if offset > log_end_offset {
+            return Err(StorageError::OffsetOutOfRange {
+                offset,
+                log_start_offset,
+                log_end_offset,
+            });
+        }
+        if offset <= log_start_offset {
+            return Ok(log_start_offset);
+        }
+        self.advance_log_start(offset)?;
+        let segments = self.snapshot();
+        let expired = segments[..segments.len() - 1]
+            .iter()
+            .take_while(|s| s.next_offset() <= offset)
+            .count();
+        self.delete_oldest(&mut w, expired)?;
+        Ok(offset)
     }
+
+    fn advance_log_start(&self, offset: i64) -> Result<()> {
+        checkpoint::write_offset(&self.dir, checkpoint::LOG_START_OFFSET, offset)?;
+        self.log_start_offset.store(offset, Ordering::Release);
+        self.high_watermark.fetch_max(offset, Ordering::AcqRel);
+        self.epochs
+            .write()
+            .expect("epochs lock")
+            .truncate_from_start(offset)
+    }
+
+    /// Writer only: deletes the `count` oldest segments (never the active
+    /// one), moving the log start offset past them.
+    fn delete_oldest(&self, w: &mut Writer, count: usize) -> Result<usize> {
+        let segments = self.snapshot();
+        let count = count.min(segments.len() - 1);
+        if count == 0 {
+            return Ok(0);
+        }
+        let new_start = segments[count].base_offset();
+        if new_start > self.log_start_offset() {
+            self.advance_log_start(new_start)?;
+        }
+        self.publish(segments[count..].to_vec());
+        for seg in &segments[..count] {
+            seg.delete_files()?;
+        }
+        w.dir_dirty = true;
+        tracing::debug!(dir = %self.dir.display(), count, log_start_offset = self.log_start_offset(), "deleted segments");
+        Ok(count)
+    }
+
     /// Latest (epoch, start offset) in the leader-epoch checkpoint.
     pub fn latest_epoch(&self) -> Option<(i32, i64)> {
-        todo!()
+        self.epochs.read().expect("epochs lock").latest()
     }
     /// End offset of `epoch`: (largest epoch <= `epoch`, start of the next
     /// epoch or the log end).
-    pub fn end_offset_for_epoch(&self, _epoch: i32) -> Option<(i32, i64)> {
-        todo!()
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, i64)> {
+        self.epochs
+            .read()
+            .expect("epochs lock")
+            .end_offset_for(epoch, self.log_end_offset())
     }
+
     /// Periodic work: roll by age, retention by size and age, interval
     /// flush. Returns the number of segments deleted.
-    pub fn tick(&self, _now_ms: i64) -> Result<usize> {
-        todo!()
+    pub fn tick(&self, now_ms: i64) -> Result<usize> {
+        let mut w = self.lock_writer()?;
+        let config = self.config();
+        let segments = self.snapshot();
+        let active = segments.last().expect("one segment");
+        let too_old = config.segment_ms_max.is_some_and(|ms| {
+            active.size() > 0 && now_ms.saturating_sub(active.first_timestamp()) > ms as i64
+        });
+        if too_old {
+            self.roll(&mut w, &config, active.next_offset())?;
+        }
+        let segments = self.snapshot();
+        let closed = &segments[..segments.len() - 1];
+        let mut expired = 0;
+        if let Some(ms) = config.retention_ms_max {
+            let cutoff = now_ms.saturating_sub(ms as i64);
+            expired = closed
+                .iter()
+                .take_while(|s| s.max_timestamp() < cutoff)
+                .count();
+        }
+        if let Some(bytes_max) = config.retention_bytes_max {
+            let mut total: u64 = segments.iter().map(|s| s.size()).sum();
+            let mut by_size = 0;
+            for s in closed {
+                if total.saturating_sub(s.size()) < bytes_max || total <= bytes_max {
+                    break;
+                }
+                total -= s.size();
+                by_size += 1;
+            }
+            expired = expired.max(by_size);
+        }
+        let deleted = self.delete_oldest(&mut w, expired)?;
+        if let FlushPolicy::Interval { ms: Some(ms), .. } = config.flush {
+            if now_ms.saturating_sub(w.last_flush_ms) >= ms as i64 {
+                self.flush_locked(&mut w, now_ms)?;
+            }
+        }
+        if config.flush == FlushPolicy::EveryBatch {
+            // Data is already durable; move the recovery point lazily.
+            self.flush_locked(&mut w, now_ms)?;
+        }
+        self.persist_high_watermark(&mut w)?;
+        Ok(deleted)
     }
+
     /// fsyncs everything written and records the recovery point.
     pub fn flush(&self) -> Result<()> {
-        todo!()
+        let mut w = self.lock_writer()?;
+        self.flush_locked(&mut w, now_ms())
     }
+
     /// Total bytes of all segment files.
     pub fn size_bytes(&self) -> u64 {
-        todo!()
+        self.snapshot().iter().map(|s| s.size()).sum()
     }
+
     /// Flushes and closes; later calls fail with `Closed`.
     pub fn close(&self) -> Result<()> {
-        todo!()
+        let mut w = self.lock_writer()?;
+        self.flush_locked(&mut w, now_ms())?;
+        let segments = self.snapshot();
+        segments.last().expect("one segment").seal()?;
+        for seg in segments.iter() {
+            seg.sync_all()?;
+        }
+        let marker = self.dir.join(checkpoint::CLEAN_SHUTDOWN);
+        std::fs::File::create(&marker).map_err(io_err(&marker))?;
+        checkpoint::sync_dir(&self.dir)?;
+        w.closed = true;
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Closes without the clean-shutdown marker or a final flush, as a
+    /// crash would leave it (tests and tools). Later calls fail with
+    /// `Closed`.
+    pub fn close_unclean(&self) {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.closed = true;
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Number of segments (tests, metrics).
+    pub fn segment_count(&self) -> usize {
+        self.snapshot().len()
+    }
+
+    /// Base offsets of the segments, oldest first (tests, metrics).
+    pub fn segment_base_offsets(&self) -> Vec<i64> {
+        self.snapshot().iter().map(|s| s.base_offset()).collect()
+    }
+
+    /// Path of the `.log` file of the segment holding `offset` (tools).
+    pub fn segment_path_for(&self, offset: i64) -> Option<PathBuf> {
+        let segments = self.snapshot();
+        let i = segments
+            .partition_point(|s| s.base_offset() <= offset)
+            .checked_sub(1)?;
+        Some(segments[i].log_path().to_path_buf())
     }
 }

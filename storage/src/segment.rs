@@ -1,1 +1,848 @@
-//! todo
+//! One segment of a partition log: `<base>.log` plus its sparse
+//! `<base>.index` and `<base>.timeindex`, named by the 20-digit base offset.
+//!
+//! Concurrency: only the log's writer (holding the log's writer mutex)
+//! calls the mutating methods; readers use `&self` and see bytes only up to
+//! `size`, which is published (Release) after the bytes are written. A
+//! segment is *closed* once rolled: its file never changes again and reads
+//! slice a read-only mmap of it. Truncating a closed segment writes a new
+//! file and renames it over the old one, so live mappings stay valid;
+//! truncating the active segment in place sets `retired` first so readers
+//! that raced with it retry.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{OnceLock, RwLock};
+
+use bytes::Bytes;
+use memmap2::Mmap;
+
+use crate::batch::{self, HeaderView, HEADER_LEN};
+use crate::index_file::io_err;
+use crate::offset_index::OffsetIndex;
+use crate::time_index::TimeIndex;
+use crate::{LogConfig, Result, StorageError};
+
+/// Timestamp of a segment with no batches (Kafka's NO_TIMESTAMP).
+pub(crate) const NO_TIMESTAMP: i64 = -1;
+/// Read-ahead used by recovery scans.
+const SCAN_CHUNK_BYTES: usize = 1 << 20;
+
+pub(crate) fn file_name(base_offset: i64, suffix: &str) -> String {
+    format!("{base_offset:020}.{suffix}")
+}
+
+/// Parses `<20 digits>.log` into a base offset.
+pub(crate) fn parse_log_name(name: &str) -> Option<i64> {
+    let stem = name.strip_suffix(".log")?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+fn remove_files<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> Result<()> {
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(path)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Unlinks the files of the segment at `base_offset` in `dir`.
+pub(crate) fn delete_files(dir: &Path, base_offset: i64) -> Result<()> {
+    let (log, index, time_index) = Segment::paths(dir, base_offset);
+    remove_files([&log, &index, &time_index])
+}
+
+#[derive(Debug)]
+pub(crate) struct Segment {
+    base_offset: i64,
+    log_path: PathBuf,
+    index_path: PathBuf,
+    time_index_path: PathBuf,
+    file: File,
+    /// Committed bytes: everything below is whole, written batches.
+    size: AtomicU64,
+    /// One past the last offset stored here (== base when empty).
+    next_offset: AtomicI64,
+    /// Largest batch max timestamp, or NO_TIMESTAMP.
+    max_timestamp: AtomicI64,
+    /// Max timestamp of the first batch (roll by age), or NO_TIMESTAMP.
+    first_timestamp: AtomicI64,
+    index: RwLock<OffsetIndex>,
+    time_index: RwLock<TimeIndex>,
+    /// Writer-only: log bytes appended since the last index entry.
+    bytes_since_index_entry: AtomicU64,
+    /// Rolled: the file is immutable and may be mmapped.
+    closed: AtomicBool,
+    /// Truncated in place; readers that overlapped must retry.
+    retired: AtomicBool,
+    /// Log bytes written but not fsync'd.
+    dirty_data: AtomicBool,
+    /// Index entries or file lengths changed since the last index sync.
+    dirty_indexes: AtomicBool,
+    /// The read-only mapping of a closed segment, made on first read.
+    mmap: OnceLock<Bytes>,
+}
+
+/// What a scan of a segment's log found.
+#[derive(Debug)]
+struct Scan {
+    /// Position after the last good batch.
+    end: u64,
+    next_offset: i64,
+    max_timestamp: i64,
+    first_timestamp: i64,
+    bytes_since_index_entry: u64,
+    /// The first bad batch: (position, reason).
+    error: Option<(u64, String)>,
+}
+
+/// Sequential reader with read-ahead for scans.
+struct ScanReader<'a> {
+    file: &'a File,
+    buf: Vec<u8>,
+    buf_position: u64,
+}
+
+impl<'a> ScanReader<'a> {
+    fn new(file: &'a File) -> Self {
+        ScanReader {
+            file,
+            buf: Vec::new(),
+            buf_position: 0,
+        }
+    }
+    /// `len` (<= SCAN_CHUNK_BYTES) bytes at `position`, or fewer at EOF.
+    fn slice(&mut self, position: u64, len: usize) -> std::io::Result<&[u8]> {
+        let in_buf = position >= self.buf_position
+            && position + len as u64 <= self.buf_position + self.buf.len() as u64;
+        if !in_buf {
+            self.buf.resize(SCAN_CHUNK_BYTES.max(len), 0);
+            let mut filled = 0;
+            while filled < self.buf.len() {
+                let n = self
+                    .file
+                    .read_at(&mut self.buf[filled..], position + filled as u64)?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            self.buf.truncate(filled);
+            self.buf_position = position;
+        }
+        let start = (position - self.buf_position) as usize;
+        let end = (start + len).min(self.buf.len());
+        Ok(&self.buf[start.min(end)..end])
+    }
+    /// crc32c of `[position, position + len)`.
+    fn crc(&mut self, mut position: u64, mut len: u64) -> std::io::Result<Option<u32>> {
+        let mut crc = 0;
+        while len > 0 {
+            let step = len.min(SCAN_CHUNK_BYTES as u64) as usize;
+            let chunk = self.slice(position, step)?;
+            if chunk.len() < step {
+                return Ok(None);
+            }
+            crc = crc32c::crc32c_append(crc, chunk);
+            position += step as u64;
+            len -= step as u64;
+        }
+        Ok(Some(crc))
+    }
+}
+
+/// Indexing state while appending or rebuilding.
+struct Indexer<'a> {
+    index: &'a mut OffsetIndex,
+    time_index: &'a mut TimeIndex,
+    interval_bytes: u64,
+}
+
+impl Indexer<'_> {
+    /// Records the batch at `position`; `bytes_since` and `max_timestamp`
+    /// are the running totals (max_timestamp already includes this batch).
+    fn on_batch(
+        &mut self,
+        header: &HeaderView,
+        position: u64,
+        bytes_since: &mut u64,
+        max_timestamp: i64,
+    ) {
+        if *bytes_since >= self.interval_bytes {
+            self.index.push(header.base_offset, position);
+            self.time_index
+                .maybe_push(max_timestamp, header.last_offset());
+            *bytes_since = 0;
+        }
+        *bytes_since += header.total_len as u64;
+    }
+}
+
+/// Walks batches from `from` (whose first batch must start at or after
+/// `expected_next`) to `log_len`. With `check_crc` every batch's CRC is
+/// verified. Stops at the first bad batch.
+fn scan(
+    file: &File,
+    log_len: u64,
+    from: u64,
+    expected_next: i64,
+    check_crc: bool,
+    mut indexer: Option<Indexer<'_>>,
+) -> std::io::Result<Scan> {
+    let mut reader = ScanReader::new(file);
+    let mut out = Scan {
+        end: from,
+        next_offset: expected_next,
+        max_timestamp: NO_TIMESTAMP,
+        first_timestamp: NO_TIMESTAMP,
+        bytes_since_index_entry: 0,
+        error: None,
+    };
+    let mut position = from;
+    while position < log_len {
+        let header = reader.slice(position, HEADER_LEN)?;
+        let Some(h) = HeaderView::read(header) else {
+            out.error = Some((position, "bad batch header (length or magic)".into()));
+            break;
+        };
+        let stored_crc = u32::from_be_bytes(header[17..21].try_into().expect("4 bytes"));
+        if position + h.total_len as u64 > log_len {
+            out.error = Some((
+                position,
+                format!(
+                    "torn batch: {} bytes past the end",
+                    position + h.total_len as u64 - log_len
+                ),
+            ));
+            break;
+        }
+        // Batches in a segment are contiguous (leader and follower appends
+        // both enforce it), which also catches damage to the base offset,
+        // a field the CRC does not cover.
+        if h.last_offset_delta < 0 || h.base_offset != out.next_offset {
+            out.error = Some((
+                position,
+                format!(
+                    "batch offsets {}..={} do not follow {}",
+                    h.base_offset,
+                    h.last_offset(),
+                    out.next_offset - 1
+                ),
+            ));
+            break;
+        }
+        if check_crc {
+            let crc = reader.crc(
+                position + batch::field::CRC_START as u64,
+                h.total_len as u64 - batch::field::CRC_START as u64,
+            )?;
+            if crc != Some(stored_crc) {
+                out.error = Some((
+                    position,
+                    format!("crc mismatch: stored {stored_crc:#010x}, computed {crc:?}"),
+                ));
+                break;
+            }
+        }
+        if out.first_timestamp == NO_TIMESTAMP && position == 0 {
+            out.first_timestamp = h.max_timestamp;
+        }
+        out.max_timestamp = out.max_timestamp.max(h.max_timestamp);
+        if let Some(ix) = indexer.as_mut() {
+            ix.on_batch(
+                &h,
+                position,
+                &mut out.bytes_since_index_entry,
+                out.max_timestamp,
+            );
+        } else {
+            out.bytes_since_index_entry += h.total_len as u64;
+        }
+        out.next_offset = h.last_offset() + 1;
+        position += h.total_len as u64;
+        out.end = position;
+    }
+    Ok(out)
+}
+
+/// How to open an existing segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OpenMode {
+    /// Below the recovery point: trust the bytes, sanity-check the
+    /// indexes, rebuild them only if missing or invalid.
+    Trusted,
+    /// At or after the recovery point: CRC-check every batch, rebuild the
+    /// indexes, truncate at the first bad batch.
+    Recover,
+}
+
+impl Segment {
+    fn paths(dir: &Path, base_offset: i64) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            dir.join(file_name(base_offset, "log")),
+            dir.join(file_name(base_offset, "index")),
+            dir.join(file_name(base_offset, "timeindex")),
+        )
+    }
+
+    fn open_file(path: &Path, create: bool) -> Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(create)
+            .open(path)
+            .map_err(io_err(path))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        base_offset: i64,
+        paths: (PathBuf, PathBuf, PathBuf),
+        file: File,
+        index: OffsetIndex,
+        time_index: TimeIndex,
+        size: u64,
+        next_offset: i64,
+        max_timestamp: i64,
+        first_timestamp: i64,
+        bytes_since_index_entry: u64,
+    ) -> Segment {
+        Segment {
+            base_offset,
+            log_path: paths.0,
+            index_path: paths.1,
+            time_index_path: paths.2,
+            file,
+            size: AtomicU64::new(size),
+            next_offset: AtomicI64::new(next_offset),
+            max_timestamp: AtomicI64::new(max_timestamp),
+            first_timestamp: AtomicI64::new(first_timestamp),
+            index: RwLock::new(index),
+            time_index: RwLock::new(time_index),
+            bytes_since_index_entry: AtomicU64::new(bytes_since_index_entry),
+            closed: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            dirty_data: AtomicBool::new(false),
+            dirty_indexes: AtomicBool::new(true),
+            mmap: OnceLock::new(),
+        }
+    }
+
+    /// Creates a new, empty, active segment (replacing stale files).
+    pub(crate) fn create(dir: &Path, base_offset: i64, config: &LogConfig) -> Result<Segment> {
+        let paths = Self::paths(dir, base_offset);
+        let file = Self::open_file(&paths.0, true)?;
+        let index = OffsetIndex::create(&paths.1, base_offset, config.index_bytes_max)?;
+        let time_index = TimeIndex::create(&paths.2, base_offset, config.index_bytes_max)?;
+        Ok(Self::assemble(
+            base_offset,
+            paths,
+            file,
+            index,
+            time_index,
+            0,
+            base_offset,
+            NO_TIMESTAMP,
+            NO_TIMESTAMP,
+            0,
+        ))
+    }
+
+    /// Opens an existing segment. Returns the segment and, in `Recover`
+    /// mode, whether a bad tail was truncated (the caller then deletes all
+    /// later segments). The indexes are left writable; call `seal` for
+    /// segments that are not the active one.
+    pub(crate) fn open(
+        dir: &Path,
+        base_offset: i64,
+        config: &LogConfig,
+        mode: OpenMode,
+    ) -> Result<(Segment, bool)> {
+        let paths = Self::paths(dir, base_offset);
+        let file = Self::open_file(&paths.0, false)?;
+        let log_len = file.metadata().map_err(io_err(&paths.0))?.len();
+        if mode == OpenMode::Trusted {
+            if let Some(segment) = Self::open_trusted(base_offset, &paths, &file, log_len)? {
+                let (index, time_index, scan) = segment;
+                let seg = Self::assemble(
+                    base_offset,
+                    paths,
+                    file,
+                    index,
+                    time_index,
+                    log_len,
+                    scan.next_offset,
+                    scan.max_timestamp,
+                    scan.first_timestamp,
+                    scan.bytes_since_index_entry,
+                );
+                seg.dirty_indexes.store(false, Ordering::Relaxed);
+                return Ok((seg, false));
+            }
+        }
+        // Rebuild both indexes from a scan of the whole log file.
+        let mut index = OffsetIndex::create(&paths.1, base_offset, config.index_bytes_max)?;
+        let mut time_index = TimeIndex::create(&paths.2, base_offset, config.index_bytes_max)?;
+        let indexer = Indexer {
+            index: &mut index,
+            time_index: &mut time_index,
+            interval_bytes: u64::from(config.index_interval_bytes),
+        };
+        let check_crc = mode == OpenMode::Recover;
+        let scan = scan(&file, log_len, 0, base_offset, check_crc, Some(indexer))
+            .map_err(io_err(&paths.0))?;
+        let mut truncated = false;
+        if let Some((position, reason)) = &scan.error {
+            if mode == OpenMode::Trusted {
+                return Err(StorageError::CorruptSegment {
+                    path: paths.0.clone(),
+                    position: *position,
+                    reason: reason.clone(),
+                });
+            }
+            tracing::warn!(path = %paths.0.display(), position, reason = %reason, "truncating log tail during recovery");
+            file.set_len(scan.end).map_err(io_err(&paths.0))?;
+            file.sync_all().map_err(io_err(&paths.0))?;
+            truncated = true;
+        }
+        let seg = Self::assemble(
+            base_offset,
+            paths,
+            file,
+            index,
+            time_index,
+            scan.end,
+            scan.next_offset,
+            scan.max_timestamp,
+            scan.first_timestamp,
+            scan.bytes_since_index_entry,
+        );
+        Ok((seg, truncated))
+    }
+
+    /// The cheap path: sane indexes, then a header walk from the last
+    /// offset-index entry to the end of the file. `None` means rebuild.
+    #[allow(clippy::type_complexity)]
+    fn open_trusted(
+        base_offset: i64,
+        paths: &(PathBuf, PathBuf, PathBuf),
+        file: &File,
+        log_len: u64,
+    ) -> Result<Option<(OffsetIndex, TimeIndex, Scan)>> {
+        let Some(index) = OffsetIndex::open_checked(&paths.1, base_offset, log_len)? else {
+            return Ok(None);
+        };
+        let Some(time_index) = TimeIndex::open_checked(&paths.2, base_offset)? else {
+            return Ok(None);
+        };
+        let (from_offset, from) = index.last().unwrap_or((base_offset, 0));
+        let mut scan =
+            scan(file, log_len, from, from_offset, false, None).map_err(io_err(&paths.0))?;
+        if scan.error.is_some() {
+            return Ok(None);
+        }
+        if from > 0 {
+            let mut first = [0u8; HEADER_LEN];
+            if file.read_exact_at(&mut first, 0).is_ok() {
+                scan.first_timestamp =
+                    HeaderView::read(&first).map_or(NO_TIMESTAMP, |h| h.max_timestamp);
+            }
+        }
+        if let Some((t, _)) = time_index.last() {
+            scan.max_timestamp = scan.max_timestamp.max(t);
+        }
+        if from == 0 && log_len == 0 {
+            scan.next_offset = base_offset;
+        }
+        Ok(Some((index, time_index, scan)))
+    }
+
+    /// Makes the indexes appendable again (the active segment after a
+    /// clean open, whose indexes were trimmed at close).
+    pub(crate) fn make_active(&self, config: &LogConfig) -> Result<()> {
+        let mut index = self.index.write().expect("index lock");
+        if index.is_full() {
+            index.file().make_writable(config.index_bytes_max)?;
+        }
+        let mut time_index = self.time_index.write().expect("time index lock");
+        if time_index.is_full() {
+            time_index.file().make_writable(config.index_bytes_max)?;
+        }
+        Ok(())
+    }
+
+    /// Rolls this segment: a final time-index entry, indexes trimmed,
+    /// then marked closed (immutable, mmap-readable).
+    pub(crate) fn seal(&self) -> Result<()> {
+        let mut time_index = self.time_index.write().expect("time index lock");
+        let max_timestamp = self.max_timestamp();
+        if self.size() > 0 {
+            time_index.maybe_push(max_timestamp, self.next_offset() - 1);
+        }
+        time_index.file().trim()?;
+        drop(time_index);
+        self.index.write().expect("index lock").file().trim()?;
+        self.dirty_indexes.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub(crate) fn base_offset(&self) -> i64 {
+        self.base_offset
+    }
+    pub(crate) fn next_offset(&self) -> i64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    pub(crate) fn max_timestamp(&self) -> i64 {
+        self.max_timestamp.load(Ordering::Acquire)
+    }
+    pub(crate) fn first_timestamp(&self) -> i64 {
+        self.first_timestamp.load(Ordering::Acquire)
+    }
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+    pub(crate) fn indexes_full(&self) -> bool {
+        self.index.read().expect("index lock").is_full()
+            || self.time_index.read().expect("time index lock").is_full()
+    }
+
+    /// Writer only: appends one whole, checked batch and publishes it.
+    pub(crate) fn append(
+        &self,
+        bytes: &[u8],
+        header: &HeaderView,
+        config: &LogConfig,
+    ) -> Result<()> {
+        let position = self.size.load(Ordering::Relaxed);
+        self.file
+            .write_all_at(bytes, position)
+            .map_err(io_err(&self.log_path))?;
+        self.dirty_data.store(true, Ordering::Release);
+        let max_timestamp = self.max_timestamp().max(header.max_timestamp);
+        {
+            let mut index = self.index.write().expect("index lock");
+            let mut time_index = self.time_index.write().expect("time index lock");
+            let mut indexer = Indexer {
+                index: &mut index,
+                time_index: &mut time_index,
+                interval_bytes: u64::from(config.index_interval_bytes),
+            };
+            let mut bytes_since = self.bytes_since_index_entry.load(Ordering::Relaxed);
+            indexer.on_batch(header, position, &mut bytes_since, max_timestamp);
+            self.bytes_since_index_entry
+                .store(bytes_since, Ordering::Relaxed);
+        }
+        self.dirty_indexes.store(true, Ordering::Release);
+        if position == 0 {
+            self.first_timestamp
+                .store(header.max_timestamp, Ordering::Release);
+        }
+        self.max_timestamp.store(max_timestamp, Ordering::Release);
+        self.next_offset
+            .store(header.last_offset() + 1, Ordering::Release);
+        self.size
+            .store(position + bytes.len() as u64, Ordering::Release);
+        Ok(())
+    }
+
+    /// `len` bytes at `position` (< size): a slice of the mmap when closed,
+    /// a positional read otherwise. May return fewer bytes if the file was
+    /// truncated concurrently (the caller checks `is_retired`).
+    fn read_range(&self, position: u64, len: usize) -> Result<Bytes> {
+        if self.closed.load(Ordering::Acquire) {
+            let map = self.mapped()?;
+            let start = (position as usize).min(map.len());
+            let end = start.saturating_add(len).min(map.len());
+            return Ok(map.slice(start..end));
+        }
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            match self
+                .file
+                .read_at(&mut buf[filled..], position + filled as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(&self.log_path)(e)),
+            }
+        }
+        buf.truncate(filled);
+        Ok(Bytes::from(buf))
+    }
+
+    #[allow(unsafe_code)]
+    fn mapped(&self) -> Result<Bytes> {
+        if let Some(b) = self.mmap.get() {
+            return Ok(b.clone());
+        }
+        let size = self.size();
+        if size == 0 {
+            return Ok(Bytes::new());
+        }
+        // SAFETY: the segment is closed, so this process never writes or
+        // shrinks this file again: truncating a closed segment writes a new
+        // file and renames it over this one, and deletion only unlinks, so
+        // the mapped inode keeps its length for the mapping's lifetime. The
+        // data directory is owned by this broker (external modification is
+        // outside the model, as for any mmap-based store).
+        let map = unsafe { Mmap::map(&self.file) }.map_err(io_err(&self.log_path))?;
+        let map = Bytes::from_owner(map);
+        let map = map.slice(..(size as usize).min(map.len()));
+        Ok(self.mmap.get_or_init(|| map).clone())
+    }
+
+    fn corrupt(&self, position: u64, reason: impl Into<String>) -> StorageError {
+        StorageError::CorruptSegment {
+            path: self.log_path.clone(),
+            position,
+            reason: reason.into(),
+        }
+    }
+
+    fn header_at(&self, position: u64, size: u64) -> Result<HeaderView> {
+        let bytes = self.read_range(position, HEADER_LEN)?;
+        let h =
+            HeaderView::read(&bytes).ok_or_else(|| self.corrupt(position, "bad batch header"))?;
+        if position + h.total_len as u64 > size {
+            return Err(self.corrupt(
+                position,
+                format!(
+                    "batch of {} bytes runs past the segment end {size}",
+                    h.total_len
+                ),
+            ));
+        }
+        Ok(h)
+    }
+
+    /// Position and header of the first batch whose last offset >= `offset`,
+    /// within the first `size` bytes.
+    fn find(&self, offset: i64, size: u64) -> Result<Option<(u64, HeaderView)>> {
+        let mut position = self.index.read().expect("index lock").lookup(offset);
+        while position < size {
+            let h = self.header_at(position, size)?;
+            if h.last_offset() >= offset {
+                return Ok(Some((position, h)));
+            }
+            position += h.total_len as u64;
+        }
+        Ok(None)
+    }
+
+    /// Whole batches starting with the one holding `offset` (or the next
+    /// one), at most `max_bytes` but at least one batch, each with a last
+    /// offset below `upper_bound`. CRC-checked.
+    pub(crate) fn read(&self, offset: i64, max_bytes: usize, upper_bound: i64) -> Result<Bytes> {
+        let size = self.size();
+        let Some((start, first)) = self.find(offset, size)? else {
+            return Ok(Bytes::new());
+        };
+        if first.last_offset() >= upper_bound {
+            return Ok(Bytes::new());
+        }
+        let available = (size - start) as usize;
+        let len = max_bytes.min(available).max(first.total_len);
+        let data = self.read_range(start, len)?;
+        let mut end = 0;
+        while end < data.len() {
+            let rest = &data[end..];
+            match batch::batch_len(rest) {
+                batch::Decode::Incomplete(_) if end > 0 => break,
+                _ => {}
+            }
+            let total = batch::check_batch(rest)
+                .map_err(|e| self.corrupt(start + end as u64, e.to_string()))?;
+            let h = HeaderView::read(rest)
+                .ok_or_else(|| self.corrupt(start + end as u64, "bad batch header"))?;
+            if h.last_offset() >= upper_bound {
+                break;
+            }
+            end += total;
+        }
+        Ok(data.slice(..end))
+    }
+
+    /// First (offset, timestamp) at or after `timestamp_ms` whose offset
+    /// is >= `offset_min`.
+    pub(crate) fn find_timestamp(
+        &self,
+        timestamp_ms: i64,
+        offset_min: i64,
+    ) -> Result<Option<(i64, i64)>> {
+        let size = self.size();
+        let from_offset = self
+            .time_index
+            .read()
+            .expect("time index lock")
+            .last_older_than(timestamp_ms)
+            .unwrap_or(self.base_offset)
+            .max(offset_min);
+        let Some((mut position, _)) = self.find(from_offset, size)? else {
+            return Ok(None);
+        };
+        while position < size {
+            let h = self.header_at(position, size)?;
+            if h.max_timestamp >= timestamp_ms && h.last_offset() >= offset_min {
+                let bytes = self.read_range(position, h.total_len)?;
+                let batch = batch::RecordBatch::parse(bytes)
+                    .map_err(|e| self.corrupt(position, e.to_string()))?;
+                let records = batch
+                    .records()
+                    .map_err(|e| self.corrupt(position, e.to_string()))?;
+                if let Some(r) = records
+                    .iter()
+                    .find(|r| r.timestamp_ms >= timestamp_ms && r.offset >= offset_min)
+                {
+                    return Ok(Some((r.offset, r.timestamp_ms)));
+                }
+            }
+            position += h.total_len as u64;
+        }
+        Ok(None)
+    }
+
+    /// fsyncs appended log bytes (not the indexes).
+    pub(crate) fn sync_data(&self) -> Result<()> {
+        if self.dirty_data.swap(false, Ordering::AcqRel) {
+            self.file.sync_data().map_err(io_err(&self.log_path))?;
+        }
+        Ok(())
+    }
+
+    /// fsyncs log bytes and both indexes.
+    pub(crate) fn sync_all(&self) -> Result<()> {
+        self.sync_data()?;
+        if self.dirty_indexes.swap(false, Ordering::AcqRel) {
+            self.index.read().expect("index lock").flush()?;
+            self.time_index.read().expect("time index lock").flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writer only: the position of the first batch whose last offset is
+    /// >= `offset` (the truncation point), or the size.
+    pub(crate) fn truncation_position(&self, offset: i64) -> Result<u64> {
+        let size = self.size();
+        Ok(self.find(offset, size)?.map_or(size, |(p, _)| p))
+    }
+
+    /// Writer only: removes every batch whose last offset is >= `offset`.
+    /// Returns the replacement (active) segment; `self` must be dropped
+    /// from the segment list.
+    pub(crate) fn truncate_to(
+        &self,
+        dir: &Path,
+        offset: i64,
+        config: &LogConfig,
+    ) -> Result<Segment> {
+        let position = self.truncation_position(offset)?;
+        if self.closed.load(Ordering::Acquire) {
+            // Live mmaps of this file must stay valid: copy and rename.
+            let swap = self.log_path.with_extension("log.swap");
+            let mut out = File::create(&swap).map_err(io_err(&swap))?;
+            let mut src = std::io::Read::take(
+                File::open(&self.log_path).map_err(io_err(&self.log_path))?,
+                position,
+            );
+            std::io::copy(&mut src, &mut out).map_err(io_err(&swap))?;
+            out.sync_all().map_err(io_err(&swap))?;
+            std::fs::rename(&swap, &self.log_path).map_err(io_err(&self.log_path))?;
+        } else {
+            self.retired.store(true, Ordering::SeqCst);
+            self.file
+                .set_len(position)
+                .map_err(io_err(&self.log_path))?;
+            self.file.sync_all().map_err(io_err(&self.log_path))?;
+        }
+        // The prefix is trusted data; rebuild the indexes from it.
+        let (seg, _) = Segment::open(dir, self.base_offset, config, OpenMode::Recover)?;
+        Ok(seg)
+    }
+
+    /// Unlinks the segment's files (open handles and mmaps stay valid).
+    pub(crate) fn delete_files(&self) -> Result<()> {
+        remove_files([&self.log_path, &self.index_path, &self.time_index_path])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::BatchBuilder;
+
+    fn batch(base: i64, n: usize, ts: i64) -> Vec<u8> {
+        let mut b = BatchBuilder::new();
+        for i in 0..n {
+            b.push(ts + i as i64, None, Some(&[7u8; 100]), &[]);
+        }
+        let mut bytes = b.build();
+        batch::set_base_offset(&mut bytes, base);
+        bytes.to_vec()
+    }
+
+    fn config() -> LogConfig {
+        LogConfig {
+            index_interval_bytes: 500,
+            index_bytes_max: 4096,
+            ..LogConfig::default()
+        }
+    }
+
+    #[test]
+    fn names_parse() {
+        assert_eq!(file_name(5, "log"), "00000000000000000005.log");
+        assert_eq!(parse_log_name("00000000000000000005.log"), Some(5));
+        assert_eq!(parse_log_name("5.log"), None);
+        assert_eq!(parse_log_name("0000000000000000000x.log"), None);
+    }
+
+    #[test]
+    fn append_read_seal_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config();
+        let seg = Segment::create(dir.path(), 10, &cfg).unwrap();
+        let mut offset = 10;
+        for i in 0..20 {
+            let b = batch(offset, 3, 1000 + i);
+            let h = HeaderView::read(&b).unwrap();
+            seg.append(&b, &h, &cfg).unwrap();
+            offset += 3;
+        }
+        assert_eq!(seg.next_offset(), 70);
+        let got = seg.read(35, 1, i64::MAX).unwrap();
+        let batches = batch::RecordBatch::parse_all(got).unwrap();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].base_offset(), 34);
+        assert_eq!(seg.find_timestamp(1005, 0).unwrap(), Some((21, 1005)));
+        assert_eq!(seg.find_timestamp(1015, 22).unwrap(), Some((51, 1015)));
+        assert_eq!(seg.find_timestamp(5000, 0).unwrap(), None);
+        assert!(seg.read(40, 10_000, 40).unwrap().is_empty());
+        seg.seal().unwrap();
+        let mapped = seg.read(10, 1 << 20, 43).unwrap();
+        assert_eq!(batch::RecordBatch::parse_all(mapped).unwrap().len(), 11);
+        drop(seg);
+        let (seg, truncated) = Segment::open(dir.path(), 10, &cfg, OpenMode::Trusted).unwrap();
+        assert!(!truncated);
+        assert_eq!(seg.next_offset(), 70);
+        assert_eq!(seg.max_timestamp(), 1021);
+        assert_eq!(seg.first_timestamp(), 1002);
+    }
+}

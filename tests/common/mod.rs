@@ -28,7 +28,14 @@ impl ServerProcess {
     /// connections (it prints `runnel listening on ADDR`).
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
         let mut child = Command::new(runnel_bin())
-            .args(["server", "--node-id", "1", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "server",
+                "--node-id",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -90,7 +97,11 @@ pub fn cli(addr: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
         .arg("--bootstrap")
         .arg(addr)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -1,0 +1,230 @@
+//! A memory-mapped file of fixed-width entries: the shared mechanics of
+//! the sparse offset index and the time index.
+//!
+//! The active segment's index is preallocated to `index_bytes_max` and
+//! mapped read-write; on roll or close it is trimmed to its entries and
+//! remapped read-only. Files are never shrunk while another mapping of them
+//! may be alive: replacing an index unlinks the old file first.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, MmapMut};
+
+use crate::{Result, StorageError};
+
+#[derive(Debug)]
+enum Map {
+    /// No mapping (zero-length file).
+    Empty,
+    ReadOnly(Mmap),
+    Writable(MmapMut),
+}
+
+#[derive(Debug)]
+pub(crate) struct IndexFile {
+    path: PathBuf,
+    file: File,
+    map: Map,
+    entry_len: usize,
+    /// Entries written.
+    count: usize,
+    /// Capacity of the current mapping, in entries.
+    count_max: usize,
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl IndexFile {
+    /// Replaces any file at `path` (unlinking it, so live mappings of the
+    /// old file stay valid) with an empty index preallocated to `bytes_max`.
+    pub(crate) fn create(path: &Path, entry_len: usize, bytes_max: u32) -> Result<IndexFile> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(path)(e)),
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let mut index = IndexFile {
+            path: path.to_path_buf(),
+            file,
+            map: Map::Empty,
+            entry_len,
+            count: 0,
+            count_max: 0,
+        };
+        index.make_writable(bytes_max)?;
+        Ok(index)
+    }
+
+    /// Opens an existing index read-only, taking every whole entry in the
+    /// file as written. `None` if the file is missing or not a whole number
+    /// of entries (the caller rebuilds it).
+    pub(crate) fn open(path: &Path, entry_len: usize) -> Result<Option<IndexFile>> {
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let len = file.metadata().map_err(io_err(path))?.len();
+        if len % entry_len as u64 != 0 || len > u64::from(u32::MAX) {
+            return Ok(None);
+        }
+        let count = (len / entry_len as u64) as usize;
+        let map = Self::map_read_only(&file, path, len)?;
+        Ok(Some(IndexFile {
+            path: path.to_path_buf(),
+            file,
+            map,
+            entry_len,
+            count,
+            count_max: count,
+        }))
+    }
+
+    #[allow(unsafe_code)]
+    fn map_read_only(file: &File, path: &Path, len: u64) -> Result<Map> {
+        if len == 0 {
+            return Ok(Map::Empty);
+        }
+        // SAFETY: the mapping covers exactly the file's current length. This
+        // crate is the only writer of index files and never shrinks an index
+        // file that is mapped: trimming happens only on a writable index
+        // after its own mapping is dropped, and replacement unlinks the file
+        // instead of truncating it, so the mapped pages stay valid.
+        let map = unsafe { Mmap::map(file) }.map_err(io_err(path))?;
+        Ok(Map::ReadOnly(map))
+    }
+
+    /// Grows the file to `bytes_max` (never shrinking below the entries)
+    /// and maps it read-write for appends.
+    #[allow(unsafe_code)]
+    pub(crate) fn make_writable(&mut self, bytes_max: u32) -> Result<()> {
+        let used = (self.count * self.entry_len) as u64;
+        let len = (u64::from(bytes_max) / self.entry_len as u64 * self.entry_len as u64).max(used);
+        self.map = Map::Empty;
+        self.file.set_len(len).map_err(io_err(&self.path))?;
+        self.count_max = (len / self.entry_len as u64) as usize;
+        if len > 0 {
+            // SAFETY: the file was just sized to `len` by us; only this
+            // struct writes it while it is writable, and the file is shrunk
+            // (in `trim`) only after this mapping is dropped.
+            let map = unsafe { MmapMut::map_mut(&self.file) }.map_err(io_err(&self.path))?;
+            self.map = Map::Writable(map);
+        }
+        Ok(())
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.map {
+            Map::Empty => &[],
+            Map::ReadOnly(m) => m,
+            Map::Writable(m) => m,
+        }
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        !matches!(self.map, Map::Writable(_)) || self.count >= self.count_max
+    }
+
+    /// Entry `i` (< count).
+    pub(crate) fn entry(&self, i: usize) -> &[u8] {
+        &self.bytes()[i * self.entry_len..(i + 1) * self.entry_len]
+    }
+
+    /// Appends one entry; false when full or read-only.
+    pub(crate) fn push(&mut self, entry: &[u8]) -> bool {
+        debug_assert_eq!(entry.len(), self.entry_len);
+        if self.is_full() {
+            return false;
+        }
+        let at = self.count * self.entry_len;
+        if let Map::Writable(m) = &mut self.map {
+            m[at..at + self.entry_len].copy_from_slice(entry);
+        }
+        self.count += 1;
+        true
+    }
+
+    /// Shrinks the file to its entries and remaps it read-only.
+    pub(crate) fn trim(&mut self) -> Result<()> {
+        if let Map::Writable(m) = &self.map {
+            m.flush().map_err(io_err(&self.path))?;
+        }
+        self.map = Map::Empty;
+        let len = (self.count * self.entry_len) as u64;
+        self.file.set_len(len).map_err(io_err(&self.path))?;
+        self.count_max = self.count;
+        self.map = Self::map_read_only(&self.file, &self.path, len)?;
+        Ok(())
+    }
+
+    /// msyncs the mapping and fsyncs the file (length changes included).
+    pub(crate) fn flush(&self) -> Result<()> {
+        if let Map::Writable(m) = &self.map {
+            m.flush().map_err(io_err(&self.path))?;
+        }
+        self.file.sync_all().map_err(io_err(&self.path))
+    }
+
+    /// Binary search: the last entry `i` with `key(entry(i)) <= target`.
+    pub(crate) fn floor_by<K: Ord>(&self, target: &K, key: impl Fn(&[u8]) -> K) -> Option<usize> {
+        let (mut lo, mut hi) = (0, self.count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if key(self.entry(mid)) <= *target {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo.checked_sub(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_trim_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.index");
+        let mut idx = IndexFile::create(&path, 8, 80).unwrap();
+        for i in 0..10u64 {
+            assert!(idx.push(&i.to_be_bytes()));
+        }
+        assert!(!idx.push(&11u64.to_be_bytes()));
+        idx.truncate_for_test(4);
+        idx.trim().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 32);
+        let idx = IndexFile::open(&path, 8).unwrap().unwrap();
+        assert_eq!(idx.count(), 4);
+        assert_eq!(idx.entry(3), &3u64.to_be_bytes());
+        let key = |e: &[u8]| u64::from_be_bytes(e.try_into().unwrap());
+        assert_eq!(idx.floor_by(&2, key), Some(2));
+        assert_eq!(idx.floor_by(&100, key), Some(3));
+        std::fs::write(&path, [0u8; 5]).unwrap();
+        assert!(IndexFile::open(&path, 8).unwrap().is_none());
+    }
+
+    impl IndexFile {
+        fn truncate_for_test(&mut self, count: usize) {
+            self.count = count;
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! Behaviour of one partition's `Log` through its public API: append,
+//! read, roll, indexes, timestamps, truncation, retention, checkpoints.
+
+mod common;
+
+use bytes::Bytes;
+use common::{batch, read_all, small_config, values};
+use runnel_storage::{FlushPolicy, Log, LogConfig, RecordBatch, StorageError, TimestampType};
+
+#[test]
+fn append_read_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(1 << 20)).unwrap();
+    for i in 0..10 {
+        let info = log.append_as_leader(batch(i, 3, 1000), 1).unwrap();
+        assert_eq!(info.base_offset, i as i64 * 3);
+        assert_eq!(info.last_offset, i as i64 * 3 + 2);
+        assert_eq!(info.record_count, 3);
+        assert_eq!(info.log_append_time_ms, -1);
+    }
+    assert_eq!(log.log_end_offset(), 30);
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), 30);
+    assert_eq!(all[7], (7, b"2:1".to_vec()));
+    log.close().unwrap();
+    assert!(matches!(
+        log.read(0, 1, 1),
+        Err(StorageError::Closed { .. })
+    ));
+    drop(log);
+    let log = Log::open(dir.path(), small_config(1 << 20)).unwrap();
+    assert_eq!(log.log_end_offset(), 30);
+    assert_eq!(read_all(&log, 0), all);
+    // Appends continue after a clean reopen.
+    assert_eq!(
+        log.append_as_leader(batch(99, 1, 5), 1)
+            .unwrap()
+            .base_offset,
+        30
+    );
+}
+
+#[test]
+fn read_bounds_and_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(1 << 20)).unwrap();
+    for i in 0..5 {
+        log.append_as_leader(batch(i, 2, 0), 0).unwrap();
+    }
+    let out_of_range = log.read(11, 100, i64::MAX);
+    assert!(matches!(
+        out_of_range,
+        Err(StorageError::OffsetOutOfRange {
+            offset: 11,
+            log_start_offset: 0,
+            log_end_offset: 10
+        })
+    ));
+    assert!(log.read(10, 100, i64::MAX).unwrap().batches.is_empty());
+    // At least one batch even when max_bytes is tiny; starts at the batch
+    // holding the offset.
+    let one = RecordBatch::parse_all(log.read(3, 1, i64::MAX).unwrap().batches).unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].base_offset(), 2);
+    // Upper bound is exclusive on each batch's last offset.
+    let bounded = RecordBatch::parse_all(log.read(0, 1 << 20, 5).unwrap().batches).unwrap();
+    assert_eq!(bounded.last().unwrap().last_offset(), 3);
+    assert!(log.read(4, 1 << 20, 5).unwrap().batches.is_empty());
+    let r = log.read(0, 1 << 20, i64::MAX).unwrap();
+    assert_eq!((r.log_start_offset, r.log_end_offset), (0, 10));
+    assert_eq!(RecordBatch::parse_all(r.batches).unwrap().len(), 5);
+}
+
+#[test]
+fn rolls_by_size_and_reads_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 4, 0).len() as u64;
+    let log = Log::open(dir.path(), small_config(one * 3)).unwrap();
+    for i in 0..10 {
+        log.append_as_leader(batch(i, 4, i as i64 * 10), 0).unwrap();
+    }
+    // Three batches fit exactly; the fourth rolls.
+    assert_eq!(log.segment_base_offsets(), vec![0, 12, 24, 36]);
+    assert_eq!(log.size_bytes(), one * 10);
+    let r = RecordBatch::parse_all(log.read(13, 1 << 20, i64::MAX).unwrap().batches).unwrap();
+    assert_eq!(
+        r.iter().map(|b| b.base_offset()).collect::<Vec<_>>(),
+        vec![12, 16, 20]
+    );
+    assert_eq!(read_all(&log, 0).len(), 40);
+    // An oversized batch still goes into an empty segment.
+    let big = small_config(10);
+    log.set_config(big);
+    log.append_as_leader(batch(11, 4, 0), 0).unwrap();
+    log.append_as_leader(batch(12, 4, 0), 0).unwrap();
+    assert_eq!(log.segment_count(), 6);
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(one * 3)).unwrap();
+    assert_eq!(log.segment_count(), 6);
+    assert_eq!(read_all(&log, 0).len(), 48);
+}
+
+#[test]
+fn offset_for_timestamp_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 4, 0).len() as u64;
+    let log = Log::open(dir.path(), small_config(one * 2)).unwrap();
+    for i in 0..10 {
+        log.append_as_leader(batch(i, 4, 1000 + i as i64 * 10), 0)
+            .unwrap();
+    }
+    assert_eq!(log.offset_for_timestamp(0).unwrap(), Some((0, 1000)));
+    assert_eq!(log.offset_for_timestamp(1042).unwrap(), Some((18, 1042)));
+    assert_eq!(log.offset_for_timestamp(1045).unwrap(), Some((20, 1050)));
+    assert_eq!(log.offset_for_timestamp(1093).unwrap(), Some((39, 1093)));
+    assert_eq!(log.offset_for_timestamp(1094).unwrap(), None);
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(one * 2)).unwrap();
+    assert_eq!(log.offset_for_timestamp(1045).unwrap(), Some((20, 1050)));
+}
+
+#[test]
+fn log_append_time_stamps_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        timestamp_type: TimestampType::LogAppendTime,
+        ..small_config(1 << 20)
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    let info = log.append_as_leader(batch(0, 3, 5), 0).unwrap();
+    assert!(info.log_append_time_ms > 1_600_000_000_000);
+    let b = RecordBatch::parse_all(log.read(0, 1 << 20, i64::MAX).unwrap().batches).unwrap();
+    assert!(b[0].is_log_append_time());
+    assert_eq!(b[0].max_timestamp(), info.log_append_time_ms);
+    assert!(b[0]
+        .records()
+        .unwrap()
+        .iter()
+        .all(|r| r.timestamp_ms == info.log_append_time_ms));
+}
+
+#[test]
+fn leader_validation_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        message_bytes_max: 200,
+        ..small_config(1 << 20)
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    let big = batch(0, 50, 0);
+    assert!(matches!(
+        log.append_as_leader(big, 0),
+        Err(StorageError::RecordTooLarge { max: 200, .. })
+    ));
+    assert!(matches!(
+        log.append_as_leader(runnel_storage::BatchBuilder::new().build(), 0),
+        Err(StorageError::EmptyBatch)
+    ));
+    let mut bad = batch(0, 2, 0);
+    let at = bad.len() - 1;
+    bad[at] ^= 0xff;
+    assert!(matches!(
+        log.append_as_leader(bad, 0),
+        Err(StorageError::CorruptBatch { .. })
+    ));
+    let mut short = batch(0, 2, 0);
+    short.truncate(40);
+    assert!(matches!(
+        log.append_as_leader(short, 0),
+        Err(StorageError::CorruptBatch { .. })
+    ));
+    assert_eq!(log.log_end_offset(), 0);
+}
+
+#[test]
+fn follower_appends_must_be_contiguous_and_track_epochs() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let follower_dir = tempfile::tempdir().unwrap();
+    let leader = Log::open(leader_dir.path(), small_config(1 << 20)).unwrap();
+    let follower = Log::open(follower_dir.path(), small_config(1 << 20)).unwrap();
+    leader.append_as_leader(batch(0, 2, 0), 1).unwrap();
+    leader.append_as_leader(batch(1, 2, 0), 1).unwrap();
+    leader.append_as_leader(batch(2, 2, 0), 3).unwrap();
+    let all = leader.read(0, 1 << 20, i64::MAX).unwrap().batches;
+    let tail = leader.read(2, 1 << 20, i64::MAX).unwrap().batches;
+    assert!(matches!(
+        follower.append_as_follower(tail),
+        Err(StorageError::NonContiguous {
+            base_offset: 2,
+            log_end_offset: 0
+        })
+    ));
+    let info = follower.append_as_follower(all).unwrap();
+    assert_eq!(
+        (info.base_offset, info.last_offset, info.record_count),
+        (0, 5, 6)
+    );
+    assert_eq!(follower.latest_epoch(), Some((3, 4)));
+    assert_eq!(follower.end_offset_for_epoch(1), Some((1, 4)));
+    assert_eq!(follower.end_offset_for_epoch(2), Some((1, 4)));
+    assert_eq!(follower.end_offset_for_epoch(3), Some((3, 6)));
+    assert_eq!(follower.end_offset_for_epoch(0), None);
+    assert!(matches!(
+        follower.append_as_follower(Bytes::new()),
+        Err(StorageError::EmptyBatch)
+    ));
+    // Divergence: truncate to the end of epoch 1, epochs follow.
+    follower.truncate_to(4).unwrap();
+    assert_eq!(follower.log_end_offset(), 4);
+    assert_eq!(follower.latest_epoch(), Some((1, 0)));
+    follower.close().unwrap();
+    let follower = Log::open(follower_dir.path(), small_config(1 << 20)).unwrap();
+    assert_eq!(follower.latest_epoch(), Some((1, 0)));
+    assert_eq!(follower.log_end_offset(), 4);
+}
+
+#[test]
+fn truncate_mid_batch_and_across_closed_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 3, 0).len() as u64;
+    let log = Log::open(dir.path(), small_config(one * 2)).unwrap();
+    for i in 0..8 {
+        log.append_as_leader(batch(i, 3, 0), 0).unwrap();
+    }
+    assert_eq!(log.segment_base_offsets(), vec![0, 6, 12, 18]);
+    // Hold a zero-copy slice of a closed segment across the truncation.
+    let held = log.read(6, 1 << 20, i64::MAX).unwrap().batches;
+    log.set_high_watermark(100);
+    assert_eq!(log.high_watermark(), 24);
+    log.truncate_to(10).unwrap();
+    // Offset 10 is inside batch 9..=11: the whole batch goes.
+    assert_eq!(log.log_end_offset(), 9);
+    assert_eq!(log.high_watermark(), 9);
+    assert_eq!(log.segment_base_offsets(), vec![0, 6]);
+    assert_eq!(values(held).len(), 6);
+    assert_eq!(read_all(&log, 0).len(), 9);
+    log.append_as_leader(batch(50, 3, 0), 0).unwrap();
+    assert_eq!(read_all(&log, 0)[9], (9, b"50:0".to_vec()));
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(one * 2)).unwrap();
+    assert_eq!(log.log_end_offset(), 12);
+    assert_eq!(read_all(&log, 0)[9], (9, b"50:0".to_vec()));
+    // Truncating below the start empties the log and restarts it there.
+    log.truncate_to(0).unwrap();
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (0, 0));
+    assert!(log.read(0, 100, i64::MAX).unwrap().batches.is_empty());
+}
+
+#[test]
+fn delete_records_before_and_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 2, 0).len() as u64;
+    let log = Log::open(dir.path(), small_config(one * 2)).unwrap();
+    for i in 0..10 {
+        log.append_as_leader(batch(i, 2, 1000 + i as i64), 0)
+            .unwrap();
+    }
+    assert_eq!(log.segment_count(), 5);
+    assert_eq!(log.delete_records_before(5).unwrap(), 5);
+    assert_eq!(log.log_start_offset(), 5);
+    assert_eq!(log.segment_base_offsets(), vec![4, 8, 12, 16]);
+    assert!(matches!(
+        log.read(4, 10, i64::MAX),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+    // Reading at the start inside a batch returns that batch.
+    assert_eq!(values(log.read(5, 1, i64::MAX).unwrap().batches)[0].0, 4);
+    assert!(log.delete_records_before(21).is_err());
+    assert_eq!(log.delete_records_before(3).unwrap(), 5);
+    // Retention by bytes keeps at least retention_bytes_max.
+    log.set_config(LogConfig {
+        retention_bytes_max: Some(one * 5),
+        ..small_config(one * 2)
+    });
+    assert_eq!(log.tick(0).unwrap(), 1);
+    assert_eq!(log.segment_base_offsets(), vec![8, 12, 16]);
+    assert_eq!(log.log_start_offset(), 8);
+    // Retention by time uses each segment's largest timestamp; never the
+    // active segment.
+    log.set_config(LogConfig {
+        retention_ms_max: Some(100),
+        ..small_config(one * 2)
+    });
+    assert_eq!(log.tick(1107).unwrap(), 1); // segment 8..12 max ts 1005+1
+    assert_eq!(log.tick(1_000_000).unwrap(), 1);
+    assert_eq!(log.segment_base_offsets(), vec![16]);
+    assert_eq!(log.log_start_offset(), 16);
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(one * 2)).unwrap();
+    assert_eq!(log.log_start_offset(), 16);
+    assert_eq!(read_all(&log, 16).len(), 4);
+}
+
+#[test]
+fn roll_by_age_on_tick_and_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_ms_max: Some(50),
+        ..small_config(1 << 20)
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    log.append_as_leader(batch(0, 1, 1000), 0).unwrap();
+    assert_eq!(log.tick(1040).unwrap(), 0);
+    assert_eq!(log.segment_count(), 1);
+    log.tick(1051).unwrap();
+    assert_eq!(log.segment_base_offsets(), vec![0, 1]);
+    // An empty active segment never rolls.
+    log.tick(10_000).unwrap();
+    assert_eq!(log.segment_count(), 2);
+}
+
+#[test]
+fn high_watermark_and_recovery_point_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        flush: FlushPolicy::EveryBatch,
+        ..small_config(1 << 20)
+    };
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    for i in 0..4 {
+        log.append_as_leader(batch(i, 1, 0), 0).unwrap();
+    }
+    log.set_high_watermark(-5);
+    assert_eq!(log.high_watermark(), 0);
+    log.set_high_watermark(3);
+    log.flush().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("recovery-point")).unwrap(),
+        "0\n4\n"
+    );
+    log.close_unclean();
+    drop(log);
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!(log.high_watermark(), 3);
+    assert_eq!(log.log_end_offset(), 4);
+}
+
+#[test]
+fn corrupt_closed_segment_is_reported_with_path_and_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 2, 0).len() as u64;
+    let log = Log::open(dir.path(), small_config(one * 4)).unwrap();
+    for i in 0..8 {
+        log.append_as_leader(batch(i, 2, 0), 0).unwrap();
+    }
+    log.close().unwrap();
+    drop(log);
+    let path = dir.path().join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Flip a value byte inside the third batch (offsets 4..=5).
+    let position = 2 * one;
+    bytes[(position + one - 2) as usize] ^= 0x55;
+    std::fs::write(&path, bytes).unwrap();
+    let log = Log::open(dir.path(), small_config(one * 4)).unwrap();
+    assert_eq!(log.log_end_offset(), 16);
+    match log.read(4, 1 << 20, i64::MAX) {
+        Err(StorageError::CorruptSegment {
+            path: p,
+            position: pos,
+            ..
+        }) => {
+            assert_eq!(p, path);
+            assert_eq!(pos, position);
+        }
+        other => panic!("expected CorruptSegment, got {other:?}"),
+    }
+    // Other batches stay readable.
+    assert_eq!(values(log.read(0, 1, i64::MAX).unwrap().batches).len(), 2);
+    assert_eq!(
+        values(log.read(8, 1 << 20, i64::MAX).unwrap().batches).len(),
+        8
+    );
+}
+
+#[test]
+fn missing_or_garbage_indexes_are_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 2, 0).len() as u64;
+    let log = Log::open(dir.path(), small_config(one * 10)).unwrap();
+    for i in 0..30 {
+        log.append_as_leader(batch(i, 2, 100 + i as i64), 0)
+            .unwrap();
+    }
+    log.close().unwrap();
+    drop(log);
+    std::fs::remove_file(dir.path().join("00000000000000000000.index")).unwrap();
+    std::fs::write(dir.path().join("00000000000000000020.index"), [0xffu8; 24]).unwrap();
+    std::fs::write(
+        dir.path().join("00000000000000000020.timeindex"),
+        [0x1u8; 7],
+    )
+    .unwrap();
+    let log = Log::open(dir.path(), small_config(one * 10)).unwrap();
+    assert_eq!(log.log_end_offset(), 60);
+    assert_eq!(read_all(&log, 0).len(), 60);
+    assert_eq!(values(log.read(25, 1, i64::MAX).unwrap().batches)[0].0, 24);
+    assert_eq!(log.offset_for_timestamp(113).unwrap(), Some((25, 113)));
+}
