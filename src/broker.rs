@@ -30,7 +30,7 @@ use crate::config::ServerConfig;
 use crate::error::BrokerError;
 use crate::partition::{log_config, Partition};
 use crate::partitioner::partition_for_key;
-use crate::replica::fetcher::{Assignment, ReplicaSettings};
+use crate::replica::fetcher::{Assignment, Assignments, ReplicaSettings};
 use crate::replica::FetcherManager;
 
 /// Default fetch size when the request says 0.
@@ -73,15 +73,16 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// Opens the logs under the data directory and registers this broker.
-    pub async fn open(
+    /// Opens the logs under the data directory. Call [`Broker::start`]
+    /// once the metadata store has a leader and this broker registered.
+    pub fn open(
         config: ServerConfig,
         metadata: Arc<dyn MetadataStore>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BrokerError> {
         let topic_defaults = config.topic_defaults();
         let logs = LogManager::open(&config.data_dir, log_config(&topic_defaults))?;
-        let broker = Arc::new_cyclic(|weak| Self {
+        Ok(Arc::new_cyclic(|weak| Self {
             node_id: config.node_id,
             metadata,
             logs,
@@ -92,19 +93,15 @@ impl Broker {
             shutdown,
             appended: Arc::new(watch::channel(0).0),
             config,
-        });
-        broker
-            .metadata
-            .submit(MetadataCommand::RegisterBroker {
-                id: broker.node_id,
-                address: broker.config.advertised(),
-                rack: broker.config.rack.clone(),
-                roles: broker.config.roles.clone(),
-            })
-            .await?;
-        broker.reconcile()?;
-        broker.clone().spawn_metadata_watcher();
-        Ok(broker)
+        }))
+    }
+
+    /// Takes up the partitions the metadata assigns to this broker and
+    /// follows every later metadata change.
+    pub fn start(self: &Arc<Self>) -> Result<(), BrokerError> {
+        self.reconcile()?;
+        self.clone().spawn_metadata_watcher();
+        Ok(())
     }
 
     /// Follows metadata changes made anywhere in the cluster.
@@ -145,6 +142,11 @@ impl Broker {
     /// Cap on long-poll waits (ms).
     pub fn fetch_wait_max_ms(&self) -> u64 {
         self.config.broker.fetch_wait_max_ms
+    }
+
+    /// Whether the test failpoint `name` is on (see `[broker] failpoints`).
+    pub fn failpoint(&self, name: &str) -> bool {
+        self.config.broker.failpoints && self.config.data_dir.join("failpoints").join(name).exists()
     }
 
     /// Follower-side settings.
@@ -249,8 +251,7 @@ impl Broker {
         }
         map.retain(|key, _| wanted.contains_key(key));
         let now = now_ms();
-        let mut by_leader: HashMap<i32, (String, BTreeMap<(String, i32), Assignment>)> =
-            HashMap::new();
+        let mut by_leader: HashMap<i32, (String, Assignments)> = HashMap::new();
         let mut proposals = Vec::new();
         for ((name, index), topic) in &wanted {
             let key = (name.clone(), *index);

@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub roles: Vec<String>,
     /// Request handling limits.
     pub broker: BrokerSection,
+    /// The metadata quorum.
+    pub controller: ControllerSection,
     /// Broker-wide defaults for topic configs (Kafka key names).
     pub topic_defaults: BTreeMap<String, toml::Value>,
 }
@@ -68,6 +70,10 @@ pub struct BrokerSection {
     pub replica_fetch_wait_max_ms: u32,
     /// Replication byte-rate limit per fetcher; 0 = unlimited.
     pub replication_bytes_per_sec_max: u64,
+    /// Fault injection for tests: when true, a file named after a
+    /// failpoint in `DATA_DIR/failpoints/` switches it on
+    /// (`pause-replica-fetch`: followers drop what they fetch).
+    pub failpoints: bool,
 }
 
 impl Default for BrokerSection {
@@ -82,9 +88,52 @@ impl Default for BrokerSection {
             replica_fetch_bytes_max: 8 * 1024 * 1024,
             replica_fetch_wait_max_ms: 500,
             replication_bytes_per_sec_max: 0,
+            failpoints: false,
         }
     }
 }
+
+/// `[controller]`: the Raft metadata quorum.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerSection {
+    /// The quorum's voters as `ID@HOST:PORT` (Kafka's
+    /// `controller.quorum.voters`); Raft uses the client port. Empty means
+    /// this node alone.
+    pub voters: Vec<String>,
+    /// Cluster id to format a new cluster with; random when absent.
+    pub cluster_id: Option<String>,
+    /// Raft election timeout range (ms).
+    pub election_timeout_min_ms: u64,
+    /// Upper end of the election timeout range (ms).
+    pub election_timeout_max_ms: u64,
+    /// Raft leader heartbeat interval (ms).
+    pub heartbeat_interval_ms: u64,
+    /// A broker silent for this long is fenced (ms).
+    pub broker_session_timeout_ms: u64,
+    /// How often a broker heartbeats to the active controller (ms).
+    pub broker_heartbeat_interval_ms: u64,
+    /// Longest wait for a metadata change to commit (ms).
+    pub submit_timeout_ms: u64,
+}
+
+impl Default for ControllerSection {
+    fn default() -> Self {
+        Self {
+            voters: Vec::new(),
+            cluster_id: None,
+            election_timeout_min_ms: 1_000,
+            election_timeout_max_ms: 2_000,
+            heartbeat_interval_ms: 200,
+            broker_session_timeout_ms: 9_000,
+            broker_heartbeat_interval_ms: 1_000,
+            submit_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Environment variables the CLI itself reads; never config keys.
+const CLI_ENV: &[&str] = &["RUNNEL_BOOTSTRAP", "RUNNEL_CONFIG", "RUNNEL_LOG_FORMAT"];
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -96,6 +145,7 @@ impl Default for ServerConfig {
             rack: String::new(),
             roles: vec!["broker".into(), "controller".into()],
             broker: BrokerSection::default(),
+            controller: ControllerSection::default(),
             topic_defaults: BTreeMap::new(),
         }
     }
@@ -104,17 +154,39 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        Self::load(Some(path), std::iter::empty())
+    }
+
+    /// Reads the file (if any), applies `RUNNEL_…` overrides from `env`,
+    /// and validates. `RUNNEL_NODE_ID` sets `node_id`;
+    /// `RUNNEL_BROKER__REQUEST_TIMEOUT_MS` sets `[broker] request_timeout_ms`.
+    /// Values are read as TOML values (`3`, `true`, `["a"]`), else as
+    /// strings.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (text, shown) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.to_path_buf(),
+            ),
+            None => (String::new(), PathBuf::from("<defaults>")),
+        };
+        let parse_err = |message: String| ConfigError::Parse {
+            path: shown.clone(),
+            message,
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
+        apply_env(&mut table, env)?;
+        let config: ServerConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
     }
 
     /// Parses and validates TOML text.
@@ -125,6 +197,40 @@ impl ServerConfig {
         })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The quorum's voters, id → address; this node alone when none are
+    /// configured.
+    pub fn voters(&self) -> Result<BTreeMap<i32, String>, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "controller.voters".into(),
+            reason,
+        };
+        if self.controller.voters.is_empty() {
+            return Ok(BTreeMap::from([(self.node_id, self.advertised())]));
+        }
+        let mut out = BTreeMap::new();
+        for v in &self.controller.voters {
+            let (id, addr) = v
+                .split_once('@')
+                .ok_or_else(|| invalid(format!("'{v}' is not ID@HOST:PORT")))?;
+            let id: i32 = id
+                .trim()
+                .parse()
+                .map_err(|_| invalid(format!("'{v}': '{id}' is not a node id")))?;
+            if !addr.contains(':') {
+                return Err(invalid(format!("'{v}': '{addr}' has no port")));
+            }
+            if out.insert(id, addr.trim().to_string()).is_some() {
+                return Err(invalid(format!("node id {id} is listed twice")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether this node votes in the metadata quorum.
+    pub fn is_voter(&self) -> bool {
+        self.roles.iter().any(|r| r == "controller")
     }
 
     /// Checks rules that span fields.
@@ -146,6 +252,56 @@ impl ServerConfig {
                     format!("unknown role '{role}' (broker, controller)"),
                 ));
             }
+        }
+        let voters = self.voters()?;
+        if self.is_voter() && !voters.contains_key(&self.node_id) {
+            return Err(invalid(
+                "controller.voters",
+                format!(
+                    "this node ({}) has the controller role but is not a voter",
+                    self.node_id
+                ),
+            ));
+        }
+        if !self.is_voter() && voters.contains_key(&self.node_id) {
+            return Err(invalid(
+                "roles",
+                format!(
+                    "node {} is a voter but lacks the controller role",
+                    self.node_id
+                ),
+            ));
+        }
+        let c = &self.controller;
+        if c.election_timeout_min_ms == 0 || c.election_timeout_min_ms >= c.election_timeout_max_ms
+        {
+            return Err(invalid(
+                "controller.election_timeout_min_ms",
+                format!(
+                    "must be positive and below election_timeout_max_ms ({} >= {})",
+                    c.election_timeout_min_ms, c.election_timeout_max_ms
+                ),
+            ));
+        }
+        if c.heartbeat_interval_ms == 0 || c.heartbeat_interval_ms >= c.election_timeout_min_ms {
+            return Err(invalid(
+                "controller.heartbeat_interval_ms",
+                format!(
+                    "must be positive and below election_timeout_min_ms ({} >= {})",
+                    c.heartbeat_interval_ms, c.election_timeout_min_ms
+                ),
+            ));
+        }
+        if c.broker_heartbeat_interval_ms == 0
+            || c.broker_heartbeat_interval_ms >= c.broker_session_timeout_ms
+        {
+            return Err(invalid(
+                "controller.broker_heartbeat_interval_ms",
+                format!(
+                    "must be positive and below broker_session_timeout_ms ({} >= {})",
+                    c.broker_heartbeat_interval_ms, c.broker_session_timeout_ms
+                ),
+            ));
         }
         if self.broker.grpc_message_bytes_max < 1024 {
             return Err(invalid(
@@ -198,6 +354,44 @@ impl ServerConfig {
     }
 }
 
+/// Applies `RUNNEL_…` environment overrides to a parsed TOML table.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("RUNNEL_") else {
+            continue;
+        };
+        if CLI_ENV.contains(&name.as_str()) {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        if path.iter().any(String::is_empty) || path.len() > 2 {
+            return Err(ConfigError::Invalid {
+                key: name.clone(),
+                reason: "expected RUNNEL_KEY or RUNNEL_SECTION__KEY".into(),
+            });
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let mut target = &mut *table;
+        for section in &path[..path.len() - 1] {
+            let entry = target
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            target = entry.as_table_mut().ok_or_else(|| ConfigError::Invalid {
+                key: name.clone(),
+                reason: format!("`{section}` is not a section"),
+            })?;
+        }
+        target.insert(path[path.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +421,54 @@ mod tests {
         assert!(err.to_string().contains("segment.bytes"), "{err}");
         let err = ServerConfig::from_toml("roles = [\"boss\"]\n").unwrap_err();
         assert!(err.to_string().contains("boss"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, "node_id = 1\n[broker]\nrequest_timeout_ms = 5\n").unwrap();
+        let env = [
+            ("RUNNEL_NODE_ID", "2"),
+            ("RUNNEL_BROKER__REQUEST_TIMEOUT_MS", "7"),
+            ("RUNNEL_CONTROLLER__VOTERS", r#"["2@h:1"]"#),
+            ("RUNNEL_DATA_DIR", "/tmp/x"),
+            ("RUNNEL_BOOTSTRAP", "ignored"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = ServerConfig::load(Some(&path), env).unwrap();
+        assert_eq!(c.node_id, 2);
+        assert_eq!(c.broker.request_timeout_ms, 7);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(
+            c.voters().unwrap(),
+            BTreeMap::from([(2, "h:1".to_string())])
+        );
+        let err = ServerConfig::load(None, [("RUNNEL_NODE_IDX".to_string(), "1".to_string())])
+            .unwrap_err();
+        assert!(err.to_string().contains("node_idx"), "{err}");
+    }
+
+    #[test]
+    fn voters_are_checked() {
+        let err = ServerConfig::from_toml("[controller]\nvoters = [\"x@h:1\"]\n").unwrap_err();
+        assert!(err.to_string().contains("not a node id"), "{err}");
+        let err = ServerConfig::from_toml("[controller]\nvoters = [\"2@h:1\"]\n").unwrap_err();
+        assert!(err.to_string().contains("not a voter"), "{err}");
+        let err =
+            ServerConfig::from_toml("[controller]\nvoters = [\"1@h:1\", \"1@h:2\"]\n").unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        let ok =
+            ServerConfig::from_toml("roles = [\"broker\"]\n[controller]\nvoters = [\"2@h:1\"]\n")
+                .unwrap();
+        assert!(!ok.is_voter());
+        // No voters: this node alone.
+        let single = ServerConfig::from_toml("node_id = 4\n").unwrap();
+        assert_eq!(
+            single.voters().unwrap(),
+            BTreeMap::from([(4, "127.0.0.1:9092".to_string())])
+        );
     }
 
     #[test]

@@ -1,12 +1,15 @@
-//! `runnel server`: binds the client listener, opens the metadata store and
-//! the broker, and serves every gRPC service (plus gRPC health checking and
-//! server reflection) until the shutdown token is cancelled.
+//! `runnel server`: binds the client listener, starts the metadata quorum
+//! member and the broker, and serves every gRPC service — client APIs,
+//! Raft, broker lifecycle, replication, health and reflection — on one
+//! port until the shutdown token is cancelled.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runnel_controller::{LocalMetadataStore, MetadataError};
+use runnel_controller::raft::spawn_heartbeat;
+use runnel_controller::{MetadataError, MetadataStore, RaftConfig, RaftMetadataStore};
+use runnel_proto::v1::internal::replication_server::ReplicationServer;
 use runnel_proto::v1::{
     admin_server::AdminServer, consumer_groups_server::ConsumerGroupsServer,
     consumer_server::ConsumerServer, producer_server::ProducerServer,
@@ -16,9 +19,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
-use crate::config::ServerConfig;
+use crate::config::{ConfigError, ServerConfig};
 use crate::error::BrokerError;
+use crate::replica::ReplicationService;
 use crate::service::{AdminService, ConsumerService, GroupsService, ProducerService};
+
+/// How long a starting node waits for the quorum and its registration.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +45,8 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
     Metadata(#[from] MetadataError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -45,18 +54,20 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("shut down before the node was ready")]
+    Interrupted,
 }
 
-/// Runs a broker until `shutdown` is cancelled. Prints
-/// `runnel listening on ADDR` on stdout once it accepts connections.
+/// Runs a node until `shutdown` is cancelled. Prints
+/// `runnel listening on ADDR` on stdout once this broker is registered and
+/// serving.
 pub async fn run(mut config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|source| ServerError::DataDir {
         dir: dir.clone(),
         source,
     })?;
-    let lock_path = dir.join(".lock");
-    let lock = std::fs::File::create(&lock_path).map_err(|source| ServerError::DataDir {
+    let lock = std::fs::File::create(dir.join(".lock")).map_err(|source| ServerError::DataDir {
         dir: dir.clone(),
         source,
     })?;
@@ -77,27 +88,113 @@ pub async fn run(mut config: ServerConfig, shutdown: CancellationToken) -> Resul
     if config.advertised_address.is_none() {
         config.advertised_address = Some(local.to_string());
     }
-    let grace = Duration::from_millis(config.broker.shutdown_grace_ms);
-    let message_max = config.broker.grpc_message_bytes_max;
-    let tick_every = Duration::from_millis(config.broker.maintenance_interval_ms.max(10));
-
-    let metadata = Arc::new(LocalMetadataStore::open(dir.join("meta"), config.node_id)?);
-    let broker = Broker::open(config.clone(), metadata, shutdown.clone()).await?;
+    let advertised = config.advertised();
+    let b = &config.broker;
+    let grace = Duration::from_millis(b.shutdown_grace_ms);
+    let message_max = b.grpc_message_bytes_max;
+    let tick_every = Duration::from_millis(b.maintenance_interval_ms.max(10));
+    let c = &config.controller;
+    let store = RaftMetadataStore::start(RaftConfig {
+        node_id: config.node_id,
+        raft_addr: advertised.clone(),
+        voters: config.voters()?,
+        is_voter: config.is_voter(),
+        dir: dir.join("meta"),
+        election_timeout_min_ms: c.election_timeout_min_ms,
+        election_timeout_max_ms: c.election_timeout_max_ms,
+        heartbeat_interval_ms: c.heartbeat_interval_ms,
+        broker_session_timeout_ms: c.broker_session_timeout_ms,
+        broker_heartbeat_interval_ms: c.broker_heartbeat_interval_ms,
+        cluster_id: c.cluster_id.clone(),
+        submit_timeout_ms: c.submit_timeout_ms,
+        ..RaftConfig::default()
+    })
+    .await?;
+    let heartbeat_every = Duration::from_millis(c.broker_heartbeat_interval_ms);
+    let metadata: Arc<dyn MetadataStore> = store.clone();
+    let broker = Broker::open(config.clone(), metadata, shutdown.clone())?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<ProducerServer<ProducerService>>()
-        .await;
-    health_reporter
-        .set_serving::<ConsumerServer<ConsumerService>>()
-        .await;
-    health_reporter
-        .set_serving::<AdminServer<AdminService>>()
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(runnel_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(store.raft_service())
+        .add_service(store.lifecycle_service())
+        .add_service(
+            ReplicationServer::new(ReplicationService::new(broker.clone()))
+                .max_decoding_message_size(message_max)
+                .max_encoding_message_size(message_max),
+        )
+        .add_service(
+            ProducerServer::new(ProducerService::new(broker.clone()))
+                .max_decoding_message_size(message_max)
+                .max_encoding_message_size(message_max),
+        )
+        .add_service(
+            ConsumerServer::new(ConsumerService::new(broker.clone()))
+                .max_decoding_message_size(message_max)
+                .max_encoding_message_size(message_max),
+        )
+        .add_service(AdminServer::new(AdminService::new(broker.clone())))
+        .add_service(ConsumerGroupsServer::new(GroupsService));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let serve = tokio::spawn(
+        router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
+    );
+
+    // The quorum forms and this broker registers while the services run.
+    let heartbeat = spawn_heartbeat(
+        store.clone(),
+        config.node_id,
+        advertised.clone(),
+        heartbeat_every,
+        shutdown.clone(),
+    );
+    let ready = async {
+        store.wait_for_cluster_id(STARTUP_TIMEOUT).await?;
+        let mut rx = store.watch();
+        let node = config.node_id;
+        tokio::time::timeout(
+            STARTUP_TIMEOUT,
+            rx.wait_for(|m| m.brokers.get(&node).is_some_and(|b| !b.fenced)),
+        )
+        .await
+        .map_err(|_| MetadataError::NotController {
+            leader_hint: None,
+            waited_ms: STARTUP_TIMEOUT.as_millis() as u64,
+        })?
+        .map_err(|_| MetadataError::Raft {
+            reason: "metadata store stopped".into(),
+        })?;
+        Ok::<_, ServerError>(())
+    };
+    let started = tokio::select! {
+        r = ready => r,
+        _ = shutdown.cancelled() => Err(ServerError::Interrupted),
+    };
+    if let Err(e) = started.and_then(|()| broker.start().map_err(ServerError::from)) {
+        shutdown.cancel();
+        let _ = serve.await;
+        store.shutdown().await;
+        return Err(e);
+    }
+    for name in [
+        "",
+        "runnel.v1.Producer",
+        "runnel.v1.Consumer",
+        "runnel.v1.Admin",
+    ] {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
 
     let maintenance = {
         let broker = broker.clone();
@@ -120,40 +217,30 @@ pub async fn run(mut config: ServerConfig, shutdown: CancellationToken) -> Resul
         })
     };
 
-    let router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(
-            ProducerServer::new(ProducerService::new(broker.clone()))
-                .max_decoding_message_size(message_max)
-                .max_encoding_message_size(message_max),
-        )
-        .add_service(
-            ConsumerServer::new(ConsumerService::new(broker.clone()))
-                .max_decoding_message_size(message_max)
-                .max_encoding_message_size(message_max),
-        )
-        .add_service(AdminServer::new(AdminService::new(broker.clone())))
-        .add_service(ConsumerGroupsServer::new(GroupsService));
-
-    info!(node_id = config.node_id, addr = %local, data_dir = %config.data_dir.display(), "runnel listening");
+    info!(node_id = config.node_id, addr = %local, advertised = %advertised, data_dir = %config.data_dir.display(), "runnel listening");
     println!("runnel listening on {local}");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let serve = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
-    tokio::pin!(serve);
-    let result = tokio::select! {
-        r = &mut serve => r,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period over; dropping open requests");
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+    let result = match tokio::time::timeout(grace, serve).await {
+        Ok(Ok(r)) => r.map_err(ServerError::from),
+        Ok(Err(_)) => Ok(()),
+        Err(_) => {
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                "shutdown grace period over; dropping open requests"
+            );
             Ok(())
         }
     };
     maintenance.abort();
+    heartbeat.abort();
+    store.shutdown().await;
     let b = broker.clone();
     tokio::task::spawn_blocking(move || b.close())
         .await
         .map_err(|_| BrokerError::ShuttingDown)??;
     info!("runnel stopped");
     drop(lock);
-    Ok(result?)
+    result
 }

@@ -13,10 +13,9 @@
 //! - [`command`]: the typed commands, the only way state changes.
 //! - [`topic_config`]: topic config keys, defaults and validation.
 //! - [`store`]: the [`MetadataStore`] interface every store implements.
-//! - [`local`]: the single-node store, persisted to one file.
 //! - [`raft`]: [`RaftMetadataStore`], the openraft quorum (sled log and
 //!   state machine, tonic transport, broker heartbeats and fencing)
-//!   behind the same trait.
+//!   behind the `MetadataStore` trait.
 //! - `error`: [`MetadataError`].
 //!
 //! ```
@@ -36,7 +35,6 @@
 
 pub mod command;
 pub mod error;
-pub mod local;
 pub mod metadata;
 pub mod raft;
 pub mod store;
@@ -44,7 +42,6 @@ pub mod topic_config;
 
 pub use command::MetadataCommand;
 pub use error::MetadataError;
-pub use local::LocalMetadataStore;
 pub use metadata::{BrokerInfo, ClusterMetadata, PartitionInfo, TopicInfo};
 pub use raft::{RaftConfig, RaftMetadataStore};
 pub use store::MetadataStore;

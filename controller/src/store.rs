@@ -1,5 +1,6 @@
-//! The interface between the broker and whatever holds the metadata: the
-//! single-node [`crate::LocalMetadataStore`] now, the Raft quorum later.
+//! The interface between the broker and whatever holds the metadata (the
+//! Raft quorum, [`crate::RaftMetadataStore`]), so the broker can be tested
+//! and reasoned about without Raft.
 
 use std::future::Future;
 use std::pin::Pin;

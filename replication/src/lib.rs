@@ -88,10 +88,12 @@ pub fn truncation_offset(
 mod truncation_tests {
     use super::truncation_offset;
 
+    /// (follower LEO, follower end of the answered epoch, leader answer, truncate to)
+    type Case = (i64, Option<(i32, i64)>, (i32, i64), Option<i64>);
+
     #[test]
     fn table() {
-        // (follower LEO, follower end of the answered epoch, leader answer, truncate to)
-        let cases: &[(i64, Option<(i32, i64)>, (i32, i64), Option<i64>)] = &[
+        let cases: &[Case] = &[
             // Same history, follower behind: nothing to cut.
             (5, Some((1, 5)), (1, 9), None),
             // KIP-101: the follower has an uncommitted tail of epoch 1 that

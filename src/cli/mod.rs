@@ -63,6 +63,9 @@ pub enum Command {
 pub enum ClusterCommand {
     /// Brokers and the active controller.
     Describe,
+    /// Whether the --bootstrap node serves (gRPC health); exits non-zero
+    /// when it does not. For scripts and container health checks.
+    Health,
 }
 
 /// `--config key=value`, repeatable.
@@ -89,6 +92,10 @@ impl ConfigPairs {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => server::run(args).await,
+        Command::Cluster(ClusterCommand::Health) => {
+            init_client_tracing();
+            node_health(&cli.bootstrap).await
+        }
         Command::Perf(cmd) => {
             init_client_tracing();
             perf::run(&cli.bootstrap, cmd, cli.output).await
@@ -105,7 +112,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Cluster(ClusterCommand::Describe) => {
                     cluster_describe(&client, cli.output).await
                 }
-                Command::Server(_) | Command::Perf(_) => unreachable!("handled above"),
+                Command::Server(_)
+                | Command::Perf(_)
+                | Command::Cluster(ClusterCommand::Health) => {
+                    unreachable!("handled above")
+                }
             }
         }
     }
@@ -161,6 +172,31 @@ async fn cluster_describe(client: &Client, output: Output) -> anyhow::Result<()>
     }
     print_table(&rows);
     Ok(())
+}
+
+async fn node_health(bootstrap: &str) -> anyhow::Result<()> {
+    use tonic_health::pb::health_client::HealthClient;
+    let addr = bootstrap.split(',').next().unwrap_or_default().trim();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("bad address '{addr}'"))?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {addr}"))?;
+    let status = HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .with_context(|| format!("health check of {addr} failed"))?
+        .into_inner()
+        .status;
+    if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+        println!("{addr}: serving");
+        Ok(())
+    } else {
+        bail!("{addr}: not serving")
+    }
 }
 
 /// Prints rows as left-aligned columns.

@@ -255,6 +255,7 @@ async fn produce(
         linger: Duration::from_millis(args.linger_ms),
         in_flight_max: args.in_flight,
         timeout_ms: 0,
+        request_timeout: ProducerConfig::default().request_timeout,
     });
     let payload = Bytes::from(vec![b'x'; w.record_size]);
     let bar = progress(w.records, output, "produce");

@@ -37,23 +37,23 @@ enum LogFormat {
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
-        Some(path) => ServerConfig::from_file(path)?,
-        None => ServerConfig::default(),
-    };
+    // Precedence: flags over RUNNEL_… environment over the file. Flags are
+    // applied as the last overrides so one validation sees the result.
+    let mut overrides: Vec<(String, String)> = std::env::vars().collect();
+    let quoted = |s: String| toml::Value::String(s).to_string();
     if let Some(v) = args.node_id {
-        config.node_id = v;
+        overrides.push(("RUNNEL_NODE_ID".into(), v.to_string()));
     }
     if let Some(v) = args.listen {
-        config.listen = v;
+        overrides.push(("RUNNEL_LISTEN".into(), quoted(v.to_string())));
     }
     if let Some(v) = args.advertised_address {
-        config.advertised_address = Some(v);
+        overrides.push(("RUNNEL_ADVERTISED_ADDRESS".into(), quoted(v)));
     }
     if let Some(v) = args.data_dir {
-        config.data_dir = v;
+        overrides.push(("RUNNEL_DATA_DIR".into(), quoted(v.display().to_string())));
     }
-    config.validate()?;
+    let config = ServerConfig::load(args.config.as_deref(), overrides)?;
     init_tracing(args.log_format);
 
     let shutdown = CancellationToken::new();

@@ -36,6 +36,9 @@ pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, Rec
 
 use crate::error::error_code_of;
 
+/// Deadline of a unary request beyond any long-poll wait it asks for.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Largest message the client sends or accepts.
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -101,8 +104,11 @@ pub struct Client {
 
 #[derive(Debug)]
 struct Inner {
-    /// The broker that answered the bootstrap.
-    bootstrap: Channel,
+    /// The broker admin and metadata calls go to; replaced by another
+    /// known broker when it stops answering.
+    bootstrap: Mutex<(String, Channel)>,
+    /// The bootstrap list as given.
+    seeds: Vec<String>,
     /// Channels by broker address.
     channels: Mutex<HashMap<String, Channel>>,
     /// Last metadata seen, by topic.
@@ -131,18 +137,21 @@ impl Client {
     /// `HOST:PORT` list.
     pub async fn connect(bootstrap: &str) -> Result<Client, ClientError> {
         let mut last = String::from("empty bootstrap list");
-        for addr in bootstrap
+        let seeds: Vec<String> = bootstrap
             .split(',')
             .map(str::trim)
             .filter(|a| !a.is_empty())
-        {
+            .map(str::to_string)
+            .collect();
+        for addr in &seeds {
             match endpoint(addr)?.connect().await {
                 Ok(channel) => {
                     let mut channels = HashMap::new();
                     channels.insert(addr.to_string(), channel.clone());
                     return Ok(Client {
                         inner: Arc::new(Inner {
-                            bootstrap: channel,
+                            bootstrap: Mutex::new((addr.clone(), channel)),
+                            seeds: seeds.clone(),
                             channels: Mutex::new(channels),
                             topics: Mutex::new(HashMap::new()),
                             brokers: Mutex::new(HashMap::new()),
@@ -158,8 +167,66 @@ impl Client {
         })
     }
 
+    fn bootstrap_channel(&self) -> Channel {
+        let b = self
+            .inner
+            .bootstrap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        b.1.clone()
+    }
+
     fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.inner.bootstrap.clone())
+        AdminClient::new(self.bootstrap_channel())
+    }
+
+    /// Runs an admin call on the current broker. On a transport failure the
+    /// client moves to another live broker; `idempotent` calls are then
+    /// retried there once.
+    async fn admin_call<R, T, F, Fut>(
+        &self,
+        idempotent: bool,
+        req: R,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        R: Clone,
+        F: Fn(AdminClient<Channel>, R) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match call(self.admin(), req.clone()).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(status) => {
+                let e = ClientError::from(status);
+                if matches!(e, ClientError::Broker { .. }) {
+                    return Err(e);
+                }
+                // Fails over to another broker; its own error is not ours.
+                let _ = self.metadata(&[]).await;
+                if !idempotent {
+                    return Err(e);
+                }
+                Ok(call(self.admin(), req).await?.into_inner())
+            }
+        }
+    }
+
+    /// Every broker address worth trying for metadata: the current one,
+    /// then the bootstrap list, then brokers learned from metadata.
+    fn candidates(&self) -> Vec<String> {
+        let mut out = vec![self
+            .inner
+            .bootstrap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()];
+        out.extend(self.inner.seeds.iter().cloned());
+        let brokers = self.inner.brokers.lock().unwrap_or_else(|e| e.into_inner());
+        out.extend(brokers.values().cloned());
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|a| seen.insert(a.clone()));
+        out
     }
 
     /// A channel to the broker at `addr` (created lazily, then reused).
@@ -179,13 +246,39 @@ impl Client {
 
     /// Refreshes and returns routing metadata for `topics` (all if empty).
     pub async fn metadata(&self, topics: &[String]) -> Result<pb::MetadataResponse, ClientError> {
-        let resp = self
-            .admin()
-            .metadata(pb::MetadataRequest {
-                topics: topics.to_vec(),
-            })
-            .await?
-            .into_inner();
+        let request = pb::MetadataRequest {
+            topics: topics.to_vec(),
+        };
+        let mut last = None;
+        let mut resp = None;
+        // A broker that stopped answering is replaced by the next one that
+        // does, so routing survives the loss of the bootstrap broker.
+        for addr in self.candidates() {
+            let channel = self.channel(&addr)?;
+            let mut call = tonic::Request::new(request.clone());
+            call.set_timeout(REQUEST_TIMEOUT);
+            match AdminClient::new(channel.clone()).metadata(call).await {
+                Ok(r) => {
+                    *self
+                        .inner
+                        .bootstrap
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = (addr, channel);
+                    resp = Some(r.into_inner());
+                    break;
+                }
+                Err(status) => {
+                    let e = ClientError::from(status);
+                    if matches!(e, ClientError::Broker { .. }) {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        let Some(resp) = resp else {
+            return Err(last.unwrap_or_else(|| ClientError::Transport("no broker to ask".into())));
+        };
         {
             let mut brokers = self.inner.brokers.lock().unwrap_or_else(|e| e.into_inner());
             for b in &resp.brokers {
@@ -241,7 +334,7 @@ impl Client {
         };
         match addr {
             Some(addr) => self.channel(&addr),
-            None => Ok(self.inner.bootstrap.clone()),
+            None => Ok(self.bootstrap_channel()),
         }
     }
 
@@ -292,11 +385,14 @@ impl Client {
 
     /// Deletes a topic.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
-        self.admin()
-            .delete_topic(pb::DeleteTopicRequest {
+        self.admin_call(
+            false,
+            pb::DeleteTopicRequest {
                 name: name.to_string(),
-            })
-            .await?;
+            },
+            |mut a, r| async move { a.delete_topic(r).await },
+        )
+        .await?;
         self.invalidate(name);
         Ok(())
     }
@@ -307,22 +403,25 @@ impl Client {
         include_internal: bool,
     ) -> Result<Vec<pb::TopicSummary>, ClientError> {
         Ok(self
-            .admin()
-            .list_topics(pb::ListTopicsRequest { include_internal })
+            .admin_call(
+                true,
+                pb::ListTopicsRequest { include_internal },
+                |mut a, r| async move { a.list_topics(r).await },
+            )
             .await?
-            .into_inner()
             .topics)
     }
 
     /// Describes a topic (fresh, not cached).
     pub async fn describe_topic(&self, name: &str) -> Result<pb::TopicDescription, ClientError> {
-        Ok(self
-            .admin()
-            .describe_topic(pb::DescribeTopicRequest {
+        self.admin_call(
+            true,
+            pb::DescribeTopicRequest {
                 name: name.to_string(),
-            })
-            .await?
-            .into_inner())
+            },
+            |mut a, r| async move { a.describe_topic(r).await },
+        )
+        .await
     }
 
     /// Grows a topic to `total_partitions`.
@@ -332,14 +431,15 @@ impl Client {
         total_partitions: i32,
     ) -> Result<pb::TopicDescription, ClientError> {
         self.invalidate(name);
-        Ok(self
-            .admin()
-            .add_partitions(pb::AddPartitionsRequest {
+        self.admin_call(
+            false,
+            pb::AddPartitionsRequest {
                 name: name.to_string(),
                 total_partitions,
-            })
-            .await?
-            .into_inner())
+            },
+            |mut a, r| async move { a.add_partitions(r).await },
+        )
+        .await
     }
 
     /// Sets and removes config overrides.
@@ -349,25 +449,25 @@ impl Client {
         set: BTreeMap<String, String>,
         delete: Vec<String>,
     ) -> Result<pb::TopicDescription, ClientError> {
-        Ok(self
-            .admin()
-            .alter_topic_config(pb::AlterTopicConfigRequest {
+        self.admin_call(
+            false,
+            pb::AlterTopicConfigRequest {
                 name: name.to_string(),
                 set: set.into_iter().collect(),
                 delete,
                 validate_only: false,
-            })
-            .await?
-            .into_inner())
+            },
+            |mut a, r| async move { a.alter_topic_config(r).await },
+        )
+        .await
     }
 
     /// Describes the cluster.
     pub async fn describe_cluster(&self) -> Result<pb::ClusterDescription, ClientError> {
-        Ok(self
-            .admin()
-            .describe_cluster(pb::DescribeClusterRequest {})
-            .await?
-            .into_inner())
+        self.admin_call(true, pb::DescribeClusterRequest {}, |mut a, r| async move {
+            a.describe_cluster(r).await
+        })
+        .await
     }
 
     /// Looks an offset up.
@@ -379,20 +479,35 @@ impl Client {
         timestamp_ms: i64,
     ) -> Result<pb::ListOffsetsResponse, ClientError> {
         let mut c = self.consumer_client(topic, partition).await?;
-        Ok(c.list_offsets(pb::ListOffsetsRequest {
+        c.list_offsets(pb::ListOffsetsRequest {
             topic: topic.to_string(),
             partition,
             spec: spec as i32,
             timestamp_ms,
         })
-        .await?
-        .into_inner())
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|status| {
+            self.invalidate(topic);
+            ClientError::from(status)
+        })
     }
 
     /// One fetch call.
     pub async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchResponse, ClientError> {
-        let mut c = self.consumer_client(&req.topic, req.partition).await?;
-        Ok(c.fetch(req).await?.into_inner())
+        let topic = req.topic.clone();
+        let mut c = self.consumer_client(&topic, req.partition).await?;
+        let mut request = tonic::Request::new(req);
+        let wait = Duration::from_millis(u64::from(request.get_ref().max_wait_ms));
+        request.set_timeout(wait + REQUEST_TIMEOUT);
+        c.fetch(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| {
+                // Leadership may have moved: route afresh next time.
+                self.invalidate(&topic);
+                ClientError::from(status)
+            })
     }
 
     /// Starts a batching producer.

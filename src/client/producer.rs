@@ -36,6 +36,9 @@ pub struct ProducerConfig {
     pub in_flight_max: usize,
     /// Broker-side wait for replicas (ms); 0 uses the broker default.
     pub timeout_ms: u32,
+    /// A batch not answered within this time fails with a timeout and its
+    /// partition's stream is reopened (the records' fate is unknown).
+    pub request_timeout: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -46,6 +49,7 @@ impl Default for ProducerConfig {
             linger: Duration::from_millis(5),
             in_flight_max: 5,
             timeout_ms: 0,
+            request_timeout: Duration::from_secs(35),
         }
     }
 }
@@ -346,6 +350,7 @@ impl Accumulator {
                 key.0.clone(),
                 key.1,
                 self.config.in_flight_max.max(1),
+                self.config.request_timeout,
                 rx,
             ));
             tx
@@ -372,7 +377,7 @@ enum SenderMsg {
 }
 
 enum InFlight {
-    Batch(Vec<Ack>),
+    Batch(Vec<Ack>, Instant),
     Barrier(oneshot::Sender<()>),
 }
 
@@ -384,6 +389,7 @@ async fn partition_sender(
     topic: String,
     partition: i32,
     in_flight_max: usize,
+    request_timeout: Duration,
     mut rx: mpsc::Receiver<SenderMsg>,
 ) {
     let mut stream: Option<(mpsc::Sender<pb::ProduceRequest>, Responses)> = None;
@@ -407,6 +413,7 @@ async fn partition_sender(
                             match open_stream(&client, &topic, partition, in_flight_max).await {
                                 Ok(s) => stream = Some(s),
                                 Err(e) => {
+                                    client.invalidate(&topic);
                                     fail(acks, &e);
                                     continue;
                                 }
@@ -418,10 +425,28 @@ async fn partition_sender(
                             stream = None;
                             continue;
                         }
-                        in_flight.push_back(InFlight::Batch(acks));
+                        in_flight.push_back(InFlight::Batch(acks, Instant::now()));
                         batches_in_flight += 1;
                     }
                 }
+            }
+            _ = sleep_until_opt(oldest_deadline(&in_flight, request_timeout)), if batches_in_flight > 0 => {
+                // The leader stopped answering: fail everything in flight
+                // and start over with fresh metadata.
+                stream = None;
+                client.invalidate(&topic);
+                let e = ClientError::Broker {
+                    code: pb::ErrorCode::RequestTimedOut,
+                    message: format!("no answer from the leader of {topic}-{partition} within {request_timeout:?}"),
+                    leader: None,
+                };
+                for entry in in_flight.drain(..) {
+                    match entry {
+                        InFlight::Batch(acks, _) => fail(acks, &e),
+                        InFlight::Barrier(done) => { let _ = done.send(()); }
+                    }
+                }
+                batches_in_flight = 0;
             }
             response = next_response(&mut stream), if batches_in_flight > 0 => {
                 let result = match response {
@@ -431,15 +456,23 @@ async fn partition_sender(
                         if code == pb::ErrorCode::NotLeader { client.invalidate(&topic); }
                         Err(ClientError::Broker { code, message: r.error_message, leader: None })
                     }
-                    Some(Err(status)) => { stream = None; Err(ClientError::from(status)) }
-                    None => { stream = None; Err(ClientError::Transport("produce stream ended".into())) }
+                    Some(Err(status)) => {
+                        stream = None;
+                        client.invalidate(&topic);
+                        Err(ClientError::from(status))
+                    }
+                    None => {
+                        stream = None;
+                        client.invalidate(&topic);
+                        Err(ClientError::Transport("produce stream ended".into()))
+                    }
                 };
                 let broken = stream.is_none();
                 // Complete the oldest batch (or, on a broken stream, all).
                 while let Some(front) = in_flight.pop_front() {
                     match front {
                         InFlight::Barrier(done) => { let _ = done.send(()); }
-                        InFlight::Batch(acks) => {
+                        InFlight::Batch(acks, _) => {
                             batches_in_flight -= 1;
                             match &result {
                                 Ok(r) => complete(acks, &topic, partition, r),
@@ -456,6 +489,13 @@ async fn partition_sender(
         }
     }
     debug!(%topic, partition, "partition sender stopped");
+}
+
+fn oldest_deadline(in_flight: &VecDeque<InFlight>, timeout: Duration) -> Option<Instant> {
+    in_flight.iter().find_map(|e| match e {
+        InFlight::Batch(_, sent) => Some(*sent + timeout),
+        InFlight::Barrier(_) => None,
+    })
 }
 
 async fn next_response(

@@ -22,6 +22,8 @@ use crate::partition::Partition;
 
 /// Pause after a failed round, so a dead leader is not hammered.
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// How much longer than its long-poll wait a fetch round may take.
+const ROUND_TIMEOUT_SLACK: Duration = Duration::from_secs(5);
 
 /// One followed partition.
 #[derive(Clone, Debug)]
@@ -32,7 +34,8 @@ pub struct Assignment {
     pub leader_epoch: i32,
 }
 
-type Assignments = BTreeMap<(String, i32), Assignment>;
+/// Followed partitions by (topic, partition).
+pub type Assignments = BTreeMap<(String, i32), Assignment>;
 
 struct Fetcher {
     address: String,
@@ -169,15 +172,26 @@ async fn run_fetcher(
         let settings = broker.replica_settings();
         let throttle =
             throttle.get_or_insert_with(|| Throttle::new(settings.bytes_per_sec_max, now_ms()));
-        let result = fetch_round(
+        // A leader that stops answering (paused, partitioned) must not
+        // hold this task: rounds end on a deadline, on cancellation, and
+        // when the assignment changes (e.g. a new leader elsewhere).
+        let deadline =
+            Duration::from_millis(u64::from(settings.fetch_wait_max_ms)) + ROUND_TIMEOUT_SLACK;
+        let round = fetch_round(
             &broker,
             &mut client,
             &mut stream,
             &current,
             &mut truncated,
             settings,
-        )
-        .await;
+        );
+        let result = tokio::select! {
+            r = tokio::time::timeout(deadline, round) => {
+                r.unwrap_or_else(|_| Err("leader did not answer in time".into()))
+            }
+            _ = assignments.changed() => Err("assignment changed".into()),
+            _ = cancel.cancelled() => break,
+        };
         drop(broker);
         let pause = match result {
             Ok(bytes) => throttle.record(bytes, now_ms()),
@@ -262,6 +276,10 @@ async fn fetch_round(
         .await
         .ok_or_else(|| "fetch stream ended".to_string())?
         .map_err(|s| s.to_string())?;
+    if broker.failpoint("pause-replica-fetch") {
+        // Test hook: behave as if the answer never arrived.
+        return Err("replica fetch paused by failpoint".into());
+    }
     let mut appended = 0u64;
     let mut refresh = false;
     for data in response.partitions {
@@ -304,6 +322,7 @@ async fn truncate_divergent(
 ) -> Result<(), String> {
     let log = &a.partition.log;
     let Some((latest_epoch, _)) = log.latest_epoch() else {
+        debug!(%topic, partition = index, "no leader epochs yet: nothing to truncate");
         return Ok(()); // nothing written in any epoch: nothing can diverge
     };
     let answer = client
@@ -323,6 +342,7 @@ async fn truncate_divergent(
         ));
     }
     let leo = log.log_end_offset();
+    debug!(%topic, partition = index, latest_epoch, answer_epoch = answer.leader_epoch, answer_end = answer.end_offset, leo, "divergence check");
     let own = if answer.leader_epoch >= 0 {
         log.end_offset_for_epoch(answer.leader_epoch)
     } else {

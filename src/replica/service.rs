@@ -72,6 +72,15 @@ fn answer(broker: &Broker, req: &ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchR
                 return out;
             }
             let log = &partition.log;
+            out.high_watermark = log.high_watermark();
+            out.log_start_offset = log.log_start_offset();
+            out.log_end_offset = log.log_end_offset();
+            if p.fetch_offset > out.log_end_offset || p.fetch_offset < 0 {
+                // The follower holds offsets this leader never wrote: it
+                // must truncate first (OffsetForLeaderEpoch). No progress.
+                out.error_code = ErrorCode::OffsetOutOfRange as i32;
+                return out;
+            }
             let proposals = partition.on_follower_fetch(req.replica_id, p.fetch_offset, now);
             broker.propose_isr_changes(&partition, proposals);
             out.high_watermark = log.high_watermark();

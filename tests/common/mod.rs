@@ -24,21 +24,33 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts a server on a free port and waits until it accepts
-    /// connections (it prints `runnel listening on ADDR`).
+    /// Starts a single-node server on a free port and waits until it
+    /// accepts connections (it prints `runnel listening on ADDR`).
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        let mut args: Vec<String> = [
+            "server",
+            "--node-id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(data_dir.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(&args, data_dir).wait()
+    }
+
+    /// Starts `runnel ARGS` without waiting for it to be ready.
+    pub fn spawn(args: &[String], data_dir: &Path) -> Starting {
         let mut child = Command::new(runnel_bin())
-            .args([
-                "server",
-                "--node-id",
-                "1",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,openraft=off".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -53,18 +65,25 @@ impl ServerProcess {
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("server did not report its address: {:?}", child.wait());
-            }
-        };
-        ServerProcess {
-            child,
-            addr,
+        Starting {
+            child: Some(child),
+            rx,
             data_dir: data_dir.to_path_buf(),
         }
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (e.g. "STOP", "CONT") to the process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     /// Kills the process at once (SIGKILL), as a crash would.
@@ -81,6 +100,191 @@ impl ServerProcess {
             .status()
             .expect("send SIGTERM");
         self.child.wait().expect("reap server")
+    }
+}
+
+/// A server process that has not reported ready yet.
+pub struct Starting {
+    child: Option<Child>,
+    rx: mpsc::Receiver<String>,
+    data_dir: PathBuf,
+}
+
+impl Starting {
+    /// Waits until the server prints its address (at most 120 s).
+    pub fn wait(mut self) -> ServerProcess {
+        let mut child = self.child.take().expect("not waited yet");
+        let addr = match self.rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not report its address: {:?}", child.wait());
+            }
+        };
+        ServerProcess {
+            child,
+            addr,
+            data_dir: self.data_dir.clone(),
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Free loopback ports (bound, then released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// A cluster of `runnel server` processes on loopback, every node a
+/// broker and a controller voter.
+pub struct Cluster {
+    /// Running nodes by index (node id = index + 1); None while stopped.
+    pub nodes: Vec<Option<ServerProcess>>,
+    configs: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
+    /// Client addresses by index.
+    pub addrs: Vec<String>,
+}
+
+impl Cluster {
+    /// Writes one config per node (with `broker_toml` added under
+    /// `[broker]`, `controller_toml` under `[controller]`) and starts them.
+    pub fn start(n: usize, base: &Path, broker_toml: &str, controller_toml: &str) -> Cluster {
+        let ports = free_ports(n);
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let voters: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("\"{}@{a}\"", i + 1))
+            .collect();
+        let mut configs = Vec::new();
+        let mut dirs = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let dir = base.join(format!("node-{}", i + 1));
+            let config = base.join(format!("node-{}.toml", i + 1));
+            std::fs::write(
+                &config,
+                format!(
+                    "node_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"{dir}\"\n\
+                     roles = [\"broker\", \"controller\"]\n\
+                     [broker]\nmaintenance_interval_ms = 100\n{broker_toml}\n\
+                     [controller]\nvoters = [{voters}]\nelection_timeout_min_ms = 300\n\
+                     election_timeout_max_ms = 600\nheartbeat_interval_ms = 50\n{controller_toml}\n",
+                    id = i + 1,
+                    dir = dir.display(),
+                    voters = voters.join(", "),
+                ),
+            )
+            .unwrap();
+            configs.push(config);
+            dirs.push(dir);
+        }
+        let starting: Vec<Starting> = (0..n)
+            .map(|i| {
+                ServerProcess::spawn(
+                    &[
+                        "server".into(),
+                        "--config".into(),
+                        configs[i].display().to_string(),
+                    ],
+                    &dirs[i],
+                )
+            })
+            .collect();
+        let nodes = starting.into_iter().map(|s| Some(s.wait())).collect();
+        Cluster {
+            nodes,
+            configs,
+            dirs,
+            addrs,
+        }
+    }
+
+    /// Every node's address, comma-separated.
+    pub fn bootstrap(&self) -> String {
+        self.addrs.join(",")
+    }
+
+    /// The node with this broker id.
+    pub fn node(&self, id: i32) -> &ServerProcess {
+        self.nodes[(id - 1) as usize]
+            .as_ref()
+            .expect("node is running")
+    }
+
+    /// SIGKILLs node `id`.
+    pub fn kill(&mut self, id: i32) {
+        self.nodes[(id - 1) as usize]
+            .take()
+            .expect("node is running")
+            .kill();
+    }
+
+    /// Restarts node `id` from its data directory and waits until ready.
+    pub fn restart(&mut self, id: i32) {
+        let i = (id - 1) as usize;
+        assert!(self.nodes[i].is_none(), "node {id} is still running");
+        let p = ServerProcess::spawn(
+            &[
+                "server".into(),
+                "--config".into(),
+                self.configs[i].display().to_string(),
+            ],
+            &self.dirs[i],
+        )
+        .wait();
+        self.nodes[i] = Some(p);
+    }
+
+    /// Node `id`'s data directory.
+    pub fn data_dir(&self, id: i32) -> &Path {
+        &self.dirs[(id - 1) as usize]
+    }
+}
+
+/// The concatenated bytes of every `.log` segment of a partition directory.
+pub fn log_bytes(partition_dir: &Path) -> Vec<u8> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(partition_dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "log"));
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| std::fs::read(f).unwrap_or_default())
+        .collect()
+}
+
+/// Polls `check` every 100 ms until it returns Some or `timeout` passes.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status};
 
 use super::network::LEADER_HEADER;
 use super::type_config::NodeId;
+use super::Attempt;
 use super::{new_cluster_id, RaftMetadataStore};
 use crate::{MetadataCommand, MetadataError, MetadataStore};
 
@@ -43,6 +44,8 @@ struct SessionState {
     term: Option<u64>,
     /// Broker id → (last heartbeat or registration, broker epoch then).
     last_seen: HashMap<i32, (Instant, i64)>,
+    /// When the controller duties last ran, to notice pauses.
+    last_step: Option<Instant>,
 }
 
 impl Sessions {
@@ -102,6 +105,18 @@ impl RaftMetadataStore {
         let now = Instant::now();
         {
             let mut s = self.sessions.lock();
+            // A step far later than its interval means this process was
+            // paused (SIGSTOP, a VM freeze): nobody could reach it, so
+            // every broker gets a fresh grace period rather than a fence.
+            let paused = s.last_step.is_some_and(|t| {
+                now.duration_since(t)
+                    > Duration::from_millis(self.config.broker_session_timeout_ms / 2)
+            });
+            s.last_step = Some(now);
+            if paused {
+                tracing::warn!("controller was paused: fresh broker grace period");
+                s.last_seen.clear();
+            }
             if s.term != Some(term) {
                 tracing::info!(
                     term,
@@ -142,9 +157,24 @@ impl RaftMetadataStore {
                 .collect()
         };
         for id in to_fence {
-            tracing::info!(broker = id, "broker session expired: fencing");
-            if let Err(error) = self.submit_cmd(MetadataCommand::FenceBroker { id }).await {
-                tracing::warn!(broker = id, %error, "could not fence");
+            tracing::info!(broker = id, term, "broker session expired: fencing");
+            // Only this node's own term may fence: a controller that was
+            // paused and lost leadership must not have its stale verdict
+            // forwarded to the new leader, so the write is local-only.
+            let deadline = Instant::now() + self.config.submit_timeout();
+            match self
+                .write_local(MetadataCommand::FenceBroker { id }, deadline)
+                .await
+            {
+                Attempt::Done(resp) => {
+                    if let Err(error) = resp.result {
+                        tracing::warn!(broker = id, ?error, "could not fence");
+                    }
+                }
+                _ => {
+                    tracing::info!(broker = id, "lost leadership before fencing; not fencing");
+                    return;
+                }
             }
         }
 

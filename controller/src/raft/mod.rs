@@ -1,7 +1,7 @@
 //! The Raft-replicated metadata store: an embedded openraft quorum whose log
 //! carries [`MetadataCommand`]s and whose state machine is
 //! [`ClusterMetadata`]. It implements [`MetadataStore`], so the broker uses
-//! it exactly like [`crate::LocalMetadataStore`].
+//! it through the [`crate::MetadataStore`] trait.
 //!
 //! Where it sits on the data path: below the broker's admin service and
 //! above nothing but sled. Commands submitted on any node travel to the
@@ -195,7 +195,7 @@ impl std::fmt::Debug for RaftMetadataStore {
 }
 
 /// One attempt of a write.
-enum Attempt {
+pub(crate) enum Attempt {
     Done(CommandResponse),
     Retry(Option<NodeId>),
     Fatal(MetadataError),
@@ -526,9 +526,14 @@ async fn open_sled(path: PathBuf) -> Result<sled::Db, MetadataError> {
     }
 }
 
-/// Initializes the quorum from the static voter list; a node whose log is
-/// not empty (a restart) answers `NotAllowed`, which is success here.
+/// Initializes the quorum from the static voter list. A restarted node
+/// (its log already holds a vote or entries) skips it, so openraft does not
+/// log a refusal; a race that still ends in `NotAllowed` is success too.
 async fn bootstrap(raft: Raft, voters: BTreeMap<i32, String>) {
+    if raft.is_initialized().await.unwrap_or(false) {
+        tracing::debug!("metadata quorum already initialized");
+        return;
+    }
     let members: BTreeMap<NodeId, BasicNode> = voters
         .into_iter()
         .map(|(id, addr)| (id as NodeId, BasicNode { addr }))

@@ -1,0 +1,409 @@
+//! Replication across three real `runnel server` processes on loopback:
+//! leader kills under acks=all, the divergent-tail (KIP-101) scenario, ISR
+//! shrink and expand around a paused follower, and min.insync.replicas.
+//!
+//! `RUNNEL_KILL_ITERATIONS` sets how many leader kills t01 performs
+//! (default 2 here; the long run uses 20).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, log_bytes, Cluster};
+use runnel::client::{Client, ClientError, ProducerConfig, ProducerRecord, StartFrom};
+use runnel_proto::v1 as pb;
+use tokio::sync::Mutex;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Fast failure detection for tests.
+const CONTROLLER: &str = "broker_session_timeout_ms = 2000\nbroker_heartbeat_interval_ms = 200\n";
+
+fn producer(client: &Client, acks: pb::Acks) -> runnel::client::Producer {
+    client.producer(ProducerConfig {
+        acks,
+        linger: Duration::from_millis(1),
+        timeout_ms: 5_000,
+        request_timeout: Duration::from_secs(8),
+        ..ProducerConfig::default()
+    })
+}
+
+async fn describe(client: &Client, topic: &str) -> Option<pb::TopicDescription> {
+    client.describe_topic(topic).await.ok()
+}
+
+/// Waits until partition 0 has a leader other than `not` and an ISR of
+/// `isr_len`, and returns its description.
+async fn await_partition(
+    client: &Client,
+    topic: &str,
+    not: i32,
+    isr_len: usize,
+) -> pb::PartitionDescription {
+    eventually(
+        &format!("{topic}-0 led by a node other than {not} with ISR of {isr_len}"),
+        WAIT,
+        || async {
+            let d = describe(client, topic).await?;
+            let p = d.partitions.into_iter().next()?;
+            (p.leader > 0 && p.leader != not && p.isr.len() == isr_len).then_some(p)
+        },
+    )
+    .await
+}
+
+/// Reads every record value of partition 0 (up to the high watermark).
+async fn read_all(client: &Client, topic: &str) -> Vec<(i64, String)> {
+    eventually("a full read of the partition", WAIT, || async {
+        let mut c = client
+            .partition_consumer(topic, 0, StartFrom::Earliest)
+            .await
+            .ok()?;
+        let end = c.high_watermark();
+        let mut out = Vec::new();
+        while c.position() < end {
+            for r in c.poll().await.ok()? {
+                out.push((r.offset, String::from_utf8(r.value?.to_vec()).ok()?));
+            }
+        }
+        Some(out)
+    })
+    .await
+}
+
+/// Waits until all three replicas hold byte-identical logs.
+async fn await_identical_replicas(cluster: &Cluster, topic: &str) -> Vec<u8> {
+    let dirs: Vec<_> = (1..=3)
+        .map(|id| cluster.data_dir(id).join(format!("{topic}-0")))
+        .collect();
+    eventually("byte-identical replicas", WAIT, || {
+        let dirs = dirs.clone();
+        async move {
+            let logs: Vec<Vec<u8>> = dirs.iter().map(|d| log_bytes(d)).collect();
+            (logs.iter().all(|l| *l == logs[0]) && !logs[0].is_empty()).then(|| logs[0].clone())
+        }
+    })
+    .await
+}
+
+/// Record values stored in concatenated segment bytes.
+fn values_in(log: &[u8]) -> Vec<String> {
+    runnel_storage::RecordBatch::parse_all(bytes::Bytes::copy_from_slice(log))
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.records().unwrap())
+        .map(|r| String::from_utf8(r.value.unwrap().to_vec()).unwrap())
+        .collect()
+}
+
+fn expected_values(a: &[String], b: &[String]) -> Vec<String> {
+    a.iter().chain(b.iter()).cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t01_acks_all_survives_leader_kills() {
+    let iterations: usize = std::env::var("RUNNEL_KILL_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(
+        3,
+        base.path(),
+        "replica_lag_time_max_ms = 10000",
+        CONTROLLER,
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    let configs = BTreeMap::from([("min.insync.replicas".to_string(), "2".to_string())]);
+    client.create_topic("t", 1, 3, configs).await.unwrap();
+    await_partition(&client, "t", -1, 3).await;
+
+    // The producer sends one record at a time with acks=all and remembers
+    // which were acknowledged; it never retries, so nothing may appear twice.
+    let acked = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let failed = Arc::new(Mutex::new(Vec::<(usize, String)>::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = {
+        let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+        let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+        tokio::spawn(async move {
+            let producer = producer(&client, pb::Acks::All);
+            let mut i = 0usize;
+            while !stop.is_cancelled() {
+                let ack = producer
+                    .send("t", ProducerRecord::value(format!("v{i}")))
+                    .await
+                    .unwrap();
+                match ack.await {
+                    Ok(_) => acked.lock().await.push(i),
+                    Err(e) => {
+                        failed.lock().await.push((i, e.to_string()));
+                        // Back off while leadership moves.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                i += 1;
+            }
+            producer.close().await.unwrap();
+        })
+    };
+
+    for round in 0..iterations {
+        let before = acked.lock().await.len();
+        eventually("progress before the kill", WAIT, || {
+            let acked = acked.clone();
+            async move { (acked.lock().await.len() >= before + 50).then_some(()) }
+        })
+        .await;
+        let leader = describe(&client, "t").await.unwrap().partitions[0].leader;
+        cluster.kill(leader);
+        // A new leader takes over and acknowledged writes continue.
+        await_partition(&client, "t", leader, 2).await;
+        let after_kill = acked.lock().await.len();
+        eventually("acks from the new leader", WAIT, || {
+            let acked = acked.clone();
+            async move { (acked.lock().await.len() >= after_kill + 50).then_some(()) }
+        })
+        .await;
+        cluster.restart(leader);
+        // The restarted broker catches up and rejoins the ISR.
+        eventually(&format!("round {round}: ISR back to 3"), WAIT, || async {
+            let d = describe(&client, "t").await?;
+            (d.partitions[0].isr.len() == 3).then_some(())
+        })
+        .await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+
+    let acked = acked.lock().await.clone();
+    let failed = failed.lock().await.clone();
+    assert!(
+        acked.len() >= 100 * iterations,
+        "too few acks: {}",
+        acked.len()
+    );
+    let stored = read_all(&client, "t").await;
+    // Offsets are contiguous.
+    for (i, (offset, _)) in stored.iter().enumerate() {
+        assert_eq!(*offset, i as i64, "offsets must be contiguous");
+    }
+    let values: Vec<usize> = stored
+        .iter()
+        .map(|(_, v)| v.trim_start_matches('v').parse().unwrap())
+        .collect();
+    // Nothing twice, in send order.
+    assert!(
+        values.windows(2).all(|w| w[0] < w[1]),
+        "duplicates or reordering: {values:?}"
+    );
+    // Every acknowledged record is there.
+    let present: std::collections::BTreeSet<usize> = values.iter().copied().collect();
+    let lost: Vec<usize> = acked
+        .iter()
+        .filter(|i| !present.contains(i))
+        .copied()
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged records lost: {lost:?} (failed sends: {failed:?})"
+    );
+    // Replicas end byte-identical.
+    await_identical_replicas(&cluster, "t").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t02_divergent_tail_is_truncated_after_leader_change() {
+    let base = tempfile::tempdir().unwrap();
+    // Followers never leave the ISR by lag here: only fencing moves things.
+    let cluster = Cluster::start(
+        3,
+        base.path(),
+        "replica_lag_time_max_ms = 600000\nfailpoints = true",
+        CONTROLLER,
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("d", 1, 3, BTreeMap::new())
+        .await
+        .unwrap();
+    let p = await_partition(&client, "d", -1, 3).await;
+    let old_leader = p.leader;
+    let followers: Vec<i32> = p
+        .replicas
+        .iter()
+        .copied()
+        .filter(|r| *r != old_leader)
+        .collect();
+
+    let send = |client: Client, acks: pb::Acks, values: Vec<String>| async move {
+        let producer = producer(&client, acks);
+        let mut acks_out = Vec::new();
+        for v in values {
+            acks_out.push(producer.send("d", ProducerRecord::value(v)).await.unwrap());
+        }
+        producer.close().await.unwrap();
+        let mut results = Vec::new();
+        for a in acks_out {
+            results.push(a.await);
+        }
+        results
+    };
+    let committed: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+    for r in send(client.clone(), pb::Acks::All, committed.clone()).await {
+        r.unwrap();
+    }
+
+    // Followers drop whatever they fetch from now on (a failpoint checked
+    // after each answer arrives), so the old leader takes writes only it
+    // has: an uncommitted tail in epoch 0.
+    let pause = |id: i32, on: bool| {
+        let dir = cluster.data_dir(id).join("failpoints");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pause-replica-fetch");
+        if on {
+            std::fs::write(file, b"").unwrap();
+        } else {
+            std::fs::remove_file(file).unwrap();
+        }
+    };
+    for f in &followers {
+        pause(*f, true);
+    }
+    let leader_only = Client::connect(&cluster.node(old_leader).addr)
+        .await
+        .unwrap();
+    let divergent: Vec<String> = (0..5).map(|i| format!("divergent-{i}")).collect();
+    for r in send(leader_only, pb::Acks::Leader, divergent.clone()).await {
+        r.unwrap();
+    }
+    let old_dir = cluster.data_dir(old_leader).join("d-0");
+    let with_tail = log_bytes(&old_dir);
+
+    // The old leader pauses, the followers resume and elect a new leader,
+    // which takes new committed writes at the same offsets.
+    cluster.node(old_leader).signal("STOP");
+    for f in &followers {
+        pause(*f, false);
+    }
+    let follower_client = Client::connect(
+        &followers
+            .iter()
+            .map(|f| cluster.node(*f).addr.clone())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .await
+    .unwrap();
+    let p = await_partition(&follower_client, "d", old_leader, 2).await;
+    assert!(p.leader_epoch > 0);
+    // Neither follower ever stored the divergent records.
+    for f in &followers {
+        let values = values_in(&log_bytes(&cluster.data_dir(*f).join("d-0")));
+        assert_eq!(
+            values, committed,
+            "follower {f} must not have the divergent tail"
+        );
+    }
+    let after: Vec<String> = (0..3).map(|i| format!("n{i}")).collect();
+    for r in send(follower_client.clone(), pb::Acks::All, after.clone()).await {
+        r.unwrap();
+    }
+
+    // The old leader comes back, truncates its divergent tail and copies
+    // the new leader's history.
+    cluster.node(old_leader).signal("CONT");
+    let identical = await_identical_replicas(&cluster, "d").await;
+    assert_eq!(
+        values_in(&with_tail)[10..],
+        [
+            "divergent-0",
+            "divergent-1",
+            "divergent-2",
+            "divergent-3",
+            "divergent-4"
+        ]
+    );
+    assert_eq!(values_in(&identical), expected_values(&committed, &after));
+    let stored: Vec<String> = read_all(&follower_client, "d")
+        .await
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let expected: Vec<String> = committed.iter().chain(after.iter()).cloned().collect();
+    assert_eq!(
+        stored, expected,
+        "the divergent records must be gone everywhere"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t03_isr_shrinks_for_a_paused_follower_and_min_isr_refuses() {
+    let base = tempfile::tempdir().unwrap();
+    // Lag detection is fast, fencing slow: the ISR shrinks by lag alone.
+    let cluster = Cluster::start(
+        3,
+        base.path(),
+        "replica_lag_time_max_ms = 1500",
+        "broker_session_timeout_ms = 30000\nbroker_heartbeat_interval_ms = 500\n",
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    let strict = BTreeMap::from([("min.insync.replicas".to_string(), "3".to_string())]);
+    client.create_topic("s", 1, 3, strict).await.unwrap();
+    let p = await_partition(&client, "s", -1, 3).await;
+    let one = |client: Client, v: &str| {
+        let v = v.to_string();
+        async move {
+            let producer = producer(&client, pb::Acks::All);
+            let ack = producer.send("s", ProducerRecord::value(v)).await.unwrap();
+            producer.close().await.unwrap();
+            ack.await
+        }
+    };
+    one(client.clone(), "a").await.unwrap();
+
+    let paused = *p.replicas.iter().find(|r| **r != p.leader).unwrap();
+    cluster.node(paused).signal("STOP");
+    // The leader drops the silent follower from the ISR...
+    let shrunk = eventually("the ISR to shrink", WAIT, || async {
+        let d = describe(&client, "s").await?;
+        (d.partitions[0].isr.len() == 2).then(|| d.partitions[0].isr.clone())
+    })
+    .await;
+    assert!(!shrunk.contains(&paused));
+    // ...and acks=all is refused before anything is appended.
+    let hw_before = describe(&client, "s").await.unwrap().partitions[0].log_end_offset;
+    let err = one(client.clone(), "b").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Broker {
+                code: pb::ErrorCode::NotEnoughReplicas,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        describe(&client, "s").await.unwrap().partitions[0].log_end_offset,
+        hw_before
+    );
+
+    // The follower resumes, catches up and rejoins; acks=all works again.
+    cluster.node(paused).signal("CONT");
+    eventually("the ISR to expand", WAIT, || async {
+        let d = describe(&client, "s").await?;
+        (d.partitions[0].isr.len() == 3).then_some(())
+    })
+    .await;
+    one(client.clone(), "c").await.unwrap();
+    let stored: Vec<String> = read_all(&client, "s")
+        .await
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(stored, vec!["a", "c"]);
+}
