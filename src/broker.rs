@@ -434,6 +434,7 @@ impl Broker {
                 &mut hw_rx,
                 info.last_offset + 1,
                 min_isr,
+                leader_epoch,
                 timeout_ms,
             )
             .await?;
@@ -464,6 +465,7 @@ impl Broker {
         hw_rx: &mut watch::Receiver<i64>,
         end: i64,
         min_isr: i32,
+        leader_epoch: i32,
         timeout_ms: u64,
     ) -> Result<(), BrokerError> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
@@ -479,6 +481,15 @@ impl Broker {
                     });
                 }
                 return Ok(());
+            }
+            if partition.leader_epoch() != Some(leader_epoch) {
+                // Leadership moved (controlled shutdown, fencing): the
+                // batch's fate is decided by the new leader; retriable.
+                return Err(BrokerError::NotLeader {
+                    topic: partition.topic.clone(),
+                    partition: partition.index,
+                    leader: String::new(),
+                });
             }
             tokio::select! {
                 r = hw_rx.changed() => if r.is_err() { return Err(BrokerError::ShuttingDown) },
@@ -761,6 +772,39 @@ impl Broker {
             cluster_id: meta.cluster_id.clone(),
             controller_id: self.metadata.controller_id(),
         })
+    }
+
+    /// Controlled shutdown: asks the controller to move every leadership
+    /// of this broker to another in-sync replica (and take it out of the
+    /// ISRs), then waits until the metadata shows it leads nothing, so a
+    /// rolling restart loses nothing. Skipped when no other broker is up.
+    pub async fn controlled_shutdown(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let meta = self.metadata.current();
+        let others = meta
+            .brokers
+            .values()
+            .filter(|b| b.id != self.node_id && !b.fenced)
+            .count();
+        if others == 0 {
+            return Ok(());
+        }
+        info!(
+            node_id = self.node_id,
+            "controlled shutdown: handing over leaderships"
+        );
+        self.metadata
+            .submit(MetadataCommand::FenceBroker { id: self.node_id })
+            .await?;
+        let me = self.node_id;
+        let mut rx = self.metadata.watch();
+        let leads_nothing = |m: &ClusterMetadata| {
+            m.topics
+                .values()
+                .flat_map(|t| t.partitions.iter())
+                .all(|p| p.leader != me || p.isr.len() <= 1)
+        };
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|m| leads_nothing(m))).await;
+        self.reconcile()
     }
 
     /// Periodic storage work: retention, age roll, interval flush.

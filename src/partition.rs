@@ -115,6 +115,10 @@ impl Partition {
         if changed {
             info!(topic = %self.topic, partition = self.index, leader = info.leader, leader_epoch = info.leader_epoch, "became follower");
             *role = next;
+            drop(role);
+            // Wake producers waiting for replicas as leader: they must
+            // learn that leadership moved.
+            self.hw_tx.send_modify(|_| {});
         }
         Vec::new()
     }

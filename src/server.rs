@@ -61,7 +61,18 @@ pub enum ServerError {
 /// Runs a node until `shutdown` is cancelled. Prints
 /// `runnel listening on ADDR` on stdout once this broker is registered and
 /// serving.
-pub async fn run(mut config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Result<(), ServerError> {
+    // `external` is the operator's stop request; `shutdown` stops the
+    // services once leaderships are handed over.
+    let shutdown = CancellationToken::new();
+    let early = {
+        let (external, shutdown) = (external.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            // Before the node is ready there is nothing to hand over.
+            external.cancelled().await;
+            shutdown.cancel();
+        })
+    };
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|source| ServerError::DataDir {
         dir: dir.clone(),
@@ -217,11 +228,24 @@ pub async fn run(mut config: ServerConfig, shutdown: CancellationToken) -> Resul
         })
     };
 
+    early.abort();
     info!(node_id = config.node_id, addr = %local, advertised = %advertised, data_dir = %config.data_dir.display(), "runnel listening");
     println!("runnel listening on {local}");
 
-    shutdown.cancelled().await;
+    external.cancelled().await;
     info!("shutting down");
+    // No more heartbeats: a heartbeat seeing the fence below would
+    // register this broker again.
+    heartbeat.abort();
+    let handover = Duration::from_millis(config.controller.submit_timeout_ms);
+    if let Err(e) = broker.controlled_shutdown(handover).await {
+        warn!(error = %e, "controlled shutdown incomplete; stopping anyway");
+    }
+    // Leave the quorum before the listener closes: a Raft leader whose
+    // port no longer accepts connections would keep leading (its outgoing
+    // heartbeats still arrive) while no broker could reach it.
+    store.shutdown().await;
+    shutdown.cancel();
     let result = match tokio::time::timeout(grace, serve).await {
         Ok(Ok(r)) => r.map_err(ServerError::from),
         Ok(Err(_)) => Ok(()),
@@ -234,8 +258,6 @@ pub async fn run(mut config: ServerConfig, shutdown: CancellationToken) -> Resul
         }
     };
     maintenance.abort();
-    heartbeat.abort();
-    store.shutdown().await;
     let b = broker.clone();
     tokio::task::spawn_blocking(move || b.close())
         .await

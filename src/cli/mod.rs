@@ -1,6 +1,7 @@
 //! Command-line definitions (clap) and dispatch.
 
 mod consume;
+mod dev;
 mod perf;
 mod produce;
 mod server;
@@ -44,6 +45,8 @@ pub enum Output {
 pub enum Command {
     /// Run a broker.
     Server(server::ServerArgs),
+    /// Run a local three-node cluster on 127.0.0.1 until Ctrl-C.
+    Dev(dev::DevArgs),
     /// Create, list, describe, alter and delete topics.
     #[command(subcommand)]
     Topic(topic::TopicCommand),
@@ -92,6 +95,7 @@ impl ConfigPairs {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => server::run(args).await,
+        Command::Dev(args) => dev::run(args).await,
         Command::Cluster(ClusterCommand::Health) => {
             init_client_tracing();
             node_health(&cli.bootstrap).await
@@ -113,6 +117,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     cluster_describe(&client, cli.output).await
                 }
                 Command::Server(_)
+                | Command::Dev(_)
                 | Command::Perf(_)
                 | Command::Cluster(ClusterCommand::Health) => {
                     unreachable!("handled above")

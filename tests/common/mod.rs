@@ -234,6 +234,14 @@ impl Cluster {
             .kill();
     }
 
+    /// Stops node `id` gracefully (SIGTERM) and returns its exit status.
+    pub fn stop(&mut self, id: i32) -> std::process::ExitStatus {
+        self.nodes[(id - 1) as usize]
+            .take()
+            .expect("node is running")
+            .stop()
+    }
+
     /// Restarts node `id` from its data directory and waits until ready.
     pub fn restart(&mut self, id: i32) {
         let i = (id - 1) as usize;

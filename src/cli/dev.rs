@@ -1,0 +1,169 @@
+//! `runnel dev`: a local cluster of broker+controller processes on
+//! 127.0.0.1, for trying Runnel with no Docker and no configuration.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Number of nodes (each a broker and a controller voter).
+    #[arg(long, default_value_t = 3)]
+    nodes: u16,
+    /// Client port of node 1; node N listens on BASE_PORT + N - 1.
+    #[arg(long, default_value_t = 9092)]
+    base_port: u16,
+    /// Where the nodes keep their data (node-N/ below it).
+    #[arg(long, default_value = "data/dev")]
+    data_dir: PathBuf,
+}
+
+/// The config file of node `id` in a local cluster.
+pub fn node_config(id: u16, nodes: u16, base_port: u16, data_dir: &std::path::Path) -> String {
+    let voters: Vec<String> = (1..=nodes)
+        .map(|n| format!("\"{n}@127.0.0.1:{}\"", base_port + n - 1))
+        .collect();
+    let dir = toml::Value::String(data_dir.join(format!("node-{id}")).display().to_string());
+    format!(
+        "# Written by `runnel dev`.\n\
+         node_id = {id}\n\
+         listen = \"127.0.0.1:{port}\"\n\
+         data_dir = {dir}\n\
+         roles = [\"broker\", \"controller\"]\n\n\
+         [controller]\n\
+         voters = [{voters}]\n",
+        port = base_port + id - 1,
+        voters = voters.join(", "),
+    )
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if args.nodes == 0 || args.nodes > 9 {
+        bail!("--nodes must be between 1 and 9, got {}", args.nodes);
+    }
+    if u32::from(args.base_port) + u32::from(args.nodes) > 65_536 {
+        bail!(
+            "--base-port {} leaves no room for {} nodes",
+            args.base_port,
+            args.nodes
+        );
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let exe = std::env::current_exe().context("cannot find the runnel binary")?;
+    let mut children: Vec<Child> = Vec::new();
+    let mut ready = Vec::new();
+    for id in 1..=args.nodes {
+        let path = args.data_dir.join(format!("node-{id}.toml"));
+        std::fs::write(
+            &path,
+            node_config(id, args.nodes, args.base_port, &args.data_dir),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
+        let mut child = Command::new(&exe)
+            .arg("server")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start a node")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix("runnel listening on ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.to_string());
+                    }
+                }
+            }
+        });
+        children.push(child);
+        ready.push(rx);
+    }
+    let mut addrs = Vec::new();
+    for (i, rx) in ready.into_iter().enumerate() {
+        let addr = tokio::select! {
+            a = tokio::time::timeout(Duration::from_secs(120), rx) => match a {
+                Ok(Ok(addr)) => addr,
+                _ => bail!("node {} did not start (see its log above)", i + 1),
+            },
+            _ = tokio::signal::ctrl_c() => return stop(children).await,
+        };
+        addrs.push(addr);
+    }
+    let bootstrap = addrs.join(",");
+    println!(
+        "runnel dev: {} nodes up, data in {}",
+        args.nodes,
+        args.data_dir.display()
+    );
+    println!("bootstrap: {bootstrap}");
+    println!("try:       runnel --bootstrap {bootstrap} topic create demo --partitions 3 --replication-factor {}", args.nodes.min(3));
+    println!("Ctrl-C stops the cluster.");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = wait_any(&mut children) => bail!("a node exited unexpectedly"),
+    }
+    stop(children).await
+}
+
+async fn wait_any(children: &mut [Child]) {
+    loop {
+        for c in children.iter_mut() {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// SIGTERM every node and wait for it (they also got Ctrl-C's SIGINT if
+/// they share the terminal).
+async fn stop(mut children: Vec<Child>) -> anyhow::Result<()> {
+    for c in &children {
+        if let Some(pid) = c.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+    for c in &mut children {
+        if tokio::time::timeout(Duration::from_secs(30), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
+        }
+    }
+    println!("runnel dev: stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_configs_parse_and_agree() {
+        let dir = std::path::Path::new("/tmp/runnel-dev");
+        for id in 1..=3 {
+            let text = node_config(id, 3, 9092, dir);
+            let c = runnel::config::ServerConfig::from_toml(&text).unwrap();
+            assert_eq!(c.node_id, i32::from(id));
+            assert_eq!(c.listen.port(), 9091 + id);
+            assert_eq!(c.voters().unwrap().len(), 3);
+            assert_eq!(c.voters().unwrap()[&i32::from(id)], c.listen.to_string());
+        }
+    }
+}
