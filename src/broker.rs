@@ -602,6 +602,7 @@ impl Broker {
             timestamp_ms,
             log_start_offset: start,
             high_watermark: hw,
+            log_end_offset: log.log_end_offset(),
         })
     }
 
@@ -688,6 +689,48 @@ impl Broker {
         self.describe_in(&self.metadata.current(), name)
     }
 
+    /// Describes a topic with every partition's offsets, asking the
+    /// leaders of partitions this broker does not lead (2 s each; -1 when
+    /// a leader does not answer).
+    pub async fn describe_topic_live(
+        &self,
+        name: &str,
+    ) -> Result<pb::TopicDescription, BrokerError> {
+        let meta = self.metadata.current();
+        let mut d = self.describe_in(&meta, name)?;
+        for p in d
+            .partitions
+            .iter_mut()
+            .filter(|p| p.leader >= 0 && p.leader != self.node_id)
+        {
+            let Some(addr) = meta.brokers.get(&p.leader).map(|b| b.address.clone()) else {
+                continue;
+            };
+            let ask = async {
+                let mut c = runnel_proto::v1::consumer_client::ConsumerClient::connect(format!(
+                    "http://{addr}"
+                ))
+                .await
+                .ok()?;
+                c.list_offsets(pb::ListOffsetsRequest {
+                    topic: name.to_string(),
+                    partition: p.partition,
+                    spec: pb::OffsetSpec::Latest as i32,
+                    timestamp_ms: 0,
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+            };
+            if let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(2), ask).await {
+                p.log_start_offset = r.log_start_offset;
+                p.high_watermark = r.high_watermark;
+                p.log_end_offset = r.log_end_offset;
+            }
+        }
+        Ok(d)
+    }
+
     fn describe_in(
         &self,
         meta: &ClusterMetadata,
@@ -704,7 +747,12 @@ impl Broker {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let log = self.hosted(name, i as i32).map(|h| h.log.clone());
+                // Offsets come from the leader's log; a follower's copy
+                // lags, so non-leaders report -1 (see describe_topic_live).
+                let log = self
+                    .hosted(name, i as i32)
+                    .filter(|h| p.leader == self.node_id && h.leader_epoch().is_some())
+                    .map(|h| h.log.clone());
                 pb::PartitionDescription {
                     partition: i as i32,
                     leader: p.leader,

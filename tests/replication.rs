@@ -2,7 +2,7 @@
 //! leader kills under acks=all, the divergent-tail (KIP-101) scenario, ISR
 //! shrink and expand around a paused follower, and min.insync.replicas.
 //!
-//! `RUNNEL_KILL_ITERATIONS` sets how many leader kills t01 performs
+//! `REPLICATION_KILL_ITERATIONS` sets how many leader kills t01 performs
 //! (default 2 here; the long run uses 20).
 
 mod common;
@@ -105,7 +105,7 @@ fn expected_values(a: &[String], b: &[String]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t01_acks_all_survives_leader_kills() {
-    let iterations: usize = std::env::var("RUNNEL_KILL_ITERATIONS")
+    let iterations: usize = std::env::var("REPLICATION_KILL_ITERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);

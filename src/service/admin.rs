@@ -56,7 +56,9 @@ impl Admin for AdminService {
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
         Ok(Response::new(
-            self.broker.describe_topic(&request.into_inner().name)?,
+            self.broker
+                .describe_topic_live(&request.into_inner().name)
+                .await?,
         ))
     }
 

@@ -45,7 +45,12 @@ impl ServerProcess {
 
     /// Starts `runnel ARGS` without waiting for it to be ready.
     pub fn spawn(args: &[String], data_dir: &Path) -> Starting {
-        let mut child = Command::new(runnel_bin())
+        let mut command = Command::new(runnel_bin());
+        // Hermetic: no RUNNEL_… overrides leak in from the caller.
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("RUNNEL_")) {
+            command.env_remove(key);
+        }
+        let mut child = command
             .args(args)
             .env(
                 "RUST_LOG",
