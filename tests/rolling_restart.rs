@@ -15,23 +15,6 @@ use tokio::sync::Mutex;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn retriable(e: &ClientError) -> bool {
-    match e {
-        ClientError::Broker { code, .. } => matches!(
-            code,
-            pb::ErrorCode::NotLeader
-                | pb::ErrorCode::RequestTimedOut
-                | pb::ErrorCode::NotEnoughReplicas
-                | pb::ErrorCode::NotEnoughReplicasAfterAppend
-                | pb::ErrorCode::NotController
-                | pb::ErrorCode::BrokerNotAvailable
-                | pb::ErrorCode::UnknownPartition
-        ),
-        ClientError::Transport(_) | ClientError::Connect { .. } => true,
-        _ => false,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_under_acks_all_loses_nothing() {
     let base = tempfile::tempdir().unwrap();
@@ -138,7 +121,7 @@ async fn rolling_restart_under_acks_all_loses_nothing() {
     task.await.unwrap();
 
     let errors = errors.lock().await.clone();
-    let fatal: Vec<_> = errors.iter().filter(|e| !retriable(e)).collect();
+    let fatal: Vec<_> = errors.iter().filter(|e| !e.is_retriable()).collect();
     assert!(fatal.is_empty(), "non-retriable errors: {fatal:?}");
     // Every acknowledged record is where its acknowledgement said.
     let acked = acked.lock().await.clone();

@@ -9,6 +9,11 @@ use tokio::sync::mpsc;
 
 use super::Output;
 
+/// How long a partition may keep failing with retriable errors.
+const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Pause between retries.
+const RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
+
 #[derive(Debug, Args)]
 pub struct ConsumeArgs {
     /// Topic to read.
@@ -81,11 +86,28 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
         tokio::spawn(async move {
             // Without --follow, stop at the high watermark seen at start.
             let end = consumer.high_watermark();
+            // Leadership moves and broker restarts are ridden out: retriable
+            // errors are retried for up to RETRY_WINDOW.
+            let mut failing_since: Option<std::time::Instant> = None;
             loop {
                 if !follow && consumer.position() >= end {
                     return;
                 }
-                let batch = consumer.poll().await.map_err(anyhow::Error::from);
+                let batch = match consumer.poll().await {
+                    Ok(records) => {
+                        failing_since = None;
+                        Ok(records)
+                    }
+                    Err(e) if e.is_retriable() => {
+                        let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() < RETRY_WINDOW {
+                            tokio::time::sleep(RETRY_BACKOFF).await;
+                            continue;
+                        }
+                        Err(anyhow::Error::from(e))
+                    }
+                    Err(e) => Err(anyhow::Error::from(e)),
+                };
                 let failed = batch.is_err();
                 if tx.send(batch).await.is_err() || failed {
                     return;

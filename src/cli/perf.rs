@@ -2,7 +2,6 @@
 //! machine's own baselines (plain disk write, loopback TCP) to compare
 //! against in the same run.
 
-use std::future::Future;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -261,22 +260,22 @@ async fn produce(
     let bar = progress(w.records, output, "produce");
     let (tx, mut rx) = mpsc::channel::<(Instant, runnel::client::DeliveryFuture)>(65_536);
     let collector = tokio::spawn(async move {
+        use futures_util::stream::FuturesUnordered;
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
-        let mut pending = tokio_stream::StreamMap::new();
-        let mut next_id = 0u64;
+        let mut pending = FuturesUnordered::new();
         let mut error: Option<ClientError> = None;
         let mut open = true;
         loop {
             tokio::select! {
                 item = rx.recv(), if open => match item {
-                    Some((t0, fut)) => {
-                        pending.insert(next_id, Timed { t0, fut: Some(fut) });
-                        next_id += 1;
-                    }
+                    Some((t0, fut)) => pending.push(async move {
+                        let r = fut.await;
+                        (t0.elapsed(), r)
+                    }),
                     None => open = false,
                 },
-                Some((_, (elapsed, result))) = pending.next(), if !pending.is_empty() => {
+                Some((elapsed, result)) = pending.next(), if !pending.is_empty() => {
                     match result {
                         Ok(_) => { let _ = hist.record(elapsed.as_micros().max(1) as u64); }
                         Err(e) => { error.get_or_insert(e); }
@@ -543,33 +542,4 @@ async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
         r.print(output);
     }
     Ok(())
-}
-
-/// Yields once, when the delivery resolves, with the time since `t0`.
-struct Timed {
-    t0: Instant,
-    fut: Option<runnel::client::DeliveryFuture>,
-}
-
-impl tokio_stream::Stream for Timed {
-    type Item = (
-        Duration,
-        Result<runnel::client::RecordMetadata, ClientError>,
-    );
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        let Some(fut) = self.fut.as_mut() else {
-            return std::task::Poll::Ready(None);
-        };
-        match std::pin::Pin::new(fut).poll(cx) {
-            std::task::Poll::Ready(r) => {
-                self.fut = None;
-                std::task::Poll::Ready(Some((self.t0.elapsed(), r)))
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    }
 }

@@ -68,6 +68,25 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether trying again later (with fresh metadata) may succeed:
+    /// transport failures, leadership moves, timeouts, too few replicas.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Transport(_) | ClientError::Connect { .. } => true,
+            ClientError::Broker { code, .. } => matches!(
+                code,
+                pb::ErrorCode::NotLeader
+                    | pb::ErrorCode::RequestTimedOut
+                    | pb::ErrorCode::NotEnoughReplicas
+                    | pb::ErrorCode::NotEnoughReplicasAfterAppend
+                    | pb::ErrorCode::NotController
+                    | pb::ErrorCode::NotCoordinator
+                    | pb::ErrorCode::BrokerNotAvailable
+            ),
+            ClientError::Invalid(_) | ClientError::Closed => false,
+        }
+    }
+
     /// The broker's error code, or UNKNOWN for client-side failures.
     pub fn code(&self) -> pb::ErrorCode {
         match self {
