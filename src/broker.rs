@@ -44,6 +44,24 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// An appended batch whose producer may still wait for replicas.
+#[derive(Debug)]
+pub struct Appended {
+    response: pb::ProduceResponse,
+    wait: Option<ReplicaWait>,
+}
+
+/// What acks=all waits for.
+#[derive(Debug)]
+struct ReplicaWait {
+    partition: Arc<Partition>,
+    hw_rx: watch::Receiver<i64>,
+    end: i64,
+    min_isr: i32,
+    leader_epoch: i32,
+    timeout_ms: u64,
+}
+
 /// One broker node.
 pub struct Broker {
     node_id: i32,
@@ -351,12 +369,40 @@ impl Broker {
         }
     }
 
-    /// Appends a batch; see the module docs for the path.
-    #[instrument(skip_all, fields(topic = %req.topic, partition, offset))]
+    /// Appends a batch and waits as `acks` asks; see the module docs.
     pub async fn produce(
         &self,
         req: pb::ProduceRequest,
     ) -> Result<pb::ProduceResponse, BrokerError> {
+        let appended = self.produce_append(req).await?;
+        self.produce_complete(appended).await
+    }
+
+    /// The second half of a produce: waits for the replicas when acks=all.
+    /// Streams call it concurrently for many appended batches, so one
+    /// batch's replication wait does not hold back the next append.
+    pub async fn produce_complete(
+        &self,
+        appended: Appended,
+    ) -> Result<pb::ProduceResponse, BrokerError> {
+        if let Some(mut w) = appended.wait {
+            self.wait_for_replicas(
+                &w.partition,
+                &mut w.hw_rx,
+                w.end,
+                w.min_isr,
+                w.leader_epoch,
+                w.timeout_ms,
+            )
+            .await?;
+        }
+        Ok(appended.response)
+    }
+
+    /// The first half of a produce: checks, appends, and returns what is
+    /// left to wait for. Batches of one stream are appended in order.
+    #[instrument(skip_all, fields(topic = %req.topic, partition, offset))]
+    pub async fn produce_append(&self, req: pb::ProduceRequest) -> Result<Appended, BrokerError> {
         let meta = self.metadata.current();
         let topic = meta
             .topics
@@ -417,28 +463,16 @@ impl Broker {
                     warn!(error = %e, "acks=none append failed");
                 }
             });
-            return Ok(response);
+            return Ok(Appended {
+                response,
+                wait: None,
+            });
         }
-        let mut hw_rx = partition.watch_high_watermark();
+        let hw_rx = partition.watch_high_watermark();
         let info = tokio::task::spawn_blocking(append)
             .await
             .map_err(|_| BrokerError::ShuttingDown)??;
         tracing::Span::current().record("offset", info.base_offset);
-        if acks != pb::Acks::Leader {
-            let timeout_ms = match req.timeout_ms {
-                0 => self.config.broker.request_timeout_ms,
-                t => u64::from(t),
-            };
-            self.wait_for_replicas(
-                &partition,
-                &mut hw_rx,
-                info.last_offset + 1,
-                min_isr,
-                leader_epoch,
-                timeout_ms,
-            )
-            .await?;
-        }
         debug!(
             base_offset = info.base_offset,
             records = info.record_count,
@@ -447,7 +481,18 @@ impl Broker {
         response.base_offset = info.base_offset;
         response.last_offset = info.last_offset;
         response.log_append_time_ms = info.log_append_time_ms;
-        Ok(response)
+        let wait = (acks != pb::Acks::Leader).then(|| ReplicaWait {
+            partition,
+            hw_rx,
+            end: info.last_offset + 1,
+            min_isr,
+            leader_epoch,
+            timeout_ms: match req.timeout_ms {
+                0 => self.config.broker.request_timeout_ms,
+                t => u64::from(t),
+            },
+        });
+        Ok(Appended { response, wait })
     }
 
     fn min_insync_replicas(&self, topic: &TopicInfo) -> i32 {

@@ -407,3 +407,80 @@ async fn t03_isr_shrinks_for_a_paused_follower_and_min_isr_refuses() {
         .collect();
     assert_eq!(stored, vec!["a", "c"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t04_replica_behind_the_leaders_log_start_copies_from_there() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(
+        3,
+        base.path(),
+        "replica_lag_time_max_ms = 10000",
+        CONTROLLER,
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    let configs = BTreeMap::from([
+        ("segment.bytes".to_string(), "1024".to_string()),
+        ("retention.bytes".to_string(), "4096".to_string()),
+    ]);
+    client.create_topic("ret", 1, 3, configs).await.unwrap();
+    let p = await_partition(&client, "ret", -1, 3).await;
+    let away = *p.replicas.iter().find(|r| **r != p.leader).unwrap();
+    cluster.kill(away);
+    await_partition(&client, "ret", away, 2).await;
+
+    // While it is away, retention deletes the leader's oldest segments
+    // (small batches, so that there are many segments to delete).
+    let producer = client.producer(ProducerConfig {
+        acks: pb::Acks::All,
+        batch_bytes_max: 1024,
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..400 {
+        acks.push(
+            producer
+                .send("ret", ProducerRecord::value(format!("{i:0>100}")))
+                .await
+                .unwrap(),
+        );
+    }
+    producer.close().await.unwrap();
+    for a in acks {
+        a.await.unwrap();
+    }
+    let start = eventually("retention to advance the log start", WAIT, || async {
+        let p = describe(&client, "ret")
+            .await?
+            .partitions
+            .into_iter()
+            .next()?;
+        (p.log_start_offset > 0).then_some(p.log_start_offset)
+    })
+    .await;
+
+    // Back, it cannot fetch from offset 0: it starts over at the leader's
+    // log start, catches up and rejoins the ISR.
+    cluster.restart(away);
+    eventually("the returning replica to rejoin the ISR", WAIT, || async {
+        let d = describe(&client, "ret").await?;
+        (d.partitions[0].isr.len() == 3).then_some(())
+    })
+    .await;
+    let dir = cluster.data_dir(away).join("ret-0");
+    let first_segment: i64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()
+        })
+        .min()
+        .unwrap();
+    assert!(
+        first_segment >= start,
+        "replica kept offsets below the leader's start {start}: {first_segment}"
+    );
+}

@@ -255,3 +255,40 @@ async fn consume_from_offset_time_and_max_records() {
     let out = cli_ok(&addr, &["cluster", "describe"], None);
     assert!(out.contains(&addr), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_batches_never_exceed_the_broker_limit() {
+    // A batch target equal to max.message.bytes must not produce batches
+    // the broker refuses: a full batch leaves before the next record joins.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic(
+            "big",
+            1,
+            1,
+            BTreeMap::from([("max.message.bytes".to_string(), "65536".to_string())]),
+        )
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig {
+        batch_bytes_max: 65_536,
+        linger: std::time::Duration::from_millis(50),
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..500 {
+        let value = format!("{i:04}{}", "x".repeat(1020));
+        acks.push(
+            producer
+                .send("big", ProducerRecord::value(value))
+                .await
+                .unwrap(),
+        );
+    }
+    producer.close().await.unwrap();
+    for (i, ack) in acks.into_iter().enumerate() {
+        assert_eq!(ack.await.unwrap().offset, i as i64);
+    }
+}

@@ -69,7 +69,7 @@ pub struct ProduceArgs {
     #[arg(long, default_value_t = 0)]
     rate: u64,
     /// Batches in flight per partition.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 16)]
     in_flight: usize,
 }
 

@@ -146,7 +146,8 @@ fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
         .map(|e| {
             e.connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
-                .http2_adaptive_window(true)
+                .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW)
+                .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW)
         })
         .map_err(|e| ClientError::Invalid(format!("bad broker address '{addr}': {e}")))
 }

@@ -47,7 +47,7 @@ impl Default for ProducerConfig {
             acks: pb::Acks::All,
             batch_bytes_max: 64 * 1024,
             linger: Duration::from_millis(5),
-            in_flight_max: 5,
+            in_flight_max: 16,
             timeout_ms: 0,
             request_timeout: Duration::from_secs(35),
         }
@@ -100,6 +100,9 @@ pub struct RecordMetadata {
 }
 
 type Ack = oneshot::Sender<Result<RecordMetadata, ClientError>>;
+
+/// Upper bound on a record's encoding overhead (varints, attributes).
+const RECORD_OVERHEAD_BYTES: usize = 32;
 
 /// Resolves when the record's batch is acknowledged.
 #[derive(Debug)]
@@ -265,6 +268,22 @@ impl Accumulator {
             }
         };
         let key = (topic, partition);
+        // A batch never grows past batch_bytes_max by more than one
+        // record's worth: a full batch leaves before the record joins.
+        let record_bytes = record.key.as_ref().map_or(0, |k| k.len())
+            + record.value.as_ref().map_or(0, |v| v.len())
+            + record
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()))
+                .sum::<usize>()
+            + RECORD_OVERHEAD_BYTES;
+        if self.pending.get(&key).is_some_and(|p| {
+            !p.builder.is_empty()
+                && p.builder.size_bytes() + record_bytes > self.config.batch_bytes_max
+        }) {
+            self.dispatch(key.clone()).await;
+        }
         let linger = self.config.linger;
         let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
             builder: BatchBuilder::new(),

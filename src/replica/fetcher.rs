@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use runnel_proto::v1::internal as ipb;
 use runnel_proto::v1::internal::replication_client::ReplicationClient;
+use runnel_proto::v1::ErrorCode;
 use runnel_replication::{truncation_offset, Throttle};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
@@ -140,6 +141,8 @@ async fn run_fetcher(
         Ok(e) => e
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
+            .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW)
             .connect_lazy(),
         Err(e) => {
             warn!(leader, %address, error = %e, "bad leader address");
@@ -286,6 +289,21 @@ async fn fetch_round(
         let Some(a) = assigned.get(&(data.topic.clone(), data.partition)) else {
             continue;
         };
+        if data.error_code == ErrorCode::OffsetOutOfRange as i32
+            && a.partition.log.log_end_offset() < data.log_start_offset
+        {
+            // Everything this replica has is older than the leader's log
+            // start (retention ran while it was away, or it is a new
+            // replica): copy the partition from the leader's start.
+            info!(topic = %data.topic, partition = data.partition, from = a.partition.log.log_end_offset(), to = data.log_start_offset, "log ends below the leader's log start: starting over there");
+            let log = a.partition.log.clone();
+            let start = data.log_start_offset;
+            tokio::task::spawn_blocking(move || log.reset_to(start))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            continue;
+        }
         if data.error_code != 0 {
             debug!(topic = %data.topic, partition = data.partition, code = data.error_code, "leader refused fetch");
             refresh = true;

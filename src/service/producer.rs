@@ -45,38 +45,72 @@ impl Producer for ProducerService {
         let mut input = request.into_inner();
         let broker = self.broker.clone();
         // Requests are appended in arrival order, one at a time, so a
-        // partition's batches keep the order the client sent them in.
+        // partition's batches keep the order the client sent them in; the
+        // waits for replicas (acks=all) overlap, and answers leave in
+        // request order.
         let output = async_stream(move |tx| async move {
-            while let Some(next) = input.next().await {
-                let req = match next {
-                    Ok(req) => req,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
+            use futures_util::stream::FuturesOrdered;
+            let mut waiting = FuturesOrdered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    next = input.next(), if open && waiting.len() < STREAM_IN_FLIGHT_MAX => {
+                        let req = match next {
+                            Some(Ok(req)) => req,
+                            Some(Err(status)) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                            None => {
+                                open = false;
+                                continue;
+                            }
+                        };
+                        let correlation_id = req.correlation_id;
+                        let (topic, partition) = (req.topic.clone(), req.partition.unwrap_or(-1));
+                        let appended = broker.produce_append(req).await;
+                        let broker = broker.clone();
+                        waiting.push_back(async move {
+                            let result = match appended {
+                                Ok(a) => broker.produce_complete(a).await,
+                                Err(e) => Err(e),
+                            };
+                            result.unwrap_or_else(|e| failed_response(correlation_id, topic, partition, e))
+                        });
                     }
-                };
-                let correlation_id = req.correlation_id;
-                let (topic, partition) = (req.topic.clone(), req.partition.unwrap_or(-1));
-                let response = match broker.produce(req).await {
-                    Ok(r) => r,
-                    Err(e) => pb::ProduceResponse {
-                        correlation_id,
-                        topic,
-                        partition,
-                        base_offset: -1,
-                        last_offset: -1,
-                        log_append_time_ms: -1,
-                        log_start_offset: -1,
-                        error_code: e.code() as i32,
-                        error_message: e.to_string(),
-                    },
-                };
-                if tx.send(Ok(response)).await.is_err() {
-                    return; // client went away
+                    Some(response) = waiting.next(), if !waiting.is_empty() => {
+                        if tx.send(Ok(response)).await.is_err() {
+                            return; // client went away
+                        }
+                    }
+                    else => return,
                 }
             }
         });
         Ok(Response::new(output))
+    }
+}
+
+/// Batches of one stream appended but not yet answered.
+const STREAM_IN_FLIGHT_MAX: usize = 64;
+
+/// The in-stream answer for a failed request.
+fn failed_response(
+    correlation_id: u64,
+    topic: String,
+    partition: i32,
+    e: crate::error::BrokerError,
+) -> pb::ProduceResponse {
+    pb::ProduceResponse {
+        correlation_id,
+        topic,
+        partition,
+        base_offset: -1,
+        last_offset: -1,
+        log_append_time_ms: -1,
+        log_start_offset: -1,
+        error_code: e.code() as i32,
+        error_message: e.to_string(),
     }
 }
 

@@ -668,6 +668,37 @@ impl Log {
         Ok(())
     }
 
+    /// Drops every segment and starts an empty log at `offset`, with the
+    /// epoch cache cleared (Kafka's truncate-fully-and-start-at). For a
+    /// follower whose log ends below the leader's log start: it copies the
+    /// partition from there.
+    pub fn reset_to(&self, offset: i64) -> Result<()> {
+        let mut w = self.lock_writer()?;
+        let config = self.config();
+        let offset = offset.max(0);
+        let segments = self.snapshot();
+        for seg in segments.iter().rev() {
+            seg.delete_files()?;
+        }
+        self.publish(vec![Arc::new(Segment::create(&self.dir, offset, &config)?)]);
+        w.dir_dirty = true;
+        checkpoint::write_offset(&self.dir, checkpoint::LOG_START_OFFSET, offset)?;
+        self.log_start_offset.store(offset, Ordering::Release);
+        self.log_end_offset.store(offset, Ordering::Release);
+        self.high_watermark.store(offset, Ordering::Release);
+        checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, offset)?;
+        w.recovery_point = offset;
+        self.persist_high_watermark(&mut w)?;
+        self.epochs
+            .write()
+            .expect("epochs lock")
+            .truncate_from_end(i64::MIN)?;
+        checkpoint::sync_dir(&self.dir)?;
+        w.dir_dirty = false;
+        tracing::info!(dir = %self.dir.display(), offset, removed_segments = segments.len(), "reset log");
+        Ok(())
+    }
+
     /// Advances the log start offset to `offset`, deleting whole segments
     /// below it. Returns the new log start offset.
     pub fn delete_records_before(&self, offset: i64) -> Result<i64> {

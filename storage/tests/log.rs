@@ -396,3 +396,40 @@ fn missing_or_garbage_indexes_are_rebuilt() {
     assert_eq!(values(log.read(25, 1, i64::MAX).unwrap().batches)[0].0, 24);
     assert_eq!(log.offset_for_timestamp(113).unwrap(), Some((25, 113)));
 }
+
+#[test]
+fn reset_to_starts_an_empty_log_at_the_offset_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(4096)).unwrap();
+    for i in 0..200 {
+        log.append_as_leader(batch(i, 5, 1_000), 3).unwrap();
+    }
+    log.set_high_watermark(100);
+    assert!(log.segment_count() > 1);
+    log.reset_to(5000).unwrap();
+    assert_eq!(
+        (
+            log.log_start_offset(),
+            log.log_end_offset(),
+            log.high_watermark()
+        ),
+        (5000, 5000, 5000)
+    );
+    assert_eq!(log.latest_epoch(), None);
+    assert_eq!(log.segment_base_offsets(), vec![5000]);
+    // A follower append continues at the new start.
+    let mut b = batch(99, 2, 2_000);
+    runnel_storage::batch::set_base_offset(&mut b, 5000);
+    runnel_storage::batch::set_leader_epoch(&mut b, 7);
+    log.append_as_follower(b.freeze()).unwrap();
+    assert_eq!(log.log_end_offset(), 5002);
+    assert_eq!(log.latest_epoch(), Some((7, 5000)));
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(4096)).unwrap();
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (5000, 5002));
+    assert_eq!(read_all(&log, 5000).len(), 2);
+    assert!(matches!(
+        log.read(4999, 1024, 5002),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+}

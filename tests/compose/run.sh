@@ -42,7 +42,10 @@ TOPIC=events
 HOST_IP=169.254.92.1
 PORTS=(9092 9093 9094)
 BOOTSTRAP_ALL=127.0.0.1:9092,127.0.0.1:9093,127.0.0.1:9094
-RUNNEL=$ROOT/target/$PROFILE/runnel
+# Cargo's output may live outside the tree (CARGO_TARGET_DIR); the image
+# build copies the binary from the tree, so it is staged there below.
+RUNNEL=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/runnel
+STAGED=target/$PROFILE/runnel
 
 START=$SECONDS
 step() { printf '\n== [%3ds] %s\n' "$((SECONDS - START))" "$*"; }
@@ -150,6 +153,10 @@ else
     cargo build --locked --bin runnel
 fi
 [ -x "$RUNNEL" ] || fail "no $RUNNEL"
+if [ "$(realpath "$RUNNEL")" != "$(realpath -m "$ROOT/$STAGED")" ]; then
+    mkdir -p "$ROOT/target/$PROFILE"
+    cp "$RUNNEL" "$ROOT/$STAGED"
+fi
 
 if [ ! -s "$BASE_TAR" ]; then
     step "debootstrap --variant=minbase bookworm (cached as $BASE_TAR)"
@@ -180,7 +187,7 @@ step "images: import the base, build $IMAGE (--target prebuilt)"
 docker import "$BASE_TAR" "$BASE_IMAGE" >/dev/null
 docker build --quiet --target prebuilt \
     --build-arg "RUNTIME_IMAGE=$BASE_IMAGE" \
-    --build-arg "RUNNEL_BINARY=target/$PROFILE/runnel" \
+    --build-arg "RUNNEL_BINARY=$STAGED" \
     -t "$IMAGE" .
 docker run --rm "$IMAGE" --version
 [ "$(docker run --rm --entrypoint id "$IMAGE" -u)" != 0 ] || fail "the image runs as root"
