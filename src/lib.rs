@@ -16,6 +16,8 @@
 //! - [`service`]: tonic adapters.
 //! - [`replica`]: replication I/O: the leader's `Replication` service and
 //!   the follower fetchers.
+//! - [`group`]: consumer groups: assignors, group state machine and the
+//!   coordinator.
 //! - [`error`]: [`error::BrokerError`] and the one mapping to gRPC status.
 //! - [`client`]: producer (batching, linger), consumer and admin clients.
 
@@ -23,6 +25,7 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod group;
 pub mod partition;
 pub mod partitioner;
 pub mod replica;

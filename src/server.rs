@@ -164,7 +164,9 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
                 .max_encoding_message_size(message_max),
         )
         .add_service(AdminServer::new(AdminService::new(broker.clone())))
-        .add_service(ConsumerGroupsServer::new(GroupsService));
+        .add_service(ConsumerGroupsServer::new(GroupsService::new(
+            broker.clone(),
+        )));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let serve = tokio::spawn(
         router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),

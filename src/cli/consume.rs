@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use runnel::client::{Client, ConsumedRecord, StartFrom};
+use runnel::client::{Client, ConsumedRecord, GroupConfig, OffsetReset, StartFrom};
 use tokio::sync::mpsc;
 
 use super::Output;
@@ -28,7 +28,9 @@ pub struct ConsumeArgs {
     /// Stop after this many records.
     #[arg(long)]
     max_records: Option<u64>,
-    /// Consume as a member of this consumer group.
+    /// Consume as a member of this consumer group: the group assigns the
+    /// partitions, --from (earliest or latest) applies only where nothing
+    /// is committed, and printed records are committed as it goes.
     #[arg(long)]
     group: Option<String>,
     /// Keep waiting for new records instead of stopping at the end.
@@ -59,8 +61,8 @@ fn parse_from(s: &str) -> anyhow::Result<StartFrom> {
 }
 
 pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::Result<()> {
-    if args.group.is_some() {
-        bail!("consumer groups are not supported by this version of runnel yet; consume without --group");
+    if let Some(group) = args.group.clone() {
+        return run_group(client, args, &group, output).await;
     }
     let from = parse_from(&args.from)?;
     let topic = client.topic(&args.topic).await?;
@@ -131,6 +133,75 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
         out.flush()?;
     }
     out.flush()?;
+    Ok(())
+}
+
+/// `consume --group G`: a group member that prints what it is assigned,
+/// committing printed records every second and when it stops (end of the
+/// assigned partitions without --follow, --max-records, Ctrl-C or SIGTERM).
+async fn run_group(
+    client: &Client,
+    args: ConsumeArgs,
+    group: &str,
+    output: Output,
+) -> anyhow::Result<()> {
+    if args.partition.is_some() {
+        bail!("--partition cannot be combined with --group: the group assigns partitions");
+    }
+    let reset = match args.from.as_str() {
+        "earliest" => OffsetReset::Earliest,
+        "latest" => OffsetReset::Latest,
+        other => bail!(
+            "with --group, --from says where partitions without a committed offset start: earliest or latest, got '{other}' (use `runnel group reset-offsets` to move a group)"
+        ),
+    };
+    client.topic(&args.topic).await?;
+    let mut config = GroupConfig::new(group, &[args.topic.as_str()]);
+    config.offset_reset = reset;
+    config.client_id = "runnel-cli".into();
+    let mut consumer = client.group_consumer(config)?;
+    let limit = args.max_records.unwrap_or(u64::MAX);
+    let mut printed = 0u64;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result: anyhow::Result<()> = async {
+        while printed < limit {
+            let records = tokio::select! {
+                r = consumer.poll() => r?,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+            };
+            if records.is_empty() {
+                if !args.follow && consumer.caught_up() {
+                    break;
+                }
+                continue;
+            }
+            let mut rewind: std::collections::BTreeMap<(String, i32), i64> = Default::default();
+            for record in &records {
+                if printed >= limit {
+                    let key = (record.topic.clone(), record.partition);
+                    let at = rewind.entry(key).or_insert(record.offset);
+                    *at = (*at).min(record.offset);
+                    continue;
+                }
+                write_record(&mut out, record, output)?;
+                printed += 1;
+            }
+            out.flush()?;
+            // Unprinted records stay uncommitted for the next member.
+            for ((topic, partition), offset) in rewind {
+                consumer.seek(&topic, partition, offset)?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    out.flush()?;
+    let closed = consumer.close().await;
+    result?;
+    closed.context("committing and leaving the group")?;
     Ok(())
 }
 

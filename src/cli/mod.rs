@@ -2,6 +2,7 @@
 
 mod consume;
 mod dev;
+mod group;
 mod perf;
 mod produce;
 mod server;
@@ -57,6 +58,9 @@ pub enum Command {
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// List, describe, reset and delete consumer groups.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// Measure throughput and latency.
     #[command(subcommand)]
     Perf(perf::PerfCommand),
@@ -113,6 +117,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Topic(cmd) => topic::run(&client, cmd, cli.output).await,
                 Command::Produce(args) => produce::run(&client, args).await,
                 Command::Consume(args) => consume::run(&client, args, cli.output).await,
+                Command::Group(cmd) => group::run(&client, cmd, cli.output).await,
                 Command::Cluster(ClusterCommand::Describe) => {
                     cluster_describe(&client, cli.output).await
                 }

@@ -5,6 +5,8 @@
 //! - [`producer`]: [`Producer`], batching records per partition with a
 //!   linger, pipelining batches over one stream per partition.
 //! - [`consumer`]: [`PartitionConsumer`], polling one partition.
+//! - [`group`]: [`GroupConsumer`], a consumer-group member, and the group
+//!   admin calls.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), runnel::client::ClientError> {
@@ -19,6 +21,7 @@
 //! ```
 
 mod consumer;
+mod group;
 mod producer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +35,7 @@ use runnel_proto::v1::producer_client::ProducerClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub use consumer::{ConsumedRecord, PartitionConsumer, StartFrom};
+pub use group::{GroupConfig, GroupConsumer, OffsetReset};
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 
 use crate::error::error_code_of;
@@ -134,6 +138,8 @@ struct Inner {
     topics: Mutex<HashMap<String, pb::TopicDescription>>,
     /// Broker addresses by id.
     brokers: Mutex<HashMap<i32, String>>,
+    /// Coordinator address by group (see `group`), dropped on errors.
+    coordinators: Mutex<HashMap<String, String>>,
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
@@ -175,6 +181,7 @@ impl Client {
                             channels: Mutex::new(channels),
                             topics: Mutex::new(HashMap::new()),
                             brokers: Mutex::new(HashMap::new()),
+                            coordinators: Mutex::new(HashMap::new()),
                         }),
                     });
                 }

@@ -1,44 +1,130 @@
-//! `runnel.v1.ConsumerGroups`: the contract is fixed; the coordinator is
-//! not built yet (issue "Consumer groups"), so every call answers
-//! UNIMPLEMENTED with error code UNSUPPORTED rather than pretending.
+//! `runnel.v1.ConsumerGroups`: thin tonic adapter over
+//! [`crate::group::GroupCoordinator`]; errors become statuses with the
+//! `runnel-error-code` trailer (NOT_COORDINATOR, UNKNOWN_MEMBER,
+//! ILLEGAL_GENERATION, GROUP_NOT_EMPTY, UNKNOWN_GROUP, ...).
+
+use std::sync::Arc;
 
 use runnel_proto::v1 as pb;
 use runnel_proto::v1::consumer_groups_server::ConsumerGroups;
 use tonic::{Request, Response, Status};
+use tracing::instrument;
 
-use crate::error::BrokerError;
+use crate::broker::Broker;
+use crate::group::GroupCoordinator;
 
-/// Placeholder group service.
-#[derive(Debug, Clone, Default)]
-pub struct GroupsService;
-
-fn unsupported<T>() -> Result<Response<T>, Status> {
-    Err(BrokerError::Unsupported {
-        what: "consumer groups",
-    }
-    .into())
+/// The group service; owns the coordinator (its background task ends when
+/// the service is dropped).
+#[derive(Debug, Clone)]
+pub struct GroupsService {
+    coordinator: Arc<GroupCoordinator>,
 }
 
-macro_rules! unsupported_rpcs {
-    ($($name:ident($req:ty) -> $resp:ty;)*) => {
-        #[tonic::async_trait]
-        impl ConsumerGroups for GroupsService {
-            $(async fn $name(&self, _request: Request<$req>) -> Result<Response<$resp>, Status> {
-                unsupported()
-            })*
+impl GroupsService {
+    /// Starts the coordinator for `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self {
+            coordinator: GroupCoordinator::start(broker),
         }
-    };
+    }
 }
 
-unsupported_rpcs! {
-    find_coordinator(pb::FindCoordinatorRequest) -> pb::FindCoordinatorResponse;
-    join_group(pb::JoinGroupRequest) -> pb::JoinGroupResponse;
-    heartbeat(pb::HeartbeatRequest) -> pb::HeartbeatResponse;
-    leave_group(pb::LeaveGroupRequest) -> pb::LeaveGroupResponse;
-    commit_offsets(pb::CommitOffsetsRequest) -> pb::CommitOffsetsResponse;
-    fetch_offsets(pb::FetchOffsetsRequest) -> pb::FetchOffsetsResponse;
-    list_groups(pb::ListGroupsRequest) -> pb::ListGroupsResponse;
-    describe_group(pb::DescribeGroupRequest) -> pb::GroupDescription;
-    reset_offsets(pb::ResetOffsetsRequest) -> pb::ResetOffsetsResponse;
-    delete_group(pb::DeleteGroupRequest) -> pb::DeleteGroupResponse;
+#[tonic::async_trait]
+impl ConsumerGroups for GroupsService {
+    #[instrument(skip_all, fields(group = %request.get_ref().group))]
+    async fn find_coordinator(
+        &self,
+        request: Request<pb::FindCoordinatorRequest>,
+    ) -> Result<Response<pb::FindCoordinatorResponse>, Status> {
+        let r = self
+            .coordinator
+            .find_coordinator(&request.get_ref().group)
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    #[instrument(skip_all, fields(group = %request.get_ref().group))]
+    async fn join_group(
+        &self,
+        request: Request<pb::JoinGroupRequest>,
+    ) -> Result<Response<pb::JoinGroupResponse>, Status> {
+        Ok(Response::new(
+            self.coordinator.join(request.into_inner()).await?,
+        ))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        Ok(Response::new(
+            self.coordinator.heartbeat(request.get_ref())?,
+        ))
+    }
+
+    #[instrument(skip_all, fields(group = %request.get_ref().group))]
+    async fn leave_group(
+        &self,
+        request: Request<pb::LeaveGroupRequest>,
+    ) -> Result<Response<pb::LeaveGroupResponse>, Status> {
+        self.coordinator.leave(request.get_ref())?;
+        Ok(Response::new(pb::LeaveGroupResponse {}))
+    }
+
+    async fn commit_offsets(
+        &self,
+        request: Request<pb::CommitOffsetsRequest>,
+    ) -> Result<Response<pb::CommitOffsetsResponse>, Status> {
+        self.coordinator.commit(request.into_inner()).await?;
+        Ok(Response::new(pb::CommitOffsetsResponse {}))
+    }
+
+    async fn fetch_offsets(
+        &self,
+        request: Request<pb::FetchOffsetsRequest>,
+    ) -> Result<Response<pb::FetchOffsetsResponse>, Status> {
+        Ok(Response::new(
+            self.coordinator.fetch_offsets(request.get_ref())?,
+        ))
+    }
+
+    async fn list_groups(
+        &self,
+        request: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        Ok(Response::new(
+            self.coordinator
+                .list_groups(request.get_ref().local_only)
+                .await,
+        ))
+    }
+
+    #[instrument(skip_all, fields(group = %request.get_ref().group))]
+    async fn describe_group(
+        &self,
+        request: Request<pb::DescribeGroupRequest>,
+    ) -> Result<Response<pb::GroupDescription>, Status> {
+        Ok(Response::new(
+            self.coordinator.describe(&request.get_ref().group).await?,
+        ))
+    }
+
+    #[instrument(skip_all, fields(group = %request.get_ref().group))]
+    async fn reset_offsets(
+        &self,
+        request: Request<pb::ResetOffsetsRequest>,
+    ) -> Result<Response<pb::ResetOffsetsResponse>, Status> {
+        Ok(Response::new(
+            self.coordinator.reset(request.into_inner()).await?,
+        ))
+    }
+
+    #[instrument(skip_all, fields(group = %request.get_ref().group))]
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        self.coordinator.delete(&request.get_ref().group).await?;
+        Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
 }

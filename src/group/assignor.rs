@@ -1,0 +1,319 @@
+//! Partition assignment strategies: pure functions from the members'
+//! subscriptions (and what they owned) to who owns which partition in the
+//! next generation. The coordinator runs them server-side at the end of a
+//! rebalance (there is no SyncGroup).
+//!
+//! Every strategy but broadcast gives each partition of a subscribed topic
+//! to exactly one member that subscribes to it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use runnel_proto::v1::AssignmentStrategy;
+
+/// A (topic, partition) pair.
+pub type TopicPartition = (String, i32);
+
+/// What one member asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    /// Member id.
+    pub member_id: String,
+    /// Subscribed topics.
+    pub topics: BTreeSet<String>,
+    /// Partitions it owned in the previous generation (sticky uses them).
+    pub owned: Vec<TopicPartition>,
+}
+
+/// Assignment per member id (every member appears, possibly empty).
+pub type Assignment = BTreeMap<String, Vec<TopicPartition>>;
+
+/// Runs `strategy`; `partitions` gives each existing topic's partition count
+/// (subscribed topics missing from it are skipped).
+pub fn assign(
+    strategy: AssignmentStrategy,
+    members: &[Subscription],
+    partitions: &BTreeMap<String, i32>,
+) -> Assignment {
+    let mut out: Assignment = members
+        .iter()
+        .map(|m| (m.member_id.clone(), Vec::new()))
+        .collect();
+    match strategy {
+        AssignmentStrategy::Range => range(members, partitions, &mut out),
+        AssignmentStrategy::RoundRobin => round_robin(members, partitions, &mut out),
+        AssignmentStrategy::Broadcast => broadcast(members, partitions, &mut out),
+        AssignmentStrategy::CooperativeSticky | AssignmentStrategy::Unspecified => {
+            sticky(members, partitions, &mut out)
+        }
+    }
+    for v in out.values_mut() {
+        v.sort();
+    }
+    out
+}
+
+/// Every partition of the subscribed, existing topics, sorted.
+fn all_partitions(
+    members: &[Subscription],
+    partitions: &BTreeMap<String, i32>,
+) -> Vec<TopicPartition> {
+    let topics: BTreeSet<&String> = members.iter().flat_map(|m| m.topics.iter()).collect();
+    topics
+        .into_iter()
+        .filter_map(|t| partitions.get(t).map(|n| (t, *n)))
+        .flat_map(|(t, n)| (0..n).map(move |p| (t.clone(), p)))
+        .collect()
+}
+
+fn subscribers<'a>(members: &'a [Subscription], topic: &str) -> Vec<&'a Subscription> {
+    let mut v: Vec<&Subscription> = members
+        .iter()
+        .filter(|m| m.topics.contains(topic))
+        .collect();
+    v.sort_by(|a, b| a.member_id.cmp(&b.member_id));
+    v
+}
+
+/// Per topic, contiguous ranges; the first `count % members` get one more.
+fn range(members: &[Subscription], partitions: &BTreeMap<String, i32>, out: &mut Assignment) {
+    let topics: BTreeSet<&String> = members.iter().flat_map(|m| m.topics.iter()).collect();
+    for topic in topics {
+        let Some(&count) = partitions.get(topic) else {
+            continue;
+        };
+        let subs = subscribers(members, topic);
+        let n = subs.len() as i32;
+        if n == 0 {
+            continue;
+        }
+        let (base, extra) = (count / n, count % n);
+        let mut next = 0;
+        for (i, m) in subs.iter().enumerate() {
+            let take = base + i32::from((i as i32) < extra);
+            let v = out.entry(m.member_id.clone()).or_default();
+            v.extend((next..next + take).map(|p| (topic.clone(), p)));
+            next += take;
+        }
+    }
+}
+
+/// Partitions dealt out in turn to the next member subscribing to the topic.
+fn round_robin(members: &[Subscription], partitions: &BTreeMap<String, i32>, out: &mut Assignment) {
+    let mut sorted: Vec<&Subscription> = members.iter().collect();
+    sorted.sort_by(|a, b| a.member_id.cmp(&b.member_id));
+    if sorted.is_empty() {
+        return;
+    }
+    let mut cursor = 0usize;
+    for tp in all_partitions(members, partitions) {
+        for step in 0..sorted.len() {
+            let m = sorted[(cursor + step) % sorted.len()];
+            if m.topics.contains(&tp.0) {
+                out.entry(m.member_id.clone()).or_default().push(tp.clone());
+                cursor = (cursor + step + 1) % sorted.len();
+                break;
+            }
+        }
+    }
+}
+
+fn broadcast(members: &[Subscription], partitions: &BTreeMap<String, i32>, out: &mut Assignment) {
+    for m in members {
+        let v = out.entry(m.member_id.clone()).or_default();
+        for t in &m.topics {
+            if let Some(&n) = partitions.get(t) {
+                v.extend((0..n).map(|p| (t.clone(), p)));
+            }
+        }
+    }
+}
+
+/// Keeps previous owners up to a balanced quota, then hands the rest to
+/// the least-loaded subscriber. Balanced when subscriptions are uniform.
+fn sticky(members: &[Subscription], partitions: &BTreeMap<String, i32>, out: &mut Assignment) {
+    let all = all_partitions(members, partitions);
+    if members.is_empty() {
+        return;
+    }
+    let total = all.len();
+    let n = members.len();
+    let (floor, mut ceil_slots) = (total / n, total % n);
+    let existing: BTreeSet<&TopicPartition> = all.iter().collect();
+    let mut taken: BTreeSet<TopicPartition> = BTreeSet::new();
+    let mut sorted: Vec<&Subscription> = members.iter().collect();
+    sorted.sort_by(|a, b| a.member_id.cmp(&b.member_id));
+    for m in &sorted {
+        let mut owned: Vec<&TopicPartition> = m
+            .owned
+            .iter()
+            .filter(|tp| existing.contains(tp) && m.topics.contains(&tp.0) && !taken.contains(*tp))
+            .collect();
+        owned.sort();
+        owned.dedup();
+        let quota = if owned.len() > floor && ceil_slots > 0 {
+            ceil_slots -= 1;
+            floor + 1
+        } else {
+            floor
+        };
+        let v = out.entry(m.member_id.clone()).or_default();
+        for tp in owned.into_iter().take(quota) {
+            taken.insert(tp.clone());
+            v.push(tp.clone());
+        }
+    }
+    for tp in all {
+        if taken.contains(&tp) {
+            continue;
+        }
+        let target = sorted
+            .iter()
+            .filter(|m| m.topics.contains(&tp.0))
+            .min_by_key(|m| {
+                (
+                    out.get(&m.member_id).map_or(0, Vec::len),
+                    m.member_id.clone(),
+                )
+            });
+        if let Some(m) = target {
+            out.entry(m.member_id.clone()).or_default().push(tp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(id: &str, topics: &[&str], owned: &[(&str, i32)]) -> Subscription {
+        Subscription {
+            member_id: id.into(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            owned: owned.iter().map(|(t, p)| (t.to_string(), *p)).collect(),
+        }
+    }
+
+    fn tps(v: &[(&str, i32)]) -> Vec<TopicPartition> {
+        v.iter().map(|(t, p)| (t.to_string(), *p)).collect()
+    }
+
+    fn counts(n: i32) -> BTreeMap<String, i32> {
+        [("t".to_string(), n)].into_iter().collect()
+    }
+
+    /// No partition twice, every partition once.
+    fn assert_exact_cover(a: &Assignment, n: i32) {
+        let mut all: Vec<TopicPartition> = a.values().flatten().cloned().collect();
+        all.sort();
+        assert_eq!(
+            all,
+            (0..n).map(|p| ("t".to_string(), p)).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn range_gives_contiguous_blocks_extra_to_the_first() {
+        let m = [sub("a", &["t"], &[]), sub("b", &["t"], &[])];
+        let a = assign(AssignmentStrategy::Range, &m, &counts(5));
+        assert_eq!(a["a"], tps(&[("t", 0), ("t", 1), ("t", 2)]));
+        assert_eq!(a["b"], tps(&[("t", 3), ("t", 4)]));
+    }
+
+    #[test]
+    fn round_robin_deals_in_turn() {
+        let m = [
+            sub("b", &["t"], &[]),
+            sub("a", &["t"], &[]),
+            sub("c", &["t"], &[]),
+        ];
+        let a = assign(AssignmentStrategy::RoundRobin, &m, &counts(6));
+        assert_eq!(a["a"], tps(&[("t", 0), ("t", 3)]));
+        assert_eq!(a["b"], tps(&[("t", 1), ("t", 4)]));
+        assert_eq!(a["c"], tps(&[("t", 2), ("t", 5)]));
+    }
+
+    #[test]
+    fn round_robin_skips_members_not_subscribed() {
+        let m = [sub("a", &["t"], &[]), sub("b", &["u"], &[])];
+        let c: BTreeMap<String, i32> = [("t".into(), 2), ("u".into(), 1)].into_iter().collect();
+        let a = assign(AssignmentStrategy::RoundRobin, &m, &c);
+        assert_eq!(a["a"], tps(&[("t", 0), ("t", 1)]));
+        assert_eq!(a["b"], tps(&[("u", 0)]));
+    }
+
+    #[test]
+    fn sticky_keeps_owners_and_moves_only_the_surplus() {
+        let m = [
+            sub("a", &["t"], &[("t", 0), ("t", 1), ("t", 2)]),
+            sub("b", &["t"], &[("t", 3), ("t", 4), ("t", 5)]),
+            sub("c", &["t"], &[]),
+        ];
+        let a = assign(AssignmentStrategy::CooperativeSticky, &m, &counts(6));
+        assert_exact_cover(&a, 6);
+        assert_eq!(a["a"], tps(&[("t", 0), ("t", 1)]));
+        assert_eq!(a["b"], tps(&[("t", 3), ("t", 4)]));
+        assert_eq!(a["c"], tps(&[("t", 2), ("t", 5)]));
+    }
+
+    #[test]
+    fn sticky_balances_uneven_counts() {
+        let m = [
+            sub("a", &["t"], &[("t", 0), ("t", 1), ("t", 2), ("t", 3)]),
+            sub("b", &["t"], &[("t", 4), ("t", 5), ("t", 6)]),
+            sub("c", &["t"], &[]),
+        ];
+        let a = assign(AssignmentStrategy::Unspecified, &m, &counts(7));
+        assert_exact_cover(&a, 7);
+        let mut sizes: Vec<usize> = a.values().map(Vec::len).collect();
+        sizes.sort();
+        assert_eq!(sizes, vec![2, 2, 3]);
+    }
+
+    #[test]
+    fn sticky_ignores_partitions_claimed_twice_or_gone() {
+        let m = [
+            sub("a", &["t"], &[("t", 0), ("t", 9)]),
+            sub("b", &["t"], &[("t", 0)]),
+        ];
+        let a = assign(AssignmentStrategy::CooperativeSticky, &m, &counts(2));
+        assert_exact_cover(&a, 2);
+        assert_eq!(a["a"], tps(&[("t", 0)]));
+    }
+
+    #[test]
+    fn broadcast_gives_everyone_everything() {
+        let m = [sub("a", &["t"], &[]), sub("b", &["t"], &[])];
+        let a = assign(AssignmentStrategy::Broadcast, &m, &counts(2));
+        assert_eq!(a["a"], tps(&[("t", 0), ("t", 1)]));
+        assert_eq!(a["b"], tps(&[("t", 0), ("t", 1)]));
+    }
+
+    #[test]
+    fn every_strategy_covers_exactly_once_for_many_shapes() {
+        for n in 0..12 {
+            for members in 1..5 {
+                let m: Vec<Subscription> = (0..members)
+                    .map(|i| sub(&format!("m{i}"), &["t"], &[("t", i)]))
+                    .collect();
+                for s in [
+                    AssignmentStrategy::Range,
+                    AssignmentStrategy::RoundRobin,
+                    AssignmentStrategy::CooperativeSticky,
+                ] {
+                    let a = assign(s, &m, &counts(n));
+                    assert_exact_cover(&a, n);
+                    let max = a.values().map(Vec::len).max().unwrap();
+                    let min = a.values().map(Vec::len).min().unwrap();
+                    assert!(max - min <= 1, "{s:?} n={n} members={members}: {a:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_topics_are_skipped() {
+        let m = [sub("a", &["missing"], &[])];
+        let a = assign(AssignmentStrategy::Range, &m, &counts(3));
+        assert!(a["a"].is_empty());
+    }
+}

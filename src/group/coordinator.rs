@@ -1,0 +1,1122 @@
+//! The group coordinator runtime: the I/O around [`super::state::Group`].
+//!
+//! Where it sits: beside the produce path. A group's coordinator is the
+//! leader of partition `murmur2(group) % 16` of the internal topic
+//! `__consumer_offsets` (created on first use). Commits are appended to
+//! that partition with acks=all (key `offset\0group\0topic\0partition`,
+//! value `offset\0metadata`, a null value deletes), so they survive the
+//! loss of any one broker; a broker that becomes leader of such a
+//! partition replays it to rebuild the offsets before serving (requests
+//! meanwhile answer NOT_COORDINATOR, which clients retry). Membership is
+//! kept in memory only: after a failover members rejoin the new
+//! coordinator (their member ids are unknown there).
+//!
+//! One background task follows leadership of the offsets partitions and
+//! ticks every group (session expiry, rebalance deadlines, topics that
+//! grew) every 100 ms.
+//!
+//! `__consumer_offsets` gets 16 partitions, replication factor
+//! min(3, live brokers), min.insync.replicas min(2, rf) and
+//! retention.ms -1: storage has no compaction yet, so the log keeps every
+//! commit and a new coordinator replays all of its partition.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use runnel_proto::v1 as pb;
+use runnel_proto::v1::consumer_groups_client::ConsumerGroupsClient;
+use runnel_storage::RecordBatch;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::state::{Group, GroupError, GroupState, JoinArgs};
+use crate::broker::{now_ms, Broker};
+use crate::error::BrokerError;
+use crate::partitioner::partition_for_key;
+
+/// The internal topic holding committed offsets.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// Its partition count when created.
+pub const OFFSETS_PARTITIONS: i32 = 16;
+/// Default session timeout when the request says 0 (ms).
+pub const SESSION_TIMEOUT_DEFAULT_MS: u32 = 10_000;
+/// Bounds on session and rebalance timeouts (ms).
+const TIMEOUT_MIN_MS: u32 = 100;
+const TIMEOUT_MAX_MS: u32 = 300_000;
+/// Longest group id.
+const GROUP_ID_MAX: usize = 249;
+/// How often groups are ticked.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Why a coordinator call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(
+        "this broker is not (yet) the coordinator of group '{group}'; find the coordinator again"
+    )]
+    NotCoordinator { group: String },
+    #[error("unknown group '{group}'")]
+    UnknownGroup { group: String },
+    #[error("group '{group}' is rebalancing; rejoin")]
+    RebalanceInProgress { group: String },
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl CoordinatorError {
+    /// The wire error code.
+    pub fn code(&self) -> pb::ErrorCode {
+        match self {
+            CoordinatorError::NotCoordinator { .. } => pb::ErrorCode::NotCoordinator,
+            CoordinatorError::UnknownGroup { .. } => pb::ErrorCode::UnknownGroup,
+            CoordinatorError::RebalanceInProgress { .. } => pb::ErrorCode::RebalanceInProgress,
+            CoordinatorError::Group(GroupError::UnknownMember { .. }) => {
+                pb::ErrorCode::UnknownMember
+            }
+            CoordinatorError::Group(GroupError::IllegalGeneration { .. }) => {
+                pb::ErrorCode::IllegalGeneration
+            }
+            CoordinatorError::Group(GroupError::NotEmpty { .. }) => pb::ErrorCode::GroupNotEmpty,
+            CoordinatorError::Broker(e) => e.code(),
+        }
+    }
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(e: CoordinatorError) -> tonic::Status {
+        match e {
+            CoordinatorError::Broker(b) => b.into(),
+            other => crate::error::status(other.code(), other.to_string(), None),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, CoordinatorError>;
+
+/// One offset record to append: topic, partition, and (offset, metadata)
+/// or None for a tombstone.
+type OffsetWrite = (String, i32, Option<(i64, String)>);
+
+fn invalid(reason: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::Broker(BrokerError::InvalidRequest {
+        reason: reason.into(),
+    })
+}
+
+/// A committed offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Committed {
+    offset: i64,
+    metadata: String,
+    /// Where the commit record sits in `__consumer_offsets` (newest wins).
+    log_offset: i64,
+}
+
+/// A loaded group: membership plus committed offsets.
+struct Entry {
+    group: Group,
+    offsets: BTreeMap<(String, i32), Committed>,
+    /// Bumped when a rebalance completes or the group goes away; waiting
+    /// joins look again.
+    changed: watch::Sender<u64>,
+}
+
+impl Entry {
+    fn new(id: &str) -> Self {
+        Self {
+            group: Group::new(id),
+            offsets: BTreeMap::new(),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn exists(&self) -> bool {
+        !self.group.members.is_empty() || !self.offsets.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Offsets partitions this broker leads and has replayed: index → epoch.
+    loaded: HashMap<i32, i32>,
+    /// Replays under way: (index, epoch).
+    loading: BTreeSet<(i32, i32)>,
+    /// Groups of the loaded partitions.
+    groups: HashMap<String, Entry>,
+}
+
+/// The coordinator of every group whose offsets partition this broker leads.
+pub struct GroupCoordinator {
+    broker: Arc<Broker>,
+    inner: Mutex<Inner>,
+    /// Serialises the creation of the offsets topic on this broker.
+    create: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for GroupCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCoordinator").finish_non_exhaustive()
+    }
+}
+
+/// The offsets partition of `group`.
+pub fn partition_for_group(group: &str, partitions: i32) -> i32 {
+    partition_for_key(group.as_bytes(), partitions)
+}
+
+fn record_key(group: &str, topic: &str, partition: i32) -> Bytes {
+    Bytes::from(format!("offset\0{group}\0{topic}\0{partition}"))
+}
+
+fn parse_key(key: &[u8]) -> Option<(String, String, i32)> {
+    let s = std::str::from_utf8(key).ok()?;
+    let mut it = s.split('\0');
+    if it.next()? != "offset" {
+        return None;
+    }
+    let (g, t, p) = (it.next()?, it.next()?, it.next()?.parse().ok()?);
+    Some((g.to_string(), t.to_string(), p))
+}
+
+fn record_value(offset: i64, metadata: &str) -> Bytes {
+    Bytes::from(format!("{offset}\0{metadata}"))
+}
+
+fn parse_value(v: &[u8]) -> Option<(i64, String)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (o, m) = s.split_once('\0')?;
+    Some((o.parse().ok()?, m.to_string()))
+}
+
+fn validate_group_id(group: &str) -> Result<()> {
+    if group.is_empty() || group.len() > GROUP_ID_MAX || group.contains('\0') {
+        return Err(invalid(format!(
+            "group id must be 1 to {GROUP_ID_MAX} characters without NUL, got '{group}'"
+        )));
+    }
+    Ok(())
+}
+
+impl GroupCoordinator {
+    /// Creates the coordinator and starts its background task (it ends
+    /// when the coordinator is dropped).
+    pub fn start(broker: Arc<Broker>) -> Arc<Self> {
+        let me = Arc::new(Self {
+            broker,
+            inner: Mutex::new(Inner::default()),
+            create: tokio::sync::Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&me);
+        let rx = me.broker.metadata().watch();
+        tokio::spawn(run(weak, rx));
+        me
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Partition counts of every topic.
+    fn partition_counts(&self) -> BTreeMap<String, i32> {
+        let meta = self.broker.metadata().current();
+        meta.topics
+            .values()
+            .map(|t| (t.name.clone(), t.partitions.len() as i32))
+            .collect()
+    }
+
+    /// Takes up and drops offsets partitions as leadership moves.
+    fn sync_leadership(self: &Arc<Self>) {
+        let meta = self.broker.metadata().current();
+        let me = self.broker.node_id();
+        let led: HashMap<i32, i32> = meta
+            .topics
+            .get(OFFSETS_TOPIC)
+            .map(|t| {
+                t.partitions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.leader == me)
+                    .map(|(i, p)| (i as i32, p.leader_epoch))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let count = meta
+            .topics
+            .get(OFFSETS_TOPIC)
+            .map_or(OFFSETS_PARTITIONS, |t| t.partitions.len() as i32);
+        let mut to_load = Vec::new();
+        {
+            let mut inner = self.lock();
+            let gone: Vec<i32> = inner
+                .loaded
+                .iter()
+                .filter(|(i, e)| led.get(i) != Some(e))
+                .map(|(i, _)| *i)
+                .collect();
+            for i in gone {
+                info!(partition = i, "no longer coordinator for offsets partition");
+                inner.loaded.remove(&i);
+                let ids: Vec<String> = inner
+                    .groups
+                    .keys()
+                    .filter(|g| partition_for_group(g, count) == i)
+                    .cloned()
+                    .collect();
+                for id in ids {
+                    if let Some(e) = inner.groups.remove(&id) {
+                        e.notify();
+                    }
+                }
+            }
+            for (&i, &epoch) in &led {
+                if inner.loaded.get(&i) == Some(&epoch) || inner.loading.contains(&(i, epoch)) {
+                    continue;
+                }
+                let ready = self
+                    .broker
+                    .hosted_partition(OFFSETS_TOPIC, i)
+                    .is_some_and(|p| p.leader_epoch() == Some(epoch));
+                if ready {
+                    inner.loading.insert((i, epoch));
+                    to_load.push((i, epoch));
+                }
+            }
+        }
+        for (i, epoch) in to_load {
+            let me = self.clone();
+            tokio::spawn(async move { me.load(i, epoch, count).await });
+        }
+    }
+
+    /// Replays offsets partition `index` into the groups map.
+    async fn load(self: Arc<Self>, index: i32, epoch: i32, count: i32) {
+        let started = std::time::Instant::now();
+        let Some(partition) = self.broker.hosted_partition(OFFSETS_TOPIC, index) else {
+            self.lock().loading.remove(&(index, epoch));
+            return;
+        };
+        let log = partition.log.clone();
+        let replay = tokio::task::spawn_blocking(move || {
+            let mut offsets: HashMap<String, BTreeMap<(String, i32), Committed>> = HashMap::new();
+            let end = log.log_end_offset();
+            let mut next = log.log_start_offset();
+            let mut records = 0u64;
+            while next < end {
+                let from = next;
+                let read = log.read(from, 1024 * 1024, end)?;
+                if read.batches.is_empty() {
+                    break;
+                }
+                for batch in RecordBatch::parse_all(read.batches)? {
+                    for r in batch.records()? {
+                        // The first batch may start before `from`.
+                        if r.offset < from {
+                            continue;
+                        }
+                        let Some((g, t, p)) = r.key.as_deref().and_then(parse_key) else {
+                            continue;
+                        };
+                        records += 1;
+                        let map = offsets.entry(g).or_default();
+                        match r.value.as_deref().and_then(parse_value) {
+                            Some((offset, metadata)) => {
+                                map.insert(
+                                    (t, p),
+                                    Committed {
+                                        offset,
+                                        metadata,
+                                        log_offset: r.offset,
+                                    },
+                                );
+                            }
+                            None => {
+                                map.remove(&(t, p));
+                            }
+                        }
+                    }
+                    next = next.max(batch.last_offset() + 1);
+                }
+            }
+            Ok::<_, runnel_storage::StorageError>((offsets, records))
+        })
+        .await;
+        let mut inner = self.lock();
+        inner.loading.remove(&(index, epoch));
+        let (offsets, records) = match replay {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                warn!(partition = index, error = %e, "replaying offsets partition failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        let still = self
+            .broker
+            .metadata()
+            .current()
+            .topics
+            .get(OFFSETS_TOPIC)
+            .and_then(|t| t.partitions.get(index as usize))
+            .is_some_and(|p| p.leader == self.broker.node_id() && p.leader_epoch == epoch);
+        if !still {
+            return;
+        }
+        let groups = offsets.len();
+        for (g, map) in offsets {
+            if partition_for_group(&g, count) != index || map.is_empty() {
+                continue;
+            }
+            let mut e = Entry::new(&g);
+            e.offsets = map;
+            if let Some(old) = inner.groups.insert(g, e) {
+                old.notify();
+            }
+        }
+        inner.loaded.insert(index, epoch);
+        info!(
+            partition = index,
+            leader_epoch = epoch,
+            groups,
+            records,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "coordinator for offsets partition"
+        );
+    }
+
+    /// Session expiry, rebalance deadlines and grown topics for every group.
+    fn tick(&self) {
+        let counts = self.partition_counts();
+        let now = now_ms();
+        let mut inner = self.lock();
+        for e in inner.groups.values_mut() {
+            let gone = e.group.expire(now);
+            if !gone.is_empty() {
+                info!(group = %e.group.id, members = ?gone, "session expired");
+            }
+            e.group.check_partition_counts(now, &counts);
+            let completed = e.group.try_complete(now, &counts);
+            if completed {
+                info!(group = %e.group.id, generation = e.group.generation, members = e.group.members.len(), "rebalance complete");
+            }
+            if completed || !gone.is_empty() {
+                e.notify();
+            }
+        }
+    }
+
+    /// The offsets partition of `group` if this broker coordinates it now.
+    fn coordinator_partition(&self, inner: &Inner, group: &str) -> Result<i32> {
+        let meta = self.broker.metadata().current();
+        let not = || CoordinatorError::NotCoordinator {
+            group: group.to_string(),
+        };
+        let topic = meta.topics.get(OFFSETS_TOPIC).ok_or_else(not)?;
+        let index = partition_for_group(group, topic.partitions.len() as i32);
+        let p = &topic.partitions[index as usize];
+        if p.leader != self.broker.node_id() || inner.loaded.get(&index) != Some(&p.leader_epoch) {
+            return Err(not());
+        }
+        Ok(index)
+    }
+
+    /// Creates `__consumer_offsets` if missing.
+    async fn ensure_offsets_topic(&self) -> Result<()> {
+        if self
+            .broker
+            .metadata()
+            .current()
+            .topics
+            .contains_key(OFFSETS_TOPIC)
+        {
+            return Ok(());
+        }
+        let _guard = self.create.lock().await;
+        let meta = self.broker.metadata().current();
+        if meta.topics.contains_key(OFFSETS_TOPIC) {
+            return Ok(());
+        }
+        let live = meta
+            .brokers
+            .values()
+            .filter(|b| !b.fenced && b.roles.iter().any(|r| r == "broker"))
+            .count()
+            .max(1) as i32;
+        let rf = live.min(3);
+        let req = pb::CreateTopicRequest {
+            name: OFFSETS_TOPIC.to_string(),
+            partitions: OFFSETS_PARTITIONS,
+            replication_factor: rf,
+            // Kept forever: without compaction (not supported yet), time
+            // retention would drop the last commit of a partition that
+            // stopped moving. The log grows with every commit meanwhile.
+            configs: [
+                ("min.insync.replicas".to_string(), rf.min(2).to_string()),
+                ("retention.ms".to_string(), "-1".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            validate_only: false,
+        };
+        match self.broker.create_topic(req).await {
+            Ok(_) => {
+                info!(replication_factor = rf, "created {OFFSETS_TOPIC}");
+                Ok(())
+            }
+            Err(BrokerError::Metadata(runnel_controller::MetadataError::TopicAlreadyExists {
+                ..
+            })) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// FindCoordinator.
+    pub async fn find_coordinator(&self, group: &str) -> Result<pb::FindCoordinatorResponse> {
+        validate_group_id(group)?;
+        self.ensure_offsets_topic().await?;
+        let meta = self.broker.metadata().current();
+        let not = || CoordinatorError::NotCoordinator {
+            group: group.to_string(),
+        };
+        let topic = meta.topics.get(OFFSETS_TOPIC).ok_or_else(not)?;
+        let index = partition_for_group(group, topic.partitions.len() as i32);
+        let leader = topic.partitions[index as usize].leader;
+        let address = meta
+            .brokers
+            .get(&leader)
+            .map(|b| b.address.clone())
+            .ok_or_else(not)?;
+        Ok(pb::FindCoordinatorResponse {
+            broker_id: leader,
+            address,
+        })
+    }
+
+    /// JoinGroup: waits until the rebalance completes.
+    pub async fn join(&self, req: pb::JoinGroupRequest) -> Result<pb::JoinGroupResponse> {
+        validate_group_id(&req.group)?;
+        if req.topics.is_empty() || req.topics.iter().any(String::is_empty) {
+            return Err(invalid("a member must subscribe to at least one topic"));
+        }
+        let session = match req.session_timeout_ms {
+            0 => SESSION_TIMEOUT_DEFAULT_MS,
+            t => t,
+        };
+        let rebalance = match req.rebalance_timeout_ms {
+            0 => session,
+            t => t,
+        };
+        for (name, v) in [
+            ("session_timeout_ms", session),
+            ("rebalance_timeout_ms", rebalance),
+        ] {
+            if !(TIMEOUT_MIN_MS..=TIMEOUT_MAX_MS).contains(&v) {
+                return Err(invalid(format!(
+                    "{name} must be within {TIMEOUT_MIN_MS}..={TIMEOUT_MAX_MS}, got {v}"
+                )));
+            }
+        }
+        let strategy = pb::AssignmentStrategy::try_from(req.strategy)
+            .map_err(|_| invalid(format!("unknown assignment strategy {}", req.strategy)))?;
+        let args = JoinArgs {
+            member_id: req.member_id.clone(),
+            instance_id: req.group_instance_id.clone(),
+            client_id: req.client_id.clone(),
+            topics: req.topics.iter().cloned().collect(),
+            session_timeout_ms: i64::from(session),
+            rebalance_timeout_ms: i64::from(rebalance),
+            strategy,
+        };
+        let counts = self.partition_counts();
+        let (member_id, mut rx) = {
+            let mut inner = self.lock();
+            self.coordinator_partition(&inner, &req.group)?;
+            let entry = inner
+                .groups
+                .entry(req.group.clone())
+                .or_insert_with(|| Entry::new(&req.group));
+            if entry.group.state != GroupState::Empty
+                && !entry.group.members.is_empty()
+                && entry.group.strategy != strategy
+            {
+                return Err(invalid(format!(
+                    "group '{}' uses {:?}; every member must ask for the same strategy",
+                    req.group, entry.group.strategy
+                )));
+            }
+            let now = now_ms();
+            let member_id = entry.group.join(args, now)?;
+            if entry.group.try_complete(now, &counts) {
+                entry.notify();
+            }
+            (member_id, entry.changed.subscribe())
+        };
+        debug!(group = %req.group, %member_id, "join");
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(u64::from(rebalance) + u64::from(session));
+        loop {
+            {
+                let inner = self.lock();
+                self.coordinator_partition(&inner, &req.group)?;
+                let entry = inner.groups.get(&req.group).ok_or_else(|| {
+                    CoordinatorError::Group(GroupError::UnknownMember {
+                        group: req.group.clone(),
+                        member_id: member_id.clone(),
+                    })
+                })?;
+                if let Some(m) = entry.group.assignment_ready(&member_id) {
+                    return Ok(pb::JoinGroupResponse {
+                        member_id: member_id.clone(),
+                        generation_id: entry.group.generation,
+                        assignment: m
+                            .assignment
+                            .iter()
+                            .map(|(t, p)| pb::TopicPartition {
+                                topic: t.clone(),
+                                partition: *p,
+                            })
+                            .collect(),
+                        // Frequent enough that members learn of a rebalance quickly.
+                        heartbeat_interval_ms: (session / 5).clamp(50, 1_000),
+                    });
+                }
+                if !entry.group.members.contains_key(&member_id) {
+                    return Err(GroupError::UnknownMember {
+                        group: req.group.clone(),
+                        member_id,
+                    }
+                    .into());
+                }
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() {
+                    return Err(CoordinatorError::NotCoordinator { group: req.group.clone() });
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(CoordinatorError::RebalanceInProgress { group: req.group.clone() });
+                }
+            }
+        }
+    }
+
+    /// Heartbeat.
+    pub fn heartbeat(&self, req: &pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse> {
+        let mut inner = self.lock();
+        self.coordinator_partition(&inner, &req.group)?;
+        let entry = inner.groups.get_mut(&req.group).ok_or_else(|| {
+            CoordinatorError::Group(GroupError::UnknownMember {
+                group: req.group.clone(),
+                member_id: req.member_id.clone(),
+            })
+        })?;
+        let rejoin = entry
+            .group
+            .heartbeat(&req.member_id, req.generation_id, now_ms())?;
+        Ok(pb::HeartbeatResponse { rejoin })
+    }
+
+    /// LeaveGroup.
+    pub fn leave(&self, req: &pb::LeaveGroupRequest) -> Result<()> {
+        let counts = self.partition_counts();
+        let mut inner = self.lock();
+        self.coordinator_partition(&inner, &req.group)?;
+        let entry = inner.groups.get_mut(&req.group).ok_or_else(|| {
+            CoordinatorError::Group(GroupError::UnknownMember {
+                group: req.group.clone(),
+                member_id: req.member_id.clone(),
+            })
+        })?;
+        let now = now_ms();
+        entry.group.leave(&req.member_id, now)?;
+        entry.group.try_complete(now, &counts);
+        entry.notify();
+        info!(group = %req.group, member_id = %req.member_id, "member left");
+        Ok(())
+    }
+
+    /// Appends offsets (None: tombstone) to the group's partition with
+    /// acks=all, then applies them.
+    async fn append_offsets(
+        &self,
+        group: &str,
+        index: i32,
+        offsets: Vec<OffsetWrite>,
+    ) -> Result<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let records = offsets
+            .iter()
+            .map(|(t, p, v)| pb::Record {
+                key: Some(record_key(group, t, *p)),
+                value: v.as_ref().map(|(o, m)| record_value(*o, m)),
+                ..Default::default()
+            })
+            .collect();
+        let resp = self
+            .broker
+            .produce(pb::ProduceRequest {
+                topic: OFFSETS_TOPIC.to_string(),
+                partition: Some(index),
+                records,
+                acks: pb::Acks::All as i32,
+                ..Default::default()
+            })
+            .await?;
+        let mut inner = self.lock();
+        self.coordinator_partition(&inner, group)?;
+        let entry = inner
+            .groups
+            .entry(group.to_string())
+            .or_insert_with(|| Entry::new(group));
+        for (i, (t, p, v)) in offsets.into_iter().enumerate() {
+            let log_offset = resp.base_offset + i as i64;
+            let key = (t, p);
+            if entry
+                .offsets
+                .get(&key)
+                .is_some_and(|c| c.log_offset > log_offset)
+            {
+                continue;
+            }
+            match v {
+                Some((offset, metadata)) => {
+                    entry.offsets.insert(
+                        key,
+                        Committed {
+                            offset,
+                            metadata,
+                            log_offset,
+                        },
+                    );
+                }
+                None => {
+                    entry.offsets.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// CommitOffsets.
+    pub async fn commit(&self, req: pb::CommitOffsetsRequest) -> Result<()> {
+        validate_group_id(&req.group)?;
+        for o in &req.offsets {
+            if o.offset < 0 || o.partition < 0 || o.topic.is_empty() {
+                return Err(invalid(format!(
+                    "bad offset {} for {}-{}",
+                    o.offset, o.topic, o.partition
+                )));
+            }
+        }
+        let index = {
+            let inner = self.lock();
+            let index = self.coordinator_partition(&inner, &req.group)?;
+            match inner.groups.get(&req.group) {
+                Some(e) => e.group.validate_commit(&req.member_id, req.generation_id)?,
+                None if req.member_id.is_empty() => {}
+                None => {
+                    return Err(GroupError::UnknownMember {
+                        group: req.group.clone(),
+                        member_id: req.member_id.clone(),
+                    }
+                    .into())
+                }
+            }
+            index
+        };
+        let offsets = req
+            .offsets
+            .into_iter()
+            .map(|o| (o.topic, o.partition, Some((o.offset, o.metadata))))
+            .collect();
+        self.append_offsets(&req.group, index, offsets).await
+    }
+
+    /// FetchOffsets.
+    pub fn fetch_offsets(&self, req: &pb::FetchOffsetsRequest) -> Result<pb::FetchOffsetsResponse> {
+        validate_group_id(&req.group)?;
+        let inner = self.lock();
+        self.coordinator_partition(&inner, &req.group)?;
+        let committed = inner.groups.get(&req.group).map(|e| &e.offsets);
+        let offsets = if req.partitions.is_empty() {
+            committed
+                .into_iter()
+                .flatten()
+                .map(|((t, p), c)| pb::PartitionOffset {
+                    topic: t.clone(),
+                    partition: *p,
+                    offset: c.offset,
+                    metadata: c.metadata.clone(),
+                })
+                .collect()
+        } else {
+            req.partitions
+                .iter()
+                .map(|tp| {
+                    let c = committed.and_then(|m| m.get(&(tp.topic.clone(), tp.partition)));
+                    pb::PartitionOffset {
+                        topic: tp.topic.clone(),
+                        partition: tp.partition,
+                        offset: c.map_or(-1, |c| c.offset),
+                        metadata: c.map(|c| c.metadata.clone()).unwrap_or_default(),
+                    }
+                })
+                .collect()
+        };
+        Ok(pb::FetchOffsetsResponse { offsets })
+    }
+
+    /// ListGroups: this broker's groups, plus (unless `local_only`) every
+    /// other live broker's.
+    pub async fn list_groups(&self, local_only: bool) -> pb::ListGroupsResponse {
+        let mut groups: BTreeMap<String, pb::GroupSummary> = {
+            let inner = self.lock();
+            inner
+                .groups
+                .values()
+                .filter(|e| e.exists())
+                .map(|e| {
+                    (
+                        e.group.id.clone(),
+                        pb::GroupSummary {
+                            group: e.group.id.clone(),
+                            state: e.group.state.name().to_string(),
+                            members: e.group.members.len() as i32,
+                        },
+                    )
+                })
+                .collect()
+        };
+        if !local_only {
+            let meta = self.broker.metadata().current();
+            for b in meta
+                .brokers
+                .values()
+                .filter(|b| b.id != self.broker.node_id() && !b.fenced)
+            {
+                let addr = b.address.clone();
+                let ask = async move {
+                    let mut c = ConsumerGroupsClient::connect(format!("http://{addr}"))
+                        .await
+                        .ok()?;
+                    c.list_groups(pb::ListGroupsRequest { local_only: true })
+                        .await
+                        .ok()
+                        .map(|r| r.into_inner())
+                };
+                if let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(2), ask).await {
+                    for g in r.groups {
+                        groups.entry(g.group.clone()).or_insert(g);
+                    }
+                }
+            }
+        }
+        pb::ListGroupsResponse {
+            groups: groups.into_values().collect(),
+        }
+    }
+
+    /// Log start and high watermark of a partition, from its leader.
+    async fn log_range(
+        &self,
+        topic: &str,
+        partition: i32,
+        spec: pb::OffsetSpec,
+        ts: i64,
+    ) -> std::result::Result<pb::ListOffsetsResponse, BrokerError> {
+        let req = pb::ListOffsetsRequest {
+            topic: topic.to_string(),
+            partition,
+            spec: spec as i32,
+            timestamp_ms: ts,
+        };
+        match self.broker.list_offsets(req.clone()).await {
+            Err(BrokerError::NotLeader {
+                leader,
+                topic,
+                partition,
+            }) if !leader.is_empty() => {
+                let ask = async {
+                    let mut c = runnel_proto::v1::consumer_client::ConsumerClient::connect(
+                        format!("http://{leader}"),
+                    )
+                    .await
+                    .ok()?;
+                    c.list_offsets(req).await.ok().map(|r| r.into_inner())
+                };
+                tokio::time::timeout(Duration::from_secs(3), ask)
+                    .await
+                    .ok()
+                    .flatten()
+                    .ok_or(BrokerError::PartitionOffline { topic, partition })
+            }
+            other => other,
+        }
+    }
+
+    /// DescribeGroup.
+    pub async fn describe(&self, group: &str) -> Result<pb::GroupDescription> {
+        validate_group_id(group)?;
+        let (mut d, committed, owners) = {
+            let inner = self.lock();
+            self.coordinator_partition(&inner, group)?;
+            let e = inner
+                .groups
+                .get(group)
+                .filter(|e| e.exists())
+                .ok_or_else(|| CoordinatorError::UnknownGroup {
+                    group: group.to_string(),
+                })?;
+            let mut owners: BTreeMap<(String, i32), String> = BTreeMap::new();
+            let members = e
+                .group
+                .members
+                .values()
+                .map(|m| {
+                    for tp in &m.assignment {
+                        owners.insert(tp.clone(), m.member_id.clone());
+                    }
+                    pb::GroupMember {
+                        member_id: m.member_id.clone(),
+                        group_instance_id: m.instance_id.clone(),
+                        client_id: m.client_id.clone(),
+                        assignment: m
+                            .assignment
+                            .iter()
+                            .map(|(t, p)| pb::TopicPartition {
+                                topic: t.clone(),
+                                partition: *p,
+                            })
+                            .collect(),
+                    }
+                })
+                .collect();
+            let committed: BTreeMap<(String, i32), i64> = e
+                .offsets
+                .iter()
+                .map(|(k, c)| (k.clone(), c.offset))
+                .collect();
+            (
+                pb::GroupDescription {
+                    group: group.to_string(),
+                    state: e.group.state.name().to_string(),
+                    generation_id: e.group.generation,
+                    strategy: e.group.strategy as i32,
+                    members,
+                    lags: Vec::new(),
+                    total_lag: 0,
+                    coordinator: self.broker.node_id(),
+                },
+                committed,
+                owners,
+            )
+        };
+        let keys: BTreeSet<(String, i32)> =
+            committed.keys().chain(owners.keys()).cloned().collect();
+        for (t, p) in keys {
+            let c = committed.get(&(t.clone(), p)).copied().unwrap_or(-1);
+            let (start, end) = match self.log_range(&t, p, pb::OffsetSpec::Latest, 0).await {
+                Ok(r) => (r.log_start_offset, r.high_watermark),
+                Err(_) => (-1, -1),
+            };
+            let lag = if end < 0 {
+                0
+            } else if c >= 0 {
+                (end - c).max(0)
+            } else {
+                (end - start.max(0)).max(0)
+            };
+            d.total_lag += lag;
+            d.lags.push(pb::PartitionLag {
+                member_id: owners.get(&(t.clone(), p)).cloned().unwrap_or_default(),
+                topic: t,
+                partition: p,
+                committed_offset: c,
+                log_end_offset: end,
+                lag,
+            });
+        }
+        Ok(d)
+    }
+
+    /// ResetOffsets: refused while the group has members.
+    pub async fn reset(&self, req: pb::ResetOffsetsRequest) -> Result<pb::ResetOffsetsResponse> {
+        use pb::reset_offsets_request::To;
+        validate_group_id(&req.group)?;
+        let to = req.to.ok_or_else(|| {
+            invalid("say where to move the offsets (to_earliest, to_latest, ...)")
+        })?;
+        let meta = self.broker.metadata().current();
+        let topic = meta
+            .topics
+            .get(&req.topic)
+            .ok_or_else(|| BrokerError::UnknownTopic {
+                topic: req.topic.clone(),
+            })?;
+        let count = topic.partitions.len() as i32;
+        let (index, committed) = {
+            let inner = self.lock();
+            let index = self.coordinator_partition(&inner, &req.group)?;
+            let e = inner.groups.get(&req.group);
+            if let Some(e) = e {
+                if !e.group.members.is_empty() {
+                    return Err(GroupError::NotEmpty {
+                        group: req.group.clone(),
+                        members: e.group.members.len(),
+                    }
+                    .into());
+                }
+            }
+            let committed: BTreeMap<i32, i64> = e
+                .map(|e| {
+                    e.offsets
+                        .iter()
+                        .filter(|((t, _), _)| *t == req.topic)
+                        .map(|((_, p), c)| (*p, c.offset))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (index, committed)
+        };
+        let mut offsets = Vec::new();
+        for p in 0..count {
+            let spec = match to {
+                To::ToTimestampMs(_) => pb::OffsetSpec::Timestamp,
+                _ => pb::OffsetSpec::Latest,
+            };
+            let ts = if let To::ToTimestampMs(ts) = to {
+                ts
+            } else {
+                0
+            };
+            let r = self.log_range(&req.topic, p, spec, ts).await?;
+            let (start, end) = (r.log_start_offset, r.high_watermark);
+            let target = match to {
+                To::ToEarliest(_) => start,
+                To::ToLatest(_) => end,
+                To::ToOffset(o) => o,
+                To::ToTimestampMs(_) => r.offset,
+                To::ShiftBy(n) => committed
+                    .get(&p)
+                    .copied()
+                    .unwrap_or(start)
+                    .saturating_add(n),
+            };
+            offsets.push(pb::PartitionOffset {
+                topic: req.topic.clone(),
+                partition: p,
+                offset: target.clamp(start, end.max(start)),
+                metadata: String::new(),
+            });
+        }
+        if !req.dry_run {
+            {
+                // Members may have joined while we looked offsets up.
+                let inner = self.lock();
+                if let Some(e) = inner.groups.get(&req.group) {
+                    e.group.validate_commit("", 0)?;
+                }
+            }
+            let v = offsets
+                .iter()
+                .map(|o| {
+                    (
+                        o.topic.clone(),
+                        o.partition,
+                        Some((o.offset, String::new())),
+                    )
+                })
+                .collect();
+            self.append_offsets(&req.group, index, v).await?;
+            info!(group = %req.group, topic = %req.topic, "offsets reset");
+        }
+        Ok(pb::ResetOffsetsResponse { offsets })
+    }
+
+    /// DeleteGroup: tombstones every committed offset.
+    pub async fn delete(&self, group: &str) -> Result<()> {
+        validate_group_id(group)?;
+        let (index, keys) = {
+            let inner = self.lock();
+            let index = self.coordinator_partition(&inner, group)?;
+            let e = inner
+                .groups
+                .get(group)
+                .filter(|e| e.exists())
+                .ok_or_else(|| CoordinatorError::UnknownGroup {
+                    group: group.to_string(),
+                })?;
+            e.group.validate_commit("", 0)?;
+            (index, e.offsets.keys().cloned().collect::<Vec<_>>())
+        };
+        let tombstones = keys.into_iter().map(|(t, p)| (t, p, None)).collect();
+        self.append_offsets(group, index, tombstones).await?;
+        let mut inner = self.lock();
+        if let Some(e) = inner.groups.get(group) {
+            if !e.exists() {
+                if let Some(e) = inner.groups.remove(group) {
+                    e.notify();
+                }
+            }
+        }
+        info!(%group, "group deleted");
+        Ok(())
+    }
+}
+
+/// Follows leadership of the offsets partitions and ticks the groups.
+async fn run(
+    weak: Weak<GroupCoordinator>,
+    mut rx: watch::Receiver<Arc<runnel_controller::ClusterMetadata>>,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let Some(c) = weak.upgrade() else { return };
+        c.sync_leadership();
+        c.tick();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_codec_round_trips() {
+        let k = record_key("g/1", "t", 7);
+        assert_eq!(parse_key(&k), Some(("g/1".into(), "t".into(), 7)));
+        let v = record_value(42, "meta\0data");
+        assert_eq!(parse_value(&v), Some((42, "meta\0data".into())));
+        assert_eq!(parse_key(b"other"), None);
+    }
+
+    #[test]
+    fn group_ids_are_checked() {
+        assert!(validate_group_id("").is_err());
+        assert!(validate_group_id("a\0b").is_err());
+        assert!(validate_group_id(&"x".repeat(250)).is_err());
+        assert!(validate_group_id("orders-v2").is_ok());
+    }
+
+    #[test]
+    fn groups_spread_over_partitions() {
+        let used: BTreeSet<i32> = (0..100)
+            .map(|i| partition_for_group(&format!("g{i}"), OFFSETS_PARTITIONS))
+            .collect();
+        assert!(used.len() > 10);
+    }
+}

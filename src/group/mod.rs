@@ -1,0 +1,17 @@
+//! Consumer groups: where they sit on the data path is beside the produce
+//! path. Membership and assignment are pure state ([`assignor`],
+//! [`state`]); the [`coordinator`] runtime serves the `ConsumerGroups` RPCs
+//! for the groups whose `__consumer_offsets` partition this broker leads,
+//! and stores commits by producing to that partition with acks=all.
+//!
+//! - [`assignor`]: range, round-robin, sticky and broadcast assignment.
+//! - [`state`]: one group's membership state machine (join, heartbeat,
+//!   leave, expiry, generations, commit fencing).
+//! - [`coordinator`]: leadership following, offsets replay, blocking joins,
+//!   commits, describe/reset/delete.
+
+pub mod assignor;
+pub mod coordinator;
+pub mod state;
+
+pub use coordinator::{GroupCoordinator, OFFSETS_TOPIC};

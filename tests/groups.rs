@@ -1,0 +1,662 @@
+//! Consumer groups against real `runnel server` processes: members split
+//! a topic and rebalance when one joins or dies, committed offsets survive
+//! the coordinator's death, the group CLI (describe, reset-offsets,
+//! delete, consume --group) and its refusals.
+//!
+//! `cargo test --test groups -- --ignored --nocapture` also prints the
+//! rebalance time of 3 members on 30 partitions and the commit rate
+//! through one coordinator.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{cli, cli_err, cli_ok, eventually, Cluster};
+use runnel::client::{Client, GroupConfig, GroupConsumer, ProducerConfig, ProducerRecord};
+use runnel_proto::v1 as pb;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(60);
+/// Fast failure detection for tests.
+const CONTROLLER: &str = "broker_session_timeout_ms = 2000\nbroker_heartbeat_interval_ms = 200\n";
+
+type Tp = (String, i32);
+
+/// What a running member has done, as seen from outside.
+#[derive(Default, Debug)]
+struct Seen {
+    member_id: String,
+    generation: i32,
+    assignment: Vec<Tp>,
+    /// Every (generation, assignment) it held, in order.
+    history: Vec<(i32, Vec<Tp>)>,
+    /// Every record: (generation, topic, partition, offset, value).
+    records: Vec<(i32, String, i32, i64, String)>,
+}
+
+/// A group member polling in its own task.
+struct Member {
+    seen: Arc<Mutex<Seen>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<GroupConsumer>,
+}
+
+impl Member {
+    fn spawn(client: &Client, config: GroupConfig) -> Member {
+        let mut consumer = client.group_consumer(config).unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (stop, mut stopped) = watch::channel(false);
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            while !*stopped.borrow() {
+                let polled = tokio::select! {
+                    r = consumer.poll() => r,
+                    _ = stopped.changed() => break,
+                };
+                let Ok(records) = polled else { continue };
+                let mut s = s.lock().unwrap();
+                let gen = consumer.generation();
+                let assignment = consumer.assignment();
+                if s.history.last().map(|(g, a)| (*g, a)) != Some((gen, &assignment)) {
+                    s.history.push((gen, assignment.clone()));
+                }
+                s.member_id = consumer.member_id().to_string();
+                s.generation = gen;
+                s.assignment = assignment;
+                for r in records {
+                    let v = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default())
+                        .into_owned();
+                    s.records.push((gen, r.topic, r.partition, r.offset, v));
+                }
+            }
+            consumer
+        });
+        Member { seen, stop, task }
+    }
+
+    fn snapshot(&self) -> (String, i32, Vec<Tp>) {
+        let s = self.seen.lock().unwrap();
+        (s.member_id.clone(), s.generation, s.assignment.clone())
+    }
+
+    /// Stops polling, commits and leaves.
+    async fn close(self) {
+        let _ = self.stop.send(true);
+        let consumer = self.task.await.unwrap();
+        consumer.close().await.unwrap();
+    }
+
+    /// Dies without committing or leaving (heartbeats stop).
+    async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+fn config(group: &str, topic: &str) -> GroupConfig {
+    let mut c = GroupConfig::new(group, &[topic]);
+    c.session_timeout_ms = 3_000;
+    c.rebalance_timeout_ms = 5_000;
+    c.auto_commit_interval = Some(Duration::from_millis(200));
+    c
+}
+
+async fn produce(client: &Client, topic: &str, from: usize, to: usize) {
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::from_millis(1),
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in from..to {
+        let r = ProducerRecord::keyed(format!("k{i}"), format!("v{i}"));
+        acks.push(producer.send(topic, r).await.unwrap());
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    producer.close().await.unwrap();
+}
+
+/// Waits until the members share one generation and their assignments
+/// cover `partitions` partitions exactly once; returns the sizes.
+async fn await_balanced(members: &[&Member], partitions: i32, what: &str) -> (i32, Vec<usize>) {
+    eventually(what, WAIT, || async {
+        let snaps: Vec<_> = members.iter().map(|m| m.snapshot()).collect();
+        let gen = snaps[0].1;
+        if gen < 1 || snaps.iter().any(|s| s.1 != gen) {
+            return None;
+        }
+        let all: Vec<Tp> = snaps.iter().flat_map(|s| s.2.clone()).collect();
+        let set: BTreeSet<Tp> = all.iter().cloned().collect();
+        (all.len() == partitions as usize && set.len() == all.len())
+            .then(|| (gen, snaps.iter().map(|s| s.2.len()).collect()))
+    })
+    .await
+}
+
+/// No partition is owned by two members in one generation, and no
+/// partition's records were read by two members in one generation.
+fn assert_single_owner(members: &[&Member]) {
+    let mut owners: BTreeMap<(i32, Tp), String> = BTreeMap::new();
+    let mut readers: BTreeMap<(i32, Tp), String> = BTreeMap::new();
+    for m in members {
+        let s = m.seen.lock().unwrap();
+        for (gen, assignment) in &s.history {
+            for tp in assignment {
+                if let Some(other) = owners.insert((*gen, tp.clone()), s.member_id.clone()) {
+                    assert_eq!(other, s.member_id, "{tp:?} owned twice in generation {gen}");
+                }
+            }
+        }
+        for (gen, t, p, _, _) in &s.records {
+            if let Some(other) = readers.insert((*gen, (t.clone(), *p)), s.member_id.clone()) {
+                assert_eq!(other, s.member_id, "{t}-{p} read twice in generation {gen}");
+            }
+        }
+    }
+}
+
+fn values(members: &[&Member]) -> BTreeSet<String> {
+    members
+        .iter()
+        .flat_map(|m| {
+            m.seen
+                .lock()
+                .unwrap()
+                .records
+                .iter()
+                .map(|r| r.4.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+async fn await_all_values(members: &[&Member], n: usize) {
+    await_values(members, 0, n).await
+}
+
+async fn await_values(members: &[&Member], from: usize, to: usize) {
+    let want: BTreeSet<String> = (from..to).map(|i| format!("v{i}")).collect();
+    eventually("every record consumed", WAIT, || async {
+        let got = values(members);
+        want.is_subset(&got).then_some(())
+    })
+    .await;
+}
+
+/// Committed offsets equal the high watermarks of every partition.
+async fn await_committed_at_end(client: &Client, group: &str, topic: &str, partitions: i32) {
+    eventually("committed offsets at the log end", WAIT, || async {
+        let d = client.describe_group(group).await.ok()?;
+        let done = d.lags.len() == partitions as usize
+            && d.lags
+                .iter()
+                .all(|l| l.topic == topic && l.committed_offset == l.log_end_offset);
+        (done && d.total_lag == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t01_members_split_a_topic_and_rebalance_when_one_joins() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1, base.path(), "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("t", 6, 1, Default::default())
+        .await
+        .unwrap();
+    produce(&client, "t", 0, 300).await;
+
+    let a = Member::spawn(&client, config("g", "t"));
+    let b = Member::spawn(&client, config("g", "t"));
+    let (_, sizes) = await_balanced(&[&a, &b], 6, "two members splitting 6 partitions").await;
+    assert_eq!(sizes, vec![3, 3]);
+
+    let started = Instant::now();
+    let c = Member::spawn(&client, config("g", "t"));
+    let (gen, sizes) =
+        await_balanced(&[&a, &b, &c], 6, "three members splitting 6 partitions").await;
+    eprintln!(
+        "third member joined: generation {gen} after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sizes, vec![2, 2, 2]);
+    produce(&client, "t", 300, 600).await;
+    await_all_values(&[&a, &b, &c], 600).await;
+    await_committed_at_end(&client, "g", "t", 6).await;
+
+    let d = client.describe_group("g").await.unwrap();
+    assert_eq!(d.state, "Stable");
+    assert_eq!(d.members.len(), 3);
+    assert_single_owner(&[&a, &b, &c]);
+    for m in [a, b, c] {
+        m.close().await;
+    }
+    let d = client.describe_group("g").await.unwrap();
+    assert_eq!(
+        (d.state.as_str(), d.members.len(), d.total_lag),
+        ("Empty", 0, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t02_a_dead_members_partitions_move_after_the_session_timeout() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1, base.path(), "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("t", 6, 1, Default::default())
+        .await
+        .unwrap();
+    produce(&client, "t", 0, 200).await;
+    let a = Member::spawn(&client, config("g", "t"));
+    let b = Member::spawn(&client, config("g", "t"));
+    await_balanced(&[&a, &b], 6, "two members splitting 6 partitions").await;
+    await_all_values(&[&a, &b], 200).await;
+    await_committed_at_end(&client, "g", "t", 6).await;
+
+    let (_, generation_before, _) = a.snapshot();
+    let killed = Instant::now();
+    b.crash().await;
+    let d = client.describe_group("g").await.unwrap();
+    assert_eq!(
+        d.members.len(),
+        2,
+        "the dead member is still there until its session expires"
+    );
+    eventually("the survivor owning every partition", WAIT, || async {
+        let (_, _, assignment) = a.snapshot();
+        (assignment.len() == 6).then_some(())
+    })
+    .await;
+    let moved = killed.elapsed();
+    eprintln!("partitions moved {moved:?} after the kill (session timeout 3 s)");
+    assert!(
+        moved >= Duration::from_millis(2_500),
+        "moved before the session expired: {moved:?}"
+    );
+    produce(&client, "t", 200, 300).await;
+    await_values(&[&a], 200, 300).await;
+    // Everything was committed before the crash: the survivor reads none
+    // of it again in the new generation, and skips nothing after it.
+    let again: Vec<String> = a
+        .seen
+        .lock()
+        .unwrap()
+        .records
+        .iter()
+        .filter(|r| r.0 > generation_before)
+        .map(|r| r.4.clone())
+        .filter(|v| v[1..].parse::<usize>().unwrap() < 200)
+        .collect();
+    assert!(again.is_empty(), "committed records read again: {again:?}");
+    await_committed_at_end(&client, "g", "t", 6).await;
+    assert_single_owner(&[&a]);
+    a.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t03_committed_offsets_survive_the_coordinators_death() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(
+        3,
+        base.path(),
+        "replica_lag_time_max_ms = 10000",
+        CONTROLLER,
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    eventually("three live brokers", WAIT, || async {
+        let c = client.describe_cluster().await.ok()?;
+        (c.brokers.iter().filter(|b| !b.fenced).count() == 3).then_some(())
+    })
+    .await;
+    client
+        .create_topic("t", 4, 3, Default::default())
+        .await
+        .unwrap();
+    let offsets: Vec<pb::PartitionOffset> = (0..4)
+        .map(|p| pb::PartitionOffset {
+            topic: "t".into(),
+            partition: p,
+            offset: 10 * i64::from(p) + 1,
+            metadata: format!("m{p}"),
+        })
+        .collect();
+    client
+        .commit_offsets("g", "", 0, offsets.clone())
+        .await
+        .unwrap();
+    // A second commit of partition 0 replaces the first.
+    let mut latest = offsets.clone();
+    latest[0].offset = 5;
+    client
+        .commit_offsets("g", "", 0, vec![latest[0].clone()])
+        .await
+        .unwrap();
+    let t = client.describe_topic("__consumer_offsets").await.unwrap();
+    assert_eq!(t.replication_factor, 3);
+    assert_eq!(
+        t.configs
+            .iter()
+            .find(|c| c.0 == "min.insync.replicas")
+            .map(|c| c.1.as_str()),
+        Some("2")
+    );
+    assert_eq!(
+        t.configs.get("retention.ms").map(String::as_str),
+        Some("-1")
+    );
+
+    let old = client.find_coordinator("g").await.unwrap().broker_id;
+    cluster.kill(old);
+    let survivor = cluster.addrs[(old % 3) as usize].clone();
+    let client = Client::connect(&survivor).await.unwrap();
+    let (new, got) = eventually("a new coordinator serving the offsets", WAIT, || async {
+        let c = client.find_coordinator("g").await.ok()?;
+        if c.broker_id == old {
+            return None;
+        }
+        let got = client.fetch_offsets("g", &[]).await.ok()?;
+        Some((c.broker_id, got))
+    })
+    .await;
+    assert_ne!(new, old);
+    assert_eq!(got, latest);
+    // The new coordinator takes new members and commits.
+    let m = Member::spawn(&client, config("g", "t"));
+    eventually("a member on the new coordinator", WAIT, || async {
+        (m.snapshot().2.len() == 4).then_some(())
+    })
+    .await;
+    m.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t04_cli_describe_reset_delete_and_refusals() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1, base.path(), "", "");
+    let addr = cluster.bootstrap();
+    let addr = addr.as_str();
+    cli_ok(addr, &["topic", "create", "t", "--partitions", "1"], None);
+    let input: String = (0..10).map(|i| format!("r{i}\n")).collect();
+    cli_ok(addr, &["produce", "t"], Some(input.as_bytes()));
+
+    let err = cli_err(addr, &["group", "describe", "nobody"], None);
+    assert!(err.contains("unknown group 'nobody'"), "{err}");
+    let err = cli_err(addr, &["group", "delete", "nobody"], None);
+    assert!(err.contains("unknown group"), "{err}");
+    let err = cli_err(
+        addr,
+        &["consume", "t", "--group", "g", "--partition", "0"],
+        None,
+    );
+    assert!(
+        err.contains("--partition cannot be combined with --group"),
+        "{err}"
+    );
+
+    let out = cli_ok(
+        addr,
+        &["consume", "t", "--group", "g", "--max-records", "4"],
+        None,
+    );
+    assert_eq!(out, "r0\nr1\nr2\nr3\n");
+    let out = cli_ok(addr, &["--output", "json", "group", "describe", "g"], None);
+    let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(d["lags"][0]["committed_offset"], 4);
+    assert_eq!(d["lags"][0]["log_end_offset"], 10);
+    assert_eq!(d["total_lag"], 6);
+    let listed = cli_ok(addr, &["group", "list"], None);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("g ") && l.contains("Empty")),
+        "{listed}"
+    );
+
+    // Dry run shows, commits nothing.
+    let reset = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec![
+            "--output",
+            "json",
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+        ];
+        all.extend_from_slice(args);
+        serde_json::from_str(&cli_ok(addr, &all, None)).unwrap()
+    };
+    let committed = || -> i64 {
+        let out = cli_ok(addr, &["--output", "json", "group", "describe", "g"], None);
+        let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+        d["lags"][0]["committed_offset"].as_i64().unwrap()
+    };
+    assert_eq!(
+        reset(&["--to-earliest", "--dry-run"])["offsets"][0]["offset"],
+        0
+    );
+    assert_eq!(committed(), 4);
+    assert_eq!(reset(&["--to-offset", "7"])["offsets"][0]["offset"], 7);
+    assert_eq!(committed(), 7);
+    assert_eq!(reset(&["--shift-by", "-2"])["offsets"][0]["offset"], 5);
+    assert_eq!(
+        reset(&["--to-offset", "99"])["offsets"][0]["offset"],
+        10,
+        "clamped"
+    );
+    assert_eq!(
+        reset(&["--to-datetime", "2000-01-01T00:00:00Z"])["offsets"][0]["offset"],
+        0
+    );
+    assert_eq!(reset(&["--to-latest"])["offsets"][0]["offset"], 10);
+    assert_eq!(reset(&["--to-earliest"])["offsets"][0]["offset"], 0);
+    assert_eq!(committed(), 0);
+    let table = cli_ok(addr, &["group", "describe", "g"], None);
+    assert!(table.contains("total lag:    10"), "{table}");
+
+    // Refused while the group has an active member.
+    let client = Client::connect(addr).await.unwrap();
+    let a = Member::spawn(&client, config("g", "t"));
+    eventually("a member owning t-0", WAIT, || async {
+        (a.snapshot().2.len() == 1).then_some(())
+    })
+    .await;
+    let err = cli_err(
+        addr,
+        &["group", "reset-offsets", "g", "--topic", "t", "--to-latest"],
+        None,
+    );
+    assert!(
+        err.contains("active members") && err.contains("GroupNotEmpty"),
+        "{err}"
+    );
+    let err = cli_err(addr, &["group", "delete", "g"], None);
+    assert!(err.contains("active members"), "{err}");
+    let err = cli_err(
+        addr,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "nope",
+            "--to-latest",
+        ],
+        None,
+    );
+    assert!(err.contains("unknown topic"), "{err}");
+
+    // A commit from a stale generation or an unknown member is fenced.
+    let (member, gen, _) = a.snapshot();
+    let b = Member::spawn(&client, config("g", "t"));
+    await_balanced(&[&a, &b], 1, "a second member").await;
+    let one = vec![pb::PartitionOffset {
+        topic: "t".into(),
+        partition: 0,
+        offset: 3,
+        metadata: String::new(),
+    }];
+    let e = client
+        .commit_offsets("g", &member, gen, one.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), pb::ErrorCode::IllegalGeneration, "{e}");
+    let e = client
+        .commit_offsets("g", "ghost", gen + 1, one.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), pb::ErrorCode::UnknownMember, "{e}");
+    let e = client.commit_offsets("g", "", 0, one).await.unwrap_err();
+    assert_eq!(e.code(), pb::ErrorCode::GroupNotEmpty, "{e}");
+    let e = client.describe_group("").await.unwrap_err();
+    assert_eq!(e.code(), pb::ErrorCode::InvalidRequest, "{e}");
+    a.close().await;
+    b.close().await;
+
+    let out = cli_ok(addr, &["group", "delete", "g"], None);
+    assert!(out.contains("deleted group g"));
+    assert!(!cli_ok(addr, &["group", "list"], None).contains("\ng "));
+    let err = cli_err(addr, &["group", "describe", "g"], None);
+    assert!(err.contains("unknown group"), "{err}");
+    // After deletion the group starts over from --from.
+    let out = cli(
+        addr,
+        &["consume", "t", "--group", "g", "--from", "latest"],
+        None,
+    );
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t05_static_members_come_back_without_a_rebalance_and_broadcast_gives_all() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1, base.path(), "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("t", 4, 1, Default::default())
+        .await
+        .unwrap();
+    let mut stat = config("s", "t");
+    stat.group_instance_id = "pod-1".into();
+    let a = Member::spawn(&client, stat.clone());
+    let (member, gen, assignment) = eventually("a static member", WAIT, || async {
+        let s = a.snapshot();
+        (s.2.len() == 4).then_some(s)
+    })
+    .await;
+    a.crash().await;
+    // The restarted instance gets its member id and partitions back in
+    // the same generation, before its old session expires.
+    let b = Member::spawn(&client, stat);
+    let again = eventually("the static member back", WAIT, || async {
+        let s = b.snapshot();
+        (s.1 >= 1).then_some(s)
+    })
+    .await;
+    assert_eq!(again, (member, gen, assignment));
+    b.close().await;
+
+    let mut all = config("b", "t");
+    all.strategy = pb::AssignmentStrategy::Broadcast;
+    let x = Member::spawn(&client, all.clone());
+    let y = Member::spawn(&client, all);
+    eventually(
+        "both broadcast members owning every partition",
+        WAIT,
+        || async {
+            let (sx, sy) = (x.snapshot(), y.snapshot());
+            (sx.1 == sy.1 && sx.2.len() == 4 && sy.2.len() == 4).then_some(())
+        },
+    )
+    .await;
+    // Another strategy in the same group is refused.
+    let mut range = config("b", "t");
+    range.strategy = pb::AssignmentStrategy::Range;
+    let mut z = client.group_consumer(range).unwrap();
+    let e = z.poll().await.unwrap_err();
+    assert_eq!(e.code(), pb::ErrorCode::InvalidRequest, "{e}");
+    x.close().await;
+    y.close().await;
+}
+
+/// Figures: rebalance time for 3 members on 30 partitions, and commits per
+/// second through one coordinator (three brokers, acks=all, one member
+/// committing in a loop and 8 concurrent standalone committers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run with --ignored --nocapture"]
+async fn perf_rebalance_and_commit_rate() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(3, base.path(), "", CONTROLLER);
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    eventually("three live brokers", WAIT, || async {
+        let c = client.describe_cluster().await.ok()?;
+        (c.brokers.iter().filter(|b| !b.fenced).count() == 3).then_some(())
+    })
+    .await;
+    client
+        .create_topic("t", 30, 3, Default::default())
+        .await
+        .unwrap();
+    let a = Member::spawn(&client, config("g", "t"));
+    let b = Member::spawn(&client, config("g", "t"));
+    await_balanced(&[&a, &b], 30, "two members").await;
+    let started = Instant::now();
+    let c = Member::spawn(&client, config("g", "t"));
+    await_balanced(&[&a, &b, &c], 30, "three members").await;
+    eprintln!(
+        "rebalance, third member joining 2 members on 30 partitions: {:?}",
+        started.elapsed()
+    );
+    for m in [a, b, c] {
+        m.close().await;
+    }
+
+    let offsets = |i: i64| -> Vec<pb::PartitionOffset> {
+        vec![pb::PartitionOffset {
+            topic: "t".into(),
+            partition: 0,
+            offset: i,
+            metadata: String::new(),
+        }]
+    };
+    let n = 500;
+    let started = Instant::now();
+    for i in 0..n {
+        client
+            .commit_offsets("perf", "", 0, offsets(i))
+            .await
+            .unwrap();
+    }
+    let e = started.elapsed();
+    eprintln!(
+        "sequential commits: {n} in {e:?} = {:.0}/s",
+        n as f64 / e.as_secs_f64()
+    );
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let client = client.clone();
+        tasks.spawn(async move {
+            for i in 0..n / 8 {
+                client
+                    .commit_offsets("perf", "", 0, offsets(w * 1000 + i))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let e = started.elapsed();
+    eprintln!(
+        "8 concurrent committers: {} in {e:?} = {:.0}/s",
+        n / 8 * 8,
+        (n / 8 * 8) as f64 / e.as_secs_f64()
+    );
+}
