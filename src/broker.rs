@@ -840,10 +840,23 @@ impl Broker {
     /// Brokers and controller.
     pub fn describe_cluster(&self) -> pb::ClusterDescription {
         let meta = self.metadata.current();
+        let q = self.metadata.quorum();
         pb::ClusterDescription {
             cluster_id: meta.cluster_id.clone(),
             controller_id: self.metadata.controller_id(),
             brokers: brokers_of(&meta),
+            quorum: Some(pb::QuorumDescription {
+                term: q.term,
+                voters: q.voters,
+                learners: q.learners,
+                last_log_index: q.last_log_index,
+                applied_index: q.applied_index,
+                lag: q
+                    .lag
+                    .into_iter()
+                    .map(|(id, lag)| (id, lag.map_or(-1, |l| l as i64)))
+                    .collect(),
+            }),
         }
     }
 

@@ -123,6 +123,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         broker_heartbeat_interval_ms: c.broker_heartbeat_interval_ms,
         cluster_id: c.cluster_id.clone(),
         submit_timeout_ms: c.submit_timeout_ms,
+        rack: config.rack.clone(),
         ..RaftConfig::default()
     })
     .await?;

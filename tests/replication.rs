@@ -365,6 +365,19 @@ async fn t03_isr_shrinks_for_a_paused_follower_and_min_isr_refuses() {
     };
     one(client.clone(), "a").await.unwrap();
 
+    // The quorum: three voters; the active controller sees the others' lag.
+    let controller = client.describe_cluster().await.unwrap().controller_id;
+    let at_controller = Client::connect(&cluster.node(controller).addr)
+        .await
+        .unwrap();
+    let q = at_controller
+        .describe_cluster()
+        .await
+        .unwrap()
+        .quorum
+        .unwrap();
+    assert_eq!(q.voters, vec![1, 2, 3]);
+    assert_eq!(q.lag.len(), 2, "{q:?}");
     let paused = *p.replicas.iter().find(|r| **r != p.leader).unwrap();
     cluster.node(paused).signal("STOP");
     // The leader drops the silent follower from the ISR...

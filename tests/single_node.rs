@@ -254,6 +254,11 @@ async fn consume_from_offset_time_and_max_records() {
 
     let out = cli_ok(&addr, &["cluster", "describe"], None);
     assert!(out.contains(&addr), "{out}");
+    let out = cli_ok(&addr, &["--output", "json", "cluster", "describe"], None);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["controller_id"], 1);
+    assert_eq!(v["quorum"]["voters"], serde_json::json!([1]));
+    assert!(v["quorum"]["applied_index"].as_u64().unwrap() >= 3, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,4 +44,4 @@ pub use command::MetadataCommand;
 pub use error::MetadataError;
 pub use metadata::{BrokerInfo, ClusterMetadata, PartitionInfo, TopicInfo};
 pub use raft::{RaftConfig, RaftMetadataStore};
-pub use store::MetadataStore;
+pub use store::{MetadataStore, QuorumStatus};

@@ -116,6 +116,31 @@ impl ClusterMetadata {
         }
     }
 
+    /// Unfenced broker ids for replica placement: in id order, or, when
+    /// brokers name more than one rack, interleaved rack by rack (Kafka's
+    /// rack-aware order) so that consecutive replicas sit on different
+    /// racks.
+    pub fn placement_order(&self) -> Vec<i32> {
+        let live: Vec<&BrokerInfo> = self.brokers.values().filter(|b| !b.fenced).collect();
+        let mut racks: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+        for b in &live {
+            racks.entry(b.rack.as_str()).or_default().push(b.id);
+        }
+        if racks.len() < 2 || racks.contains_key("") {
+            return live.iter().map(|b| b.id).collect();
+        }
+        let mut out = Vec::with_capacity(live.len());
+        let longest = racks.values().map(Vec::len).max().unwrap_or(0);
+        for i in 0..longest {
+            for ids in racks.values() {
+                if let Some(id) = ids.get(i) {
+                    out.push(*id);
+                }
+            }
+        }
+        out
+    }
+
     /// Unfenced broker ids in id order.
     pub fn live_brokers(&self) -> Vec<i32> {
         self.brokers
@@ -182,7 +207,12 @@ impl ClusterMetadata {
                     .get_mut(&id)
                     .ok_or(MetadataError::UnknownBroker { id })?;
                 broker.fenced = true;
+                let live = self.live_brokers();
                 for topic in self.topics.values_mut() {
+                    let unclean = topic
+                        .configs
+                        .get("unclean.leader.election.enable")
+                        .is_some_and(|v| v == "true");
                     for p in &mut topic.partitions {
                         if !p.replicas.contains(&id) {
                             continue;
@@ -192,6 +222,16 @@ impl ClusterMetadata {
                         }
                         if p.leader == id {
                             p.leader = p.isr.iter().copied().find(|r| *r != id).unwrap_or(-1);
+                            if p.leader == -1 && unclean {
+                                // No in-sync replica left: the topic allows an
+                                // out-of-sync one to lead (records may be lost).
+                                if let Some(r) =
+                                    p.replicas.iter().copied().find(|r| live.contains(r))
+                                {
+                                    p.leader = r;
+                                    p.isr = vec![r];
+                                }
+                            }
                             p.leader_epoch += 1;
                         }
                         p.partition_epoch += 1;
@@ -212,7 +252,7 @@ impl ClusterMetadata {
                 }
                 check_partitions(partitions, 0)?;
                 topic_config::validate_all(&configs)?;
-                let live = self.live_brokers();
+                let live = self.placement_order();
                 check_replication_factor(replication_factor, live.len())?;
                 if let Some(min_isr) = configs.get("min.insync.replicas") {
                     let min_isr: i32 = min_isr.parse().unwrap_or(i32::MAX);
@@ -253,7 +293,7 @@ impl ClusterMetadata {
                 name,
                 total_partitions,
             } => {
-                let live = self.live_brokers();
+                let live = self.placement_order();
                 let topic = self
                     .topics
                     .get_mut(&name)
@@ -569,6 +609,64 @@ mod tests {
         assert!(err.contains("fenced"), "{err}");
         s.apply(alter_isr(0, epoch, vec![1])).unwrap();
         assert_eq!(s.topics["t"].partitions[0].isr, vec![1]);
+    }
+
+    #[test]
+    fn replicas_spread_over_racks() {
+        let mut s = ClusterMetadata::new("c");
+        for (id, rack) in [(1, "a"), (2, "a"), (3, "b"), (4, "b")] {
+            s.apply(MetadataCommand::RegisterBroker {
+                id,
+                address: format!("h:{id}"),
+                rack: rack.into(),
+                roles: vec![],
+            })
+            .unwrap();
+        }
+        assert_eq!(s.placement_order(), vec![1, 3, 2, 4]);
+        s.apply(create("t", 4, 2)).unwrap();
+        let rack = |id: i32| s.brokers[&id].rack.clone();
+        for p in &s.topics["t"].partitions {
+            assert_ne!(rack(p.replicas[0]), rack(p.replicas[1]), "{:?}", p.replicas);
+        }
+        // Leaders still spread over every broker.
+        let mut leaders: Vec<i32> = s.topics["t"].partitions.iter().map(|p| p.leader).collect();
+        leaders.sort();
+        assert_eq!(leaders, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn unclean_election_only_when_the_topic_allows_it() {
+        for (allow, leader) in [(false, -1), (true, 2)] {
+            let mut s = three();
+            let mut configs = BTreeMap::new();
+            configs.insert(
+                "unclean.leader.election.enable".to_string(),
+                allow.to_string(),
+            );
+            s.apply(MetadataCommand::CreateTopic {
+                name: "t".into(),
+                topic_id: "x".into(),
+                partitions: 1,
+                replication_factor: 2,
+                configs,
+            })
+            .unwrap();
+            // Follower 2 fell out of the ISR, then the leader died.
+            s.apply(MetadataCommand::AlterPartitionIsr {
+                topic: "t".into(),
+                partition: 0,
+                leader_id: 1,
+                leader_epoch: 0,
+                partition_epoch: 0,
+                isr: vec![1],
+            })
+            .unwrap();
+            s.apply(MetadataCommand::FenceBroker { id: 1 }).unwrap();
+            let p = &s.topics["t"].partitions[0];
+            assert_eq!(p.leader, leader, "allow={allow}");
+            assert_eq!(p.leader_epoch, 1);
+        }
     }
 
     #[test]

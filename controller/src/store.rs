@@ -14,6 +14,24 @@ use crate::{ClusterMetadata, MetadataCommand, MetadataError};
 /// A boxed future, so the trait stays object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The metadata quorum as one node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QuorumStatus {
+    /// Raft term.
+    pub term: u64,
+    /// Voting members.
+    pub voters: Vec<i32>,
+    /// Non-voting members (broker-only nodes).
+    pub learners: Vec<i32>,
+    /// Index of the last entry in this node's log.
+    pub last_log_index: u64,
+    /// Index of the last entry applied to this node's state machine.
+    pub applied_index: u64,
+    /// On the active controller: each other member's lag in entries
+    /// (`None` when the member has not acknowledged anything yet).
+    pub lag: std::collections::BTreeMap<i32, Option<u64>>,
+}
+
 /// Orders metadata commands, applies them, makes them durable, and
 /// publishes every new state.
 pub trait MetadataStore: Send + Sync + 'static {
@@ -25,6 +43,10 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn submit(&self, cmd: MetadataCommand) -> BoxFuture<'_, Result<Applied, MetadataError>>;
     /// Broker id of the active controller, or -1 when there is none.
     fn controller_id(&self) -> i32;
+    /// The quorum's membership and progress, as this node sees it.
+    fn quorum(&self) -> QuorumStatus {
+        QuorumStatus::default()
+    }
 }
 
 /// A random 128-bit id as 32 hex digits (cluster and topic ids).

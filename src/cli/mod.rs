@@ -154,16 +154,39 @@ async fn cluster_describe(client: &Client, output: Output) -> anyhow::Result<()>
                 })
             })
             .collect();
+        let q = c.quorum.clone().unwrap_or_default();
+        let lag: std::collections::BTreeMap<String, i64> =
+            q.lag.iter().map(|(id, l)| (id.to_string(), *l)).collect();
         println!(
             "{}",
             serde_json::json!({
                 "cluster_id": c.cluster_id, "controller_id": c.controller_id, "brokers": brokers,
+                "quorum": {
+                    "term": q.term, "voters": q.voters, "learners": q.learners,
+                    "last_log_index": q.last_log_index, "applied_index": q.applied_index, "lag": lag,
+                },
             })
         );
         return Ok(());
     }
     println!("cluster id:  {}", c.cluster_id);
     println!("controller:  {}", c.controller_id);
+    if let Some(q) = &c.quorum {
+        let ids = |v: &[i32]| v.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
+        println!(
+            "quorum:      term {}, voters [{}], learners [{}], log index {}, applied {}",
+            q.term,
+            ids(&q.voters),
+            ids(&q.learners),
+            q.last_log_index,
+            q.applied_index
+        );
+        if !q.lag.is_empty() {
+            let mut lag: Vec<String> = q.lag.iter().map(|(id, l)| format!("{id}: {l}")).collect();
+            lag.sort();
+            println!("replication lag (entries): {}", lag.join(", "));
+        }
+    }
     let mut rows = vec![vec![
         "ID".to_string(),
         "ADDRESS".into(),

@@ -301,7 +301,8 @@ pub fn spawn_heartbeat(
             }
         };
         while !stopped() {
-            let epoch = match store.register_broker(broker_id, &address, "").await {
+            let rack = store.config.rack.clone();
+            let epoch = match store.register_broker(broker_id, &address, &rack).await {
                 Ok(epoch) => epoch,
                 Err(error) => {
                     tracing::warn!(broker = broker_id, %error, "registration failed; retrying");

@@ -92,6 +92,8 @@ pub struct RaftConfig {
     /// How long `submit` keeps looking for a leader before
     /// [`MetadataError::NotController`].
     pub submit_timeout_ms: u64,
+    /// This broker's rack, sent when it registers (rack-aware placement).
+    pub rack: String,
 }
 
 impl Default for RaftConfig {
@@ -110,6 +112,7 @@ impl Default for RaftConfig {
             cluster_id: None,
             snapshot_logs_since_last: 5000,
             submit_timeout_ms: 10_000,
+            rack: String::new(),
         }
     }
 }
@@ -351,6 +354,41 @@ impl RaftMetadataStore {
         self.leader().0 == Some(self.config.node_id as NodeId)
     }
 
+    /// Membership and progress from the Raft metrics.
+    pub fn quorum_status(&self) -> crate::store::QuorumStatus {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners = membership
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| !voters.contains(id))
+            .map(|id| id as i32)
+            .collect();
+        let last = m.last_log_index.unwrap_or(0);
+        let lag = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .filter(|(id, _)| **id != m.id)
+                    .map(|(id, matched)| {
+                        (*id as i32, matched.map(|l| last.saturating_sub(l.index)))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        crate::store::QuorumStatus {
+            term: m.current_term,
+            voters: voters.into_iter().map(|id| id as i32).collect(),
+            learners,
+            last_log_index: last,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            lag,
+        }
+    }
+
     /// Ids of every Raft member (voters and learners).
     fn members(&self) -> BTreeSet<NodeId> {
         let metrics = self.raft.metrics();
@@ -564,6 +602,10 @@ impl MetadataStore for RaftMetadataStore {
 
     fn controller_id(&self) -> i32 {
         self.leader().0.map_or(-1, |id| id as i32)
+    }
+
+    fn quorum(&self) -> crate::store::QuorumStatus {
+        self.quorum_status()
     }
 }
 
