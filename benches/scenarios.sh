@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The fixed performance scenario set: a single local node and a local
+# three-node cluster (runnel dev), with the same run's physical baselines
+# (plain sequential file write, single-stream loopback TCP), printed as one
+# table with each figure's ratio to its baseline.
+#
+#   bash benches/scenarios.sh            # about 2 minutes after the build
+#   RECORDS=200000 bash benches/scenarios.sh
+#
+# Needs only cargo and python3. Uses 127.0.0.1 ports 29092 and 39092-39094
+# and a temporary directory it removes afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RECORDS=${RECORDS:-300000}
+SMALL_RECORDS=${SMALL_RECORDS:-2000000}
+cargo build --release --quiet --bin runnel
+R=${CARGO_TARGET_DIR:-target}/release/runnel
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_for() { # file pattern
+    for _ in $(seq 1 240); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.5; done
+    echo "timed out waiting for '$2' in $1" >&2
+    return 1
+}
+
+J=$WORK/results.jsonl
+"$R" --output json perf baseline --dir "$WORK" --bytes 1073741824 >>"$J"
+
+# Single node.
+"$R" server --node-id 1 --listen 127.0.0.1:29092 --data-dir "$WORK/single" >"$WORK/single.out" 2>"$WORK/single.err" &
+PIDS+=($!)
+wait_for "$WORK/single.out" "runnel listening"
+S=127.0.0.1:29092
+run() { # label, runnel args...
+    local label=$1
+    shift
+    "$R" --output json "$@" | python3 -c "import json,sys; d=json.load(sys.stdin); d['test']='$label'; print(json.dumps(d))" >>"$J"
+}
+run "1 node, acks=leader, 1 KiB" --bootstrap $S perf produce --topic p1k --records "$RECORDS" --record-size 1024 --acks leader
+run "1 node, consume 1 KiB" --bootstrap $S perf consume --topic p1k --records "$RECORDS"
+run "1 node, acks=leader, 100 B" --bootstrap $S perf produce --topic p100 --records "$SMALL_RECORDS" --record-size 100 --acks leader
+kill -TERM "${PIDS[0]}"
+wait "${PIDS[0]}" || true
+PIDS=()
+
+# Three nodes, replication factor 3.
+"$R" dev --data-dir "$WORK/dev" --base-port 39092 >"$WORK/dev.out" 2>"$WORK/dev.err" &
+PIDS+=($!)
+wait_for "$WORK/dev.out" "bootstrap:"
+D=127.0.0.1:39092,127.0.0.1:39093,127.0.0.1:39094
+"$R" --bootstrap $D topic create r3 --partitions 3 --replication-factor 3 --config min.insync.replicas=2 >/dev/null
+run "3 nodes, RF 3, acks=all, 1 KiB" --bootstrap $D perf produce --topic r3 --records "$RECORDS" --record-size 1024 --acks all
+HALF=$(python3 -c "
+import json
+rows=[json.loads(l) for l in open('$J')]
+print(int([r for r in rows if r['test'].startswith('3 nodes')][-1]['records_per_sec']/2))")
+run "3 nodes, acks=all, half load" --bootstrap $D perf produce --topic r3 --records $((HALF * 3)) --record-size 1024 --acks all --rate "$HALF"
+
+python3 - "$J" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {r["test"]: r for r in rows}
+disk, tcp = by["disk-write"]["mb_per_sec"], by["loopback-tcp"]["mb_per_sec"]
+single = by["1 node, acks=leader, 1 KiB"]["mb_per_sec"]
+print(f"{'scenario':36} {'MB/s':>9} {'records/s':>11} {'p50 ms':>8} {'p99 ms':>8}  ratio")
+for r in rows:
+    lat = r.get("latency") or {}
+    t = r["test"]
+    if t in ("disk-write", "disk-fdatasync-64k", "loopback-tcp"):
+        ratio = "baseline"
+    elif t.startswith("3 nodes"):
+        ratio = f"{r['mb_per_sec'] / single:.2f} of 1-node acks=leader"
+    elif "consume" in t:
+        ratio = f"{r['mb_per_sec'] / single:.2f} of 1-node produce"
+    else:
+        ratio = f"{r['mb_per_sec'] / tcp:.3f} of loopback TCP, {r['mb_per_sec'] / disk:.2f} of disk write"
+    p50 = f"{lat['p50_ms']:.1f}" if lat else "-"
+    p99 = f"{lat['p99_ms']:.1f}" if lat else "-"
+    print(f"{t:36} {r['mb_per_sec']:9.1f} {r['records_per_sec']:11.0f} {p50:>8} {p99:>8}  {ratio}")
+PY
