@@ -709,6 +709,33 @@ impl Broker {
         self.describe_topic(name)
     }
 
+    /// Preferred or unclean leader election; returns the partitions whose
+    /// leader moved.
+    pub async fn elect_leaders(
+        &self,
+        req: pb::ElectLeadersRequest,
+    ) -> Result<pb::ElectLeadersResponse, BrokerError> {
+        let unclean = pb::ElectionType::try_from(req.r#type) == Ok(pb::ElectionType::Unclean);
+        let applied = self
+            .metadata
+            .submit(MetadataCommand::ElectLeaders {
+                topic: req.topic.clone(),
+                partitions: req.partitions,
+                unclean,
+            })
+            .await?;
+        let changed = match applied {
+            Applied::Elected { changed } => changed,
+            _ => Vec::new(),
+        };
+        info!(topic = %req.topic, ?changed, unclean, "leader election");
+        self.reconcile()?;
+        Ok(pb::ElectLeadersResponse {
+            topic: Some(self.describe_topic(&req.topic)?),
+            changed,
+        })
+    }
+
     /// Sets and removes config overrides.
     pub async fn alter_topic_config(
         &self,

@@ -120,20 +120,56 @@ async fn rolling_restart_under_acks_all_loses_nothing() {
     stop.cancel();
     task.await.unwrap();
 
+    // The restarts moved leaderships around; a preferred election brings
+    // each back to its first replica (all are in sync again).
+    let out = cli_ok(
+        &bootstrap,
+        &["partition", "elect-leaders", "--topic", "r"],
+        None,
+    );
+    assert!(
+        out.contains("new leaders") || out.contains("no leader changed"),
+        "{out}"
+    );
+    let d = client.describe_topic("r").await.unwrap();
+    for p in &d.partitions {
+        assert_eq!(
+            p.leader, p.replicas[0],
+            "partition {} not led by its preferred replica",
+            p.partition
+        );
+    }
+    let out = cli_ok(&bootstrap, &["partition", "describe", "r"], None);
+    assert!(out.contains("PARTITION"), "{out}");
+
     let errors = errors.lock().await.clone();
     let fatal: Vec<_> = errors.iter().filter(|e| !e.is_retriable()).collect();
     assert!(fatal.is_empty(), "non-retriable errors: {fatal:?}");
     // Every acknowledged record is where its acknowledgement said.
     let acked = acked.lock().await.clone();
     for partition in 0..3 {
-        let mut c = client
-            .partition_consumer("r", partition, StartFrom::Earliest)
-            .await
-            .unwrap();
+        // The election just moved leaders: the first calls may be told
+        // NOT_LEADER by a stale route; the client re-routes on retry.
+        let mut c = eventually("a consumer on the new leader", WAIT, || async {
+            client
+                .partition_consumer("r", partition, StartFrom::Earliest)
+                .await
+                .ok()
+        })
+        .await;
         let end = c.high_watermark();
         let mut stored = std::collections::BTreeMap::new();
+        let mut failures = 0;
         while c.position() < end {
-            for r in c.poll().await.unwrap() {
+            let records = match c.poll().await {
+                Ok(records) => records,
+                Err(e) if e.is_retriable() && failures < 20 => {
+                    failures += 1;
+                    continue;
+                }
+                Err(e) => panic!("reading {partition}: {e}"),
+            };
+            for r in records {
                 stored.insert(
                     r.offset,
                     String::from_utf8(r.value.unwrap().to_vec()).unwrap(),

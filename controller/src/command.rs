@@ -47,6 +47,13 @@ pub enum MetadataCommand {
         partition_epoch: i32,
         isr: Vec<i32>,
     },
+    /// Preferred (or, with `unclean`, any-live-replica) leader election for
+    /// `partitions` of `topic` (all when empty).
+    ElectLeaders {
+        topic: String,
+        partitions: Vec<i32>,
+        unclean: bool,
+    },
     /// Sets and removes topic config overrides.
     AlterTopicConfig {
         name: String,

@@ -79,6 +79,8 @@ pub enum Applied {
     Done,
     /// A topic was deleted; brokers remove its partitions' data.
     TopicDeleted { topic_id: String, partitions: i32 },
+    /// Leader elections moved these partitions' leaders.
+    Elected { changed: Vec<i32> },
 }
 
 /// Kafka's topic-name rules.
@@ -365,6 +367,53 @@ impl ClusterMetadata {
                 p.isr = new_isr;
                 p.partition_epoch += 1;
                 Applied::Done
+            }
+            MetadataCommand::ElectLeaders {
+                topic,
+                partitions,
+                unclean,
+            } => {
+                let live = self.live_brokers();
+                let info = self
+                    .topics
+                    .get_mut(&topic)
+                    .ok_or(MetadataError::UnknownTopic {
+                        name: topic.clone(),
+                    })?;
+                let count = info.partitions.len() as i32;
+                if let Some(bad) = partitions.iter().find(|p| **p < 0 || **p >= count) {
+                    return Err(MetadataError::InvalidPartitions {
+                        count: *bad,
+                        reason: format!("topic '{topic}' has {count} partitions"),
+                    });
+                }
+                let mut changed = Vec::new();
+                for (i, p) in info.partitions.iter_mut().enumerate() {
+                    if !partitions.is_empty() && !partitions.contains(&(i as i32)) {
+                        continue;
+                    }
+                    let pick = if unclean {
+                        (p.leader == -1)
+                            .then(|| p.replicas.iter().copied().find(|r| live.contains(r)))
+                            .flatten()
+                    } else {
+                        let preferred = p.replicas[0];
+                        (p.leader != preferred
+                            && p.isr.contains(&preferred)
+                            && live.contains(&preferred))
+                        .then_some(preferred)
+                    };
+                    if let Some(leader) = pick {
+                        if unclean {
+                            p.isr = vec![leader];
+                        }
+                        p.leader = leader;
+                        p.leader_epoch += 1;
+                        p.partition_epoch += 1;
+                        changed.push(i as i32);
+                    }
+                }
+                Applied::Elected { changed }
             }
             MetadataCommand::AlterTopicConfig { name, set, delete } => {
                 let topic = self
@@ -667,6 +716,53 @@ mod tests {
             assert_eq!(p.leader, leader, "allow={allow}");
             assert_eq!(p.leader_epoch, 1);
         }
+    }
+
+    #[test]
+    fn preferred_election_returns_leadership_to_the_first_replica() {
+        let mut s = three();
+        s.apply(create("t", 3, 3)).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 1 }).unwrap();
+        register(&mut s, 1);
+        // Broker 1 is back but out of every ISR: nothing to do yet.
+        let elect = |unclean| MetadataCommand::ElectLeaders {
+            topic: "t".into(),
+            partitions: vec![],
+            unclean,
+        };
+        assert_eq!(
+            s.apply(elect(false)).unwrap(),
+            Applied::Elected { changed: vec![] }
+        );
+        let p0 = s.topics["t"].partitions[0].clone();
+        s.apply(MetadataCommand::AlterPartitionIsr {
+            topic: "t".into(),
+            partition: 0,
+            leader_id: p0.leader,
+            leader_epoch: p0.leader_epoch,
+            partition_epoch: p0.partition_epoch,
+            isr: vec![1, 2, 3],
+        })
+        .unwrap();
+        assert_eq!(
+            s.apply(elect(false)).unwrap(),
+            Applied::Elected { changed: vec![0] }
+        );
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!((p.leader, p.leader_epoch), (1, p0.leader_epoch + 1));
+        // Unclean election only touches leaderless partitions.
+        assert_eq!(
+            s.apply(elect(true)).unwrap(),
+            Applied::Elected { changed: vec![] }
+        );
+        let err = s
+            .apply(MetadataCommand::ElectLeaders {
+                topic: "t".into(),
+                partitions: vec![7],
+                unclean: false,
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("3 partitions"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod consume;
 mod dev;
 mod group;
+mod partition;
 mod perf;
 mod produce;
 mod server;
@@ -58,6 +59,9 @@ pub enum Command {
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Partition leadership: describe, elect leaders.
+    #[command(subcommand)]
+    Partition(partition::PartitionCommand),
     /// List, describe, reset and delete consumer groups.
     #[command(subcommand)]
     Group(group::GroupCommand),
@@ -115,6 +119,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot reach the cluster at {}", cli.bootstrap))?;
             match command {
                 Command::Topic(cmd) => topic::run(&client, cmd, cli.output).await,
+                Command::Partition(cmd) => partition::run(&client, cmd, cli.output).await,
                 Command::Produce(args) => produce::run(&client, args).await,
                 Command::Consume(args) => consume::run(&client, args, cli.output).await,
                 Command::Group(cmd) => group::run(&client, cmd, cli.output).await,

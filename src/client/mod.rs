@@ -489,6 +489,34 @@ impl Client {
         .await
     }
 
+    /// Preferred (or unclean) leader election for `partitions` of `topic`
+    /// (all when empty); returns the partitions whose leader moved.
+    pub async fn elect_leaders(
+        &self,
+        topic: &str,
+        partitions: Vec<i32>,
+        unclean: bool,
+    ) -> Result<Vec<i32>, ClientError> {
+        let req = pb::ElectLeadersRequest {
+            topic: topic.to_string(),
+            partitions,
+            r#type: if unclean {
+                pb::ElectionType::Unclean
+            } else {
+                pb::ElectionType::Preferred
+            } as i32,
+        };
+        let resp = self
+            .admin_call(
+                false,
+                req,
+                |mut a, r| async move { a.elect_leaders(r).await },
+            )
+            .await?;
+        self.invalidate(topic);
+        Ok(resp.changed)
+    }
+
     /// Describes the cluster.
     pub async fn describe_cluster(&self) -> Result<pb::ClusterDescription, ClientError> {
         self.admin_call(true, pb::DescribeClusterRequest {}, |mut a, r| async move {

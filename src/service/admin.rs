@@ -90,6 +90,15 @@ impl Admin for AdminService {
         Ok(Response::new(self.broker.describe_cluster()))
     }
 
+    async fn elect_leaders(
+        &self,
+        request: Request<pb::ElectLeadersRequest>,
+    ) -> Result<Response<pb::ElectLeadersResponse>, Status> {
+        Ok(Response::new(
+            self.broker.elect_leaders(request.into_inner()).await?,
+        ))
+    }
+
     async fn metadata(
         &self,
         request: Request<pb::MetadataRequest>,
