@@ -1,5 +1,6 @@
 //! `runnel dev`: a local cluster of broker+controller processes on
 //! 127.0.0.1, for trying Runnel with no Docker and no configuration.
+//! Ctrl-C or SIGTERM stops every node before `runnel dev` exits.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -97,7 +98,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 Ok(Ok(addr)) => addr,
                 _ => bail!("node {} did not start (see its log above)", i + 1),
             },
-            _ = tokio::signal::ctrl_c() => return stop(children).await,
+            _ = stop_requested() => return stop(children).await,
         };
         addrs.push(addr);
     }
@@ -111,10 +112,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("try:       runnel --bootstrap {bootstrap} topic create demo --partitions 3 --replication-factor {}", args.nodes.min(3));
     println!("Ctrl-C stops the cluster.");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = stop_requested() => {}
         _ = wait_any(&mut children) => bail!("a node exited unexpectedly"),
     }
     stop(children).await
+}
+
+/// Ctrl-C or SIGTERM: either stops the nodes before `runnel dev` exits.
+async fn stop_requested() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn wait_any(children: &mut [Child]) {
