@@ -332,6 +332,20 @@ impl Client {
         })
     }
 
+    /// A topic's partition count, from the cache when it holds the topic:
+    /// the producer asks once per record, so this does not clone the
+    /// whole description.
+    pub async fn partition_count(&self, name: &str) -> Result<i32, ClientError> {
+        let cached = {
+            let cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+            cache.get(name).map(|t| t.partitions.len() as i32)
+        };
+        match cached {
+            Some(n) => Ok(n),
+            None => Ok(self.topic(name).await?.partitions.len() as i32),
+        }
+    }
+
     fn cached_topic(&self, name: &str) -> Option<pb::TopicDescription> {
         let cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
         cache.get(name).cloned()

@@ -241,7 +241,7 @@ impl Accumulator {
         if let Some(p) = record.partition {
             return Ok(p);
         }
-        let count = self.client.topic(topic).await?.partitions.len() as i32;
+        let count = self.client.partition_count(topic).await?;
         if count == 0 {
             return Err(ClientError::Invalid(format!(
                 "topic '{topic}' has no partitions"
@@ -344,13 +344,8 @@ impl Accumulator {
         // Keyless records move to another partition once a batch is full.
         if let Some(sticky) = self.sticky.get_mut(&key.0) {
             if *sticky == key.1 {
-                let count = self
-                    .client
-                    .topic(&key.0)
-                    .await
-                    .map(|t| t.partitions.len())
-                    .unwrap_or(1);
-                *sticky = (key.1 + 1) % count.max(1) as i32;
+                let count = self.client.partition_count(&key.0).await.unwrap_or(1);
+                *sticky = (key.1 + 1) % count.max(1);
             }
         }
         let request = pb::ProduceRequest {
