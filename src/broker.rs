@@ -476,7 +476,7 @@ impl Broker {
         }
         let batch = encode_batch(&req)?;
         let producer_id = batch_producer_id(&batch);
-        if producer_id >= 0 && (producer_id == 0 || producer_id >= meta.next_producer_id) {
+        if producer_id > 0 && producer_id >= meta.next_producer_id {
             return Err(BrokerError::UnknownProducerId { producer_id });
         }
         let leader_epoch = pinfo.leader_epoch;
@@ -1061,7 +1061,7 @@ fn encode_batch(req: &pb::ProduceRequest) -> Result<BytesMut, BrokerError> {
     }
 }
 
-/// The producer id in an encoded batch's header (-1: none).
+/// The producer id in an encoded batch's header (0 or less: none).
 fn batch_producer_id(batch: &[u8]) -> i64 {
     use runnel_storage::batch::field::PRODUCER_ID;
     batch

@@ -210,6 +210,9 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> LogConfig {
     if let Some(v) = positive("max.message.bytes") {
         config.message_bytes_max = v.min(u32::MAX as u64) as u32;
     }
+    if let Some(v) = positive("producer.id.expiration.ms") {
+        config.producer_id_expiration_ms = v;
+    }
     config.timestamp_type = match configs.get("message.timestamp.type").map(String::as_str) {
         Some("LogAppendTime") => TimestampType::LogAppendTime,
         _ => TimestampType::CreateTime,

@@ -94,9 +94,9 @@ pub struct ProducerStates {
 
 impl ProducerStates {
     /// Decides whether the leader appends `batch`. Batches without a
-    /// producer id (`< 0`) always append.
+    /// producer id (`<= 0`: ids start at 1) always append.
     pub fn check(&self, batch: &ProducerBatch) -> Result<SequenceCheck> {
-        if batch.producer_id < 0 {
+        if batch.producer_id <= 0 {
             return Ok(SequenceCheck::Append);
         }
         if batch.first_seq < 0 || batch.epoch < 0 {
@@ -161,7 +161,7 @@ impl ProducerStates {
     /// Records an appended batch at `first_offset..=last_offset`, without
     /// checks (leaders check first; followers and rebuilds trust the log).
     pub fn record(&mut self, batch: &ProducerBatch, first_offset: i64, last_offset: i64) {
-        if batch.producer_id < 0 {
+        if batch.producer_id <= 0 {
             return;
         }
         let entry = self
@@ -484,7 +484,7 @@ mod tests {
     #[test]
     fn snapshots_round_trip_and_reject_corruption() {
         let mut s = ProducerStates::default();
-        for pid in 0..4 {
+        for pid in 1..5 {
             for i in 0..7 {
                 s.record(
                     &batch(pid, 1, i * 2, 2),
