@@ -124,6 +124,10 @@ async fn health() -> &'static str {
 async fn ready(State(endpoint): State<Arc<Endpoint>>) -> Response {
     match endpoint.not_ready() {
         None => "ready\n".into_response(),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
     }
 }

@@ -196,7 +196,9 @@ impl Metrics {
 
     /// A produce request for `topic` arrived.
     pub fn produce_request(&self, topic: &str) {
-        self.produce_requests.get_or_create(&topic_labels(topic)).inc();
+        self.produce_requests
+            .get_or_create(&topic_labels(topic))
+            .inc();
     }
 
     /// A produce appended `bytes` and `records` as leader.

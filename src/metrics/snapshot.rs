@@ -315,7 +315,10 @@ impl Collector for Snapshot {
             None,
             [
                 (vec![("state", "up".to_string())], count(c.brokers_up)),
-                (vec![("state", "fenced".to_string())], count(c.brokers_fenced)),
+                (
+                    vec![("state", "fenced".to_string())],
+                    count(c.brokers_fenced),
+                ),
             ],
         )?;
         gauge(
