@@ -207,10 +207,8 @@ where
     I: IntoIterator<Item = (Vec<(&'a str, String)>, V)>,
     V: Into<f64>,
 {
-    let mut samples = samples.into_iter().peekable();
-    if samples.peek().is_none() {
-        return Ok(());
-    }
+    // The descriptor is written even without samples, so every metric
+    // name is always listed (dashboards and alerts can rely on it).
     let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
     for (labels, value) in samples {
         let sample = family.encode_family(&labels)?;
