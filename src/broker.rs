@@ -977,7 +977,8 @@ impl Broker {
         }
         info!(
             node_id = self.node_id,
-            "controlled shutdown: handing over leaderships"
+            broker_epoch = meta.brokers.get(&self.node_id).map_or(-1, |b| b.epoch),
+            "controlled shutdown: fencing this broker and handing over leaderships"
         );
         self.metadata
             .submit(MetadataCommand::FenceBroker { id: self.node_id })
