@@ -322,6 +322,9 @@ impl Broker {
             if !wanted.contains_key(&(topic.clone(), index)) {
                 info!(%topic, partition = index, "deleting partition no longer hosted");
                 self.logs.delete(&topic, index)?;
+                if !meta.topics.contains_key(&topic) {
+                    self.metrics.forget_topic(&topic);
+                }
             }
         }
         Ok(())
@@ -424,7 +427,11 @@ impl Broker {
     /// The first half of a produce: checks, appends, and returns what is
     /// left to wait for. Batches of one stream are appended in order.
     pub async fn produce_append(&self, req: pb::ProduceRequest) -> Result<Appended, BrokerError> {
-        self.metrics.produce_request(&req.topic);
+        // Only topics that exist get a series: clients cannot grow the
+        // label set with made-up names (their errors count by code).
+        if self.metadata.current().topics.contains_key(&req.topic) {
+            self.metrics.produce_request(&req.topic);
+        }
         let appended = self.append(req).await;
         if let Err(e) = &appended {
             self.metrics.request_error("produce", e.code());

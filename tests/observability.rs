@@ -459,3 +459,86 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t03_json_logs_carry_role_changes_with_epochs() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    /// Kills the server however the test ends.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = std::process::Command::new(common::runnel_bin())
+        .args(["server", "--node-id", "1", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info,openraft=off")
+        .env_remove("RUNNEL_LOG_FORMAT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let _child = Reaped(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("runnel listening on ") {
+                let _ = tx.send(addr.to_string());
+            }
+        }
+    });
+    let (log_tx, log_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = log_tx.send(line);
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server address");
+    let client = Client::connect(&addr).await.unwrap();
+    client
+        .create_topic("logged", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let found = |seen: &[serde_json::Value], message: &str, field: &str| {
+        seen.iter().any(|l| {
+            l["fields"]["message"] == message
+                && l["fields"].get(field).is_some_and(|v| v.is_number())
+        })
+    };
+    while !(found(&seen, "became leader", "leader_epoch")
+        && found(
+            &seen,
+            "became the active controller: fresh broker grace period",
+            "term",
+        ))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log_rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("role changes not logged; saw {seen:#?}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+        seen.push(v);
+    }
+    let leader = seen
+        .iter()
+        .find(|l| l["fields"]["message"] == "became leader")
+        .unwrap();
+    assert_eq!(leader["fields"]["topic"], "logged");
+    assert_eq!(leader["level"], "INFO");
+}

@@ -107,6 +107,9 @@ fn invalid(reason: impl Into<String>) -> CoordinatorError {
     })
 }
 
+/// How long the metrics endpoint may spend on group lag per scrape.
+const STATS_TIME_MAX: Duration = Duration::from_secs(5);
+
 /// A committed offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Committed {
@@ -411,9 +414,13 @@ impl GroupCoordinator {
             .into_iter()
             .map(|g| g.group)
             .collect();
+        // A scrape must answer in time: groups not described by then are
+        // left out of this one.
+        let deadline = tokio::time::Instant::now() + STATS_TIME_MAX;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            let Ok(d) = self.describe(&id).await else {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Ok(Ok(d)) = tokio::time::timeout(left, self.describe(&id)).await else {
                 continue;
             };
             out.push(crate::metrics::snapshot::GroupStats {

@@ -244,6 +244,21 @@ impl Metrics {
         self.replication_bytes_in.inc_by(bytes as u64);
     }
 
+    /// Drops the per-topic series of a deleted topic.
+    pub fn forget_topic(&self, topic: &str) {
+        let labels = topic_labels(topic);
+        for family in [
+            &self.produce_requests,
+            &self.fetch_requests,
+            &self.bytes_in,
+            &self.records_in,
+            &self.bytes_out,
+            &self.records_out,
+        ] {
+            family.remove(&labels);
+        }
+    }
+
     /// A rebalance of `group` completed after `took`.
     pub fn rebalanced(&self, group: &str, took: Duration) {
         self.rebalances
