@@ -36,6 +36,8 @@ use crate::replica::FetcherManager;
 
 /// Default fetch size when the request says 0.
 const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
+/// Producer ids a broker takes from the controller at a time.
+const PRODUCER_ID_BLOCK: i32 = 1000;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -81,6 +83,9 @@ pub struct Broker {
     fetchers: FetcherManager,
     /// Bumped after every append; replica fetches long-poll on it.
     appended: Arc<watch::Sender<u64>>,
+    /// Producer ids this broker may still hand out: `next..end`, from a
+    /// block the controller allocated. The lock also serialises refills.
+    producer_ids: tokio::sync::Mutex<(i64, i64)>,
     /// Event metrics (counters, latency histograms).
     metrics: Arc<Metrics>,
 }
@@ -113,6 +118,7 @@ impl Broker {
             fetchers: FetcherManager::new(weak.clone(), shutdown.clone()),
             shutdown,
             appended: Arc::new(watch::channel(0).0),
+            producer_ids: tokio::sync::Mutex::new((0, 0)),
             metrics: Arc::new(Metrics::new()),
             config,
         }))
@@ -180,6 +186,41 @@ impl Broker {
     /// Whether the test failpoint `name` is on (see `[broker] failpoints`).
     pub fn failpoint(&self, name: &str) -> bool {
         self.config.broker.failpoints && self.config.data_dir.join("failpoints").join(name).exists()
+    }
+
+    /// A one-shot failpoint: true once per creation of its file.
+    pub fn take_failpoint(&self, name: &str) -> bool {
+        self.config.broker.failpoints
+            && std::fs::remove_file(self.config.data_dir.join("failpoints").join(name)).is_ok()
+    }
+
+    /// A fresh producer id (epoch 0) for an idempotent producer, from this
+    /// broker's block; a new block comes from the controller when it runs
+    /// out. A block lost with a restart is simply never used.
+    pub async fn init_producer_id(&self) -> Result<pb::InitProducerIdResponse, BrokerError> {
+        let mut ids = self.producer_ids.lock().await;
+        if ids.0 >= ids.1 {
+            let applied = self
+                .metadata
+                .submit(MetadataCommand::AllocateProducerIds {
+                    broker_id: self.node_id,
+                    count: PRODUCER_ID_BLOCK,
+                })
+                .await?;
+            let Applied::ProducerIds { first, count } = applied else {
+                return Err(BrokerError::InvalidRequest {
+                    reason: format!("unexpected controller answer {applied:?}"),
+                });
+            };
+            info!(first, count, "allocated producer id block");
+            *ids = (first, first + i64::from(count));
+        }
+        let producer_id = ids.0;
+        ids.0 += 1;
+        Ok(pb::InitProducerIdResponse {
+            producer_id,
+            producer_epoch: 0,
+        })
     }
 
     /// Follower-side settings.
@@ -472,6 +513,10 @@ impl Broker {
             }
         }
         let batch = encode_batch(&req)?;
+        let producer_id = batch_producer_id(&batch);
+        if producer_id >= 0 && (producer_id == 0 || producer_id >= meta.next_producer_id) {
+            return Err(BrokerError::UnknownProducerId { producer_id });
+        }
         let leader_epoch = pinfo.leader_epoch;
         let min_isr = self.min_insync_replicas(topic);
         let append = {
@@ -520,6 +565,7 @@ impl Broker {
         debug!(
             base_offset = info.base_offset,
             records = info.record_count,
+            duplicate = info.duplicate,
             "appended"
         );
         response.base_offset = info.base_offset;
@@ -1075,6 +1121,14 @@ fn encode_batch(req: &pb::ProduceRequest) -> Result<BytesMut, BrokerError> {
             Ok(builder.build())
         }
     }
+}
+
+/// The producer id in an encoded batch's header (-1: none).
+fn batch_producer_id(batch: &[u8]) -> i64 {
+    use runnel_storage::batch::field::PRODUCER_ID;
+    batch
+        .get(PRODUCER_ID..PRODUCER_ID + 8)
+        .map_or(-1, |b| i64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
 
 fn bytes_to_mut(b: Bytes) -> BytesMut {

@@ -57,6 +57,10 @@ pub enum BrokerError {
     },
     #[error("invalid request: {reason}")]
     InvalidRequest { reason: String },
+    #[error(
+        "producer id {producer_id} was never allocated by this cluster (InitProducerId first)"
+    )]
+    UnknownProducerId { producer_id: i64 },
     #[error("consumer groups are not implemented yet")]
     Unsupported { what: &'static str },
     #[error("broker is shutting down")]
@@ -82,6 +86,7 @@ impl BrokerError {
             }
             BrokerError::ReplicationTimeout { .. } => ErrorCode::RequestTimedOut,
             BrokerError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
+            BrokerError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
             BrokerError::Unsupported { .. } => ErrorCode::Unsupported,
             BrokerError::ShuttingDown => ErrorCode::BrokerNotAvailable,
             BrokerError::Metadata(e) => match e {
@@ -93,7 +98,9 @@ impl BrokerError {
                     ErrorCode::InvalidReplicationFactor
                 }
                 MetadataError::InvalidConfig { .. } => ErrorCode::InvalidConfig,
-                MetadataError::UnknownBroker { .. } => ErrorCode::InvalidRequest,
+                MetadataError::UnknownBroker { .. } | MetadataError::InvalidRequest { .. } => {
+                    ErrorCode::InvalidRequest
+                }
                 MetadataError::NotController { .. } => ErrorCode::NotController,
                 // Internal failures: the detail is logged, not sent.
                 _ => ErrorCode::Unknown,
@@ -105,6 +112,9 @@ impl BrokerError {
                     ErrorCode::CorruptMessage
                 }
                 StorageError::Closed { .. } => ErrorCode::NotLeader,
+                StorageError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+                StorageError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
+                StorageError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
                 _ => ErrorCode::StorageError,
             },
         }
