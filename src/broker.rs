@@ -28,6 +28,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::config::ServerConfig;
 use crate::error::BrokerError;
+use crate::metrics::Metrics;
 use crate::partition::{log_config, Partition};
 use crate::partitioner::partition_for_key;
 use crate::replica::fetcher::{Assignment, Assignments, ReplicaSettings};
@@ -85,6 +86,8 @@ pub struct Broker {
     /// Producer ids this broker may still hand out: `next..end`, from a
     /// block the controller allocated. The lock also serialises refills.
     producer_ids: tokio::sync::Mutex<(i64, i64)>,
+    /// Event metrics (counters, latency histograms).
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -116,6 +119,7 @@ impl Broker {
             shutdown,
             appended: Arc::new(watch::channel(0).0),
             producer_ids: tokio::sync::Mutex::new((0, 0)),
+            metrics: Arc::new(Metrics::new()),
             config,
         }))
     }
@@ -146,6 +150,17 @@ impl Broker {
                 }
             }
         });
+    }
+
+    /// This node's event metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Every hosted partition replica, whatever its role.
+    pub fn hosted_partitions(&self) -> Vec<Arc<Partition>> {
+        let map = self.partitions.read().unwrap_or_else(|e| e.into_inner());
+        map.values().cloned().collect()
     }
 
     /// A hosted partition replica, whatever its role.
@@ -348,6 +363,9 @@ impl Broker {
             if !wanted.contains_key(&(topic.clone(), index)) {
                 info!(%topic, partition = index, "deleting partition no longer hosted");
                 self.logs.delete(&topic, index)?;
+                if !meta.topics.contains_key(&topic) {
+                    self.metrics.forget_topic(&topic);
+                }
             }
         }
         Ok(())
@@ -427,23 +445,43 @@ impl Broker {
         appended: Appended,
     ) -> Result<pb::ProduceResponse, BrokerError> {
         if let Some(mut w) = appended.wait {
-            self.wait_for_replicas(
-                &w.partition,
-                &mut w.hw_rx,
-                w.end,
-                w.min_isr,
-                w.leader_epoch,
-                w.timeout_ms,
-            )
-            .await?;
+            let started = std::time::Instant::now();
+            let waited = self
+                .wait_for_replicas(
+                    &w.partition,
+                    &mut w.hw_rx,
+                    w.end,
+                    w.min_isr,
+                    w.leader_epoch,
+                    w.timeout_ms,
+                )
+                .await;
+            self.metrics.replica_wait(started.elapsed());
+            if let Err(e) = waited {
+                self.metrics.request_error("produce", e.code());
+                return Err(e);
+            }
         }
         Ok(appended.response)
     }
 
     /// The first half of a produce: checks, appends, and returns what is
     /// left to wait for. Batches of one stream are appended in order.
-    #[instrument(skip_all, fields(topic = %req.topic, partition, offset))]
     pub async fn produce_append(&self, req: pb::ProduceRequest) -> Result<Appended, BrokerError> {
+        // Only topics that exist get a series: clients cannot grow the
+        // label set with made-up names (their errors count by code).
+        if self.metadata.current().topics.contains_key(&req.topic) {
+            self.metrics.produce_request(&req.topic);
+        }
+        let appended = self.append(req).await;
+        if let Err(e) = &appended {
+            self.metrics.request_error("produce", e.code());
+        }
+        appended
+    }
+
+    #[instrument(skip_all, fields(topic = %req.topic, partition, offset))]
+    async fn append(&self, req: pb::ProduceRequest) -> Result<Appended, BrokerError> {
         let meta = self.metadata.current();
         let topic = meta
             .topics
@@ -484,8 +522,14 @@ impl Broker {
         let append = {
             let partition = partition.clone();
             let appended = self.appended.clone();
+            let metrics = self.metrics.clone();
+            let queued = std::time::Instant::now();
             move || {
+                let started = std::time::Instant::now();
+                let bytes = batch.len();
                 let info = partition.log.append_as_leader(batch, leader_epoch)?;
+                metrics.produce_latency(started - queued, started.elapsed());
+                metrics.appended(&partition.topic, bytes, info.record_count);
                 partition.on_append();
                 appended.send_modify(|n| *n = n.wrapping_add(1));
                 Ok::<_, StorageError>(info)
@@ -598,8 +642,22 @@ impl Broker {
     }
 
     /// Reads from a partition, long-polling up to `max_wait_ms`.
-    #[instrument(skip_all, fields(topic = %req.topic, partition = req.partition, offset = req.offset))]
     pub async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchResponse, BrokerError> {
+        let topic = req.topic.clone();
+        let fetched = self.fetch_inner(req).await;
+        match &fetched {
+            Ok((_, bytes, records)) => self.metrics.fetched(&topic, *bytes, *records),
+            Err(e) => self.metrics.request_error("fetch", e.code()),
+        }
+        fetched.map(|(r, _, _)| r)
+    }
+
+    /// A fetch, and the stored bytes and records it sends.
+    #[instrument(skip_all, fields(topic = %req.topic, partition = req.partition, offset = req.offset))]
+    async fn fetch_inner(
+        &self,
+        req: pb::FetchRequest,
+    ) -> Result<(pb::FetchResponse, usize, u64), BrokerError> {
         let meta = self.metadata.current();
         let partition = self.leader_partition(&meta, &req.topic, req.partition)?;
         let log = &partition.log;
@@ -649,14 +707,16 @@ impl Broker {
             ..Default::default()
         };
         if read.batches.is_empty() {
-            return Ok(response);
+            return Ok((response, 0, 0));
         }
         let batches = RecordBatch::parse_all(read.batches.clone())?;
         if let Some(last) = batches.last() {
             response.next_offset = last.last_offset() + 1;
         }
-        if req.raw {
+        let bytes = read.batches.len();
+        let records = if req.raw {
             response.batches = read.batches;
+            batches.iter().map(|b| b.record_count().max(0) as u64).sum()
         } else {
             for batch in &batches {
                 for record in batch.records()? {
@@ -666,8 +726,9 @@ impl Broker {
                     response.records.push(to_proto_record(record));
                 }
             }
-        }
-        Ok(response)
+            response.records.len() as u64
+        };
+        Ok((response, bytes, records))
     }
 
     /// Offsets by spec.
@@ -969,7 +1030,8 @@ impl Broker {
         }
         info!(
             node_id = self.node_id,
-            "controlled shutdown: handing over leaderships"
+            broker_epoch = meta.brokers.get(&self.node_id).map_or(-1, |b| b.epoch),
+            "controlled shutdown: fencing this broker and handing over leaderships"
         );
         self.metadata
             .submit(MetadataCommand::FenceBroker { id: self.node_id })

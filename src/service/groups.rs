@@ -27,6 +27,11 @@ impl GroupsService {
             coordinator: GroupCoordinator::start(broker),
         }
     }
+
+    /// The coordinator (the metrics endpoint reads group lag from it).
+    pub fn coordinator(&self) -> Arc<GroupCoordinator> {
+        self.coordinator.clone()
+    }
 }
 
 #[tonic::async_trait]
