@@ -98,9 +98,9 @@ impl BrokerError {
                     ErrorCode::InvalidReplicationFactor
                 }
                 MetadataError::InvalidConfig { .. } => ErrorCode::InvalidConfig,
-                MetadataError::UnknownBroker { .. } | MetadataError::InvalidRequest { .. } => {
-                    ErrorCode::InvalidRequest
-                }
+                MetadataError::UnknownBroker { .. }
+                | MetadataError::InvalidRequest { .. }
+                | MetadataError::InvalidReassignment { .. } => ErrorCode::InvalidRequest,
                 MetadataError::NotController { .. } => ErrorCode::NotController,
                 // Internal failures: the detail is logged, not sent.
                 _ => ErrorCode::Unknown,

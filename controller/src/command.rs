@@ -65,4 +65,12 @@ pub enum MetadataCommand {
     /// counter in the replicated state, so none is ever handed out twice,
     /// whichever controller applies the command.
     AllocateProducerIds { broker_id: i32, count: i32 },
+    /// Moves partitions of `topic` to new replica lists (partition →
+    /// replicas, preferred leader first; an empty list cancels an ongoing
+    /// reassignment). New replicas join first and copy the log; once all
+    /// are in the ISR the old ones leave (see `PartitionInfo`).
+    ReassignPartitions {
+        topic: String,
+        assignments: BTreeMap<i32, Vec<i32>>,
+    },
 }
