@@ -325,9 +325,15 @@ impl Broker {
                 }
             }
         }
+        // One config per topic, not per partition: with many partitions
+        // this loop runs on every metadata change.
+        let mut configs: HashMap<&str, runnel_storage::LogConfig> = HashMap::new();
         let mut map = self.partitions.write().unwrap_or_else(|e| e.into_inner());
         for ((name, index), topic) in &wanted {
-            let config = log_config(&self.effective_configs(topic));
+            let config = configs
+                .entry(topic.name.as_str())
+                .or_insert_with(|| log_config(&self.effective_configs(topic)))
+                .clone();
             let key = (name.clone(), *index);
             match map.get(&key) {
                 Some(p) if p.topic_id == topic.topic_id => p.log.set_config(config),

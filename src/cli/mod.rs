@@ -6,6 +6,7 @@ mod group;
 mod health;
 mod partition;
 mod perf;
+mod perf_metadata;
 mod produce;
 mod server;
 mod topic;
