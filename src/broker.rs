@@ -80,6 +80,8 @@ pub struct Broker {
     fetchers: FetcherManager,
     /// Bumped after every append; replica fetches long-poll on it.
     appended: Arc<watch::Sender<u64>>,
+    /// Authentication, ACLs and quotas; unset = everything allowed.
+    security: std::sync::OnceLock<Arc<crate::security::Security>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -110,6 +112,7 @@ impl Broker {
             fetchers: FetcherManager::new(weak.clone(), shutdown.clone()),
             shutdown,
             appended: Arc::new(watch::channel(0).0),
+            security: std::sync::OnceLock::new(),
             config,
         }))
     }
@@ -223,6 +226,21 @@ impl Broker {
         self.node_id
     }
 
+    /// The security checks, when the server installed them.
+    pub fn security(&self) -> Option<&Arc<crate::security::Security>> {
+        self.security.get()
+    }
+
+    /// Installs the security checks (once, at start).
+    pub fn set_security(&self, security: Arc<crate::security::Security>) {
+        let _ = self.security.set(security);
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
     /// The metadata store.
     pub fn metadata(&self) -> &Arc<dyn MetadataStore> {
         &self.metadata
@@ -286,7 +304,11 @@ impl Broker {
                 if let Some(b) = meta.brokers.get(&info.leader) {
                     by_leader
                         .entry(info.leader)
-                        .or_insert_with(|| (b.address.clone(), BTreeMap::new()))
+                        .or_insert_with(|| {
+                            // Its internal listener, when it runs one.
+                            let addr = meta.internal_address(b.id).unwrap_or(&b.address);
+                            (addr.to_string(), BTreeMap::new())
+                        })
                         .1
                         .insert(
                             key,

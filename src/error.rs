@@ -61,6 +61,8 @@ pub enum BrokerError {
     Unsupported { what: &'static str },
     #[error("broker is shutting down")]
     ShuttingDown,
+    #[error("{reason}")]
+    NotAuthorized { reason: String },
     #[error(transparent)]
     Metadata(#[from] MetadataError),
     #[error(transparent)]
@@ -84,6 +86,7 @@ impl BrokerError {
             BrokerError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
             BrokerError::Unsupported { .. } => ErrorCode::Unsupported,
             BrokerError::ShuttingDown => ErrorCode::BrokerNotAvailable,
+            BrokerError::NotAuthorized { .. } => ErrorCode::AuthorizationFailed,
             BrokerError::Metadata(e) => match e {
                 MetadataError::TopicAlreadyExists { .. } => ErrorCode::TopicAlreadyExists,
                 MetadataError::UnknownTopic { .. } => ErrorCode::UnknownTopic,
@@ -95,6 +98,7 @@ impl BrokerError {
                 MetadataError::InvalidConfig { .. } => ErrorCode::InvalidConfig,
                 MetadataError::UnknownBroker { .. } => ErrorCode::InvalidRequest,
                 MetadataError::NotController { .. } => ErrorCode::NotController,
+                MetadataError::InvalidSecurity { .. } => ErrorCode::InvalidRequest,
                 // Internal failures: the detail is logged, not sent.
                 _ => ErrorCode::Unknown,
             },

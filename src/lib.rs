@@ -18,6 +18,7 @@
 //!   the follower fetchers.
 //! - [`group`]: consumer groups: assignors, group state machine and the
 //!   coordinator.
+//! - [`security`]: TLS, authentication, ACL checks and quotas.
 //! - [`error`]: [`error::BrokerError`] and the one mapping to gRPC status.
 //! - [`client`]: producer (batching, linger), consumer and admin clients.
 
@@ -29,5 +30,6 @@ pub mod group;
 pub mod partition;
 pub mod partitioner;
 pub mod replica;
+pub mod security;
 pub mod server;
 pub mod service;

@@ -6,6 +6,7 @@ mod group;
 mod partition;
 mod perf;
 mod produce;
+mod security;
 mod server;
 mod topic;
 
@@ -30,6 +31,9 @@ pub struct Cli {
     /// Output format for results.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// TLS and credentials.
+    #[command(flatten)]
+    pub security: security::ClientSecurityArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -68,6 +72,15 @@ pub enum Command {
     /// Measure throughput and latency.
     #[command(subcommand)]
     Perf(perf::PerfCommand),
+    /// Users and their passwords (stored as salted hashes).
+    #[command(subcommand)]
+    User(security::UserCommand),
+    /// ACLs: who may do what on the cluster, topics and groups.
+    #[command(subcommand)]
+    Acl(security::AclCommand),
+    /// Produce and fetch byte-rate quotas.
+    #[command(subcommand)]
+    Quota(security::QuotaCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,7 +119,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args).await,
         Command::Cluster(ClusterCommand::Health) => {
             init_client_tracing();
-            node_health(&cli.bootstrap).await
+            node_health(&cli.bootstrap, &cli.security.options()?).await
         }
         Command::Perf(cmd) => {
             init_client_tracing();
@@ -114,7 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         command => {
             init_client_tracing();
-            let client = Client::connect(&cli.bootstrap)
+            let client = Client::connect_with(&cli.bootstrap, cli.security.options()?)
                 .await
                 .with_context(|| format!("cannot reach the cluster at {}", cli.bootstrap))?;
             match command {
@@ -123,6 +136,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Produce(args) => produce::run(&client, args).await,
                 Command::Consume(args) => consume::run(&client, args, cli.output).await,
                 Command::Group(cmd) => group::run(&client, cmd, cli.output).await,
+                Command::User(cmd) => security::run_user(&client, cmd, cli.output).await,
+                Command::Acl(cmd) => security::run_acl(&client, cmd, cli.output).await,
+                Command::Quota(cmd) => security::run_quota(&client, cmd, cli.output).await,
                 Command::Cluster(ClusterCommand::Describe) => {
                     cluster_describe(&client, cli.output).await
                 }
@@ -212,12 +228,24 @@ async fn cluster_describe(client: &Client, output: Output) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn node_health(bootstrap: &str) -> anyhow::Result<()> {
+async fn node_health(
+    bootstrap: &str,
+    options: &runnel::client::ClientOptions,
+) -> anyhow::Result<()> {
     use tonic_health::pb::health_client::HealthClient;
     let addr = bootstrap.split(',').next().unwrap_or_default().trim();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .with_context(|| format!("bad address '{addr}'"))?
-        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect_timeout(std::time::Duration::from_secs(3));
+    if let Some(tls) = &options.tls {
+        endpoint = endpoint.tls_config(tls.to_tonic()?)?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach {addr}"))?;

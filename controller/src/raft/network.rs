@@ -20,7 +20,7 @@ use runnel_proto::v1::internal::raft_client::RaftClient;
 use runnel_proto::v1::internal::RaftPayload;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::cluster_id::ClusterIdGuard;
 use super::type_config::{Envelope, NodeId, TypeConfig, WIRE_VERSION};
@@ -36,19 +36,35 @@ pub const LEADER_HEADER: &str = "runnel-controller-id";
 #[derive(Debug, Default)]
 pub struct Channels {
     by_addr: Mutex<HashMap<String, Channel>>,
+    /// TLS for every peer (`https://`), or plaintext when `None`.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Channels {
+    /// Channels that speak TLS to every peer when `tls` is set.
+    pub fn with_tls(tls: Option<ClientTlsConfig>) -> Self {
+        Self {
+            by_addr: Mutex::default(),
+            tls,
+        }
+    }
+
     /// The channel to `addr` (HOST:PORT), connected on first use.
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::Status> {
         let mut map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| tonic::Status::invalid_argument(format!("bad address {addr}: {e}")))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| tonic::Status::invalid_argument(format!("TLS for {addr}: {e}")))?;
+        }
         let ch = endpoint.connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
