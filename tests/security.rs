@@ -711,3 +711,21 @@ async fn rotated_certificates_are_served_without_restart() {
     .await;
     assert!(!works(&old_ca).await);
 }
+
+#[test]
+fn secure_example_config_turns_everything_on() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/secure.toml");
+    let c = runnel::config::ServerConfig::from_file(&path).unwrap();
+    assert!(c.tls.is_some() && c.internal_tls.is_some() && c.internal_listen.is_some());
+    assert!(c.security.authentication && c.security.authorization);
+    // Authentication without TLS is refused: credentials would travel in
+    // the clear.
+    let err =
+        runnel::config::ServerConfig::from_toml("[security]\nauthentication = true\n").unwrap_err();
+    assert!(err.to_string().contains("security.authentication"), "{err}");
+    let err = runnel::config::ServerConfig::from_toml(
+        "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nclient_auth = \"required\"\n",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("ca_file"), "{err}");
+}
