@@ -801,11 +801,9 @@ impl Broker {
                 continue;
             };
             let ask = async {
-                let mut c = runnel_proto::v1::consumer_client::ConsumerClient::connect(format!(
-                    "http://{addr}"
-                ))
-                .await
-                .ok()?;
+                let mut c = runnel_proto::v1::consumer_client::ConsumerClient::new(
+                    crate::security::connect_peer(&self.config, &addr).await?,
+                );
                 c.list_offsets(pb::ListOffsetsRequest {
                     topic: name.to_string(),
                     partition: p.partition,

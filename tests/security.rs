@@ -339,6 +339,14 @@ async fn tls_mtls_authentication_and_acls() {
     assert!(ok, "bob cannot log in: {out}");
     let (ok, out) = cli_env(&addr, &bob_env, &["topic", "create", "bobs"], b"");
     assert!(!ok && out.contains("AuthorizationFailed"), "{out}");
+    // Credentials are never sent in the clear.
+    let (ok, out) = cli_env(
+        &addr,
+        &[("RUNNEL_USER", "bob"), ("RUNNEL_PASSWORD", "hunter2")],
+        &["topic", "list"],
+        b"",
+    );
+    assert!(!ok && out.contains("only sent over TLS"), "{out}");
     // Without a password the CLI refuses before connecting.
     let (ok, out) = cli_env(
         &addr,

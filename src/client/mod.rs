@@ -189,6 +189,11 @@ impl Client {
         bootstrap: &str,
         options: ClientOptions,
     ) -> Result<Client, ClientError> {
+        if options.tls.is_none() && options.credentials.is_set() {
+            return Err(ClientError::Invalid(
+                "credentials are only sent over TLS: configure a CA (--tls-ca)".into(),
+            ));
+        }
         let mut last = String::from("empty bootstrap list");
         let seeds: Vec<String> = bootstrap
             .split(',')

@@ -66,6 +66,11 @@ impl Credentials {
         Self::default()
     }
 
+    /// Whether a user name and password are set.
+    pub fn is_set(&self) -> bool {
+        self.inner.is_some()
+    }
+
     /// `user` with `password`.
     pub fn new(user: &str, password: &str) -> Result<Self, ClientError> {
         let user: AsciiMetadataValue = user

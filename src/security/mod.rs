@@ -404,6 +404,26 @@ pub fn internal_client_tls(
         .transpose()
 }
 
+/// A channel to another broker's client port (group listings, offset
+/// lookups), over TLS with this broker's certificate when the client
+/// listeners speak TLS. `None` when it cannot be reached.
+pub async fn connect_peer(config: &ServerConfig, addr: &str) -> Option<tonic::transport::Channel> {
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}")).ok()?;
+    if let Some(t) = &config.tls {
+        let tls = tls::client_config(t.ca_file.as_deref(), Some((&t.cert_file, &t.key_file)))
+            .map_err(|error| tracing::warn!(%error, "cannot load TLS files for a peer call"))
+            .ok()?;
+        endpoint = endpoint.tls_config(tls).ok()?;
+    }
+    endpoint.connect().await.ok()
+}
+
 /// The client listener's TLS, when configured.
 pub fn client_listener_tls(
     config: &ServerConfig,
