@@ -127,7 +127,8 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     };
     let client_tls = crate::security::client_listener_tls(&config)?;
     let internal_tls = crate::security::internal_listener_tls(&config)?;
-    let internal_client_tls = crate::security::internal_client_tls(&config)?;
+    // Checked here so that bad files stop the start, by name.
+    crate::security::internal_client_tls(&config)?;
     let advertised = config.advertised();
     let b = &config.broker;
     let grace = Duration::from_millis(b.shutdown_grace_ms);
@@ -148,7 +149,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         cluster_id: c.cluster_id.clone(),
         submit_timeout_ms: c.submit_timeout_ms,
         rack: config.rack.clone(),
-        internal_tls: internal_client_tls,
+        internal_tls: crate::security::internal_client_tls_files(&config),
         internal_address: config.internal_listen.map(|_| config.internal_advertised()),
         ..RaftConfig::default()
     })

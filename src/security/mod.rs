@@ -404,6 +404,31 @@ pub fn internal_client_tls(
         .transpose()
 }
 
+/// The files behind [`internal_client_tls`], for the controller's Raft
+/// and heartbeat channels (which reload them when they change).
+pub fn internal_client_tls_files(
+    config: &ServerConfig,
+) -> Option<runnel_controller::raft::InternalTlsFiles> {
+    if config.internal_listen.is_some() {
+        return config
+            .internal_tls
+            .as_ref()
+            .map(|t| runnel_controller::raft::InternalTlsFiles {
+                ca_file: Some(t.ca_file.clone()),
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+            });
+    }
+    config
+        .tls
+        .as_ref()
+        .map(|t| runnel_controller::raft::InternalTlsFiles {
+            ca_file: t.ca_file.clone(),
+            cert_file: t.cert_file.clone(),
+            key_file: t.key_file.clone(),
+        })
+}
+
 /// A channel to another broker's client port (group listings, offset
 /// lookups), over TLS with this broker's certificate when the client
 /// listeners speak TLS. `None` when it cannot be reached.

@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 pub use cluster_id::CLUSTER_ID_FILE;
 pub use lifecycle::{spawn_heartbeat, LifecycleService};
 pub use log_store::SledLogStore;
+pub use network::InternalTlsFiles;
 pub use service::RaftService;
 pub use state_machine::MetadataStateMachine;
 
@@ -96,7 +97,7 @@ pub struct RaftConfig {
     pub rack: String,
     /// TLS (with this broker's client certificate) for every outgoing
     /// Raft and broker-lifecycle call; `None` = plaintext.
-    pub internal_tls: Option<tonic::transport::ClientTlsConfig>,
+    pub internal_tls: Option<InternalTlsFiles>,
     /// This broker's internal listener address, registered so that other
     /// brokers replicate from it there; `None` = the client address.
     pub internal_address: Option<String>,
