@@ -225,8 +225,11 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
                     crate::security::tls::incoming($listener, tls, shutdown.clone()),
                     shutdown.clone().cancelled_owned(),
                 )),
+                // The builder's tcp_nodelay applies only to `serve`:
+                // without it here, a response larger than one segment
+                // waits ~40 ms for a delayed ACK (Nagle).
                 None => tokio::spawn($router.serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new($listener),
+                    tonic::transport::server::TcpIncoming::from($listener).with_nodelay(Some(true)),
                     shutdown.clone().cancelled_owned(),
                 )),
             }

@@ -489,6 +489,53 @@ async fn quota_slows_a_producer_to_its_rate() {
         "measured {rate:.0} B/s against a quota of {RATE} B/s ({elapsed:.2} s)"
     );
 
+    // A fetch quota delays fetch answers the same way.
+    const FETCH_RATE: u64 = 200_000;
+    common::cli_ok(
+        &server.addr,
+        &[
+            "quota",
+            "set",
+            "--fetch-bytes-per-sec",
+            &FETCH_RATE.to_string(),
+        ],
+        None,
+    );
+    let mut consumer = runnel_proto::v1::consumer_client::ConsumerClient::connect(format!(
+        "http://{}",
+        server.addr
+    ))
+    .await
+    .unwrap();
+    let fetch = pb::FetchRequest {
+        max_bytes: 20_000,
+        ..fetch_req("q")
+    };
+    let (mut fetched, mut last) = (0u64, 0u64);
+    let started = Instant::now();
+    for i in 0..30 {
+        let r = consumer
+            .fetch(pb::FetchRequest {
+                offset: i,
+                ..fetch.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        last = prost::Message::encoded_len(&r) as u64;
+        assert!(last > 10_000, "fetched only {last} bytes");
+        fetched += last;
+    }
+    let elapsed_fetch = started.elapsed().as_secs_f64();
+    let fetch_rate = (fetched - last) as f64 / elapsed_fetch;
+    eprintln!(
+        "fetch quota {FETCH_RATE} B/s: measured {fetch_rate:.0} B/s over {elapsed_fetch:.2} s"
+    );
+    assert!(
+        (fetch_rate - FETCH_RATE as f64).abs() <= FETCH_RATE as f64 * 0.10,
+        "measured {fetch_rate:.0} B/s against a fetch quota of {FETCH_RATE} B/s"
+    );
+
     // Without the quota the same requests go at full speed.
     common::cli_ok(&server.addr, &["quota", "set"], None);
     let started = Instant::now();
