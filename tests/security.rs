@@ -339,6 +339,73 @@ async fn tls_mtls_authentication_and_acls() {
     assert!(ok, "bob cannot log in: {out}");
     let (ok, out) = cli_env(&addr, &bob_env, &["topic", "create", "bobs"], b"");
     assert!(!ok && out.contains("AuthorizationFailed"), "{out}");
+    // Groups: bob may not join a group without READ on it (and on the
+    // topic); with both, he consumes as a member and commits.
+    let (ok, out) = cli_env(&addr, &admin_env, &["produce", "logs-app"], b"line one\n");
+    assert!(ok, "{out}");
+    let consume = [
+        "consume",
+        "logs-app",
+        "--group",
+        "g-bob",
+        "--from",
+        "earliest",
+        "--max-records",
+        "1",
+    ];
+    let (ok, out) = cli_env(
+        &addr,
+        &admin_env,
+        &[
+            "acl",
+            "add",
+            "--principal",
+            "bob",
+            "--topic",
+            "logs-app",
+            "--operation",
+            "read",
+        ],
+        b"",
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = cli_env(&addr, &bob_env, &consume, b"");
+    assert!(!ok && out.contains("AuthorizationFailed"), "{out}");
+    let (ok, out) = cli_env(
+        &addr,
+        &admin_env,
+        &[
+            "acl",
+            "add",
+            "--principal",
+            "bob",
+            "--group",
+            "g-",
+            "--prefixed",
+            "--operation",
+            "read",
+        ],
+        b"",
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = cli_env(&addr, &bob_env, &consume, b"");
+    assert!(ok && out.contains("line one"), "{out}");
+    // Another group name is still refused.
+    let (ok, out) = cli_env(
+        &addr,
+        &bob_env,
+        &[
+            "consume",
+            "logs-app",
+            "--group",
+            "other",
+            "--max-records",
+            "1",
+        ],
+        b"",
+    );
+    assert!(!ok && out.contains("AuthorizationFailed"), "{out}");
+
     // Credentials are never sent in the clear.
     let (ok, out) = cli_env(
         &addr,
