@@ -32,11 +32,12 @@ COPY config/docker/runnel.toml config/docker/cluster.toml /etc/runnel/
 USER runnel:runnel
 WORKDIR /var/lib/runnel
 VOLUME ["/var/lib/runnel"]
-# The client gRPC port; Raft and replication use it too.
-EXPOSE 9092
+# The client gRPC port (Raft and replication use it too), and the metrics
+# endpoint (metrics_listen: /metrics, /health, /ready).
+EXPOSE 9092 9644
 # Healthy when the node answers SERVING on the standard gRPC health service.
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["runnel", "--bootstrap", "127.0.0.1:9092", "cluster", "health"]
+    CMD ["runnel", "--bootstrap", "127.0.0.1:9092", "cluster", "health", "--node"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["runnel"]
 CMD ["server", "--config", "/etc/runnel/runnel.toml"]

@@ -28,6 +28,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::config::ServerConfig;
 use crate::error::BrokerError;
+use crate::metrics::Metrics;
 use crate::partition::{log_config, Partition};
 use crate::partitioner::partition_for_key;
 use crate::replica::fetcher::{Assignment, Assignments, ReplicaSettings};
@@ -35,6 +36,8 @@ use crate::replica::FetcherManager;
 
 /// Default fetch size when the request says 0.
 const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
+/// Producer ids a broker takes from the controller at a time.
+const PRODUCER_ID_BLOCK: i32 = 1000;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -80,6 +83,11 @@ pub struct Broker {
     fetchers: FetcherManager,
     /// Bumped after every append; replica fetches long-poll on it.
     appended: Arc<watch::Sender<u64>>,
+    /// Producer ids this broker may still hand out: `next..end`, from a
+    /// block the controller allocated. The lock also serialises refills.
+    producer_ids: tokio::sync::Mutex<(i64, i64)>,
+    /// Event metrics (counters, latency histograms).
+    metrics: Arc<Metrics>,
     /// Authentication, ACLs and quotas; unset = everything allowed.
     security: std::sync::OnceLock<Arc<crate::security::Security>>,
 }
@@ -112,6 +120,8 @@ impl Broker {
             fetchers: FetcherManager::new(weak.clone(), shutdown.clone()),
             shutdown,
             appended: Arc::new(watch::channel(0).0),
+            producer_ids: tokio::sync::Mutex::new((0, 0)),
+            metrics: Arc::new(Metrics::new()),
             security: std::sync::OnceLock::new(),
             config,
         }))
@@ -145,6 +155,17 @@ impl Broker {
         });
     }
 
+    /// This node's event metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Every hosted partition replica, whatever its role.
+    pub fn hosted_partitions(&self) -> Vec<Arc<Partition>> {
+        let map = self.partitions.read().unwrap_or_else(|e| e.into_inner());
+        map.values().cloned().collect()
+    }
+
     /// A hosted partition replica, whatever its role.
     pub fn hosted_partition(&self, topic: &str, index: i32) -> Option<Arc<Partition>> {
         self.hosted(topic, index)
@@ -168,6 +189,41 @@ impl Broker {
     /// Whether the test failpoint `name` is on (see `[broker] failpoints`).
     pub fn failpoint(&self, name: &str) -> bool {
         self.config.broker.failpoints && self.config.data_dir.join("failpoints").join(name).exists()
+    }
+
+    /// A one-shot failpoint: true once per creation of its file.
+    pub fn take_failpoint(&self, name: &str) -> bool {
+        self.config.broker.failpoints
+            && std::fs::remove_file(self.config.data_dir.join("failpoints").join(name)).is_ok()
+    }
+
+    /// A fresh producer id (epoch 0) for an idempotent producer, from this
+    /// broker's block; a new block comes from the controller when it runs
+    /// out. A block lost with a restart is simply never used.
+    pub async fn init_producer_id(&self) -> Result<pb::InitProducerIdResponse, BrokerError> {
+        let mut ids = self.producer_ids.lock().await;
+        if ids.0 >= ids.1 {
+            let applied = self
+                .metadata
+                .submit(MetadataCommand::AllocateProducerIds {
+                    broker_id: self.node_id,
+                    count: PRODUCER_ID_BLOCK,
+                })
+                .await?;
+            let Applied::ProducerIds { first, count } = applied else {
+                return Err(BrokerError::InvalidRequest {
+                    reason: format!("unexpected controller answer {applied:?}"),
+                });
+            };
+            info!(first, count, "allocated producer id block");
+            *ids = (first, first + i64::from(count));
+        }
+        let producer_id = ids.0;
+        ids.0 += 1;
+        Ok(pb::InitProducerIdResponse {
+            producer_id,
+            producer_epoch: 0,
+        })
     }
 
     /// Follower-side settings.
@@ -329,6 +385,9 @@ impl Broker {
             if !wanted.contains_key(&(topic.clone(), index)) {
                 info!(%topic, partition = index, "deleting partition no longer hosted");
                 self.logs.delete(&topic, index)?;
+                if !meta.topics.contains_key(&topic) {
+                    self.metrics.forget_topic(&topic);
+                }
             }
         }
         Ok(())
@@ -408,23 +467,43 @@ impl Broker {
         appended: Appended,
     ) -> Result<pb::ProduceResponse, BrokerError> {
         if let Some(mut w) = appended.wait {
-            self.wait_for_replicas(
-                &w.partition,
-                &mut w.hw_rx,
-                w.end,
-                w.min_isr,
-                w.leader_epoch,
-                w.timeout_ms,
-            )
-            .await?;
+            let started = std::time::Instant::now();
+            let waited = self
+                .wait_for_replicas(
+                    &w.partition,
+                    &mut w.hw_rx,
+                    w.end,
+                    w.min_isr,
+                    w.leader_epoch,
+                    w.timeout_ms,
+                )
+                .await;
+            self.metrics.replica_wait(started.elapsed());
+            if let Err(e) = waited {
+                self.metrics.request_error("produce", e.code());
+                return Err(e);
+            }
         }
         Ok(appended.response)
     }
 
     /// The first half of a produce: checks, appends, and returns what is
     /// left to wait for. Batches of one stream are appended in order.
-    #[instrument(skip_all, fields(topic = %req.topic, partition, offset))]
     pub async fn produce_append(&self, req: pb::ProduceRequest) -> Result<Appended, BrokerError> {
+        // Only topics that exist get a series: clients cannot grow the
+        // label set with made-up names (their errors count by code).
+        if self.metadata.current().topics.contains_key(&req.topic) {
+            self.metrics.produce_request(&req.topic);
+        }
+        let appended = self.append(req).await;
+        if let Err(e) = &appended {
+            self.metrics.request_error("produce", e.code());
+        }
+        appended
+    }
+
+    #[instrument(skip_all, fields(topic = %req.topic, partition, offset))]
+    async fn append(&self, req: pb::ProduceRequest) -> Result<Appended, BrokerError> {
         let meta = self.metadata.current();
         let topic = meta
             .topics
@@ -456,13 +535,23 @@ impl Broker {
             }
         }
         let batch = encode_batch(&req)?;
+        let producer_id = batch_producer_id(&batch);
+        if producer_id > 0 && producer_id >= meta.next_producer_id {
+            return Err(BrokerError::UnknownProducerId { producer_id });
+        }
         let leader_epoch = pinfo.leader_epoch;
         let min_isr = self.min_insync_replicas(topic);
         let append = {
             let partition = partition.clone();
             let appended = self.appended.clone();
+            let metrics = self.metrics.clone();
+            let queued = std::time::Instant::now();
             move || {
+                let started = std::time::Instant::now();
+                let bytes = batch.len();
                 let info = partition.log.append_as_leader(batch, leader_epoch)?;
+                metrics.produce_latency(started - queued, started.elapsed());
+                metrics.appended(&partition.topic, bytes, info.record_count);
                 partition.on_append();
                 appended.send_modify(|n| *n = n.wrapping_add(1));
                 Ok::<_, StorageError>(info)
@@ -498,6 +587,7 @@ impl Broker {
         debug!(
             base_offset = info.base_offset,
             records = info.record_count,
+            duplicate = info.duplicate,
             "appended"
         );
         response.base_offset = info.base_offset;
@@ -574,8 +664,22 @@ impl Broker {
     }
 
     /// Reads from a partition, long-polling up to `max_wait_ms`.
-    #[instrument(skip_all, fields(topic = %req.topic, partition = req.partition, offset = req.offset))]
     pub async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchResponse, BrokerError> {
+        let topic = req.topic.clone();
+        let fetched = self.fetch_inner(req).await;
+        match &fetched {
+            Ok((_, bytes, records)) => self.metrics.fetched(&topic, *bytes, *records),
+            Err(e) => self.metrics.request_error("fetch", e.code()),
+        }
+        fetched.map(|(r, _, _)| r)
+    }
+
+    /// A fetch, and the stored bytes and records it sends.
+    #[instrument(skip_all, fields(topic = %req.topic, partition = req.partition, offset = req.offset))]
+    async fn fetch_inner(
+        &self,
+        req: pb::FetchRequest,
+    ) -> Result<(pb::FetchResponse, usize, u64), BrokerError> {
         let meta = self.metadata.current();
         let partition = self.leader_partition(&meta, &req.topic, req.partition)?;
         let log = &partition.log;
@@ -625,14 +729,16 @@ impl Broker {
             ..Default::default()
         };
         if read.batches.is_empty() {
-            return Ok(response);
+            return Ok((response, 0, 0));
         }
         let batches = RecordBatch::parse_all(read.batches.clone())?;
         if let Some(last) = batches.last() {
             response.next_offset = last.last_offset() + 1;
         }
-        if req.raw {
+        let bytes = read.batches.len();
+        let records = if req.raw {
             response.batches = read.batches;
+            batches.iter().map(|b| b.record_count().max(0) as u64).sum()
         } else {
             for batch in &batches {
                 for record in batch.records()? {
@@ -642,8 +748,9 @@ impl Broker {
                     response.records.push(to_proto_record(record));
                 }
             }
-        }
-        Ok(response)
+            response.records.len() as u64
+        };
+        Ok((response, bytes, records))
     }
 
     /// Offsets by spec.
@@ -943,7 +1050,8 @@ impl Broker {
         }
         info!(
             node_id = self.node_id,
-            "controlled shutdown: handing over leaderships"
+            broker_epoch = meta.brokers.get(&self.node_id).map_or(-1, |b| b.epoch),
+            "controlled shutdown: fencing this broker and handing over leaderships"
         );
         self.metadata
             .submit(MetadataCommand::FenceBroker { id: self.node_id })
@@ -1033,6 +1141,14 @@ fn encode_batch(req: &pb::ProduceRequest) -> Result<BytesMut, BrokerError> {
             Ok(builder.build())
         }
     }
+}
+
+/// The producer id in an encoded batch's header (0 or less: none).
+fn batch_producer_id(batch: &[u8]) -> i64 {
+    use runnel_storage::batch::field::PRODUCER_ID;
+    batch
+        .get(PRODUCER_ID..PRODUCER_ID + 8)
+        .map_or(-1, |b| i64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
 
 fn bytes_to_mut(b: Bytes) -> BytesMut {

@@ -40,6 +40,10 @@ pub struct ServerConfig {
     pub rack: String,
     /// Roles: "broker" and/or "controller".
     pub roles: Vec<String>,
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus text),
+    /// `/health` and `/ready`, HOST:PORT (port 0 picks one); none when
+    /// absent.
+    pub metrics_listen: Option<SocketAddr>,
     /// Request handling limits.
     pub broker: BrokerSection,
     /// The metadata quorum.
@@ -232,6 +236,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("data/node-1"),
             rack: String::new(),
             roles: vec!["broker".into(), "controller".into()],
+            metrics_listen: None,
             broker: BrokerSection::default(),
             controller: ControllerSection::default(),
             topic_defaults: BTreeMap::new(),
@@ -343,6 +348,14 @@ impl ServerConfig {
                 return Err(invalid(
                     "roles",
                     format!("unknown role '{role}' (broker, controller)"),
+                ));
+            }
+        }
+        if let Some(m) = self.metrics_listen {
+            if m == self.listen && m.port() != 0 {
+                return Err(invalid(
+                    "metrics_listen",
+                    format!("{m} is also `listen`; the metrics endpoint needs its own port"),
                 ));
             }
         }
@@ -584,6 +597,18 @@ mod tests {
         let err = ServerConfig::load(None, [("RUNNEL_NODE_IDX".to_string(), "1".to_string())])
             .unwrap_err();
         assert!(err.to_string().contains("node_idx"), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_is_optional_and_needs_its_own_port() {
+        assert_eq!(ServerConfig::from_toml("").unwrap().metrics_listen, None);
+        let c = ServerConfig::from_toml("metrics_listen = \"127.0.0.1:9644\"\n").unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9644".parse().unwrap()));
+        let err = ServerConfig::from_toml(
+            "listen = \"127.0.0.1:9092\"\nmetrics_listen = \"127.0.0.1:9092\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("metrics_listen"), "{err}");
     }
 
     #[test]

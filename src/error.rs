@@ -57,6 +57,10 @@ pub enum BrokerError {
     },
     #[error("invalid request: {reason}")]
     InvalidRequest { reason: String },
+    #[error(
+        "producer id {producer_id} was never allocated by this cluster (InitProducerId first)"
+    )]
+    UnknownProducerId { producer_id: i64 },
     #[error("consumer groups are not implemented yet")]
     Unsupported { what: &'static str },
     #[error("broker is shutting down")]
@@ -84,6 +88,7 @@ impl BrokerError {
             }
             BrokerError::ReplicationTimeout { .. } => ErrorCode::RequestTimedOut,
             BrokerError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
+            BrokerError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
             BrokerError::Unsupported { .. } => ErrorCode::Unsupported,
             BrokerError::ShuttingDown => ErrorCode::BrokerNotAvailable,
             BrokerError::NotAuthorized { .. } => ErrorCode::AuthorizationFailed,
@@ -96,7 +101,9 @@ impl BrokerError {
                     ErrorCode::InvalidReplicationFactor
                 }
                 MetadataError::InvalidConfig { .. } => ErrorCode::InvalidConfig,
-                MetadataError::UnknownBroker { .. } => ErrorCode::InvalidRequest,
+                MetadataError::UnknownBroker { .. } | MetadataError::InvalidRequest { .. } => {
+                    ErrorCode::InvalidRequest
+                }
                 MetadataError::NotController { .. } => ErrorCode::NotController,
                 MetadataError::InvalidSecurity { .. } => ErrorCode::InvalidRequest,
                 // Internal failures: the detail is logged, not sent.
@@ -109,6 +116,9 @@ impl BrokerError {
                     ErrorCode::CorruptMessage
                 }
                 StorageError::Closed { .. } => ErrorCode::NotLeader,
+                StorageError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+                StorageError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
+                StorageError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
                 _ => ErrorCode::StorageError,
             },
         }

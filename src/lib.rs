@@ -18,6 +18,9 @@
 //!   the follower fetchers.
 //! - [`group`]: consumer groups: assignors, group state machine and the
 //!   coordinator.
+//! - [`metrics`]: Prometheus metrics (event counters on the request path,
+//!   state gauges computed at scrape time) and the HTTP endpoint serving
+//!   them with `/health` and `/ready`.
 //! - [`security`]: TLS, authentication, ACL checks and quotas.
 //! - [`error`]: [`error::BrokerError`] and the one mapping to gRPC status.
 //! - [`client`]: producer (batching, linger), consumer and admin clients.
@@ -27,6 +30,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod group;
+pub mod metrics;
 pub mod partition;
 pub mod partitioner;
 pub mod replica;

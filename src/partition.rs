@@ -82,6 +82,12 @@ impl Partition {
         if info.leader == me {
             if let Role::Leader(state) = &mut *role {
                 if state.leader_epoch() == info.leader_epoch {
+                    let before = state.isr();
+                    let mut after = info.isr.clone();
+                    after.sort_unstable();
+                    if before != after {
+                        info!(topic = %self.topic, partition = self.index, leader_epoch = info.leader_epoch, partition_epoch = info.partition_epoch, from = ?before, to = ?after, "ISR changed");
+                    }
                     let cmds = state.on_isr_committed(&info.isr, leo);
                     drop(role);
                     return self.run(cmds);
@@ -128,6 +134,18 @@ impl Partition {
         match &*self.role() {
             Role::Leader(s) => Some(s.leader_epoch()),
             _ => None,
+        }
+    }
+
+    /// On the leader: each follower of `replicas` and its log end offset
+    /// (-1 until it fetched under this leader). Empty on a follower.
+    pub fn follower_offsets(&self, replicas: &[i32]) -> Vec<(i32, i64)> {
+        match &*self.role() {
+            Role::Leader(s) => replicas
+                .iter()
+                .filter_map(|id| s.follower(*id).map(|f| (*id, f.log_end_offset)))
+                .collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -209,6 +227,9 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> LogConfig {
     config.retention_ms_max = positive("retention.ms");
     if let Some(v) = positive("max.message.bytes") {
         config.message_bytes_max = v.min(u32::MAX as u64) as u32;
+    }
+    if let Some(v) = positive("producer.id.expiration.ms") {
+        config.producer_id_expiration_ms = v;
     }
     config.timestamp_type = match configs.get("message.timestamp.type").map(String::as_str) {
         Some("LogAppendTime") => TimestampType::LogAppendTime,

@@ -107,6 +107,27 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         addr: config.listen,
         source,
     })?;
+    // The metrics endpoint comes up first, so /health answers (and /ready
+    // says why not) while the quorum forms.
+    let endpoint = crate::metrics::http::Endpoint::new();
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            info!(addr = %bound, "metrics endpoint listening");
+            println!("runnel metrics listening on {bound}");
+            Some(crate::metrics::http::spawn(
+                listener,
+                endpoint.clone(),
+                shutdown.clone(),
+            ))
+        }
+        None => None,
+    };
     if config.advertised_address.is_none() {
         config.advertised_address = Some(local.to_string());
     }
@@ -159,6 +180,9 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     let security = Arc::new(Security::new(config.security.clone(), metadata.clone()));
     let broker = Broker::open(config.clone(), metadata, shutdown.clone())?;
     broker.set_security(security.clone());
+    endpoint.set_broker(broker.clone());
+    let groups = GroupsService::new(broker.clone());
+    endpoint.set_groups(groups.coordinator());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -194,9 +218,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
                 .max_encoding_message_size(message_max),
         )
         .add_service(AdminServer::new(AdminService::new(broker.clone())))
-        .add_service(ConsumerGroupsServer::new(GroupsService::new(
-            broker.clone(),
-        )))
+        .add_service(ConsumerGroupsServer::new(groups))
         .add_service(SecurityServer::new(SecurityService::new(broker.clone())));
     // Internal services share the client port unless they have their own.
     let (router, internal_router) = match internal_listener {
@@ -315,6 +337,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         })
     };
 
+    endpoint.set_started();
     early.abort();
     info!(node_id = config.node_id, addr = %local, advertised = %advertised, data_dir = %config.data_dir.display(), "runnel listening");
     println!("runnel listening on {local}");
@@ -345,6 +368,9 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         }
     };
     maintenance.abort();
+    if let Some(m) = metrics_server {
+        let _ = tokio::time::timeout(grace, m).await;
+    }
     let b = broker.clone();
     tokio::task::spawn_blocking(move || b.close())
         .await

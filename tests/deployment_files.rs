@@ -253,6 +253,16 @@ fn local_node_files_form_one_cluster() {
         );
         assert!(config.is_voter(), "{rel}: controller role");
         assert!(ports.insert(config.listen.port()), "{rel}: port used twice");
+        let metrics = config.metrics_listen.expect("node files serve metrics");
+        assert_eq!(
+            metrics.ip().to_string(),
+            "127.0.0.1",
+            "{rel}: metrics on loopback only"
+        );
+        assert!(
+            ports.insert(metrics.port()),
+            "{rel}: metrics port used twice"
+        );
         expected_voters.insert(format!("{n}@{}", config.advertised()));
         voter_lists.insert(voter_set(&toml_file(&rel)).into_iter().collect::<Vec<_>>());
         assert_eq!(config.voters().unwrap().len(), 3, "{rel}");
@@ -322,10 +332,14 @@ fn dockerfile_image_defaults_agree_with_its_config() {
 
     let single = load(&single_rel, &[]);
     let port = single.listen.port();
+    let metrics_port = single
+        .metrics_listen
+        .expect("the image serves metrics")
+        .port();
     assert_eq!(
         get("EXPOSE"),
-        [port.to_string()],
-        "EXPOSE is the listen port"
+        [format!("{port} {metrics_port}")],
+        "EXPOSE is the listen port and the metrics port"
     );
     assert_eq!(
         port_of(&single.advertised()),
@@ -349,7 +363,8 @@ fn dockerfile_image_defaults_agree_with_its_config() {
             "--bootstrap",
             &format!("127.0.0.1:{port}"),
             "cluster",
-            "health"
+            "health",
+            "--node"
         ],
         "the health check asks this node's gRPC health service"
     );
@@ -385,8 +400,21 @@ fn dockerfile_image_defaults_agree_with_its_config() {
 fn compose_file_agrees_with_dockerfile_and_cluster_config() {
     let compose = yaml(&read("docker-compose.yml"));
     let services = compose["services"].as_object().expect("services");
-    let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+    // Services with a profile (monitoring) are not started by a plain
+    // `docker compose up`, so the cluster never needs their images.
+    let names: BTreeSet<&str> = services
+        .iter()
+        .filter(|(_, s)| s.get("profiles").is_none())
+        .map(|(n, _)| n.as_str())
+        .collect();
     assert_eq!(names, BTreeSet::from(["runnel-1", "runnel-2", "runnel-3"]));
+    for (name, s) in services.iter().filter(|(_, s)| s.get("profiles").is_some()) {
+        assert_eq!(strings(&s["profiles"]), ["monitoring"], "{name}: profile");
+        assert!(
+            s.get("build").is_none(),
+            "{name}: monitoring images are not built"
+        );
+    }
 
     let cluster_rel = "config/docker/cluster.toml";
     let cluster = toml_file(cluster_rel);
@@ -509,7 +537,8 @@ fn compose_file_agrees_with_dockerfile_and_cluster_config() {
                 "--bootstrap",
                 &format!("127.0.0.1:{listen_port}"),
                 "cluster",
-                "health"
+                "health",
+                "--node"
             ],
             "{}",
             ctx("healthcheck")
@@ -570,4 +599,45 @@ fn yaml_subset_reader() {
     assert_eq!(v["list"][0]["m"], "w");
     assert_eq!(v["list"][1], "z");
     assert_eq!(v["e"], Value::Null);
+}
+
+#[test]
+fn prometheus_scrapes_every_compose_node_on_its_metrics_port() {
+    let compose = yaml(&read("docker-compose.yml"));
+    let services = compose["services"].as_object().expect("services");
+    let cluster = load("config/docker/cluster.toml", &[]);
+    let metrics = cluster.metrics_listen.expect("cluster.toml serves metrics");
+    assert_eq!(
+        metrics.ip().to_string(),
+        "0.0.0.0",
+        "reachable on the compose network"
+    );
+    let prometheus = yaml(&read("deploy/prometheus/prometheus.yml"));
+    let targets: BTreeSet<String> =
+        strings(&prometheus["scrape_configs"][0]["static_configs"][0]["targets"])
+            .into_iter()
+            .collect();
+    let expected: BTreeSet<String> = NODES
+        .iter()
+        .map(|n| format!("runnel-{n}:{}", metrics.port()))
+        .collect();
+    assert_eq!(targets, expected);
+    for n in NODES {
+        assert!(services.contains_key(&format!("runnel-{n}")));
+    }
+    // The monitoring services mount the files this repository ships.
+    for (service, file) in [
+        ("prometheus", "deploy/prometheus/prometheus.yml"),
+        ("grafana", "deploy/grafana/runnel.json"),
+    ] {
+        let mounts = strings(&services[service]["volumes"]);
+        assert!(
+            mounts.iter().any(|m| m.starts_with(&format!("./{file}:"))),
+            "{service} mounts {file}: {mounts:?}"
+        );
+        assert!(root().join(file).exists(), "{file}");
+    }
+    let dashboard: Value =
+        serde_json::from_str(&read("deploy/grafana/runnel.json")).expect("dashboard is JSON");
+    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() > 10));
 }

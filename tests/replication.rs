@@ -122,7 +122,8 @@ async fn t01_acks_all_survives_leader_kills() {
     await_partition(&client, "t", -1, 3).await;
 
     // The producer sends one record at a time with acks=all and remembers
-    // which were acknowledged; it never retries, so nothing may appear twice.
+    // which were acknowledged. It retries idempotently (the default), so
+    // nothing may appear twice even when a batch is resent.
     let acked = Arc::new(Mutex::new(Vec::<usize>::new()));
     let failed = Arc::new(Mutex::new(Vec::<(usize, String)>::new()));
     let stop = tokio_util::sync::CancellationToken::new();
@@ -357,7 +358,14 @@ async fn t03_isr_shrinks_for_a_paused_follower_and_min_isr_refuses() {
     let one = |client: Client, v: &str| {
         let v = v.to_string();
         async move {
-            let producer = producer(&client, pb::Acks::All);
+            // No retries: the test wants to see each refusal.
+            let producer = client.producer(ProducerConfig {
+                acks: pb::Acks::All,
+                linger: Duration::from_millis(1),
+                timeout_ms: 5_000,
+                delivery_timeout: Duration::ZERO,
+                ..ProducerConfig::default()
+            });
             let ack = producer.send("s", ProducerRecord::value(v)).await.unwrap();
             producer.close().await.unwrap();
             ack.await

@@ -60,6 +60,11 @@ pub enum MetadataCommand {
         set: BTreeMap<String, String>,
         delete: Vec<String>,
     },
+    /// Hands `count` fresh idempotent-producer ids to broker `broker_id`,
+    /// which gives them out to producers (InitProducerId). Ids come from a
+    /// counter in the replicated state, so none is ever handed out twice,
+    /// whichever controller applies the command.
+    AllocateProducerIds { broker_id: i32, count: i32 },
     /// `RegisterBroker` for a broker with a separate internal listener:
     /// other brokers reach it for replication and Raft at
     /// `internal_address`.

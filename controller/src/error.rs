@@ -39,6 +39,9 @@ pub enum MetadataError {
     /// The broker id is not registered.
     #[error("unknown broker {id}")]
     UnknownBroker { id: i32 },
+    /// A command with an argument out of range.
+    #[error("invalid request: {reason}")]
+    InvalidRequest { reason: String },
     /// Writing the metadata to disk failed; the change did not happen.
     #[error("could not persist metadata to {path}: {source}")]
     Persist {

@@ -85,6 +85,10 @@ pub struct ClusterMetadata {
     /// default).
     #[serde(default)]
     pub quotas: BTreeMap<String, Quota>,
+    /// The next idempotent-producer id to allocate; every id below it has
+    /// been handed to some broker.
+    #[serde(default)]
+    pub next_producer_id: i64,
 }
 
 /// What an applied command changed, for the broker to act on.
@@ -96,7 +100,12 @@ pub enum Applied {
     TopicDeleted { topic_id: String, partitions: i32 },
     /// Leader elections moved these partitions' leaders.
     Elected { changed: Vec<i32> },
+    /// Producer ids `first .. first + count` now belong to the submitter.
+    ProducerIds { first: i64, count: i32 },
 }
+
+/// Largest producer-id block one AllocateProducerIds may take.
+pub const PRODUCER_ID_BLOCK_MAX: i32 = 1_000_000;
 
 /// Kafka's topic-name rules.
 pub fn validate_topic_name(name: &str) -> Result<(), MetadataError> {
@@ -466,6 +475,22 @@ impl ClusterMetadata {
                 topic.configs = configs;
                 Applied::Done
             }
+            MetadataCommand::AllocateProducerIds { broker_id, count } => {
+                if !(1..=PRODUCER_ID_BLOCK_MAX).contains(&count) {
+                    return Err(MetadataError::InvalidRequest {
+                        reason: format!(
+                            "producer id block of {count} (1..={PRODUCER_ID_BLOCK_MAX})"
+                        ),
+                    });
+                }
+                if !self.brokers.contains_key(&broker_id) {
+                    return Err(MetadataError::UnknownBroker { id: broker_id });
+                }
+                // Id 0 is never handed out: producers send 0 for "none".
+                let first = self.next_producer_id.max(1);
+                self.next_producer_id = first + i64::from(count);
+                Applied::ProducerIds { first, count }
+            }
             cmd => return self.apply_security(cmd),
         };
         self.applied += 1;
@@ -648,6 +673,36 @@ mod tests {
         for bad in ["", ".", "..", "a b", "ü", "a/b", &"x".repeat(250)] {
             assert!(validate_topic_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn producer_id_blocks_never_overlap_and_survive_serialisation() {
+        let mut s = three();
+        let alloc = |broker_id, count| MetadataCommand::AllocateProducerIds { broker_id, count };
+        let a = s.apply(alloc(1, 10)).unwrap();
+        assert_eq!(
+            a,
+            Applied::ProducerIds {
+                first: 1,
+                count: 10
+            }
+        );
+        // A restored snapshot (e.g. on a new controller) continues the count.
+        let mut restored: ClusterMetadata =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        let b = restored.apply(alloc(2, 5)).unwrap();
+        assert_eq!(
+            b,
+            Applied::ProducerIds {
+                first: 11,
+                count: 5
+            }
+        );
+        let before = restored.clone();
+        assert!(restored.apply(alloc(2, 0)).is_err());
+        assert!(restored.apply(alloc(9, 1)).is_err());
+        assert!(restored.apply(alloc(1, PRODUCER_ID_BLOCK_MAX + 1)).is_err());
+        assert_eq!(restored, before);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct QuorumStatus {
     pub last_log_index: u64,
     /// Index of the last entry applied to this node's state machine.
     pub applied_index: u64,
+    /// On the active controller: the highest index a majority of voters
+    /// holds (committed). `None` elsewhere: followers only learn it
+    /// through what they apply.
+    pub committed_index: Option<u64>,
     /// On the active controller: each other member's lag in entries
     /// (`None` when the member has not acknowledged anything yet).
     pub lag: std::collections::BTreeMap<i32, Option<u64>>,

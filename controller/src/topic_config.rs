@@ -113,6 +113,15 @@ pub const KEYS: &[ConfigKey] = &[
         },
     },
     ConfigKey {
+        name: "producer.id.expiration.ms",
+        default: "86400000",
+        doc: "Forget an idempotent producer's sequence state once its last batch is this old (ms)",
+        kind: Kind::Int {
+            min: 1,
+            max: i64::MAX,
+        },
+    },
+    ConfigKey {
         name: "index.interval.bytes",
         default: "4096",
         doc: "Bytes of log between two sparse offset-index entries",

@@ -19,13 +19,23 @@ pub struct DevArgs {
     /// Client port of node 1; node N listens on BASE_PORT + N - 1.
     #[arg(long, default_value_t = 9092)]
     base_port: u16,
+    /// Metrics port of node 1 (`/metrics`, `/health`, `/ready`); node N
+    /// serves them on METRICS_BASE_PORT + N - 1.
+    #[arg(long, default_value_t = 9644)]
+    metrics_base_port: u16,
     /// Where the nodes keep their data (node-N/ below it).
     #[arg(long, default_value = "data/dev")]
     data_dir: PathBuf,
 }
 
 /// The config file of node `id` in a local cluster.
-pub fn node_config(id: u16, nodes: u16, base_port: u16, data_dir: &std::path::Path) -> String {
+pub fn node_config(
+    id: u16,
+    nodes: u16,
+    base_port: u16,
+    metrics_base_port: u16,
+    data_dir: &std::path::Path,
+) -> String {
     let voters: Vec<String> = (1..=nodes)
         .map(|n| format!("\"{n}@127.0.0.1:{}\"", base_port + n - 1))
         .collect();
@@ -34,11 +44,13 @@ pub fn node_config(id: u16, nodes: u16, base_port: u16, data_dir: &std::path::Pa
         "# Written by `runnel dev`.\n\
          node_id = {id}\n\
          listen = \"127.0.0.1:{port}\"\n\
+         metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
          data_dir = {dir}\n\
          roles = [\"broker\", \"controller\"]\n\n\
          [controller]\n\
          voters = [{voters}]\n",
         port = base_port + id - 1,
+        metrics_port = metrics_base_port + id - 1,
         voters = voters.join(", "),
     )
 }
@@ -54,6 +66,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             args.nodes
         );
     }
+    let (first, last) = (
+        u32::from(args.metrics_base_port),
+        u32::from(args.metrics_base_port) + u32::from(args.nodes) - 1,
+    );
+    let (client_first, client_last) = (
+        u32::from(args.base_port),
+        u32::from(args.base_port) + u32::from(args.nodes) - 1,
+    );
+    if last > 65_535 || (first <= client_last && last >= client_first) {
+        bail!(
+            "--metrics-base-port {} collides with the client ports or leaves no room",
+            args.metrics_base_port
+        );
+    }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the runnel binary")?;
@@ -63,7 +89,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let path = args.data_dir.join(format!("node-{id}.toml"));
         std::fs::write(
             &path,
-            node_config(id, args.nodes, args.base_port, &args.data_dir),
+            node_config(
+                id,
+                args.nodes,
+                args.base_port,
+                args.metrics_base_port,
+                &args.data_dir,
+            ),
         )
         .with_context(|| format!("cannot write {}", path.display()))?;
         let mut child = Command::new(&exe)
@@ -109,6 +141,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         args.data_dir.display()
     );
     println!("bootstrap: {bootstrap}");
+    let metrics: Vec<String> = (0..args.nodes)
+        .map(|i| format!("http://127.0.0.1:{}/metrics", args.metrics_base_port + i))
+        .collect();
+    println!("metrics:   {}", metrics.join(" "));
     println!("try:       runnel --bootstrap {bootstrap} topic create demo --partitions 3 --replication-factor {}", args.nodes.min(3));
     println!("Ctrl-C stops the cluster.");
     tokio::select! {
@@ -175,10 +211,11 @@ mod tests {
     fn node_configs_parse_and_agree() {
         let dir = std::path::Path::new("/tmp/runnel-dev");
         for id in 1..=3 {
-            let text = node_config(id, 3, 9092, dir);
+            let text = node_config(id, 3, 9092, 9644, dir);
             let c = runnel::config::ServerConfig::from_toml(&text).unwrap();
             assert_eq!(c.node_id, i32::from(id));
             assert_eq!(c.listen.port(), 9091 + id);
+            assert_eq!(c.metrics_listen.unwrap().port(), 9643 + id);
             assert_eq!(c.voters().unwrap().len(), 3);
             assert_eq!(c.voters().unwrap()[&i32::from(id)], c.listen.to_string());
         }

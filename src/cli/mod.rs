@@ -3,6 +3,7 @@
 mod consume;
 mod dev;
 mod group;
+mod health;
 mod partition;
 mod perf;
 mod produce;
@@ -87,9 +88,11 @@ pub enum Command {
 pub enum ClusterCommand {
     /// Brokers and the active controller.
     Describe,
-    /// Whether the --bootstrap node serves (gRPC health); exits non-zero
-    /// when it does not. For scripts and container health checks.
-    Health,
+    /// One-screen cluster summary (brokers, controller, offline and
+    /// under-replicated partitions, largest group lags); exits non-zero
+    /// when the cluster is unhealthy. `--node`: only whether the
+    /// --bootstrap node serves (container health checks).
+    Health(health::HealthArgs),
 }
 
 /// `--config key=value`, repeatable.
@@ -117,9 +120,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => server::run(args).await,
         Command::Dev(args) => dev::run(args).await,
-        Command::Cluster(ClusterCommand::Health) => {
+        Command::Cluster(ClusterCommand::Health(args)) => {
             init_client_tracing();
-            node_health(&cli.bootstrap, &cli.security.options()?).await
+            health::run(&cli.bootstrap, cli.security.options()?, args, cli.output).await
         }
         Command::Perf(cmd) => {
             init_client_tracing();
@@ -145,7 +148,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Server(_)
                 | Command::Dev(_)
                 | Command::Perf(_)
-                | Command::Cluster(ClusterCommand::Health) => {
+                | Command::Cluster(ClusterCommand::Health(_)) => {
                     unreachable!("handled above")
                 }
             }
@@ -226,43 +229,6 @@ async fn cluster_describe(client: &Client, output: Output) -> anyhow::Result<()>
     }
     print_table(&rows);
     Ok(())
-}
-
-async fn node_health(
-    bootstrap: &str,
-    options: &runnel::client::ClientOptions,
-) -> anyhow::Result<()> {
-    use tonic_health::pb::health_client::HealthClient;
-    let addr = bootstrap.split(',').next().unwrap_or_default().trim();
-    let scheme = if options.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .with_context(|| format!("bad address '{addr}'"))?
-        .connect_timeout(std::time::Duration::from_secs(3));
-    if let Some(tls) = &options.tls {
-        endpoint = endpoint.tls_config(tls.to_tonic()?)?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach {addr}"))?;
-    let status = HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .with_context(|| format!("health check of {addr} failed"))?
-        .into_inner()
-        .status;
-    if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-        println!("{addr}: serving");
-        Ok(())
-    } else {
-        bail!("{addr}: not serving")
-    }
 }
 
 /// Prints rows as left-aligned columns.

@@ -68,9 +68,13 @@ pub struct ProduceArgs {
     /// Target records per second; 0 is flat out.
     #[arg(long, default_value_t = 0)]
     rate: u64,
-    /// Batches in flight per partition.
+    /// Batches in flight per partition (at most 5 with idempotence).
     #[arg(long, default_value_t = 16)]
     in_flight: usize,
+    /// Turn the idempotent producer off (it is on by default with
+    /// acks=all, and caps in-flight batches at 5 per partition).
+    #[arg(long)]
+    no_idempotence: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -254,7 +258,8 @@ async fn produce(
         linger: Duration::from_millis(args.linger_ms),
         in_flight_max: args.in_flight,
         timeout_ms: 0,
-        request_timeout: ProducerConfig::default().request_timeout,
+        idempotence: !args.no_idempotence,
+        ..ProducerConfig::default()
     });
     let payload = Bytes::from(vec![b'x'; w.record_size]);
     let bar = progress(w.records, output, "produce");

@@ -25,7 +25,12 @@ pub struct ServerArgs {
     /// Overrides `data_dir`.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Log format.
+    /// Overrides `metrics_listen` (HOST:PORT of `/metrics`, `/health`,
+    /// `/ready`; port 0 picks a free one).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format: human-readable text, or one JSON object per line.
+    /// `RUST_LOG` filters (default `info`), e.g. `RUST_LOG=info,openraft=warn`.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "RUNNEL_LOG_FORMAT")]
     log_format: LogFormat,
 }
@@ -49,6 +54,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.advertised_address {
         overrides.push(("RUNNEL_ADVERTISED_ADDRESS".into(), quoted(v)));
+    }
+    if let Some(v) = args.metrics_listen {
+        overrides.push(("RUNNEL_METRICS_LISTEN".into(), quoted(v.to_string())));
     }
     if let Some(v) = args.data_dir {
         overrides.push(("RUNNEL_DATA_DIR".into(), quoted(v.display().to_string())));

@@ -616,6 +616,33 @@ impl Client {
             })
     }
 
+    /// A fresh idempotent-producer id and epoch from the cluster. Retried
+    /// with backoff (and broker failover) while the error is retriable,
+    /// up to `timeout`.
+    pub async fn init_producer_id(&self, timeout: Duration) -> Result<(i64, i16), ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let mut c = ProducerClient::new(self.bootstrap_channel());
+            let result = c
+                .init_producer_id(pb::InitProducerIdRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(ClientError::from);
+            match result {
+                Ok(r) => return Ok((r.producer_id, r.producer_epoch as i16)),
+                Err(e) if e.is_retriable() && tokio::time::Instant::now() + backoff < deadline => {
+                    tracing::debug!(error = %e, "InitProducerId failed; retrying");
+                    // Another broker may answer: refresh the broker list.
+                    let _ = self.metadata(&[]).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Starts a batching producer.
     pub fn producer(&self, config: ProducerConfig) -> Producer {
         Producer::start(self.clone(), config)

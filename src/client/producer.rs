@@ -3,10 +3,26 @@
 //! `linger`; each partition then has one stream to its leader on which up
 //! to `in_flight_max` batches are pipelined. The broker appends a stream's
 //! batches in order, so a partition's records keep the order of `send`.
+//!
+//! Retries: a batch that fails with a retriable error (leader moved,
+//! timeout, too few replicas, connection lost) is sent again, with
+//! every batch after it, in order, on a fresh stream to the current leader
+//! after a backoff, until `delivery_timeout` has passed since it was
+//! first sent. Idempotence (on by default with acks=all) makes that safe:
+//! the producer takes a producer id from the cluster and stamps each batch
+//! with its per-partition sequence, so the leader answers a batch it
+//! already has with the original offsets instead of appending it twice,
+//! and refuses a gap instead of reordering. At most
+//! [`IDEMPOTENT_IN_FLIGHT_MAX`] batches are then in flight per partition,
+//! the number the leader remembers. When a batch fails for good, its
+//! partition's sequence is broken; the producer takes a new producer id
+//! for later batches. Without idempotence retries may duplicate records.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,10 +52,23 @@ pub struct ProducerConfig {
     pub in_flight_max: usize,
     /// Broker-side wait for replicas (ms); 0 uses the broker default.
     pub timeout_ms: u32,
-    /// A batch not answered within this time fails with a timeout and its
-    /// partition's stream is reopened (the records' fate is unknown).
+    /// A batch not answered within this time counts as failed (retriable)
+    /// and its partition's stream is reopened.
     pub request_timeout: Duration,
+    /// Idempotent producing (effective with acks=all): no duplicates and
+    /// no reordering on retries. On by default, as in Kafka.
+    pub idempotence: bool,
+    /// Retriable failures are retried until a batch has waited this long
+    /// since it was first sent (Kafka's delivery.timeout.ms); zero
+    /// disables retries.
+    pub delivery_timeout: Duration,
+    /// First wait before a retry; doubles up to one second.
+    pub retry_backoff: Duration,
 }
+
+/// Batches in flight per partition with idempotence: the number of
+/// batches a leader remembers per producer.
+pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
 
 impl Default for ProducerConfig {
     fn default() -> Self {
@@ -50,6 +79,9 @@ impl Default for ProducerConfig {
             in_flight_max: 16,
             timeout_ms: 0,
             request_timeout: Duration::from_secs(35),
+            idempotence: true,
+            delivery_timeout: Duration::from_secs(120),
+            retry_backoff: Duration::from_millis(100),
         }
     }
 }
@@ -188,9 +220,23 @@ struct Pending {
     deadline: Instant,
 }
 
+/// The idempotent producer's identity and per-partition sequences.
+#[derive(Default)]
+struct Idempotence {
+    /// (producer id, epoch), once obtained.
+    id: Option<(i64, i16)>,
+    /// Next sequence per partition for the current id.
+    sequences: HashMap<(String, i32), i32>,
+    /// Set by a partition sender when a batch failed for good: the next
+    /// batch takes a new producer id.
+    broken: Arc<AtomicBool>,
+}
+
 struct Accumulator {
     client: Client,
     config: ProducerConfig,
+    /// Present when idempotence is in effect.
+    idempotence: Option<Idempotence>,
     pending: HashMap<(String, i32), Pending>,
     sticky: HashMap<String, i32>,
     senders: HashMap<(String, i32), mpsc::Sender<SenderMsg>>,
@@ -198,10 +244,15 @@ struct Accumulator {
 }
 
 impl Accumulator {
-    fn new(client: Client, config: ProducerConfig) -> Self {
+    fn new(client: Client, mut config: ProducerConfig) -> Self {
+        let idempotent = config.idempotence && config.acks == pb::Acks::All;
+        if idempotent {
+            config.in_flight_max = config.in_flight_max.clamp(1, IDEMPOTENT_IN_FLIGHT_MAX);
+        }
         Self {
             client,
             config,
+            idempotence: idempotent.then(Idempotence::default),
             pending: HashMap::new(),
             sticky: HashMap::new(),
             senders: HashMap::new(),
@@ -348,10 +399,37 @@ impl Accumulator {
                 *sticky = (key.1 + 1) % count.max(1);
             }
         }
+        let mut builder = pending.builder;
+        let mut broken = None;
+        if let Some(idem) = &mut self.idempotence {
+            if idem.id.is_none() || idem.broken.swap(false, Ordering::AcqRel) {
+                idem.sequences.clear();
+                idem.id = None;
+                match self
+                    .client
+                    .init_producer_id(self.config.delivery_timeout.max(Duration::from_secs(1)))
+                    .await
+                {
+                    Ok(id) => {
+                        debug!(producer_id = id.0, epoch = id.1, "idempotent producer id");
+                        idem.id = Some(id);
+                    }
+                    Err(e) => {
+                        fail(pending.acks, &e);
+                        return;
+                    }
+                }
+            }
+            let (producer_id, epoch) = idem.id.expect("set above");
+            let seq = idem.sequences.entry(key.clone()).or_insert(0);
+            builder = builder.producer(producer_id, epoch, *seq);
+            *seq = next_sequence(*seq, builder.len());
+            broken = Some(idem.broken.clone());
+        }
         let request = pb::ProduceRequest {
             topic: key.0.clone(),
             partition: Some(key.1),
-            batch: pending.builder.build().freeze(),
+            batch: builder.build().freeze(),
             acks: self.config.acks as i32,
             timeout_ms: self.config.timeout_ms,
             ..Default::default()
@@ -359,14 +437,19 @@ impl Accumulator {
         let msg = SenderMsg::Batch(request, pending.acks);
         let sender = self.senders.entry(key.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(64);
-            tokio::spawn(partition_sender(
-                self.client.clone(),
-                key.0.clone(),
-                key.1,
-                self.config.in_flight_max.max(1),
-                self.config.request_timeout,
-                rx,
-            ));
+            tokio::spawn(
+                PartitionSender {
+                    client: self.client.clone(),
+                    topic: key.0.clone(),
+                    partition: key.1,
+                    in_flight_max: self.config.in_flight_max.max(1),
+                    request_timeout: self.config.request_timeout,
+                    delivery_timeout: self.config.delivery_timeout,
+                    retry_backoff: self.config.retry_backoff,
+                    broken,
+                }
+                .run(rx),
+            );
             tx
         });
         if let Err(mpsc::error::SendError(SenderMsg::Batch(_, acks))) = sender.send(msg).await {
@@ -375,6 +458,12 @@ impl Accumulator {
             }
         }
     }
+}
+
+/// The sequence after a batch of `records` starting at `seq` (wrapping
+/// from i32::MAX to 0, as the broker does).
+fn next_sequence(seq: i32, records: usize) -> i32 {
+    ((i64::from(seq) + records as i64) % (i64::from(i32::MAX) + 1)) as i32
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -390,125 +479,247 @@ enum SenderMsg {
     Barrier(oneshot::Sender<()>),
 }
 
-enum InFlight {
-    Batch(Vec<Ack>, Instant),
+/// A batch waiting for its answer, or a flush barrier.
+enum Entry {
+    Batch(Queued),
     Barrier(oneshot::Sender<()>),
 }
 
-type Responses = tonic::Streaming<pb::ProduceResponse>;
+struct Queued {
+    request: pb::ProduceRequest,
+    acks: Vec<Ack>,
+    /// When the sender took it, for the delivery timeout.
+    queued_at: Instant,
+    /// Send on the current stream, for the request timeout; `None` when
+    /// not (yet, or any more) sent on it.
+    sent_at: Option<Instant>,
+}
 
-/// One partition's pipelined stream to its leader.
-async fn partition_sender(
+type Responses = tonic::Streaming<pb::ProduceResponse>;
+type ProduceStream = (mpsc::Sender<pb::ProduceRequest>, Responses);
+
+/// One partition's pipelined stream to its leader, with retries.
+struct PartitionSender {
     client: Client,
     topic: String,
     partition: i32,
     in_flight_max: usize,
     request_timeout: Duration,
-    mut rx: mpsc::Receiver<SenderMsg>,
-) {
-    let mut stream: Option<(mpsc::Sender<pb::ProduceRequest>, Responses)> = None;
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut batches_in_flight = 0usize;
-    loop {
-        let can_send = batches_in_flight < in_flight_max;
-        tokio::select! {
-            msg = rx.recv(), if can_send => {
-                let Some(msg) = msg else { break };
-                match msg {
-                    SenderMsg::Barrier(done) => {
-                        if in_flight.is_empty() {
+    delivery_timeout: Duration,
+    retry_backoff: Duration,
+    /// The idempotent producer's "sequence broken" flag.
+    broken: Option<Arc<AtomicBool>>,
+}
+
+impl PartitionSender {
+    async fn run(self, mut rx: mpsc::Receiver<SenderMsg>) {
+        let mut stream: Option<ProduceStream> = None;
+        let mut queue: VecDeque<Entry> = VecDeque::new();
+        // The first `sent` batches of `queue` are in flight on `stream`.
+        let mut sent = 0usize;
+        let mut retry_at: Option<Instant> = None;
+        let mut backoff = self.retry_backoff;
+        let mut open = true;
+        loop {
+            release_barriers(&mut queue);
+            if retry_at.is_none() {
+                if let Err(e) = self.send_unsent(&mut stream, &mut queue, &mut sent).await {
+                    retry_at =
+                        self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
+                    continue;
+                }
+            }
+            let batches = queue
+                .iter()
+                .filter(|e| matches!(e, Entry::Batch(_)))
+                .count();
+            if !open && batches == 0 {
+                release_barriers(&mut queue);
+                break;
+            }
+            tokio::select! {
+                msg = rx.recv(), if open && batches < self.in_flight_max => match msg {
+                    None => open = false,
+                    Some(SenderMsg::Barrier(done)) => {
+                        if queue.is_empty() {
                             let _ = done.send(());
                         } else {
-                            in_flight.push_back(InFlight::Barrier(done));
+                            queue.push_back(Entry::Barrier(done));
                         }
                     }
-                    SenderMsg::Batch(request, acks) => {
-                        if stream.is_none() {
-                            match open_stream(&client, &topic, partition, in_flight_max).await {
-                                Ok(s) => stream = Some(s),
-                                Err(e) => {
-                                    client.invalidate(&topic);
-                                    fail(acks, &e);
-                                    continue;
-                                }
-                            }
-                        }
-                        let (req_tx, _) = stream.as_ref().expect("opened above");
-                        if req_tx.send(request).await.is_err() {
-                            fail(acks, &ClientError::Transport("produce stream closed".into()));
+                    Some(SenderMsg::Batch(request, acks)) => queue.push_back(Entry::Batch(Queued {
+                        request,
+                        acks,
+                        queued_at: Instant::now(),
+                        sent_at: None,
+                    })),
+                },
+                _ = sleep_until_opt(retry_at), if retry_at.is_some() => retry_at = None,
+                _ = sleep_until_opt(oldest_sent(&queue).map(|t| t + self.request_timeout)), if sent > 0 => {
+                    let e = ClientError::Broker {
+                        code: pb::ErrorCode::RequestTimedOut,
+                        message: format!(
+                            "no answer from the leader of {}-{} within {:?}",
+                            self.topic, self.partition, self.request_timeout
+                        ),
+                        leader: None,
+                    };
+                    retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
+                }
+                response = next_response(&mut stream), if sent > 0 => {
+                    let result = match response {
+                        Some(Ok(r)) if r.error_code == 0 => Ok(r),
+                        Some(Ok(r)) => Err(ClientError::Broker {
+                            code: pb::ErrorCode::try_from(r.error_code).unwrap_or(pb::ErrorCode::Unknown),
+                            message: r.error_message,
+                            leader: None,
+                        }),
+                        Some(Err(status)) => {
                             stream = None;
-                            continue;
+                            Err(ClientError::from(status))
                         }
-                        in_flight.push_back(InFlight::Batch(acks, Instant::now()));
-                        batches_in_flight += 1;
-                    }
-                }
-            }
-            _ = sleep_until_opt(oldest_deadline(&in_flight, request_timeout)), if batches_in_flight > 0 => {
-                // The leader stopped answering: fail everything in flight
-                // and start over with fresh metadata.
-                stream = None;
-                client.invalidate(&topic);
-                let e = ClientError::Broker {
-                    code: pb::ErrorCode::RequestTimedOut,
-                    message: format!("no answer from the leader of {topic}-{partition} within {request_timeout:?}"),
-                    leader: None,
-                };
-                for entry in in_flight.drain(..) {
-                    match entry {
-                        InFlight::Batch(acks, _) => fail(acks, &e),
-                        InFlight::Barrier(done) => { let _ = done.send(()); }
-                    }
-                }
-                batches_in_flight = 0;
-            }
-            response = next_response(&mut stream), if batches_in_flight > 0 => {
-                let result = match response {
-                    Some(Ok(r)) if r.error_code == 0 => Ok(r),
-                    Some(Ok(r)) => {
-                        let code = pb::ErrorCode::try_from(r.error_code).unwrap_or(pb::ErrorCode::Unknown);
-                        if code == pb::ErrorCode::NotLeader { client.invalidate(&topic); }
-                        Err(ClientError::Broker { code, message: r.error_message, leader: None })
-                    }
-                    Some(Err(status)) => {
-                        stream = None;
-                        client.invalidate(&topic);
-                        Err(ClientError::from(status))
-                    }
-                    None => {
-                        stream = None;
-                        client.invalidate(&topic);
-                        Err(ClientError::Transport("produce stream ended".into()))
-                    }
-                };
-                let broken = stream.is_none();
-                // Complete the oldest batch (or, on a broken stream, all).
-                while let Some(front) = in_flight.pop_front() {
-                    match front {
-                        InFlight::Barrier(done) => { let _ = done.send(()); }
-                        InFlight::Batch(acks, _) => {
-                            batches_in_flight -= 1;
-                            match &result {
-                                Ok(r) => complete(acks, &topic, partition, r),
-                                Err(e) => fail(acks, e),
-                            }
-                            if !broken { break; }
+                        None => {
+                            stream = None;
+                            Err(ClientError::Transport("produce stream ended".into()))
+                        }
+                    };
+                    match result {
+                        Ok(r) => {
+                            backoff = self.retry_backoff;
+                            let q = pop_front_batch(&mut queue);
+                            sent -= 1;
+                            complete(q.acks, &self.topic, self.partition, &r);
+                        }
+                        Err(e) if e.is_retriable() || stream.is_none() => {
+                            retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
+                        }
+                        Err(e) => {
+                            // Not worth retrying (bad batch, fenced, out of
+                            // order): this batch fails and the sequence is
+                            // broken for the ones after it.
+                            let q = pop_front_batch(&mut queue);
+                            sent -= 1;
+                            self.fail_for_good(q, &e);
                         }
                     }
-                }
-                while let Some(InFlight::Barrier(_)) = in_flight.front() {
-                    if let Some(InFlight::Barrier(done)) = in_flight.pop_front() { let _ = done.send(()); }
                 }
             }
         }
+        debug!(topic = %self.topic, partition = self.partition, "partition sender stopped");
     }
-    debug!(%topic, partition, "partition sender stopped");
+
+    /// Sends the queued batches not yet on the current stream, in order,
+    /// opening the stream first if needed.
+    async fn send_unsent(
+        &self,
+        stream: &mut Option<ProduceStream>,
+        queue: &mut VecDeque<Entry>,
+        sent: &mut usize,
+    ) -> Result<(), ClientError> {
+        for entry in queue.iter_mut() {
+            let Entry::Batch(q) = entry else { continue };
+            if q.sent_at.is_some() {
+                continue;
+            }
+            if *sent >= self.in_flight_max {
+                break;
+            }
+            if stream.is_none() {
+                *stream = Some(
+                    open_stream(
+                        &self.client,
+                        &self.topic,
+                        self.partition,
+                        self.in_flight_max,
+                    )
+                    .await?,
+                );
+            }
+            let (tx, _) = stream.as_ref().expect("opened above");
+            if tx.send(q.request.clone()).await.is_err() {
+                *stream = None;
+                return Err(ClientError::Transport("produce stream closed".into()));
+            }
+            q.sent_at = Some(Instant::now());
+            *sent += 1;
+        }
+        Ok(())
+    }
+
+    /// A retriable failure of the oldest batch: drops the stream, fails
+    /// the oldest batch if it is out of time (or retries are off), and
+    /// schedules every other queued batch to be sent again, in order, on a
+    /// fresh stream after a backoff. Returns when to retry.
+    fn retriable_failure(
+        &self,
+        e: ClientError,
+        stream: &mut Option<ProduceStream>,
+        queue: &mut VecDeque<Entry>,
+        sent: &mut usize,
+        backoff: &mut Duration,
+    ) -> Option<Instant> {
+        let was_sent = std::mem::take(sent);
+        *stream = None;
+        self.client.invalidate(&self.topic);
+        for entry in queue.iter_mut() {
+            if let Entry::Batch(q) = entry {
+                q.sent_at = None;
+            }
+        }
+        let now = Instant::now();
+        let front_expired = queue.iter().find_map(|e| match e {
+            Entry::Batch(q) => Some(now.duration_since(q.queued_at) >= self.delivery_timeout),
+            Entry::Barrier(_) => None,
+        });
+        if self.delivery_timeout.is_zero() {
+            // No retries: the batch fails, and so does every batch that
+            // was on the broken stream with it.
+            for _ in 0..was_sent.max(1) {
+                if queue.iter().any(|e| matches!(e, Entry::Batch(_))) {
+                    let q = pop_front_batch(queue);
+                    self.fail_for_good(q, &e);
+                }
+            }
+        } else if front_expired == Some(true) {
+            let q = pop_front_batch(queue);
+            self.fail_for_good(q, &e);
+        }
+        debug!(topic = %self.topic, partition = self.partition, error = %e, backoff_ms = backoff.as_millis() as u64, "produce failed; retrying");
+        let at = now + *backoff;
+        *backoff = (*backoff * 2).min(Duration::from_secs(1));
+        Some(at)
+    }
+
+    fn fail_for_good(&self, q: Queued, e: &ClientError) {
+        if let Some(broken) = &self.broken {
+            broken.store(true, Ordering::Release);
+        }
+        fail(q.acks, e);
+    }
 }
 
-fn oldest_deadline(in_flight: &VecDeque<InFlight>, timeout: Duration) -> Option<Instant> {
-    in_flight.iter().find_map(|e| match e {
-        InFlight::Batch(_, sent) => Some(*sent + timeout),
-        InFlight::Barrier(_) => None,
+/// Answers the flush barriers at the front of the queue.
+fn release_barriers(queue: &mut VecDeque<Entry>) {
+    while let Some(Entry::Barrier(_)) = queue.front() {
+        if let Some(Entry::Barrier(done)) = queue.pop_front() {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Removes the oldest batch (answering barriers before it).
+fn pop_front_batch(queue: &mut VecDeque<Entry>) -> Queued {
+    release_barriers(queue);
+    match queue.pop_front() {
+        Some(Entry::Batch(q)) => q,
+        _ => unreachable!("a batch is queued"),
+    }
+}
+
+fn oldest_sent(queue: &VecDeque<Entry>) -> Option<Instant> {
+    queue.iter().find_map(|e| match e {
+        Entry::Batch(q) => q.sent_at,
+        Entry::Barrier(_) => None,
     })
 }
 

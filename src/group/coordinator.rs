@@ -107,6 +107,9 @@ fn invalid(reason: impl Into<String>) -> CoordinatorError {
     })
 }
 
+/// How long the metrics endpoint may spend on group lag per scrape.
+const STATS_TIME_MAX: Duration = Duration::from_secs(5);
+
 /// A committed offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Committed {
@@ -392,6 +395,55 @@ impl GroupCoordinator {
         );
     }
 
+    /// Counts a completed rebalance of `group` and its duration.
+    fn rebalanced(&self, group: &Group, now: i64) {
+        let took = (now - group.rebalance_started_ms).max(0) as u64;
+        self.broker
+            .metrics()
+            .rebalanced(&group.id, Duration::from_millis(took));
+    }
+
+    /// Lag, members and generation of every group this node coordinates,
+    /// for the metrics endpoint (partitions led elsewhere are asked of
+    /// their leaders, as `describe` does).
+    pub async fn stats(&self) -> Vec<crate::metrics::snapshot::GroupStats> {
+        let ids: Vec<String> = self
+            .list_groups(true)
+            .await
+            .groups
+            .into_iter()
+            .map(|g| g.group)
+            .collect();
+        // A scrape must answer in time: groups not described by then are
+        // left out of this one.
+        let deadline = tokio::time::Instant::now() + STATS_TIME_MAX;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Ok(Ok(d)) = tokio::time::timeout(left, self.describe(&id)).await else {
+                continue;
+            };
+            out.push(crate::metrics::snapshot::GroupStats {
+                group: d.group,
+                members: d.members.len(),
+                generation: d.generation_id,
+                total_lag: d.total_lag,
+                partitions: d
+                    .lags
+                    .into_iter()
+                    .map(|l| crate::metrics::snapshot::GroupPartitionLag {
+                        topic: l.topic,
+                        partition: l.partition,
+                        committed_offset: l.committed_offset,
+                        log_end_offset: l.log_end_offset,
+                        lag: l.lag,
+                    })
+                    .collect(),
+            });
+        }
+        out
+    }
+
     /// Session expiry, rebalance deadlines and grown topics for every group.
     fn tick(&self) {
         let counts = self.partition_counts();
@@ -405,6 +457,7 @@ impl GroupCoordinator {
             e.group.check_partition_counts(now, &counts);
             let completed = e.group.try_complete(now, &counts);
             if completed {
+                self.rebalanced(&e.group, now);
                 info!(group = %e.group.id, generation = e.group.generation, members = e.group.members.len(), "rebalance complete");
             }
             if completed || !gone.is_empty() {
@@ -555,6 +608,7 @@ impl GroupCoordinator {
             let now = now_ms();
             let member_id = entry.group.join(args, now)?;
             if entry.group.try_complete(now, &counts) {
+                self.rebalanced(&entry.group, now);
                 entry.notify();
             }
             (member_id, entry.changed.subscribe())
@@ -636,7 +690,9 @@ impl GroupCoordinator {
         })?;
         let now = now_ms();
         entry.group.leave(&req.member_id, now)?;
-        entry.group.try_complete(now, &counts);
+        if entry.group.try_complete(now, &counts) {
+            self.rebalanced(&entry.group, now);
+        }
         entry.notify();
         info!(group = %req.group, member_id = %req.member_id, "member left");
         Ok(())

@@ -120,6 +120,8 @@ pub struct Group {
     pub members: BTreeMap<String, Member>,
     /// When a pending rebalance gives up on missing members (ms).
     pub rebalance_deadline_ms: i64,
+    /// When the pending (or last) rebalance started (ms), for its duration.
+    pub rebalance_started_ms: i64,
     /// Partition counts the current assignment was computed from.
     pub assigned_counts: BTreeMap<String, i32>,
     /// Counter for member ids.
@@ -136,6 +138,7 @@ impl Group {
             strategy: AssignmentStrategy::Unspecified,
             members: BTreeMap::new(),
             rebalance_deadline_ms: 0,
+            rebalance_started_ms: 0,
             assigned_counts: BTreeMap::new(),
             next_member: 0,
         }
@@ -166,6 +169,7 @@ impl Group {
                 .max()
                 .unwrap_or(0);
             self.rebalance_deadline_ms = now_ms + wait;
+            self.rebalance_started_ms = now_ms;
             for m in self.members.values_mut() {
                 m.rejoined = false;
             }

@@ -338,6 +338,7 @@ async fn fetch_round(
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("{}-{}: {e}", data.topic, data.partition))?;
+            broker.metrics().replicated(data.batches.len());
             broker.notify_append();
         }
         a.partition

@@ -38,6 +38,11 @@ impl GroupsService {
     fn check<T>(&self, request: &Request<T>, group: &str, op: Operation) -> Result<(), Status> {
         security::check(&self.broker, request, ResourceType::Group, group, op)
     }
+
+    /// The coordinator (the metrics endpoint reads group lag from it).
+    pub fn coordinator(&self) -> Arc<GroupCoordinator> {
+        self.coordinator.clone()
+    }
 }
 
 #[tonic::async_trait]

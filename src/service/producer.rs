@@ -51,9 +51,21 @@ impl Producer for ProducerService {
         );
         let answer_at = tokio::time::Instant::now() + delay;
         let response = self.broker.produce(req).await?;
+        if self.broker.take_failpoint(DROP_RESPONSE_FAILPOINT) {
+            return Err(Status::unavailable(
+                "failpoint: response dropped after append",
+            ));
+        }
         // Quota exceeded: the answer waits (Kafka's throttle), it does not fail.
         tokio::time::sleep_until(answer_at).await;
         Ok(Response::new(response))
+    }
+
+    async fn init_producer_id(
+        &self,
+        _request: Request<pb::InitProducerIdRequest>,
+    ) -> Result<Response<pb::InitProducerIdResponse>, Status> {
+        Ok(Response::new(self.broker.init_producer_id().await?))
     }
 
     type ProduceStreamStream = ResponseStream;
@@ -122,6 +134,11 @@ impl Producer for ProducerService {
                         });
                     }
                     Some(response) = waiting.next(), if !waiting.is_empty() => {
+                        if response.error_code == 0 && broker.take_failpoint(DROP_RESPONSE_FAILPOINT) {
+                            // As if the connection broke after the append.
+                            let _ = tx.send(Err(Status::unavailable("failpoint: response dropped after append"))).await;
+                            return;
+                        }
                         if tx.send(Ok(response)).await.is_err() {
                             return; // client went away
                         }
@@ -133,6 +150,12 @@ impl Producer for ProducerService {
         Ok(Response::new(output))
     }
 }
+
+/// One-shot failpoint (file `DATA_DIR/failpoints/produce-drop-response`,
+/// with `broker.failpoints = true`): the next successful produce is
+/// appended but its answer is replaced by a broken call, as a lost
+/// connection would.
+const DROP_RESPONSE_FAILPOINT: &str = "produce-drop-response";
 
 /// Batches of one stream appended but not yet answered.
 const STREAM_IN_FLIGHT_MAX: usize = 64;

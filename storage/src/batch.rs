@@ -133,6 +133,9 @@ pub(crate) struct HeaderView {
     pub last_offset_delta: i32,
     pub max_timestamp: i64,
     pub leader_epoch: i32,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
 }
 
 impl HeaderView {
@@ -155,7 +158,21 @@ impl HeaderView {
             last_offset_delta: be_i32(buf, field::LAST_OFFSET_DELTA),
             max_timestamp: be_i64(buf, field::MAX_TIMESTAMP),
             leader_epoch: be_i32(buf, field::PARTITION_LEADER_EPOCH),
+            producer_id: be_i64(buf, field::PRODUCER_ID),
+            producer_epoch: be_i16(buf, field::PRODUCER_EPOCH),
+            base_sequence: be_i32(buf, field::BASE_SEQUENCE),
         })
+    }
+
+    /// The producer fields, for idempotence bookkeeping.
+    pub(crate) fn producer_batch(&self) -> crate::producer_state::ProducerBatch {
+        crate::producer_state::ProducerBatch {
+            producer_id: self.producer_id,
+            epoch: self.producer_epoch,
+            first_seq: self.base_sequence,
+            last_offset_delta: self.last_offset_delta,
+            max_timestamp_ms: self.max_timestamp,
+        }
     }
 
     pub(crate) fn last_offset(&self) -> i64 {

@@ -45,6 +45,26 @@ pub enum StorageError {
     /// The log was deleted or closed.
     #[error("log {dir} is closed")]
     Closed { dir: PathBuf },
+    /// An idempotent producer's batch does not follow its last one.
+    #[error("out of order sequence for producer {producer_id}: expected {expected}, got {got}")]
+    OutOfOrderSequence {
+        producer_id: i64,
+        expected: i32,
+        got: i32,
+    },
+    /// A producer with this id and a newer epoch exists.
+    #[error("producer {producer_id} epoch {epoch} is fenced by epoch {current_epoch}")]
+    ProducerFenced {
+        producer_id: i64,
+        epoch: i16,
+        current_epoch: i16,
+    },
+    /// A producer this partition has no state for sent a sequence other
+    /// than 0 (its state expired, or the id was never used here).
+    #[error(
+        "unknown producer id {producer_id} (sequence {sequence}; state expired or never seen)"
+    )]
+    UnknownProducerId { producer_id: i64, sequence: i32 },
     /// A topic name or partition number that cannot name a directory.
     #[error("invalid partition {topic}-{partition}")]
     InvalidPartition { topic: String, partition: i32 },

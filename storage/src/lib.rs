@@ -12,6 +12,8 @@
 //! - `segment`, `offset_index`, `time_index`, `index_file`: one segment's
 //!   files.
 //! - `epoch`: the leader-epoch checkpoint (epoch → start offset).
+//! - [`producer_state`]: idempotent producers' sequence state and its
+//!   snapshots.
 //! - `checkpoint`: small atomically-replaced checkpoint files.
 //! - `varint`: zigzag varints used inside records.
 //! - [`manager`]: every partition log under a data directory.
@@ -40,6 +42,7 @@ pub mod batch;
 pub mod error;
 pub mod log;
 pub mod manager;
+pub mod producer_state;
 
 mod checkpoint;
 mod epoch;

@@ -22,6 +22,7 @@ use crate::batch::{self, HeaderView, RecordBatch};
 use crate::checkpoint;
 use crate::epoch::EpochCache;
 use crate::index_file::io_err;
+use crate::producer_state::{self, ProducerStates, SequenceCheck};
 use crate::segment::{self, OpenMode, Segment};
 use crate::{Result, StorageError};
 
@@ -69,6 +70,9 @@ pub struct LogConfig {
     pub timestamp_type: TimestampType,
     /// flush.messages / flush.ms.
     pub flush: FlushPolicy,
+    /// producer.id.expiration.ms: an idempotent producer's state is
+    /// dropped once its last batch is this old.
+    pub producer_id_expiration_ms: u64,
 }
 
 impl Default for LogConfig {
@@ -87,6 +91,7 @@ impl Default for LogConfig {
                 messages: None,
                 ms: Some(1000),
             },
+            producer_id_expiration_ms: 24 * 60 * 60 * 1000,
         }
     }
 }
@@ -99,6 +104,10 @@ pub struct AppendInfo {
     /// Set when the log uses LogAppendTime, else -1.
     pub log_append_time_ms: i64,
     pub record_count: i32,
+    /// The batch was a retry of one already in the log (same producer id,
+    /// epoch and sequences): nothing was written and the offsets are the
+    /// original ones.
+    pub duplicate: bool,
 }
 
 /// Bytes read from one segment: whole batches, concatenated.
@@ -147,6 +156,8 @@ pub struct Log {
     segments: RwLock<Segments>,
     writer: Mutex<Writer>,
     epochs: RwLock<EpochCache>,
+    /// Idempotent producers' state; locked inside the writer lock.
+    producers: Mutex<ProducerStates>,
     log_start_offset: AtomicI64,
     log_end_offset: AtomicI64,
     high_watermark: AtomicI64,
@@ -257,7 +268,7 @@ impl Log {
         }
         checkpoint::sync_dir(&dir)?;
         tracing::debug!(dir = %dir.display(), log_start_offset, log_end_offset, clean, segments = segments.len(), "opened log");
-        Ok(Log {
+        let log = Log {
             dir,
             config: RwLock::new(config),
             segments: RwLock::new(Arc::new(segments)),
@@ -270,11 +281,74 @@ impl Log {
                 closed: false,
             }),
             epochs: RwLock::new(epochs),
+            producers: Mutex::new(ProducerStates::default()),
             log_start_offset: AtomicI64::new(log_start_offset),
             log_end_offset: AtomicI64::new(log_end_offset),
             high_watermark: AtomicI64::new(high_watermark),
             closed: AtomicBool::new(false),
-        })
+        };
+        {
+            let mut w = log.lock_writer()?;
+            log.rebuild_producer_states(&mut w)?;
+        }
+        Ok(log)
+    }
+
+    fn lock_producers(&self) -> MutexGuard<'_, ProducerStates> {
+        self.producers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writer only: rebuilds the producer states from the newest snapshot
+    /// at or below the log end plus the batch headers after it, deleting
+    /// snapshots of truncated history.
+    fn rebuild_producer_states(&self, _w: &mut Writer) -> Result<()> {
+        let log_start_offset = self.log_start_offset();
+        let log_end_offset = self.log_end_offset();
+        producer_state::delete_snapshots_above(&self.dir, log_end_offset)?;
+        let (mut offset, mut states) =
+            producer_state::load_latest(&self.dir, log_start_offset, log_end_offset)?
+                .unwrap_or((log_start_offset, ProducerStates::default()));
+        let from = offset;
+        let mut scanned = 0usize;
+        while offset < log_end_offset {
+            let read = self.read(offset, 1 << 20, log_end_offset)?;
+            if read.batches.is_empty() {
+                break;
+            }
+            let before = offset;
+            let mut buf = &read.batches[..];
+            while let Some(header) = HeaderView::read(buf) {
+                let last = header.last_offset();
+                if last >= offset {
+                    states.record(&header.producer_batch(), header.base_offset, last);
+                    offset = last + 1;
+                    scanned += 1;
+                }
+                buf = &buf[header.total_len.min(buf.len())..];
+            }
+            if offset == before {
+                break;
+            }
+        }
+        if scanned > 0 || !states.is_empty() {
+            tracing::debug!(dir = %self.dir.display(), from, batches = scanned, producers = states.len(), "rebuilt producer state");
+        }
+        *self.lock_producers() = states;
+        Ok(())
+    }
+
+    /// The idempotence state of `producer_id` here: (epoch, last sequence,
+    /// last offset), if known (tests, tools).
+    pub fn producer_state(&self, producer_id: i64) -> Option<(i16, i32, i64)> {
+        let states = self.lock_producers();
+        let e = states.get(producer_id)?;
+        let last = e.batches.back()?;
+        Some((e.epoch, last.last_seq, last.last_offset))
+    }
+
+    /// Number of producers with state in this partition (metrics).
+    pub fn producer_count(&self) -> usize {
+        self.lock_producers().len()
     }
 
     pub fn dir(&self) -> &Path {
@@ -326,6 +400,18 @@ impl Log {
             .try_into_mut()
             .unwrap_or_else(|b| BytesMut::from(&b[..]));
         let mut w = self.lock_writer()?;
+        let producer = HeaderView::read(&batch)
+            .expect("validated batch has a header")
+            .producer_batch();
+        if let SequenceCheck::Duplicate(dup) = self.lock_producers().check(&producer)? {
+            return Ok(AppendInfo {
+                base_offset: dup.first_offset,
+                last_offset: dup.last_offset,
+                log_append_time_ms: -1,
+                record_count,
+                duplicate: true,
+            });
+        }
         let base_offset = self.log_end_offset();
         batch::set_base_offset(&mut batch, base_offset);
         batch::set_leader_epoch(&mut batch, leader_epoch);
@@ -340,12 +426,15 @@ impl Log {
             .expect("epochs lock")
             .assign(leader_epoch, base_offset)?;
         self.append_locked(&mut w, &config, &batch, &header)?;
+        self.lock_producers()
+            .record(&producer, base_offset, header.last_offset());
         self.after_append(&mut w, &config, i64::from(record_count) as u64)?;
         Ok(AppendInfo {
             base_offset,
             last_offset: header.last_offset(),
             log_append_time_ms,
             record_count,
+            duplicate: false,
         })
     }
 
@@ -381,6 +470,11 @@ impl Log {
                 .expect("epochs lock")
                 .assign(b.leader_epoch(), b.base_offset())?;
             self.append_locked(&mut w, &config, b.as_bytes(), &header)?;
+            self.lock_producers().record(
+                &header.producer_batch(),
+                header.base_offset,
+                header.last_offset(),
+            );
         }
         self.after_append(&mut w, &config, record_count.max(0) as u64)?;
         Ok(AppendInfo {
@@ -388,6 +482,7 @@ impl Log {
             last_offset: expected - 1,
             log_append_time_ms: -1,
             record_count,
+            duplicate: false,
         })
     }
 
@@ -442,6 +537,10 @@ impl Log {
         let old = segments.last().expect("always one segment");
         let base = base.max(old.next_offset());
         old.seal()?;
+        // The state covering everything below the new segment, so a rebuild
+        // scans at most the active segment.
+        let states = self.lock_producers().clone();
+        producer_state::write_snapshot(&self.dir, base, &states)?;
         let new = Arc::new(Segment::create(&self.dir, base, config)?);
         let mut list = segments.as_ref().clone();
         list.push(new.clone());
@@ -662,6 +761,7 @@ impl Log {
             .write()
             .expect("epochs lock")
             .truncate_from_end(log_end_offset)?;
+        self.rebuild_producer_states(&mut w)?;
         checkpoint::sync_dir(&self.dir)?;
         w.dir_dirty = false;
         tracing::info!(dir = %self.dir.display(), offset, log_end_offset, removed_segments = doomed.len(), "truncated log");
@@ -693,6 +793,9 @@ impl Log {
             .write()
             .expect("epochs lock")
             .truncate_from_end(i64::MIN)?;
+        // The producers' history is gone with the segments.
+        producer_state::delete_snapshots_above(&self.dir, i64::MIN)?;
+        *self.lock_producers() = ProducerStates::default();
         checkpoint::sync_dir(&self.dir)?;
         w.dir_dirty = false;
         tracing::info!(dir = %self.dir.display(), offset, removed_segments = segments.len(), "reset log");
@@ -805,6 +908,12 @@ impl Log {
             expired = expired.max(by_size);
         }
         let deleted = self.delete_oldest(&mut w, expired)?;
+        let gone = self
+            .lock_producers()
+            .expire(now_ms, config.producer_id_expiration_ms as i64);
+        if gone > 0 {
+            tracing::debug!(dir = %self.dir.display(), producers = gone, "expired producer state");
+        }
         if let FlushPolicy::Interval { ms: Some(ms), .. } = config.flush {
             if now_ms.saturating_sub(w.last_flush_ms) >= ms as i64 {
                 self.flush_locked(&mut w, now_ms)?;
@@ -837,6 +946,10 @@ impl Log {
         segments.last().expect("one segment").seal()?;
         for seg in segments.iter() {
             seg.sync_all()?;
+        }
+        let states = self.lock_producers().clone();
+        if !states.is_empty() {
+            producer_state::write_snapshot(&self.dir, self.log_end_offset(), &states)?;
         }
         let marker = self.dir.join(checkpoint::CLEAN_SHUTDOWN);
         std::fs::File::create(&marker).map_err(io_err(&marker))?;

@@ -21,6 +21,8 @@ pub struct ServerProcess {
     pub addr: String,
     /// Its data directory.
     pub data_dir: PathBuf,
+    /// The metrics endpoint, HOST:PORT, when `metrics_listen` is set.
+    pub metrics_addr: Option<String>,
 }
 
 impl ServerProcess {
@@ -66,7 +68,9 @@ impl ServerProcess {
             let mut lines = BufReader::new(stdout).lines();
             while let Some(Ok(line)) = lines.next() {
                 if let Some(addr) = line.strip_prefix("runnel listening on ") {
-                    let _ = tx.send(addr.to_string());
+                    let _ = tx.send((false, addr.to_string()));
+                } else if let Some(addr) = line.strip_prefix("runnel metrics listening on ") {
+                    let _ = tx.send((true, addr.to_string()));
                 }
             }
         });
@@ -111,7 +115,8 @@ impl ServerProcess {
 /// A server process that has not reported ready yet.
 pub struct Starting {
     child: Option<Child>,
-    rx: mpsc::Receiver<String>,
+    /// (is the metrics endpoint, address) as the server prints them.
+    rx: mpsc::Receiver<(bool, String)>,
     data_dir: PathBuf,
 }
 
@@ -119,17 +124,24 @@ impl Starting {
     /// Waits until the server prints its address (at most 120 s).
     pub fn wait(mut self) -> ServerProcess {
         let mut child = self.child.take().expect("not waited yet");
-        let addr = match self.rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("server did not report its address: {:?}", child.wait());
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut metrics_addr = None;
+        let addr = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((true, addr)) => metrics_addr = Some(addr),
+                Ok((false, addr)) => break addr,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("server did not report its address: {:?}", child.wait());
+                }
             }
         };
         ServerProcess {
             child,
             addr,
             data_dir: self.data_dir.clone(),
+            metrics_addr,
         }
     }
 }
@@ -185,6 +197,7 @@ impl Cluster {
                 &config,
                 format!(
                     "node_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"{dir}\"\n\
+                     metrics_listen = \"127.0.0.1:0\"\n\
                      roles = [\"broker\", \"controller\"]\n\
                      [broker]\nmaintenance_interval_ms = 100\n{broker_toml}\n\
                      [controller]\nvoters = [{voters}]\nelection_timeout_min_ms = 300\n\
@@ -261,6 +274,14 @@ impl Cluster {
         )
         .wait();
         self.nodes[i] = Some(p);
+    }
+
+    /// Node `id`'s metrics endpoint, HOST:PORT.
+    pub fn metrics_addr(&self, id: i32) -> String {
+        self.node(id)
+            .metrics_addr
+            .clone()
+            .expect("the cluster's nodes serve metrics")
     }
 
     /// Node `id`'s data directory.

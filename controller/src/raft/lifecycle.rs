@@ -157,7 +157,13 @@ impl RaftMetadataStore {
                 .collect()
         };
         for id in to_fence {
-            tracing::info!(broker = id, term, "broker session expired: fencing");
+            let broker_epoch = state.brokers.get(&id).map_or(-1, |b| b.epoch);
+            tracing::info!(
+                broker = id,
+                broker_epoch,
+                term,
+                "broker session expired: fencing"
+            );
             // Only this node's own term may fence: a controller that was
             // paused and lost leadership must not have its stale verdict
             // forwarded to the new leader, so the write is local-only.

@@ -388,7 +388,23 @@ impl RaftMetadataStore {
                     .collect()
             })
             .unwrap_or_default();
+        // The leader's own log counts as matched up to its last entry.
+        let committed = m.replication.as_ref().map(|r| {
+            let mut matched: Vec<u64> = voters
+                .iter()
+                .map(|id| {
+                    if *id == m.id {
+                        last
+                    } else {
+                        r.get(id).and_then(|l| l.map(|l| l.index)).unwrap_or(0)
+                    }
+                })
+                .collect();
+            matched.sort_unstable_by(|a, b| b.cmp(a));
+            matched.get(matched.len() / 2).copied().unwrap_or(0)
+        });
         crate::store::QuorumStatus {
+            committed_index: committed,
             term: m.current_term,
             voters: voters.into_iter().map(|id| id as i32).collect(),
             learners,

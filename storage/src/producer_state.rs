@@ -1,0 +1,515 @@
+//! Per-partition idempotent-producer state: for each producer id, its
+//! epoch and the sequence ranges and offsets of its last
+//! [`BATCHES_RETAINED`] batches (Kafka's `ProducerStateManager`).
+//!
+//! Where it sits on the data path: `Log::append_as_leader` asks
+//! [`ProducerStates::check`] under the writer lock before assigning
+//! offsets — a retried batch already in the log is answered with its
+//! original offsets and not written again, a sequence gap or a stale epoch
+//! is refused — and records every appended batch with
+//! [`ProducerStates::record`]. Followers record the batches they copy, so a
+//! new leader already knows every producer. The state is a function of the
+//! log: on open and after truncation it is rebuilt from the newest snapshot
+//! at or below the log end plus a scan of the batch headers after it.
+//!
+//! Snapshot file `<offset, 20 digits>.snapshot` = the state covering every
+//! batch below `offset`, written when a segment rolls and on clean close:
+//! `magic "RPS1"`, `crc32c u32` (over the rest), `count u32`, then per
+//! producer `producer_id i64, epoch i16, last_timestamp_ms i64, batches u8`
+//! and per batch `first_seq i32, last_seq i32, first_offset i64,
+//! last_offset i64`, all big-endian. A file that fails its CRC or framing
+//! is ignored (the state is then rebuilt from further back).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+
+use crate::index_file::io_err;
+use crate::{checkpoint, Result, StorageError};
+
+/// Batches remembered per producer: a client keeps at most this many in
+/// flight per partition, so any retry it sends is among them.
+pub const BATCHES_RETAINED: usize = 5;
+
+const SNAPSHOT_MAGIC: &[u8; 4] = b"RPS1";
+const SNAPSHOT_SUFFIX: &str = ".snapshot";
+/// Snapshots kept; older ones are deleted when a new one is written.
+const SNAPSHOTS_RETAINED: usize = 2;
+
+/// Sequence numbers and offsets of one appended batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchMeta {
+    pub first_seq: i32,
+    pub last_seq: i32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+}
+
+/// One producer's state in one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProducerEntry {
+    pub epoch: i16,
+    /// Oldest first, at most [`BATCHES_RETAINED`].
+    pub batches: VecDeque<BatchMeta>,
+    /// Max timestamp of its last batch; drives expiration.
+    pub last_timestamp_ms: i64,
+}
+
+/// The producer fields of a batch header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProducerBatch {
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub first_seq: i32,
+    /// Offset delta of the last record: the batch covers
+    /// `first_seq ..= first_seq + last_offset_delta` (wrapping at i32::MAX).
+    pub last_offset_delta: i32,
+    pub max_timestamp_ms: i64,
+}
+
+impl ProducerBatch {
+    pub fn last_seq(&self) -> i32 {
+        add_seq(self.first_seq, self.last_offset_delta)
+    }
+}
+
+/// What the leader should do with a producer's batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SequenceCheck {
+    /// Not seen before and in sequence: append it.
+    Append,
+    /// Already in the log at these offsets: answer with them, append nothing.
+    Duplicate(BatchMeta),
+}
+
+/// `seq + delta`, wrapping from i32::MAX to 0 as Kafka's sequences do.
+fn add_seq(seq: i32, delta: i32) -> i32 {
+    ((i64::from(seq) + i64::from(delta)) % (i64::from(i32::MAX) + 1)) as i32
+}
+
+/// Every producer's state in one partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProducerStates {
+    producers: HashMap<i64, ProducerEntry>,
+}
+
+impl ProducerStates {
+    /// Decides whether the leader appends `batch`. Batches without a
+    /// producer id (`<= 0`: ids start at 1) always append.
+    pub fn check(&self, batch: &ProducerBatch) -> Result<SequenceCheck> {
+        if batch.producer_id <= 0 {
+            return Ok(SequenceCheck::Append);
+        }
+        if batch.first_seq < 0 || batch.epoch < 0 {
+            return Err(StorageError::OutOfOrderSequence {
+                producer_id: batch.producer_id,
+                expected: 0,
+                got: batch.first_seq,
+            });
+        }
+        let Some(entry) = self.producers.get(&batch.producer_id) else {
+            // A producer's first batch in this partition starts at 0; any
+            // other sequence means its state was lost (expired, or written
+            // by a producer id this partition never saw).
+            return if batch.first_seq == 0 {
+                Ok(SequenceCheck::Append)
+            } else {
+                Err(StorageError::UnknownProducerId {
+                    producer_id: batch.producer_id,
+                    sequence: batch.first_seq,
+                })
+            };
+        };
+        if batch.epoch < entry.epoch {
+            return Err(StorageError::ProducerFenced {
+                producer_id: batch.producer_id,
+                epoch: batch.epoch,
+                current_epoch: entry.epoch,
+            });
+        }
+        if batch.epoch > entry.epoch {
+            // A bumped epoch starts its sequences over.
+            return if batch.first_seq == 0 {
+                Ok(SequenceCheck::Append)
+            } else {
+                Err(StorageError::OutOfOrderSequence {
+                    producer_id: batch.producer_id,
+                    expected: 0,
+                    got: batch.first_seq,
+                })
+            };
+        }
+        let last_seq = batch.last_seq();
+        if let Some(dup) = entry
+            .batches
+            .iter()
+            .find(|b| b.first_seq == batch.first_seq && b.last_seq == last_seq)
+        {
+            return Ok(SequenceCheck::Duplicate(*dup));
+        }
+        let expected = entry.batches.back().map_or(0, |b| add_seq(b.last_seq, 1));
+        if batch.first_seq == expected {
+            Ok(SequenceCheck::Append)
+        } else {
+            Err(StorageError::OutOfOrderSequence {
+                producer_id: batch.producer_id,
+                expected,
+                got: batch.first_seq,
+            })
+        }
+    }
+
+    /// Records an appended batch at `first_offset..=last_offset`, without
+    /// checks (leaders check first; followers and rebuilds trust the log).
+    pub fn record(&mut self, batch: &ProducerBatch, first_offset: i64, last_offset: i64) {
+        if batch.producer_id <= 0 {
+            return;
+        }
+        let entry = self
+            .producers
+            .entry(batch.producer_id)
+            .or_insert_with(|| ProducerEntry {
+                epoch: batch.epoch,
+                batches: VecDeque::new(),
+                last_timestamp_ms: batch.max_timestamp_ms,
+            });
+        if batch.epoch != entry.epoch {
+            entry.epoch = batch.epoch;
+            entry.batches.clear();
+        }
+        if entry.batches.len() == BATCHES_RETAINED {
+            entry.batches.pop_front();
+        }
+        entry.batches.push_back(BatchMeta {
+            first_seq: batch.first_seq,
+            last_seq: batch.last_seq(),
+            first_offset,
+            last_offset,
+        });
+        entry.last_timestamp_ms = entry.last_timestamp_ms.max(batch.max_timestamp_ms);
+    }
+
+    /// Forgets producers whose last batch is `expiration_ms` older than
+    /// `now_ms` (producer.id.expiration.ms). Returns how many.
+    pub fn expire(&mut self, now_ms: i64, expiration_ms: i64) -> usize {
+        let before = self.producers.len();
+        self.producers
+            .retain(|_, e| now_ms.saturating_sub(e.last_timestamp_ms) < expiration_ms);
+        before - self.producers.len()
+    }
+
+    pub fn get(&self, producer_id: i64) -> Option<&ProducerEntry> {
+        self.producers.get(&producer_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.producers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.producers.is_empty()
+    }
+
+    /// Encodes the snapshot body (see the module docs).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut ids: Vec<_> = self.producers.keys().copied().collect();
+        ids.sort_unstable();
+        let mut body = Vec::with_capacity(4 + ids.len() * 64);
+        body.extend_from_slice(&(ids.len() as u32).to_be_bytes());
+        for id in ids {
+            let e = &self.producers[&id];
+            body.extend_from_slice(&id.to_be_bytes());
+            body.extend_from_slice(&e.epoch.to_be_bytes());
+            body.extend_from_slice(&e.last_timestamp_ms.to_be_bytes());
+            body.push(e.batches.len() as u8);
+            for b in &e.batches {
+                body.extend_from_slice(&b.first_seq.to_be_bytes());
+                body.extend_from_slice(&b.last_seq.to_be_bytes());
+                body.extend_from_slice(&b.first_offset.to_be_bytes());
+                body.extend_from_slice(&b.last_offset.to_be_bytes());
+            }
+        }
+        let mut out = Vec::with_capacity(8 + body.len());
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes a snapshot; `None` when its magic, CRC or framing is wrong.
+    pub fn decode(bytes: &[u8]) -> Option<ProducerStates> {
+        let (head, body) = bytes.split_at_checked(8)?;
+        if &head[..4] != SNAPSHOT_MAGIC
+            || u32::from_be_bytes(head[4..8].try_into().ok()?) != crc32c::crc32c(body)
+        {
+            return None;
+        }
+        let mut r = Reader(body);
+        let count = r.u32()?;
+        let mut producers = HashMap::new();
+        for _ in 0..count {
+            let id = r.i64()?;
+            let epoch = r.i16()?;
+            let last_timestamp_ms = r.i64()?;
+            let n = r.u8()? as usize;
+            if n > BATCHES_RETAINED {
+                return None;
+            }
+            let mut batches = VecDeque::with_capacity(n);
+            for _ in 0..n {
+                batches.push_back(BatchMeta {
+                    first_seq: r.i32()?,
+                    last_seq: r.i32()?,
+                    first_offset: r.i64()?,
+                    last_offset: r.i64()?,
+                });
+            }
+            producers.insert(
+                id,
+                ProducerEntry {
+                    epoch,
+                    batches,
+                    last_timestamp_ms,
+                },
+            );
+        }
+        r.0.is_empty().then_some(ProducerStates { producers })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_at_checked(N)?;
+        self.0 = rest;
+        head.try_into().ok()
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take::<1>().map(|b| b[0])
+    }
+    fn i16(&mut self) -> Option<i16> {
+        self.take().map(i16::from_be_bytes)
+    }
+    fn i32(&mut self) -> Option<i32> {
+        self.take().map(i32::from_be_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_be_bytes)
+    }
+    fn i64(&mut self) -> Option<i64> {
+        self.take().map(i64::from_be_bytes)
+    }
+}
+
+fn snapshot_path(dir: &Path, offset: i64) -> PathBuf {
+    dir.join(format!("{offset:020}{SNAPSHOT_SUFFIX}"))
+}
+
+/// Offsets of the snapshot files in `dir`, ascending.
+pub(crate) fn snapshot_offsets(dir: &Path) -> Result<Vec<i64>> {
+    let mut offsets = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(SNAPSHOT_SUFFIX)) else {
+            continue;
+        };
+        if stem.len() == 20 {
+            if let Ok(offset) = stem.parse::<i64>() {
+                offsets.push(offset);
+            }
+        }
+    }
+    offsets.sort_unstable();
+    Ok(offsets)
+}
+
+/// Writes the snapshot for `offset` (atomically) and deletes all but the
+/// newest [`SNAPSHOTS_RETAINED`].
+pub(crate) fn write_snapshot(dir: &Path, offset: i64, states: &ProducerStates) -> Result<()> {
+    let path = snapshot_path(dir, offset);
+    let tmp = path.with_extension("snapshot.tmp");
+    std::fs::write(&tmp, states.encode()).map_err(io_err(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    let offsets = snapshot_offsets(dir)?;
+    let excess = offsets.len().saturating_sub(SNAPSHOTS_RETAINED);
+    for &old in &offsets[..excess] {
+        let p = snapshot_path(dir, old);
+        std::fs::remove_file(&p).map_err(io_err(&p))?;
+    }
+    checkpoint::sync_dir(dir)
+}
+
+/// Deletes snapshots above `offset` (they describe truncated history).
+pub(crate) fn delete_snapshots_above(dir: &Path, offset: i64) -> Result<()> {
+    for old in snapshot_offsets(dir)? {
+        if old > offset {
+            let p = snapshot_path(dir, old);
+            std::fs::remove_file(&p).map_err(io_err(&p))?;
+        }
+    }
+    Ok(())
+}
+
+/// The newest readable snapshot with offset in `min..=max`.
+pub(crate) fn load_latest(dir: &Path, min: i64, max: i64) -> Result<Option<(i64, ProducerStates)>> {
+    for offset in snapshot_offsets(dir)?.into_iter().rev() {
+        if offset > max || offset < min {
+            continue;
+        }
+        let path = snapshot_path(dir, offset);
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        match ProducerStates::decode(&bytes) {
+            Some(states) => return Ok(Some((offset, states))),
+            None => tracing::warn!(path = %path.display(), "ignoring unreadable producer snapshot"),
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(pid: i64, epoch: i16, seq: i32, n: i32) -> ProducerBatch {
+        ProducerBatch {
+            producer_id: pid,
+            epoch,
+            first_seq: seq,
+            last_offset_delta: n - 1,
+            max_timestamp_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn in_sequence_appends_and_retries_are_duplicates() {
+        let mut s = ProducerStates::default();
+        let b0 = batch(7, 0, 0, 3);
+        assert_eq!(s.check(&b0).unwrap(), SequenceCheck::Append);
+        s.record(&b0, 10, 12);
+        let b1 = batch(7, 0, 3, 2);
+        assert_eq!(s.check(&b1).unwrap(), SequenceCheck::Append);
+        s.record(&b1, 13, 14);
+        assert_eq!(
+            s.check(&b0).unwrap(),
+            SequenceCheck::Duplicate(BatchMeta {
+                first_seq: 0,
+                last_seq: 2,
+                first_offset: 10,
+                last_offset: 12
+            })
+        );
+        assert!(matches!(
+            s.check(&batch(7, 0, 6, 1)),
+            Err(StorageError::OutOfOrderSequence {
+                expected: 5,
+                got: 6,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn only_the_last_five_batches_are_remembered() {
+        let mut s = ProducerStates::default();
+        for i in 0..6 {
+            let b = batch(1, 0, i, 1);
+            assert_eq!(s.check(&b).unwrap(), SequenceCheck::Append);
+            s.record(&b, i64::from(i), i64::from(i));
+        }
+        assert_eq!(s.get(1).unwrap().batches.len(), BATCHES_RETAINED);
+        // Batch 0 fell out of the window: a retry of it is out of order.
+        assert!(s.check(&batch(1, 0, 0, 1)).is_err());
+        assert!(matches!(
+            s.check(&batch(1, 0, 1, 1)).unwrap(),
+            SequenceCheck::Duplicate(_)
+        ));
+    }
+
+    #[test]
+    fn epochs_fence_and_restart_sequences() {
+        let mut s = ProducerStates::default();
+        s.record(&batch(1, 3, 0, 1), 0, 0);
+        assert!(matches!(
+            s.check(&batch(1, 2, 1, 1)),
+            Err(StorageError::ProducerFenced {
+                epoch: 2,
+                current_epoch: 3,
+                ..
+            })
+        ));
+        assert!(s.check(&batch(1, 4, 5, 1)).is_err());
+        assert_eq!(s.check(&batch(1, 4, 0, 1)).unwrap(), SequenceCheck::Append);
+    }
+
+    #[test]
+    fn unknown_producer_must_start_at_zero() {
+        let s = ProducerStates::default();
+        assert!(matches!(
+            s.check(&batch(9, 0, 4, 1)),
+            Err(StorageError::UnknownProducerId {
+                producer_id: 9,
+                sequence: 4
+            })
+        ));
+        assert_eq!(s.check(&batch(9, 0, 0, 1)).unwrap(), SequenceCheck::Append);
+        assert_eq!(
+            s.check(&batch(-1, -1, -1, 1)).unwrap(),
+            SequenceCheck::Append
+        );
+    }
+
+    #[test]
+    fn sequences_wrap_at_i32_max() {
+        let mut s = ProducerStates::default();
+        s.record(&batch(1, 0, i32::MAX - 1, 2), 0, 1);
+        assert_eq!(s.get(1).unwrap().batches[0].last_seq, i32::MAX);
+        assert_eq!(s.check(&batch(1, 0, 0, 1)).unwrap(), SequenceCheck::Append);
+    }
+
+    #[test]
+    fn expiry_drops_idle_producers() {
+        let mut s = ProducerStates::default();
+        s.record(&batch(1, 0, 0, 1), 0, 0);
+        let mut late = batch(2, 0, 0, 1);
+        late.max_timestamp_ms = 5_000;
+        s.record(&late, 1, 1);
+        assert_eq!(s.expire(6_000, 2_000), 1);
+        assert!(s.get(1).is_none() && s.get(2).is_some());
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_reject_corruption() {
+        let mut s = ProducerStates::default();
+        for pid in 1..5 {
+            for i in 0..7 {
+                s.record(
+                    &batch(pid, 1, i * 2, 2),
+                    i64::from(i) * 2,
+                    i64::from(i) * 2 + 1,
+                );
+            }
+        }
+        let bytes = s.encode();
+        assert_eq!(ProducerStates::decode(&bytes), Some(s.clone()));
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x40;
+            assert_eq!(ProducerStates::decode(&bad), None, "flipped byte {i}");
+        }
+        assert_eq!(ProducerStates::decode(&bytes[..bytes.len() - 1]), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        for offset in [10, 20, 30] {
+            write_snapshot(dir.path(), offset, &s).unwrap();
+        }
+        assert_eq!(snapshot_offsets(dir.path()).unwrap(), vec![20, 30]);
+        assert_eq!(load_latest(dir.path(), 0, 25).unwrap().unwrap().0, 20);
+        delete_snapshots_above(dir.path(), 25).unwrap();
+        assert_eq!(snapshot_offsets(dir.path()).unwrap(), vec![20]);
+        assert!(load_latest(dir.path(), 21, 100).unwrap().is_none());
+    }
+}
