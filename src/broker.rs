@@ -38,6 +38,9 @@ use crate::replica::FetcherManager;
 const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
 /// Producer ids a broker takes from the controller at a time.
 const PRODUCER_ID_BLOCK: i32 = 1000;
+/// How long a leader waits for its metadata to show a producer id's
+/// allocation before calling the id unknown.
+const PRODUCER_ID_METADATA_WAIT: Duration = Duration::from_secs(2);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -195,6 +198,27 @@ impl Broker {
     pub fn take_failpoint(&self, name: &str) -> bool {
         self.config.broker.failpoints
             && std::fs::remove_file(self.config.data_dir.join("failpoints").join(name)).is_ok()
+    }
+
+    /// Refuses a producer id the cluster never allocated. The id may have
+    /// been handed out by another broker whose allocation this broker's
+    /// metadata has not applied yet, so it waits a moment for it first.
+    async fn await_producer_id(&self, producer_id: i64) -> Result<(), BrokerError> {
+        let mut rx = self.metadata.watch();
+        let wait = async {
+            loop {
+                if rx.borrow_and_update().next_producer_id > producer_id {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        match tokio::time::timeout(PRODUCER_ID_METADATA_WAIT, wait).await {
+            Ok(true) => Ok(()),
+            _ => Err(BrokerError::UnknownProducerId { producer_id }),
+        }
     }
 
     /// A fresh producer id (epoch 0) for an idempotent producer, from this
@@ -537,7 +561,7 @@ impl Broker {
         let batch = encode_batch(&req)?;
         let producer_id = batch_producer_id(&batch);
         if producer_id > 0 && producer_id >= meta.next_producer_id {
-            return Err(BrokerError::UnknownProducerId { producer_id });
+            self.await_producer_id(producer_id).await?;
         }
         let leader_epoch = pinfo.leader_epoch;
         let min_isr = self.min_insync_replicas(topic);
@@ -865,6 +889,36 @@ impl Broker {
         })
     }
 
+    /// Starts (or cancels) partition reassignments; see the RPC's docs.
+    pub async fn reassign_partitions(
+        &self,
+        req: pb::ReassignPartitionsRequest,
+    ) -> Result<pb::TopicDescription, BrokerError> {
+        let mut assignments = BTreeMap::new();
+        for r in req.reassignments {
+            if assignments.insert(r.partition, r.replicas).is_some() {
+                return Err(BrokerError::InvalidRequest {
+                    reason: format!("partition {} is listed twice", r.partition),
+                });
+            }
+        }
+        if assignments.is_empty() {
+            return Err(BrokerError::InvalidRequest {
+                reason: "no partitions to reassign".into(),
+            });
+        }
+        let applied = self
+            .metadata
+            .submit(MetadataCommand::ReassignPartitions {
+                topic: req.topic.clone(),
+                assignments: assignments.clone(),
+            })
+            .await?;
+        info!(topic = %req.topic, ?assignments, ?applied, "partition reassignment");
+        self.reconcile()?;
+        self.describe_topic(&req.topic)
+    }
+
     /// Sets and removes config overrides.
     pub async fn alter_topic_config(
         &self,
@@ -961,6 +1015,8 @@ impl Broker {
                     log_start_offset: log.as_ref().map_or(-1, |l| l.log_start_offset()),
                     high_watermark: log.as_ref().map_or(-1, |l| l.high_watermark()),
                     log_end_offset: log.as_ref().map_or(-1, |l| l.log_end_offset()),
+                    adding_replicas: p.adding.clone(),
+                    removing_replicas: p.removing.clone(),
                 }
             })
             .collect();

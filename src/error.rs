@@ -101,9 +101,9 @@ impl BrokerError {
                     ErrorCode::InvalidReplicationFactor
                 }
                 MetadataError::InvalidConfig { .. } => ErrorCode::InvalidConfig,
-                MetadataError::UnknownBroker { .. } | MetadataError::InvalidRequest { .. } => {
-                    ErrorCode::InvalidRequest
-                }
+                MetadataError::UnknownBroker { .. }
+                | MetadataError::InvalidRequest { .. }
+                | MetadataError::InvalidReassignment { .. } => ErrorCode::InvalidRequest,
                 MetadataError::NotController { .. } => ErrorCode::NotController,
                 MetadataError::InvalidSecurity { .. } => ErrorCode::InvalidRequest,
                 // Internal failures: the detail is logged, not sent.

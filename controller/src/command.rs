@@ -65,6 +65,14 @@ pub enum MetadataCommand {
     /// counter in the replicated state, so none is ever handed out twice,
     /// whichever controller applies the command.
     AllocateProducerIds { broker_id: i32, count: i32 },
+    /// Moves partitions of `topic` to new replica lists (partition →
+    /// replicas, preferred leader first; an empty list cancels an ongoing
+    /// reassignment). New replicas join first and copy the log; once all
+    /// are in the ISR the old ones leave (see `PartitionInfo`).
+    ReassignPartitions {
+        topic: String,
+        assignments: BTreeMap<i32, Vec<i32>>,
+    },
     /// `RegisterBroker` for a broker with a separate internal listener:
     /// other brokers reach it for replication and Raft at
     /// `internal_address`.

@@ -43,6 +43,58 @@ pub struct PartitionInfo {
     pub isr: Vec<i32>,
     /// Bumped at every change of this partition's state.
     pub partition_epoch: i32,
+    /// An ongoing reassignment: the replica list wanted once it completes
+    /// (empty: none). Meanwhile `replicas` holds the old replicas plus
+    /// `adding`; when every added replica is in the ISR, `replicas`
+    /// becomes the target and `removing` replicas delete their copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_replicas: Vec<i32>,
+    /// Replicas being added by the reassignment (copying the log).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adding: Vec<i32>,
+    /// Replicas to drop when the reassignment completes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removing: Vec<i32>,
+}
+
+impl PartitionInfo {
+    /// Finishes a reassignment whose added replicas are all in sync:
+    /// replicas become the target, the ISR keeps only target replicas,
+    /// and a leader outside the target hands over (bumped leader epoch).
+    /// Returns whether it completed.
+    fn complete_reassignment(&mut self, fenced: impl Fn(i32) -> bool) -> bool {
+        if self.target_replicas.is_empty() || !self.adding.iter().all(|r| self.isr.contains(r)) {
+            return false;
+        }
+        let isr: Vec<i32> = self
+            .isr
+            .iter()
+            .copied()
+            .filter(|r| self.target_replicas.contains(r))
+            .collect();
+        let leader = if self.target_replicas.contains(&self.leader) {
+            self.leader
+        } else {
+            match self
+                .target_replicas
+                .iter()
+                .find(|r| isr.contains(r) && !fenced(**r))
+            {
+                Some(l) => *l,
+                None => return false,
+            }
+        };
+        if leader != self.leader {
+            self.leader = leader;
+            self.leader_epoch += 1;
+        }
+        self.replicas = std::mem::take(&mut self.target_replicas);
+        self.isr = isr;
+        self.adding.clear();
+        self.removing.clear();
+        self.partition_epoch += 1;
+        true
+    }
 }
 
 /// A topic.
@@ -102,6 +154,9 @@ pub enum Applied {
     Elected { changed: Vec<i32> },
     /// Producer ids `first .. first + count` now belong to the submitter.
     ProducerIds { first: i64, count: i32 },
+    /// These partitions' reassignments started, completed or were
+    /// cancelled.
+    Reassigned { changed: Vec<i32> },
 }
 
 /// Largest producer-id block one AllocateProducerIds may take.
@@ -391,6 +446,8 @@ impl ClusterMetadata {
                     .partitions[partition as usize];
                 p.isr = new_isr;
                 p.partition_epoch += 1;
+                let brokers = &self.brokers;
+                p.complete_reassignment(|id| brokers.get(&id).is_none_or(|b| b.fenced));
                 Applied::Done
             }
             MetadataCommand::ElectLeaders {
@@ -474,6 +531,91 @@ impl ClusterMetadata {
                 }
                 topic.configs = configs;
                 Applied::Done
+            }
+            MetadataCommand::ReassignPartitions { topic, assignments } => {
+                let info = self
+                    .topics
+                    .get(&topic)
+                    .ok_or_else(|| MetadataError::UnknownTopic {
+                        name: topic.clone(),
+                    })?;
+                let bad = |partition: i32, reason: String| MetadataError::InvalidReassignment {
+                    topic: topic.clone(),
+                    partition,
+                    reason,
+                };
+                for (&index, target) in &assignments {
+                    if index < 0 || index as usize >= info.partitions.len() {
+                        return Err(bad(index, "no such partition".into()));
+                    }
+                    let mut unique = target.clone();
+                    unique.sort_unstable();
+                    unique.dedup();
+                    if unique.len() != target.len() {
+                        return Err(bad(index, format!("replicas {target:?} repeat a broker")));
+                    }
+                    if let Some(r) = target.iter().find(|r| !self.brokers.contains_key(r)) {
+                        return Err(bad(index, format!("broker {r} is not registered")));
+                    }
+                }
+                let brokers = self.brokers.clone();
+                let fenced = |id: i32| brokers.get(&id).is_none_or(|b| b.fenced);
+                let topic_info = self.topics.get_mut(&topic).expect("checked above");
+                let mut changed = Vec::new();
+                for (index, target) in assignments {
+                    let p = &mut topic_info.partitions[index as usize];
+                    // Start from the replicas before any ongoing reassignment.
+                    let original: Vec<i32> = p
+                        .replicas
+                        .iter()
+                        .copied()
+                        .filter(|r| !p.adding.contains(r))
+                        .collect();
+                    if target.is_empty() {
+                        // Cancel: drop the replicas being added.
+                        if p.target_replicas.is_empty() {
+                            continue;
+                        }
+                        p.isr.retain(|r| original.contains(r));
+                        if !original.contains(&p.leader) {
+                            p.leader = original
+                                .iter()
+                                .copied()
+                                .find(|r| p.isr.contains(r) && !fenced(*r))
+                                .unwrap_or(-1);
+                            p.leader_epoch += 1;
+                        }
+                        p.replicas = original;
+                        p.target_replicas.clear();
+                        p.adding.clear();
+                        p.removing.clear();
+                        p.partition_epoch += 1;
+                        changed.push(index);
+                        continue;
+                    }
+                    if target == original && p.target_replicas.is_empty() {
+                        continue;
+                    }
+                    p.adding = target
+                        .iter()
+                        .copied()
+                        .filter(|r| !original.contains(r))
+                        .collect();
+                    p.removing = original
+                        .iter()
+                        .copied()
+                        .filter(|r| !target.contains(r))
+                        .collect();
+                    p.isr.retain(|r| original.contains(r));
+                    let mut replicas = original;
+                    replicas.extend(p.adding.iter().copied());
+                    p.replicas = replicas;
+                    p.target_replicas = target;
+                    p.partition_epoch += 1;
+                    p.complete_reassignment(fenced);
+                    changed.push(index);
+                }
+                Applied::Reassigned { changed }
             }
             MetadataCommand::AllocateProducerIds { broker_id, count } => {
                 if !(1..=PRODUCER_ID_BLOCK_MAX).contains(&count) {
@@ -629,6 +771,9 @@ fn new_partition(live: &[i32], index: i32, replication_factor: i32) -> Partition
         isr: replicas.clone(),
         replicas,
         partition_epoch: 0,
+        target_replicas: Vec::new(),
+        adding: Vec::new(),
+        removing: Vec::new(),
     }
 }
 
@@ -673,6 +818,80 @@ mod tests {
         for bad in ["", ".", "..", "a b", "ü", "a/b", &"x".repeat(250)] {
             assert!(validate_topic_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    fn reassign(topic: &str, p: i32, replicas: Vec<i32>) -> MetadataCommand {
+        MetadataCommand::ReassignPartitions {
+            topic: topic.into(),
+            assignments: [(p, replicas)].into(),
+        }
+    }
+
+    fn isr_of(s: &ClusterMetadata, p: usize, isr: Vec<i32>) -> MetadataCommand {
+        let info = &s.topics["t"].partitions[p];
+        MetadataCommand::AlterPartitionIsr {
+            topic: "t".into(),
+            partition: p as i32,
+            leader_id: info.leader,
+            leader_epoch: info.leader_epoch,
+            partition_epoch: info.partition_epoch,
+            isr,
+        }
+    }
+
+    #[test]
+    fn reassignment_adds_first_and_drops_the_old_replicas_once_in_sync() {
+        let mut s = three();
+        register(&mut s, 4);
+        s.apply(create("t", 1, 2)).unwrap(); // replicas [1, 2], leader 1
+        s.apply(reassign("t", 0, vec![3, 4])).unwrap();
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!(p.replicas, vec![1, 2, 3, 4]);
+        assert_eq!(
+            (p.adding.clone(), p.removing.clone()),
+            (vec![3, 4], vec![1, 2])
+        );
+        assert_eq!((p.leader, p.isr.clone()), (1, vec![1, 2]));
+        // One new replica in sync: not yet.
+        s.apply(isr_of(&s, 0, vec![1, 2, 3])).unwrap();
+        assert_eq!(s.topics["t"].partitions[0].replicas, vec![1, 2, 3, 4]);
+        // Both: the target takes over, the leader moves with a new epoch.
+        let epoch = s.topics["t"].partitions[0].leader_epoch;
+        s.apply(isr_of(&s, 0, vec![1, 2, 3, 4])).unwrap();
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!(p.replicas, vec![3, 4]);
+        assert_eq!(p.isr, vec![3, 4]);
+        assert_eq!((p.leader, p.leader_epoch), (3, epoch + 1));
+        assert!(p.target_replicas.is_empty() && p.adding.is_empty() && p.removing.is_empty());
+    }
+
+    #[test]
+    fn reassignment_reorders_at_once_and_can_be_cancelled() {
+        let mut s = three();
+        s.apply(create("t", 1, 2)).unwrap();
+        s.apply(reassign("t", 0, vec![2, 1])).unwrap();
+        assert_eq!(s.topics["t"].partitions[0].replicas, vec![2, 1]);
+        assert!(s.topics["t"].partitions[0].target_replicas.is_empty());
+        s.apply(reassign("t", 0, vec![2, 3])).unwrap();
+        assert_eq!(s.topics["t"].partitions[0].replicas, vec![2, 1, 3]);
+        s.apply(reassign("t", 0, vec![])).unwrap();
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!(
+            (p.replicas.clone(), p.isr.clone()),
+            (vec![2, 1], vec![1, 2])
+        );
+        assert!(p.adding.is_empty() && p.target_replicas.is_empty());
+        // Bad input changes nothing.
+        let before = s.clone();
+        for bad in [
+            reassign("t", 0, vec![2, 2]),
+            reassign("t", 0, vec![9]),
+            reassign("t", 5, vec![1]),
+            reassign("nope", 0, vec![1]),
+        ] {
+            assert!(s.apply(bad).is_err());
+        }
+        assert_eq!(s, before);
     }
 
     #[test]

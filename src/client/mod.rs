@@ -568,6 +568,32 @@ impl Client {
         Ok(resp.changed)
     }
 
+    /// Starts moving `topic`'s partitions to new replica lists (partition
+    /// → replicas; an empty list cancels that partition's reassignment).
+    pub async fn reassign_partitions(
+        &self,
+        topic: &str,
+        assignments: Vec<(i32, Vec<i32>)>,
+    ) -> Result<pb::TopicDescription, ClientError> {
+        let req = pb::ReassignPartitionsRequest {
+            topic: topic.to_string(),
+            reassignments: assignments
+                .into_iter()
+                .map(|(partition, replicas)| pb::PartitionReassignment {
+                    partition,
+                    replicas,
+                })
+                .collect(),
+        };
+        let resp = self
+            .admin_call(true, req, |mut a, r| async move {
+                a.reassign_partitions(r).await
+            })
+            .await?;
+        self.invalidate(topic);
+        Ok(resp)
+    }
+
     /// Describes the cluster.
     pub async fn describe_cluster(&self) -> Result<pb::ClusterDescription, ClientError> {
         self.admin_call(true, pb::DescribeClusterRequest {}, |mut a, r| async move {

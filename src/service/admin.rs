@@ -170,6 +170,17 @@ impl Admin for AdminService {
         ))
     }
 
+    async fn reassign_partitions(
+        &self,
+        request: Request<pb::ReassignPartitionsRequest>,
+    ) -> Result<Response<pb::TopicDescription>, Status> {
+        Ok(Response::new(
+            self.broker
+                .reassign_partitions(request.into_inner())
+                .await?,
+        ))
+    }
+
     async fn metadata(
         &self,
         request: Request<pb::MetadataRequest>,
