@@ -212,6 +212,16 @@ async fn tls_mtls_authentication_and_acls() {
     assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
     assert!(err.to_string().contains("'carol'"), "{err}");
     assert!(carol.list_topics(false).await.unwrap().is_empty());
+    let err = carol
+        .reassign_partitions("orders", vec![(0, vec![1])])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
+    let err = carol
+        .elect_leaders("orders", vec![], false)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
 
     // Users: passwords are checked; a wrong password and an unknown user
     // get the same answer.

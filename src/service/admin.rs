@@ -174,6 +174,13 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ReassignPartitionsRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Cluster,
+            "",
+            Operation::Alter,
+        )?;
         Ok(Response::new(
             self.broker
                 .reassign_partitions(request.into_inner())
