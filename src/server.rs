@@ -283,7 +283,13 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         let node = config.node_id;
         tokio::time::timeout(
             STARTUP_TIMEOUT,
-            rx.wait_for(|m| m.brokers.get(&node).is_some_and(|b| !b.fenced)),
+            // This process's registration, not one left by a crashed
+            // predecessor (which may name another port).
+            rx.wait_for(|m| {
+                m.brokers
+                    .get(&node)
+                    .is_some_and(|b| !b.fenced && b.address == advertised)
+            }),
         )
         .await
         .map_err(|_| MetadataError::NotController {
