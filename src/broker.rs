@@ -91,6 +91,8 @@ pub struct Broker {
     producer_ids: tokio::sync::Mutex<(i64, i64)>,
     /// Event metrics (counters, latency histograms).
     metrics: Arc<Metrics>,
+    /// Authentication, ACLs and quotas; unset = everything allowed.
+    security: std::sync::OnceLock<Arc<crate::security::Security>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -123,6 +125,7 @@ impl Broker {
             appended: Arc::new(watch::channel(0).0),
             producer_ids: tokio::sync::Mutex::new((0, 0)),
             metrics: Arc::new(Metrics::new()),
+            security: std::sync::OnceLock::new(),
             config,
         }))
     }
@@ -303,6 +306,21 @@ impl Broker {
         self.node_id
     }
 
+    /// The security checks, when the server installed them.
+    pub fn security(&self) -> Option<&Arc<crate::security::Security>> {
+        self.security.get()
+    }
+
+    /// Installs the security checks (once, at start).
+    pub fn set_security(&self, security: Arc<crate::security::Security>) {
+        let _ = self.security.set(security);
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
     /// The metadata store.
     pub fn metadata(&self) -> &Arc<dyn MetadataStore> {
         &self.metadata
@@ -372,7 +390,11 @@ impl Broker {
                 if let Some(b) = meta.brokers.get(&info.leader) {
                     by_leader
                         .entry(info.leader)
-                        .or_insert_with(|| (b.address.clone(), BTreeMap::new()))
+                        .or_insert_with(|| {
+                            // Its internal listener, when it runs one.
+                            let addr = meta.internal_address(b.id).unwrap_or(&b.address);
+                            (addr.to_string(), BTreeMap::new())
+                        })
                         .1
                         .insert(
                             key,
@@ -946,11 +968,9 @@ impl Broker {
                 continue;
             };
             let ask = async {
-                let mut c = runnel_proto::v1::consumer_client::ConsumerClient::connect(format!(
-                    "http://{addr}"
-                ))
-                .await
-                .ok()?;
+                let mut c = runnel_proto::v1::consumer_client::ConsumerClient::new(
+                    crate::security::connect_peer(&self.config, &addr).await?,
+                );
                 c.list_offsets(pb::ListOffsetsRequest {
                     topic: name.to_string(),
                     partition: p.partition,

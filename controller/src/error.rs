@@ -73,4 +73,8 @@ pub enum MetadataError {
     /// or a fatal Raft error).
     #[error("raft controller: {reason}")]
     Raft { reason: String },
+    /// A user, ACL or quota command with bad input, or naming a user or
+    /// ACL that does not exist.
+    #[error("{reason}")]
+    InvalidSecurity { reason: String },
 }

@@ -1,10 +1,11 @@
 //! The cluster metadata state machine. `apply` is pure and deterministic:
 //! the same commands in the same order give the same state on every node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::security::{Acl, Quota, UserCredential, DEFAULT_QUOTA_KEY};
 use crate::{topic_config, MetadataCommand, MetadataError};
 
 /// Most partitions one topic may have.
@@ -122,6 +123,20 @@ pub struct ClusterMetadata {
     pub topics: BTreeMap<String, TopicInfo>,
     /// How many commands were applied; a version for watchers.
     pub applied: u64,
+    /// Internal (broker-to-broker) addresses of brokers that run a
+    /// separate internal listener; others use their client address.
+    #[serde(default)]
+    pub internal_addresses: BTreeMap<i32, String>,
+    /// Users by name, with salted password hashes only.
+    #[serde(default)]
+    pub users: BTreeMap<String, UserCredential>,
+    /// ACLs, kept sorted and without duplicates.
+    #[serde(default)]
+    pub acls: BTreeSet<Acl>,
+    /// Byte-rate quotas by principal ([`DEFAULT_QUOTA_KEY`] for the
+    /// default).
+    #[serde(default)]
+    pub quotas: BTreeMap<String, Quota>,
     /// The next idempotent-producer id to allocate; every id below it has
     /// been handed to some broker.
     #[serde(default)]
@@ -242,6 +257,7 @@ impl ClusterMetadata {
                 rack,
                 roles,
             } => {
+                self.internal_addresses.remove(&id);
                 let epoch = self.brokers.get(&id).map_or(1, |b| b.epoch + 1);
                 self.brokers.insert(
                     id,
@@ -617,10 +633,100 @@ impl ClusterMetadata {
                 self.next_producer_id = first + i64::from(count);
                 Applied::ProducerIds { first, count }
             }
+            cmd => return self.apply_security(cmd),
         };
         self.applied += 1;
         Ok(applied)
     }
+
+    /// The address other brokers use for internal RPCs to broker `id`:
+    /// its internal listener when it has one, else its client address.
+    pub fn internal_address(&self, id: i32) -> Option<&str> {
+        self.internal_addresses
+            .get(&id)
+            .or_else(|| self.brokers.get(&id).map(|b| &b.address))
+            .map(String::as_str)
+    }
+
+    /// Applies the listener and security commands (users, ACLs, quotas).
+    fn apply_security(&mut self, cmd: MetadataCommand) -> Result<Applied, MetadataError> {
+        let invalid = |reason: String| Err(MetadataError::InvalidSecurity { reason });
+        match cmd {
+            MetadataCommand::RegisterBrokerListeners {
+                id,
+                address,
+                internal_address,
+                rack,
+                roles,
+            } => {
+                self.apply(MetadataCommand::RegisterBroker {
+                    id,
+                    address,
+                    rack,
+                    roles,
+                })?;
+                if !internal_address.is_empty() {
+                    self.internal_addresses.insert(id, internal_address);
+                }
+                // `apply` above counted the command already.
+                return Ok(Applied::Done);
+            }
+            MetadataCommand::UpsertUser { name, credential } => {
+                check_principal_name(&name)?;
+                if credential.salt.len() < 8 || credential.hash.len() < 16 {
+                    return invalid(format!("credential of '{name}' is too weak"));
+                }
+                self.users.insert(name, credential);
+            }
+            MetadataCommand::DeleteUser { name } => {
+                if self.users.remove(&name).is_none() {
+                    return invalid(format!("no user '{name}'"));
+                }
+            }
+            MetadataCommand::CreateAcl { acl } => {
+                if acl.principal != crate::security::ANY_PRINCIPAL {
+                    check_principal_name(&acl.principal)?;
+                }
+                self.acls.insert(acl);
+            }
+            MetadataCommand::DeleteAcl { acl } => {
+                if !self.acls.remove(&acl) {
+                    return invalid(format!("no such ACL: {acl:?}"));
+                }
+            }
+            MetadataCommand::SetQuota { principal, quota } => {
+                if principal != DEFAULT_QUOTA_KEY {
+                    check_principal_name(&principal)?;
+                }
+                if quota.produce_bytes_per_sec == Some(0) || quota.fetch_bytes_per_sec == Some(0) {
+                    return invalid("a quota must be at least 1 byte/s".into());
+                }
+                if quota == Quota::default() {
+                    self.quotas.remove(&principal);
+                } else {
+                    self.quotas.insert(principal, quota);
+                }
+            }
+            other => unreachable!("apply handles {other:?}"),
+        }
+        self.applied += 1;
+        Ok(Applied::Done)
+    }
+}
+
+/// Principal (user) names: 1 to 255 printable characters, no spaces.
+fn check_principal_name(name: &str) -> Result<(), MetadataError> {
+    if name.is_empty()
+        || name.len() > 255
+        || name.chars().any(|c| c.is_control() || c.is_whitespace())
+        || name == crate::security::ANY_PRINCIPAL
+        || name == DEFAULT_QUOTA_KEY
+    {
+        return Err(MetadataError::InvalidSecurity {
+            reason: format!("invalid principal name {name:?}"),
+        });
+    }
+    Ok(())
 }
 
 fn check_partitions(count: i32, current: i32) -> Result<(), MetadataError> {
@@ -1113,5 +1219,118 @@ mod tests {
             s
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn security_commands_apply_deterministically() {
+        use crate::security::*;
+        let cred = UserCredential {
+            mechanism: "PBKDF2-HMAC-SHA256".into(),
+            iterations: 4096,
+            salt: vec![1; 16],
+            hash: vec![2; 32],
+        };
+        let acl = Acl {
+            principal: "alice".into(),
+            resource_type: ResourceType::Topic,
+            name: "t".into(),
+            pattern: PatternType::Prefixed,
+            operation: Operation::Write,
+            permission: Permission::Allow,
+        };
+        let cmds = vec![
+            MetadataCommand::UpsertUser {
+                name: "alice".into(),
+                credential: cred.clone(),
+            },
+            MetadataCommand::CreateAcl { acl: acl.clone() },
+            MetadataCommand::CreateAcl { acl: acl.clone() },
+            MetadataCommand::SetQuota {
+                principal: "alice".into(),
+                quota: Quota {
+                    produce_bytes_per_sec: Some(1000),
+                    fetch_bytes_per_sec: None,
+                },
+            },
+            MetadataCommand::SetQuota {
+                principal: DEFAULT_QUOTA_KEY.into(),
+                quota: Quota {
+                    produce_bytes_per_sec: None,
+                    fetch_bytes_per_sec: Some(5),
+                },
+            },
+            MetadataCommand::RegisterBrokerListeners {
+                id: 1,
+                address: "h:1".into(),
+                internal_address: "h:2".into(),
+                rack: String::new(),
+                roles: vec![],
+            },
+        ];
+        let run = || {
+            let mut s = ClusterMetadata::new("c");
+            for c in cmds.clone() {
+                s.apply(c).unwrap();
+            }
+            s
+        };
+        let s = run();
+        assert_eq!(s, run());
+        assert_eq!(s.users["alice"], cred);
+        assert_eq!(s.acls.len(), 1, "a duplicate ACL is stored once");
+        assert_eq!(s.quotas["alice"].produce_bytes_per_sec, Some(1000));
+        assert_eq!(s.quotas[DEFAULT_QUOTA_KEY].fetch_bytes_per_sec, Some(5));
+        assert_eq!(s.internal_address(1), Some("h:2"));
+        assert_eq!(s.applied, cmds.len() as u64);
+
+        // A plain re-registration drops the internal address.
+        let mut s2 = s.clone();
+        register(&mut s2, 1);
+        assert_eq!(s2.internal_address(1), Some("127.0.0.1:9001"));
+
+        // Refused commands change nothing.
+        let before = s.clone();
+        let mut s = s;
+        for bad in [
+            MetadataCommand::DeleteUser { name: "bob".into() },
+            MetadataCommand::DeleteAcl {
+                acl: Acl {
+                    operation: Operation::Read,
+                    ..acl.clone()
+                },
+            },
+            MetadataCommand::UpsertUser {
+                name: "has space".into(),
+                credential: cred.clone(),
+            },
+            MetadataCommand::UpsertUser {
+                name: "eve".into(),
+                credential: UserCredential {
+                    salt: vec![],
+                    ..cred.clone()
+                },
+            },
+            MetadataCommand::SetQuota {
+                principal: "alice".into(),
+                quota: Quota {
+                    produce_bytes_per_sec: Some(0),
+                    fetch_bytes_per_sec: None,
+                },
+            },
+        ] {
+            assert!(s.apply(bad.clone()).is_err(), "{bad:?} accepted");
+            assert_eq!(s, before, "{bad:?} changed state");
+        }
+        s.apply(MetadataCommand::DeleteAcl { acl }).unwrap();
+        s.apply(MetadataCommand::DeleteUser {
+            name: "alice".into(),
+        })
+        .unwrap();
+        s.apply(MetadataCommand::SetQuota {
+            principal: "alice".into(),
+            quota: Quota::default(),
+        })
+        .unwrap();
+        assert!(s.acls.is_empty() && s.users.is_empty() && !s.quotas.contains_key("alice"));
     }
 }
