@@ -26,6 +26,13 @@ use crate::ClusterMetadata;
 
 const STATE: &str = "state";
 const SNAPSHOT: &str = "snapshot";
+/// Applied entries between two saves of the whole state. The Raft log is
+/// the durable record: after a restart openraft re-applies the committed
+/// entries after the saved `last_applied`, so saving less often only
+/// costs replay time. Logs are purged only up to a snapshot, and the
+/// state is saved whenever a snapshot is taken, so the entries after the
+/// saved state are always still in the log.
+const SAVE_EVERY: u64 = 256;
 
 /// What the state machine persists.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -53,6 +60,8 @@ pub struct MetadataStateMachine {
     state: StoredState,
     tx: watch::Sender<Arc<ClusterMetadata>>,
     cluster_id: Arc<ClusterIdGuard>,
+    /// Entries applied since the state was last saved.
+    unsaved: u64,
 }
 
 impl MetadataStateMachine {
@@ -72,6 +81,7 @@ impl MetadataStateMachine {
             state,
             tx,
             cluster_id,
+            unsaved: 0,
         };
         sm.publish();
         Ok(sm)
@@ -82,7 +92,8 @@ impl MetadataStateMachine {
         self.tx.send_replace(Arc::new(self.state.metadata.clone()));
     }
 
-    fn save(&self) -> Result<(), StorageError> {
+    fn save(&mut self) -> Result<(), StorageError> {
+        self.unsaved = 0;
         let bytes =
             serde_json::to_vec(&self.state).map_err(|e| StorageIOError::write_state_machine(&e))?;
         self.tree
@@ -153,6 +164,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
     {
         let mut out = Vec::new();
         for entry in entries {
+            self.unsaved += 1;
             self.state.last_applied = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => Ok(crate::metadata::Applied::Done),
@@ -170,12 +182,19 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
                 applied: self.state.metadata.applied,
             });
         }
-        self.save()?;
+        if self.unsaved >= SAVE_EVERY {
+            self.save()?;
+        }
         self.publish();
         Ok(out)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // The logs up to the snapshot may be purged once it is built: the
+        // saved state must not be older than it.
+        if let Err(e) = self.save() {
+            tracing::error!(error = %e, "saving the state machine before a snapshot failed");
+        }
         SnapshotBuilder {
             tree: self.tree.clone(),
             state: self.state.clone(),
