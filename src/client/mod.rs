@@ -35,7 +35,7 @@ use runnel_proto::v1::producer_client::ProducerClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub use consumer::{ConsumedRecord, PartitionConsumer, StartFrom};
-pub use group::{GroupConfig, GroupConsumer, OffsetReset};
+pub use group::{GroupConfig, GroupConsumer, OffsetReset, RebalanceEvent, RebalanceListener};
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 
 use crate::error::error_code_of;

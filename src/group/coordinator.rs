@@ -81,6 +81,10 @@ impl CoordinatorError {
                 pb::ErrorCode::IllegalGeneration
             }
             CoordinatorError::Group(GroupError::NotEmpty { .. }) => pb::ErrorCode::GroupNotEmpty,
+            // Fenced like a stale generation: the member must rejoin.
+            CoordinatorError::Group(GroupError::NotOwner { .. }) => {
+                pb::ErrorCode::IllegalGeneration
+            }
             CoordinatorError::Broker(e) => e.code(),
         }
     }
@@ -579,6 +583,8 @@ impl GroupCoordinator {
         }
         let strategy = pb::AssignmentStrategy::try_from(req.strategy)
             .map_err(|_| invalid(format!("unknown assignment strategy {}", req.strategy)))?;
+        let protocol = pb::RebalanceProtocol::try_from(req.protocol)
+            .map_err(|_| invalid(format!("unknown rebalance protocol {}", req.protocol)))?;
         let args = JoinArgs {
             member_id: req.member_id.clone(),
             instance_id: req.group_instance_id.clone(),
@@ -587,9 +593,10 @@ impl GroupCoordinator {
             session_timeout_ms: i64::from(session),
             rebalance_timeout_ms: i64::from(rebalance),
             strategy,
+            protocol,
         };
         let counts = self.partition_counts();
-        let (member_id, mut rx) = {
+        let (member_id, joined_at, mut rx) = {
             let mut inner = self.lock();
             self.coordinator_partition(&inner, &req.group)?;
             let entry = inner
@@ -605,13 +612,23 @@ impl GroupCoordinator {
                     req.group, entry.group.strategy
                 )));
             }
+            if entry.group.state != GroupState::Empty
+                && !entry.group.members.is_empty()
+                && entry.group.protocol != protocol
+            {
+                return Err(invalid(format!(
+                    "group '{}' uses the {:?} rebalance protocol; every member must ask for the same one",
+                    req.group, entry.group.protocol
+                )));
+            }
+            let joined_at = entry.group.generation;
             let now = now_ms();
             let member_id = entry.group.join(args, now)?;
             if entry.group.try_complete(now, &counts) {
                 self.rebalanced(&entry.group, now);
                 entry.notify();
             }
-            (member_id, entry.changed.subscribe())
+            (member_id, joined_at, entry.changed.subscribe())
         };
         debug!(group = %req.group, %member_id, "join");
         let deadline = tokio::time::Instant::now()
@@ -626,7 +643,7 @@ impl GroupCoordinator {
                         member_id: member_id.clone(),
                     })
                 })?;
-                if let Some(m) = entry.group.assignment_ready(&member_id) {
+                if let Some(m) = entry.group.join_result(&member_id, joined_at) {
                     return Ok(pb::JoinGroupResponse {
                         member_id: member_id.clone(),
                         generation_id: entry.group.generation,
@@ -640,6 +657,7 @@ impl GroupCoordinator {
                             .collect(),
                         // Frequent enough that members learn of a rebalance quickly.
                         heartbeat_interval_ms: (session / 5).clamp(50, 1_000),
+                        rejoin: entry.group.state == GroupState::PreparingRebalance,
                     });
                 }
                 if !entry.group.members.contains_key(&member_id) {
@@ -776,8 +794,17 @@ impl GroupCoordinator {
         let index = {
             let inner = self.lock();
             let index = self.coordinator_partition(&inner, &req.group)?;
+            let partitions: Vec<(String, i32)> = req
+                .offsets
+                .iter()
+                .map(|o| (o.topic.clone(), o.partition))
+                .collect();
             match inner.groups.get(&req.group) {
-                Some(e) => e.group.validate_commit(&req.member_id, req.generation_id)?,
+                Some(e) => e.group.validate_commit_partitions(
+                    &req.member_id,
+                    req.generation_id,
+                    &partitions,
+                )?,
                 None if req.member_id.is_empty() => {}
                 None => {
                     return Err(GroupError::UnknownMember {
@@ -971,6 +998,7 @@ impl GroupCoordinator {
                     lags: Vec::new(),
                     total_lag: 0,
                     coordinator: self.broker.node_id(),
+                    protocol: e.group.protocol as i32,
                 },
                 committed,
                 owners,
