@@ -193,6 +193,10 @@ fn config(group: &str, topic: &str) -> GroupConfig {
 async fn produce(client: &Client, topic: &str, from: usize, to: usize) {
     let producer = client.producer(ProducerConfig {
         linger: Duration::from_millis(1),
+        // Idempotence off: in a just-started cluster a leader may refuse a
+        // producer id its metadata does not know yet (UNKNOWN_PRODUCER_ID,
+        // not retried); these tests are about groups.
+        idempotence: false,
         ..ProducerConfig::default()
     });
     let mut acks = Vec::new();
@@ -716,6 +720,10 @@ fn produce_until_stopped(
     let task = tokio::spawn(async move {
         let producer = client.producer(ProducerConfig {
             linger: Duration::from_millis(1),
+            // Idempotence off: in a just-started cluster a leader may refuse a
+            // producer id its metadata does not know yet (UNKNOWN_PRODUCER_ID,
+            // not retried); these tests are about groups.
+            idempotence: false,
             ..ProducerConfig::default()
         });
         let mut i = 0usize;
@@ -827,6 +835,98 @@ async fn t06_cooperative_rebalance_keeps_unmoved_partitions_consuming() {
         m.close().await;
     }
     assert!(own.lock().unwrap().violations.is_empty());
+}
+
+/// Waits until every partition of `topic` takes a write (a topic just
+/// created may not be known to its leaders yet); writes one `probe`
+/// record per partition.
+async fn await_writable(client: &Client, topic: &str, partitions: i32) {
+    let producer = client.producer(ProducerConfig {
+        idempotence: false,
+        ..ProducerConfig::default()
+    });
+    for p in 0..partitions {
+        eventually("the topic taking writes", WAIT, || async {
+            let mut r = ProducerRecord::value("probe");
+            r.partition = Some(p);
+            producer.send(topic, r).await.ok()?.await.ok()
+        })
+        .await;
+    }
+    producer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t07_membership_survives_the_coordinators_death() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(
+        3,
+        base.path(),
+        "replica_lag_time_max_ms = 10000",
+        CONTROLLER,
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    eventually("three live brokers", WAIT, || async {
+        let c = client.describe_cluster().await.ok()?;
+        (c.brokers.iter().filter(|b| !b.fenced).count() == 3).then_some(())
+    })
+    .await;
+    client
+        .create_topic("t", 6, 3, Default::default())
+        .await
+        .unwrap();
+    await_writable(&client, "t", 6).await;
+    produce(&client, "t", 0, 200).await;
+    let own = Arc::new(Mutex::new(Ownership::default()));
+    let a = Member::spawn_watched(&client, config("g", "t"), "A", &own, None);
+    let b = Member::spawn_watched(&client, config("g", "t"), "B", &own, None);
+    let (generation, _) = await_balanced(&[&a, &b], 6, "two members").await;
+    await_all_values(&[&a, &b], 200).await;
+    await_committed_at_end(&client, "g", "t", 6).await;
+    let before = client.describe_group("g").await.unwrap();
+    assert_eq!(before.state, "Stable");
+    let members = |d: &pb::GroupDescription| -> Vec<(String, Vec<pb::TopicPartition>)> {
+        d.members
+            .iter()
+            .map(|m| (m.member_id.clone(), m.assignment.clone()))
+            .collect()
+    };
+    let events_before = own.lock().unwrap().events.len();
+
+    let old = before.coordinator;
+    cluster.kill(old);
+    let survivor = cluster.addrs[(old % 3) as usize].clone();
+    let admin = Client::connect(&survivor).await.unwrap();
+    let after = eventually("a new coordinator describing the group", WAIT, || async {
+        let d = admin.describe_group("g").await.ok()?;
+        (d.coordinator != old).then_some(d)
+    })
+    .await;
+    // The new coordinator rebuilt the membership from the stored record.
+    assert_eq!(
+        (after.state.as_str(), after.generation_id, members(&after)),
+        ("Stable", before.generation_id, members(&before))
+    );
+
+    // The members carry on: no rejoin, no partition moved, nothing
+    // skipped, and their commits land on the new coordinator.
+    produce(&admin, "t", 200, 300).await;
+    await_values(&[&a, &b], 200, 300).await;
+    await_committed_at_end(&admin, "g", "t", 6).await;
+    assert_eq!((a.snapshot().1, b.snapshot().1), (generation, generation));
+    let d = admin.describe_group("g").await.unwrap();
+    assert_eq!(
+        (d.generation_id, members(&d)),
+        (before.generation_id, members(&before))
+    );
+    {
+        let o = own.lock().unwrap();
+        assert_eq!(o.events.len(), events_before, "{:?}", o.events);
+    }
+    a.close().await;
+    b.close().await;
+    let d = admin.describe_group("g").await.unwrap();
+    assert_eq!((d.state.as_str(), d.members.len()), ("Empty", 0));
 }
 
 /// Figures: rebalance time for 3 members on 30 partitions, and commits per

@@ -172,6 +172,27 @@ impl Group {
         }
     }
 
+    /// The member id counter (persisted with the group).
+    pub fn next_member(&self) -> u64 {
+        self.next_member
+    }
+
+    /// Restores the member id counter of a persisted group.
+    pub fn set_next_member(&mut self, n: u64) {
+        self.next_member = n;
+    }
+
+    /// Sets the state of a group rebuilt from its record; a rebalance
+    /// starts over from `now_ms` (every member must rejoin).
+    pub fn restore_state(&mut self, state: GroupState, now_ms: i64) {
+        if state == GroupState::PreparingRebalance {
+            self.state = GroupState::Stable;
+            self.start_rebalance(now_ms);
+        } else {
+            self.state = state;
+        }
+    }
+
     fn unknown(&self, member_id: &str) -> GroupError {
         GroupError::UnknownMember {
             group: self.id.clone(),
