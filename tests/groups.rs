@@ -1002,4 +1002,34 @@ async fn perf_rebalance_and_commit_rate() {
         n / 8 * 8,
         (n / 8 * 8) as f64 / e.as_secs_f64()
     );
+    // Many committers at once (members of many groups on one coordinator
+    // commit concurrently), each with its own partition.
+    for (committers, each) in [(32i64, 100i64), (128, 50)] {
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..committers {
+            let client = client.clone();
+            tasks.spawn(async move {
+                for i in 0..each {
+                    let o = pb::PartitionOffset {
+                        topic: "t".into(),
+                        partition: (w % 30) as i32,
+                        offset: w * 1000 + i,
+                        metadata: String::new(),
+                    };
+                    client
+                        .commit_offsets("perf", "", 0, vec![o])
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let e = started.elapsed();
+        let total = committers * each;
+        eprintln!(
+            "{committers} concurrent committers: {total} in {e:?} = {:.0}/s",
+            total as f64 / e.as_secs_f64()
+        );
+    }
 }
