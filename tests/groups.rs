@@ -1017,10 +1017,7 @@ async fn perf_rebalance_and_commit_rate() {
                         offset: w * 1000 + i,
                         metadata: String::new(),
                     };
-                    client
-                        .commit_offsets("perf", "", 0, vec![o])
-                        .await
-                        .unwrap();
+                    client.commit_offsets("perf", "", 0, vec![o]).await.unwrap();
                 }
             });
         }

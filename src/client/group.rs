@@ -30,6 +30,9 @@ use tonic::transport::Channel;
 
 use super::{Client, ClientError, ConsumedRecord, PartitionConsumer, StartFrom, REQUEST_TIMEOUT};
 
+/// Long-poll wait of fetches while a background rejoin is under way (ms).
+const REBALANCE_POLL_WAIT_MS: u32 = 10;
+
 /// How long group calls retry a missing or moving coordinator.
 const COORDINATOR_RETRY: Duration = Duration::from_secs(30);
 
@@ -736,12 +739,20 @@ impl GroupConsumer {
                 }
             }
         }
+        // While a background rejoin is under way, fetches wait only
+        // briefly so its answer is taken up soon after it arrives.
+        let wait_ms = if self.pending.is_some() {
+            REBALANCE_POLL_WAIT_MS.min(self.config.max_wait_ms)
+        } else {
+            self.config.max_wait_ms
+        };
         if self.consumers.is_empty() {
-            tokio::time::sleep(Duration::from_millis(u64::from(self.config.max_wait_ms))).await;
+            tokio::time::sleep(Duration::from_millis(u64::from(wait_ms))).await;
             return Ok(Vec::new());
         }
         let mut tasks = tokio::task::JoinSet::new();
         for (tp, mut c) in std::mem::take(&mut self.consumers) {
+            c.max_wait_ms = wait_ms;
             tasks.spawn(async move {
                 let r = c.poll().await;
                 (tp, c, r)

@@ -1,30 +1,32 @@
 //! The one writer of an offsets partition this broker coordinates: offset
 //! commits and group metadata records queue here, and every batch of
 //! queued writes becomes one append to `__consumer_offsets` with acks=all
-//! (group commit). Appends go out in queue order; up to
-//! [`IN_FLIGHT_MAX`] appended batches wait for their replicas at once, so
-//! one batch's replication wait does not hold back the next append.
+//! (group commit).
+//!
+//! No task of its own: a writer queues its records, then takes the append
+//! lock; whoever holds it takes everything queued (its own records, or
+//! nothing when an earlier holder already took them), appends it, releases
+//! the lock and waits for the replicas outside it. So appends go out in
+//! queue order, a lone commit costs what a plain produce costs, commits
+//! that arrive while an append is under way ride in the next one, and any
+//! number of appended batches wait for their replicas at once.
 //!
 //! Where it sits: between the coordinator ([`super::coordinator`]) and the
 //! produce path ([`crate::broker::Broker::produce_append`] /
-//! [`crate::broker::Broker::produce_complete`]). The task ends when the
-//! coordinator drops the appender (leadership moved) or the broker stops.
+//! [`crate::broker::Broker::produce_complete`]). The coordinator drops the
+//! appender when leadership moves; queued writers then fail with
+//! NOT_COORDINATOR.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use runnel_proto::v1 as pb;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::coordinator::OFFSETS_TOPIC;
 use crate::broker::Broker;
 
 /// Most records in one append.
 const BATCH_RECORDS_MAX: usize = 4096;
-/// Most appended batches waiting for replicas at once.
-const IN_FLIGHT_MAX: usize = 8;
-/// Most writes queued before callers wait (backpressure).
-const QUEUE_MAX: usize = 16 * 1024;
 
 /// Why an append failed: the broker's error code and message, shared by
 /// every write of the batch.
@@ -43,107 +45,136 @@ struct Write {
     done: oneshot::Sender<Result<i64, AppendError>>,
 }
 
-/// Handle to the writer task of one offsets partition.
-#[derive(Clone, Debug)]
+/// The writer of one offsets partition.
+#[derive(Clone)]
 pub struct Appender {
-    tx: mpsc::Sender<Write>,
+    broker: Arc<Broker>,
+    index: i32,
+    queue: Arc<Mutex<Vec<Write>>>,
+    /// Held while a batch is taken from the queue and appended.
+    append: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for Appender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Appender")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+fn gone() -> AppendError {
+    AppendError {
+        code: pb::ErrorCode::NotCoordinator,
+        reason: "this broker stopped coordinating the offsets partition".to_string(),
+    }
 }
 
 impl Appender {
-    /// Starts the writer of offsets partition `index`.
+    /// The writer of offsets partition `index`.
     pub fn start(broker: Arc<Broker>, index: i32) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE_MAX);
-        tokio::spawn(run(broker, index, rx));
-        Self { tx }
+        Self {
+            broker,
+            index,
+            queue: Arc::new(Mutex::new(Vec::new())),
+            append: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    fn enqueue(&self, records: Vec<pb::Record>) -> oneshot::Receiver<Result<i64, AppendError>> {
+        let (done, rx) = oneshot::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Write { records, done });
+        rx
     }
 
     /// Appends `records` (in one batch with whatever else is queued) and
     /// returns the log offset of the first once every in-sync replica has
     /// them.
     pub async fn append(&self, records: Vec<pb::Record>) -> Result<i64, AppendError> {
-        let gone = || AppendError {
-            code: pb::ErrorCode::NotCoordinator,
-            reason: "this broker stopped coordinating the offsets partition".to_string(),
-        };
-        let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Write { records, done })
-            .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
-    }
-}
-
-impl Appender {
-    /// Queues `records` without waiting (None when the queue is full); the
-    /// receiver gets the offset of the first once they are stored. Writes
-    /// submitted one after the other are appended in that order.
-    pub fn submit(
-        &self,
-        records: Vec<pb::Record>,
-    ) -> Option<oneshot::Receiver<Result<i64, AppendError>>> {
-        let (done, rx) = oneshot::channel();
-        self.tx.try_send(Write { records, done }).ok()?;
-        Some(rx)
-    }
-}
-
-/// Replies to every write of a batch: each gets the offset of its first
-/// record (`base` + the records before it).
-fn reply(writes: Vec<(Write, usize)>, result: Result<i64, AppendError>) {
-    for (w, before) in writes {
-        let r = result.clone().map(|base| base + before as i64);
-        let _ = w.done.send(r);
-    }
-}
-
-async fn run(broker: Arc<Broker>, index: i32, mut rx: mpsc::Receiver<Write>) {
-    let mut in_flight = FuturesUnordered::new();
-    let mut open = true;
-    while open || !in_flight.is_empty() {
-        tokio::select! {
-            first = rx.recv(), if open && in_flight.len() < IN_FLIGHT_MAX => {
-                let Some(first) = first else {
-                    open = false;
-                    continue;
-                };
-                // Everything queued meanwhile rides in the same append.
-                let mut count = first.records.len();
-                let mut writes = vec![(first, 0usize)];
-                while count < BATCH_RECORDS_MAX {
-                    let Ok(w) = rx.try_recv() else { break };
-                    let n = w.records.len();
-                    writes.push((w, count));
-                    count += n;
-                }
-                let mut records = Vec::with_capacity(count);
-                for (w, _) in &mut writes {
-                    records.append(&mut w.records);
-                }
-                let req = pb::ProduceRequest {
-                    topic: OFFSETS_TOPIC.to_string(),
-                    partition: Some(index),
-                    records,
-                    acks: pb::Acks::All as i32,
-                    ..Default::default()
-                };
-                match broker.produce_append(req).await {
-                    Ok(appended) => {
-                        let broker = broker.clone();
-                        in_flight.push(async move {
-                            let r = broker.produce_complete(appended).await;
-                            (r, writes)
-                        });
-                    }
-                    Err(e) => reply(writes, Err(AppendError { code: e.code(), reason: e.to_string() })),
-                }
-            }
-            Some((r, writes)) = in_flight.next(), if !in_flight.is_empty() => {
-                let r = r
-                    .map(|resp| resp.base_offset)
-                    .map_err(|e| AppendError { code: e.code(), reason: e.to_string() });
-                reply(writes, r);
+        let rx = self.enqueue(records);
+        let guard = self.append.clone().lock_owned().await;
+        let batch = self.take();
+        match batch.len() {
+            // An earlier holder took ours: its answer comes.
+            0 => drop(guard),
+            // Only ours: append and wait here.
+            1 => flush(self.broker.clone(), self.index, batch, guard).await,
+            // Others ride along: finish in a task, so their answers do not
+            // depend on this call running to the end.
+            _ => {
+                tokio::spawn(flush(self.broker.clone(), self.index, batch, guard));
             }
         }
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Queues `records` without waiting; the receiver gets the offset of
+    /// the first once they are stored. Writes queued one after the other
+    /// are appended in that order.
+    pub fn submit(&self, records: Vec<pb::Record>) -> oneshot::Receiver<Result<i64, AppendError>> {
+        let rx = self.enqueue(records);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let guard = me.append.clone().lock_owned().await;
+            let batch = me.take();
+            if !batch.is_empty() {
+                flush(me.broker.clone(), me.index, batch, guard).await;
+            }
+        });
+        rx
+    }
+
+    /// The queued writes, up to [`BATCH_RECORDS_MAX`] records (at least one
+    /// write), in order.
+    fn take(&self) -> Vec<Write> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut count = 0;
+        let mut n = 0;
+        while n < q.len() && (n == 0 || count + q[n].records.len() <= BATCH_RECORDS_MAX) {
+            count += q[n].records.len();
+            n += 1;
+        }
+        q.drain(..n).collect()
+    }
+}
+
+/// Appends `batch` as one request while holding the append lock, then
+/// waits for the replicas without it and answers every write with the
+/// offset of its first record.
+async fn flush(
+    broker: Arc<Broker>,
+    index: i32,
+    batch: Vec<Write>,
+    guard: tokio::sync::OwnedMutexGuard<()>,
+) {
+    let mut records = Vec::new();
+    let mut writes = Vec::with_capacity(batch.len());
+    for w in batch {
+        let before = records.len();
+        records.extend(w.records);
+        writes.push((w.done, before));
+    }
+    let req = pb::ProduceRequest {
+        topic: OFFSETS_TOPIC.to_string(),
+        partition: Some(index),
+        records,
+        acks: pb::Acks::All as i32,
+        ..Default::default()
+    };
+    let appended = broker.produce_append(req).await;
+    drop(guard);
+    let result = match appended {
+        Ok(a) => broker.produce_complete(a).await.map(|r| r.base_offset),
+        Err(e) => Err(e),
+    }
+    .map_err(|e| AppendError {
+        code: e.code(),
+        reason: e.to_string(),
+    });
+    for (done, before) in writes {
+        let _ = done.send(result.clone().map(|base| base + before as i64));
     }
 }

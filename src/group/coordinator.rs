@@ -519,11 +519,7 @@ impl GroupCoordinator {
             value: Some(group_value(&e.group)),
             ..Default::default()
         };
-        let Some(stored) = appender.submit(vec![record]) else {
-            warn!(%group, generation, "offsets partition writer is full; group record skipped");
-            e.persisted = e.persisted.max(generation);
-            return;
-        };
+        let stored = appender.submit(vec![record]);
         let (me, group) = (Arc::downgrade(self), group.to_string());
         tokio::spawn(async move {
             let failed = match stored.await {
