@@ -497,9 +497,14 @@ impl GroupConsumer {
             if let Some(h) = self.pending.take() {
                 h.abort();
             }
-            return self.join().await;
+            self.join().await?;
+            if !self.cooperative() {
+                return Ok(());
+            }
         }
-        if signal == SIGNAL_REJOIN && self.pending.is_none() {
+        // A cooperative member asked to rejoin (also right after an answer
+        // that says so) starts at once and reads on meanwhile.
+        if self.signal.load(Ordering::Acquire) == SIGNAL_REJOIN && self.pending.is_none() {
             if let Some(h) = self.heartbeat.take() {
                 h.abort();
             }
