@@ -193,9 +193,8 @@ fn config(group: &str, topic: &str) -> GroupConfig {
 async fn produce(client: &Client, topic: &str, from: usize, to: usize) {
     let producer = client.producer(ProducerConfig {
         linger: Duration::from_millis(1),
-        // Idempotence off: in a just-started cluster a leader may refuse a
-        // producer id its metadata does not know yet (UNKNOWN_PRODUCER_ID,
-        // not retried); these tests are about groups.
+        // Idempotence off: these tests are about groups, not producer ids
+        // (a just-started cluster could answer UNKNOWN_PRODUCER_ID).
         idempotence: false,
         ..ProducerConfig::default()
     });
@@ -720,9 +719,8 @@ fn produce_until_stopped(
     let task = tokio::spawn(async move {
         let producer = client.producer(ProducerConfig {
             linger: Duration::from_millis(1),
-            // Idempotence off: in a just-started cluster a leader may refuse a
-            // producer id its metadata does not know yet (UNKNOWN_PRODUCER_ID,
-            // not retried); these tests are about groups.
+            // Idempotence off: these tests are about groups, not producer ids
+            // (a just-started cluster could answer UNKNOWN_PRODUCER_ID).
             idempotence: false,
             ..ProducerConfig::default()
         });

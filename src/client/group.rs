@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::Channel;
 use runnel_proto::v1 as pb;
 use runnel_proto::v1::consumer_groups_client::ConsumerGroupsClient;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use super::{Client, ClientError, ConsumedRecord, PartitionConsumer, StartFrom, REQUEST_TIMEOUT};
 
@@ -497,14 +497,12 @@ impl GroupConsumer {
             if let Some(h) = self.pending.take() {
                 h.abort();
             }
-            self.join().await?;
-            if !self.cooperative() {
-                return Ok(());
-            }
+            // A rejoin this answer asks for starts with the next poll.
+            return self.join().await;
         }
         // A cooperative member asked to rejoin (also right after an answer
         // that says so) starts at once and reads on meanwhile.
-        if self.signal.load(Ordering::Acquire) == SIGNAL_REJOIN && self.pending.is_none() {
+        if signal == SIGNAL_REJOIN && self.pending.is_none() {
             if let Some(h) = self.heartbeat.take() {
                 h.abort();
             }
@@ -752,7 +750,11 @@ impl GroupConsumer {
             self.config.max_wait_ms
         };
         if self.consumers.is_empty() {
-            tokio::time::sleep(Duration::from_millis(u64::from(wait_ms))).await;
+            // Nothing to read: wait, unless a rejoin is due (the next poll
+            // starts it).
+            if self.signal.load(Ordering::Acquire) == SIGNAL_OK || self.pending.is_some() {
+                tokio::time::sleep(Duration::from_millis(u64::from(wait_ms))).await;
+            }
             return Ok(Vec::new());
         }
         let mut tasks = tokio::task::JoinSet::new();
