@@ -1,7 +1,8 @@
 //! Consumer groups against real `runnel server` processes: members split
-//! a topic and rebalance when one joins or dies, committed offsets survive
-//! the coordinator's death, the group CLI (describe, reset-offsets,
-//! delete, consume --group) and its refusals.
+//! a topic and rebalance when one joins or dies (eager, and cooperative
+//! with the unmoved partitions read on through the rebalance), committed
+//! offsets and the membership survive the coordinator's death, the group
+//! CLI (describe, reset-offsets, delete, consume --group) and its refusals.
 //!
 //! `cargo test --test groups -- --ignored --nocapture` also prints the
 //! rebalance time of 3 members on 30 partitions and the commit rate
@@ -928,8 +929,8 @@ async fn t07_membership_survives_the_coordinators_death() {
 }
 
 /// Figures: rebalance time for 3 members on 30 partitions, and commits per
-/// second through one coordinator (three brokers, acks=all, one member
-/// committing in a loop and 8 concurrent standalone committers).
+/// second through one coordinator (three brokers, acks=all, one committer
+/// in a loop, then 8, 32 and 128 concurrent standalone committers).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement; run with --ignored --nocapture"]
 async fn perf_rebalance_and_commit_rate() {
