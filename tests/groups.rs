@@ -1,7 +1,8 @@
 //! Consumer groups against real `runnel server` processes: members split
-//! a topic and rebalance when one joins or dies, committed offsets survive
-//! the coordinator's death, the group CLI (describe, reset-offsets,
-//! delete, consume --group) and its refusals.
+//! a topic and rebalance when one joins or dies (eager, and cooperative
+//! with the unmoved partitions read on through the rebalance), committed
+//! offsets and the membership survive the coordinator's death, the group
+//! CLI (describe, reset-offsets, delete, consume --group) and its refusals.
 //!
 //! `cargo test --test groups -- --ignored --nocapture` also prints the
 //! rebalance time of 3 members on 30 partitions and the commit rate
@@ -14,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{cli, cli_err, cli_ok, eventually, Cluster};
-use runnel::client::{Client, GroupConfig, GroupConsumer, ProducerConfig, ProducerRecord};
+use runnel::client::{
+    Client, GroupConfig, GroupConsumer, ProducerConfig, ProducerRecord, RebalanceEvent,
+};
 use runnel_proto::v1 as pb;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -37,6 +40,63 @@ struct Seen {
     records: Vec<(i32, String, i32, i64, String)>,
 }
 
+/// Who owns which partition at every moment, from the members' rebalance
+/// listeners: a member's `Revoked` runs before it rejoins and `Assigned`
+/// after the coordinator's answer, so two owners of one partition at once
+/// show up as an `Assigned` of a partition still held by another member.
+#[derive(Default, Debug)]
+struct Ownership {
+    owners: BTreeMap<Tp, String>,
+    violations: Vec<String>,
+    /// Every event in order: (member label, event).
+    events: Vec<(String, RebalanceEvent)>,
+}
+
+impl Ownership {
+    fn listen(this: &Arc<Mutex<Ownership>>, label: &str, consumer: &mut GroupConsumer) {
+        let (this, label) = (this.clone(), label.to_string());
+        consumer.set_rebalance_listener(Arc::new(move |e: &RebalanceEvent| {
+            let mut o = this.lock().unwrap();
+            match e {
+                RebalanceEvent::Assigned(tps) => {
+                    for tp in tps {
+                        if let Some(other) = o.owners.insert(tp.clone(), label.clone()) {
+                            if other != label {
+                                o.violations.push(format!(
+                                    "{tp:?} assigned to {label} while {other} owns it"
+                                ));
+                            }
+                        }
+                    }
+                }
+                RebalanceEvent::Revoked(tps) => {
+                    for tp in tps {
+                        if o.owners.get(tp) == Some(&label) {
+                            o.owners.remove(tp);
+                        } else {
+                            o.violations
+                                .push(format!("{label} revoked {tp:?} it did not own"));
+                        }
+                    }
+                }
+            }
+            o.events.push((label.clone(), e.clone()));
+        }));
+    }
+
+    /// Partitions `label` was told it lost, in events from `since` on.
+    fn revoked(&self, label: &str, since: usize) -> Vec<Tp> {
+        self.events[since..]
+            .iter()
+            .filter(|(l, _)| l == label)
+            .flat_map(|(_, e)| match e {
+                RebalanceEvent::Revoked(tps) => tps.clone(),
+                RebalanceEvent::Assigned(_) => Vec::new(),
+            })
+            .collect()
+    }
+}
+
 /// A group member polling in its own task.
 struct Member {
     seen: Arc<Mutex<Seen>>,
@@ -46,12 +106,39 @@ struct Member {
 
 impl Member {
     fn spawn(client: &Client, config: GroupConfig) -> Member {
+        let consumer = client.group_consumer(config).unwrap();
+        Self::run(consumer, None)
+    }
+
+    /// A member whose partition ownership is tracked in `ownership`.
+    fn spawn_watched(
+        client: &Client,
+        config: GroupConfig,
+        label: &str,
+        ownership: &Arc<Mutex<Ownership>>,
+        gate: Option<watch::Receiver<bool>>,
+    ) -> Member {
         let mut consumer = client.group_consumer(config).unwrap();
+        Ownership::listen(ownership, label, &mut consumer);
+        Self::run(consumer, gate)
+    }
+
+    /// Polls until stopped; with a `gate`, every poll after the first
+    /// waits until the gate is open.
+    fn run(mut consumer: GroupConsumer, mut gate: Option<watch::Receiver<bool>>) -> Member {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let (stop, mut stopped) = watch::channel(false);
         let s = seen.clone();
         let task = tokio::spawn(async move {
+            let mut first = true;
             while !*stopped.borrow() {
+                if let Some(g) = gate.as_mut().filter(|_| !first) {
+                    tokio::select! {
+                        _ = g.wait_for(|open| *open) => {}
+                        _ = stopped.changed() => break,
+                    }
+                }
+                first = false;
                 let polled = tokio::select! {
                     r = consumer.poll() => r,
                     _ = stopped.changed() => break,
@@ -107,6 +194,9 @@ fn config(group: &str, topic: &str) -> GroupConfig {
 async fn produce(client: &Client, topic: &str, from: usize, to: usize) {
     let producer = client.producer(ProducerConfig {
         linger: Duration::from_millis(1),
+        // Idempotence off: these tests are about groups, not producer ids
+        // (a just-started cluster could answer UNKNOWN_PRODUCER_ID).
+        idempotence: false,
         ..ProducerConfig::default()
     });
     let mut acks = Vec::new();
@@ -211,13 +301,17 @@ async fn t01_members_split_a_topic_and_rebalance_when_one_joins() {
         .unwrap();
     produce(&client, "t", 0, 300).await;
 
-    let a = Member::spawn(&client, config("g", "t"));
-    let b = Member::spawn(&client, config("g", "t"));
+    // The eager protocol (t06 covers the cooperative one).
+    let mut eager = config("g", "t");
+    eager.protocol = pb::RebalanceProtocol::Eager;
+    let own = Arc::new(Mutex::new(Ownership::default()));
+    let a = Member::spawn_watched(&client, eager.clone(), "A", &own, None);
+    let b = Member::spawn_watched(&client, eager.clone(), "B", &own, None);
     let (_, sizes) = await_balanced(&[&a, &b], 6, "two members splitting 6 partitions").await;
     assert_eq!(sizes, vec![3, 3]);
 
     let started = Instant::now();
-    let c = Member::spawn(&client, config("g", "t"));
+    let c = Member::spawn_watched(&client, eager, "C", &own, None);
     let (gen, sizes) =
         await_balanced(&[&a, &b, &c], 6, "three members splitting 6 partitions").await;
     eprintln!(
@@ -232,7 +326,14 @@ async fn t01_members_split_a_topic_and_rebalance_when_one_joins() {
     let d = client.describe_group("g").await.unwrap();
     assert_eq!(d.state, "Stable");
     assert_eq!(d.members.len(), 3);
+    assert_eq!(d.protocol, pb::RebalanceProtocol::Eager as i32);
     assert_single_owner(&[&a, &b, &c]);
+    {
+        let o = own.lock().unwrap();
+        assert!(o.violations.is_empty(), "{:?}", o.violations);
+        // Eager: A gave up everything it owned before rejoining.
+        assert!(o.revoked("A", 0).len() >= 3, "{:?}", o.events);
+    }
     for m in [a, b, c] {
         m.close().await;
     }
@@ -502,11 +603,22 @@ async fn t04_cli_describe_reset_delete_and_refusals() {
         offset: 3,
         metadata: String::new(),
     }];
+    // (A cooperative member may still commit with the generation before
+    // the current one, its rejoin may be unanswered; not with an older one,
+    // nor a partition it does not own.)
     let e = client
-        .commit_offsets("g", &member, gen, one.clone())
+        .commit_offsets("g", &member, gen - 1, one.clone())
         .await
         .unwrap_err();
     assert_eq!(e.code(), pb::ErrorCode::IllegalGeneration, "{e}");
+    let (member_b, gen_b, owned_b) = b.snapshot();
+    assert!(owned_b.is_empty());
+    let e = client
+        .commit_offsets("g", &member_b, gen_b, one.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), pb::ErrorCode::IllegalGeneration, "{e}");
+    assert!(e.to_string().contains("does not own t-0"), "{e}");
     let e = client
         .commit_offsets("g", "ghost", gen + 1, one.clone())
         .await
@@ -586,9 +698,239 @@ async fn t05_static_members_come_back_without_a_rebalance_and_broadcast_gives_al
     y.close().await;
 }
 
+/// Highest offset `member` read of each partition.
+fn read_up_to(member: &Member) -> BTreeMap<Tp, i64> {
+    let mut out = BTreeMap::new();
+    for (_, t, p, o, _) in &member.seen.lock().unwrap().records {
+        let e = out.entry((t.clone(), *p)).or_insert(*o);
+        *e = (*e).max(*o);
+    }
+    out
+}
+
+/// Produces `v0, v1, ...` round-robin over `partitions` until stopped;
+/// returns how many.
+fn produce_until_stopped(
+    client: &Client,
+    topic: &str,
+    partitions: i32,
+) -> (watch::Sender<bool>, JoinHandle<usize>) {
+    let (stop, stopped) = watch::channel(false);
+    let (client, topic) = (client.clone(), topic.to_string());
+    let task = tokio::spawn(async move {
+        let producer = client.producer(ProducerConfig {
+            linger: Duration::from_millis(1),
+            // Idempotence off: these tests are about groups, not producer ids
+            // (a just-started cluster could answer UNKNOWN_PRODUCER_ID).
+            idempotence: false,
+            ..ProducerConfig::default()
+        });
+        let mut i = 0usize;
+        while !*stopped.borrow() {
+            let mut acks = Vec::new();
+            for _ in 0..partitions {
+                let mut r = ProducerRecord::value(format!("v{i}"));
+                r.partition = Some(i as i32 % partitions);
+                acks.push(producer.send(&topic, r).await.unwrap());
+                i += 1;
+            }
+            for a in acks {
+                a.await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        producer.close().await.unwrap();
+        i
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t06_cooperative_rebalance_keeps_unmoved_partitions_consuming() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1, base.path(), "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("t", 6, 1, Default::default())
+        .await
+        .unwrap();
+    let (stop_producing, producing) = produce_until_stopped(&client, "t", 6);
+    let own = Arc::new(Mutex::new(Ownership::default()));
+    let mut cfg = config("g", "t");
+    cfg.protocol = pb::RebalanceProtocol::Cooperative;
+    let a = Member::spawn_watched(&client, cfg.clone(), "A", &own, None);
+    let b = Member::spawn_watched(&client, cfg.clone(), "B", &own, None);
+    let (gen1, sizes) = await_balanced(&[&a, &b], 6, "two members splitting 6 partitions").await;
+    assert_eq!(sizes, vec![3, 3]);
+    let (a1, b1) = (a.snapshot().2, b.snapshot().2);
+
+    // C answers the first round, then holds the follow-up round open (its
+    // gate is closed) so we can watch A and B inside it.
+    let before_c = own.lock().unwrap().events.len();
+    let (gate, gate_rx) = watch::channel(false);
+    let mut slow = cfg.clone();
+    slow.session_timeout_ms = 15_000;
+    slow.rebalance_timeout_ms = 15_000;
+    let c = Member::spawn_watched(&client, slow, "C", &own, Some(gate_rx));
+    let (gen2, a2, b2) = eventually("A and B each giving one partition up", WAIT, || async {
+        let (sa, sb, sc) = (a.snapshot(), b.snapshot(), c.snapshot());
+        (sc.1 > gen1 && sa.1 == sc.1 && sb.1 == sc.1 && sa.2.len() == 2 && sb.2.len() == 2)
+            .then_some((sc.1, sa.2, sb.2))
+    })
+    .await;
+    assert!(c.snapshot().2.is_empty(), "C gets nothing still owned");
+    assert!(a2.iter().all(|tp| a1.contains(tp)) && b2.iter().all(|tp| b1.contains(tp)));
+    let d = client.describe_group("g").await.unwrap();
+    assert_eq!(
+        (d.state.as_str(), d.generation_id, d.protocol),
+        (
+            "PreparingRebalance",
+            gen2,
+            pb::RebalanceProtocol::Cooperative as i32
+        )
+    );
+
+    // Inside the follow-up round A and B keep reading what they kept.
+    let (mark_a, mark_b) = (read_up_to(&a), read_up_to(&b));
+    eventually("A and B reading on during the rebalance", WAIT, || async {
+        let (now_a, now_b) = (read_up_to(&a), read_up_to(&b));
+        let moved = |kept: &[Tp], mark: &BTreeMap<Tp, i64>, now: &BTreeMap<Tp, i64>| {
+            kept.iter()
+                .all(|tp| now.get(tp).copied().unwrap_or(-1) > mark.get(tp).copied().unwrap_or(-1))
+        };
+        (moved(&a2, &mark_a, &now_a) && moved(&b2, &mark_b, &now_b)).then_some(())
+    })
+    .await;
+    let d = client.describe_group("g").await.unwrap();
+    assert_eq!(
+        (d.state.as_str(), d.generation_id),
+        ("PreparingRebalance", gen2),
+        "the round was still open while A and B read on"
+    );
+
+    // C rejoins: the follow-up round gives it the two revoked partitions.
+    gate.send(true).unwrap();
+    let (gen3, sizes) = await_balanced(&[&a, &b, &c], 6, "three members splitting 6").await;
+    assert!(gen3 > gen2);
+    assert_eq!(sizes, vec![2, 2, 2]);
+    assert_eq!(a.snapshot().2, a2, "A kept its partitions");
+    assert_eq!(b.snapshot().2, b2, "B kept its partitions");
+
+    stop_producing.send(true).unwrap();
+    let n = producing.await.unwrap();
+    await_all_values(&[&a, &b, &c], n).await;
+    await_committed_at_end(&client, "g", "t", 6).await;
+    {
+        let o = own.lock().unwrap();
+        assert!(o.violations.is_empty(), "{:?}", o.violations);
+        // The only partitions A and B ever gave up are the ones C got.
+        let (ra, rb) = (o.revoked("A", before_c), o.revoked("B", before_c));
+        let lost: BTreeSet<Tp> = ra.iter().chain(rb.iter()).cloned().collect();
+        assert_eq!((ra.len(), rb.len()), (1, 1), "{:?}", o.events);
+        assert_eq!(lost, c.snapshot().2.into_iter().collect());
+        assert!(o.revoked("C", 0).is_empty());
+    }
+    for m in [a, b, c] {
+        m.close().await;
+    }
+    assert!(own.lock().unwrap().violations.is_empty());
+}
+
+/// Waits until every partition of `topic` takes a write (a topic just
+/// created may not be known to its leaders yet); writes one `probe`
+/// record per partition.
+async fn await_writable(client: &Client, topic: &str, partitions: i32) {
+    let producer = client.producer(ProducerConfig {
+        idempotence: false,
+        ..ProducerConfig::default()
+    });
+    for p in 0..partitions {
+        eventually("the topic taking writes", WAIT, || async {
+            let mut r = ProducerRecord::value("probe");
+            r.partition = Some(p);
+            producer.send(topic, r).await.ok()?.await.ok()
+        })
+        .await;
+    }
+    producer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t07_membership_survives_the_coordinators_death() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(
+        3,
+        base.path(),
+        "replica_lag_time_max_ms = 10000",
+        CONTROLLER,
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    eventually("three live brokers", WAIT, || async {
+        let c = client.describe_cluster().await.ok()?;
+        (c.brokers.iter().filter(|b| !b.fenced).count() == 3).then_some(())
+    })
+    .await;
+    client
+        .create_topic("t", 6, 3, Default::default())
+        .await
+        .unwrap();
+    await_writable(&client, "t", 6).await;
+    produce(&client, "t", 0, 200).await;
+    let own = Arc::new(Mutex::new(Ownership::default()));
+    let a = Member::spawn_watched(&client, config("g", "t"), "A", &own, None);
+    let b = Member::spawn_watched(&client, config("g", "t"), "B", &own, None);
+    let (generation, _) = await_balanced(&[&a, &b], 6, "two members").await;
+    await_all_values(&[&a, &b], 200).await;
+    await_committed_at_end(&client, "g", "t", 6).await;
+    let before = client.describe_group("g").await.unwrap();
+    assert_eq!(before.state, "Stable");
+    let members = |d: &pb::GroupDescription| -> Vec<(String, Vec<pb::TopicPartition>)> {
+        d.members
+            .iter()
+            .map(|m| (m.member_id.clone(), m.assignment.clone()))
+            .collect()
+    };
+    let events_before = own.lock().unwrap().events.len();
+
+    let old = before.coordinator;
+    cluster.kill(old);
+    let survivor = cluster.addrs[(old % 3) as usize].clone();
+    let admin = Client::connect(&survivor).await.unwrap();
+    let after = eventually("a new coordinator describing the group", WAIT, || async {
+        let d = admin.describe_group("g").await.ok()?;
+        (d.coordinator != old).then_some(d)
+    })
+    .await;
+    // The new coordinator rebuilt the membership from the stored record.
+    assert_eq!(
+        (after.state.as_str(), after.generation_id, members(&after)),
+        ("Stable", before.generation_id, members(&before))
+    );
+
+    // The members carry on: no rejoin, no partition moved, nothing
+    // skipped, and their commits land on the new coordinator.
+    produce(&admin, "t", 200, 300).await;
+    await_values(&[&a, &b], 200, 300).await;
+    await_committed_at_end(&admin, "g", "t", 6).await;
+    assert_eq!((a.snapshot().1, b.snapshot().1), (generation, generation));
+    let d = admin.describe_group("g").await.unwrap();
+    assert_eq!(
+        (d.generation_id, members(&d)),
+        (before.generation_id, members(&before))
+    );
+    {
+        let o = own.lock().unwrap();
+        assert_eq!(o.events.len(), events_before, "{:?}", o.events);
+    }
+    a.close().await;
+    b.close().await;
+    let d = admin.describe_group("g").await.unwrap();
+    assert_eq!((d.state.as_str(), d.members.len()), ("Empty", 0));
+}
+
 /// Figures: rebalance time for 3 members on 30 partitions, and commits per
-/// second through one coordinator (three brokers, acks=all, one member
-/// committing in a loop and 8 concurrent standalone committers).
+/// second through one coordinator (three brokers, acks=all, one committer
+/// in a loop, then 8, 32 and 128 concurrent standalone committers).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement; run with --ignored --nocapture"]
 async fn perf_rebalance_and_commit_rate() {
@@ -659,4 +1001,31 @@ async fn perf_rebalance_and_commit_rate() {
         n / 8 * 8,
         (n / 8 * 8) as f64 / e.as_secs_f64()
     );
+    // Many committers at once (members of many groups on one coordinator
+    // commit concurrently), each with its own partition.
+    for (committers, each) in [(32i64, 100i64), (128, 50)] {
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..committers {
+            let client = client.clone();
+            tasks.spawn(async move {
+                for i in 0..each {
+                    let o = pb::PartitionOffset {
+                        topic: "t".into(),
+                        partition: (w % 30) as i32,
+                        offset: w * 1000 + i,
+                        metadata: String::new(),
+                    };
+                    client.commit_offsets("perf", "", 0, vec![o]).await.unwrap();
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let e = started.elapsed();
+        let total = committers * each;
+        eprintln!(
+            "{committers} concurrent committers: {total} in {e:?} = {:.0}/s",
+            total as f64 / e.as_secs_f64()
+        );
+    }
 }

@@ -109,6 +109,13 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                         .to_lowercase()
                 })
                 .unwrap_or_default();
+            let protocol = pb::RebalanceProtocol::try_from(d.protocol)
+                .map(|p| {
+                    p.as_str_name()
+                        .trim_start_matches("REBALANCE_PROTOCOL_")
+                        .to_lowercase()
+                })
+                .unwrap_or_default();
             if output == Output::Json {
                 let members: Vec<_> = d
                     .members
@@ -131,7 +138,7 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                     "{}",
                     serde_json::json!({
                         "group": d.group, "state": d.state, "generation_id": d.generation_id,
-                        "strategy": strategy, "coordinator": d.coordinator, "members": members,
+                        "strategy": strategy, "protocol": protocol, "coordinator": d.coordinator, "members": members,
                         "lags": lags, "total_lag": d.total_lag,
                     })
                 );
@@ -141,6 +148,7 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
             println!("state:        {}", d.state);
             println!("generation:   {}", d.generation_id);
             println!("strategy:     {strategy}");
+            println!("protocol:     {protocol}");
             println!("coordinator:  {}", d.coordinator);
             println!("members:      {}", d.members.len());
             if !d.members.is_empty() {

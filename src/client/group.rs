@@ -4,14 +4,21 @@
 //! [`GroupConsumer::close`]. The admin calls of the `ConsumerGroups`
 //! service (list, describe, reset, delete) are methods of [`Client`].
 //!
-//! Rebalances are eager for consumption and sticky for assignment: when
-//! the coordinator asks for a rejoin, the consumer commits (with
-//! auto-commit), stops reading every partition, and rejoins; the reply
-//! carries its partitions for the new generation. Partitions it keeps
-//! resume from its in-memory position; new ones from the committed offset,
-//! or from `offset_reset` when none is committed.
+//! Two rebalance protocols ([`GroupConfig::protocol`]):
+//! - cooperative (the default): when the coordinator asks for a rejoin,
+//!   the consumer rejoins in the background and keeps reading its
+//!   partitions meanwhile. The answer may take some partitions away: the
+//!   consumer commits them (with auto-commit), stops them, tells the
+//!   [`RebalanceListener`], and rejoins at once; the follow-up round gives
+//!   them to their new owners. Partitions it keeps are never interrupted.
+//! - eager: the consumer commits (with auto-commit), stops reading every
+//!   partition, and rejoins; the reply carries its partitions for the new
+//!   generation. Partitions it keeps resume from its in-memory position.
+//!
+//! New partitions start from the committed offset, or from `offset_reset`
+//! when none is committed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +29,9 @@ use runnel_proto::v1::consumer_groups_client::ConsumerGroupsClient;
 use tokio::task::JoinHandle;
 
 use super::{Client, ClientError, ConsumedRecord, PartitionConsumer, StartFrom, REQUEST_TIMEOUT};
+
+/// Long-poll wait of fetches while a background rejoin is under way (ms).
+const REBALANCE_POLL_WAIT_MS: u32 = 10;
 
 /// How long group calls retry a missing or moving coordinator.
 const COORDINATOR_RETRY: Duration = Duration::from_secs(30);
@@ -35,6 +45,21 @@ pub enum OffsetReset {
     Latest,
 }
 
+/// A change of the partitions a member owns, told to its
+/// [`RebalanceListener`] inside [`GroupConsumer::poll`]: `Revoked` before
+/// the member rejoins (it no longer reads them), `Assigned` after the
+/// coordinator's answer (before they are first read).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RebalanceEvent {
+    /// Partitions the member stopped reading.
+    Revoked(Vec<(String, i32)>),
+    /// Partitions the member starts reading.
+    Assigned(Vec<(String, i32)>),
+}
+
+/// Called on every [`RebalanceEvent`] (keep it short: it runs in `poll`).
+pub type RebalanceListener = Arc<dyn Fn(&RebalanceEvent) + Send + Sync>;
+
 /// A group member's settings.
 #[derive(Clone, Debug)]
 pub struct GroupConfig {
@@ -44,6 +69,9 @@ pub struct GroupConfig {
     pub topics: Vec<String>,
     /// Assignment strategy (every member must agree).
     pub strategy: pb::AssignmentStrategy,
+    /// Rebalance protocol (every member must agree): cooperative keeps
+    /// the partitions that do not move consuming through a rebalance.
+    pub protocol: pb::RebalanceProtocol,
     /// The coordinator removes the member after this long without a
     /// heartbeat (ms).
     pub session_timeout_ms: u32,
@@ -68,6 +96,7 @@ impl GroupConfig {
             group: group.to_string(),
             topics: topics.iter().map(|t| t.to_string()).collect(),
             strategy: pb::AssignmentStrategy::CooperativeSticky,
+            protocol: pb::RebalanceProtocol::Cooperative,
             session_timeout_ms: 10_000,
             rebalance_timeout_ms: 10_000,
             auto_commit_interval: Some(Duration::from_secs(1)),
@@ -296,6 +325,8 @@ impl Client {
             committed: BTreeMap::new(),
             signal: Arc::new(AtomicU8::new(SIGNAL_REJOIN)),
             heartbeat: None,
+            pending: None,
+            listener: None,
             last_commit: Instant::now(),
         })
     }
@@ -305,6 +336,17 @@ impl Client {
 const SIGNAL_OK: u8 = 0;
 const SIGNAL_REJOIN: u8 = 1;
 const SIGNAL_REJOIN_AS_NEW: u8 = 2;
+
+/// A background (cooperative) rejoin.
+type PendingJoin = JoinHandle<Result<pb::JoinGroupResponse, ClientError>>;
+
+struct Listener(RebalanceListener);
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RebalanceListener")
+    }
+}
 
 /// A member of a consumer group.
 #[derive(Debug)]
@@ -320,6 +362,9 @@ pub struct GroupConsumer {
     /// Set by the heartbeat task: rejoin needed.
     signal: Arc<AtomicU8>,
     heartbeat: Option<JoinHandle<()>>,
+    /// Cooperative: the rejoin under way while partitions are still read.
+    pending: Option<PendingJoin>,
+    listener: Option<Listener>,
     last_commit: Instant,
 }
 
@@ -327,6 +372,9 @@ impl Drop for GroupConsumer {
     fn drop(&mut self) {
         // Without close(): no leave, no commit; the session expires.
         if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+        if let Some(h) = self.pending.take() {
             h.abort();
         }
     }
@@ -341,6 +389,27 @@ impl GroupConsumer {
     /// Current generation (-1 before the first join).
     pub fn generation(&self) -> i32 {
         self.generation
+    }
+
+    /// Calls `listener` whenever partitions are revoked or assigned.
+    pub fn set_rebalance_listener(&mut self, listener: RebalanceListener) {
+        self.listener = Some(Listener(listener));
+    }
+
+    /// Whether a rejoin is under way (cooperative: the owned partitions
+    /// are still being read meanwhile).
+    pub fn rebalancing(&self) -> bool {
+        self.pending.is_some() || self.signal.load(Ordering::Acquire) != SIGNAL_OK
+    }
+
+    fn tell(&self, event: RebalanceEvent) {
+        if let Some(Listener(l)) = &self.listener {
+            l(&event);
+        }
+    }
+
+    fn cooperative(&self) -> bool {
+        self.config.protocol == pb::RebalanceProtocol::Cooperative
     }
 
     /// Partitions owned now.
@@ -373,14 +442,169 @@ impl GroupConsumer {
     /// its last fetch (and a rebalance is not pending).
     pub fn caught_up(&self) -> bool {
         self.generation >= 0
-            && self.signal.load(Ordering::Acquire) == SIGNAL_OK
+            && !self.rebalancing()
             && self
                 .consumers
                 .values()
                 .all(|c| c.position() >= c.high_watermark())
     }
 
-    /// Joins (or rejoins) the group and takes up the new assignment.
+    /// How long a join may wait for the rebalance to complete.
+    fn join_wait(&self) -> Duration {
+        let c = &self.config;
+        Duration::from_millis(u64::from(c.rebalance_timeout_ms) + u64::from(c.session_timeout_ms))
+            + REQUEST_TIMEOUT
+    }
+
+    fn join_request(&self) -> pb::JoinGroupRequest {
+        let c = &self.config;
+        pb::JoinGroupRequest {
+            group: c.group.clone(),
+            member_id: self.member_id.clone(),
+            group_instance_id: c.group_instance_id.clone(),
+            topics: c.topics.clone(),
+            session_timeout_ms: c.session_timeout_ms,
+            rebalance_timeout_ms: c.rebalance_timeout_ms,
+            strategy: c.strategy as i32,
+            client_id: c.client_id.clone(),
+            protocol: c.protocol as i32,
+        }
+    }
+
+    /// Takes up a finished background rejoin, and starts one when the
+    /// coordinator asked for it; joins in the foreground first (eager, the
+    /// first join, or after the member was forgotten).
+    async fn rebalance(&mut self) -> Result<(), ClientError> {
+        if self.pending.as_ref().is_some_and(JoinHandle::is_finished) {
+            let pending = self.pending.take().expect("checked above");
+            match pending.await {
+                Ok(Ok(resp)) => self.take_cooperative_answer(resp).await?,
+                Ok(Err(e)) if e.code() == pb::ErrorCode::UnknownMember => {
+                    self.signal.store(SIGNAL_REJOIN_AS_NEW, Ordering::Release);
+                }
+                Ok(Err(e)) => {
+                    self.signal.store(SIGNAL_REJOIN, Ordering::Release);
+                    return Err(e);
+                }
+                Err(_) => self.signal.store(SIGNAL_REJOIN, Ordering::Release),
+            }
+        }
+        let signal = self.signal.load(Ordering::Acquire);
+        if self.generation < 0
+            || signal == SIGNAL_REJOIN_AS_NEW
+            || (signal == SIGNAL_REJOIN && !self.cooperative())
+        {
+            if let Some(h) = self.pending.take() {
+                h.abort();
+            }
+            // A rejoin this answer asks for starts with the next poll.
+            return self.join().await;
+        }
+        // A cooperative member asked to rejoin (also right after an answer
+        // that says so) starts at once and reads on meanwhile.
+        if signal == SIGNAL_REJOIN && self.pending.is_none() {
+            if let Some(h) = self.heartbeat.take() {
+                h.abort();
+            }
+            let client = self.client.clone();
+            let req = self.join_request();
+            let wait = self.join_wait();
+            self.pending = Some(tokio::spawn(async move {
+                let group = req.group.clone();
+                client
+                    .group_call(&group, req, wait, |mut g, r| async move {
+                        g.join_group(r).await
+                    })
+                    .await
+            }));
+        }
+        Ok(())
+    }
+
+    /// Cooperative: applies the answer to a background rejoin. Partitions
+    /// taken away are committed (with auto-commit) and stopped, and the
+    /// member rejoins at once so the follow-up round can hand them over;
+    /// partitions kept are untouched; new ones start.
+    async fn take_cooperative_answer(
+        &mut self,
+        resp: pb::JoinGroupResponse,
+    ) -> Result<(), ClientError> {
+        self.member_id = resp.member_id.clone();
+        self.generation = resp.generation_id;
+        let assigned: BTreeSet<(String, i32)> = resp
+            .assignment
+            .iter()
+            .map(|tp| (tp.topic.clone(), tp.partition))
+            .collect();
+        let revoked: BTreeSet<(String, i32)> = self
+            .consumers
+            .keys()
+            .filter(|tp| !assigned.contains(*tp))
+            .cloned()
+            .collect();
+        if !revoked.is_empty() {
+            if self.config.auto_commit_interval.is_some() {
+                // Best effort: what is not committed is read again by the
+                // next owner.
+                if let Err(e) = self.commit_partitions(Some(&revoked)).await {
+                    tracing::debug!(error = %e, "commit of revoked partitions failed");
+                }
+            }
+            self.consumers.retain(|tp, _| !revoked.contains(tp));
+            self.committed.retain(|tp, _| !revoked.contains(tp));
+            self.tell(RebalanceEvent::Revoked(revoked.iter().cloned().collect()));
+        }
+        let rejoin = resp.rejoin || !revoked.is_empty();
+        self.signal.store(
+            if rejoin { SIGNAL_REJOIN } else { SIGNAL_OK },
+            Ordering::Release,
+        );
+        let added: Vec<(String, i32)> = assigned
+            .iter()
+            .filter(|tp| !self.consumers.contains_key(*tp))
+            .cloned()
+            .collect();
+        if let Err(e) = self.start_partitions(&added).await {
+            // Rejoining takes them up again.
+            self.signal.store(SIGNAL_REJOIN, Ordering::Release);
+            return Err(e);
+        }
+        if !rejoin {
+            self.spawn_heartbeat(resp.heartbeat_interval_ms);
+        }
+        Ok(())
+    }
+
+    /// Starts reading `partitions` from their committed offsets (or the
+    /// reset point) and tells the listener.
+    async fn start_partitions(&mut self, partitions: &[(String, i32)]) -> Result<(), ClientError> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let committed = self
+            .client
+            .fetch_offsets(&self.config.group, partitions)
+            .await?;
+        let mut started = Vec::new();
+        for o in committed {
+            let tp = (o.topic.clone(), o.partition);
+            let from = if o.offset >= 0 {
+                self.committed.insert(tp.clone(), o.offset);
+                StartFrom::Offset(o.offset)
+            } else {
+                self.reset_point()
+            };
+            let mut pc = self.client.partition_consumer(&tp.0, tp.1, from).await?;
+            pc.max_wait_ms = self.config.max_wait_ms;
+            self.consumers.insert(tp.clone(), pc);
+            started.push(tp);
+        }
+        self.tell(RebalanceEvent::Assigned(started));
+        Ok(())
+    }
+
+    /// Joins (or rejoins) the group in the foreground and takes up the new
+    /// assignment; nothing is read meanwhile.
     async fn join(&mut self) -> Result<(), ClientError> {
         if self.generation >= 0 && self.config.auto_commit_interval.is_some() {
             // Best effort: a fenced commit is re-read by the next owner.
@@ -392,24 +616,14 @@ impl GroupConsumer {
         if self.signal.load(Ordering::Acquire) == SIGNAL_REJOIN_AS_NEW {
             self.member_id.clear();
         }
-        // Eager: nothing is read while the group rebalances.
         let old = std::mem::take(&mut self.consumers);
+        if !old.is_empty() {
+            self.tell(RebalanceEvent::Revoked(old.keys().cloned().collect()));
+        }
         let old_generation = self.generation;
         let old_member = self.member_id.clone();
-        let c = &self.config;
-        let wait = Duration::from_millis(
-            u64::from(c.rebalance_timeout_ms) + u64::from(c.session_timeout_ms),
-        ) + REQUEST_TIMEOUT;
-        let mut req = pb::JoinGroupRequest {
-            group: c.group.clone(),
-            member_id: self.member_id.clone(),
-            group_instance_id: c.group_instance_id.clone(),
-            topics: c.topics.clone(),
-            session_timeout_ms: c.session_timeout_ms,
-            rebalance_timeout_ms: c.rebalance_timeout_ms,
-            strategy: c.strategy as i32,
-            client_id: c.client_id.clone(),
-        };
+        let wait = self.join_wait();
+        let mut req = self.join_request();
         let join = |req: pb::JoinGroupRequest| {
             self.client
                 .group_call(&self.config.group, req, wait, |mut g, r| async move {
@@ -425,7 +639,14 @@ impl GroupConsumer {
         };
         self.member_id = resp.member_id.clone();
         self.generation = resp.generation_id;
-        self.signal.store(SIGNAL_OK, Ordering::Release);
+        self.signal.store(
+            if resp.rejoin {
+                SIGNAL_REJOIN
+            } else {
+                SIGNAL_OK
+            },
+            Ordering::Release,
+        );
         let assigned: Vec<(String, i32)> = resp
             .assignment
             .iter()
@@ -447,28 +668,18 @@ impl GroupConsumer {
             .filter(|tp| !kept.contains_key(*tp))
             .cloned()
             .collect();
-        let committed = if fresh.is_empty() {
-            Vec::new()
-        } else {
-            self.client
-                .fetch_offsets(&self.config.group, &fresh)
-                .await?
-        };
         self.committed.retain(|tp, _| assigned.contains(tp));
-        for o in committed {
-            let tp = (o.topic.clone(), o.partition);
-            let from = if o.offset >= 0 {
-                self.committed.insert(tp.clone(), o.offset);
-                StartFrom::Offset(o.offset)
-            } else {
-                self.reset_point()
-            };
-            let mut pc = self.client.partition_consumer(&tp.0, tp.1, from).await?;
-            pc.max_wait_ms = self.config.max_wait_ms;
-            kept.insert(tp, pc);
+        if !kept.is_empty() {
+            self.tell(RebalanceEvent::Assigned(kept.keys().cloned().collect()));
         }
         self.consumers = kept;
-        self.spawn_heartbeat(resp.heartbeat_interval_ms);
+        if let Err(e) = self.start_partitions(&fresh).await {
+            self.signal.store(SIGNAL_REJOIN, Ordering::Release);
+            return Err(e);
+        }
+        if !resp.rejoin {
+            self.spawn_heartbeat(resp.heartbeat_interval_ms);
+        }
         Ok(())
     }
 
@@ -523,9 +734,7 @@ impl GroupConsumer {
     /// the long-poll wait). Joins first when needed, and commits when the
     /// auto-commit interval has passed.
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>, ClientError> {
-        if self.signal.load(Ordering::Acquire) != SIGNAL_OK || self.generation < 0 {
-            self.join().await?;
-        }
+        self.rebalance().await?;
         if let Some(every) = self.config.auto_commit_interval {
             if self.last_commit.elapsed() >= every {
                 if let Err(e) = self.commit().await {
@@ -533,12 +742,24 @@ impl GroupConsumer {
                 }
             }
         }
+        // While a background rejoin is under way, fetches wait only
+        // briefly so its answer is taken up soon after it arrives.
+        let wait_ms = if self.pending.is_some() {
+            REBALANCE_POLL_WAIT_MS.min(self.config.max_wait_ms)
+        } else {
+            self.config.max_wait_ms
+        };
         if self.consumers.is_empty() {
-            tokio::time::sleep(Duration::from_millis(u64::from(self.config.max_wait_ms))).await;
+            // Nothing to read: wait, unless a rejoin is due (the next poll
+            // starts it).
+            if self.signal.load(Ordering::Acquire) == SIGNAL_OK || self.pending.is_some() {
+                tokio::time::sleep(Duration::from_millis(u64::from(wait_ms))).await;
+            }
             return Ok(Vec::new());
         }
         let mut tasks = tokio::task::JoinSet::new();
         for (tp, mut c) in std::mem::take(&mut self.consumers) {
+            c.max_wait_ms = wait_ms;
             tasks.spawn(async move {
                 let r = c.poll().await;
                 (tp, c, r)
@@ -575,6 +796,14 @@ impl GroupConsumer {
 
     /// Commits the position of every owned partition that moved.
     pub async fn commit(&mut self) -> Result<(), ClientError> {
+        self.commit_partitions(None).await
+    }
+
+    /// Commits the moved positions of `only` (or every owned partition).
+    async fn commit_partitions(
+        &mut self,
+        only: Option<&BTreeSet<(String, i32)>>,
+    ) -> Result<(), ClientError> {
         self.last_commit = Instant::now();
         if self.generation < 0 {
             return Ok(());
@@ -582,6 +811,7 @@ impl GroupConsumer {
         let offsets: Vec<pb::PartitionOffset> = self
             .consumers
             .iter()
+            .filter(|(tp, _)| only.is_none_or(|o| o.contains(*tp)))
             .filter(|(tp, c)| self.committed.get(*tp) != Some(&c.position()))
             .map(|((t, p), c)| pb::PartitionOffset {
                 topic: t.clone(),
@@ -627,6 +857,9 @@ impl GroupConsumer {
     /// Commits (with auto-commit on) and leaves the group.
     pub async fn close(mut self) -> Result<(), ClientError> {
         if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+        if let Some(h) = self.pending.take() {
             h.abort();
         }
         if self.generation < 0 {

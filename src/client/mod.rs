@@ -39,7 +39,7 @@ use runnel_proto::v1::producer_client::ProducerClient;
 use tonic::transport::Endpoint;
 
 pub use consumer::{ConsumedRecord, PartitionConsumer, StartFrom};
-pub use group::{GroupConfig, GroupConsumer, OffsetReset};
+pub use group::{GroupConfig, GroupConsumer, OffsetReset, RebalanceEvent, RebalanceListener};
 pub(crate) use options::Channel;
 pub use options::{ClientOptions, ClientTls, Credentials};
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};

@@ -8,8 +8,14 @@
 //! loss of any one broker; a broker that becomes leader of such a
 //! partition replays it to rebuild the offsets before serving (requests
 //! meanwhile answer NOT_COORDINATOR, which clients retry). Membership is
-//! kept in memory only: after a failover members rejoin the new
-//! coordinator (their member ids are unknown there).
+//! persisted the same way ([`super::record`]): whenever a group's
+//! generation changes its metadata record is appended, and a join is
+//! answered only once the record of its generation is stored; a new
+//! coordinator rebuilds members, generation and assignments from the last
+//! record, so members carry on (heartbeats and commits with their
+//! generation are accepted) without a rebalance. All writes to one offsets
+//! partition go through its [`Appender`], which turns concurrent commits
+//! into one append.
 //!
 //! One background task follows leadership of the offsets partitions and
 //! ticks every group (session expiry, rebalance deadlines, topics that
@@ -31,6 +37,8 @@ use runnel_storage::RecordBatch;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::appender::{AppendError, Appender};
+use super::record::{group_key, group_value, parse_group_key, parse_group_value};
 use super::state::{Group, GroupError, GroupState, JoinArgs};
 use crate::broker::{now_ms, Broker};
 use crate::error::BrokerError;
@@ -65,6 +73,8 @@ pub enum CoordinatorError {
     Group(#[from] GroupError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error("storing to {OFFSETS_TOPIC} failed: {0}")]
+    Append(#[from] AppendError),
 }
 
 impl CoordinatorError {
@@ -81,7 +91,12 @@ impl CoordinatorError {
                 pb::ErrorCode::IllegalGeneration
             }
             CoordinatorError::Group(GroupError::NotEmpty { .. }) => pb::ErrorCode::GroupNotEmpty,
+            // Fenced like a stale generation: the member must rejoin.
+            CoordinatorError::Group(GroupError::NotOwner { .. }) => {
+                pb::ErrorCode::IllegalGeneration
+            }
             CoordinatorError::Broker(e) => e.code(),
+            CoordinatorError::Append(e) => e.code,
         }
     }
 }
@@ -123,6 +138,10 @@ struct Committed {
 struct Entry {
     group: Group,
     offsets: BTreeMap<(String, i32), Committed>,
+    /// Generation whose metadata record was last queued for writing.
+    queued: i32,
+    /// Generation whose metadata record is stored (joins answer then).
+    persisted: i32,
     /// Bumped when a rebalance completes or the group goes away; waiting
     /// joins look again.
     changed: watch::Sender<u64>,
@@ -133,6 +152,8 @@ impl Entry {
         Self {
             group: Group::new(id),
             offsets: BTreeMap::new(),
+            queued: 0,
+            persisted: 0,
             changed: watch::channel(0).0,
         }
     }
@@ -154,6 +175,8 @@ struct Inner {
     loading: BTreeSet<(i32, i32)>,
     /// Groups of the loaded partitions.
     groups: HashMap<String, Entry>,
+    /// The writer of every loaded partition.
+    appenders: HashMap<i32, Appender>,
 }
 
 /// The coordinator of every group whose offsets partition this broker leads.
@@ -268,6 +291,7 @@ impl GroupCoordinator {
             for i in gone {
                 info!(partition = i, "no longer coordinator for offsets partition");
                 inner.loaded.remove(&i);
+                inner.appenders.remove(&i);
                 let ids: Vec<String> = inner
                     .groups
                     .keys()
@@ -310,6 +334,8 @@ impl GroupCoordinator {
         let log = partition.log.clone();
         let replay = tokio::task::spawn_blocking(move || {
             let mut offsets: HashMap<String, BTreeMap<(String, i32), Committed>> = HashMap::new();
+            // The last metadata record of each group (None: deleted).
+            let mut metas: HashMap<String, Option<bytes::Bytes>> = HashMap::new();
             let end = log.log_end_offset();
             let mut next = log.log_start_offset();
             let mut records = 0u64;
@@ -323,6 +349,11 @@ impl GroupCoordinator {
                     for r in batch.records()? {
                         // The first batch may start before `from`.
                         if r.offset < from {
+                            continue;
+                        }
+                        if let Some(g) = r.key.as_deref().and_then(parse_group_key) {
+                            records += 1;
+                            metas.insert(g, r.value.clone());
                             continue;
                         }
                         let Some((g, t, p)) = r.key.as_deref().and_then(parse_key) else {
@@ -349,12 +380,12 @@ impl GroupCoordinator {
                     next = next.max(batch.last_offset() + 1);
                 }
             }
-            Ok::<_, runnel_storage::StorageError>((offsets, records))
+            Ok::<_, runnel_storage::StorageError>((offsets, metas, records))
         })
         .await;
         let mut inner = self.lock();
         inner.loading.remove(&(index, epoch));
-        let (offsets, records) = match replay {
+        let (mut offsets, metas, records) = match replay {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 warn!(partition = index, error = %e, "replaying offsets partition failed");
@@ -373,18 +404,37 @@ impl GroupCoordinator {
         if !still {
             return;
         }
-        let groups = offsets.len();
-        for (g, map) in offsets {
-            if partition_for_group(&g, count) != index || map.is_empty() {
+        let now = now_ms();
+        let mut ids: BTreeSet<String> = offsets.keys().cloned().collect();
+        ids.extend(metas.keys().cloned());
+        let mut groups = 0;
+        for g in ids {
+            if partition_for_group(&g, count) != index {
                 continue;
             }
             let mut e = Entry::new(&g);
-            e.offsets = map;
+            e.offsets = offsets.remove(&g).unwrap_or_default();
+            if let Some(group) = metas
+                .get(&g)
+                .and_then(Option::as_deref)
+                .and_then(|v| parse_group_value(&g, v, now))
+            {
+                e.queued = group.generation;
+                e.persisted = group.generation;
+                e.group = group;
+            }
+            if !e.exists() {
+                continue;
+            }
+            groups += 1;
             if let Some(old) = inner.groups.insert(g, e) {
                 old.notify();
             }
         }
         inner.loaded.insert(index, epoch);
+        inner
+            .appenders
+            .insert(index, Appender::start(self.broker.clone(), index));
         info!(
             partition = index,
             leader_epoch = epoch,
@@ -444,12 +494,68 @@ impl GroupCoordinator {
         out
     }
 
+    /// Queues `group`'s metadata record when its generation moved since the
+    /// last one queued; once stored, waiting joins are told. Called under
+    /// the lock right after the change, so records go out in generation
+    /// order. A record that cannot be stored is logged and skipped (the
+    /// committed offsets do not depend on it; after a failover the members
+    /// would rejoin).
+    fn persist(self: &Arc<Self>, inner: &mut Inner, group: &str) {
+        let count = self.offsets_partition_count();
+        let index = partition_for_group(group, count);
+        let Inner {
+            groups, appenders, ..
+        } = inner;
+        let (Some(e), Some(appender)) = (groups.get_mut(group), appenders.get(&index)) else {
+            return;
+        };
+        let generation = e.group.generation;
+        if e.queued == generation {
+            return;
+        }
+        e.queued = generation;
+        let record = pb::Record {
+            key: Some(group_key(group)),
+            value: Some(group_value(&e.group)),
+            ..Default::default()
+        };
+        let stored = appender.submit(vec![record]);
+        let (me, group) = (Arc::downgrade(self), group.to_string());
+        tokio::spawn(async move {
+            let failed = match stored.await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("the writer stopped".to_string()),
+            };
+            let Some(me) = me.upgrade() else { return };
+            if let Some(error) = failed {
+                warn!(%group, generation, %error, "storing the group record failed");
+            }
+            let mut inner = me.lock();
+            if let Some(e) = inner.groups.get_mut(&group) {
+                e.persisted = e.persisted.max(generation);
+                e.notify();
+            }
+        });
+    }
+
+    fn offsets_partition_count(&self) -> i32 {
+        self.broker
+            .metadata()
+            .current()
+            .topics
+            .get(OFFSETS_TOPIC)
+            .map_or(OFFSETS_PARTITIONS, |t| t.partitions.len() as i32)
+    }
+
     /// Session expiry, rebalance deadlines and grown topics for every group.
-    fn tick(&self) {
+    fn tick(self: &Arc<Self>) {
         let counts = self.partition_counts();
         let now = now_ms();
         let mut inner = self.lock();
+        let mut moved = Vec::new();
         for e in inner.groups.values_mut() {
+            let before = e.group.generation;
             let gone = e.group.expire(now);
             if !gone.is_empty() {
                 info!(group = %e.group.id, members = ?gone, "session expired");
@@ -463,6 +569,12 @@ impl GroupCoordinator {
             if completed || !gone.is_empty() {
                 e.notify();
             }
+            if e.group.generation != before {
+                moved.push(e.group.id.clone());
+            }
+        }
+        for g in moved {
+            self.persist(&mut inner, &g);
         }
     }
 
@@ -554,7 +666,10 @@ impl GroupCoordinator {
     }
 
     /// JoinGroup: waits until the rebalance completes.
-    pub async fn join(&self, req: pb::JoinGroupRequest) -> Result<pb::JoinGroupResponse> {
+    pub async fn join(
+        self: &Arc<Self>,
+        req: pb::JoinGroupRequest,
+    ) -> Result<pb::JoinGroupResponse> {
         validate_group_id(&req.group)?;
         if req.topics.is_empty() || req.topics.iter().any(String::is_empty) {
             return Err(invalid("a member must subscribe to at least one topic"));
@@ -579,6 +694,8 @@ impl GroupCoordinator {
         }
         let strategy = pb::AssignmentStrategy::try_from(req.strategy)
             .map_err(|_| invalid(format!("unknown assignment strategy {}", req.strategy)))?;
+        let protocol = pb::RebalanceProtocol::try_from(req.protocol)
+            .map_err(|_| invalid(format!("unknown rebalance protocol {}", req.protocol)))?;
         let args = JoinArgs {
             member_id: req.member_id.clone(),
             instance_id: req.group_instance_id.clone(),
@@ -587,9 +704,10 @@ impl GroupCoordinator {
             session_timeout_ms: i64::from(session),
             rebalance_timeout_ms: i64::from(rebalance),
             strategy,
+            protocol,
         };
         let counts = self.partition_counts();
-        let (member_id, mut rx) = {
+        let (member_id, joined_at, mut rx) = {
             let mut inner = self.lock();
             self.coordinator_partition(&inner, &req.group)?;
             let entry = inner
@@ -605,13 +723,25 @@ impl GroupCoordinator {
                     req.group, entry.group.strategy
                 )));
             }
+            if entry.group.state != GroupState::Empty
+                && !entry.group.members.is_empty()
+                && entry.group.protocol != protocol
+            {
+                return Err(invalid(format!(
+                    "group '{}' uses the {:?} rebalance protocol; every member must ask for the same one",
+                    req.group, entry.group.protocol
+                )));
+            }
+            let joined_at = entry.group.generation;
             let now = now_ms();
             let member_id = entry.group.join(args, now)?;
             if entry.group.try_complete(now, &counts) {
                 self.rebalanced(&entry.group, now);
                 entry.notify();
             }
-            (member_id, entry.changed.subscribe())
+            let rx = entry.changed.subscribe();
+            self.persist(&mut inner, &req.group);
+            (member_id, joined_at, rx)
         };
         debug!(group = %req.group, %member_id, "join");
         let deadline = tokio::time::Instant::now()
@@ -626,7 +756,12 @@ impl GroupCoordinator {
                         member_id: member_id.clone(),
                     })
                 })?;
-                if let Some(m) = entry.group.assignment_ready(&member_id) {
+                let stored = entry.persisted >= entry.group.generation;
+                if let Some(m) = entry
+                    .group
+                    .join_result(&member_id, joined_at)
+                    .filter(|_| stored)
+                {
                     return Ok(pb::JoinGroupResponse {
                         member_id: member_id.clone(),
                         generation_id: entry.group.generation,
@@ -640,6 +775,7 @@ impl GroupCoordinator {
                             .collect(),
                         // Frequent enough that members learn of a rebalance quickly.
                         heartbeat_interval_ms: (session / 5).clamp(50, 1_000),
+                        rejoin: entry.group.state == GroupState::PreparingRebalance,
                     });
                 }
                 if !entry.group.members.contains_key(&member_id) {
@@ -678,7 +814,7 @@ impl GroupCoordinator {
     }
 
     /// LeaveGroup.
-    pub fn leave(&self, req: &pb::LeaveGroupRequest) -> Result<()> {
+    pub fn leave(self: &Arc<Self>, req: &pb::LeaveGroupRequest) -> Result<()> {
         let counts = self.partition_counts();
         let mut inner = self.lock();
         self.coordinator_partition(&inner, &req.group)?;
@@ -694,22 +830,25 @@ impl GroupCoordinator {
             self.rebalanced(&entry.group, now);
         }
         entry.notify();
+        self.persist(&mut inner, &req.group);
         info!(group = %req.group, member_id = %req.member_id, "member left");
         Ok(())
     }
 
     /// Appends offsets (None: tombstone) to the group's partition with
-    /// acks=all, then applies them.
+    /// acks=all (batched with other writes by the partition's appender),
+    /// then applies them; `extra` records go in the same batch after them.
     async fn append_offsets(
         &self,
         group: &str,
         index: i32,
         offsets: Vec<OffsetWrite>,
+        extra: Vec<pb::Record>,
     ) -> Result<()> {
-        if offsets.is_empty() {
+        if offsets.is_empty() && extra.is_empty() {
             return Ok(());
         }
-        let records = offsets
+        let mut records: Vec<pb::Record> = offsets
             .iter()
             .map(|(t, p, v)| pb::Record {
                 key: Some(record_key(group, t, *p)),
@@ -717,16 +856,16 @@ impl GroupCoordinator {
                 ..Default::default()
             })
             .collect();
-        let resp = self
-            .broker
-            .produce(pb::ProduceRequest {
-                topic: OFFSETS_TOPIC.to_string(),
-                partition: Some(index),
-                records,
-                acks: pb::Acks::All as i32,
-                ..Default::default()
-            })
-            .await?;
+        records.extend(extra);
+        let appender = {
+            let inner = self.lock();
+            self.coordinator_partition(&inner, group)?;
+            inner.appenders.get(&index).cloned()
+        }
+        .ok_or_else(|| CoordinatorError::NotCoordinator {
+            group: group.to_string(),
+        })?;
+        let base_offset = appender.append(records).await?;
         let mut inner = self.lock();
         self.coordinator_partition(&inner, group)?;
         let entry = inner
@@ -734,7 +873,7 @@ impl GroupCoordinator {
             .entry(group.to_string())
             .or_insert_with(|| Entry::new(group));
         for (i, (t, p, v)) in offsets.into_iter().enumerate() {
-            let log_offset = resp.base_offset + i as i64;
+            let log_offset = base_offset + i as i64;
             let key = (t, p);
             if entry
                 .offsets
@@ -776,8 +915,17 @@ impl GroupCoordinator {
         let index = {
             let inner = self.lock();
             let index = self.coordinator_partition(&inner, &req.group)?;
+            let partitions: Vec<(String, i32)> = req
+                .offsets
+                .iter()
+                .map(|o| (o.topic.clone(), o.partition))
+                .collect();
             match inner.groups.get(&req.group) {
-                Some(e) => e.group.validate_commit(&req.member_id, req.generation_id)?,
+                Some(e) => e.group.validate_commit_partitions(
+                    &req.member_id,
+                    req.generation_id,
+                    &partitions,
+                )?,
                 None if req.member_id.is_empty() => {}
                 None => {
                     return Err(GroupError::UnknownMember {
@@ -794,7 +942,8 @@ impl GroupCoordinator {
             .into_iter()
             .map(|o| (o.topic, o.partition, Some((o.offset, o.metadata))))
             .collect();
-        self.append_offsets(&req.group, index, offsets).await
+        self.append_offsets(&req.group, index, offsets, Vec::new())
+            .await
     }
 
     /// FetchOffsets.
@@ -970,6 +1119,7 @@ impl GroupCoordinator {
                     lags: Vec::new(),
                     total_lag: 0,
                     coordinator: self.broker.node_id(),
+                    protocol: e.group.protocol as i32,
                 },
                 committed,
                 owners,
@@ -1091,7 +1241,8 @@ impl GroupCoordinator {
                     )
                 })
                 .collect();
-            self.append_offsets(&req.group, index, v).await?;
+            self.append_offsets(&req.group, index, v, Vec::new())
+                .await?;
             info!(group = %req.group, topic = %req.topic, "offsets reset");
         }
         Ok(pb::ResetOffsetsResponse { offsets })
@@ -1114,7 +1265,13 @@ impl GroupCoordinator {
             (index, e.offsets.keys().cloned().collect::<Vec<_>>())
         };
         let tombstones = keys.into_iter().map(|(t, p)| (t, p, None)).collect();
-        self.append_offsets(group, index, tombstones).await?;
+        let forget = pb::Record {
+            key: Some(group_key(group)),
+            value: None,
+            ..Default::default()
+        };
+        self.append_offsets(group, index, tombstones, vec![forget])
+            .await?;
         let mut inner = self.lock();
         if let Some(e) = inner.groups.get(group) {
             if !e.exists() {

@@ -7,11 +7,17 @@
 //! - [`assignor`]: range, round-robin, sticky and broadcast assignment.
 //! - [`state`]: one group's membership state machine (join, heartbeat,
 //!   leave, expiry, generations, commit fencing).
-//! - [`coordinator`]: leadership following, offsets replay, blocking joins,
-//!   commits, describe/reset/delete.
+//! - [`coordinator`]: leadership following, offsets and membership replay,
+//!   blocking joins, commits, describe/reset/delete.
+//! - [`appender`]: the one writer per offsets partition, batching
+//!   concurrent commits into one acks=all append.
+//! - [`record`]: group metadata records (membership persisted next to the
+//!   offsets).
 
+pub mod appender;
 pub mod assignor;
 pub mod coordinator;
+pub mod record;
 pub mod state;
 
 pub use coordinator::{GroupCoordinator, OFFSETS_TOPIC};

@@ -12,15 +12,28 @@
 //!   bumped and partitions assigned)
 //! - PreparingRebalance → Empty (nobody is left)
 //!
-//! A member rejoins during PreparingRebalance only after it stopped
-//! consuming what it owned, so no partition has two owners in one
-//! generation. Commits are accepted only from a current member with the
-//! current generation (also during PreparingRebalance, so members can
+//! Eager protocol: a member rejoins during PreparingRebalance only after
+//! it stopped consuming what it owned, so no partition has two owners in
+//! one generation. Commits are accepted only from a current member with
+//! the current generation (also during PreparingRebalance, so members can
 //! commit before rejoining).
+//!
+//! Cooperative protocol (KIP-429 style): members keep consuming while they
+//! rejoin. Completing a rebalance computes the target assignment, but a
+//! partition still owned by another member is not handed over: its owner
+//! loses it in this generation (`revoked`) and a follow-up rebalance starts
+//! at once (Stable → PreparingRebalance within the completion). The old
+//! owner stops the partition, commits it and rejoins; only the follow-up
+//! round, which needs that rejoin, gives the partition to its new owner.
+//! So no partition has two owners at any moment, and a member whose
+//! partitions do not move never stops. Commits are accepted from a member
+//! with the current or the previous generation (it may not have read the
+//! answer to its rejoin yet), and only for partitions it owns or has just
+//! had revoked (until it rejoins).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use runnel_proto::v1::AssignmentStrategy;
+use runnel_proto::v1::{AssignmentStrategy, RebalanceProtocol};
 
 use super::assignor::{assign, Subscription, TopicPartition};
 
@@ -37,6 +50,13 @@ pub enum GroupError {
     },
     #[error("group '{group}' has {members} active members")]
     NotEmpty { group: String, members: usize },
+    #[error("member '{member_id}' of group '{group}' does not own {topic}-{partition} (it moved in a rebalance)")]
+    NotOwner {
+        group: String,
+        member_id: String,
+        topic: String,
+        partition: i32,
+    },
 }
 
 /// Where the group is in its rebalance cycle.
@@ -84,6 +104,9 @@ pub struct Member {
     pub generation: i32,
     /// Rejoined for the pending rebalance.
     pub rejoined: bool,
+    /// Cooperative: partitions taken away by the last completed rebalance;
+    /// the member may still commit them until it rejoins.
+    pub revoked: Vec<TopicPartition>,
 }
 
 /// A join request, already validated.
@@ -103,6 +126,8 @@ pub struct JoinArgs {
     pub rebalance_timeout_ms: i64,
     /// Strategy wanted.
     pub strategy: AssignmentStrategy,
+    /// Rebalance protocol wanted.
+    pub protocol: RebalanceProtocol,
 }
 
 /// One group.
@@ -116,6 +141,8 @@ pub struct Group {
     pub generation: i32,
     /// Strategy of the current generation.
     pub strategy: AssignmentStrategy,
+    /// Rebalance protocol of the current generation.
+    pub protocol: RebalanceProtocol,
     /// Members by id.
     pub members: BTreeMap<String, Member>,
     /// When a pending rebalance gives up on missing members (ms).
@@ -136,11 +163,33 @@ impl Group {
             state: GroupState::Empty,
             generation: 0,
             strategy: AssignmentStrategy::Unspecified,
+            protocol: RebalanceProtocol::Eager,
             members: BTreeMap::new(),
             rebalance_deadline_ms: 0,
             rebalance_started_ms: 0,
             assigned_counts: BTreeMap::new(),
             next_member: 0,
+        }
+    }
+
+    /// The member id counter (persisted with the group).
+    pub fn next_member(&self) -> u64 {
+        self.next_member
+    }
+
+    /// Restores the member id counter of a persisted group.
+    pub fn set_next_member(&mut self, n: u64) {
+        self.next_member = n;
+    }
+
+    /// Sets the state of a group rebuilt from its record; a rebalance
+    /// starts over from `now_ms` (every member must rejoin).
+    pub fn restore_state(&mut self, state: GroupState, now_ms: i64) {
+        if state == GroupState::PreparingRebalance {
+            self.state = GroupState::Stable;
+            self.start_rebalance(now_ms);
+        } else {
+            self.state = state;
         }
     }
 
@@ -224,10 +273,13 @@ impl Group {
                 .unwrap_or_default(),
             generation: existing.as_ref().map_or(0, |m| m.generation),
             rejoined: true,
+            // A rejoin says the revoked partitions were stopped.
+            revoked: Vec::new(),
         };
         self.members.insert(member_id.clone(), member);
         if self.members.len() == 1 || self.state == GroupState::Empty {
             self.strategy = args.strategy;
+            self.protocol = args.protocol;
         }
         if self.state == GroupState::Stable && unchanged {
             // A retried join: the current assignment stands.
@@ -248,6 +300,22 @@ impl Group {
         self.members
             .get(member_id)
             .filter(|m| self.state == GroupState::Stable && m.generation == self.generation)
+    }
+
+    /// The answer to a join registered while the group was at generation
+    /// `joined_at`: the member once a later generation completed (or, for
+    /// a join that changed nothing, once the group is stable).
+    pub fn join_result(&self, member_id: &str, joined_at: i32) -> Option<&Member> {
+        self.members.get(member_id).filter(|m| {
+            m.generation == self.generation
+                && (self.generation > joined_at || self.state == GroupState::Stable)
+        })
+    }
+
+    /// Whether the group hands partitions over incrementally.
+    pub fn cooperative(&self) -> bool {
+        self.protocol == RebalanceProtocol::Cooperative
+            && self.strategy != AssignmentStrategy::Broadcast
     }
 
     /// Finishes a pending rebalance when every member rejoined or the
@@ -283,14 +351,50 @@ impl Group {
             .filter(|(t, _)| topics.contains(*t))
             .map(|(t, n)| (t.clone(), *n))
             .collect();
-        let assignment = assign(self.strategy, &subs, partitions);
+        let mut assignment = assign(self.strategy, &subs, partitions);
         let generation = self.generation;
+        let mut revoked_any = false;
+        let cooperative = self.cooperative();
+        if cooperative {
+            // Partitions still owned by someone else wait for the
+            // follow-up round; their owners lose them now.
+            let owners: BTreeMap<TopicPartition, String> = self
+                .members
+                .values()
+                .flat_map(|m| {
+                    m.assignment
+                        .iter()
+                        .map(|tp| (tp.clone(), m.member_id.clone()))
+                })
+                .collect();
+            for (id, target) in assignment.iter_mut() {
+                target.retain(|tp| owners.get(tp).is_none_or(|o| o == id));
+            }
+            for m in self.members.values_mut() {
+                let target = assignment.get(&m.member_id);
+                m.revoked = m
+                    .assignment
+                    .iter()
+                    .filter(|tp| !target.is_some_and(|t| t.contains(tp)))
+                    .cloned()
+                    .collect();
+                revoked_any |= !m.revoked.is_empty();
+            }
+        }
         for m in self.members.values_mut() {
-            m.assignment = assignment.get(&m.member_id).cloned().unwrap_or_default();
+            m.assignment = assignment.remove(&m.member_id).unwrap_or_default();
             m.generation = generation;
             m.last_seen_ms = now_ms;
+            if !cooperative {
+                m.revoked.clear();
+            }
         }
         self.state = GroupState::Stable;
+        if revoked_any {
+            // The follow-up round hands the revoked partitions over once
+            // their old owners rejoined.
+            self.start_rebalance(now_ms);
+        }
         true
     }
 
@@ -397,12 +501,43 @@ impl Group {
         if !self.members.contains_key(member_id) {
             return Err(self.unknown(member_id));
         }
-        if generation != self.generation {
+        // A cooperative member keeps consuming (and committing) while its
+        // rejoin is answered, so it may not know the newest generation yet.
+        let previous_ok = self.cooperative() && generation == self.generation - 1;
+        if generation != self.generation && !previous_ok {
             return Err(GroupError::IllegalGeneration {
                 group: self.id.clone(),
                 generation,
                 current: self.generation,
             });
+        }
+        Ok(())
+    }
+
+    /// [`Group::validate_commit`], and in a cooperative group also that the
+    /// member owns every partition committed (or just had it revoked).
+    pub fn validate_commit_partitions(
+        &self,
+        member_id: &str,
+        generation: i32,
+        partitions: &[TopicPartition],
+    ) -> Result<(), GroupError> {
+        self.validate_commit(member_id, generation)?;
+        if member_id.is_empty() || !self.cooperative() {
+            return Ok(());
+        }
+        let Some(m) = self.members.get(member_id) else {
+            return Err(self.unknown(member_id));
+        };
+        for tp in partitions {
+            if !m.assignment.contains(tp) && !m.revoked.contains(tp) {
+                return Err(GroupError::NotOwner {
+                    group: self.id.clone(),
+                    member_id: member_id.to_string(),
+                    topic: tp.0.clone(),
+                    partition: tp.1,
+                });
+            }
         }
         Ok(())
     }
@@ -421,6 +556,7 @@ mod tests {
             session_timeout_ms: 1000,
             rebalance_timeout_ms: 500,
             strategy: AssignmentStrategy::Range,
+            protocol: RebalanceProtocol::Eager,
         }
     }
 
@@ -550,6 +686,101 @@ mod tests {
         g.join(args(&a, ""), 10).unwrap();
         assert_eq!(g.state, GroupState::Stable);
         assert!(g.join(args("ghost", ""), 10).is_err());
+    }
+
+    fn coop(member_id: &str) -> JoinArgs {
+        JoinArgs {
+            strategy: AssignmentStrategy::CooperativeSticky,
+            protocol: RebalanceProtocol::Cooperative,
+            ..args(member_id, "")
+        }
+    }
+
+    fn owned(g: &Group, id: &str) -> BTreeSet<TopicPartition> {
+        g.members[id].assignment.iter().cloned().collect()
+    }
+
+    #[test]
+    fn cooperative_join_revokes_in_one_round_and_assigns_in_the_next() {
+        let mut g = Group::new("g");
+        let a = g.join(coop(""), 0).unwrap();
+        let b = g.join(coop(""), 0).unwrap();
+        assert!(g.try_complete(0, &counts()));
+        assert_eq!(g.generation, 1);
+        let (a1, b1) = (owned(&g, &a), owned(&g, &b));
+        assert_eq!((a1.len(), b1.len()), (3, 3));
+
+        // c joins; a and b rejoin (they keep consuming meanwhile).
+        let c = g.join(coop(""), 10).unwrap();
+        assert_eq!(g.heartbeat(&a, 1, 11), Ok(true));
+        g.join(coop(&a), 12).unwrap();
+        assert!(g.join_result(&a, 1).is_none(), "b has not rejoined");
+        g.join(coop(&b), 13).unwrap();
+        assert!(g.try_complete(13, &counts()));
+        // Round 1: a and b lose one partition each; c gets nothing yet,
+        // and a follow-up round is already pending.
+        assert_eq!(g.generation, 2);
+        assert_eq!(g.state, GroupState::PreparingRebalance);
+        owned_disjoint(&g);
+        let (a2, b2) = (owned(&g, &a), owned(&g, &b));
+        assert!(a2.is_subset(&a1) && b2.is_subset(&b1));
+        assert_eq!((a2.len(), b2.len()), (2, 2));
+        assert!(g.join_result(&c, 1).unwrap().assignment.is_empty());
+        assert!(g.join_result(&a, 1).is_some());
+        assert!(g.join_result(&a, 2).is_none(), "the follow-up is pending");
+        let lost_a = g.members[&a].revoked.clone();
+        assert_eq!(lost_a.len(), 1);
+        // a may still commit what it lost (with either generation), c may
+        // not commit it, and generation 0 is stale.
+        assert_eq!(g.validate_commit_partitions(&a, 1, &lost_a), Ok(()));
+        assert_eq!(g.validate_commit_partitions(&a, 2, &lost_a), Ok(()));
+        assert!(matches!(
+            g.validate_commit_partitions(&c, 2, &lost_a),
+            Err(GroupError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            g.validate_commit_partitions(&a, 0, &lost_a),
+            Err(GroupError::IllegalGeneration { .. })
+        ));
+
+        // Round 2: everyone rejoins; the revoked partitions go to c.
+        for (id, t) in [(&c, 20), (&a, 21)] {
+            g.join(coop(id), t).unwrap();
+        }
+        assert!(!g.try_complete(21, &counts()));
+        assert!(
+            matches!(
+                g.validate_commit_partitions(&a, 2, &lost_a),
+                Err(GroupError::NotOwner { .. })
+            ),
+            "a rejoined: it stopped what it lost"
+        );
+        g.join(coop(&b), 22).unwrap();
+        assert!(g.try_complete(22, &counts()));
+        assert_eq!(g.generation, 3);
+        assert_eq!(g.state, GroupState::Stable);
+        owned_disjoint(&g);
+        assert_eq!(owned(&g, &a), a2, "a kept its partitions");
+        assert_eq!(owned(&g, &b), b2);
+        assert_eq!(owned(&g, &c).len(), 2);
+        assert!(owned(&g, &c).contains(&lost_a[0]));
+        assert!(g.join_result(&c, 2).is_some());
+    }
+
+    #[test]
+    fn cooperative_leave_hands_partitions_over_in_one_round() {
+        let mut g = Group::new("g");
+        let a = g.join(coop(""), 0).unwrap();
+        let b = g.join(coop(""), 0).unwrap();
+        g.try_complete(0, &counts());
+        let a1 = owned(&g, &a);
+        g.leave(&b, 5).unwrap();
+        g.join(coop(&a), 6).unwrap();
+        assert!(g.try_complete(6, &counts()));
+        assert_eq!(g.state, GroupState::Stable, "nothing had to be revoked");
+        assert_eq!(owned(&g, &a).len(), 6);
+        assert!(a1.is_subset(&owned(&g, &a)));
+        assert!(g.members[&a].revoked.is_empty());
     }
 
     #[test]

@@ -1,0 +1,180 @@
+//! The one writer of an offsets partition this broker coordinates: offset
+//! commits and group metadata records queue here, and every batch of
+//! queued writes becomes one append to `__consumer_offsets` with acks=all
+//! (group commit).
+//!
+//! No task of its own: a writer queues its records, then takes the append
+//! lock; whoever holds it takes everything queued (its own records, or
+//! nothing when an earlier holder already took them), appends it, releases
+//! the lock and waits for the replicas outside it. So appends go out in
+//! queue order, a lone commit costs what a plain produce costs, commits
+//! that arrive while an append is under way ride in the next one, and any
+//! number of appended batches wait for their replicas at once.
+//!
+//! Where it sits: between the coordinator ([`super::coordinator`]) and the
+//! produce path ([`crate::broker::Broker::produce_append`] /
+//! [`crate::broker::Broker::produce_complete`]). The coordinator drops the
+//! appender when leadership moves; queued writers then fail with
+//! NOT_COORDINATOR.
+
+use std::sync::{Arc, Mutex};
+
+use runnel_proto::v1 as pb;
+use tokio::sync::oneshot;
+
+use super::coordinator::OFFSETS_TOPIC;
+use crate::broker::Broker;
+
+/// Most records in one append.
+const BATCH_RECORDS_MAX: usize = 4096;
+
+/// Why an append failed: the broker's error code and message, shared by
+/// every write of the batch.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct AppendError {
+    /// Wire error code (NOT_LEADER, NOT_ENOUGH_REPLICAS, ...).
+    pub code: pb::ErrorCode,
+    /// The broker's message.
+    pub reason: String,
+}
+
+/// Queued records and who waits for their first offset.
+struct Write {
+    records: Vec<pb::Record>,
+    done: oneshot::Sender<Result<i64, AppendError>>,
+}
+
+/// The writer of one offsets partition.
+#[derive(Clone)]
+pub struct Appender {
+    broker: Arc<Broker>,
+    index: i32,
+    queue: Arc<Mutex<Vec<Write>>>,
+    /// Held while a batch is taken from the queue and appended.
+    append: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for Appender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Appender")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+fn gone() -> AppendError {
+    AppendError {
+        code: pb::ErrorCode::NotCoordinator,
+        reason: "this broker stopped coordinating the offsets partition".to_string(),
+    }
+}
+
+impl Appender {
+    /// The writer of offsets partition `index`.
+    pub fn start(broker: Arc<Broker>, index: i32) -> Self {
+        Self {
+            broker,
+            index,
+            queue: Arc::new(Mutex::new(Vec::new())),
+            append: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    fn enqueue(&self, records: Vec<pb::Record>) -> oneshot::Receiver<Result<i64, AppendError>> {
+        let (done, rx) = oneshot::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Write { records, done });
+        rx
+    }
+
+    /// Appends `records` (in one batch with whatever else is queued) and
+    /// returns the log offset of the first once every in-sync replica has
+    /// them.
+    pub async fn append(&self, records: Vec<pb::Record>) -> Result<i64, AppendError> {
+        let rx = self.enqueue(records);
+        let guard = self.append.clone().lock_owned().await;
+        let batch = self.take();
+        match batch.len() {
+            // An earlier holder took ours: its answer comes.
+            0 => drop(guard),
+            // Only ours: append and wait here.
+            1 => flush(self.broker.clone(), self.index, batch, guard).await,
+            // Others ride along: finish in a task, so their answers do not
+            // depend on this call running to the end.
+            _ => {
+                tokio::spawn(flush(self.broker.clone(), self.index, batch, guard));
+            }
+        }
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Queues `records` without waiting; the receiver gets the offset of
+    /// the first once they are stored. Writes queued one after the other
+    /// are appended in that order.
+    pub fn submit(&self, records: Vec<pb::Record>) -> oneshot::Receiver<Result<i64, AppendError>> {
+        let rx = self.enqueue(records);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let guard = me.append.clone().lock_owned().await;
+            let batch = me.take();
+            if !batch.is_empty() {
+                flush(me.broker.clone(), me.index, batch, guard).await;
+            }
+        });
+        rx
+    }
+
+    /// The queued writes, up to [`BATCH_RECORDS_MAX`] records (at least one
+    /// write), in order.
+    fn take(&self) -> Vec<Write> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut count = 0;
+        let mut n = 0;
+        while n < q.len() && (n == 0 || count + q[n].records.len() <= BATCH_RECORDS_MAX) {
+            count += q[n].records.len();
+            n += 1;
+        }
+        q.drain(..n).collect()
+    }
+}
+
+/// Appends `batch` as one request while holding the append lock, then
+/// waits for the replicas without it and answers every write with the
+/// offset of its first record.
+async fn flush(
+    broker: Arc<Broker>,
+    index: i32,
+    batch: Vec<Write>,
+    guard: tokio::sync::OwnedMutexGuard<()>,
+) {
+    let mut records = Vec::new();
+    let mut writes = Vec::with_capacity(batch.len());
+    for w in batch {
+        let before = records.len();
+        records.extend(w.records);
+        writes.push((w.done, before));
+    }
+    let req = pb::ProduceRequest {
+        topic: OFFSETS_TOPIC.to_string(),
+        partition: Some(index),
+        records,
+        acks: pb::Acks::All as i32,
+        ..Default::default()
+    };
+    let appended = broker.produce_append(req).await;
+    drop(guard);
+    let result = match appended {
+        Ok(a) => broker.produce_complete(a).await.map(|r| r.base_offset),
+        Err(e) => Err(e),
+    }
+    .map_err(|e| AppendError {
+        code: e.code(),
+        reason: e.to_string(),
+    });
+    for (done, before) in writes {
+        let _ = done.send(result.clone().map(|base| base + before as i64));
+    }
+}
