@@ -336,8 +336,10 @@ impl Accumulator {
             self.dispatch(key.clone()).await;
         }
         let linger = self.config.linger;
+        let capacity = self.config.batch_bytes_max + record_bytes;
         let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
-            builder: BatchBuilder::new(),
+            // Sized for a full batch: filling it never reallocates.
+            builder: BatchBuilder::with_capacity(capacity),
             acks: Vec::new(),
             deadline: Instant::now() + linger,
         });
