@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "runnel/v1/consumer.proto",
     "runnel/v1/admin.proto",
     "runnel/v1/groups.proto",
+    "runnel/v1/security.proto",
     "runnel/v1/internal/replication.proto",
     "runnel/v1/internal/raft.proto",
     "runnel/v1/internal/broker.proto",

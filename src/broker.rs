@@ -38,6 +38,9 @@ use crate::replica::FetcherManager;
 const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
 /// Producer ids a broker takes from the controller at a time.
 const PRODUCER_ID_BLOCK: i32 = 1000;
+/// How long a leader waits for its metadata to show a producer id's
+/// allocation before calling the id unknown.
+const PRODUCER_ID_METADATA_WAIT: Duration = Duration::from_secs(2);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -88,6 +91,8 @@ pub struct Broker {
     producer_ids: tokio::sync::Mutex<(i64, i64)>,
     /// Event metrics (counters, latency histograms).
     metrics: Arc<Metrics>,
+    /// Authentication, ACLs and quotas; unset = everything allowed.
+    security: std::sync::OnceLock<Arc<crate::security::Security>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -120,6 +125,7 @@ impl Broker {
             appended: Arc::new(watch::channel(0).0),
             producer_ids: tokio::sync::Mutex::new((0, 0)),
             metrics: Arc::new(Metrics::new()),
+            security: std::sync::OnceLock::new(),
             config,
         }))
     }
@@ -192,6 +198,27 @@ impl Broker {
     pub fn take_failpoint(&self, name: &str) -> bool {
         self.config.broker.failpoints
             && std::fs::remove_file(self.config.data_dir.join("failpoints").join(name)).is_ok()
+    }
+
+    /// Refuses a producer id the cluster never allocated. The id may have
+    /// been handed out by another broker whose allocation this broker's
+    /// metadata has not applied yet, so it waits a moment for it first.
+    async fn await_producer_id(&self, producer_id: i64) -> Result<(), BrokerError> {
+        let mut rx = self.metadata.watch();
+        let wait = async {
+            loop {
+                if rx.borrow_and_update().next_producer_id > producer_id {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        match tokio::time::timeout(PRODUCER_ID_METADATA_WAIT, wait).await {
+            Ok(true) => Ok(()),
+            _ => Err(BrokerError::UnknownProducerId { producer_id }),
+        }
     }
 
     /// A fresh producer id (epoch 0) for an idempotent producer, from this
@@ -279,6 +306,21 @@ impl Broker {
         self.node_id
     }
 
+    /// The security checks, when the server installed them.
+    pub fn security(&self) -> Option<&Arc<crate::security::Security>> {
+        self.security.get()
+    }
+
+    /// Installs the security checks (once, at start).
+    pub fn set_security(&self, security: Arc<crate::security::Security>) {
+        let _ = self.security.set(security);
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
     /// The metadata store.
     pub fn metadata(&self) -> &Arc<dyn MetadataStore> {
         &self.metadata
@@ -301,9 +343,15 @@ impl Broker {
                 }
             }
         }
+        // One config per topic, not per partition: with many partitions
+        // this loop runs on every metadata change.
+        let mut configs: HashMap<&str, runnel_storage::LogConfig> = HashMap::new();
         let mut map = self.partitions.write().unwrap_or_else(|e| e.into_inner());
         for ((name, index), topic) in &wanted {
-            let config = log_config(&self.effective_configs(topic));
+            let config = configs
+                .entry(topic.name.as_str())
+                .or_insert_with(|| log_config(&self.effective_configs(topic)))
+                .clone();
             let key = (name.clone(), *index);
             match map.get(&key) {
                 Some(p) if p.topic_id == topic.topic_id => p.log.set_config(config),
@@ -342,7 +390,11 @@ impl Broker {
                 if let Some(b) = meta.brokers.get(&info.leader) {
                     by_leader
                         .entry(info.leader)
-                        .or_insert_with(|| (b.address.clone(), BTreeMap::new()))
+                        .or_insert_with(|| {
+                            // Its internal listener, when it runs one.
+                            let addr = meta.internal_address(b.id).unwrap_or(&b.address);
+                            (addr.to_string(), BTreeMap::new())
+                        })
                         .1
                         .insert(
                             key,
@@ -515,7 +567,7 @@ impl Broker {
         let batch = encode_batch(&req)?;
         let producer_id = batch_producer_id(&batch);
         if producer_id > 0 && producer_id >= meta.next_producer_id {
-            return Err(BrokerError::UnknownProducerId { producer_id });
+            self.await_producer_id(producer_id).await?;
         }
         let leader_epoch = pinfo.leader_epoch;
         let min_isr = self.min_insync_replicas(topic);
@@ -844,6 +896,36 @@ impl Broker {
         })
     }
 
+    /// Starts (or cancels) partition reassignments; see the RPC's docs.
+    pub async fn reassign_partitions(
+        &self,
+        req: pb::ReassignPartitionsRequest,
+    ) -> Result<pb::TopicDescription, BrokerError> {
+        let mut assignments = BTreeMap::new();
+        for r in req.reassignments {
+            if assignments.insert(r.partition, r.replicas).is_some() {
+                return Err(BrokerError::InvalidRequest {
+                    reason: format!("partition {} is listed twice", r.partition),
+                });
+            }
+        }
+        if assignments.is_empty() {
+            return Err(BrokerError::InvalidRequest {
+                reason: "no partitions to reassign".into(),
+            });
+        }
+        let applied = self
+            .metadata
+            .submit(MetadataCommand::ReassignPartitions {
+                topic: req.topic.clone(),
+                assignments: assignments.clone(),
+            })
+            .await?;
+        info!(topic = %req.topic, ?assignments, ?applied, "partition reassignment");
+        self.reconcile()?;
+        self.describe_topic(&req.topic)
+    }
+
     /// Sets and removes config overrides.
     pub async fn alter_topic_config(
         &self,
@@ -887,11 +969,9 @@ impl Broker {
                 continue;
             };
             let ask = async {
-                let mut c = runnel_proto::v1::consumer_client::ConsumerClient::connect(format!(
-                    "http://{addr}"
-                ))
-                .await
-                .ok()?;
+                let mut c = runnel_proto::v1::consumer_client::ConsumerClient::new(
+                    crate::security::connect_peer(&self.config, &addr).await?,
+                );
                 c.list_offsets(pb::ListOffsetsRequest {
                     topic: name.to_string(),
                     partition: p.partition,
@@ -942,6 +1022,8 @@ impl Broker {
                     log_start_offset: log.as_ref().map_or(-1, |l| l.log_start_offset()),
                     high_watermark: log.as_ref().map_or(-1, |l| l.high_watermark()),
                     log_end_offset: log.as_ref().map_or(-1, |l| l.log_end_offset()),
+                    adding_replicas: p.adding.clone(),
+                    removing_replicas: p.removing.clone(),
                 }
             })
             .collect();

@@ -50,6 +50,84 @@ pub struct ServerConfig {
     pub controller: ControllerSection,
     /// Broker-wide defaults for topic configs (Kafka key names).
     pub topic_defaults: BTreeMap<String, toml::Value>,
+    /// Separate listener for broker-to-broker traffic (replication, Raft,
+    /// broker heartbeats), HOST:PORT; absent = everything on `listen`.
+    pub internal_listen: Option<SocketAddr>,
+    /// Address other brokers use for the internal listener; defaults to
+    /// `internal_listen`.
+    pub internal_advertised_address: Option<String>,
+    /// TLS on the client listener (and, without an internal listener, on
+    /// broker-to-broker calls); absent = plaintext.
+    pub tls: Option<TlsSection>,
+    /// TLS on the internal listener and the brokers' outgoing internal
+    /// calls (mutual: every peer presents a certificate from `ca_file`).
+    pub internal_tls: Option<InternalTlsSection>,
+    /// Authentication, authorisation and quotas.
+    pub security: SecuritySection,
+}
+
+/// `[tls]`: the client listener's TLS.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain of this broker, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of `cert_file`.
+    pub key_file: PathBuf,
+    /// PEM CA bundle: verifies client certificates (mTLS) and, without an
+    /// internal listener, the other brokers' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// "none", "optional" or "required": whether clients are asked for a
+    /// certificate, whose subject CN becomes their principal.
+    #[serde(default)]
+    pub client_auth: crate::security::tls::ClientAuth,
+}
+
+/// `[internal_tls]`: the internal listener's TLS (always mutual).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InternalTlsSection {
+    /// PEM certificate chain of this broker (also its client certificate
+    /// for outgoing internal calls).
+    pub cert_file: PathBuf,
+    /// PEM private key of `cert_file`.
+    pub key_file: PathBuf,
+    /// PEM CA bundle; peers must present certificates it issued.
+    pub ca_file: PathBuf,
+}
+
+/// `[security]`: who may do what, and how fast.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySection {
+    /// Require every client to authenticate (user name and password, or a
+    /// verified client certificate); needs `[tls]`.
+    pub authentication: bool,
+    /// Enforce ACLs: what no ACL allows is refused with PERMISSION_DENIED.
+    pub authorization: bool,
+    /// Principals allowed everything, ACLs or not.
+    pub super_users: Vec<String>,
+    /// Certificate CNs of the brokers: when set, internal services accept
+    /// only these (and they are allowed everything).
+    pub broker_principals: Vec<String>,
+    /// Failed logins of one (peer address, user) before further attempts
+    /// are refused for the rest of the window.
+    pub auth_failures_max: u32,
+    /// The window failed logins are counted in (ms).
+    pub auth_failure_window_ms: u64,
+}
+
+impl Default for SecuritySection {
+    fn default() -> Self {
+        Self {
+            authentication: false,
+            authorization: false,
+            super_users: Vec::new(),
+            broker_principals: Vec::new(),
+            auth_failures_max: 5,
+            auth_failure_window_ms: 60_000,
+        }
+    }
 }
 
 /// `[broker]`: request handling.
@@ -137,7 +215,17 @@ impl Default for ControllerSection {
 }
 
 /// Environment variables the CLI itself reads; never config keys.
-const CLI_ENV: &[&str] = &["RUNNEL_BOOTSTRAP", "RUNNEL_CONFIG", "RUNNEL_LOG_FORMAT"];
+const CLI_ENV: &[&str] = &[
+    "RUNNEL_BOOTSTRAP",
+    "RUNNEL_CONFIG",
+    "RUNNEL_LOG_FORMAT",
+    "RUNNEL_TLS_CA",
+    "RUNNEL_TLS_CERT",
+    "RUNNEL_TLS_KEY",
+    "RUNNEL_USER",
+    "RUNNEL_PASSWORD",
+    "RUNNEL_PASSWORD_FILE",
+];
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -152,6 +240,11 @@ impl Default for ServerConfig {
             broker: BrokerSection::default(),
             controller: ControllerSection::default(),
             topic_defaults: BTreeMap::new(),
+            internal_listen: None,
+            internal_advertised_address: None,
+            tls: None,
+            internal_tls: None,
+            security: SecuritySection::default(),
         }
     }
 }
@@ -212,7 +305,7 @@ impl ServerConfig {
             reason,
         };
         if self.controller.voters.is_empty() {
-            return Ok(BTreeMap::from([(self.node_id, self.advertised())]));
+            return Ok(BTreeMap::from([(self.node_id, self.internal_advertised())]));
         }
         let mut out = BTreeMap::new();
         for v in &self.controller.voters {
@@ -322,6 +415,7 @@ impl ServerConfig {
                 "must be at least 1024".into(),
             ));
         }
+        self.validate_security()?;
         for (key, value) in self.topic_defaults_strings()? {
             topic_config::validate(&key, &value)
                 .map_err(|e| invalid(&format!("topic_defaults.\"{key}\""), e.to_string()))?;
@@ -357,6 +451,48 @@ impl ServerConfig {
     pub fn topic_defaults(&self) -> BTreeMap<String, String> {
         let overrides = self.topic_defaults_strings().unwrap_or_default();
         topic_config::effective(&topic_config::builtin_defaults(), &overrides)
+    }
+
+    /// Rules of the listener and security sections.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        use crate::security::tls::ClientAuth;
+        let invalid = |key: &str, reason: &str| ConfigError::Invalid {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        };
+        if let Some(tls) = &self.tls {
+            if tls.client_auth != ClientAuth::None && tls.ca_file.is_none() {
+                return Err(invalid(
+                    "tls.client_auth",
+                    "client certificates need tls.ca_file to verify them",
+                ));
+            }
+        }
+        if self.internal_tls.is_some() && self.internal_listen.is_none() {
+            return Err(invalid(
+                "internal_tls",
+                "needs internal_listen (without it, [tls] covers internal traffic)",
+            ));
+        }
+        if self.security.authentication && self.tls.is_none() {
+            return Err(invalid(
+                "security.authentication",
+                "credentials travel only over TLS: configure [tls]",
+            ));
+        }
+        if self.security.auth_failures_max == 0 {
+            return Err(invalid("security.auth_failures_max", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The address other brokers use for internal RPCs to this one.
+    pub fn internal_advertised(&self) -> String {
+        match (&self.internal_advertised_address, self.internal_listen) {
+            (Some(a), _) => a.clone(),
+            (None, Some(l)) => l.to_string(),
+            (None, None) => self.advertised(),
+        }
     }
 
     /// The address clients should use to reach this broker.

@@ -65,6 +65,8 @@ pub enum BrokerError {
     Unsupported { what: &'static str },
     #[error("broker is shutting down")]
     ShuttingDown,
+    #[error("{reason}")]
+    NotAuthorized { reason: String },
     #[error(transparent)]
     Metadata(#[from] MetadataError),
     #[error(transparent)]
@@ -89,6 +91,7 @@ impl BrokerError {
             BrokerError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
             BrokerError::Unsupported { .. } => ErrorCode::Unsupported,
             BrokerError::ShuttingDown => ErrorCode::BrokerNotAvailable,
+            BrokerError::NotAuthorized { .. } => ErrorCode::AuthorizationFailed,
             BrokerError::Metadata(e) => match e {
                 MetadataError::TopicAlreadyExists { .. } => ErrorCode::TopicAlreadyExists,
                 MetadataError::UnknownTopic { .. } => ErrorCode::UnknownTopic,
@@ -98,10 +101,11 @@ impl BrokerError {
                     ErrorCode::InvalidReplicationFactor
                 }
                 MetadataError::InvalidConfig { .. } => ErrorCode::InvalidConfig,
-                MetadataError::UnknownBroker { .. } | MetadataError::InvalidRequest { .. } => {
-                    ErrorCode::InvalidRequest
-                }
+                MetadataError::UnknownBroker { .. }
+                | MetadataError::InvalidRequest { .. }
+                | MetadataError::InvalidReassignment { .. } => ErrorCode::InvalidRequest,
                 MetadataError::NotController { .. } => ErrorCode::NotController,
+                MetadataError::InvalidSecurity { .. } => ErrorCode::InvalidRequest,
                 // Internal failures: the detail is logged, not sent.
                 _ => ErrorCode::Unknown,
             },

@@ -21,6 +21,7 @@
 //! - [`metrics`]: Prometheus metrics (event counters on the request path,
 //!   state gauges computed at scrape time) and the HTTP endpoint serving
 //!   them with `/health` and `/ready`.
+//! - [`security`]: TLS, authentication, ACL checks and quotas.
 //! - [`error`]: [`error::BrokerError`] and the one mapping to gRPC status.
 //! - [`client`]: producer (batching, linger), consumer and admin clients.
 
@@ -33,5 +34,6 @@ pub mod metrics;
 pub mod partition;
 pub mod partitioner;
 pub mod replica;
+pub mod security;
 pub mod server;
 pub mod service;

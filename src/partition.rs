@@ -88,6 +88,7 @@ impl Partition {
                     if before != after {
                         info!(topic = %self.topic, partition = self.index, leader_epoch = info.leader_epoch, partition_epoch = info.partition_epoch, from = ?before, to = ?after, "ISR changed");
                     }
+                    state.set_replicas(&info.replicas, now_ms);
                     let cmds = state.on_isr_committed(&info.isr, leo);
                     drop(role);
                     return self.run(cmds);

@@ -13,6 +13,7 @@ use runnel_proto::v1::internal::replication_server::ReplicationServer;
 use runnel_proto::v1::{
     admin_server::AdminServer, consumer_groups_server::ConsumerGroupsServer,
     consumer_server::ConsumerServer, producer_server::ProducerServer,
+    security_server::SecurityServer,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +23,10 @@ use crate::broker::Broker;
 use crate::config::{ConfigError, ServerConfig};
 use crate::error::BrokerError;
 use crate::replica::ReplicationService;
-use crate::service::{AdminService, ConsumerService, GroupsService, ProducerService};
+use crate::security::{AuthLayer, Security};
+use crate::service::{
+    AdminService, ConsumerService, GroupsService, ProducerService, SecurityService,
+};
 
 /// HTTP/2 receive window per stream (bytes).
 pub const HTTP2_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
@@ -61,6 +65,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("shut down before the node was ready")]
     Interrupted,
+    #[error(transparent)]
+    Tls(#[from] crate::security::tls::TlsError),
 }
 
 /// Runs a node until `shutdown` is cancelled. Prints
@@ -125,6 +131,25 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     if config.advertised_address.is_none() {
         config.advertised_address = Some(local.to_string());
     }
+    let internal_listener = match config.internal_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            let local = l
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            if config.internal_advertised_address.is_none() {
+                config.internal_advertised_address = Some(local.to_string());
+            }
+            Some(l)
+        }
+        None => None,
+    };
+    let client_tls = crate::security::client_listener_tls(&config)?;
+    let internal_tls = crate::security::internal_listener_tls(&config)?;
+    // Checked here so that bad files stop the start, by name.
+    crate::security::internal_client_tls(&config)?;
     let advertised = config.advertised();
     let b = &config.broker;
     let grace = Duration::from_millis(b.shutdown_grace_ms);
@@ -133,7 +158,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     let c = &config.controller;
     let store = RaftMetadataStore::start(RaftConfig {
         node_id: config.node_id,
-        raft_addr: advertised.clone(),
+        raft_addr: config.internal_advertised(),
         voters: config.voters()?,
         is_voter: config.is_voter(),
         dir: dir.join("meta"),
@@ -145,12 +170,16 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         cluster_id: c.cluster_id.clone(),
         submit_timeout_ms: c.submit_timeout_ms,
         rack: config.rack.clone(),
+        internal_tls: crate::security::internal_client_tls_files(&config),
+        internal_address: config.internal_listen.map(|_| config.internal_advertised()),
         ..RaftConfig::default()
     })
     .await?;
     let heartbeat_every = Duration::from_millis(c.broker_heartbeat_interval_ms);
     let metadata: Arc<dyn MetadataStore> = store.clone();
+    let security = Arc::new(Security::new(config.security.clone(), metadata.clone()));
     let broker = Broker::open(config.clone(), metadata, shutdown.clone())?;
+    broker.set_security(security.clone());
     endpoint.set_broker(broker.clone());
     let groups = GroupsService::new(broker.clone());
     endpoint.set_groups(groups.coordinator());
@@ -165,19 +194,19 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         .build_v1()?;
     // HTTP/2's default 64 KiB receive windows cap each producer stream at
     // one window per round trip (about 10 MB/s here): open them up.
-    let router = tonic::transport::Server::builder()
-        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-        .tcp_nodelay(true)
+    let builder = || {
+        tonic::transport::Server::builder()
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .tcp_nodelay(true)
+            .layer(AuthLayer::new(security.clone()))
+    };
+    let replication = ReplicationServer::new(ReplicationService::new(broker.clone()))
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+    let router = builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(store.raft_service())
-        .add_service(store.lifecycle_service())
-        .add_service(
-            ReplicationServer::new(ReplicationService::new(broker.clone()))
-                .max_decoding_message_size(message_max)
-                .max_encoding_message_size(message_max),
-        )
         .add_service(
             ProducerServer::new(ProducerService::new(broker.clone()))
                 .max_decoding_message_size(message_max)
@@ -189,11 +218,56 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
                 .max_encoding_message_size(message_max),
         )
         .add_service(AdminServer::new(AdminService::new(broker.clone())))
-        .add_service(ConsumerGroupsServer::new(groups));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let serve = tokio::spawn(
-        router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
-    );
+        .add_service(ConsumerGroupsServer::new(groups))
+        .add_service(SecurityServer::new(SecurityService::new(broker.clone())));
+    // Internal services share the client port unless they have their own.
+    let (router, internal_router) = match internal_listener {
+        None => (
+            router
+                .add_service(store.raft_service())
+                .add_service(store.lifecycle_service())
+                .add_service(replication),
+            None,
+        ),
+        Some(listener) => (
+            router,
+            Some((
+                listener,
+                builder()
+                    .add_service(store.raft_service())
+                    .add_service(store.lifecycle_service())
+                    .add_service(replication),
+            )),
+        ),
+    };
+    macro_rules! serve {
+        ($router:expr, $listener:expr, $tls:expr) => {
+            match $tls {
+                Some(tls) => tokio::spawn($router.serve_with_incoming_shutdown(
+                    crate::security::tls::incoming($listener, tls, shutdown.clone()),
+                    shutdown.clone().cancelled_owned(),
+                )),
+                // The builder's tcp_nodelay applies only to `serve`:
+                // without it here, a response larger than one segment
+                // waits ~40 ms for a delayed ACK (Nagle).
+                None => tokio::spawn($router.serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from($listener).with_nodelay(Some(true)),
+                    shutdown.clone().cancelled_owned(),
+                )),
+            }
+        };
+    }
+    let serve_client = serve!(router, listener, client_tls);
+    let serve_internal = internal_router.map(|(l, r)| serve!(r, l, internal_tls));
+    let serve = tokio::spawn(async move {
+        let client = serve_client.await;
+        if let Some(internal) = serve_internal {
+            if let Ok(Err(e)) = internal.await {
+                warn!(error = %e, "internal listener failed");
+            }
+        }
+        client.unwrap_or(Ok(()))
+    });
 
     // The quorum forms and this broker registers while the services run.
     let heartbeat = spawn_heartbeat(
@@ -209,7 +283,13 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         let node = config.node_id;
         tokio::time::timeout(
             STARTUP_TIMEOUT,
-            rx.wait_for(|m| m.brokers.get(&node).is_some_and(|b| !b.fenced)),
+            // This process's registration, not one left by a crashed
+            // predecessor (which may name another port).
+            rx.wait_for(|m| {
+                m.brokers
+                    .get(&node)
+                    .is_some_and(|b| !b.fenced && b.address == advertised)
+            }),
         )
         .await
         .map_err(|_| MetadataError::NotController {

@@ -65,4 +65,39 @@ pub enum MetadataCommand {
     /// counter in the replicated state, so none is ever handed out twice,
     /// whichever controller applies the command.
     AllocateProducerIds { broker_id: i32, count: i32 },
+    /// Moves partitions of `topic` to new replica lists (partition →
+    /// replicas, preferred leader first; an empty list cancels an ongoing
+    /// reassignment). New replicas join first and copy the log; once all
+    /// are in the ISR the old ones leave (see `PartitionInfo`).
+    ReassignPartitions {
+        topic: String,
+        assignments: BTreeMap<i32, Vec<i32>>,
+    },
+    /// `RegisterBroker` for a broker with a separate internal listener:
+    /// other brokers reach it for replication and Raft at
+    /// `internal_address`.
+    RegisterBrokerListeners {
+        id: i32,
+        address: String,
+        internal_address: String,
+        rack: String,
+        roles: Vec<String>,
+    },
+    /// Creates a user or replaces its password hash.
+    UpsertUser {
+        name: String,
+        credential: crate::security::UserCredential,
+    },
+    /// Deletes a user.
+    DeleteUser { name: String },
+    /// Adds an ACL (a no-op when it exists).
+    CreateAcl { acl: crate::security::Acl },
+    /// Removes an ACL.
+    DeleteAcl { acl: crate::security::Acl },
+    /// Sets a principal's byte-rate quotas (or the default's, under
+    /// `security::DEFAULT_QUOTA_KEY`); both limits `None` removes it.
+    SetQuota {
+        principal: String,
+        quota: crate::security::Quota,
+    },
 }

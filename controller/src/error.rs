@@ -39,6 +39,13 @@ pub enum MetadataError {
     /// The broker id is not registered.
     #[error("unknown broker {id}")]
     UnknownBroker { id: i32 },
+    /// A reassignment that names unknown brokers or partitions.
+    #[error("invalid reassignment of {topic}-{partition}: {reason}")]
+    InvalidReassignment {
+        topic: String,
+        partition: i32,
+        reason: String,
+    },
     /// A command with an argument out of range.
     #[error("invalid request: {reason}")]
     InvalidRequest { reason: String },
@@ -66,4 +73,8 @@ pub enum MetadataError {
     /// or a fatal Raft error).
     #[error("raft controller: {reason}")]
     Raft { reason: String },
+    /// A user, ACL or quota command with bad input, or naming a user or
+    /// ACL that does not exist.
+    #[error("{reason}")]
+    InvalidSecurity { reason: String },
 }

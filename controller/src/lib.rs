@@ -12,6 +12,7 @@
 //! - [`metadata`]: the state (brokers, topics, partitions) and `apply`.
 //! - [`command`]: the typed commands, the only way state changes.
 //! - [`topic_config`]: topic config keys, defaults and validation.
+//! - [`security`]: users, ACLs (and their matcher) and quotas.
 //! - [`store`]: the [`MetadataStore`] interface every store implements.
 //! - [`raft`]: [`RaftMetadataStore`], the openraft quorum (sled log and
 //!   state machine, tonic transport, broker heartbeats and fencing)
@@ -37,6 +38,7 @@ pub mod command;
 pub mod error;
 pub mod metadata;
 pub mod raft;
+pub mod security;
 pub mod store;
 pub mod topic_config;
 

@@ -1,10 +1,11 @@
 //! The cluster metadata state machine. `apply` is pure and deterministic:
 //! the same commands in the same order give the same state on every node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::security::{Acl, Quota, UserCredential, DEFAULT_QUOTA_KEY};
 use crate::{topic_config, MetadataCommand, MetadataError};
 
 /// Most partitions one topic may have.
@@ -42,6 +43,58 @@ pub struct PartitionInfo {
     pub isr: Vec<i32>,
     /// Bumped at every change of this partition's state.
     pub partition_epoch: i32,
+    /// An ongoing reassignment: the replica list wanted once it completes
+    /// (empty: none). Meanwhile `replicas` holds the old replicas plus
+    /// `adding`; when every added replica is in the ISR, `replicas`
+    /// becomes the target and `removing` replicas delete their copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_replicas: Vec<i32>,
+    /// Replicas being added by the reassignment (copying the log).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adding: Vec<i32>,
+    /// Replicas to drop when the reassignment completes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removing: Vec<i32>,
+}
+
+impl PartitionInfo {
+    /// Finishes a reassignment whose added replicas are all in sync:
+    /// replicas become the target, the ISR keeps only target replicas,
+    /// and a leader outside the target hands over (bumped leader epoch).
+    /// Returns whether it completed.
+    fn complete_reassignment(&mut self, fenced: impl Fn(i32) -> bool) -> bool {
+        if self.target_replicas.is_empty() || !self.adding.iter().all(|r| self.isr.contains(r)) {
+            return false;
+        }
+        let isr: Vec<i32> = self
+            .isr
+            .iter()
+            .copied()
+            .filter(|r| self.target_replicas.contains(r))
+            .collect();
+        let leader = if self.target_replicas.contains(&self.leader) {
+            self.leader
+        } else {
+            match self
+                .target_replicas
+                .iter()
+                .find(|r| isr.contains(r) && !fenced(**r))
+            {
+                Some(l) => *l,
+                None => return false,
+            }
+        };
+        if leader != self.leader {
+            self.leader = leader;
+            self.leader_epoch += 1;
+        }
+        self.replicas = std::mem::take(&mut self.target_replicas);
+        self.isr = isr;
+        self.adding.clear();
+        self.removing.clear();
+        self.partition_epoch += 1;
+        true
+    }
 }
 
 /// A topic.
@@ -70,6 +123,20 @@ pub struct ClusterMetadata {
     pub topics: BTreeMap<String, TopicInfo>,
     /// How many commands were applied; a version for watchers.
     pub applied: u64,
+    /// Internal (broker-to-broker) addresses of brokers that run a
+    /// separate internal listener; others use their client address.
+    #[serde(default)]
+    pub internal_addresses: BTreeMap<i32, String>,
+    /// Users by name, with salted password hashes only.
+    #[serde(default)]
+    pub users: BTreeMap<String, UserCredential>,
+    /// ACLs, kept sorted and without duplicates.
+    #[serde(default)]
+    pub acls: BTreeSet<Acl>,
+    /// Byte-rate quotas by principal ([`DEFAULT_QUOTA_KEY`] for the
+    /// default).
+    #[serde(default)]
+    pub quotas: BTreeMap<String, Quota>,
     /// The next idempotent-producer id to allocate; every id below it has
     /// been handed to some broker.
     #[serde(default)]
@@ -87,6 +154,9 @@ pub enum Applied {
     Elected { changed: Vec<i32> },
     /// Producer ids `first .. first + count` now belong to the submitter.
     ProducerIds { first: i64, count: i32 },
+    /// These partitions' reassignments started, completed or were
+    /// cancelled.
+    Reassigned { changed: Vec<i32> },
 }
 
 /// Largest producer-id block one AllocateProducerIds may take.
@@ -187,6 +257,7 @@ impl ClusterMetadata {
                 rack,
                 roles,
             } => {
+                self.internal_addresses.remove(&id);
                 let epoch = self.brokers.get(&id).map_or(1, |b| b.epoch + 1);
                 self.brokers.insert(
                     id,
@@ -375,6 +446,8 @@ impl ClusterMetadata {
                     .partitions[partition as usize];
                 p.isr = new_isr;
                 p.partition_epoch += 1;
+                let brokers = &self.brokers;
+                p.complete_reassignment(|id| brokers.get(&id).is_none_or(|b| b.fenced));
                 Applied::Done
             }
             MetadataCommand::ElectLeaders {
@@ -459,6 +532,91 @@ impl ClusterMetadata {
                 topic.configs = configs;
                 Applied::Done
             }
+            MetadataCommand::ReassignPartitions { topic, assignments } => {
+                let info = self
+                    .topics
+                    .get(&topic)
+                    .ok_or_else(|| MetadataError::UnknownTopic {
+                        name: topic.clone(),
+                    })?;
+                let bad = |partition: i32, reason: String| MetadataError::InvalidReassignment {
+                    topic: topic.clone(),
+                    partition,
+                    reason,
+                };
+                for (&index, target) in &assignments {
+                    if index < 0 || index as usize >= info.partitions.len() {
+                        return Err(bad(index, "no such partition".into()));
+                    }
+                    let mut unique = target.clone();
+                    unique.sort_unstable();
+                    unique.dedup();
+                    if unique.len() != target.len() {
+                        return Err(bad(index, format!("replicas {target:?} repeat a broker")));
+                    }
+                    if let Some(r) = target.iter().find(|r| !self.brokers.contains_key(r)) {
+                        return Err(bad(index, format!("broker {r} is not registered")));
+                    }
+                }
+                let brokers = self.brokers.clone();
+                let fenced = |id: i32| brokers.get(&id).is_none_or(|b| b.fenced);
+                let topic_info = self.topics.get_mut(&topic).expect("checked above");
+                let mut changed = Vec::new();
+                for (index, target) in assignments {
+                    let p = &mut topic_info.partitions[index as usize];
+                    // Start from the replicas before any ongoing reassignment.
+                    let original: Vec<i32> = p
+                        .replicas
+                        .iter()
+                        .copied()
+                        .filter(|r| !p.adding.contains(r))
+                        .collect();
+                    if target.is_empty() {
+                        // Cancel: drop the replicas being added.
+                        if p.target_replicas.is_empty() {
+                            continue;
+                        }
+                        p.isr.retain(|r| original.contains(r));
+                        if !original.contains(&p.leader) {
+                            p.leader = original
+                                .iter()
+                                .copied()
+                                .find(|r| p.isr.contains(r) && !fenced(*r))
+                                .unwrap_or(-1);
+                            p.leader_epoch += 1;
+                        }
+                        p.replicas = original;
+                        p.target_replicas.clear();
+                        p.adding.clear();
+                        p.removing.clear();
+                        p.partition_epoch += 1;
+                        changed.push(index);
+                        continue;
+                    }
+                    if target == original && p.target_replicas.is_empty() {
+                        continue;
+                    }
+                    p.adding = target
+                        .iter()
+                        .copied()
+                        .filter(|r| !original.contains(r))
+                        .collect();
+                    p.removing = original
+                        .iter()
+                        .copied()
+                        .filter(|r| !target.contains(r))
+                        .collect();
+                    p.isr.retain(|r| original.contains(r));
+                    let mut replicas = original;
+                    replicas.extend(p.adding.iter().copied());
+                    p.replicas = replicas;
+                    p.target_replicas = target;
+                    p.partition_epoch += 1;
+                    p.complete_reassignment(fenced);
+                    changed.push(index);
+                }
+                Applied::Reassigned { changed }
+            }
             MetadataCommand::AllocateProducerIds { broker_id, count } => {
                 if !(1..=PRODUCER_ID_BLOCK_MAX).contains(&count) {
                     return Err(MetadataError::InvalidRequest {
@@ -475,10 +633,100 @@ impl ClusterMetadata {
                 self.next_producer_id = first + i64::from(count);
                 Applied::ProducerIds { first, count }
             }
+            cmd => return self.apply_security(cmd),
         };
         self.applied += 1;
         Ok(applied)
     }
+
+    /// The address other brokers use for internal RPCs to broker `id`:
+    /// its internal listener when it has one, else its client address.
+    pub fn internal_address(&self, id: i32) -> Option<&str> {
+        self.internal_addresses
+            .get(&id)
+            .or_else(|| self.brokers.get(&id).map(|b| &b.address))
+            .map(String::as_str)
+    }
+
+    /// Applies the listener and security commands (users, ACLs, quotas).
+    fn apply_security(&mut self, cmd: MetadataCommand) -> Result<Applied, MetadataError> {
+        let invalid = |reason: String| Err(MetadataError::InvalidSecurity { reason });
+        match cmd {
+            MetadataCommand::RegisterBrokerListeners {
+                id,
+                address,
+                internal_address,
+                rack,
+                roles,
+            } => {
+                self.apply(MetadataCommand::RegisterBroker {
+                    id,
+                    address,
+                    rack,
+                    roles,
+                })?;
+                if !internal_address.is_empty() {
+                    self.internal_addresses.insert(id, internal_address);
+                }
+                // `apply` above counted the command already.
+                return Ok(Applied::Done);
+            }
+            MetadataCommand::UpsertUser { name, credential } => {
+                check_principal_name(&name)?;
+                if credential.salt.len() < 8 || credential.hash.len() < 16 {
+                    return invalid(format!("credential of '{name}' is too weak"));
+                }
+                self.users.insert(name, credential);
+            }
+            MetadataCommand::DeleteUser { name } => {
+                if self.users.remove(&name).is_none() {
+                    return invalid(format!("no user '{name}'"));
+                }
+            }
+            MetadataCommand::CreateAcl { acl } => {
+                if acl.principal != crate::security::ANY_PRINCIPAL {
+                    check_principal_name(&acl.principal)?;
+                }
+                self.acls.insert(acl);
+            }
+            MetadataCommand::DeleteAcl { acl } => {
+                if !self.acls.remove(&acl) {
+                    return invalid(format!("no such ACL: {acl:?}"));
+                }
+            }
+            MetadataCommand::SetQuota { principal, quota } => {
+                if principal != DEFAULT_QUOTA_KEY {
+                    check_principal_name(&principal)?;
+                }
+                if quota.produce_bytes_per_sec == Some(0) || quota.fetch_bytes_per_sec == Some(0) {
+                    return invalid("a quota must be at least 1 byte/s".into());
+                }
+                if quota == Quota::default() {
+                    self.quotas.remove(&principal);
+                } else {
+                    self.quotas.insert(principal, quota);
+                }
+            }
+            other => unreachable!("apply handles {other:?}"),
+        }
+        self.applied += 1;
+        Ok(Applied::Done)
+    }
+}
+
+/// Principal (user) names: 1 to 255 printable characters, no spaces.
+fn check_principal_name(name: &str) -> Result<(), MetadataError> {
+    if name.is_empty()
+        || name.len() > 255
+        || name.chars().any(|c| c.is_control() || c.is_whitespace())
+        || name == crate::security::ANY_PRINCIPAL
+        || name == DEFAULT_QUOTA_KEY
+    {
+        return Err(MetadataError::InvalidSecurity {
+            reason: format!("invalid principal name {name:?}"),
+        });
+    }
+    Ok(())
 }
 
 fn check_partitions(count: i32, current: i32) -> Result<(), MetadataError> {
@@ -523,6 +771,9 @@ fn new_partition(live: &[i32], index: i32, replication_factor: i32) -> Partition
         isr: replicas.clone(),
         replicas,
         partition_epoch: 0,
+        target_replicas: Vec::new(),
+        adding: Vec::new(),
+        removing: Vec::new(),
     }
 }
 
@@ -567,6 +818,80 @@ mod tests {
         for bad in ["", ".", "..", "a b", "ü", "a/b", &"x".repeat(250)] {
             assert!(validate_topic_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    fn reassign(topic: &str, p: i32, replicas: Vec<i32>) -> MetadataCommand {
+        MetadataCommand::ReassignPartitions {
+            topic: topic.into(),
+            assignments: [(p, replicas)].into(),
+        }
+    }
+
+    fn isr_of(s: &ClusterMetadata, p: usize, isr: Vec<i32>) -> MetadataCommand {
+        let info = &s.topics["t"].partitions[p];
+        MetadataCommand::AlterPartitionIsr {
+            topic: "t".into(),
+            partition: p as i32,
+            leader_id: info.leader,
+            leader_epoch: info.leader_epoch,
+            partition_epoch: info.partition_epoch,
+            isr,
+        }
+    }
+
+    #[test]
+    fn reassignment_adds_first_and_drops_the_old_replicas_once_in_sync() {
+        let mut s = three();
+        register(&mut s, 4);
+        s.apply(create("t", 1, 2)).unwrap(); // replicas [1, 2], leader 1
+        s.apply(reassign("t", 0, vec![3, 4])).unwrap();
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!(p.replicas, vec![1, 2, 3, 4]);
+        assert_eq!(
+            (p.adding.clone(), p.removing.clone()),
+            (vec![3, 4], vec![1, 2])
+        );
+        assert_eq!((p.leader, p.isr.clone()), (1, vec![1, 2]));
+        // One new replica in sync: not yet.
+        s.apply(isr_of(&s, 0, vec![1, 2, 3])).unwrap();
+        assert_eq!(s.topics["t"].partitions[0].replicas, vec![1, 2, 3, 4]);
+        // Both: the target takes over, the leader moves with a new epoch.
+        let epoch = s.topics["t"].partitions[0].leader_epoch;
+        s.apply(isr_of(&s, 0, vec![1, 2, 3, 4])).unwrap();
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!(p.replicas, vec![3, 4]);
+        assert_eq!(p.isr, vec![3, 4]);
+        assert_eq!((p.leader, p.leader_epoch), (3, epoch + 1));
+        assert!(p.target_replicas.is_empty() && p.adding.is_empty() && p.removing.is_empty());
+    }
+
+    #[test]
+    fn reassignment_reorders_at_once_and_can_be_cancelled() {
+        let mut s = three();
+        s.apply(create("t", 1, 2)).unwrap();
+        s.apply(reassign("t", 0, vec![2, 1])).unwrap();
+        assert_eq!(s.topics["t"].partitions[0].replicas, vec![2, 1]);
+        assert!(s.topics["t"].partitions[0].target_replicas.is_empty());
+        s.apply(reassign("t", 0, vec![2, 3])).unwrap();
+        assert_eq!(s.topics["t"].partitions[0].replicas, vec![2, 1, 3]);
+        s.apply(reassign("t", 0, vec![])).unwrap();
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!(
+            (p.replicas.clone(), p.isr.clone()),
+            (vec![2, 1], vec![1, 2])
+        );
+        assert!(p.adding.is_empty() && p.target_replicas.is_empty());
+        // Bad input changes nothing.
+        let before = s.clone();
+        for bad in [
+            reassign("t", 0, vec![2, 2]),
+            reassign("t", 0, vec![9]),
+            reassign("t", 5, vec![1]),
+            reassign("nope", 0, vec![1]),
+        ] {
+            assert!(s.apply(bad).is_err());
+        }
+        assert_eq!(s, before);
     }
 
     #[test]
@@ -894,5 +1219,118 @@ mod tests {
             s
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn security_commands_apply_deterministically() {
+        use crate::security::*;
+        let cred = UserCredential {
+            mechanism: "PBKDF2-HMAC-SHA256".into(),
+            iterations: 4096,
+            salt: vec![1; 16],
+            hash: vec![2; 32],
+        };
+        let acl = Acl {
+            principal: "alice".into(),
+            resource_type: ResourceType::Topic,
+            name: "t".into(),
+            pattern: PatternType::Prefixed,
+            operation: Operation::Write,
+            permission: Permission::Allow,
+        };
+        let cmds = vec![
+            MetadataCommand::UpsertUser {
+                name: "alice".into(),
+                credential: cred.clone(),
+            },
+            MetadataCommand::CreateAcl { acl: acl.clone() },
+            MetadataCommand::CreateAcl { acl: acl.clone() },
+            MetadataCommand::SetQuota {
+                principal: "alice".into(),
+                quota: Quota {
+                    produce_bytes_per_sec: Some(1000),
+                    fetch_bytes_per_sec: None,
+                },
+            },
+            MetadataCommand::SetQuota {
+                principal: DEFAULT_QUOTA_KEY.into(),
+                quota: Quota {
+                    produce_bytes_per_sec: None,
+                    fetch_bytes_per_sec: Some(5),
+                },
+            },
+            MetadataCommand::RegisterBrokerListeners {
+                id: 1,
+                address: "h:1".into(),
+                internal_address: "h:2".into(),
+                rack: String::new(),
+                roles: vec![],
+            },
+        ];
+        let run = || {
+            let mut s = ClusterMetadata::new("c");
+            for c in cmds.clone() {
+                s.apply(c).unwrap();
+            }
+            s
+        };
+        let s = run();
+        assert_eq!(s, run());
+        assert_eq!(s.users["alice"], cred);
+        assert_eq!(s.acls.len(), 1, "a duplicate ACL is stored once");
+        assert_eq!(s.quotas["alice"].produce_bytes_per_sec, Some(1000));
+        assert_eq!(s.quotas[DEFAULT_QUOTA_KEY].fetch_bytes_per_sec, Some(5));
+        assert_eq!(s.internal_address(1), Some("h:2"));
+        assert_eq!(s.applied, cmds.len() as u64);
+
+        // A plain re-registration drops the internal address.
+        let mut s2 = s.clone();
+        register(&mut s2, 1);
+        assert_eq!(s2.internal_address(1), Some("127.0.0.1:9001"));
+
+        // Refused commands change nothing.
+        let before = s.clone();
+        let mut s = s;
+        for bad in [
+            MetadataCommand::DeleteUser { name: "bob".into() },
+            MetadataCommand::DeleteAcl {
+                acl: Acl {
+                    operation: Operation::Read,
+                    ..acl.clone()
+                },
+            },
+            MetadataCommand::UpsertUser {
+                name: "has space".into(),
+                credential: cred.clone(),
+            },
+            MetadataCommand::UpsertUser {
+                name: "eve".into(),
+                credential: UserCredential {
+                    salt: vec![],
+                    ..cred.clone()
+                },
+            },
+            MetadataCommand::SetQuota {
+                principal: "alice".into(),
+                quota: Quota {
+                    produce_bytes_per_sec: Some(0),
+                    fetch_bytes_per_sec: None,
+                },
+            },
+        ] {
+            assert!(s.apply(bad.clone()).is_err(), "{bad:?} accepted");
+            assert_eq!(s, before, "{bad:?} changed state");
+        }
+        s.apply(MetadataCommand::DeleteAcl { acl }).unwrap();
+        s.apply(MetadataCommand::DeleteUser {
+            name: "alice".into(),
+        })
+        .unwrap();
+        s.apply(MetadataCommand::SetQuota {
+            principal: "alice".into(),
+            quota: Quota::default(),
+        })
+        .unwrap();
+        assert!(s.acls.is_empty() && s.users.is_empty() && !s.quotas.contains_key("alice"));
     }
 }

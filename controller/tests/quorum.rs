@@ -50,6 +50,7 @@ fn config(id: i32, addr: &str, voters: &BTreeMap<i32, String>, dir: &Path) -> Ra
         snapshot_logs_since_last: 5000,
         submit_timeout_ms: 10_000,
         rack: String::new(),
+        ..RaftConfig::default()
     }
 }
 

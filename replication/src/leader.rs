@@ -194,6 +194,19 @@ impl LeaderState {
         out
     }
 
+    /// The replica set changed under the same leader epoch (a
+    /// reassignment added or dropped replicas): new followers are tracked
+    /// from `now_ms` with a full lag grace, dropped ones forgotten.
+    pub fn set_replicas(&mut self, replicas: &[i32], now_ms: i64) {
+        self.followers.retain(|id, _| replicas.contains(id));
+        for r in replicas.iter().filter(|r| **r != self.leader_id) {
+            self.followers.entry(*r).or_insert(FollowerProgress {
+                log_end_offset: -1,
+                last_caught_up_ms: now_ms,
+            });
+        }
+    }
+
     /// Whether an ISR proposal is in flight.
     pub fn has_pending_isr(&self) -> bool {
         self.pending_isr.is_some()
@@ -243,6 +256,22 @@ mod tests {
             s.on_isr_committed(&[1, 2], 10),
             vec![AdvanceHighWatermark(10)]
         );
+    }
+
+    #[test]
+    fn a_replica_added_by_reassignment_joins_once_caught_up() {
+        let mut s = LeaderState::new(1, 0, &[1, 2], &[1, 2], 0, 0);
+        s.on_append(10);
+        // Unknown before the replica set changes.
+        assert_eq!(s.on_fetch(3, 10, 10, 1), vec![]);
+        s.set_replicas(&[1, 2, 3], 1);
+        assert_eq!(s.follower(3).unwrap().log_end_offset, -1);
+        assert_eq!(s.on_fetch(3, 4, 10, 2), vec![]);
+        assert_eq!(s.on_fetch(3, 10, 10, 3), vec![ProposeIsr(vec![1, 2, 3])]);
+        s.on_isr_committed(&[1, 2, 3], 10);
+        // Dropped again: forgotten.
+        s.set_replicas(&[1, 3], 4);
+        assert!(s.follower(2).is_none());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use runnel::client::Client;
+use runnel::client::{Client, ClientOptions};
 use runnel_proto::v1 as pb;
 
 use super::Output;
@@ -105,11 +105,16 @@ struct GroupLag {
     total_lag: i64,
 }
 
-pub async fn run(bootstrap: &str, args: HealthArgs, output: Output) -> anyhow::Result<()> {
+pub async fn run(
+    bootstrap: &str,
+    options: ClientOptions,
+    args: HealthArgs,
+    output: Output,
+) -> anyhow::Result<()> {
     if args.node {
-        return node_health(bootstrap).await;
+        return node_health(bootstrap, &options).await;
     }
-    let client = Client::connect(bootstrap)
+    let client = Client::connect_with(bootstrap, options)
         .await
         .with_context(|| format!("cannot reach the cluster at {bootstrap}"))?;
     let meta = client.metadata(&[]).await.context("metadata")?;
@@ -246,12 +251,21 @@ async fn group_lags(client: &Client) -> Vec<GroupLag> {
 }
 
 /// The bootstrap node's gRPC health.
-async fn node_health(bootstrap: &str) -> anyhow::Result<()> {
+async fn node_health(bootstrap: &str, options: &ClientOptions) -> anyhow::Result<()> {
     use tonic_health::pb::health_client::HealthClient;
     let addr = bootstrap.split(',').next().unwrap_or_default().trim();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .with_context(|| format!("bad address '{addr}'"))?
-        .connect_timeout(Duration::from_secs(3))
+        .connect_timeout(Duration::from_secs(3));
+    if let Some(tls) = &options.tls {
+        endpoint = endpoint.tls_config(tls.to_tonic()?)?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach {addr}"))?;

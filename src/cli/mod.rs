@@ -6,7 +6,9 @@ mod group;
 mod health;
 mod partition;
 mod perf;
+mod perf_metadata;
 mod produce;
+mod security;
 mod server;
 mod topic;
 
@@ -31,6 +33,9 @@ pub struct Cli {
     /// Output format for results.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// TLS and credentials.
+    #[command(flatten)]
+    pub security: security::ClientSecurityArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -69,6 +74,15 @@ pub enum Command {
     /// Measure throughput and latency.
     #[command(subcommand)]
     Perf(perf::PerfCommand),
+    /// Users and their passwords (stored as salted hashes).
+    #[command(subcommand)]
+    User(security::UserCommand),
+    /// ACLs: who may do what on the cluster, topics and groups.
+    #[command(subcommand)]
+    Acl(security::AclCommand),
+    /// Produce and fetch byte-rate quotas.
+    #[command(subcommand)]
+    Quota(security::QuotaCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,7 +123,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args).await,
         Command::Cluster(ClusterCommand::Health(args)) => {
             init_client_tracing();
-            health::run(&cli.bootstrap, args, cli.output).await
+            health::run(&cli.bootstrap, cli.security.options()?, args, cli.output).await
         }
         Command::Perf(cmd) => {
             init_client_tracing();
@@ -117,7 +131,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         command => {
             init_client_tracing();
-            let client = Client::connect(&cli.bootstrap)
+            let client = Client::connect_with(&cli.bootstrap, cli.security.options()?)
                 .await
                 .with_context(|| format!("cannot reach the cluster at {}", cli.bootstrap))?;
             match command {
@@ -126,6 +140,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Produce(args) => produce::run(&client, args).await,
                 Command::Consume(args) => consume::run(&client, args, cli.output).await,
                 Command::Group(cmd) => group::run(&client, cmd, cli.output).await,
+                Command::User(cmd) => security::run_user(&client, cmd, cli.output).await,
+                Command::Acl(cmd) => security::run_acl(&client, cmd, cli.output).await,
+                Command::Quota(cmd) => security::run_quota(&client, cmd, cli.output).await,
                 Command::Cluster(ClusterCommand::Describe) => {
                     cluster_describe(&client, cli.output).await
                 }

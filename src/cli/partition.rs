@@ -26,6 +26,35 @@ pub enum PartitionCommand {
         #[arg(long = "type", value_enum, default_value_t = Election::Preferred)]
         election: Election,
     },
+    /// Move partitions to new replicas: new ones copy the log and join the
+    /// ISR, then the old ones leave. Follow progress with `describe`.
+    Reassign {
+        /// Topic.
+        #[arg(long)]
+        topic: String,
+        /// PARTITION=BROKER,BROKER,... (preferred leader first); repeatable.
+        #[arg(long = "assign", value_name = "P=R1,R2", value_parser = parse_assignment, required_unless_present = "cancel")]
+        assignments: Vec<(i32, Vec<i32>)>,
+        /// Cancel the ongoing reassignment of these partitions (repeatable).
+        #[arg(long, value_name = "PARTITION")]
+        cancel: Vec<i32>,
+    },
+}
+
+/// Parses `P=R1,R2,...`.
+fn parse_assignment(s: &str) -> Result<(i32, Vec<i32>), String> {
+    let (p, replicas) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected PARTITION=BROKER,BROKER,..., got '{s}'"))?;
+    let p = p
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad partition '{p}'"))?;
+    let replicas = replicas
+        .split(',')
+        .map(|r| r.trim().parse().map_err(|_| format!("bad broker id '{r}'")))
+        .collect::<Result<Vec<i32>, _>>()?;
+    Ok((p, replicas))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -38,6 +67,22 @@ pub enum Election {
 
 pub async fn run(client: &Client, cmd: PartitionCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
+        PartitionCommand::Reassign {
+            topic,
+            mut assignments,
+            cancel,
+        } => {
+            assignments.extend(cancel.into_iter().map(|p| (p, Vec::new())));
+            let t = client.reassign_partitions(&topic, assignments).await?;
+            match output {
+                Output::Json => println!("{}", topic::topic_json(&t)),
+                Output::Table => {
+                    println!("reassignment submitted for {topic}; progress:");
+                    topic::print_topic(&t);
+                }
+            }
+            Ok(())
+        }
         PartitionCommand::Describe { topic } => {
             topic::run(client, TopicCommand::Describe { name: topic }, output).await
         }

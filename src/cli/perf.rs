@@ -31,6 +31,9 @@ pub enum PerfCommand {
     /// Measure this machine's plain sequential disk write and single-stream
     /// loopback TCP speed, the baselines for the figures above.
     Baseline(BaselineArgs),
+    /// Controller throughput: create one topic with many partitions, then
+    /// submit many small metadata commands concurrently.
+    Metadata(super::perf_metadata::MetadataArgs),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -196,6 +199,7 @@ pub async fn run(bootstrap: &str, cmd: PerfCommand, output: Output) -> anyhow::R
             let report = e2e(&client, &args, output).await?;
             report.print(output);
         }
+        PerfCommand::Metadata(args) => super::perf_metadata::run(&client, args, output).await?,
         PerfCommand::Baseline(_) => unreachable!("handled above"),
     }
     Ok(())

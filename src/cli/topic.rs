@@ -131,7 +131,7 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
     Ok(())
 }
 
-fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
+pub(crate) fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
     let partitions: Vec<_> = t
         .partitions
         .iter()
@@ -140,6 +140,7 @@ fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
                 "partition": p.partition, "leader": p.leader, "leader_epoch": p.leader_epoch,
                 "replicas": p.replicas, "isr": p.isr, "log_start_offset": p.log_start_offset,
                 "high_watermark": p.high_watermark, "log_end_offset": p.log_end_offset,
+                "adding_replicas": p.adding_replicas, "removing_replicas": p.removing_replicas,
             })
         })
         .collect();
@@ -150,7 +151,7 @@ fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
     })
 }
 
-fn print_topic(t: &pb::TopicDescription) {
+pub(crate) fn print_topic(t: &pb::TopicDescription) {
     println!("topic:               {}", t.name);
     println!("id:                  {}", t.topic_id);
     println!("replication factor:  {}", t.replication_factor);
@@ -163,6 +164,7 @@ fn print_topic(t: &pb::TopicDescription) {
         "START".into(),
         "HW".into(),
         "END".into(),
+        "REASSIGNING".into(),
     ]];
     let join = |v: &[i32]| v.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
     for p in &t.partitions {
@@ -175,6 +177,15 @@ fn print_topic(t: &pb::TopicDescription) {
             p.log_start_offset.to_string(),
             p.high_watermark.to_string(),
             p.log_end_offset.to_string(),
+            if p.adding_replicas.is_empty() && p.removing_replicas.is_empty() {
+                "-".to_string()
+            } else {
+                format!(
+                    "+{} -{}",
+                    join(&p.adding_replicas),
+                    join(&p.removing_replicas)
+                )
+            },
         ]);
     }
     print_table(&rows);

@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::Channel;
 use runnel_proto::v1 as pb;
 use runnel_proto::v1::consumer_groups_client::ConsumerGroupsClient;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use super::{Client, ClientError, ConsumedRecord, PartitionConsumer, StartFrom, REQUEST_TIMEOUT};
 

@@ -5,6 +5,8 @@
 //! - [`producer`]: [`Producer`], batching records per partition with a
 //!   linger, pipelining batches over one stream per partition.
 //! - [`consumer`]: [`PartitionConsumer`], polling one partition.
+//! - `security`: users, ACLs and quotas ([`Client::upsert_user`], ...).
+//! - [`ClientOptions`]: TLS and credentials.
 //! - [`group`]: [`GroupConsumer`], a consumer-group member, and the group
 //!   admin calls.
 //!
@@ -22,7 +24,9 @@
 
 mod consumer;
 mod group;
+mod options;
 mod producer;
+mod security;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,10 +36,12 @@ use runnel_proto::v1 as pb;
 use runnel_proto::v1::admin_client::AdminClient;
 use runnel_proto::v1::consumer_client::ConsumerClient;
 use runnel_proto::v1::producer_client::ProducerClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 pub use consumer::{ConsumedRecord, PartitionConsumer, StartFrom};
 pub use group::{GroupConfig, GroupConsumer, OffsetReset};
+pub(crate) use options::Channel;
+pub use options::{ClientOptions, ClientTls, Credentials};
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 
 use crate::error::error_code_of;
@@ -140,28 +146,54 @@ struct Inner {
     brokers: Mutex<HashMap<i32, String>>,
     /// Coordinator address by group (see `group`), dropped on errors.
     coordinators: Mutex<HashMap<String, String>>,
+    /// TLS and credentials for every connection.
+    options: ClientOptions,
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
+fn endpoint(addr: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    Endpoint::from_shared(uri)
+    let e = Endpoint::from_shared(uri)
         .map(|e| {
             e.connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
                 .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW)
                 .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW)
         })
-        .map_err(|e| ClientError::Invalid(format!("bad broker address '{addr}': {e}")))
+        .map_err(|e| ClientError::Invalid(format!("bad broker address '{addr}': {e}")))?;
+    match &options.tls {
+        Some(tls) => e
+            .tls_config(tls.to_tonic()?)
+            .map_err(|e| ClientError::Invalid(format!("TLS for '{addr}': {e}"))),
+        None => Ok(e),
+    }
 }
 
 impl Client {
     /// Connects to the first reachable broker of a comma-separated
     /// `HOST:PORT` list.
     pub async fn connect(bootstrap: &str) -> Result<Client, ClientError> {
+        Self::connect_with(bootstrap, ClientOptions::default()).await
+    }
+
+    /// Like [`Client::connect`], with TLS and credentials.
+    pub async fn connect_with(
+        bootstrap: &str,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        if options.tls.is_none() && options.credentials.is_set() {
+            return Err(ClientError::Invalid(
+                "credentials are only sent over TLS: configure a CA (--tls-ca)".into(),
+            ));
+        }
         let mut last = String::from("empty bootstrap list");
         let seeds: Vec<String> = bootstrap
             .split(',')
@@ -170,8 +202,9 @@ impl Client {
             .map(str::to_string)
             .collect();
         for addr in &seeds {
-            match endpoint(addr)?.connect().await {
+            match endpoint(addr, &options)?.connect().await {
                 Ok(channel) => {
+                    let channel = options.wrap(channel);
                     let mut channels = HashMap::new();
                     channels.insert(addr.to_string(), channel.clone());
                     return Ok(Client {
@@ -182,6 +215,7 @@ impl Client {
                             topics: Mutex::new(HashMap::new()),
                             brokers: Mutex::new(HashMap::new()),
                             coordinators: Mutex::new(HashMap::new()),
+                            options: options.clone(),
                         }),
                     });
                 }
@@ -266,7 +300,10 @@ impl Client {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = endpoint(addr)?.connect_lazy();
+        let c = self
+            .inner
+            .options
+            .wrap(endpoint(addr, &self.inner.options)?.connect_lazy());
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -529,6 +566,32 @@ impl Client {
             .await?;
         self.invalidate(topic);
         Ok(resp.changed)
+    }
+
+    /// Starts moving `topic`'s partitions to new replica lists (partition
+    /// → replicas; an empty list cancels that partition's reassignment).
+    pub async fn reassign_partitions(
+        &self,
+        topic: &str,
+        assignments: Vec<(i32, Vec<i32>)>,
+    ) -> Result<pb::TopicDescription, ClientError> {
+        let req = pb::ReassignPartitionsRequest {
+            topic: topic.to_string(),
+            reassignments: assignments
+                .into_iter()
+                .map(|(partition, replicas)| pb::PartitionReassignment {
+                    partition,
+                    replicas,
+                })
+                .collect(),
+        };
+        let resp = self
+            .admin_call(true, req, |mut a, r| async move {
+                a.reassign_partitions(r).await
+            })
+            .await?;
+        self.invalidate(topic);
+        Ok(resp)
     }
 
     /// Describes the cluster.

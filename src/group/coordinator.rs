@@ -860,10 +860,11 @@ impl GroupCoordinator {
                 .filter(|b| b.id != self.broker.node_id() && !b.fenced)
             {
                 let addr = b.address.clone();
+                let broker = self.broker.clone();
                 let ask = async move {
-                    let mut c = ConsumerGroupsClient::connect(format!("http://{addr}"))
-                        .await
-                        .ok()?;
+                    let mut c = ConsumerGroupsClient::new(
+                        crate::security::connect_peer(broker.config(), &addr).await?,
+                    );
                     c.list_groups(pb::ListGroupsRequest { local_only: true })
                         .await
                         .ok()
@@ -902,11 +903,9 @@ impl GroupCoordinator {
                 partition,
             }) if !leader.is_empty() => {
                 let ask = async {
-                    let mut c = runnel_proto::v1::consumer_client::ConsumerClient::connect(
-                        format!("http://{leader}"),
-                    )
-                    .await
-                    .ok()?;
+                    let mut c = runnel_proto::v1::consumer_client::ConsumerClient::new(
+                        crate::security::connect_peer(self.broker.config(), &leader).await?,
+                    );
                     c.list_offsets(req).await.ok().map(|r| r.into_inner())
                 };
                 tokio::time::timeout(Duration::from_secs(3), ask)

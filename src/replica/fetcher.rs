@@ -137,13 +137,33 @@ async fn run_fetcher(
     cancel: CancellationToken,
 ) {
     info!(leader, %address, "replica fetcher started");
-    let channel = match Endpoint::from_shared(format!("http://{address}")) {
-        Ok(e) => e
+    // TLS files are read at each fetcher start, so a rotated client
+    // certificate is used from the next (re)connection on.
+    let tls = match broker.upgrade() {
+        Some(b) => crate::security::internal_client_tls(b.config()),
+        None => return,
+    };
+    let tls = match tls {
+        Ok(tls) => tls,
+        Err(e) => {
+            warn!(leader, %address, error = %e, "cannot load internal TLS files");
+            return;
+        }
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{address}")).and_then(|e| {
+        let e = e
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW)
-            .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW)
-            .connect_lazy(),
+            .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW);
+        match tls {
+            Some(tls) => e.tls_config(tls),
+            None => Ok(e),
+        }
+    });
+    let channel = match endpoint {
+        Ok(e) => e.connect_lazy(),
         Err(e) => {
             warn!(leader, %address, error = %e, "bad leader address");
             return;

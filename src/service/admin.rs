@@ -7,6 +7,8 @@ use runnel_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
 use crate::broker::Broker;
+use crate::security;
+use runnel_controller::security::{Operation, ResourceType};
 
 /// Serves topic and cluster administration.
 #[derive(Debug, Clone)]
@@ -27,6 +29,22 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        if !security::allowed(
+            &self.broker,
+            &request,
+            ResourceType::Cluster,
+            "",
+            Operation::Create,
+        ) {
+            security::check(
+                &self.broker,
+                &request,
+                ResourceType::Topic,
+                &name,
+                Operation::Create,
+            )?;
+        }
         let topic = self.broker.create_topic(request.into_inner()).await?;
         Ok(Response::new(pb::CreateTopicResponse {
             topic: Some(topic),
@@ -37,6 +55,14 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &name,
+            Operation::Delete,
+        )?;
         self.broker.delete_topic(&request.into_inner().name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
@@ -45,16 +71,31 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
-        Ok(Response::new(
-            self.broker
-                .list_topics(request.into_inner().include_internal),
-        ))
+        let mut list = self.broker.list_topics(request.get_ref().include_internal);
+        list.topics.retain(|t| {
+            security::allowed(
+                &self.broker,
+                &request,
+                ResourceType::Topic,
+                &t.name,
+                Operation::Describe,
+            )
+        });
+        Ok(Response::new(list))
     }
 
     async fn describe_topic(
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
+        let name = request.get_ref().name.clone();
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &name,
+            Operation::Describe,
+        )?;
         Ok(Response::new(
             self.broker
                 .describe_topic_live(&request.into_inner().name)
@@ -66,6 +107,14 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::AddPartitionsRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
+        let name = request.get_ref().name.clone();
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &name,
+            Operation::Alter,
+        )?;
         let req = request.into_inner();
         Ok(Response::new(
             self.broker
@@ -78,6 +127,14 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::AlterTopicConfigRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
+        let name = request.get_ref().name.clone();
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &name,
+            Operation::Alter,
+        )?;
         Ok(Response::new(
             self.broker.alter_topic_config(request.into_inner()).await?,
         ))
@@ -85,8 +142,15 @@ impl Admin for AdminService {
 
     async fn describe_cluster(
         &self,
-        _request: Request<pb::DescribeClusterRequest>,
+        request: Request<pb::DescribeClusterRequest>,
     ) -> Result<Response<pb::ClusterDescription>, Status> {
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Cluster,
+            "",
+            Operation::Describe,
+        )?;
         Ok(Response::new(self.broker.describe_cluster()))
     }
 
@@ -94,8 +158,33 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ElectLeadersRequest>,
     ) -> Result<Response<pb::ElectLeadersResponse>, Status> {
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Cluster,
+            "",
+            Operation::Alter,
+        )?;
         Ok(Response::new(
             self.broker.elect_leaders(request.into_inner()).await?,
+        ))
+    }
+
+    async fn reassign_partitions(
+        &self,
+        request: Request<pb::ReassignPartitionsRequest>,
+    ) -> Result<Response<pb::TopicDescription>, Status> {
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Cluster,
+            "",
+            Operation::Alter,
+        )?;
+        Ok(Response::new(
+            self.broker
+                .reassign_partitions(request.into_inner())
+                .await?,
         ))
     }
 
@@ -103,8 +192,17 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::MetadataRequest>,
     ) -> Result<Response<pb::MetadataResponse>, Status> {
-        Ok(Response::new(
-            self.broker.cluster_metadata(&request.into_inner().topics)?,
-        ))
+        let mut response = self.broker.cluster_metadata(&request.get_ref().topics)?;
+        // Topics the caller may not describe are left out.
+        response.topics.retain(|t| {
+            security::allowed(
+                &self.broker,
+                &request,
+                ResourceType::Topic,
+                &t.name,
+                Operation::Describe,
+            )
+        });
+        Ok(Response::new(response))
     }
 }

@@ -8,6 +8,8 @@ use tonic::{Request, Response, Status};
 
 use super::producer::async_stream;
 use crate::broker::Broker;
+use crate::security::{self, Direction};
+use runnel_controller::security::{Operation, ResourceType};
 
 /// Serves fetches and offset lookups.
 #[derive(Debug, Clone)]
@@ -31,9 +33,25 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
-        Ok(Response::new(
-            self.broker.fetch(request.into_inner()).await?,
-        ))
+        let topic = request.get_ref().topic.clone();
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &topic,
+            Operation::Read,
+        )?;
+        let principal = security::principal_of(&request);
+        let response = self.broker.fetch(request.into_inner()).await?;
+        let delay = security::throttle(
+            &self.broker,
+            &principal,
+            Direction::Fetch,
+            prost::Message::encoded_len(&response) as u64,
+        );
+        // Quota exceeded: the answer waits (Kafka's throttle), it does not fail.
+        tokio::time::sleep(delay).await;
+        Ok(Response::new(response))
     }
 
     type SubscribeStream = std::pin::Pin<
@@ -44,6 +62,15 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let topic = request.get_ref().topic.clone();
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &topic,
+            Operation::Read,
+        )?;
+        let principal = security::principal_of(&request);
         let req = request.into_inner();
         let broker = self.broker.clone();
         let mut fetch = pb::FetchRequest {
@@ -71,6 +98,13 @@ impl Consumer for ConsumerService {
                 match response {
                     Ok(r) => {
                         fetch.offset = r.next_offset;
+                        let delay = security::throttle(
+                            &broker,
+                            &principal,
+                            Direction::Fetch,
+                            prost::Message::encoded_len(&r) as u64,
+                        );
+                        tokio::time::sleep(delay).await;
                         let empty = r.records.is_empty() && r.batches.is_empty();
                         if !empty && tx.send(Ok(r)).await.is_err() {
                             return;
@@ -93,6 +127,14 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::ListOffsetsRequest>,
     ) -> Result<Response<pb::ListOffsetsResponse>, Status> {
+        let topic = request.get_ref().topic.clone();
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &topic,
+            Operation::Describe,
+        )?;
         Ok(Response::new(
             self.broker.list_offsets(request.into_inner()).await?,
         ))

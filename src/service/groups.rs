@@ -12,20 +12,31 @@ use tracing::instrument;
 
 use crate::broker::Broker;
 use crate::group::GroupCoordinator;
+use crate::security;
+use runnel_controller::security::{Operation, ResourceType};
 
 /// The group service; owns the coordinator (its background task ends when
 /// the service is dropped).
 #[derive(Debug, Clone)]
 pub struct GroupsService {
     coordinator: Arc<GroupCoordinator>,
+    /// For the ACL checks.
+    broker: Arc<Broker>,
 }
 
 impl GroupsService {
     /// Starts the coordinator for `broker`.
     pub fn new(broker: Arc<Broker>) -> Self {
         Self {
-            coordinator: GroupCoordinator::start(broker),
+            coordinator: GroupCoordinator::start(broker.clone()),
+            broker,
         }
+    }
+
+    /// PERMISSION_DENIED unless the caller may do `op` on `group`.
+    #[allow(clippy::result_large_err)]
+    fn check<T>(&self, request: &Request<T>, group: &str, op: Operation) -> Result<(), Status> {
+        security::check(&self.broker, request, ResourceType::Group, group, op)
     }
 
     /// The coordinator (the metrics endpoint reads group lag from it).
@@ -41,6 +52,11 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::FindCoordinatorRequest>,
     ) -> Result<Response<pb::FindCoordinatorResponse>, Status> {
+        self.check(
+            &request,
+            &request.get_ref().group.clone(),
+            Operation::Describe,
+        )?;
         let r = self
             .coordinator
             .find_coordinator(&request.get_ref().group)
@@ -53,6 +69,7 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::JoinGroupRequest>,
     ) -> Result<Response<pb::JoinGroupResponse>, Status> {
+        self.check(&request, &request.get_ref().group.clone(), Operation::Read)?;
         Ok(Response::new(
             self.coordinator.join(request.into_inner()).await?,
         ))
@@ -62,6 +79,7 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.check(&request, &request.get_ref().group.clone(), Operation::Read)?;
         Ok(Response::new(
             self.coordinator.heartbeat(request.get_ref())?,
         ))
@@ -72,6 +90,7 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::LeaveGroupRequest>,
     ) -> Result<Response<pb::LeaveGroupResponse>, Status> {
+        self.check(&request, &request.get_ref().group.clone(), Operation::Read)?;
         self.coordinator.leave(request.get_ref())?;
         Ok(Response::new(pb::LeaveGroupResponse {}))
     }
@@ -80,6 +99,16 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::CommitOffsetsRequest>,
     ) -> Result<Response<pb::CommitOffsetsResponse>, Status> {
+        self.check(&request, &request.get_ref().group.clone(), Operation::Read)?;
+        for o in &request.get_ref().offsets {
+            security::check(
+                &self.broker,
+                &request,
+                ResourceType::Topic,
+                &o.topic,
+                Operation::Read,
+            )?;
+        }
         self.coordinator.commit(request.into_inner()).await?;
         Ok(Response::new(pb::CommitOffsetsResponse {}))
     }
@@ -88,6 +117,11 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::FetchOffsetsRequest>,
     ) -> Result<Response<pb::FetchOffsetsResponse>, Status> {
+        self.check(
+            &request,
+            &request.get_ref().group.clone(),
+            Operation::Describe,
+        )?;
         Ok(Response::new(
             self.coordinator.fetch_offsets(request.get_ref())?,
         ))
@@ -97,6 +131,13 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Cluster,
+            "",
+            Operation::Describe,
+        )?;
         Ok(Response::new(
             self.coordinator
                 .list_groups(request.get_ref().local_only)
@@ -109,6 +150,11 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::DescribeGroupRequest>,
     ) -> Result<Response<pb::GroupDescription>, Status> {
+        self.check(
+            &request,
+            &request.get_ref().group.clone(),
+            Operation::Describe,
+        )?;
         Ok(Response::new(
             self.coordinator.describe(&request.get_ref().group).await?,
         ))
@@ -119,6 +165,7 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::ResetOffsetsRequest>,
     ) -> Result<Response<pb::ResetOffsetsResponse>, Status> {
+        self.check(&request, &request.get_ref().group.clone(), Operation::Read)?;
         Ok(Response::new(
             self.coordinator.reset(request.into_inner()).await?,
         ))
@@ -129,6 +176,11 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        self.check(
+            &request,
+            &request.get_ref().group.clone(),
+            Operation::Delete,
+        )?;
         self.coordinator.delete(&request.get_ref().group).await?;
         Ok(Response::new(pb::DeleteGroupResponse {}))
     }

@@ -5,10 +5,12 @@ mod admin;
 mod consumer;
 mod groups;
 mod producer;
+mod security;
 
 pub use admin::AdminService;
 pub use consumer::ConsumerService;
 pub use groups::GroupsService;
 pub use producer::ProducerService;
+pub use security::SecurityService;
 
 pub(crate) use producer::async_stream;

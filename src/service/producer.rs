@@ -9,6 +9,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::broker::Broker;
+use crate::security::{self, Direction};
+use runnel_controller::security::{Operation, ResourceType};
 
 /// Serves produce requests.
 #[derive(Debug, Clone)]
@@ -31,12 +33,31 @@ impl Producer for ProducerService {
         &self,
         request: Request<pb::ProduceRequest>,
     ) -> Result<Response<pb::ProduceResponse>, Status> {
-        let response = self.broker.produce(request.into_inner()).await?;
+        let topic = request.get_ref().topic.clone();
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &topic,
+            Operation::Write,
+        )?;
+        let principal = security::principal_of(&request);
+        let req = request.into_inner();
+        let delay = security::throttle(
+            &self.broker,
+            &principal,
+            Direction::Produce,
+            prost::Message::encoded_len(&req) as u64,
+        );
+        let answer_at = tokio::time::Instant::now() + delay;
+        let response = self.broker.produce(req).await?;
         if self.broker.take_failpoint(DROP_RESPONSE_FAILPOINT) {
             return Err(Status::unavailable(
                 "failpoint: response dropped after append",
             ));
         }
+        // Quota exceeded: the answer waits (Kafka's throttle), it does not fail.
+        tokio::time::sleep_until(answer_at).await;
         Ok(Response::new(response))
     }
 
@@ -53,6 +74,7 @@ impl Producer for ProducerService {
         &self,
         request: Request<Streaming<pb::ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let principal = security::principal_of(&request);
         let mut input = request.into_inner();
         let broker = self.broker.clone();
         // Requests are appended in arrival order, one at a time, so a
@@ -79,14 +101,36 @@ impl Producer for ProducerService {
                         };
                         let correlation_id = req.correlation_id;
                         let (topic, partition) = (req.topic.clone(), req.partition.unwrap_or(-1));
-                        let appended = broker.produce_append(req).await;
+                        let allowed = broker.security().is_none_or(|s| {
+                            s.allowed(&principal, ResourceType::Topic, &topic, Operation::Write)
+                        });
+                        let delay = security::throttle(
+                            &broker,
+                            &principal,
+                            Direction::Produce,
+                            prost::Message::encoded_len(&req) as u64,
+                        );
+                        let answer_at = tokio::time::Instant::now() + delay;
+                        let appended = if allowed {
+                            broker.produce_append(req).await
+                        } else {
+                            Err(crate::error::BrokerError::NotAuthorized {
+                                reason: format!(
+                                    "principal '{}' may not Write topic '{topic}'",
+                                    principal.name()
+                                ),
+                            })
+                        };
                         let broker = broker.clone();
                         waiting.push_back(async move {
                             let result = match appended {
                                 Ok(a) => broker.produce_complete(a).await,
                                 Err(e) => Err(e),
                             };
-                            result.unwrap_or_else(|e| failed_response(correlation_id, topic, partition, e))
+                            let response = result.unwrap_or_else(|e| failed_response(correlation_id, topic, partition, e));
+                            // Quota exceeded: the answer waits, it does not fail.
+                            tokio::time::sleep_until(answer_at).await;
+                            response
                         });
                     }
                     Some(response) = waiting.next(), if !waiting.is_empty() => {

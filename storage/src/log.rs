@@ -179,6 +179,10 @@ impl Log {
     /// Opens (creating if absent) the log in `dir`, recovering the tail.
     pub fn open(dir: impl Into<PathBuf>, config: LogConfig) -> Result<Log> {
         let dir = dir.into();
+        // A brand-new partition has nothing to make durable: if a crash
+        // loses its directory, the broker creates it again from metadata.
+        // Skipping the fsyncs keeps creating many partitions fast.
+        let fresh = !dir.exists();
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let mut bases = Vec::new();
         let mut index_files = Vec::new();
@@ -252,21 +256,25 @@ impl Log {
         let mut epochs = EpochCache::load(&dir)?;
         epochs.truncate_from_end(log_end_offset)?;
         epochs.truncate_from_start(log_start_offset)?;
-        if !clean {
+        if !clean && !fresh {
             // Everything scanned is now known good; make it durable and
             // move the recovery point to the end.
             for seg in &segments[scan_from.min(last)..] {
                 seg.sync_all()?;
             }
         }
-        checkpoint::write_offset(&dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
+        if !fresh {
+            checkpoint::write_offset(&dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
+        }
         if clean {
             // Must be durable before any append: a stale marker would skip
             // recovery of a torn tail after the next crash.
             let marker = dir.join(checkpoint::CLEAN_SHUTDOWN);
             std::fs::remove_file(&marker).map_err(io_err(&marker))?;
         }
-        checkpoint::sync_dir(&dir)?;
+        if !fresh {
+            checkpoint::sync_dir(&dir)?;
+        }
         tracing::debug!(dir = %dir.display(), log_start_offset, log_end_offset, clean, segments = segments.len(), "opened log");
         let log = Log {
             dir,

@@ -189,9 +189,10 @@ impl RaftMetadataStore {
             if b.fenced || members.contains(&(b.id as NodeId)) {
                 continue;
             }
-            tracing::info!(broker = b.id, addr = %b.address, "adding broker as raft learner");
+            let addr = state.internal_address(b.id).unwrap_or(&b.address);
+            tracing::info!(broker = b.id, %addr, "adding broker as raft learner");
             let node = BasicNode {
-                addr: b.address.clone(),
+                addr: addr.to_string(),
             };
             if let Err(error) = self.raft.add_learner(b.id as NodeId, node, false).await {
                 tracing::debug!(broker = b.id, %error, "add_learner");
@@ -211,13 +212,22 @@ impl RaftMetadataStore {
         if self.config.voters.contains_key(&id) {
             roles.push("controller".to_string());
         }
-        self.submit_cmd(MetadataCommand::RegisterBroker {
-            id,
-            address: address.to_string(),
-            rack: rack.to_string(),
-            roles,
-        })
-        .await?;
+        let cmd = match &self.config.internal_address {
+            Some(internal) => MetadataCommand::RegisterBrokerListeners {
+                id,
+                address: address.to_string(),
+                internal_address: internal.clone(),
+                rack: rack.to_string(),
+                roles,
+            },
+            None => MetadataCommand::RegisterBroker {
+                id,
+                address: address.to_string(),
+                rack: rack.to_string(),
+                roles,
+            },
+        };
+        self.submit_cmd(cmd).await?;
         let epoch = self
             .current()
             .brokers

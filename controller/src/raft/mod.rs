@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 pub use cluster_id::CLUSTER_ID_FILE;
 pub use lifecycle::{spawn_heartbeat, LifecycleService};
 pub use log_store::SledLogStore;
+pub use network::InternalTlsFiles;
 pub use service::RaftService;
 pub use state_machine::MetadataStateMachine;
 
@@ -94,6 +95,12 @@ pub struct RaftConfig {
     pub submit_timeout_ms: u64,
     /// This broker's rack, sent when it registers (rack-aware placement).
     pub rack: String,
+    /// TLS (with this broker's client certificate) for every outgoing
+    /// Raft and broker-lifecycle call; `None` = plaintext.
+    pub internal_tls: Option<InternalTlsFiles>,
+    /// This broker's internal listener address, registered so that other
+    /// brokers replicate from it there; `None` = the client address.
+    pub internal_address: Option<String>,
 }
 
 impl Default for RaftConfig {
@@ -113,6 +120,8 @@ impl Default for RaftConfig {
             snapshot_logs_since_last: 5000,
             submit_timeout_ms: 10_000,
             rack: String::new(),
+            internal_tls: None,
+            internal_address: None,
         }
     }
 }
@@ -234,7 +243,7 @@ impl RaftMetadataStore {
             })?;
         // A directory whose recorded id disagrees with its own state.
         cluster_id.check()?;
-        let channels = Arc::new(Channels::default());
+        let channels = Arc::new(Channels::with_tls(config.internal_tls.clone()));
         let network = Network {
             channels: channels.clone(),
             cluster_id: cluster_id.clone(),

@@ -4,8 +4,9 @@
 //! address, shared by all callers.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -20,7 +21,7 @@ use runnel_proto::v1::internal::raft_client::RaftClient;
 use runnel_proto::v1::internal::RaftPayload;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::cluster_id::ClusterIdGuard;
 use super::type_config::{Envelope, NodeId, TypeConfig, WIRE_VERSION};
@@ -32,23 +33,125 @@ pub const CLUSTER_ID_HEADER: &str = "runnel-cluster-id";
 /// the lifecycle service.
 pub const LEADER_HEADER: &str = "runnel-controller-id";
 
+/// The PEM files of a broker's TLS identity for its outgoing internal
+/// calls. They are re-read when one changes (checked at most once a
+/// second), and the cached channels dropped, so a rotated certificate is
+/// used from the next connection on.
+#[derive(Clone, Debug)]
+pub struct InternalTlsFiles {
+    /// CA bundle the peers' certificates must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// This broker's certificate chain.
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+}
+
+impl InternalTlsFiles {
+    fn paths(&self) -> impl Iterator<Item = &PathBuf> {
+        self.ca_file.iter().chain([&self.cert_file, &self.key_file])
+    }
+
+    fn mtimes(&self) -> Vec<Option<SystemTime>> {
+        self.paths()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+
+    fn load(&self) -> std::io::Result<ClientTlsConfig> {
+        let mut config = ClientTlsConfig::new().identity(Identity::from_pem(
+            std::fs::read(&self.cert_file)?,
+            std::fs::read(&self.key_file)?,
+        ));
+        if let Some(ca) = &self.ca_file {
+            config = config.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
+        }
+        Ok(config)
+    }
+}
+
+/// The current client TLS configuration and what it was built from.
+#[derive(Debug)]
+struct TlsState {
+    files: InternalTlsFiles,
+    checked: Instant,
+    mtimes: Vec<Option<SystemTime>>,
+    config: Option<ClientTlsConfig>,
+}
+
 /// Channels by peer address.
 #[derive(Debug, Default)]
 pub struct Channels {
     by_addr: Mutex<HashMap<String, Channel>>,
+    /// TLS for every peer (`https://`), or plaintext when `None`.
+    tls: Option<Mutex<TlsState>>,
 }
 
 impl Channels {
+    /// Channels that speak TLS to every peer when `tls` is set.
+    pub fn with_tls(tls: Option<InternalTlsFiles>) -> Self {
+        let tls = tls.map(|files| {
+            let config = files
+                .load()
+                .map_err(|error| tracing::warn!(%error, "cannot read internal TLS files"))
+                .ok();
+            Mutex::new(TlsState {
+                mtimes: files.mtimes(),
+                files,
+                checked: Instant::now(),
+                config,
+            })
+        });
+        Self {
+            by_addr: Mutex::default(),
+            tls,
+        }
+    }
+
+    /// The TLS configuration for a new channel, reloaded (and the cached
+    /// channels dropped) when a file changed.
+    fn current_tls(&self) -> Option<ClientTlsConfig> {
+        let mut state = self.tls.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checked.elapsed() >= Duration::from_secs(1) {
+            state.checked = Instant::now();
+            let mtimes = state.files.mtimes();
+            if mtimes != state.mtimes {
+                state.mtimes = mtimes;
+                match state.files.load() {
+                    Ok(config) => {
+                        tracing::info!("internal TLS client certificate reloaded");
+                        state.config = Some(config);
+                        self.by_addr
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clear();
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "internal TLS files changed but cannot be read")
+                    }
+                }
+            }
+        }
+        state.config.clone()
+    }
+
     /// The channel to `addr` (HOST:PORT), connected on first use.
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::Status> {
+        let tls = self.current_tls();
         let mut map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| tonic::Status::invalid_argument(format!("bad address {addr}: {e}")))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| tonic::Status::invalid_argument(format!("TLS for {addr}: {e}")))?;
+        }
         let ch = endpoint.connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
@@ -220,5 +323,49 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.send(Rpc::Vote, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn changed_tls_files_are_reloaded_and_channels_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = InternalTlsFiles {
+            ca_file: Some(dir.path().join("ca.pem")),
+            cert_file: dir.path().join("cert.pem"),
+            key_file: dir.path().join("key.pem"),
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(files.ca_file.as_ref().unwrap(), cert.pem()).unwrap();
+        std::fs::write(&files.cert_file, cert.pem()).unwrap();
+        std::fs::write(&files.key_file, key.serialize_pem()).unwrap();
+        let channels = Channels::with_tls(Some(files.clone()));
+        assert!(channels.current_tls().is_some());
+        channels.get("127.0.0.1:1").unwrap();
+        assert_eq!(channels.by_addr.lock().unwrap().len(), 1);
+        let age = |channels: &Channels| {
+            channels.tls.as_ref().unwrap().lock().unwrap().checked -= Duration::from_secs(2);
+        };
+        // Nothing changed: the channel stays.
+        age(&channels);
+        channels.current_tls();
+        assert_eq!(channels.by_addr.lock().unwrap().len(), 1);
+        // A new certificate: channels are dropped, to reconnect with it.
+        let f = std::fs::File::options()
+            .write(true)
+            .open(&files.cert_file)
+            .unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(60))
+            .unwrap();
+        age(&channels);
+        assert!(channels.current_tls().is_some());
+        assert!(channels.by_addr.lock().unwrap().is_empty());
     }
 }

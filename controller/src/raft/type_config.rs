@@ -87,6 +87,14 @@ pub enum Refusal {
     Other {
         message: String,
     },
+    InvalidReassignment {
+        topic: String,
+        partition: i32,
+        reason: String,
+    },
+    InvalidRequest {
+        reason: String,
+    },
 }
 
 impl From<MetadataError> for Refusal {
@@ -111,6 +119,16 @@ impl From<MetadataError> for Refusal {
             MetadataError::ClusterIdMismatch { expected, found } => {
                 Self::ClusterIdMismatch { expected, found }
             }
+            MetadataError::InvalidReassignment {
+                topic,
+                partition,
+                reason,
+            } => Self::InvalidReassignment {
+                topic,
+                partition,
+                reason,
+            },
+            MetadataError::InvalidRequest { reason } => Self::InvalidRequest { reason },
             other => Self::Other {
                 message: other.to_string(),
             },
@@ -146,6 +164,16 @@ impl From<Refusal> for MetadataError {
                 Self::ClusterIdMismatch { expected, found }
             }
             Refusal::Other { message } => Self::Raft { reason: message },
+            Refusal::InvalidReassignment {
+                topic,
+                partition,
+                reason,
+            } => Self::InvalidReassignment {
+                topic,
+                partition,
+                reason,
+            },
+            Refusal::InvalidRequest { reason } => Self::InvalidRequest { reason },
         }
     }
 }
@@ -198,6 +226,14 @@ mod tests {
             MetadataError::ClusterIdMismatch {
                 expected: "a".into(),
                 found: "b".into(),
+            },
+            MetadataError::InvalidReassignment {
+                topic: "t".into(),
+                partition: 1,
+                reason: "broker 9 is not registered".into(),
+            },
+            MetadataError::InvalidRequest {
+                reason: "producer id block of 0".into(),
             },
         ];
         for e in errors {

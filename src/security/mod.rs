@@ -1,0 +1,559 @@
+//! Security: who is calling (authentication), what they may do
+//! (authorisation with ACLs) and how fast (quotas).
+//!
+//! Where it sits on the data path: in front of the services. Every
+//! request passes [`AuthLayer`], which finds the caller's [`Principal`]
+//! (a verified username/password from gRPC metadata, else the subject CN
+//! of a verified client certificate, else `ANONYMOUS`) and refuses
+//! unauthenticated callers when authentication is on. The services then
+//! ask [`check`] before acting (PERMISSION_DENIED unless an ACL allows
+//! it) and delay answers by [`throttle`] when a quota is exceeded.
+//!
+//! - [`tls`]: listener TLS with file reload, client TLS, the CN of a cert.
+//! - [`password`]: salted PBKDF2-HMAC-SHA256 password hashes.
+//! - [`quota`]: the Kafka-style throttle clocks.
+
+pub mod password;
+pub mod quota;
+pub mod tls;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use runnel_controller::security::{authorize, Operation, ResourceType, DEFAULT_QUOTA_KEY};
+use runnel_controller::MetadataStore;
+use runnel_proto::v1::ErrorCode;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::Status;
+
+use crate::broker::Broker;
+use crate::config::{SecuritySection, ServerConfig};
+
+pub use quota::Direction;
+
+/// gRPC metadata key carrying the user name.
+pub const USER_HEADER: &str = "runnel-user";
+/// gRPC metadata key carrying the password (binary metadata, so any
+/// bytes are allowed; only ever sent over TLS).
+pub const PASSWORD_HEADER: &str = "runnel-password-bin";
+/// The principal of a caller that did not identify itself.
+pub const ANONYMOUS: &str = "ANONYMOUS";
+
+/// The single answer to any wrong user name or password.
+const AUTH_FAILED: &str = "authentication failed";
+
+/// Who made a request; set by [`AuthLayer`] in the request extensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal(pub Arc<str>);
+
+impl Principal {
+    /// The anonymous principal.
+    pub fn anonymous() -> Self {
+        Principal(Arc::from(ANONYMOUS))
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A status with the `runnel-error-code` trailer, like broker errors.
+fn status(code: tonic::Code, error: ErrorCode, message: impl Into<String>) -> Status {
+    let mut s = Status::new(code, message);
+    if let Ok(v) = error.as_str_name().parse() {
+        s.metadata_mut().insert(crate::error::ERROR_CODE_HEADER, v);
+    }
+    s
+}
+
+/// UNAUTHENTICATED.
+fn unauthenticated(message: &str) -> Status {
+    status(
+        tonic::Code::Unauthenticated,
+        ErrorCode::AuthenticationFailed,
+        message,
+    )
+}
+
+/// PERMISSION_DENIED.
+pub fn permission_denied(message: String) -> Status {
+    status(
+        tonic::Code::PermissionDenied,
+        ErrorCode::AuthorizationFailed,
+        message,
+    )
+}
+
+/// Failed attempts of one (peer address, user name).
+#[derive(Debug)]
+struct Failures {
+    count: u32,
+    since: Instant,
+}
+
+/// A password verified before: SHA-256 of salt and password, and the
+/// stored hash it matched.
+type Verified = (Vec<u8>, Vec<u8>);
+
+/// Most failure records kept; expired ones are dropped first.
+const FAILURE_RECORDS_MAX: usize = 10_000;
+
+/// The broker's security state: settings, the metadata that holds users,
+/// ACLs and quotas, failure counters and throttle clocks.
+pub struct Security {
+    settings: SecuritySection,
+    super_users: HashSet<String>,
+    broker_principals: HashSet<String>,
+    metadata: Arc<dyn MetadataStore>,
+    failures: Mutex<HashMap<(Option<IpAddr>, String), Failures>>,
+    /// Passwords verified before, by user: SHA-256 of salt and password,
+    /// and the stored hash it was verified against (so a password change
+    /// invalidates the entry). Spares PBKDF2 on every request.
+    verified: Mutex<HashMap<String, Verified>>,
+    throttle: quota::Throttle,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl Security {
+    /// Security with `settings` over the metadata in `metadata`.
+    pub fn new(settings: SecuritySection, metadata: Arc<dyn MetadataStore>) -> Self {
+        Self {
+            super_users: settings.super_users.iter().cloned().collect(),
+            broker_principals: settings.broker_principals.iter().cloned().collect(),
+            settings,
+            metadata,
+            failures: Mutex::default(),
+            verified: Mutex::default(),
+            throttle: quota::Throttle::default(),
+        }
+    }
+
+    /// Finds the principal of one HTTP/2 request to `path`.
+    #[allow(clippy::result_large_err)]
+    pub fn authenticate(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<Principal, Status> {
+        let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
+        let peer = tls
+            .and_then(|t| t.get_ref().remote_addr())
+            .or_else(|| {
+                extensions
+                    .get::<TcpConnectInfo>()
+                    .and_then(TcpConnectInfo::remote_addr)
+            })
+            .map(|a| a.ip());
+        let cert_principal = tls
+            .and_then(|t| t.peer_certs())
+            .and_then(|certs| certs.first().and_then(|c| tls::principal_of_cert(c)));
+        if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
+            return Ok(Principal::anonymous());
+        }
+        if path.starts_with("/runnel.v1.internal.") {
+            // Broker-to-broker services: only the brokers' own identities
+            // when those are configured.
+            if !self.broker_principals.is_empty()
+                && !cert_principal
+                    .as_ref()
+                    .is_some_and(|p| self.broker_principals.contains(p))
+            {
+                return Err(permission_denied(
+                    "internal services accept only broker certificates".into(),
+                ));
+            }
+            return Ok(cert_principal.map_or_else(Principal::anonymous, |p| Principal(p.into())));
+        }
+        if self.settings.authentication {
+            let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
+            if let Some(user) = metadata.get(USER_HEADER) {
+                let user = user
+                    .to_str()
+                    .map_err(|_| unauthenticated(AUTH_FAILED))?
+                    .to_string();
+                let password = metadata
+                    .get_bin(PASSWORD_HEADER)
+                    .and_then(|p| p.to_bytes().ok())
+                    .unwrap_or_default();
+                return self.check_password(peer, &user, &password);
+            }
+        }
+        match cert_principal {
+            Some(p) => Ok(Principal(p.into())),
+            None if self.settings.authentication => Err(unauthenticated(
+                "authentication required: send a user name and password, or a client certificate",
+            )),
+            None => Ok(Principal::anonymous()),
+        }
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn check_password(
+        &self,
+        peer: Option<IpAddr>,
+        user: &str,
+        password: &[u8],
+    ) -> Result<Principal, Status> {
+        let window = Duration::from_millis(self.settings.auth_failure_window_ms);
+        let key = (peer, user.to_string());
+        let now = Instant::now();
+        {
+            let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = failures.get(&key) {
+                if now.duration_since(f.since) >= window {
+                    failures.remove(&key);
+                } else if f.count >= self.settings.auth_failures_max {
+                    return Err(status(
+                        tonic::Code::ResourceExhausted,
+                        ErrorCode::AuthenticationFailed,
+                        "too many failed authentication attempts; try again later",
+                    ));
+                }
+            }
+        }
+        let state = self.metadata.current();
+        let ok = match state.users.get(user) {
+            Some(cred) => {
+                let digest = {
+                    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                    ctx.update(&cred.salt);
+                    ctx.update(password);
+                    ctx.finish().as_ref().to_vec()
+                };
+                let cached = self
+                    .verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(user)
+                    .is_some_and(|(d, h)| *d == digest && *h == cred.hash);
+                cached || {
+                    let ok = password::verify(cred, password);
+                    if ok {
+                        let mut v = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+                        if v.len() >= FAILURE_RECORDS_MAX {
+                            v.clear();
+                        }
+                        v.insert(user.to_string(), (digest, cred.hash.clone()));
+                    }
+                    ok
+                }
+            }
+            None => {
+                password::verify_dummy(password);
+                false
+            }
+        };
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            failures.remove(&key);
+            return Ok(Principal(user.into()));
+        }
+        if failures.len() >= FAILURE_RECORDS_MAX {
+            failures.retain(|_, f| now.duration_since(f.since) < window);
+        }
+        let f = failures.entry(key).or_insert(Failures {
+            count: 0,
+            since: now,
+        });
+        f.count += 1;
+        tracing::info!(user, peer = ?peer, failures = f.count, "authentication failed");
+        Err(unauthenticated(AUTH_FAILED))
+    }
+
+    /// Whether `principal` may do `operation` on the resource.
+    pub fn allowed(
+        &self,
+        principal: &Principal,
+        resource_type: ResourceType,
+        name: &str,
+        operation: Operation,
+    ) -> bool {
+        if !self.settings.authorization
+            || self.super_users.contains(principal.name())
+            || self.broker_principals.contains(principal.name())
+        {
+            return true;
+        }
+        let state = self.metadata.current();
+        authorize(
+            &state.acls,
+            principal.name(),
+            resource_type,
+            name,
+            operation,
+        )
+    }
+
+    /// How long to hold back the answer to `bytes` moved by `principal`
+    /// (zero without a quota).
+    pub fn throttle(&self, principal: &Principal, direction: Direction, bytes: u64) -> Duration {
+        let state = self.metadata.current();
+        if state.quotas.is_empty() {
+            return Duration::ZERO;
+        }
+        let pick = |q: &runnel_controller::security::Quota| match direction {
+            Direction::Produce => q.produce_bytes_per_sec,
+            Direction::Fetch => q.fetch_bytes_per_sec,
+        };
+        let rate = state
+            .quotas
+            .get(principal.name())
+            .and_then(pick)
+            .or_else(|| state.quotas.get(DEFAULT_QUOTA_KEY).and_then(pick));
+        match rate {
+            Some(rate) => {
+                self.throttle
+                    .record(principal.name(), direction, bytes, rate, Instant::now())
+            }
+            None => Duration::ZERO,
+        }
+    }
+}
+
+/// The principal [`AuthLayer`] found for a request (anonymous without).
+pub fn principal_of<T>(request: &tonic::Request<T>) -> Principal {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .unwrap_or_else(Principal::anonymous)
+}
+
+/// Refuses with PERMISSION_DENIED unless the caller may do `operation`
+/// on the resource (always allowed when the broker has no security).
+#[allow(clippy::result_large_err)]
+pub fn check<T>(
+    broker: &Broker,
+    request: &tonic::Request<T>,
+    resource_type: ResourceType,
+    name: &str,
+    operation: Operation,
+) -> Result<(), Status> {
+    let Some(security) = broker.security() else {
+        return Ok(());
+    };
+    let principal = principal_of(request);
+    if security.allowed(&principal, resource_type, name, operation) {
+        return Ok(());
+    }
+    let what = match resource_type {
+        ResourceType::Cluster => "the cluster".to_string(),
+        ResourceType::Topic => format!("topic '{name}'"),
+        ResourceType::Group => format!("group '{name}'"),
+    };
+    Err(permission_denied(format!(
+        "principal '{}' may not {operation:?} {what}",
+        principal.name()
+    )))
+}
+
+/// Whether the caller may do `operation` (for filtering lists).
+pub fn allowed<T>(
+    broker: &Broker,
+    request: &tonic::Request<T>,
+    resource_type: ResourceType,
+    name: &str,
+    operation: Operation,
+) -> bool {
+    check(broker, request, resource_type, name, operation).is_ok()
+}
+
+/// The quota delay for `bytes` moved by `principal` on `broker`.
+pub fn throttle(
+    broker: &Broker,
+    principal: &Principal,
+    direction: Direction,
+    bytes: u64,
+) -> Duration {
+    broker
+        .security()
+        .map_or(Duration::ZERO, |s| s.throttle(principal, direction, bytes))
+}
+
+/// TLS for this broker's outgoing internal calls (replication, Raft,
+/// heartbeats): `[internal_tls]` when the cluster runs internal
+/// listeners, else `[tls]`; `None` = plaintext.
+pub fn internal_client_tls(
+    config: &ServerConfig,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, tls::TlsError> {
+    if config.internal_listen.is_some() {
+        return config
+            .internal_tls
+            .as_ref()
+            .map(|t| tls::client_config(Some(&t.ca_file), Some((&t.cert_file, &t.key_file))))
+            .transpose();
+    }
+    config
+        .tls
+        .as_ref()
+        .map(|t| tls::client_config(t.ca_file.as_deref(), Some((&t.cert_file, &t.key_file))))
+        .transpose()
+}
+
+/// The files behind [`internal_client_tls`], for the controller's Raft
+/// and heartbeat channels (which reload them when they change).
+pub fn internal_client_tls_files(
+    config: &ServerConfig,
+) -> Option<runnel_controller::raft::InternalTlsFiles> {
+    if config.internal_listen.is_some() {
+        return config
+            .internal_tls
+            .as_ref()
+            .map(|t| runnel_controller::raft::InternalTlsFiles {
+                ca_file: Some(t.ca_file.clone()),
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+            });
+    }
+    config
+        .tls
+        .as_ref()
+        .map(|t| runnel_controller::raft::InternalTlsFiles {
+            ca_file: t.ca_file.clone(),
+            cert_file: t.cert_file.clone(),
+            key_file: t.key_file.clone(),
+        })
+}
+
+/// A channel to another broker's client port (group listings, offset
+/// lookups), over TLS with this broker's certificate when the client
+/// listeners speak TLS. `None` when it cannot be reached.
+pub async fn connect_peer(config: &ServerConfig, addr: &str) -> Option<tonic::transport::Channel> {
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}")).ok()?;
+    if let Some(t) = &config.tls {
+        let tls = tls::client_config(t.ca_file.as_deref(), Some((&t.cert_file, &t.key_file)))
+            .map_err(|error| tracing::warn!(%error, "cannot load TLS files for a peer call"))
+            .ok()?;
+        endpoint = endpoint.tls_config(tls).ok()?;
+    }
+    endpoint.connect().await.ok()
+}
+
+/// The client listener's TLS, when configured.
+pub fn client_listener_tls(
+    config: &ServerConfig,
+) -> Result<Option<Arc<tls::ReloadingTls>>, tls::TlsError> {
+    config
+        .tls
+        .as_ref()
+        .map(|t| {
+            tls::ReloadingTls::new(tls::TlsFiles {
+                cert: t.cert_file.clone(),
+                key: t.key_file.clone(),
+                ca: t.ca_file.clone(),
+                client_auth: t.client_auth,
+            })
+            .map(Arc::new)
+        })
+        .transpose()
+}
+
+/// The internal listener's TLS, when configured: client certificates
+/// from `ca_file` are required.
+pub fn internal_listener_tls(
+    config: &ServerConfig,
+) -> Result<Option<Arc<tls::ReloadingTls>>, tls::TlsError> {
+    config
+        .internal_tls
+        .as_ref()
+        .map(|t| {
+            tls::ReloadingTls::new(tls::TlsFiles {
+                cert: t.cert_file.clone(),
+                key: t.key_file.clone(),
+                ca: Some(t.ca_file.clone()),
+                client_auth: tls::ClientAuth::Required,
+            })
+            .map(Arc::new)
+        })
+        .transpose()
+}
+
+/// A tower layer that authenticates every request before the services
+/// see it, putting its [`Principal`] in the request extensions.
+#[derive(Clone, Debug)]
+pub struct AuthLayer {
+    security: Arc<Security>,
+}
+
+impl AuthLayer {
+    /// A layer over `security`.
+    pub fn new(security: Arc<Security>) -> Self {
+        Self { security }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            security: self.security.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] wraps around the routes.
+#[derive(Clone, Debug)]
+pub struct AuthService<S> {
+    inner: S,
+    security: Arc<Security>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        match self.security.authenticate(
+            request.uri().path(),
+            request.headers(),
+            request.extensions(),
+        ) {
+            Ok(principal) => {
+                request.extensions_mut().insert(principal);
+                // The clone is the one made ready by `poll_ready`'s caller's
+                // contract (tower's clone-and-swap idiom).
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Box::pin(inner.call(request))
+            }
+            Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+        }
+    }
+}
