@@ -149,12 +149,21 @@ async fn rolling_restart_under_acks_all_loses_nothing() {
     let acked = acked.lock().await.clone();
     for partition in 0..3 {
         // The election just moved leaders: the first calls may be told
-        // NOT_LEADER by a stale route; the client re-routes on retry.
+        // NOT_LEADER by a stale route; the client re-routes on retry. A new
+        // leader's high watermark catches up with its followers' next
+        // fetches, so wait until it covers every acknowledged offset.
+        let acked_end = acked
+            .iter()
+            .filter(|(p, _, _)| *p == partition)
+            .map(|(_, offset, _)| offset + 1)
+            .max()
+            .unwrap_or(0);
         let mut c = eventually("a consumer on the new leader", WAIT, || async {
             client
                 .partition_consumer("r", partition, StartFrom::Earliest)
                 .await
                 .ok()
+                .filter(|c| c.high_watermark() >= acked_end)
         })
         .await;
         let end = c.high_watermark();
