@@ -57,12 +57,26 @@ async fn await_partition(
 
 /// Reads every record value of partition 0 (up to the high watermark).
 async fn read_all(client: &Client, topic: &str) -> Vec<(i64, String)> {
+    // A new leader's high watermark lags its log end until its followers
+    // fetch again: wait until everything in the leader's log is committed.
+    let committed = eventually("the high watermark to reach the log end", WAIT, || async {
+        let p = describe(client, topic)
+            .await?
+            .partitions
+            .into_iter()
+            .next()?;
+        (p.high_watermark >= 0 && p.high_watermark == p.log_end_offset).then_some(p.high_watermark)
+    })
+    .await;
     eventually("a full read of the partition", WAIT, || async {
         let mut c = client
             .partition_consumer(topic, 0, StartFrom::Earliest)
             .await
             .ok()?;
         let end = c.high_watermark();
+        if end < committed {
+            return None;
+        }
         let mut out = Vec::new();
         while c.position() < end {
             for r in c.poll().await.ok()? {

@@ -150,20 +150,20 @@ async fn rolling_restart_under_acks_all_loses_nothing() {
     for partition in 0..3 {
         // The election just moved leaders: the first calls may be told
         // NOT_LEADER by a stale route; the client re-routes on retry. A new
-        // leader's high watermark catches up with its followers' next
-        // fetches, so wait until it covers every acknowledged offset.
-        let acked_end = acked
+        // leader's high watermark catches up with the old one's only once
+        // its followers fetch again, so wait until it covers every ack.
+        let last_acked = acked
             .iter()
             .filter(|(p, _, _)| *p == partition)
-            .map(|(_, offset, _)| offset + 1)
+            .map(|(_, offset, _)| *offset)
             .max()
-            .unwrap_or(0);
+            .unwrap_or(-1);
         let mut c = eventually("a consumer on the new leader", WAIT, || async {
-            client
+            let c = client
                 .partition_consumer("r", partition, StartFrom::Earliest)
                 .await
-                .ok()
-                .filter(|c| c.high_watermark() >= acked_end)
+                .ok()?;
+            (c.high_watermark() > last_acked).then_some(c)
         })
         .await;
         let end = c.high_watermark();

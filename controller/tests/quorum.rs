@@ -15,6 +15,8 @@ use runnel_controller::raft::spawn_heartbeat;
 use runnel_controller::{
     ClusterMetadata, MetadataCommand, MetadataError, MetadataStore, RaftConfig, RaftMetadataStore,
 };
+use runnel_proto::v1::internal::broker_lifecycle_client::BrokerLifecycleClient;
+use runnel_proto::v1::internal::AlterPartitionRequest;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -428,6 +430,54 @@ async fn t04_silent_broker_is_fenced_and_reregistering_unfences() {
         let s = wait_state(&n.store, "broker 3 unfenced", |s| !s.brokers[&3].fenced).await;
         assert!(s.brokers[&3].epoch > epoch3);
     }
+
+    // The partition's leader takes broker 3 back into the ISR through
+    // AlterPartition (any node forwards to the controller); stale broker
+    // or partition epochs are refused and change nothing.
+    let now = nodes[0].store.current();
+    let p2 = now.topics["f"].partitions[2].clone();
+    let leader_epoch_broker = now.brokers[&p2.leader].epoch;
+    let mut client = BrokerLifecycleClient::connect(format!("http://{}", nodes[2].addr))
+        .await
+        .unwrap();
+    let request = |broker_epoch: i64, partition_epoch: i32| AlterPartitionRequest {
+        broker_id: p2.leader,
+        broker_epoch,
+        topic: "f".into(),
+        partition: 2,
+        leader_epoch: p2.leader_epoch,
+        partition_epoch,
+        new_isr: vec![1, 2, 3],
+    };
+    let stale_broker = client
+        .alter_partition(request(leader_epoch_broker - 1, p2.partition_epoch))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(stale_broker.error_code, 0);
+    assert!(
+        stale_broker.error_message.contains("stale"),
+        "{stale_broker:?}"
+    );
+    let stale_partition = client
+        .alter_partition(request(leader_epoch_broker, p2.partition_epoch - 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(stale_partition.error_code, 0);
+    assert!(
+        stale_partition.error_message.contains("partition epoch"),
+        "{stale_partition:?}"
+    );
+    assert_eq!(stale_partition.isr, p2.isr);
+    let applied = client
+        .alter_partition(request(leader_epoch_broker, p2.partition_epoch))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.error_code, 0, "{applied:?}");
+    assert_eq!(applied.isr, vec![1, 2, 3]);
+    assert_eq!(applied.partition_epoch, p2.partition_epoch + 1);
     cancel.cancel();
     for b in beats {
         b.cancel();

@@ -23,6 +23,7 @@ use runnel_proto::v1::internal::{
     AlterPartitionRequest, AlterPartitionResponse, BrokerHeartbeatRequest, BrokerHeartbeatResponse,
     RegisterBrokerRequest, RegisterBrokerResponse,
 };
+use runnel_proto::v1::ErrorCode;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -404,12 +405,64 @@ impl BrokerLifecycle for LifecycleService {
         Ok(Response::new(self.store.heartbeat_local(request.get_ref())))
     }
 
+    /// Commits an ISR change as an `AlterPartitionIsr` command, after
+    /// checking that the caller is the live incarnation of the broker it
+    /// claims to be. Refusals come back in the answer with the ISR and
+    /// partition epoch currently committed, so the leader can act on them.
+    #[tracing::instrument(level = "debug", skip_all, fields(broker = request.get_ref().broker_id, topic = %request.get_ref().topic, partition = request.get_ref().partition))]
     async fn alter_partition(
         &self,
-        _request: Request<AlterPartitionRequest>,
+        request: Request<AlterPartitionRequest>,
     ) -> Result<Response<AlterPartitionResponse>, Status> {
-        Err(Status::unimplemented(
-            "AlterPartition: ISR changes are not metadata commands yet",
-        ))
+        let req = request.into_inner();
+        let committed = |error: Option<(ErrorCode, String)>| {
+            let meta = self.store.current();
+            let p = meta
+                .topics
+                .get(&req.topic)
+                .and_then(|t| t.partitions.get(usize::try_from(req.partition).ok()?));
+            let (code, message) = error.unwrap_or((ErrorCode::None, String::new()));
+            Response::new(AlterPartitionResponse {
+                error_code: code as i32,
+                isr: p.map(|p| p.isr.clone()).unwrap_or_default(),
+                partition_epoch: p.map_or(-1, |p| p.partition_epoch),
+                error_message: message,
+            })
+        };
+        let broker = self.store.current().brokers.get(&req.broker_id).cloned();
+        match broker {
+            Some(b) if b.epoch == req.broker_epoch && !b.fenced => {}
+            Some(b) => {
+                return Ok(committed(Some((
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "broker {} epoch {} is stale or fenced (current epoch {}, fenced {})",
+                        req.broker_id, req.broker_epoch, b.epoch, b.fenced
+                    ),
+                ))))
+            }
+            None => {
+                return Ok(committed(Some((
+                    ErrorCode::InvalidRequest,
+                    format!("broker {} is not registered", req.broker_id),
+                ))))
+            }
+        }
+        let cmd = MetadataCommand::AlterPartitionIsr {
+            topic: req.topic.clone(),
+            partition: req.partition,
+            leader_id: req.broker_id,
+            leader_epoch: req.leader_epoch,
+            partition_epoch: req.partition_epoch,
+            isr: req.new_isr.clone(),
+        };
+        match self.store.submit(cmd).await {
+            Ok(_) => Ok(committed(None)),
+            Err(e @ MetadataError::NotController { .. }) => Err(Status::unavailable(e.to_string())),
+            Err(e @ MetadataError::UnknownTopic { .. }) => {
+                Ok(committed(Some((ErrorCode::UnknownTopic, e.to_string()))))
+            }
+            Err(e) => Ok(committed(Some((ErrorCode::InvalidRequest, e.to_string())))),
+        }
     }
 }
