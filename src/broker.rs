@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use runnel_controller::metadata::Applied;
 use runnel_controller::store::random_id;
 use runnel_controller::{topic_config, ClusterMetadata, MetadataCommand, MetadataStore, TopicInfo};
@@ -761,7 +761,8 @@ impl Broker {
         if read.batches.is_empty() {
             return Ok((response, 0, 0));
         }
-        let batches = RecordBatch::parse_all(read.batches.clone())?;
+        // `Log::read` CRC-checked every batch it returned; only split them.
+        let batches = RecordBatch::split_checked(read.batches.clone())?;
         if let Some(last) = batches.last() {
             response.next_offset = last.last_offset() + 1;
         }
@@ -1167,8 +1168,9 @@ fn brokers_of(meta: &ClusterMetadata) -> Vec<pb::BrokerDescription> {
 }
 
 /// Turns a produce request into one batch: the client's pre-encoded batch
-/// (taken over without a copy when possible) or the records encoded once.
-fn encode_batch(req: &pb::ProduceRequest) -> Result<BytesMut, BrokerError> {
+/// (shared, never copied: the log rewrites only a copy of its header) or
+/// the records encoded once.
+fn encode_batch(req: &pb::ProduceRequest) -> Result<Bytes, BrokerError> {
     match (req.records.is_empty(), req.batch.is_empty()) {
         (false, false) => Err(BrokerError::InvalidRequest {
             reason: "set either records or batch, not both".into(),
@@ -1176,7 +1178,7 @@ fn encode_batch(req: &pb::ProduceRequest) -> Result<BytesMut, BrokerError> {
         (true, true) => Err(BrokerError::InvalidRequest {
             reason: "no records to produce".into(),
         }),
-        (true, false) => Ok(bytes_to_mut(req.batch.clone())),
+        (true, false) => Ok(req.batch.clone()),
         (false, true) => {
             let now = now_ms();
             let mut builder = BatchBuilder::new();
@@ -1200,7 +1202,7 @@ fn encode_batch(req: &pb::ProduceRequest) -> Result<BytesMut, BrokerError> {
                 };
                 builder.push(ts, r.key.as_deref(), r.value.as_deref(), &headers);
             }
-            Ok(builder.build())
+            Ok(builder.build().freeze())
         }
     }
 }
@@ -1211,10 +1213,6 @@ fn batch_producer_id(batch: &[u8]) -> i64 {
     batch
         .get(PRODUCER_ID..PRODUCER_ID + 8)
         .map_or(-1, |b| i64::from_be_bytes(b.try_into().expect("8 bytes")))
-}
-
-fn bytes_to_mut(b: Bytes) -> BytesMut {
-    b.try_into_mut().unwrap_or_else(|b| BytesMut::from(&b[..]))
 }
 
 /// A stored record as the public API shows it.

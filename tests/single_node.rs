@@ -297,3 +297,47 @@ async fn producer_batches_never_exceed_the_broker_limit() {
         assert_eq!(ack.await.unwrap().offset, i as i64);
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn producer_acknowledges_every_record_of_a_long_burst() {
+    // Thousands of records queued before the producer's task runs once
+    // (one thread, no cooperative yields while sending): the task takes
+    // them in bursts and must neither drop nor reorder any of them.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("burst", 1, 1, BTreeMap::new())
+        .await
+        .unwrap();
+    client.partition_count("burst").await.unwrap();
+    let producer = client.producer(ProducerConfig {
+        batch_bytes_max: 4096,
+        ..ProducerConfig::default()
+    });
+    let acks = tokio::task::unconstrained(async {
+        let mut acks = Vec::new();
+        for i in 0..3000 {
+            let record = ProducerRecord::value(format!("{i:05}"));
+            acks.push(producer.send("burst", record).await.unwrap());
+        }
+        acks
+    })
+    .await;
+    producer.close().await.unwrap();
+    for (i, ack) in acks.into_iter().enumerate() {
+        assert_eq!(ack.await.unwrap().offset, i as i64);
+    }
+    let mut c = client
+        .partition_consumer("burst", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut values = Vec::new();
+    while c.position() < c.high_watermark() {
+        for r in c.poll().await.unwrap() {
+            values.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
+        }
+    }
+    let expected: Vec<String> = (0..3000).map(|i| format!("{i:05}")).collect();
+    assert_eq!(values, expected);
+}

@@ -261,25 +261,55 @@ impl Accumulator {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        // One linger timer, re-armed only when the earliest deadline
+        // changes (a fresh timer per record cost more than the record).
+        let linger = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(linger);
+        let mut armed: Option<Instant> = None;
         loop {
             let deadline = self.pending.values().map(|p| p.deadline).min();
+            if deadline != armed {
+                if let Some(d) = deadline {
+                    linger.as_mut().reset(d);
+                }
+                armed = deadline;
+            }
             let command = tokio::select! {
                 c = rx.recv() => c,
-                _ = sleep_until_opt(deadline) => {
+                _ = &mut linger, if armed.is_some() => {
+                    armed = None;
                     self.send_expired().await;
                     continue;
                 }
             };
-            match command {
-                Some(Command::Send { topic, record, ack }) => self.add(topic, record, ack).await,
-                Some(Command::Flush(done)) => {
-                    self.flush().await;
-                    let _ = done.send(());
+            let mut command = command;
+            // Take what is already queued without going through the
+            // select (and its timer) once per record; bounded, so the
+            // linger timer is still looked at under a steady stream.
+            let mut burst = 0;
+            loop {
+                match command {
+                    Some(Command::Send { topic, record, ack }) => {
+                        self.add(topic, record, ack).await
+                    }
+                    Some(Command::Flush(done)) => {
+                        self.flush().await;
+                        let _ = done.send(());
+                    }
+                    None => {
+                        self.flush().await;
+                        return;
+                    }
                 }
-                None => {
-                    self.flush().await;
-                    return;
+                burst += 1;
+                if burst == RECV_BURST_MAX {
+                    break;
                 }
+                command = match rx.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                };
             }
         }
     }
@@ -300,6 +330,7 @@ impl Accumulator {
         }
         Ok(match &record.key {
             Some(key) => partition_for_key(key, count),
+            None if self.sticky.contains_key(topic) => self.sticky[topic] % count,
             None => {
                 let next = &mut self.next_sticky;
                 *self.sticky.entry(topic.to_string()).or_insert_with(|| {
@@ -319,6 +350,7 @@ impl Accumulator {
             }
         };
         let key = (topic, partition);
+        let now = now_ms();
         // A batch never grows past batch_bytes_max by more than one
         // record's worth: a full batch leaves before the record joins.
         let record_bytes = record.key.as_ref().map_or(0, |k| k.len())
@@ -329,6 +361,18 @@ impl Accumulator {
                 .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()))
                 .sum::<usize>()
             + RECORD_OVERHEAD_BYTES;
+        // The common case: the partition's batch is open and has room.
+        // One lookup, no key clone.
+        if let Some(pending) = self.pending.get_mut(&key) {
+            if pending.builder.size_bytes() + record_bytes <= self.config.batch_bytes_max {
+                push_record(&mut pending.builder, &record, now);
+                pending.acks.push(ack);
+                if pending.builder.size_bytes() >= self.config.batch_bytes_max {
+                    self.dispatch(key).await;
+                }
+                return;
+            }
+        }
         if self.pending.get(&key).is_some_and(|p| {
             !p.builder.is_empty()
                 && p.builder.size_bytes() + record_bytes > self.config.batch_bytes_max
@@ -336,22 +380,14 @@ impl Accumulator {
             self.dispatch(key.clone()).await;
         }
         let linger = self.config.linger;
+        let capacity = self.config.batch_bytes_max + record_bytes;
         let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
-            builder: BatchBuilder::new(),
+            // Sized for a full batch: filling it never reallocates.
+            builder: BatchBuilder::with_capacity(capacity),
             acks: Vec::new(),
             deadline: Instant::now() + linger,
         });
-        let headers: Vec<(&str, Option<&[u8]>)> = record
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
-        pending.builder.push(
-            record.timestamp_ms.unwrap_or_else(now_ms),
-            record.key.as_deref(),
-            record.value.as_deref(),
-            &headers,
-        );
+        push_record(&mut pending.builder, &record, now);
         pending.acks.push(ack);
         if pending.builder.size_bytes() >= self.config.batch_bytes_max {
             self.dispatch(key).await;
@@ -458,6 +494,25 @@ impl Accumulator {
             }
         }
     }
+}
+
+/// Records taken from the queue in one go before the linger timer is
+/// looked at again.
+const RECV_BURST_MAX: usize = 256;
+
+/// Appends `record` to a batch; `now` is its timestamp unless it has one.
+fn push_record(builder: &mut BatchBuilder, record: &ProducerRecord, now: i64) {
+    let headers: Vec<(&str, Option<&[u8]>)> = record
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_deref()))
+        .collect();
+    builder.push(
+        record.timestamp_ms.unwrap_or(now),
+        record.key.as_deref(),
+        record.value.as_deref(),
+        &headers,
+    );
 }
 
 /// The sequence after a batch of `records` starting at `seq` (wrapping

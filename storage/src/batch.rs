@@ -11,7 +11,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::varint::{put_varint, put_varlong, read_varint, read_varlong};
+use crate::varint::{put_varint, put_varlong, read_varint, read_varlong, varint_len, varlong_len};
 use crate::{Result, StorageError};
 
 /// Size of the fixed batch header.
@@ -206,34 +206,141 @@ pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {
 /// framing, magic, CRC, no compression, record count matching the decoded
 /// records, offset deltas exactly `0..n`, and a max timestamp equal to the
 /// largest record timestamp (create time). Returns the parsed batch.
+///
+/// The same checks as [`validate_batch`], which the log uses; this form
+/// keeps the parsed batch for callers that decode it next.
 pub fn validate_for_append(bytes: Bytes) -> Result<RecordBatch> {
-    let batch = RecordBatch::parse(bytes)?;
-    let count = batch.record_count();
+    validate_batch(&bytes)?;
+    Ok(RecordBatch { bytes })
+}
+
+/// The leader's once-per-batch check, without materialising records: one
+/// CRC pass over the batch, then a walk over the record framing (lengths,
+/// varints, offset deltas `0..n`, header keys UTF-8, timestamps) that
+/// allocates nothing. Accepts exactly the batches the full decoder
+/// ([`RecordBatch::parse`] + [`RecordBatch::records`]) accepts with a
+/// consistent count, deltas and max timestamp. Returns the record count.
+pub fn validate_batch(buf: &[u8]) -> Result<i32> {
+    let total = check_batch(buf)?;
+    if total != buf.len() {
+        return Err(corrupt(format!(
+            "batch length {total} but {} bytes given",
+            buf.len()
+        )));
+    }
+    let count = be_i32(buf, field::RECORDS_COUNT);
+    let last_offset_delta = be_i32(buf, field::LAST_OFFSET_DELTA);
+    if count < 0 {
+        return Err(corrupt(format!("negative record count {count}")));
+    }
     if count == 0 {
         return Err(StorageError::EmptyBatch);
     }
-    if batch.last_offset_delta() != count - 1 {
+    if last_offset_delta != count - 1 {
         return Err(corrupt(format!(
-            "last offset delta {} with {count} records",
-            batch.last_offset_delta()
+            "last offset delta {last_offset_delta} with {count} records"
         )));
     }
-    let records = batch.records()?;
+    let attributes = be_i16(buf, field::ATTRIBUTES);
+    let codec = attributes & ATTR_COMPRESSION_MASK;
+    if codec != 0 {
+        return Err(corrupt(format!("unsupported compression codec {codec}")));
+    }
+    let log_append_time = attributes & ATTR_LOG_APPEND_TIME != 0;
+    let base_offset = be_i64(buf, field::BASE_OFFSET);
+    let base_timestamp = be_i64(buf, field::BASE_TIMESTAMP);
+    let max_timestamp = be_i64(buf, field::MAX_TIMESTAMP);
+    let body = &buf[HEADER_LEN..];
+    let mut position = 0;
     let mut timestamp_max = i64::MIN;
-    for (i, record) in records.iter().enumerate() {
-        let delta = record.offset - batch.base_offset();
-        if delta != i as i64 {
-            return Err(corrupt(format!("record {i} has offset delta {delta}")));
+    for index in 0..count {
+        let (timestamp_delta, offset_delta, used) = walk_record(&body[position..])
+            .map_err(|reason| corrupt(format!("record {index}: {reason}")))?;
+        position += used;
+        if log_append_time {
+            timestamp_max = max_timestamp;
+        } else {
+            let timestamp = base_timestamp
+                .checked_add(timestamp_delta)
+                .ok_or_else(|| corrupt(format!("record {index}: timestamp overflow")))?;
+            timestamp_max = timestamp_max.max(timestamp);
         }
-        timestamp_max = timestamp_max.max(record.timestamp_ms);
+        if base_offset.checked_add(i64::from(offset_delta)).is_none() {
+            return Err(corrupt(format!("record {index}: offset overflow")));
+        }
+        if offset_delta != index {
+            return Err(corrupt(format!(
+                "record {index} has offset delta {offset_delta}"
+            )));
+        }
     }
-    if !batch.is_log_append_time() && batch.max_timestamp() != timestamp_max {
+    if position != body.len() {
         return Err(corrupt(format!(
-            "max timestamp {} but largest record timestamp {timestamp_max}",
-            batch.max_timestamp()
+            "{} trailing bytes after {count} records",
+            body.len() - position
         )));
     }
-    Ok(batch)
+    if !log_append_time && max_timestamp != timestamp_max {
+        return Err(corrupt(format!(
+            "max timestamp {max_timestamp} but largest record timestamp {timestamp_max}"
+        )));
+    }
+    Ok(count)
+}
+
+/// Walks one length-prefixed record at the start of `buf` without
+/// decoding its fields into values: returns (timestamp delta, offset
+/// delta, bytes used). Fails exactly where [`Cursor::record`] fails.
+fn walk_record(buf: &[u8]) -> Result<(i64, i32, usize), &'static str> {
+    let (len, used) = read_varint(buf).ok_or("bad varint")?;
+    let len = usize::try_from(len).map_err(|_| "negative record length")?;
+    if len > buf.len() - used {
+        return Err("record length beyond batch");
+    }
+    let record = &buf[used..used + len];
+    let mut at = 1; // attributes (unused)
+    if record.is_empty() {
+        return Err("record length does not match its fields");
+    }
+    let varint = |at: &mut usize| -> Result<i32, &'static str> {
+        let (v, n) = read_varint(record.get(*at..).unwrap_or_default()).ok_or("bad varint")?;
+        *at += n;
+        Ok(v)
+    };
+    let (timestamp_delta, n) =
+        read_varlong(record.get(at..).unwrap_or_default()).ok_or("bad varlong")?;
+    at += n;
+    let offset_delta = varint(&mut at)?;
+    // Key and value: -1 is null, else that many bytes inside the record.
+    let skip = |at: &mut usize, null_ok: bool| -> Result<Option<usize>, &'static str> {
+        let n = varint(at)?;
+        if n == -1 {
+            return if null_ok {
+                Ok(None)
+            } else {
+                Err("null header key")
+            };
+        }
+        let n = usize::try_from(n).map_err(|_| "negative length")?;
+        if n > record.len().saturating_sub(*at) {
+            return Err("length beyond record");
+        }
+        *at += n;
+        Ok(Some(*at - n))
+    };
+    skip(&mut at, true)?;
+    skip(&mut at, true)?;
+    let header_count = varint(&mut at)?;
+    let header_count = usize::try_from(header_count).map_err(|_| "negative header count")?;
+    for _ in 0..header_count {
+        let start = skip(&mut at, false)?.expect("not null");
+        std::str::from_utf8(&record[start..at]).map_err(|_| "header key not utf-8")?;
+        skip(&mut at, true)?;
+    }
+    if at != record.len() {
+        return Err("record length does not match its fields");
+    }
+    Ok((timestamp_delta, offset_delta, used + len))
 }
 
 /// One record header.
@@ -259,7 +366,7 @@ pub struct Record {
 /// Builds one batch from records, base offset 0, CRC set.
 #[derive(Debug)]
 pub struct BatchBuilder {
-    /// Encoded records (everything after the header).
+    /// The batch: room for the header, then the encoded records.
     body: BytesMut,
     count: i32,
     /// First record's timestamp; deltas are relative to it.
@@ -288,8 +395,15 @@ fn put_bytes_field(out: &mut BytesMut, value: Option<&[u8]>) {
 
 impl BatchBuilder {
     pub fn new() -> Self {
+        Self::with_capacity(0)
+    }
+    /// A builder whose body buffer holds `bytes` before it must grow (a
+    /// producer passes its batch size, so filling a batch never copies).
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut body = BytesMut::with_capacity(bytes.max(HEADER_LEN));
+        body.resize(HEADER_LEN, 0); // the header, filled in by `build`
         BatchBuilder {
-            body: BytesMut::new(),
+            body,
             count: 0,
             base_timestamp: -1,
             max_timestamp: -1,
@@ -317,19 +431,32 @@ impl BatchBuilder {
             self.max_timestamp = timestamp_ms;
         }
         self.max_timestamp = self.max_timestamp.max(timestamp_ms);
-        let mut rec = BytesMut::new();
-        rec.put_i8(0); // record attributes (unused)
-        put_varlong(&mut rec, timestamp_ms.wrapping_sub(self.base_timestamp));
-        put_varint(&mut rec, self.count);
-        put_bytes_field(&mut rec, key);
-        put_bytes_field(&mut rec, value);
-        put_varint(&mut rec, headers.len() as i32);
+        // Encoded straight into the body: the record's length prefix is
+        // computed from the field sizes first, so nothing is staged.
+        let timestamp_delta = timestamp_ms.wrapping_sub(self.base_timestamp);
+        let field_len = |v: Option<&[u8]>| v.map_or(1, |v| varint_len(v.len() as i32) + v.len());
+        let mut len = 1
+            + varlong_len(timestamp_delta)
+            + varint_len(self.count)
+            + field_len(key)
+            + field_len(value)
+            + varint_len(headers.len() as i32);
         for (hkey, hvalue) in headers {
-            put_bytes_field(&mut rec, Some(hkey.as_bytes()));
-            put_bytes_field(&mut rec, *hvalue);
+            len += field_len(Some(hkey.as_bytes())) + field_len(*hvalue);
         }
-        put_varint(&mut self.body, rec.len() as i32);
-        self.body.put_slice(&rec);
+        let out = &mut self.body;
+        out.reserve(varint_len(len as i32) + len);
+        put_varint(out, len as i32);
+        out.put_i8(0); // record attributes (unused)
+        put_varlong(out, timestamp_delta);
+        put_varint(out, self.count);
+        put_bytes_field(out, key);
+        put_bytes_field(out, value);
+        put_varint(out, headers.len() as i32);
+        for (hkey, hvalue) in headers {
+            put_bytes_field(out, Some(hkey.as_bytes()));
+            put_bytes_field(out, *hvalue);
+        }
         self.count += 1;
     }
     pub fn len(&self) -> usize {
@@ -340,25 +467,26 @@ impl BatchBuilder {
     }
     /// Encoded size so far (header included).
     pub fn size_bytes(&self) -> usize {
-        HEADER_LEN + self.body.len()
+        self.body.len()
     }
     pub fn build(self) -> BytesMut {
         let total = self.size_bytes();
-        let mut out = BytesMut::with_capacity(total);
-        out.put_i64(0); // base offset, assigned by the log
-        out.put_i32((total - field::LOG_OVERHEAD) as i32);
-        out.put_i32(-1); // partition leader epoch, stamped by the log
-        out.put_u8(MAGIC);
-        out.put_u32(0); // crc, filled below
-        out.put_i16(0); // attributes
-        out.put_i32(self.count - 1);
-        out.put_i64(self.base_timestamp);
-        out.put_i64(self.max_timestamp);
-        out.put_i64(self.producer_id);
-        out.put_i16(self.producer_epoch);
-        out.put_i32(self.base_sequence);
-        out.put_i32(self.count);
-        out.put_slice(&self.body);
+        let mut out = self.body;
+        let mut header = &mut out[..HEADER_LEN];
+        header.put_i64(0); // base offset, assigned by the log
+        header.put_i32((total - field::LOG_OVERHEAD) as i32);
+        header.put_i32(-1); // partition leader epoch, stamped by the log
+        header.put_u8(MAGIC);
+        header.put_u32(0); // crc, filled below
+        header.put_i16(0); // attributes
+        header.put_i32(self.count - 1);
+        header.put_i64(self.base_timestamp);
+        header.put_i64(self.max_timestamp);
+        header.put_i64(self.producer_id);
+        header.put_i16(self.producer_epoch);
+        header.put_i32(self.base_sequence);
+        header.put_i32(self.count);
+        debug_assert!(header.is_empty());
         let crc = crc32c::crc32c(&out[field::CRC_START..]);
         out[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
         out
@@ -383,18 +511,7 @@ impl RecordBatch {
             )));
         }
         let batch = RecordBatch { bytes };
-        if batch.record_count() < 0 {
-            return Err(corrupt(format!(
-                "negative record count {}",
-                batch.record_count()
-            )));
-        }
-        if batch.last_offset_delta() < 0 && batch.record_count() > 0 {
-            return Err(corrupt(format!(
-                "negative last offset delta {}",
-                batch.last_offset_delta()
-            )));
-        }
+        batch.check_header()?;
         Ok(batch)
     }
     /// Splits concatenated batches (as returned by `Log::read`); a trailing
@@ -403,17 +520,76 @@ impl RecordBatch {
         let mut out = Vec::new();
         let mut position = 0;
         while position < bytes.len() {
-            let total = check_batch(&bytes[position..]).map_err(|e| match e {
+            let batch = RecordBatch::parse_prefix(&bytes, position).map_err(|e| match e {
                 StorageError::CorruptBatch { reason } => {
                     corrupt(format!("at byte {position}: {reason}"))
                 }
                 other => other,
             })?;
-            out.push(RecordBatch::parse(bytes.slice(position..position + total))?);
-            position += total;
+            position += batch.size_bytes();
+            out.push(batch);
         }
         Ok(out)
     }
+
+    /// Splits concatenated batches that were already CRC-checked (what
+    /// `Log::read` returns: the log verifies each batch it serves), checking
+    /// framing and header sanity only; a trailing partial batch is an
+    /// error. For the broker's fetch path, which must not pay for a second
+    /// CRC pass.
+    pub fn split_checked(bytes: Bytes) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        let mut position = 0;
+        while position < bytes.len() {
+            let total = match batch_len(&bytes[position..]) {
+                Decode::Complete(total) => total,
+                Decode::Incomplete(needed) => {
+                    return Err(corrupt(format!(
+                        "at byte {position}: truncated batch: {} bytes of {needed}",
+                        bytes.len() - position
+                    )))
+                }
+                Decode::Invalid(reason) => {
+                    return Err(corrupt(format!("at byte {position}: {reason}")))
+                }
+            };
+            let batch = RecordBatch {
+                bytes: bytes.slice(position..position + total),
+            };
+            batch.check_header()?;
+            position += total;
+            out.push(batch);
+        }
+        Ok(out)
+    }
+
+    /// Validates the batch starting at `position` of `bytes` (length,
+    /// magic, CRC once, header sanity) and returns it as a slice.
+    fn parse_prefix(bytes: &Bytes, position: usize) -> Result<RecordBatch> {
+        let total = check_batch(&bytes[position..])?;
+        let batch = RecordBatch {
+            bytes: bytes.slice(position..position + total),
+        };
+        batch.check_header()?;
+        Ok(batch)
+    }
+
+    fn check_header(&self) -> Result<()> {
+        if self.record_count() < 0 {
+            return Err(corrupt(format!(
+                "negative record count {}",
+                self.record_count()
+            )));
+        }
+        if self.last_offset_delta() < 0 && self.record_count() > 0 {
+            return Err(corrupt(format!(
+                "negative last offset delta {}",
+                self.last_offset_delta()
+            )));
+        }
+        Ok(())
+    }
+
     pub fn base_offset(&self) -> i64 {
         be_i64(&self.bytes, field::BASE_OFFSET)
     }
@@ -694,6 +870,112 @@ mod tests {
             validate_for_append(b.freeze()),
             Err(StorageError::CorruptBatch { .. })
         ));
+    }
+
+    /// Re-signs `b` after a test edit.
+    fn fix_crc(b: &mut [u8]) {
+        let crc = crc32c::crc32c(&b[field::CRC_START..]);
+        b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    #[test]
+    fn light_validation_counts_and_rejects() {
+        assert_eq!(validate_batch(&sample()).unwrap(), 3);
+        assert!(matches!(
+            validate_batch(&BatchBuilder::new().build()),
+            Err(StorageError::EmptyBatch)
+        ));
+        // CRC still checked.
+        let mut b = sample();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        assert!(validate_batch(&b).is_err());
+        // A max timestamp that is not the largest record timestamp.
+        let mut b = sample();
+        b[field::MAX_TIMESTAMP..field::MAX_TIMESTAMP + 8].copy_from_slice(&999i64.to_be_bytes());
+        fix_crc(&mut b);
+        assert!(validate_batch(&b).is_err());
+        // ... unless the batch carries log-append time.
+        set_log_append_time(&mut b, 999);
+        assert_eq!(validate_batch(&b).unwrap(), 3);
+        // Compression is not supported.
+        let mut b = sample();
+        b[field::ATTRIBUTES + 1] |= 1;
+        fix_crc(&mut b);
+        assert!(validate_batch(&b).is_err());
+        // A count that disagrees with the records (and the delta).
+        let mut b = sample();
+        b[field::RECORDS_COUNT..field::RECORDS_COUNT + 4].copy_from_slice(&2i32.to_be_bytes());
+        b[field::LAST_OFFSET_DELTA..field::LAST_OFFSET_DELTA + 4]
+            .copy_from_slice(&1i32.to_be_bytes());
+        fix_crc(&mut b);
+        assert!(validate_batch(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing bytes"));
+        // Offset deltas must be 0..n: swap the first record's delta.
+        let mut one = BatchBuilder::new();
+        one.push(5, None, Some(b"v"), &[]);
+        let mut b = one.build();
+        // header | len | attrs | ts delta | offset delta (0 -> 1)
+        b[HEADER_LEN + 3] = 2;
+        fix_crc(&mut b);
+        assert!(validate_batch(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("offset delta"));
+        // A header key that is not UTF-8.
+        let mut h = BatchBuilder::new();
+        h.push(5, None, None, &[("k", None)]);
+        let mut b = h.build();
+        let at = b.iter().rposition(|&c| c == b'k').unwrap();
+        b[at] = 0xff;
+        fix_crc(&mut b);
+        assert!(validate_batch(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("utf-8"));
+        assert!(RecordBatch::parse(b.freeze()).unwrap().records().is_err());
+    }
+
+    #[test]
+    fn builder_capacity_does_not_change_the_bytes() {
+        let mut small = BatchBuilder::new().producer(7, 1, 3);
+        let mut big = BatchBuilder::with_capacity(1 << 16).producer(7, 1, 3);
+        for b in [&mut small, &mut big] {
+            b.push(1000, Some(b"k"), Some(&[9u8; 300]), &[("h", Some(b"x"))]);
+            b.push(1001, None, None, &[]);
+        }
+        assert_eq!(small.size_bytes(), big.size_bytes());
+        let (small, big) = (small.build(), big.build());
+        assert_eq!(small, big);
+        assert_eq!(
+            small.len(),
+            RecordBatch::parse(small.freeze()).unwrap().size_bytes()
+        );
+    }
+
+    #[test]
+    fn split_checked_frames_without_crc() {
+        let mut two = BytesMut::new();
+        two.extend_from_slice(&sample());
+        two.extend_from_slice(&sample());
+        let split = RecordBatch::split_checked(two.clone().freeze()).unwrap();
+        assert_eq!(split.len(), 2);
+        assert_eq!(split[1].records().unwrap().len(), 3);
+        // No CRC pass: the caller (Log::read) did that already.
+        let last = two.len() - 1;
+        two[last] ^= 1;
+        assert_eq!(
+            RecordBatch::split_checked(two.clone().freeze())
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(RecordBatch::parse_all(two.clone().freeze()).is_err());
+        // But framing is checked.
+        two.extend_from_slice(&sample()[..30]);
+        assert!(RecordBatch::split_checked(two.freeze()).is_err());
     }
 
     #[test]

@@ -394,7 +394,19 @@ impl Log {
 
     /// Validates, assigns offsets from the log end, stamps `leader_epoch`
     /// (and log-append time), writes. Returns the assigned offsets.
-    pub fn append_as_leader(&self, batch: BytesMut, leader_epoch: i32) -> Result<AppendInfo> {
+    ///
+    /// The batch is validated once ([`batch::validate_batch`]: CRC and a
+    /// light walk of the record framing) and then written as it is: the
+    /// base offset and leader epoch live in the header outside the CRC, so
+    /// only a copy of the 61-byte header is rewritten and the body is
+    /// written from the caller's buffer, never copied (except with
+    /// LogAppendTime, whose timestamp rewrite changes the CRC).
+    pub fn append_as_leader(
+        &self,
+        batch: impl Into<Bytes>,
+        leader_epoch: i32,
+    ) -> Result<AppendInfo> {
+        let batch: Bytes = batch.into();
         let config = self.config();
         if batch.len() > config.message_bytes_max as usize {
             return Err(StorageError::RecordTooLarge {
@@ -402,13 +414,11 @@ impl Log {
                 max: config.message_bytes_max as usize,
             });
         }
-        let frozen = batch.freeze();
-        let record_count = batch::validate_for_append(frozen.clone())?.record_count();
-        let mut batch = frozen
-            .try_into_mut()
-            .unwrap_or_else(|b| BytesMut::from(&b[..]));
+        let record_count = batch::validate_batch(&batch)?;
+        let mut head = [0u8; batch::HEADER_LEN];
+        head.copy_from_slice(&batch[..batch::HEADER_LEN]);
         let mut w = self.lock_writer()?;
-        let producer = HeaderView::read(&batch)
+        let producer = HeaderView::read(&head)
             .expect("validated batch has a header")
             .producer_batch();
         if let SequenceCheck::Duplicate(dup) = self.lock_producers().check(&producer)? {
@@ -421,19 +431,30 @@ impl Log {
             });
         }
         let base_offset = self.log_end_offset();
-        batch::set_base_offset(&mut batch, base_offset);
-        batch::set_leader_epoch(&mut batch, leader_epoch);
+        batch::set_base_offset(&mut head, base_offset);
+        batch::set_leader_epoch(&mut head, leader_epoch);
         let mut log_append_time_ms = -1;
+        let mut stamped = None;
         if config.timestamp_type == TimestampType::LogAppendTime {
             log_append_time_ms = now_ms();
-            batch::set_log_append_time(&mut batch, log_append_time_ms);
+            let mut whole = BytesMut::from(&batch[..]);
+            whole[..batch::HEADER_LEN].copy_from_slice(&head);
+            batch::set_log_append_time(&mut whole, log_append_time_ms);
+            head.copy_from_slice(&whole[..batch::HEADER_LEN]);
+            stamped = Some(whole);
         }
-        let header = HeaderView::read(&batch).expect("validated batch has a header");
+        let body = stamped.as_deref().unwrap_or(&batch[..]);
+        let header = HeaderView::read(&head).expect("validated batch has a header");
         self.epochs
             .write()
             .expect("epochs lock")
             .assign(leader_epoch, base_offset)?;
-        self.append_locked(&mut w, &config, &batch, &header)?;
+        self.append_locked(
+            &mut w,
+            &config,
+            &[&head, &body[batch::HEADER_LEN..]],
+            &header,
+        )?;
         self.lock_producers()
             .record(&producer, base_offset, header.last_offset());
         self.after_append(&mut w, &config, i64::from(record_count) as u64)?;
@@ -477,7 +498,7 @@ impl Log {
                 .write()
                 .expect("epochs lock")
                 .assign(b.leader_epoch(), b.base_offset())?;
-            self.append_locked(&mut w, &config, b.as_bytes(), &header)?;
+            self.append_locked(&mut w, &config, &[b.as_bytes()], &header)?;
             self.lock_producers().record(
                 &header.producer_batch(),
                 header.base_offset,
@@ -494,26 +515,22 @@ impl Log {
         })
     }
 
-    /// Writer only: rolls if needed, writes one batch, publishes the end.
+    /// Writer only: rolls if needed, writes one batch (given in parts that
+    /// are written back to back), publishes the end.
     fn append_locked(
         &self,
         w: &mut Writer,
         config: &LogConfig,
-        bytes: &[u8],
+        parts: &[&[u8]],
         header: &HeaderView,
     ) -> Result<()> {
         let segments = self.snapshot();
         let mut active = segments.last().expect("always one segment").clone();
-        if self.should_roll(
-            &active,
-            config,
-            bytes.len() as u64,
-            header.last_offset(),
-            now_ms(),
-        ) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if self.should_roll(&active, config, len as u64, header.last_offset(), now_ms()) {
             active = self.roll(w, config, header.base_offset)?;
         }
-        active.append(bytes, header, config)?;
+        active.append(parts, header, config)?;
         self.log_end_offset
             .store(header.last_offset() + 1, Ordering::Release);
         Ok(())

@@ -522,17 +522,23 @@ impl Segment {
             || self.time_index.read().expect("time index lock").is_full()
     }
 
-    /// Writer only: appends one whole, checked batch and publishes it.
+    /// Writer only: appends one whole, checked batch, given as parts
+    /// written back to back (a rewritten header and the untouched body),
+    /// and publishes it.
     pub(crate) fn append(
         &self,
-        bytes: &[u8],
+        parts: &[&[u8]],
         header: &HeaderView,
         config: &LogConfig,
     ) -> Result<()> {
         let position = self.size.load(Ordering::Relaxed);
-        self.file
-            .write_all_at(bytes, position)
-            .map_err(io_err(&self.log_path))?;
+        let mut end = position;
+        for part in parts {
+            self.file
+                .write_all_at(part, end)
+                .map_err(io_err(&self.log_path))?;
+            end += part.len() as u64;
+        }
         self.dirty_data.store(true, Ordering::Release);
         let max_timestamp = self.max_timestamp().max(header.max_timestamp);
         {
@@ -556,8 +562,7 @@ impl Segment {
         self.max_timestamp.store(max_timestamp, Ordering::Release);
         self.next_offset
             .store(header.last_offset() + 1, Ordering::Release);
-        self.size
-            .store(position + bytes.len() as u64, Ordering::Release);
+        self.size.store(end, Ordering::Release);
         Ok(())
     }
 
@@ -823,7 +828,7 @@ mod tests {
         for i in 0..20 {
             let b = batch(offset, 3, 1000 + i);
             let h = HeaderView::read(&b).unwrap();
-            seg.append(&b, &h, &cfg).unwrap();
+            seg.append(&[&b], &h, &cfg).unwrap();
             offset += 3;
         }
         assert_eq!(seg.next_offset(), 70);

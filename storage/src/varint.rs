@@ -52,9 +52,16 @@ pub(crate) fn put_varlong(out: &mut impl BufMut, value: i64) {
 }
 
 /// Encoded size of a zigzag varint.
-#[cfg(test)]
 pub(crate) fn varint_len(value: i32) -> usize {
-    let mut raw = ((value << 1) ^ (value >> 31)) as u32;
+    unsigned_len(u64::from(((value << 1) ^ (value >> 31)) as u32))
+}
+
+/// Encoded size of a zigzag varlong.
+pub(crate) fn varlong_len(value: i64) -> usize {
+    unsigned_len(((value << 1) ^ (value >> 63)) as u64)
+}
+
+fn unsigned_len(mut raw: u64) -> usize {
     let mut len = 1;
     while raw >= 0x80 {
         raw >>= 7;
@@ -78,6 +85,7 @@ mod tests {
         for v in [0i64, -1, i64::MAX, i64::MIN, 1 << 40] {
             let mut b = Vec::new();
             put_varlong(&mut b, v);
+            assert_eq!(b.len(), varlong_len(v));
             assert_eq!(read_varlong(&b), Some((v, b.len())));
         }
     }

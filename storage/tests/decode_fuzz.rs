@@ -15,6 +15,57 @@ fn decode_everything(bytes: &[u8]) {
         }
     }
     let _ = batch::validate_for_append(Bytes::copy_from_slice(bytes));
+    let _ = RecordBatch::split_checked(Bytes::copy_from_slice(bytes));
+    assert_same_verdict(bytes);
+}
+
+/// The leader's validation by full decoding, as it was before the light
+/// walk: parse, decode every record, then check count, deltas and max
+/// timestamp. The reference for `validate_batch`.
+fn validate_by_decoding(bytes: &[u8]) -> Result<i32, runnel_storage::StorageError> {
+    use runnel_storage::StorageError;
+    let batch = RecordBatch::parse(Bytes::copy_from_slice(bytes))?;
+    let count = batch.record_count();
+    if count == 0 {
+        return Err(StorageError::EmptyBatch);
+    }
+    if batch.last_offset_delta() != count - 1 {
+        return Err(StorageError::CorruptBatch {
+            reason: "delta".into(),
+        });
+    }
+    let records = batch.records()?;
+    let mut timestamp_max = i64::MIN;
+    for (i, record) in records.iter().enumerate() {
+        if record.offset - batch.base_offset() != i as i64 {
+            return Err(StorageError::CorruptBatch {
+                reason: "offset delta".into(),
+            });
+        }
+        timestamp_max = timestamp_max.max(record.timestamp_ms);
+    }
+    if !batch.is_log_append_time() && batch.max_timestamp() != timestamp_max {
+        return Err(StorageError::CorruptBatch {
+            reason: "max timestamp".into(),
+        });
+    }
+    Ok(count)
+}
+
+/// The light walk accepts exactly what full decoding accepts, with the
+/// same count, and fails with the same kind of error.
+fn assert_same_verdict(bytes: &[u8]) {
+    let light = batch::validate_batch(bytes);
+    let full = validate_by_decoding(bytes);
+    match (&light, &full) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b),
+        (Err(a), Err(b)) => assert_eq!(
+            std::mem::discriminant(a),
+            std::mem::discriminant(b),
+            "{a} vs {b}"
+        ),
+        _ => panic!("light {light:?} but full {full:?} for {bytes:?}"),
+    }
 }
 
 fn valid_batch(values: &[Vec<u8>]) -> Vec<u8> {
@@ -53,6 +104,38 @@ proptest! {
         let crc = crc32c::crc32c(&b[field::CRC_START..]);
         b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
         decode_everything(&b);
+    }
+
+    /// Batches with odd shapes (nulls, many headers, skewed timestamps)
+    /// and then one mutated byte: both validators agree on every one.
+    #[test]
+    fn light_validation_matches_full_decoding(
+        records in proptest::collection::vec(
+            (any::<i16>(), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8)),
+             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+             proptest::collection::vec(("[a-zé]{0,3}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..4))), 0..3)),
+            1..6),
+        flip in proptest::option::of((any::<prop::sample::Index>(), any::<u8>())),
+        fix_crc in any::<bool>(),
+    ) {
+        let mut b = BatchBuilder::new();
+        for (ts, key, value, headers) in &records {
+            let headers: Vec<(&str, Option<&[u8]>)> =
+                headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+            b.push(1_000_000 + i64::from(*ts), key.as_deref(), value.as_deref(), &headers);
+        }
+        let mut b = b.build().to_vec();
+        assert_same_verdict(&b);
+        prop_assert_eq!(batch::validate_batch(&b).unwrap() as usize, records.len());
+        if let Some((at, x)) = flip {
+            let i = at.index(b.len());
+            b[i] ^= x.max(1);
+            if fix_crc && b.len() > field::CRC_START {
+                let crc = crc32c::crc32c(&b[field::CRC_START..]);
+                b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+            }
+            assert_same_verdict(&b);
+        }
     }
 
     #[test]
