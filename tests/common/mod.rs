@@ -157,13 +157,23 @@ impl Drop for Starting {
 
 /// Free loopback ports (bound, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    // Not from the ephemeral range (where bind(0) and every outgoing
+    // connection of the running servers and clients take theirs, so a
+    // port released here could be taken before its server binds it), and
+    // never the same port twice in one test process.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = 20_000 + (std::process::id() * 7919) % 10_000;
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(offset < 10_000, "ran out of test ports");
+        let port = (start + offset) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// A cluster of `runnel server` processes on loopback, every node a
