@@ -519,3 +519,103 @@ async fn t04_replica_behind_the_leaders_log_start_copies_from_there() {
         "replica kept offsets below the leader's start {start}: {first_segment}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t05_a_follower_catching_up_is_throttled_and_produce_keeps_going() {
+    const RATE: u64 = 1_000_000;
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(
+        3,
+        base.path(),
+        &format!(
+            "replication_bytes_per_sec_max = {RATE}\nreplica_fetch_bytes_max = 131072\n\
+             replica_lag_time_max_ms = 2000"
+        ),
+        CONTROLLER,
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("th", 1, 3, BTreeMap::new())
+        .await
+        .unwrap();
+    let p = await_partition(&client, "th", -1, 3).await;
+    let away = *p.replicas.iter().find(|r| **r != p.leader).unwrap();
+    cluster.kill(away);
+    await_partition(&client, "th", away, 2).await;
+
+    // A backlog of about 4 MB builds up while the follower is away.
+    let producer = client.producer(ProducerConfig {
+        acks: pb::Acks::Leader,
+        ..ProducerConfig::default()
+    });
+    let value = "x".repeat(1000);
+    let mut acks = Vec::new();
+    for _ in 0..4000 {
+        acks.push(
+            producer
+                .send("th", ProducerRecord::value(value.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    producer.close().await.unwrap();
+    for a in acks {
+        a.await.unwrap();
+    }
+    let backlog = log_bytes(&cluster.data_dir(p.leader).join("th-0")).len() as u64;
+    assert!(backlog > 4_000_000, "{backlog}");
+
+    // It returns and copies the backlog no faster than the configured rate
+    // (a bucket of one second's bytes may pass at once), while acks=all
+    // producing goes on being answered promptly.
+    let producer = producer_acks_all(&client);
+    // Warm up (producer id, metadata) before anything is timed.
+    producer
+        .send("th", ProducerRecord::value("warm-up"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    cluster.restart(away);
+    let started = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    let caught_up = loop {
+        let sent = std::time::Instant::now();
+        producer
+            .send("th", ProducerRecord::value("live"))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        slowest = slowest.max(sent.elapsed());
+        let d = describe(&client, "th").await;
+        if d.is_some_and(|d| d.partitions[0].isr.len() == 3) {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < WAIT, "the follower never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    producer.close().await.unwrap();
+    let floor = Duration::from_secs_f64((backlog - RATE) as f64 / RATE as f64 * 0.8);
+    assert!(
+        caught_up >= floor,
+        "caught up {backlog} bytes in {caught_up:?}: faster than {RATE} B/s allows ({floor:?})"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "produce starved during catch-up: {slowest:?}"
+    );
+    eprintln!(
+        "caught up {backlog} bytes in {caught_up:?} ({:.0} B/s, limit {RATE}); slowest acks=all produce {slowest:?}",
+        backlog as f64 / caught_up.as_secs_f64()
+    );
+}
+
+fn producer_acks_all(client: &Client) -> runnel::client::Producer {
+    client.producer(ProducerConfig {
+        acks: pb::Acks::All,
+        linger: Duration::from_millis(1),
+        timeout_ms: 5_000,
+        ..ProducerConfig::default()
+    })
+}
