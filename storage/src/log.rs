@@ -141,6 +141,9 @@ struct Writer {
     high_watermark_persisted: i64,
     /// A segment file was created or removed since the last dir fsync.
     dir_dirty: bool,
+    /// Bumped by every truncation or reset, so a flush that ran without
+    /// the lock knows whether the end it synced still stands.
+    truncations: u64,
     closed: bool,
 }
 
@@ -286,6 +289,7 @@ impl Log {
                 recovery_point: log_end_offset,
                 high_watermark_persisted: high_watermark,
                 dir_dirty: false,
+                truncations: 0,
                 closed: false,
             }),
             epochs: RwLock::new(epochs),
@@ -579,12 +583,13 @@ impl Log {
         w.unflushed_messages += messages;
         match config.flush {
             FlushPolicy::EveryBatch => self.sync_segments(w),
-            FlushPolicy::Interval { messages, ms } => {
-                let by_count = messages.is_some_and(|m| w.unflushed_messages >= m);
-                let now = now_ms();
-                let by_time = ms.is_some_and(|ms| now.saturating_sub(w.last_flush_ms) >= ms as i64);
-                if by_count || by_time {
-                    self.flush_locked(w, now)?;
+            FlushPolicy::Interval { messages, .. } => {
+                // flush.messages is honoured on the append itself;
+                // flush.ms by `tick`, which fsyncs without holding up
+                // appends (an fsync of a second's worth of writes inside
+                // an append stalled every producer behind it).
+                if messages.is_some_and(|m| w.unflushed_messages >= m) {
+                    self.flush_locked(w, now_ms())?;
                 }
                 Ok(())
             }
@@ -768,6 +773,7 @@ impl Log {
         let log_end_offset = kept.last().expect("one segment").next_offset();
         self.publish(kept);
         w.dir_dirty = true;
+        w.truncations += 1;
         self.log_end_offset.store(log_end_offset, Ordering::Release);
         if self.log_start_offset() > log_end_offset {
             // The batch holding the log start went too (truncation is by
@@ -807,6 +813,7 @@ impl Log {
         }
         self.publish(vec![Arc::new(Segment::create(&self.dir, offset, &config)?)]);
         w.dir_dirty = true;
+        w.truncations += 1;
         checkpoint::write_offset(&self.dir, checkpoint::LOG_START_OFFSET, offset)?;
         self.log_start_offset.store(offset, Ordering::Release);
         self.log_end_offset.store(offset, Ordering::Release);
@@ -939,17 +946,57 @@ impl Log {
         if gone > 0 {
             tracing::debug!(dir = %self.dir.display(), producers = gone, "expired producer state");
         }
-        if let FlushPolicy::Interval { ms: Some(ms), .. } = config.flush {
-            if now_ms.saturating_sub(w.last_flush_ms) >= ms as i64 {
-                self.flush_locked(&mut w, now_ms)?;
-            }
-        }
         if config.flush == FlushPolicy::EveryBatch {
             // Data is already durable; move the recovery point lazily.
             self.flush_locked(&mut w, now_ms)?;
         }
         self.persist_high_watermark(&mut w)?;
+        let flush_due = matches!(config.flush, FlushPolicy::Interval { ms: Some(ms), .. }
+            if now_ms.saturating_sub(w.last_flush_ms) >= ms as i64);
+        drop(w);
+        if flush_due {
+            self.flush_concurrently(now_ms)?;
+        }
         Ok(deleted)
+    }
+
+    /// Like `flush`, but the fsyncs run without the writer lock, so
+    /// appends go on meanwhile; only the bookkeeping takes the lock. The
+    /// recovery point moves to the log end seen before the fsyncs, unless
+    /// the log was truncated in between.
+    fn flush_concurrently(&self, now: i64) -> Result<()> {
+        let (segments, log_end_offset, dir_dirty, messages, truncations) = {
+            let mut w = self.lock_writer()?;
+            (
+                self.snapshot(),
+                self.log_end_offset(),
+                std::mem::take(&mut w.dir_dirty),
+                w.unflushed_messages,
+                w.truncations,
+            )
+        };
+        let synced = segments
+            .iter()
+            .try_for_each(|seg| seg.sync_all())
+            .and_then(|()| {
+                if dir_dirty {
+                    checkpoint::sync_dir(&self.dir)
+                } else {
+                    Ok(())
+                }
+            });
+        let mut w = self.lock_writer()?;
+        if let Err(e) = synced {
+            w.dir_dirty |= dir_dirty;
+            return Err(e);
+        }
+        w.unflushed_messages = w.unflushed_messages.saturating_sub(messages);
+        w.last_flush_ms = now;
+        if w.truncations == truncations && w.recovery_point < log_end_offset {
+            checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
+            w.recovery_point = log_end_offset;
+        }
+        self.persist_high_watermark(&mut w)
     }
 
     /// fsyncs everything written and records the recovery point.

@@ -336,6 +336,37 @@ fn high_watermark_and_recovery_point_persist() {
 }
 
 #[test]
+fn interval_flush_runs_in_tick_and_moves_the_recovery_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        flush: FlushPolicy::Interval {
+            messages: None,
+            ms: Some(1000),
+        },
+        ..small_config(1 << 20)
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    for i in 0..4 {
+        log.append_as_leader(batch(i, 1, 0), 0).unwrap();
+    }
+    let recovery_point = || std::fs::read_to_string(dir.path().join("recovery-point")).ok();
+    // Appends never fsync for flush.ms themselves.
+    assert_ne!(recovery_point().as_deref(), Some("0\n4\n"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    log.tick(now + 500).unwrap();
+    assert_ne!(recovery_point().as_deref(), Some("0\n4\n"), "flushed early");
+    log.tick(now + 2_000).unwrap();
+    assert_eq!(recovery_point().as_deref(), Some("0\n4\n"));
+    // A truncation after the flush keeps the recovery point at the end.
+    log.truncate_to(2).unwrap();
+    log.tick(now + 4_000).unwrap();
+    assert_eq!(recovery_point().as_deref(), Some("0\n2\n"));
+}
+
+#[test]
 fn corrupt_closed_segment_is_reported_with_path_and_position() {
     let dir = tempfile::tempdir().unwrap();
     let one = batch(0, 2, 0).len() as u64;
