@@ -353,6 +353,23 @@ async fn tls_mtls_authentication_and_acls() {
     // topic); with both, he consumes as a member and commits.
     let (ok, out) = cli_env(&addr, &admin_env, &["produce", "logs-app"], b"line one\n");
     assert!(ok, "{out}");
+    // runnel perf takes the same TLS options and credentials.
+    let (ok, out) = cli_env(
+        &addr,
+        &admin_env,
+        &[
+            "perf",
+            "produce",
+            "--topic",
+            "perf-tls",
+            "--records",
+            "200",
+            "--record-size",
+            "64",
+        ],
+        b"",
+    );
+    assert!(ok && out.contains("200 records"), "{out}");
     let consume = [
         "consume",
         "logs-app",

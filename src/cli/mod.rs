@@ -127,7 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Perf(cmd) => {
             init_client_tracing();
-            perf::run(&cli.bootstrap, cmd, cli.output).await
+            perf::run(&cli.bootstrap, cli.security.options()?, cmd, cli.output).await
         }
         command => {
             init_client_tracing();

@@ -177,11 +177,16 @@ impl Report {
     }
 }
 
-pub async fn run(bootstrap: &str, cmd: PerfCommand, output: Output) -> anyhow::Result<()> {
+pub async fn run(
+    bootstrap: &str,
+    options: runnel::client::ClientOptions,
+    cmd: PerfCommand,
+    output: Output,
+) -> anyhow::Result<()> {
     if let PerfCommand::Baseline(args) = cmd {
         return baseline(args, output).await;
     }
-    let client = Client::connect(bootstrap)
+    let client = Client::connect_with(bootstrap, options)
         .await
         .with_context(|| format!("cannot reach the cluster at {bootstrap}"))?;
     match cmd {
