@@ -7,8 +7,8 @@
 //! Retries: a batch that fails with a retriable error (leader moved,
 //! timeout, too few replicas, connection lost) is sent again, with
 //! every batch after it, in order, on a fresh stream to the current leader
-//! after a backoff, until `delivery_timeout` has passed since it was
-//! first sent. Idempotence (on by default with acks=all) makes that safe:
+//! after a backoff, until `delivery_timeout` has passed since its
+//! partition's sender took it. Idempotence (on by default with acks=all) makes that safe:
 //! the producer takes a producer id from the cluster and stamps each batch
 //! with its per-partition sequence, so the leader answers a batch it
 //! already has with the original offsets instead of appending it twice,
@@ -59,8 +59,8 @@ pub struct ProducerConfig {
     /// no reordering on retries. On by default, as in Kafka.
     pub idempotence: bool,
     /// Retriable failures are retried until a batch has waited this long
-    /// since it was first sent (Kafka's delivery.timeout.ms); zero
-    /// disables retries.
+    /// since its partition's sender took it (Kafka's delivery.timeout.ms);
+    /// zero disables retries.
     pub delivery_timeout: Duration,
     /// First wait before a retry; doubles up to one second.
     pub retry_backoff: Duration,
