@@ -403,18 +403,7 @@ async fn t02_a_dead_members_partitions_move_after_the_session_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t03_committed_offsets_survive_the_coordinators_death() {
     let base = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(
-        3,
-        base.path(),
-        "replica_lag_time_max_ms = 10000",
-        CONTROLLER,
-    );
-    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    eventually("three live brokers", WAIT, || async {
-        let c = client.describe_cluster().await.ok()?;
-        (c.brokers.iter().filter(|b| !b.fenced).count() == 3).then_some(())
-    })
-    .await;
+    let (mut cluster, client) = three_brokers(base.path(), "replica_lag_time_max_ms = 10000").await;
     client
         .create_topic("t", 4, 3, Default::default())
         .await
@@ -839,6 +828,19 @@ async fn t06_cooperative_rebalance_keeps_unmoved_partitions_consuming() {
 /// Waits until every partition of `topic` takes a write (a topic just
 /// created may not be known to its leaders yet); writes one `probe`
 /// record per partition.
+/// A three-broker cluster (fast fencing) and a client, once every broker
+/// is registered and unfenced.
+async fn three_brokers(base: &std::path::Path, broker_toml: &str) -> (Cluster, Client) {
+    let cluster = Cluster::start(3, base, broker_toml, CONTROLLER);
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    eventually("three live brokers", WAIT, || async {
+        let c = client.describe_cluster().await.ok()?;
+        (c.brokers.iter().filter(|b| !b.fenced).count() == 3).then_some(())
+    })
+    .await;
+    (cluster, client)
+}
+
 async fn await_writable(client: &Client, topic: &str, partitions: i32) {
     let producer = client.producer(ProducerConfig {
         idempotence: false,
@@ -858,18 +860,7 @@ async fn await_writable(client: &Client, topic: &str, partitions: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t07_membership_survives_the_coordinators_death() {
     let base = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(
-        3,
-        base.path(),
-        "replica_lag_time_max_ms = 10000",
-        CONTROLLER,
-    );
-    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    eventually("three live brokers", WAIT, || async {
-        let c = client.describe_cluster().await.ok()?;
-        (c.brokers.iter().filter(|b| !b.fenced).count() == 3).then_some(())
-    })
-    .await;
+    let (mut cluster, client) = three_brokers(base.path(), "replica_lag_time_max_ms = 10000").await;
     client
         .create_topic("t", 6, 3, Default::default())
         .await
@@ -935,13 +926,7 @@ async fn t07_membership_survives_the_coordinators_death() {
 #[ignore = "measurement; run with --ignored --nocapture"]
 async fn perf_rebalance_and_commit_rate() {
     let base = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(3, base.path(), "", CONTROLLER);
-    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    eventually("three live brokers", WAIT, || async {
-        let c = client.describe_cluster().await.ok()?;
-        (c.brokers.iter().filter(|b| !b.fenced).count() == 3).then_some(())
-    })
-    .await;
+    let (_cluster, client) = three_brokers(base.path(), "").await;
     client
         .create_topic("t", 30, 3, Default::default())
         .await

@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, Cluster, ServerProcess};
+use common::{await_len, eventually, Cluster, ServerProcess};
 use runnel::client::{Client, ClientError, ProducerConfig, ProducerRecord};
 use runnel::error::error_code_of;
 use runnel_proto::v1 as pb;
@@ -205,17 +205,7 @@ async fn t02_leader_kill_during_an_idempotent_stream_loses_and_duplicates_nothin
         })
     };
 
-    let progress = |at_least: usize| {
-        let acked = acked.clone();
-        async move {
-            eventually("acks to advance", WAIT, || {
-                let acked = acked.clone();
-                async move { (acked.lock().await.len() >= at_least).then_some(()) }
-            })
-            .await
-        }
-    };
-    progress(2_000).await;
+    await_len(&acked, 2_000).await;
     let leader = client.describe_topic("t").await.unwrap().partitions[0].leader;
     cluster.kill(leader);
     // Acks counted from here on come from the new leader.
@@ -225,7 +215,7 @@ async fn t02_leader_kill_during_an_idempotent_stream_loses_and_duplicates_nothin
     })
     .await;
     let after_kill = acked.lock().await.len();
-    progress(after_kill + 2_000).await;
+    await_len(&acked, after_kill + 2_000).await;
     cluster.restart(leader);
     eventually("ISR back to 3", WAIT, || async {
         let d = client.describe_topic("t").await.ok()?;
@@ -233,7 +223,7 @@ async fn t02_leader_kill_during_an_idempotent_stream_loses_and_duplicates_nothin
     })
     .await;
     let after_restart = acked.lock().await.len();
-    progress(after_restart + 1_000).await;
+    await_len(&acked, after_restart + 1_000).await;
     stop.cancel();
     task.await.unwrap();
 

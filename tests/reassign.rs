@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{cli_err, cli_ok, eventually, log_bytes, Cluster};
+use common::{await_len, cli_err, cli_ok, eventually, log_bytes, Cluster};
 use runnel::client::{Client, ProducerConfig, ProducerRecord, StartFrom};
 use runnel_proto::v1 as pb;
 use tokio::sync::Mutex;
@@ -114,17 +114,7 @@ async fn a_partition_moves_to_new_replicas_under_load() {
             producer.close().await.unwrap();
         })
     };
-    let progress = |at_least: usize| {
-        let acked = acked.clone();
-        async move {
-            eventually("acks to advance", WAIT, || {
-                let acked = acked.clone();
-                async move { (acked.lock().await.len() >= at_least).then_some(()) }
-            })
-            .await
-        }
-    };
-    progress(2_000).await;
+    await_len(&acked, 2_000).await;
 
     // Move the partition off its leader onto the fresh broker, which
     // becomes the preferred leader.
@@ -152,7 +142,7 @@ async fn a_partition_moves_to_new_replicas_under_load() {
     })
     .await;
     let after_move = acked.lock().await.len();
-    progress(after_move + 1_000).await;
+    await_len(&acked, after_move + 1_000).await;
     stop.cancel();
     task.await.unwrap();
 

@@ -459,7 +459,7 @@ impl Accumulator {
             let (producer_id, epoch) = idem.id.expect("set above");
             let seq = idem.sequences.entry(key.clone()).or_insert(0);
             builder = builder.producer(producer_id, epoch, *seq);
-            *seq = next_sequence(*seq, builder.len());
+            *seq = runnel_storage::producer_state::add_sequence(*seq, builder.len() as i32);
             broken = Some(idem.broken.clone());
         }
         let request = pb::ProduceRequest {
@@ -513,12 +513,6 @@ fn push_record(builder: &mut BatchBuilder, record: &ProducerRecord, now: i64) {
         record.value.as_deref(),
         &headers,
     );
-}
-
-/// The sequence after a batch of `records` starting at `seq` (wrapping
-/// from i32::MAX to 0, as the broker does).
-fn next_sequence(seq: i32, records: usize) -> i32 {
-    ((i64::from(seq) + records as i64) % (i64::from(i32::MAX) + 1)) as i32
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -421,10 +421,10 @@ impl Log {
         let record_count = batch::validate_batch(&batch)?;
         let mut head = [0u8; batch::HEADER_LEN];
         head.copy_from_slice(&batch[..batch::HEADER_LEN]);
-        let mut w = self.lock_writer()?;
         let producer = HeaderView::read(&head)
             .expect("validated batch has a header")
             .producer_batch();
+        let mut w = self.lock_writer()?;
         if let SequenceCheck::Duplicate(dup) = self.lock_producers().check(&producer)? {
             return Ok(AppendInfo {
                 base_offset: dup.first_offset,

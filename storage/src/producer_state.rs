@@ -68,7 +68,7 @@ pub struct ProducerBatch {
 
 impl ProducerBatch {
     pub fn last_seq(&self) -> i32 {
-        add_seq(self.first_seq, self.last_offset_delta)
+        add_sequence(self.first_seq, self.last_offset_delta)
     }
 }
 
@@ -81,8 +81,9 @@ pub enum SequenceCheck {
     Duplicate(BatchMeta),
 }
 
-/// `seq + delta`, wrapping from i32::MAX to 0 as Kafka's sequences do.
-fn add_seq(seq: i32, delta: i32) -> i32 {
+/// `seq + delta`, wrapping from i32::MAX to 0 as Kafka's sequences do
+/// (producers use it for the next batch's base sequence too).
+pub fn add_sequence(seq: i32, delta: i32) -> i32 {
     ((i64::from(seq) + i64::from(delta)) % (i64::from(i32::MAX) + 1)) as i32
 }
 
@@ -146,7 +147,10 @@ impl ProducerStates {
         {
             return Ok(SequenceCheck::Duplicate(*dup));
         }
-        let expected = entry.batches.back().map_or(0, |b| add_seq(b.last_seq, 1));
+        let expected = entry
+            .batches
+            .back()
+            .map_or(0, |b| add_sequence(b.last_seq, 1));
         if batch.first_seq == expected {
             Ok(SequenceCheck::Append)
         } else {

@@ -314,6 +314,17 @@ pub fn log_bytes(partition_dir: &Path) -> Vec<u8> {
 }
 
 /// Polls `check` every 100 ms until it returns Some or `timeout` passes.
+/// Waits (up to 60 s) until a list a background task appends to (e.g.
+/// acknowledged records) holds at least `at_least` entries.
+pub async fn await_len<T>(list: &std::sync::Arc<tokio::sync::Mutex<Vec<T>>>, at_least: usize) {
+    eventually(
+        &format!("{at_least} entries"),
+        Duration::from_secs(60),
+        || async { (list.lock().await.len() >= at_least).then_some(()) },
+    )
+    .await
+}
+
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
