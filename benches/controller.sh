@@ -17,22 +17,9 @@ cd "$(dirname "$0")/.."
 
 PARTITIONS=${PARTITIONS:-1000}
 COMMANDS=${COMMANDS:-5000}
-cargo build --release --quiet --bin runnel
-R=${CARGO_TARGET_DIR:-target}/release/runnel
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_for() { # file pattern
-    for _ in $(seq 1 240); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.5; done
-    echo "timed out waiting for '$2' in $1" >&2
-    return 1
-}
+STOP_SIGNAL=KILL
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
 VOTERS='"1@127.0.0.1:49092", "2@127.0.0.1:49093", "3@127.0.0.1:49094"'
 for id in 1 2 3; do

@@ -14,22 +14,8 @@ cd "$(dirname "$0")/.."
 
 RECORDS=${RECORDS:-300000}
 SMALL_RECORDS=${SMALL_RECORDS:-2000000}
-cargo build --release --quiet --bin runnel
-R=${CARGO_TARGET_DIR:-target}/release/runnel
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_for() { # file pattern
-    for _ in $(seq 1 240); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.5; done
-    echo "timed out waiting for '$2' in $1" >&2
-    return 1
-}
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
 J=$WORK/results.jsonl
 "$R" --output json perf baseline --dir "$WORK" --bytes 1073741824 >>"$J"
