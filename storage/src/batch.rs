@@ -298,49 +298,51 @@ fn walk_record(buf: &[u8]) -> Result<(i64, i32, usize), &'static str> {
         return Err("record length beyond batch");
     }
     let record = &buf[used..used + len];
-    let mut at = 1; // attributes (unused)
     if record.is_empty() {
         return Err("record length does not match its fields");
     }
-    let varint = |at: &mut usize| -> Result<i32, &'static str> {
-        let (v, n) = read_varint(record.get(*at..).unwrap_or_default()).ok_or("bad varint")?;
-        *at += n;
-        Ok(v)
-    };
+    let mut at = 1; // attributes (unused)
     let (timestamp_delta, n) =
         read_varlong(record.get(at..).unwrap_or_default()).ok_or("bad varlong")?;
     at += n;
-    let offset_delta = varint(&mut at)?;
-    // Key and value: -1 is null, else that many bytes inside the record.
-    let skip = |at: &mut usize, null_ok: bool| -> Result<Option<usize>, &'static str> {
-        let n = varint(at)?;
-        if n == -1 {
-            return if null_ok {
-                Ok(None)
-            } else {
-                Err("null header key")
-            };
-        }
-        let n = usize::try_from(n).map_err(|_| "negative length")?;
-        if n > record.len().saturating_sub(*at) {
-            return Err("length beyond record");
-        }
-        *at += n;
-        Ok(Some(*at - n))
-    };
-    skip(&mut at, true)?;
-    skip(&mut at, true)?;
-    let header_count = varint(&mut at)?;
+    let offset_delta = next_varint(record, &mut at)?;
+    skip_bytes(record, &mut at)?; // key
+    skip_bytes(record, &mut at)?; // value
+    let header_count = next_varint(record, &mut at)?;
     let header_count = usize::try_from(header_count).map_err(|_| "negative header count")?;
     for _ in 0..header_count {
-        let start = skip(&mut at, false)?.expect("not null");
+        let start = skip_bytes(record, &mut at)?.ok_or("null header key")?;
         std::str::from_utf8(&record[start..at]).map_err(|_| "header key not utf-8")?;
-        skip(&mut at, true)?;
+        skip_bytes(record, &mut at)?;
     }
     if at != record.len() {
         return Err("record length does not match its fields");
     }
     Ok((timestamp_delta, offset_delta, used + len))
+}
+
+/// The varint at `*at` in `record`; advances `at` past it.
+#[inline(always)]
+fn next_varint(record: &[u8], at: &mut usize) -> Result<i32, &'static str> {
+    let (v, n) = read_varint(record.get(*at..).unwrap_or_default()).ok_or("bad varint")?;
+    *at += n;
+    Ok(v)
+}
+
+/// Skips a length-prefixed byte string (-1 is null) at `*at`; returns
+/// where its bytes start, or `None` for null.
+#[inline(always)]
+fn skip_bytes(record: &[u8], at: &mut usize) -> Result<Option<usize>, &'static str> {
+    let n = next_varint(record, at)?;
+    if n == -1 {
+        return Ok(None);
+    }
+    let n = usize::try_from(n).map_err(|_| "negative length")?;
+    if n > record.len().saturating_sub(*at) {
+        return Err("length beyond record");
+    }
+    *at += n;
+    Ok(Some(*at - n))
 }
 
 /// One record header.

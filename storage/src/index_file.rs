@@ -120,6 +120,13 @@ impl IndexFile {
             // struct writes it while it is writable, and the file is shrunk
             // (in `trim`) only after this mapping is dropped.
             let map = unsafe { MmapMut::map_mut(&self.file) }.map_err(io_err(&self.path))?;
+            // Entries are appended a page at a time into a preallocated,
+            // mostly-hole file; without this hint each first touch of a
+            // page reads ahead (zero-fills) a whole window of holes, which
+            // cost about 9% of append time in `storage/examples` profiles.
+            // Lookups are binary searches, which readahead does not help.
+            map.advise(memmap2::Advice::Random)
+                .map_err(io_err(&self.path))?;
             self.map = Map::Writable(map);
         }
         Ok(())
