@@ -783,6 +783,56 @@ impl Segment {
     }
 }
 
+/// Writes every byte of `parts`, in order, at `offset`: one pwritev(2)
+/// call in the common case (the rewritten batch header and the body are
+/// two parts; writing them with two calls cost a syscall per append).
+#[allow(unsafe_code)]
+fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    let mut first = 0;
+    while first < parts.len() {
+        let iov: Vec<libc::iovec> = parts[first..]
+            .iter()
+            .take(libc::UIO_MAXIOV as usize)
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        let at = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::other("file offset beyond off_t"))?;
+        // SAFETY: every iovec points into a live slice borrowed for the
+        // whole call, with that slice's exact length; pwritev only reads
+        // them. The count fits in c_int (at most UIO_MAXIOV).
+        let written =
+            unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, at) };
+        if written < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut written = written as usize;
+        offset += written as u64;
+        while written > 0 {
+            let len = parts[first].len();
+            if written >= len {
+                written -= len;
+                first += 1;
+            } else {
+                parts[first] = &parts[first][written..];
+                written = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -868,54 +918,4 @@ mod tests {
         assert_eq!(seg.max_timestamp(), 1021);
         assert_eq!(seg.first_timestamp(), 1002);
     }
-}
-
-/// Writes every byte of `parts`, in order, at `offset`: one pwritev(2)
-/// call in the common case (the rewritten batch header and the body are
-/// two parts; writing them with two calls cost a syscall per append).
-#[allow(unsafe_code)]
-fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
-    let mut first = 0;
-    while first < parts.len() {
-        let iov: Vec<libc::iovec> = parts[first..]
-            .iter()
-            .take(libc::UIO_MAXIOV as usize)
-            .map(|p| libc::iovec {
-                iov_base: p.as_ptr() as *mut libc::c_void,
-                iov_len: p.len(),
-            })
-            .collect();
-        let at = libc::off_t::try_from(offset)
-            .map_err(|_| std::io::Error::other("file offset beyond off_t"))?;
-        // SAFETY: every iovec points into a live slice borrowed for the
-        // whole call, with that slice's exact length; pwritev only reads
-        // them. The count fits in c_int (at most UIO_MAXIOV).
-        let written =
-            unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, at) };
-        if written < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        let mut written = written as usize;
-        offset += written as u64;
-        while written > 0 {
-            let len = parts[first].len();
-            if written >= len {
-                written -= len;
-                first += 1;
-            } else {
-                parts[first] = &parts[first][written..];
-                written = 0;
-            }
-        }
-    }
-    Ok(())
 }
