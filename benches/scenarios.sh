@@ -33,6 +33,12 @@ run() { # label, runnel args...
 run "1 node, acks=leader, 1 KiB" --bootstrap $S perf produce --topic p1k --records "$RECORDS" --record-size 1024 --acks leader
 run "1 node, consume 1 KiB" --bootstrap $S perf consume --topic p1k --records "$RECORDS"
 run "1 node, acks=leader, 100 B" --bootstrap $S perf produce --topic p100 --records "$SMALL_RECORDS" --record-size 100 --acks leader
+# End-to-end latency (record timestamp to receipt) at half the 1 KiB rate.
+HALF1=$(python3 -c "
+import json
+rows=[json.loads(l) for l in open('$J')]
+print(int([r for r in rows if r['test']=='1 node, acks=leader, 1 KiB'][-1]['records_per_sec']/2))")
+run "1 node, e2e, half load" --bootstrap $S perf e2e --topic e2e --records $((HALF1 * 3)) --record-size 1024 --acks leader --rate "$HALF1"
 kill -TERM "${PIDS[0]}"
 wait "${PIDS[0]}" || true
 PIDS=()
@@ -64,6 +70,8 @@ for r in rows:
         ratio = "baseline"
     elif t.startswith("3 nodes"):
         ratio = f"{r['mb_per_sec'] / single:.2f} of 1-node acks=leader"
+    elif "e2e" in t:
+        ratio = "end-to-end latency"
     elif "consume" in t:
         ratio = f"{r['mb_per_sec'] / single:.2f} of 1-node produce"
     else:
