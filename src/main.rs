@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    tune_malloc();
     let args = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -27,3 +28,23 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// glibc's malloc serves blocks over its (adaptive) mmap threshold with
+/// fresh mappings and trims the heap top past 128 KiB: batches of 64 KiB
+/// to a few MiB, allocated and freed thousands of times a second, then
+/// page-fault and zero-fill anew each time (about a third of the broker's
+/// CPU at 1 KiB produce, `benches/RESULTS.md`). Keep them in the heap and
+/// keep up to 64 MiB of free heap before giving it back.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn tune_malloc() {
+    // SAFETY: mallopt only changes allocator parameters; it is called
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_malloc() {}

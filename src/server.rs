@@ -32,6 +32,10 @@ use crate::service::{
 pub const HTTP2_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// HTTP/2 receive window per connection (bytes).
 pub const HTTP2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Largest HTTP/2 DATA frame this side accepts (the default is 16 KiB, so
+/// a 64 KiB batch or a 4 MiB fetch answer crossed as many frames, each a
+/// header parse and a buffer hand-off).
+pub const HTTP2_FRAME_MAX: u32 = 1024 * 1024;
 
 /// How long a starting node waits for the quorum and its registration.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -198,6 +202,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         tonic::transport::Server::builder()
             .initial_stream_window_size(HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .max_frame_size(HTTP2_FRAME_MAX)
             .tcp_nodelay(true)
             .layer(AuthLayer::new(security.clone()))
     };

@@ -341,3 +341,94 @@ async fn producer_acknowledges_every_record_of_a_long_burst() {
     let expected: Vec<String> = (0..3000).map(|i| format!("{i:05}")).collect();
     assert_eq!(values, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_send_waits_while_its_buffer_is_full() {
+    // Three 1 KiB records fill a 4 KiB buffer without filling a batch; the
+    // fourth send must wait until the batch is answered and its bytes are
+    // returned to the buffer (here: by a flush), then go through.
+    use futures_util::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("buffer", 1, 1, BTreeMap::new())
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig {
+        batch_bytes_max: 4096,
+        buffer_bytes_max: 4096,
+        linger: std::time::Duration::from_secs(3600),
+        ..ProducerConfig::default()
+    });
+    let record = || ProducerRecord::value(vec![b'b'; 1000]);
+    let mut acks = Vec::new();
+    for _ in 0..3 {
+        acks.push(producer.send("buffer", record()).await.unwrap());
+    }
+    let mut fourth = Box::pin(producer.send("buffer", record()));
+    assert!(
+        (&mut fourth).now_or_never().is_none(),
+        "a send past the buffer must wait"
+    );
+    let (flushed, fourth) = tokio::join!(producer.flush(), fourth);
+    flushed.unwrap();
+    acks.push(fourth.unwrap());
+    producer.close().await.unwrap();
+    for (i, ack) in acks.into_iter().enumerate() {
+        assert_eq!(ack.await.unwrap().offset, i as i64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_seek_discards_the_prefetched_fetch() {
+    // After a poll the consumer already has the next fetch in flight; a
+    // seek must make the next poll start at the new position instead.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("seek", 1, 1, BTreeMap::new())
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig {
+        batch_bytes_max: 1024,
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..300 {
+        acks.push(
+            producer
+                .send("seek", ProducerRecord::value(format!("{i:04}")))
+                .await
+                .unwrap(),
+        );
+    }
+    producer.close().await.unwrap();
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let mut c = client
+        .partition_consumer("seek", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    c.max_bytes = 1024;
+    let first = c.poll().await.unwrap();
+    assert_eq!(first[0].offset, 0);
+    let after = first.last().unwrap().offset + 1;
+    assert!(after < 300, "one small fetch must not hold everything");
+    let next = c.poll().await.unwrap();
+    assert_eq!(
+        next[0].offset, after,
+        "the prefetched answer continues in order"
+    );
+    for target in [0i64, 150, 7] {
+        c.seek(target);
+        let records = c.poll().await.unwrap();
+        assert_eq!(records[0].offset, target);
+        assert_eq!(
+            records[0].value.as_deref(),
+            Some(format!("{target:04}").as_bytes())
+        );
+    }
+}

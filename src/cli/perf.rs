@@ -15,7 +15,6 @@ use runnel::client::{Client, ClientError, ProducerConfig, ProducerRecord, StartF
 use runnel_proto::v1 as pb;
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 
 use super::Output;
 
@@ -273,32 +272,24 @@ async fn produce(
     let payload = Bytes::from(vec![b'x'; w.record_size]);
     let bar = progress(w.records, output, "produce");
     let (tx, mut rx) = mpsc::channel::<(Instant, runnel::client::DeliveryFuture)>(65_536);
+    // Records are awaited in send order; each latency runs to the moment
+    // its batch was answered (`acked_at`), so a record whose batch was
+    // answered while the collector waited on an earlier one is not
+    // charged for the wait.
     let collector = tokio::spawn(async move {
-        use futures_util::stream::FuturesUnordered;
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
-        let mut pending = FuturesUnordered::new();
         let mut error: Option<ClientError> = None;
-        let mut open = true;
-        loop {
-            tokio::select! {
-                item = rx.recv(), if open => match item {
-                    Some((t0, fut)) => pending.push(async move {
-                        let r = fut.await;
-                        (t0.elapsed(), r)
-                    }),
-                    None => open = false,
-                },
-                Some((elapsed, result)) = pending.next(), if !pending.is_empty() => {
-                    match result {
-                        Ok(_) => { let _ = hist.record(elapsed.as_micros().max(1) as u64); }
-                        Err(e) => { error.get_or_insert(e); }
-                    }
+        while let Some((t0, mut fut)) = rx.recv().await {
+            match (&mut fut).await {
+                Ok(_) => {
+                    let acked = fut.acked_at().unwrap_or_else(Instant::now);
+                    let _ =
+                        hist.record(acked.saturating_duration_since(t0).as_micros().max(1) as u64);
                 }
-                else => break,
-            }
-            if !open && pending.is_empty() {
-                break;
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
             }
         }
         (hist, error)

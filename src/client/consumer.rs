@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use runnel_proto::v1 as pb;
 use runnel_storage::RecordBatch;
+use tokio::task::JoinHandle;
 
 use super::{Client, ClientError};
 
@@ -53,6 +54,18 @@ pub struct PartitionConsumer {
     pub max_wait_ms: u32,
     /// High watermark seen in the last fetch.
     high_watermark: i64,
+    /// The next fetch and the offset it asks for, sent as soon as the
+    /// previous answer (with records) arrived, so the broker reads and
+    /// sends while the caller decodes and handles the last one.
+    prefetch: Option<(i64, JoinHandle<Result<pb::FetchResponse, ClientError>>)>,
+}
+
+impl Drop for PartitionConsumer {
+    fn drop(&mut self) {
+        if let Some((_, fetch)) = self.prefetch.take() {
+            fetch.abort();
+        }
+    }
 }
 
 impl PartitionConsumer {
@@ -80,6 +93,7 @@ impl PartitionConsumer {
             max_bytes: 1024 * 1024,
             max_wait_ms: 500,
             high_watermark: offsets.high_watermark,
+            prefetch: None,
         })
     }
 
@@ -91,6 +105,9 @@ impl PartitionConsumer {
     /// Moves the read position.
     pub fn seek(&mut self, offset: i64) {
         self.position = offset;
+        if let Some((_, fetch)) = self.prefetch.take() {
+            fetch.abort();
+        }
     }
 
     /// The high watermark as of the last call.
@@ -98,19 +115,41 @@ impl PartitionConsumer {
         self.high_watermark
     }
 
+    fn fetch_at(
+        &self,
+        offset: i64,
+    ) -> impl std::future::Future<Output = Result<pb::FetchResponse, ClientError>> + Send + 'static
+    {
+        let client = self.client.clone();
+        let request = pb::FetchRequest {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+            max_bytes: self.max_bytes,
+            max_wait_ms: self.max_wait_ms,
+            raw: true,
+        };
+        async move { client.fetch(request).await }
+    }
+
     /// Fetches the next records (possibly none after the long-poll wait).
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>, ClientError> {
-        let resp = self
-            .client
-            .fetch(pb::FetchRequest {
-                topic: self.topic.clone(),
-                partition: self.partition,
-                offset: self.position,
-                max_bytes: self.max_bytes,
-                max_wait_ms: self.max_wait_ms,
-                raw: true,
-            })
-            .await?;
+        let resp = match self.prefetch.take() {
+            Some((offset, fetch)) if offset == self.position => fetch
+                .await
+                .map_err(|e| ClientError::Transport(format!("fetch task failed: {e}")))??,
+            stale => {
+                // None yet, or the caller moved the position (seek).
+                if let Some((_, fetch)) = stale {
+                    fetch.abort();
+                }
+                self.fetch_at(self.position).await?
+            }
+        };
+        if !resp.batches.is_empty() {
+            let next = self.position.max(resp.next_offset);
+            self.prefetch = Some((next, tokio::spawn(self.fetch_at(next))));
+        }
         self.high_watermark = resp.high_watermark;
         let mut out = Vec::new();
         let batches = RecordBatch::parse_all(resp.batches)

@@ -167,6 +167,7 @@ fn endpoint(addr: &str, options: &ClientOptions) -> Result<Endpoint, ClientError
                 .tcp_nodelay(true)
                 .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW)
                 .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW)
+                .max_frame_size(crate::server::HTTP2_FRAME_MAX)
         })
         .map_err(|e| ClientError::Invalid(format!("bad broker address '{addr}': {e}")))?;
     match &options.tls {

@@ -4,6 +4,12 @@
 //! to `in_flight_max` batches are pipelined. The broker appends a stream's
 //! batches in order, so a partition's records keep the order of `send`.
 //!
+//! `send` encodes the record straight into its partition's open batch
+//! under one lock, in the caller's task; all records of a batch share one
+//! answer (`DeliveryFuture` points at it with the record's index), so a
+//! record costs no channel message, task hop or allocation of its own.
+//! Unanswered records are bounded by `buffer_bytes_max`.
+//!
 //! Retries: a batch that fails with a retriable error (leader moved,
 //! timeout, too few replicas, connection lost) is sent again, with
 //! every batch after it, in order, on a fresh stream to the current leader
@@ -22,14 +28,14 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use runnel_proto::v1 as pb;
 use runnel_storage::BatchBuilder;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
@@ -64,6 +70,10 @@ pub struct ProducerConfig {
     pub delivery_timeout: Duration,
     /// First wait before a retry; doubles up to one second.
     pub retry_backoff: Duration,
+    /// Record bytes (estimated encoded size) buffered but not yet
+    /// acknowledged; `send` waits while the buffer is full (Kafka's
+    /// buffer.memory).
+    pub buffer_bytes_max: usize,
 }
 
 /// Batches in flight per partition with idempotence: the number of
@@ -82,6 +92,7 @@ impl Default for ProducerConfig {
             idempotence: true,
             delivery_timeout: Duration::from_secs(120),
             retry_backoff: Duration::from_millis(100),
+            buffer_bytes_max: 32 * 1024 * 1024,
         }
     }
 }
@@ -118,6 +129,18 @@ impl ProducerRecord {
             ..Self::default()
         }
     }
+
+    /// Upper bound on the record's encoded size.
+    fn size_estimate(&self) -> usize {
+        self.key.as_ref().map_or(0, |k| k.len())
+            + self.value.as_ref().map_or(0, |v| v.len())
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()) + 10)
+                .sum::<usize>()
+            + RECORD_OVERHEAD_BYTES
+    }
 }
 
 /// Where a record was stored.
@@ -131,353 +154,580 @@ pub struct RecordMetadata {
     pub offset: i64,
 }
 
-type Ack = oneshot::Sender<Result<RecordMetadata, ClientError>>;
-
 /// Upper bound on a record's encoding overhead (varints, attributes).
 const RECORD_OVERHEAD_BYTES: usize = 32;
+
+/// How long a topic's partition count is trusted before it is read again
+/// from the client's metadata cache (which the senders invalidate when a
+/// leader moves).
+const TOPIC_REFRESH: Duration = Duration::from_secs(1);
+
+/// The answer for one batch, shared by the futures of all its records:
+/// one allocation and one lock per batch instead of a channel per record.
+#[derive(Debug, Default)]
+struct BatchOutcome {
+    state: Mutex<OutcomeState>,
+}
+
+#[derive(Debug, Default)]
+struct OutcomeState {
+    /// The batch's base offset (-1 with acks=none), or why it failed.
+    result: Option<Result<i64, ClientError>>,
+    acked_at: Option<std::time::Instant>,
+    wakers: Vec<Waker>,
+}
+
+impl BatchOutcome {
+    fn lock(&self) -> MutexGuard<'_, OutcomeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, result: Result<i64, ClientError>) {
+        let wakers = {
+            let mut st = self.lock();
+            if st.result.is_some() {
+                return;
+            }
+            st.result = Some(result);
+            st.acked_at = Some(std::time::Instant::now());
+            std::mem::take(&mut st.wakers)
+        };
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
 
 /// Resolves when the record's batch is acknowledged.
 #[derive(Debug)]
 pub struct DeliveryFuture {
-    rx: oneshot::Receiver<Result<RecordMetadata, ClientError>>,
+    outcome: Arc<BatchOutcome>,
+    topic: Arc<str>,
+    partition: i32,
+    /// The record's position in its batch.
+    index: u32,
+}
+
+impl DeliveryFuture {
+    fn failed(topic: &str, partition: i32, e: ClientError) -> Self {
+        let outcome = Arc::new(BatchOutcome::default());
+        outcome.set(Err(e));
+        DeliveryFuture {
+            outcome,
+            topic: topic.into(),
+            partition,
+            index: 0,
+        }
+    }
+
+    /// When the record's batch was answered (or failed), once it has been.
+    pub fn acked_at(&self) -> Option<std::time::Instant> {
+        self.outcome.lock().acked_at
+    }
 }
 
 impl Future for DeliveryFuture {
     type Output = Result<RecordMetadata, ClientError>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(ClientError::Closed)))
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut st = self.outcome.lock();
+        match &st.result {
+            Some(Ok(base)) => Poll::Ready(Ok(RecordMetadata {
+                topic: self.topic.to_string(),
+                partition: self.partition,
+                offset: if *base < 0 {
+                    -1
+                } else {
+                    base + i64::from(self.index)
+                },
+            })),
+            Some(Err(e)) => Poll::Ready(Err(e.clone())),
+            None => {
+                if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    st.wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
     }
 }
 
-enum Command {
-    Send {
-        topic: String,
-        record: ProducerRecord,
-        ack: Ack,
-    },
-    Flush(oneshot::Sender<()>),
+/// A batch on its way: answers its records' futures exactly once (with
+/// `Closed` if it is dropped unanswered) and returns its bytes to the
+/// producer's buffer.
+struct BatchDone {
+    outcome: Arc<BatchOutcome>,
+    permits: u32,
+    buffer: Arc<Semaphore>,
+}
+
+impl BatchDone {
+    fn finish(self, result: Result<i64, ClientError>) {
+        self.outcome.set(result);
+    }
+}
+
+impl Drop for BatchDone {
+    fn drop(&mut self) {
+        self.outcome.set(Err(ClientError::Closed));
+        self.buffer.add_permits(self.permits as usize);
+    }
 }
 
 /// The batching producer. Cloning is not needed: `send` takes `&self`.
+///
+/// `send` appends the record to its partition's open batch under one
+/// lock; a full batch goes straight to that partition's sender task, and
+/// a linger task sends the batches whose linger time is up.
 #[derive(Debug)]
 pub struct Producer {
-    tx: mpsc::Sender<Command>,
-    task: JoinHandle<()>,
+    shared: Arc<Shared>,
+    linger_task: JoinHandle<()>,
 }
 
-impl Producer {
-    pub(crate) fn start(client: Client, config: ProducerConfig) -> Producer {
-        let (tx, rx) = mpsc::channel(8192);
-        let task = tokio::spawn(Accumulator::new(client, config).run(rx));
-        Producer { tx, task }
-    }
+struct Shared {
+    client: Client,
+    config: ProducerConfig,
+    /// Present when idempotence is in effect.
+    idempotence: Option<Idempotence>,
+    state: Mutex<State>,
+    /// Wakes the linger task when a batch opens while none is pending.
+    linger_wake: Notify,
+    /// Permits = record bytes that may still be buffered.
+    buffer: Arc<Semaphore>,
+}
 
-    /// Queues a record; the returned future resolves once it is stored.
-    /// Waits when the producer's queue is full (backpressure).
-    pub async fn send(
-        &self,
-        topic: &str,
-        record: ProducerRecord,
-    ) -> Result<DeliveryFuture, ClientError> {
-        let (ack, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Send {
-                topic: topic.to_string(),
-                record,
-                ack,
-            })
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        Ok(DeliveryFuture { rx })
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
+}
 
-    /// Sends every queued record now and waits for all answers.
-    pub async fn flush(&self) -> Result<(), ClientError> {
-        let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Flush(done))
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)
-    }
+/// The idempotent producer's identity.
+struct Idempotence {
+    /// Set by a partition sender when a batch failed for good: the next
+    /// batch takes a new producer id.
+    broken: Arc<AtomicBool>,
+    /// One producer id request at a time.
+    init: tokio::sync::Mutex<()>,
+}
 
-    /// Flushes and stops.
-    pub async fn close(self) -> Result<(), ClientError> {
-        self.flush().await?;
-        drop(self.tx);
-        self.task
-            .await
-            .map_err(|e| ClientError::Transport(format!("producer task failed: {e}")))
-    }
+#[derive(Default)]
+struct State {
+    topics: HashMap<String, TopicState>,
+    /// (producer id, epoch), once obtained (idempotence only).
+    producer_id: Option<(i64, i16)>,
+    /// Some batch has a linger deadline (the linger task is armed).
+    lingering: bool,
+    next_sticky: u32,
+}
+
+struct TopicState {
+    name: Arc<str>,
+    count: i32,
+    refreshed: Instant,
+    /// Where keyless records go until that partition's batch fills.
+    sticky: Option<i32>,
+    partitions: HashMap<i32, PartitionState>,
+}
+
+#[derive(Default)]
+struct PartitionState {
+    pending: Option<Pending>,
+    sender: Option<mpsc::UnboundedSender<SenderMsg>>,
+    /// Next sequence and the producer id it counts for.
+    sequence: i32,
+    sequence_of: Option<(i64, i16)>,
 }
 
 /// A batch being filled.
 struct Pending {
     builder: BatchBuilder,
-    acks: Vec<Ack>,
+    outcome: Arc<BatchOutcome>,
+    permits: u32,
     deadline: Instant,
 }
 
-/// The idempotent producer's identity and per-partition sequences.
-#[derive(Default)]
-struct Idempotence {
-    /// (producer id, epoch), once obtained.
-    id: Option<(i64, i16)>,
-    /// Next sequence per partition for the current id.
-    sequences: HashMap<(String, i32), i32>,
-    /// Set by a partition sender when a batch failed for good: the next
-    /// batch takes a new producer id.
-    broken: Arc<AtomicBool>,
-}
-
-struct Accumulator {
-    client: Client,
-    config: ProducerConfig,
-    /// Present when idempotence is in effect.
-    idempotence: Option<Idempotence>,
-    pending: HashMap<(String, i32), Pending>,
-    sticky: HashMap<String, i32>,
-    senders: HashMap<(String, i32), mpsc::Sender<SenderMsg>>,
-    next_sticky: u32,
-}
-
-impl Accumulator {
-    fn new(client: Client, mut config: ProducerConfig) -> Self {
+impl Producer {
+    pub(crate) fn start(client: Client, mut config: ProducerConfig) -> Producer {
         let idempotent = config.idempotence && config.acks == pb::Acks::All;
         if idempotent {
             config.in_flight_max = config.in_flight_max.clamp(1, IDEMPOTENT_IN_FLIGHT_MAX);
         }
-        Self {
+        config.buffer_bytes_max = config.buffer_bytes_max.clamp(
+            config.batch_bytes_max.max(1),
+            Semaphore::MAX_PERMITS.min(u32::MAX as usize),
+        );
+        let shared = Arc::new(Shared {
             client,
+            buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
+            idempotence: idempotent.then(|| Idempotence {
+                broken: Arc::new(AtomicBool::new(false)),
+                init: tokio::sync::Mutex::new(()),
+            }),
             config,
-            idempotence: idempotent.then(Idempotence::default),
-            pending: HashMap::new(),
-            sticky: HashMap::new(),
-            senders: HashMap::new(),
-            next_sticky: 0,
-        }
-    }
-
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        // One linger timer, re-armed only when the earliest deadline
-        // changes (a fresh timer per record cost more than the record).
-        let linger = tokio::time::sleep_until(Instant::now());
-        tokio::pin!(linger);
-        let mut armed: Option<Instant> = None;
-        loop {
-            let deadline = self.pending.values().map(|p| p.deadline).min();
-            if deadline != armed {
-                if let Some(d) = deadline {
-                    linger.as_mut().reset(d);
-                }
-                armed = deadline;
-            }
-            let command = tokio::select! {
-                c = rx.recv() => c,
-                _ = &mut linger, if armed.is_some() => {
-                    armed = None;
-                    self.send_expired().await;
-                    continue;
-                }
-            };
-            let mut command = command;
-            // Take what is already queued without going through the
-            // select (and its timer) once per record; bounded, so the
-            // linger timer is still looked at under a steady stream.
-            let mut burst = 0;
-            loop {
-                match command {
-                    Some(Command::Send { topic, record, ack }) => {
-                        self.add(topic, record, ack).await
-                    }
-                    Some(Command::Flush(done)) => {
-                        self.flush().await;
-                        let _ = done.send(());
-                    }
-                    None => {
-                        self.flush().await;
-                        return;
-                    }
-                }
-                burst += 1;
-                if burst == RECV_BURST_MAX {
-                    break;
-                }
-                command = match rx.try_recv() {
-                    Ok(c) => Some(c),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => None,
-                };
-            }
-        }
-    }
-
-    async fn partition_for(
-        &mut self,
-        topic: &str,
-        record: &ProducerRecord,
-    ) -> Result<i32, ClientError> {
-        if let Some(p) = record.partition {
-            return Ok(p);
-        }
-        let count = self.client.partition_count(topic).await?;
-        if count == 0 {
-            return Err(ClientError::Invalid(format!(
-                "topic '{topic}' has no partitions"
-            )));
-        }
-        Ok(match &record.key {
-            Some(key) => partition_for_key(key, count),
-            None if self.sticky.contains_key(topic) => self.sticky[topic] % count,
-            None => {
-                let next = &mut self.next_sticky;
-                *self.sticky.entry(topic.to_string()).or_insert_with(|| {
-                    *next = next.wrapping_add(1);
-                    (*next % count as u32) as i32
-                }) % count
-            }
-        })
-    }
-
-    async fn add(&mut self, topic: String, record: ProducerRecord, ack: Ack) {
-        let partition = match self.partition_for(&topic, &record).await {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = ack.send(Err(e));
-                return;
-            }
-        };
-        let key = (topic, partition);
-        let now = now_ms();
-        // A batch never grows past batch_bytes_max by more than one
-        // record's worth: a full batch leaves before the record joins.
-        let record_bytes = record.key.as_ref().map_or(0, |k| k.len())
-            + record.value.as_ref().map_or(0, |v| v.len())
-            + record
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()))
-                .sum::<usize>()
-            + RECORD_OVERHEAD_BYTES;
-        // The common case: the partition's batch is open and has room.
-        // One lookup, no key clone.
-        if let Some(pending) = self.pending.get_mut(&key) {
-            if pending.builder.size_bytes() + record_bytes <= self.config.batch_bytes_max {
-                push_record(&mut pending.builder, &record, now);
-                pending.acks.push(ack);
-                if pending.builder.size_bytes() >= self.config.batch_bytes_max {
-                    self.dispatch(key).await;
-                }
-                return;
-            }
-        }
-        if self.pending.get(&key).is_some_and(|p| {
-            !p.builder.is_empty()
-                && p.builder.size_bytes() + record_bytes > self.config.batch_bytes_max
-        }) {
-            self.dispatch(key.clone()).await;
-        }
-        let linger = self.config.linger;
-        let capacity = self.config.batch_bytes_max + record_bytes;
-        let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
-            // Sized for a full batch: filling it never reallocates.
-            builder: BatchBuilder::with_capacity(capacity),
-            acks: Vec::new(),
-            deadline: Instant::now() + linger,
+            state: Mutex::new(State::default()),
+            linger_wake: Notify::new(),
         });
-        push_record(&mut pending.builder, &record, now);
-        pending.acks.push(ack);
-        if pending.builder.size_bytes() >= self.config.batch_bytes_max {
-            self.dispatch(key).await;
+        let linger_task = tokio::spawn(linger(shared.clone()));
+        Producer {
+            shared,
+            linger_task,
         }
     }
 
-    async fn send_expired(&mut self) {
-        let now = Instant::now();
-        let due: Vec<_> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in due {
-            self.dispatch(key).await;
+    /// Queues a record; the returned future resolves once it is stored.
+    /// Waits while the producer's buffer is full (backpressure).
+    pub async fn send(
+        &self,
+        topic: &str,
+        record: ProducerRecord,
+    ) -> Result<DeliveryFuture, ClientError> {
+        let sh = &self.shared;
+        let permits = record.size_estimate().clamp(1, sh.config.buffer_bytes_max) as u32;
+        match sh.buffer.try_acquire_many(permits) {
+            Ok(p) => p.forget(),
+            Err(TryAcquireError::NoPermits) => sh
+                .buffer
+                .acquire_many(permits)
+                .await
+                .map_err(|_| ClientError::Closed)?
+                .forget(),
+            Err(TryAcquireError::Closed) => return Err(ClientError::Closed),
         }
-    }
-
-    async fn flush(&mut self) {
-        let keys: Vec<_> = self.pending.keys().cloned().collect();
-        for key in keys {
-            self.dispatch(key).await;
-        }
-        let mut waits = Vec::new();
-        for sender in self.senders.values() {
-            let (tx, rx) = oneshot::channel();
-            if sender.send(SenderMsg::Barrier(tx)).await.is_ok() {
-                waits.push(rx);
+        // From here the permits travel with the record, or are returned.
+        let refused = |e: ClientError| {
+            sh.buffer.add_permits(permits as usize);
+            Ok(DeliveryFuture::failed(
+                topic,
+                record.partition.unwrap_or(-1),
+                e,
+            ))
+        };
+        loop {
+            // Decided under the lock; anything that awaits happens after
+            // it is released (the guard must not live across an await).
+            let id_missing = {
+                let mut st = sh.lock();
+                let id_missing = sh.idempotence.as_ref().is_some_and(|idem| {
+                    st.producer_id.is_none() || idem.broken.load(Ordering::Acquire)
+                });
+                if !id_missing {
+                    if let Some(t) = st.topics.get(topic) {
+                        if t.refreshed.elapsed() < TOPIC_REFRESH {
+                            return Ok(sh.add(&mut st, topic, &record, permits));
+                        }
+                    }
+                }
+                id_missing
+            };
+            if id_missing {
+                if let Err(e) = sh.ensure_producer_id().await {
+                    return refused(e);
+                }
+                continue;
+            }
+            match sh.client.partition_count(topic).await {
+                Ok(0) => {
+                    return refused(ClientError::Invalid(format!(
+                        "topic '{topic}' has no partitions"
+                    )))
+                }
+                Ok(count) => {
+                    let mut st = sh.lock();
+                    let t = st
+                        .topics
+                        .entry(topic.to_string())
+                        .or_insert_with(|| TopicState {
+                            name: topic.into(),
+                            count,
+                            refreshed: Instant::now(),
+                            sticky: None,
+                            partitions: HashMap::new(),
+                        });
+                    t.count = count;
+                    t.refreshed = Instant::now();
+                }
+                Err(e) => return refused(e),
             }
         }
+    }
+
+    /// Sends every queued record now and waits for all answers.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let waits = {
+            let mut st = self.shared.lock();
+            self.shared.dispatch_all(&mut st, |_| true);
+            let mut waits = Vec::new();
+            for t in st.topics.values() {
+                for p in t.partitions.values() {
+                    if let Some(sender) = &p.sender {
+                        let (tx, rx) = oneshot::channel();
+                        if sender.send(SenderMsg::Barrier(tx)).is_ok() {
+                            waits.push(rx);
+                        }
+                    }
+                }
+            }
+            waits
+        };
         for w in waits {
             let _ = w.await;
         }
+        Ok(())
     }
 
-    async fn dispatch(&mut self, key: (String, i32)) {
-        let Some(pending) = self.pending.remove(&key) else {
-            return;
-        };
-        // Keyless records move to another partition once a batch is full.
-        if let Some(sticky) = self.sticky.get_mut(&key.0) {
-            if *sticky == key.1 {
-                let count = self.client.partition_count(&key.0).await.unwrap_or(1);
-                *sticky = (key.1 + 1) % count.max(1);
+    /// Flushes and stops.
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.flush().await
+    }
+}
+
+impl Drop for Producer {
+    /// Sends what is still queued (the senders finish their queues and
+    /// stop) and stops the linger task.
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        self.shared.dispatch_all(&mut st, |_| true);
+        for t in st.topics.values_mut() {
+            for p in t.partitions.values_mut() {
+                p.sender = None;
             }
         }
-        let mut builder = pending.builder;
-        let mut broken = None;
-        if let Some(idem) = &mut self.idempotence {
-            if idem.id.is_none() || idem.broken.swap(false, Ordering::AcqRel) {
-                idem.sequences.clear();
-                idem.id = None;
-                match self
-                    .client
-                    .init_producer_id(self.config.delivery_timeout.max(Duration::from_secs(1)))
-                    .await
-                {
-                    Ok(id) => {
-                        debug!(producer_id = id.0, epoch = id.1, "idempotent producer id");
-                        idem.id = Some(id);
-                    }
-                    Err(e) => {
-                        fail(pending.acks, &e);
-                        return;
-                    }
+        drop(st);
+        self.linger_task.abort();
+    }
+}
+
+/// Sends batches whose linger time is up; sleeps until the earliest
+/// deadline, or until woken because a batch opened while none was
+/// pending (`notify_one` keeps a permit when nobody waits yet, so a
+/// wake-up sent after the state was read is not lost).
+async fn linger(sh: Arc<Shared>) {
+    loop {
+        if let Err(e) = sh.ensure_producer_id().await {
+            debug!(error = %e, "no producer id for lingering batches yet");
+        }
+        let next = {
+            let mut st = sh.lock();
+            let now = Instant::now();
+            sh.dispatch_all(&mut st, |p| p.deadline <= now);
+            let next = st
+                .topics
+                .values()
+                .flat_map(|t| t.partitions.values())
+                .filter_map(|p| p.pending.as_ref().map(|p| p.deadline))
+                .min();
+            st.lingering = next.is_some();
+            next
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = sh.linger_wake.notified() => {}
                 }
             }
-            let (producer_id, epoch) = idem.id.expect("set above");
-            let seq = idem.sequences.entry(key.clone()).or_insert(0);
-            builder = builder.producer(producer_id, epoch, *seq);
-            *seq = runnel_storage::producer_state::add_sequence(*seq, builder.len() as i32);
+            None => sh.linger_wake.notified().await,
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a producer id when idempotence is on and there is none, or
+    /// the sequence was broken by a batch that failed for good.
+    async fn ensure_producer_id(&self) -> Result<(), ClientError> {
+        let Some(idem) = &self.idempotence else {
+            return Ok(());
+        };
+        let usable = |st: &State| st.producer_id.is_some() && !idem.broken.load(Ordering::Acquire);
+        if usable(&self.lock()) {
+            return Ok(());
+        }
+        let _one = idem.init.lock().await;
+        if usable(&self.lock()) {
+            return Ok(());
+        }
+        let id = self
+            .client
+            .init_producer_id(self.config.delivery_timeout.max(Duration::from_secs(1)))
+            .await?;
+        debug!(producer_id = id.0, epoch = id.1, "idempotent producer id");
+        idem.broken.store(false, Ordering::Release);
+        self.lock().producer_id = Some(id);
+        Ok(())
+    }
+
+    /// Appends one record to its partition's open batch (the state lock
+    /// is held; the topic is known and fresh).
+    fn add(
+        &self,
+        st: &mut State,
+        topic: &str,
+        record: &ProducerRecord,
+        permits: u32,
+    ) -> DeliveryFuture {
+        let State {
+            topics,
+            producer_id,
+            lingering,
+            next_sticky,
+        } = st;
+        let t = topics.get_mut(topic).expect("caller checked");
+        let partition = match (record.partition, &record.key) {
+            (Some(p), _) if p < 0 => {
+                self.buffer.add_permits(permits as usize);
+                return DeliveryFuture::failed(
+                    topic,
+                    p,
+                    ClientError::Invalid(format!("partition {p} is negative")),
+                );
+            }
+            (Some(p), _) => p,
+            (None, Some(key)) => partition_for_key(key, t.count),
+            (None, None) => {
+                *t.sticky.get_or_insert_with(|| {
+                    *next_sticky = next_sticky.wrapping_add(1);
+                    (*next_sticky % t.count as u32) as i32
+                }) % t.count
+            }
+        };
+        let max = self.config.batch_bytes_max;
+        let record_bytes = permits as usize;
+        let p = t.partitions.entry(partition).or_default();
+        // A batch never grows past batch_bytes_max by more than one
+        // record's worth: a full batch leaves before the record joins.
+        if p.pending
+            .as_ref()
+            .is_some_and(|b| !b.builder.is_empty() && b.builder.size_bytes() + record_bytes > max)
+        {
+            self.dispatch(
+                t.name.clone(),
+                t.count,
+                &mut t.sticky,
+                partition,
+                p,
+                *producer_id,
+            );
+        }
+        let pending = p.pending.get_or_insert_with(|| {
+            if !*lingering {
+                *lingering = true;
+                self.linger_wake.notify_one();
+            }
+            Pending {
+                // Sized for a full batch: filling it never reallocates.
+                builder: BatchBuilder::with_capacity(max + record_bytes),
+                outcome: Arc::new(BatchOutcome::default()),
+                permits: 0,
+                deadline: Instant::now() + self.config.linger,
+            }
+        });
+        let index = pending.builder.len() as u32;
+        push_record(&mut pending.builder, record, now_ms());
+        pending.permits += permits;
+        let future = DeliveryFuture {
+            outcome: pending.outcome.clone(),
+            topic: t.name.clone(),
+            partition,
+            index,
+        };
+        if pending.builder.size_bytes() >= max {
+            self.dispatch(
+                t.name.clone(),
+                t.count,
+                &mut t.sticky,
+                partition,
+                p,
+                *producer_id,
+            );
+        }
+        future
+    }
+
+    /// Sends every open batch that `due` selects.
+    fn dispatch_all(&self, st: &mut State, due: impl Fn(&Pending) -> bool) {
+        let producer_id = st.producer_id;
+        for t in st.topics.values_mut() {
+            for (&partition, p) in t.partitions.iter_mut() {
+                if p.pending.as_ref().is_some_and(&due) {
+                    self.dispatch(
+                        t.name.clone(),
+                        t.count,
+                        &mut t.sticky,
+                        partition,
+                        p,
+                        producer_id,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Closes the partition's open batch and hands it to the partition's
+    /// sender task (started on first use). Called under the state lock,
+    /// so batches reach a sender in the order they were filled.
+    fn dispatch(
+        &self,
+        topic: Arc<str>,
+        count: i32,
+        sticky: &mut Option<i32>,
+        partition: i32,
+        p: &mut PartitionState,
+        producer_id: Option<(i64, i16)>,
+    ) {
+        let Some(pending) = p.pending.take() else {
+            return;
+        };
+        // Keyless records move to another partition once a batch is sent.
+        if *sticky == Some(partition) {
+            *sticky = Some((partition + 1) % count.max(1));
+        }
+        let done = BatchDone {
+            outcome: pending.outcome,
+            permits: pending.permits,
+            buffer: self.buffer.clone(),
+        };
+        let mut builder = pending.builder;
+        let mut broken = None;
+        if let Some(idem) = &self.idempotence {
+            let Some(id) = producer_id else {
+                done.finish(Err(ClientError::Broker {
+                    code: pb::ErrorCode::UnknownProducerId,
+                    message: "no producer id could be obtained".into(),
+                    leader: None,
+                }));
+                return;
+            };
+            if p.sequence_of != Some(id) {
+                p.sequence_of = Some(id);
+                p.sequence = 0;
+            }
+            builder = builder.producer(id.0, id.1, p.sequence);
+            p.sequence =
+                runnel_storage::producer_state::add_sequence(p.sequence, builder.len() as i32);
             broken = Some(idem.broken.clone());
         }
         let request = pb::ProduceRequest {
-            topic: key.0.clone(),
-            partition: Some(key.1),
+            topic: topic.to_string(),
+            partition: Some(partition),
             batch: builder.build().freeze(),
             acks: self.config.acks as i32,
             timeout_ms: self.config.timeout_ms,
             ..Default::default()
         };
-        let msg = SenderMsg::Batch(request, pending.acks);
-        let sender = self.senders.entry(key.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(64);
+        let sender = p.sender.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(
                 PartitionSender {
                     client: self.client.clone(),
-                    topic: key.0.clone(),
-                    partition: key.1,
+                    topic: topic.to_string(),
+                    partition,
                     in_flight_max: self.config.in_flight_max.max(1),
                     request_timeout: self.config.request_timeout,
                     delivery_timeout: self.config.delivery_timeout,
@@ -488,17 +738,10 @@ impl Accumulator {
             );
             tx
         });
-        if let Err(mpsc::error::SendError(SenderMsg::Batch(_, acks))) = sender.send(msg).await {
-            for ack in acks {
-                let _ = ack.send(Err(ClientError::Closed));
-            }
-        }
+        // A send error drops the batch, which answers it with `Closed`.
+        let _ = sender.send(SenderMsg::Batch(request, done));
     }
 }
-
-/// Records taken from the queue in one go before the linger timer is
-/// looked at again.
-const RECV_BURST_MAX: usize = 256;
 
 /// Appends `record` to a batch; `now` is its timestamp unless it has one.
 fn push_record(builder: &mut BatchBuilder, record: &ProducerRecord, now: i64) {
@@ -523,7 +766,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 enum SenderMsg {
-    Batch(pb::ProduceRequest, Vec<Ack>),
+    Batch(pb::ProduceRequest, BatchDone),
     /// Answered once every earlier batch is answered.
     Barrier(oneshot::Sender<()>),
 }
@@ -536,7 +779,7 @@ enum Entry {
 
 struct Queued {
     request: pb::ProduceRequest,
-    acks: Vec<Ack>,
+    done: BatchDone,
     /// When the sender took it, for the delivery timeout.
     queued_at: Instant,
     /// Send on the current stream, for the request timeout; `None` when
@@ -561,7 +804,7 @@ struct PartitionSender {
 }
 
 impl PartitionSender {
-    async fn run(self, mut rx: mpsc::Receiver<SenderMsg>) {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<SenderMsg>) {
         let mut stream: Option<ProduceStream> = None;
         let mut queue: VecDeque<Entry> = VecDeque::new();
         // The first `sent` batches of `queue` are in flight on `stream`.
@@ -596,9 +839,9 @@ impl PartitionSender {
                             queue.push_back(Entry::Barrier(done));
                         }
                     }
-                    Some(SenderMsg::Batch(request, acks)) => queue.push_back(Entry::Batch(Queued {
+                    Some(SenderMsg::Batch(request, done)) => queue.push_back(Entry::Batch(Queued {
                         request,
-                        acks,
+                        done,
                         queued_at: Instant::now(),
                         sent_at: None,
                     })),
@@ -637,7 +880,7 @@ impl PartitionSender {
                             backoff = self.retry_backoff;
                             let q = pop_front_batch(&mut queue);
                             sent -= 1;
-                            complete(q.acks, &self.topic, self.partition, &r);
+                            q.done.finish(Ok(r.base_offset));
                         }
                         Err(e) if e.is_retriable() || stream.is_none() => {
                             retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
@@ -743,7 +986,7 @@ impl PartitionSender {
         if let Some(broken) = &self.broken {
             broken.store(true, Ordering::Release);
         }
-        fail(q.acks, e);
+        q.done.finish(Err(e.clone()));
     }
 }
 
@@ -794,25 +1037,4 @@ async fn open_stream(
         .await?
         .into_inner();
     Ok((tx, responses))
-}
-
-fn complete(acks: Vec<Ack>, topic: &str, partition: i32, r: &pb::ProduceResponse) {
-    for (i, ack) in acks.into_iter().enumerate() {
-        let offset = if r.base_offset < 0 {
-            -1
-        } else {
-            r.base_offset + i as i64
-        };
-        let _ = ack.send(Ok(RecordMetadata {
-            topic: topic.to_string(),
-            partition,
-            offset,
-        }));
-    }
-}
-
-fn fail(acks: Vec<Ack>, e: &ClientError) {
-    for ack in acks {
-        let _ = ack.send(Err(e.clone()));
-    }
 }

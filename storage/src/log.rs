@@ -369,6 +369,15 @@ impl Log {
     pub fn config(&self) -> LogConfig {
         self.config.read().expect("config lock").clone()
     }
+    /// Whether an append may fsync before it returns (flush per batch, or
+    /// a flush.messages threshold). Appends that cannot only copy into the
+    /// page cache, so a caller may run them without a blocking-pool hop.
+    pub fn append_may_sync(&self) -> bool {
+        match self.config.read().expect("config lock").flush {
+            FlushPolicy::EveryBatch => true,
+            FlushPolicy::Interval { messages, .. } => messages.is_some(),
+        }
+    }
     /// Replace the config (alter topic config); takes effect from now.
     pub fn set_config(&self, config: LogConfig) {
         *self.config.write().expect("config lock") = config;

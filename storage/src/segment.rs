@@ -571,20 +571,7 @@ impl Segment {
             let end = start.saturating_add(len).min(map.len());
             return Ok(map.slice(start..end));
         }
-        let mut buf = vec![0u8; len];
-        let mut filled = 0;
-        while filled < len {
-            match self
-                .file
-                .read_at(&mut buf[filled..], position + filled as u64)
-            {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err(&self.log_path)(e)),
-            }
-        }
-        buf.truncate(filled);
+        let buf = read_exact_at_most(&self.file, position, len).map_err(io_err(&self.log_path))?;
         Ok(Bytes::from(buf))
     }
 
@@ -783,6 +770,45 @@ impl Segment {
     }
 }
 
+/// Up to `len` bytes at `offset` (fewer only at end of file), read into
+/// a buffer that is not zeroed first: a fetch of the active segment reads
+/// up to several MiB, and zero-filling them cost as much as the read.
+#[allow(unsafe_code)]
+fn read_exact_at_most(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = libc::off_t::try_from(offset + buf.len() as u64)
+            .map_err(|_| std::io::Error::other("file offset beyond off_t"))?;
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: pread writes at most `spare.len()` bytes into the
+        // vector's spare capacity, which is allocated and exclusively
+        // borrowed here; only the bytes it reports as read are then
+        // counted as initialised.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast::<libc::c_void>(),
+                spare.len(),
+                at,
+            )
+        };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            break;
+        }
+        // SAFETY: pread initialised `n` (<= spare.len()) bytes past len.
+        unsafe { buf.set_len(buf.len() + n as usize) };
+    }
+    Ok(buf)
+}
+
 /// Writes every byte of `parts`, in order, at `offset`: one pwritev(2)
 /// call in the common case (the rewritten batch header and the body are
 /// two parts; writing them with two calls cost a syscall per append).
@@ -837,6 +863,23 @@ fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> std::
 mod tests {
     use super::*;
     use crate::batch::BatchBuilder;
+
+    /// Reads stop at end of file and return exactly the file's bytes.
+    #[test]
+    fn unzeroed_read_returns_the_file_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(read_exact_at_most(&file, 0, 100_000).unwrap(), data);
+        assert_eq!(
+            read_exact_at_most(&file, 99_990, 1000).unwrap(),
+            &data[99_990..]
+        );
+        assert!(read_exact_at_most(&file, 200_000, 10).unwrap().is_empty());
+        assert_eq!(read_exact_at_most(&file, 5, 0).unwrap(), Vec::<u8>::new());
+    }
 
     /// More parts than one pwritev call takes, empty parts among them:
     /// every byte lands in order at the offset.
