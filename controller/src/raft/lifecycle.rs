@@ -193,6 +193,8 @@ impl RaftMetadataStore {
                     let start = session_start(b.id, now, predecessor, session, min_grace);
                     s.last_seen.insert(b.id, (start, b.epoch));
                 }
+                // The previous controller's session counts from its last
+                // contact (`previous_silent_ms` ago).
                 let (previous, silent_ms) = predecessor.map_or((-1, 0), |(id, at)| {
                     (id as i64, now.duration_since(at).as_millis() as u64)
                 });
@@ -200,8 +202,7 @@ impl RaftMetadataStore {
                     term,
                     previous_controller = previous,
                     previous_silent_ms = silent_ms,
-                    "became the active controller: fresh broker grace period, \
-                     the previous controller's counted from its last contact"
+                    "became the active controller: fresh broker grace period"
                 );
             }
         }
