@@ -53,9 +53,9 @@ import json,sys; d=json.load(sys.stdin)
 sys.exit(0 if all(len(p['isr'])==3 for p in d['partitions']) else 1)" && break
     sleep 0.1
 done
-# The victim leads partitions but is not the active controller (a dead
-# controller first costs an election, and the new controller gives every
-# broker a fresh session before fencing; VICTIM=controller measures that).
+# The victim leads partitions but is not the active controller
+# (VICTIM=controller kills the active controller: the new one counts the
+# dead one's session from its last AppendEntries, after an election).
 CONTROLLER=$("$R" --bootstrap $B --output json cluster describe | python3 -c "
 import json,sys; print(json.load(sys.stdin)['controller_id'])")
 VICTIM=$(describe | python3 -c "

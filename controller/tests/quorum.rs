@@ -100,6 +100,16 @@ impl Node {
 
 /// Starts voters `1..=n` (plus `learners`, broker-only) in `root`.
 async fn cluster(root: &Path, n: i32, learners: &[i32]) -> (BTreeMap<i32, String>, Vec<Node>) {
+    cluster_with(root, n, learners, |_| {}).await
+}
+
+/// [`cluster`] with each node's config changed by `tweak`.
+async fn cluster_with(
+    root: &Path,
+    n: i32,
+    learners: &[i32],
+    tweak: impl Fn(&mut RaftConfig),
+) -> (BTreeMap<i32, String>, Vec<Node>) {
     let mut listeners = Vec::new();
     for id in (1..=n).chain(learners.iter().copied()) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -113,7 +123,9 @@ async fn cluster(root: &Path, n: i32, learners: &[i32]) -> (BTreeMap<i32, String
     let mut nodes = Vec::new();
     for (id, addr, l) in listeners {
         let dir = root.join(format!("node-{id}"));
-        nodes.push(serve(l, config(id, &addr, &voters, &dir)).await);
+        let mut c = config(id, &addr, &voters, &dir);
+        tweak(&mut c);
+        nodes.push(serve(l, c).await);
     }
     (voters, nodes)
 }
@@ -250,7 +262,10 @@ async fn t01_leader_elected_and_follower_submits_are_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t02_failover_then_restart_catches_up_from_sled() {
     let root = tempfile::tempdir().unwrap();
-    let (voters, mut nodes) = cluster(root.path(), 3, &[]).await;
+    // No broker heartbeats here: sessions long enough that no fencing
+    // changes the state while it is compared.
+    let long_sessions = |c: &mut RaftConfig| c.broker_session_timeout_ms = 600_000;
+    let (voters, mut nodes) = cluster_with(root.path(), 3, &[], long_sessions).await;
     let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
     let cluster_id = nodes[0].store.wait_for_cluster_id(WAIT).await.unwrap();
     for id in 1..=3 {
@@ -278,7 +293,9 @@ async fn t02_failover_then_restart_catches_up_from_sled() {
     assert_eq!(expected.topics.len(), 3);
 
     let listener = TcpListener::bind(&old_addr).await.unwrap();
-    let restarted = serve(listener, config(old_id, &old_addr, &voters, &old_dir)).await;
+    let mut c = config(old_id, &old_addr, &voters, &old_dir);
+    long_sessions(&mut c);
+    let restarted = serve(listener, c).await;
     let state = wait_state(&restarted.store, "the restarted node to catch up", |s| {
         s.applied >= expected.applied
     })
@@ -574,4 +591,93 @@ async fn t07_submit_without_quorum_times_out_with_not_controller() {
     assert!(matches!(err, MetadataError::NotController { .. }), "{err}");
     assert_eq!(node.store.controller_id(), -1);
     node.kill().await;
+}
+
+/// A dead controller's own broker is fenced one session after the
+/// successor last heard from it (its last AppendEntries), not a full
+/// session after the successor took over, which is what it was when every
+/// clock restarted at the takeover (so at least `election_timeout_min +
+/// session` after the death).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t08_dead_controller_is_fenced_one_session_after_its_last_contact() {
+    const SESSION: Duration = Duration::from_millis(3000);
+    let root = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    for id in 1..=3 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listeners.push((id, l.local_addr().unwrap().to_string(), l));
+    }
+    let voters: BTreeMap<i32, String> = listeners
+        .iter()
+        .map(|(id, a, _)| (*id, a.clone()))
+        .collect();
+    let mut nodes = Vec::new();
+    for (id, addr, l) in listeners {
+        let mut c = config(id, &addr, &voters, &root.path().join(format!("n{id}")));
+        // Elections (>= 2.5 s after the last heartbeat) close to a session,
+        // so the two behaviours are far apart.
+        c.election_timeout_min_ms = 2500;
+        c.election_timeout_max_ms = 3000;
+        c.broker_session_timeout_ms = SESSION.as_millis() as u64;
+        c.broker_heartbeat_interval_ms = 50;
+        nodes.push(serve(l, c).await);
+    }
+    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    for n in &nodes {
+        spawn_heartbeat(
+            n.store.clone(),
+            n.id,
+            n.addr.clone(),
+            Duration::from_millis(50),
+            CancellationToken::new(),
+        );
+    }
+    wait_state(&nodes[0].store, "three live brokers", |s| {
+        s.live_brokers() == [1, 2, 3]
+    })
+    .await;
+    nodes[0].store.submit(create("c", 6, 3)).await.unwrap();
+    let led: Vec<usize> = nodes[0].store.current().topics["c"]
+        .partitions
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.leader == leader)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(led.len(), 2, "round-robin leaders");
+
+    let pos = nodes.iter().position(|n| n.id == leader).unwrap();
+    let killing = std::time::Instant::now();
+    nodes.remove(pos).kill().await;
+    let survivors: Vec<&Node> = nodes.iter().collect();
+    let successor = wait_leader(&survivors).await;
+    let took_over = std::time::Instant::now();
+    let moved = |s: &ClusterMetadata| {
+        s.brokers[&leader].fenced
+            && led
+                .iter()
+                .all(|i| ![leader, -1].contains(&s.topics["c"].partitions[*i].leader))
+    };
+    let state = wait_state(&nodes[0].store, "the dead controller fenced", moved).await;
+    let (since_killing, since_takeover) = (killing.elapsed(), took_over.elapsed());
+    for p in &state.topics["c"].partitions {
+        assert!(!p.isr.contains(&leader), "{p:?}");
+    }
+    assert_eq!(state.live_brokers().len(), 2, "{:?}", state.brokers);
+    // Not before a session has passed since its last contact (a Raft
+    // heartbeat before the kill; a second of slack for a slow machine)...
+    assert!(
+        since_killing + Duration::from_secs(1) >= SESSION,
+        "fenced {since_killing:?} after the kill began, well under the session"
+    );
+    // ...and not a whole session after the successor took over: by then
+    // most of the session (>= 2.45 s of 3 s) had already passed.
+    assert!(
+        since_takeover + Duration::from_secs(1) < SESSION,
+        "fenced {since_takeover:?} after node {successor} took over: \
+         the old controller's session restarted at the election"
+    );
+    for n in nodes {
+        n.kill().await;
+    }
 }

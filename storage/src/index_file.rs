@@ -5,6 +5,12 @@
 //! mapped read-write; on roll or close it is trimmed to its entries and
 //! remapped read-only. Files are never shrunk while another mapping of them
 //! may be alive: replacing an index unlinks the old file first.
+//!
+//! A new index creates its file only with its first entry: a fresh
+//! partition (one empty segment) then costs two inodes (its directory and
+//! log file) instead of four, and creating thousands of partitions is
+//! bound by inode creation. A segment whose index never got an entry has
+//! no index file; opening it rebuilds the (empty) index from its log.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -24,7 +30,10 @@ enum Map {
 #[derive(Debug)]
 pub(crate) struct IndexFile {
     path: PathBuf,
-    file: File,
+    /// `None` until the first entry of a new index is pushed.
+    file: Option<File>,
+    /// What a not yet created file is preallocated to.
+    bytes_max: u32,
     map: Map,
     entry_len: usize,
     /// Entries written.
@@ -42,29 +51,40 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError
 
 impl IndexFile {
     /// Replaces any file at `path` (unlinking it, so live mappings of the
-    /// old file stay valid) with an empty index preallocated to `bytes_max`.
+    /// old file stay valid) with an empty writable index; its file,
+    /// preallocated to `bytes_max`, is created with the first entry.
     pub(crate) fn create(path: &Path, entry_len: usize, bytes_max: u32) -> Result<IndexFile> {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(path)(e)),
         }
+        Ok(IndexFile {
+            path: path.to_path_buf(),
+            file: None,
+            bytes_max,
+            map: Map::Empty,
+            entry_len,
+            count: 0,
+            count_max: Self::capacity(bytes_max, entry_len, 0) as usize / entry_len,
+        })
+    }
+
+    /// `bytes_max` rounded down to whole entries, never below `used`.
+    fn capacity(bytes_max: u32, entry_len: usize, used: u64) -> u64 {
+        (u64::from(bytes_max) / entry_len as u64 * entry_len as u64).max(used)
+    }
+
+    /// Creates the file of a new index and maps it for appends.
+    fn materialize(&mut self) -> Result<()> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(path)
-            .map_err(io_err(path))?;
-        let mut index = IndexFile {
-            path: path.to_path_buf(),
-            file,
-            map: Map::Empty,
-            entry_len,
-            count: 0,
-            count_max: 0,
-        };
-        index.make_writable(bytes_max)?;
-        Ok(index)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
+        self.file = Some(file);
+        self.make_writable(self.bytes_max)
     }
 
     /// Opens an existing index read-only, taking every whole entry in the
@@ -84,7 +104,8 @@ impl IndexFile {
         let map = Self::map_read_only(&file, path, len)?;
         Ok(Some(IndexFile {
             path: path.to_path_buf(),
-            file,
+            file: Some(file),
+            bytes_max: 0,
             map,
             entry_len,
             count,
@@ -111,15 +132,20 @@ impl IndexFile {
     #[allow(unsafe_code)]
     pub(crate) fn make_writable(&mut self, bytes_max: u32) -> Result<()> {
         let used = (self.count * self.entry_len) as u64;
-        let len = (u64::from(bytes_max) / self.entry_len as u64 * self.entry_len as u64).max(used);
-        self.map = Map::Empty;
-        self.file.set_len(len).map_err(io_err(&self.path))?;
+        let len = Self::capacity(bytes_max, self.entry_len, used);
+        self.bytes_max = bytes_max;
         self.count_max = (len / self.entry_len as u64) as usize;
+        let Some(file) = &self.file else {
+            // Not created yet: `push` creates it at this size.
+            return Ok(());
+        };
+        self.map = Map::Empty;
+        file.set_len(len).map_err(io_err(&self.path))?;
         if len > 0 {
             // SAFETY: the file was just sized to `len` by us; only this
             // struct writes it while it is writable, and the file is shrunk
             // (in `trim`) only after this mapping is dropped.
-            let map = unsafe { MmapMut::map_mut(&self.file) }.map_err(io_err(&self.path))?;
+            let map = unsafe { MmapMut::map_mut(file) }.map_err(io_err(&self.path))?;
             // Entries are appended a page at a time into a preallocated,
             // mostly-hole file; without this hint each first touch of a
             // page reads ahead (zero-fills) a whole window of holes, which
@@ -145,6 +171,9 @@ impl IndexFile {
     }
 
     pub(crate) fn is_full(&self) -> bool {
+        if self.file.is_none() {
+            return self.count >= self.count_max;
+        }
         !matches!(self.map, Map::Writable(_)) || self.count >= self.count_max
     }
 
@@ -159,6 +188,17 @@ impl IndexFile {
         if self.is_full() {
             return false;
         }
+        if self.file.is_none() {
+            if let Err(error) = self.materialize() {
+                // Entries are sparse hints: without this one, lookups scan
+                // from an earlier entry. The next push tries again.
+                tracing::warn!(path = %self.path.display(), %error, "could not create index file");
+                self.file = None;
+                self.map = Map::Empty;
+                let _ = std::fs::remove_file(&self.path);
+                return false;
+            }
+        }
         let at = self.count * self.entry_len;
         if let Map::Writable(m) = &mut self.map {
             m[at..at + self.entry_len].copy_from_slice(entry);
@@ -169,23 +209,31 @@ impl IndexFile {
 
     /// Shrinks the file to its entries and remaps it read-only.
     pub(crate) fn trim(&mut self) -> Result<()> {
+        let Some(file) = &self.file else {
+            // Never written: no file, and read-only from now on.
+            self.count_max = self.count;
+            return Ok(());
+        };
         if let Map::Writable(m) = &self.map {
             m.flush().map_err(io_err(&self.path))?;
         }
         self.map = Map::Empty;
         let len = (self.count * self.entry_len) as u64;
-        self.file.set_len(len).map_err(io_err(&self.path))?;
+        file.set_len(len).map_err(io_err(&self.path))?;
         self.count_max = self.count;
-        self.map = Self::map_read_only(&self.file, &self.path, len)?;
+        self.map = Self::map_read_only(file, &self.path, len)?;
         Ok(())
     }
 
     /// msyncs the mapping and fsyncs the file (length changes included).
     pub(crate) fn flush(&self) -> Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
         if let Map::Writable(m) = &self.map {
             m.flush().map_err(io_err(&self.path))?;
         }
-        self.file.sync_all().map_err(io_err(&self.path))
+        file.sync_all().map_err(io_err(&self.path))
     }
 
     /// Binary search: the last entry `i` with `key(entry(i)) <= target`.
@@ -227,6 +275,31 @@ mod tests {
         assert_eq!(idx.floor_by(&100, key), Some(3));
         std::fs::write(&path, [0u8; 5]).unwrap();
         assert!(IndexFile::open(&path, 8).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_file_is_created_with_the_first_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("y.index");
+        let mut idx = IndexFile::create(&path, 8, 80).unwrap();
+        assert!(!path.exists(), "a new index must not create its file");
+        assert!(!idx.is_full());
+        idx.flush().unwrap();
+        assert!(idx.push(&7u64.to_be_bytes()));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 80);
+        assert_eq!(idx.entry(0), &7u64.to_be_bytes());
+        idx.trim().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8);
+
+        // Sealed without an entry: still no file, and no more entries.
+        let empty = dir.path().join("z.index");
+        let mut idx = IndexFile::create(&empty, 8, 80).unwrap();
+        idx.make_writable(160).unwrap();
+        idx.trim().unwrap();
+        assert!(idx.is_full());
+        assert!(!idx.push(&1u64.to_be_bytes()));
+        assert!(!empty.exists());
+        assert!(IndexFile::open(&empty, 8).unwrap().is_none());
     }
 
     impl IndexFile {

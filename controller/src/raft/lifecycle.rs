@@ -6,7 +6,12 @@
 //! submits `FenceBroker` for one silent longer than
 //! `broker_session_timeout_ms`. A newly elected controller starts every
 //! clock afresh (a full grace period), since it never saw the heartbeats
-//! sent to its predecessor. Registering again unfences.
+//! sent to its predecessor, except its predecessor's own: the previous
+//! controller heartbeated locally, but every voter notes when it last
+//! received that leader's `AppendEntries`, and the successor starts the
+//! predecessor's clock there (see [`session_start`]). A controller that
+//! dies is so fenced one session after it was last heard from, not an
+//! election plus a session later. Registering again unfences.
 //!
 //! The same loop fixes the cluster id of a new quorum and adds registered
 //! brokers that are not Raft members as learners, so broker-only nodes
@@ -45,8 +50,11 @@ struct SessionState {
     term: Option<u64>,
     /// Broker id → (last heartbeat or registration, broker epoch then).
     last_seen: HashMap<i32, (Instant, i64)>,
-    /// When the controller duties last ran, to notice pauses.
+    /// When the controller duties last ran while leading, to notice pauses.
     last_step: Option<Instant>,
+    /// The Raft leader whose `AppendEntries` this node last accepted, and
+    /// when it arrived; taken when this node becomes the active controller.
+    leader_contact: Option<(NodeId, Instant)>,
 }
 
 impl Sessions {
@@ -57,10 +65,53 @@ impl Sessions {
     fn heard(&self, id: i32, epoch: i64, now: Instant) {
         self.lock().last_seen.insert(id, (now, epoch));
     }
+
+    /// Notes that Raft leader `leader` was alive at `at` (it sent an
+    /// `AppendEntries` this node accepted).
+    pub(super) fn leader_contact(&self, leader: NodeId, at: Instant) {
+        let mut s = self.lock();
+        if s.leader_contact.is_none_or(|(_, t)| t <= at) {
+            s.leader_contact = Some((leader, at));
+        }
+    }
+}
+
+/// Where a newly active controller starts broker `id`'s session clock (the
+/// broker is fenced once `session` has passed since), at `now`.
+///
+/// Every broker starts at `now` (a full grace period: their heartbeats
+/// went to the predecessor), except the predecessor itself, named with the
+/// last time this node heard from it in `predecessor`: its clock starts
+/// there, so a dead controller is fenced a session after its last
+/// `AppendEntries`. The predecessor still gets at least `min_grace` from
+/// `now`, so that one which is alive (it lost an election, or this node's
+/// contact is old because this node lagged) has time to heartbeat here.
+pub(crate) fn session_start(
+    id: i32,
+    now: Instant,
+    predecessor: Option<(NodeId, Instant)>,
+    session: Duration,
+    min_grace: Duration,
+) -> Instant {
+    match predecessor {
+        Some((leader, contact)) if NodeId::try_from(id).ok() == Some(leader) => {
+            let keep = min_grace.min(session);
+            let floor = now.checked_sub(session - keep).unwrap_or(contact);
+            contact.max(floor).min(now)
+        }
+        _ => now,
+    }
+}
+
+/// Whether the state change from `last_step` to `now` means this process
+/// itself was paused (see `controller_step`).
+fn was_paused(last_step: Option<Instant>, now: Instant, session: Duration) -> bool {
+    last_step.is_some_and(|t| now.duration_since(t) > session / 2)
 }
 
 /// The controller loop, one per node; acts only while the node leads.
 pub(super) async fn run_controller(store: Weak<RaftMetadataStore>, cancel: CancellationToken) {
+    let mut next_expiry: Option<Instant> = None;
     let Some(s) = store.upgrade() else { return };
     let mut metrics = s.raft.metrics();
     let mut state_rx = s.tx.subscribe();
@@ -73,23 +124,35 @@ pub(super) async fn run_controller(store: Weak<RaftMetadataStore>, cancel: Cance
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Wake when the next session expires, not up to a tick later.
+        let expiry = async {
+            match next_expiry {
+                Some(at) => {
+                    let at = at + Duration::from_millis(1);
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+            _ = expiry => {}
             r = metrics.changed() => if r.is_err() { return },
             r = state_rx.changed() => if r.is_err() { return },
         }
         let Some(s) = store.upgrade() else { return };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = s.controller_step() => {}
+            next = s.controller_step() => next_expiry = next,
         }
     }
 }
 
 impl RaftMetadataStore {
     /// One round of the active controller's duties; a no-op elsewhere.
-    async fn controller_step(&self) {
+    /// Answers when the next broker session expires, if one will.
+    async fn controller_step(&self) -> Option<Instant> {
         let me = self.config.node_id as NodeId;
         let (term, leading) = {
             let m = self.raft.metrics();
@@ -100,34 +163,49 @@ impl RaftMetadataStore {
             )
         };
         if !leading {
-            self.sessions.lock().term = None;
-            return;
+            let mut s = self.sessions.lock();
+            s.term = None;
+            s.last_step = None;
+            return None;
         }
         let now = Instant::now();
+        let session = Duration::from_millis(self.config.broker_session_timeout_ms);
+        let state = self.current();
         {
             let mut s = self.sessions.lock();
             // A step far later than its interval means this process was
             // paused (SIGSTOP, a VM freeze): nobody could reach it, so
             // every broker gets a fresh grace period rather than a fence.
-            let paused = s.last_step.is_some_and(|t| {
-                now.duration_since(t)
-                    > Duration::from_millis(self.config.broker_session_timeout_ms / 2)
-            });
+            let paused = was_paused(s.last_step, now, session);
             s.last_step = Some(now);
             if paused {
                 tracing::warn!("controller was paused: fresh broker grace period");
                 s.last_seen.clear();
             }
             if s.term != Some(term) {
-                tracing::info!(
-                    term,
-                    "became the active controller: fresh broker grace period"
-                );
                 s.term = Some(term);
                 s.last_seen.clear();
+                // Consumed here: a later term of this node must not reuse
+                // an old contact.
+                let predecessor = s.leader_contact.take();
+                let min_grace = Duration::from_millis(self.config.broker_heartbeat_interval_ms * 2);
+                for b in state.brokers.values() {
+                    let start = session_start(b.id, now, predecessor, session, min_grace);
+                    s.last_seen.insert(b.id, (start, b.epoch));
+                }
+                // The previous controller's session counts from its last
+                // contact (`previous_silent_ms` ago).
+                let (previous, silent_ms) = predecessor.map_or((-1, 0), |(id, at)| {
+                    (id as i64, now.duration_since(at).as_millis() as u64)
+                });
+                tracing::info!(
+                    term,
+                    previous_controller = previous,
+                    previous_silent_ms = silent_ms,
+                    "became the active controller: fresh broker grace period"
+                );
             }
         }
-        let state = self.current();
         if state.cluster_id.is_empty() {
             let cmd = MetadataCommand::InitCluster {
                 cluster_id: new_cluster_id(&self.config),
@@ -138,10 +216,10 @@ impl RaftMetadataStore {
                 }
                 Err(error) => tracing::debug!(%error, "InitCluster"),
             }
-            return;
+            return None;
         }
 
-        let session = Duration::from_millis(self.config.broker_session_timeout_ms);
+        let mut next_expiry: Option<Instant> = None;
         let to_fence: Vec<i32> = {
             let mut s = self.sessions.lock();
             state
@@ -153,7 +231,12 @@ impl RaftMetadataStore {
                         // Registered again (maybe through another node).
                         *seen = (now, b.epoch);
                     }
-                    (!b.fenced && now.duration_since(seen.0) > session).then_some(b.id)
+                    let expired = now.duration_since(seen.0) > session;
+                    if !b.fenced && !expired {
+                        let at = seen.0 + session;
+                        next_expiry = Some(next_expiry.map_or(at, |n| n.min(at)));
+                    }
+                    (!b.fenced && expired).then_some(b.id)
                 })
                 .collect()
         };
@@ -180,7 +263,7 @@ impl RaftMetadataStore {
                 }
                 _ => {
                     tracing::info!(broker = id, "lost leadership before fencing; not fencing");
-                    return;
+                    return None;
                 }
             }
         }
@@ -199,6 +282,7 @@ impl RaftMetadataStore {
                 tracing::debug!(broker = b.id, %error, "add_learner");
             }
         }
+        next_expiry
     }
 
     /// Registers broker `id` at `address` (through the leader) and answers
@@ -464,5 +548,82 @@ impl BrokerLifecycle for LifecycleService {
             }
             Err(e) => Ok(committed(Some((ErrorCode::InvalidRequest, e.to_string())))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SESSION: Duration = Duration::from_secs(9);
+    const GRACE: Duration = Duration::from_secs(4);
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[test]
+    fn dead_controller_is_fenced_a_session_after_its_last_append() {
+        // The bench's case: controller 1 killed at `kill`, its last
+        // AppendEntries 0.25 s before; node 2 takes over 2 s after.
+        let kill = Instant::now() + secs(100.0);
+        let contact = kill - secs(0.25);
+        let now = kill + secs(2.0);
+        let start = session_start(1, now, Some((1, contact)), SESSION, GRACE);
+        assert_eq!(start, contact);
+        assert_eq!(start + SESSION - kill, secs(8.75));
+        // Before: every clock started at the takeover, 11 s after the kill.
+        assert_eq!(now + SESSION - kill, secs(11.0));
+    }
+
+    #[test]
+    fn other_brokers_get_a_full_session_from_the_takeover() {
+        let now = Instant::now() + secs(100.0);
+        let contact = now - secs(2.0);
+        for id in [2, 3, 7] {
+            assert_eq!(
+                session_start(id, now, Some((1, contact)), SESSION, GRACE),
+                now
+            );
+        }
+        // No leader heard from (fresh quorum, or contact already used).
+        assert_eq!(session_start(1, now, None, SESSION, GRACE), now);
+    }
+
+    #[test]
+    fn an_old_contact_still_leaves_the_minimum_grace() {
+        let now = Instant::now() + secs(100.0);
+        // Last heard from 30 s ago (this node lagged): fenced no sooner
+        // than `GRACE` from now, so a live predecessor can heartbeat.
+        let start = session_start(1, now, Some((1, now - secs(30.0))), SESSION, GRACE);
+        assert_eq!(start + SESSION, now + GRACE);
+        // 6 s ago would expire 3 s from now: the grace floor applies;
+        // 4 s ago expires 5 s from now, after the floor: the contact wins.
+        let start = session_start(1, now, Some((1, now - secs(6.0))), SESSION, GRACE);
+        assert_eq!(start, now - secs(5.0));
+        let start = session_start(1, now, Some((1, now - secs(4.0))), SESSION, GRACE);
+        assert_eq!(start, now - secs(4.0));
+        // A grace longer than the session is a full session.
+        let start = session_start(1, now, Some((1, now - secs(4.0))), SESSION, secs(20.0));
+        assert_eq!(start, now);
+    }
+
+    #[test]
+    fn contact_keeps_the_latest_leader() {
+        let s = Sessions::default();
+        let t = Instant::now();
+        s.leader_contact(1, t + secs(1.0));
+        s.leader_contact(2, t + secs(3.0));
+        // A late handler with an older arrival time changes nothing.
+        s.leader_contact(1, t + secs(2.0));
+        assert_eq!(s.lock().leader_contact, Some((2, t + secs(3.0))));
+    }
+
+    #[test]
+    fn pauses_are_steps_more_than_half_a_session_apart() {
+        let t = Instant::now();
+        assert!(!was_paused(None, t, SESSION));
+        assert!(!was_paused(Some(t), t + secs(4.5), SESSION));
+        assert!(was_paused(Some(t), t + secs(4.6), SESSION));
     }
 }

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+};
 use runnel_proto::v1::internal::raft_server::Raft as RaftRpc;
 use runnel_proto::v1::internal::RaftPayload;
 use tonic::{Request, Response, Status};
@@ -36,9 +38,19 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let received = Instant::now();
         let req: AppendEntriesRequest<TypeConfig> =
             decode(&self.store.cluster_id, request.get_ref())?;
+        let sender = req.vote.leader_id().voted_for();
         let resp = self.store.raft.append_entries(req).await;
+        // Proof that the sending leader was alive at `received`, unless it
+        // was refused as stale: a successor controller starts that node's
+        // broker session from here (see `lifecycle`).
+        if let (Some(leader), Ok(r)) = (sender, &resp) {
+            if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+                self.store.sessions.leader_contact(leader, received);
+            }
+        }
         self.reply(&resp)
     }
 
