@@ -105,8 +105,8 @@ pub const KEYS: &[ConfigKey] = &[
     },
     ConfigKey {
         name: "flush.ms",
-        default: "1000",
-        doc: "fsync at least this often (ms); -1 leaves it to the OS",
+        default: "-1",
+        doc: "fsync at least this often (ms); -1 (the default, as in Kafka) leaves it to the OS and relies on replication",
         kind: Kind::Int {
             min: -1,
             max: i64::MAX,
