@@ -267,6 +267,15 @@ mod tests {
         assert_eq!(l.flush, FlushPolicy::EveryBatch);
         assert_eq!(l.message_bytes_max, 1_048_588);
         c.insert("flush.messages".into(), "-1".into());
+        // The default leaves flushing to the OS, as Kafka does.
+        assert_eq!(
+            log_config(&c).flush,
+            FlushPolicy::Interval {
+                messages: None,
+                ms: None
+            }
+        );
+        c.insert("flush.ms".into(), "1000".into());
         assert_eq!(
             log_config(&c).flush,
             FlushPolicy::Interval {
