@@ -432,3 +432,34 @@ async fn consumer_seek_discards_the_prefetched_fetch() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_producer_still_sends_what_it_holds() {
+    // Records still in an open batch when the producer is dropped (no
+    // flush, no close, a linger far away) are sent, and their futures
+    // resolve with their offsets.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("drop", 1, 1, BTreeMap::new())
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig {
+        linger: std::time::Duration::from_secs(3600),
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..10 {
+        acks.push(
+            producer
+                .send("drop", ProducerRecord::value(format!("{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    drop(producer);
+    for (i, ack) in acks.into_iter().enumerate() {
+        assert_eq!(ack.await.unwrap().offset, i as i64);
+    }
+}
