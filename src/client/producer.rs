@@ -506,8 +506,18 @@ impl Drop for Producer {
 /// wake-up sent after the state was read is not lost).
 async fn linger(sh: Arc<Shared>) {
     loop {
-        if let Err(e) = sh.ensure_producer_id().await {
-            debug!(error = %e, "no producer id for lingering batches yet");
+        // A producer id is only asked for when there is a batch to stamp
+        // (an idle producer makes no request).
+        let pending = {
+            let st = sh.lock();
+            st.topics
+                .values()
+                .any(|t| t.partitions.values().any(|p| p.pending.is_some()))
+        };
+        if pending {
+            if let Err(e) = sh.ensure_producer_id().await {
+                debug!(error = %e, "no producer id for lingering batches yet");
+            }
         }
         let next = {
             let mut st = sh.lock();
