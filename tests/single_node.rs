@@ -463,3 +463,59 @@ async fn dropping_the_producer_still_sends_what_it_holds() {
         assert_eq!(ack.await.unwrap().offset, i as i64);
     }
 }
+
+#[test]
+fn perf_tools_report_what_they_moved() {
+    // perf produce / consume count exactly what went through, and
+    // `perf consume --group` honours and advances the group's offsets.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--output", "json", "perf"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&cli_ok(&server.addr, &all, None)).unwrap()
+    };
+    let produced = json(&[
+        "produce",
+        "--topic",
+        "pf",
+        "--records",
+        "2000",
+        "--record-size",
+        "100",
+        "--acks",
+        "leader",
+    ]);
+    assert_eq!(produced["records"], 2000);
+    assert_eq!(produced["bytes"], 200_000);
+    assert!(
+        produced["latency"]["p99_ms"].as_f64().unwrap() > 0.0,
+        "{produced}"
+    );
+    let consumed = json(&["consume", "--topic", "pf", "--records", "2000"]);
+    assert_eq!(consumed["records"], 2000);
+    assert_eq!(consumed["bytes"], 200_000);
+    let first = json(&[
+        "consume",
+        "--topic",
+        "pf",
+        "--records",
+        "5000",
+        "--group",
+        "pg",
+    ]);
+    assert_eq!(first["records"], 2000, "stops once caught up: {first}");
+    let again = json(&[
+        "consume",
+        "--topic",
+        "pf",
+        "--records",
+        "5000",
+        "--group",
+        "pg",
+    ]);
+    assert_eq!(
+        again["records"], 0,
+        "the group committed its offsets: {again}"
+    );
+}
