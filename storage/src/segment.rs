@@ -812,27 +812,41 @@ fn read_exact_at_most(file: &File, offset: u64, len: usize) -> std::io::Result<V
 /// Writes every byte of `parts`, in order, at `offset`: one pwritev(2)
 /// call in the common case (the rewritten batch header and the body are
 /// two parts; writing them with two calls cost a syscall per append).
+/// Nothing is allocated: this runs once per append.
 #[allow(unsafe_code)]
 fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
-    let mut first = 0;
-    while first < parts.len() {
-        let iov: Vec<libc::iovec> = parts[first..]
-            .iter()
-            .take(libc::UIO_MAXIOV as usize)
-            .map(|p| libc::iovec {
-                iov_base: p.as_ptr() as *mut libc::c_void,
-                iov_len: p.len(),
-            })
-            .collect();
+    const IOV_PER_CALL: usize = 8;
+    // parts[first][skip..] is the first byte not yet written.
+    let (mut first, mut skip) = (0usize, 0usize);
+    loop {
+        while first < parts.len() && parts[first].len() == skip {
+            first += 1;
+            skip = 0;
+        }
+        if first == parts.len() {
+            return Ok(());
+        }
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; IOV_PER_CALL];
+        let mut count = 0;
+        for (i, part) in parts[first..].iter().take(IOV_PER_CALL).enumerate() {
+            let part = if i == 0 { &part[skip..] } else { part };
+            iov[i] = libc::iovec {
+                iov_base: part.as_ptr() as *mut libc::c_void,
+                iov_len: part.len(),
+            };
+            count = i + 1;
+        }
         let at = libc::off_t::try_from(offset)
             .map_err(|_| std::io::Error::other("file offset beyond off_t"))?;
-        // SAFETY: every iovec points into a live slice borrowed for the
-        // whole call, with that slice's exact length; pwritev only reads
-        // them. The count fits in c_int (at most UIO_MAXIOV).
+        // SAFETY: the first `count` iovecs point into live slices borrowed
+        // for the whole call, each with its exact length; pwritev only
+        // reads them. `count` is at most IOV_PER_CALL.
         let written =
-            unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, at) };
+            unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), count as libc::c_int, at) };
         if written < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {
@@ -846,17 +860,17 @@ fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> std::
         let mut written = written as usize;
         offset += written as u64;
         while written > 0 {
-            let len = parts[first].len();
-            if written >= len {
-                written -= len;
+            let left = parts[first].len() - skip;
+            if written >= left {
+                written -= left;
                 first += 1;
+                skip = 0;
             } else {
-                parts[first] = &parts[first][written..];
+                skip += written;
                 written = 0;
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
