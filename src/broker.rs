@@ -610,17 +610,10 @@ impl Broker {
             });
         }
         let hw_rx = partition.watch_high_watermark();
-        // An append that only copies into the page cache (tens of µs for
-        // a 64 KiB batch) runs on this task: the hop to the blocking pool
-        // and back cost two thread wake-ups per batch, about 30 % of the
-        // broker's CPU under load. One that may fsync goes to the pool.
-        let info = if partition.log.append_may_sync() {
-            tokio::task::spawn_blocking(append)
-                .await
-                .map_err(|_| BrokerError::ShuttingDown)??
-        } else {
-            append()?
-        };
+        let info = partition
+            .run_append(append)
+            .await
+            .ok_or(BrokerError::ShuttingDown)??;
         tracing::Span::current().record("offset", info.base_offset);
         debug!(
             base_offset = info.base_offset,

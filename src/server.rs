@@ -37,6 +37,16 @@ pub const HTTP2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// header parse and a buffer hand-off).
 pub const HTTP2_FRAME_MAX: u32 = 1024 * 1024;
 
+/// The HTTP/2 and TCP settings every outgoing channel uses (clients and
+/// replica fetchers): no Nagle delay, the wide receive windows and the
+/// large frames above.
+pub fn tune_endpoint(e: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
+    e.tcp_nodelay(true)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_frame_size(HTTP2_FRAME_MAX)
+}
+
 /// How long a starting node waits for the quorum and its registration.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 

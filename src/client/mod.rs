@@ -162,13 +162,7 @@ fn endpoint(addr: &str, options: &ClientOptions) -> Result<Endpoint, ClientError
         format!("{scheme}://{addr}")
     };
     let e = Endpoint::from_shared(uri)
-        .map(|e| {
-            e.connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW)
-                .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW)
-                .max_frame_size(crate::server::HTTP2_FRAME_MAX)
-        })
+        .map(|e| crate::server::tune_endpoint(e.connect_timeout(Duration::from_secs(5))))
         .map_err(|e| ClientError::Invalid(format!("bad broker address '{addr}': {e}")))?;
     match &options.tls {
         Some(tls) => e

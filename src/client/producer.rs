@@ -160,7 +160,7 @@ const RECORD_OVERHEAD_BYTES: usize = 32;
 /// How long a topic's partition count is trusted before it is read again
 /// from the client's metadata cache (which the senders invalidate when a
 /// leader moves).
-const TOPIC_REFRESH: Duration = Duration::from_secs(1);
+const TOPIC_REFRESH_MS: i64 = 1000;
 
 /// The answer for one batch, shared by the futures of all its records:
 /// one allocation and one lock per batch instead of a channel per record.
@@ -326,7 +326,9 @@ struct State {
 struct TopicState {
     name: Arc<str>,
     count: i32,
-    refreshed: Instant,
+    /// When the partition count was read (ms since the epoch, the clock
+    /// records are stamped with: one clock read per record serves both).
+    refreshed_ms: i64,
     /// Where keyless records go until that partition's batch fills.
     sticky: Option<i32>,
     partitions: HashMap<i32, PartitionState>,
@@ -410,13 +412,13 @@ impl Producer {
             // it is released (the guard must not live across an await).
             let id_missing = {
                 let mut st = sh.lock();
-                let id_missing = sh.idempotence.as_ref().is_some_and(|idem| {
-                    st.producer_id.is_none() || idem.broken.load(Ordering::Acquire)
-                });
+                let id_missing = !sh.id_usable(&st);
                 if !id_missing {
+                    let now = now_ms();
                     if let Some(t) = st.topics.get(topic) {
-                        if t.refreshed.elapsed() < TOPIC_REFRESH {
-                            return Ok(sh.add(&mut st, topic, &record, permits));
+                        // A clock that stepped back counts as stale.
+                        if (0..TOPIC_REFRESH_MS).contains(&(now - t.refreshed_ms)) {
+                            return Ok(sh.add(&mut st, topic, &record, permits, now));
                         }
                     }
                 }
@@ -442,12 +444,12 @@ impl Producer {
                         .or_insert_with(|| TopicState {
                             name: topic.into(),
                             count,
-                            refreshed: Instant::now(),
+                            refreshed_ms: now_ms(),
                             sticky: None,
                             partitions: HashMap::new(),
                         });
                     t.count = count;
-                    t.refreshed = Instant::now();
+                    t.refreshed_ms = now_ms();
                 }
                 Err(e) => return refused(e),
             }
@@ -507,14 +509,17 @@ impl Drop for Producer {
 async fn linger(sh: Arc<Shared>) {
     loop {
         // A producer id is only asked for when there is a batch to stamp
-        // (an idle producer makes no request).
-        let pending = {
+        // (an idle producer makes no request); `send` normally has taken
+        // one already, so the scan runs only when it is missing.
+        let needs_id = {
             let st = sh.lock();
-            st.topics
-                .values()
-                .any(|t| t.partitions.values().any(|p| p.pending.is_some()))
+            !sh.id_usable(&st)
+                && st
+                    .topics
+                    .values()
+                    .any(|t| t.partitions.values().any(|p| p.pending.is_some()))
         };
-        if pending {
+        if needs_id {
             if let Err(e) = sh.ensure_producer_id().await {
                 debug!(error = %e, "no producer id for lingering batches yet");
             }
@@ -549,18 +554,25 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether batches can be stamped now: idempotence is off, or there
+    /// is a producer id whose sequence is not broken.
+    fn id_usable(&self, st: &State) -> bool {
+        self.idempotence
+            .as_ref()
+            .is_none_or(|idem| st.producer_id.is_some() && !idem.broken.load(Ordering::Acquire))
+    }
+
     /// Takes a producer id when idempotence is on and there is none, or
     /// the sequence was broken by a batch that failed for good.
     async fn ensure_producer_id(&self) -> Result<(), ClientError> {
         let Some(idem) = &self.idempotence else {
             return Ok(());
         };
-        let usable = |st: &State| st.producer_id.is_some() && !idem.broken.load(Ordering::Acquire);
-        if usable(&self.lock()) {
+        if self.id_usable(&self.lock()) {
             return Ok(());
         }
         let _one = idem.init.lock().await;
-        if usable(&self.lock()) {
+        if self.id_usable(&self.lock()) {
             return Ok(());
         }
         let id = self
@@ -581,6 +593,7 @@ impl Shared {
         topic: &str,
         record: &ProducerRecord,
         permits: u32,
+        now_ms: i64,
     ) -> DeliveryFuture {
         let State {
             topics,
@@ -639,7 +652,7 @@ impl Shared {
             }
         });
         let index = pending.builder.len() as u32;
-        push_record(&mut pending.builder, record, now_ms());
+        push_record(&mut pending.builder, record, now_ms);
         pending.permits += permits;
         let future = DeliveryFuture {
             outcome: pending.outcome.clone(),

@@ -152,12 +152,7 @@ async fn run_fetcher(
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let endpoint = Endpoint::from_shared(format!("{scheme}://{address}")).and_then(|e| {
-        let e = e
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW)
-            .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW)
-            .max_frame_size(crate::server::HTTP2_FRAME_MAX);
+        let e = crate::server::tune_endpoint(e.connect_timeout(Duration::from_secs(2)));
         match tls {
             Some(tls) => e.tls_config(tls),
             None => Ok(e),
@@ -334,17 +329,12 @@ async fn fetch_round(
         if !data.batches.is_empty() {
             appended += data.batches.len() as u64;
             let batches = data.batches.clone();
-            // As on the leader: a page-cache-only append runs here, one
-            // that may fsync goes to the blocking pool.
-            let result = if log.append_may_sync() {
-                let log2 = log.clone();
-                tokio::task::spawn_blocking(move || log2.append_as_follower(batches))
-                    .await
-                    .map_err(|e| e.to_string())?
-            } else {
-                log.append_as_follower(batches)
-            };
-            result.map_err(|e| format!("{}-{}: {e}", data.topic, data.partition))?;
+            let log2 = log.clone();
+            a.partition
+                .run_append(move || log2.append_as_follower(batches))
+                .await
+                .ok_or("append task lost")?
+                .map_err(|e| format!("{}-{}: {e}", data.topic, data.partition))?;
             broker.metrics().replicated(data.batches.len());
             broker.notify_append();
         }
