@@ -333,6 +333,15 @@ pub fn principal_of<T>(request: &tonic::Request<T>) -> Principal {
         .unwrap_or_else(Principal::anonymous)
 }
 
+/// [`check`] for the cluster resource (admin, user, ACL and quota calls).
+pub fn check_cluster<T>(
+    broker: &Broker,
+    request: &tonic::Request<T>,
+    operation: Operation,
+) -> Result<(), Status> {
+    check(broker, request, ResourceType::Cluster, "", operation)
+}
+
 /// Refuses with PERMISSION_DENIED unless the caller may do `operation`
 /// on the resource (always allowed when the broker has no security).
 #[allow(clippy::result_large_err)]

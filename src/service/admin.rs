@@ -144,13 +144,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DescribeClusterRequest>,
     ) -> Result<Response<pb::ClusterDescription>, Status> {
-        security::check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Describe,
-        )?;
+        security::check_cluster(&self.broker, &request, Operation::Describe)?;
         Ok(Response::new(self.broker.describe_cluster()))
     }
 
@@ -158,13 +152,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ElectLeadersRequest>,
     ) -> Result<Response<pb::ElectLeadersResponse>, Status> {
-        security::check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Alter,
-        )?;
+        security::check_cluster(&self.broker, &request, Operation::Alter)?;
         Ok(Response::new(
             self.broker.elect_leaders(request.into_inner()).await?,
         ))
@@ -174,13 +162,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ReassignPartitionsRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
-        security::check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Alter,
-        )?;
+        security::check_cluster(&self.broker, &request, Operation::Alter)?;
         Ok(Response::new(
             self.broker
                 .reassign_partitions(request.into_inner())

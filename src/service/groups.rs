@@ -131,13 +131,7 @@ impl ConsumerGroups for GroupsService {
         &self,
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
-        security::check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Describe,
-        )?;
+        security::check_cluster(&self.broker, &request, Operation::Describe)?;
         Ok(Response::new(
             self.coordinator
                 .list_groups(request.get_ref().local_only)

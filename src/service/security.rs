@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::Broker;
 use crate::error::BrokerError;
-use crate::security::{check, password};
+use crate::security::{check_cluster, password};
 
 /// Serves the security admin calls.
 #[derive(Debug, Clone)]
@@ -129,13 +129,7 @@ impl Security for SecurityService {
         &self,
         request: Request<pb::UpsertUserRequest>,
     ) -> Result<Response<pb::UpsertUserResponse>, Status> {
-        check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Alter,
-        )?;
+        check_cluster(&self.broker, &request, Operation::Alter)?;
         let req = request.into_inner();
         if req.password.is_empty() {
             return Err(invalid("the password is empty"));
@@ -156,13 +150,7 @@ impl Security for SecurityService {
         &self,
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
-        check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Alter,
-        )?;
+        check_cluster(&self.broker, &request, Operation::Alter)?;
         self.submit(MetadataCommand::DeleteUser {
             name: request.into_inner().name,
         })
@@ -174,13 +162,7 @@ impl Security for SecurityService {
         &self,
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
-        check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Describe,
-        )?;
+        check_cluster(&self.broker, &request, Operation::Describe)?;
         let state = self.broker.metadata().current();
         let users = state
             .users
@@ -198,13 +180,7 @@ impl Security for SecurityService {
         &self,
         request: Request<pb::CreateAclRequest>,
     ) -> Result<Response<pb::CreateAclResponse>, Status> {
-        check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Alter,
-        )?;
+        check_cluster(&self.broker, &request, Operation::Alter)?;
         let acl = acl_from_pb(request.into_inner().acl)?;
         self.submit(MetadataCommand::CreateAcl { acl }).await?;
         Ok(Response::new(pb::CreateAclResponse {}))
@@ -214,13 +190,7 @@ impl Security for SecurityService {
         &self,
         request: Request<pb::DeleteAclRequest>,
     ) -> Result<Response<pb::DeleteAclResponse>, Status> {
-        check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Alter,
-        )?;
+        check_cluster(&self.broker, &request, Operation::Alter)?;
         let acl = acl_from_pb(request.into_inner().acl)?;
         self.submit(MetadataCommand::DeleteAcl { acl }).await?;
         Ok(Response::new(pb::DeleteAclResponse {}))
@@ -230,13 +200,7 @@ impl Security for SecurityService {
         &self,
         request: Request<pb::ListAclsRequest>,
     ) -> Result<Response<pb::ListAclsResponse>, Status> {
-        check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Describe,
-        )?;
+        check_cluster(&self.broker, &request, Operation::Describe)?;
         let principal = request.into_inner().principal;
         let state = self.broker.metadata().current();
         let acls = state
@@ -252,13 +216,7 @@ impl Security for SecurityService {
         &self,
         request: Request<pb::SetQuotaRequest>,
     ) -> Result<Response<pb::SetQuotaResponse>, Status> {
-        check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Alter,
-        )?;
+        check_cluster(&self.broker, &request, Operation::Alter)?;
         let req = request.into_inner();
         let principal = if req.principal.is_empty() {
             DEFAULT_QUOTA_KEY.to_string()
@@ -280,13 +238,7 @@ impl Security for SecurityService {
         &self,
         request: Request<pb::DescribeQuotasRequest>,
     ) -> Result<Response<pb::DescribeQuotasResponse>, Status> {
-        check(
-            &self.broker,
-            &request,
-            ResourceType::Cluster,
-            "",
-            Operation::Describe,
-        )?;
+        check_cluster(&self.broker, &request, Operation::Describe)?;
         let state = self.broker.metadata().current();
         let quotas = state
             .quotas
