@@ -106,6 +106,20 @@ fn check(seen: &[Seen], prefix: &str) {
     assert_eq!(values.len(), RECORDS, "{prefix}: duplicates or gaps");
 }
 
+/// A fresh single node with a one-partition topic `name`. Bind the result
+/// as `let (_dir, client, _server)`: locals drop in reverse order, so the
+/// server stops before its directory is removed.
+async fn with_topic(name: &str) -> (tempfile::TempDir, Client, ServerProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic(name, 1, 1, BTreeMap::new())
+        .await
+        .unwrap();
+    (dir, client, server)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_and_library_round_trip_and_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -300,16 +314,10 @@ async fn producer_batches_never_exceed_the_broker_limit() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn producer_acknowledges_every_record_of_a_long_burst() {
-    // Thousands of records queued before the producer's task runs once
-    // (one thread, no cooperative yields while sending): the task takes
-    // them in bursts and must neither drop nor reorder any of them.
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("burst", 1, 1, BTreeMap::new())
-        .await
-        .unwrap();
+    // Thousands of sends in a row on one thread without a cooperative
+    // yield: full batches pile up for the partition's sender while the
+    // caller keeps sending, and none may be dropped or reordered.
+    let (_dir, client, _server) = with_topic("burst").await;
     client.partition_count("burst").await.unwrap();
     let producer = client.producer(ProducerConfig {
         batch_bytes_max: 4096,
@@ -348,13 +356,7 @@ async fn producer_send_waits_while_its_buffer_is_full() {
     // fourth send must wait until the batch is answered and its bytes are
     // returned to the buffer (here: by a flush), then go through.
     use futures_util::FutureExt;
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("buffer", 1, 1, BTreeMap::new())
-        .await
-        .unwrap();
+    let (_dir, client, _server) = with_topic("buffer").await;
     let producer = client.producer(ProducerConfig {
         batch_bytes_max: 4096,
         buffer_bytes_max: 4096,
@@ -384,13 +386,7 @@ async fn producer_send_waits_while_its_buffer_is_full() {
 async fn consumer_seek_discards_the_prefetched_fetch() {
     // After a poll the consumer already has the next fetch in flight; a
     // seek must make the next poll start at the new position instead.
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("seek", 1, 1, BTreeMap::new())
-        .await
-        .unwrap();
+    let (_dir, client, _server) = with_topic("seek").await;
     let producer = client.producer(ProducerConfig {
         batch_bytes_max: 1024,
         ..ProducerConfig::default()
@@ -438,13 +434,7 @@ async fn dropping_the_producer_still_sends_what_it_holds() {
     // Records still in an open batch when the producer is dropped (no
     // flush, no close, a linger far away) are sent, and their futures
     // resolve with their offsets.
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("drop", 1, 1, BTreeMap::new())
-        .await
-        .unwrap();
+    let (_dir, client, _server) = with_topic("drop").await;
     let producer = client.producer(ProducerConfig {
         linger: std::time::Duration::from_secs(3600),
         ..ProducerConfig::default()
