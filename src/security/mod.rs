@@ -393,6 +393,22 @@ pub fn throttle(
         .map_or(Duration::ZERO, |s| s.throttle(principal, direction, bytes))
 }
 
+/// Holds an answer until `deadline` (a quota delay, Kafka's throttle).
+/// Without a delay it returns at once: tokio's timer rounds every
+/// deadline up to its next millisecond tick, so even a zero sleep would
+/// hold each answer for up to a millisecond, and an in-order stream of
+/// answers one tick per window of requests.
+pub async fn hold_until(deadline: Option<tokio::time::Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// When an answer delayed by `delay` may leave: `None` = now.
+pub fn answer_deadline(delay: Duration) -> Option<tokio::time::Instant> {
+    (!delay.is_zero()).then(|| tokio::time::Instant::now() + delay)
+}
+
 /// TLS for this broker's outgoing internal calls (replication, Raft,
 /// heartbeats): `[internal_tls]` when the cluster runs internal
 /// listeners, else `[tls]`; `None` = plaintext.

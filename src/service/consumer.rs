@@ -50,7 +50,7 @@ impl Consumer for ConsumerService {
             prost::Message::encoded_len(&response) as u64,
         );
         // Quota exceeded: the answer waits (Kafka's throttle), it does not fail.
-        tokio::time::sleep(delay).await;
+        security::hold_until(security::answer_deadline(delay)).await;
         Ok(Response::new(response))
     }
 
@@ -104,7 +104,7 @@ impl Consumer for ConsumerService {
                             Direction::Fetch,
                             prost::Message::encoded_len(&r) as u64,
                         );
-                        tokio::time::sleep(delay).await;
+                        security::hold_until(security::answer_deadline(delay)).await;
                         let empty = r.records.is_empty() && r.batches.is_empty();
                         if !empty && tx.send(Ok(r)).await.is_err() {
                             return;

@@ -49,7 +49,7 @@ impl Producer for ProducerService {
             Direction::Produce,
             prost::Message::encoded_len(&req) as u64,
         );
-        let answer_at = tokio::time::Instant::now() + delay;
+        let answer_at = security::answer_deadline(delay);
         let response = self.broker.produce(req).await?;
         if self.broker.take_failpoint(DROP_RESPONSE_FAILPOINT) {
             return Err(Status::unavailable(
@@ -57,7 +57,7 @@ impl Producer for ProducerService {
             ));
         }
         // Quota exceeded: the answer waits (Kafka's throttle), it does not fail.
-        tokio::time::sleep_until(answer_at).await;
+        security::hold_until(answer_at).await;
         Ok(Response::new(response))
     }
 
@@ -110,7 +110,7 @@ impl Producer for ProducerService {
                             Direction::Produce,
                             prost::Message::encoded_len(&req) as u64,
                         );
-                        let answer_at = tokio::time::Instant::now() + delay;
+                        let answer_at = security::answer_deadline(delay);
                         let appended = if allowed {
                             broker.produce_append(req).await
                         } else {
@@ -129,7 +129,7 @@ impl Producer for ProducerService {
                             };
                             let response = result.unwrap_or_else(|e| failed_response(correlation_id, topic, partition, e));
                             // Quota exceeded: the answer waits, it does not fail.
-                            tokio::time::sleep_until(answer_at).await;
+                            security::hold_until(answer_at).await;
                             response
                         });
                     }
