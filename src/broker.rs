@@ -532,7 +532,10 @@ impl Broker {
         appended
     }
 
-    #[instrument(skip_all, fields(topic = %req.topic, partition, offset))]
+    // Per-request spans are debug level: at the default INFO filter they
+    // are disabled at their call site, and the fmt layer does not format
+    // their fields for every batch.
+    #[instrument(level = "debug", skip_all, fields(topic = %req.topic, partition, offset))]
     async fn append(&self, req: pb::ProduceRequest) -> Result<Appended, BrokerError> {
         let meta = self.metadata.current();
         let topic = meta
@@ -638,9 +641,18 @@ impl Broker {
         Ok(Appended { response, wait })
     }
 
+    /// One effective topic config value (the override, else the broker's
+    /// default), without building the whole effective map.
+    fn effective_config<'a>(&'a self, topic: &'a TopicInfo, key: &str) -> Option<&'a str> {
+        topic
+            .configs
+            .get(key)
+            .or_else(|| self.topic_defaults.get(key))
+            .map(String::as_str)
+    }
+
     fn min_insync_replicas(&self, topic: &TopicInfo) -> i32 {
-        self.effective_configs(topic)
-            .get("min.insync.replicas")
+        self.effective_config(topic, "min.insync.replicas")
             .and_then(|v| v.parse().ok())
             .unwrap_or(1)
     }
@@ -706,7 +718,7 @@ impl Broker {
     }
 
     /// A fetch, and the stored bytes and records it sends.
-    #[instrument(skip_all, fields(topic = %req.topic, partition = req.partition, offset = req.offset))]
+    #[instrument(level = "debug", skip_all, fields(topic = %req.topic, partition = req.partition, offset = req.offset))]
     async fn fetch_inner(
         &self,
         req: pb::FetchRequest,
