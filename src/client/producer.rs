@@ -147,7 +147,7 @@ impl ProducerRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordMetadata {
     /// Topic.
-    pub topic: String,
+    pub topic: Arc<str>,
     /// Partition.
     pub partition: i32,
     /// Offset, or -1 with acks=none.
@@ -232,7 +232,7 @@ impl Future for DeliveryFuture {
         let mut st = self.outcome.lock();
         match &st.result {
             Some(Ok(base)) => Poll::Ready(Ok(RecordMetadata {
-                topic: self.topic.to_string(),
+                topic: self.topic.clone(),
                 partition: self.partition,
                 offset: if *base < 0 {
                     -1
