@@ -85,6 +85,14 @@ pub enum Command {
     Quota(security::QuotaCommand),
 }
 
+impl Command {
+    /// Whether this command is a client of a running cluster (everything
+    /// but `server` and `dev`).
+    pub fn is_client(&self) -> bool {
+        !matches!(self, Command::Server(_) | Command::Dev(_))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Brokers and the active controller.
