@@ -4,15 +4,20 @@
 # (plain sequential file write, single-stream loopback TCP), printed as one
 # table with each figure's ratio to its baseline.
 #
-#   bash benches/scenarios.sh            # about 2 minutes after the build
-#   RECORDS=200000 bash benches/scenarios.sh
+#   bash benches/scenarios.sh            # about 3 minutes after the build
+#   RECORDS=300000 bash benches/scenarios.sh
+#
+# Each cluster first gets one unmeasured warm-up run (its own topic): a
+# fresh broker's first gigabyte pays for growing its heap and its first
+# segment files, and a fresh cluster's first acks=all batches wait for the
+# followers' first fetches.
 #
 # Needs only cargo and python3. Uses 127.0.0.1 ports 29092 and 39092-39094
 # and a temporary directory it removes afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RECORDS=${RECORDS:-300000}
+RECORDS=${RECORDS:-1000000}
 SMALL_RECORDS=${SMALL_RECORDS:-2000000}
 # shellcheck source=benches/lib.sh
 source benches/lib.sh
@@ -25,6 +30,11 @@ J=$WORK/results.jsonl
 PIDS+=($!)
 wait_for "$WORK/single.out" "runnel listening"
 S=127.0.0.1:29092
+warm_up() { # bootstrap, topic, extra perf produce args...
+    local bootstrap=$1 topic=$2
+    shift 2
+    "$R" --bootstrap "$bootstrap" --output json perf produce --topic "$topic" --records 200000 --record-size 1024 "$@" >/dev/null
+}
 run() { # label, runnel args...
     local label=$1
     shift
@@ -34,6 +44,7 @@ run() { # label, runnel args...
     sync
     "$R" --output json "$@" | python3 -c "import json,sys; d=json.load(sys.stdin); d['test']='$label'; print(json.dumps(d))" >>"$J"
 }
+warm_up $S warm-up --acks leader
 run "1 node, acks=leader, 1 KiB" --bootstrap $S perf produce --topic p1k --records "$RECORDS" --record-size 1024 --acks leader
 run "1 node, consume 1 KiB" --bootstrap $S perf consume --topic p1k --records "$RECORDS"
 # A partition's appends run in order on one task; four partitions let the
@@ -56,6 +67,7 @@ PIDS+=($!)
 wait_for "$WORK/dev.out" "bootstrap:"
 D=127.0.0.1:39092,127.0.0.1:39093,127.0.0.1:39094
 "$R" --bootstrap $D topic create r3 --partitions 3 --replication-factor 3 --config min.insync.replicas=2 >/dev/null
+warm_up $D r3 --acks all
 run "3 nodes, RF 3, acks=all, 1 KiB" --bootstrap $D perf produce --topic r3 --records "$RECORDS" --record-size 1024 --acks all
 HALF=$(python3 -c "
 import json

@@ -156,7 +156,8 @@ impl Member {
                 for r in records {
                     let v = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default())
                         .into_owned();
-                    s.records.push((gen, r.topic, r.partition, r.offset, v));
+                    s.records
+                        .push((gen, r.topic.to_string(), r.partition, r.offset, v));
                 }
             }
             consumer

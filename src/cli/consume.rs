@@ -178,7 +178,8 @@ async fn run_group(
                 }
                 continue;
             }
-            let mut rewind: std::collections::BTreeMap<(String, i32), i64> = Default::default();
+            let mut rewind: std::collections::BTreeMap<(std::sync::Arc<str>, i32), i64> =
+                Default::default();
             for record in &records {
                 if printed >= limit {
                     let key = (record.topic.clone(), record.partition);

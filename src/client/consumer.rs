@@ -1,6 +1,8 @@
 //! Polling one partition. Fetches ask for raw batches (the broker sends
 //! stored bytes unchanged) and are decoded here, zero-copy.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use runnel_proto::v1 as pb;
 use runnel_storage::RecordBatch;
@@ -24,8 +26,8 @@ pub enum StartFrom {
 /// A record read back, with where it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumedRecord {
-    /// Topic.
-    pub topic: String,
+    /// Topic (shared by every record of the consumer).
+    pub topic: Arc<str>,
     /// Partition.
     pub partition: i32,
     /// Offset.
@@ -44,7 +46,7 @@ pub struct ConsumedRecord {
 #[derive(Debug)]
 pub struct PartitionConsumer {
     client: Client,
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
     /// Next offset to read.
     position: i64,
@@ -87,7 +89,7 @@ impl PartitionConsumer {
         };
         Ok(Self {
             client,
-            topic: topic.to_string(),
+            topic: topic.into(),
             partition,
             position,
             max_bytes: 1024 * 1024,
@@ -122,7 +124,7 @@ impl PartitionConsumer {
     {
         let client = self.client.clone();
         let request = pb::FetchRequest {
-            topic: self.topic.clone(),
+            topic: self.topic.to_string(),
             partition: self.partition,
             offset,
             max_bytes: self.max_bytes,
