@@ -582,3 +582,24 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    /// No quota delay means no timer: a zero sleep would still wait for
+    /// tokio's next millisecond tick before the answer could leave.
+    #[tokio::test]
+    async fn an_answer_without_delay_is_ready_at_once() {
+        assert_eq!(answer_deadline(Duration::ZERO), None);
+        let before = tokio::time::Instant::now();
+        let deadline = answer_deadline(Duration::from_secs(60)).expect("a delay has a deadline");
+        assert!(deadline >= before + Duration::from_secs(60));
+        // Ready on its first poll: no timer is involved.
+        assert!(hold_until(None).now_or_never().is_some());
+        // A real delay is still waited for.
+        assert!(hold_until(Some(deadline)).now_or_never().is_none());
+    }
+}
