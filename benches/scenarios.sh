@@ -44,13 +44,25 @@ run() { # label, runnel args...
     sync
     "$R" --output json "$@" | python3 -c "import json,sys; d=json.load(sys.stdin); d['test']='$label'; print(json.dumps(d))" >>"$J"
 }
+# A topic whose scenarios are done is deleted, so that no scenario pays
+# for the page cache of the ones before it: on this VM a page the guest
+# has not used lately costs about 7x more to write than a recycled one
+# (benches/RESULTS.md, "This VM's page cache"), and the table's figures
+# would otherwise depend on their order.
+drop() { # bootstrap, topic
+    "$R" --bootstrap "$1" topic delete "$2" >/dev/null
+}
 warm_up $S warm-up --acks leader
+drop $S warm-up
 run "1 node, acks=leader, 1 KiB" --bootstrap $S perf produce --topic p1k --records "$RECORDS" --record-size 1024 --acks leader
 run "1 node, consume 1 KiB" --bootstrap $S perf consume --topic p1k --records "$RECORDS"
+drop $S p1k
 # A partition's appends run in order on one task; four partitions let the
 # broker use both cores (Kafka's single-producer figures used six).
 run "1 node, acks=leader, 1 KiB, 4 part." --bootstrap $S perf produce --topic p1k4 --partitions 4 --records "$RECORDS" --record-size 1024 --acks leader
+drop $S p1k4
 run "1 node, acks=leader, 100 B" --bootstrap $S perf produce --topic p100 --records "$SMALL_RECORDS" --record-size 100 --acks leader
+drop $S p100
 # End-to-end latency (record timestamp to receipt) at half the 1 KiB rate.
 HALF1=$(python3 -c "
 import json
