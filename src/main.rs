@@ -14,8 +14,8 @@ fn main() -> ExitCode {
     // A client command is one producer or consumer: its work (encoding
     // batches, one stream per partition) gains nothing from a second
     // worker thread, which only adds cross-thread wake-ups and contends
-    // with the brokers for the cores (measured in benches/RESULTS.md,
-    // "Runtime threads"). TOKIO_WORKER_THREADS still overrides it.
+    // with the brokers for the cores (benches/RESULTS.md, session 4,
+    // row 14). TOKIO_WORKER_THREADS still overrides it.
     if args.command.is_client() && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         builder.worker_threads(1);
     }

@@ -394,10 +394,10 @@ pub fn throttle(
 }
 
 /// Holds an answer until `deadline` (a quota delay, Kafka's throttle).
-/// Without a delay it returns at once: tokio's timer rounds every
-/// deadline up to its next millisecond tick, so even a zero sleep would
-/// hold each answer for up to a millisecond, and an in-order stream of
-/// answers one tick per window of requests.
+/// Without a deadline it returns at once. Tokio rounds every deadline up
+/// to its timer's next millisecond tick, so even a zero sleep held each
+/// answer for up to a millisecond; on an in-order produce stream that
+/// cost one tick per window of in-flight batches.
 pub async fn hold_until(deadline: Option<tokio::time::Instant>) {
     if let Some(deadline) = deadline {
         tokio::time::sleep_until(deadline).await;
