@@ -104,7 +104,7 @@ for r in rows:
     if t in ("disk-write", "disk-fdatasync-64k", "loopback-tcp"):
         ratio = "baseline"
     elif t.startswith("3 nodes"):
-        ratio = f"{r['mb_per_sec'] / single:.2f} of 1-node acks=leader"
+        ratio = f"{r['mb_per_sec'] / single:.3f} of 1-node acks=leader"
     elif "e2e" in t:
         ratio = "end-to-end latency"
     elif "consume" in t:
