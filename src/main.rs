@@ -11,12 +11,12 @@ fn main() -> ExitCode {
     tune_malloc();
     let args = cli::Cli::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // A client command is one producer or consumer: its work (encoding
-    // batches, one stream per partition) gains nothing from a second
-    // worker thread, which only adds cross-thread wake-ups and contends
-    // with the brokers for the cores (benches/RESULTS.md, session 4,
-    // row 14). TOKIO_WORKER_THREADS still overrides it.
-    if args.command.is_client() && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+    // A perf tool is one producer or consumer: its work (encoding batches,
+    // one stream per partition) gains nothing from a second worker thread,
+    // which only adds cross-thread wake-ups and contends with the brokers
+    // for the cores (benches/RESULTS.md, session 4, row 14).
+    // TOKIO_WORKER_THREADS still overrides it.
+    if args.command.one_worker() && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         builder.worker_threads(1);
     }
     let runtime = match builder.enable_all().build() {

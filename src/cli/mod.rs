@@ -86,10 +86,13 @@ pub enum Command {
 }
 
 impl Command {
-    /// Whether this command is a client of a running cluster (everything
-    /// but `server` and `dev`).
-    pub fn is_client(&self) -> bool {
-        !matches!(self, Command::Server(_) | Command::Dev(_))
+    /// Whether this command runs on one runtime worker thread: the `perf`
+    /// tools, one producer or consumer each, which never block the thread.
+    /// Other commands keep a worker per core: `consume` writes to stdout
+    /// with blocking writes (a slow pipe must not stall a group member's
+    /// heartbeats), `user add` reads stdin, and `server`/`dev` are brokers.
+    pub fn one_worker(&self) -> bool {
+        matches!(self, Command::Perf(_))
     }
 }
 
