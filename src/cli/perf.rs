@@ -351,10 +351,16 @@ async fn produce(
     if let Some(e) = error {
         bail!("some records were not acknowledged: {e}");
     }
+    // The report counts what the collector saw acknowledged, not what the
+    // loop meant to send.
+    let acknowledged = hist.len();
+    if acknowledged != w.records {
+        bail!("{acknowledged} of {} records were acknowledged", w.records);
+    }
     Ok(Report::new(
         "produce",
-        w.records,
-        w.records * w.record_size as u64,
+        acknowledged,
+        acknowledged * w.record_size as u64,
         elapsed,
         Some(Latency::of(&hist)),
     ))
