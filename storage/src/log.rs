@@ -965,8 +965,59 @@ impl Log {
         drop(w);
         if flush_due {
             self.flush_concurrently(now_ms)?;
+        } else {
+            self.flush_rolled()?;
         }
         Ok(deleted)
+    }
+
+    /// Kafka's flush on roll, off the append path: fsyncs the segments
+    /// that rolled since the recovery point (and the directory), then
+    /// moves the recovery point to the active segment's base. Whatever
+    /// the flush policy (flush.ms = -1 included), a restart after a crash
+    /// then scans only the active segment, and recovery time does not
+    /// grow with the log. The fsyncs run without the writer lock.
+    fn flush_rolled(&self) -> Result<()> {
+        let (rolled, target, dir_dirty, truncations) = {
+            let mut w = self.lock_writer()?;
+            let segments = self.snapshot();
+            let active_base = segments.last().expect("one segment").base_offset();
+            if w.recovery_point >= active_base {
+                return Ok(());
+            }
+            let rolled: Vec<Arc<Segment>> = segments[..segments.len() - 1]
+                .iter()
+                .filter(|s| s.next_offset() > w.recovery_point)
+                .cloned()
+                .collect();
+            (
+                rolled,
+                active_base,
+                std::mem::take(&mut w.dir_dirty),
+                w.truncations,
+            )
+        };
+        let synced = rolled
+            .iter()
+            .try_for_each(|seg| seg.sync_all())
+            .and_then(|()| {
+                if dir_dirty {
+                    checkpoint::sync_dir(&self.dir)
+                } else {
+                    Ok(())
+                }
+            });
+        let mut w = self.lock_writer()?;
+        if let Err(e) = synced {
+            w.dir_dirty |= dir_dirty;
+            return Err(e);
+        }
+        if w.truncations == truncations && w.recovery_point < target {
+            checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, target)?;
+            w.recovery_point = target;
+            tracing::debug!(dir = %self.dir.display(), recovery_point = target, "flushed rolled segments");
+        }
+        Ok(())
     }
 
     /// Like `flush`, but the fsyncs run without the writer lock, so

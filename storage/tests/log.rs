@@ -367,6 +367,49 @@ fn interval_flush_runs_in_tick_and_moves_the_recovery_point() {
 }
 
 #[test]
+fn rolled_segments_are_flushed_in_tick_whatever_the_flush_policy() {
+    // flush.ms = -1 (small_config's policy): no interval flush ever runs,
+    // yet tick flushes what has rolled and moves the recovery point to the
+    // active segment, so a crash restart scans only the active segment.
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 2, 0).len() as u64;
+    let config = small_config(one * 4);
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    for i in 0..10 {
+        log.append_as_leader(batch(i * 2, 2, 0), 0).unwrap();
+    }
+    let bases = log.segment_base_offsets();
+    assert!(bases.len() >= 3, "{bases:?}");
+    let active = *bases.last().unwrap();
+    let recovery_point = || std::fs::read_to_string(dir.path().join("recovery-point")).ok();
+    assert_eq!(
+        recovery_point().as_deref(),
+        Some("0\n0\n"),
+        "appends do not flush"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    log.tick(now).unwrap();
+    assert_eq!(recovery_point(), Some(format!("0\n{active}\n")));
+    log.close_unclean();
+    drop(log);
+    // Damage inside the first, flushed segment. A restart trusts it (a
+    // read reports it), rather than scanning it and cutting the log there.
+    let path = dir.path().join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(2 * one - 2) as usize] ^= 0x55;
+    std::fs::write(&path, bytes).unwrap();
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!(log.log_end_offset(), 20);
+    assert!(matches!(
+        log.read(2, 1 << 20, i64::MAX),
+        Err(StorageError::CorruptSegment { .. })
+    ));
+}
+
+#[test]
 fn corrupt_closed_segment_is_reported_with_path_and_position() {
     let dir = tempfile::tempdir().unwrap();
     let one = batch(0, 2, 0).len() as u64;
