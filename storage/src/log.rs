@@ -577,8 +577,10 @@ impl Log {
         old.seal()?;
         // The state covering everything below the new segment, so a rebuild
         // scans at most the active segment.
+        // No fsync here: the tick's flush of rolled segments syncs the
+        // snapshot with them (`flush_rolled`).
         let states = self.lock_producers().clone();
-        producer_state::write_snapshot(&self.dir, base, &states)?;
+        producer_state::write_snapshot_unsynced(&self.dir, base, &states)?;
         let new = Arc::new(Segment::create(&self.dir, base, config)?);
         let mut list = segments.as_ref().clone();
         list.push(new.clone());
@@ -972,13 +974,14 @@ impl Log {
     }
 
     /// Kafka's flush on roll, off the append path: fsyncs the segments
-    /// that rolled since the recovery point (and the directory), then
-    /// moves the recovery point to the active segment's base. Whatever
+    /// that rolled since the recovery point, the producer snapshots their
+    /// rolls wrote, and the directory, then moves the recovery point to
+    /// the active segment's base. Whatever
     /// the flush policy (flush.ms = -1 included), a restart after a crash
     /// then scans only the active segment, and recovery time does not
     /// grow with the log. The fsyncs run without the writer lock.
     fn flush_rolled(&self) -> Result<()> {
-        let (rolled, target, dir_dirty, truncations) = {
+        let (rolled, from, target, dir_dirty, truncations) = {
             let mut w = self.lock_writer()?;
             let segments = self.snapshot();
             let active_base = segments.last().expect("one segment").base_offset();
@@ -992,6 +995,7 @@ impl Log {
                 .collect();
             (
                 rolled,
+                w.recovery_point,
                 active_base,
                 std::mem::take(&mut w.dir_dirty),
                 w.truncations,
@@ -1000,6 +1004,7 @@ impl Log {
         let synced = rolled
             .iter()
             .try_for_each(|seg| seg.sync_all())
+            .and_then(|()| producer_state::sync_snapshots(&self.dir, from, target))
             .and_then(|()| {
                 if dir_dirty {
                     checkpoint::sync_dir(&self.dir)

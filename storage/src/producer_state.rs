@@ -328,15 +328,27 @@ pub(crate) fn snapshot_offsets(dir: &Path) -> Result<Vec<i64>> {
     Ok(offsets)
 }
 
-/// Writes the snapshot for `offset` (atomically) and deletes all but the
-/// newest [`SNAPSHOTS_RETAINED`].
+/// Writes the snapshot for `offset` (atomically), deletes all but the
+/// newest [`SNAPSHOTS_RETAINED`], and makes it durable.
 pub(crate) fn write_snapshot(dir: &Path, offset: i64, states: &ProducerStates) -> Result<()> {
+    write_snapshot_unsynced(dir, offset, states)?;
+    sync_snapshots(dir, offset.saturating_sub(1), offset)?;
+    checkpoint::sync_dir(dir)
+}
+
+/// [`write_snapshot`] without the fsyncs, for a segment roll on the
+/// append path: the log's background flush of rolled segments makes it
+/// durable ([`sync_snapshots`]) before the recovery point passes it. A
+/// crash before that can leave it torn or empty; [`load_latest`] then
+/// skips it (its CRC fails) and rebuilds from the one before.
+pub(crate) fn write_snapshot_unsynced(
+    dir: &Path,
+    offset: i64,
+    states: &ProducerStates,
+) -> Result<()> {
     let path = snapshot_path(dir, offset);
     let tmp = path.with_extension("snapshot.tmp");
     std::fs::write(&tmp, states.encode()).map_err(io_err(&tmp))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
     let offsets = snapshot_offsets(dir)?;
     let excess = offsets.len().saturating_sub(SNAPSHOTS_RETAINED);
@@ -344,7 +356,21 @@ pub(crate) fn write_snapshot(dir: &Path, offset: i64, states: &ProducerStates) -
         let p = snapshot_path(dir, old);
         std::fs::remove_file(&p).map_err(io_err(&p))?;
     }
-    checkpoint::sync_dir(dir)
+    Ok(())
+}
+
+/// fsyncs the snapshots with offsets in `after + 1 ..= upto` (not the
+/// directory).
+pub(crate) fn sync_snapshots(dir: &Path, after: i64, upto: i64) -> Result<()> {
+    for offset in snapshot_offsets(dir)? {
+        if offset > after && offset <= upto {
+            let path = snapshot_path(dir, offset);
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&path))?;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes snapshots above `offset` (they describe truncated history).
@@ -511,6 +537,10 @@ mod tests {
             write_snapshot(dir.path(), offset, &s).unwrap();
         }
         assert_eq!(snapshot_offsets(dir.path()).unwrap(), vec![20, 30]);
+        // A roll's snapshot that a crash left empty (written, not yet
+        // fsynced) is skipped for the one before it.
+        std::fs::write(snapshot_path(dir.path(), 30), b"").unwrap();
+        assert_eq!(load_latest(dir.path(), 0, 100).unwrap().unwrap().0, 20);
         assert_eq!(load_latest(dir.path(), 0, 25).unwrap().unwrap().0, 20);
         delete_snapshots_above(dir.path(), 25).unwrap();
         assert_eq!(snapshot_offsets(dir.path()).unwrap(), vec![20]);
