@@ -624,13 +624,13 @@ impl Log {
     /// fsyncs everything and records the recovery point and high watermark.
     fn flush_locked(&self, w: &mut Writer, now: i64) -> Result<()> {
         let log_end_offset = self.log_end_offset();
-        for seg in self.snapshot().iter() {
-            seg.sync_all()?;
-        }
-        if w.dir_dirty {
-            checkpoint::sync_dir(&self.dir)?;
-            w.dir_dirty = false;
-        }
+        self.sync_for_recovery_point(
+            &self.snapshot(),
+            w.recovery_point,
+            log_end_offset,
+            w.dir_dirty,
+        )?;
+        w.dir_dirty = false;
         if w.recovery_point != log_end_offset {
             checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
             w.recovery_point = log_end_offset;
@@ -974,9 +974,9 @@ impl Log {
     }
 
     /// Kafka's flush on roll, off the append path: fsyncs the segments
-    /// that rolled since the recovery point, the producer snapshots their
-    /// rolls wrote, and the directory, then moves the recovery point to
-    /// the active segment's base. Whatever
+    /// that rolled since the recovery point (with their rolls' producer
+    /// snapshots and the directory), then moves the recovery point to the
+    /// active segment's base. Whatever
     /// the flush policy (flush.ms = -1 included), a restart after a crash
     /// then scans only the active segment, and recovery time does not
     /// grow with the log. The fsyncs run without the writer lock.
@@ -1001,28 +1001,8 @@ impl Log {
                 w.truncations,
             )
         };
-        let synced = rolled
-            .iter()
-            .try_for_each(|seg| seg.sync_all())
-            .and_then(|()| producer_state::sync_snapshots(&self.dir, from, target))
-            .and_then(|()| {
-                if dir_dirty {
-                    checkpoint::sync_dir(&self.dir)
-                } else {
-                    Ok(())
-                }
-            });
-        let mut w = self.lock_writer()?;
-        if let Err(e) = synced {
-            w.dir_dirty |= dir_dirty;
-            return Err(e);
-        }
-        if w.truncations == truncations && w.recovery_point < target {
-            checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, target)?;
-            w.recovery_point = target;
-            tracing::debug!(dir = %self.dir.display(), recovery_point = target, "flushed rolled segments");
-        }
-        Ok(())
+        self.sync_then_advance(&rolled, from, target, dir_dirty, truncations)
+            .map(drop)
     }
 
     /// Like `flush`, but the fsyncs run without the writer lock, so
@@ -1030,38 +1010,69 @@ impl Log {
     /// recovery point moves to the log end seen before the fsyncs, unless
     /// the log was truncated in between.
     fn flush_concurrently(&self, now: i64) -> Result<()> {
-        let (segments, log_end_offset, dir_dirty, messages, truncations) = {
+        let (segments, from, log_end_offset, dir_dirty, messages, truncations) = {
             let mut w = self.lock_writer()?;
             (
                 self.snapshot(),
+                w.recovery_point,
                 self.log_end_offset(),
                 std::mem::take(&mut w.dir_dirty),
                 w.unflushed_messages,
                 w.truncations,
             )
         };
-        let synced = segments
-            .iter()
-            .try_for_each(|seg| seg.sync_all())
-            .and_then(|()| {
-                if dir_dirty {
-                    checkpoint::sync_dir(&self.dir)
-                } else {
-                    Ok(())
-                }
-            });
+        let mut w =
+            self.sync_then_advance(&segments, from, log_end_offset, dir_dirty, truncations)?;
+        w.unflushed_messages = w.unflushed_messages.saturating_sub(messages);
+        w.last_flush_ms = now;
+        self.persist_high_watermark(&mut w)
+    }
+
+    /// What every flush syncs before the recovery point may move from
+    /// `from` to `to`: `segments`, the producer snapshots written by rolls
+    /// in between (a roll does not fsync its snapshot), and the directory
+    /// when `dir_dirty`.
+    fn sync_for_recovery_point(
+        &self,
+        segments: &[Arc<Segment>],
+        from: i64,
+        to: i64,
+        dir_dirty: bool,
+    ) -> Result<()> {
+        for seg in segments {
+            seg.sync_all()?;
+        }
+        producer_state::sync_snapshots(&self.dir, from, to)?;
+        if dir_dirty {
+            checkpoint::sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// A background flush after its bookkeeping was read: the fsyncs run
+    /// without the writer lock (appends go on), then, under it, the
+    /// recovery point moves to `to` unless the log was truncated in
+    /// between (`truncations` changed). On failure the directory stays
+    /// marked dirty. Returns the writer lock.
+    fn sync_then_advance(
+        &self,
+        segments: &[Arc<Segment>],
+        from: i64,
+        to: i64,
+        dir_dirty: bool,
+        truncations: u64,
+    ) -> Result<MutexGuard<'_, Writer>> {
+        let synced = self.sync_for_recovery_point(segments, from, to, dir_dirty);
         let mut w = self.lock_writer()?;
         if let Err(e) = synced {
             w.dir_dirty |= dir_dirty;
             return Err(e);
         }
-        w.unflushed_messages = w.unflushed_messages.saturating_sub(messages);
-        w.last_flush_ms = now;
-        if w.truncations == truncations && w.recovery_point < log_end_offset {
-            checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
-            w.recovery_point = log_end_offset;
+        if w.truncations == truncations && w.recovery_point < to {
+            checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, to)?;
+            w.recovery_point = to;
         }
-        self.persist_high_watermark(&mut w)
+        Ok(w)
     }
 
     /// fsyncs everything written and records the recovery point.

@@ -362,6 +362,9 @@ pub(crate) fn write_snapshot_unsynced(
 /// fsyncs the snapshots with offsets in `after + 1 ..= upto` (not the
 /// directory).
 pub(crate) fn sync_snapshots(dir: &Path, after: i64, upto: i64) -> Result<()> {
+    if after >= upto {
+        return Ok(()); // nothing appended since: no directory listing
+    }
     for offset in snapshot_offsets(dir)? {
         if offset > after && offset <= upto {
             let path = snapshot_path(dir, offset);
