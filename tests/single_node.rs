@@ -15,6 +15,24 @@ const RECORDS: usize = 10_000;
 const PARTITIONS: i32 = 3;
 const KEYS: usize = 50;
 
+/// Sends one record per value to `topic` (partitioned as the producer
+/// chooses) and returns their delivery futures, in send order.
+async fn send_values(
+    producer: &runnel::client::Producer,
+    topic: &str,
+    values: impl IntoIterator<Item = String>,
+) -> Vec<runnel::client::DeliveryFuture> {
+    let mut acks = Vec::new();
+    for value in values {
+        acks.push(
+            producer
+                .send(topic, ProducerRecord::value(value))
+                .await
+                .unwrap(),
+        );
+    }
+    acks
+}
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
     partition: i32,
@@ -296,16 +314,12 @@ async fn producer_batches_never_exceed_the_broker_limit() {
         linger: std::time::Duration::from_millis(50),
         ..ProducerConfig::default()
     });
-    let mut acks = Vec::new();
-    for i in 0..500 {
-        let value = format!("{i:04}{}", "x".repeat(1020));
-        acks.push(
-            producer
-                .send("big", ProducerRecord::value(value))
-                .await
-                .unwrap(),
-        );
-    }
+    let acks = send_values(
+        &producer,
+        "big",
+        (0..500).map(|i| format!("{i:04}{}", "x".repeat(1020))),
+    )
+    .await;
     producer.close().await.unwrap();
     for (i, ack) in acks.into_iter().enumerate() {
         assert_eq!(ack.await.unwrap().offset, i as i64);
@@ -391,15 +405,7 @@ async fn consumer_seek_discards_the_prefetched_fetch() {
         batch_bytes_max: 1024,
         ..ProducerConfig::default()
     });
-    let mut acks = Vec::new();
-    for i in 0..300 {
-        acks.push(
-            producer
-                .send("seek", ProducerRecord::value(format!("{i:04}")))
-                .await
-                .unwrap(),
-        );
-    }
+    let acks = send_values(&producer, "seek", (0..300).map(|i| format!("{i:04}"))).await;
     producer.close().await.unwrap();
     for ack in acks {
         ack.await.unwrap();
@@ -439,15 +445,7 @@ async fn dropping_the_producer_still_sends_what_it_holds() {
         linger: std::time::Duration::from_secs(3600),
         ..ProducerConfig::default()
     });
-    let mut acks = Vec::new();
-    for i in 0..10 {
-        acks.push(
-            producer
-                .send("drop", ProducerRecord::value(format!("{i}")))
-                .await
-                .unwrap(),
-        );
-    }
+    let acks = send_values(&producer, "drop", (0..10).map(|i| i.to_string())).await;
     drop(producer);
     for (i, ack) in acks.into_iter().enumerate() {
         assert_eq!(ack.await.unwrap().offset, i as i64);
