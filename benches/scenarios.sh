@@ -26,7 +26,12 @@ J=$WORK/results.jsonl
 "$R" --output json perf baseline --dir "$WORK" --bytes 1073741824 >>"$J"
 
 # Single node.
-"$R" server --node-id 1 --listen 127.0.0.1:29092 --data-dir "$WORK/single" >"$WORK/single.out" 2>"$WORK/single.err" &
+# The single node gets one runtime worker thread: the client takes the
+# other core of this 2-core machine, and a second broker worker only added
+# cross-thread wake-ups (benches/RESULTS.md, session 5). SINGLE_WORKERS=0
+# gives it one per core.
+RUNNEL_WORKER_THREADS=${SINGLE_WORKERS:-1} \
+    "$R" server --node-id 1 --listen 127.0.0.1:29092 --data-dir "$WORK/single" >"$WORK/single.out" 2>"$WORK/single.err" &
 PIDS+=($!)
 wait_for "$WORK/single.out" "runnel listening"
 S=127.0.0.1:29092

@@ -64,6 +64,13 @@ pub struct ServerConfig {
     pub internal_tls: Option<InternalTlsSection>,
     /// Authentication, authorisation and quotas.
     pub security: SecuritySection,
+    /// Threads running the broker's async work (request handling, appends,
+    /// replication). 0: one per core, or `TOKIO_WORKER_THREADS`. Set it
+    /// lower when the broker shares its cores with other busy processes,
+    /// as in a local benchmark whose client runs on the same machine: a
+    /// worker per core then mostly adds cross-thread wake-ups
+    /// (`benches/RESULTS.md`, session 5).
+    pub worker_threads: usize,
 }
 
 /// `[tls]`: the client listener's TLS.
@@ -245,9 +252,13 @@ impl Default for ServerConfig {
             tls: None,
             internal_tls: None,
             security: SecuritySection::default(),
+            worker_threads: 0,
         }
     }
 }
+
+/// More runtime worker threads than this is a typo, not a machine.
+const WORKER_THREADS_MAX: usize = 1024;
 
 impl ServerConfig {
     /// Reads and validates a TOML file.
@@ -342,6 +353,15 @@ impl ServerConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty".into()));
+        }
+        if self.worker_threads > WORKER_THREADS_MAX {
+            return Err(invalid(
+                "worker_threads",
+                format!(
+                    "{} is more than {WORKER_THREADS_MAX} (0 means one per core)",
+                    self.worker_threads
+                ),
+            ));
         }
         for role in &self.roles {
             if role != "broker" && role != "controller" {
@@ -570,6 +590,10 @@ mod tests {
         assert!(err.to_string().contains("segment.bytes"), "{err}");
         let err = ServerConfig::from_toml("roles = [\"boss\"]\n").unwrap_err();
         assert!(err.to_string().contains("boss"), "{err}");
+        let err = ServerConfig::from_toml("worker_threads = 100000\n").unwrap_err();
+        assert!(err.to_string().contains("worker_threads"), "{err}");
+        let err = ServerConfig::from_toml("worker_threads = -1\n").unwrap_err();
+        assert!(err.to_string().contains("worker_threads"), "{err}");
     }
 
     #[test]
@@ -582,6 +606,7 @@ mod tests {
             ("RUNNEL_BROKER__REQUEST_TIMEOUT_MS", "7"),
             ("RUNNEL_CONTROLLER__VOTERS", r#"["2@h:1"]"#),
             ("RUNNEL_DATA_DIR", "/tmp/x"),
+            ("RUNNEL_WORKER_THREADS", "1"),
             ("RUNNEL_BOOTSTRAP", "ignored"),
             ("PATH", "/bin"),
         ]
@@ -590,6 +615,7 @@ mod tests {
         assert_eq!(c.node_id, 2);
         assert_eq!(c.broker.request_timeout_ms, 7);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.worker_threads, 1);
         assert_eq!(
             c.voters().unwrap(),
             BTreeMap::from([(2, "h:1".to_string())])

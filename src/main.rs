@@ -9,15 +9,21 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     tune_malloc();
-    let args = cli::Cli::parse();
+    let job = match cli::Job::new(cli::Cli::parse()) {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // A perf tool is one producer or consumer: its work (encoding batches,
     // one stream per partition) gains nothing from a second worker thread,
     // which only adds cross-thread wake-ups and contends with the brokers
-    // for the cores (benches/RESULTS.md, session 4, row 14).
-    // TOKIO_WORKER_THREADS still overrides it.
-    if args.command.one_worker() && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        builder.worker_threads(1);
+    // for the cores (benches/RESULTS.md, session 4, row 14). A server
+    // takes its count from `worker_threads`.
+    if let Some(n) = job.worker_threads() {
+        builder.worker_threads(n);
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -26,7 +32,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    match runtime.block_on(job.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

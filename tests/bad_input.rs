@@ -282,6 +282,8 @@ fn malformed_config_files_are_refused_by_key() {
         ("node_id = \"one\"\n", "node_id"),
         ("[topic_defaults]\n\"segment.bytes\" = 5\n", "segment.bytes"),
         ("this is not toml", "malformed config file"),
+        // Read before the runtime starts (it sizes the runtime).
+        ("worker_threads = 5000\n", "worker_threads"),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad-{i}.toml"));

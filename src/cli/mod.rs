@@ -85,6 +85,45 @@ pub enum Command {
     Quota(security::QuotaCommand),
 }
 
+/// What `main` runs. A server's configuration is read before the runtime
+/// starts, because it says how many worker threads to give it.
+pub enum Job {
+    Server(server::LoadedServer),
+    Command(Cli),
+}
+
+impl Job {
+    /// Reads a server's configuration; any other command as parsed.
+    pub fn new(cli: Cli) -> anyhow::Result<Self> {
+        Ok(match cli {
+            Cli {
+                command: Command::Server(args),
+                ..
+            } => Job::Server(server::load(args)?),
+            cli => Job::Command(cli),
+        })
+    }
+
+    /// The runtime's worker threads, when not one per core.
+    /// `TOKIO_WORKER_THREADS` overrides the perf tools' one thread; a
+    /// server's `worker_threads` overrides it.
+    pub fn worker_threads(&self) -> Option<usize> {
+        match self {
+            Job::Server(server) => server.worker_threads(),
+            Job::Command(cli) => (cli.command.one_worker()
+                && std::env::var_os("TOKIO_WORKER_THREADS").is_none())
+            .then_some(1),
+        }
+    }
+
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Job::Server(server) => server::run(server).await,
+            Job::Command(cli) => run(cli).await,
+        }
+    }
+}
+
 impl Command {
     /// Whether this command runs on one runtime worker thread: the `perf`
     /// tools, one producer or consumer each, which never block the thread.
@@ -128,9 +167,8 @@ impl ConfigPairs {
     }
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Server(args) => server::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Cluster(ClusterCommand::Health(args)) => {
             init_client_tracing();
@@ -161,7 +199,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 | Command::Dev(_)
                 | Command::Perf(_)
                 | Command::Cluster(ClusterCommand::Health(_)) => {
-                    unreachable!("handled above")
+                    unreachable!("handled above, or by Job::run (server)")
                 }
             }
         }

@@ -41,7 +41,15 @@ enum LogFormat {
     Json,
 }
 
-pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+/// A server whose configuration is read and validated, before any runtime
+/// exists: the configuration says how many worker threads to start.
+pub struct LoadedServer {
+    config: ServerConfig,
+    log_format: LogFormat,
+}
+
+/// Reads the file, the `RUNNEL_…` environment and the flags.
+pub fn load(args: ServerArgs) -> anyhow::Result<LoadedServer> {
     // Precedence: flags over RUNNEL_… environment over the file. Flags are
     // applied as the last overrides so one validation sees the result.
     let mut overrides: Vec<(String, String)> = std::env::vars().collect();
@@ -62,7 +70,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         overrides.push(("RUNNEL_DATA_DIR".into(), quoted(v.display().to_string())));
     }
     let config = ServerConfig::load(args.config.as_deref(), overrides)?;
-    init_tracing(args.log_format);
+    Ok(LoadedServer {
+        config,
+        log_format: args.log_format,
+    })
+}
+
+impl LoadedServer {
+    /// The runtime's worker threads, when the configuration sets them.
+    pub fn worker_threads(&self) -> Option<usize> {
+        (self.config.worker_threads > 0).then_some(self.config.worker_threads)
+    }
+}
+
+pub async fn run(server: LoadedServer) -> anyhow::Result<()> {
+    let LoadedServer { config, log_format } = server;
+    init_tracing(log_format);
 
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
