@@ -1144,6 +1144,11 @@ impl Broker {
         self.reconcile()
     }
 
+    /// Starts write-back of every log's recent appends (blocking pool).
+    pub fn start_writeback(&self) -> Result<(), BrokerError> {
+        Ok(self.logs.start_writeback()?)
+    }
+
     /// Periodic storage work: retention, age roll, interval flush.
     pub fn tick(&self) -> Result<(), BrokerError> {
         let now = now_ms();

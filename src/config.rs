@@ -147,6 +147,9 @@ pub struct BrokerSection {
     pub fetch_wait_max_ms: u64,
     /// How often retention, segment age roll and interval flush run (ms).
     pub maintenance_interval_ms: u64,
+    /// How often write-back of every partition's new appends is started
+    /// (ms); 0 leaves it to the kernel's flusher.
+    pub writeback_interval_ms: u64,
     /// Largest gRPC message accepted (bytes).
     pub grpc_message_bytes_max: usize,
     /// Grace period for draining requests at shutdown (ms).
@@ -171,6 +174,7 @@ impl Default for BrokerSection {
             request_timeout_ms: 30_000,
             fetch_wait_max_ms: 30_000,
             maintenance_interval_ms: 1_000,
+            writeback_interval_ms: 200,
             grpc_message_bytes_max: 64 * 1024 * 1024,
             shutdown_grace_ms: 5_000,
             replica_lag_time_max_ms: 30_000,

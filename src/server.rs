@@ -169,6 +169,8 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     let grace = Duration::from_millis(b.shutdown_grace_ms);
     let message_max = b.grpc_message_bytes_max;
     let tick_every = Duration::from_millis(b.maintenance_interval_ms.max(10));
+    let writeback_every = (b.writeback_interval_ms > 0)
+        .then(|| Duration::from_millis(b.writeback_interval_ms.max(10)));
     let c = &config.controller;
     let store = RaftMetadataStore::start(RaftConfig {
         node_id: config.node_id,
@@ -358,6 +360,30 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         })
     };
 
+    // Write-back of new appends, started a few times a second so dirty
+    // pages never pile up into the kernel flusher's bursts (appends to a
+    // file being written back wait on its block-mapping lock).
+    let writeback = writeback_every.map(|every| {
+        let broker = broker.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let b = broker.clone();
+                match tokio::task::spawn_blocking(move || b.start_writeback()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "starting write-back failed"),
+                    Err(e) => warn!(error = %e, "write-back task panicked"),
+                }
+            }
+        })
+    });
+
     endpoint.set_started();
     early.abort();
     info!(node_id = config.node_id, addr = %local, advertised = %advertised, data_dir = %config.data_dir.display(), "runnel listening");
@@ -389,6 +415,9 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         }
     };
     maintenance.abort();
+    if let Some(w) = writeback {
+        w.abort();
+    }
     if let Some(m) = metrics_server {
         let _ = tokio::time::timeout(grace, m).await;
     }

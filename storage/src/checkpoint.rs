@@ -33,6 +33,10 @@ pub(crate) fn write(dir: &Path, name: &str, lines: &[String]) -> Result<()> {
     }
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
     f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
+    #[cfg(test)]
+    for hook in BEFORE_SYNC.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        hook(&tmp);
+    }
     f.sync_all().map_err(io_err(&tmp))?;
     let path = dir.join(name);
     std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
@@ -67,6 +71,15 @@ pub(crate) fn read_offset(dir: &Path, name: &str) -> Result<Option<i64>> {
 pub(crate) fn write_offset(dir: &Path, name: &str, offset: i64) -> Result<()> {
     write(dir, name, &[offset.to_string()])
 }
+
+/// A unit-test hook, run with the temporary file's path just before a
+/// checkpoint's fsync (tests hold a write there to see who waits on it).
+#[cfg(test)]
+pub(crate) type SyncHook = Box<dyn Fn(&Path) + Send + Sync>;
+
+#[cfg(test)]
+pub(crate) static BEFORE_SYNC: std::sync::RwLock<Vec<SyncHook>> =
+    std::sync::RwLock::new(Vec::new());
 
 /// fsyncs a directory so creations, renames and unlinks in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {

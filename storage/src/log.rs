@@ -137,8 +137,6 @@ struct Writer {
     last_flush_ms: i64,
     /// The persisted recovery point.
     recovery_point: i64,
-    /// The persisted high watermark.
-    high_watermark_persisted: i64,
     /// A segment file was created or removed since the last dir fsync.
     dir_dirty: bool,
     /// Bumped by every truncation or reset, so a flush that ran without
@@ -158,6 +156,13 @@ pub struct Log {
     /// wholesale (copy on write) on roll, truncation and deletion.
     segments: RwLock<Segments>,
     writer: Mutex<Writer>,
+    /// The high watermark in the checkpoint file. Its own lock, taken
+    /// before the writer lock and never inside it: the checkpoint write
+    /// fsyncs, and under write-back an fsync takes tens of ms, which held
+    /// every append (and so every acks=all answer) behind it when it ran
+    /// under the writer lock. Truncations take it too, so no checkpoint
+    /// write straddles one.
+    high_watermark_persisted: Mutex<i64>,
     epochs: RwLock<EpochCache>,
     /// Idempotent producers' state; locked inside the writer lock.
     producers: Mutex<ProducerStates>,
@@ -287,11 +292,11 @@ impl Log {
                 unflushed_messages: 0,
                 last_flush_ms: now_ms(),
                 recovery_point: log_end_offset,
-                high_watermark_persisted: high_watermark,
                 dir_dirty: false,
                 truncations: 0,
                 closed: false,
             }),
+            high_watermark_persisted: Mutex::new(high_watermark),
             epochs: RwLock::new(epochs),
             producers: Mutex::new(ProducerStates::default()),
             log_start_offset: AtomicI64::new(log_start_offset),
@@ -395,6 +400,13 @@ impl Log {
         StorageError::Closed {
             dir: self.dir.clone(),
         }
+    }
+
+    /// The high-watermark checkpoint's lock; before the writer lock.
+    fn lock_hw_checkpoint(&self) -> MutexGuard<'_, i64> {
+        self.high_watermark_persisted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {
@@ -621,7 +633,8 @@ impl Log {
         Ok(())
     }
 
-    /// fsyncs everything and records the recovery point and high watermark.
+    /// fsyncs everything and records the recovery point (the caller
+    /// persists the high watermark after letting the writer lock go).
     fn flush_locked(&self, w: &mut Writer, now: i64) -> Result<()> {
         let log_end_offset = self.log_end_offset();
         self.sync_for_recovery_point(
@@ -635,17 +648,25 @@ impl Log {
             checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
             w.recovery_point = log_end_offset;
         }
-        self.persist_high_watermark(w)?;
         w.unflushed_messages = 0;
         w.last_flush_ms = now;
         Ok(())
     }
 
-    fn persist_high_watermark(&self, w: &mut Writer) -> Result<()> {
+    /// Writes the high-watermark checkpoint if the high watermark moved,
+    /// without the writer lock (appends go on meanwhile).
+    fn persist_high_watermark(&self) -> Result<()> {
+        self.persist_high_watermark_locked(&mut self.lock_hw_checkpoint())
+    }
+
+    fn persist_high_watermark_locked(&self, persisted: &mut i64) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let hw = self.high_watermark();
-        if hw != w.high_watermark_persisted {
+        if hw != *persisted {
             checkpoint::write_offset(&self.dir, checkpoint::HIGH_WATERMARK, hw)?;
-            w.high_watermark_persisted = hw;
+            *persisted = hw;
         }
         Ok(())
     }
@@ -752,6 +773,7 @@ impl Log {
 
     /// Removes every record at or after `offset`.
     pub fn truncate_to(&self, offset: i64) -> Result<()> {
+        let mut persisted = self.lock_hw_checkpoint();
         let mut w = self.lock_writer()?;
         let config = self.config();
         if offset >= self.log_end_offset() {
@@ -806,6 +828,7 @@ impl Log {
         self.rebuild_producer_states(&mut w)?;
         checkpoint::sync_dir(&self.dir)?;
         w.dir_dirty = false;
+        self.persist_high_watermark_locked(&mut persisted)?;
         tracing::info!(dir = %self.dir.display(), offset, log_end_offset, removed_segments = doomed.len(), "truncated log");
         Ok(())
     }
@@ -815,6 +838,7 @@ impl Log {
     /// follower whose log ends below the leader's log start: it copies the
     /// partition from there.
     pub fn reset_to(&self, offset: i64) -> Result<()> {
+        let mut persisted = self.lock_hw_checkpoint();
         let mut w = self.lock_writer()?;
         let config = self.config();
         let offset = offset.max(0);
@@ -831,7 +855,7 @@ impl Log {
         self.high_watermark.store(offset, Ordering::Release);
         checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, offset)?;
         w.recovery_point = offset;
-        self.persist_high_watermark(&mut w)?;
+        self.persist_high_watermark_locked(&mut persisted)?;
         self.epochs
             .write()
             .expect("epochs lock")
@@ -961,7 +985,6 @@ impl Log {
             // Data is already durable; move the recovery point lazily.
             self.flush_locked(&mut w, now_ms)?;
         }
-        self.persist_high_watermark(&mut w)?;
         let flush_due = matches!(config.flush, FlushPolicy::Interval { ms: Some(ms), .. }
             if now_ms.saturating_sub(w.last_flush_ms) >= ms as i64);
         drop(w);
@@ -970,6 +993,7 @@ impl Log {
         } else {
             self.flush_rolled()?;
         }
+        self.persist_high_watermark()?;
         Ok(deleted)
     }
 
@@ -1025,7 +1049,7 @@ impl Log {
             self.sync_then_advance(&segments, from, log_end_offset, dir_dirty, truncations)?;
         w.unflushed_messages = w.unflushed_messages.saturating_sub(messages);
         w.last_flush_ms = now;
-        self.persist_high_watermark(&mut w)
+        Ok(())
     }
 
     /// What every flush syncs before the recovery point may move from
@@ -1075,10 +1099,31 @@ impl Log {
         Ok(w)
     }
 
+    /// Starts write-back of what was appended to the active segment since
+    /// the last call, without waiting for it or taking the writer lock.
+    /// Called often (a few times a second), this keeps each partition's
+    /// dirty pages to a fraction of a second of appends: left to the
+    /// kernel, they pile up to its background threshold (gigabytes) and
+    /// are then written back in bursts during which appends to the same
+    /// file wait on its block-mapping lock, tens of ms at a time. No
+    /// durability is implied; that is what flushes are for.
+    pub fn start_writeback(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.snapshot()
+            .last()
+            .expect("always one segment")
+            .start_writeback()
+    }
+
     /// fsyncs everything written and records the recovery point.
     pub fn flush(&self) -> Result<()> {
-        let mut w = self.lock_writer()?;
-        self.flush_locked(&mut w, now_ms())
+        {
+            let mut w = self.lock_writer()?;
+            self.flush_locked(&mut w, now_ms())?;
+        }
+        self.persist_high_watermark()
     }
 
     /// Total bytes of all segment files.
@@ -1088,8 +1133,10 @@ impl Log {
 
     /// Flushes and closes; later calls fail with `Closed`.
     pub fn close(&self) -> Result<()> {
+        let mut persisted = self.lock_hw_checkpoint();
         let mut w = self.lock_writer()?;
         self.flush_locked(&mut w, now_ms())?;
+        self.persist_high_watermark_locked(&mut persisted)?;
         let segments = self.snapshot();
         segments.last().expect("one segment").seal()?;
         for seg in segments.iter() {
@@ -1133,5 +1180,104 @@ impl Log {
             .partition_point(|s| s.base_offset() <= offset)
             .checked_sub(1)?;
         Some(segments[i].log_path().to_path_buf())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::BatchBuilder;
+
+    fn batch() -> BytesMut {
+        let mut b = BatchBuilder::new();
+        b.push(0, None, Some(b"value"), &[]);
+        b.build()
+    }
+
+    #[test]
+    fn writeback_covers_each_append_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap();
+        let active = || log.snapshot().last().unwrap().clone();
+        log.start_writeback().unwrap();
+        assert_eq!(active().writeback_from(), 0, "nothing appended yet");
+        log.append_as_leader(batch(), 0).unwrap();
+        let first = active().size();
+        log.start_writeback().unwrap();
+        assert_eq!(active().writeback_from(), first);
+        log.append_as_leader(batch(), 0).unwrap();
+        log.append_as_leader(batch(), 0).unwrap();
+        assert_eq!(active().writeback_from(), first, "started only when asked");
+        log.start_writeback().unwrap();
+        assert_eq!(active().writeback_from(), active().size());
+        assert!(active().size() > first);
+        log.truncate_to(1).unwrap();
+        log.start_writeback().unwrap();
+        assert_eq!(active().writeback_from(), first, "a truncated tail is not written back");
+        log.close().unwrap();
+        log.start_writeback().unwrap();
+    }
+
+    /// Under write-back an fsync takes tens of ms; the high-watermark
+    /// checkpoint's used to run under the writer lock, so every append
+    /// (and every acks=all answer) waited for it once a second.
+    #[test]
+    fn appends_go_on_while_the_high_watermark_checkpoint_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap());
+        log.append_as_leader(batch(), 0).unwrap();
+        log.set_high_watermark(log.log_end_offset());
+
+        // Hold the checkpoint write of this log's high watermark just
+        // before its fsync until the test says so.
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let watched = log
+            .dir()
+            .join(format!("{}.tmp", checkpoint::HIGH_WATERMARK));
+        checkpoint::BEFORE_SYNC
+            .write()
+            .unwrap()
+            .push(Box::new(move |path: &Path| {
+                if path == watched {
+                    let _ = entered_tx.send(());
+                    let _ = release_rx
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(30));
+                }
+            }));
+
+        let ticking = {
+            let log = log.clone();
+            std::thread::spawn(move || log.tick(now_ms()))
+        };
+        entered
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the tick writes the moved high watermark");
+        let (done_tx, done) = mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let _ = done_tx.send(log.append_as_leader(batch(), 0));
+            });
+        }
+        // With the checkpoint under the writer lock this append waits for
+        // the held fsync, and the wait times out.
+        let appended = done.recv_timeout(Duration::from_secs(10));
+        release.send(()).unwrap();
+        ticking.join().unwrap().unwrap();
+        let info = appended
+            .expect("the append waited for the high-watermark checkpoint's fsync")
+            .unwrap();
+        assert_eq!(info.base_offset, 1);
+        assert_eq!(
+            checkpoint::read_offset(log.dir(), checkpoint::HIGH_WATERMARK).unwrap(),
+            Some(1)
+        );
     }
 }

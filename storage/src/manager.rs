@@ -145,6 +145,19 @@ impl LogManager {
         }
         first_error.map_or(Ok(()), Err)
     }
+    /// Starts write-back of every log's recent appends
+    /// ([`Log::start_writeback`]).
+    pub fn start_writeback(&self) -> Result<()> {
+        let mut first_error = None;
+        for (topic, partition, log) in self.all() {
+            if let Err(e) = log.start_writeback() {
+                tracing::warn!(topic, partition, error = %e, "starting write-back failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Flushes and closes every log.
     pub fn close(&self) -> Result<()> {
         let mut first_error = None;

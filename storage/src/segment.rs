@@ -85,6 +85,8 @@ pub(crate) struct Segment {
     retired: AtomicBool,
     /// Log bytes written but not fsync'd.
     dirty_data: AtomicBool,
+    /// Where the last `start_writeback` ended.
+    writeback_from: AtomicU64,
     /// Index entries or file lengths changed since the last index sync.
     dirty_indexes: AtomicBool,
     /// The read-only mapping of a closed segment, made on first read.
@@ -332,6 +334,7 @@ impl Segment {
             closed: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             dirty_data: AtomicBool::new(false),
+            writeback_from: AtomicU64::new(0),
             dirty_indexes: AtomicBool::new(true),
             mmap: OnceLock::new(),
         }
@@ -712,6 +715,45 @@ impl Segment {
             self.file.sync_data().map_err(io_err(&self.log_path))?;
         }
         Ok(())
+    }
+
+    /// Starts write-back of the log bytes appended since the last call
+    /// and returns without waiting for it
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere a no-op). See
+    /// [`crate::Log::start_writeback`].
+    #[allow(unsafe_code)]
+    pub(crate) fn start_writeback(&self) -> Result<()> {
+        let size = self.size();
+        let from = self.writeback_from.load(Ordering::Acquire).min(size);
+        if size == from {
+            return Ok(());
+        }
+        #[cfg(target_os = "linux")]
+        #[allow(clippy::cast_possible_wrap)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: sync_file_range only reads its arguments; the fd is
+            // open for as long as `self.file` lives.
+            let rc = unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    from as libc::off64_t,
+                    (size - from) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            if rc != 0 {
+                return Err(io_err(&self.log_path)(std::io::Error::last_os_error()));
+            }
+        }
+        self.writeback_from.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Where the next `start_writeback` begins (tests).
+    #[cfg(test)]
+    pub(crate) fn writeback_from(&self) -> u64 {
+        self.writeback_from.load(Ordering::Acquire)
     }
 
     /// fsyncs log bytes and both indexes.
