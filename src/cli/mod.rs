@@ -88,8 +88,8 @@ pub enum Command {
 /// What `main` runs. A server's configuration is read before the runtime
 /// starts, because it says how many worker threads to give it.
 pub enum Job {
-    Server(server::LoadedServer),
-    Command(Cli),
+    Server(Box<server::LoadedServer>),
+    Command(Box<Cli>),
 }
 
 impl Job {
@@ -99,8 +99,8 @@ impl Job {
             Cli {
                 command: Command::Server(args),
                 ..
-            } => Job::Server(server::load(args)?),
-            cli => Job::Command(cli),
+            } => Job::Server(Box::new(server::load(args)?)),
+            cli => Job::Command(Box::new(cli)),
         })
     }
 
@@ -118,8 +118,8 @@ impl Job {
 
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
-            Job::Server(server) => server::run(server).await,
-            Job::Command(cli) => run(cli).await,
+            Job::Server(server) => server::run(*server).await,
+            Job::Command(cli) => run(*cli).await,
         }
     }
 }

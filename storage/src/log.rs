@@ -1216,7 +1216,11 @@ mod tests {
         assert!(active().size() > first);
         log.truncate_to(1).unwrap();
         log.start_writeback().unwrap();
-        assert_eq!(active().writeback_from(), first, "a truncated tail is not written back");
+        assert_eq!(
+            active().writeback_from(),
+            first,
+            "a truncated tail is not written back"
+        );
         log.close().unwrap();
         log.start_writeback().unwrap();
     }
