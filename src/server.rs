@@ -86,6 +86,33 @@ pub enum ServerError {
 /// Runs a node until `shutdown` is cancelled. Prints
 /// `runnel listening on ADDR` on stdout once this broker is registered and
 /// serving.
+/// Runs `work` on the blocking pool every `every` until `shutdown`; its
+/// failures are logged as `what` failing.
+fn every_interval(
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    every: Duration,
+    what: &'static str,
+    work: fn(&Broker) -> Result<(), BrokerError>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let b = broker.clone();
+            match tokio::task::spawn_blocking(move || work(&b)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, task = what, "periodic storage task failed"),
+                Err(e) => warn!(error = %e, task = what, "periodic storage task panicked"),
+            }
+        }
+    })
+}
+
 pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Result<(), ServerError> {
     // `external` is the operator's stop request; `shutdown` stops the
     // services once leaderships are handed over.
@@ -339,48 +366,19 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
             .await;
     }
 
-    let maintenance = {
-        let broker = broker.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(tick_every);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = interval.tick() => {}
-                    _ = shutdown.cancelled() => return,
-                }
-                let b = broker.clone();
-                match tokio::task::spawn_blocking(move || b.tick()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(error = %e, "maintenance failed"),
-                    Err(e) => warn!(error = %e, "maintenance task panicked"),
-                }
-            }
-        })
-    };
-
+    let maintenance = every_interval(
+        broker.clone(),
+        shutdown.clone(),
+        tick_every,
+        "maintenance",
+        |b| b.tick(),
+    );
     // Write-back of new appends, started a few times a second so dirty
     // pages never pile up into the kernel flusher's bursts (appends to a
     // file being written back wait on its block-mapping lock).
     let writeback = writeback_every.map(|every| {
-        let broker = broker.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(every);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = interval.tick() => {}
-                    _ = shutdown.cancelled() => return,
-                }
-                let b = broker.clone();
-                match tokio::task::spawn_blocking(move || b.start_writeback()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(error = %e, "starting write-back failed"),
-                    Err(e) => warn!(error = %e, "write-back task panicked"),
-                }
-            }
+        every_interval(broker.clone(), shutdown.clone(), every, "write-back", |b| {
+            b.start_writeback()
         })
     });
 
