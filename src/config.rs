@@ -174,7 +174,7 @@ impl Default for BrokerSection {
             request_timeout_ms: 30_000,
             fetch_wait_max_ms: 30_000,
             maintenance_interval_ms: 1_000,
-            writeback_interval_ms: 200,
+            writeback_interval_ms: 100,
             grpc_message_bytes_max: 64 * 1024 * 1024,
             shutdown_grace_ms: 5_000,
             replica_lag_time_max_ms: 30_000,
