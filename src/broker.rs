@@ -1145,8 +1145,17 @@ impl Broker {
     }
 
     /// Starts write-back of every log's recent appends (blocking pool).
+    /// Failures are advisory and only counted, so a failing disk does not
+    /// log a warning per partition ten times a second.
     pub fn start_writeback(&self) -> Result<(), BrokerError> {
-        Ok(self.logs.start_writeback()?)
+        let failed = self.logs.start_writeback();
+        if failed > 0 {
+            tracing::debug!(
+                logs = failed,
+                "write-back could not be started for some logs"
+            );
+        }
+        Ok(())
     }
 
     /// Periodic storage work: retention, age roll, interval flush.
