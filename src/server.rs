@@ -83,9 +83,6 @@ pub enum ServerError {
     Tls(#[from] crate::security::tls::TlsError),
 }
 
-/// Runs a node until `shutdown` is cancelled. Prints
-/// `runnel listening on ADDR` on stdout once this broker is registered and
-/// serving.
 /// Runs `work` on the blocking pool every `every` until `shutdown`; its
 /// failures are logged as `what` failing.
 fn every_interval(
@@ -113,6 +110,9 @@ fn every_interval(
     })
 }
 
+/// Runs a node until `shutdown` is cancelled. Prints
+/// `runnel listening on ADDR` on stdout once this broker is registered and
+/// serving.
 pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Result<(), ServerError> {
     // `external` is the operator's stop request; `shutdown` stops the
     // services once leaderships are handed over.
