@@ -33,6 +33,7 @@ async fn send_values(
     }
     acks
 }
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
     partition: i32,
