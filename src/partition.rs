@@ -249,6 +249,7 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> LogConfig {
     if let Some(v) = positive("producer.id.expiration.ms") {
         config.producer_id_expiration_ms = v;
     }
+    config.preallocate = configs.get("preallocate").map(String::as_str) != Some("false");
     config.timestamp_type = match configs.get("message.timestamp.type").map(String::as_str) {
         Some("LogAppendTime") => TimestampType::LogAppendTime,
         _ => TimestampType::CreateTime,
@@ -283,6 +284,9 @@ mod tests {
         assert_eq!(l.timestamp_type, TimestampType::LogAppendTime);
         assert_eq!(l.flush, FlushPolicy::EveryBatch);
         assert_eq!(l.message_bytes_max, 1_048_588);
+        assert!(l.preallocate);
+        c.insert("preallocate".into(), "false".into());
+        assert!(!log_config(&c).preallocate);
         c.insert("flush.messages".into(), "-1".into());
         // The default leaves flushing to the OS, as Kafka does.
         assert_eq!(

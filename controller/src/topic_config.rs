@@ -131,6 +131,12 @@ pub const KEYS: &[ConfigKey] = &[
         },
     },
     ConfigKey {
+        name: "preallocate",
+        default: "true",
+        doc: "Reserve disk blocks ahead of the active segment's appends (fallocate, file length unchanged): cheaper buffered writes",
+        kind: Kind::Choice(&["true", "false"]),
+    },
+    ConfigKey {
         name: "unclean.leader.election.enable",
         default: "false",
         doc: "Allow an out-of-sync replica to become leader when the ISR is empty (may lose data)",

@@ -73,6 +73,9 @@ pub struct LogConfig {
     /// producer.id.expiration.ms: an idempotent producer's state is
     /// dropped once its last batch is this old.
     pub producer_id_expiration_ms: u64,
+    /// preallocate: reserve disk blocks ahead of the active segment's
+    /// appends (see `Segment::preallocate`).
+    pub preallocate: bool,
 }
 
 impl Default for LogConfig {
@@ -92,6 +95,7 @@ impl Default for LogConfig {
                 ms: Some(1000),
             },
             producer_id_expiration_ms: 24 * 60 * 60 * 1000,
+            preallocate: true,
         }
     }
 }

@@ -87,6 +87,9 @@ pub(crate) struct Segment {
     dirty_data: AtomicBool,
     /// Where the last `start_writeback` ended.
     writeback_from: AtomicU64,
+    /// Writer only: blocks are reserved up to here (`fallocate` with
+    /// `FALLOC_FL_KEEP_SIZE`); `u64::MAX` once reserving failed.
+    preallocated_to: AtomicU64,
     /// Index entries or file lengths changed since the last index sync.
     dirty_indexes: AtomicBool,
     /// The read-only mapping of a closed segment, made on first read.
@@ -335,6 +338,7 @@ impl Segment {
             retired: AtomicBool::new(false),
             dirty_data: AtomicBool::new(false),
             writeback_from: AtomicU64::new(0),
+            preallocated_to: AtomicU64::new(0),
             dirty_indexes: AtomicBool::new(true),
             mmap: OnceLock::new(),
         }
@@ -494,6 +498,7 @@ impl Segment {
         time_index.file().trim()?;
         drop(time_index);
         self.index.write().expect("index lock").file().trim()?;
+        self.release_preallocation()?;
         self.dirty_indexes.store(true, Ordering::Release);
         self.closed.store(true, Ordering::Release);
         Ok(())
@@ -535,8 +540,11 @@ impl Segment {
         config: &LogConfig,
     ) -> Result<()> {
         let position = self.size.load(Ordering::Relaxed);
-        write_all_vectored_at(&self.file, parts, position).map_err(io_err(&self.log_path))?;
         let end = position + parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        if config.preallocate {
+            self.preallocate(position, end, config.segment_bytes_max);
+        }
+        write_all_vectored_at(&self.file, parts, position).map_err(io_err(&self.log_path))?;
         self.dirty_data.store(true, Ordering::Release);
         let max_timestamp = self.max_timestamp().max(header.max_timestamp);
         {
@@ -561,6 +569,71 @@ impl Segment {
         self.next_offset
             .store(header.last_offset() + 1, Ordering::Release);
         self.size.store(end, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writer only: makes sure disk blocks are reserved for `position..end`
+    /// before they are written, in chunks that grow with the segment
+    /// (1 MiB, then as much as is written, up to 16 MiB, never past the
+    /// segment's roll size). The reservation is beyond the file's end
+    /// (`FALLOC_FL_KEEP_SIZE`): the file's length stays the committed
+    /// size, so readers, recovery and a crash see nothing new.
+    ///
+    /// Why: a buffered write into blocks not yet allocated makes ext4
+    /// reserve and map each page under the file's block-mapping lock;
+    /// into reserved blocks it skips that. Plain 16 KiB writes of 1 GiB
+    /// ran about 20 % faster into a reserved file here (RESULTS, session
+    /// 6). Best effort: if the filesystem cannot reserve, writes go on
+    /// as before.
+    #[allow(unsafe_code)]
+    fn preallocate(&self, position: u64, end: u64, segment_bytes_max: u64) {
+        const CHUNK_MIN: u64 = 1 << 20;
+        const CHUNK_MAX: u64 = 16 << 20;
+        let reserved = self.preallocated_to.load(Ordering::Relaxed);
+        if end <= reserved {
+            return;
+        }
+        let from = reserved.max(position);
+        let to = (from + position.clamp(CHUNK_MIN, CHUNK_MAX))
+            .min(segment_bytes_max)
+            .max(end);
+        #[cfg(target_os = "linux")]
+        #[allow(clippy::cast_possible_wrap)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: fallocate only reads its arguments; the fd is open
+            // for as long as `self.file` lives.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_KEEP_SIZE,
+                    from as libc::off_t,
+                    (to - from) as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                let error = std::io::Error::last_os_error();
+                tracing::debug!(path = %self.log_path.display(), %error, "not preallocating this segment");
+                self.preallocated_to.store(u64::MAX, Ordering::Relaxed);
+                return;
+            }
+        }
+        self.preallocated_to.store(to, Ordering::Relaxed);
+    }
+
+    /// Gives back blocks reserved past the end of the file (a rolled
+    /// segment, or one left by a crash), measured rather than
+    /// remembered so that a reopened segment is trimmed too.
+    fn release_preallocation(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let size = self.size();
+        let meta = self.file.metadata().map_err(io_err(&self.log_path))?;
+        let block = meta.blksize().max(512);
+        if meta.blocks() * 512 > size.div_ceil(block) * block {
+            // Truncating to the current length frees what lies beyond it.
+            self.file.set_len(size).map_err(io_err(&self.log_path))?;
+        }
+        self.preallocated_to.store(0, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1016,5 +1089,112 @@ mod tests {
         assert_eq!(seg.next_offset(), 70);
         assert_eq!(seg.max_timestamp(), 1021);
         assert_eq!(seg.first_timestamp(), 1002);
+    }
+}
+
+#[cfg(test)]
+mod preallocation_tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::BatchBuilder;
+
+    /// Bytes of disk the file holds (allocated blocks, reserved or not).
+    fn allocated(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    fn append_batches(seg: &Segment, cfg: &LogConfig, count: i64) {
+        for i in 0..count {
+            let mut b = BatchBuilder::new();
+            b.push(i, None, Some(&[9u8; 1000]), &[]);
+            let mut bytes = b.build();
+            batch::set_base_offset(&mut bytes, seg.next_offset());
+            let h = HeaderView::read(&bytes).unwrap();
+            seg.append(&[&bytes], &h, cfg).unwrap();
+            assert_eq!(seg.next_offset(), i + 1);
+        }
+    }
+
+    /// The reservation lies past the file's end: the length on disk is
+    /// always the committed size, and a roll gives the blocks back.
+    #[test]
+    fn reserved_blocks_stay_past_the_end_and_go_at_roll() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig::default();
+        assert!(cfg.preallocate);
+        let seg = Segment::create(dir.path(), 0, &cfg).unwrap();
+        append_batches(&seg, &cfg, 10);
+        let path = seg.log_path().to_path_buf();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, seg.size());
+        if seg.preallocated_to.load(Ordering::Relaxed) == u64::MAX {
+            // This filesystem cannot reserve (e.g. no fallocate); the
+            // length check above is all that applies.
+            return;
+        }
+        assert_eq!(seg.preallocated_to.load(Ordering::Relaxed), 1 << 20);
+        assert!(allocated(&path) >= 1 << 20, "{} bytes", allocated(&path));
+        seg.seal().unwrap();
+        assert!(allocated(&path) < len + 64 * 1024, "{}", allocated(&path));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        let read = seg.read(0, 1 << 20, i64::MAX).unwrap();
+        assert_eq!(batch::RecordBatch::parse_all(read).unwrap().len(), 10);
+    }
+
+    /// Chunks grow with the segment but never pass its roll size, and a
+    /// segment reopened after a crash (blocks still reserved past its
+    /// end) gives them back when sealed.
+    #[test]
+    fn chunks_grow_up_to_the_roll_size_and_a_crashed_reservation_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            segment_bytes_max: 3 << 20,
+            ..LogConfig::default()
+        };
+        let seg = Segment::create(dir.path(), 0, &cfg).unwrap();
+        append_batches(&seg, &cfg, 1);
+        if seg.preallocated_to.load(Ordering::Relaxed) == u64::MAX {
+            return;
+        }
+        // Each chunk is as large as what was written (at least 1 MiB):
+        // past 1 MiB the reservation reaches 2 MiB, past 2 MiB it would
+        // reach 4 MiB but stops at the 3 MiB roll size.
+        let mut next = 1;
+        for (past, expected) in [(1u64 << 20, 2u64 << 20), (2 << 20, 3 << 20)] {
+            while seg.size() <= past {
+                let mut b = BatchBuilder::new();
+                b.push(next, None, Some(&[9u8; 1000]), &[]);
+                let mut bytes = b.build();
+                batch::set_base_offset(&mut bytes, seg.next_offset());
+                let h = HeaderView::read(&bytes).unwrap();
+                seg.append(&[&bytes], &h, &cfg).unwrap();
+                next += 1;
+            }
+            assert_eq!(seg.preallocated_to.load(Ordering::Relaxed), expected);
+        }
+        let path = seg.log_path().to_path_buf();
+        let len = seg.size();
+        drop(seg); // a crash: no seal
+        assert!(allocated(&path) >= 3 << 20);
+        let (seg, truncated) = Segment::open(dir.path(), 0, &cfg, OpenMode::Recover).unwrap();
+        assert!(!truncated);
+        assert_eq!(seg.size(), len);
+        seg.seal().unwrap();
+        assert!(allocated(&path) < len + 64 * 1024, "{}", allocated(&path));
+    }
+
+    /// With `preallocate` off nothing is reserved.
+    #[test]
+    fn preallocate_off_reserves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            preallocate: false,
+            ..LogConfig::default()
+        };
+        let seg = Segment::create(dir.path(), 0, &cfg).unwrap();
+        append_batches(&seg, &cfg, 3);
+        assert_eq!(seg.preallocated_to.load(Ordering::Relaxed), 0);
+        assert!(allocated(seg.log_path()) < seg.size() + 64 * 1024);
     }
 }
