@@ -160,13 +160,14 @@ pub struct Log {
     /// wholesale (copy on write) on roll, truncation and deletion.
     segments: RwLock<Segments>,
     writer: Mutex<Writer>,
-    /// The high watermark in the checkpoint file. Its own lock, taken
-    /// before the writer lock and never inside it: the checkpoint write
-    /// fsyncs, and under write-back an fsync takes tens of ms, which held
-    /// every append (and so every acks=all answer) behind it when it ran
-    /// under the writer lock. Truncations take it too, so no checkpoint
-    /// write straddles one.
-    high_watermark_persisted: Mutex<i64>,
+    /// The checkpoints' lock, holding the high watermark in its file.
+    /// Every write of the high-watermark and recovery-point checkpoints
+    /// happens under it. Taken before the writer lock and never inside
+    /// it: a checkpoint write fsyncs, and under write-back an fsync takes
+    /// tens of ms, which held every append (and so every acks=all answer)
+    /// behind it when it ran under the writer lock. Truncations take it
+    /// too, so no checkpoint write straddles one.
+    checkpoints: Mutex<i64>,
     epochs: RwLock<EpochCache>,
     /// Idempotent producers' state; locked inside the writer lock.
     producers: Mutex<ProducerStates>,
@@ -300,7 +301,7 @@ impl Log {
                 truncations: 0,
                 closed: false,
             }),
-            high_watermark_persisted: Mutex::new(high_watermark),
+            checkpoints: Mutex::new(high_watermark),
             epochs: RwLock::new(epochs),
             producers: Mutex::new(ProducerStates::default()),
             log_start_offset: AtomicI64::new(log_start_offset),
@@ -406,11 +407,10 @@ impl Log {
         }
     }
 
-    /// The high-watermark checkpoint's lock; before the writer lock.
-    fn lock_hw_checkpoint(&self) -> MutexGuard<'_, i64> {
-        self.high_watermark_persisted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// The checkpoints' lock (guarding the persisted high watermark);
+    /// before the writer lock.
+    fn lock_checkpoints(&self) -> MutexGuard<'_, i64> {
+        self.checkpoints.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {
@@ -611,12 +611,18 @@ impl Log {
         match config.flush {
             FlushPolicy::EveryBatch => self.sync_segments(w),
             FlushPolicy::Interval { messages, .. } => {
-                // flush.messages is honoured on the append itself;
-                // flush.ms by `tick`, which fsyncs without holding up
-                // appends (an fsync of a second's worth of writes inside
-                // an append stalled every producer behind it).
+                // flush.messages is honoured on the append itself: the
+                // bytes are fsynced before it returns. The recovery
+                // point moves with the next roll or flush.ms flush, which
+                // write its checkpoint without holding up appends (the
+                // segment holding the recovery point is scanned on
+                // recovery anyway). flush.ms is honoured by `tick`, whose
+                // fsyncs run without the writer lock (an fsync of a
+                // second's worth of writes inside an append stalled every
+                // producer behind it).
                 if messages.is_some_and(|m| w.unflushed_messages >= m) {
-                    self.flush_locked(w, now_ms())?;
+                    self.sync_segments(w)?;
+                    w.last_flush_ms = now_ms();
                 }
                 Ok(())
             }
@@ -637,8 +643,8 @@ impl Log {
         Ok(())
     }
 
-    /// fsyncs everything and records the recovery point (the caller
-    /// persists the high watermark after letting the writer lock go).
+    /// fsyncs everything and records the recovery point; the caller
+    /// holds the checkpoints lock (taken before `w`).
     fn flush_locked(&self, w: &mut Writer, now: i64) -> Result<()> {
         let log_end_offset = self.log_end_offset();
         self.sync_for_recovery_point(
@@ -660,7 +666,7 @@ impl Log {
     /// Writes the high-watermark checkpoint if the high watermark moved,
     /// without the writer lock (appends go on meanwhile).
     fn persist_high_watermark(&self) -> Result<()> {
-        self.persist_high_watermark_locked(&mut self.lock_hw_checkpoint())
+        self.persist_high_watermark_locked(&mut self.lock_checkpoints())
     }
 
     fn persist_high_watermark_locked(&self, persisted: &mut i64) -> Result<()> {
@@ -777,7 +783,7 @@ impl Log {
 
     /// Removes every record at or after `offset`.
     pub fn truncate_to(&self, offset: i64) -> Result<()> {
-        let mut persisted = self.lock_hw_checkpoint();
+        let mut persisted = self.lock_checkpoints();
         let mut w = self.lock_writer()?;
         let config = self.config();
         if offset >= self.log_end_offset() {
@@ -842,7 +848,7 @@ impl Log {
     /// follower whose log ends below the leader's log start: it copies the
     /// partition from there.
     pub fn reset_to(&self, offset: i64) -> Result<()> {
-        let mut persisted = self.lock_hw_checkpoint();
+        let mut persisted = self.lock_checkpoints();
         let mut w = self.lock_writer()?;
         let config = self.config();
         let offset = offset.max(0);
@@ -985,11 +991,10 @@ impl Log {
         if gone > 0 {
             tracing::debug!(dir = %self.dir.display(), producers = gone, "expired producer state");
         }
-        if config.flush == FlushPolicy::EveryBatch {
-            // Data is already durable; move the recovery point lazily.
-            self.flush_locked(&mut w, now_ms)?;
-        }
-        let flush_due = matches!(config.flush, FlushPolicy::Interval { ms: Some(ms), .. }
+        // With EveryBatch the data is already durable: this only moves
+        // the recovery point, lazily.
+        let flush_due = config.flush == FlushPolicy::EveryBatch
+            || matches!(config.flush, FlushPolicy::Interval { ms: Some(ms), .. }
             if now_ms.saturating_sub(w.last_flush_ms) >= ms as i64);
         drop(w);
         if flush_due {
@@ -1078,10 +1083,11 @@ impl Log {
     }
 
     /// A background flush after its bookkeeping was read: the fsyncs run
-    /// without the writer lock (appends go on), then, under it, the
-    /// recovery point moves to `to` unless the log was truncated in
-    /// between (`truncations` changed). On failure the directory stays
-    /// marked dirty. Returns the writer lock.
+    /// without the writer lock (appends go on), then the recovery point
+    /// moves to `to` unless the log was truncated in between
+    /// (`truncations` changed). Its checkpoint is written under the
+    /// checkpoints lock alone, so appends go on then too. On failure the
+    /// directory stays marked dirty. Returns the writer lock.
     fn sync_then_advance(
         &self,
         segments: &[Arc<Segment>],
@@ -1091,13 +1097,22 @@ impl Log {
         truncations: u64,
     ) -> Result<MutexGuard<'_, Writer>> {
         let synced = self.sync_for_recovery_point(segments, from, to, dir_dirty);
-        let mut w = self.lock_writer()?;
-        if let Err(e) = synced {
-            w.dir_dirty |= dir_dirty;
-            return Err(e);
-        }
-        if w.truncations == truncations && w.recovery_point < to {
+        let _checkpoints = self.lock_checkpoints();
+        let advance = {
+            let mut w = self.lock_writer()?;
+            if let Err(e) = synced {
+                w.dir_dirty |= dir_dirty;
+                return Err(e);
+            }
+            w.truncations == truncations && w.recovery_point < to
+        };
+        if advance {
+            // Truncations take the checkpoints lock first, so none can
+            // run between this check and the write.
             checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, to)?;
+        }
+        let mut w = self.lock_writer()?;
+        if advance {
             w.recovery_point = to;
         }
         Ok(w)
@@ -1123,11 +1138,12 @@ impl Log {
 
     /// fsyncs everything written and records the recovery point.
     pub fn flush(&self) -> Result<()> {
+        let mut persisted = self.lock_checkpoints();
         {
             let mut w = self.lock_writer()?;
             self.flush_locked(&mut w, now_ms())?;
         }
-        self.persist_high_watermark()
+        self.persist_high_watermark_locked(&mut persisted)
     }
 
     /// Total bytes of all segment files.
@@ -1137,7 +1153,7 @@ impl Log {
 
     /// Flushes and closes; later calls fail with `Closed`.
     pub fn close(&self) -> Result<()> {
-        let mut persisted = self.lock_hw_checkpoint();
+        let mut persisted = self.lock_checkpoints();
         let mut w = self.lock_writer()?;
         self.flush_locked(&mut w, now_ms())?;
         self.persist_high_watermark_locked(&mut persisted)?;
@@ -1241,25 +1257,7 @@ mod tests {
 
         // Hold the checkpoint write of this log's high watermark just
         // before its fsync until the test says so.
-        let (entered_tx, entered) = mpsc::channel();
-        let (release, release_rx) = mpsc::channel::<()>();
-        let release_rx = Mutex::new(release_rx);
-        let watched = log
-            .dir()
-            .join(format!("{}.tmp", checkpoint::HIGH_WATERMARK));
-        checkpoint::BEFORE_SYNC
-            .write()
-            .unwrap()
-            .push(Box::new(move |path: &Path| {
-                if path == watched {
-                    let _ = entered_tx.send(());
-                    let _ = release_rx
-                        .lock()
-                        .unwrap()
-                        .recv_timeout(Duration::from_secs(30));
-                }
-            }));
-
+        let (entered, release) = hold_checkpoint_sync(log.dir(), checkpoint::HIGH_WATERMARK);
         let ticking = {
             let log = log.clone();
             std::thread::spawn(move || log.tick(now_ms()))
@@ -1287,5 +1285,86 @@ mod tests {
             checkpoint::read_offset(log.dir(), checkpoint::HIGH_WATERMARK).unwrap(),
             Some(1)
         );
+    }
+
+    /// Holds the next write (only that one) of `dir`'s checkpoint `name`
+    /// just before its fsync: the first channel says it got there, a send
+    /// on the second lets it go on.
+    fn hold_checkpoint_sync(dir: &Path, name: &str) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let watched = dir.join(format!("{name}.tmp"));
+        let held = std::sync::atomic::AtomicBool::new(false);
+        checkpoint::BEFORE_SYNC
+            .write()
+            .unwrap()
+            .push(Box::new(move |path: &Path| {
+                if path == watched && !held.swap(true, Ordering::SeqCst) {
+                    let _ = entered_tx.send(());
+                    let _ = release_rx
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(30));
+                }
+            }));
+        (entered, release)
+    }
+
+    /// The recovery-point checkpoint, written by the tick's flush (each
+    /// flush.ms, or lazily with fsync per batch) and after a roll, used
+    /// to be written under the writer lock, so an append waited for its
+    /// fsync.
+    #[test]
+    fn appends_go_on_while_the_recovery_point_checkpoint_syncs() {
+        for flush in [
+            FlushPolicy::Interval {
+                messages: None,
+                ms: Some(1),
+            },
+            FlushPolicy::EveryBatch,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = LogConfig {
+                flush,
+                ..LogConfig::default()
+            };
+            let log = Arc::new(Log::open(dir.path().join("t-0"), config).unwrap());
+            log.append_as_leader(batch(), 0).unwrap();
+            let (entered, release) = hold_checkpoint_sync(log.dir(), checkpoint::RECOVERY_POINT);
+            let ticking = {
+                let log = log.clone();
+                std::thread::spawn(move || log.tick(now_ms() + 1000))
+            };
+            entered
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the tick's flush moves the recovery point");
+            let (done_tx, done) = mpsc::channel();
+            {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let _ = done_tx.send(log.append_as_leader(batch(), 0));
+                });
+            }
+            let appended = done.recv_timeout(Duration::from_secs(10));
+            release.send(()).unwrap();
+            ticking.join().unwrap().unwrap();
+            let info = appended
+                .unwrap_or_else(|_| {
+                    panic!("{flush:?}: the append waited for the recovery point's fsync")
+                })
+                .unwrap();
+            assert_eq!(info.base_offset, 1);
+            // The flush covered what was there when it started.
+            assert_eq!(
+                checkpoint::read_offset(log.dir(), checkpoint::RECOVERY_POINT).unwrap(),
+                Some(1)
+            );
+            log.flush().unwrap();
+            assert_eq!(
+                checkpoint::read_offset(log.dir(), checkpoint::RECOVERY_POINT).unwrap(),
+                Some(2)
+            );
+        }
     }
 }
