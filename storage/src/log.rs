@@ -1255,31 +1255,10 @@ mod tests {
         log.append_as_leader(batch(), 0).unwrap();
         log.set_high_watermark(log.log_end_offset());
 
-        // Hold the checkpoint write of this log's high watermark just
-        // before its fsync until the test says so.
-        let (entered, release) = hold_checkpoint_sync(log.dir(), checkpoint::HIGH_WATERMARK);
-        let ticking = {
-            let log = log.clone();
-            std::thread::spawn(move || log.tick(now_ms()))
-        };
-        entered
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the tick writes the moved high watermark");
-        let (done_tx, done) = mpsc::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let _ = done_tx.send(log.append_as_leader(batch(), 0));
-            });
-        }
         // With the checkpoint under the writer lock this append waits for
         // the held fsync, and the wait times out.
-        let appended = done.recv_timeout(Duration::from_secs(10));
-        release.send(()).unwrap();
-        ticking.join().unwrap().unwrap();
-        let info = appended
-            .expect("the append waited for the high-watermark checkpoint's fsync")
-            .unwrap();
+        let info = append_while_checkpoint_held(&log, checkpoint::HIGH_WATERMARK, now_ms())
+            .expect("the append waited for the high-watermark checkpoint's fsync");
         assert_eq!(info.base_offset, 1);
         assert_eq!(
             checkpoint::read_offset(log.dir(), checkpoint::HIGH_WATERMARK).unwrap(),
@@ -1311,6 +1290,36 @@ mod tests {
         (entered, release)
     }
 
+    /// Runs `log.tick(tick_ms)` until it holds the write of checkpoint
+    /// `name` just before its fsync, then appends from another thread:
+    /// `Err` if the append did not finish within 10 s while the fsync was
+    /// held. The tick is released and joined either way.
+    fn append_while_checkpoint_held(
+        log: &Arc<Log>,
+        name: &str,
+        tick_ms: i64,
+    ) -> std::result::Result<AppendInfo, ()> {
+        let (entered, release) = hold_checkpoint_sync(log.dir(), name);
+        let ticking = {
+            let log = log.clone();
+            std::thread::spawn(move || log.tick(tick_ms))
+        };
+        entered
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the tick did not write {name}"));
+        let (done_tx, done) = mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let _ = done_tx.send(log.append_as_leader(batch(), 0));
+            });
+        }
+        let appended = done.recv_timeout(Duration::from_secs(10));
+        release.send(()).unwrap();
+        ticking.join().unwrap().unwrap();
+        appended.map(|r| r.unwrap()).map_err(drop)
+    }
+
     /// The recovery-point checkpoint, written by the tick's flush (each
     /// flush.ms, or lazily with fsync per batch) and after a roll, used
     /// to be written under the writer lock, so an append waited for its
@@ -1331,29 +1340,11 @@ mod tests {
             };
             let log = Arc::new(Log::open(dir.path().join("t-0"), config).unwrap());
             log.append_as_leader(batch(), 0).unwrap();
-            let (entered, release) = hold_checkpoint_sync(log.dir(), checkpoint::RECOVERY_POINT);
-            let ticking = {
-                let log = log.clone();
-                std::thread::spawn(move || log.tick(now_ms() + 1000))
-            };
-            entered
-                .recv_timeout(Duration::from_secs(30))
-                .expect("the tick's flush moves the recovery point");
-            let (done_tx, done) = mpsc::channel();
-            {
-                let log = log.clone();
-                std::thread::spawn(move || {
-                    let _ = done_tx.send(log.append_as_leader(batch(), 0));
-                });
-            }
-            let appended = done.recv_timeout(Duration::from_secs(10));
-            release.send(()).unwrap();
-            ticking.join().unwrap().unwrap();
-            let info = appended
-                .unwrap_or_else(|_| {
-                    panic!("{flush:?}: the append waited for the recovery point's fsync")
-                })
-                .unwrap();
+            let info =
+                append_while_checkpoint_held(&log, checkpoint::RECOVERY_POINT, now_ms() + 1000)
+                    .unwrap_or_else(|()| {
+                        panic!("{flush:?}: the append waited for the recovery point's fsync")
+                    });
             assert_eq!(info.base_offset, 1);
             // The flush covered what was there when it started.
             assert_eq!(

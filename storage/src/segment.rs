@@ -1104,14 +1104,19 @@ mod preallocation_tests {
         std::fs::metadata(path).unwrap().blocks() * 512
     }
 
+    /// Appends one batch of one 1,000-byte record at the segment's end.
+    fn append_one(seg: &Segment, cfg: &LogConfig, timestamp: i64) {
+        let mut b = BatchBuilder::new();
+        b.push(timestamp, None, Some(&[9u8; 1000]), &[]);
+        let mut bytes = b.build();
+        batch::set_base_offset(&mut bytes, seg.next_offset());
+        let h = HeaderView::read(&bytes).unwrap();
+        seg.append(&[&bytes], &h, cfg).unwrap();
+    }
+
     fn append_batches(seg: &Segment, cfg: &LogConfig, count: i64) {
         for i in 0..count {
-            let mut b = BatchBuilder::new();
-            b.push(i, None, Some(&[9u8; 1000]), &[]);
-            let mut bytes = b.build();
-            batch::set_base_offset(&mut bytes, seg.next_offset());
-            let h = HeaderView::read(&bytes).unwrap();
-            seg.append(&[&bytes], &h, cfg).unwrap();
+            append_one(seg, cfg, i);
             assert_eq!(seg.next_offset(), i + 1);
         }
     }
@@ -1163,12 +1168,7 @@ mod preallocation_tests {
         let mut next = 1;
         for (past, expected) in [(1u64 << 20, 2u64 << 20), (2 << 20, 3 << 20)] {
             while seg.size() <= past {
-                let mut b = BatchBuilder::new();
-                b.push(next, None, Some(&[9u8; 1000]), &[]);
-                let mut bytes = b.build();
-                batch::set_base_offset(&mut bytes, seg.next_offset());
-                let h = HeaderView::read(&bytes).unwrap();
-                seg.append(&[&bytes], &h, &cfg).unwrap();
+                append_one(&seg, &cfg, next);
                 next += 1;
             }
             assert_eq!(seg.preallocated_to.load(Ordering::Relaxed), expected);
