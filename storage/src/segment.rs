@@ -574,7 +574,7 @@ impl Segment {
 
     /// Writer only: makes sure disk blocks are reserved for `position..end`
     /// before they are written, in chunks that grow with the segment
-    /// (1 MiB, then as much as is written, up to 16 MiB, never past the
+    /// (1 MiB, then as much as it holds in whole MiB, up to 4 MiB, never past the
     /// segment's roll size). The reservation is beyond the file's end
     /// (`FALLOC_FL_KEEP_SIZE`): the file's length stays the committed
     /// size, so readers, recovery and a crash see nothing new.
@@ -583,20 +583,21 @@ impl Segment {
     /// reserve and map each page under the file's block-mapping lock;
     /// into reserved blocks it skips that. Plain 16 KiB writes of 1 GiB
     /// ran about 20 % faster into a reserved file here (RESULTS, session
-    /// 6). Best effort: if the filesystem cannot reserve, writes go on
-    /// as before.
+    /// 6). A reservation costs about 3.5 µs per MiB, so 4 MiB chunks
+    /// cost next to nothing and keep what an idle partition holds in
+    /// reserve small. Best effort: if the filesystem cannot reserve,
+    /// writes go on as before.
     #[allow(unsafe_code)]
     fn preallocate(&self, position: u64, end: u64, segment_bytes_max: u64) {
         const CHUNK_MIN: u64 = 1 << 20;
-        const CHUNK_MAX: u64 = 16 << 20;
+        const CHUNK_MAX: u64 = 4 << 20;
         let reserved = self.preallocated_to.load(Ordering::Relaxed);
         if end <= reserved {
             return;
         }
         let from = reserved.max(position);
-        let to = (from + position.clamp(CHUNK_MIN, CHUNK_MAX))
-            .min(segment_bytes_max)
-            .max(end);
+        let chunk = position.clamp(CHUNK_MIN, CHUNK_MAX).div_ceil(CHUNK_MIN) * CHUNK_MIN;
+        let to = (from + chunk).min(segment_bytes_max).max(end);
         #[cfg(target_os = "linux")]
         #[allow(clippy::cast_possible_wrap)]
         {
@@ -1182,6 +1183,27 @@ mod preallocation_tests {
         assert_eq!(seg.size(), len);
         seg.seal().unwrap();
         assert!(allocated(&path) < len + 64 * 1024, "{}", allocated(&path));
+    }
+
+    /// Past 4 MiB each chunk stays 4 MiB: reservations run 1, 2, 4, 8,
+    /// then 12 MiB.
+    #[test]
+    fn chunks_stop_growing_at_4_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig::default();
+        let seg = Segment::create(dir.path(), 0, &cfg).unwrap();
+        append_one(&seg, &cfg, 0);
+        if seg.preallocated_to.load(Ordering::Relaxed) == u64::MAX {
+            return;
+        }
+        let mut next = 1;
+        for (past, expected) in [(1u64, 2u64), (2, 4), (4, 8), (8, 12)] {
+            while seg.size() <= past << 20 {
+                append_one(&seg, &cfg, next);
+                next += 1;
+            }
+            assert_eq!(seg.preallocated_to.load(Ordering::Relaxed), expected << 20);
+        }
     }
 
     /// With `preallocate` off nothing is reserved.
