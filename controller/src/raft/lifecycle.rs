@@ -6,12 +6,13 @@
 //! submits `FenceBroker` for one silent longer than
 //! `broker_session_timeout_ms`. A newly elected controller starts every
 //! clock afresh (a full grace period), since it never saw the heartbeats
-//! sent to its predecessor, except its predecessor's own: the previous
-//! controller heartbeated locally, but every voter notes when it last
-//! received that leader's `AppendEntries`, and the successor starts the
-//! predecessor's clock there (see [`session_start`]). A controller that
-//! dies is so fenced one session after it was last heard from, not an
-//! election plus a session later. Registering again unfences.
+//! sent to its predecessors, except the predecessors' own: a controller
+//! heartbeats locally, but every voter notes when it last received each
+//! leader's `AppendEntries`, and the successor starts each of those
+//! leaders' clocks there (see [`session_start`]). A controller that dies
+//! is so fenced one session after it was last heard from, not an
+//! election plus a session later, even when another leader came and went
+//! in between. Registering again unfences.
 //!
 //! The same loop fixes the cluster id of a new quorum and adds registered
 //! brokers that are not Raft members as learners, so broker-only nodes
@@ -52,9 +53,10 @@ struct SessionState {
     last_seen: HashMap<i32, (Instant, i64)>,
     /// When the controller duties last ran while leading, to notice pauses.
     last_step: Option<Instant>,
-    /// The Raft leader whose `AppendEntries` this node last accepted, and
-    /// when it arrived; taken when this node becomes the active controller.
-    leader_contact: Option<(NodeId, Instant)>,
+    /// Raft leader → when its latest `AppendEntries` that this node
+    /// accepted arrived, for every leader heard from since this node last
+    /// became the active controller; taken when it becomes it again.
+    leader_contacts: HashMap<NodeId, Instant>,
 }
 
 impl Sessions {
@@ -70,36 +72,34 @@ impl Sessions {
     /// `AppendEntries` this node accepted).
     pub(super) fn leader_contact(&self, leader: NodeId, at: Instant) {
         let mut s = self.lock();
-        if s.leader_contact.is_none_or(|(_, t)| t <= at) {
-            s.leader_contact = Some((leader, at));
-        }
+        let latest = s.leader_contacts.entry(leader).or_insert(at);
+        *latest = (*latest).max(at);
     }
 }
 
-/// Where a newly active controller starts broker `id`'s session clock (the
+/// Where a newly active controller starts a broker's session clock (the
 /// broker is fenced once `session` has passed since), at `now`.
 ///
 /// Every broker starts at `now` (a full grace period: their heartbeats
-/// went to the predecessor), except the predecessor itself, named with the
-/// last time this node heard from it in `predecessor`: its clock starts
-/// there, so a dead controller is fenced a session after its last
-/// `AppendEntries`. The predecessor still gets at least `min_grace` from
-/// `now`, so that one which is alive (it lost an election, or this node's
-/// contact is old because this node lagged) has time to heartbeat here.
+/// went to a predecessor), except a predecessor itself, whose latest
+/// `AppendEntries` reached this node at `contact`: its clock starts
+/// there, so a dead controller is fenced a session after it was last
+/// heard from. It still gets at least `min_grace` from `now`, so that one
+/// which is alive (it lost an election, or this node's contact is old
+/// because this node lagged) has time to heartbeat here.
 pub(crate) fn session_start(
-    id: i32,
     now: Instant,
-    predecessor: Option<(NodeId, Instant)>,
+    contact: Option<Instant>,
     session: Duration,
     min_grace: Duration,
 ) -> Instant {
-    match predecessor {
-        Some((leader, contact)) if NodeId::try_from(id).ok() == Some(leader) => {
+    match contact {
+        Some(contact) => {
             let keep = min_grace.min(session);
             let floor = now.checked_sub(session - keep).unwrap_or(contact);
             contact.max(floor).min(now)
         }
-        _ => now,
+        None => now,
     }
 }
 
@@ -187,12 +187,16 @@ impl RaftMetadataStore {
                 s.last_seen.clear();
                 // Consumed here: a later term of this node must not reuse
                 // an old contact.
-                let predecessor = s.leader_contact.take();
+                let contacts = std::mem::take(&mut s.leader_contacts);
                 let min_grace = Duration::from_millis(self.config.broker_heartbeat_interval_ms * 2);
                 for b in state.brokers.values() {
-                    let start = session_start(b.id, now, predecessor, session, min_grace);
+                    let contact = NodeId::try_from(b.id)
+                        .ok()
+                        .and_then(|id| contacts.get(&id).copied());
+                    let start = session_start(now, contact, session, min_grace);
                     s.last_seen.insert(b.id, (start, b.epoch));
                 }
+                let predecessor = contacts.into_iter().max_by_key(|(_, at)| *at);
                 // The previous controller's session counts from its last
                 // contact (`previous_silent_ms` ago).
                 let (previous, silent_ms) = predecessor.map_or((-1, 0), |(id, at)| {
@@ -569,7 +573,7 @@ mod tests {
         let kill = Instant::now() + secs(100.0);
         let contact = kill - secs(0.25);
         let now = kill + secs(2.0);
-        let start = session_start(1, now, Some((1, contact)), SESSION, GRACE);
+        let start = session_start(now, Some(contact), SESSION, GRACE);
         assert_eq!(start, contact);
         assert_eq!(start + SESSION - kill, secs(8.75));
         // Before: every clock started at the takeover, 11 s after the kill.
@@ -577,17 +581,11 @@ mod tests {
     }
 
     #[test]
-    fn other_brokers_get_a_full_session_from_the_takeover() {
+    fn brokers_never_heard_from_as_leader_get_a_full_session_from_the_takeover() {
         let now = Instant::now() + secs(100.0);
-        let contact = now - secs(2.0);
-        for id in [2, 3, 7] {
-            assert_eq!(
-                session_start(id, now, Some((1, contact)), SESSION, GRACE),
-                now
-            );
-        }
-        // No leader heard from (fresh quorum, or contact already used).
-        assert_eq!(session_start(1, now, None, SESSION, GRACE), now);
+        // Not a leader this node heard from (other brokers, a fresh
+        // quorum, or a contact already used by an earlier takeover).
+        assert_eq!(session_start(now, None, SESSION, GRACE), now);
     }
 
     #[test]
@@ -595,28 +593,42 @@ mod tests {
         let now = Instant::now() + secs(100.0);
         // Last heard from 30 s ago (this node lagged): fenced no sooner
         // than `GRACE` from now, so a live predecessor can heartbeat.
-        let start = session_start(1, now, Some((1, now - secs(30.0))), SESSION, GRACE);
+        let start = session_start(now, Some(now - secs(30.0)), SESSION, GRACE);
         assert_eq!(start + SESSION, now + GRACE);
         // 6 s ago would expire 3 s from now: the grace floor applies;
         // 4 s ago expires 5 s from now, after the floor: the contact wins.
-        let start = session_start(1, now, Some((1, now - secs(6.0))), SESSION, GRACE);
+        let start = session_start(now, Some(now - secs(6.0)), SESSION, GRACE);
         assert_eq!(start, now - secs(5.0));
-        let start = session_start(1, now, Some((1, now - secs(4.0))), SESSION, GRACE);
+        let start = session_start(now, Some(now - secs(4.0)), SESSION, GRACE);
         assert_eq!(start, now - secs(4.0));
         // A grace longer than the session is a full session.
-        let start = session_start(1, now, Some((1, now - secs(4.0))), SESSION, secs(20.0));
+        let start = session_start(now, Some(now - secs(4.0)), SESSION, secs(20.0));
         assert_eq!(start, now);
     }
 
+    /// Controller 1 dies; node 2 leads briefly (its `AppendEntries`
+    /// reach this node), then this node takes over. Controller 1's clock
+    /// still starts at its own last contact: with only the latest leader
+    /// remembered, it got a full session from the takeover.
     #[test]
-    fn contact_keeps_the_latest_leader() {
+    fn contacts_keep_each_leaders_latest() {
         let s = Sessions::default();
         let t = Instant::now();
         s.leader_contact(1, t + secs(1.0));
+        s.leader_contact(1, t + secs(1.5));
         s.leader_contact(2, t + secs(3.0));
         // A late handler with an older arrival time changes nothing.
-        s.leader_contact(1, t + secs(2.0));
-        assert_eq!(s.lock().leader_contact, Some((2, t + secs(3.0))));
+        s.leader_contact(1, t + secs(1.2));
+        let contacts = s.lock().leader_contacts.clone();
+        assert_eq!(
+            contacts,
+            HashMap::from([(1, t + secs(1.5)), (2, t + secs(3.0))])
+        );
+        let now = t + secs(4.0);
+        assert_eq!(
+            session_start(now, contacts.get(&1).copied(), SESSION, GRACE),
+            t + secs(1.5)
+        );
     }
 
     #[test]
