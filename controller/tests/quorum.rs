@@ -423,7 +423,11 @@ async fn t04_silent_broker_is_fenced_and_reregistering_unfences() {
     // Broker 3 goes silent; its Raft node stays up.
     beats[2].cancel();
     for n in &nodes {
-        let s = wait_state(&n.store, "broker 3 fenced", |s| s.brokers[&3].fenced).await;
+        // Other nodes may not have applied everything yet: look up.
+        let s = wait_state(&n.store, "broker 3 fenced", |s| {
+            s.brokers.get(&3).is_some_and(|b| b.fenced)
+        })
+        .await;
         let p2 = &s.topics["f"].partitions[2];
         assert_ne!(p2.leader, 3);
         assert_eq!(p2.leader_epoch, 1);
@@ -444,7 +448,10 @@ async fn t04_silent_broker_is_fenced_and_reregistering_unfences() {
         cancel.clone(),
     );
     for n in &nodes {
-        let s = wait_state(&n.store, "broker 3 unfenced", |s| !s.brokers[&3].fenced).await;
+        let s = wait_state(&n.store, "broker 3 unfenced", |s| {
+            s.brokers.get(&3).is_some_and(|b| !b.fenced)
+        })
+        .await;
         assert!(s.brokers[&3].epoch > epoch3);
     }
 
