@@ -51,8 +51,11 @@ struct SessionState {
     term: Option<u64>,
     /// Broker id → (last heartbeat or registration, broker epoch then).
     last_seen: HashMap<i32, (Instant, i64)>,
-    /// When the controller duties last ran while leading, to notice pauses.
-    last_step: Option<Instant>,
+    /// When the controller loop last ran (a step, or a tick while a step
+    /// waits), to notice that this process was paused.
+    last_alive: Option<Instant>,
+    /// The loop noticed a pause since the last step that led.
+    paused: bool,
     /// Raft leader → when its latest `AppendEntries` that this node
     /// accepted arrived, for every leader heard from since this node last
     /// became the active controller; taken when it becomes it again.
@@ -62,6 +65,16 @@ struct SessionState {
 impl Sessions {
     fn lock(&self) -> std::sync::MutexGuard<'_, SessionState> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The controller loop ran at `now`: notes a pause if it had not run
+    /// for more than half a session.
+    fn note_alive(&self, now: Instant, session: Duration) {
+        let mut s = self.lock();
+        if was_paused(s.last_alive, now, session) {
+            s.paused = true;
+        }
+        s.last_alive = Some(now);
     }
 
     fn heard(&self, id: i32, epoch: i64, now: Instant) {
@@ -103,10 +116,12 @@ pub(crate) fn session_start(
     }
 }
 
-/// Whether the state change from `last_step` to `now` means this process
-/// itself was paused (see `controller_step`).
-fn was_paused(last_step: Option<Instant>, now: Instant, session: Duration) -> bool {
-    last_step.is_some_and(|t| now.duration_since(t) > session / 2)
+/// Whether the controller loop running at `now` after `last_alive` means
+/// this process itself was paused (see `controller_step`). The loop runs
+/// at least every quarter session while the process runs, also while a
+/// step waits for a commit, so a slow commit is not taken for a pause.
+fn was_paused(last_alive: Option<Instant>, now: Instant, session: Duration) -> bool {
+    last_alive.is_some_and(|t| now.duration_since(t) > session / 2)
 }
 
 /// The controller loop, one per node; acts only while the node leads.
@@ -120,6 +135,7 @@ pub(super) async fn run_controller(store: Weak<RaftMetadataStore>, cancel: Cance
             .min(s.config.broker_session_timeout_ms / 4)
             .max(10),
     );
+    let session = Duration::from_millis(s.config.broker_session_timeout_ms);
     drop(s);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -142,9 +158,20 @@ pub(super) async fn run_controller(store: Weak<RaftMetadataStore>, cancel: Cance
             r = state_rx.changed() => if r.is_err() { return },
         }
         let Some(s) = store.upgrade() else { return };
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            next = s.controller_step() => next_expiry = next,
+        s.sessions.note_alive(Instant::now(), session);
+        let step = s.controller_step();
+        tokio::pin!(step);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                next = &mut step => {
+                    next_expiry = next;
+                    break;
+                }
+                // A step waiting for a commit (a fence, say) is not a
+                // pause: keep noting that the loop runs.
+                _ = tick.tick() => s.sessions.note_alive(Instant::now(), session),
+            }
         }
     }
 }
@@ -165,7 +192,9 @@ impl RaftMetadataStore {
         if !leading {
             let mut s = self.sessions.lock();
             s.term = None;
-            s.last_step = None;
+            // A pause while following changes nothing: a new controller
+            // starts its clocks afresh anyway.
+            s.paused = false;
             return None;
         }
         let now = Instant::now();
@@ -173,11 +202,11 @@ impl RaftMetadataStore {
         let state = self.current();
         {
             let mut s = self.sessions.lock();
-            // A step far later than its interval means this process was
-            // paused (SIGSTOP, a VM freeze): nobody could reach it, so
-            // every broker gets a fresh grace period rather than a fence.
-            let paused = was_paused(s.last_step, now, session);
-            s.last_step = Some(now);
+            // The loop not running for far longer than its interval means
+            // this process was paused (SIGSTOP, a VM freeze): nobody could
+            // reach it, so every broker gets a fresh grace period rather
+            // than a fence.
+            let paused = std::mem::take(&mut s.paused);
             if paused {
                 tracing::warn!("controller was paused: fresh broker grace period");
                 s.last_seen.clear();
@@ -631,8 +660,23 @@ mod tests {
         );
     }
 
+    /// A step waiting two sessions for a commit, with the loop ticking
+    /// every quarter session meanwhile, is not a pause; the loop not
+    /// running for more than half a session is.
     #[test]
-    fn pauses_are_steps_more_than_half_a_session_apart() {
+    fn a_slow_step_is_not_a_pause_but_a_silent_loop_is() {
+        let s = Sessions::default();
+        let t = Instant::now();
+        for i in 0..=8 {
+            s.note_alive(t + SESSION / 4 * i, SESSION);
+        }
+        assert!(!s.lock().paused);
+        s.note_alive(t + SESSION * 2 + SESSION / 2 + secs(0.1), SESSION);
+        assert!(s.lock().paused);
+    }
+
+    #[test]
+    fn pauses_are_gaps_of_more_than_half_a_session() {
         let t = Instant::now();
         assert!(!was_paused(None, t, SESSION));
         assert!(!was_paused(Some(t), t + secs(4.5), SESSION));
