@@ -12,6 +12,13 @@
 # segment files, and a fresh cluster's first acks=all batches wait for the
 # followers' first fetches.
 #
+# Finished topics are deleted, and the single node's data (about 5 GB)
+# before the three-node phase. On the development VM (ext4 mounted with
+# `discard`, free page reporting) that deletion stalls the next phase's
+# half-load run: p99 144-285 ms against 3.5-12.3 ms for the same phase
+# without it (benches/RESULTS.md, session 6). Keeping the data instead
+# halved the three-node flat-out rate there, so the script deletes.
+#
 # Needs only cargo and python3. Uses 127.0.0.1 ports 29092 and 39092-39094
 # and a temporary directory it removes afterwards.
 set -euo pipefail
