@@ -411,17 +411,6 @@ impl Client {
         }
     }
 
-    /// A producer client for `topic`-`partition`'s leader.
-    pub(crate) async fn producer_client(
-        &self,
-        topic: &str,
-        partition: i32,
-    ) -> Result<ProducerClient<Channel>, ClientError> {
-        Ok(ProducerClient::new(self.leader(topic, partition).await?)
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX))
-    }
-
     /// A consumer client for `topic`-`partition`'s leader.
     pub(crate) async fn consumer_client(
         &self,

@@ -1,0 +1,545 @@
+//! gRPC message framing that does not copy large `bytes` fields.
+//!
+//! tonic's codec encodes every message into one contiguous buffer and, on
+//! receipt, copies every HTTP/2 DATA frame into another before decoding. For
+//! a produce request or a replica fetch answer that is one extra copy of
+//! every record batch per hop, on top of the socket copies the kernel makes
+//! anyway. On the hot streams (`Producer/ProduceStream`, replica fetch) the
+//! broker and the client frame messages themselves:
+//!
+//! - [`encode`] writes a message as a list of chunks: its small fields are
+//!   encoded into one buffer, and every `bytes` value of at least
+//!   [`CHUNK_MIN`] bytes is its own chunk, shared with the message rather
+//!   than copied. hyper sends each chunk as a DATA frame straight from that
+//!   memory.
+//! - [`Decoder`] collects received DATA frames and decodes a message from
+//!   them without joining them: a `bytes` field that arrived as one frame
+//!   (the common case, since the sender made it one chunk) is a slice of
+//!   that frame. One that straddles frames is copied once.
+//! - [`EncodeBody`] and [`DecodeStream`] put the two on HTTP/2 bodies.
+//!
+//! The bytes on the wire are ordinary gRPC (length-prefixed protobuf,
+//! compression flag 0), so any gRPC client or server interoperates with
+//! these paths.
+
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{buf::UninitSlice, Buf, BufMut, Bytes, BytesMut};
+use http_body::{Body, Frame};
+use prost::Message;
+use tokio_stream::Stream;
+use tonic::Status;
+
+/// The gRPC message prefix: a compression flag and a big-endian length.
+pub const PREFIX_LEN: usize = 5;
+
+/// `bytes` values at least this long are sent as their own chunk instead of
+/// being copied into the message's buffer.
+pub const CHUNK_MIN: usize = 4096;
+
+/// Encodes `msg` as one gRPC length-prefixed message, in chunks.
+///
+/// Concatenated, the chunks are exactly what tonic's codec would send.
+pub fn encode<M: Message>(msg: &M) -> Result<Vec<Bytes>, Status> {
+    let len = msg.encoded_len();
+    let len32 = u32::try_from(len).map_err(|_| {
+        Status::resource_exhausted(format!("message of {len} bytes is too large for gRPC"))
+    })?;
+    let mut out = Chunks {
+        done: Vec::new(),
+        cur: BytesMut::with_capacity(PREFIX_LEN + len.min(512)),
+    };
+    out.cur.put_u8(0);
+    out.cur.put_u32(len32);
+    msg.encode(&mut out)
+        .map_err(|e| Status::internal(format!("encoding a message: {e}")))?;
+    if !out.cur.is_empty() {
+        out.done.push(out.cur.freeze());
+    }
+    Ok(out.done)
+}
+
+/// A [`BufMut`] that keeps large [`Bytes`] values as chunks of their own.
+///
+/// prost writes a `bytes` field with `buf.put(value.clone())`; for a
+/// `Bytes`, `copy_to_bytes` of the whole value is a reference-count bump,
+/// not a copy.
+struct Chunks {
+    done: Vec<Bytes>,
+    cur: BytesMut,
+}
+
+// SAFETY: every method delegates to `BytesMut`'s own implementation of the
+// trait, whose contract it therefore keeps: `chunk_mut` returns `cur`'s
+// spare capacity and `advance_mut` marks that many of those bytes written.
+// `put` only ever appends whole, initialised chunks.
+#[allow(unsafe_code)]
+unsafe impl BufMut for Chunks {
+    fn remaining_mut(&self) -> usize {
+        self.cur.remaining_mut()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        // SAFETY: the caller initialised `cnt` bytes of `chunk_mut()`, which
+        // is `cur`'s spare capacity: `BytesMut::advance_mut`'s contract.
+        unsafe { self.cur.advance_mut(cnt) }
+    }
+
+    fn chunk_mut(&mut self) -> &mut UninitSlice {
+        self.cur.chunk_mut()
+    }
+
+    fn put<T: Buf>(&mut self, mut src: T)
+    where
+        Self: Sized,
+    {
+        let n = src.remaining();
+        if n >= CHUNK_MIN {
+            if !self.cur.is_empty() {
+                self.done.push(self.cur.split().freeze());
+            }
+            self.done.push(src.copy_to_bytes(n));
+        } else {
+            self.cur.put(src);
+        }
+    }
+
+    fn put_slice(&mut self, src: &[u8]) {
+        self.cur.put_slice(src);
+    }
+}
+
+/// Reassembles gRPC messages from received DATA frames.
+#[derive(Debug)]
+pub struct Decoder {
+    frames: VecDeque<Bytes>,
+    buffered: usize,
+    max: usize,
+}
+
+impl Decoder {
+    /// A decoder refusing messages longer than `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            frames: VecDeque::new(),
+            buffered: 0,
+            max,
+        }
+    }
+
+    /// Bytes received and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buffered
+    }
+
+    /// Adds one received frame.
+    pub fn push(&mut self, frame: Bytes) {
+        if !frame.is_empty() {
+            self.buffered += frame.len();
+            self.frames.push_back(frame);
+        }
+    }
+
+    /// The next whole message, or `None` until more frames arrive.
+    pub fn next_message<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
+        if self.buffered < PREFIX_LEN {
+            return Ok(None);
+        }
+        let mut prefix = [0u8; PREFIX_LEN];
+        let mut filled = 0;
+        for f in &self.frames {
+            let n = f.len().min(PREFIX_LEN - filled);
+            prefix[filled..filled + n].copy_from_slice(&f[..n]);
+            filled += n;
+            if filled == PREFIX_LEN {
+                break;
+            }
+        }
+        match prefix[0] {
+            0 => {}
+            1 => {
+                return Err(Status::unimplemented(
+                    "compressed gRPC messages are not accepted on this stream",
+                ));
+            }
+            flag => {
+                return Err(Status::internal(format!(
+                    "invalid gRPC compression flag {flag}"
+                )));
+            }
+        }
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        if len > self.max {
+            return Err(Status::out_of_range(format!(
+                "message of {len} bytes exceeds the limit of {} bytes",
+                self.max
+            )));
+        }
+        if self.buffered < PREFIX_LEN + len {
+            return Ok(None);
+        }
+        self.take(PREFIX_LEN).advance(PREFIX_LEN);
+        let body = self.take(len);
+        M::decode(body)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("decoding a message: {e}")))
+    }
+
+    /// Removes the first `len` buffered bytes, as a rope of frames.
+    fn take(&mut self, len: usize) -> Rope {
+        let mut parts = VecDeque::new();
+        let mut need = len;
+        while need > 0 {
+            let front = self.frames.front_mut().expect("take within buffered");
+            if front.len() <= need {
+                need -= front.len();
+                parts.push_back(self.frames.pop_front().expect("front exists"));
+            } else {
+                parts.push_back(front.split_to(need));
+                need = 0;
+            }
+        }
+        self.buffered -= len;
+        Rope {
+            parts,
+            remaining: len,
+        }
+    }
+}
+
+/// Consecutive frames read as one [`Buf`]; `copy_to_bytes` within one frame
+/// is a slice of it.
+struct Rope {
+    parts: VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl Buf for Rope {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.front().map(|b| &b[..]).unwrap_or(&[])
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.remaining, "advance past the end of a message");
+        self.remaining -= cnt;
+        while cnt > 0 {
+            let front = self.parts.front_mut().expect("advance within remaining");
+            if front.len() <= cnt {
+                cnt -= front.len();
+                self.parts.pop_front();
+            } else {
+                front.advance(cnt);
+                cnt = 0;
+            }
+        }
+    }
+
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        assert!(
+            len <= self.remaining,
+            "copy_to_bytes past the end of a message"
+        );
+        match self.parts.front_mut() {
+            Some(front) if front.len() >= len => {
+                let out = front.split_to(len);
+                if front.is_empty() {
+                    self.parts.pop_front();
+                }
+                self.remaining -= len;
+                out
+            }
+            _ => {
+                let mut out = BytesMut::with_capacity(len);
+                out.put(self.take(len));
+                out.freeze()
+            }
+        }
+    }
+}
+
+/// An HTTP/2 body sending a stream of messages with [`encode`].
+///
+/// A server's body ends with `grpc-status` trailers (an `Err` item ends the
+/// call with that status); a client's request body just ends.
+pub struct EncodeBody<S> {
+    messages: S,
+    pending: VecDeque<Bytes>,
+    trailers: bool,
+    done: bool,
+}
+
+impl<S> EncodeBody<S> {
+    /// A client's request body.
+    pub fn client(messages: S) -> Self {
+        Self {
+            messages,
+            pending: VecDeque::new(),
+            trailers: false,
+            done: false,
+        }
+    }
+
+    /// A server's response body, ending with `grpc-status` trailers.
+    pub fn server(messages: S) -> Self {
+        Self {
+            trailers: true,
+            ..Self::client(messages)
+        }
+    }
+
+    fn finish(&mut self, status: Option<Status>) -> Option<Result<Frame<Bytes>, Status>> {
+        self.done = true;
+        if !self.trailers {
+            return status.map(Err);
+        }
+        let status = status.unwrap_or_else(|| Status::ok(""));
+        let mut headers = http::HeaderMap::new();
+        match status.add_header(&mut headers) {
+            Ok(()) => Some(Ok(Frame::trailers(headers))),
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
+impl<S, M> Body for EncodeBody<S>
+where
+    S: Stream<Item = Result<M, Status>> + Unpin,
+    M: Message,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(chunk) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut this.messages).poll_next(cx)) {
+                Some(Ok(msg)) => match encode(&msg) {
+                    Ok(chunks) => this.pending.extend(chunks),
+                    Err(status) => return Poll::Ready(this.finish(Some(status))),
+                },
+                Some(Err(status)) => return Poll::Ready(this.finish(Some(status))),
+                None => return Poll::Ready(this.finish(None)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pending.is_empty()
+    }
+}
+
+/// The messages of a received HTTP/2 body, decoded with [`Decoder`].
+///
+/// Trailers are ignored: a request body has none, and a client reading a
+/// response should use tonic's `Streaming`, which interprets them.
+pub struct DecodeStream<B, M> {
+    body: B,
+    decoder: Decoder,
+    done: bool,
+    _message: PhantomData<fn() -> M>,
+}
+
+impl<B, M> DecodeStream<B, M> {
+    /// Decodes `body`, refusing messages longer than `max` bytes.
+    pub fn new(body: B, max: usize) -> Self {
+        Self {
+            body,
+            decoder: Decoder::new(max),
+            done: false,
+            _message: PhantomData,
+        }
+    }
+}
+
+impl<B, M> Stream for DecodeStream<B, M>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+    M: Message + Default,
+{
+    type Item = Result<M, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.decoder.next_message() {
+                Ok(Some(msg)) => return Poll::Ready(Some(Ok(msg))),
+                Ok(None) => {}
+                Err(status) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+            }
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.decoder.push(data);
+                    }
+                }
+                Some(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(Status::cancelled(format!(
+                        "the stream broke: {e}"
+                    )))));
+                }
+                None => {
+                    this.done = true;
+                    if this.decoder.buffered() > 0 {
+                        return Poll::Ready(Some(Err(Status::internal(format!(
+                            "the stream ended inside a message ({} bytes left over)",
+                            this.decoder.buffered()
+                        )))));
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::ProduceRequest;
+
+    fn request(batch_len: usize) -> ProduceRequest {
+        ProduceRequest {
+            topic: "orders".into(),
+            partition: Some(3),
+            batch: Bytes::from((0..batch_len).map(|i| i as u8).collect::<Vec<_>>()),
+            correlation_id: 42,
+            producer_id: 7,
+            base_sequence: 9,
+            ..Default::default()
+        }
+    }
+
+    fn tonic_bytes<M: Message>(msg: &M) -> Vec<u8> {
+        let body = msg.encode_to_vec();
+        let mut out = vec![0];
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn chunks_concatenate_to_the_standard_encoding_and_share_the_batch() {
+        for len in [0, 10, CHUNK_MIN - 1, CHUNK_MIN, 65536] {
+            let req = request(len);
+            let chunks = encode(&req).unwrap();
+            assert_eq!(chunks.concat(), tonic_bytes(&req), "batch of {len} bytes");
+            let shared = chunks.iter().any(|c| c.as_ptr() == req.batch.as_ptr());
+            assert_eq!(shared, len >= CHUNK_MIN, "batch of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn a_batch_received_as_its_own_frame_is_not_copied() {
+        let req = request(65536);
+        let mut d = Decoder::new(1 << 20);
+        let chunks = encode(&req).unwrap();
+        let batch_frame = chunks.iter().find(|c| c.len() == 65536).unwrap().as_ptr();
+        for c in chunks {
+            d.push(c);
+        }
+        let got: ProduceRequest = d.next_message().unwrap().unwrap();
+        assert_eq!(got, req);
+        assert_eq!(got.batch.as_ptr(), batch_frame);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn messages_split_and_joined_at_any_boundary_decode_the_same() {
+        let msgs = [request(5000), request(3), request(70000)];
+        let wire: Vec<u8> = msgs.iter().flat_map(tonic_bytes).collect();
+        for step in [1, 2, 5, 7, 4096, 5005, 100_000] {
+            let mut d = Decoder::new(1 << 20);
+            let mut got = Vec::new();
+            for piece in wire.chunks(step) {
+                d.push(Bytes::copy_from_slice(piece));
+                while let Some(m) = d.next_message::<ProduceRequest>().unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, msgs, "frames of {step} bytes");
+            assert_eq!(d.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn oversized_compressed_and_garbled_messages_are_refused() {
+        let wire = tonic_bytes(&request(100));
+        let mut d = Decoder::new(50);
+        d.push(Bytes::from(wire.clone()));
+        let e = d.next_message::<ProduceRequest>().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+
+        let mut compressed = wire.clone();
+        compressed[0] = 1;
+        let mut d = Decoder::new(1 << 20);
+        d.push(Bytes::from(compressed));
+        let e = d.next_message::<ProduceRequest>().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
+
+        // A length-delimited field claiming more bytes than the message has.
+        let garbled = [0u8, 0, 0, 0, 2, 0x0a, 0x7f];
+        let mut d = Decoder::new(1 << 20);
+        d.push(Bytes::copy_from_slice(&garbled));
+        let e = d.next_message::<ProduceRequest>().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal, "{e}");
+    }
+
+    #[tokio::test]
+    async fn bodies_round_trip_and_a_server_body_ends_with_its_status() {
+        use http_body_util::BodyExt;
+        let msgs = vec![request(10), request(10_000)];
+        let items: Vec<Result<ProduceRequest, Status>> = msgs.iter().cloned().map(Ok).collect();
+        let body = EncodeBody::client(tokio_stream::iter(items));
+        let mut stream = DecodeStream::<_, ProduceRequest>::new(body, 1 << 20);
+        let mut got = Vec::new();
+        while let Some(m) = tokio_stream::StreamExt::next(&mut stream).await {
+            got.push(m.unwrap());
+        }
+        assert_eq!(got, msgs);
+
+        let items: Vec<Result<ProduceRequest, Status>> =
+            vec![Ok(request(1)), Err(Status::aborted("gone"))];
+        let collected = EncodeBody::server(tokio_stream::iter(items))
+            .collect()
+            .await
+            .unwrap();
+        let trailers = collected.trailers().cloned().unwrap();
+        let status = Status::from_header_map(&trailers).unwrap();
+        assert_eq!(status.code(), tonic::Code::Aborted);
+        assert_eq!(status.message(), "gone");
+        assert_eq!(collected.to_bytes().to_vec(), tonic_bytes(&request(1)));
+
+        let ok = EncodeBody::server(tokio_stream::iter(
+            Vec::<Result<ProduceRequest, Status>>::new(),
+        ))
+        .collect()
+        .await
+        .unwrap();
+        let status = Status::from_header_map(ok.trailers().unwrap()).unwrap();
+        assert_eq!(status.code(), tonic::Code::Ok);
+    }
+}
