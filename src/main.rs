@@ -16,15 +16,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // A perf tool is one producer or consumer: its work (encoding batches,
-    // one stream per partition) gains nothing from a second worker thread,
-    // which only adds cross-thread wake-ups and contends with the brokers
-    // for the cores (benches/RESULTS.md, session 4, row 14). A server
-    // takes its count from `worker_threads`.
-    if let Some(n) = job.worker_threads() {
-        builder.worker_threads(n);
-    }
+    // A perf tool is one producer or consumer: it runs on the main thread
+    // alone (`Some(0)`). A second thread only added cross-thread wake-ups
+    // and contended with the brokers for the cores (benches/RESULTS.md,
+    // rows 14 and 23). A server takes its count from `worker_threads`.
+    let mut builder = match job.worker_threads() {
+        Some(0) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

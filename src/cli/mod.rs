@@ -104,15 +104,16 @@ impl Job {
         })
     }
 
-    /// The runtime's worker threads, when not one per core.
-    /// `TOKIO_WORKER_THREADS` overrides the perf tools' one thread; a
-    /// server's `worker_threads` overrides it.
+    /// The runtime's worker threads, when not one per core; `Some(0)`
+    /// asks for no worker at all: everything runs on the calling thread.
+    /// The perf tools run that way unless `TOKIO_WORKER_THREADS` is set; a
+    /// server's `worker_threads` sets its count.
     pub fn worker_threads(&self) -> Option<usize> {
         match self {
             Job::Server(server) => server.worker_threads(),
-            Job::Command(cli) => (cli.command.one_worker()
+            Job::Command(cli) => (cli.command.one_thread()
                 && std::env::var_os("TOKIO_WORKER_THREADS").is_none())
-            .then_some(1),
+            .then_some(0),
         }
     }
 
@@ -125,12 +126,16 @@ impl Job {
 }
 
 impl Command {
-    /// Whether this command runs on one runtime worker thread: the `perf`
-    /// tools, one producer or consumer each, which never block the thread.
+    /// Whether this command runs on one thread: the `perf` tools, one
+    /// producer or consumer each, which never block the thread. A tool
+    /// driving its work from the main thread while the runtime's worker
+    /// ran its streams paid a cross-thread wake-up per batch, and three
+    /// busy threads (two of them the client's) contended with the broker
+    /// for two cores (`benches/RESULTS.md`, rows 14 and 23).
     /// Other commands keep a worker per core: `consume` writes to stdout
     /// with blocking writes (a slow pipe must not stall a group member's
     /// heartbeats), `user add` reads stdin, and `server`/`dev` are brokers.
-    pub fn one_worker(&self) -> bool {
+    pub fn one_thread(&self) -> bool {
         matches!(self, Command::Perf(_))
     }
 }
