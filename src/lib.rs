@@ -14,6 +14,8 @@
 //! - [`partition`]: a hosted partition and topic-config → storage mapping.
 //! - [`partitioner`]: Kafka-compatible murmur2 key hashing.
 //! - [`service`]: tonic adapters.
+//! - [`rpc`]: the streaming calls that carry record batches (produce,
+//!   replica fetch), framed without tonic's codec copies.
 //! - [`replica`]: replication I/O: the leader's `Replication` service and
 //!   the follower fetchers.
 //! - [`group`]: consumer groups: assignors, group state machine and the
@@ -34,6 +36,7 @@ pub mod metrics;
 pub mod partition;
 pub mod partitioner;
 pub mod replica;
+pub mod rpc;
 pub mod security;
 pub mod server;
 pub mod service;

@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use runnel_controller::raft::spawn_heartbeat;
 use runnel_controller::{MetadataError, MetadataStore, RaftConfig, RaftMetadataStore};
-use runnel_proto::v1::internal::replication_server::ReplicationServer;
 use runnel_proto::v1::{
     admin_server::AdminServer, consumer_groups_server::ConsumerGroupsServer,
-    consumer_server::ConsumerServer, producer_server::ProducerServer,
-    security_server::SecurityServer,
+    consumer_server::ConsumerServer, security_server::SecurityServer,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -22,11 +20,8 @@ use tracing::{info, warn};
 use crate::broker::Broker;
 use crate::config::{ConfigError, ServerConfig};
 use crate::error::BrokerError;
-use crate::replica::ReplicationService;
 use crate::security::{AuthLayer, Security};
-use crate::service::{
-    AdminService, ConsumerService, GroupsService, ProducerService, SecurityService,
-};
+use crate::service::{AdminService, ConsumerService, GroupsService, SecurityService};
 
 /// HTTP/2 receive window per stream (bytes).
 pub const HTTP2_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
@@ -245,17 +240,11 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
             .tcp_nodelay(true)
             .layer(AuthLayer::new(security.clone()))
     };
-    let replication = ReplicationServer::new(ReplicationService::new(broker.clone()))
-        .max_decoding_message_size(message_max)
-        .max_encoding_message_size(message_max);
+    let replication = crate::replica::service::replication_server(broker.clone(), message_max);
     let router = builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
-            ProducerServer::new(ProducerService::new(broker.clone()))
-                .max_decoding_message_size(message_max)
-                .max_encoding_message_size(message_max),
-        )
+        .add_service(crate::service::producer_server(broker.clone(), message_max))
         .add_service(
             ConsumerServer::new(ConsumerService::new(broker.clone()))
                 .max_decoding_message_size(message_max)

@@ -238,3 +238,109 @@ async fn reflection_and_health_answer() {
         );
     }
 }
+
+/// A client that breaks its produce stream in the middle of a message: the
+/// batches answered before stay, nothing of the broken one is appended, and
+/// the partition takes the next produce at the next offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_stream_broken_mid_message_appends_nothing_of_it() {
+    use http_body_util::StreamBody;
+    use tower::ServiceExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let url = format!("http://{}", server.addr);
+    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    admin
+        .create_topic(pb::CreateTopicRequest {
+            name: "cut".into(),
+            partitions: 1,
+            replication_factor: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let request = |id: u64, value: String| pb::ProduceRequest {
+        topic: "cut".into(),
+        partition: Some(0),
+        records: vec![pb::Record {
+            value: Some(value.into()),
+            ..Default::default()
+        }],
+        acks: pb::Acks::Leader as i32,
+        correlation_id: id,
+        ..Default::default()
+    };
+    let grpc = |m: &pb::ProduceRequest| runnel_proto::wire::encode(m).unwrap().concat();
+
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (frames, rx) =
+        tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>(4);
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let call = http::Request::builder()
+        .method("POST")
+        .uri("/runnel.v1.Producer/ProduceStream")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(body))
+        .unwrap();
+    let first = grpc(&request(1, "kept".into()));
+    frames
+        .send(Ok(http_body::Frame::data(first.into())))
+        .await
+        .unwrap();
+    let response = channel.oneshot(call).await.unwrap();
+    let mut answers = runnel_proto::wire::DecodeStream::<_, pb::ProduceResponse>::new(
+        response.into_body(),
+        1 << 20,
+    );
+    let answer = answers.next().await.unwrap().unwrap();
+    assert_eq!(
+        (answer.correlation_id, answer.base_offset, answer.error_code),
+        (1, 0, 0)
+    );
+
+    // Half of a 20 KB message, then the client goes away.
+    let broken = grpc(&request(2, "x".repeat(20_000)));
+    frames
+        .send(Ok(http_body::Frame::data(broken[..10_000].to_vec().into())))
+        .await
+        .unwrap();
+    frames
+        .send(Err(tonic::Status::cancelled("client gone")))
+        .await
+        .unwrap();
+    drop(frames);
+    while let Some(a) = answers.next().await {
+        assert!(a.is_err(), "no answer for a broken message: {a:?}");
+    }
+
+    let mut producer = ProducerClient::connect(url.clone()).await.unwrap();
+    let next = producer
+        .produce(request(3, "after".into()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((next.base_offset, next.error_code), (1, 0));
+    let mut consumer = ConsumerClient::connect(url).await.unwrap();
+    let fetched = consumer
+        .fetch(pb::FetchRequest {
+            topic: "cut".into(),
+            partition: 0,
+            offset: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let values: Vec<Vec<u8>> = fetched
+        .records
+        .iter()
+        .map(|r| r.value.clone().unwrap().to_vec())
+        .collect();
+    assert_eq!(values, [b"kept".to_vec(), b"after".to_vec()]);
+}

@@ -346,8 +346,9 @@ where
 
 /// The messages of a received HTTP/2 body, decoded with [`Decoder`].
 ///
-/// Trailers are ignored: a request body has none, and a client reading a
-/// response should use tonic's `Streaming`, which interprets them.
+/// A response whose trailers carry a failed `grpc-status` ends with that
+/// status as an `Err` item; one that ends inside a message ends with an
+/// `Err` too.
 pub struct DecodeStream<B, M> {
     body: B,
     decoder: Decoder,
@@ -390,11 +391,21 @@ where
                 }
             }
             match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        this.decoder.push(data);
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.decoder.push(data),
+                    Err(frame) => {
+                        // A response's trailers: a failed call ends with
+                        // its status.
+                        let failed = frame
+                            .trailers_ref()
+                            .and_then(Status::from_header_map)
+                            .filter(|s| s.code() != tonic::Code::Ok);
+                        if let Some(status) = failed {
+                            this.done = true;
+                            return Poll::Ready(Some(Err(status)));
+                        }
                     }
-                }
+                },
                 Some(Err(e)) => {
                     this.done = true;
                     return Poll::Ready(Some(Err(Status::cancelled(format!(
@@ -532,6 +543,18 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Aborted);
         assert_eq!(status.message(), "gone");
         assert_eq!(collected.to_bytes().to_vec(), tonic_bytes(&request(1)));
+
+        let items: Vec<Result<ProduceRequest, Status>> =
+            vec![Ok(request(1)), Err(Status::aborted("gone"))];
+        let mut decoded = DecodeStream::<_, ProduceRequest>::new(
+            EncodeBody::server(tokio_stream::iter(items)),
+            1 << 20,
+        );
+        use tokio_stream::StreamExt;
+        assert_eq!(decoded.next().await.unwrap().unwrap(), request(1));
+        let e = decoded.next().await.unwrap().unwrap_err();
+        assert_eq!((e.code(), e.message()), (tonic::Code::Aborted, "gone"));
+        assert!(decoded.next().await.is_none());
 
         let ok = EncodeBody::server(tokio_stream::iter(
             Vec::<Result<ProduceRequest, Status>>::new(),

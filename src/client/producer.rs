@@ -810,7 +810,10 @@ struct Queued {
     sent_at: Option<Instant>,
 }
 
-type Responses = tonic::Streaming<pb::ProduceResponse>;
+type Responses = runnel_proto::wire::DecodeStream<
+    tonic::service::interceptor::ResponseBody<tonic::body::Body>,
+    pb::ProduceResponse,
+>;
 type ProduceStream = (mpsc::Sender<pb::ProduceRequest>, Responses);
 
 /// One partition's pipelined stream to its leader, with retries.
@@ -1053,49 +1056,17 @@ async fn open_stream(
     partition: i32,
     depth: usize,
 ) -> Result<(mpsc::Sender<pb::ProduceRequest>, Responses), ClientError> {
-    use tonic::codec::Codec;
-    use tower::{Service, ServiceExt};
     let mut channel = client.leader(topic, partition).await?;
     let (tx, rx) = mpsc::channel(depth);
-    // The request body is framed by `runnel_proto::wire`, which sends each
-    // batch from the caller's buffer; tonic's codec would first copy it
-    // into its own (benches/RESULTS.md, row 22). Answers are small and go
-    // through tonic's decoder, which also reads the call's final status.
-    let body = runnel_proto::wire::EncodeBody::client(
-        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, tonic::Status>),
-    );
-    let request = http::Request::builder()
-        .method(http::Method::POST)
-        .uri(PRODUCE_STREAM_PATH)
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
-        .body(tonic::body::Body::new(body))
-        .map_err(|e| ClientError::Invalid(format!("building a produce stream request: {e}")))?;
-    let response = channel
-        .ready()
-        .await
-        .map_err(|e| tonic::Status::from_error(e.into()))?
-        .call(request)
-        .await
-        .map_err(|e| tonic::Status::from_error(e.into()))?;
-    let decoder =
-        tonic_prost::ProstCodec::<pb::ProduceRequest, pb::ProduceResponse>::default().decoder();
-    let status_code = response.status();
-    // A call refused before it started answers with its status in the
-    // headers and no body ("trailers-only").
-    let responses = match tonic::Status::from_header_map(response.headers()) {
-        Some(status) if status.code() != tonic::Code::Ok => return Err(status.into()),
-        Some(_) => tonic::Streaming::new_empty(decoder, response.into_body()),
-        None => tonic::Streaming::new_response(
-            decoder,
-            response.into_body(),
-            status_code,
-            None,
-            Some(super::MESSAGE_BYTES_MAX),
-        ),
-    };
+    // Framed by `crate::rpc`: each batch is sent from this producer's own
+    // buffer, where tonic's codec would first copy it into its own
+    // (benches/RESULTS.md, row 22).
+    let responses = crate::rpc::call_stream(
+        &mut channel,
+        crate::service::PRODUCE_STREAM_PATH,
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        super::MESSAGE_BYTES_MAX,
+    )
+    .await?;
     Ok((tx, responses))
 }
-
-/// The streaming produce call's HTTP/2 path.
-const PRODUCE_STREAM_PATH: &str = "/runnel.v1.Producer/ProduceStream";

@@ -126,7 +126,7 @@ fn same_assignments(a: &Assignments, b: &Assignments) -> bool {
 
 type Stream = (
     mpsc::Sender<ipb::ReplicaFetchRequest>,
-    tonic::Streaming<ipb::ReplicaFetchResponse>,
+    runnel_proto::wire::DecodeStream<tonic::body::Body, ipb::ReplicaFetchResponse>,
 );
 
 async fn run_fetcher(
@@ -199,6 +199,7 @@ async fn run_fetcher(
         let round = fetch_round(
             &broker,
             &mut client,
+            &channel,
             &mut stream,
             &current,
             &mut truncated,
@@ -248,6 +249,7 @@ pub struct ReplicaSettings {
 async fn fetch_round(
     broker: &Broker,
     client: &mut ReplicationClient<Channel>,
+    channel: &Channel,
     stream: &mut Option<Stream>,
     assigned: &Assignments,
     truncated: &mut HashMap<(String, i32), i32>,
@@ -263,11 +265,16 @@ async fn fetch_round(
     }
     if stream.is_none() {
         let (tx, rx) = mpsc::channel(1);
-        let responses = client
-            .replica_fetch(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|s| s.to_string())?
-            .into_inner();
+        // Framed by `crate::rpc`: the leader's batches are decoded as
+        // slices of the received frames, not copied into tonic's buffer.
+        let responses = crate::rpc::call_stream(
+            &mut channel.clone(),
+            super::service::REPLICA_FETCH_PATH,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            crate::client::MESSAGE_BYTES_MAX,
+        )
+        .await
+        .map_err(|s| s.to_string())?;
         *stream = Some((tx, responses));
     }
     let (tx, responses) = stream.as_mut().expect("opened above");

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runnel_proto::v1::internal as ipb;
-use runnel_proto::v1::internal::replication_server::Replication;
+use runnel_proto::v1::internal::replication_server::{Replication, ReplicationServer};
 use runnel_proto::v1::ErrorCode;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use crate::broker::{now_ms, Broker};
+use crate::rpc::RawStream;
 
 /// Serves follower fetches.
 #[derive(Debug, Clone)]
@@ -113,21 +114,10 @@ impl Replication for ReplicationService {
         &self,
         request: Request<Streaming<ipb::ReplicaFetchRequest>>,
     ) -> Result<Response<Self::ReplicaFetchStream>, Status> {
-        let mut input = request.into_inner();
-        let broker = self.broker.clone();
-        let output = crate::service::async_stream(move |tx| async move {
-            while let Some(next) = input.next().await {
-                let response = match next {
-                    Ok(req) => Ok(serve_fetch(&broker, req).await),
-                    Err(status) => Err(status),
-                };
-                let failed = response.is_err();
-                if tx.send(response).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(output))
+        Ok(Response::new(fetch_stream(
+            self.broker.clone(),
+            request.into_inner(),
+        )))
     }
 
     async fn offset_for_leader_epoch(
@@ -149,4 +139,48 @@ impl Replication for ReplicationService {
         }
         Ok(Response::new(out))
     }
+}
+
+/// The replica fetch call's HTTP/2 path, served by [`fetch_stream`] through
+/// [`crate::rpc::RawStream`].
+pub const REPLICA_FETCH_PATH: &str = "/runnel.v1.internal.Replication/ReplicaFetch";
+
+/// The `Replication` service: `ReplicaFetch` framed by [`crate::rpc`] (the
+/// batches it sends skip tonic's codec copy), the other method by tonic.
+pub fn replication_server(
+    broker: Arc<Broker>,
+    message_max: usize,
+) -> RawStream<
+    ReplicationServer<ReplicationService>,
+    ipb::ReplicaFetchRequest,
+    ipb::ReplicaFetchResponse,
+> {
+    let tonic = ReplicationServer::new(ReplicationService::new(broker.clone()))
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+    RawStream::new(tonic, REPLICA_FETCH_PATH, message_max, move |request| {
+        Ok(fetch_stream(broker.clone(), request.into_inner()))
+    })
+}
+
+/// Answers a follower's stream of fetch requests, one at a time.
+fn fetch_stream<S>(broker: Arc<Broker>, mut input: S) -> FetchStream
+where
+    S: tokio_stream::Stream<Item = Result<ipb::ReplicaFetchRequest, Status>>
+        + Send
+        + Unpin
+        + 'static,
+{
+    crate::service::async_stream(move |tx| async move {
+        while let Some(next) = input.next().await {
+            let response = match next {
+                Ok(req) => Ok(serve_fetch(&broker, req).await),
+                Err(status) => Err(status),
+            };
+            let failed = response.is_err();
+            if tx.send(response).await.is_err() || failed {
+                return;
+            }
+        }
+    })
 }

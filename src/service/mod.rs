@@ -10,7 +10,7 @@ mod security;
 pub use admin::AdminService;
 pub use consumer::ConsumerService;
 pub use groups::GroupsService;
-pub use producer::ProducerService;
+pub use producer::{producer_server, ProducerService, PRODUCE_STREAM_PATH};
 pub use security::SecurityService;
 
 pub(crate) use producer::async_stream;

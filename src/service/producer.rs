@@ -4,11 +4,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use runnel_proto::v1 as pb;
-use runnel_proto::v1::producer_server::Producer;
+use runnel_proto::v1::producer_server::{Producer, ProducerServer};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::broker::Broker;
+use crate::rpc::RawStream;
 use crate::security::{self, Direction};
 use runnel_controller::security::{Operation, ResourceType};
 
@@ -25,7 +26,7 @@ impl ProducerService {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::ProduceResponse, Status>> + Send>>;
+pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::ProduceResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Producer for ProducerService {
@@ -75,80 +76,117 @@ impl Producer for ProducerService {
         request: Request<Streaming<pb::ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         let principal = security::principal_of(&request);
-        let mut input = request.into_inner();
-        let broker = self.broker.clone();
-        // Requests are appended in arrival order, one at a time, so a
-        // partition's batches keep the order the client sent them in; the
-        // waits for replicas (acks=all) overlap, and answers leave in
-        // request order.
-        let output = async_stream(move |tx| async move {
-            use futures_util::stream::FuturesOrdered;
-            let mut waiting = FuturesOrdered::new();
-            let mut open = true;
-            loop {
-                tokio::select! {
-                    next = input.next(), if open && waiting.len() < STREAM_IN_FLIGHT_MAX => {
-                        let req = match next {
-                            Some(Ok(req)) => req,
-                            Some(Err(status)) => {
-                                let _ = tx.send(Err(status)).await;
-                                return;
-                            }
-                            None => {
-                                open = false;
-                                continue;
-                            }
-                        };
-                        let correlation_id = req.correlation_id;
-                        let (topic, partition) = (req.topic.clone(), req.partition.unwrap_or(-1));
-                        let allowed = broker.security().is_none_or(|s| {
-                            s.allowed(&principal, ResourceType::Topic, &topic, Operation::Write)
-                        });
-                        let delay = security::throttle(
-                            &broker,
-                            &principal,
-                            Direction::Produce,
-                            prost::Message::encoded_len(&req) as u64,
-                        );
-                        let answer_at = security::answer_deadline(delay);
-                        let appended = if allowed {
-                            broker.produce_append(req).await
-                        } else {
-                            Err(crate::error::BrokerError::NotAuthorized {
-                                reason: format!(
-                                    "principal '{}' may not Write topic '{topic}'",
-                                    principal.name()
-                                ),
-                            })
-                        };
-                        let broker = broker.clone();
-                        waiting.push_back(async move {
-                            let result = match appended {
-                                Ok(a) => broker.produce_complete(a).await,
-                                Err(e) => Err(e),
-                            };
-                            let response = result.unwrap_or_else(|e| failed_response(correlation_id, topic, partition, e));
-                            // Quota exceeded: the answer waits, it does not fail.
-                            security::hold_until(answer_at).await;
-                            response
-                        });
-                    }
-                    Some(response) = waiting.next(), if !waiting.is_empty() => {
-                        if response.error_code == 0 && broker.take_failpoint(DROP_RESPONSE_FAILPOINT) {
-                            // As if the connection broke after the append.
-                            let _ = tx.send(Err(Status::unavailable("failpoint: response dropped after append"))).await;
+        Ok(Response::new(produce_stream(
+            self.broker.clone(),
+            principal,
+            request.into_inner(),
+        )))
+    }
+}
+
+/// The `Producer` service: `ProduceStream` framed by [`crate::rpc`] (its
+/// batches skip tonic's codec copies), the other methods by tonic.
+pub fn producer_server(
+    broker: Arc<Broker>,
+    message_max: usize,
+) -> RawStream<ProducerServer<ProducerService>, pb::ProduceRequest, pb::ProduceResponse> {
+    let tonic = ProducerServer::new(ProducerService::new(broker.clone()))
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+    RawStream::new(tonic, PRODUCE_STREAM_PATH, message_max, move |request| {
+        let principal = security::principal_of(&request);
+        Ok(produce_stream(
+            broker.clone(),
+            principal,
+            request.into_inner(),
+        ))
+    })
+}
+
+/// The streaming produce call's HTTP/2 path, served by [`produce_stream`]
+/// through [`crate::rpc::RawStream`].
+pub const PRODUCE_STREAM_PATH: &str = "/runnel.v1.Producer/ProduceStream";
+
+/// Answers a stream of produce requests from `principal`.
+pub fn produce_stream<S>(
+    broker: Arc<Broker>,
+    principal: security::Principal,
+    mut input: S,
+) -> ResponseStream
+where
+    S: Stream<Item = Result<pb::ProduceRequest, Status>> + Send + Unpin + 'static,
+{
+    // Requests are appended in arrival order, one at a time, so a
+    // partition's batches keep the order the client sent them in; the
+    // waits for replicas (acks=all) overlap, and answers leave in
+    // request order.
+    let output = async_stream(move |tx| async move {
+        use futures_util::stream::FuturesOrdered;
+        let mut waiting = FuturesOrdered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                next = input.next(), if open && waiting.len() < STREAM_IN_FLIGHT_MAX => {
+                    let req = match next {
+                        Some(Ok(req)) => req,
+                        Some(Err(status)) => {
+                            let _ = tx.send(Err(status)).await;
                             return;
                         }
-                        if tx.send(Ok(response)).await.is_err() {
-                            return; // client went away
+                        None => {
+                            open = false;
+                            continue;
                         }
-                    }
-                    else => return,
+                    };
+                    let correlation_id = req.correlation_id;
+                    let (topic, partition) = (req.topic.clone(), req.partition.unwrap_or(-1));
+                    let allowed = broker.security().is_none_or(|s| {
+                        s.allowed(&principal, ResourceType::Topic, &topic, Operation::Write)
+                    });
+                    let delay = security::throttle(
+                        &broker,
+                        &principal,
+                        Direction::Produce,
+                        prost::Message::encoded_len(&req) as u64,
+                    );
+                    let answer_at = security::answer_deadline(delay);
+                    let appended = if allowed {
+                        broker.produce_append(req).await
+                    } else {
+                        Err(crate::error::BrokerError::NotAuthorized {
+                            reason: format!(
+                                "principal '{}' may not Write topic '{topic}'",
+                                principal.name()
+                            ),
+                        })
+                    };
+                    let broker = broker.clone();
+                    waiting.push_back(async move {
+                        let result = match appended {
+                            Ok(a) => broker.produce_complete(a).await,
+                            Err(e) => Err(e),
+                        };
+                        let response = result.unwrap_or_else(|e| failed_response(correlation_id, topic, partition, e));
+                        // Quota exceeded: the answer waits, it does not fail.
+                        security::hold_until(answer_at).await;
+                        response
+                    });
                 }
+                Some(response) = waiting.next(), if !waiting.is_empty() => {
+                    if response.error_code == 0 && broker.take_failpoint(DROP_RESPONSE_FAILPOINT) {
+                        // As if the connection broke after the append.
+                        let _ = tx.send(Err(Status::unavailable("failpoint: response dropped after append"))).await;
+                        return;
+                    }
+                    if tx.send(Ok(response)).await.is_err() {
+                        return; // client went away
+                    }
+                }
+                else => return,
             }
-        });
-        Ok(Response::new(output))
-    }
+        }
+    });
+    output
 }
 
 /// One-shot failpoint (file `DATA_DIR/failpoints/produce-drop-response`,

@@ -1,0 +1,338 @@
+//! The streaming calls that carry record batches, framed by
+//! [`runnel_proto::wire`] instead of tonic's codec, on both ends.
+//!
+//! - [`RawStream`] wraps a tonic-generated service and serves one of its
+//!   bidirectional-streaming methods itself: requests are decoded from the
+//!   received DATA frames without copying their batches, and answers are
+//!   sent in chunks that share the batches' memory. Every other method of
+//!   the service, and anything a client sends, goes through tonic as before.
+//! - [`call_stream`] opens such a call from a client.
+//!
+//! The bytes on the wire are ordinary gRPC, so other clients and servers
+//! interoperate with these paths (`benches/RESULTS.md`, rows 22 and 24).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use prost::Message;
+use runnel_proto::wire::{DecodeStream, EncodeBody};
+use tokio_stream::Stream;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::Status;
+use tower::{Service, ServiceExt};
+
+/// The stream of requests a [`RawStream`] handler receives.
+pub type Requests<M> = DecodeStream<Body, M>;
+
+/// The stream of answers a handler returns.
+pub type Answers<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+type Handler<Req, Resp> =
+    dyn Fn(tonic::Request<Requests<Req>>) -> Result<Answers<Resp>, Status> + Send + Sync;
+
+/// A tonic service with one streaming method served by `handler`.
+pub struct RawStream<S, Req, Resp> {
+    inner: S,
+    path: &'static str,
+    message_max: usize,
+    handler: Arc<Handler<Req, Resp>>,
+}
+
+impl<S: Clone, Req, Resp> Clone for RawStream<S, Req, Resp> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            path: self.path,
+            message_max: self.message_max,
+            handler: self.handler.clone(),
+        }
+    }
+}
+
+impl<S, Req, Resp> RawStream<S, Req, Resp> {
+    /// Serves `path` (`/package.Service/Method`) with `handler`, refusing
+    /// request messages over `message_max` bytes; everything else goes to
+    /// `inner`.
+    pub fn new(
+        inner: S,
+        path: &'static str,
+        message_max: usize,
+        handler: impl Fn(tonic::Request<Requests<Req>>) -> Result<Answers<Resp>, Status>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            path,
+            message_max,
+            handler: Arc::new(handler),
+        }
+    }
+}
+
+impl<S: NamedService, Req, Resp> NamedService for RawStream<S, Req, Resp> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, Req, Resp> Service<http::Request<Body>> for RawStream<S, Req, Resp>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+    Req: Message + Default + 'static,
+    Resp: Message + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if req.uri().path() != self.path {
+            return Box::pin(self.inner.call(req));
+        }
+        let compressed = req
+            .headers()
+            .get("grpc-encoding")
+            .is_some_and(|v| v.as_bytes() != b"identity");
+        let answer = if compressed {
+            Err(Status::unimplemented(
+                "compressed requests are not accepted on this stream",
+            ))
+        } else {
+            let max = self.message_max;
+            (self.handler)(tonic::Request::from_http(
+                req.map(|body| DecodeStream::new(body, max)),
+            ))
+        };
+        let response = match answer {
+            Ok(answers) => http::Response::builder()
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .body(Body::new(EncodeBody::server(answers)))
+                .unwrap_or_else(|e| Status::internal(e.to_string()).into_http()),
+            Err(status) => status.into_http(),
+        };
+        Box::pin(std::future::ready(Ok(response)))
+    }
+}
+
+/// Opens the streaming call `path` on `channel`: `requests` are sent as
+/// they come, and the answers are decoded without copying their batches.
+/// A call refused at once (a status in the response headers) is an `Err`;
+/// one that fails later ends its stream with the status.
+pub async fn call_stream<C, B, Req, Resp>(
+    channel: &mut C,
+    path: &'static str,
+    requests: impl Stream<Item = Req> + Send + Unpin + 'static,
+    message_max: usize,
+) -> Result<DecodeStream<B, Resp>, Status>
+where
+    C: Service<http::Request<Body>, Response = http::Response<B>>,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    Req: Message + 'static,
+{
+    let body = EncodeBody::client(tokio_stream::StreamExt::map(requests, Ok::<_, Status>));
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(path)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(Body::new(body))
+        .map_err(|e| Status::internal(format!("building a request for {path}: {e}")))?;
+    let response = channel
+        .ready()
+        .await
+        .map_err(|e| Status::from_error(e.into()))?
+        .call(request)
+        .await
+        .map_err(|e| Status::from_error(e.into()))?;
+    if let Some(status) = Status::from_header_map(response.headers()) {
+        if status.code() != tonic::Code::Ok {
+            return Err(status);
+        }
+    }
+    if response.status() != http::StatusCode::OK {
+        return Err(Status::unknown(format!(
+            "{path} answered HTTP {}",
+            response.status()
+        )));
+    }
+    Ok(DecodeStream::new(response.into_body(), message_max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use runnel_proto::v1 as pb;
+    use tokio_stream::StreamExt;
+
+    const PATH: &str = "/runnel.v1.Producer/ProduceStream";
+
+    /// Answers every request with its correlation id; a broken request
+    /// stream ends the answers with its status.
+    fn echo() -> RawStream<NotFound, pb::ProduceRequest, pb::ProduceResponse> {
+        RawStream::new(NotFound, PATH, 1 << 16, |request| {
+            let answers = request.into_inner().map(|r| {
+                r.map(|r: pb::ProduceRequest| pb::ProduceResponse {
+                    correlation_id: r.correlation_id,
+                    topic: r.topic,
+                    base_offset: r.batch.len() as i64,
+                    ..Default::default()
+                })
+            });
+            Ok(Box::pin(answers) as Answers<pb::ProduceResponse>)
+        })
+    }
+
+    /// The wrapped tonic service: answers everything with 404.
+    #[derive(Clone)]
+    struct NotFound;
+
+    impl Service<http::Request<Body>> for NotFound {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<http::Response<Body>, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            let mut r = http::Response::new(Body::default());
+            *r.status_mut() = http::StatusCode::NOT_FOUND;
+            std::future::ready(Ok(r))
+        }
+    }
+
+    fn request(id: u64, batch: usize) -> pb::ProduceRequest {
+        pb::ProduceRequest {
+            topic: "t".into(),
+            correlation_id: id,
+            batch: Bytes::from(vec![7u8; batch]),
+            ..Default::default()
+        }
+    }
+
+    fn grpc(msg: &pb::ProduceRequest) -> Vec<u8> {
+        runnel_proto::wire::encode(msg).unwrap().concat()
+    }
+
+    /// Sends `frames` (an `Err` breaks the body) and returns the answers'
+    /// correlation ids and the call's final status.
+    async fn exchange(frames: Vec<Result<Vec<u8>, &'static str>>) -> (Vec<u64>, tonic::Status) {
+        let body =
+            http_body_util::StreamBody::new(tokio_stream::iter(frames.into_iter().map(|f| {
+                f.map(|d| http_body::Frame::data(Bytes::from(d)))
+                    .map_err(Status::cancelled)
+            })));
+        let req = http::Request::builder()
+            .uri(PATH)
+            .body(Body::new(body))
+            .unwrap();
+        let response = echo().call(req).await.unwrap();
+        let body = response.into_body().collect().await.unwrap();
+        let status = Status::from_header_map(body.trailers().unwrap()).unwrap();
+        let mut decoder = runnel_proto::wire::Decoder::new(1 << 20);
+        decoder.push(body.to_bytes());
+        let mut ids = Vec::new();
+        while let Some(a) = decoder.next_message::<pb::ProduceResponse>().unwrap() {
+            ids.push(a.correlation_id);
+        }
+        (ids, status)
+    }
+
+    #[tokio::test]
+    async fn requests_split_anywhere_are_answered_in_order() {
+        let wire: Vec<u8> = [request(1, 5000), request(2, 10), request(3, 9000)]
+            .iter()
+            .flat_map(grpc)
+            .collect();
+        let frames = wire.chunks(777).map(|c| Ok(c.to_vec())).collect();
+        let (ids, status) = exchange(frames).await;
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(status.code(), tonic::Code::Ok, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_request_ends_the_call_after_the_earlier_answers() {
+        let frames = vec![Ok(grpc(&request(1, 10))), Ok(grpc(&request(2, 1 << 17)))];
+        let (ids, status) = exchange(frames).await;
+        assert_eq!(ids, [1]);
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_mid_message_gets_no_answer_for_it() {
+        let second = grpc(&request(2, 6000));
+        let frames = vec![
+            Ok(grpc(&request(1, 10))),
+            Ok(second[..3000].to_vec()),
+            Err("connection reset"),
+        ];
+        let (ids, status) = exchange(frames).await;
+        assert_eq!(ids, [1]);
+        assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+
+        // A body that just ends inside a message.
+        let frames = vec![Ok(grpc(&request(1, 10))), Ok(second[..3000].to_vec())];
+        let (ids, status) = exchange(frames).await;
+        assert_eq!(ids, [1]);
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn other_paths_and_compressed_calls_are_not_served_raw() {
+        let req = http::Request::builder()
+            .uri("/runnel.v1.Producer/Produce")
+            .body(Body::default())
+            .unwrap();
+        let response = echo().call(req).await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::NOT_FOUND);
+
+        let req = http::Request::builder()
+            .uri(PATH)
+            .header("grpc-encoding", "gzip")
+            .body(Body::default())
+            .unwrap();
+        let response = echo().call(req).await.unwrap();
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn call_stream_round_trips_through_a_raw_server() {
+        let mut server = echo();
+        let requests = tokio_stream::iter(vec![request(1, 10), request(2, 50_000)]);
+        let mut answers =
+            call_stream::<_, _, _, pb::ProduceResponse>(&mut server, PATH, requests, 1 << 20)
+                .await
+                .unwrap();
+        let mut got = Vec::new();
+        while let Some(a) = answers.next().await {
+            let a = a.unwrap();
+            got.push((a.correlation_id, a.base_offset));
+        }
+        assert_eq!(got, [(1, 10), (2, 50_000)]);
+
+        // A server answering 404 (no such service) is an error at once.
+        let e = call_stream::<_, _, _, pb::ProduceResponse>(
+            &mut NotFound,
+            PATH,
+            tokio_stream::iter(vec![request(1, 1)]),
+            1 << 20,
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(e.code(), tonic::Code::Unknown, "{e:?}");
+    }
+}
