@@ -1,9 +1,15 @@
 # Shared by the benchmark scripts (source it from the repository root):
-# builds the release binary into $R, makes a temporary $WORK, and on exit
+# builds the release binary into $R (or uses BENCH_BIN, e.g. an older
+# build to compare against, without building; not RUNNEL_BIN, since the
+# server reads every RUNNEL_* variable as a config key), makes a temporary $WORK, and on exit
 # stops every process in $PIDS (with $STOP_SIGNAL, default TERM) and
 # removes $WORK. wait_for FILE PATTERN waits up to 2 minutes for PATTERN.
-cargo build --release --quiet --bin runnel
-R=${CARGO_TARGET_DIR:-target}/release/runnel
+if [ -n "${BENCH_BIN:-}" ]; then
+    R=$BENCH_BIN
+else
+    cargo build --release --quiet --bin runnel
+    R=${CARGO_TARGET_DIR:-target}/release/runnel
+fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {

@@ -16,10 +16,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // A perf tool is one producer or consumer: it runs on the main thread
-    // alone (`Some(0)`). A second thread only added cross-thread wake-ups
-    // and contended with the brokers for the cores (benches/RESULTS.md,
-    // rows 14 and 23). A server takes its count from `worker_threads`.
+    // The perf tools choose their threads (`cli::Command::worker_threads`;
+    // `Some(0)`: the main thread alone); a server takes its count from
+    // `worker_threads`.
     let mut builder = match job.worker_threads() {
         Some(0) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {

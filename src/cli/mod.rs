@@ -106,14 +106,13 @@ impl Job {
 
     /// The runtime's worker threads, when not one per core; `Some(0)`
     /// asks for no worker at all: everything runs on the calling thread.
-    /// The perf tools run that way unless `TOKIO_WORKER_THREADS` is set; a
-    /// server's `worker_threads` sets its count.
+    /// `TOKIO_WORKER_THREADS` overrides the perf tools' choice; a server's
+    /// `worker_threads` sets its count.
     pub fn worker_threads(&self) -> Option<usize> {
         match self {
             Job::Server(server) => server.worker_threads(),
-            Job::Command(cli) => (cli.command.one_thread()
-                && std::env::var_os("TOKIO_WORKER_THREADS").is_none())
-            .then_some(0),
+            Job::Command(_) if std::env::var_os("TOKIO_WORKER_THREADS").is_some() => None,
+            Job::Command(cli) => cli.command.worker_threads(),
         }
     }
 
@@ -126,17 +125,28 @@ impl Job {
 }
 
 impl Command {
-    /// Whether this command runs on one thread: the `perf` tools, one
-    /// producer or consumer each, which never block the thread. A tool
-    /// driving its work from the main thread while the runtime's worker
-    /// ran its streams paid a cross-thread wake-up per batch, and three
-    /// busy threads (two of them the client's) contended with the broker
-    /// for two cores (`benches/RESULTS.md`, rows 14 and 23).
+    /// The perf tools' threads (`benches/RESULTS.md`, rows 14 and 23).
     /// Other commands keep a worker per core: `consume` writes to stdout
     /// with blocking writes (a slow pipe must not stall a group member's
     /// heartbeats), `user add` reads stdin, and `server`/`dev` are brokers.
-    pub fn one_thread(&self) -> bool {
-        matches!(self, Command::Perf(_))
+    ///
+    /// - `perf produce`, `consume` and the rest run on the main thread
+    ///   alone (`Some(0)`). With the driver on the main thread and the
+    ///   streams on a worker, each batch cost a cross-thread wake-up and
+    ///   two busy client threads contended with the broker for two cores:
+    ///   1 KiB produce ran 14 % slower. Small records are the exception,
+    ///   where the client itself is the bottleneck: 100 B produce runs
+    ///   about 20 % faster with `TOKIO_WORKER_THREADS=1`.
+    /// - `perf e2e` runs a producer and a consumer: the driver on the main
+    ///   thread and one worker (`Some(1)`), so that receipts are not
+    ///   queued behind the producer's batches (p99 8-15 ms with the worker
+    ///   against 8-30 ms on one thread, at 450,000 records/s).
+    pub fn worker_threads(&self) -> Option<usize> {
+        match self {
+            Command::Perf(perf::PerfCommand::E2e(_)) => Some(1),
+            Command::Perf(_) => Some(0),
+            _ => None,
+        }
     }
 }
 
