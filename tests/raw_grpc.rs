@@ -12,27 +12,45 @@ use runnel_proto::v1::consumer_client::ConsumerClient;
 use runnel_proto::v1::producer_client::ProducerClient;
 use tokio_stream::StreamExt;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stock_grpc_client_produces_and_consumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
+/// A broker in `dir` with one topic, created with a stock admin client;
+/// returns the broker and its URL.
+async fn server_with_topic(
+    dir: &std::path::Path,
+    topic: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) -> (ServerProcess, String) {
+    let server = ServerProcess::start(dir, &[]);
     let url = format!("http://{}", server.addr);
-
-    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
-    admin
+    AdminClient::connect(url.clone())
+        .await
+        .unwrap()
         .create_topic(pb::CreateTopicRequest {
-            name: "raw".into(),
-            partitions: 2,
+            name: topic.into(),
+            partitions,
             replication_factor: 1,
-            configs: [(
-                "message.timestamp.type".to_string(),
-                "LogAppendTime".to_string(),
-            )]
-            .into(),
+            configs: configs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             validate_only: false,
         })
         .await
         .unwrap();
+    (server, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_grpc_client_produces_and_consumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = server_with_topic(
+        dir.path(),
+        "raw",
+        2,
+        &[("message.timestamp.type", "LogAppendTime")],
+    )
+    .await;
+    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
 
     let mut producer = ProducerClient::connect(url.clone()).await.unwrap();
     let records: Vec<pb::Record> = (0..5)
@@ -248,18 +266,7 @@ async fn a_produce_stream_broken_mid_message_appends_nothing_of_it() {
     use tower::ServiceExt;
 
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let url = format!("http://{}", server.addr);
-    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
-    admin
-        .create_topic(pb::CreateTopicRequest {
-            name: "cut".into(),
-            partitions: 1,
-            replication_factor: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (_server, url) = server_with_topic(dir.path(), "cut", 1, &[]).await;
     let request = |id: u64, value: String| pb::ProduceRequest {
         topic: "cut".into(),
         partition: Some(0),
