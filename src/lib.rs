@@ -14,8 +14,8 @@
 //! - [`partition`]: a hosted partition and topic-config → storage mapping.
 //! - [`partitioner`]: Kafka-compatible murmur2 key hashing.
 //! - [`service`]: tonic adapters.
-//! - [`rpc`]: the streaming calls that carry record batches (produce,
-//!   replica fetch), framed without tonic's codec copies.
+//! - [`rpc`]: the calls that carry record batches (produce stream,
+//!   replica fetch, consumer fetch), framed without tonic's codec copies.
 //! - [`replica`]: replication I/O: the leader's `Replication` service and
 //!   the follower fetchers.
 //! - [`group`]: consumer groups: assignors, group state machine and the

@@ -1,15 +1,16 @@
-//! The streaming calls that carry record batches, framed by
+//! The calls that carry record batches, framed by
 //! [`runnel_proto::wire`] instead of tonic's codec, on both ends.
 //!
 //! - [`RawStream`] wraps a tonic-generated service and serves one of its
 //!   bidirectional-streaming methods itself: requests are decoded from the
 //!   received DATA frames without copying their batches, and answers are
 //!   sent in chunks that share the batches' memory. Every other method of
-//!   the service, and anything a client sends, goes through tonic as before.
-//! - [`call_stream`] opens such a call from a client.
+//!   the service goes through tonic as before.
+//! - [`call_stream`] opens such a call from a client; [`RawStream::unary`]
+//!   and [`call_unary`] do the same for a unary call (`Consumer/Fetch`).
 //!
 //! The bytes on the wire are ordinary gRPC, so other clients and servers
-//! interoperate with these paths (`benches/RESULTS.md`, rows 22 and 24).
+//! interoperate with these paths (`benches/RESULTS.md`, rows 22, 24, 25).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -72,6 +73,34 @@ impl<S, Req, Resp> RawStream<S, Req, Resp> {
             message_max,
             handler: Arc::new(handler),
         }
+    }
+}
+
+impl<S, Req, Resp> RawStream<S, Req, Resp>
+where
+    Req: Message + Default + Send + 'static,
+    Resp: Message + Send + 'static,
+{
+    /// Serves the unary method `path` with `handler`: gRPC frames a unary
+    /// call as a stream of one message each way. The handler gets the
+    /// call's metadata and extensions as tonic would pass them.
+    pub fn unary<F, Fut>(inner: S, path: &'static str, message_max: usize, handler: F) -> Self
+    where
+        F: Fn(tonic::Request<Req>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
+    {
+        Self::new(inner, path, message_max, move |request| {
+            let (metadata, extensions, mut messages) = request.into_parts();
+            let handler = handler.clone();
+            let answer = async move {
+                let message = match tokio_stream::StreamExt::next(&mut messages).await {
+                    Some(m) => m?,
+                    None => return Err(Status::invalid_argument("the call carried no request")),
+                };
+                handler(tonic::Request::from_parts(metadata, extensions, message)).await
+            };
+            Ok(Box::pin(futures_util::stream::once(answer)) as Answers<Resp>)
+        })
     }
 }
 
@@ -165,6 +194,30 @@ where
         )));
     }
     Ok(DecodeStream::new(response.into_body(), message_max))
+}
+
+/// A unary call through [`call_stream`]: one request, one answer.
+pub async fn call_unary<C, B, Req, Resp>(
+    channel: &mut C,
+    path: &'static str,
+    request: Req,
+    message_max: usize,
+) -> Result<Resp, Status>
+where
+    C: Service<http::Request<Body>, Response = http::Response<B>>,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+    Req: Message + Send + 'static,
+    Resp: Message + Default,
+{
+    let mut answers =
+        call_stream::<C, B, Req, Resp>(channel, path, tokio_stream::once(request), message_max)
+            .await?;
+    match tokio_stream::StreamExt::next(&mut answers).await {
+        Some(answer) => answer,
+        None => Err(Status::internal(format!("{path} ended without an answer"))),
+    }
 }
 
 #[cfg(test)]
@@ -334,5 +387,47 @@ mod tests {
         .err()
         .unwrap();
         assert_eq!(e.code(), tonic::Code::Unknown, "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn unary_calls_get_one_answer_and_the_callers_metadata() {
+        let mut server = RawStream::unary(
+            NotFound,
+            PATH,
+            1 << 16,
+            |req: tonic::Request<pb::ProduceRequest>| {
+                let user = req
+                    .metadata()
+                    .get("x-user")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let r = req.into_inner();
+                async move {
+                    if r.correlation_id == 0 {
+                        return Err(Status::invalid_argument("no id"));
+                    }
+                    Ok(pb::ProduceResponse {
+                        correlation_id: r.correlation_id,
+                        topic: user.unwrap_or_default(),
+                        ..Default::default()
+                    })
+                }
+            },
+        );
+        // The metadata a client interceptor adds reaches the handler.
+        let mut with_user = tower::service_fn(|mut req: http::Request<Body>| {
+            req.headers_mut()
+                .insert("x-user", http::HeaderValue::from_static("ann"));
+            let mut server = server.clone();
+            async move { server.call(req).await }
+        });
+        let a: pb::ProduceResponse = call_unary(&mut with_user, PATH, request(9, 5000), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!((a.correlation_id, a.topic.as_str()), (9, "ann"));
+        let e =
+            call_unary::<_, _, _, pb::ProduceResponse>(&mut server, PATH, request(0, 1), 1 << 20)
+                .await
+                .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     }
 }

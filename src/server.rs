@@ -11,7 +11,7 @@ use runnel_controller::raft::spawn_heartbeat;
 use runnel_controller::{MetadataError, MetadataStore, RaftConfig, RaftMetadataStore};
 use runnel_proto::v1::{
     admin_server::AdminServer, consumer_groups_server::ConsumerGroupsServer,
-    consumer_server::ConsumerServer, security_server::SecurityServer,
+    security_server::SecurityServer,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,7 @@ use crate::broker::Broker;
 use crate::config::{ConfigError, ServerConfig};
 use crate::error::BrokerError;
 use crate::security::{AuthLayer, Security};
-use crate::service::{AdminService, ConsumerService, GroupsService, SecurityService};
+use crate::service::{AdminService, GroupsService, SecurityService};
 
 /// HTTP/2 receive window per stream (bytes).
 pub const HTTP2_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
@@ -245,11 +245,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         .add_service(health_service)
         .add_service(reflection)
         .add_service(crate::service::producer_server(broker.clone(), message_max))
-        .add_service(
-            ConsumerServer::new(ConsumerService::new(broker.clone()))
-                .max_decoding_message_size(message_max)
-                .max_encoding_message_size(message_max),
-        )
+        .add_service(crate::service::consumer_server(broker.clone(), message_max))
         .add_service(AdminServer::new(AdminService::new(broker.clone())))
         .add_service(ConsumerGroupsServer::new(groups))
         .add_service(SecurityServer::new(SecurityService::new(broker.clone())));

@@ -612,18 +612,28 @@ impl Client {
     /// One fetch call.
     pub async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchResponse, ClientError> {
         let topic = req.topic.clone();
-        let mut c = self.consumer_client(&topic, req.partition).await?;
-        let mut request = tonic::Request::new(req);
-        let wait = Duration::from_millis(u64::from(request.get_ref().max_wait_ms));
-        request.set_timeout(wait + REQUEST_TIMEOUT);
-        c.fetch(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|status| {
-                // Leadership may have moved: route afresh next time.
-                self.invalidate(&topic);
-                ClientError::from(status)
-            })
+        let mut channel = self.leader(&topic, req.partition).await?;
+        let wait = Duration::from_millis(u64::from(req.max_wait_ms));
+        // Framed by `crate::rpc`: the answer's batches are decoded as
+        // slices of the received frames, not joined into tonic's buffer.
+        let call = crate::rpc::call_unary(
+            &mut channel,
+            crate::service::FETCH_PATH,
+            req,
+            MESSAGE_BYTES_MAX,
+        );
+        let answer = match tokio::time::timeout(wait + REQUEST_TIMEOUT, call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no fetch answer from {topic}'s leader within {:?}",
+                wait + REQUEST_TIMEOUT
+            ))),
+        };
+        answer.map_err(|status| {
+            // Leadership may have moved: route afresh next time.
+            self.invalidate(&topic);
+            ClientError::from(status)
+        })
     }
 
     /// A fresh idempotent-producer id and epoch from the cluster. Retried

@@ -3,11 +3,12 @@
 use std::sync::Arc;
 
 use runnel_proto::v1 as pb;
-use runnel_proto::v1::consumer_server::Consumer;
+use runnel_proto::v1::consumer_server::{Consumer, ConsumerServer};
 use tonic::{Request, Response, Status};
 
 use super::producer::async_stream;
 use crate::broker::Broker;
+use crate::rpc::RawStream;
 use crate::security::{self, Direction};
 use runnel_controller::security::{Operation, ResourceType};
 
@@ -22,6 +23,30 @@ impl ConsumerService {
     pub fn new(broker: Arc<Broker>) -> Self {
         Self { broker }
     }
+}
+
+/// The unary fetch call's HTTP/2 path, served through
+/// [`crate::rpc::RawStream::unary`].
+pub const FETCH_PATH: &str = "/runnel.v1.Consumer/Fetch";
+
+/// The `Consumer` service: `Fetch` framed by [`crate::rpc`] (the batches it
+/// answers with skip tonic's codec copy), the other methods by tonic.
+pub fn consumer_server(
+    broker: Arc<Broker>,
+    message_max: usize,
+) -> RawStream<ConsumerServer<ConsumerService>, pb::FetchRequest, pb::FetchResponse> {
+    let service = ConsumerService::new(broker);
+    let tonic = ConsumerServer::new(service.clone())
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+    RawStream::unary(tonic, FETCH_PATH, message_max, move |request| {
+        let service = service.clone();
+        async move {
+            Consumer::fetch(&service, request)
+                .await
+                .map(Response::into_inner)
+        }
+    })
 }
 
 /// How long each Subscribe poll waits before re-checking the client.
