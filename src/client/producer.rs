@@ -410,20 +410,32 @@ impl Producer {
         loop {
             // Decided under the lock; anything that awaits happens after
             // it is released (the guard must not live across an await).
-            let id_missing = {
+            let (id_missing, added) = {
                 let mut st = sh.lock();
                 let id_missing = !sh.id_usable(&st);
+                let mut added = None;
                 if !id_missing {
                     let now = now_ms();
                     if let Some(t) = st.topics.get(topic) {
                         // A clock that stepped back counts as stale.
                         if (0..TOPIC_REFRESH_MS).contains(&(now - t.refreshed_ms)) {
-                            return Ok(sh.add(&mut st, topic, &record, permits, now));
+                            added = Some(sh.add(&mut st, topic, &record, permits, now));
                         }
                     }
                 }
-                id_missing
+                (id_missing, added)
             };
+            if let Some((future, dispatched)) = added {
+                if dispatched {
+                    // Let the partition's sender start the batch now: on a
+                    // single-threaded runtime it runs only when this task
+                    // yields, and a caller sending in a tight loop would
+                    // otherwise fill the whole buffer first while the
+                    // broker idles (benches/RESULTS.md, row 26).
+                    tokio::task::yield_now().await;
+                }
+                return Ok(future);
+            }
             if id_missing {
                 if let Err(e) = sh.ensure_producer_id().await {
                     return refused(e);
@@ -586,7 +598,8 @@ impl Shared {
     }
 
     /// Appends one record to its partition's open batch (the state lock
-    /// is held; the topic is known and fresh).
+    /// is held; the topic is known and fresh). Also says whether a full
+    /// batch was handed to its sender.
     fn add(
         &self,
         st: &mut State,
@@ -594,7 +607,7 @@ impl Shared {
         record: &ProducerRecord,
         permits: u32,
         now_ms: i64,
-    ) -> DeliveryFuture {
+    ) -> (DeliveryFuture, bool) {
         let State {
             topics,
             producer_id,
@@ -605,11 +618,12 @@ impl Shared {
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p < 0 => {
                 self.buffer.add_permits(permits as usize);
-                return DeliveryFuture::failed(
+                let failed = DeliveryFuture::failed(
                     topic,
                     p,
                     ClientError::Invalid(format!("partition {p} is negative")),
                 );
+                return (failed, false);
             }
             (Some(p), _) => p,
             (None, Some(key)) => partition_for_key(key, t.count),
@@ -625,10 +639,12 @@ impl Shared {
         let p = t.partitions.entry(partition).or_default();
         // A batch never grows past batch_bytes_max by more than one
         // record's worth: a full batch leaves before the record joins.
+        let mut dispatched = false;
         if p.pending
             .as_ref()
             .is_some_and(|b| !b.builder.is_empty() && b.builder.size_bytes() + record_bytes > max)
         {
+            dispatched = true;
             self.dispatch(
                 t.name.clone(),
                 t.count,
@@ -661,6 +677,7 @@ impl Shared {
             index,
         };
         if pending.builder.size_bytes() >= max {
+            dispatched = true;
             self.dispatch(
                 t.name.clone(),
                 t.count,
@@ -670,7 +687,7 @@ impl Shared {
                 *producer_id,
             );
         }
-        future
+        (future, dispatched)
     }
 
     /// Sends every open batch that `due` selects.
