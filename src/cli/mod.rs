@@ -72,6 +72,10 @@ pub enum Command {
     #[command(subcommand)]
     Group(group::GroupCommand),
     /// Measure throughput and latency.
+    ///
+    /// The tools run on one thread (`perf e2e`: the main thread and one
+    /// runtime worker), leaving the other cores to the brokers on the same
+    /// machine; `TOKIO_WORKER_THREADS=N` gives them N runtime workers.
     #[command(subcommand)]
     Perf(perf::PerfCommand),
     /// Users and their passwords (stored as salted hashes).
