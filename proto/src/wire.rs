@@ -115,7 +115,13 @@ unsafe impl BufMut for Chunks {
 /// Reassembles gRPC messages from received DATA frames.
 #[derive(Debug)]
 pub struct Decoder {
+    /// Received bytes, in order: `frames`, then `small`.
     frames: VecDeque<Bytes>,
+    /// Frames shorter than [`CHUNK_MIN`], copied together: a peer sending
+    /// a message in tiny frames must not make the decoder keep a handle
+    /// (and the frame's buffer) per frame, as it would for 64 MiB sent one
+    /// byte at a time. Moved into `frames` when a message is complete.
+    small: BytesMut,
     buffered: usize,
     max: usize,
 }
@@ -125,6 +131,7 @@ impl Decoder {
     pub fn new(max: usize) -> Self {
         Self {
             frames: VecDeque::new(),
+            small: BytesMut::new(),
             buffered: 0,
             max,
         }
@@ -137,9 +144,21 @@ impl Decoder {
 
     /// Adds one received frame.
     pub fn push(&mut self, frame: Bytes) {
-        if !frame.is_empty() {
-            self.buffered += frame.len();
+        if frame.is_empty() {
+            return;
+        }
+        self.buffered += frame.len();
+        if frame.len() < CHUNK_MIN {
+            self.small.extend_from_slice(&frame);
+        } else {
+            self.flush_small();
             self.frames.push_back(frame);
+        }
+    }
+
+    fn flush_small(&mut self) {
+        if !self.small.is_empty() {
+            self.frames.push_back(self.small.split().freeze());
         }
     }
 
@@ -150,7 +169,7 @@ impl Decoder {
         }
         let mut prefix = [0u8; PREFIX_LEN];
         let mut filled = 0;
-        for f in &self.frames {
+        for f in self.frames.iter().map(|f| &f[..]).chain([&self.small[..]]) {
             let n = f.len().min(PREFIX_LEN - filled);
             prefix[filled..filled + n].copy_from_slice(&f[..n]);
             filled += n;
@@ -181,6 +200,7 @@ impl Decoder {
         if self.buffered < PREFIX_LEN + len {
             return Ok(None);
         }
+        self.flush_small();
         self.take(PREFIX_LEN).advance(PREFIX_LEN);
         let body = self.take(len);
         M::decode(body)
@@ -494,6 +514,26 @@ mod tests {
             assert_eq!(got, msgs, "frames of {step} bytes");
             assert_eq!(d.buffered(), 0);
         }
+    }
+
+    #[test]
+    fn tiny_frames_are_copied_together_not_kept_one_by_one() {
+        let req = request(100_000);
+        let wire = tonic_bytes(&req);
+        let mut d = Decoder::new(1 << 20);
+        for (i, b) in wire.iter().enumerate() {
+            d.push(Bytes::copy_from_slice(&[*b]));
+            assert!(
+                d.frames.len() <= 1,
+                "{} handles after {i} frames",
+                d.frames.len()
+            );
+            if i + 1 < wire.len() {
+                assert!(d.next_message::<ProduceRequest>().unwrap().is_none());
+            }
+        }
+        assert_eq!(d.next_message::<ProduceRequest>().unwrap(), Some(req));
+        assert_eq!(d.buffered(), 0);
     }
 
     #[test]
