@@ -4,8 +4,9 @@
 //! receipt, copies every HTTP/2 DATA frame into another before decoding. For
 //! a produce request or a replica fetch answer that is one extra copy of
 //! every record batch per hop, on top of the socket copies the kernel makes
-//! anyway. On the hot streams (`Producer/ProduceStream`, replica fetch) the
-//! broker and the client frame messages themselves:
+//! anyway. On the calls that carry batches (`Producer/ProduceStream`,
+//! replica fetch, `Consumer/Fetch`) the broker and the client frame
+//! messages themselves:
 //!
 //! - [`encode`] writes a message as a list of chunks: its small fields are
 //!   encoded into one buffer, and every `bytes` value of at least
@@ -15,7 +16,8 @@
 //! - [`Decoder`] collects received DATA frames and decodes a message from
 //!   them without joining them: a `bytes` field that arrived as one frame
 //!   (the common case, since the sender made it one chunk) is a slice of
-//!   that frame. One that straddles frames is copied once.
+//!   that frame. One that straddles frames is copied once, and so are
+//!   frames under [`CHUNK_MIN`] bytes, which are joined as they arrive.
 //! - [`EncodeBody`] and [`DecodeStream`] put the two on HTTP/2 bodies.
 //!
 //! The bytes on the wire are ordinary gRPC (length-prefixed protobuf,
