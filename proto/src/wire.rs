@@ -118,13 +118,12 @@ unsafe impl BufMut for Chunks {
 #[derive(Debug)]
 pub struct Decoder {
     /// Received bytes, in order: `frames`, then `small`.
-    frames: VecDeque<Bytes>,
+    frames: Rope,
     /// Frames shorter than [`CHUNK_MIN`], copied together: a peer sending
     /// a message in tiny frames must not make the decoder keep a handle
     /// (and the frame's buffer) per frame, as it would for 64 MiB sent one
     /// byte at a time. Moved into `frames` when a message is complete.
     small: BytesMut,
-    buffered: usize,
     max: usize,
 }
 
@@ -132,16 +131,15 @@ impl Decoder {
     /// A decoder refusing messages longer than `max` bytes.
     pub fn new(max: usize) -> Self {
         Self {
-            frames: VecDeque::new(),
+            frames: Rope::default(),
             small: BytesMut::new(),
-            buffered: 0,
             max,
         }
     }
 
     /// Bytes received and not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buffered
+        self.frames.remaining + self.small.len()
     }
 
     /// Adds one received frame.
@@ -149,29 +147,34 @@ impl Decoder {
         if frame.is_empty() {
             return;
         }
-        self.buffered += frame.len();
         if frame.len() < CHUNK_MIN {
             self.small.extend_from_slice(&frame);
         } else {
             self.flush_small();
-            self.frames.push_back(frame);
+            self.frames.push(frame);
         }
     }
 
     fn flush_small(&mut self) {
         if !self.small.is_empty() {
-            self.frames.push_back(self.small.split().freeze());
+            self.frames.push(self.small.split().freeze());
         }
     }
 
     /// The next whole message, or `None` until more frames arrive.
     pub fn next_message<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
-        if self.buffered < PREFIX_LEN {
+        if self.buffered() < PREFIX_LEN {
             return Ok(None);
         }
         let mut prefix = [0u8; PREFIX_LEN];
         let mut filled = 0;
-        for f in self.frames.iter().map(|f| &f[..]).chain([&self.small[..]]) {
+        for f in self
+            .frames
+            .parts
+            .iter()
+            .map(|f| &f[..])
+            .chain([&self.small[..]])
+        {
             let n = f.len().min(PREFIX_LEN - filled);
             prefix[filled..filled + n].copy_from_slice(&f[..n]);
             filled += n;
@@ -199,44 +202,48 @@ impl Decoder {
                 self.max
             )));
         }
-        if self.buffered < PREFIX_LEN + len {
+        if self.buffered() < PREFIX_LEN + len {
             return Ok(None);
         }
         self.flush_small();
-        self.take(PREFIX_LEN).advance(PREFIX_LEN);
-        let body = self.take(len);
+        self.frames.advance(PREFIX_LEN);
+        let body = self.frames.split_to(len);
         M::decode(body)
             .map(Some)
             .map_err(|e| Status::internal(format!("decoding a message: {e}")))
-    }
-
-    /// Removes the first `len` buffered bytes, as a rope of frames.
-    fn take(&mut self, len: usize) -> Rope {
-        let mut parts = VecDeque::new();
-        let mut need = len;
-        while need > 0 {
-            let front = self.frames.front_mut().expect("take within buffered");
-            if front.len() <= need {
-                need -= front.len();
-                parts.push_back(self.frames.pop_front().expect("front exists"));
-            } else {
-                parts.push_back(front.split_to(need));
-                need = 0;
-            }
-        }
-        self.buffered -= len;
-        Rope {
-            parts,
-            remaining: len,
-        }
     }
 }
 
 /// Consecutive frames read as one [`Buf`]; `copy_to_bytes` within one frame
 /// is a slice of it.
+#[derive(Debug, Default)]
 struct Rope {
     parts: VecDeque<Bytes>,
     remaining: usize,
+}
+
+impl Rope {
+    fn push(&mut self, frame: Bytes) {
+        self.remaining += frame.len();
+        self.parts.push_back(frame);
+    }
+
+    /// Removes the first `len` bytes, as a rope of their own.
+    fn split_to(&mut self, len: usize) -> Rope {
+        assert!(len <= self.remaining, "split_to past the end");
+        let mut out = Rope::default();
+        while out.remaining < len {
+            let front = self.parts.front_mut().expect("within remaining");
+            let need = len - out.remaining;
+            if front.len() <= need {
+                out.push(self.parts.pop_front().expect("front exists"));
+            } else {
+                out.push(front.split_to(need));
+            }
+        }
+        self.remaining -= len;
+        out
+    }
 }
 
 impl Buf for Rope {
@@ -526,9 +533,9 @@ mod tests {
         for (i, b) in wire.iter().enumerate() {
             d.push(Bytes::copy_from_slice(&[*b]));
             assert!(
-                d.frames.len() <= 1,
+                d.frames.parts.len() <= 1,
                 "{} handles after {i} frames",
-                d.frames.len()
+                d.frames.parts.len()
             );
             if i + 1 < wire.len() {
                 assert!(d.next_message::<ProduceRequest>().unwrap().is_none());
