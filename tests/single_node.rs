@@ -453,6 +453,53 @@ async fn dropping_the_producer_still_sends_what_it_holds() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_without_a_timestamp_get_the_wall_clock_at_send() {
+    // The producer stamps records from the monotonic reading `send` takes
+    // (see `WallClock`): each stamp must still fall between wall-clock
+    // readings taken around its `send`, and `sent_at` must be that call's.
+    let (_dir, client, _server) = with_topic("stamped").await;
+    let producer = client.producer(ProducerConfig::default());
+    let wall = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let mut bounds = Vec::new();
+    for i in 0..200 {
+        let before = (wall(), std::time::Instant::now());
+        let ack = producer
+            .send("stamped", ProducerRecord::value(i.to_string()))
+            .await
+            .unwrap();
+        let after = (std::time::Instant::now(), wall());
+        assert!(before.1 <= ack.sent_at() && ack.sent_at() <= after.0);
+        bounds.push((before.0, after.1, ack));
+        if i % 50 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    producer.flush().await.unwrap();
+    let mut c = client
+        .partition_consumer("stamped", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut stamps = Vec::new();
+    while stamps.len() < bounds.len() {
+        stamps.extend(c.poll().await.unwrap().into_iter().map(|r| r.timestamp_ms));
+    }
+    for ((before, after, ack), ts) in bounds.into_iter().zip(stamps) {
+        // The derived stamp truncates two durations to ms: one ms early
+        // at most.
+        assert!(
+            before - 1 <= ts && ts <= after,
+            "record {} stamped {ts}, sent between {before} and {after}",
+            ack.await.unwrap().offset
+        );
+    }
+}
+
 #[test]
 fn perf_tools_report_what_they_moved() {
     // perf produce / consume count exactly what went through, and

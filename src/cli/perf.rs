@@ -280,22 +280,26 @@ async fn produce(
     let bar = progress(w.records, output, "produce");
     // Acks travel to the collector in chunks: a channel message per record
     // cost the one client thread about 4 % of its time.
-    let (tx, mut rx) = mpsc::channel::<Vec<(Instant, runnel::client::DeliveryFuture)>>(256);
-    // Records are awaited in send order; each latency runs to the moment
-    // its batch was answered (`acked_at`), so a record whose batch was
-    // answered while the collector waited on an earlier one is not
-    // charged for the wait.
+    let (tx, mut rx) = mpsc::channel::<Vec<runnel::client::DeliveryFuture>>(256);
+    // Records are awaited in send order; each latency runs from the call
+    // to `send` (`sent_at`) to the moment its batch was answered
+    // (`acked_at`), so a record whose batch was answered while the
+    // collector waited on an earlier one is not charged for the wait.
     let collector = tokio::spawn(async move {
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
         let mut error: Option<ClientError> = None;
         while let Some(chunk) = rx.recv().await {
-            for (t0, mut fut) in chunk {
+            for mut fut in chunk {
                 match (&mut fut).await {
                     Ok(_) => {
                         let acked = fut.acked_at().unwrap_or_else(Instant::now);
-                        let _ = hist
-                            .record(acked.saturating_duration_since(t0).as_micros().max(1) as u64);
+                        let _ = hist.record(
+                            acked
+                                .saturating_duration_since(fut.sent_at())
+                                .as_micros()
+                                .max(1) as u64,
+                        );
                     }
                     Err(e) => {
                         error.get_or_insert(e);
@@ -321,7 +325,6 @@ async fn produce(
             }
             None => payload.clone(),
         };
-        let t0 = Instant::now();
         let ack = producer
             .send(
                 &w.topic,
@@ -331,7 +334,7 @@ async fn produce(
                 },
             )
             .await?;
-        chunk.push((t0, ack));
+        chunk.push(ack);
         if chunk.len() == ACK_CHUNK {
             let full = std::mem::replace(&mut chunk, Vec::with_capacity(ACK_CHUNK));
             tx.send(full).await.context("collector stopped")?;
