@@ -38,7 +38,7 @@ S=127.0.0.1:$PORT
 phase() { # name records bytes-per-record runnel-args...
     local name=$1 records=$2 size=$3
     shift 3
-    rm -f "$OUT"/client.*.out
+    rm -f "$OUT"/client.[0-9]*.out
     [ "$WHO" = server ] && callgrind_control -z $SP >/dev/null
     "${CLIENT[@]}" --bootstrap $S --output json "$@" >"$WORK/$name.json" 2>>"$WORK/client.err"
     local file
@@ -47,7 +47,7 @@ phase() { # name records bytes-per-record runnel-args...
         sleep 1
         file=$(grep -l "Trigger: dump $name" "$OUT"/server.$SP.out.* | tail -1)
     else
-        file=$(ls "$OUT"/client.*.out | tail -1)
+        file=$(ls "$OUT"/client.[0-9]*.out | tail -1)
         mv "$file" "$OUT/client.$name.out"
         file=$OUT/client.$name.out
     fi

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -164,35 +164,52 @@ const RECORD_OVERHEAD_BYTES: usize = 32;
 const TOPIC_REFRESH: Duration = Duration::from_secs(1);
 
 /// The answer for one batch, shared by the futures of all its records:
-/// one allocation and one lock per batch instead of a channel per record.
-#[derive(Debug, Default)]
+/// one allocation per batch instead of a channel per record.
+///
+/// The answer is written once and then read without a lock: a record's
+/// future and its `acked_at` cost an atomic load each, not a lock and an
+/// unlock (on a flat-out 1 KiB produce the client thread is the busiest
+/// on the machine; benches/RESULTS.md, session 9). Only futures that find
+/// no answer yet take the wakers' lock.
+#[derive(Debug)]
 struct BatchOutcome {
-    state: Mutex<OutcomeState>,
-}
-
-#[derive(Debug, Default)]
-struct OutcomeState {
-    /// The batch's base offset (-1 with acks=none), or why it failed.
-    result: Option<Result<i64, ClientError>>,
-    acked_at: Option<std::time::Instant>,
-    wakers: Vec<Waker>,
+    /// Where the batch goes: kept here once rather than in every record's
+    /// future (cloning an `Arc<str>` per record is an atomic increment,
+    /// and dropping it another).
+    topic: Arc<str>,
+    partition: i32,
+    /// The batch's base offset (-1 with acks=none), or why it failed, and
+    /// when that was known.
+    answer: OnceLock<(Result<i64, ClientError>, std::time::Instant)>,
+    wakers: Mutex<Vec<Waker>>,
 }
 
 impl BatchOutcome {
-    fn lock(&self) -> MutexGuard<'_, OutcomeState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn new(topic: Arc<str>, partition: i32) -> Self {
+        Self {
+            topic,
+            partition,
+            answer: OnceLock::new(),
+            wakers: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock_wakers(&self) -> MutexGuard<'_, Vec<Waker>> {
+        self.wakers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn set(&self, result: Result<i64, ClientError>) {
-        let wakers = {
-            let mut st = self.lock();
-            if st.result.is_some() {
-                return;
-            }
-            st.result = Some(result);
-            st.acked_at = Some(std::time::Instant::now());
-            std::mem::take(&mut st.wakers)
-        };
+        if self
+            .answer
+            .set((result, std::time::Instant::now()))
+            .is_err()
+        {
+            return; // answered already
+        }
+        // A future that found no answer registered its waker under this
+        // lock before it let go, so taking them after the answer is
+        // written misses none.
+        let wakers = std::mem::take(&mut *self.lock_wakers());
         for w in wakers {
             w.wake();
         }
@@ -203,8 +220,6 @@ impl BatchOutcome {
 #[derive(Debug)]
 pub struct DeliveryFuture {
     outcome: Arc<BatchOutcome>,
-    topic: Arc<str>,
-    partition: i32,
     /// The record's position in its batch.
     index: u32,
     /// When `send` was called.
@@ -213,12 +228,10 @@ pub struct DeliveryFuture {
 
 impl DeliveryFuture {
     fn failed(topic: &str, partition: i32, e: ClientError) -> Self {
-        let outcome = Arc::new(BatchOutcome::default());
+        let outcome = Arc::new(BatchOutcome::new(topic.into(), partition));
         outcome.set(Err(e));
         DeliveryFuture {
             outcome,
-            topic: topic.into(),
-            partition,
             index: 0,
             sent_at: std::time::Instant::now(),
         }
@@ -232,32 +245,42 @@ impl DeliveryFuture {
 
     /// When the record's batch was answered (or failed), once it has been.
     pub fn acked_at(&self) -> Option<std::time::Instant> {
-        self.outcome.lock().acked_at
+        self.outcome.answer.get().map(|(_, at)| *at)
     }
 }
 
 impl Future for DeliveryFuture {
     type Output = Result<RecordMetadata, ClientError>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut st = self.outcome.lock();
-        match &st.result {
-            Some(Ok(base)) => Poll::Ready(Ok(RecordMetadata {
-                topic: self.topic.clone(),
-                partition: self.partition,
+        let answer = match self.outcome.answer.get() {
+            Some((answer, _)) => answer,
+            None => {
+                let mut wakers = self.outcome.lock_wakers();
+                // Checked again under the lock `set` takes after writing
+                // the answer (see there).
+                match self.outcome.answer.get() {
+                    Some((answer, _)) => answer,
+                    None => {
+                        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                            wakers.push(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+        };
+        Poll::Ready(match answer {
+            Ok(base) => Ok(RecordMetadata {
+                topic: self.outcome.topic.clone(),
+                partition: self.outcome.partition,
                 offset: if *base < 0 {
                     -1
                 } else {
                     base + i64::from(self.index)
                 },
-            })),
-            Some(Err(e)) => Poll::Ready(Err(e.clone())),
-            None => {
-                if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                    st.wakers.push(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-        }
+            }),
+            Err(e) => Err(e.clone()),
+        })
     }
 }
 
@@ -343,8 +366,9 @@ struct State {
 /// a step of the system clock shows within that.
 #[derive(Default)]
 struct WallClock {
-    /// Wall-clock ms at `base`; `None` before the first record.
-    base: Option<(std::time::Instant, i64)>,
+    /// Wall-clock ms at a monotonic reading, and until when that pair is
+    /// used; `None` before the first record.
+    base: Option<(std::time::Instant, i64, std::time::Instant)>,
 }
 
 impl WallClock {
@@ -353,17 +377,22 @@ impl WallClock {
     /// Wall-clock ms at `at`, a recent monotonic reading (it may be older
     /// than the base: `send` reads the clock before it waits for buffer
     /// space or metadata, and before other tasks' calls that took the
-    /// lock first).
+    /// lock first). One `Instant` difference per call: each costs about
+    /// forty instructions, and this runs once per record.
     fn ms(&mut self, at: std::time::Instant) -> i64 {
         let (base, ms) = match self.base {
-            Some((base, ms)) if at.saturating_duration_since(base) < Self::REBASE => (base, ms),
+            Some((base, ms, until)) if at < until => (base, ms),
             // Both read now, so the pair is one moment.
-            _ => *self.base.insert((std::time::Instant::now(), now_ms())),
+            _ => {
+                let base = std::time::Instant::now();
+                let ms = now_ms();
+                self.base = Some((base, ms, base + Self::REBASE));
+                (base, ms)
+            }
         };
-        if at >= base {
-            ms + (at - base).as_millis() as i64
-        } else {
-            ms - (base - at).as_millis() as i64
+        match at.checked_duration_since(base) {
+            Some(after) => ms + after.as_millis() as i64,
+            None => ms - (base - at).as_millis() as i64,
         }
     }
 }
@@ -371,8 +400,10 @@ impl WallClock {
 struct TopicState {
     name: Arc<str>,
     count: i32,
-    /// When the partition count was read.
-    refreshed: std::time::Instant,
+    /// Until when the partition count, read at its last refresh, is
+    /// trusted (compared with each record's clock reading: cheaper than
+    /// taking their difference).
+    fresh_until: std::time::Instant,
     /// Where keyless records go until that partition's batch fills.
     sticky: Option<i32>,
     partitions: FxHashMap<i32, PartitionState>,
@@ -460,11 +491,12 @@ impl Producer {
                 let id_missing = !sh.id_usable(&st);
                 let mut added = None;
                 if !id_missing {
-                    let fresh = st.topics.get(topic).is_some_and(|t| {
-                        // A refresh after `sent_at` (while this call
-                        // waited for it) counts as fresh.
-                        sent_at.saturating_duration_since(t.refreshed) < TOPIC_REFRESH
-                    });
+                    // A refresh after `sent_at` (while this call waited
+                    // for it) counts as fresh.
+                    let fresh = st
+                        .topics
+                        .get(topic)
+                        .is_some_and(|t| sent_at < t.fresh_until);
                     if fresh {
                         let now = st.clock.ms(sent_at);
                         added = Some(sh.add(&mut st, topic, &record, permits, (sent_at, now)));
@@ -503,12 +535,12 @@ impl Producer {
                         .or_insert_with(|| TopicState {
                             name: topic.into(),
                             count,
-                            refreshed: std::time::Instant::now(),
+                            fresh_until: std::time::Instant::now() + TOPIC_REFRESH,
                             sticky: None,
                             partitions: FxHashMap::default(),
                         });
                     t.count = count;
-                    t.refreshed = std::time::Instant::now();
+                    t.fresh_until = std::time::Instant::now() + TOPIC_REFRESH;
                 }
                 Err(e) => return refused(e),
             }
@@ -710,7 +742,7 @@ impl Shared {
             Pending {
                 // Sized for a full batch: filling it never reallocates.
                 builder: BatchBuilder::with_capacity(max + record_bytes),
-                outcome: Arc::new(BatchOutcome::default()),
+                outcome: Arc::new(BatchOutcome::new(t.name.clone(), partition)),
                 permits: 0,
                 deadline: Instant::now() + self.config.linger,
             }
@@ -720,8 +752,6 @@ impl Shared {
         pending.permits += permits;
         let future = DeliveryFuture {
             outcome: pending.outcome.clone(),
-            topic: t.name.clone(),
-            partition,
             index,
             sent_at,
         };
@@ -1139,10 +1169,54 @@ async fn open_stream(
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
     use std::time::{Duration, Instant};
 
-    use super::WallClock;
+    use super::{BatchOutcome, ClientError, DeliveryFuture, WallClock};
     use crate::broker::now_ms;
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Counter(std::sync::atomic::AtomicUsize);
+    impl Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn batch_outcome_wakes_waiting_records_once_and_answers_the_rest_at_once() {
+        let outcome = Arc::new(BatchOutcome::new("t".into(), 3));
+        let future = |index| DeliveryFuture {
+            outcome: outcome.clone(),
+            index,
+            sent_at: Instant::now(),
+        };
+        let (mut early, mut late) = (future(0), future(2));
+        let counter = Arc::new(Counter::default());
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut early).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut early).poll(&mut cx).is_pending());
+        assert_eq!(early.acked_at(), None);
+        let before = Instant::now();
+        outcome.set(Ok(40));
+        // A second answer (the batch dropped after it was answered) changes nothing.
+        outcome.set(Err(ClientError::Closed));
+        assert_eq!(counter.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(early.acked_at().is_some_and(|at| at >= before));
+        for (f, offset) in [(&mut early, 40), (&mut late, 42)] {
+            match Pin::new(f).poll(&mut cx) {
+                Poll::Ready(Ok(m)) => {
+                    assert_eq!((&*m.topic, m.partition, m.offset), ("t", 3, offset))
+                }
+                other => panic!("expected offset {offset}, got {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn wall_clock_derives_ms_from_the_monotonic_reading_and_rebases() {
@@ -1153,14 +1227,15 @@ mod tests {
             lo - 1 <= ms0 && ms0 <= hi,
             "first reading is the wall clock"
         );
-        let (base, base_ms) = clock.base.expect("based");
+        let (base, base_ms, until) = clock.base.expect("based");
+        assert_eq!(until, base + WallClock::REBASE);
         // Within REBASE of the base: derived, no wall-clock read.
         assert_eq!(clock.ms(base + Duration::from_millis(250)), base_ms + 250);
         assert_eq!(
             clock.ms(base + Duration::from_micros(999_999)),
             base_ms + 999
         );
-        assert_eq!(clock.base, Some((base, base_ms)));
+        assert_eq!(clock.base, Some((base, base_ms, until)));
         // A reading older than the base (taken before a wait, or by a
         // `send` that took the lock later) is counted back from it.
         if let Some(earlier) = base.checked_sub(Duration::from_millis(40)) {
@@ -1170,7 +1245,7 @@ mod tests {
         // new base; the reading still maps to its own moment.
         let later = base + WallClock::REBASE;
         let ms1 = clock.ms(later);
-        let (rebased, _) = clock.base.expect("based");
+        let (rebased, _, _) = clock.base.expect("based");
         assert!(rebased > base, "rebased");
         assert!(
             (base_ms + 998..=base_ms + 1002).contains(&ms1),
