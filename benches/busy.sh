@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Who is busy during a flat-out single-node produce: traces every context
+# switch (perf's sched:sched_switch, kernel stacks) while one client
+# produces to a fresh single-worker broker, then prints, for the client's
+# lifetime, each thread's time on the CPU and the kernel stacks its
+# threads waited in (benches/RESULTS.md, session 9).
+#
+#   bash benches/busy.sh                       # 1,000,000 x 1 KiB, acks=leader
+#   RECORDS=3000000 SIZE=100 bash benches/busy.sh
+#   TOPIC_CONFIG=preallocate=false bash benches/busy.sh   # created with this config
+#
+# Needs perf (Debian's linux-perf) run as root, and python3. The trace
+# slows the run a little. Uses 127.0.0.1:29092.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RECORDS=${RECORDS:-1000000}
+SIZE=${SIZE:-1024}
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
+
+RUNNEL_WORKER_THREADS=1 "$R" server --node-id 1 --listen 127.0.0.1:29092 --data-dir "$WORK/d" >"$WORK/out" 2>"$WORK/err" &
+PIDS+=($!)
+wait_for "$WORK/out" "runnel listening"
+S=127.0.0.1:29092
+"$R" --bootstrap $S --output json perf produce --topic warm-up --records 200000 --record-size 1024 --acks leader >/dev/null
+"$R" --bootstrap $S topic delete warm-up >/dev/null
+if [ -n "${TOPIC_CONFIG:-}" ]; then
+    "$R" --bootstrap $S topic create busy --partitions 1 --config "$TOPIC_CONFIG" >/dev/null
+fi
+sync
+perf record -q -e sched:sched_switch -g -a -o "$WORK/perf.data" &
+TRACE=$!
+sleep 0.5
+"$R" --bootstrap $S --output json perf produce --topic busy --records "$RECORDS" --record-size "$SIZE" --acks leader >"$WORK/res.json"
+kill -INT $TRACE
+wait $TRACE || true
+perf script -i "$WORK/perf.data" >"$WORK/trace.txt" 2>/dev/null
+[ -n "${KEEP_TRACE:-}" ] && cp "$WORK/trace.txt" "$KEEP_TRACE"
+python3 - "$WORK/res.json" "$WORK/trace.txt" <<'PY'
+import collections, json, re, sys
+res = json.load(open(sys.argv[1]))
+print(f"produce: {res['mb_per_sec']:.0f} MB/s, {res['records_per_sec']:.0f} records/s")
+head = re.compile(r'^(\S.*?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+): sched:sched_switch: prev_comm=(.*?) '
+                  r'prev_pid=(\d+) prev_prio=\d+ prev_state=(\S+) ==> next_comm=(.*?) next_pid=(\d+)')
+skip = {'__schedule', 'schedule', 'schedule_timeout', 'schedule_hrtimeout_range_clock',
+        'schedule_preempt_disabled', 'preempt_schedule_common', '__cond_resched'}
+events, cur = [], None
+for line in open(sys.argv[2]):
+    m = head.match(line)
+    if m:
+        cur = dict(t=float(m.group(4)), prev=m.group(5), prev_pid=int(m.group(6)),
+                   state=m.group(7)[0], next=m.group(8), next_pid=int(m.group(9)), stack=[])
+        events.append(cur)
+    elif cur is not None and line.strip():
+        parts = line.split(None, 1)
+        if len(parts) > 1:
+            fn = parts[1].split(' (')[0].split('+')[0]
+            if fn not in skip:
+                cur['stack'].append(fn)
+# The client is the `runnel` process with the most switches.
+client = collections.Counter(e['prev_pid'] for e in events if e['prev'] == 'runnel').most_common(1)[0][0]
+times = [e['t'] for e in events if client in (e['prev_pid'], e['next_pid'])]
+start, end = min(times), max(times)
+on, names, since = collections.Counter(), {}, {}
+waits = collections.defaultdict(lambda: [0, 0.0])
+for e in events:
+    if not start <= e['t'] <= end:
+        continue
+    names[e['prev_pid']] = e['prev']
+    names.setdefault(e['next_pid'], e['next'])
+    if e['prev_pid'] in since:
+        on[e['prev_pid']] += e['t'] - since.pop(e['prev_pid'])
+    since[e['next_pid']] = e['t']
+    if e['next_pid'] in waits.get('_out', {}):
+        pass
+out = {}
+for e in events:
+    if not start <= e['t'] <= end:
+        continue
+    if e['next_pid'] in out:
+        t, key = out.pop(e['next_pid'])
+        waits[key][0] += 1
+        waits[key][1] += e['t'] - t
+    if e['prev'] in ('runnel', 'tokio-rt-worker'):
+        who = 'client' if e['prev_pid'] == client else f"broker {e['prev_pid']}"
+        out[e['prev_pid']] = (e['t'], (who, e['state'], ' < '.join(e['stack'][:4])))
+span = end - start
+print(f"client lifetime {span * 1000:.0f} ms; time on the CPU:")
+for pid, t in on.most_common(8):
+    name = 'idle' if pid == 0 else ('client' if pid == client else names.get(pid, '?'))
+    print(f"  {name:22} {pid:>7} {t * 1000:8.0f} ms  {t / span * 100:5.1f} %")
+print("where client and broker threads waited (S sleeping, D disk, R preempted):")
+for (who, state, stack), (n, t) in sorted(waits.items(), key=lambda kv: -kv[1][1])[:12]:
+    print(f"  {t * 1000:7.1f} ms {n:6d}x  {who:14} {state}  {stack}")
+PY
