@@ -37,7 +37,7 @@ kill -INT $TRACE
 wait $TRACE || true
 perf script -i "$WORK/perf.data" >"$WORK/trace.txt" 2>/dev/null
 [ -n "${KEEP_TRACE:-}" ] && cp "$WORK/trace.txt" "$KEEP_TRACE"
-python3 - "$WORK/res.json" "$WORK/trace.txt" <<'PY'
+python3 - "$WORK/res.json" "$WORK/trace.txt" "$(basename "$R" | cut -c1-15)" <<'PY'
 import collections, json, re, sys
 res = json.load(open(sys.argv[1]))
 print(f"produce: {res['mb_per_sec']:.0f} MB/s, {res['records_per_sec']:.0f} records/s")
@@ -58,8 +58,9 @@ for line in open(sys.argv[2]):
             fn = parts[1].split(' (')[0].split('+')[0]
             if fn not in skip:
                 cur['stack'].append(fn)
-# The client is the `runnel` process with the most switches.
-client = collections.Counter(e['prev_pid'] for e in events if e['prev'] == 'runnel').most_common(1)[0][0]
+# The client is the process named after the binary with the most switches.
+comm = sys.argv[3]
+client = collections.Counter(e['prev_pid'] for e in events if e['prev'] == comm).most_common(1)[0][0]
 times = [e['t'] for e in events if client in (e['prev_pid'], e['next_pid'])]
 start, end = min(times), max(times)
 on, names, since = collections.Counter(), {}, {}
@@ -72,8 +73,6 @@ for e in events:
     if e['prev_pid'] in since:
         on[e['prev_pid']] += e['t'] - since.pop(e['prev_pid'])
     since[e['next_pid']] = e['t']
-    if e['next_pid'] in waits.get('_out', {}):
-        pass
 out = {}
 for e in events:
     if not start <= e['t'] <= end:
@@ -82,7 +81,7 @@ for e in events:
         t, key = out.pop(e['next_pid'])
         waits[key][0] += 1
         waits[key][1] += e['t'] - t
-    if e['prev'] in ('runnel', 'tokio-rt-worker'):
+    if e['prev'] in (comm, 'tokio-rt-worker'):
         who = 'client' if e['prev_pid'] == client else f"broker {e['prev_pid']}"
         out[e['prev_pid']] = (e['t'], (who, e['state'], ' < '.join(e['stack'][:4])))
 span = end - start
@@ -90,6 +89,11 @@ print(f"client lifetime {span * 1000:.0f} ms; time on the CPU:")
 for pid, t in on.most_common(8):
     name = 'idle' if pid == 0 else ('client' if pid == client else names.get(pid, '?'))
     print(f"  {name:22} {pid:>7} {t * 1000:8.0f} ms  {t / span * 100:5.1f} %")
+# The broker's runtime worker: its thread with the most time on the CPU.
+worker = max((p for p in on if names.get(p) == 'tokio-rt-worker'), key=lambda p: on[p])
+disk = [(n, t) for (who, state, _), (n, t) in waits.items() if who == f"broker {worker}" and state == 'D']
+print(f"runtime worker {worker}: waited on the disk or a file system lock "
+      f"{sum(t for _, t in disk) * 1000:.0f} ms in {sum(n for n, _ in disk)} waits")
 print("where client and broker threads waited (S sleeping, D disk, R preempted):")
 for (who, state, stack), (n, t) in sorted(waits.items(), key=lambda kv: -kv[1][1])[:12]:
     print(f"  {t * 1000:7.1f} ms {n:6d}x  {who:14} {state}  {stack}")
