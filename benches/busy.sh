@@ -8,6 +8,7 @@
 #   bash benches/busy.sh                       # 1,000,000 x 1 KiB, acks=leader
 #   RECORDS=3000000 SIZE=100 bash benches/busy.sh
 #   TOPIC_CONFIG=preallocate=false bash benches/busy.sh   # created with this config
+#   E2E_RATE=500000 RECORDS=1500000 bash benches/busy.sh   # perf e2e at that rate
 #
 # Needs perf (Debian's linux-perf) run as root, and python3. The trace
 # slows the run a little. Uses 127.0.0.1:29092.
@@ -32,15 +33,21 @@ sync
 perf record -q -e sched:sched_switch -g -a -o "$WORK/perf.data" &
 TRACE=$!
 sleep 0.5
-"$R" --bootstrap $S --output json perf produce --topic busy --records "$RECORDS" --record-size "$SIZE" --acks leader >"$WORK/res.json"
+if [ -n "${E2E_RATE:-}" ]; then
+    "$R" --bootstrap $S --output json perf e2e --topic busy --records "$RECORDS" --record-size "$SIZE" --acks leader --rate "$E2E_RATE" >"$WORK/res.json"
+else
+    "$R" --bootstrap $S --output json perf produce --topic busy --records "$RECORDS" --record-size "$SIZE" --acks leader >"$WORK/res.json"
+fi
 kill -INT $TRACE
 wait $TRACE || true
 perf script -i "$WORK/perf.data" >"$WORK/trace.txt" 2>/dev/null
 [ -n "${KEEP_TRACE:-}" ] && cp "$WORK/trace.txt" "$KEEP_TRACE"
-python3 - "$WORK/res.json" "$WORK/trace.txt" "$(basename "$R" | cut -c1-15)" <<'PY'
-import collections, json, re, sys
+python3 - "$WORK/res.json" "$WORK/trace.txt" "$(basename "$R" | cut -c1-15)" "${PIDS[0]}" <<'PY'
+import collections, json, os, re, sys
 res = json.load(open(sys.argv[1]))
-print(f"produce: {res['mb_per_sec']:.0f} MB/s, {res['records_per_sec']:.0f} records/s")
+lat = res.get('latency') or {}
+print(f"{res['test']}: {res['mb_per_sec']:.0f} MB/s, {res['records_per_sec']:.0f} records/s"
+      + (f", p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms" if lat else ''))
 head = re.compile(r'^(\S.*?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+): sched:sched_switch: prev_comm=(.*?) '
                   r'prev_pid=(\d+) prev_prio=\d+ prev_state=(\S+) ==> next_comm=(.*?) next_pid=(\d+)')
 skip = {'__schedule', 'schedule', 'schedule_timeout', 'schedule_hrtimeout_range_clock',
@@ -60,6 +67,7 @@ for line in open(sys.argv[2]):
                 cur['stack'].append(fn)
 # The client is the process named after the binary with the most switches.
 comm = sys.argv[3]
+broker = {int(t) for t in os.listdir(f"/proc/{sys.argv[4]}/task")}
 client = collections.Counter(e['prev_pid'] for e in events if e['prev'] == comm).most_common(1)[0][0]
 times = [e['t'] for e in events if client in (e['prev_pid'], e['next_pid'])]
 start, end = min(times), max(times)
@@ -82,15 +90,16 @@ for e in events:
         waits[key][0] += 1
         waits[key][1] += e['t'] - t
     if e['prev'] in (comm, 'tokio-rt-worker'):
-        who = 'client' if e['prev_pid'] == client else f"broker {e['prev_pid']}"
+        who = f"broker {e['prev_pid']}" if e['prev_pid'] in broker else f"client {e['prev_pid']}"
         out[e['prev_pid']] = (e['t'], (who, e['state'], ' < '.join(e['stack'][:4])))
 span = end - start
 print(f"client lifetime {span * 1000:.0f} ms; time on the CPU:")
 for pid, t in on.most_common(8):
-    name = 'idle' if pid == 0 else ('client' if pid == client else names.get(pid, '?'))
+    name = 'idle' if pid == 0 else names.get(pid, '?')
+    name = f"{'broker' if pid in broker else 'client'} {name}" if pid in broker or name in (comm, 'tokio-rt-worker') else name
     print(f"  {name:22} {pid:>7} {t * 1000:8.0f} ms  {t / span * 100:5.1f} %")
 # The broker's runtime worker: its thread with the most time on the CPU.
-worker = max((p for p in on if names.get(p) == 'tokio-rt-worker'), key=lambda p: on[p])
+worker = max((p for p in on if p in broker), key=lambda p: on[p])
 disk = [(n, t) for (who, state, _), (n, t) in waits.items() if who == f"broker {worker}" and state == 'D']
 print(f"runtime worker {worker}: waited on the disk or a file system lock "
       f"{sum(t for _, t in disk) * 1000:.0f} ms in {sum(n for n, _ in disk)} waits")
