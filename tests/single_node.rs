@@ -554,4 +554,31 @@ fn perf_tools_report_what_they_moved() {
         again["records"], 0,
         "the group committed its offsets: {again}"
     );
+    // perf e2e receives every record it produced; its timeline accounts
+    // for each of them once, and no window's largest latency exceeds the
+    // run's.
+    let e2e = json(&[
+        "e2e",
+        "--topic",
+        "pe",
+        "--records",
+        "2000",
+        "--record-size",
+        "100",
+        "--timeline-ms",
+        "5",
+    ]);
+    assert_eq!(e2e["records"], 2000, "{e2e}");
+    let windows = e2e["timeline"].as_array().expect("timeline");
+    let counted: u64 = windows.iter().map(|w| w["records"].as_u64().unwrap()).sum();
+    assert_eq!(counted, 2000, "{e2e}");
+    let max_ms = e2e["latency"]["max_ms"].as_f64().unwrap();
+    for w in windows {
+        // The histogram rounds to microseconds and three significant
+        // digits; the windows keep nanoseconds.
+        assert!(
+            w["max_ms"].as_f64().unwrap() <= max_ms * 1.01 + 0.001,
+            "{e2e}"
+        );
+    }
 }

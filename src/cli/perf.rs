@@ -26,7 +26,7 @@ pub enum PerfCommand {
     /// Read N records from the earliest offset and report throughput.
     Consume(ConsumeArgs),
     /// Produce and consume at once; report end-to-end latency.
-    E2e(ProduceArgs),
+    E2e(E2eArgs),
     /// Measure this machine's plain sequential disk write and single-stream
     /// loopback TCP speed, the baselines for the figures above.
     Baseline(BaselineArgs),
@@ -77,6 +77,17 @@ pub struct ProduceArgs {
     /// acks=all, and caps in-flight batches at 5 per partition).
     #[arg(long)]
     no_idempotence: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct E2eArgs {
+    #[command(flatten)]
+    produce: ProduceArgs,
+    /// Also report, for every window of this many ms of produce time, how
+    /// many records were produced in it and the largest end-to-end
+    /// latency among them (where in the run a tail comes from).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    timeline_ms: Option<u64>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -138,6 +149,63 @@ struct Report {
     mb_per_sec: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     latency: Option<Latency>,
+    /// `perf e2e --timeline-ms`: one entry per window of produce time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeline: Option<Vec<Window>>,
+}
+
+/// Records produced in one window of a `perf e2e` run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Window {
+    /// Start of the window, ms after the run's start.
+    start_ms: u64,
+    records: u64,
+    /// Largest end-to-end latency of those records.
+    max_ms: f64,
+}
+
+/// Per-window record counts and largest latencies, by production time.
+#[derive(Debug)]
+struct Timeline {
+    window_ns: u64,
+    /// (records, largest latency in ns) per window.
+    windows: Vec<(u64, u64)>,
+}
+
+impl Timeline {
+    fn new(window_ms: u64) -> Self {
+        Timeline {
+            window_ns: window_ms.saturating_mul(1_000_000),
+            windows: Vec::new(),
+        }
+    }
+
+    /// A record produced `produced_ns` after the run's origin and
+    /// received `latency_ns` later.
+    fn record(&mut self, produced_ns: u64, latency_ns: u64) {
+        let i = (produced_ns / self.window_ns) as usize;
+        if self.windows.len() <= i {
+            self.windows.resize(i + 1, (0, 0));
+        }
+        let w = &mut self.windows[i];
+        w.0 += 1;
+        w.1 = w.1.max(latency_ns);
+    }
+
+    /// The windows from the first one with a record on.
+    fn windows(&self) -> Vec<Window> {
+        let window_ms = self.window_ns / 1_000_000;
+        let first = self.windows.iter().position(|w| w.0 > 0).unwrap_or(0);
+        self.windows[first..]
+            .iter()
+            .enumerate()
+            .map(|(i, &(records, max_ns))| Window {
+                start_ms: (first + i) as u64 * window_ms,
+                records,
+                max_ms: max_ns as f64 / 1e6,
+            })
+            .collect()
+    }
 }
 
 impl Report {
@@ -157,6 +225,7 @@ impl Report {
             records_per_sec: records as f64 / seconds,
             mb_per_sec: bytes as f64 / seconds / 1e6,
             latency,
+            timeline: None,
         }
     }
 
@@ -179,6 +248,12 @@ impl Report {
                 "  latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
                 l.p50_ms, l.p95_ms, l.p99_ms, l.p999_ms, l.max_ms
             );
+        }
+        if let Some(timeline) = &self.timeline {
+            println!("  produced at ms   records   largest latency ms");
+            for w in timeline {
+                println!("  {:>14} {:>9} {:>20.2}", w.start_ms, w.records, w.max_ms);
+            }
         }
     }
 }
@@ -206,7 +281,7 @@ pub async fn run(
             report.print(output);
         }
         PerfCommand::E2e(args) => {
-            ensure_topic(&client, &args.workload).await?;
+            ensure_topic(&client, &args.produce.workload).await?;
             let report = e2e(&client, &args, output).await?;
             report.print(output);
         }
@@ -463,11 +538,13 @@ async fn consume_group(
     Ok(Report::new("consume", records, bytes, elapsed, None))
 }
 
-async fn e2e(client: &Client, args: &ProduceArgs, output: Output) -> anyhow::Result<Report> {
+async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Result<Report> {
+    let args = &e2e_args.produce;
     let w = &args.workload;
     let origin = Instant::now();
     let topic = client.topic(&w.topic).await?;
-    let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<u64>>>(64);
+    // (produced at, latency), in ns, per received record.
+    let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<(u64, u64)>>>(64);
     for p in &topic.partitions {
         let mut c = client
             .partition_consumer(&w.topic, p.partition, StartFrom::Latest)
@@ -483,9 +560,8 @@ async fn e2e(client: &Client, args: &ProduceArgs, output: Output) -> anyhow::Res
                         .filter_map(|r| r.value.as_ref())
                         .filter(|v| v.len() >= 8)
                         .map(|v| {
-                            now.saturating_sub(u64::from_le_bytes(
-                                v[..8].try_into().expect("8 bytes"),
-                            ))
+                            let produced = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
+                            (produced, now.saturating_sub(produced))
                         })
                         .collect()
                 });
@@ -498,15 +574,19 @@ async fn e2e(client: &Client, args: &ProduceArgs, output: Output) -> anyhow::Res
     }
     drop(tx);
     let total = w.records;
+    let mut timeline = e2e_args.timeline_ms.map(Timeline::new);
     let collect = tokio::spawn(async move {
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
         let mut seen = 0u64;
         while seen < total {
             match rx.recv().await {
-                Some(Ok(latencies)) => {
-                    for ns in latencies {
+                Some(Ok(received)) => {
+                    for (produced, ns) in received {
                         let _ = hist.record((ns / 1000).max(1));
+                        if let Some(t) = &mut timeline {
+                            t.record(produced, ns);
+                        }
                         seen += 1;
                     }
                 }
@@ -514,20 +594,22 @@ async fn e2e(client: &Client, args: &ProduceArgs, output: Output) -> anyhow::Res
                 None => break,
             }
         }
-        Ok((hist, seen))
+        Ok((hist, seen, timeline))
     });
     let produced = produce(client, args, output, Some(origin)).await?;
-    let (hist, seen) = tokio::time::timeout(Duration::from_secs(60), collect)
+    let (hist, seen, timeline) = tokio::time::timeout(Duration::from_secs(60), collect)
         .await
         .context("consumers did not receive every record within 60 s")?
         .context("collector panicked")??;
-    Ok(Report::new(
+    let mut report = Report::new(
         "e2e",
         seen,
         seen * w.record_size as u64,
         Duration::from_secs_f64(produced.seconds),
         Some(Latency::of(&hist)),
-    ))
+    );
+    report.timeline = timeline.map(|t| t.windows());
+    Ok(report)
 }
 
 /// Plain sequential write and loopback TCP copy of `bytes`.
@@ -621,4 +703,35 @@ async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
         r.print(output);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Timeline, Window};
+
+    #[test]
+    fn timeline_keeps_count_and_largest_latency_per_window_from_the_first_record() {
+        let ms = 1_000_000;
+        let mut t = Timeline::new(10);
+        // Nothing in the first three windows (before the first record).
+        t.record(35 * ms, 2 * ms);
+        t.record(39 * ms, 7 * ms);
+        t.record(31 * ms, 3 * ms);
+        t.record(62 * ms, ms / 2);
+        let window = |start_ms, records, max_ms| Window {
+            start_ms,
+            records,
+            max_ms,
+        };
+        assert_eq!(
+            t.windows(),
+            vec![
+                window(30, 3, 7.0),
+                window(40, 0, 0.0),
+                window(50, 0, 0.0),
+                window(60, 1, 0.5),
+            ]
+        );
+        assert_eq!(Timeline::new(10).windows(), vec![]);
+    }
 }
