@@ -256,6 +256,8 @@ impl Log {
         let last = segments.len() - 1;
         for seg in &segments[..last] {
             seg.seal()?;
+            // A crash may have left blocks reserved past its end.
+            seg.release_reserved()?;
         }
         segments[last].make_active(&config)?;
         let log_end_offset = segments[last].next_offset();
@@ -1073,6 +1075,10 @@ impl Log {
         dir_dirty: bool,
     ) -> Result<()> {
         for seg in segments {
+            // Rolled segments give back the blocks reserved past their
+            // end here, off the append path (`Segment::seal` says why);
+            // the active one keeps its reservation.
+            seg.release_reserved()?;
             seg.sync_all()?;
         }
         producer_state::sync_snapshots(&self.dir, from, to)?;
@@ -1160,6 +1166,7 @@ impl Log {
         let segments = self.snapshot();
         segments.last().expect("one segment").seal()?;
         for seg in segments.iter() {
+            seg.release_reserved()?;
             seg.sync_all()?;
         }
         let states = self.lock_producers().clone();
