@@ -71,7 +71,10 @@ broker = {int(t) for t in os.listdir(f"/proc/{sys.argv[4]}/task")}
 client = collections.Counter(e['prev_pid'] for e in events if e['prev'] == comm).most_common(1)[0][0]
 times = [e['t'] for e in events if client in (e['prev_pid'], e['next_pid'])]
 start, end = min(times), max(times)
-on, names, since = collections.Counter(), {}, {}
+# One pass: time on the CPU per thread (switched in until switched out),
+# and for client and broker threads the stack each waited in until it
+# was switched in again.
+on, names, since, out = collections.Counter(), {}, {}, {}
 waits = collections.defaultdict(lambda: [0, 0.0])
 for e in events:
     if not start <= e['t'] <= end:
@@ -81,10 +84,6 @@ for e in events:
     if e['prev_pid'] in since:
         on[e['prev_pid']] += e['t'] - since.pop(e['prev_pid'])
     since[e['next_pid']] = e['t']
-out = {}
-for e in events:
-    if not start <= e['t'] <= end:
-        continue
     if e['next_pid'] in out:
         t, key = out.pop(e['next_pid'])
         waits[key][0] += 1

@@ -87,9 +87,13 @@ pub(crate) struct Segment {
     dirty_data: AtomicBool,
     /// Where the last `start_writeback` ended.
     writeback_from: AtomicU64,
-    /// Writer only: blocks are reserved up to here (`fallocate` with
-    /// `FALLOC_FL_KEEP_SIZE`); `u64::MAX` once reserving failed.
+    /// Writer only (and `release_reserved`, once sealed): blocks are
+    /// reserved up to here (`fallocate` with `FALLOC_FL_KEEP_SIZE`);
+    /// `u64::MAX` once reserving failed.
     preallocated_to: AtomicU64,
+    /// `release_reserved` has measured this sealed segment and given back
+    /// what was reserved past its end: later flushes skip it.
+    reservation_released: AtomicBool,
     /// Index entries or file lengths changed since the last index sync.
     dirty_indexes: AtomicBool,
     /// The read-only mapping of a closed segment, made on first read.
@@ -339,6 +343,7 @@ impl Segment {
             dirty_data: AtomicBool::new(false),
             writeback_from: AtomicU64::new(0),
             preallocated_to: AtomicU64::new(0),
+            reservation_released: AtomicBool::new(false),
             dirty_indexes: AtomicBool::new(true),
             mmap: OnceLock::new(),
         }
@@ -628,10 +633,12 @@ impl Segment {
     /// Gives back blocks reserved past the end of a sealed segment (one
     /// that rolled, or one left by a crash), measured rather than
     /// remembered so that a reopened segment is trimmed too. Does nothing
-    /// to a segment that is not sealed: its writer may be appending.
+    /// to a segment that is not sealed: its writer may be appending. Each
+    /// sealed segment is measured once (every flush passes over them all).
     pub(crate) fn release_reserved(&self) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
-        if !self.closed.load(Ordering::Acquire) {
+        if !self.closed.load(Ordering::Acquire) || self.reservation_released.load(Ordering::Acquire)
+        {
             return Ok(());
         }
         let size = self.size();
@@ -642,6 +649,7 @@ impl Segment {
             self.file.set_len(size).map_err(io_err(&self.log_path))?;
         }
         self.preallocated_to.store(0, Ordering::Relaxed);
+        self.reservation_released.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -1153,9 +1161,11 @@ mod preallocation_tests {
             allocated(&path) >= 1 << 20,
             "an active segment keeps its reservation"
         );
+        assert!(!seg.reservation_released.load(Ordering::Acquire));
         seg.seal().unwrap();
         assert!(allocated(&path) >= 1 << 20, "sealing leaves it to the tick");
         seg.release_reserved().unwrap();
+        assert!(seg.reservation_released.load(Ordering::Acquire));
         assert!(allocated(&path) < len + 64 * 1024, "{}", allocated(&path));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
         let read = seg.read(0, 1 << 20, i64::MAX).unwrap();
