@@ -9,6 +9,7 @@
 #   RECORDS=3000000 SIZE=100 bash benches/busy.sh
 #   TOPIC_CONFIG=preallocate=false bash benches/busy.sh   # created with this config
 #   E2E_RATE=500000 RECORDS=1500000 bash benches/busy.sh   # perf e2e at that rate
+#   CONSUME=1 bash benches/busy.sh             # produce untraced, trace perf consume
 #
 # Needs perf (Debian's linux-perf) run as root, and python3. The trace
 # slows the run a little. Uses 127.0.0.1:29092.
@@ -29,11 +30,16 @@ S=127.0.0.1:29092
 if [ -n "${TOPIC_CONFIG:-}" ]; then
     "$R" --bootstrap $S topic create busy --partitions 1 --config "$TOPIC_CONFIG" >/dev/null
 fi
+if [ -n "${CONSUME:-}" ]; then
+    "$R" --bootstrap $S --output json perf produce --topic busy --records "$RECORDS" --record-size "$SIZE" --acks leader >/dev/null
+fi
 sync
 perf record -q -e sched:sched_switch -g -a -o "$WORK/perf.data" &
 TRACE=$!
 sleep 0.5
-if [ -n "${E2E_RATE:-}" ]; then
+if [ -n "${CONSUME:-}" ]; then
+    "$R" --bootstrap $S --output json perf consume --topic busy --records "$RECORDS" >"$WORK/res.json"
+elif [ -n "${E2E_RATE:-}" ]; then
     "$R" --bootstrap $S --output json perf e2e --topic busy --records "$RECORDS" --record-size "$SIZE" --acks leader --rate "$E2E_RATE" >"$WORK/res.json"
 else
     "$R" --bootstrap $S --output json perf produce --topic busy --records "$RECORDS" --record-size "$SIZE" --acks leader >"$WORK/res.json"

@@ -179,6 +179,21 @@ async fn stock_grpc_client_produces_and_consumes() {
         .into_inner();
     let first = sub.next().await.unwrap().unwrap();
     assert_eq!(first.records.first().map(|r| r.offset), Some(6));
+    // A subscription the broker refuses ends with the reason as its status
+    // (in the response, or as the stream's first item).
+    let refused = match consumer
+        .subscribe(pb::SubscribeRequest {
+            topic: "raw".into(),
+            partition: 9,
+            ..Default::default()
+        })
+        .await
+    {
+        Err(status) => status,
+        Ok(stream) => stream.into_inner().next().await.unwrap().unwrap_err(),
+    };
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert!(refused.message().contains("partition"), "{refused:?}");
 
     let offsets = consumer
         .list_offsets(pb::ListOffsetsRequest {

@@ -62,14 +62,18 @@ fn consume_cli(addr: &str, topic: &str) -> Vec<Seen> {
         .collect()
 }
 
-/// Reads every record of `topic` with the client library.
-async fn consume_lib(client: &Client, topic: &str) -> Vec<Seen> {
+/// Reads every record of `topic` with the client library, streaming each
+/// partition (`Subscribe`) or polling it with fetches.
+async fn consume_lib(client: &Client, topic: &str, streaming: bool) -> Vec<Seen> {
     let mut all = Vec::new();
     for partition in 0..PARTITIONS {
         let mut c = client
             .partition_consumer(topic, partition, StartFrom::Earliest)
             .await
             .unwrap();
+        c.streaming = streaming;
+        // Small chunks: many answers per partition.
+        c.max_bytes = 16 * 1024;
         let end = c.high_watermark();
         while c.position() < end {
             for r in c.poll().await.unwrap() {
@@ -198,8 +202,13 @@ async fn cli_and_library_round_trip_and_survive_restart() {
         let prefix = topic.trim_end_matches("-topic");
         let via_cli = consume_cli(&addr, topic);
         check(&via_cli, prefix);
-        let via_lib = consume_lib(&client, topic).await;
+        let via_lib = consume_lib(&client, topic, true).await;
         check(&via_lib, prefix);
+        assert_eq!(
+            consume_lib(&client, topic, false).await,
+            via_lib,
+            "streamed and fetched reads disagree on {topic}"
+        );
         let mut a = via_cli.clone();
         let mut b = via_lib.clone();
         a.sort_by_key(|s| (s.partition, s.offset));
@@ -398,9 +407,10 @@ async fn producer_send_waits_while_its_buffer_is_full() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumer_seek_discards_the_prefetched_fetch() {
-    // After a poll the consumer already has the next fetch in flight; a
-    // seek must make the next poll start at the new position instead.
+async fn consumer_seek_discards_what_was_read_ahead() {
+    // After a poll the consumer already has the next answer on its way (a
+    // prefetched fetch, or the subscription's next chunk); a seek must make
+    // the next poll start at the new position instead.
     let (_dir, client, _server) = with_topic("seek").await;
     let producer = client.producer(ProducerConfig {
         batch_bytes_max: 1024,
@@ -411,29 +421,76 @@ async fn consumer_seek_discards_the_prefetched_fetch() {
     for ack in acks {
         ack.await.unwrap();
     }
+    for streaming in [true, false] {
+        let mut c = client
+            .partition_consumer("seek", 0, StartFrom::Earliest)
+            .await
+            .unwrap();
+        c.streaming = streaming;
+        c.max_bytes = 1024;
+        let first = c.poll().await.unwrap();
+        assert_eq!(first[0].offset, 0);
+        let after = first.last().unwrap().offset + 1;
+        assert!(after < 300, "one small fetch must not hold everything");
+        let next = c.poll().await.unwrap();
+        assert_eq!(
+            next[0].offset, after,
+            "the answer read ahead continues in order (streaming {streaming})"
+        );
+        for target in [0i64, 150, 7] {
+            c.seek(target);
+            let records = c.poll().await.unwrap();
+            assert_eq!(records[0].offset, target, "streaming {streaming}");
+            assert_eq!(
+                records[0].value.as_deref(),
+                Some(format!("{target:04}").as_bytes())
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_subscription_waits_and_then_delivers_new_records() {
+    // A streaming consumer at the end of the log gets an empty poll after
+    // its wait, keeps its subscription open (the broker re-polls the log
+    // every second), and receives what is produced later, in order.
+    let (_dir, client, _server) = with_topic("tail").await;
+    let producer = client.producer(ProducerConfig::default());
+    let first = send_values(&producer, "tail", ["a".to_string()]).await;
+    producer.flush().await.unwrap();
+    for ack in first {
+        ack.await.unwrap();
+    }
     let mut c = client
-        .partition_consumer("seek", 0, StartFrom::Earliest)
+        .partition_consumer("tail", 0, StartFrom::Earliest)
         .await
         .unwrap();
-    c.max_bytes = 1024;
-    let first = c.poll().await.unwrap();
-    assert_eq!(first[0].offset, 0);
-    let after = first.last().unwrap().offset + 1;
-    assert!(after < 300, "one small fetch must not hold everything");
-    let next = c.poll().await.unwrap();
-    assert_eq!(
-        next[0].offset, after,
-        "the prefetched answer continues in order"
-    );
-    for target in [0i64, 150, 7] {
-        c.seek(target);
-        let records = c.poll().await.unwrap();
-        assert_eq!(records[0].offset, target);
-        assert_eq!(
-            records[0].value.as_deref(),
-            Some(format!("{target:04}").as_bytes())
-        );
+    c.max_wait_ms = 50;
+    let got = c.poll().await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(c.position(), 1);
+    // Longer than the broker's one-second re-poll of an idle subscription.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1_500);
+    let mut empty = 0;
+    while std::time::Instant::now() < deadline {
+        assert!(c.poll().await.unwrap().is_empty(), "nothing was produced");
+        empty += 1;
     }
+    assert!(empty >= 2, "each empty poll waited up to max_wait_ms");
+    let later = send_values(&producer, "tail", (0..50).map(|i| format!("later {i}"))).await;
+    producer.flush().await.unwrap();
+    for ack in later {
+        ack.await.unwrap();
+    }
+    let mut values = Vec::new();
+    while values.len() < 50 {
+        for r in c.poll().await.unwrap() {
+            assert_eq!(r.offset, 1 + values.len() as i64);
+            values.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
+        }
+    }
+    assert_eq!(values[49], "later 49");
+    assert_eq!(c.high_watermark(), 51);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,8 @@
-//! Polling one partition. Fetches ask for raw batches (the broker sends
-//! stored bytes unchanged) and are decoded here, zero-copy.
+//! Polling one partition. By default a subscription streams the partition
+//! (the broker reads the next chunk while the last one travels and is
+//! decoded here); with `streaming` off, each poll is a fetch, with the next
+//! one sent as soon as an answer arrives. Either way the broker sends raw
+//! batches (its stored bytes unchanged), decoded here zero-copy.
 
 use std::sync::Arc;
 
@@ -7,6 +10,7 @@ use bytes::Bytes;
 use runnel_proto::v1 as pb;
 use runnel_storage::RecordBatch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 
 use super::{Client, ClientError};
 
@@ -43,7 +47,6 @@ pub struct ConsumedRecord {
 }
 
 /// Reads one partition in order.
-#[derive(Debug)]
 pub struct PartitionConsumer {
     client: Client,
     topic: Arc<str>,
@@ -60,6 +63,32 @@ pub struct PartitionConsumer {
     /// previous answer (with records) arrived, so the broker reads and
     /// sends while the caller decodes and handles the last one.
     prefetch: Option<(i64, JoinHandle<Result<pb::FetchResponse, ClientError>>)>,
+    /// Stream the partition with `Subscribe` instead of polling it with
+    /// fetches (the default). A consumer of many partitions on one
+    /// connection (the group consumer) turns it off: each open
+    /// subscription may hold up to an HTTP/2 stream window of unread data.
+    pub streaming: bool,
+    /// The open subscription and the offset its next answer starts at.
+    subscription: Option<(i64, Subscription)>,
+}
+
+/// A subscription's answers, decoded as they arrive.
+pub(crate) type Subscription = runnel_proto::wire::DecodeStream<
+    tonic::service::interceptor::ResponseBody<tonic::body::Body>,
+    pb::FetchResponse,
+>;
+
+impl std::fmt::Debug for PartitionConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionConsumer")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("position", &self.position)
+            .field("high_watermark", &self.high_watermark)
+            .field("streaming", &self.streaming)
+            .field("subscribed", &self.subscription.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for PartitionConsumer {
@@ -96,6 +125,8 @@ impl PartitionConsumer {
             max_wait_ms: 500,
             high_watermark: offsets.high_watermark,
             prefetch: None,
+            streaming: true,
+            subscription: None,
         })
     }
 
@@ -110,6 +141,7 @@ impl PartitionConsumer {
         if let Some((_, fetch)) = self.prefetch.take() {
             fetch.abort();
         }
+        self.subscription = None;
     }
 
     /// The high watermark as of the last call.
@@ -134,8 +166,70 @@ impl PartitionConsumer {
         async move { client.fetch(request).await }
     }
 
+    /// The next answer of the subscription, opened at the position if
+    /// none is open or the caller moved the position; an empty answer
+    /// when nothing arrives within the long-poll wait.
+    async fn next_streamed(&mut self) -> Result<pb::FetchResponse, ClientError> {
+        let stream = match &mut self.subscription {
+            Some((next, stream)) if *next == self.position => stream,
+            _ => {
+                self.subscription = None;
+                let stream = self
+                    .client
+                    .subscribe(pb::SubscribeRequest {
+                        topic: self.topic.to_string(),
+                        partition: self.partition,
+                        offset: self.position,
+                        max_bytes: self.max_bytes,
+                        raw: true,
+                    })
+                    .await?;
+                &mut self.subscription.insert((self.position, stream)).1
+            }
+        };
+        let wait = std::time::Duration::from_millis(u64::from(self.max_wait_ms));
+        let answer = match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) => {
+                return Ok(pb::FetchResponse {
+                    high_watermark: self.high_watermark,
+                    next_offset: self.position,
+                    ..Default::default()
+                })
+            }
+            Ok(Some(Ok(answer))) => Ok(answer),
+            Ok(Some(Err(status))) => {
+                // Leadership may have moved: route afresh next time.
+                self.client.invalidate(&self.topic);
+                Err(ClientError::from(status))
+            }
+            Ok(None) => Err(ClientError::Transport(format!(
+                "the subscription to {}/{} ended",
+                self.topic, self.partition
+            ))),
+        };
+        match &answer {
+            Ok(a) => {
+                if let Some((next, _)) = &mut self.subscription {
+                    *next = self.position.max(a.next_offset);
+                }
+            }
+            Err(_) => self.subscription = None,
+        }
+        answer
+    }
+
     /// Fetches the next records (possibly none after the long-poll wait).
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>, ClientError> {
+        // Whichever way the caller last chose, the other one's read-ahead
+        // is dropped.
+        if self.streaming {
+            if let Some((_, fetch)) = self.prefetch.take() {
+                fetch.abort();
+            }
+            let resp = self.next_streamed().await?;
+            return self.decode(resp);
+        }
+        self.subscription = None;
         let resp = match self.prefetch.take() {
             Some((offset, fetch)) if offset == self.position => fetch
                 .await
@@ -151,7 +245,20 @@ impl PartitionConsumer {
         if !resp.batches.is_empty() {
             let next = self.position.max(resp.next_offset);
             self.prefetch = Some((next, tokio::spawn(self.fetch_at(next))));
+            // Let the prefetch (and the connection tasks it wakes) put its
+            // request on the socket before this task decodes: on a
+            // current-thread runtime it would otherwise only be sent once
+            // the decode is done and the caller polls again, and the broker
+            // would sit idle while the client decodes (benches/RESULTS.md,
+            // session 10).
+            tokio::task::yield_now().await;
         }
+        self.decode(resp)
+    }
+
+    /// The records of an answer at or after the position, which moves past
+    /// them.
+    fn decode(&mut self, resp: pb::FetchResponse) -> Result<Vec<ConsumedRecord>, ClientError> {
         self.high_watermark = resp.high_watermark;
         let mut out = Vec::new();
         let batches = RecordBatch::parse_all(resp.batches)

@@ -596,6 +596,9 @@ impl GroupConsumer {
             };
             let mut pc = self.client.partition_consumer(&tp.0, tp.1, from).await?;
             pc.max_wait_ms = self.config.max_wait_ms;
+            // Many partitions share a connection: fetch them rather than
+            // hold a stream window of unread data open for each.
+            pc.streaming = false;
             self.consumers.insert(tp.clone(), pc);
             started.push(tp);
         }
@@ -776,6 +779,7 @@ impl GroupConsumer {
                     let from = self.reset_point();
                     if let Ok(mut pc) = self.client.partition_consumer(&tp.0, tp.1, from).await {
                         pc.max_wait_ms = self.config.max_wait_ms;
+                        pc.streaming = false;
                         self.consumers.insert(tp, pc);
                         continue;
                     }

@@ -636,6 +636,34 @@ impl Client {
         })
     }
 
+    /// Opens a subscription to one partition's leader: it sends record
+    /// chunks from `req.offset` on, reading the next while the last is on
+    /// its way, until the stream is dropped or fails.
+    pub(crate) async fn subscribe(
+        &self,
+        req: pb::SubscribeRequest,
+    ) -> Result<consumer::Subscription, ClientError> {
+        let topic = req.topic.clone();
+        let mut channel = self.leader(&topic, req.partition).await?;
+        // Framed by `crate::rpc`, like `fetch`.
+        let call = crate::rpc::call_stream(
+            &mut channel,
+            crate::service::SUBSCRIBE_PATH,
+            tokio_stream::once(req),
+            MESSAGE_BYTES_MAX,
+        );
+        let opened = match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+            Ok(opened) => opened,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no subscribe answer from {topic}'s leader within {REQUEST_TIMEOUT:?}"
+            ))),
+        };
+        opened.map_err(|status| {
+            self.invalidate(&topic);
+            ClientError::from(status)
+        })
+    }
+
     /// A fresh idempotent-producer id and epoch from the cluster. Retried
     /// with backoff (and broker failover) while the error is retriable,
     /// up to `timeout`.

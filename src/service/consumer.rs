@@ -6,7 +6,7 @@ use runnel_proto::v1 as pb;
 use runnel_proto::v1::consumer_server::{Consumer, ConsumerServer};
 use tonic::{Request, Response, Status};
 
-use super::producer::async_stream;
+use super::producer::async_stream_bounded;
 use crate::broker::Broker;
 use crate::rpc::RawStream;
 use crate::security::{self, Direction};
@@ -29,28 +29,143 @@ impl ConsumerService {
 /// [`crate::rpc::RawStream::unary`].
 pub const FETCH_PATH: &str = "/runnel.v1.Consumer/Fetch";
 
-/// The `Consumer` service: `Fetch` framed by [`crate::rpc`] (the batches it
-/// answers with skip tonic's codec copy), the other methods by tonic.
-pub fn consumer_server(
-    broker: Arc<Broker>,
-    message_max: usize,
-) -> RawStream<ConsumerServer<ConsumerService>, pb::FetchRequest, pb::FetchResponse> {
+/// The server-streaming subscribe call's HTTP/2 path, served through
+/// [`crate::rpc::RawStream::new`].
+pub const SUBSCRIBE_PATH: &str = "/runnel.v1.Consumer/Subscribe";
+
+/// The `Consumer` service as served: `Fetch` and `Subscribe` framed by
+/// [`crate::rpc`], the other methods by tonic.
+pub type ConsumerRawServer = RawStream<
+    RawStream<ConsumerServer<ConsumerService>, pb::FetchRequest, pb::FetchResponse>,
+    pb::SubscribeRequest,
+    pb::FetchResponse,
+>;
+
+/// The `Consumer` service: `Fetch` and `Subscribe` framed by [`crate::rpc`]
+/// (the batches they answer with skip tonic's codec copy), the other
+/// methods by tonic.
+pub fn consumer_server(broker: Arc<Broker>, message_max: usize) -> ConsumerRawServer {
     let service = ConsumerService::new(broker);
     let tonic = ConsumerServer::new(service.clone())
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
-    RawStream::unary(tonic, FETCH_PATH, message_max, move |request| {
-        let service = service.clone();
+    let fetch_service = service.clone();
+    let fetch = RawStream::unary(tonic, FETCH_PATH, message_max, move |request| {
+        let service = fetch_service.clone();
         async move {
             Consumer::fetch(&service, request)
                 .await
                 .map(Response::into_inner)
         }
+    });
+    RawStream::new(fetch, SUBSCRIBE_PATH, message_max, move |request| {
+        let service = service.clone();
+        let (metadata, extensions, mut messages) = request.into_parts();
+        // The answers start once the one request has arrived; a refusal
+        // (bad request, no access, unknown partition) is the stream's
+        // only item, so it reaches the client as the call's status.
+        let answers = async move {
+            let request = match tokio_stream::StreamExt::next(&mut messages).await {
+                Some(Ok(r)) => r,
+                Some(Err(status)) => return failed(status),
+                None => return failed(Status::invalid_argument("the call carried no request")),
+            };
+            service
+                .subscription(Request::from_parts(metadata, extensions, request))
+                .await
+                .unwrap_or_else(failed)
+        };
+        Ok(Box::pin(futures_util::StreamExt::flatten(
+            futures_util::stream::once(answers),
+        )) as crate::rpc::Answers<pb::FetchResponse>)
     })
 }
 
+/// A subscription that ends at once with `status`.
+fn failed(status: Status) -> SubscribeStream {
+    Box::pin(tokio_stream::once(Err(status)))
+}
+
+type SubscribeStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FetchResponse, Status>> + Send>>;
+
 /// How long each Subscribe poll waits before re-checking the client.
 const SUBSCRIBE_POLL_MS: u32 = 1_000;
+
+/// Answers a subscription reads ahead of its client: the next chunk is
+/// read from the log while the last one is on its way, but a slow
+/// client holds at most this many chunks (of `max_bytes`) in the broker.
+const SUBSCRIBE_READ_AHEAD: usize = 2;
+
+impl ConsumerService {
+    /// Checks a subscribe request and starts its stream of answers.
+    async fn subscription(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<SubscribeStream, Status> {
+        let topic = request.get_ref().topic.clone();
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &topic,
+            Operation::Read,
+        )?;
+        let principal = security::principal_of(&request);
+        let req = request.into_inner();
+        let broker = self.broker.clone();
+        let mut fetch = pb::FetchRequest {
+            topic: req.topic,
+            partition: req.partition,
+            offset: req.offset,
+            max_bytes: req.max_bytes,
+            max_wait_ms: SUBSCRIBE_POLL_MS,
+            raw: req.raw,
+        };
+        // Fail fast on a bad first request instead of opening the stream.
+        let first = broker
+            .fetch(pb::FetchRequest {
+                max_wait_ms: 0,
+                ..fetch.clone()
+            })
+            .await?;
+        Ok(async_stream_bounded(
+            SUBSCRIBE_READ_AHEAD,
+            move |tx| async move {
+                let mut next = Some(first);
+                loop {
+                    let response = match next.take() {
+                        Some(r) => Ok(r),
+                        None => broker.fetch(fetch.clone()).await.map_err(Status::from),
+                    };
+                    match response {
+                        Ok(r) => {
+                            fetch.offset = r.next_offset;
+                            let delay = security::throttle(
+                                &broker,
+                                &principal,
+                                Direction::Fetch,
+                                prost::Message::encoded_len(&r) as u64,
+                            );
+                            security::hold_until(security::answer_deadline(delay)).await;
+                            let empty = r.records.is_empty() && r.batches.is_empty();
+                            if !empty && tx.send(Ok(r)).await.is_err() {
+                                return;
+                            }
+                            if empty && tx.is_closed() {
+                                return;
+                            }
+                        }
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                }
+            },
+        ))
+    }
+}
 
 #[tonic::async_trait]
 impl Consumer for ConsumerService {
@@ -79,73 +194,13 @@ impl Consumer for ConsumerService {
         Ok(Response::new(response))
     }
 
-    type SubscribeStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<pb::FetchResponse, Status>> + Send>,
-    >;
+    type SubscribeStream = SubscribeStream;
 
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let topic = request.get_ref().topic.clone();
-        security::check(
-            &self.broker,
-            &request,
-            ResourceType::Topic,
-            &topic,
-            Operation::Read,
-        )?;
-        let principal = security::principal_of(&request);
-        let req = request.into_inner();
-        let broker = self.broker.clone();
-        let mut fetch = pb::FetchRequest {
-            topic: req.topic,
-            partition: req.partition,
-            offset: req.offset,
-            max_bytes: req.max_bytes,
-            max_wait_ms: SUBSCRIBE_POLL_MS,
-            raw: req.raw,
-        };
-        // Fail fast on a bad first request instead of opening the stream.
-        let first = broker
-            .fetch(pb::FetchRequest {
-                max_wait_ms: 0,
-                ..fetch.clone()
-            })
-            .await?;
-        let output = async_stream(move |tx| async move {
-            let mut next = Some(first);
-            loop {
-                let response = match next.take() {
-                    Some(r) => Ok(r),
-                    None => broker.fetch(fetch.clone()).await.map_err(Status::from),
-                };
-                match response {
-                    Ok(r) => {
-                        fetch.offset = r.next_offset;
-                        let delay = security::throttle(
-                            &broker,
-                            &principal,
-                            Direction::Fetch,
-                            prost::Message::encoded_len(&r) as u64,
-                        );
-                        security::hold_until(security::answer_deadline(delay)).await;
-                        let empty = r.records.is_empty() && r.batches.is_empty();
-                        if !empty && tx.send(Ok(r)).await.is_err() {
-                            return;
-                        }
-                        if empty && tx.is_closed() {
-                            return;
-                        }
-                    }
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(output))
+        self.subscription(request).await.map(Response::new)
     }
 
     async fn list_offsets(

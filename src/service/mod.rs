@@ -8,7 +8,7 @@ mod producer;
 mod security;
 
 pub use admin::AdminService;
-pub use consumer::{consumer_server, ConsumerService, FETCH_PATH};
+pub use consumer::{consumer_server, ConsumerService, FETCH_PATH, SUBSCRIBE_PATH};
 pub use groups::GroupsService;
 pub use producer::{producer_server, ProducerService, PRODUCE_STREAM_PATH};
 pub use security::SecurityService;

@@ -225,7 +225,21 @@ where
     F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    async_stream_bounded(16, body)
+}
+
+/// [`async_stream`] with a channel of `capacity` items: how far `body`
+/// may run ahead of the stream's reader.
+pub(crate) fn async_stream_bounded<T, F, Fut>(
+    capacity: usize,
+    body: F,
+) -> Pin<Box<dyn Stream<Item = T> + Send>>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
     tokio::spawn(body(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
