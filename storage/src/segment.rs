@@ -98,6 +98,12 @@ pub(crate) struct Segment {
     dirty_indexes: AtomicBool,
     /// The read-only mapping of a closed segment, made on first read.
     mmap: OnceLock<Bytes>,
+    /// The bytes below this position have passed a CRC check in this
+    /// process (the append's validation, a recovery scan, or an earlier
+    /// read) and are not checked again when read. Everything after it is.
+    /// Consumers and followers check every batch they decode anyway; this
+    /// keeps the broker's own check to once per byte, not once per fetch.
+    verified: AtomicU64,
 }
 
 /// What a scan of a segment's log found.
@@ -346,6 +352,7 @@ impl Segment {
             reservation_released: AtomicBool::new(false),
             dirty_indexes: AtomicBool::new(true),
             mmap: OnceLock::new(),
+            verified: AtomicU64::new(0),
         }
     }
 
@@ -438,6 +445,10 @@ impl Segment {
             scan.first_timestamp,
             scan.bytes_since_index_entry,
         );
+        if check_crc {
+            // The scan checked every batch it kept.
+            seg.verified.store(scan.end, Ordering::Release);
+        }
         Ok((seg, truncated))
     }
 
@@ -577,6 +588,11 @@ impl Segment {
         self.next_offset
             .store(header.last_offset() + 1, Ordering::Release);
         self.size.store(end, Ordering::Release);
+        // The batch was checked before it got here: if everything before
+        // it was too, so is the segment up to its new end.
+        let _ = self
+            .verified
+            .compare_exchange(position, end, Ordering::AcqRel, Ordering::Acquire);
         Ok(())
     }
 
@@ -728,7 +744,8 @@ impl Segment {
 
     /// Whole batches starting with the one holding `offset` (or the next
     /// one), at most `max_bytes` but at least one batch, each with a last
-    /// offset below `upper_bound`. CRC-checked.
+    /// offset below `upper_bound`. CRC-checked, except the bytes this
+    /// process has checked before (`verified`).
     pub(crate) fn read(&self, offset: i64, max_bytes: usize, upper_bound: i64) -> Result<Bytes> {
         let size = self.size();
         let Some((start, first)) = self.find(offset, size)? else {
@@ -740,21 +757,27 @@ impl Segment {
         let available = (size - start) as usize;
         let len = max_bytes.min(available).max(first.total_len);
         let data = self.read_range(start, len)?;
+        let verified = self.verified.load(Ordering::Acquire);
         let mut end = 0;
         while end < data.len() {
             let rest = &data[end..];
-            match batch::batch_len(rest) {
+            let at = start + end as u64;
+            let total = match batch::batch_len(rest) {
+                batch::Decode::Complete(total) if at + total as u64 <= verified => total,
                 batch::Decode::Incomplete(_) if end > 0 => break,
-                _ => {}
-            }
-            let total = batch::check_batch(rest)
-                .map_err(|e| self.corrupt(start + end as u64, e.to_string()))?;
+                _ => batch::check_batch(rest).map_err(|e| self.corrupt(at, e.to_string()))?,
+            };
             let h = HeaderView::read(rest)
                 .ok_or_else(|| self.corrupt(start + end as u64, "bad batch header"))?;
             if h.last_offset() >= upper_bound {
                 break;
             }
             end += total;
+        }
+        if start <= verified {
+            // Checked from where the verified bytes end (or before) on.
+            self.verified
+                .fetch_max(start + end as u64, Ordering::AcqRel);
         }
         Ok(data.slice(..end))
     }
@@ -1105,6 +1128,54 @@ mod tests {
         assert_eq!(seg.next_offset(), 70);
         assert_eq!(seg.max_timestamp(), 1021);
         assert_eq!(seg.first_timestamp(), 1002);
+    }
+
+    #[test]
+    fn reads_check_each_batch_once_per_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config();
+        let seg = Segment::create(dir.path(), 0, &cfg).unwrap();
+        for base in [0, 3] {
+            let b = batch(base, 3, 1000);
+            seg.append(&[&b], &HeaderView::read(&b).unwrap(), &cfg)
+                .unwrap();
+        }
+        let one = batch(0, 3, 1000).len() as u64;
+        assert_eq!(seg.verified.load(Ordering::Acquire), 2 * one);
+        // Flip a value byte of the second batch behind the segment's back.
+        let path = dir.path().join(file_name(0, "log"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, 2 * one - 2).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x55], 2 * one - 2).unwrap();
+        // Checked when it was appended: served as stored (a consumer's or
+        // follower's own check of every batch it decodes catches it).
+        assert_eq!(seg.read(3, 1 << 20, i64::MAX).unwrap().len() as u64, one);
+        drop(seg);
+
+        // A new process has checked nothing of a cleanly closed segment.
+        let (seg, _) = Segment::open(dir.path(), 0, &cfg, OpenMode::Trusted).unwrap();
+        assert_eq!(seg.verified.load(Ordering::Acquire), 0);
+        let corrupt_at = |seg: &Segment| match seg.read(3, 1 << 20, i64::MAX) {
+            Err(StorageError::CorruptSegment { position, .. }) => position,
+            other => panic!("expected CorruptSegment, got {other:?}"),
+        };
+        assert_eq!(corrupt_at(&seg), one);
+        // Reading the first batch checks it; the second stays unchecked.
+        assert_eq!(seg.read(0, 1, i64::MAX).unwrap().len() as u64, one);
+        assert_eq!(seg.verified.load(Ordering::Acquire), one);
+        assert_eq!(corrupt_at(&seg), one);
+        drop(seg);
+
+        // Recovery checks what it scans and truncates the corrupt tail.
+        let (seg, truncated) = Segment::open(dir.path(), 0, &cfg, OpenMode::Recover).unwrap();
+        assert!(truncated);
+        assert_eq!(seg.verified.load(Ordering::Acquire), one);
+        assert_eq!(seg.size(), one);
     }
 }
 
