@@ -365,12 +365,21 @@ pub(crate) fn sync_snapshots(dir: &Path, after: i64, upto: i64) -> Result<()> {
     if after >= upto {
         return Ok(()); // nothing appended since: no directory listing
     }
-    for offset in snapshot_offsets(dir)? {
+    sync_listed(dir, &snapshot_offsets(dir)?, after, upto)
+}
+
+/// [`sync_snapshots`] over a listing taken earlier. A roll may have written
+/// a newer snapshot and deleted the oldest since (the flush runs without
+/// the writer lock): a listed snapshot that is gone was superseded, not
+/// lost, and is skipped.
+fn sync_listed(dir: &Path, offsets: &[i64], after: i64, upto: i64) -> Result<()> {
+    for &offset in offsets {
         if offset > after && offset <= upto {
             let path = snapshot_path(dir, offset);
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err(&path))?;
+            match std::fs::File::open(&path).and_then(|f| f.sync_all()) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                other => other.map_err(io_err(&path))?,
+            }
         }
     }
     Ok(())
@@ -548,5 +557,22 @@ mod tests {
         delete_snapshots_above(dir.path(), 25).unwrap();
         assert_eq!(snapshot_offsets(dir.path()).unwrap(), vec![20]);
         assert!(load_latest(dir.path(), 21, 100).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_flush_skips_a_snapshot_a_roll_deleted_after_the_listing() {
+        // The background flush lists snapshots without the writer lock; a
+        // roll may then write a newer one and delete the oldest. Seen in a
+        // retention test as "periodic storage task failed ... .snapshot:
+        // No such file or directory".
+        let dir = tempfile::tempdir().unwrap();
+        let s = ProducerStates::default();
+        for offset in [10, 20] {
+            write_snapshot(dir.path(), offset, &s).unwrap();
+        }
+        let listed = snapshot_offsets(dir.path()).unwrap();
+        write_snapshot_unsynced(dir.path(), 30, &s).unwrap();
+        assert_eq!(snapshot_offsets(dir.path()).unwrap(), vec![20, 30]);
+        sync_listed(dir.path(), &listed, 0, 30).unwrap();
     }
 }
