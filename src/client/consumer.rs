@@ -197,16 +197,16 @@ impl PartitionConsumer {
                 })
             }
             Ok(Some(Ok(answer))) => Ok(answer),
-            Ok(Some(Err(status))) => {
-                // Leadership may have moved: route afresh next time.
-                self.client.invalidate(&self.topic);
-                Err(ClientError::from(status))
-            }
+            Ok(Some(Err(status))) => Err(ClientError::from(status)),
             Ok(None) => Err(ClientError::Transport(format!(
                 "the subscription to {}/{} ended",
                 self.topic, self.partition
             ))),
         };
+        if answer.is_err() {
+            // Leadership may have moved: route afresh next time.
+            self.client.invalidate(&self.topic);
+        }
         match &answer {
             Ok(a) => {
                 if let Some((next, _)) = &mut self.subscription {

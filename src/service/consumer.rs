@@ -92,10 +92,11 @@ type SubscribeStream =
 /// How long each Subscribe poll waits before re-checking the client.
 const SUBSCRIBE_POLL_MS: u32 = 1_000;
 
-/// Answers a subscription reads ahead of its client: the next chunk is
-/// read from the log while the last one is on its way, but a slow
-/// client holds at most this many chunks (of `max_bytes`) in the broker.
-const SUBSCRIBE_READ_AHEAD: usize = 2;
+/// Chunks a subscription keeps read and ready beside the one being sent:
+/// the next chunk is read from the log while the last is on its way, and
+/// a slow client holds no more than that in the broker (A/B against two:
+/// the same consume rate, `benches/RESULTS.md`, session 10).
+const SUBSCRIBE_READY: usize = 1;
 
 impl ConsumerService {
     /// Checks a subscribe request and starts its stream of answers.
@@ -130,10 +131,17 @@ impl ConsumerService {
             })
             .await?;
         Ok(async_stream_bounded(
-            SUBSCRIBE_READ_AHEAD,
+            SUBSCRIBE_READY,
             move |tx| async move {
                 let mut next = Some(first);
                 loop {
+                    // A free slot first: the next chunk is read once the last
+                    // one has been taken for sending, so a subscription holds
+                    // at most two (one being sent, one ready), however slow
+                    // its client. A client gone fails the reservation.
+                    let Ok(slot) = tx.reserve().await else {
+                        return;
+                    };
                     let response = match next.take() {
                         Some(r) => Ok(r),
                         None => broker.fetch(fetch.clone()).await.map_err(Status::from),
@@ -148,16 +156,14 @@ impl ConsumerService {
                                 prost::Message::encoded_len(&r) as u64,
                             );
                             security::hold_until(security::answer_deadline(delay)).await;
-                            let empty = r.records.is_empty() && r.batches.is_empty();
-                            if !empty && tx.send(Ok(r)).await.is_err() {
-                                return;
-                            }
-                            if empty && tx.is_closed() {
-                                return;
+                            // An empty answer (the long poll ran out) gives
+                            // its slot back.
+                            if !(r.records.is_empty() && r.batches.is_empty()) {
+                                slot.send(Ok(r));
                             }
                         }
                         Err(status) => {
-                            let _ = tx.send(Err(status)).await;
+                            slot.send(Err(status));
                             return;
                         }
                     }
