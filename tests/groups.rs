@@ -688,6 +688,48 @@ async fn t05_static_members_come_back_without_a_rebalance_and_broadcast_gives_al
     y.close().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t08_an_idle_partition_does_not_hold_up_a_busy_ones_records() {
+    // The member owns two partitions and only one has records: each poll
+    // must hand them over without waiting out the idle partition's
+    // long-poll wait (a minute here).
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1, base.path(), "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("busy", 2, 1, Default::default())
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig {
+        idempotence: false,
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..2_000 {
+        let mut r = ProducerRecord::value(format!("v{i}"));
+        r.partition = Some(0);
+        acks.push(producer.send("busy", r).await.unwrap());
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    producer.close().await.unwrap();
+    let mut c = config("g8", "busy");
+    c.max_wait_ms = 60_000;
+    let mut consumer = client.group_consumer(c).unwrap();
+    let mut offsets = Vec::new();
+    while offsets.len() < 2_000 {
+        let records = tokio::time::timeout(Duration::from_secs(30), consumer.poll())
+            .await
+            .expect("a poll waited for the idle partition")
+            .unwrap();
+        offsets.extend(records.iter().map(|r| (r.partition, r.offset)));
+    }
+    let expected: Vec<(i32, i64)> = (0..2_000).map(|o| (0, o)).collect();
+    assert_eq!(offsets, expected);
+    consumer.close().await.unwrap();
+}
+
 /// Highest offset `member` read of each partition.
 fn read_up_to(member: &Member) -> BTreeMap<Tp, i64> {
     let mut out = BTreeMap::new();

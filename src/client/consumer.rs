@@ -63,10 +63,11 @@ pub struct PartitionConsumer {
     /// previous answer (with records) arrived, so the broker reads and
     /// sends while the caller decodes and handles the last one.
     prefetch: Option<(i64, JoinHandle<Result<pb::FetchResponse, ClientError>>)>,
-    /// Stream the partition with `Subscribe` instead of polling it with
-    /// fetches (the default). A consumer of many partitions on one
-    /// connection (the group consumer) turns it off: each open
-    /// subscription may hold up to an HTTP/2 stream window of unread data.
+    /// Stream the partition with `Subscribe` (the default) instead of
+    /// polling it with fetches. An open subscription may hold up to an
+    /// HTTP/2 stream window of unread data in the client (all of a
+    /// connection's together at most its connection window) and two
+    /// chunks in the broker.
     pub streaming: bool,
     /// The open subscription and the offset its next answer starts at.
     subscription: Option<(i64, Subscription)>,
@@ -219,6 +220,10 @@ impl PartitionConsumer {
     }
 
     /// Fetches the next records (possibly none after the long-poll wait).
+    ///
+    /// Cancel-safe: dropped before it returns, no record is lost (the
+    /// position moves only when records are returned); in fetch mode the
+    /// fetch in flight is abandoned and sent again by the next poll.
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>, ClientError> {
         // Whichever way the caller last chose, the other one's read-ahead
         // is dropped.

@@ -596,9 +596,6 @@ impl GroupConsumer {
             };
             let mut pc = self.client.partition_consumer(&tp.0, tp.1, from).await?;
             pc.max_wait_ms = self.config.max_wait_ms;
-            // Many partitions share a connection: fetch them rather than
-            // hold a stream window of unread data open for each.
-            pc.streaming = false;
             self.consumers.insert(tp.clone(), pc);
             started.push(tp);
         }
@@ -760,11 +757,24 @@ impl GroupConsumer {
             }
             return Ok(Vec::new());
         }
+        // Every owned partition is polled at once, and the poll returns
+        // as soon as one of them has records: the others stop waiting
+        // (their subscriptions keep what arrives for the next poll), so an
+        // idle partition's long-poll wait never holds up a busy one.
+        let first_records = tokio_util::sync::CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         for (tp, mut c) in std::mem::take(&mut self.consumers) {
             c.max_wait_ms = wait_ms;
+            let first_records = first_records.clone();
             tasks.spawn(async move {
-                let r = c.poll().await;
+                let r = tokio::select! {
+                    biased;
+                    r = c.poll() => r,
+                    () = first_records.cancelled() => Ok(Vec::new()),
+                };
+                if matches!(&r, Ok(records) if !records.is_empty()) {
+                    first_records.cancel();
+                }
                 (tp, c, r)
             });
         }
@@ -779,7 +789,6 @@ impl GroupConsumer {
                     let from = self.reset_point();
                     if let Ok(mut pc) = self.client.partition_consumer(&tp.0, tp.1, from).await {
                         pc.max_wait_ms = self.config.max_wait_ms;
-                        pc.streaming = false;
                         self.consumers.insert(tp, pc);
                         continue;
                     }
