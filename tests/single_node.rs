@@ -450,6 +450,32 @@ async fn consumer_seek_discards_what_was_read_ahead() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_dropped_while_its_subscription_opens_keeps_the_open() {
+    // The group consumer drops the polls of its other partitions once one
+    // has records; an open cut short each time would never finish while a
+    // busy partition keeps answering at once.
+    let (_dir, client, _server) = with_topic("drop").await;
+    let producer = client.producer(ProducerConfig::default());
+    let acks = send_values(&producer, "drop", (0..10).map(|i| format!("{i}"))).await;
+    producer.close().await.unwrap();
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let mut c = client
+        .partition_consumer("drop", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    assert!(format!("{c:?}").contains("subscribed: false"), "{c:?}");
+    // Polled once (the open starts), then dropped.
+    let cut = tokio::time::timeout(std::time::Duration::ZERO, c.poll()).await;
+    assert!(cut.is_err(), "the open cannot have finished: {cut:?}");
+    assert!(format!("{c:?}").contains("subscribed: true"), "{c:?}");
+    let records = c.poll().await.unwrap();
+    assert_eq!(records.first().map(|r| r.offset), Some(0));
+    assert_eq!(c.position(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caught_up_subscription_waits_and_then_delivers_new_records() {
     // A streaming consumer at the end of the log gets an empty poll after
     // its wait, keeps its subscription open (the broker re-polls the log

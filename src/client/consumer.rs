@@ -69,8 +69,26 @@ pub struct PartitionConsumer {
     /// connection's together at most its connection window) and two
     /// chunks in the broker.
     pub streaming: bool,
-    /// The open subscription and the offset its next answer starts at.
-    subscription: Option<(i64, Subscription)>,
+    /// The subscription (opening or open) and the offset its next answer
+    /// starts at.
+    subscription: Option<(i64, Stream)>,
+}
+
+/// A subscription being opened, or open.
+enum Stream {
+    /// Opened by a task of its own, so that a poll dropped while it waits
+    /// (the group consumer drops the idle partitions' polls once one has
+    /// records) does not lose the open and start over next time.
+    Opening(JoinHandle<Result<Subscription, ClientError>>),
+    Open(Subscription),
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Stream::Opening(open) = self {
+            open.abort();
+        }
+    }
 }
 
 /// A subscription's answers, decoded as they arrive.
@@ -171,22 +189,36 @@ impl PartitionConsumer {
     /// none is open or the caller moved the position; an empty answer
     /// when nothing arrives within the long-poll wait.
     async fn next_streamed(&mut self) -> Result<pb::FetchResponse, ClientError> {
-        let stream = match &mut self.subscription {
-            Some((next, stream)) if *next == self.position => stream,
-            _ => {
-                self.subscription = None;
-                let stream = self
-                    .client
-                    .subscribe(pb::SubscribeRequest {
-                        topic: self.topic.to_string(),
-                        partition: self.partition,
-                        offset: self.position,
-                        max_bytes: self.max_bytes,
-                        raw: true,
-                    })
-                    .await?;
-                &mut self.subscription.insert((self.position, stream)).1
+        if !matches!(&self.subscription, Some((next, _)) if *next == self.position) {
+            let client = self.client.clone();
+            let request = pb::SubscribeRequest {
+                topic: self.topic.to_string(),
+                partition: self.partition,
+                offset: self.position,
+                max_bytes: self.max_bytes,
+                raw: true,
+            };
+            let open = tokio::spawn(async move { client.subscribe(request).await });
+            self.subscription = Some((self.position, Stream::Opening(open)));
+        }
+        let Some((_, state)) = &mut self.subscription else {
+            unreachable!("set above");
+        };
+        if let Stream::Opening(open) = state {
+            let opened = open
+                .await
+                .map_err(|e| ClientError::Transport(format!("subscribe task failed: {e}")))
+                .and_then(|r| r);
+            match opened {
+                Ok(stream) => *state = Stream::Open(stream),
+                Err(e) => {
+                    self.subscription = None;
+                    return Err(e);
+                }
             }
+        }
+        let Stream::Open(stream) = state else {
+            unreachable!("opened above");
         };
         let wait = std::time::Duration::from_millis(u64::from(self.max_wait_ms));
         let answer = match tokio::time::timeout(wait, stream.next()).await {
