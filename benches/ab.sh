@@ -7,13 +7,16 @@
 #   bash benches/ab.sh broker OLD NEW    # a fresh broker of each build: produce, consume twice
 #   bash benches/ab.sh group OLD NEW     # one broker (OLD), 4 partitions: perf consume --group with each
 #   bash benches/ab.sh e2e OLD NEW       # a fresh broker of each build: perf e2e at RATE records/s
+#   bash benches/ab.sh three OLD NEW     # a fresh 3-node `runnel dev` of each build: RF 3, acks=all
 #
 # OLD and NEW are runnel binaries (copy each build aside first). ROUNDS
 # (default 3), RECORDS (1,000,000 x 1 KiB), RATE (450,000). Uses
-# 127.0.0.1:29092; one broker runtime worker, as in scenarios.sh.
+# 127.0.0.1:29092 (one broker runtime worker, as in scenarios.sh) and, for
+# `three`, 39092-39094 (3 partitions, min.insync.replicas=2, a 200,000-record
+# warm-up, as in scenarios.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODE=${1:?usage: ab.sh consume|broker|group|e2e BIN...}
+MODE=${1:?usage: ab.sh consume|broker|group|e2e|three BIN...}
 shift
 [ $# -ge 1 ] || { echo "give at least one runnel binary" >&2; exit 2; }
 ROUNDS=${ROUNDS:-3}
@@ -87,8 +90,25 @@ e2e)
         done
     done
     ;;
+three)
+    D=127.0.0.1:39092,127.0.0.1:39093,127.0.0.1:39094
+    for _ in $(seq 1 "$ROUNDS"); do
+        for b in "$@"; do
+            N=$((N + 1))
+            "$b" dev --data-dir "$WORK/$N" --base-port 39092 >"$WORK/$N.out" 2>"$WORK/$N.err" &
+            PIDS+=($!)
+            wait_for "$WORK/$N.out" "bootstrap:"
+            "$b" --bootstrap $D topic create r3 --partitions 3 --replication-factor 3 --config min.insync.replicas=2 >/dev/null
+            "$b" --bootstrap $D --output json perf produce --topic r3 --records 200000 --record-size 1024 --acks all >/dev/null
+            sync
+            "$b" --bootstrap $D --output json perf produce --topic r3 --records "$RECORDS" --record-size 1024 --acks all >"$WORK/r.json"
+            echo "$(basename "$b") 3 nodes acks=all $(field mb_per_sec <"$WORK/r.json") MB/s, p50 $(field p50_ms <"$WORK/r.json") ms, p99 $(field p99_ms <"$WORK/r.json") ms"
+            stop
+        done
+    done
+    ;;
 *)
-    echo "unknown mode $MODE (consume, broker, group, e2e)" >&2
+    echo "unknown mode $MODE (consume, broker, group, e2e, three)" >&2
     exit 2
     ;;
 esac

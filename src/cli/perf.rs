@@ -70,11 +70,11 @@ pub struct ProduceArgs {
     /// Target records per second; 0 is flat out.
     #[arg(long, default_value_t = 0)]
     rate: u64,
-    /// Batches in flight per partition (at most 5 with idempotence).
+    /// Batches in flight per partition (at most 16 with idempotence).
     #[arg(long, default_value_t = 16)]
     in_flight: usize,
     /// Turn the idempotent producer off (it is on by default with
-    /// acks=all, and caps in-flight batches at 5 per partition).
+    /// acks=all, and caps in-flight batches at 16 per partition).
     #[arg(long)]
     no_idempotence: bool,
 }

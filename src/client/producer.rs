@@ -79,7 +79,7 @@ pub struct ProducerConfig {
 
 /// Batches in flight per partition with idempotence: the number of
 /// batches a leader remembers per producer.
-pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
+pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = runnel_storage::producer_state::BATCHES_RETAINED;
 
 impl Default for ProducerConfig {
     fn default() -> Self {

@@ -27,8 +27,12 @@ use crate::index_file::io_err;
 use crate::{checkpoint, Result, StorageError};
 
 /// Batches remembered per producer: a client keeps at most this many in
-/// flight per partition, so any retry it sends is among them.
-pub const BATCHES_RETAINED: usize = 5;
+/// flight per partition, so any retry it sends is among them. Kafka keeps
+/// five; with 64 KiB batches five in flight capped a partition's acks=all
+/// throughput at five batches per replication round trip (three nodes:
+/// 292 MB/s with five in flight, 360 - 406 with sixteen; RESULTS, session
+/// 10). Snapshots written with five (or any count up to this) still load.
+pub const BATCHES_RETAINED: usize = 16;
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"RPS1";
 const SNAPSHOT_SUFFIX: &str = ".snapshot";
@@ -455,9 +459,10 @@ mod tests {
     }
 
     #[test]
-    fn only_the_last_five_batches_are_remembered() {
+    fn only_the_last_batches_retained_are_remembered() {
         let mut s = ProducerStates::default();
-        for i in 0..6 {
+        let n = BATCHES_RETAINED as i32;
+        for i in 0..=n {
             let b = batch(1, 0, i, 1);
             assert_eq!(s.check(&b).unwrap(), SequenceCheck::Append);
             s.record(&b, i64::from(i), i64::from(i));
@@ -465,10 +470,18 @@ mod tests {
         assert_eq!(s.get(1).unwrap().batches.len(), BATCHES_RETAINED);
         // Batch 0 fell out of the window: a retry of it is out of order.
         assert!(s.check(&batch(1, 0, 0, 1)).is_err());
-        assert!(matches!(
-            s.check(&batch(1, 0, 1, 1)).unwrap(),
-            SequenceCheck::Duplicate(_)
-        ));
+        // Every batch still in the window is recognised.
+        for i in 1..=n {
+            assert_eq!(
+                s.check(&batch(1, 0, i, 1)).unwrap(),
+                SequenceCheck::Duplicate(BatchMeta {
+                    first_seq: i,
+                    last_seq: i,
+                    first_offset: i64::from(i),
+                    last_offset: i64::from(i)
+                })
+            );
+        }
     }
 
     #[test]
