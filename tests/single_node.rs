@@ -461,18 +461,66 @@ async fn a_poll_dropped_while_its_subscription_opens_keeps_the_open() {
     for ack in acks {
         ack.await.unwrap();
     }
-    let mut c = client
-        .partition_consumer("drop", 0, StartFrom::Earliest)
+    for (streaming, in_flight) in [(true, "subscribed: true"), (false, "fetching: true")] {
+        let mut c = client
+            .partition_consumer("drop", 0, StartFrom::Earliest)
+            .await
+            .unwrap();
+        c.streaming = streaming;
+        assert!(!format!("{c:?}").contains(in_flight), "{c:?}");
+        // Polled once (the open or fetch starts), then dropped.
+        let cut = tokio::time::timeout(std::time::Duration::ZERO, c.poll()).await;
+        assert!(cut.is_err(), "the call cannot have finished: {cut:?}");
+        assert!(format!("{c:?}").contains(in_flight), "{c:?}");
+        let records = c.poll().await.unwrap();
+        assert_eq!(records.first().map(|r| r.offset), Some(0));
+        assert_eq!(c.position(), 10);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_not_polled_do_not_block_other_calls() {
+    // Twelve partitions of 4 MiB, each consumer polled once and then left
+    // alone: their read-ahead must not hold the connection's 32 MiB
+    // flow-control window, or every other call to the broker waits.
+    // (Subscriptions, streaming on, do hold it: their readers must keep
+    // polling, as `consume` and `perf consume` do.)
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("wide", 12, 1, BTreeMap::new())
         .await
         .unwrap();
-    assert!(format!("{c:?}").contains("subscribed: false"), "{c:?}");
-    // Polled once (the open starts), then dropped.
-    let cut = tokio::time::timeout(std::time::Duration::ZERO, c.poll()).await;
-    assert!(cut.is_err(), "the open cannot have finished: {cut:?}");
-    assert!(format!("{c:?}").contains("subscribed: true"), "{c:?}");
-    let records = c.poll().await.unwrap();
-    assert_eq!(records.first().map(|r| r.offset), Some(0));
-    assert_eq!(c.position(), 10);
+    let producer = client.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in 0..48_000 {
+        let mut r = ProducerRecord::value(vec![b'x'; 1000]);
+        r.partition = Some(i % 12);
+        acks.push(producer.send("wide", r).await.unwrap());
+    }
+    producer.close().await.unwrap();
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let mut idle = Vec::new();
+    for partition in 0..12 {
+        let mut c = client
+            .partition_consumer("wide", partition, StartFrom::Earliest)
+            .await
+            .unwrap();
+        assert!(!c.poll().await.unwrap().is_empty());
+        idle.push(c);
+    }
+    for partition in 0..12 {
+        let lookup = client.partition_consumer("wide", partition, StartFrom::Latest);
+        let c = tokio::time::timeout(std::time::Duration::from_secs(20), lookup)
+            .await
+            .expect("an offset lookup waited behind unread answers")
+            .unwrap();
+        assert_eq!(c.high_watermark(), 4_000);
+    }
+    drop(idle);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,6 +539,7 @@ async fn a_caught_up_subscription_waits_and_then_delivers_new_records() {
         .partition_consumer("tail", 0, StartFrom::Earliest)
         .await
         .unwrap();
+    c.streaming = true;
     c.max_wait_ms = 50;
     let got = c.poll().await.unwrap();
     assert_eq!(got.len(), 1);

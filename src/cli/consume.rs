@@ -79,10 +79,19 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
     };
     let limit = args.max_records.unwrap_or(u64::MAX);
     let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<ConsumedRecord>>>(16);
+    // Every consumer first, then the readers: a reader streams its
+    // partition (`streaming`), and one stopped on a full channel while
+    // this task still looked up offsets could hold the connection's
+    // flow-control window that the lookups need.
+    let mut consumers = Vec::new();
     for partition in partitions {
         let mut consumer = client
             .partition_consumer(&args.topic, partition, from)
             .await?;
+        consumer.streaming = true;
+        consumers.push(consumer);
+    }
+    for mut consumer in consumers {
         let tx = tx.clone();
         let follow = args.follow;
         tokio::spawn(async move {

@@ -452,12 +452,21 @@ async fn consume(client: &Client, args: &ConsumeArgs, output: Output) -> anyhow:
     let topic = client.topic(&w.topic).await?;
     let (tx, mut rx) = mpsc::channel::<anyhow::Result<(u64, u64)>>(64);
     let mut available = 0u64;
+    // Every consumer first, then the readers: a reader streams its
+    // partition (`streaming`), and one stopped on a full channel while
+    // this task still looked up offsets could hold the connection's
+    // flow-control window that the lookups need.
+    let mut consumers = Vec::new();
     for p in &topic.partitions {
         let mut c = client
             .partition_consumer(&w.topic, p.partition, StartFrom::Earliest)
             .await?;
         c.max_bytes = args.fetch_bytes;
+        c.streaming = true;
         available += (c.high_watermark() - c.position()).max(0) as u64;
+        consumers.push(c);
+    }
+    for mut c in consumers {
         let tx = tx.clone();
         tokio::spawn(async move {
             let end = c.high_watermark();

@@ -1,8 +1,8 @@
-//! Polling one partition. By default a subscription streams the partition
-//! (the broker reads the next chunk while the last one travels and is
-//! decoded here); with `streaming` off, each poll is a fetch, with the next
-//! one sent as soon as an answer arrives. Either way the broker sends raw
-//! batches (its stored bytes unchanged), decoded here zero-copy.
+//! Polling one partition. By default each poll is a fetch, with the next
+//! one sent as soon as an answer arrives; with `streaming` on, a
+//! subscription streams the partition (the broker reads the next chunk
+//! while the last one travels and is decoded here). Either way the broker
+//! sends raw batches (its stored bytes unchanged), decoded here zero-copy.
 
 use std::sync::Arc;
 
@@ -63,11 +63,15 @@ pub struct PartitionConsumer {
     /// previous answer (with records) arrived, so the broker reads and
     /// sends while the caller decodes and handles the last one.
     prefetch: Option<(i64, JoinHandle<Result<pb::FetchResponse, ClientError>>)>,
-    /// Stream the partition with `Subscribe` (the default) instead of
-    /// polling it with fetches. An open subscription may hold up to an
-    /// HTTP/2 stream window of unread data in the client (all of a
-    /// connection's together at most its connection window) and two
-    /// chunks in the broker.
+    /// Stream the partition with `Subscribe` instead of polling it with
+    /// fetches (off by default). Faster for a reader that keeps polling
+    /// (no round trip per chunk), but an open subscription that is not
+    /// polled holds up to an HTTP/2 stream window of unread data, and
+    /// together they can exhaust the connection's window: then every other
+    /// call on the client's connection to that broker (offset lookups,
+    /// commits, produce answers) waits until they are polled. Turn it on
+    /// only where every subscribed consumer is polled (or dropped) without
+    /// waiting on another call first; `perf consume` and `consume` do.
     pub streaming: bool,
     /// The subscription (opening or open) and the offset its next answer
     /// starts at.
@@ -105,6 +109,7 @@ impl std::fmt::Debug for PartitionConsumer {
             .field("position", &self.position)
             .field("high_watermark", &self.high_watermark)
             .field("streaming", &self.streaming)
+            .field("fetching", &self.prefetch.is_some())
             .field("subscribed", &self.subscription.is_some())
             .finish_non_exhaustive()
     }
@@ -144,7 +149,7 @@ impl PartitionConsumer {
             max_wait_ms: 500,
             high_watermark: offsets.high_watermark,
             prefetch: None,
-            streaming: true,
+            streaming: false,
             subscription: None,
         })
     }
@@ -254,8 +259,8 @@ impl PartitionConsumer {
     /// Fetches the next records (possibly none after the long-poll wait).
     ///
     /// Cancel-safe: dropped before it returns, no record is lost (the
-    /// position moves only when records are returned); in fetch mode the
-    /// fetch in flight is abandoned and sent again by the next poll.
+    /// position moves only when records are returned), and the fetch or
+    /// subscription open in flight is kept for the next poll.
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>, ClientError> {
         // Whichever way the caller last chose, the other one's read-ahead
         // is dropped.
@@ -267,18 +272,28 @@ impl PartitionConsumer {
             return self.decode(resp);
         }
         self.subscription = None;
-        let resp = match self.prefetch.take() {
-            Some((offset, fetch)) if offset == self.position => fetch
-                .await
-                .map_err(|e| ClientError::Transport(format!("fetch task failed: {e}")))??,
-            stale => {
-                // None yet, or the caller moved the position (seek).
-                if let Some((_, fetch)) = stale {
-                    fetch.abort();
-                }
-                self.fetch_at(self.position).await?
+        // Every fetch runs as a task of its own, kept until it answers: a
+        // poll dropped while it waits leaves the fetch in flight for the
+        // next poll instead of sending another (an idle partition's long
+        // poll is not repeated on every poll of the group consumer), and
+        // the task reads its answer off the connection even when nobody
+        // polls, so an unpolled consumer never holds the connection's
+        // flow-control window.
+        if !matches!(&self.prefetch, Some((offset, _)) if *offset == self.position) {
+            // None yet, or the caller moved the position (seek).
+            if let Some((_, stale)) = self.prefetch.take() {
+                stale.abort();
             }
+            let fetch = tokio::spawn(self.fetch_at(self.position));
+            self.prefetch = Some((self.position, fetch));
+        }
+        let Some((_, fetch)) = &mut self.prefetch else {
+            unreachable!("set above");
         };
+        let answered = fetch.await;
+        self.prefetch = None;
+        let resp =
+            answered.map_err(|e| ClientError::Transport(format!("fetch task failed: {e}")))??;
         if !resp.batches.is_empty() {
             let next = self.position.max(resp.next_offset);
             self.prefetch = Some((next, tokio::spawn(self.fetch_at(next))));

@@ -759,8 +759,8 @@ impl GroupConsumer {
         }
         // Every owned partition is polled at once, and the poll returns
         // as soon as one of them has records: the others stop waiting
-        // (their subscriptions keep what arrives for the next poll), so an
-        // idle partition's long-poll wait never holds up a busy one.
+        // (their fetches stay in flight for the next poll), so an idle
+        // partition's long-poll wait never holds up a busy one.
         let first_records = tokio_util::sync::CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         for (tp, mut c) in std::mem::take(&mut self.consumers) {
