@@ -16,12 +16,18 @@ use runnel_controller::security::{Operation, ResourceType};
 #[derive(Debug, Clone)]
 pub struct ConsumerService {
     broker: Arc<Broker>,
+    /// Bytes the raw subscriptions may hold read and not yet written to
+    /// their sockets, together ([`SUBSCRIBE_BUFFER_BYTES`]).
+    subscribed: Arc<tokio::sync::Semaphore>,
 }
 
 impl ConsumerService {
     /// Wraps a broker.
     pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+        Self {
+            broker,
+            subscribed: Arc::new(tokio::sync::Semaphore::new(SUBSCRIBE_BUFFER_BYTES)),
+        }
     }
 }
 
@@ -89,6 +95,46 @@ fn failed(status: Status) -> SubscribeStream {
 type SubscribeStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FetchResponse, Status>> + Send>>;
 
+/// What all subscriptions of a broker may hold in memory at once: chunks
+/// read from the log and not yet written to their sockets (a chunk read
+/// from the active segment is a heap copy; a stalled reader's sit in
+/// HTTP/2 send buffers until its window opens). A subscription waits for
+/// room before it reads. Without it, one consumer subscribed to 1,000
+/// partitions with a backlog made the broker hold 1 GB (RESULTS, session
+/// 10, row 37).
+const SUBSCRIBE_BUFFER_BYTES: usize = 64 << 20;
+
+/// Permits for one chunk of up to `max_bytes` (0: the fetch default).
+fn chunk_permits(max_bytes: u32) -> u32 {
+    let want = if max_bytes == 0 {
+        1 << 20
+    } else {
+        max_bytes as usize
+    };
+    want.min(SUBSCRIBE_BUFFER_BYTES) as u32
+}
+
+/// Ties `permit` to the answer's batches: it goes back to the budget when
+/// the last copy of them is dropped, once written to the socket.
+/// Structured answers (stock clients, `raw` off) give it back at once.
+fn hold(mut r: pb::FetchResponse, permit: tokio::sync::OwnedSemaphorePermit) -> pb::FetchResponse {
+    /// The batches and the permit that goes with them (held, never read:
+    /// dropping it gives the bytes back to the budget).
+    struct Held(
+        bytes::Bytes,
+        #[expect(dead_code)] tokio::sync::OwnedSemaphorePermit,
+    );
+    impl AsRef<[u8]> for Held {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    if !r.batches.is_empty() {
+        r.batches = bytes::Bytes::from_owner(Held(std::mem::take(&mut r.batches), permit));
+    }
+    r
+}
+
 /// How long each Subscribe poll waits before re-checking the client.
 const SUBSCRIBE_POLL_MS: u32 = 1_000;
 
@@ -115,6 +161,9 @@ impl ConsumerService {
         let principal = security::principal_of(&request);
         let req = request.into_inner();
         let broker = self.broker.clone();
+        let budget = self.subscribed.clone();
+        let permits = chunk_permits(req.max_bytes);
+        let closed = || Status::unavailable("the broker is shutting down");
         let mut fetch = pb::FetchRequest {
             topic: req.topic,
             partition: req.partition,
@@ -124,12 +173,18 @@ impl ConsumerService {
             raw: req.raw,
         };
         // Fail fast on a bad first request instead of opening the stream.
+        let permit = budget
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| closed())?;
         let first = broker
             .fetch(pb::FetchRequest {
                 max_wait_ms: 0,
                 ..fetch.clone()
             })
             .await?;
+        let first = hold(first, permit);
         Ok(async_stream_bounded(
             SUBSCRIBE_READY,
             move |tx| async move {
@@ -144,7 +199,14 @@ impl ConsumerService {
                     };
                     let response = match next.take() {
                         Some(r) => Ok(r),
-                        None => broker.fetch(fetch.clone()).await.map_err(Status::from),
+                        None => match budget.clone().acquire_many_owned(permits).await {
+                            Ok(permit) => broker
+                                .fetch(fetch.clone())
+                                .await
+                                .map(|r| hold(r, permit))
+                                .map_err(Status::from),
+                            Err(_) => Err(closed()),
+                        },
                     };
                     match response {
                         Ok(r) => {
