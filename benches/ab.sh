@@ -8,6 +8,8 @@
 #   bash benches/ab.sh group OLD NEW     # one broker (OLD), 4 partitions: perf consume --group with each
 #   bash benches/ab.sh e2e OLD NEW       # a fresh broker of each build: perf e2e at RATE records/s
 #   bash benches/ab.sh three OLD NEW     # a fresh 3-node `runnel dev` of each build: RF 3, acks=all
+#   bash benches/ab.sh rss OLD NEW       # a fresh broker of each build, 1,000 partitions: its peak
+#                                        # resident memory after produce and after perf consume
 #
 # OLD and NEW are runnel binaries (copy each build aside first). ROUNDS
 # (default 3), RECORDS (1,000,000 x 1 KiB), RATE (450,000). Uses
@@ -16,7 +18,7 @@
 # warm-up, as in scenarios.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODE=${1:?usage: ab.sh consume|broker|group|e2e|three BIN...}
+MODE=${1:?usage: ab.sh consume|broker|group|e2e|three|rss BIN...}
 shift
 [ $# -ge 1 ] || { echo "give at least one runnel binary" >&2; exit 2; }
 ROUNDS=${ROUNDS:-3}
@@ -107,8 +109,22 @@ three)
         done
     done
     ;;
+rss)
+    for _ in $(seq 1 "$ROUNDS"); do
+        for b in "$@"; do
+            start "$b"
+            "$b" --bootstrap $S topic create k --partitions 1000 >/dev/null
+            produce "$b" k >/dev/null
+            hwm() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/${PIDS[-1]}/status"; }
+            after=$(hwm)
+            c=$(consume "$b" k)
+            echo "$(basename "$b") 1,000 partitions: peak RSS $after MiB after produce, $(hwm) MiB after consume ($c MB/s)"
+            stop
+        done
+    done
+    ;;
 *)
-    echo "unknown mode $MODE (consume, broker, group, e2e, three)" >&2
+    echo "unknown mode $MODE (consume, broker, group, e2e, three, rss)" >&2
     exit 2
     ;;
 esac
