@@ -717,6 +717,36 @@ impl Broker {
         fetched.map(|(r, _, _)| r)
     }
 
+    /// Waits up to `wait` (capped by `fetch.wait.max.ms`) until records at
+    /// `offset` of a partition this broker leads are readable (below the
+    /// high watermark), without reading them. Returns at once when they
+    /// already are, or when the offset is not readable at all (the fetch
+    /// that follows reports why).
+    pub async fn wait_readable(&self, topic: &str, partition: i32, offset: i64, wait: Duration) {
+        let meta = self.metadata.current();
+        let Ok(partition) = self.leader_partition(&meta, topic, partition) else {
+            return;
+        };
+        let mut hw_rx = partition.watch_high_watermark();
+        if partition.log.high_watermark() != offset {
+            return;
+        }
+        let deadline = tokio::time::Instant::now()
+            + wait.min(Duration::from_millis(self.config.broker.fetch_wait_max_ms));
+        loop {
+            tokio::select! {
+                changed = hw_rx.changed() => {
+                    if changed.is_err() { return; }
+                }
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = self.shutdown.cancelled() => return,
+            }
+            if partition.log.high_watermark() > offset {
+                return;
+            }
+        }
+    }
+
     /// A fetch, and the stored bytes and records it sends.
     #[instrument(level = "debug", skip_all, fields(topic = %req.topic, partition = req.partition, offset = req.offset))]
     async fn fetch_inner(

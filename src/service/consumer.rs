@@ -199,14 +199,27 @@ impl ConsumerService {
                     };
                     let response = match next.take() {
                         Some(r) => Ok(r),
-                        None => match budget.clone().acquire_many_owned(permits).await {
-                            Ok(permit) => broker
-                                .fetch(fetch.clone())
-                                .await
-                                .map(|r| hold(r, permit))
-                                .map_err(Status::from),
-                            Err(_) => Err(closed()),
-                        },
+                        None => {
+                            // Wait for records without holding any of the
+                            // budget: an idle subscription must not keep
+                            // room from the ones with data.
+                            let wait =
+                                std::time::Duration::from_millis(u64::from(SUBSCRIBE_POLL_MS));
+                            broker
+                                .wait_readable(&fetch.topic, fetch.partition, fetch.offset, wait)
+                                .await;
+                            match budget.clone().acquire_many_owned(permits).await {
+                                Ok(permit) => broker
+                                    .fetch(pb::FetchRequest {
+                                        max_wait_ms: 0,
+                                        ..fetch.clone()
+                                    })
+                                    .await
+                                    .map(|r| hold(r, permit))
+                                    .map_err(Status::from),
+                                Err(_) => Err(closed()),
+                            }
+                        }
                     };
                     match response {
                         Ok(r) => {
