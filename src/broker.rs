@@ -35,7 +35,7 @@ use crate::replica::fetcher::{Assignment, Assignments, ReplicaSettings};
 use crate::replica::FetcherManager;
 
 /// Default fetch size when the request says 0.
-const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
+pub(crate) const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
 /// Producer ids a broker takes from the controller at a time.
 const PRODUCER_ID_BLOCK: i32 = 1000;
 /// How long a leader waits for its metadata to show a producer id's
@@ -724,15 +724,21 @@ impl Broker {
     /// that follows reports why).
     pub async fn wait_readable(&self, topic: &str, partition: i32, offset: i64, wait: Duration) {
         let meta = self.metadata.current();
-        let Ok(partition) = self.leader_partition(&meta, topic, partition) else {
-            return;
-        };
+        if let Ok(partition) = self.leader_partition(&meta, topic, partition) {
+            self.wait_past(&partition, offset, wait).await;
+        }
+    }
+
+    /// The long poll of a fetch: waits up to `wait` (capped by
+    /// `fetch.wait.max.ms`) while the partition's high watermark is still
+    /// `offset`, i.e. nothing at `offset` is readable yet.
+    async fn wait_past(&self, partition: &Partition, offset: i64, wait: Duration) {
         let mut hw_rx = partition.watch_high_watermark();
-        if partition.log.high_watermark() != offset {
+        let wait = wait.min(Duration::from_millis(self.config.broker.fetch_wait_max_ms));
+        if partition.log.high_watermark() != offset || wait.is_zero() {
             return;
         }
-        let deadline = tokio::time::Instant::now()
-            + wait.min(Duration::from_millis(self.config.broker.fetch_wait_max_ms));
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             tokio::select! {
                 changed = hw_rx.changed() => {
@@ -760,11 +766,7 @@ impl Broker {
             0 => FETCH_BYTES_DEFAULT,
             n => n as usize,
         };
-        let wait = Duration::from_millis(
-            u64::from(req.max_wait_ms).min(self.config.broker.fetch_wait_max_ms),
-        );
-        let mut hw_rx = partition.watch_high_watermark();
-        let mut high_watermark = log.high_watermark();
+        let high_watermark = log.high_watermark();
         let out_of_range = |hw: i64| {
             BrokerError::Storage(StorageError::OffsetOutOfRange {
                 offset: req.offset,
@@ -775,23 +777,9 @@ impl Broker {
         if req.offset < log.log_start_offset() || req.offset > high_watermark {
             return Err(out_of_range(high_watermark));
         }
-        if req.offset == high_watermark && !wait.is_zero() {
-            let deadline = tokio::time::Instant::now() + wait;
-            loop {
-                tokio::select! {
-                    changed = hw_rx.changed() => {
-                        if changed.is_err() { break; }
-                    }
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    _ = self.shutdown.cancelled() => break,
-                }
-                high_watermark = log.high_watermark();
-                if high_watermark > req.offset {
-                    break;
-                }
-            }
-        }
-        high_watermark = log.high_watermark();
+        let wait = Duration::from_millis(u64::from(req.max_wait_ms));
+        self.wait_past(&partition, req.offset, wait).await;
+        let high_watermark = log.high_watermark();
         let read = log.read(req.offset, max_bytes, high_watermark)?;
         let mut response = pb::FetchResponse {
             topic: req.topic.clone(),

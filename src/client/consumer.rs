@@ -59,9 +59,10 @@ pub struct PartitionConsumer {
     pub max_wait_ms: u32,
     /// High watermark seen in the last fetch.
     high_watermark: i64,
-    /// The next fetch and the offset it asks for, sent as soon as the
-    /// previous answer (with records) arrived, so the broker reads and
-    /// sends while the caller decodes and handles the last one.
+    /// The fetch in flight (a task) and the offset it asks for: the next
+    /// one is sent as soon as the previous answer (with records) arrived,
+    /// so the broker reads and sends while the caller decodes and handles
+    /// the last one; a poll dropped while waiting leaves it here.
     prefetch: Option<(i64, JoinHandle<Result<pb::FetchResponse, ClientError>>)>,
     /// Stream the partition with `Subscribe` instead of polling it with
     /// fetches (off by default). Faster for a reader that keeps polling

@@ -106,12 +106,27 @@ const SUBSCRIBE_BUFFER_BYTES: usize = 64 << 20;
 
 /// Permits for one chunk of up to `max_bytes` (0: the fetch default).
 fn chunk_permits(max_bytes: u32) -> u32 {
-    let want = if max_bytes == 0 {
-        1 << 20
-    } else {
-        max_bytes as usize
+    let want = match max_bytes {
+        0 => crate::broker::FETCH_BYTES_DEFAULT,
+        n => n as usize,
     };
     want.min(SUBSCRIBE_BUFFER_BYTES) as u32
+}
+
+/// Reads a subscription's next chunk (without waiting) once `budget` has
+/// room for it; the room goes back when the chunk has been written.
+async fn read_chunk(
+    broker: &Broker,
+    budget: &Arc<tokio::sync::Semaphore>,
+    fetch: &pb::FetchRequest,
+) -> Result<pb::FetchResponse, Status> {
+    let permit = budget
+        .clone()
+        .acquire_many_owned(chunk_permits(fetch.max_bytes))
+        .await
+        .map_err(|_| Status::unavailable("the broker is shutting down"))?;
+    let chunk = broker.fetch(fetch.clone()).await?;
+    Ok(hold(chunk, permit))
 }
 
 /// Ties `permit` to the answer's batches: it goes back to the budget when
@@ -136,7 +151,7 @@ fn hold(mut r: pb::FetchResponse, permit: tokio::sync::OwnedSemaphorePermit) -> 
 }
 
 /// How long each Subscribe poll waits before re-checking the client.
-const SUBSCRIBE_POLL_MS: u32 = 1_000;
+const SUBSCRIBE_POLL: std::time::Duration = std::time::Duration::from_millis(1_000);
 
 /// Chunks a subscription keeps read and ready beside the one being sent:
 /// the next chunk is read from the log while the last is on its way, and
@@ -162,29 +177,18 @@ impl ConsumerService {
         let req = request.into_inner();
         let broker = self.broker.clone();
         let budget = self.subscribed.clone();
-        let permits = chunk_permits(req.max_bytes);
-        let closed = || Status::unavailable("the broker is shutting down");
         let mut fetch = pb::FetchRequest {
             topic: req.topic,
             partition: req.partition,
             offset: req.offset,
             max_bytes: req.max_bytes,
-            max_wait_ms: SUBSCRIBE_POLL_MS,
+            // The stream waits for records itself (`wait_readable`),
+            // before it takes room in the budget.
+            max_wait_ms: 0,
             raw: req.raw,
         };
         // Fail fast on a bad first request instead of opening the stream.
-        let permit = budget
-            .clone()
-            .acquire_many_owned(permits)
-            .await
-            .map_err(|_| closed())?;
-        let first = broker
-            .fetch(pb::FetchRequest {
-                max_wait_ms: 0,
-                ..fetch.clone()
-            })
-            .await?;
-        let first = hold(first, permit);
+        let first = read_chunk(&broker, &budget, &fetch).await?;
         Ok(async_stream_bounded(
             SUBSCRIBE_READY,
             move |tx| async move {
@@ -203,22 +207,15 @@ impl ConsumerService {
                             // Wait for records without holding any of the
                             // budget: an idle subscription must not keep
                             // room from the ones with data.
-                            let wait =
-                                std::time::Duration::from_millis(u64::from(SUBSCRIBE_POLL_MS));
                             broker
-                                .wait_readable(&fetch.topic, fetch.partition, fetch.offset, wait)
+                                .wait_readable(
+                                    &fetch.topic,
+                                    fetch.partition,
+                                    fetch.offset,
+                                    SUBSCRIBE_POLL,
+                                )
                                 .await;
-                            match budget.clone().acquire_many_owned(permits).await {
-                                Ok(permit) => broker
-                                    .fetch(pb::FetchRequest {
-                                        max_wait_ms: 0,
-                                        ..fetch.clone()
-                                    })
-                                    .await
-                                    .map(|r| hold(r, permit))
-                                    .map_err(Status::from),
-                                Err(_) => Err(closed()),
-                            }
+                            read_chunk(&broker, &budget, &fetch).await
                         }
                     };
                     match response {
