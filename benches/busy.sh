@@ -82,6 +82,7 @@ start, end = min(times), max(times)
 # was switched in again.
 on, names, since, out = collections.Counter(), {}, {}, {}
 waits = collections.defaultdict(lambda: [0, 0.0])
+disk_waits = []
 for e in events:
     if not start <= e['t'] <= end:
         continue
@@ -91,12 +92,14 @@ for e in events:
         on[e['prev_pid']] += e['t'] - since.pop(e['prev_pid'])
     since[e['next_pid']] = e['t']
     if e['next_pid'] in out:
-        t, key = out.pop(e['next_pid'])
+        t, key, stack = out.pop(e['next_pid'])
         waits[key][0] += 1
         waits[key][1] += e['t'] - t
+        if key[1] == 'D':
+            disk_waits.append((e['t'] - t, e['t'] - start, key[0], stack))
     if e['prev'] in (comm, 'tokio-rt-worker'):
         who = f"broker {e['prev_pid']}" if e['prev_pid'] in broker else f"client {e['prev_pid']}"
-        out[e['prev_pid']] = (e['t'], (who, e['state'], ' < '.join(e['stack'][:4])))
+        out[e['prev_pid']] = (e['t'], (who, e['state'], ' < '.join(e['stack'][:4])), e['stack'])
 span = end - start
 print(f"client lifetime {span * 1000:.0f} ms; time on the CPU:")
 for pid, t in on.most_common(8):
@@ -108,6 +111,12 @@ worker = max((p for p in on if p in broker), key=lambda p: on[p])
 disk = [(n, t) for (who, state, _), (n, t) in waits.items() if who == f"broker {worker}" and state == 'D']
 print(f"runtime worker {worker}: waited on the disk or a file system lock "
       f"{sum(t for _, t in disk) * 1000:.0f} ms in {sum(n for n, _ in disk)} waits")
+# Its longest single disk waits, when into the run, and what the file
+# system was doing (the innermost frames that name ext4 or jbd2, else the
+# outermost ones).
+for t, at, who, stack in sorted((w for w in disk_waits if w[2] == f"broker {worker}"), key=lambda w: -w[0])[:5]:
+    fs = [f for f in stack if f.startswith(('ext4', 'jbd2', '__ext4', 'do_', 'vfs_', 'ksys_', '__x64'))]
+    print(f"  {t * 1000:6.1f} ms at {at * 1000:6.0f} ms: {' < '.join(stack[:3])} ... {' < '.join(fs[:6])}")
 print("where client and broker threads waited (S sleeping, D disk, R preempted):")
 for (who, state, stack), (n, t) in sorted(waits.items(), key=lambda kv: -kv[1][1])[:12]:
     print(f"  {t * 1000:7.1f} ms {n:6d}x  {who:14} {state}  {stack}")
