@@ -133,7 +133,7 @@ pub const KEYS: &[ConfigKey] = &[
     ConfigKey {
         name: "preallocate",
         default: "true",
-        doc: "Reserve disk blocks ahead of the active segment's appends (fallocate, file length unchanged): cheaper buffered writes",
+        doc: "Reserve disk blocks ahead of the active segment's appends (fallocate, file length unchanged), and the whole next segment in the background once the active one is half full: cheaper buffered writes, no allocation on the append path after the first segment",
         kind: Kind::Choice(&["true", "false"]),
     },
     ConfigKey {

@@ -10,7 +10,7 @@
 //! - [`batch`]: the record-batch binary format (I/O-free codec).
 //! - [`log`]: a partition's log: segments, roll, retention, truncation.
 //! - `segment`, `offset_index`, `time_index`, `index_file`: one segment's
-//!   files.
+//!   files; `spare`: the next segment's file, reserved in the background.
 //! - `epoch`: the leader-epoch checkpoint (epoch → start offset).
 //! - [`producer_state`]: idempotent producers' sequence state and its
 //!   snapshots.
@@ -49,6 +49,7 @@ mod epoch;
 mod index_file;
 mod offset_index;
 mod segment;
+mod spare;
 mod time_index;
 mod varint;
 

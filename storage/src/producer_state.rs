@@ -335,7 +335,12 @@ pub(crate) fn snapshot_offsets(dir: &Path) -> Result<Vec<i64>> {
 /// Writes the snapshot for `offset` (atomically), deletes all but the
 /// newest [`SNAPSHOTS_RETAINED`], and makes it durable.
 pub(crate) fn write_snapshot(dir: &Path, offset: i64, states: &ProducerStates) -> Result<()> {
-    write_snapshot_unsynced(dir, offset, states)?;
+    for old in write_snapshot_unsynced(dir, offset, states)? {
+        match std::fs::remove_file(&old) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&old)(e)),
+            _ => {}
+        }
+    }
     sync_snapshots(dir, offset.saturating_sub(1), offset)?;
     checkpoint::sync_dir(dir)
 }
@@ -345,22 +350,26 @@ pub(crate) fn write_snapshot(dir: &Path, offset: i64, states: &ProducerStates) -
 /// durable ([`sync_snapshots`]) before the recovery point passes it. A
 /// crash before that can leave it torn or empty; [`load_latest`] then
 /// skips it (its CRC fails) and rebuilds from the one before.
+///
+/// Returns the snapshots it supersedes (all but the newest
+/// [`SNAPSHOTS_RETAINED`]) without deleting them: an unlink may wait for
+/// the device (a discard), so the roll leaves them to be deleted off the
+/// append path.
 pub(crate) fn write_snapshot_unsynced(
     dir: &Path,
     offset: i64,
     states: &ProducerStates,
-) -> Result<()> {
+) -> Result<Vec<PathBuf>> {
     let path = snapshot_path(dir, offset);
     let tmp = path.with_extension("snapshot.tmp");
     std::fs::write(&tmp, states.encode()).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
     let offsets = snapshot_offsets(dir)?;
     let excess = offsets.len().saturating_sub(SNAPSHOTS_RETAINED);
-    for &old in &offsets[..excess] {
-        let p = snapshot_path(dir, old);
-        std::fs::remove_file(&p).map_err(io_err(&p))?;
-    }
-    Ok(())
+    Ok(offsets[..excess]
+        .iter()
+        .map(|&old| snapshot_path(dir, old))
+        .collect())
 }
 
 /// fsyncs the snapshots with offsets in `after + 1 ..= upto` (not the
@@ -584,7 +593,9 @@ mod tests {
             write_snapshot(dir.path(), offset, &s).unwrap();
         }
         let listed = snapshot_offsets(dir.path()).unwrap();
-        write_snapshot_unsynced(dir.path(), 30, &s).unwrap();
+        let superseded = write_snapshot_unsynced(dir.path(), 30, &s).unwrap();
+        assert_eq!(superseded, vec![snapshot_path(dir.path(), 10)]);
+        std::fs::remove_file(&superseded[0]).unwrap();
         assert_eq!(snapshot_offsets(dir.path()).unwrap(), vec![20, 30]);
         sync_listed(dir.path(), &listed, 0, 30).unwrap();
     }

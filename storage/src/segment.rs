@@ -54,10 +54,59 @@ fn remove_files<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> Result<()> 
     Ok(())
 }
 
+/// Suffix of a file renamed for deletion, unlinked later off the append
+/// path (`Log::empty_trash`); opening a log deletes any left by a crash.
+pub(crate) const TRASH_SUFFIX: &str = ".deleted";
+
+/// Renames `path` to `<path>.deleted`; returns the new path, or `None`
+/// if there was no file.
+pub(crate) fn move_to_trash(path: &Path) -> Result<Option<PathBuf>> {
+    let mut trashed = path.as_os_str().to_owned();
+    trashed.push(TRASH_SUFFIX);
+    let trashed = PathBuf::from(trashed);
+    match std::fs::rename(path, &trashed) {
+        Ok(()) => Ok(Some(trashed)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 /// Unlinks the files of the segment at `base_offset` in `dir`.
 pub(crate) fn delete_files(dir: &Path, base_offset: i64) -> Result<()> {
     let (log, index, time_index) = Segment::paths(dir, base_offset);
     remove_files([&log, &index, &time_index])
+}
+
+/// Reserves disk blocks for `from..from + len` of `file` without changing
+/// its length (`fallocate` with `FALLOC_FL_KEEP_SIZE`). Fails where the
+/// file system cannot.
+#[allow(unsafe_code)]
+pub(crate) fn reserve_blocks(file: &File, from: u64, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    #[allow(clippy::cast_possible_wrap)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate only reads its arguments; the fd is open for
+        // as long as `file` is borrowed.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                from as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, from, len);
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 #[derive(Debug)]
@@ -358,11 +407,25 @@ impl Segment {
 
     /// Creates a new, empty, active segment (replacing stale files).
     pub(crate) fn create(dir: &Path, base_offset: i64, config: &LogConfig) -> Result<Segment> {
+        let file = Self::open_file(&Self::paths(dir, base_offset).0, true)?;
+        Self::create_in(dir, base_offset, config, file, 0)
+    }
+
+    /// Like `create`, with the log file given: an empty file already at
+    /// this segment's path whose first `reserved` bytes have disk blocks
+    /// reserved (a spare renamed there, see `spare`). Appends up to
+    /// `reserved` then never allocate.
+    pub(crate) fn create_in(
+        dir: &Path,
+        base_offset: i64,
+        config: &LogConfig,
+        file: File,
+        reserved: u64,
+    ) -> Result<Segment> {
         let paths = Self::paths(dir, base_offset);
-        let file = Self::open_file(&paths.0, true)?;
         let index = OffsetIndex::create(&paths.1, base_offset, config.index_bytes_max)?;
         let time_index = TimeIndex::create(&paths.2, base_offset, config.index_bytes_max)?;
-        Ok(Self::assemble(
+        let seg = Self::assemble(
             base_offset,
             paths,
             file,
@@ -373,7 +436,9 @@ impl Segment {
             NO_TIMESTAMP,
             NO_TIMESTAMP,
             0,
-        ))
+        );
+        seg.preallocated_to.store(reserved, Ordering::Relaxed);
+        Ok(seg)
     }
 
     /// Opens an existing segment. Returns the segment and, in `Recover`
@@ -541,6 +606,11 @@ impl Segment {
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
     }
+    /// Tests: where the segment's block reservation ends.
+    #[cfg(test)]
+    pub(crate) fn preallocated_to(&self) -> u64 {
+        self.preallocated_to.load(Ordering::Relaxed)
+    }
     pub(crate) fn log_path(&self) -> &Path {
         &self.log_path
     }
@@ -611,7 +681,6 @@ impl Segment {
     /// cost next to nothing and keep what an idle partition holds in
     /// reserve small. Best effort: if the filesystem cannot reserve,
     /// writes go on as before.
-    #[allow(unsafe_code)]
     fn preallocate(&self, position: u64, end: u64, segment_bytes_max: u64) {
         const CHUNK_MIN: u64 = 1 << 20;
         const CHUNK_MAX: u64 = 4 << 20;
@@ -622,26 +691,10 @@ impl Segment {
         let from = reserved.max(position);
         let chunk = position.clamp(CHUNK_MIN, CHUNK_MAX).div_ceil(CHUNK_MIN) * CHUNK_MIN;
         let to = (from + chunk).min(segment_bytes_max).max(end);
-        #[cfg(target_os = "linux")]
-        #[allow(clippy::cast_possible_wrap)]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: fallocate only reads its arguments; the fd is open
-            // for as long as `self.file` lives.
-            let rc = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_KEEP_SIZE,
-                    from as libc::off_t,
-                    (to - from) as libc::off_t,
-                )
-            };
-            if rc != 0 {
-                let error = std::io::Error::last_os_error();
-                tracing::debug!(path = %self.log_path.display(), %error, "not preallocating this segment");
-                self.preallocated_to.store(u64::MAX, Ordering::Relaxed);
-                return;
-            }
+        if let Err(error) = reserve_blocks(&self.file, from, to - from) {
+            tracing::debug!(path = %self.log_path.display(), %error, "not preallocating this segment");
+            self.preallocated_to.store(u64::MAX, Ordering::Relaxed);
+            return;
         }
         self.preallocated_to.store(to, Ordering::Relaxed);
     }
@@ -921,6 +974,17 @@ impl Segment {
     /// Unlinks the segment's files (open handles and mmaps stay valid).
     pub(crate) fn delete_files(&self) -> Result<()> {
         remove_files([&self.log_path, &self.index_path, &self.time_index_path])
+    }
+
+    /// Renames the segment's files to `<name>.deleted` and adds them to
+    /// `trash`, for an unlink later (see `Log::empty_trash`).
+    pub(crate) fn move_to_trash(&self, trash: &mut Vec<PathBuf>) -> Result<()> {
+        for path in [&self.log_path, &self.index_path, &self.time_index_path] {
+            if let Some(trashed) = move_to_trash(path)? {
+                trash.push(trashed);
+            }
+        }
+        Ok(())
     }
 }
 
