@@ -44,7 +44,7 @@ impl EpochCache {
         })
     }
 
-    fn persist(&self) -> Result<()> {
+    pub(crate) fn persist(&self) -> Result<()> {
         let mut lines = vec![self.entries.len().to_string()];
         lines.extend(self.entries.iter().map(|(e, s)| format!("{e} {s}")));
         checkpoint::write(&self.dir, checkpoint::LEADER_EPOCH, &lines)
@@ -92,13 +92,23 @@ impl EpochCache {
     /// Moves the start of the epoch covering `start_offset` up to it and
     /// drops older epochs (log start offset advanced).
     pub(crate) fn truncate_from_start(&mut self, start_offset: i64) -> Result<()> {
+        if self.truncate_from_start_unpersisted(start_offset) {
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::truncate_from_start`] in memory only; returns whether the
+    /// cache changed (and so needs `persist`). Losing it in a crash is
+    /// harmless: opening a log truncates its cache to the log start again.
+    pub(crate) fn truncate_from_start_unpersisted(&mut self, start_offset: i64) -> bool {
         let covering = self.entries.partition_point(|&(_, s)| s <= start_offset);
         if covering == 0 || (covering == 1 && self.entries[0].1 == start_offset) {
-            return Ok(());
+            return false;
         }
         self.entries.drain(..covering - 1);
         self.entries[0].1 = start_offset;
-        self.persist()
+        true
     }
 }
 

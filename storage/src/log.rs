@@ -182,6 +182,9 @@ pub struct Log {
     /// Files renamed to `<name>.deleted` under the writer lock, to be
     /// unlinked without it (`empty_trash`).
     trash: Mutex<Vec<PathBuf>>,
+    /// The log start moved and its checkpoint is not written yet
+    /// (`advance_log_start`).
+    log_start_unpersisted: AtomicBool,
 }
 
 fn now_ms() -> i64 {
@@ -322,6 +325,7 @@ impl Log {
             high_watermark: AtomicI64::new(high_watermark),
             closed: AtomicBool::new(false),
             trash: Mutex::new(Vec::new()),
+            log_start_unpersisted: AtomicBool::new(false),
         };
         {
             let mut w = log.lock_writer()?;
@@ -511,10 +515,7 @@ impl Log {
         }
         let body = stamped.as_deref().unwrap_or(&batch[..]);
         let header = HeaderView::read(&head).expect("validated batch has a header");
-        self.epochs
-            .write()
-            .expect("epochs lock")
-            .assign(leader_epoch, base_offset)?;
+        self.note_epoch(leader_epoch, base_offset)?;
         self.append_locked(
             &mut w,
             &config,
@@ -560,10 +561,7 @@ impl Log {
         let base_offset = first.base_offset();
         for b in &parsed {
             let header = HeaderView::read(b.as_bytes()).expect("parsed batch has a header");
-            self.epochs
-                .write()
-                .expect("epochs lock")
-                .assign(b.leader_epoch(), b.base_offset())?;
+            self.note_epoch(b.leader_epoch(), b.base_offset())?;
             self.append_locked(&mut w, &config, &[b.as_bytes()], &header)?;
             self.lock_producers().record(
                 &header.producer_batch(),
@@ -602,6 +600,27 @@ impl Log {
         if config.preallocate && active.size().saturating_mul(2) >= config.segment_bytes_max {
             self.spare
                 .prepare(config.segment_bytes_max.min(u64::from(u32::MAX)));
+        }
+        Ok(())
+    }
+
+    /// Writer only: records that `epoch` starts at `offset` if it is
+    /// newer than the latest. Looks first under the read lock, which
+    /// `persist_log_start` holds through its fsync: only a new epoch
+    /// waits for that.
+    fn note_epoch(&self, epoch: i32, offset: i64) -> Result<()> {
+        let known = epoch < 0
+            || self
+                .epochs
+                .read()
+                .expect("epochs lock")
+                .latest()
+                .is_some_and(|(latest, _)| latest >= epoch);
+        if !known {
+            self.epochs
+                .write()
+                .expect("epochs lock")
+                .assign(epoch, offset)?;
         }
         Ok(())
     }
@@ -952,7 +971,7 @@ impl Log {
         if offset <= log_start_offset {
             return Ok(log_start_offset);
         }
-        self.advance_log_start(offset)?;
+        self.advance_log_start(offset);
         let segments = self.snapshot();
         let expired = segments[..segments.len() - 1]
             .iter()
@@ -961,17 +980,57 @@ impl Log {
         self.delete_oldest(&mut w, expired)?;
         drop(w);
         self.empty_trash()?;
+        // Durable before the caller hears the records are gone.
+        self.persist_log_start()?;
         Ok(offset)
     }
 
-    fn advance_log_start(&self, offset: i64) -> Result<()> {
-        checkpoint::write_offset(&self.dir, checkpoint::LOG_START_OFFSET, offset)?;
+    /// Writer only: moves the log start to `offset` in memory; the
+    /// log-start checkpoint and the epoch cache trimmed to it are written
+    /// by `persist_log_start`, without the writer lock. Both fsync, and
+    /// under write-back an fsync takes tens of ms: retention used to hold
+    /// every append behind two of them (Kafka moved its epoch-cache flush
+    /// off the log lock for the same reason, KAFKA-15046). Until then a
+    /// crash loses nothing: an open takes the log start as at least the
+    /// first segment's base and trims the epoch cache to it.
+    fn advance_log_start(&self, offset: i64) {
         self.log_start_offset.store(offset, Ordering::Release);
         self.high_watermark.fetch_max(offset, Ordering::AcqRel);
         self.epochs
             .write()
             .expect("epochs lock")
-            .truncate_from_start(offset)
+            .truncate_from_start_unpersisted(offset);
+        self.log_start_unpersisted.store(true, Ordering::Release);
+    }
+
+    /// Makes the log start (and the epoch cache) durable if it moved since
+    /// last time. Takes the checkpoints lock: never call with the writer
+    /// lock held.
+    fn persist_log_start(&self) -> Result<()> {
+        if !self.log_start_unpersisted.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _checkpoints = self.lock_checkpoints();
+        self.persist_log_start_locked()
+    }
+
+    /// `persist_log_start` with the checkpoints lock held by the caller.
+    fn persist_log_start_locked(&self) -> Result<()> {
+        if !self.log_start_unpersisted.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let written = checkpoint::write_offset(
+            &self.dir,
+            checkpoint::LOG_START_OFFSET,
+            self.log_start_offset(),
+        )
+        // Under the read lock, so a newer state (a new epoch, a
+        // truncation: both take the write lock) is written after this one.
+        .and_then(|()| self.epochs.read().expect("epochs lock").persist());
+        if written.is_err() {
+            self.log_start_unpersisted.store(true, Ordering::Release);
+        }
+        written
     }
 
     /// Writer only: deletes the `count` oldest segments (never the active
@@ -984,7 +1043,7 @@ impl Log {
         }
         let new_start = segments[count].base_offset();
         if new_start > self.log_start_offset() {
-            self.advance_log_start(new_start)?;
+            self.advance_log_start(new_start);
         }
         self.publish(segments[count..].to_vec());
         {
@@ -1060,6 +1119,7 @@ impl Log {
             if now_ms.saturating_sub(w.last_flush_ms) >= ms as i64);
         drop(w);
         self.empty_trash()?;
+        self.persist_log_start()?;
         if flush_due {
             self.flush_concurrently(now_ms)?;
         } else {
@@ -1237,6 +1297,7 @@ impl Log {
         let marker = self.dir.join(checkpoint::CLEAN_SHUTDOWN);
         self.spare.close(true)?;
         self.empty_trash()?;
+        self.persist_log_start_locked()?;
         std::fs::File::create(&marker).map_err(io_err(&marker))?;
         checkpoint::sync_dir(&self.dir)?;
         w.closed = true;
@@ -1598,6 +1659,40 @@ mod tests {
         release.send(()).unwrap();
         ticking.join().unwrap().unwrap();
         appended.map(|r| r.unwrap()).map_err(drop)
+    }
+
+    /// Retention wrote the log-start and leader-epoch checkpoints (an
+    /// fsync each) under the writer lock, so appends waited for both.
+    #[test]
+    fn appends_go_on_while_retention_writes_its_checkpoints() {
+        for name in [checkpoint::LOG_START_OFFSET, checkpoint::LEADER_EPOCH] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t-0");
+            let config = LogConfig {
+                segment_bytes_max: 100, // every batch rolls
+                ..LogConfig::default()
+            };
+            let log = Arc::new(Log::open(&path, config.clone()).unwrap());
+            log.append_as_leader(batch(), 0).unwrap();
+            log.append_as_leader(batch(), 0).unwrap();
+            log.set_config(LogConfig {
+                retention_bytes_max: Some(1),
+                ..config.clone()
+            });
+            let info = append_while_checkpoint_held(&log, name, now_ms())
+                .unwrap_or_else(|()| panic!("the append waited for {name}'s fsync"));
+            assert_eq!(info.base_offset, 2);
+            assert_eq!(log.log_start_offset(), 1);
+            assert_eq!(
+                checkpoint::read_offset(&path, checkpoint::LOG_START_OFFSET).unwrap(),
+                Some(1)
+            );
+            assert_eq!(log.end_offset_for_epoch(0), Some((0, 3)));
+            // The trimmed epoch cache is what a reopen finds.
+            log.close().unwrap();
+            let epochs = EpochCache::load(&path).unwrap();
+            assert_eq!(epochs.latest(), Some((0, 1)));
+        }
     }
 
     /// The recovery-point checkpoint, written by the tick's flush (each
