@@ -131,6 +131,11 @@ pub struct ReadResult {
 
 type Segments = Arc<Vec<Arc<Segment>>>;
 
+/// Bytes appended within a second that make a partition hot: its next
+/// segment is reserved at once, and a segment that reserves on the append
+/// path rolls as soon as that reservation is ready (`wants_spare`).
+const HOT_BYTES: u64 = 8 << 20;
+
 /// How many times a read retries after racing with a truncation.
 const READ_RETRIES_MAX: usize = 16;
 
@@ -149,6 +154,9 @@ struct Writer {
     /// the lock knows whether the end it synced still stands.
     truncations: u64,
     closed: bool,
+    /// (active segment's base, wall-clock ms, its size then): where the
+    /// current one-second window of appends started (`wants_spare`).
+    hot_window: (i64, i64, u64),
 }
 
 /// One partition's log. `Send + Sync`: one writer at a time (appends
@@ -316,6 +324,7 @@ impl Log {
                 dir_dirty: false,
                 truncations: 0,
                 closed: false,
+                hot_window: (-1, 0, 0),
             }),
             checkpoints: Mutex::new(high_watermark),
             epochs: RwLock::new(epochs),
@@ -591,17 +600,53 @@ impl Log {
         let segments = self.snapshot();
         let mut active = segments.last().expect("always one segment").clone();
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        if self.should_roll(&active, config, len as u64, header.last_offset(), now_ms()) {
+        let now = now_ms();
+        if self.should_roll(&active, config, len as u64, header.last_offset(), now)
+            || self.should_roll_early(&active, config)
+        {
             active = self.roll(w, config, header.base_offset)?;
         }
         active.append(parts, header, config)?;
         self.log_end_offset
             .store(header.last_offset() + 1, Ordering::Release);
-        if config.preallocate && active.size().saturating_mul(2) >= config.segment_bytes_max {
+        if config.preallocate && self.wants_spare(w, &active, config, now) {
             self.spare
                 .prepare(config.segment_bytes_max.min(u64::from(u32::MAX)));
         }
         Ok(())
+    }
+
+    /// Writer only: whether the next segment should be reserved now
+    /// (`spare`): once the active segment is half full, or, for a segment
+    /// that reserves on the append path (not born from a spare), as soon
+    /// as the partition is hot: [`HOT_BYTES`] appended within a second.
+    fn wants_spare(&self, w: &mut Writer, active: &Segment, config: &LogConfig, now: i64) -> bool {
+        let size = active.size();
+        if size.saturating_mul(2) >= config.segment_bytes_max {
+            return true;
+        }
+        if active.born_reserved() || config.segment_bytes_max < 4 * HOT_BYTES {
+            return false;
+        }
+        let (base, since, from) = &mut w.hot_window;
+        if *base != active.base_offset() || now.saturating_sub(*since) > 1000 {
+            (*base, *since, *from) = (active.base_offset(), now, size);
+            return false;
+        }
+        size.saturating_sub(*from) >= HOT_BYTES
+    }
+
+    /// A hot partition's segment that reserves on the append path rolls
+    /// as soon as its spare is ready, so that the rest of the partition's
+    /// appends go into reserved segments: the first segment of a busy
+    /// partition ends after a few MiB instead of at `segment.bytes`.
+    fn should_roll_early(&self, active: &Segment, config: &LogConfig) -> bool {
+        let size = active.size();
+        config.preallocate
+            && !active.born_reserved()
+            && size >= HOT_BYTES
+            && size.saturating_mul(2) < config.segment_bytes_max
+            && self.spare.is_ready()
     }
 
     /// Writer only: records that `epoch` starts at `offset` if it is
@@ -1444,6 +1489,62 @@ mod tests {
                 offset = batch.last_offset() + 1;
             }
         }
+    }
+
+    /// A hot partition (8 MiB within a second) gets its spare at once,
+    /// and a segment that reserves for itself then rolls early, so the
+    /// rest of the appends go into reserved segments; one born from a
+    /// spare never rolls early.
+    #[test]
+    fn a_hot_partition_rolls_early_into_a_reserved_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        let config = LogConfig {
+            segment_bytes_max: 64 << 20,
+            ..LogConfig::default()
+        };
+        let log = Log::open(&path, config.clone()).unwrap();
+        fill(&log, HOT_BYTES + 4096);
+        assert_eq!(log.segment_count(), 1);
+        let first = log.snapshot().last().unwrap().clone();
+        {
+            // The one-second window, with the clock given.
+            let mut w = log.lock_writer().unwrap();
+            w.hot_window = (0, 1_000, 0);
+            assert!(log.wants_spare(&mut w, &first, &config, 1_900));
+            w.hot_window = (0, 1_000, first.size() - HOT_BYTES + 1);
+            assert!(
+                !log.wants_spare(&mut w, &first, &config, 1_900),
+                "< 8 MiB in the window"
+            );
+            w.hot_window = (0, 1_000, 0);
+            assert!(
+                !log.wants_spare(&mut w, &first, &config, 2_100),
+                "the window is over"
+            );
+            assert_eq!(w.hot_window, (0, 2_100, first.size()), "a new one starts");
+        }
+        log.spare.prepare(config.segment_bytes_max);
+        if !log.spare.wait_ready() {
+            return; // cannot reserve here: no spare, no early roll
+        }
+        append_kib(&log);
+        assert_eq!(
+            log.segment_count(),
+            2,
+            "rolled as soon as the spare was ready"
+        );
+        assert!(first.size() < config.segment_bytes_max / 2);
+        let second = log.snapshot().last().unwrap().clone();
+        assert!(second.born_reserved());
+        assert_eq!(second.preallocated_to(), config.segment_bytes_max);
+
+        fill(&log, HOT_BYTES + 4096);
+        log.spare.prepare(config.segment_bytes_max);
+        assert!(log.spare.wait_ready());
+        append_kib(&log);
+        assert_eq!(log.segment_count(), 2, "a reserved segment fills up");
+        log.close().unwrap();
     }
 
     /// A spare is never data: a clean close deletes it, a crash leaves it

@@ -140,6 +140,9 @@ pub(crate) struct Segment {
     /// reserved up to here (`fallocate` with `FALLOC_FL_KEEP_SIZE`);
     /// `u64::MAX` once reserving failed.
     preallocated_to: AtomicU64,
+    /// Created from a spare with its blocks reserved (`spare`): appends
+    /// never reserve for themselves.
+    born_reserved: bool,
     /// `release_reserved` has measured this sealed segment and given back
     /// what was reserved past its end: later flushes skip it.
     reservation_released: AtomicBool,
@@ -398,6 +401,7 @@ impl Segment {
             dirty_data: AtomicBool::new(false),
             writeback_from: AtomicU64::new(0),
             preallocated_to: AtomicU64::new(0),
+            born_reserved: false,
             reservation_released: AtomicBool::new(false),
             dirty_indexes: AtomicBool::new(true),
             mmap: OnceLock::new(),
@@ -425,7 +429,7 @@ impl Segment {
         let paths = Self::paths(dir, base_offset);
         let index = OffsetIndex::create(&paths.1, base_offset, config.index_bytes_max)?;
         let time_index = TimeIndex::create(&paths.2, base_offset, config.index_bytes_max)?;
-        let seg = Self::assemble(
+        let mut seg = Self::assemble(
             base_offset,
             paths,
             file,
@@ -438,6 +442,7 @@ impl Segment {
             0,
         );
         seg.preallocated_to.store(reserved, Ordering::Relaxed);
+        seg.born_reserved = reserved > 0;
         Ok(seg)
     }
 
@@ -605,6 +610,9 @@ impl Segment {
     }
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
+    }
+    pub(crate) fn born_reserved(&self) -> bool {
+        self.born_reserved
     }
     /// Tests: where the segment's block reservation ends.
     #[cfg(test)]

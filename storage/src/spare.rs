@@ -12,10 +12,12 @@
 //! the next segment's file under a neutral name (`next-segment.spare`)
 //! and reserves the whole segment for it; the roll renames it into place.
 //! The reservation is a different inode from the one being appended to,
-//! and a segment born from a spare never reserves anything itself.
+//! and a segment born from a spare never reserves anything itself. A hot
+//! partition asks at once, and its segment that reserves for itself rolls
+//! as soon as the spare is ready (`Log::wants_spare`).
 //!
-//! Disk cost: at most one reserved segment per partition whose active
-//! segment is over half full, released when the log closes. A spare is
+//! Disk cost: at most one reserved segment per partition that is hot or
+//! whose active segment is over half full, released when the log closes. A spare is
 //! never data: its length stays 0, a crash leaves at most an empty file,
 //! and opening a log deletes it. When the spare is not ready in time (a
 //! roll by age, a segment that filled faster than its spare could be
@@ -24,6 +26,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
@@ -55,6 +58,8 @@ enum State {
 pub(crate) struct Spare {
     path: PathBuf,
     state: Mutex<State>,
+    /// `state` is `Ready`, readable without the lock on every append.
+    ready: AtomicBool,
     /// Signalled when a reservation leaves `Queued`/`Running`.
     settled: Condvar,
 }
@@ -88,6 +93,7 @@ impl Spare {
         Arc::new(Spare {
             path: dir.join(SPARE_NAME),
             state: Mutex::new(State::Idle),
+            ready: AtomicBool::new(false),
             settled: Condvar::new(),
         })
     }
@@ -156,6 +162,8 @@ impl Spare {
     fn settle(&self, next: State) {
         let mut state = self.lock();
         if matches!(*state, State::Queued | State::Running) {
+            self.ready
+                .store(matches!(next, State::Ready { .. }), Ordering::Release);
             *state = next;
         }
         self.settled.notify_all();
@@ -170,12 +178,18 @@ impl Spare {
         state
     }
 
+    /// A spare is ready to be taken.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
     /// For a roll: the spare, renamed to `log_path`, and how many bytes
     /// are reserved in it; `None` if none is ready (the roll then creates
     /// the file itself). Does not wait for one on its way. After a roll
     /// the next half-full segment may ask again.
     pub(crate) fn take(&self, log_path: &Path) -> Option<(File, u64)> {
         let mut state = self.lock();
+        self.ready.store(false, Ordering::Release);
         match std::mem::replace(&mut *state, State::Idle) {
             State::Ready { file, reserved } => {
                 drop(state);
@@ -202,6 +216,7 @@ impl Spare {
         let mut state = self.lock();
         if matches!(*state, State::Ready { .. }) {
             *state = State::Idle;
+            self.ready.store(false, Ordering::Release);
             drop(state);
             std::fs::remove_file(&self.path).map_err(io_err(&self.path))?;
         }
@@ -216,6 +231,7 @@ impl Spare {
         let mut state = self.not_running();
         let held = matches!(*state, State::Ready { .. });
         *state = State::Closed;
+        self.ready.store(false, Ordering::Release);
         drop(state);
         if held && remove {
             std::fs::remove_file(&self.path).map_err(io_err(&self.path))?;
