@@ -8,6 +8,7 @@
 #   bash benches/busy.sh                       # 1,000,000 x 1 KiB, acks=leader
 #   RECORDS=3000000 SIZE=100 bash benches/busy.sh
 #   TOPIC_CONFIG=preallocate=false bash benches/busy.sh   # created with this config
+#   TOPIC_CONFIG=segment.bytes=67108864,retention.bytes=134217728 bash benches/busy.sh
 #   E2E_RATE=500000 RECORDS=1500000 bash benches/busy.sh   # perf e2e at that rate
 #   CONSUME=1 bash benches/busy.sh             # produce untraced, trace perf consume
 #
@@ -28,7 +29,9 @@ S=127.0.0.1:29092
 "$R" --bootstrap $S --output json perf produce --topic warm-up --records 200000 --record-size 1024 --acks leader >/dev/null
 "$R" --bootstrap $S topic delete warm-up >/dev/null
 if [ -n "${TOPIC_CONFIG:-}" ]; then
-    "$R" --bootstrap $S topic create busy --partitions 1 --config "$TOPIC_CONFIG" >/dev/null
+    CONFIGS=()
+    for kv in ${TOPIC_CONFIG//,/ }; do CONFIGS+=(--config "$kv"); done
+    "$R" --bootstrap $S topic create busy --partitions 1 "${CONFIGS[@]}" >/dev/null
 fi
 if [ -n "${CONSUME:-}" ]; then
     "$R" --bootstrap $S --output json perf produce --topic busy --records "$RECORDS" --record-size "$SIZE" --acks leader >/dev/null
