@@ -17,12 +17,13 @@
 //! as soon as the spare is ready (`Log::wants_spare`).
 //!
 //! Disk cost: at most one reserved segment per partition that is hot or
-//! whose active segment is over half full, released when the log closes. A spare is
+//! whose active segment is over half full, released when the log closes,
+//! and never taken from the last twentieth of the file system. A spare is
 //! never data: its length stays 0, a crash leaves at most an empty file,
 //! and opening a log deletes it. When the spare is not ready in time (a
 //! roll by age, a segment that filled faster than its spare could be
-//! reserved, a file system that cannot reserve), the roll creates the
-//! file as before.
+//! reserved, a file system that cannot reserve or is nearly full), the
+//! roll creates the file as before.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -88,6 +89,41 @@ fn reserver() -> Option<&'static Mutex<Sender<Job>>> {
         .as_ref()
 }
 
+/// Whether reserving `bytes` on a file system with `free` of `total`
+/// bytes available leaves room: a spare is an optimisation, and must not
+/// be what fills a disk that appends to other partitions need. After it
+/// at least as much again, and at least a twentieth of the file system,
+/// must stay free.
+fn leaves_room(free: u64, total: u64, bytes: u64) -> bool {
+    free.saturating_sub(bytes) >= bytes.max(total / 20)
+}
+
+/// (bytes available to this process, total bytes) of the file system
+/// holding `dir`.
+#[allow(unsafe_code)]
+fn space(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `stat` points to
+    // writable memory of the struct's size; statvfs fills it on success.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it initialised the struct.
+    let stat = unsafe { stat.assume_init() };
+    // The types are u64 on 64-bit Linux, narrower elsewhere.
+    #[allow(clippy::useless_conversion)]
+    let unit = u64::from(stat.f_frsize).max(1);
+    #[allow(clippy::useless_conversion)]
+    Ok((
+        u64::from(stat.f_bavail).saturating_mul(unit),
+        u64::from(stat.f_blocks).saturating_mul(unit),
+    ))
+}
+
 impl Spare {
     pub(crate) fn new(dir: &Path) -> Arc<Spare> {
         Arc::new(Spare {
@@ -133,6 +169,19 @@ impl Spare {
                 return;
             }
             *state = State::Running;
+        }
+        match space(self.path.parent().unwrap_or(Path::new("."))) {
+            Ok((free, total)) if leaves_room(free, total, bytes) => {}
+            Ok((free, total)) => {
+                tracing::debug!(path = %self.path.display(), bytes, free, total, "no spare segment: too little free space");
+                self.settle(State::Failed);
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(path = %self.path.display(), %error, "no spare segment");
+                self.settle(State::Failed);
+                return;
+            }
         }
         let made = OpenOptions::new()
             .read(true)
@@ -248,5 +297,31 @@ impl Spare {
             state = self.settled.wait(state).unwrap_or_else(|e| e.into_inner());
         }
         matches!(*state, State::Ready { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spare_leaves_room_on_the_disk() {
+        const GIB: u64 = 1 << 30;
+        // 100 GiB file system: a 1 GiB spare needs 5 GiB left after it.
+        assert!(leaves_room(10 * GIB, 100 * GIB, GIB));
+        assert!(leaves_room(6 * GIB, 100 * GIB, GIB));
+        assert!(!leaves_room(6 * GIB - 1, 100 * GIB, GIB));
+        // 10 GiB file system: as much again as the spare.
+        assert!(leaves_room(2 * GIB, 10 * GIB, GIB));
+        assert!(!leaves_room(2 * GIB - 1, 10 * GIB, GIB));
+        assert!(!leaves_room(0, 10 * GIB, GIB));
+    }
+
+    #[test]
+    fn space_reads_the_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let (free, total) = space(dir.path()).unwrap();
+        assert!(total > 0 && free <= total, "{free} of {total}");
+        assert!(space(&dir.path().join("missing")).is_err());
     }
 }
