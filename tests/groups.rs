@@ -730,6 +730,80 @@ async fn t08_an_idle_partition_does_not_hold_up_a_busy_ones_records() {
     consumer.close().await.unwrap();
 }
 
+/// Sends `count` records to one partition and waits for their acks.
+async fn produce_to(client: &Client, topic: &str, partition: i32, count: usize) {
+    let producer = client.producer(ProducerConfig {
+        idempotence: false,
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..count {
+        let mut r = ProducerRecord::value(format!("v{i}"));
+        r.partition = Some(partition);
+        acks.push(producer.send(topic, r).await.unwrap());
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    producer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t09_a_dropped_poll_loses_no_partition_and_no_record() {
+    // A caller that drops a poll (a timeout, a `select!`) used to drop
+    // the partitions' consumers with it: the poll had moved them into
+    // tasks, and the member then read nothing until its next rebalance.
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1, base.path(), "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("dropped", 2, 1, Default::default())
+        .await
+        .unwrap();
+    produce_to(&client, "dropped", 0, 100).await;
+    let mut c = config("g9", "dropped");
+    c.max_wait_ms = 60_000;
+    let mut consumer = client.group_consumer(c).unwrap();
+    let mut offsets = BTreeSet::new();
+    while offsets.len() < 100 {
+        let records = tokio::time::timeout(Duration::from_secs(30), consumer.poll())
+            .await
+            .expect("a poll with records waiting took 30 s")
+            .unwrap();
+        for r in records {
+            assert!(offsets.insert((r.partition, r.offset)), "{r:?} twice");
+        }
+    }
+    assert_eq!(consumer.assignment().len(), 2);
+    // Nothing to read: this poll waits (a minute) and is dropped.
+    let dropped = tokio::time::timeout(Duration::from_millis(300), consumer.poll()).await;
+    assert!(dropped.is_err(), "the poll had nothing to return");
+    assert_eq!(
+        consumer.assignment().len(),
+        2,
+        "the dropped poll took partitions"
+    );
+    assert_eq!(consumer.position("dropped", 0), Some(100));
+
+    produce_to(&client, "dropped", 1, 50).await;
+    produce_to(&client, "dropped", 0, 50).await;
+    while offsets.len() < 200 {
+        let records = tokio::time::timeout(Duration::from_secs(30), consumer.poll())
+            .await
+            .expect("no records after the dropped poll")
+            .unwrap();
+        for r in records {
+            assert!(offsets.insert((r.partition, r.offset)), "{r:?} twice");
+        }
+    }
+    let expected: BTreeSet<(i32, i64)> = (0..150)
+        .map(|o| (0, o))
+        .chain((0..50).map(|o| (1, o)))
+        .collect();
+    assert_eq!(offsets, expected);
+    consumer.close().await.unwrap();
+}
+
 /// Highest offset `member` read of each partition.
 fn read_up_to(member: &Member) -> BTreeMap<Tp, i64> {
     let mut out = BTreeMap::new();

@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Channel;
+use futures_util::future::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use runnel_proto::v1 as pb;
 use runnel_proto::v1::consumer_groups_client::ConsumerGroupsClient;
 use tokio::task::JoinHandle;
@@ -322,6 +324,7 @@ impl Client {
             member_id: String::new(),
             generation: -1,
             consumers: BTreeMap::new(),
+            out_of_range: Vec::new(),
             committed: BTreeMap::new(),
             signal: Arc::new(AtomicU8::new(SIGNAL_REJOIN)),
             heartbeat: None,
@@ -357,6 +360,9 @@ pub struct GroupConsumer {
     generation: i32,
     /// Readers of the assigned partitions.
     consumers: BTreeMap<(String, i32), PartitionConsumer>,
+    /// Owned partitions whose position fell off the log in the last
+    /// poll; the next poll starts them over per `reset_point`.
+    out_of_range: Vec<(String, i32)>,
     /// Last committed (or fetched) offset per assigned partition.
     committed: BTreeMap<(String, i32), i64>,
     /// Set by the heartbeat task: rejoin needed.
@@ -733,6 +739,12 @@ impl GroupConsumer {
     /// Reads the next records of the owned partitions (possibly none after
     /// the long-poll wait). Joins first when needed, and commits when the
     /// auto-commit interval has passed.
+    ///
+    /// Cancel-safe once the member has joined: a poll dropped while it
+    /// waits for records (in a `select!` or a timeout) keeps every owned
+    /// partition, its position and its fetch in flight for the next poll,
+    /// and no record is lost. A poll dropped during a join leaves the
+    /// member to rejoin on the next poll, as after a revocation.
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>, ClientError> {
         self.rebalance().await?;
         if let Some(every) = self.config.auto_commit_interval {
@@ -758,45 +770,65 @@ impl GroupConsumer {
             return Ok(Vec::new());
         }
         // Every owned partition is polled at once, and the poll returns
-        // as soon as one of them has records: the others stop waiting
-        // (their fetches stay in flight for the next poll), so an idle
-        // partition's long-poll wait never holds up a busy one.
-        let first_records = tokio_util::sync::CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        for (tp, mut c) in std::mem::take(&mut self.consumers) {
-            c.max_wait_ms = wait_ms;
-            let first_records = first_records.clone();
-            tasks.spawn(async move {
-                let r = tokio::select! {
-                    biased;
-                    r = c.poll() => r,
-                    () = first_records.cancelled() => Ok(Vec::new()),
-                };
-                if matches!(&r, Ok(records) if !records.is_empty()) {
-                    first_records.cancel();
+        // as soon as one of them has records: the others' polls are
+        // dropped (their fetches stay in flight for the next poll), so an
+        // idle partition's long-poll wait never holds up a busy one. The
+        // polls borrow the consumers, which never leave `self`: a caller
+        // that drops this poll (a `select!`, a timeout) loses nothing,
+        // because `PartitionConsumer::poll` is cancel-safe and records in
+        // hand are returned without another await. A panic in one
+        // surfaces here instead of dropping its partition.
+        for tp in std::mem::take(&mut self.out_of_range) {
+            if !self.consumers.contains_key(&tp) {
+                continue; // revoked meanwhile
+            }
+            let from = self.reset_point();
+            match self.client.partition_consumer(&tp.0, tp.1, from).await {
+                Ok(mut pc) => {
+                    pc.max_wait_ms = self.config.max_wait_ms;
+                    self.consumers.insert(tp, pc);
                 }
-                (tp, c, r)
-            });
+                // Kept as it is: it fails the same way next time.
+                Err(e) => {
+                    tracing::debug!(error = %e, topic = %tp.0, partition = tp.1, "could not start over")
+                }
+            }
         }
         let mut out = Vec::new();
         let mut failed = None;
-        while let Some(joined) = tasks.join_next().await {
-            let Ok((tp, c, r)) = joined else { continue };
-            match r {
+        let mut out_of_range = Vec::new();
+        {
+            let mut polls: FuturesUnordered<_> = self
+                .consumers
+                .iter_mut()
+                .map(|(tp, c)| {
+                    c.max_wait_ms = wait_ms;
+                    async move { (tp, c.poll().await) }
+                })
+                .collect();
+            let mut take = |tp: &(String, i32), r: Result<Vec<ConsumedRecord>, ClientError>| match r
+            {
                 Ok(records) => out.extend(records),
+                // The position fell off the log: start over per policy.
                 Err(e) if e.code() == pb::ErrorCode::OffsetOutOfRange => {
-                    // The position fell off the log: start over per policy.
-                    let from = self.reset_point();
-                    if let Ok(mut pc) = self.client.partition_consumer(&tp.0, tp.1, from).await {
-                        pc.max_wait_ms = self.config.max_wait_ms;
-                        self.consumers.insert(tp, pc);
-                        continue;
-                    }
+                    out_of_range.push(tp.clone());
                 }
                 Err(e) => failed = Some(e),
+            };
+            while let Some((tp, r)) = polls.next().await {
+                let got = matches!(&r, Ok(records) if !records.is_empty());
+                take(tp, r);
+                if got {
+                    // Whatever else is ready now, without waiting.
+                    while let Some(Some((tp, r))) = polls.next().now_or_never() {
+                        take(tp, r);
+                    }
+                    break;
+                }
             }
-            self.consumers.insert(tp, c);
         }
+        // Started over by the next poll: no await here with records in hand.
+        self.out_of_range = out_of_range;
         if out.is_empty() {
             if let Some(e) = failed {
                 // Leadership moving: back off a little, routes refresh.
