@@ -1503,9 +1503,20 @@ mod tests {
             segment_bytes_max: 64 << 20,
             ..LogConfig::default()
         };
-        let log = Log::open(&path, config.clone()).unwrap();
+        // Filled with reservations off: on the wall clock this fill is
+        // itself hot, and its spare could roll it early at any moment.
+        let log = Log::open(
+            &path,
+            LogConfig {
+                preallocate: false,
+                ..config.clone()
+            },
+        )
+        .unwrap();
         fill(&log, HOT_BYTES + 4096);
         assert_eq!(log.segment_count(), 1);
+        assert!(!log.spare.wait_ready(), "no spare without preallocate");
+        log.set_config(config.clone());
         let first = log.snapshot().last().unwrap().clone();
         {
             // The one-second window, with the clock given.
