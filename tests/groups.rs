@@ -700,20 +700,7 @@ async fn t08_an_idle_partition_does_not_hold_up_a_busy_ones_records() {
         .create_topic("busy", 2, 1, Default::default())
         .await
         .unwrap();
-    let producer = client.producer(ProducerConfig {
-        idempotence: false,
-        ..ProducerConfig::default()
-    });
-    let mut acks = Vec::new();
-    for i in 0..2_000 {
-        let mut r = ProducerRecord::value(format!("v{i}"));
-        r.partition = Some(0);
-        acks.push(producer.send("busy", r).await.unwrap());
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
-    producer.close().await.unwrap();
+    produce_to(&client, "busy", 0, 2_000).await;
     let mut c = config("g8", "busy");
     c.max_wait_ms = 60_000;
     let mut consumer = client.group_consumer(c).unwrap();
