@@ -529,6 +529,69 @@ async fn consumers_not_polled_do_not_block_other_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_holds_up_only_its_own_connection() {
+    // A client whose streaming consumers stop reading leaves their chunks
+    // in the broker, waiting for a flow-control window that does not
+    // open. Forty of them used to take the whole broker-wide subscription
+    // budget (64 MiB), and every other client's subscriptions waited; one
+    // connection now holds at most a quarter of it.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let stalled = Client::connect(&server.addr).await.unwrap();
+    stalled
+        .create_topic("wide", 40, 1, BTreeMap::new())
+        .await
+        .unwrap();
+    let producer = stalled.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in 0..120_000 {
+        let mut r = ProducerRecord::value(vec![b'x'; 1000]);
+        r.partition = Some(i % 40);
+        acks.push(producer.send("wide", r).await.unwrap());
+    }
+    producer.close().await.unwrap();
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    // Each subscription is opened by one poll, driven by hand and dropped
+    // (a poll is cancel-safe: the open goes on), and is never read again:
+    // once the connection's 32 MiB window is full, their chunks wait in
+    // the broker.
+    // Every consumer is created first: once the window is full, no other
+    // call on that connection is answered either.
+    let mut idle = Vec::new();
+    for partition in 0..40 {
+        let mut c = stalled
+            .partition_consumer("wide", partition, StartFrom::Earliest)
+            .await
+            .unwrap();
+        c.streaming = true;
+        idle.push(c);
+    }
+    for c in &mut idle {
+        let _ = futures_util::FutureExt::now_or_never(c.poll());
+    }
+    // Another client, on its own connection, reads a whole partition.
+    let other = Client::connect(&server.addr).await.unwrap();
+    let mut c = other
+        .partition_consumer("wide", 39, StartFrom::Earliest)
+        .await
+        .unwrap();
+    c.streaming = true;
+    // (A starved subscription still answers empty polls: the bound is on
+    // the whole read.)
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while c.position() < 3_000 {
+            c.poll().await.unwrap();
+        }
+    })
+    .await
+    .expect("a subscription waited for another connection's stalled ones");
+    assert_eq!(c.position(), 3_000);
+    drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caught_up_subscription_waits_and_then_delivers_new_records() {
     // A streaming consumer at the end of the log gets an empty poll after
     // its wait, keeps its subscription open (the broker re-polls the log

@@ -127,6 +127,19 @@ impl std::fmt::Debug for Security {
     }
 }
 
+/// The client's address (and port: one per TCP connection) of a request
+/// served over TCP, with or without TLS; `None` for other transports.
+pub fn peer_addr(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
+    extensions
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|t| t.get_ref().remote_addr())
+        .or_else(|| {
+            extensions
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+        })
+}
+
 impl Security {
     /// Security with `settings` over the metadata in `metadata`.
     pub fn new(settings: SecuritySection, metadata: Arc<dyn MetadataStore>) -> Self {
@@ -150,14 +163,7 @@ impl Security {
         extensions: &http::Extensions,
     ) -> Result<Principal, Status> {
         let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
-        let peer = tls
-            .and_then(|t| t.get_ref().remote_addr())
-            .or_else(|| {
-                extensions
-                    .get::<TcpConnectInfo>()
-                    .and_then(TcpConnectInfo::remote_addr)
-            })
-            .map(|a| a.ip());
+        let peer = peer_addr(extensions).map(|a| a.ip());
         let cert_principal = tls
             .and_then(|t| t.peer_certs())
             .and_then(|certs| certs.first().and_then(|c| tls::principal_of_cert(c)));

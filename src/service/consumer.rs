@@ -1,9 +1,12 @@
 //! `runnel.v1.Consumer`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
 
 use runnel_proto::v1 as pb;
 use runnel_proto::v1::consumer_server::{Consumer, ConsumerServer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
 use super::producer::async_stream_bounded;
@@ -18,7 +21,11 @@ pub struct ConsumerService {
     broker: Arc<Broker>,
     /// Bytes the raw subscriptions may hold read and not yet written to
     /// their sockets, together ([`SUBSCRIBE_BUFFER_BYTES`]).
-    subscribed: Arc<tokio::sync::Semaphore>,
+    subscribed: Arc<Semaphore>,
+    /// The same per client connection ([`SUBSCRIBE_CONNECTION_BYTES`]),
+    /// by the client's address and port; an entry lives as long as a
+    /// subscription of that connection.
+    connections: Arc<Mutex<HashMap<SocketAddr, Weak<Semaphore>>>>,
 }
 
 impl ConsumerService {
@@ -26,9 +33,44 @@ impl ConsumerService {
     pub fn new(broker: Arc<Broker>) -> Self {
         Self {
             broker,
-            subscribed: Arc::new(tokio::sync::Semaphore::new(SUBSCRIBE_BUFFER_BYTES)),
+            subscribed: Arc::new(Semaphore::new(SUBSCRIBE_BUFFER_BYTES)),
+            connections: Arc::default(),
         }
     }
+
+    /// The budgets a subscription from `peer` reads under: its
+    /// connection's and the broker's. Without a known peer (a transport
+    /// other than TCP) the subscription gets a share of its own.
+    fn budgets(&self, peer: Option<SocketAddr>) -> Budgets {
+        let fresh = || Arc::new(Semaphore::new(SUBSCRIBE_CONNECTION_BYTES));
+        let connection = match peer {
+            None => fresh(),
+            Some(peer) => {
+                let mut connections = self.connections.lock().expect("connections lock");
+                match connections.get(&peer).and_then(Weak::upgrade) {
+                    Some(budget) => budget,
+                    None => {
+                        // Connections whose subscriptions all ended go.
+                        connections.retain(|_, budget| budget.strong_count() > 0);
+                        let budget = fresh();
+                        connections.insert(peer, Arc::downgrade(&budget));
+                        budget
+                    }
+                }
+            }
+        };
+        Budgets {
+            connection,
+            broker: self.subscribed.clone(),
+        }
+    }
+}
+
+/// Where a subscription takes room before it reads a chunk.
+#[derive(Clone)]
+struct Budgets {
+    connection: Arc<Semaphore>,
+    broker: Arc<Semaphore>,
 }
 
 /// The unary fetch call's HTTP/2 path, served through
@@ -104,48 +146,62 @@ type SubscribeStream =
 /// 10, row 37).
 const SUBSCRIBE_BUFFER_BYTES: usize = 64 << 20;
 
+/// What one client connection's subscriptions may hold of that, so that a
+/// client that stops reading (its chunks wait in HTTP/2 send buffers for
+/// a window that does not open) holds up only itself: four such clients,
+/// not one, are needed to make every other subscription wait.
+const SUBSCRIBE_CONNECTION_BYTES: usize = SUBSCRIBE_BUFFER_BYTES / 4;
+
 /// Permits for one chunk of up to `max_bytes` (0: the fetch default).
 fn chunk_permits(max_bytes: u32) -> u32 {
     let want = match max_bytes {
         0 => crate::broker::FETCH_BYTES_DEFAULT,
         n => n as usize,
     };
-    want.min(SUBSCRIBE_BUFFER_BYTES) as u32
+    want.min(SUBSCRIBE_CONNECTION_BYTES) as u32
 }
 
-/// Reads a subscription's next chunk (without waiting) once `budget` has
-/// room for it; the room goes back when the chunk has been written.
+/// Reads a subscription's next chunk (without waiting) once its
+/// connection's budget, then the broker's, has room for it; the room goes
+/// back when the chunk has been written.
 async fn read_chunk(
     broker: &Broker,
-    budget: &Arc<tokio::sync::Semaphore>,
+    budgets: &Budgets,
     fetch: &pb::FetchRequest,
 ) -> Result<pb::FetchResponse, Status> {
-    let permit = budget
+    let permits = chunk_permits(fetch.max_bytes);
+    let closed = |_| Status::unavailable("the broker is shutting down");
+    let connection = budgets
+        .connection
         .clone()
-        .acquire_many_owned(chunk_permits(fetch.max_bytes))
+        .acquire_many_owned(permits)
         .await
-        .map_err(|_| Status::unavailable("the broker is shutting down"))?;
+        .map_err(closed)?;
+    let whole = budgets
+        .broker
+        .clone()
+        .acquire_many_owned(permits)
+        .await
+        .map_err(closed)?;
     let chunk = broker.fetch(fetch.clone()).await?;
-    Ok(hold(chunk, permit))
+    Ok(hold(chunk, [connection, whole]))
 }
 
-/// Ties `permit` to the answer's batches: it goes back to the budget when
-/// the last copy of them is dropped, once written to the socket.
-/// Structured answers (stock clients, `raw` off) give it back at once.
-fn hold(mut r: pb::FetchResponse, permit: tokio::sync::OwnedSemaphorePermit) -> pb::FetchResponse {
-    /// The batches and the permit that goes with them (held, never read:
-    /// dropping it gives the bytes back to the budget).
-    struct Held(
-        bytes::Bytes,
-        #[expect(dead_code)] tokio::sync::OwnedSemaphorePermit,
-    );
+/// Ties `permits` to the answer's batches: they go back to their budgets
+/// when the last copy of the batches is dropped, once written to the
+/// socket. Structured answers (stock clients, `raw` off) give them back at
+/// once.
+fn hold(mut r: pb::FetchResponse, permits: [OwnedSemaphorePermit; 2]) -> pb::FetchResponse {
+    /// The batches and the permits that go with them (held, never read:
+    /// dropping them gives the bytes back to the budgets).
+    struct Held(bytes::Bytes, #[expect(dead_code)] [OwnedSemaphorePermit; 2]);
     impl AsRef<[u8]> for Held {
         fn as_ref(&self) -> &[u8] {
             &self.0
         }
     }
     if !r.batches.is_empty() {
-        r.batches = bytes::Bytes::from_owner(Held(std::mem::take(&mut r.batches), permit));
+        r.batches = bytes::Bytes::from_owner(Held(std::mem::take(&mut r.batches), permits));
     }
     r
 }
@@ -174,9 +230,9 @@ impl ConsumerService {
             Operation::Read,
         )?;
         let principal = security::principal_of(&request);
+        let budgets = self.budgets(security::peer_addr(request.extensions()));
         let req = request.into_inner();
         let broker = self.broker.clone();
-        let budget = self.subscribed.clone();
         let mut fetch = pb::FetchRequest {
             topic: req.topic,
             partition: req.partition,
@@ -188,7 +244,7 @@ impl ConsumerService {
             raw: req.raw,
         };
         // Fail fast on a bad first request instead of opening the stream.
-        let first = read_chunk(&broker, &budget, &fetch).await?;
+        let first = read_chunk(&broker, &budgets, &fetch).await?;
         Ok(async_stream_bounded(
             SUBSCRIBE_READY,
             move |tx| async move {
@@ -215,7 +271,7 @@ impl ConsumerService {
                                     SUBSCRIBE_POLL,
                                 )
                                 .await;
-                            read_chunk(&broker, &budget, &fetch).await
+                            read_chunk(&broker, &budgets, &fetch).await
                         }
                     };
                     match response {
