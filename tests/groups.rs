@@ -694,16 +694,7 @@ async fn t08_an_idle_partition_does_not_hold_up_a_busy_ones_records() {
     // must hand them over without waiting out the idle partition's
     // long-poll wait (a minute here).
     let base = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(1, base.path(), "", "");
-    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    client
-        .create_topic("busy", 2, 1, Default::default())
-        .await
-        .unwrap();
-    produce_to(&client, "busy", 0, 2_000).await;
-    let mut c = config("g8", "busy");
-    c.max_wait_ms = 60_000;
-    let mut consumer = client.group_consumer(c).unwrap();
+    let (_cluster, _client, mut consumer) = patient_member(base.path(), "busy", "g8", 2_000).await;
     let mut offsets = Vec::new();
     while offsets.len() < 2_000 {
         let records = tokio::time::timeout(Duration::from_secs(30), consumer.poll())
@@ -715,6 +706,27 @@ async fn t08_an_idle_partition_does_not_hold_up_a_busy_ones_records() {
     let expected: Vec<(i32, i64)> = (0..2_000).map(|o| (0, o)).collect();
     assert_eq!(offsets, expected);
     consumer.close().await.unwrap();
+}
+
+/// One broker, a two-partition `topic` with `records` in partition 0, and
+/// a member of `group` whose polls may wait a minute for records.
+async fn patient_member(
+    base: &std::path::Path,
+    topic: &str,
+    group: &str,
+    records: usize,
+) -> (Cluster, Client, GroupConsumer) {
+    let cluster = Cluster::start(1, base, "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic(topic, 2, 1, Default::default())
+        .await
+        .unwrap();
+    produce_to(&client, topic, 0, records).await;
+    let mut c = config(group, topic);
+    c.max_wait_ms = 60_000;
+    let consumer = client.group_consumer(c).unwrap();
+    (cluster, client, consumer)
 }
 
 /// Sends `count` records to one partition and waits for their acks.
@@ -741,16 +753,7 @@ async fn t09_a_dropped_poll_loses_no_partition_and_no_record() {
     // the partitions' consumers with it: the poll had moved them into
     // tasks, and the member then read nothing until its next rebalance.
     let base = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(1, base.path(), "", "");
-    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    client
-        .create_topic("dropped", 2, 1, Default::default())
-        .await
-        .unwrap();
-    produce_to(&client, "dropped", 0, 100).await;
-    let mut c = config("g9", "dropped");
-    c.max_wait_ms = 60_000;
-    let mut consumer = client.group_consumer(c).unwrap();
+    let (_cluster, client, mut consumer) = patient_member(base.path(), "dropped", "g9", 100).await;
     let mut offsets = BTreeSet::new();
     while offsets.len() < 100 {
         let records = tokio::time::timeout(Duration::from_secs(30), consumer.poll())

@@ -483,6 +483,33 @@ async fn a_poll_dropped_while_its_subscription_opens_keeps_the_open() {
     }
 }
 
+/// A broker with topic `wide`: `partitions` partitions holding
+/// `per_partition` records of 1,000 bytes each.
+async fn wide_topic(
+    partitions: i32,
+    per_partition: i32,
+) -> (tempfile::TempDir, ServerProcess, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("wide", partitions, 1, BTreeMap::new())
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in 0..partitions * per_partition {
+        let mut r = ProducerRecord::value(vec![b'x'; 1000]);
+        r.partition = Some(i % partitions);
+        acks.push(producer.send("wide", r).await.unwrap());
+    }
+    producer.close().await.unwrap();
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    (dir, server, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_not_polled_do_not_block_other_calls() {
     // Twelve partitions of 4 MiB, each consumer polled once and then left
@@ -490,24 +517,7 @@ async fn consumers_not_polled_do_not_block_other_calls() {
     // flow-control window, or every other call to the broker waits.
     // (Subscriptions, streaming on, do hold it: their readers must keep
     // polling, as `consume` and `perf consume` do.)
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("wide", 12, 1, BTreeMap::new())
-        .await
-        .unwrap();
-    let producer = client.producer(ProducerConfig::default());
-    let mut acks = Vec::new();
-    for i in 0..48_000 {
-        let mut r = ProducerRecord::value(vec![b'x'; 1000]);
-        r.partition = Some(i % 12);
-        acks.push(producer.send("wide", r).await.unwrap());
-    }
-    producer.close().await.unwrap();
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    let (_dir, _server, client) = wide_topic(12, 4_000).await;
     let mut idle = Vec::new();
     for partition in 0..12 {
         let mut c = client
@@ -535,30 +545,12 @@ async fn a_stalled_subscriber_holds_up_only_its_own_connection() {
     // open. Forty of them used to take the whole broker-wide subscription
     // budget (64 MiB), and every other client's subscriptions waited; one
     // connection now holds at most a quarter of it.
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let stalled = Client::connect(&server.addr).await.unwrap();
-    stalled
-        .create_topic("wide", 40, 1, BTreeMap::new())
-        .await
-        .unwrap();
-    let producer = stalled.producer(ProducerConfig::default());
-    let mut acks = Vec::new();
-    for i in 0..120_000 {
-        let mut r = ProducerRecord::value(vec![b'x'; 1000]);
-        r.partition = Some(i % 40);
-        acks.push(producer.send("wide", r).await.unwrap());
-    }
-    producer.close().await.unwrap();
-    for ack in acks {
-        ack.await.unwrap();
-    }
-    // Each subscription is opened by one poll, driven by hand and dropped
-    // (a poll is cancel-safe: the open goes on), and is never read again:
-    // once the connection's 32 MiB window is full, their chunks wait in
-    // the broker.
-    // Every consumer is created first: once the window is full, no other
-    // call on that connection is answered either.
+    let (_dir, server, stalled) = wide_topic(40, 3_000).await;
+    // Every consumer is created first: once the connection's 32 MiB
+    // window is full, no other call on it is answered. Then each
+    // subscription is opened by one poll, driven by hand and dropped (a
+    // poll is cancel-safe: the open goes on), and never read again, so
+    // its chunks end up waiting in the broker.
     let mut idle = Vec::new();
     for partition in 0..40 {
         let mut c = stalled

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 
+use futures_util::TryFutureExt;
 use runnel_proto::v1 as pb;
 use runnel_proto::v1::consumer_server::{Consumer, ConsumerServer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -67,7 +68,6 @@ impl ConsumerService {
 }
 
 /// Where a subscription takes room before it reads a chunk.
-#[derive(Clone)]
 struct Budgets {
     connection: Arc<Semaphore>,
     broker: Arc<Semaphore>,
@@ -170,19 +170,14 @@ async fn read_chunk(
     fetch: &pb::FetchRequest,
 ) -> Result<pb::FetchResponse, Status> {
     let permits = chunk_permits(fetch.max_bytes);
-    let closed = |_| Status::unavailable("the broker is shutting down");
-    let connection = budgets
-        .connection
-        .clone()
-        .acquire_many_owned(permits)
-        .await
-        .map_err(closed)?;
-    let whole = budgets
-        .broker
-        .clone()
-        .acquire_many_owned(permits)
-        .await
-        .map_err(closed)?;
+    let take = |budget: &Arc<Semaphore>| {
+        budget
+            .clone()
+            .acquire_many_owned(permits)
+            .map_err(|_| Status::unavailable("the broker is shutting down"))
+    };
+    let connection = take(&budgets.connection).await?;
+    let whole = take(&budgets.broker).await?;
     let chunk = broker.fetch(fetch.clone()).await?;
     Ok(hold(chunk, [connection, whole]))
 }

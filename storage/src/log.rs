@@ -452,15 +452,10 @@ impl Log {
     /// the writer lock waited with it.
     fn empty_trash(&self) -> Result<()> {
         let paths = std::mem::take(&mut *self.lock_trash());
-        for path in paths {
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(io_err(&path)(e));
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+        segment::remove_files(&paths).inspect_err(|_| {
+            // Tried again next time (those already gone are skipped).
+            self.lock_trash().extend(paths.iter().cloned());
+        })
     }
 
     fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {

@@ -335,12 +335,7 @@ pub(crate) fn snapshot_offsets(dir: &Path) -> Result<Vec<i64>> {
 /// Writes the snapshot for `offset` (atomically), deletes all but the
 /// newest [`SNAPSHOTS_RETAINED`], and makes it durable.
 pub(crate) fn write_snapshot(dir: &Path, offset: i64, states: &ProducerStates) -> Result<()> {
-    for old in write_snapshot_unsynced(dir, offset, states)? {
-        match std::fs::remove_file(&old) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&old)(e)),
-            _ => {}
-        }
-    }
+    crate::segment::remove_files(&write_snapshot_unsynced(dir, offset, states)?)?;
     sync_snapshots(dir, offset.saturating_sub(1), offset)?;
     checkpoint::sync_dir(dir)
 }

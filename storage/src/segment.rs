@@ -43,7 +43,8 @@ pub(crate) fn parse_log_name(name: &str) -> Option<i64> {
     stem.parse().ok()
 }
 
-fn remove_files<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> Result<()> {
+/// Unlinks `paths`; one already gone is not an error.
+pub(crate) fn remove_files<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> Result<()> {
     for path in paths {
         match std::fs::remove_file(path) {
             Ok(()) => {}
