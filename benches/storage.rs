@@ -384,5 +384,34 @@ fn lookup_and_recovery(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append, read, lookup_and_recovery);
+/// CRC32C of one 16 KiB and one 256 KiB batch: the `crc32c` crate
+/// against `runnel_storage::crc` (the carry-less multiply fold where the
+/// CPU has AVX-512 VPCLMULQDQ), printed as GB/s and their ratio.
+fn crc(c: &mut Criterion) {
+    let mut group = c.benchmark_group("crc32c");
+    for len in [16 * 1024usize, 256 * 1024] {
+        let data = make_batch(1024, len, 0);
+        let rate = |f: &dyn Fn(&[u8]) -> u32| {
+            let rounds = (1 << 30) / data.len();
+            let start = Instant::now();
+            for _ in 0..rounds {
+                black_box(f(black_box(&data)));
+            }
+            (rounds * data.len()) as f64 / 1e9 / start.elapsed().as_secs_f64()
+        };
+        let crate_rate = rate(&crc32c::crc32c);
+        let ours = rate(&runnel_storage::crc::crc32c);
+        println!(
+            "crc32c/{len}: crc32c crate {crate_rate:.1} GB/s, runnel_storage::crc {ours:.1} GB/s, ratio {:.2}",
+            ours / crate_rate
+        );
+        group.throughput(Throughput::Bytes(data.len() as u64));
+        group.bench_function(format!("{}KiB", len / 1024), |b| {
+            b.iter(|| runnel_storage::crc::crc32c(black_box(&data)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append, read, lookup_and_recovery, crc);
 criterion_main!(benches);

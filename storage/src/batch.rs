@@ -111,7 +111,7 @@ pub fn check_batch(buf: &[u8]) -> Result<usize> {
         Decode::Invalid(reason) => return Err(corrupt(reason.to_string())),
     };
     let stored = be_u32(buf, field::CRC);
-    let computed = crc32c::crc32c(&buf[field::CRC_START..total]);
+    let computed = crate::crc::crc32c(&buf[field::CRC_START..total]);
     if stored != computed {
         return Err(corrupt(format!(
             "crc mismatch: stored {stored:#010x}, computed {computed:#010x}"
@@ -198,7 +198,7 @@ pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {
     let attributes = be_i16(batch, field::ATTRIBUTES) | ATTR_LOG_APPEND_TIME;
     batch[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
     batch[field::MAX_TIMESTAMP..field::MAX_TIMESTAMP + 8].copy_from_slice(&now_ms.to_be_bytes());
-    let crc = crc32c::crc32c(&batch[field::CRC_START..]);
+    let crc = crate::crc::crc32c(&batch[field::CRC_START..]);
     batch[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
 }
 
@@ -489,7 +489,7 @@ impl BatchBuilder {
         header.put_i32(self.base_sequence);
         header.put_i32(self.count);
         debug_assert!(header.is_empty());
-        let crc = crc32c::crc32c(&out[field::CRC_START..]);
+        let crc = crate::crc::crc32c(&out[field::CRC_START..]);
         out[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
         out
     }
@@ -847,7 +847,7 @@ mod tests {
     fn huge_record_count_does_not_allocate() {
         let mut b = sample();
         b[field::RECORDS_COUNT..field::RECORDS_COUNT + 4].copy_from_slice(&i32::MAX.to_be_bytes());
-        let crc = crc32c::crc32c(&b[field::CRC_START..]);
+        let crc = crate::crc::crc32c(&b[field::CRC_START..]);
         b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
         let batch = RecordBatch::parse(b.freeze()).unwrap();
         assert!(matches!(
@@ -866,7 +866,7 @@ mod tests {
         let mut b = sample();
         b[field::LAST_OFFSET_DELTA..field::LAST_OFFSET_DELTA + 4]
             .copy_from_slice(&5i32.to_be_bytes());
-        let crc = crc32c::crc32c(&b[field::CRC_START..]);
+        let crc = crate::crc::crc32c(&b[field::CRC_START..]);
         b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
         assert!(matches!(
             validate_for_append(b.freeze()),
@@ -876,7 +876,7 @@ mod tests {
 
     /// Re-signs `b` after a test edit.
     fn fix_crc(b: &mut [u8]) {
-        let crc = crc32c::crc32c(&b[field::CRC_START..]);
+        let crc = crate::crc::crc32c(&b[field::CRC_START..]);
         b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
     }
 

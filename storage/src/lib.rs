@@ -16,6 +16,7 @@
 //!   snapshots.
 //! - `checkpoint`: small atomically-replaced checkpoint files.
 //! - `varint`: zigzag varints used inside records.
+//! - [`crc`]: CRC32C, folded with carry-less multiplies where the CPU can.
 //! - [`manager`]: every partition log under a data directory.
 //! - [`error`]: the one error enum, [`StorageError`].
 //!
@@ -39,6 +40,7 @@
 //! ```
 
 pub mod batch;
+pub mod crc;
 pub mod error;
 pub mod log;
 pub mod manager;

@@ -238,7 +238,7 @@ impl ProducerStates {
         }
         let mut out = Vec::with_capacity(8 + body.len());
         out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+        out.extend_from_slice(&crate::crc::crc32c(&body).to_be_bytes());
         out.extend_from_slice(&body);
         out
     }
@@ -247,7 +247,7 @@ impl ProducerStates {
     pub fn decode(bytes: &[u8]) -> Option<ProducerStates> {
         let (head, body) = bytes.split_at_checked(8)?;
         if &head[..4] != SNAPSHOT_MAGIC
-            || u32::from_be_bytes(head[4..8].try_into().ok()?) != crc32c::crc32c(body)
+            || u32::from_be_bytes(head[4..8].try_into().ok()?) != crate::crc::crc32c(body)
         {
             return None;
         }

@@ -219,7 +219,7 @@ impl<'a> ScanReader<'a> {
             if chunk.len() < step {
                 return Ok(None);
             }
-            crc = crc32c::crc32c_append(crc, chunk);
+            crc = crate::crc::crc32c_append(crc, chunk);
             position += step as u64;
             len -= step as u64;
         }
