@@ -773,4 +773,16 @@ fn perf_tools_report_what_they_moved() {
             "{e2e}"
         );
     }
+    // The same with long-poll fetches instead of a subscription.
+    let fetched = json(&[
+        "e2e",
+        "--topic",
+        "pe",
+        "--records",
+        "2000",
+        "--record-size",
+        "100",
+        "--fetch",
+    ]);
+    assert_eq!(fetched["records"], 2000, "{fetched}");
 }

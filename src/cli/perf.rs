@@ -88,6 +88,12 @@ pub struct E2eArgs {
     /// latency among them (where in the run a tail comes from).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     timeline_ms: Option<u64>,
+    /// Read with long-poll fetches, one in flight per partition (how the
+    /// group consumer reads), instead of a subscription that the broker
+    /// pushes records down as they are appended (how `runnel consume` and
+    /// `perf consume` read).
+    #[arg(long)]
+    fetch: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -559,6 +565,7 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
             .partition_consumer(&w.topic, p.partition, StartFrom::Latest)
             .await?;
         c.max_wait_ms = 100;
+        c.streaming = !e2e_args.fetch;
         let tx = tx.clone();
         tokio::spawn(async move {
             loop {
