@@ -786,3 +786,56 @@ fn perf_tools_report_what_they_moved() {
     ]);
     assert_eq!(fetched["records"], 2000, "{fetched}");
 }
+
+/// Deleting a topic removes its data (the directory is renamed at once
+/// and removed in the background) and a topic created again under the
+/// same name starts empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_topic_leaves_no_data_and_starts_empty_when_created_again() {
+    let (dir, client, server) = with_topic("gone").await;
+    let producer = client.producer(ProducerConfig::default());
+    for ack in send_values(&producer, "gone", (0..500).map(|i| format!("old-{i}"))).await {
+        ack.await.unwrap();
+    }
+    assert!(dir.path().join("gone-0").is_dir());
+    cli_ok(&server.addr, &["topic", "delete", "gone"], None);
+    let listed = cli_ok(&server.addr, &["topic", "list"], None);
+    assert!(!listed.lines().any(|l| l.trim() == "gone"), "{listed}");
+    // Nothing of it left once the background removal is done.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("gone-"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still there: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    cli_ok(
+        &server.addr,
+        &["topic", "create", "gone", "--partitions", "1"],
+        None,
+    );
+    let c = client
+        .partition_consumer("gone", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    assert_eq!(c.high_watermark(), 0, "the new topic holds nothing");
+    // A new producer: the old one's sequence numbers continue from the
+    // deleted partition, which the new one has never seen
+    // (UNKNOWN_PRODUCER_ID).
+    let producer = client.producer(ProducerConfig::default());
+    for ack in send_values(&producer, "gone", ["new".to_string()]).await {
+        assert_eq!(ack.await.unwrap().offset, 0);
+    }
+    let seen = consume_cli(&server.addr, "gone");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].value, "new");
+}

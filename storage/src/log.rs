@@ -1345,6 +1345,26 @@ impl Log {
         Ok(())
     }
 
+    /// Closes a log whose directory is being deleted: appends and reads
+    /// fail with `Closed` from now on, nothing is flushed or checkpointed,
+    /// and a spare reservation still queued is dropped. One already under
+    /// way is left to [`Log::wait_out_spare`], on the deleting thread.
+    pub(crate) fn close_for_delete(&self) {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.closed = true;
+        self.closed.store(true, Ordering::Release);
+        drop(w);
+        self.spare.stop();
+    }
+
+    /// Waits out a spare reservation under way in this (closed) log's
+    /// directory and drops the spare.
+    pub(crate) fn wait_out_spare(&self) {
+        if let Err(error) = self.spare.close(false) {
+            tracing::debug!(dir = %self.dir.display(), %error, "closing the spare of a deleted log");
+        }
+    }
+
     /// Closes without the clean-shutdown marker or a final flush, as a
     /// crash would leave it (tests and tools). Later calls fail with
     /// `Closed`.
@@ -1588,6 +1608,9 @@ mod tests {
         assert!(log.spare.wait_ready());
         manager.delete("t", 0).unwrap();
         assert!(!path.exists());
+        crate::manager::wait_for_deletions();
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     /// With `preallocate` turned off, a ready spare is dropped at the

@@ -4,10 +4,20 @@
 //! Topic names match `[a-zA-Z0-9._-]+`; the partition is the number after
 //! the *last* `-`. Other files and directories in the data directory (a
 //! `meta` dir, lock files) are ignored.
+//!
+//! Deleting a partition renames its directory to
+//! `<topic>-<partition>.<unique>.deleted` and removes it on a background
+//! thread (Kafka renames to `-delete` and deletes later too): removing a
+//! partition's files can take hundreds of milliseconds (a reserved 1 GiB
+//! spare segment, discards on a file system mounted with `discard`), and
+//! the broker deletes from its async runtime, whose every request would
+//! wait. A `.deleted` directory found at open is removed the same way.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 
 use crate::index_file::io_err;
 use crate::{Log, LogConfig, Result, StorageError};
@@ -18,6 +28,103 @@ pub struct LogManager {
     data_dir: PathBuf,
     default_config: LogConfig,
     logs: RwLock<BTreeMap<(String, i32), Arc<Log>>>,
+}
+
+/// Suffix of a partition directory that is being deleted.
+pub const DELETED_SUFFIX: &str = ".deleted";
+
+/// A directory to remove, and the closed log that lived in it.
+type Doomed = (PathBuf, Option<Arc<Log>>);
+
+/// Directories being deleted in the background, and how many are left.
+struct Deleter {
+    jobs: Option<Mutex<Sender<Doomed>>>,
+    pending: Mutex<usize>,
+    done: Condvar,
+}
+
+fn deleter() -> &'static Deleter {
+    static DELETER: OnceLock<Deleter> = OnceLock::new();
+    DELETER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Doomed>();
+        let jobs = std::thread::Builder::new()
+            .name("runnel-delete".into())
+            .spawn(move || {
+                for (dir, log) in rx {
+                    #[cfg(test)]
+                    let paused = tests::DELETER_PAUSE.lock();
+                    remove_now(&dir, log);
+                    #[cfg(test)]
+                    drop(paused);
+                    let d = deleter();
+                    *d.pending.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+                    d.done.notify_all();
+                }
+            })
+            .map_err(
+                |error| tracing::warn!(%error, "no thread to delete partitions: deleting inline"),
+            )
+            .ok()
+            .map(|_| Mutex::new(tx));
+        Deleter {
+            jobs,
+            pending: Mutex::new(0),
+            done: Condvar::new(),
+        }
+    })
+}
+
+/// Removes a renamed partition directory; `log`, the partition's closed
+/// log, first waits out a spare reservation under way in it.
+fn remove_now(dir: &Path, log: Option<Arc<Log>>) {
+    if let Some(log) = log {
+        log.wait_out_spare();
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => tracing::debug!(dir = %dir.display(), "deleted partition directory"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(dir = %dir.display(), %error, "could not delete partition directory");
+        }
+    }
+}
+
+/// Queues `dir` for removal on the deleting thread (inline without one).
+fn remove_later(dir: PathBuf, log: Option<Arc<Log>>) {
+    let d = deleter();
+    let Some(jobs) = &d.jobs else {
+        return remove_now(&dir, log);
+    };
+    *d.pending.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    let sent = jobs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((dir, log));
+    if let Err(mpsc::SendError((dir, log))) = sent {
+        *d.pending.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        remove_now(&dir, log);
+    }
+}
+
+/// Blocks until every partition directory queued for deletion so far
+/// (by any `LogManager` of this process) is gone.
+pub fn wait_for_deletions() {
+    let d = deleter();
+    let mut pending = d.pending.lock().unwrap_or_else(|e| e.into_inner());
+    while *pending > 0 {
+        pending = d.done.wait(pending).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// A fresh name to rename a deleted partition's directory to, which
+/// [`parse_partition_dir`] never takes for a partition.
+fn deleted_name(topic: &str, partition: i32) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{topic}-{partition}.{nanos:x}{n:x}{DELETED_SUFFIX}")
 }
 
 /// True for names matching `[a-zA-Z0-9._-]+`.
@@ -50,8 +157,13 @@ impl LogManager {
         for entry in std::fs::read_dir(&data_dir).map_err(io_err(&data_dir))? {
             let entry = entry.map_err(io_err(&data_dir))?;
             let is_dir = entry.file_type().map_err(io_err(&entry.path()))?.is_dir();
-            let Some((topic, partition)) = entry.file_name().to_str().and_then(parse_partition_dir)
-            else {
+            let name = entry.file_name();
+            if is_dir && name.to_str().is_some_and(|n| n.ends_with(DELETED_SUFFIX)) {
+                // A deletion the last run did not finish.
+                remove_later(entry.path(), None);
+                continue;
+            }
+            let Some((topic, partition)) = name.to_str().and_then(parse_partition_dir) else {
                 continue;
             };
             if !is_dir {
@@ -108,7 +220,10 @@ impl LogManager {
         logs.insert((topic.to_string(), partition), log.clone());
         Ok(log)
     }
-    /// Closes and removes the partition's directory.
+    /// Closes the partition's log (appends and reads fail from now on;
+    /// nothing is flushed) and renames its directory out of the way; a
+    /// background thread removes it ([`wait_for_deletions`] waits for
+    /// that). The same partition can be created again at once.
     pub fn delete(&self, topic: &str, partition: i32) -> Result<()> {
         let removed = self
             .logs
@@ -116,12 +231,11 @@ impl LogManager {
             .expect("logs lock")
             .remove(&(topic.to_string(), partition));
         if let Some(log) = removed {
-            match log.close() {
-                Ok(()) | Err(StorageError::Closed { .. }) => {}
-                Err(e) => return Err(e),
-            }
+            log.close_for_delete();
             let dir = log.dir().to_path_buf();
-            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+            let doomed = self.data_dir.join(deleted_name(topic, partition));
+            std::fs::rename(&dir, &doomed).map_err(io_err(&dir))?;
+            remove_later(doomed, Some(log));
         }
         Ok(())
     }
@@ -227,6 +341,69 @@ mod tests {
         m.delete("t-x", 2).unwrap();
         assert!(m.get("t-x", 2).is_none());
         assert!(!dir.path().join("t-x-2").exists());
-        assert!(dir.path().join("meta").exists());
+        wait_for_deletions();
+        assert_eq!(names(dir.path()), ["cluster-id", "meta"]);
+    }
+
+    /// Holds the deleting thread before its next directory (tests only).
+    pub(super) static DELETER_PAUSE: Mutex<()> = Mutex::new(());
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn append_one(log: &Log) -> Result<crate::AppendInfo> {
+        let mut b = BatchBuilder::new();
+        b.push(1, None, Some(b"v"), &[]);
+        log.append_as_leader(b.build(), 0)
+    }
+
+    /// The files go on the deleting thread, after `delete` has returned;
+    /// meanwhile the old log refuses appends and the same partition is
+    /// created afresh.
+    #[test]
+    fn a_deleted_partition_is_removed_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = LogManager::open(dir.path(), LogConfig::default()).unwrap();
+        let old = m.get_or_create("t", 0, LogConfig::default()).unwrap();
+        append_one(&old).unwrap();
+        append_one(&old).unwrap();
+        let paused = DELETER_PAUSE.lock().unwrap();
+        m.delete("t", 0).unwrap();
+        let left = names(dir.path());
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(
+            left[0].starts_with("t-0.") && left[0].ends_with(DELETED_SUFFIX),
+            "renamed, not yet removed: {left:?}"
+        );
+        assert_eq!(parse_partition_dir(&left[0]), None);
+        assert!(matches!(append_one(&old), Err(StorageError::Closed { .. })));
+        let new = m.get_or_create("t", 0, LogConfig::default()).unwrap();
+        assert_eq!(new.log_end_offset(), 0, "a new partition starts empty");
+        append_one(&new).unwrap();
+        drop(paused);
+        wait_for_deletions();
+        assert_eq!(names(dir.path()), ["t-0"]);
+        assert_eq!(new.log_end_offset(), 1);
+        m.close().unwrap();
+    }
+
+    /// A deletion cut short by a crash is finished by the next open, and
+    /// the directory is never taken for a partition.
+    #[test]
+    fn open_finishes_an_interrupted_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let doomed = dir.path().join(deleted_name("t", 3));
+        std::fs::create_dir(&doomed).unwrap();
+        std::fs::write(doomed.join("00000000000000000000.log"), b"old bytes").unwrap();
+        let m = LogManager::open(dir.path(), LogConfig::default()).unwrap();
+        assert!(m.all().is_empty());
+        wait_for_deletions();
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
     }
 }

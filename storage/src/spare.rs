@@ -288,6 +288,18 @@ impl Spare {
         Ok(())
     }
 
+    /// Stops reservations without waiting: a queued one will find the
+    /// state changed and do nothing, a ready spare is dropped (its file
+    /// goes with the directory), one under way is left running for
+    /// [`Spare::close`] to wait out.
+    pub(crate) fn stop(&self) {
+        let mut state = self.lock();
+        if !matches!(*state, State::Running) {
+            *state = State::Closed;
+            self.ready.store(false, Ordering::Release);
+        }
+    }
+
     /// Tests: waits until no reservation is queued or running and says
     /// whether a spare is ready.
     #[cfg(test)]
