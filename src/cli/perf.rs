@@ -168,6 +168,10 @@ struct Window {
     records: u64,
     /// Largest end-to-end latency of those records.
     max_ms: f64,
+    /// Largest produce latency (send to acknowledgement) of those
+    /// records: where it is as large as `max_ms`, the records waited
+    /// before the broker appended them, not on their way to a consumer.
+    ack_max_ms: f64,
 }
 
 /// Per-window record counts and largest latencies, by production time.
@@ -198,8 +202,10 @@ impl Timeline {
         w.1 = w.1.max(latency_ns);
     }
 
-    /// The windows from the first one with a record on.
-    fn windows(&self) -> Vec<Window> {
+    /// The windows from the first one with a record on, with the
+    /// largest produce latencies from `acks` (a timeline of the same
+    /// window length, keyed by the same production times).
+    fn windows(&self, acks: &Timeline) -> Vec<Window> {
         let window_ms = self.window_ns / 1_000_000;
         let first = self.windows.iter().position(|w| w.0 > 0).unwrap_or(0);
         self.windows[first..]
@@ -209,6 +215,7 @@ impl Timeline {
                 start_ms: (first + i) as u64 * window_ms,
                 records,
                 max_ms: max_ns as f64 / 1e6,
+                ack_max_ms: acks.windows.get(first + i).map_or(0, |w| w.1) as f64 / 1e6,
             })
             .collect()
     }
@@ -256,9 +263,12 @@ impl Report {
             );
         }
         if let Some(timeline) = &self.timeline {
-            println!("  produced at ms   records   largest latency ms");
+            println!("  produced at ms   records   largest latency ms   largest ack ms");
             for w in timeline {
-                println!("  {:>14} {:>9} {:>20.2}", w.start_ms, w.records, w.max_ms);
+                println!(
+                    "  {:>14} {:>9} {:>20.2} {:>16.2}",
+                    w.start_ms, w.records, w.max_ms, w.ack_max_ms
+                );
             }
         }
     }
@@ -279,7 +289,7 @@ pub async fn run(
     match cmd {
         PerfCommand::Produce(args) => {
             ensure_topic(&client, &args.workload).await?;
-            let report = produce(&client, &args, output, None).await?;
+            let (report, _) = produce(&client, &args, output, None).await?;
             report.print(output);
         }
         PerfCommand::Consume(args) => {
@@ -342,8 +352,8 @@ async fn produce(
     client: &Client,
     args: &ProduceArgs,
     output: Output,
-    stamp: Option<Instant>,
-) -> anyhow::Result<Report> {
+    stamp: Option<(Instant, Option<Timeline>)>,
+) -> anyhow::Result<(Report, Option<Timeline>)> {
     let w = &args.workload;
     if stamp.is_some() && w.record_size < 8 {
         bail!("--record-size must be at least 8 for e2e");
@@ -366,6 +376,10 @@ async fn produce(
     // to `send` (`sent_at`) to the moment its batch was answered
     // (`acked_at`), so a record whose batch was answered while the
     // collector waited on an earlier one is not charged for the wait.
+    let (origin, mut timeline) = match stamp {
+        Some((origin, timeline)) => (Some(origin), timeline),
+        None => (None, None),
+    };
     let collector = tokio::spawn(async move {
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
@@ -375,12 +389,12 @@ async fn produce(
                 match (&mut fut).await {
                     Ok(_) => {
                         let acked = fut.acked_at().unwrap_or_else(Instant::now);
-                        let _ = hist.record(
-                            acked
-                                .saturating_duration_since(fut.sent_at())
-                                .as_micros()
-                                .max(1) as u64,
-                        );
+                        let took = acked.saturating_duration_since(fut.sent_at());
+                        let _ = hist.record(took.as_micros().max(1) as u64);
+                        if let (Some(t), Some(origin)) = (&mut timeline, origin) {
+                            let sent = fut.sent_at().saturating_duration_since(origin);
+                            t.record(sent.as_nanos() as u64, took.as_nanos() as u64);
+                        }
                     }
                     Err(e) => {
                         error.get_or_insert(e);
@@ -388,7 +402,7 @@ async fn produce(
                 }
             }
         }
-        (hist, error)
+        (hist, error, timeline)
     });
     const ACK_CHUNK: usize = 256;
     let mut chunk = Vec::with_capacity(ACK_CHUNK);
@@ -398,7 +412,7 @@ async fn produce(
             let due = start + Duration::from_secs_f64(i as f64 / args.rate as f64);
             tokio::time::sleep_until(due.into()).await;
         }
-        let value = match stamp {
+        let value = match origin {
             Some(origin) => {
                 let mut v = BytesMut::from(&payload[..]);
                 v[..8].copy_from_slice(&(origin.elapsed().as_nanos() as u64).to_le_bytes());
@@ -429,7 +443,7 @@ async fn produce(
     }
     producer.close().await?;
     drop(tx);
-    let (hist, error) = collector.await.context("collector panicked")?;
+    let (hist, error, timeline) = collector.await.context("collector panicked")?;
     let elapsed = start.elapsed();
     bar.finish_and_clear();
     if let Some(e) = error {
@@ -441,13 +455,14 @@ async fn produce(
     if acknowledged != w.records {
         bail!("{acknowledged} of {} records were acknowledged", w.records);
     }
-    Ok(Report::new(
+    let report = Report::new(
         "produce",
         acknowledged,
         acknowledged * w.record_size as u64,
         elapsed,
         Some(Latency::of(&hist)),
-    ))
+    );
+    Ok((report, timeline))
 }
 
 async fn consume(client: &Client, args: &ConsumeArgs, output: Output) -> anyhow::Result<Report> {
@@ -612,7 +627,9 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
         }
         Ok((hist, seen, timeline))
     });
-    let produced = produce(client, args, output, Some(origin)).await?;
+    let ack_timeline = e2e_args.timeline_ms.map(Timeline::new);
+    let (produced, ack_timeline) =
+        produce(client, args, output, Some((origin, ack_timeline))).await?;
     let (hist, seen, timeline) = tokio::time::timeout(Duration::from_secs(60), collect)
         .await
         .context("consumers did not receive every record within 60 s")?
@@ -624,7 +641,7 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
         Duration::from_secs_f64(produced.seconds),
         Some(Latency::of(&hist)),
     );
-    report.timeline = timeline.map(|t| t.windows());
+    report.timeline = timeline.zip(ack_timeline).map(|(t, acks)| t.windows(&acks));
     Ok(report)
 }
 
@@ -729,25 +746,32 @@ mod tests {
     fn timeline_keeps_count_and_largest_latency_per_window_from_the_first_record() {
         let ms = 1_000_000;
         let mut t = Timeline::new(10);
+        let mut acks = Timeline::new(10);
         // Nothing in the first three windows (before the first record).
         t.record(35 * ms, 2 * ms);
         t.record(39 * ms, 7 * ms);
         t.record(31 * ms, 3 * ms);
         t.record(62 * ms, ms / 2);
-        let window = |start_ms, records, max_ms| Window {
+        acks.record(35 * ms, ms);
+        acks.record(39 * ms, 4 * ms);
+        // An acknowledgement for a window with no record received yet
+        // does not start the timeline early.
+        acks.record(12 * ms, 9 * ms);
+        let window = |start_ms, records, max_ms, ack_max_ms| Window {
             start_ms,
             records,
             max_ms,
+            ack_max_ms,
         };
         assert_eq!(
-            t.windows(),
+            t.windows(&acks),
             vec![
-                window(30, 3, 7.0),
-                window(40, 0, 0.0),
-                window(50, 0, 0.0),
-                window(60, 1, 0.5),
+                window(30, 3, 7.0, 4.0),
+                window(40, 0, 0.0, 0.0),
+                window(50, 0, 0.0, 0.0),
+                window(60, 1, 0.5, 0.0),
             ]
         );
-        assert_eq!(Timeline::new(10).windows(), vec![]);
+        assert_eq!(Timeline::new(10).windows(&acks), vec![]);
     }
 }
