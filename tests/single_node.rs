@@ -785,6 +785,47 @@ fn perf_tools_report_what_they_moved() {
         "--fetch",
     ]);
     assert_eq!(fetched["records"], 2000, "{fetched}");
+    // A warm-up is sent and received but left out of the report: the
+    // topic holds it, the timeline counts it.
+    let warmed = json(&[
+        "produce",
+        "--topic",
+        "pw",
+        "--records",
+        "2000",
+        "--warm-up-records",
+        "500",
+        "--record-size",
+        "100",
+    ]);
+    assert_eq!(warmed["records"], 2000, "{warmed}");
+    let stored = json(&[
+        "consume",
+        "--topic",
+        "pw",
+        "--records",
+        "5000",
+        "--group",
+        "pw",
+    ]);
+    assert_eq!(stored["records"], 2500, "{stored}");
+    let e2e = json(&[
+        "e2e",
+        "--topic",
+        "pe",
+        "--records",
+        "2000",
+        "--warm-up-records",
+        "700",
+        "--record-size",
+        "100",
+        "--timeline-ms",
+        "5",
+    ]);
+    assert_eq!(e2e["records"], 2000, "{e2e}");
+    let windows = e2e["timeline"].as_array().expect("timeline");
+    let counted: u64 = windows.iter().map(|w| w["records"].as_u64().unwrap()).sum();
+    assert_eq!(counted, 2700, "{e2e}");
 }
 
 /// Deleting a topic removes its data (the directory is renamed at once

@@ -4,6 +4,8 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -77,6 +79,13 @@ pub struct ProduceArgs {
     /// acks=all, and caps in-flight batches at 16 per partition).
     #[arg(long)]
     no_idempotence: bool,
+    /// Records sent first, at the same rate, and left out of the report,
+    /// as the OpenMessaging Benchmark's warm-up phase: a fresh client's
+    /// first few hundred milliseconds measure its own start (a new
+    /// connection and stream, a new partition) rather than the steady
+    /// state (benches/RESULTS.md, session 13).
+    #[arg(long, default_value_t = 0)]
+    warm_up_records: u64,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -346,13 +355,24 @@ fn acks(s: &str) -> anyhow::Result<pb::Acks> {
     })
 }
 
-/// Produces the workload. With `stamp`, each value starts with the
-/// nanoseconds since that instant (for end-to-end latency).
+/// What `perf e2e` asks of its producer: each value starts with the
+/// nanoseconds since `origin`, acknowledgements go into `timeline`, and
+/// `measured_from_ns` is set (before the first measured record is stamped)
+/// to where the warm-up ends, in the same nanoseconds.
+struct Stamp {
+    origin: Instant,
+    timeline: Option<Timeline>,
+    measured_from_ns: Arc<AtomicU64>,
+}
+
+/// Produces the workload, after `--warm-up-records` that the report
+/// leaves out. With `stamp`, each value starts with the nanoseconds since
+/// its origin (for end-to-end latency).
 async fn produce(
     client: &Client,
     args: &ProduceArgs,
     output: Output,
-    stamp: Option<(Instant, Option<Timeline>)>,
+    stamp: Option<Stamp>,
 ) -> anyhow::Result<(Report, Option<Timeline>)> {
     let w = &args.workload;
     if stamp.is_some() && w.record_size < 8 {
@@ -376,21 +396,28 @@ async fn produce(
     // to `send` (`sent_at`) to the moment its batch was answered
     // (`acked_at`), so a record whose batch was answered while the
     // collector waited on an earlier one is not charged for the wait.
-    let (origin, mut timeline) = match stamp {
-        Some((origin, timeline)) => (Some(origin), timeline),
-        None => (None, None),
+    let (origin, mut timeline, measured_from_ns) = match stamp {
+        Some(s) => (Some(s.origin), s.timeline, Some(s.measured_from_ns)),
+        None => (None, None, None),
     };
+    let warm_up = args.warm_up_records;
     let collector = tokio::spawn(async move {
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
         let mut error: Option<ClientError> = None;
+        // Acknowledgements arrive in send order: the first `warm_up` are
+        // the warm-up's.
+        let mut index = 0u64;
         while let Some(chunk) = rx.recv().await {
             for mut fut in chunk {
+                index += 1;
                 match (&mut fut).await {
                     Ok(_) => {
                         let acked = fut.acked_at().unwrap_or_else(Instant::now);
                         let took = acked.saturating_duration_since(fut.sent_at());
-                        let _ = hist.record(took.as_micros().max(1) as u64);
+                        if index > warm_up {
+                            let _ = hist.record(took.as_micros().max(1) as u64);
+                        }
                         if let (Some(t), Some(origin)) = (&mut timeline, origin) {
                             let sent = fut.sent_at().saturating_duration_since(origin);
                             t.record(sent.as_nanos() as u64, took.as_nanos() as u64);
@@ -406,11 +433,20 @@ async fn produce(
     });
     const ACK_CHUNK: usize = 256;
     let mut chunk = Vec::with_capacity(ACK_CHUNK);
+    let total = warm_up.saturating_add(w.records);
     let start = Instant::now();
-    for i in 0..w.records {
+    // Where the measured records start (the report's clock).
+    let mut measured_start = start;
+    for i in 0..total {
         if args.rate > 0 {
             let due = start + Duration::from_secs_f64(i as f64 / args.rate as f64);
             tokio::time::sleep_until(due.into()).await;
+        }
+        if i == warm_up && warm_up > 0 {
+            measured_start = Instant::now();
+            if let (Some(origin), Some(from)) = (origin, &measured_from_ns) {
+                from.store(origin.elapsed().as_nanos() as u64, Ordering::Release);
+            }
         }
         let value = match origin {
             Some(origin) => {
@@ -435,7 +471,7 @@ async fn produce(
             tx.send(full).await.context("collector stopped")?;
         }
         if i % 4096 == 0 {
-            bar.set_position(i);
+            bar.set_position(i.saturating_sub(warm_up));
         }
     }
     if !chunk.is_empty() {
@@ -444,7 +480,7 @@ async fn produce(
     producer.close().await?;
     drop(tx);
     let (hist, error, timeline) = collector.await.context("collector panicked")?;
-    let elapsed = start.elapsed();
+    let elapsed = measured_start.elapsed();
     bar.finish_and_clear();
     if let Some(e) = error {
         bail!("some records were not acknowledged: {e}");
@@ -604,17 +640,28 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
         });
     }
     drop(tx);
-    let total = w.records;
+    let total = args.warm_up_records.saturating_add(w.records);
+    // Records stamped before this are the warm-up's (unknown, so all of
+    // them, until the producer reaches the first measured record).
+    let measured_from_ns = Arc::new(AtomicU64::new(if args.warm_up_records > 0 {
+        u64::MAX
+    } else {
+        0
+    }));
+    let measured_from = measured_from_ns.clone();
     let mut timeline = e2e_args.timeline_ms.map(Timeline::new);
     let collect = tokio::spawn(async move {
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
-        let mut seen = 0u64;
+        let (mut seen, mut measured) = (0u64, 0u64);
         while seen < total {
             match rx.recv().await {
                 Some(Ok(received)) => {
                     for (produced, ns) in received {
-                        let _ = hist.record((ns / 1000).max(1));
+                        if produced >= measured_from.load(Ordering::Acquire) {
+                            let _ = hist.record((ns / 1000).max(1));
+                            measured += 1;
+                        }
                         if let Some(t) = &mut timeline {
                             t.record(produced, ns);
                         }
@@ -625,11 +672,14 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
                 None => break,
             }
         }
-        Ok((hist, seen, timeline))
+        Ok((hist, measured, timeline))
     });
-    let ack_timeline = e2e_args.timeline_ms.map(Timeline::new);
-    let (produced, ack_timeline) =
-        produce(client, args, output, Some((origin, ack_timeline))).await?;
+    let stamp = Stamp {
+        origin,
+        timeline: e2e_args.timeline_ms.map(Timeline::new),
+        measured_from_ns,
+    };
+    let (produced, ack_timeline) = produce(client, args, output, Some(stamp)).await?;
     let (hist, seen, timeline) = tokio::time::timeout(Duration::from_secs(60), collect)
         .await
         .context("consumers did not receive every record within 60 s")?
