@@ -82,12 +82,21 @@ run "1 node, acks=leader, 1 KiB, 4 part." --bootstrap $S perf produce --topic p1
 drop $S p1k4
 run "1 node, acks=leader, 100 B" --bootstrap $S perf produce --topic p100 --records "$SMALL_RECORDS" --record-size 100 --acks leader
 drop $S p100
-# End-to-end latency (record timestamp to receipt) at half the 1 KiB rate.
+# End-to-end latency (record timestamp to receipt) at half the 1 KiB rate,
+# measured over 2 s after a 1 s warm-up at the same rate, as the
+# OpenMessaging Benchmark measures after its warm-up phase: in a fresh
+# client's first 100 - 600 ms the produce round trip is about 3x the
+# steady one, and the backlog built then drains slowly at half load
+# (benches/RESULTS.md, session 13). The table prints the warm-up's largest
+# latency too. 3 s in all, the volume the phase always wrote: on this VM
+# a longer run at this rate can outrun the pool of recently freed pages
+# and meet the host's fresh-page cost (the same RESULTS section).
 HALF1=$(python3 -c "
 import json
 rows=[json.loads(l) for l in open('$J')]
 print(int([r for r in rows if r['test']=='1 node, acks=leader, 1 KiB'][-1]['records_per_sec']/2))")
-run "1 node, e2e, half load" --bootstrap $S perf e2e --topic e2e --records $((HALF1 * 3)) --record-size 1024 --acks leader --rate "$HALF1"
+run "1 node, e2e, half load" --bootstrap $S perf e2e --topic e2e --records $((HALF1 * 2)) --warm-up-records "$HALF1" \
+    --record-size 1024 --acks leader --rate "$HALF1" --timeline-ms 100
 kill -TERM "${PIDS[0]}"
 wait "${PIDS[0]}" || true
 PIDS=()
@@ -108,7 +117,9 @@ HALF=$(python3 -c "
 import json
 rows=[json.loads(l) for l in open('$J')]
 print(int([r for r in rows if r['test'].startswith('3 nodes')][-1]['records_per_sec']/2))")
-run "3 nodes, acks=all, half load" --bootstrap $D perf produce --topic r3 --records $((HALF * 3)) --record-size 1024 --acks all --rate "$HALF"
+# Measured the same way: 2 s after a 1 s warm-up.
+run "3 nodes, acks=all, half load" --bootstrap $D perf produce --topic r3 --records $((HALF * 2)) --warm-up-records "$HALF" \
+    --record-size 1024 --acks all --rate "$HALF"
 
 python3 - "$J" <<'PY'
 import json, sys
@@ -133,4 +144,8 @@ for r in rows:
     p50 = f"{lat['p50_ms']:.1f}" if lat else "-"
     p99 = f"{lat['p99_ms']:.1f}" if lat else "-"
     print(f"{t:36} {r['mb_per_sec']:9.1f} {r['records_per_sec']:11.0f} {p50:>8} {p99:>8}  {ratio}")
+    tl = r.get("timeline") or []
+    warm = [w["max_ms"] for w in tl if w["start_ms"] < tl[0]["start_ms"] + 1000]
+    if warm:
+        print(f"{'  its 1 s warm-up':36} {'-':>9} {'-':>11} {'-':>8} {'-':>8}  largest latency {max(warm):.1f} ms, not counted")
 PY
