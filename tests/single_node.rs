@@ -834,7 +834,11 @@ fn perf_tools_report_what_they_moved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_topic_leaves_no_data_and_starts_empty_when_created_again() {
     let (dir, client, server) = with_topic("gone").await;
-    let producer = client.producer(ProducerConfig::default());
+    // Small batches: many in flight at once.
+    let producer = client.producer(ProducerConfig {
+        batch_bytes_max: 1024,
+        ..ProducerConfig::default()
+    });
     for ack in send_values(&producer, "gone", (0..500).map(|i| format!("old-{i}"))).await {
         ack.await.unwrap();
     }
@@ -869,14 +873,29 @@ async fn a_deleted_topic_leaves_no_data_and_starts_empty_when_created_again() {
         .await
         .unwrap();
     assert_eq!(c.high_watermark(), 0, "the new topic holds nothing");
-    // A new producer: the old one's sequence numbers continue from the
-    // deleted partition, which the new one has never seen
-    // (UNKNOWN_PRODUCER_ID).
-    let producer = client.producer(ProducerConfig::default());
-    for ack in send_values(&producer, "gone", ["new".to_string()]).await {
-        assert_eq!(ack.await.unwrap().offset, 0);
+    // The same idempotent producer goes on: its sequence numbers continue
+    // from the deleted partition, which the new one has never seen
+    // (UNKNOWN_PRODUCER_ID), so it restarts them at 0 (Kafka's KIP-360)
+    // instead of failing the records. Several batches, so that some are
+    // in flight behind the refused one.
+    let new: Vec<String> = (0..3000).map(|i| format!("new-{i}")).collect();
+    for (i, ack) in send_values(&producer, "gone", new.clone())
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(ack.await.unwrap().offset, i as i64);
     }
-    let seen = consume_cli(&server.addr, "gone");
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert_eq!(seen[0].value, "new");
+    // And a producer that never wrote to it.
+    let other = client.producer(ProducerConfig::default());
+    for ack in send_values(&other, "gone", ["last".to_string()]).await {
+        assert_eq!(ack.await.unwrap().offset, 3000);
+    }
+    let seen: Vec<String> = consume_cli(&server.addr, "gone")
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(seen.len(), 3001);
+    assert_eq!(&seen[..3000], &new[..], "each once, in order");
+    assert_eq!(seen[3000], "last");
 }

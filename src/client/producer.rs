@@ -22,7 +22,11 @@
 //! [`IDEMPOTENT_IN_FLIGHT_MAX`] batches are then in flight per partition,
 //! the number the leader remembers. When a batch fails for good, its
 //! partition's sequence is broken; the producer takes a new producer id
-//! for later batches. Without idempotence retries may duplicate records.
+//! for later batches. A partition that answers UNKNOWN_PRODUCER_ID keeps
+//! nothing of this producer's (deleted and created again, or its state
+//! expired): its sender restarts the sequence at 0 for the queued batches
+//! and retries them (Kafka's KIP-360) instead of failing them. Without
+//! idempotence retries may duplicate records.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -40,7 +44,7 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{Client, ClientError};
 use crate::broker::now_ms;
@@ -928,6 +932,8 @@ struct PartitionSender {
 impl PartitionSender {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<SenderMsg>) {
         let mut stream: Option<ProduceStream> = None;
+        // Set once the partition has forgotten this producer.
+        let mut restart: Option<SequenceRestart> = None;
         let mut queue: VecDeque<Entry> = VecDeque::new();
         // The first `sent` batches of `queue` are in flight on `stream`.
         let mut sent = 0usize;
@@ -937,7 +943,10 @@ impl PartitionSender {
         loop {
             release_barriers(&mut queue);
             if retry_at.is_none() {
-                if let Err(e) = self.send_unsent(&mut stream, &mut queue, &mut sent).await {
+                if let Err(e) = self
+                    .send_unsent(&mut stream, &mut queue, &mut sent, restart.as_ref())
+                    .await
+                {
                     retry_at =
                         self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
                     continue;
@@ -1007,6 +1016,21 @@ impl PartitionSender {
                         Err(e) if e.is_retriable() || stream.is_none() => {
                             retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
                         }
+                        Err(e) if e.code() == pb::ErrorCode::UnknownProducerId
+                            && self.broken.is_some() =>
+                        {
+                            match self.restart_sequence(&queue, restart.as_ref()) {
+                                Some(r) => {
+                                    restart = Some(r);
+                                    retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
+                                }
+                                None => {
+                                    let q = pop_front_batch(&mut queue);
+                                    sent -= 1;
+                                    self.fail_for_good(q, &e);
+                                }
+                            }
+                        }
                         Err(e) => {
                             // Not worth retrying (bad batch, fenced, out of
                             // order): this batch fails and the sequence is
@@ -1029,6 +1053,7 @@ impl PartitionSender {
         stream: &mut Option<ProduceStream>,
         queue: &mut VecDeque<Entry>,
         sent: &mut usize,
+        restart: Option<&SequenceRestart>,
     ) -> Result<(), ClientError> {
         for entry in queue.iter_mut() {
             let Entry::Batch(q) = entry else { continue };
@@ -1050,7 +1075,11 @@ impl PartitionSender {
                 );
             }
             let (tx, _) = stream.as_ref().expect("opened above");
-            if tx.send(q.request.clone()).await.is_err() {
+            let request = match restart {
+                Some(r) => r.apply(&q.request),
+                None => q.request.clone(),
+            };
+            if tx.send(request).await.is_err() {
                 *stream = None;
                 return Err(ClientError::Transport("produce stream closed".into()));
             }
@@ -1104,11 +1133,89 @@ impl PartitionSender {
         Some(at)
     }
 
+    /// The oldest batch was refused with UNKNOWN_PRODUCER_ID: the
+    /// partition keeps no state for this producer (the topic was deleted
+    /// and created again, or the state expired), so nothing of this
+    /// producer's is in it and a sequence starting at 0 is accepted, as in
+    /// Kafka's KIP-360. Returns the restart that renumbers the queued
+    /// batches from the oldest one on, and breaks the sequence so that
+    /// later batches take a new producer id. `None` if the oldest batch
+    /// was already sent from 0: then the refusal is not about a
+    /// forgotten sequence.
+    fn restart_sequence(
+        &self,
+        queue: &VecDeque<Entry>,
+        current: Option<&SequenceRestart>,
+    ) -> Option<SequenceRestart> {
+        let front = queue.iter().find_map(|e| match e {
+            Entry::Batch(q) => Some(q),
+            Entry::Barrier(_) => None,
+        })?;
+        let (producer_id, epoch, first_seq) =
+            runnel_storage::batch::producer_fields(&front.request.batch)?;
+        let sent_seq = match current {
+            Some(r) if r.covers(producer_id, epoch) => r.renumber(first_seq),
+            _ => first_seq,
+        };
+        if producer_id <= 0 || sent_seq == 0 {
+            return None;
+        }
+        if let Some(broken) = &self.broken {
+            broken.store(true, Ordering::Release);
+        }
+        warn!(
+            topic = %self.topic,
+            partition = self.partition,
+            producer_id,
+            sequence = sent_seq,
+            "the partition does not know this producer (deleted and created again?); its sequence restarts at 0"
+        );
+        Some(SequenceRestart {
+            producer_id,
+            epoch,
+            from: first_seq,
+        })
+    }
+
     fn fail_for_good(&self, q: Queued, e: &ClientError) {
         if let Some(broken) = &self.broken {
             broken.store(true, Ordering::Release);
         }
         q.done.finish(Err(e.clone()));
+    }
+}
+
+/// Renumbers one producer id's batches on one partition: the batch that
+/// was stamped `from` is sent as 0, the ones after it follow on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SequenceRestart {
+    producer_id: i64,
+    epoch: i16,
+    from: i32,
+}
+
+impl SequenceRestart {
+    fn covers(&self, producer_id: i64, epoch: i16) -> bool {
+        (producer_id, epoch) == (self.producer_id, self.epoch)
+    }
+
+    /// The sequence `seq` (as stamped) is sent as.
+    fn renumber(&self, seq: i32) -> i32 {
+        (i64::from(seq) - i64::from(self.from)).rem_euclid(i64::from(i32::MAX) + 1) as i32
+    }
+
+    /// The request as it is sent: renumbered (a copy, CRC recomputed) if
+    /// its batch is this producer's, else unchanged.
+    fn apply(&self, request: &pb::ProduceRequest) -> pb::ProduceRequest {
+        let mut out = request.clone();
+        if let Some((id, epoch, seq)) = runnel_storage::batch::producer_fields(&request.batch) {
+            if self.covers(id, epoch) {
+                let mut batch = bytes::BytesMut::from(&request.batch[..]);
+                runnel_storage::batch::set_base_sequence(&mut batch, self.renumber(seq));
+                out.batch = batch.freeze();
+            }
+        }
+        out
     }
 }
 
@@ -1172,7 +1279,7 @@ mod tests {
     use std::pin::Pin;
     use std::time::{Duration, Instant};
 
-    use super::{BatchOutcome, ClientError, DeliveryFuture, WallClock};
+    use super::{BatchOutcome, ClientError, DeliveryFuture, SequenceRestart, WallClock};
     use crate::broker::now_ms;
     use std::future::Future;
     use std::sync::Arc;
@@ -1252,5 +1359,41 @@ mod tests {
             "{ms1} is about {base_ms} + 1000"
         );
         assert!((ms0 - 1..=ms0 + 1).contains(&clock.ms(t0)));
+    }
+
+    #[test]
+    fn a_sequence_restart_renumbers_only_its_producers_batches() {
+        use runnel_proto::v1 as pb;
+        use runnel_storage::batch::{producer_fields, validate_batch};
+        use runnel_storage::BatchBuilder;
+        let batch = |id: i64, epoch: i16, seq: i32| {
+            let mut b = BatchBuilder::new().producer(id, epoch, seq);
+            b.push(1, None, Some(b"v"), &[]);
+            pb::ProduceRequest {
+                batch: b.build().freeze(),
+                ..Default::default()
+            }
+        };
+        let r = SequenceRestart {
+            producer_id: 9,
+            epoch: 1,
+            from: 500,
+        };
+        let sent = r.apply(&batch(9, 1, 507));
+        assert_eq!(producer_fields(&sent.batch), Some((9, 1, 7)));
+        assert_eq!(validate_batch(&sent.batch).unwrap(), 1, "CRC recomputed");
+        // Another id or epoch goes as it was stamped.
+        let other = batch(10, 1, 507);
+        assert_eq!(r.apply(&other), other);
+        let older = batch(9, 0, 507);
+        assert_eq!(r.apply(&older), older);
+        // Sequences wrap at i32::MAX, as the broker's do.
+        let wrapped = SequenceRestart {
+            producer_id: 9,
+            epoch: 1,
+            from: i32::MAX - 1,
+        };
+        assert_eq!(wrapped.renumber(i32::MAX), 1);
+        assert_eq!(wrapped.renumber(0), 2);
     }
 }

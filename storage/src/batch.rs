@@ -192,6 +192,28 @@ pub fn set_leader_epoch(batch: &mut [u8], leader_epoch: i32) {
     batch[at..at + 4].copy_from_slice(&leader_epoch.to_be_bytes());
 }
 
+/// The producer id, producer epoch and base sequence of a framed batch,
+/// or `None` if `batch` is shorter than a batch header.
+pub fn producer_fields(batch: &[u8]) -> Option<(i64, i16, i32)> {
+    (batch.len() >= HEADER_LEN).then(|| {
+        (
+            be_i64(batch, field::PRODUCER_ID),
+            be_i16(batch, field::PRODUCER_EPOCH),
+            be_i32(batch, field::BASE_SEQUENCE),
+        )
+    })
+}
+
+/// Rewrites the base sequence and recomputes the CRC (a producer
+/// restarting its sequence on a partition that forgot it). `batch` must
+/// be one whole, framed batch.
+pub fn set_base_sequence(batch: &mut [u8], base_sequence: i32) {
+    let at = field::BASE_SEQUENCE;
+    batch[at..at + 4].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = crate::crc::crc32c(&batch[field::CRC_START..]);
+    batch[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// Marks the batch as log-append-time stamped at `now_ms` and recomputes
 /// the CRC. `batch` must be one whole, framed batch.
 pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {
@@ -803,6 +825,19 @@ mod tests {
         assert_eq!(batch.base_offset(), 100);
         assert_eq!(batch.leader_epoch(), 9);
         assert_eq!(batch.records().unwrap()[2].offset, 102);
+    }
+
+    #[test]
+    fn base_sequence_rewrite_keeps_the_batch_valid() {
+        let mut b = BatchBuilder::new().producer(7, 2, 40);
+        b.push(1, None, Some(b"a"), &[]);
+        b.push(2, None, Some(b"b"), &[]);
+        let mut b = b.build();
+        assert_eq!(producer_fields(&b), Some((7, 2, 40)));
+        set_base_sequence(&mut b, 3);
+        assert_eq!(producer_fields(&b), Some((7, 2, 3)));
+        assert_eq!(validate_batch(&b).unwrap(), 2);
+        assert_eq!(producer_fields(&b[..HEADER_LEN - 1]), None);
     }
 
     #[test]
