@@ -723,25 +723,21 @@ fn perf_tools_report_what_they_moved() {
     let consumed = json(&["consume", "--topic", "pf", "--records", "2000"]);
     assert_eq!(consumed["records"], 2000);
     assert_eq!(consumed["bytes"], 200_000);
-    let first = json(&[
-        "consume",
-        "--topic",
-        "pf",
-        "--records",
-        "5000",
-        "--group",
-        "pg",
-    ]);
+    // Up to 5,000 records as a group member, stopping once caught up.
+    let group_consume = |topic: &str, group: &str| {
+        json(&[
+            "consume",
+            "--topic",
+            topic,
+            "--records",
+            "5000",
+            "--group",
+            group,
+        ])
+    };
+    let first = group_consume("pf", "pg");
     assert_eq!(first["records"], 2000, "stops once caught up: {first}");
-    let again = json(&[
-        "consume",
-        "--topic",
-        "pf",
-        "--records",
-        "5000",
-        "--group",
-        "pg",
-    ]);
+    let again = group_consume("pf", "pg");
     assert_eq!(
         again["records"], 0,
         "the group committed its offsets: {again}"
@@ -749,21 +745,29 @@ fn perf_tools_report_what_they_moved() {
     // perf e2e receives every record it produced; its timeline accounts
     // for each of them once, and no window's largest latency exceeds the
     // run's.
-    let e2e = json(&[
-        "e2e",
-        "--topic",
-        "pe",
-        "--records",
-        "2000",
-        "--record-size",
-        "100",
-        "--timeline-ms",
-        "5",
-    ]);
+    // 2,000 records of 100 B to topic "pe", with `extra` options.
+    let e2e_run = |extra: &[&str]| {
+        let mut args = vec![
+            "e2e",
+            "--topic",
+            "pe",
+            "--records",
+            "2000",
+            "--record-size",
+            "100",
+        ];
+        args.extend_from_slice(extra);
+        json(&args)
+    };
+    // Records the timeline counts, over all its windows.
+    let timelined = |report: &serde_json::Value| -> u64 {
+        let windows = report["timeline"].as_array().expect("timeline");
+        windows.iter().map(|w| w["records"].as_u64().unwrap()).sum()
+    };
+    let e2e = e2e_run(&["--timeline-ms", "5"]);
     assert_eq!(e2e["records"], 2000, "{e2e}");
     let windows = e2e["timeline"].as_array().expect("timeline");
-    let counted: u64 = windows.iter().map(|w| w["records"].as_u64().unwrap()).sum();
-    assert_eq!(counted, 2000, "{e2e}");
+    assert_eq!(timelined(&e2e), 2000, "{e2e}");
     let max_ms = e2e["latency"]["max_ms"].as_f64().unwrap();
     for w in windows {
         // The histogram rounds to microseconds and three significant
@@ -774,16 +778,7 @@ fn perf_tools_report_what_they_moved() {
         );
     }
     // The same with long-poll fetches instead of a subscription.
-    let fetched = json(&[
-        "e2e",
-        "--topic",
-        "pe",
-        "--records",
-        "2000",
-        "--record-size",
-        "100",
-        "--fetch",
-    ]);
+    let fetched = e2e_run(&["--fetch"]);
     assert_eq!(fetched["records"], 2000, "{fetched}");
     // A warm-up is sent and received but left out of the report: the
     // topic holds it, the timeline counts it.
@@ -799,33 +794,11 @@ fn perf_tools_report_what_they_moved() {
         "100",
     ]);
     assert_eq!(warmed["records"], 2000, "{warmed}");
-    let stored = json(&[
-        "consume",
-        "--topic",
-        "pw",
-        "--records",
-        "5000",
-        "--group",
-        "pw",
-    ]);
+    let stored = group_consume("pw", "pw");
     assert_eq!(stored["records"], 2500, "{stored}");
-    let e2e = json(&[
-        "e2e",
-        "--topic",
-        "pe",
-        "--records",
-        "2000",
-        "--warm-up-records",
-        "700",
-        "--record-size",
-        "100",
-        "--timeline-ms",
-        "5",
-    ]);
+    let e2e = e2e_run(&["--warm-up-records", "700", "--timeline-ms", "5"]);
     assert_eq!(e2e["records"], 2000, "{e2e}");
-    let windows = e2e["timeline"].as_array().expect("timeline");
-    let counted: u64 = windows.iter().map(|w| w["records"].as_u64().unwrap()).sum();
-    assert_eq!(counted, 2700, "{e2e}");
+    assert_eq!(timelined(&e2e), 2700, "{e2e}");
 }
 
 /// Deleting a topic removes its data (the directory is renamed at once
