@@ -193,15 +193,15 @@ pub fn set_leader_epoch(batch: &mut [u8], leader_epoch: i32) {
 }
 
 /// The producer id, producer epoch and base sequence of a framed batch,
-/// or `None` if `batch` is shorter than a batch header.
+/// or `None` if `batch` does not start with a valid batch header.
 pub fn producer_fields(batch: &[u8]) -> Option<(i64, i16, i32)> {
-    (batch.len() >= HEADER_LEN).then(|| {
-        (
-            be_i64(batch, field::PRODUCER_ID),
-            be_i16(batch, field::PRODUCER_EPOCH),
-            be_i32(batch, field::BASE_SEQUENCE),
-        )
-    })
+    HeaderView::read(batch).map(|h| (h.producer_id, h.producer_epoch, h.base_sequence))
+}
+
+/// Computes the CRC of a whole, framed batch and writes it in.
+fn seal_crc(batch: &mut [u8]) {
+    let crc = crate::crc::crc32c(&batch[field::CRC_START..]);
+    batch[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// Rewrites the base sequence and recomputes the CRC (a producer
@@ -210,8 +210,7 @@ pub fn producer_fields(batch: &[u8]) -> Option<(i64, i16, i32)> {
 pub fn set_base_sequence(batch: &mut [u8], base_sequence: i32) {
     let at = field::BASE_SEQUENCE;
     batch[at..at + 4].copy_from_slice(&base_sequence.to_be_bytes());
-    let crc = crate::crc::crc32c(&batch[field::CRC_START..]);
-    batch[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    seal_crc(batch);
 }
 
 /// Marks the batch as log-append-time stamped at `now_ms` and recomputes
@@ -220,8 +219,7 @@ pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {
     let attributes = be_i16(batch, field::ATTRIBUTES) | ATTR_LOG_APPEND_TIME;
     batch[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
     batch[field::MAX_TIMESTAMP..field::MAX_TIMESTAMP + 8].copy_from_slice(&now_ms.to_be_bytes());
-    let crc = crate::crc::crc32c(&batch[field::CRC_START..]);
-    batch[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    seal_crc(batch);
 }
 
 /// Full validation a leader does once before storing a producer's batch:
@@ -619,8 +617,7 @@ impl BatchBuilder {
         header.put_i32(self.base_sequence);
         header.put_i32(self.count);
         debug_assert!(header.is_empty());
-        let crc = crate::crc::crc32c(&out[field::CRC_START..]);
-        out[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        seal_crc(&mut out);
         out
     }
 }
@@ -1014,8 +1011,7 @@ mod tests {
     fn huge_record_count_does_not_allocate() {
         let mut b = sample();
         b[field::RECORDS_COUNT..field::RECORDS_COUNT + 4].copy_from_slice(&i32::MAX.to_be_bytes());
-        let crc = crate::crc::crc32c(&b[field::CRC_START..]);
-        b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        fix_crc(&mut b);
         let batch = RecordBatch::parse(b.freeze()).unwrap();
         assert!(matches!(
             batch.records(),
@@ -1033,8 +1029,7 @@ mod tests {
         let mut b = sample();
         b[field::LAST_OFFSET_DELTA..field::LAST_OFFSET_DELTA + 4]
             .copy_from_slice(&5i32.to_be_bytes());
-        let crc = crate::crc::crc32c(&b[field::CRC_START..]);
-        b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        fix_crc(&mut b);
         assert!(matches!(
             validate_for_append(b.freeze()),
             Err(StorageError::CorruptBatch { .. })
@@ -1043,8 +1038,7 @@ mod tests {
 
     /// Re-signs `b` after a test edit.
     fn fix_crc(b: &mut [u8]) {
-        let crc = crate::crc::crc32c(&b[field::CRC_START..]);
-        b[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        super::seal_crc(b);
     }
 
     #[test]
