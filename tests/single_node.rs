@@ -792,8 +792,24 @@ fn perf_tools_report_what_they_moved() {
         "500",
         "--record-size",
         "100",
+        "--timeline-ms",
+        "5",
     ]);
     assert_eq!(warmed["records"], 2000, "{warmed}");
+    assert_eq!(timelined(&warmed), 2500, "{warmed}");
+    // perf produce's windows carry acknowledgement latencies only.
+    for w in warmed["timeline"].as_array().unwrap() {
+        assert!(w.get("max_ms").is_none(), "{warmed}");
+        assert!(w["ack_max_ms"].as_f64().unwrap() >= 0.0, "{warmed}");
+    }
+    assert!(
+        warmed["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["ack_max_ms"].as_f64().unwrap() > 0.0),
+        "{warmed}"
+    );
     let stored = group_consume("pw", "pw");
     assert_eq!(stored["records"], 2500, "{stored}");
     let e2e = e2e_run(&["--warm-up-records", "700", "--timeline-ms", "5"]);

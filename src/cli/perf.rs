@@ -86,17 +86,18 @@ pub struct ProduceArgs {
     /// state (benches/RESULTS.md, session 13).
     #[arg(long, default_value_t = 0)]
     warm_up_records: u64,
+    /// Also report, for every window of this many ms of send time, how
+    /// many records were sent in it and the largest acknowledgement
+    /// latency among them (`perf e2e`: and the largest end-to-end
+    /// latency), so that a tail shows where in the run it comes from.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    timeline_ms: Option<u64>,
 }
 
 #[derive(Debug, Args, Clone)]
 pub struct E2eArgs {
     #[command(flatten)]
     produce: ProduceArgs,
-    /// Also report, for every window of this many ms of produce time, how
-    /// many records were produced in it and the largest end-to-end
-    /// latency among them (where in the run a tail comes from).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    timeline_ms: Option<u64>,
     /// Read with long-poll fetches, one in flight per partition (how the
     /// group consumer reads), instead of a subscription that the broker
     /// pushes records down as they are appended (how `runnel consume` and
@@ -164,19 +165,21 @@ struct Report {
     mb_per_sec: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     latency: Option<Latency>,
-    /// `perf e2e --timeline-ms`: one entry per window of produce time.
+    /// `--timeline-ms`: one entry per window of send time.
     #[serde(skip_serializing_if = "Option::is_none")]
     timeline: Option<Vec<Window>>,
 }
 
-/// Records produced in one window of a `perf e2e` run.
+/// Records sent in one window of a `perf produce` or `perf e2e` run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 struct Window {
     /// Start of the window, ms after the run's start.
     start_ms: u64,
+    /// Records sent in it (`perf e2e`: and received).
     records: u64,
-    /// Largest end-to-end latency of those records.
-    max_ms: f64,
+    /// `perf e2e`: largest end-to-end latency of those records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_ms: Option<f64>,
     /// Largest produce latency (send to acknowledgement) of those
     /// records: where it is as large as `max_ms`, the records waited
     /// before the broker appended them, not on their way to a consumer.
@@ -223,8 +226,25 @@ impl Timeline {
             .map(|(i, &(records, max_ns))| Window {
                 start_ms: (first + i) as u64 * window_ms,
                 records,
-                max_ms: max_ns as f64 / 1e6,
+                max_ms: Some(max_ns as f64 / 1e6),
                 ack_max_ms: acks.windows.get(first + i).map_or(0, |w| w.1) as f64 / 1e6,
+            })
+            .collect()
+    }
+
+    /// The windows from the first one with a record on, for a timeline of
+    /// acknowledgement latencies alone (`perf produce`).
+    fn ack_windows(&self) -> Vec<Window> {
+        let window_ms = self.window_ns / 1_000_000;
+        let first = self.windows.iter().position(|w| w.0 > 0).unwrap_or(0);
+        self.windows[first..]
+            .iter()
+            .enumerate()
+            .map(|(i, &(records, max_ns))| Window {
+                start_ms: (first + i) as u64 * window_ms,
+                records,
+                max_ms: None,
+                ack_max_ms: max_ns as f64 / 1e6,
             })
             .collect()
     }
@@ -274,9 +294,12 @@ impl Report {
         if let Some(timeline) = &self.timeline {
             println!("  produced at ms   records   largest latency ms   largest ack ms");
             for w in timeline {
+                let e2e = w
+                    .max_ms
+                    .map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
                 println!(
-                    "  {:>14} {:>9} {:>20.2} {:>16.2}",
-                    w.start_ms, w.records, w.max_ms, w.ack_max_ms
+                    "  {:>14} {:>9} {:>20} {:>16.2}",
+                    w.start_ms, w.records, e2e, w.ack_max_ms
                 );
             }
         }
@@ -298,7 +321,8 @@ pub async fn run(
     match cmd {
         PerfCommand::Produce(args) => {
             ensure_topic(&client, &args.workload).await?;
-            let (report, _) = produce(&client, &args, output, None).await?;
+            let (mut report, acks) = produce(&client, &args, output, None).await?;
+            report.timeline = acks.map(|t| t.ack_windows());
             report.print(output);
         }
         PerfCommand::Consume(args) => {
@@ -356,18 +380,19 @@ fn acks(s: &str) -> anyhow::Result<pb::Acks> {
 }
 
 /// What `perf e2e` asks of its producer: each value starts with the
-/// nanoseconds since `origin`, acknowledgements go into `timeline`, and
-/// `measured_from_ns` is set (before the first measured record is stamped)
-/// to where the warm-up ends, in the same nanoseconds.
+/// nanoseconds since `origin`, and `measured_from_ns` is set (before the
+/// first measured record is stamped) to where the warm-up ends, in the
+/// same nanoseconds.
 struct Stamp {
     origin: Instant,
-    timeline: Option<Timeline>,
     measured_from_ns: Arc<AtomicU64>,
 }
 
 /// Produces the workload, after `--warm-up-records` that the report
 /// leaves out. With `stamp`, each value starts with the nanoseconds since
-/// its origin (for end-to-end latency).
+/// its origin (for end-to-end latency). With `--timeline-ms`, returns the
+/// acknowledgement latencies by send time (since the stamp's origin, or
+/// else the start of this call) too.
 async fn produce(
     client: &Client,
     args: &ProduceArgs,
@@ -396,10 +421,12 @@ async fn produce(
     // to `send` (`sent_at`) to the moment its batch was answered
     // (`acked_at`), so a record whose batch was answered while the
     // collector waited on an earlier one is not charged for the wait.
-    let (origin, mut timeline, measured_from_ns) = match stamp {
-        Some(s) => (Some(s.origin), s.timeline, Some(s.measured_from_ns)),
-        None => (None, None, None),
+    let (origin, measured_from_ns) = match stamp {
+        Some(s) => (Some(s.origin), Some(s.measured_from_ns)),
+        None => (None, None),
     };
+    let timeline_origin = origin.unwrap_or_else(Instant::now);
+    let mut timeline = args.timeline_ms.map(Timeline::new);
     let warm_up = args.warm_up_records;
     let collector = tokio::spawn(async move {
         let mut hist =
@@ -418,8 +445,8 @@ async fn produce(
                         if index > warm_up {
                             let _ = hist.record(took.as_micros().max(1) as u64);
                         }
-                        if let (Some(t), Some(origin)) = (&mut timeline, origin) {
-                            let sent = fut.sent_at().saturating_duration_since(origin);
+                        if let Some(t) = &mut timeline {
+                            let sent = fut.sent_at().saturating_duration_since(timeline_origin);
                             t.record(sent.as_nanos() as u64, took.as_nanos() as u64);
                         }
                     }
@@ -649,7 +676,7 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
         0
     }));
     let measured_from = measured_from_ns.clone();
-    let mut timeline = e2e_args.timeline_ms.map(Timeline::new);
+    let mut timeline = args.timeline_ms.map(Timeline::new);
     let collect = tokio::spawn(async move {
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
@@ -676,7 +703,6 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
     });
     let stamp = Stamp {
         origin,
-        timeline: e2e_args.timeline_ms.map(Timeline::new),
         measured_from_ns,
     };
     let (produced, ack_timeline) = produce(client, args, output, Some(stamp)).await?;
@@ -810,7 +836,7 @@ mod tests {
         let window = |start_ms, records, max_ms, ack_max_ms| Window {
             start_ms,
             records,
-            max_ms,
+            max_ms: Some(max_ms),
             ack_max_ms,
         };
         assert_eq!(
@@ -823,5 +849,18 @@ mod tests {
             ]
         );
         assert_eq!(Timeline::new(10).windows(&acks), vec![]);
+        // Acknowledgements alone (perf produce) start at their own first
+        // record and carry no end-to-end latency.
+        let ack = |start_ms, records, ack_max_ms| Window {
+            start_ms,
+            records,
+            max_ms: None,
+            ack_max_ms,
+        };
+        assert_eq!(
+            acks.ack_windows(),
+            vec![ack(10, 1, 9.0), ack(20, 0, 0.0), ack(30, 2, 4.0)]
+        );
+        assert_eq!(Timeline::new(10).ack_windows(), vec![]);
     }
 }
