@@ -174,14 +174,11 @@ impl Broker {
         self.hosted(topic, index)
     }
 
-    /// A receiver bumped after every append on this broker.
+    /// A receiver bumped after every leader append on this broker (what
+    /// a waiting replica fetch can read; a follower's appends are not:
+    /// nothing fetches a partition from a follower).
     pub fn watch_appends(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
-    }
-
-    /// Wakes replica fetches waiting for data.
-    pub fn notify_append(&self) {
-        self.appended.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Cap on long-poll waits (ms).

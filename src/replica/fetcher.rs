@@ -343,7 +343,6 @@ async fn fetch_round(
                 .ok_or("append task lost")?
                 .map_err(|e| format!("{}-{}: {e}", data.topic, data.partition))?;
             broker.metrics().replicated(data.batches.len());
-            broker.notify_append();
         }
         a.partition
             .advance_high_watermark(data.high_watermark.min(log.log_end_offset()));
