@@ -214,20 +214,30 @@ impl Timeline {
         w.1 = w.1.max(latency_ns);
     }
 
-    /// The windows from the first one with a record on, with the
-    /// largest produce latencies from `acks` (a timeline of the same
-    /// window length, keyed by the same production times).
-    fn windows(&self, acks: &Timeline) -> Vec<Window> {
-        let window_ms = self.window_ns / 1_000_000;
+    /// (window, records, largest latency in ns) from the first window
+    /// with a record on.
+    fn since_first_record(&self) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
         let first = self.windows.iter().position(|w| w.0 > 0).unwrap_or(0);
         self.windows[first..]
             .iter()
             .enumerate()
-            .map(|(i, &(records, max_ns))| Window {
-                start_ms: (first + i) as u64 * window_ms,
+            .map(move |(i, &(records, max_ns))| (first + i, records, max_ns))
+    }
+
+    fn start_ms(&self, window: usize) -> u64 {
+        window as u64 * (self.window_ns / 1_000_000)
+    }
+
+    /// The windows from the first one with a record on, with the
+    /// largest produce latencies from `acks` (a timeline of the same
+    /// window length, keyed by the same production times).
+    fn windows(&self, acks: &Timeline) -> Vec<Window> {
+        self.since_first_record()
+            .map(|(i, records, max_ns)| Window {
+                start_ms: self.start_ms(i),
                 records,
                 max_ms: Some(max_ns as f64 / 1e6),
-                ack_max_ms: acks.windows.get(first + i).map_or(0, |w| w.1) as f64 / 1e6,
+                ack_max_ms: acks.windows.get(i).map_or(0, |w| w.1) as f64 / 1e6,
             })
             .collect()
     }
@@ -235,13 +245,9 @@ impl Timeline {
     /// The windows from the first one with a record on, for a timeline of
     /// acknowledgement latencies alone (`perf produce`).
     fn ack_windows(&self) -> Vec<Window> {
-        let window_ms = self.window_ns / 1_000_000;
-        let first = self.windows.iter().position(|w| w.0 > 0).unwrap_or(0);
-        self.windows[first..]
-            .iter()
-            .enumerate()
-            .map(|(i, &(records, max_ns))| Window {
-                start_ms: (first + i) as u64 * window_ms,
+        self.since_first_record()
+            .map(|(i, records, max_ns)| Window {
+                start_ms: self.start_ms(i),
                 records,
                 max_ms: None,
                 ack_max_ms: max_ns as f64 / 1e6,
