@@ -277,8 +277,11 @@ pub fn validate_batch(buf: &[u8]) -> Result<i32> {
     // the largest delta.
     let (mut delta_min, mut delta_max) = (i64::MAX, i64::MIN);
     let mut hint = LengthHint::default();
-    for index in 0..count {
-        let (timestamp_delta, offset_delta, used) = walk_record(&body[position..], &mut hint)
+    let mut last_used = 0;
+    let mut index = 0;
+    while index < count {
+        let rest = &body[position..];
+        let (timestamp_delta, offset_delta, used) = walk_record(rest, &mut hint)
             .map_err(|reason| corrupt(format!("record {index}: {reason}")))?;
         position += used;
         delta_min = delta_min.min(timestamp_delta);
@@ -288,6 +291,21 @@ pub fn validate_batch(buf: &[u8]) -> Result<i32> {
                 "record {index} has offset delta {offset_delta}"
             )));
         }
+        index += 1;
+        // The second of two records of one size: the records after it
+        // that are laid out the same are checked against it with a few
+        // masked compares. The first that is not (or that has a wrong
+        // offset delta, to report it) comes back to the walk above. In a
+        // batch of records of many sizes a shape would rarely match, so
+        // none is learned.
+        if used == last_used && index < count {
+            let run = RecordShape::run_after(&rest[..used], &body[position..], index, count);
+            position += run.bytes;
+            index += run.records;
+            delta_min = delta_min.min(run.timestamp_delta_min);
+            delta_max = delta_max.max(run.timestamp_delta_max);
+        }
+        last_used = used;
     }
     // The deltas are 0..count, so the last offset is the largest.
     if base_offset.checked_add(i64::from(count - 1)).is_none() {
@@ -421,6 +439,184 @@ fn short_varint(b0: u8, b1: u8) -> Option<(u32, usize)> {
     } else {
         None
     }
+}
+
+/// The layout of a record of the common shape (see [`common_record`]),
+/// learned from one the walk accepted, so that the records after it can
+/// be checked with a few masked compares instead of decoded field by
+/// field. A record matches when it has the same length varint, timestamp
+/// and offset delta varints of the same sizes, the same key and value
+/// length varints, and a zero header count as its last byte: then every
+/// field sits where it sat in the learned record, so the general walk
+/// would accept it too and decode the same deltas. In a batch of
+/// same-sized records this holds from record to record except where a
+/// delta's varint grows a byte (offset delta 64, for one), where the walk
+/// takes over for one record and learns the new layout.
+#[derive(Clone, Copy, Debug)]
+struct RecordShape {
+    /// The whole record's size, its length varint included (at least 8).
+    len: usize,
+    /// The first eight bytes' expected bits under `head_mask`: the length
+    /// varint, the deltas' continuation bits and the key length varint.
+    head: u64,
+    head_mask: u64,
+    /// Bit position in the first eight bytes of the timestamp delta's
+    /// first byte, and 0x7f if its varint has a second byte (else 0).
+    timestamp_shift: u32,
+    timestamp_high: u64,
+    /// The same for the offset delta.
+    offset_shift: u32,
+    offset_high: u64,
+    /// Where the value length varint starts, its two bytes' expected bits
+    /// (little-endian) and which of them it covers.
+    value_at: usize,
+    value: u16,
+    value_mask: u16,
+}
+
+impl RecordShape {
+    /// The shape of `record` (its length varint included, nothing after
+    /// it), or `None` if it is not of the common shape with the fields up
+    /// to the key length in its first eight bytes.
+    fn learn(record: &[u8]) -> Option<RecordShape> {
+        let head = u64::from_le_bytes(record.get(..8)?.try_into().ok()?);
+        let byte = |at: usize| record.get(at).copied();
+        let mut mask = 0u64;
+        // The length varint, every bit.
+        let (_, n) = short_varint(byte(0)?, byte(1)?)?;
+        mask |= (1u64 << (8 * n)) - 1;
+        let mut at = n + 1; // the attributes byte is not checked
+        let mut delta = |at: &mut usize| -> Option<(u32, u64)> {
+            let (_, n) = short_varint(byte(*at)?, byte(*at + 1)?)?;
+            let shift = 8 * *at as u32;
+            mask |= 0x80 << shift;
+            let high = if n == 2 {
+                mask |= 0x80 << (shift + 8);
+                0x7f
+            } else {
+                0
+            };
+            *at += n;
+            Some((shift, high))
+        };
+        // The length varint and attributes take at most three bytes and
+        // each delta at most two, so both deltas are in the first eight.
+        let (timestamp_shift, timestamp_high) = delta(&mut at)?;
+        let (offset_shift, offset_high) = delta(&mut at)?;
+        let (key_raw, n) = short_varint(byte(at)?, byte(at + 1)?)?;
+        if at + n > 8 {
+            return None;
+        }
+        mask |= ((1u64 << (8 * n)) - 1) << (8 * at);
+        at += n;
+        // Zigzag: 1 is -1 (null), even values are lengths.
+        if key_raw != 1 {
+            if key_raw & 1 != 0 {
+                return None;
+            }
+            at += (key_raw >> 1) as usize;
+        }
+        let value_at = at;
+        let (value_raw, n) = short_varint(byte(at)?, byte(at + 1)?)?;
+        at += n;
+        if value_raw != 1 {
+            if value_raw & 1 != 0 {
+                return None;
+            }
+            at += (value_raw >> 1) as usize;
+        }
+        // The header count, zero, is the last byte.
+        if at + 1 != record.len() || record[at] != 0 {
+            return None;
+        }
+        Some(RecordShape {
+            len: record.len(),
+            head: head & mask,
+            head_mask: mask,
+            timestamp_shift,
+            timestamp_high,
+            offset_shift,
+            offset_high,
+            value_at,
+            value: u16::from_le_bytes([record[value_at], record[value_at + 1]]),
+            value_mask: if n == 2 { 0xffff } else { 0xff },
+        })
+    }
+
+    /// [`RecordShape::run`] with the shape of `record`, if it has one.
+    #[cold]
+    #[inline(never)]
+    fn run_after(record: &[u8], rest: &[u8], first: i32, count: i32) -> ShapeRun {
+        match RecordShape::learn(record) {
+            Some(shape) => shape.run(rest, first, count),
+            None => ShapeRun {
+                bytes: 0,
+                records: 0,
+                timestamp_delta_min: i64::MAX,
+                timestamp_delta_max: i64::MIN,
+            },
+        }
+    }
+
+    /// Checks the records at the start of `rest`, which should have
+    /// offset deltas `first, first + 1, ..` up to `count - 1`, against
+    /// this shape; stops at the first that does not match it or has
+    /// another offset delta.
+    #[inline(always)]
+    fn run(&self, rest: &[u8], first: i32, count: i32) -> ShapeRun {
+        let shape = *self;
+        let mut run = ShapeRun {
+            bytes: 0,
+            records: 0,
+            timestamp_delta_min: i64::MAX,
+            timestamp_delta_max: i64::MIN,
+        };
+        let mut index = first;
+        while index < count {
+            match shape.decode(&rest[run.bytes..]) {
+                Some((timestamp_delta, offset_delta)) if offset_delta == index => {
+                    run.bytes += shape.len;
+                    run.timestamp_delta_min = run.timestamp_delta_min.min(timestamp_delta);
+                    run.timestamp_delta_max = run.timestamp_delta_max.max(timestamp_delta);
+                    index += 1;
+                }
+                _ => break,
+            }
+        }
+        run.records = index - first;
+        run
+    }
+
+    /// The timestamp and offset deltas of the record at the start of
+    /// `rest` if it has this shape, else `None`.
+    #[inline(always)]
+    fn decode(&self, rest: &[u8]) -> Option<(i64, i32)> {
+        let record = rest.get(..self.len)?;
+        let head = u64::from_le_bytes(record.get(..8)?.try_into().ok()?);
+        if (head ^ self.head) & self.head_mask != 0 {
+            return None;
+        }
+        let value =
+            u16::from_le_bytes([*record.get(self.value_at)?, *record.get(self.value_at + 1)?]);
+        if (value ^ self.value) & self.value_mask != 0 || record[self.len - 1] != 0 {
+            return None;
+        }
+        let raw =
+            |shift: u32, high: u64| (head >> shift) & 0x7f | ((head >> (shift + 8)) & high) << 7;
+        let timestamp_raw = raw(self.timestamp_shift, self.timestamp_high);
+        let offset_raw = raw(self.offset_shift, self.offset_high) as u32;
+        let timestamp_delta = (timestamp_raw >> 1) as i64 ^ -((timestamp_raw & 1) as i64);
+        let offset_delta = (offset_raw >> 1) as i32 ^ -((offset_raw & 1) as i32);
+        Some((timestamp_delta, offset_delta))
+    }
+}
+
+/// What [`RecordShape::run`] checked.
+struct ShapeRun {
+    bytes: usize,
+    records: i32,
+    timestamp_delta_min: i64,
+    timestamp_delta_max: i64,
 }
 
 /// The previous record's first two bytes and the length varint they
