@@ -393,39 +393,88 @@ fn walk_record(buf: &[u8], hint: &mut LengthHint) -> Result<(i64, i32, usize), &
 /// chain each field's position through a conditional move.
 #[inline(always)]
 fn common_record(record: &[u8]) -> Option<(i64, i32)> {
-    let head: [u8; 8] = record.get(..8)?.try_into().ok()?;
-    // head[0] is the attributes byte (unused).
-    let (timestamp_raw, n) = short_varint(head[1], head[2])?;
-    let mut at = 1 + n;
-    let (offset_raw, n) = short_varint(head[at], head[at + 1])?;
-    at += n;
-    let (key_raw, n) = short_varint(head[at], head[at + 1])?;
-    at += n;
-    // Zigzag: 1 is -1 (null), even values are lengths.
-    if key_raw != 1 {
-        if key_raw & 1 != 0 {
+    let layout = CommonLayout::of(record)?;
+    Some((
+        zigzag64(layout.timestamp_raw.into()),
+        zigzag32(layout.offset_raw),
+    ))
+}
+
+/// Where the fields of a record of the common shape sit (positions from
+/// the attributes byte, the length varint not included), and its two
+/// deltas before zigzag.
+#[derive(Clone, Copy, Debug)]
+struct CommonLayout {
+    timestamp_raw: u32,
+    timestamp_bytes: usize,
+    offset_raw: u32,
+    offset_bytes: usize,
+    /// The key length varint: where and how long.
+    key_at: usize,
+    key_bytes: usize,
+    /// The value length varint: where and how long.
+    value_at: usize,
+    value_bytes: usize,
+}
+
+impl CommonLayout {
+    /// The layout of `record` (from its attributes byte to its end) if it
+    /// is of the common shape (see [`common_record`]).
+    #[inline(always)]
+    fn of(record: &[u8]) -> Option<CommonLayout> {
+        let head: [u8; 8] = record.get(..8)?.try_into().ok()?;
+        // head[0] is the attributes byte (unused).
+        let (timestamp_raw, timestamp_bytes) = short_varint(head[1], head[2])?;
+        let mut at = 1 + timestamp_bytes;
+        let (offset_raw, offset_bytes) = short_varint(head[at], head[at + 1])?;
+        at += offset_bytes;
+        let key_at = at;
+        let (key_raw, key_bytes) = short_varint(head[at], head[at + 1])?;
+        at += key_bytes;
+        // Zigzag: 1 is -1 (null), even values are lengths.
+        if key_raw != 1 {
+            if key_raw & 1 != 0 {
+                return None;
+            }
+            at += (key_raw >> 1) as usize;
+        }
+        let value_at = at;
+        let (value_raw, value_bytes) = match record.get(at..at + 2)? {
+            [b0, b1] => short_varint(*b0, *b1)?,
+            _ => return None,
+        };
+        at += value_bytes;
+        if value_raw != 1 {
+            if value_raw & 1 != 0 {
+                return None;
+            }
+            at += (value_raw >> 1) as usize;
+        }
+        // The header count, zero, is the last byte.
+        if at + 1 != record.len() || record[at] != 0 {
             return None;
         }
-        at += (key_raw >> 1) as usize;
+        Some(CommonLayout {
+            timestamp_raw,
+            timestamp_bytes,
+            offset_raw,
+            offset_bytes,
+            key_at,
+            key_bytes,
+            value_at,
+            value_bytes,
+        })
     }
-    let (value_raw, n) = match record.get(at..at + 2)? {
-        [b0, b1] => short_varint(*b0, *b1)?,
-        _ => return None,
-    };
-    at += n;
-    if value_raw != 1 {
-        if value_raw & 1 != 0 {
-            return None;
-        }
-        at += (value_raw >> 1) as usize;
-    }
-    // The header count, zero, is the last byte.
-    if at + 1 != record.len() || record[at] != 0 {
-        return None;
-    }
-    let timestamp_delta = i64::from(timestamp_raw >> 1) ^ -i64::from(timestamp_raw & 1);
-    let offset_delta = (offset_raw >> 1) as i32 ^ -((offset_raw & 1) as i32);
-    Some((timestamp_delta, offset_delta))
+}
+
+#[inline(always)]
+fn zigzag64(raw: u64) -> i64 {
+    (raw >> 1) as i64 ^ -((raw & 1) as i64)
+}
+
+#[inline(always)]
+fn zigzag32(raw: u32) -> i32 {
+    (raw >> 1) as i32 ^ -((raw & 1) as i32)
 }
 
 /// A one- or two-byte varint starting with `b0, b1`, unsigned (before
@@ -480,66 +529,39 @@ impl RecordShape {
     /// to the key length in its first eight bytes.
     fn learn(record: &[u8]) -> Option<RecordShape> {
         let head = u64::from_le_bytes(record.get(..8)?.try_into().ok()?);
-        let byte = |at: usize| record.get(at).copied();
-        let mut mask = 0u64;
-        // The length varint, every bit.
-        let (_, n) = short_varint(byte(0)?, byte(1)?)?;
-        mask |= (1u64 << (8 * n)) - 1;
-        let mut at = n + 1; // the attributes byte is not checked
-        let mut delta = |at: &mut usize| -> Option<(u32, u64)> {
-            let (_, n) = short_varint(byte(*at)?, byte(*at + 1)?)?;
-            let shift = 8 * *at as u32;
-            mask |= 0x80 << shift;
-            let high = if n == 2 {
-                mask |= 0x80 << (shift + 8);
-                0x7f
-            } else {
-                0
-            };
-            *at += n;
-            Some((shift, high))
-        };
+        let (_, prefix) = short_varint(*record.first()?, *record.get(1)?)?;
+        let layout = CommonLayout::of(&record[prefix..])?;
+        // The bits of `n` bytes from `at` (from the record's start).
+        let span = |at: usize, n: usize| ((1u64 << (8 * n)) - 1) << (8 * at);
+        // A delta varint's continuation bits (set on the first of two
+        // bytes, clear on the last): the value bits may differ.
+        let continuation = |at: usize, n: usize| span(at, n) & 0x8080_8080_8080_8080;
+        let timestamp_at = prefix + 1;
+        let offset_at = timestamp_at + layout.timestamp_bytes;
+        let key_at = prefix + layout.key_at;
         // The length varint and attributes take at most three bytes and
-        // each delta at most two, so both deltas are in the first eight.
-        let (timestamp_shift, timestamp_high) = delta(&mut at)?;
-        let (offset_shift, offset_high) = delta(&mut at)?;
-        let (key_raw, n) = short_varint(byte(at)?, byte(at + 1)?)?;
-        if at + n > 8 {
+        // each delta at most two, so both deltas are in the first eight;
+        // the key length may not be.
+        if key_at + layout.key_bytes > 8 {
             return None;
         }
-        mask |= ((1u64 << (8 * n)) - 1) << (8 * at);
-        at += n;
-        // Zigzag: 1 is -1 (null), even values are lengths.
-        if key_raw != 1 {
-            if key_raw & 1 != 0 {
-                return None;
-            }
-            at += (key_raw >> 1) as usize;
-        }
-        let value_at = at;
-        let (value_raw, n) = short_varint(byte(at)?, byte(at + 1)?)?;
-        at += n;
-        if value_raw != 1 {
-            if value_raw & 1 != 0 {
-                return None;
-            }
-            at += (value_raw >> 1) as usize;
-        }
-        // The header count, zero, is the last byte.
-        if at + 1 != record.len() || record[at] != 0 {
-            return None;
-        }
+        let mask = span(0, prefix)
+            | continuation(timestamp_at, layout.timestamp_bytes)
+            | continuation(offset_at, layout.offset_bytes)
+            | span(key_at, layout.key_bytes);
+        let value_at = prefix + layout.value_at;
+        let high = |n: usize| if n == 2 { 0x7f } else { 0 };
         Some(RecordShape {
             len: record.len(),
             head: head & mask,
             head_mask: mask,
-            timestamp_shift,
-            timestamp_high,
-            offset_shift,
-            offset_high,
+            timestamp_shift: 8 * timestamp_at as u32,
+            timestamp_high: high(layout.timestamp_bytes),
+            offset_shift: 8 * offset_at as u32,
+            offset_high: high(layout.offset_bytes),
             value_at,
             value: u16::from_le_bytes([record[value_at], record[value_at + 1]]),
-            value_mask: if n == 2 { 0xffff } else { 0xff },
+            value_mask: span(0, layout.value_bytes) as u16,
         })
     }
 
@@ -603,11 +625,10 @@ impl RecordShape {
         }
         let raw =
             |shift: u32, high: u64| (head >> shift) & 0x7f | ((head >> (shift + 8)) & high) << 7;
-        let timestamp_raw = raw(self.timestamp_shift, self.timestamp_high);
-        let offset_raw = raw(self.offset_shift, self.offset_high) as u32;
-        let timestamp_delta = (timestamp_raw >> 1) as i64 ^ -((timestamp_raw & 1) as i64);
-        let offset_delta = (offset_raw >> 1) as i32 ^ -((offset_raw & 1) as i32);
-        Some((timestamp_delta, offset_delta))
+        Some((
+            zigzag64(raw(self.timestamp_shift, self.timestamp_high)),
+            zigzag32(raw(self.offset_shift, self.offset_high) as u32),
+        ))
     }
 }
 
