@@ -287,12 +287,20 @@ impl Broker {
             };
             let store = self.metadata.clone();
             let partition = partition.clone();
-            let committed = info.isr.clone();
-            info!(topic = %partition.topic, partition = partition.index, from = ?committed, to = ?isr, "proposing ISR change");
+            info!(topic = %partition.topic, partition = partition.index, from = ?info.isr, to = ?isr, "proposing ISR change");
             tokio::spawn(async move {
                 if let Err(e) = store.submit(command).await {
                     warn!(topic = %partition.topic, partition = partition.index, error = %e, "ISR change refused");
-                    partition.isr_refused(&committed);
+                    // The ISR committed now, not the one the proposal
+                    // started from: metadata may have moved on meanwhile.
+                    let meta = store.current();
+                    if let Some(info) = meta
+                        .topics
+                        .get(&partition.topic)
+                        .and_then(|t| t.partitions.get(partition.index as usize))
+                    {
+                        partition.isr_refused(&info.isr);
+                    }
                 }
             });
         }

@@ -107,7 +107,6 @@ impl Partition {
                     }
                     state.set_replicas(&info.replicas, now_ms);
                     let cmds = state.on_isr_committed(&info.isr, leo);
-                    drop(role);
                     return self.run(cmds);
                 }
             }
@@ -122,7 +121,6 @@ impl Partition {
             );
             let cmds = state.on_append(leo);
             *role = Role::Leader(state);
-            drop(role);
             return self.run(cmds);
         }
         let next = if info.leader < 0 {
@@ -177,41 +175,53 @@ impl Partition {
 
     /// After a leader append: the high watermark may advance.
     pub fn on_append(&self) -> Vec<Command> {
-        let leo = self.log.log_end_offset();
-        let cmds = match &mut *self.role() {
-            Role::Leader(s) => s.on_append(leo),
-            _ => Vec::new(),
-        };
-        self.run(cmds)
+        self.leader_event(|s, leo| s.on_append(leo))
     }
 
     /// A follower fetched from `fetch_offset`.
     pub fn on_follower_fetch(&self, follower: i32, fetch_offset: i64, now_ms: i64) -> Vec<Command> {
-        let leo = self.log.log_end_offset();
-        let cmds = match &mut *self.role() {
-            Role::Leader(s) => s.on_fetch(follower, fetch_offset, leo, now_ms),
-            _ => Vec::new(),
-        };
-        self.run(cmds)
+        self.leader_event(|s, leo| s.on_fetch(follower, fetch_offset, leo, now_ms))
     }
 
     /// Periodic ISR check.
     pub fn on_tick(&self, now_ms: i64, lag_time_max_ms: i64) -> Vec<Command> {
-        let cmds = match &mut *self.role() {
-            Role::Leader(s) => s.on_tick(now_ms, lag_time_max_ms),
+        self.leader_event(|s, _| s.on_tick(now_ms, lag_time_max_ms))
+    }
+
+    /// The controller refused this leader's ISR proposal; `committed` is
+    /// the ISR the metadata holds now.
+    pub fn isr_refused(&self, committed: &[i32]) {
+        self.leader_event(|s, leo| s.on_isr_refused(committed, leo));
+    }
+
+    /// Feeds an event to the leader state (nothing on a follower) and
+    /// runs the high-watermark commands before the role lock is released:
+    /// two events decided one after the other (high watermark 10, then
+    /// 20) must not store theirs the other way round, leaving the log's
+    /// high watermark behind the state's, and acks=all producers of the
+    /// records between waiting for an advance the state thinks is done.
+    /// Returns the ISR proposals.
+    fn leader_event(
+        &self,
+        event: impl FnOnce(&mut LeaderState, i64) -> Vec<Command>,
+    ) -> Vec<Command> {
+        let mut role = self.role();
+        let leo = self.log.log_end_offset();
+        let cmds = match &mut *role {
+            Role::Leader(s) => event(s, leo),
             _ => Vec::new(),
         };
         self.run(cmds)
     }
 
-    /// A refused ISR proposal: go back to the committed ISR.
-    pub fn isr_refused(&self, committed: &[i32]) {
-        let leo = self.log.log_end_offset();
-        let cmds = match &mut *self.role() {
-            Role::Leader(s) => s.on_isr_committed(committed, leo),
-            _ => Vec::new(),
-        };
-        self.run(cmds);
+    /// The leader state's high watermark and the log's, read under the
+    /// role lock (tests: they must agree whenever the lock is free).
+    #[cfg(test)]
+    fn high_watermarks(&self) -> Option<(i64, i64)> {
+        match &*self.role() {
+            Role::Leader(s) => Some((s.high_watermark(), self.log.high_watermark())),
+            _ => None,
+        }
     }
 
     /// Runs high-watermark commands here; returns the ISR proposals.
@@ -269,6 +279,72 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> LogConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Two followers' fetches, each on its own thread, while a third
+    /// thread appends: every thread checks that the log's high watermark
+    /// is never below one it saw before, and the followers that the one
+    /// stored equals the one the leader state decided whenever the role
+    /// lock is free. Storing a decided high watermark after releasing the
+    /// role lock let an older, smaller one land last.
+    #[test]
+    fn the_high_watermark_never_moves_backwards_under_concurrent_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap());
+        let p = Arc::new(Partition::new("t".into(), 0, "id".into(), log.clone()));
+        let info = PartitionInfo {
+            replicas: vec![1, 2, 3],
+            leader: 1,
+            leader_epoch: 0,
+            isr: vec![1, 2, 3],
+            partition_epoch: 0,
+            target_replicas: vec![],
+            adding: vec![],
+            removing: vec![],
+        };
+        assert!(p.update_role(1, &info, 0).is_empty());
+        let done = AtomicBool::new(false);
+        // What this thread saw last: the high watermark one thread reads
+        // must never be below what it read before.
+        let check = |seen: &mut i64| {
+            let hw = log.high_watermark();
+            assert!(hw >= *seen, "high watermark {hw} after {seen}");
+            *seen = hw;
+        };
+        std::thread::scope(|scope| {
+            for follower in [2, 3] {
+                let (p, log, done) = (&p, &log, &done);
+                scope.spawn(move || {
+                    let mut seen = 0;
+                    while !done.load(Ordering::Acquire) {
+                        p.on_follower_fetch(follower, log.log_end_offset(), 0);
+                        check(&mut seen);
+                        let (decided, stored) = p.high_watermarks().unwrap();
+                        assert_eq!(decided, stored, "decided and stored");
+                    }
+                });
+            }
+            // Stops the followers however this thread ends, a failed
+            // check included, so that the scope can join them.
+            struct Stop<'a>(&'a AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Release);
+                }
+            }
+            let _stop = Stop(&done);
+            let mut batch = runnel_storage::BatchBuilder::new();
+            batch.push(0, None, Some(b"v"), &[]);
+            let batch = batch.build().freeze();
+            let mut seen = 0;
+            for _ in 0..100_000 {
+                log.append_as_leader(batch.clone(), 0).unwrap();
+                p.on_append();
+                check(&mut seen);
+            }
+        });
+        assert!(log.high_watermark() > 0);
+    }
 
     #[test]
     fn kafka_keys_map_to_storage_settings() {

@@ -22,6 +22,48 @@ pub struct FollowerProgress {
     pub log_end_offset: i64,
     /// Last time (ms) the follower had everything the leader had.
     pub last_caught_up_ms: i64,
+    /// The leader's log end offset when this follower last fetched, and
+    /// when that was: a fetch that reaches it shows the follower had, at
+    /// the time of that earlier fetch, everything the leader had.
+    last_fetch_leader_log_end_offset: i64,
+    last_fetch_ms: i64,
+}
+
+impl FollowerProgress {
+    /// A follower not heard from yet, given lag grace from `now_ms`.
+    fn new(now_ms: i64) -> Self {
+        FollowerProgress {
+            log_end_offset: -1,
+            last_caught_up_ms: now_ms,
+            last_fetch_leader_log_end_offset: i64::MAX,
+            last_fetch_ms: now_ms,
+        }
+    }
+
+    /// Records a fetch from `fetch_offset` at `now_ms`, when the leader's
+    /// log ended at `leader_log_end_offset`. Returns whether the follower
+    /// is caught up: it has the leader's log end, now or as of its
+    /// previous fetch. The second case is Kafka's rule too
+    /// (`Replica.updateFetchState`): under steady produce the leader has
+    /// appended again by the time the follower's next fetch arrives, so a
+    /// follower that keeps up is rarely at the very end, and would
+    /// otherwise leave the ISR after `replica.lag.time.max.ms` however
+    /// closely it follows.
+    fn fetched(&mut self, fetch_offset: i64, leader_log_end_offset: i64, now_ms: i64) -> bool {
+        self.log_end_offset = fetch_offset;
+        let caught_up = if fetch_offset >= leader_log_end_offset {
+            self.last_caught_up_ms = self.last_caught_up_ms.max(now_ms);
+            true
+        } else if fetch_offset >= self.last_fetch_leader_log_end_offset {
+            self.last_caught_up_ms = self.last_caught_up_ms.max(self.last_fetch_ms);
+            true
+        } else {
+            false
+        };
+        self.last_fetch_leader_log_end_offset = leader_log_end_offset;
+        self.last_fetch_ms = now_ms;
+        caught_up
+    }
 }
 
 /// One partition's leader state.
@@ -51,15 +93,7 @@ impl LeaderState {
         let followers = replicas
             .iter()
             .filter(|r| **r != leader_id)
-            .map(|r| {
-                (
-                    *r,
-                    FollowerProgress {
-                        log_end_offset: -1,
-                        last_caught_up_ms: now_ms,
-                    },
-                )
-            })
+            .map(|r| (*r, FollowerProgress::new(now_ms)))
             .collect();
         Self {
             leader_id,
@@ -92,10 +126,17 @@ impl LeaderState {
     }
 
     /// Smallest log end offset over the ISR; an ISR follower that has not
-    /// fetched yet holds the high watermark where it is.
+    /// fetched yet holds the high watermark where it is. While a proposal
+    /// is in flight the ISR counted is the larger of the two (Kafka's
+    /// "maximal ISR"): a follower about to join holds the high watermark
+    /// as a member would, so that once the controller commits it, it has
+    /// every record below the high watermark; one about to leave holds it
+    /// until the controller has removed it.
     fn isr_minimum(&self, leader_log_end_offset: i64) -> i64 {
+        let joining = self.pending_isr.iter().flatten();
         self.isr
             .iter()
+            .chain(joining)
             .filter(|id| **id != self.leader_id)
             .map(|id| match self.followers.get(id) {
                 Some(f) if f.log_end_offset >= 0 => f.log_end_offset,
@@ -138,14 +179,17 @@ impl LeaderState {
         let Some(progress) = self.followers.get_mut(&follower) else {
             return out;
         };
-        progress.log_end_offset = fetch_offset;
-        let caught_up = fetch_offset >= leader_log_end_offset;
-        if caught_up {
-            progress.last_caught_up_ms = now_ms;
-        }
+        let caught_up = progress.fetched(fetch_offset, leader_log_end_offset, now_ms);
         self.maybe_advance(leader_log_end_offset, &mut out);
-        // Rejoin: a follower outside the ISR that reached the log end.
-        if caught_up && !self.isr.contains(&follower) && self.pending_isr.is_none() {
+        // Rejoin: a follower outside the ISR that reached the log end (as
+        // `fetched` counts it) and holds every record below the high
+        // watermark, so that adding it never leaves a member without a
+        // committed record.
+        if caught_up
+            && fetch_offset >= self.high_watermark
+            && !self.isr.contains(&follower)
+            && self.pending_isr.is_none()
+        {
             let mut isr = self.isr.clone();
             isr.insert(follower);
             self.propose(isr, &mut out);
@@ -183,15 +227,30 @@ impl LeaderState {
         out
     }
 
-    /// The controller committed `isr` (or refused the proposal: call with
-    /// the current committed ISR). Shrinking may let the high watermark
-    /// advance.
+    /// The metadata lists `isr` as this partition's committed ISR (on
+    /// every metadata change, whether or not it changed the ISR). A
+    /// proposal in flight stays in flight unless this is the ISR it asked
+    /// for: an unrelated change must not let the leader send the same
+    /// proposal again, whose refusal would then look like the first
+    /// one's. Shrinking may let the high watermark advance.
     pub fn on_isr_committed(&mut self, isr: &[i32], leader_log_end_offset: i64) -> Vec<Command> {
-        self.isr = isr.iter().copied().collect();
-        self.pending_isr = None;
+        let mut isr: Vec<i32> = isr.to_vec();
+        isr.sort_unstable();
+        isr.dedup();
+        if self.pending_isr.as_ref() == Some(&isr) {
+            self.pending_isr = None;
+        }
+        self.isr = isr.into_iter().collect();
         let mut out = Vec::new();
         self.maybe_advance(leader_log_end_offset, &mut out);
         out
+    }
+
+    /// The controller refused the proposal in flight; `isr` is the ISR
+    /// committed now. The next event may propose again.
+    pub fn on_isr_refused(&mut self, isr: &[i32], leader_log_end_offset: i64) -> Vec<Command> {
+        self.pending_isr = None;
+        self.on_isr_committed(isr, leader_log_end_offset)
     }
 
     /// The replica set changed under the same leader epoch (a
@@ -200,10 +259,9 @@ impl LeaderState {
     pub fn set_replicas(&mut self, replicas: &[i32], now_ms: i64) {
         self.followers.retain(|id, _| replicas.contains(id));
         for r in replicas.iter().filter(|r| **r != self.leader_id) {
-            self.followers.entry(*r).or_insert(FollowerProgress {
-                log_end_offset: -1,
-                last_caught_up_ms: now_ms,
-            });
+            self.followers
+                .entry(*r)
+                .or_insert(FollowerProgress::new(now_ms));
         }
     }
 
@@ -296,9 +354,88 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_that_keeps_up_under_steady_appends_stays_in_the_isr() {
+        // The leader appends between every two fetches, so the follower
+        // is never at the very end; each fetch reaches the end the leader
+        // had at the previous one.
+        let mut s = three(0);
+        let mut leo = 0;
+        for t in 1..=100 {
+            let fetch_offset = leo; // what the previous answer carried
+            leo += 10;
+            s.on_append(leo);
+            s.on_fetch(2, fetch_offset, leo, t * 1_000);
+            s.on_fetch(3, leo, leo, t * 1_000);
+            assert_eq!(s.on_tick(t * 1_000, 30_000), vec![], "at {t} s");
+        }
+        // Caught up as of its previous fetch, one second before.
+        assert_eq!(s.follower(2).unwrap().last_caught_up_ms, 99_000);
+        // One that falls behind what the leader had is not.
+        s.on_append(leo + 10);
+        s.on_fetch(2, leo - 5, leo + 10, 101_000);
+        assert_eq!(s.follower(2).unwrap().last_caught_up_ms, 99_000);
+        assert_eq!(s.on_tick(129_001, 30_000), vec![ProposeIsr(vec![1, 3])]);
+    }
+
+    #[test]
+    fn a_follower_rejoins_only_with_every_committed_record() {
+        let mut s = LeaderState::new(1, 0, &[1, 2, 3], &[1, 2], 0, 0);
+        s.on_append(20);
+        s.on_fetch(2, 20, 20, 1);
+        assert_eq!(s.high_watermark(), 20);
+        // Follower 3 reaches where the leader ended at its previous fetch,
+        // but not the high watermark: not yet.
+        s.on_fetch(3, 0, 10, 2);
+        assert_eq!(s.on_fetch(3, 10, 20, 3), vec![]);
+        assert_eq!(s.on_fetch(3, 20, 30, 4), vec![ProposeIsr(vec![1, 2, 3])]);
+    }
+
+    #[test]
+    fn a_follower_about_to_join_holds_the_high_watermark() {
+        let mut s = LeaderState::new(1, 0, &[1, 2, 3], &[1, 2], 0, 0);
+        s.on_append(10);
+        s.on_fetch(2, 10, 10, 1);
+        assert_eq!(s.on_fetch(3, 10, 10, 1), vec![ProposeIsr(vec![1, 2, 3])]);
+        // While the proposal is in flight, follower 3 counts: the high
+        // watermark may not pass what it holds.
+        s.on_append(30);
+        assert_eq!(s.on_fetch(2, 30, 30, 2), vec![]);
+        assert_eq!(s.high_watermark(), 10);
+        assert_eq!(s.on_fetch(3, 25, 30, 2), vec![AdvanceHighWatermark(25)]);
+        // Refused: back to the committed ISR, without follower 3.
+        assert_eq!(
+            s.on_isr_refused(&[1, 2], 30),
+            vec![AdvanceHighWatermark(30)]
+        );
+        assert!(!s.has_pending_isr());
+    }
+
+    #[test]
+    fn a_proposal_stays_in_flight_across_unrelated_metadata() {
+        let mut s = three(0);
+        s.on_append(10);
+        s.on_fetch(2, 10, 10, 1);
+        assert_eq!(s.on_tick(30_001, 30_000), vec![ProposeIsr(vec![1, 2])]);
+        // Metadata changes elsewhere: the same committed ISR is applied
+        // again. The proposal is still in flight, so none is sent again.
+        assert_eq!(s.on_isr_committed(&[3, 1, 2], 10), vec![]);
+        assert!(s.has_pending_isr());
+        assert_eq!(s.on_tick(40_000, 30_000), vec![]);
+        // The commit arrives (in any order of ids).
+        assert_eq!(
+            s.on_isr_committed(&[2, 1], 10),
+            vec![AdvanceHighWatermark(10)]
+        );
+        assert!(!s.has_pending_isr());
+        assert_eq!(s.isr(), vec![1, 2]);
+    }
+
+    #[test]
     fn followers_outside_the_isr_never_hold_the_high_watermark() {
         let mut s = LeaderState::new(1, 0, &[1, 2], &[1], 0, 0);
-        s.on_fetch(2, 0, 0, 0);
         assert_eq!(s.on_append(5), vec![AdvanceHighWatermark(5)]);
+        // Behind, so not proposed to join either.
+        assert_eq!(s.on_fetch(2, 0, 5, 0), vec![]);
+        assert_eq!(s.on_append(8), vec![AdvanceHighWatermark(8)]);
     }
 }
