@@ -1124,7 +1124,16 @@ impl Log {
             self.roll(&mut w, &config, active.next_offset())?;
         }
         let segments = self.snapshot();
+        // Only segments wholly below the high watermark, as in Kafka:
+        // records no follower has yet are not deleted, and deleting them
+        // would move the log start, and with it the high watermark, past
+        // records an acks=all producer is still waiting on.
+        let high_watermark = self.high_watermark();
         let closed = &segments[..segments.len() - 1];
+        let closed = &closed[..closed
+            .iter()
+            .take_while(|s| s.next_offset() <= high_watermark)
+            .count()];
         let mut expired = 0;
         if let Some(ms) = config.retention_ms_max {
             let cutoff = now_ms.saturating_sub(ms as i64);
@@ -1672,6 +1681,7 @@ mod tests {
             retention_bytes_max: Some(1),
             ..config.clone()
         });
+        log.set_high_watermark(log.log_end_offset());
         assert_eq!(log.tick(now_ms()).unwrap(), 4);
         assert_eq!(log.segment_count(), 1);
         assert_eq!(names_ending(&path, ".deleted"), Vec::<String>::new());
@@ -1805,6 +1815,7 @@ mod tests {
             let log = Arc::new(Log::open(&path, config.clone()).unwrap());
             log.append_as_leader(batch(), 0).unwrap();
             log.append_as_leader(batch(), 0).unwrap();
+            log.set_high_watermark(log.log_end_offset());
             log.set_config(LogConfig {
                 retention_bytes_max: Some(1),
                 ..config.clone()

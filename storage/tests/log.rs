@@ -267,7 +267,36 @@ fn delete_records_before_and_retention() {
     assert_eq!(values(log.read(5, 1, i64::MAX).unwrap().batches)[0].0, 4);
     assert!(log.delete_records_before(21).is_err());
     assert_eq!(log.delete_records_before(3).unwrap(), 5);
-    // Retention by bytes keeps at least retention_bytes_max.
+    // Retention only deletes segments wholly below the high watermark.
+    // Here retention by bytes would delete segments 4..8 and 8..12: none
+    // while the high watermark is inside the first, that one once it has
+    // reached its end, the second once it is at the log end.
+    log.set_config(LogConfig {
+        retention_bytes_max: Some(one * 3),
+        ..small_config(one * 2)
+    });
+    log.set_high_watermark(7);
+    assert_eq!(log.tick(0).unwrap(), 0);
+    log.set_high_watermark(8);
+    assert_eq!(log.tick(0).unwrap(), 1);
+    assert_eq!(log.log_start_offset(), 8);
+    assert_eq!(log.high_watermark(), 8);
+    log.set_high_watermark(log.log_end_offset());
+    assert_eq!(log.tick(0).unwrap(), 1);
+    assert_eq!(log.segment_base_offsets(), vec![12, 16]);
+    // What retention by time finds below.
+    let log = {
+        log.close().unwrap();
+        let _ = std::fs::remove_dir_all(dir.path());
+        let log = Log::open(dir.path(), small_config(one * 2)).unwrap();
+        for i in 0..10 {
+            log.append_as_leader(batch(i, 2, 1000 + i as i64), 0)
+                .unwrap();
+        }
+        log.delete_records_before(5).unwrap();
+        log.set_high_watermark(log.log_end_offset());
+        log
+    };
     log.set_config(LogConfig {
         retention_bytes_max: Some(one * 5),
         ..small_config(one * 2)
