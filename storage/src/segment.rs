@@ -642,7 +642,10 @@ impl Segment {
         if config.preallocate {
             self.preallocate(position, end, config.segment_bytes_max);
         }
-        write_all_vectored_at(&self.file, parts, position).map_err(io_err(&self.log_path))?;
+        if let Err(error) = write_all_vectored_at(&self.file, parts, position) {
+            self.discard_from(position);
+            return Err(io_err(&self.log_path)(error));
+        }
         self.dirty_data.store(true, Ordering::Release);
         let max_timestamp = self.max_timestamp().max(header.max_timestamp);
         {
@@ -673,6 +676,25 @@ impl Segment {
             .verified
             .compare_exchange(position, end, Ordering::AcqRel, Ordering::Acquire);
         Ok(())
+    }
+
+    /// Writer only, after a write at `position` failed (a full disk, an
+    /// I/O error): cuts the file back to `position`. The write may have
+    /// put part of its batch there, past the committed size; left in
+    /// place, it would be read as a torn batch by an open that trusts the
+    /// segment (after a clean close), which then refuses the log. Cutting
+    /// also frees the blocks reserved past the end, so they are reserved
+    /// again before the next write. Best effort: if it fails too, the
+    /// next append overwrites the same place.
+    fn discard_from(&self, position: u64) {
+        if let Err(error) = self.file.set_len(position) {
+            tracing::error!(path = %self.log_path.display(), position, %error, "could not cut a failed write off the segment");
+        }
+        let _ = self
+            .preallocated_to
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |to| {
+                (to != u64::MAX).then_some(to.min(position))
+            });
     }
 
     /// Writer only: makes sure disk blocks are reserved for `position..end`
