@@ -897,10 +897,28 @@ impl Log {
         Ok(None)
     }
 
+    /// Writer only: after a truncation or reset failed part-way. By then
+    /// it may have unlinked segment files that the published list still
+    /// holds, so appends would go into a file no reopen finds, and be lost
+    /// though acknowledged. The log refuses all further work instead
+    /// (`Closed`), as Kafka takes a log directory offline after an I/O
+    /// error; reopening it (a broker restart) recovers from what is on
+    /// disk, which is the log cut somewhere between before and after.
+    fn fail(&self, w: &mut Writer, what: &str, error: &StorageError) {
+        tracing::error!(dir = %self.dir.display(), %error, "{what} failed part-way: the log refuses further work until it is reopened");
+        w.closed = true;
+        self.closed.store(true, Ordering::Release);
+    }
+
     /// Removes every record at or after `offset`.
     pub fn truncate_to(&self, offset: i64) -> Result<()> {
         let mut persisted = self.lock_checkpoints();
         let mut w = self.lock_writer()?;
+        self.truncate_locked(&mut w, &mut persisted, offset)
+            .inspect_err(|e| self.fail(&mut w, "truncation", e))
+    }
+
+    fn truncate_locked(&self, w: &mut Writer, persisted: &mut i64, offset: i64) -> Result<()> {
         let config = self.config();
         if offset >= self.log_end_offset() {
             return Ok(());
@@ -951,10 +969,10 @@ impl Log {
             .write()
             .expect("epochs lock")
             .truncate_from_end(log_end_offset)?;
-        self.rebuild_producer_states(&mut w)?;
+        self.rebuild_producer_states(w)?;
         checkpoint::sync_dir(&self.dir)?;
         w.dir_dirty = false;
-        self.persist_high_watermark_locked(&mut persisted)?;
+        self.persist_high_watermark_locked(persisted)?;
         tracing::info!(dir = %self.dir.display(), offset, log_end_offset, removed_segments = doomed.len(), "truncated log");
         Ok(())
     }
@@ -966,6 +984,11 @@ impl Log {
     pub fn reset_to(&self, offset: i64) -> Result<()> {
         let mut persisted = self.lock_checkpoints();
         let mut w = self.lock_writer()?;
+        self.reset_locked(&mut w, &mut persisted, offset)
+            .inspect_err(|e| self.fail(&mut w, "reset", e))
+    }
+
+    fn reset_locked(&self, w: &mut Writer, persisted: &mut i64, offset: i64) -> Result<()> {
         let config = self.config();
         let offset = offset.max(0);
         let segments = self.snapshot();
@@ -981,7 +1004,7 @@ impl Log {
         self.high_watermark.store(offset, Ordering::Release);
         checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, offset)?;
         w.recovery_point = offset;
-        self.persist_high_watermark_locked(&mut persisted)?;
+        self.persist_high_watermark_locked(persisted)?;
         self.epochs
             .write()
             .expect("epochs lock")

@@ -1,13 +1,42 @@
-//! A write that fails halfway through a batch (here: the process's file
-//! size limit, as a full disk would) must leave nothing behind that a
-//! later open rejects or serves.
+//! Writes that fail part-way (here: the process's file size limit, as a
+//! full disk would) must leave nothing behind that a later open rejects
+//! or serves, and lose nothing acknowledged.
 //!
-//! Its own test binary: the limit applies to the whole process.
+//! Its own test binary: the limit applies to the whole process, so the
+//! tests here take turns ([`LIMIT`]).
 
 mod common;
 
+use std::sync::Mutex;
+
 use common::{batch, read_all, small_config};
-use runnel_storage::Log;
+use runnel_storage::{Log, StorageError};
+
+/// Held by a test while it may change the file size limit.
+static LIMIT: Mutex<()> = Mutex::new(());
+
+/// Runs `f` with the process's file size limit at `bytes`.
+#[allow(unsafe_code)]
+fn with_file_size_limit<T>(bytes: u64, f: impl FnOnce() -> T) -> T {
+    let set = |limit: u64| {
+        let rlimit = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit with a valid resource and a pointer to a live
+        // rlimit; signal with a valid signal number and SIG_IGN. Without
+        // SIG_IGN, crossing the limit would kill the process (SIGXFSZ)
+        // instead of failing the write with EFBIG.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit), 0);
+        }
+    };
+    set(bytes);
+    let out = f();
+    set(libc::RLIM_INFINITY);
+    out
+}
 
 #[test]
 fn a_batch_cut_short_by_a_failed_write_is_not_left_in_the_segment() {
@@ -18,8 +47,8 @@ fn a_batch_cut_short_by_a_failed_write_is_not_left_in_the_segment() {
     }
 }
 
-#[allow(unsafe_code)]
 fn cut_short(preallocate: bool) {
+    let _one_at_a_time = LIMIT.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let config = runnel_storage::LogConfig {
         preallocate,
@@ -29,28 +58,9 @@ fn cut_short(preallocate: bool) {
     let one = batch(0, 20, 1000).len() as u64;
     log.append_as_leader(batch(0, 20, 1000), 0).unwrap();
     log.append_as_leader(batch(1, 20, 1000), 0).unwrap();
-    let limit = 2 * one + one / 2;
-    // SAFETY: setrlimit and signal with valid arguments; this binary has
-    // no other test that the limit or the ignored signal could affect.
-    // Without SIG_IGN, crossing the limit would kill the process
-    // (SIGXFSZ) instead of failing the write with EFBIG.
-    unsafe {
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-        let rlimit = libc::rlimit {
-            rlim_cur: limit,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit), 0);
-    }
-    let failed = log.append_as_leader(batch(2, 20, 1000), 0);
-    // SAFETY: as above.
-    unsafe {
-        let rlimit = libc::rlimit {
-            rlim_cur: libc::RLIM_INFINITY,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit), 0);
-    }
+    let failed = with_file_size_limit(2 * one + one / 2, || {
+        log.append_as_leader(batch(2, 20, 1000), 0)
+    });
     assert!(failed.is_err(), "the write past the limit failed");
     assert_eq!(log.log_end_offset(), 40);
     let before = read_all(&log, 0);
@@ -68,4 +78,46 @@ fn cut_short(preallocate: bool) {
             .base_offset,
         40
     );
+}
+
+/// A follower's truncation that fails after unlinking the segments above
+/// the cut (here: copying the kept prefix of a closed segment) left the
+/// log publishing those segments, so later appends went into files no
+/// reopen finds. Now the log refuses further work until it is reopened,
+/// and the reopened log holds what the disk holds.
+#[test]
+fn a_truncation_that_fails_part_way_stops_the_log() {
+    let _one_at_a_time = LIMIT.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 20, 1000).len() as u64;
+    let config = runnel_storage::LogConfig {
+        preallocate: false,
+        ..small_config(one * 2)
+    };
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    for i in 0..5 {
+        log.append_as_leader(batch(i, 20, 1000), 0).unwrap();
+    }
+    assert_eq!(log.segment_base_offsets(), vec![0, 40, 80]);
+    let kept = read_all(&log, 0)[..40].to_vec();
+    // Offset 30 is in the first segment's second batch: the cut keeps its
+    // first batch, copied to a new file, which the limit stops.
+    let failed = with_file_size_limit(one / 2, || log.truncate_to(30));
+    assert!(failed.is_err());
+    assert!(matches!(
+        log.append_as_leader(batch(9, 20, 1000), 0),
+        Err(StorageError::Closed { .. })
+    ));
+    assert!(matches!(
+        log.read(0, 1 << 20, i64::MAX),
+        Err(StorageError::Closed { .. })
+    ));
+    drop(log);
+    // The segments above the cut were gone before the copy failed; the
+    // first is whole. The follower will cut again.
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!(log.log_end_offset(), 40);
+    assert_eq!(read_all(&log, 0), kept);
+    log.truncate_to(30).unwrap();
+    assert_eq!(log.log_end_offset(), 20);
 }
