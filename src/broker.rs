@@ -361,7 +361,12 @@ impl Broker {
             match map.get(&key) {
                 Some(p) if p.topic_id == topic.topic_id => p.log.set_config(config),
                 _ => {
-                    let log = self.logs.get_or_create(name, *index, config.clone())?;
+                    let log = self.logs.get_or_create_for(
+                        name,
+                        *index,
+                        &topic.topic_id,
+                        config.clone(),
+                    )?;
                     log.set_config(config);
                     info!(topic = %name, partition = index, log_end_offset = log.log_end_offset(), "hosting partition");
                     map.insert(

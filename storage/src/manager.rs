@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 
+use crate::checkpoint;
 use crate::index_file::io_err;
 use crate::{Log, LogConfig, Result, StorageError};
 
@@ -28,6 +29,15 @@ pub struct LogManager {
     data_dir: PathBuf,
     default_config: LogConfig,
     logs: RwLock<BTreeMap<(String, i32), Arc<Log>>>,
+}
+
+/// The file in a partition's directory naming the topic it belongs to
+/// (by id).
+pub const TOPIC_ID_FILE: &str = "partition.metadata";
+
+/// The topic id a partition directory names, if any.
+fn topic_id_of(dir: &Path) -> Result<Option<String>> {
+    Ok(checkpoint::read(dir, TOPIC_ID_FILE)?.and_then(|lines| lines.into_iter().next()))
 }
 
 /// Suffix of a partition directory that is being deleted.
@@ -220,6 +230,46 @@ impl LogManager {
         logs.insert((topic.to_string(), partition), log.clone());
         Ok(log)
     }
+    /// The log of `topic`'s `partition` for the topic whose id is
+    /// `topic_id`. The partition's directory names the topic it holds
+    /// ([`TOPIC_ID_FILE`], Kafka's `partition.metadata`, KIP-516): a
+    /// directory of an earlier topic of the same name (deleted and created
+    /// again while this broker was away, or between two metadata changes
+    /// it saw) is deleted and an empty log created, so that the new topic
+    /// never serves the old one's records. A directory that names no topic
+    /// (made before ids were kept, or a crash right after creating it) is
+    /// taken as this topic's and marked. An empty `topic_id` is not
+    /// checked.
+    pub fn get_or_create_for(
+        &self,
+        topic: &str,
+        partition: i32,
+        topic_id: &str,
+        config: LogConfig,
+    ) -> Result<Arc<Log>> {
+        if topic_id.is_empty() {
+            return self.get_or_create(topic, partition, config);
+        }
+        if let Some(log) = self.get(topic, partition) {
+            match topic_id_of(log.dir())? {
+                Some(id) if id == topic_id => return Ok(log),
+                Some(old) => {
+                    tracing::warn!(topic, partition, old_topic_id = %old, topic_id, "the partition's directory holds an earlier topic of this name: deleting it");
+                    self.delete(topic, partition)?;
+                }
+                None => {
+                    checkpoint::write(log.dir(), TOPIC_ID_FILE, &[topic_id.to_string()])?;
+                    return Ok(log);
+                }
+            }
+        }
+        let log = self.get_or_create(topic, partition, config)?;
+        if topic_id_of(log.dir())?.is_none() {
+            checkpoint::write(log.dir(), TOPIC_ID_FILE, &[topic_id.to_string()])?;
+        }
+        Ok(log)
+    }
+
     /// Closes the partition's log (appends and reads fail from now on;
     /// nothing is flushed) and renames its directory out of the way; a
     /// background thread removes it ([`wait_for_deletions`] waits for
@@ -343,6 +393,49 @@ mod tests {
         assert!(!dir.path().join("t-x-2").exists());
         wait_for_deletions();
         assert_eq!(names(dir.path()), ["cluster-id", "meta"]);
+    }
+
+    /// A topic deleted and created again under the same name while this
+    /// broker was away: its directory still holds the old topic's records,
+    /// which the new topic must not serve.
+    #[test]
+    fn a_directory_of_an_earlier_topic_of_the_same_name_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig::default;
+        let m = LogManager::open(dir.path(), config()).unwrap();
+        let old = m.get_or_create_for("t", 0, "id-a", config()).unwrap();
+        let mut b = BatchBuilder::new();
+        b.push(1, None, Some(b"old"), &[]);
+        old.append_as_leader(b.build(), 0).unwrap();
+        // The same topic: the same log.
+        let again = m.get_or_create_for("t", 0, "id-a", config()).unwrap();
+        assert!(Arc::ptr_eq(&old, &again));
+        m.close().unwrap();
+        drop((m, old, again));
+        // Reopened: the log is back from disk, and a new topic of the
+        // same name gets an empty one.
+        let m = LogManager::open(dir.path(), config()).unwrap();
+        assert_eq!(m.get("t", 0).unwrap().log_end_offset(), 1);
+        let new = m.get_or_create_for("t", 0, "id-b", config()).unwrap();
+        assert_eq!(new.log_end_offset(), 0);
+        assert_eq!(topic_id_of(new.dir()).unwrap().as_deref(), Some("id-b"));
+        let mut b = BatchBuilder::new();
+        b.push(1, None, Some(b"new"), &[]);
+        new.append_as_leader(b.build(), 0).unwrap();
+        m.close().unwrap();
+        drop((m, new));
+        let m = LogManager::open(dir.path(), config()).unwrap();
+        let new = m.get_or_create_for("t", 0, "id-b", config()).unwrap();
+        assert_eq!(new.log_end_offset(), 1);
+        // A directory naming no topic (made before ids were kept) is
+        // taken as the caller's and marked.
+        let legacy = m.get_or_create("u", 0, config()).unwrap();
+        assert_eq!(topic_id_of(legacy.dir()).unwrap(), None);
+        let adopted = m.get_or_create_for("u", 0, "id-c", config()).unwrap();
+        assert!(Arc::ptr_eq(&legacy, &adopted));
+        assert_eq!(topic_id_of(adopted.dir()).unwrap().as_deref(), Some("id-c"));
+        m.close().unwrap();
+        wait_for_deletions();
     }
 
     /// Holds the deleting thread before its next directory (tests only).
