@@ -115,7 +115,9 @@ impl BrokerError {
                 StorageError::CorruptBatch { .. } | StorageError::EmptyBatch => {
                     ErrorCode::CorruptMessage
                 }
-                StorageError::Closed { .. } => ErrorCode::NotLeader,
+                StorageError::Closed { .. } | StorageError::FencedLeaderEpoch { .. } => {
+                    ErrorCode::NotLeader
+                }
                 StorageError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
                 StorageError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
                 StorageError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,

@@ -138,6 +138,10 @@ impl Partition {
             info!(topic = %self.topic, partition = self.index, leader = info.leader, leader_epoch = info.leader_epoch, "became follower");
             *role = next;
             drop(role);
+            // Before the fetcher truncates to the new leader's log: no
+            // produce request checked against the old metadata may
+            // append after that.
+            self.log.fence_leader_appends(info.leader_epoch);
             // Wake producers waiting for replicas as leader: they must
             // learn that leadership moved.
             self.hw_tx.send_modify(|_| {});
@@ -280,6 +284,40 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> LogConfig {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A leader that becomes a follower fences its log: a produce request
+    /// checked against the old metadata and appending late is refused.
+    #[test]
+    fn a_demoted_leader_refuses_appends_from_its_old_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap());
+        let p = Partition::new("t".into(), 0, "id".into(), log.clone());
+        let mut info = PartitionInfo {
+            replicas: vec![1, 2],
+            leader: 1,
+            leader_epoch: 3,
+            isr: vec![1, 2],
+            partition_epoch: 0,
+            target_replicas: vec![],
+            adding: vec![],
+            removing: vec![],
+        };
+        p.update_role(1, &info, 0);
+        let batch = || {
+            let mut b = runnel_storage::BatchBuilder::new();
+            b.push(0, None, Some(b"v"), &[]);
+            b.build().freeze()
+        };
+        log.append_as_leader(batch(), 3).unwrap();
+        info.leader = 2;
+        info.leader_epoch = 4;
+        p.update_role(1, &info, 0);
+        assert!(matches!(
+            log.append_as_leader(batch(), 3),
+            Err(runnel_storage::StorageError::FencedLeaderEpoch { .. })
+        ));
+        assert_eq!(log.log_end_offset(), 1);
+    }
 
     /// Two followers' fetches, each on its own thread, while a third
     /// thread appends: every thread checks that the log's high watermark

@@ -65,6 +65,10 @@ pub enum StorageError {
         "unknown producer id {producer_id} (sequence {sequence}; state expired or never seen)"
     )]
     UnknownProducerId { producer_id: i64, sequence: i32 },
+    /// A leader append from a leader epoch this replica has moved past
+    /// (it follows the leader of `fence` now).
+    #[error("leader epoch {epoch} is fenced: this replica follows the leader of epoch {fence}")]
+    FencedLeaderEpoch { epoch: i32, fence: i32 },
     /// A topic name or partition number that cannot name a directory.
     #[error("invalid partition {topic}-{partition}")]
     InvalidPartition { topic: String, partition: i32 },

@@ -12,7 +12,7 @@
 //! are published, so a reader never sees a half-written batch.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -185,6 +185,10 @@ pub struct Log {
     log_end_offset: AtomicI64,
     high_watermark: AtomicI64,
     closed: AtomicBool,
+    /// Leader appends with an epoch below this are refused: this replica
+    /// follows (or waits for) the leader of that epoch
+    /// ([`Log::fence_leader_appends`]).
+    leader_fence: AtomicI32,
     /// The next segment's file, reserved in the background (`spare`).
     spare: Arc<Spare>,
     /// Files renamed to `<name>.deleted` under the writer lock, to be
@@ -333,6 +337,7 @@ impl Log {
             log_end_offset: AtomicI64::new(log_end_offset),
             high_watermark: AtomicI64::new(high_watermark),
             closed: AtomicBool::new(false),
+            leader_fence: AtomicI32::new(i32::MIN),
             trash: Mutex::new(Vec::new()),
             log_start_unpersisted: AtomicBool::new(false),
         };
@@ -495,6 +500,13 @@ impl Log {
             .expect("validated batch has a header")
             .producer_batch();
         let mut w = self.lock_writer()?;
+        let fence = self.leader_fence.load(Ordering::Acquire);
+        if leader_epoch < fence {
+            return Err(StorageError::FencedLeaderEpoch {
+                epoch: leader_epoch,
+                fence,
+            });
+        }
         if let SequenceCheck::Duplicate(dup) = self.lock_producers().check(&producer)? {
             return Ok(AppendInfo {
                 base_offset: dup.first_offset,
@@ -536,6 +548,21 @@ impl Log {
             record_count,
             duplicate: false,
         })
+    }
+
+    /// From now on, refuses leader appends with an epoch below
+    /// `leader_epoch`; for a replica that stopped leading, with the epoch
+    /// of the leader it now follows. Takes the writer lock, so an append
+    /// under way lands before the fence (and the follower's truncation to
+    /// the new leader's log, which comes after, removes it) and none after
+    /// it: a produce request that was checked against the old metadata
+    /// and queued for the writer (or for the blocking pool) cannot then
+    /// write old-epoch records after that truncation, which a follower
+    /// would keep as its own divergent history. Only ever raises the
+    /// fence.
+    pub fn fence_leader_appends(&self, leader_epoch: i32) {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.leader_fence.fetch_max(leader_epoch, Ordering::AcqRel);
     }
 
     /// Appends batches that already carry offsets and epochs (replication).

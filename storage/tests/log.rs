@@ -580,3 +580,36 @@ fn reset_to_starts_an_empty_log_at_the_offset_and_survives_reopen() {
         Err(StorageError::OffsetOutOfRange { .. })
     ));
 }
+
+/// A replica that stopped leading refuses leader appends from its old
+/// epoch (a produce request queued before the change), and takes them
+/// again only from a newer epoch.
+#[test]
+fn leader_appends_below_the_fence_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(1 << 20)).unwrap();
+    log.append_as_leader(batch(0, 2, 1000), 3).unwrap();
+    log.fence_leader_appends(4);
+    assert!(matches!(
+        log.append_as_leader(batch(1, 2, 1000), 3),
+        Err(StorageError::FencedLeaderEpoch { epoch: 3, fence: 4 })
+    ));
+    assert_eq!(log.log_end_offset(), 2);
+    // Only ever raised.
+    log.fence_leader_appends(2);
+    assert!(log.append_as_leader(batch(1, 2, 1000), 3).is_err());
+    // Leading again, in a newer epoch.
+    assert_eq!(
+        log.append_as_leader(batch(2, 2, 1000), 5)
+            .unwrap()
+            .base_offset,
+        2
+    );
+    // Followers' appends are not leader appends.
+    let follower = tempfile::tempdir().unwrap();
+    let copy = Log::open(follower.path(), small_config(1 << 20)).unwrap();
+    copy.fence_leader_appends(9);
+    let read = log.read(0, 1 << 20, i64::MAX).unwrap();
+    copy.append_as_follower(read.batches).unwrap();
+    assert_eq!(copy.log_end_offset(), 4);
+}
