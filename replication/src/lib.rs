@@ -84,9 +84,116 @@ pub fn truncation_offset(
     (target < follower_log_end_offset).then_some(target.max(0))
 }
 
+/// One round of the divergence check: where to truncate
+/// ([`truncation_offset`]) and whether to ask the leader again. Again when
+/// the leader answered an epoch the follower does not have: the follower
+/// has cut to its own end of the largest epoch below it, but the leader
+/// may have started a later epoch inside that range, so the leader is
+/// asked about the follower's latest epoch once more (KIP-279's loop),
+/// until the answered epoch is one the follower has.
+pub fn divergence_step(
+    follower_log_end_offset: i64,
+    follower_end_of: Option<(i32, i64)>,
+    leader_answer: (i32, i64),
+) -> (Option<i64>, bool) {
+    let to = truncation_offset(follower_log_end_offset, follower_end_of, leader_answer);
+    let again = to.is_some()
+        && leader_answer.0 >= 0
+        && follower_end_of.is_some_and(|(epoch, _)| epoch != leader_answer.0);
+    (to, again)
+}
+
 #[cfg(test)]
 mod truncation_tests {
-    use super::truncation_offset;
+    use super::{divergence_step, truncation_offset};
+
+    /// (epoch, start offset) entries and a log end, as a log's epoch
+    /// cache holds them.
+    struct History {
+        epochs: Vec<(i32, i64)>,
+        log_end_offset: i64,
+    }
+
+    impl History {
+        /// (largest epoch ≤ `epoch`, start of the next epoch or the end).
+        fn end_of(&self, epoch: i32) -> Option<(i32, i64)> {
+            let i = self.epochs.iter().rposition(|(e, _)| *e <= epoch)?;
+            let end = self
+                .epochs
+                .get(i + 1)
+                .map_or(self.log_end_offset, |(_, s)| *s);
+            Some((self.epochs[i].0, end))
+        }
+
+        fn truncate(&mut self, to: i64) {
+            self.log_end_offset = to;
+            self.epochs.retain(|(_, start)| *start < to);
+        }
+    }
+
+    /// The follower's loop against a leader, as the fetcher runs it.
+    fn resolve(follower: &mut History, leader: &History) -> i64 {
+        while let Some(&(latest, _)) = follower.epochs.last() {
+            let answer = leader.end_of(latest).unwrap_or((-1, -1));
+            let own = (answer.0 >= 0).then(|| follower.end_of(answer.0)).flatten();
+            let (to, again) = divergence_step(follower.log_end_offset, own, answer);
+            if let Some(to) = to {
+                follower.truncate(to);
+            }
+            if !again {
+                break;
+            }
+        }
+        follower.log_end_offset
+    }
+
+    /// The follower wrote offset 1 in epoch 1 and offsets 2 – 4 in epoch
+    /// 4; the leader started epoch 2 at offset 1 and epoch 3 at 4. Asked
+    /// about epoch 4, the leader answers epoch 3, which the follower
+    /// lacks: its own end of epoch 1 is 2. But the leader's epoch 1 ended
+    /// at 1, so offset 1 diverges too; only a second round finds that.
+    #[test]
+    fn an_epoch_the_follower_lacks_takes_a_second_round() {
+        let leader = History {
+            epochs: vec![(1, 0), (2, 1), (3, 4)],
+            log_end_offset: 6,
+        };
+        let mut follower = History {
+            epochs: vec![(1, 0), (4, 2)],
+            log_end_offset: 5,
+        };
+        assert_eq!(resolve(&mut follower, &leader), 1);
+        assert_eq!(follower.epochs, vec![(1, 0)]);
+        // One round alone stopped at 2.
+        assert_eq!(
+            divergence_step(5, follower_end(&[(1, 0), (4, 2)], 5, 3), (3, 6)),
+            (Some(2), true)
+        );
+    }
+
+    fn follower_end(epochs: &[(i32, i64)], log_end_offset: i64, epoch: i32) -> Option<(i32, i64)> {
+        History {
+            epochs: epochs.to_vec(),
+            log_end_offset,
+        }
+        .end_of(epoch)
+    }
+
+    /// The KIP-101 case ends in one round: the follower has the epoch
+    /// the leader answers.
+    #[test]
+    fn a_shared_epoch_ends_the_check_in_one_round() {
+        let leader = History {
+            epochs: vec![(1, 0), (2, 3)],
+            log_end_offset: 8,
+        };
+        let mut follower = History {
+            epochs: vec![(1, 0)],
+            log_end_offset: 5,
+        };
+        assert_eq!(divergence_step(5, Some((1, 5)), (1, 3)), (Some(3), false));
+        assert_eq!(resolve(&mut follower, &leader), 3);
+    }
 
     /// (follower LEO, follower end of the answered epoch, leader answer, truncate to)
     type Case = (i64, Option<(i32, i64)>, (i32, i64), Option<i64>);

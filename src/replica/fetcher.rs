@@ -11,7 +11,7 @@ use std::time::Duration;
 use runnel_proto::v1::internal as ipb;
 use runnel_proto::v1::internal::replication_client::ReplicationClient;
 use runnel_proto::v1::ErrorCode;
-use runnel_replication::{truncation_offset, Throttle};
+use runnel_replication::{divergence_step, Throttle};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -363,42 +363,53 @@ async fn truncate_divergent(
     a: &Assignment,
 ) -> Result<(), String> {
     let log = &a.partition.log;
-    let Some((latest_epoch, _)) = log.latest_epoch() else {
-        debug!(%topic, partition = index, "no leader epochs yet: nothing to truncate");
-        return Ok(()); // nothing written in any epoch: nothing can diverge
-    };
-    let answer = client
-        .offset_for_leader_epoch(ipb::OffsetForLeaderEpochRequest {
-            topic: topic.to_string(),
-            partition: index,
-            leader_epoch: latest_epoch,
-            current_leader_epoch: a.leader_epoch,
-        })
-        .await
-        .map_err(|s| s.to_string())?
-        .into_inner();
-    if answer.error_code != 0 {
-        return Err(format!(
-            "{topic}-{index}: leader refused OffsetForLeaderEpoch ({})",
-            answer.error_code
-        ));
-    }
-    let leo = log.log_end_offset();
-    debug!(%topic, partition = index, latest_epoch, answer_epoch = answer.leader_epoch, answer_end = answer.end_offset, leo, "divergence check");
-    let own = if answer.leader_epoch >= 0 {
-        log.end_offset_for_epoch(answer.leader_epoch)
-    } else {
-        None
-    };
-    if let Some(to) = truncation_offset(leo, own, (answer.leader_epoch, answer.end_offset)) {
-        info!(%topic, partition = index, from = leo, to, leader_epoch = a.leader_epoch, "truncating divergent log");
-        let log = log.clone();
-        tokio::task::spawn_blocking(move || log.truncate_to(to))
+    // Each round cuts the log or ends the loop; an epoch cache holds
+    // fewer entries than this in practice.
+    const ROUNDS_MAX: usize = 64;
+    for _ in 0..ROUNDS_MAX {
+        let Some((latest_epoch, _)) = log.latest_epoch() else {
+            debug!(%topic, partition = index, "no leader epochs yet: nothing to truncate");
+            return Ok(()); // nothing written in any epoch: nothing can diverge
+        };
+        let answer = client
+            .offset_for_leader_epoch(ipb::OffsetForLeaderEpochRequest {
+                topic: topic.to_string(),
+                partition: index,
+                leader_epoch: latest_epoch,
+                current_leader_epoch: a.leader_epoch,
+            })
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        a.partition
-            .advance_high_watermark(a.partition.log.high_watermark());
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        if answer.error_code != 0 {
+            return Err(format!(
+                "{topic}-{index}: leader refused OffsetForLeaderEpoch ({})",
+                answer.error_code
+            ));
+        }
+        let leo = log.log_end_offset();
+        debug!(%topic, partition = index, latest_epoch, answer_epoch = answer.leader_epoch, answer_end = answer.end_offset, leo, "divergence check");
+        let own = if answer.leader_epoch >= 0 {
+            log.end_offset_for_epoch(answer.leader_epoch)
+        } else {
+            None
+        };
+        let (to, again) = divergence_step(leo, own, (answer.leader_epoch, answer.end_offset));
+        if let Some(to) = to {
+            info!(%topic, partition = index, from = leo, to, leader_epoch = a.leader_epoch, "truncating divergent log");
+            let log = log.clone();
+            tokio::task::spawn_blocking(move || log.truncate_to(to))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            a.partition
+                .advance_high_watermark(a.partition.log.high_watermark());
+        }
+        if !again {
+            return Ok(());
+        }
     }
-    Ok(())
+    Err(format!(
+        "{topic}-{index}: divergence check did not settle in {ROUNDS_MAX} rounds"
+    ))
 }
