@@ -560,10 +560,12 @@ impl ClusterMetadata {
                 }
                 let brokers = self.brokers.clone();
                 let fenced = |id: i32| brokers.get(&id).is_none_or(|b| b.fenced);
-                let topic_info = self.topics.get_mut(&topic).expect("checked above");
+                // Changed on a copy and stored only if every partition's
+                // change is allowed: a refused command changes nothing.
+                let mut partitions = info.partitions.clone();
                 let mut changed = Vec::new();
                 for (index, target) in assignments {
-                    let p = &mut topic_info.partitions[index as usize];
+                    let p = &mut partitions[index as usize];
                     // Start from the replicas before any ongoing reassignment.
                     let original: Vec<i32> = p
                         .replicas
@@ -571,50 +573,83 @@ impl ClusterMetadata {
                         .copied()
                         .filter(|r| !p.adding.contains(r))
                         .collect();
-                    if target.is_empty() {
-                        // Cancel: drop the replicas being added.
-                        if p.target_replicas.is_empty() {
-                            continue;
-                        }
-                        p.isr.retain(|r| original.contains(r));
-                        if !original.contains(&p.leader) {
-                            p.leader = original
-                                .iter()
-                                .copied()
-                                .find(|r| p.isr.contains(r) && !fenced(*r))
-                                .unwrap_or(-1);
-                            p.leader_epoch += 1;
-                        }
-                        p.replicas = original;
-                        p.target_replicas.clear();
-                        p.adding.clear();
-                        p.removing.clear();
-                        p.partition_epoch += 1;
-                        changed.push(index);
+                    let cancel = target.is_empty();
+                    if cancel && p.target_replicas.is_empty() {
                         continue;
                     }
-                    if target == original && p.target_replicas.is_empty() {
+                    if !cancel && target == original && p.target_replicas.is_empty() {
                         continue;
                     }
-                    p.adding = target
+                    // The replicas the partition keeps now: the original
+                    // ones, plus (unless cancelling) those the new target
+                    // adds. A replica an earlier target added, in sync or
+                    // even leading by now, goes unless the new target
+                    // keeps it.
+                    let adding: Vec<i32> = target
                         .iter()
                         .copied()
                         .filter(|r| !original.contains(r))
                         .collect();
-                    p.removing = original
+                    let mut replicas = original.clone();
+                    replicas.extend(adding.iter().copied());
+                    let isr: Vec<i32> = p
+                        .isr
                         .iter()
                         .copied()
-                        .filter(|r| !target.contains(r))
+                        .filter(|r| replicas.contains(r))
                         .collect();
-                    p.isr.retain(|r| original.contains(r));
-                    let mut replicas = original;
-                    replicas.extend(p.adding.iter().copied());
+                    let leader = if replicas.contains(&p.leader) {
+                        p.leader
+                    } else {
+                        replicas
+                            .iter()
+                            .copied()
+                            .find(|r| isr.contains(r) && !fenced(*r))
+                            .unwrap_or(-1)
+                    };
+                    // Dropping every in-sync replica, or the leader with
+                    // no in-sync replica to follow it, would take the
+                    // partition offline with records only the dropped
+                    // replicas hold: Kafka refuses such a change too (it
+                    // would need an unclean election).
+                    if (!p.isr.is_empty() && isr.is_empty()) || (p.leader >= 0 && leader < 0) {
+                        return Err(bad(
+                            index,
+                            format!(
+                                "{} would leave no in-sync replica to lead (in sync now: {:?}); \
+                                 it would need an unclean election",
+                                if cancel { "cancelling" } else { "this target" },
+                                p.isr
+                            ),
+                        ));
+                    }
+                    if leader != p.leader {
+                        p.leader = leader;
+                        p.leader_epoch += 1;
+                    }
+                    p.isr = isr;
                     p.replicas = replicas;
-                    p.target_replicas = target;
                     p.partition_epoch += 1;
-                    p.complete_reassignment(fenced);
+                    if cancel {
+                        p.target_replicas.clear();
+                        p.adding.clear();
+                        p.removing.clear();
+                    } else {
+                        p.removing = original
+                            .iter()
+                            .copied()
+                            .filter(|r| !target.contains(r))
+                            .collect();
+                        p.adding = adding;
+                        p.target_replicas = target;
+                        p.complete_reassignment(fenced);
+                    }
                     changed.push(index);
                 }
+                self.topics
+                    .get_mut(&topic)
+                    .expect("checked above")
+                    .partitions = partitions;
                 Applied::Reassigned { changed }
             }
             MetadataCommand::AllocateProducerIds { broker_id, count } => {
@@ -892,6 +927,41 @@ mod tests {
             assert!(s.apply(bad).is_err());
         }
         assert_eq!(s, before);
+    }
+
+    /// A reassignment to [3, 4] under way when the original replicas fail:
+    /// broker 3, which was being added, is the only replica in sync and
+    /// leads. Cancelling, or a new target without it, would drop it with
+    /// no in-sync replica left (and its broker would delete its copy):
+    /// both are refused, and a target that keeps it is taken.
+    #[test]
+    fn a_reassignment_change_that_drops_every_in_sync_replica_is_refused() {
+        let mut s = three();
+        register(&mut s, 4);
+        s.apply(create("t", 1, 2)).unwrap(); // replicas [1, 2], leader 1
+        s.apply(reassign("t", 0, vec![3, 4])).unwrap();
+        s.apply(isr_of(&s, 0, vec![1, 2, 3])).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 1 }).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 2 }).unwrap();
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!((p.leader, p.isr.clone()), (3, vec![3]));
+        let before = s.clone();
+        for refused in [reassign("t", 0, vec![]), reassign("t", 0, vec![1, 2])] {
+            let err = s.apply(refused).unwrap_err();
+            assert!(err.to_string().contains("unclean election"), "{err}");
+            assert_eq!(s, before);
+        }
+        // A target that keeps broker 3 keeps it leading; 3 being in sync,
+        // the reassignment completes at once.
+        s.apply(reassign("t", 0, vec![3, 1])).unwrap();
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!(
+            (p.leader, p.leader_epoch),
+            (3, before.topics["t"].partitions[0].leader_epoch)
+        );
+        assert_eq!(p.isr, vec![3]);
+        assert_eq!(p.replicas, vec![3, 1]);
+        assert!(p.target_replicas.is_empty() && p.adding.is_empty());
     }
 
     #[test]
