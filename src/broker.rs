@@ -740,12 +740,12 @@ impl Broker {
     }
 
     /// The long poll of a fetch: waits up to `wait` (capped by
-    /// `fetch.wait.max.ms`) while the partition's high watermark is still
-    /// `offset`, i.e. nothing at `offset` is readable yet.
+    /// `fetch.wait.max.ms`) while the partition's high watermark is not
+    /// past `offset`, i.e. nothing at `offset` is readable yet.
     async fn wait_past(&self, partition: &Partition, offset: i64, wait: Duration) {
         let mut hw_rx = partition.watch_high_watermark();
         let wait = wait.min(Duration::from_millis(self.config.broker.fetch_wait_max_ms));
-        if partition.log.high_watermark() != offset || wait.is_zero() {
+        if partition.log.high_watermark() > offset || wait.is_zero() {
             return;
         }
         let deadline = tokio::time::Instant::now() + wait;
@@ -784,7 +784,15 @@ impl Broker {
                 log_end_offset: hw,
             })
         };
-        if req.offset < log.log_start_offset() || req.offset > high_watermark {
+        // Out of range only outside the log. An offset between the high
+        // watermark and the log end is a consumer that is caught up with a
+        // leader this broker has just replaced: a new leader learns the
+        // high watermark one fetch round behind the old one. It waits for
+        // the high watermark as at the end, as Kafka's fetch does;
+        // refusing it sent the consumer back to its reset policy
+        // (earliest, for the group consumer), to read the whole partition
+        // again.
+        if req.offset < log.log_start_offset() || req.offset > log.log_end_offset() {
             return Err(out_of_range(high_watermark));
         }
         let wait = Duration::from_millis(u64::from(req.max_wait_ms));

@@ -619,3 +619,71 @@ fn producer_acks_all(client: &Client) -> runnel::client::Producer {
         ..ProducerConfig::default()
     })
 }
+
+/// A consumer caught up with a leader asks a new leader for the next
+/// offset; the new leader's high watermark may still be behind it (it
+/// learns it one fetch round after the old one). Here the high watermark
+/// is held behind the log end by a paused ISR follower. A fetch between
+/// the two waits for the high watermark, as at the end of the log: it
+/// was refused as out of range, and the group consumer then reset to the
+/// earliest offset and read the partition again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t06_a_fetch_between_the_high_watermark_and_the_log_end_is_not_out_of_range() {
+    let base = tempfile::tempdir().unwrap();
+    // Neither lag nor fencing removes the paused follower meanwhile.
+    let cluster = Cluster::start(
+        3,
+        base.path(),
+        "replica_lag_time_max_ms = 60000",
+        "broker_session_timeout_ms = 60000\nbroker_heartbeat_interval_ms = 500\n",
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("h", 1, 3, BTreeMap::new())
+        .await
+        .unwrap();
+    let p = await_partition(&client, "h", -1, 3).await;
+    let send = |acks: pb::Acks, v: &'static str| {
+        let producer = producer(&client, acks);
+        async move {
+            let ack = producer.send("h", ProducerRecord::value(v)).await.unwrap();
+            producer.close().await.unwrap();
+            ack.await.unwrap()
+        }
+    };
+    send(pb::Acks::All, "a").await;
+    let paused = *p.replicas.iter().find(|r| **r != p.leader).unwrap();
+    cluster.node(paused).signal("STOP");
+    send(pb::Acks::Leader, "b").await;
+    let d = describe(&client, "h").await.unwrap().partitions[0].clone();
+    assert_eq!((d.high_watermark, d.log_end_offset), (1, 2));
+
+    let url = format!("http://{}", cluster.node(p.leader).addr);
+    let mut consumer = runnel_proto::v1::consumer_client::ConsumerClient::connect(url)
+        .await
+        .unwrap();
+    let fetch = |offset| pb::FetchRequest {
+        topic: "h".into(),
+        partition: 0,
+        offset,
+        max_wait_ms: 100,
+        ..Default::default()
+    };
+    let between = consumer.fetch(fetch(2)).await.unwrap().into_inner();
+    assert!(between.records.is_empty() && between.batches.is_empty());
+    assert_eq!(between.high_watermark, 1);
+    assert_eq!(between.next_offset, 2);
+    // Past the log end it is out of range.
+    let past = consumer.fetch(fetch(3)).await.unwrap_err();
+    assert!(past.message().contains("out of range"), "{past:?}");
+
+    // Once the follower is back, the record below the log end is readable.
+    cluster.node(paused).signal("CONT");
+    let got = eventually("the record to become readable", WAIT, || async {
+        let mut consumer = consumer.clone();
+        let r = consumer.fetch(fetch(1)).await.ok()?.into_inner();
+        (!r.records.is_empty()).then_some(r.records)
+    })
+    .await;
+    assert_eq!(got[0].value.as_deref(), Some(&b"b"[..]));
+}
