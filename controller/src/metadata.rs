@@ -469,9 +469,12 @@ impl ClusterMetadata {
                         reason: format!("topic '{topic}' has {count} partitions"),
                     });
                 }
+                // A set: a request may list many partitions (or one many
+                // times), and this runs on every node, in `apply`.
+                let wanted: std::collections::BTreeSet<i32> = partitions.iter().copied().collect();
                 let mut changed = Vec::new();
                 for (i, p) in info.partitions.iter_mut().enumerate() {
-                    if !partitions.is_empty() && !partitions.contains(&(i as i32)) {
+                    if !wanted.is_empty() && !wanted.contains(&(i as i32)) {
                         continue;
                     }
                     let pick = if unclean {
