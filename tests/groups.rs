@@ -1121,3 +1121,70 @@ async fn perf_rebalance_and_commit_rate() {
         );
     }
 }
+
+/// A join is answered only once its generation's record is stored: here
+/// the group record is over the offsets topic's max.message.bytes, so
+/// every store fails. The join is refused (it was answered, generation
+/// and all, although a failover would have restored an older
+/// generation). Once the limit is lifted, the coordinator's retry stores
+/// the record and a join succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t11_a_join_waits_until_its_generation_is_stored() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1, base.path(), "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("t", 1, 1, Default::default())
+        .await
+        .unwrap();
+    // The offsets topic exists once a group has used it.
+    client.commit_offsets("warm", "", 0, vec![]).await.unwrap();
+    client
+        .alter_topic_config(
+            "__consumer_offsets",
+            BTreeMap::from([("max.message.bytes".to_string(), "64".to_string())]),
+            vec![],
+        )
+        .await
+        .unwrap();
+    let url = format!("http://{}", cluster.addrs[0]);
+    let mut groups = pb::consumer_groups_client::ConsumerGroupsClient::connect(url)
+        .await
+        .unwrap();
+    let join = pb::JoinGroupRequest {
+        group: "g".into(),
+        topics: vec!["t".into()],
+        session_timeout_ms: 1_000,
+        rebalance_timeout_ms: 1_000,
+        ..Default::default()
+    };
+    // Refused, not answered: at its deadline, or when the member, never
+    // answered and so never heartbeating, expires first.
+    let refused = groups.join_group(join.clone()).await.unwrap_err();
+    let code = refused
+        .metadata()
+        .get("runnel-error-code")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ["REBALANCE_IN_PROGRESS", "UNKNOWN_MEMBER"].contains(&code.as_str()),
+        "{refused:?}"
+    );
+    client
+        .alter_topic_config(
+            "__consumer_offsets",
+            BTreeMap::new(),
+            vec!["max.message.bytes".into()],
+        )
+        .await
+        .unwrap();
+    let joined = eventually("a join answered once the record fits", WAIT, || async {
+        let mut groups = groups.clone();
+        groups.join_group(join.clone()).await.ok()
+    })
+    .await
+    .into_inner();
+    assert!(joined.generation_id >= 1);
+    assert_eq!(joined.assignment.len(), 1);
+}

@@ -57,6 +57,8 @@ const TIMEOUT_MAX_MS: u32 = 300_000;
 const GROUP_ID_MAX: usize = 249;
 /// How often groups are ticked.
 const TICK: Duration = Duration::from_millis(100);
+/// How long a group record that failed to store waits before the next try.
+const PERSIST_RETRY: Duration = Duration::from_millis(200);
 
 /// Why a coordinator call failed.
 #[derive(Debug, thiserror::Error)]
@@ -497,9 +499,10 @@ impl GroupCoordinator {
     /// Queues `group`'s metadata record when its generation moved since the
     /// last one queued; once stored, waiting joins are told. Called under
     /// the lock right after the change, so records go out in generation
-    /// order. A record that cannot be stored is logged and skipped (the
-    /// committed offsets do not depend on it; after a failover the members
-    /// would rejoin).
+    /// order. A record that cannot be stored (the offsets partition short
+    /// of in-sync replicas, say) is tried again, with the generation
+    /// current by then, until it is stored or the group or this
+    /// coordinator goes; meanwhile the joins of that generation wait.
     fn persist(self: &Arc<Self>, inner: &mut Inner, group: &str) {
         let count = self.offsets_partition_count();
         let index = partition_for_group(group, count);
@@ -527,10 +530,25 @@ impl GroupCoordinator {
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("the writer stopped".to_string()),
             };
-            let Some(me) = me.upgrade() else { return };
             if let Some(error) = failed {
-                warn!(%group, generation, %error, "storing the group record failed");
+                // Not stored: the joins of this generation stay waiting
+                // (until their deadline: REBALANCE_IN_PROGRESS, and the
+                // clients join again). Answering them would let a
+                // failover bring back an older generation whose members
+                // it accepts again, and their commits with it.
+                warn!(%group, generation, %error, "storing the group record failed; retrying");
+                tokio::time::sleep(PERSIST_RETRY).await;
+                let Some(me) = me.upgrade() else { return };
+                let mut inner = me.lock();
+                if let Some(e) = inner.groups.get_mut(&group) {
+                    if e.queued == generation {
+                        e.queued = e.persisted;
+                    }
+                }
+                me.persist(&mut inner, &group);
+                return;
             }
+            let Some(me) = me.upgrade() else { return };
             let mut inner = me.lock();
             if let Some(e) = inner.groups.get_mut(&group) {
                 e.persisted = e.persisted.max(generation);
