@@ -107,7 +107,7 @@ struct Member {
 impl Member {
     fn spawn(client: &Client, config: GroupConfig) -> Member {
         let consumer = client.group_consumer(config).unwrap();
-        Self::run(consumer, None)
+        Self::run(consumer, None, None)
     }
 
     /// A member whose partition ownership is tracked in `ownership`.
@@ -120,17 +120,38 @@ impl Member {
     ) -> Member {
         let mut consumer = client.group_consumer(config).unwrap();
         Ownership::listen(ownership, label, &mut consumer);
-        Self::run(consumer, gate)
+        Self::run(consumer, gate, None)
+    }
+
+    /// A watched member that gives its polls 1, 2, 4 … 2^(`cut_ms` − 1)
+    /// ms in turn and drops each when its time is up, as a caller's
+    /// `select!` or timeout would, joins included.
+    fn spawn_impatient(
+        client: &Client,
+        config: GroupConfig,
+        label: &str,
+        ownership: &Arc<Mutex<Ownership>>,
+        cut_ms: u64,
+    ) -> Member {
+        let mut consumer = client.group_consumer(config).unwrap();
+        Ownership::listen(ownership, label, &mut consumer);
+        Self::run(consumer, None, Some(cut_ms))
     }
 
     /// Polls until stopped; with a `gate`, every poll after the first
-    /// waits until the gate is open.
-    fn run(mut consumer: GroupConsumer, mut gate: Option<watch::Receiver<bool>>) -> Member {
+    /// waits until the gate is open; with `cut_ms`, polls are dropped
+    /// after 1 – 2^(`cut_ms` − 1) ms.
+    fn run(
+        mut consumer: GroupConsumer,
+        mut gate: Option<watch::Receiver<bool>>,
+        cut_ms: Option<u64>,
+    ) -> Member {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let (stop, mut stopped) = watch::channel(false);
         let s = seen.clone();
         let task = tokio::spawn(async move {
             let mut first = true;
+            let mut polls: u64 = 0;
             while !*stopped.borrow() {
                 if let Some(g) = gate.as_mut().filter(|_| !first) {
                     tokio::select! {
@@ -139,11 +160,15 @@ impl Member {
                     }
                 }
                 first = false;
+                polls += 1;
+                // 1, 2, 4 … 2^(cut_ms − 1) ms in turn: short cuts land
+                // inside joins and their answers, long ones let them end.
+                let cut = cut_ms.map_or(Duration::MAX, |n| Duration::from_millis(1 << (polls % n)));
                 let polled = tokio::select! {
-                    r = consumer.poll() => r,
+                    r = tokio::time::timeout(cut, consumer.poll()) => r,
                     _ = stopped.changed() => break,
                 };
-                let Ok(records) = polled else { continue };
+                let Ok(Ok(records)) = polled else { continue };
                 let mut s = s.lock().unwrap();
                 let gen = consumer.generation();
                 let assignment = consumer.assignment();
@@ -1187,4 +1212,52 @@ async fn t11_a_join_waits_until_its_generation_is_stored() {
     .into_inner();
     assert!(joined.generation_id >= 1);
     assert_eq!(joined.assignment.len(), 1);
+}
+
+/// Members whose polls are cut short after a few milliseconds, as a
+/// `select!` or a timeout in the caller would, joins and rebalances
+/// included: partitions still move between members without two owners
+/// at once, and every record is read and committed. A poll dropped while
+/// it took up a rebalance answer left the member without a heartbeat and
+/// with partitions not started (until its session ran out and they moved
+/// while it still read the others), or read revoked partitions on while
+/// rejoining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t12_polls_cut_short_hand_partitions_over_cleanly() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1, base.path(), "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("t", 6, 1, Default::default())
+        .await
+        .unwrap();
+    let (stop_producing, producing) = produce_until_stopped(&client, "t", 6);
+    for protocol in [
+        pb::RebalanceProtocol::Cooperative,
+        pb::RebalanceProtocol::Eager,
+    ] {
+        let own = Arc::new(Mutex::new(Ownership::default()));
+        let group = format!("g-{}", protocol as i32);
+        let mut cfg = config(&group, "t");
+        cfg.protocol = protocol;
+        let label = |l: &str| format!("{group}-{l}");
+        let a = Member::spawn_impatient(&client, cfg.clone(), &label("A"), &own, 12);
+        let b = Member::spawn_impatient(&client, cfg.clone(), &label("B"), &own, 11);
+        await_balanced(&[&a, &b], 6, "two impatient members splitting 6").await;
+        let c = Member::spawn_impatient(&client, cfg.clone(), &label("C"), &own, 13);
+        let (_, sizes) = await_balanced(&[&a, &b, &c], 6, "three impatient members").await;
+        assert_eq!(sizes, vec![2, 2, 2]);
+        c.close().await;
+        // A member that left owns nothing (closing tells no listener).
+        own.lock().unwrap().owners.retain(|_, l| *l != label("C"));
+        let (_, sizes) = await_balanced(&[&a, &b], 6, "two again").await;
+        assert_eq!(sizes, vec![3, 3]);
+        for m in [a, b] {
+            m.close().await;
+        }
+        let o = own.lock().unwrap();
+        assert!(o.violations.is_empty(), "{protocol:?}: {:?}", o.violations);
+    }
+    stop_producing.send(true).unwrap();
+    producing.await.unwrap();
 }

@@ -548,32 +548,44 @@ impl GroupConsumer {
             .filter(|tp| !assigned.contains(*tp))
             .cloned()
             .collect();
+        // Until the end, a poll dropped at an await below (a `select!`, a
+        // timeout) leaves the member to rejoin on the next poll, which
+        // finishes the job: partitions taken away are stopped before the
+        // first await, so a rejoin never claims them stopped while they
+        // are still read, and what is not started yet comes back in the
+        // next answer.
+        self.signal.store(SIGNAL_REJOIN, Ordering::Release);
         if !revoked.is_empty() {
-            if self.config.auto_commit_interval.is_some() {
-                // Best effort: what is not committed is read again by the
-                // next owner.
-                if let Err(e) = self.commit_partitions(Some(&revoked)).await {
-                    tracing::debug!(error = %e, "commit of revoked partitions failed");
-                }
-            }
+            let positions = if self.config.auto_commit_interval.is_some() {
+                self.uncommitted(Some(&revoked))
+            } else {
+                Vec::new()
+            };
             self.consumers.retain(|tp, _| !revoked.contains(tp));
             self.committed.retain(|tp, _| !revoked.contains(tp));
             self.tell(RebalanceEvent::Revoked(revoked.iter().cloned().collect()));
+            // Best effort: what is not committed is read again by the
+            // next owner.
+            if let Err(e) = self.commit_now(positions).await {
+                tracing::debug!(error = %e, "commit of revoked partitions failed");
+            }
+            // Those partitions are not ours any more: a commit records no
+            // position of theirs.
+            self.committed.retain(|tp, _| !revoked.contains(tp));
         }
         let rejoin = resp.rejoin || !revoked.is_empty();
-        self.signal.store(
-            if rejoin { SIGNAL_REJOIN } else { SIGNAL_OK },
-            Ordering::Release,
-        );
         let added: Vec<(String, i32)> = assigned
             .iter()
             .filter(|tp| !self.consumers.contains_key(*tp))
             .cloned()
             .collect();
-        if let Err(e) = self.start_partitions(&added).await {
-            // Rejoining takes them up again.
-            self.signal.store(SIGNAL_REJOIN, Ordering::Release);
-            return Err(e);
+        // Rejoining takes them up again.
+        self.start_partitions(&added).await?;
+        if self.signal.load(Ordering::Acquire) == SIGNAL_REJOIN {
+            self.signal.store(
+                if rejoin { SIGNAL_REJOIN } else { SIGNAL_OK },
+                Ordering::Release,
+            );
         }
         if !rejoin {
             self.spawn_heartbeat(resp.heartbeat_interval_ms);
@@ -595,17 +607,26 @@ impl GroupConsumer {
         for o in committed {
             let tp = (o.topic.clone(), o.partition);
             let from = if o.offset >= 0 {
-                self.committed.insert(tp.clone(), o.offset);
                 StartFrom::Offset(o.offset)
             } else {
                 self.reset_point()
             };
             let mut pc = self.client.partition_consumer(&tp.0, tp.1, from).await?;
             pc.max_wait_ms = self.config.max_wait_ms;
-            self.consumers.insert(tp.clone(), pc);
-            started.push(tp);
+            started.push((tp, o.offset, pc));
         }
-        self.tell(RebalanceEvent::Assigned(started));
+        // All at once, after the last await: a poll dropped above starts
+        // none of them (the rejoin it leaves behind does), so every owned
+        // partition was announced to the listener.
+        let mut names = Vec::new();
+        for (tp, offset, pc) in started {
+            if offset >= 0 {
+                self.committed.insert(tp.clone(), offset);
+            }
+            self.consumers.insert(tp.clone(), pc);
+            names.push(tp);
+        }
+        self.tell(RebalanceEvent::Assigned(names));
         Ok(())
     }
 
@@ -645,14 +666,9 @@ impl GroupConsumer {
         };
         self.member_id = resp.member_id.clone();
         self.generation = resp.generation_id;
-        self.signal.store(
-            if resp.rejoin {
-                SIGNAL_REJOIN
-            } else {
-                SIGNAL_OK
-            },
-            Ordering::Release,
-        );
+        // Until the partitions are started: a poll dropped meanwhile
+        // leaves the member to rejoin on the next one.
+        self.signal.store(SIGNAL_REJOIN, Ordering::Release);
         let assigned: Vec<(String, i32)> = resp
             .assignment
             .iter()
@@ -679,9 +695,16 @@ impl GroupConsumer {
             self.tell(RebalanceEvent::Assigned(kept.keys().cloned().collect()));
         }
         self.consumers = kept;
-        if let Err(e) = self.start_partitions(&fresh).await {
-            self.signal.store(SIGNAL_REJOIN, Ordering::Release);
-            return Err(e);
+        self.start_partitions(&fresh).await?;
+        if self.signal.load(Ordering::Acquire) == SIGNAL_REJOIN {
+            self.signal.store(
+                if resp.rejoin {
+                    SIGNAL_REJOIN
+                } else {
+                    SIGNAL_OK
+                },
+                Ordering::Release,
+            );
         }
         if !resp.rejoin {
             self.spawn_heartbeat(resp.heartbeat_interval_ms);
@@ -853,8 +876,14 @@ impl GroupConsumer {
         if self.generation < 0 {
             return Ok(());
         }
-        let offsets: Vec<pb::PartitionOffset> = self
-            .consumers
+        let offsets = self.uncommitted(only);
+        self.commit_now(offsets).await
+    }
+
+    /// The positions of the owned partitions (of `only`, when given) that
+    /// differ from what was last committed.
+    fn uncommitted(&self, only: Option<&BTreeSet<(String, i32)>>) -> Vec<pb::PartitionOffset> {
+        self.consumers
             .iter()
             .filter(|(tp, _)| only.is_none_or(|o| o.contains(*tp)))
             .filter(|(tp, c)| self.committed.get(*tp) != Some(&c.position()))
@@ -864,7 +893,11 @@ impl GroupConsumer {
                 offset: c.position(),
                 metadata: String::new(),
             })
-            .collect();
+            .collect()
+    }
+
+    /// Commits `offsets` as this member and generation.
+    async fn commit_now(&mut self, offsets: Vec<pb::PartitionOffset>) -> Result<(), ClientError> {
         if offsets.is_empty() {
             return Ok(());
         }
