@@ -257,6 +257,15 @@ impl ClusterMetadata {
                 rack,
                 roles,
             } => {
+                // -1 means "no leader" in partition metadata, and node ids
+                // are unsigned in the quorum: a broker id is never negative
+                // (the server's config refuses one too; this guards the
+                // RPC).
+                if id < 0 {
+                    return Err(MetadataError::InvalidRequest {
+                        reason: format!("broker id {id} is negative"),
+                    });
+                }
                 self.internal_addresses.remove(&id);
                 let epoch = self.brokers.get(&id).map_or(1, |b| b.epoch + 1);
                 self.brokers.insert(
@@ -965,6 +974,22 @@ mod tests {
         assert_eq!(p.isr, vec![3]);
         assert_eq!(p.replicas, vec![3, 1]);
         assert!(p.target_replicas.is_empty() && p.adding.is_empty());
+    }
+
+    #[test]
+    fn a_negative_broker_id_is_refused() {
+        let mut s = three();
+        let before = s.clone();
+        let err = s
+            .apply(MetadataCommand::RegisterBroker {
+                id: -1,
+                address: "127.0.0.1:1".into(),
+                rack: String::new(),
+                roles: vec!["broker".into()],
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("negative"), "{err}");
+        assert_eq!(s, before);
     }
 
     #[test]
