@@ -266,6 +266,20 @@ impl ClusterMetadata {
                         reason: format!("broker id {id} is negative"),
                     });
                 }
+                // A new incarnation of a broker whose session has not run
+                // out (it restarted quickly): it may have lost what it had
+                // not flushed (a power cut), so it must not go on leading
+                // in the same leader epoch, appending at offsets its
+                // followers already hold other records at. It is fenced
+                // first, as a session expiry would have: its leaderships
+                // move with new epochs, and it comes back as a follower
+                // that truncates to its leaders (Kafka likewise keeps a
+                // restarted broker fenced until it registers anew). No
+                // unclean election: the broker is back, and leads again
+                // (below) what it was the last in-sync replica of.
+                if self.brokers.get(&id).is_some_and(|b| !b.fenced) {
+                    self.fence_broker(id, false)?;
+                }
                 self.internal_addresses.remove(&id);
                 let epoch = self.brokers.get(&id).map_or(1, |b| b.epoch + 1);
                 self.brokers.insert(
@@ -293,41 +307,7 @@ impl ClusterMetadata {
                 Applied::Done
             }
             MetadataCommand::FenceBroker { id } => {
-                let broker = self
-                    .brokers
-                    .get_mut(&id)
-                    .ok_or(MetadataError::UnknownBroker { id })?;
-                broker.fenced = true;
-                let live = self.live_brokers();
-                for topic in self.topics.values_mut() {
-                    let unclean = topic
-                        .configs
-                        .get("unclean.leader.election.enable")
-                        .is_some_and(|v| v == "true");
-                    for p in &mut topic.partitions {
-                        if !p.replicas.contains(&id) {
-                            continue;
-                        }
-                        if p.isr.len() > 1 {
-                            p.isr.retain(|r| *r != id);
-                        }
-                        if p.leader == id {
-                            p.leader = p.isr.iter().copied().find(|r| *r != id).unwrap_or(-1);
-                            if p.leader == -1 && unclean {
-                                // No in-sync replica left: the topic allows an
-                                // out-of-sync one to lead (records may be lost).
-                                if let Some(r) =
-                                    p.replicas.iter().copied().find(|r| live.contains(r))
-                                {
-                                    p.leader = r;
-                                    p.isr = vec![r];
-                                }
-                            }
-                            p.leader_epoch += 1;
-                        }
-                        p.partition_epoch += 1;
-                    }
-                }
+                self.fence_broker(id, true)?;
                 Applied::Done
             }
             MetadataCommand::CreateTopic {
@@ -686,6 +666,48 @@ impl ClusterMetadata {
         Ok(applied)
     }
 
+    /// Fences broker `id`: it leaves every ISR it is not the last member
+    /// of, and each partition it led gets the next ISR member as leader
+    /// (or none, or, with `unclean` and the topic allowing it, an
+    /// out-of-sync live replica), with a new leader epoch.
+    fn fence_broker(&mut self, id: i32, unclean: bool) -> Result<(), MetadataError> {
+        let broker = self
+            .brokers
+            .get_mut(&id)
+            .ok_or(MetadataError::UnknownBroker { id })?;
+        broker.fenced = true;
+        let live = self.live_brokers();
+        for topic in self.topics.values_mut() {
+            let unclean = unclean
+                && topic
+                    .configs
+                    .get("unclean.leader.election.enable")
+                    .is_some_and(|v| v == "true");
+            for p in &mut topic.partitions {
+                if !p.replicas.contains(&id) {
+                    continue;
+                }
+                if p.isr.len() > 1 {
+                    p.isr.retain(|r| *r != id);
+                }
+                if p.leader == id {
+                    p.leader = p.isr.iter().copied().find(|r| *r != id).unwrap_or(-1);
+                    if p.leader == -1 && unclean {
+                        // No in-sync replica left: the topic allows an
+                        // out-of-sync one to lead (records may be lost).
+                        if let Some(r) = p.replicas.iter().copied().find(|r| live.contains(r)) {
+                            p.leader = r;
+                            p.isr = vec![r];
+                        }
+                    }
+                    p.leader_epoch += 1;
+                }
+                p.partition_epoch += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// The address other brokers use for internal RPCs to broker `id`:
     /// its internal listener when it has one, else its client address.
     pub fn internal_address(&self, id: i32) -> Option<&str> {
@@ -974,6 +996,45 @@ mod tests {
         assert_eq!(p.isr, vec![3]);
         assert_eq!(p.replicas, vec![3, 1]);
         assert!(p.target_replicas.is_empty() && p.adding.is_empty());
+    }
+
+    /// A broker registering again while its session still runs (it
+    /// restarted quickly, perhaps after losing unflushed records) is
+    /// fenced first: what it led moves on with a new epoch, and what it
+    /// alone held in sync it leads again in a new epoch.
+    #[test]
+    fn a_broker_that_registers_again_does_not_lead_on_in_the_same_epoch() {
+        let mut s = three();
+        s.apply(create("t", 1, 3)).unwrap(); // leader 1
+        s.apply(create("solo", 3, 1)).unwrap(); // one partition on each broker
+        let on_one = |s: &ClusterMetadata| {
+            s.topics["solo"]
+                .partitions
+                .iter()
+                .find(|p| p.replicas == vec![1])
+                .cloned()
+                .unwrap()
+        };
+        let solo_before = on_one(&s);
+        assert_eq!(solo_before.leader, 1);
+        let before = s.topics["t"].partitions[0].clone();
+        assert_eq!(before.leader, 1);
+        register(&mut s, 1);
+        let p = &s.topics["t"].partitions[0];
+        assert_eq!((p.leader, p.leader_epoch), (2, before.leader_epoch + 1));
+        assert_eq!(p.isr, vec![2, 3]);
+        let b = &s.brokers[&1];
+        assert!(!b.fenced);
+        let solo = on_one(&s);
+        assert_eq!(
+            (solo.leader, solo.leader_epoch, solo.isr),
+            (1, solo_before.leader_epoch + 2, vec![1])
+        );
+        // A fenced broker registering is not fenced again.
+        s.apply(MetadataCommand::FenceBroker { id: 3 }).unwrap();
+        let epoch = s.topics["t"].partitions[0].leader_epoch;
+        register(&mut s, 3);
+        assert_eq!(s.topics["t"].partitions[0].leader_epoch, epoch);
     }
 
     #[test]
