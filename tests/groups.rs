@@ -110,6 +110,18 @@ impl Member {
         Self::run(consumer, None, None)
     }
 
+    /// A consumer whose partition ownership is tracked in `ownership`.
+    fn watched(
+        client: &Client,
+        config: GroupConfig,
+        label: &str,
+        ownership: &Arc<Mutex<Ownership>>,
+    ) -> GroupConsumer {
+        let mut consumer = client.group_consumer(config).unwrap();
+        Ownership::listen(ownership, label, &mut consumer);
+        consumer
+    }
+
     /// A member whose partition ownership is tracked in `ownership`.
     fn spawn_watched(
         client: &Client,
@@ -118,9 +130,7 @@ impl Member {
         ownership: &Arc<Mutex<Ownership>>,
         gate: Option<watch::Receiver<bool>>,
     ) -> Member {
-        let mut consumer = client.group_consumer(config).unwrap();
-        Ownership::listen(ownership, label, &mut consumer);
-        Self::run(consumer, gate, None)
+        Self::run(Self::watched(client, config, label, ownership), gate, None)
     }
 
     /// A watched member that gives its polls 1, 2, 4 … 2^(`cut_ms` − 1)
@@ -133,8 +143,7 @@ impl Member {
         ownership: &Arc<Mutex<Ownership>>,
         cut_ms: u64,
     ) -> Member {
-        let mut consumer = client.group_consumer(config).unwrap();
-        Ownership::listen(ownership, label, &mut consumer);
+        let consumer = Self::watched(client, config, label, ownership);
         Self::run(consumer, None, Some(cut_ms))
     }
 
@@ -215,6 +224,17 @@ fn config(group: &str, topic: &str) -> GroupConfig {
     c.rebalance_timeout_ms = 5_000;
     c.auto_commit_interval = Some(Duration::from_millis(200));
     c
+}
+
+/// One broker and a client, with topic `t` of 6 partitions.
+async fn one_node_with_topic_t(base: &std::path::Path) -> (Cluster, Client) {
+    let cluster = Cluster::start(1, base, "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("t", 6, 1, Default::default())
+        .await
+        .unwrap();
+    (cluster, client)
 }
 
 async fn produce(client: &Client, topic: &str, from: usize, to: usize) {
@@ -319,12 +339,7 @@ async fn await_committed_at_end(client: &Client, group: &str, topic: &str, parti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t01_members_split_a_topic_and_rebalance_when_one_joins() {
     let base = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(1, base.path(), "", "");
-    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    client
-        .create_topic("t", 6, 1, Default::default())
-        .await
-        .unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
     produce(&client, "t", 0, 300).await;
 
     // The eager protocol (t06 covers the cooperative one).
@@ -373,12 +388,7 @@ async fn t01_members_split_a_topic_and_rebalance_when_one_joins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t02_a_dead_members_partitions_move_after_the_session_timeout() {
     let base = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(1, base.path(), "", "");
-    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    client
-        .create_topic("t", 6, 1, Default::default())
-        .await
-        .unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
     produce(&client, "t", 0, 200).await;
     let a = Member::spawn(&client, config("g", "t"));
     let b = Member::spawn(&client, config("g", "t"));
@@ -869,12 +879,7 @@ fn produce_until_stopped(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t06_cooperative_rebalance_keeps_unmoved_partitions_consuming() {
     let base = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(1, base.path(), "", "");
-    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    client
-        .create_topic("t", 6, 1, Default::default())
-        .await
-        .unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
     let (stop_producing, producing) = produce_until_stopped(&client, "t", 6);
     let own = Arc::new(Mutex::new(Ownership::default()));
     let mut cfg = config("g", "t");
@@ -1225,12 +1230,7 @@ async fn t11_a_join_waits_until_its_generation_is_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12_polls_cut_short_hand_partitions_over_cleanly() {
     let base = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(1, base.path(), "", "");
-    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    client
-        .create_topic("t", 6, 1, Default::default())
-        .await
-        .unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
     let (stop_producing, producing) = produce_until_stopped(&client, "t", 6);
     for protocol in [
         pb::RebalanceProtocol::Cooperative,
