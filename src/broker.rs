@@ -266,14 +266,15 @@ impl Broker {
         proposals: Vec<ReplicationCommand>,
     ) {
         for cmd in proposals {
-            let ReplicationCommand::ProposeIsr(isr) = cmd else {
-                continue;
-            };
-            let meta = self.metadata.current();
-            let Some(info) = meta
-                .topics
-                .get(&partition.topic)
-                .and_then(|t| t.partitions.get(partition.index as usize))
+            // Sent with the epochs of the ISR the leader changed, not the
+            // ones current now: if the partition moved on meanwhile, the
+            // controller refuses the proposal instead of applying a
+            // change made to an older ISR.
+            let ReplicationCommand::ProposeIsr {
+                isr,
+                leader_epoch,
+                partition_epoch,
+            } = cmd
             else {
                 continue;
             };
@@ -281,13 +282,13 @@ impl Broker {
                 topic: partition.topic.clone(),
                 partition: partition.index,
                 leader_id: self.node_id,
-                leader_epoch: info.leader_epoch,
-                partition_epoch: info.partition_epoch,
+                leader_epoch,
+                partition_epoch,
                 isr: isr.clone(),
             };
             let store = self.metadata.clone();
             let partition = partition.clone();
-            info!(topic = %partition.topic, partition = partition.index, from = ?info.isr, to = ?isr, "proposing ISR change");
+            info!(topic = %partition.topic, partition = partition.index, leader_epoch, partition_epoch, to = ?isr, "proposing ISR change");
             tokio::spawn(async move {
                 if let Err(e) = store.submit(command).await {
                     warn!(topic = %partition.topic, partition = partition.index, error = %e, "ISR change refused");
@@ -299,7 +300,7 @@ impl Broker {
                         .get(&partition.topic)
                         .and_then(|t| t.partitions.get(partition.index as usize))
                     {
-                        partition.isr_refused(&info.isr);
+                        partition.isr_refused(&info.isr, info.partition_epoch);
                     }
                 }
             });

@@ -106,7 +106,7 @@ impl Partition {
                         info!(topic = %self.topic, partition = self.index, leader_epoch = info.leader_epoch, partition_epoch = info.partition_epoch, from = ?before, to = ?after, "ISR changed");
                     }
                     state.set_replicas(&info.replicas, now_ms);
-                    let cmds = state.on_isr_committed(&info.isr, leo);
+                    let cmds = state.on_isr_committed(&info.isr, info.partition_epoch, leo);
                     return self.run(cmds);
                 }
             }
@@ -114,6 +114,7 @@ impl Partition {
             let mut state = LeaderState::new(
                 me,
                 info.leader_epoch,
+                info.partition_epoch,
                 &info.replicas,
                 &info.isr,
                 self.log.high_watermark(),
@@ -193,9 +194,9 @@ impl Partition {
     }
 
     /// The controller refused this leader's ISR proposal; `committed` is
-    /// the ISR the metadata holds now.
-    pub fn isr_refused(&self, committed: &[i32]) {
-        self.leader_event(|s, leo| s.on_isr_refused(committed, leo));
+    /// the ISR the metadata holds now, in `partition_epoch`.
+    pub fn isr_refused(&self, committed: &[i32], partition_epoch: i32) {
+        self.leader_event(|s, leo| s.on_isr_refused(committed, partition_epoch, leo));
     }
 
     /// Feeds an event to the leader state (nothing on a follower) and
@@ -236,7 +237,7 @@ impl Partition {
                     self.advance_high_watermark(*hw);
                     false
                 }
-                Command::ProposeIsr(_) => true,
+                Command::ProposeIsr { .. } => true,
             })
             .collect()
     }

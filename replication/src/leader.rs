@@ -10,8 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 pub enum Command {
     /// Set the partition's high watermark to this offset (it only grows).
     AdvanceHighWatermark(i64),
-    /// Ask the controller to commit this ISR (sorted broker ids).
-    ProposeIsr(Vec<i32>),
+    /// Ask the controller to commit `isr` (sorted broker ids), a change
+    /// of the ISR this leader knew in `leader_epoch` and `partition_epoch`:
+    /// the controller refuses it if the partition changed since.
+    ProposeIsr {
+        isr: Vec<i32>,
+        leader_epoch: i32,
+        partition_epoch: i32,
+    },
 }
 
 /// What the leader knows of one follower.
@@ -77,6 +83,8 @@ pub struct LeaderState {
     high_watermark: i64,
     /// An ISR change sent to the controller and not yet committed.
     pending_isr: Option<Vec<i32>>,
+    /// The partition epoch of the committed ISR this state holds.
+    partition_epoch: i32,
 }
 
 impl LeaderState {
@@ -85,6 +93,7 @@ impl LeaderState {
     pub fn new(
         leader_id: i32,
         leader_epoch: i32,
+        partition_epoch: i32,
         replicas: &[i32],
         isr: &[i32],
         high_watermark: i64,
@@ -102,6 +111,7 @@ impl LeaderState {
             followers,
             high_watermark,
             pending_isr: None,
+            partition_epoch,
         }
     }
 
@@ -156,7 +166,11 @@ impl LeaderState {
     fn propose(&mut self, isr: BTreeSet<i32>, out: &mut Vec<Command>) {
         let isr: Vec<i32> = isr.into_iter().collect();
         self.pending_isr = Some(isr.clone());
-        out.push(Command::ProposeIsr(isr));
+        out.push(Command::ProposeIsr {
+            isr,
+            leader_epoch: self.leader_epoch,
+            partition_epoch: self.partition_epoch,
+        });
     }
 
     /// The leader appended; its log now ends at `leader_log_end_offset`.
@@ -233,7 +247,13 @@ impl LeaderState {
     /// for: an unrelated change must not let the leader send the same
     /// proposal again, whose refusal would then look like the first
     /// one's. Shrinking may let the high watermark advance.
-    pub fn on_isr_committed(&mut self, isr: &[i32], leader_log_end_offset: i64) -> Vec<Command> {
+    pub fn on_isr_committed(
+        &mut self,
+        isr: &[i32],
+        partition_epoch: i32,
+        leader_log_end_offset: i64,
+    ) -> Vec<Command> {
+        self.partition_epoch = partition_epoch;
         let mut isr: Vec<i32> = isr.to_vec();
         isr.sort_unstable();
         isr.dedup();
@@ -248,9 +268,14 @@ impl LeaderState {
 
     /// The controller refused the proposal in flight; `isr` is the ISR
     /// committed now. The next event may propose again.
-    pub fn on_isr_refused(&mut self, isr: &[i32], leader_log_end_offset: i64) -> Vec<Command> {
+    pub fn on_isr_refused(
+        &mut self,
+        isr: &[i32],
+        partition_epoch: i32,
+        leader_log_end_offset: i64,
+    ) -> Vec<Command> {
         self.pending_isr = None;
-        self.on_isr_committed(isr, leader_log_end_offset)
+        self.on_isr_committed(isr, partition_epoch, leader_log_end_offset)
     }
 
     /// The replica set changed under the same leader epoch (a
@@ -276,8 +301,37 @@ mod tests {
     use super::*;
     use Command::*;
 
+    /// The proposal of `isr` that `s` makes, with its epochs.
+    fn proposal(s: &LeaderState, isr: Vec<i32>) -> Command {
+        ProposeIsr {
+            isr,
+            leader_epoch: s.leader_epoch,
+            partition_epoch: s.partition_epoch,
+        }
+    }
+
+    /// A proposal carries the epochs of the ISR it changes, so that the
+    /// controller refuses it once the partition has moved on (taking the
+    /// epochs current when it is sent let a stale proposal through).
+    #[test]
+    fn a_proposal_carries_the_epochs_of_the_isr_it_changes() {
+        let mut s = LeaderState::new(1, 7, 4, &[1, 2, 3], &[1, 2, 3], 0, 0);
+        s.on_append(10);
+        s.on_fetch(2, 10, 10, 1);
+        let want = |partition_epoch| ProposeIsr {
+            isr: vec![1, 2],
+            leader_epoch: 7,
+            partition_epoch,
+        };
+        assert_eq!(s.on_tick(30_001, 30_000), vec![want(4)]);
+        // Refused: the metadata had moved on to partition epoch 6.
+        s.on_isr_refused(&[1, 2, 3], 6, 10);
+        s.on_fetch(2, 10, 10, 30_001);
+        assert_eq!(s.on_tick(30_002, 30_000), vec![want(6)]);
+    }
+
     fn three(now: i64) -> LeaderState {
-        LeaderState::new(1, 5, &[1, 2, 3], &[1, 2, 3], 0, now)
+        LeaderState::new(1, 5, 0, &[1, 2, 3], &[1, 2, 3], 0, now)
     }
 
     #[test]
@@ -294,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_single_replica_isr_commits_on_append() {
-        let mut s = LeaderState::new(1, 0, &[1], &[1], 0, 0);
+        let mut s = LeaderState::new(1, 0, 0, &[1], &[1], 0, 0);
         assert_eq!(s.on_append(3), vec![AdvanceHighWatermark(3)]);
     }
 
@@ -307,26 +361,26 @@ mod tests {
         assert_eq!(s.high_watermark(), 2);
         // Follower 2 caught up at 100, follower 3 never since 0.
         assert_eq!(s.on_tick(20_000, 30_000), vec![]);
-        assert_eq!(s.on_tick(30_001, 30_000), vec![ProposeIsr(vec![1, 2])]);
+        assert_eq!(s.on_tick(30_001, 30_000), vec![proposal(&s, vec![1, 2])]);
         // Only one proposal at a time.
         assert_eq!(s.on_tick(40_000, 30_000), vec![]);
         assert_eq!(
-            s.on_isr_committed(&[1, 2], 10),
+            s.on_isr_committed(&[1, 2], 0, 10),
             vec![AdvanceHighWatermark(10)]
         );
     }
 
     #[test]
     fn a_replica_added_by_reassignment_joins_once_caught_up() {
-        let mut s = LeaderState::new(1, 0, &[1, 2], &[1, 2], 0, 0);
+        let mut s = LeaderState::new(1, 0, 0, &[1, 2], &[1, 2], 0, 0);
         s.on_append(10);
         // Unknown before the replica set changes.
         assert_eq!(s.on_fetch(3, 10, 10, 1), vec![]);
         s.set_replicas(&[1, 2, 3], 1);
         assert_eq!(s.follower(3).unwrap().log_end_offset, -1);
         assert_eq!(s.on_fetch(3, 4, 10, 2), vec![]);
-        assert_eq!(s.on_fetch(3, 10, 10, 3), vec![ProposeIsr(vec![1, 2, 3])]);
-        s.on_isr_committed(&[1, 2, 3], 10);
+        assert_eq!(s.on_fetch(3, 10, 10, 3), vec![proposal(&s, vec![1, 2, 3])]);
+        s.on_isr_committed(&[1, 2, 3], 0, 10);
         // Dropped again: forgotten.
         s.set_replicas(&[1, 3], 4);
         assert!(s.follower(2).is_none());
@@ -334,12 +388,12 @@ mod tests {
 
     #[test]
     fn follower_rejoins_once_it_reaches_the_log_end() {
-        let mut s = LeaderState::new(1, 0, &[1, 2], &[1], 0, 0);
+        let mut s = LeaderState::new(1, 0, 0, &[1, 2], &[1], 0, 0);
         s.on_append(10);
         assert_eq!(s.on_fetch(2, 5, 10, 1), vec![]);
-        assert_eq!(s.on_fetch(2, 10, 10, 2), vec![ProposeIsr(vec![1, 2])]);
+        assert_eq!(s.on_fetch(2, 10, 10, 2), vec![proposal(&s, vec![1, 2])]);
         assert!(s.has_pending_isr());
-        assert_eq!(s.on_isr_committed(&[1, 2], 10), vec![]);
+        assert_eq!(s.on_isr_committed(&[1, 2], 0, 10), vec![]);
         assert_eq!(s.isr(), vec![1, 2]);
     }
 
@@ -347,7 +401,7 @@ mod tests {
     fn unknown_follower_positions_hold_the_high_watermark() {
         // A new leader does not know where followers are: HW stays until
         // they fetch.
-        let mut s = LeaderState::new(2, 1, &[1, 2, 3], &[1, 2, 3], 7, 0);
+        let mut s = LeaderState::new(2, 1, 0, &[1, 2, 3], &[1, 2, 3], 7, 0);
         assert_eq!(s.on_append(12), vec![]);
         assert_eq!(s.on_fetch(1, 12, 12, 1), vec![]);
         assert_eq!(s.on_fetch(3, 9, 12, 1), vec![AdvanceHighWatermark(9)]);
@@ -374,12 +428,12 @@ mod tests {
         s.on_append(leo + 10);
         s.on_fetch(2, leo - 5, leo + 10, 101_000);
         assert_eq!(s.follower(2).unwrap().last_caught_up_ms, 99_000);
-        assert_eq!(s.on_tick(129_001, 30_000), vec![ProposeIsr(vec![1, 3])]);
+        assert_eq!(s.on_tick(129_001, 30_000), vec![proposal(&s, vec![1, 3])]);
     }
 
     #[test]
     fn a_follower_rejoins_only_with_every_committed_record() {
-        let mut s = LeaderState::new(1, 0, &[1, 2, 3], &[1, 2], 0, 0);
+        let mut s = LeaderState::new(1, 0, 0, &[1, 2, 3], &[1, 2], 0, 0);
         s.on_append(20);
         s.on_fetch(2, 20, 20, 1);
         assert_eq!(s.high_watermark(), 20);
@@ -387,15 +441,15 @@ mod tests {
         // but not the high watermark: not yet.
         s.on_fetch(3, 0, 10, 2);
         assert_eq!(s.on_fetch(3, 10, 20, 3), vec![]);
-        assert_eq!(s.on_fetch(3, 20, 30, 4), vec![ProposeIsr(vec![1, 2, 3])]);
+        assert_eq!(s.on_fetch(3, 20, 30, 4), vec![proposal(&s, vec![1, 2, 3])]);
     }
 
     #[test]
     fn a_follower_about_to_join_holds_the_high_watermark() {
-        let mut s = LeaderState::new(1, 0, &[1, 2, 3], &[1, 2], 0, 0);
+        let mut s = LeaderState::new(1, 0, 0, &[1, 2, 3], &[1, 2], 0, 0);
         s.on_append(10);
         s.on_fetch(2, 10, 10, 1);
-        assert_eq!(s.on_fetch(3, 10, 10, 1), vec![ProposeIsr(vec![1, 2, 3])]);
+        assert_eq!(s.on_fetch(3, 10, 10, 1), vec![proposal(&s, vec![1, 2, 3])]);
         // While the proposal is in flight, follower 3 counts: the high
         // watermark may not pass what it holds.
         s.on_append(30);
@@ -404,7 +458,7 @@ mod tests {
         assert_eq!(s.on_fetch(3, 25, 30, 2), vec![AdvanceHighWatermark(25)]);
         // Refused: back to the committed ISR, without follower 3.
         assert_eq!(
-            s.on_isr_refused(&[1, 2], 30),
+            s.on_isr_refused(&[1, 2], 0, 30),
             vec![AdvanceHighWatermark(30)]
         );
         assert!(!s.has_pending_isr());
@@ -415,15 +469,15 @@ mod tests {
         let mut s = three(0);
         s.on_append(10);
         s.on_fetch(2, 10, 10, 1);
-        assert_eq!(s.on_tick(30_001, 30_000), vec![ProposeIsr(vec![1, 2])]);
+        assert_eq!(s.on_tick(30_001, 30_000), vec![proposal(&s, vec![1, 2])]);
         // Metadata changes elsewhere: the same committed ISR is applied
         // again. The proposal is still in flight, so none is sent again.
-        assert_eq!(s.on_isr_committed(&[3, 1, 2], 10), vec![]);
+        assert_eq!(s.on_isr_committed(&[3, 1, 2], 0, 10), vec![]);
         assert!(s.has_pending_isr());
         assert_eq!(s.on_tick(40_000, 30_000), vec![]);
         // The commit arrives (in any order of ids).
         assert_eq!(
-            s.on_isr_committed(&[2, 1], 10),
+            s.on_isr_committed(&[2, 1], 0, 10),
             vec![AdvanceHighWatermark(10)]
         );
         assert!(!s.has_pending_isr());
@@ -432,7 +486,7 @@ mod tests {
 
     #[test]
     fn followers_outside_the_isr_never_hold_the_high_watermark() {
-        let mut s = LeaderState::new(1, 0, &[1, 2], &[1], 0, 0);
+        let mut s = LeaderState::new(1, 0, 0, &[1, 2], &[1], 0, 0);
         assert_eq!(s.on_append(5), vec![AdvanceHighWatermark(5)]);
         // Behind, so not proposed to join either.
         assert_eq!(s.on_fetch(2, 0, 5, 0), vec![]);
