@@ -569,9 +569,6 @@ impl GroupConsumer {
             if let Err(e) = self.commit_now(positions).await {
                 tracing::debug!(error = %e, "commit of revoked partitions failed");
             }
-            // Those partitions are not ours any more: a commit records no
-            // position of theirs.
-            self.committed.retain(|tp, _| !revoked.contains(tp));
         }
         let rejoin = resp.rejoin || !revoked.is_empty();
         let added: Vec<(String, i32)> = assigned
@@ -896,7 +893,9 @@ impl GroupConsumer {
             .collect()
     }
 
-    /// Commits `offsets` as this member and generation.
+    /// Commits `offsets` as this member and generation, and records them
+    /// for the partitions it still owns (a revoked partition's last
+    /// position is committed after it was dropped).
     async fn commit_now(&mut self, offsets: Vec<pb::PartitionOffset>) -> Result<(), ClientError> {
         if offsets.is_empty() {
             return Ok(());
@@ -913,7 +912,10 @@ impl GroupConsumer {
         match r {
             Ok(()) => {
                 for o in offsets {
-                    self.committed.insert((o.topic, o.partition), o.offset);
+                    let tp = (o.topic, o.partition);
+                    if self.consumers.contains_key(&tp) {
+                        self.committed.insert(tp, o.offset);
+                    }
                 }
                 Ok(())
             }

@@ -257,16 +257,11 @@ impl LogManager {
                     tracing::warn!(topic, partition, old_topic_id = %old, topic_id, "the partition's directory holds an earlier topic of this name: deleting it");
                     self.delete(topic, partition)?;
                 }
-                None => {
-                    checkpoint::write(log.dir(), TOPIC_ID_FILE, &[topic_id.to_string()])?;
-                    return Ok(log);
-                }
+                None => {} // adopted: marked below
             }
         }
         let log = self.get_or_create(topic, partition, config)?;
-        if topic_id_of(log.dir())?.is_none() {
-            checkpoint::write(log.dir(), TOPIC_ID_FILE, &[topic_id.to_string()])?;
-        }
+        checkpoint::write(log.dir(), TOPIC_ID_FILE, &[topic_id.to_string()])?;
         Ok(log)
     }
 
