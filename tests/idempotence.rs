@@ -375,3 +375,86 @@ async fn t03_bad_sequences_epochs_and_ids_are_refused_and_state_survives_restart
         .into_inner();
     assert!(third.producer_id > second.producer_id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t04_a_batch_refused_before_the_append_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[broker]\ngrpc_message_bytes_max = 65536\n").unwrap();
+    let server = ServerProcess::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let client = Client::connect(&server.addr).await.unwrap();
+    let configs = [("max.message.bytes".to_string(), "1024".to_string())];
+    client
+        .create_topic("t", 1, 1, configs.into_iter().collect())
+        .await
+        .unwrap();
+    // Every record is a batch of its own, sent as soon as it is taken, so
+    // the batches after a refused one are already on their way with
+    // sequences past it. Two refusals: one by the partition (over the
+    // topic's max.message.bytes, the stream goes on), one by the stream
+    // (over the broker's gRPC limit: the stream ends after answering it).
+    let producer = client.producer(ProducerConfig {
+        batch_bytes_max: 1,
+        linger: Duration::ZERO,
+        delivery_timeout: Duration::from_secs(20),
+        ..ProducerConfig::default()
+    });
+    let too_large_for_topic = 10;
+    let too_large_for_grpc = 30;
+    let mut acks = Vec::new();
+    for i in 0..50 {
+        let value = match i {
+            _ if i == too_large_for_topic => vec![b'x'; 2000],
+            _ if i == too_large_for_grpc => vec![b'y'; 100_000],
+            _ => format!("v{i:02}").into_bytes(),
+        };
+        let record = ProducerRecord {
+            value: Some(value.into()),
+            partition: Some(0),
+            ..ProducerRecord::default()
+        };
+        acks.push(producer.send("t", record).await.unwrap());
+    }
+    let mut stored_offsets = Vec::new();
+    for (i, ack) in acks.into_iter().enumerate() {
+        match ack.await {
+            Ok(m) => {
+                assert!(
+                    i != too_large_for_topic && i != too_large_for_grpc,
+                    "record {i} stored"
+                );
+                stored_offsets.push(m.offset);
+            }
+            Err(e) => {
+                assert!(
+                    i == too_large_for_topic || i == too_large_for_grpc,
+                    "record {i} failed: {e}"
+                );
+                assert_eq!(e.code(), pb::ErrorCode::RecordTooLarge, "record {i}: {e}");
+                let setting = if i == too_large_for_topic {
+                    "max.message.bytes"
+                } else {
+                    "broker.grpc_message_bytes_max"
+                };
+                assert!(e.to_string().contains(setting), "record {i}: {e}");
+            }
+        }
+    }
+    producer.close().await.unwrap();
+    assert_eq!(stored_offsets, (0..48).collect::<Vec<i64>>());
+    let stored = read_partition(&client, "t", 48).await;
+    let expected: Vec<String> = (0..50)
+        .filter(|&i| i != too_large_for_topic && i != too_large_for_grpc)
+        .map(|i| format!("v{i:02}"))
+        .collect();
+    let stored_values: Vec<String> = stored.into_iter().map(|(_, v)| v).collect();
+    assert_eq!(stored_values, expected);
+
+    // The CLI reports the refusal and exits non-zero.
+    let line = format!("{}\n", "z".repeat(100_000));
+    let err = common::cli_err(&server.addr, &["produce", "t"], Some(line.as_bytes()));
+    assert!(err.contains("grpc_message_bytes_max"), "{err}");
+}

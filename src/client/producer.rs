@@ -20,9 +20,12 @@
 //! already has with the original offsets instead of appending it twice,
 //! and refuses a gap instead of reordering. At most
 //! [`IDEMPOTENT_IN_FLIGHT_MAX`] batches are then in flight per partition,
-//! the number the leader remembers. When a batch fails for good, its
-//! partition's sequence is broken; the producer takes a new producer id
-//! for later batches. A partition that answers UNKNOWN_PRODUCER_ID keeps
+//! the number the leader remembers. A batch the leader refuses before
+//! storing any of it (too large, corrupt, not allowed) fails alone: it
+//! gives its sequence back, and the batches after it are renumbered and
+//! sent again. When a batch fails for good otherwise (out of time: it may
+//! have been stored), its partition's sequence is broken; the producer
+//! takes a new producer id for later batches. A partition that answers UNKNOWN_PRODUCER_ID keeps
 //! nothing of this producer's (deleted and created again, or its state
 //! expired): its sender restarts the sequence at 0 for the queued batches
 //! and retries them (Kafka's KIP-360) instead of failing them. Without
@@ -914,7 +917,17 @@ type Responses = runnel_proto::wire::DecodeStream<
     tonic::service::interceptor::ResponseBody<tonic::body::Body>,
     pb::ProduceResponse,
 >;
-type ProduceStream = (mpsc::Sender<pb::ProduceRequest>, Responses);
+/// An open produce stream to the partition's leader.
+struct ProduceStream {
+    requests: mpsc::Sender<pb::ProduceRequest>,
+    responses: Responses,
+    /// Answers still owed for batches that were sent again after a
+    /// refused batch (see [`PartitionSender::skip_refused`]): the next
+    /// this many answers are for the copies sent before, and are dropped.
+    stale: usize,
+    /// When the copies sent before count as unanswered (request timeout).
+    stale_deadline: Option<Instant>,
+}
 
 /// One partition's pipelined stream to its leader, with retries.
 struct PartitionSender {
@@ -932,7 +945,8 @@ struct PartitionSender {
 impl PartitionSender {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<SenderMsg>) {
         let mut stream: Option<ProduceStream> = None;
-        // Set once the partition has forgotten this producer.
+        // Set once the partition has forgotten this producer, or refused
+        // one of its batches without storing it.
         let mut restart: Option<SequenceRestart> = None;
         let mut queue: VecDeque<Entry> = VecDeque::new();
         // The first `sent` batches of `queue` are in flight on `stream`.
@@ -978,7 +992,7 @@ impl PartitionSender {
                     })),
                 },
                 _ = sleep_until_opt(retry_at), if retry_at.is_some() => retry_at = None,
-                _ = sleep_until_opt(oldest_sent(&queue).map(|t| t + self.request_timeout)), if sent > 0 => {
+                _ = sleep_until_opt(self.answer_deadline(&queue, &stream)), if sent > 0 || stale_answers(&stream) > 0 => {
                     let e = ClientError::Broker {
                         code: pb::ErrorCode::RequestTimedOut,
                         message: format!(
@@ -989,7 +1003,19 @@ impl PartitionSender {
                     };
                     retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
                 }
-                response = next_response(&mut stream), if sent > 0 => {
+                response = next_response(&mut stream), if sent > 0 || stale_answers(&stream) > 0 => {
+                    if let (Some(s), Some(Ok(r))) = (stream.as_mut(), &response) {
+                        if s.stale > 0 {
+                            s.stale -= 1;
+                            if r.error_code == 0 {
+                                // Cannot happen: the partition expected the
+                                // refused batch's sequence, which this
+                                // copy does not carry.
+                                warn!(topic = %self.topic, partition = self.partition, offset = r.base_offset, "a batch sent before a refused one's sequence was given back was stored");
+                            }
+                            continue;
+                        }
+                    }
                     let result = match response {
                         Some(Ok(r)) if r.error_code == 0 => Ok(r),
                         Some(Ok(r)) => Err(ClientError::Broker {
@@ -1015,6 +1041,12 @@ impl PartitionSender {
                         }
                         Err(e) if e.is_retriable() || stream.is_none() => {
                             retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
+                        }
+                        Err(e) if self.broken.is_some() && refused_before_append(e.code()) => {
+                            let q = pop_front_batch(&mut queue);
+                            sent -= 1;
+                            restart = self.skip_refused(&q, restart, &mut stream, &mut queue, &mut sent);
+                            q.done.finish(Err(e));
                         }
                         Err(e) if e.code() == pb::ErrorCode::UnknownProducerId
                             && self.broken.is_some() =>
@@ -1074,12 +1106,15 @@ impl PartitionSender {
                     .await?,
                 );
             }
-            let (tx, _) = stream.as_ref().expect("opened above");
+            let s = stream.as_ref().expect("opened above");
+            if *sent + s.stale >= self.in_flight_max {
+                break;
+            }
             let request = match restart {
                 Some(r) => r.apply(&q.request),
                 None => q.request.clone(),
             };
-            if tx.send(request).await.is_err() {
+            if s.requests.send(request).await.is_err() {
                 *stream = None;
                 return Err(ClientError::Transport("produce stream closed".into()));
             }
@@ -1177,6 +1212,75 @@ impl PartitionSender {
         })
     }
 
+    /// The oldest batch `refused` was refused before the partition
+    /// stored anything of it (too large, corrupt, not allowed): the
+    /// partition still expects that batch's sequence. Returns the
+    /// renumbering that gives the sequence back, so the batches after it
+    /// go as if it had never been stamped and the producer id stays
+    /// usable (Kafka adjusts the sequences of in-flight batches after
+    /// such a failure). Batches already sent after it carry sequences
+    /// past the gap, which the partition refuses (OUT_OF_ORDER_SEQUENCE):
+    /// they go again, renumbered, on the same stream, behind those
+    /// refusals, whose answers are dropped; the stream keeps them in
+    /// order, so no copy stamped before can be stored after its
+    /// renumbered one.
+    fn skip_refused(
+        &self,
+        refused: &Queued,
+        current: Option<SequenceRestart>,
+        stream: &mut Option<ProduceStream>,
+        queue: &mut VecDeque<Entry>,
+        sent: &mut usize,
+    ) -> Option<SequenceRestart> {
+        let Some((producer_id, epoch, _)) =
+            runnel_storage::batch::producer_fields(&refused.request.batch)
+        else {
+            return current;
+        };
+        let records = runnel_storage::batch::sequence_count(&refused.request.batch)
+            .unwrap_or(0)
+            .max(0);
+        let from = match current {
+            Some(r) if r.covers(producer_id, epoch) => r.from,
+            _ => 0,
+        };
+        let shifted = SequenceRestart {
+            producer_id,
+            epoch,
+            from: runnel_storage::producer_state::add_sequence(from, records),
+        };
+        match stream.as_mut() {
+            Some(s) if *sent > 0 => {
+                if s.stale == 0 {
+                    s.stale_deadline = oldest_sent(queue).map(|t| t + self.request_timeout);
+                }
+                s.stale += std::mem::take(sent);
+            }
+            _ => *sent = 0,
+        }
+        for entry in queue.iter_mut() {
+            if let Entry::Batch(q) = entry {
+                q.sent_at = None;
+            }
+        }
+        debug!(topic = %self.topic, partition = self.partition, producer_id, records, "a refused batch's sequence is given back");
+        Some(shifted)
+    }
+
+    /// When the oldest unanswered request on the stream times out.
+    fn answer_deadline(
+        &self,
+        queue: &VecDeque<Entry>,
+        stream: &Option<ProduceStream>,
+    ) -> Option<Instant> {
+        let stale = stream
+            .as_ref()
+            .filter(|s| s.stale > 0)
+            .and_then(|s| s.stale_deadline);
+        let sent = oldest_sent(queue).map(|t| t + self.request_timeout);
+        stale.into_iter().chain(sent).min()
+    }
+
     fn fail_for_good(&self, q: Queued, e: &ClientError) {
         if let Some(broken) = &self.broken {
             broken.store(true, Ordering::Release);
@@ -1245,12 +1349,30 @@ fn oldest_sent(queue: &VecDeque<Entry>) -> Option<Instant> {
 }
 
 async fn next_response(
-    stream: &mut Option<(mpsc::Sender<pb::ProduceRequest>, Responses)>,
+    stream: &mut Option<ProduceStream>,
 ) -> Option<Result<pb::ProduceResponse, tonic::Status>> {
     match stream {
-        Some((_, responses)) => responses.next().await,
+        Some(s) => s.responses.next().await,
         None => None,
     }
+}
+
+fn stale_answers(stream: &Option<ProduceStream>) -> usize {
+    stream.as_ref().map_or(0, |s| s.stale)
+}
+
+/// Refusals the partition makes before it looks at the batch's sequence
+/// or stores anything: the sequence it expects is still the refused
+/// batch's.
+fn refused_before_append(code: pb::ErrorCode) -> bool {
+    matches!(
+        code,
+        pb::ErrorCode::RecordTooLarge
+            | pb::ErrorCode::CorruptMessage
+            | pb::ErrorCode::InvalidRequest
+            | pb::ErrorCode::AuthorizationFailed
+            | pb::ErrorCode::Unsupported
+    )
 }
 
 async fn open_stream(
@@ -1258,7 +1380,7 @@ async fn open_stream(
     topic: &str,
     partition: i32,
     depth: usize,
-) -> Result<(mpsc::Sender<pb::ProduceRequest>, Responses), ClientError> {
+) -> Result<ProduceStream, ClientError> {
     let mut channel = client.leader(topic, partition).await?;
     let (tx, rx) = mpsc::channel(depth);
     // Framed by `crate::rpc`: each batch is sent from this producer's own
@@ -1271,7 +1393,12 @@ async fn open_stream(
         super::MESSAGE_BYTES_MAX,
     )
     .await?;
-    Ok((tx, responses))
+    Ok(ProduceStream {
+        requests: tx,
+        responses,
+        stale: 0,
+        stale_deadline: None,
+    })
 }
 
 #[cfg(test)]

@@ -130,8 +130,17 @@ where
                     let req = match next {
                         Some(Ok(req)) => req,
                         Some(Err(status)) => {
-                            let _ = tx.send(Err(status)).await;
-                            return;
+                            // The request cannot be read (too large for
+                            // gRPC, or not a message), and nothing after it
+                            // can: it is answered in its place, after the
+                            // answers owed for earlier requests, and the
+                            // stream ends once those are sent. A client
+                            // then knows which batch was refused, and
+                            // sends the later ones again.
+                            waiting.push_back(Box::pin(std::future::ready(undecodable_response(&status)))
+                                as Pin<Box<dyn std::future::Future<Output = pb::ProduceResponse> + Send>>);
+                            open = false;
+                            continue;
                         }
                         None => {
                             open = false;
@@ -161,7 +170,7 @@ where
                         })
                     };
                     let broker = broker.clone();
-                    waiting.push_back(async move {
+                    waiting.push_back(Box::pin(async move {
                         let result = match appended {
                             Ok(a) => broker.produce_complete(a).await,
                             Err(e) => Err(e),
@@ -170,7 +179,7 @@ where
                         // Quota exceeded: the answer waits, it does not fail.
                         security::hold_until(answer_at).await;
                         response
-                    });
+                    }));
                 }
                 Some(response) = waiting.next(), if !waiting.is_empty() => {
                     if response.error_code == 0 && broker.take_failpoint(DROP_RESPONSE_FAILPOINT) {
@@ -215,6 +224,34 @@ fn failed_response(
         log_start_offset: -1,
         error_code: e.code() as i32,
         error_message: e.to_string(),
+    }
+}
+
+/// The in-stream answer for a request the stream could not decode: too
+/// large for `broker.grpc_message_bytes_max` (RECORD_TOO_LARGE: no topic
+/// setting could admit it), compressed framing (UNSUPPORTED), or bytes
+/// that are not a request (CORRUPT_MESSAGE).
+fn undecodable_response(status: &Status) -> pb::ProduceResponse {
+    let code = match status.code() {
+        tonic::Code::OutOfRange => pb::ErrorCode::RecordTooLarge,
+        tonic::Code::Unimplemented => pb::ErrorCode::Unsupported,
+        _ => pb::ErrorCode::CorruptMessage,
+    };
+    pb::ProduceResponse {
+        partition: -1,
+        base_offset: -1,
+        last_offset: -1,
+        log_append_time_ms: -1,
+        log_start_offset: -1,
+        error_code: code as i32,
+        error_message: match code {
+            pb::ErrorCode::RecordTooLarge => format!(
+                "produce request refused: {} (broker.grpc_message_bytes_max)",
+                status.message()
+            ),
+            _ => format!("produce request refused: {}", status.message()),
+        },
+        ..Default::default()
     }
 }
 

@@ -198,6 +198,13 @@ pub fn producer_fields(batch: &[u8]) -> Option<(i64, i16, i32)> {
     HeaderView::read(batch).map(|h| (h.producer_id, h.producer_epoch, h.base_sequence))
 }
 
+/// How many sequence numbers a framed batch takes (`last_offset_delta +
+/// 1`: the broker counts a batch's sequences as it counts its offsets),
+/// or `None` if `batch` does not start with a valid batch header.
+pub fn sequence_count(batch: &[u8]) -> Option<i32> {
+    HeaderView::read(batch).map(|h| h.last_offset_delta.saturating_add(1))
+}
+
 /// Computes the CRC of a whole, framed batch and writes it in.
 fn seal_crc(batch: &mut [u8]) {
     let crc = crate::crc::crc32c(&batch[field::CRC_START..]);
