@@ -1227,6 +1227,7 @@ fn brokers_of(meta: &ClusterMetadata) -> Vec<pb::BrokerDescription> {
             rack: b.rack.clone(),
             fenced: b.fenced,
             roles: b.roles.clone(),
+            epoch: b.epoch,
         })
         .collect()
 }

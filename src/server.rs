@@ -309,17 +309,26 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     let ready = async {
         store.wait_for_cluster_id(STARTUP_TIMEOUT).await?;
         let mut rx = store.watch();
+        let mut registered = heartbeat.registered();
         let node = config.node_id;
-        tokio::time::timeout(
-            STARTUP_TIMEOUT,
+        tokio::time::timeout(STARTUP_TIMEOUT, async {
             // This process's registration, not one left by a crashed
-            // predecessor (which may name another port).
+            // predecessor (replayed from the metadata log, unfenced if it
+            // died within its session; it may name another port).
+            let epoch = registered
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| ())?
+                .expect("waited for");
             rx.wait_for(|m| {
                 m.brokers
                     .get(&node)
-                    .is_some_and(|b| !b.fenced && b.address == advertised)
-            }),
-        )
+                    .is_some_and(|b| !b.fenced && b.epoch >= epoch && b.address == advertised)
+            })
+            .await
+            .map(|_| ())
+            .map_err(|_| ())
+        })
         .await
         .map_err(|_| MetadataError::NotController {
             leader_hint: None,

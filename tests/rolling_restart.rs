@@ -194,3 +194,52 @@ async fn rolling_restart_under_acks_all_loses_nothing() {
         }
     }
 }
+
+/// A broker killed and started again within its session finds its old
+/// registration, unfenced, in the metadata it replays. It must not report
+/// ready on that entry: here the controller is stopped (SIGSTOP) while
+/// the broker restarts, so registering again waits for a new controller,
+/// and ready must wait with it. Once ready, the broker's own metadata
+/// shows it with a newer broker epoch than before the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_is_ready_only_once_registered_again() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(
+        3,
+        base.path(),
+        "",
+        "broker_session_timeout_ms = 30000\nbroker_heartbeat_interval_ms = 300\n",
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    let controller = client.describe_cluster().await.unwrap().controller_id;
+    let restarted = if controller == 1 { 2 } else { 1 };
+    let epoch_of = |m: pb::MetadataResponse| {
+        let b = m
+            .brokers
+            .iter()
+            .find(|b| b.id == restarted)
+            .unwrap_or_else(|| panic!("broker {restarted} in {m:?}"))
+            .clone();
+        (b.epoch, b.fenced)
+    };
+    let direct = Client::connect(&cluster.addrs[restarted as usize - 1])
+        .await
+        .unwrap();
+    let (before, fenced) = epoch_of(direct.metadata(&[]).await.unwrap());
+    assert!(!fenced);
+    drop(direct);
+
+    cluster.kill(restarted);
+    cluster.node(controller).signal("STOP");
+    cluster.restart(restarted);
+    let direct = Client::connect(&cluster.addrs[restarted as usize - 1])
+        .await
+        .unwrap();
+    let (after, fenced) = epoch_of(direct.metadata(&[]).await.unwrap());
+    cluster.node(controller).signal("CONT");
+    assert!(!fenced);
+    assert!(
+        after > before,
+        "ready on the registration replayed from before the kill (epoch {before}, now {after})"
+    );
+}

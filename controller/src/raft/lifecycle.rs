@@ -411,6 +411,30 @@ impl RaftMetadataStore {
     }
 }
 
+/// A broker's registration and heartbeat task (see [`spawn_heartbeat`]).
+#[derive(Debug)]
+pub struct Heartbeat {
+    task: tokio::task::JoinHandle<()>,
+    registered: tokio::sync::watch::Receiver<Option<i64>>,
+}
+
+impl Heartbeat {
+    /// The broker epoch of this task's latest registration, once the
+    /// controller has accepted one. The metadata shows the broker
+    /// registered by this process only once its entry has this epoch (or
+    /// a later one): an entry with an older epoch was left by a
+    /// predecessor and replayed from the log.
+    pub fn registered(&self) -> tokio::sync::watch::Receiver<Option<i64>> {
+        self.registered.clone()
+    }
+
+    /// Stops heartbeating (the controller fences the broker once its
+    /// session runs out).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
 /// Registers broker `broker_id`, then heartbeats every `interval` until
 /// `cancel` (or the store's shutdown); registers again when the controller
 /// reports it fenced.
@@ -420,9 +444,10 @@ pub fn spawn_heartbeat(
     address: String,
     interval: Duration,
     cancel: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+) -> Heartbeat {
     let stop = store.cancel.clone();
-    tokio::spawn(async move {
+    let (registered_tx, registered) = tokio::sync::watch::channel(None);
+    let task = tokio::spawn(async move {
         let stopped = || cancel.is_cancelled() || stop.is_cancelled();
         let pause = |d: Duration| {
             let (cancel, stop) = (cancel.clone(), stop.clone());
@@ -445,6 +470,7 @@ pub fn spawn_heartbeat(
                 }
             };
             tracing::info!(broker = broker_id, epoch, "broker registered");
+            registered_tx.send_replace(Some(epoch));
             loop {
                 pause(interval).await;
                 if stopped() {
@@ -464,7 +490,8 @@ pub fn spawn_heartbeat(
                 }
             }
         }
-    })
+    });
+    Heartbeat { task, registered }
 }
 
 /// The tonic server of `runnel.v1.internal.BrokerLifecycle`.

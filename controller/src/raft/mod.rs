@@ -46,7 +46,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use cluster_id::CLUSTER_ID_FILE;
-pub use lifecycle::{spawn_heartbeat, LifecycleService};
+pub use lifecycle::{spawn_heartbeat, Heartbeat, LifecycleService};
 pub use log_store::SledLogStore;
 pub use network::InternalTlsFiles;
 pub use service::RaftService;
