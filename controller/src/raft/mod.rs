@@ -489,7 +489,13 @@ impl RaftMetadataStore {
 
     /// Sends a command to `addr` over `Raft.ClientWrite`.
     async fn forward(&self, addr: &str, req: &ForwardRequest, deadline: Instant) -> Attempt {
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        // One attempt may not take the whole submission's time: a leader
+        // that stopped answering (paused, cut off) is replaced within an
+        // election timeout, and the next attempt goes to its successor.
+        let attempt = Duration::from_millis(self.config.election_timeout_max_ms.max(500) * 2);
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .min(attempt);
         let channel = match self.channels.get(addr) {
             Ok(ch) => ch,
             Err(status) => {
