@@ -1167,7 +1167,10 @@ impl Broker {
             "controlled shutdown: fencing this broker and handing over leaderships"
         );
         self.metadata
-            .submit(MetadataCommand::FenceBroker { id: self.node_id })
+            .submit(MetadataCommand::FenceBroker {
+                id: self.node_id,
+                epoch: meta.brokers.get(&self.node_id).map(|b| b.epoch),
+            })
             .await?;
         let me = self.node_id;
         let mut rx = self.metadata.watch();

@@ -20,9 +20,16 @@ pub enum MetadataCommand {
         rack: String,
         roles: Vec<String>,
     },
-    /// A broker missed its heartbeats: it leaves every ISR and leads
-    /// nothing.
-    FenceBroker { id: i32 },
+    /// A broker missed its heartbeats (or shuts down): it leaves every
+    /// ISR and leads nothing. With `epoch`, only that registration is
+    /// fenced: a broker that registered again since (a new broker epoch)
+    /// is left alone, so a verdict reached before its new registration
+    /// cannot fence the new incarnation.
+    FenceBroker {
+        id: i32,
+        #[serde(default)]
+        epoch: Option<i64>,
+    },
     /// Creates a topic; replicas are assigned by the state machine,
     /// deterministically, over the unfenced brokers.
     CreateTopic {

@@ -306,8 +306,16 @@ impl ClusterMetadata {
                 }
                 Applied::Done
             }
-            MetadataCommand::FenceBroker { id } => {
-                self.fence_broker(id, true)?;
+            MetadataCommand::FenceBroker { id, epoch } => {
+                let current = self
+                    .brokers
+                    .get(&id)
+                    .ok_or(MetadataError::UnknownBroker { id })?
+                    .epoch;
+                // A fence for an earlier registration is void.
+                if epoch.is_none_or(|e| e == current) {
+                    self.fence_broker(id, true)?;
+                }
                 Applied::Done
             }
             MetadataCommand::CreateTopic {
@@ -975,8 +983,10 @@ mod tests {
         s.apply(create("t", 1, 2)).unwrap(); // replicas [1, 2], leader 1
         s.apply(reassign("t", 0, vec![3, 4])).unwrap();
         s.apply(isr_of(&s, 0, vec![1, 2, 3])).unwrap();
-        s.apply(MetadataCommand::FenceBroker { id: 1 }).unwrap();
-        s.apply(MetadataCommand::FenceBroker { id: 2 }).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 1, epoch: None })
+            .unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 2, epoch: None })
+            .unwrap();
         let p = &s.topics["t"].partitions[0];
         assert_eq!((p.leader, p.isr.clone()), (3, vec![3]));
         let before = s.clone();
@@ -1031,7 +1041,8 @@ mod tests {
             (1, solo_before.leader_epoch + 2, vec![1])
         );
         // A fenced broker registering is not fenced again.
-        s.apply(MetadataCommand::FenceBroker { id: 3 }).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 3, epoch: None })
+            .unwrap();
         let epoch = s.topics["t"].partitions[0].leader_epoch;
         register(&mut s, 3);
         assert_eq!(s.topics["t"].partitions[0].leader_epoch, epoch);
@@ -1137,7 +1148,8 @@ mod tests {
     fn fencing_moves_leadership_within_the_isr_and_bumps_epochs() {
         let mut s = three();
         s.apply(create("t", 3, 3)).unwrap();
-        s.apply(MetadataCommand::FenceBroker { id: 1 }).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 1, epoch: None })
+            .unwrap();
         let p0 = &s.topics["t"].partitions[0];
         assert_eq!((p0.leader, p0.leader_epoch), (2, 1));
         assert_eq!(p0.isr, vec![2, 3]);
@@ -1147,10 +1159,48 @@ mod tests {
     }
 
     #[test]
+    fn a_fence_for_an_earlier_registration_is_void() {
+        let mut s = three();
+        s.apply(create("t", 3, 3)).unwrap();
+        let first = s.brokers[&1].epoch;
+        // The controller decides to fence registration `first`; before
+        // its command lands, broker 1 restarts and registers again.
+        register(&mut s, 1);
+        let second = s.brokers[&1].epoch;
+        assert!(second > first);
+        let before = s.clone();
+        s.apply(MetadataCommand::FenceBroker {
+            id: 1,
+            epoch: Some(first),
+        })
+        .unwrap();
+        assert_eq!(
+            (&s.brokers, &s.topics),
+            (&before.brokers, &before.topics),
+            "the new incarnation was fenced"
+        );
+        // The current registration's fence applies.
+        s.apply(MetadataCommand::FenceBroker {
+            id: 1,
+            epoch: Some(second),
+        })
+        .unwrap();
+        assert!(s.brokers[&1].fenced);
+        assert!(s.topics["t"].partitions.iter().all(|p| p.leader != 1));
+        // A command logged before the field existed fences whatever is
+        // registered.
+        let old: MetadataCommand = serde_json::from_str(r#"{"FenceBroker":{"id":2}}"#).unwrap();
+        assert_eq!(old, MetadataCommand::FenceBroker { id: 2, epoch: None });
+        s.apply(old).unwrap();
+        assert!(s.brokers[&2].fenced);
+    }
+
+    #[test]
     fn last_isr_member_fenced_leaves_partition_offline_until_it_returns() {
         let mut s = three();
         s.apply(create("t", 1, 1)).unwrap();
-        s.apply(MetadataCommand::FenceBroker { id: 1 }).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 1, epoch: None })
+            .unwrap();
         let p = &s.topics["t"].partitions[0];
         assert_eq!((p.leader, p.leader_epoch, p.isr.clone()), (-1, 1, vec![1]));
         register(&mut s, 1);
@@ -1188,7 +1238,8 @@ mod tests {
             assert_eq!(s, before);
         }
         // A fenced broker cannot rejoin.
-        s.apply(MetadataCommand::FenceBroker { id: 2 }).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 2, epoch: None })
+            .unwrap();
         let epoch = s.topics["t"].partitions[0].partition_epoch;
         let err = s
             .apply(alter_isr(0, epoch, vec![1, 2, 3]))
@@ -1250,7 +1301,8 @@ mod tests {
                 isr: vec![1],
             })
             .unwrap();
-            s.apply(MetadataCommand::FenceBroker { id: 1 }).unwrap();
+            s.apply(MetadataCommand::FenceBroker { id: 1, epoch: None })
+                .unwrap();
             let p = &s.topics["t"].partitions[0];
             assert_eq!(p.leader, leader, "allow={allow}");
             assert_eq!(p.leader_epoch, 1);
@@ -1261,7 +1313,8 @@ mod tests {
     fn preferred_election_returns_leadership_to_the_first_replica() {
         let mut s = three();
         s.apply(create("t", 3, 3)).unwrap();
-        s.apply(MetadataCommand::FenceBroker { id: 1 }).unwrap();
+        s.apply(MetadataCommand::FenceBroker { id: 1, epoch: None })
+            .unwrap();
         register(&mut s, 1);
         // Broker 1 is back but out of every ISR: nothing to do yet.
         let elect = |unclean| MetadataCommand::ElectLeaders {
@@ -1368,7 +1421,7 @@ mod tests {
                 roles: vec![],
             },
             create("x", 5, 2),
-            MetadataCommand::FenceBroker { id: 2 },
+            MetadataCommand::FenceBroker { id: 2, epoch: None },
         ];
         let run = || {
             let mut s = ClusterMetadata::new("c");

@@ -286,7 +286,13 @@ impl RaftMetadataStore {
             // forwarded to the new leader, so the write is local-only.
             let deadline = Instant::now() + self.config.submit_timeout();
             match self
-                .write_local(MetadataCommand::FenceBroker { id }, deadline)
+                .write_local(
+                    MetadataCommand::FenceBroker {
+                        id,
+                        epoch: Some(broker_epoch),
+                    },
+                    deadline,
+                )
                 .await
             {
                 Attempt::Done(resp) => {
