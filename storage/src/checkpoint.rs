@@ -73,7 +73,8 @@ pub(crate) fn write_offset(dir: &Path, name: &str, offset: i64) -> Result<()> {
 }
 
 /// A unit-test hook, run with the temporary file's path just before a
-/// checkpoint's fsync (tests hold a write there to see who waits on it).
+/// checkpoint's fsync (tests hold a write there to see who waits on it),
+/// and with the directory's path before a directory's fsync.
 #[cfg(test)]
 pub(crate) type SyncHook = Box<dyn Fn(&Path) + Send + Sync>;
 
@@ -83,6 +84,10 @@ pub(crate) static BEFORE_SYNC: std::sync::RwLock<Vec<SyncHook>> =
 
 /// fsyncs a directory so creations, renames and unlinks in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    for hook in BEFORE_SYNC.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        hook(dir);
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))

@@ -197,6 +197,9 @@ pub struct Log {
     /// The log start moved and its checkpoint is not written yet
     /// (`advance_log_start`).
     log_start_unpersisted: AtomicBool,
+    /// The directory was created by `open` and its entry in the parent
+    /// directory is not known durable yet (`sync_dir`).
+    parent_unsynced: AtomicBool,
 }
 
 fn now_ms() -> i64 {
@@ -217,9 +220,12 @@ impl Log {
     /// Opens (creating if absent) the log in `dir`, recovering the tail.
     pub fn open(dir: impl Into<PathBuf>, config: LogConfig) -> Result<Log> {
         let dir = dir.into();
-        // A brand-new partition has nothing to make durable: if a crash
-        // loses its directory, the broker creates it again from metadata.
-        // Skipping the fsyncs keeps creating many partitions fast.
+        // A brand-new partition has nothing to make durable yet: if a
+        // crash loses its directory, the broker creates it again from
+        // metadata. Its directory entries (its own, in the data directory,
+        // and its first segment's) are made durable by the first flush,
+        // with the records that need them; skipping the fsyncs here keeps
+        // creating many partitions fast.
         let fresh = !dir.exists();
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let mut bases = Vec::new();
@@ -325,7 +331,7 @@ impl Log {
                 unflushed_messages: 0,
                 last_flush_ms: now_ms(),
                 recovery_point: log_end_offset,
-                dir_dirty: false,
+                dir_dirty: fresh,
                 truncations: 0,
                 closed: false,
                 hot_window: (-1, 0, 0),
@@ -340,6 +346,7 @@ impl Log {
             leader_fence: AtomicI32::new(i32::MIN),
             trash: Mutex::new(Vec::new()),
             log_start_unpersisted: AtomicBool::new(false),
+            parent_unsynced: AtomicBool::new(fresh),
         };
         {
             let mut w = log.lock_writer()?;
@@ -772,6 +779,19 @@ impl Log {
         }
     }
 
+    /// fsyncs the log's directory, and the first time for a log `open`
+    /// created, the directory holding it (whose new entry it is).
+    fn sync_dir(&self) -> Result<()> {
+        checkpoint::sync_dir(&self.dir)?;
+        if self.parent_unsynced.load(Ordering::Acquire) {
+            if let Some(parent) = self.dir.parent() {
+                checkpoint::sync_dir(parent)?;
+            }
+            self.parent_unsynced.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// fsyncs every dirty segment's bytes (and the directory if segments
     /// were created); does not move the recovery point.
     fn sync_segments(&self, w: &mut Writer) -> Result<()> {
@@ -779,7 +799,7 @@ impl Log {
             seg.sync_data()?;
         }
         if w.dir_dirty {
-            checkpoint::sync_dir(&self.dir)?;
+            self.sync_dir()?;
             w.dir_dirty = false;
         }
         w.unflushed_messages = 0;
@@ -997,7 +1017,7 @@ impl Log {
             .expect("epochs lock")
             .truncate_from_end(log_end_offset)?;
         self.rebuild_producer_states(w)?;
-        checkpoint::sync_dir(&self.dir)?;
+        self.sync_dir()?;
         w.dir_dirty = false;
         self.persist_high_watermark_locked(persisted)?;
         tracing::info!(dir = %self.dir.display(), offset, log_end_offset, removed_segments = doomed.len(), "truncated log");
@@ -1039,7 +1059,7 @@ impl Log {
         // The producers' history is gone with the segments.
         producer_state::delete_snapshots_above(&self.dir, i64::MIN)?;
         *self.lock_producers() = ProducerStates::default();
-        checkpoint::sync_dir(&self.dir)?;
+        self.sync_dir()?;
         w.dir_dirty = false;
         tracing::info!(dir = %self.dir.display(), offset, removed_segments = segments.len(), "reset log");
         Ok(())
@@ -1303,7 +1323,7 @@ impl Log {
         }
         producer_state::sync_snapshots(&self.dir, from, to)?;
         if dir_dirty {
-            checkpoint::sync_dir(&self.dir)?;
+            self.sync_dir()?;
         }
         Ok(())
     }
@@ -1398,7 +1418,7 @@ impl Log {
         self.empty_trash()?;
         self.persist_log_start_locked()?;
         std::fs::File::create(&marker).map_err(io_err(&marker))?;
-        checkpoint::sync_dir(&self.dir)?;
+        self.sync_dir()?;
         w.closed = true;
         self.closed.store(true, Ordering::Release);
         Ok(())
@@ -1795,6 +1815,44 @@ mod tests {
             checkpoint::read_offset(log.dir(), checkpoint::HIGH_WATERMARK).unwrap(),
             Some(1)
         );
+    }
+
+    #[test]
+    fn the_first_flush_of_a_new_log_makes_its_directory_entries_durable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let dir = data.join("t-0");
+        let synced = Arc::new(Mutex::new(Vec::<PathBuf>::new()));
+        {
+            let synced = synced.clone();
+            let root = tmp.path().to_path_buf();
+            checkpoint::BEFORE_SYNC
+                .write()
+                .unwrap()
+                .push(Box::new(move |path: &Path| {
+                    if path.starts_with(&root) {
+                        synced.lock().unwrap().push(path.to_path_buf());
+                    }
+                }));
+        }
+        let config = LogConfig {
+            flush: FlushPolicy::EveryBatch,
+            ..LogConfig::default()
+        };
+        let log = Log::open(&dir, config).unwrap();
+        assert_eq!(*synced.lock().unwrap(), Vec::<PathBuf>::new());
+        // The append is acknowledged once durable: so must be the names
+        // that lead to its bytes.
+        log.append_as_leader(batch(), 0).unwrap();
+        let seen = synced.lock().unwrap().clone();
+        assert!(seen.contains(&dir), "{seen:?}");
+        assert!(seen.contains(&data), "{seen:?}");
+        // Once is enough for the parent.
+        synced.lock().unwrap().clear();
+        log.append_as_leader(batch(), 0).unwrap();
+        let seen = synced.lock().unwrap().clone();
+        assert!(!seen.contains(&data), "{seen:?}");
     }
 
     /// Holds the next write (only that one) of `dir`'s checkpoint `name`
