@@ -270,16 +270,17 @@ impl LogManager {
     /// background thread removes it ([`wait_for_deletions`] waits for
     /// that). The same partition can be created again at once.
     pub fn delete(&self, topic: &str, partition: i32) -> Result<()> {
-        let removed = self
-            .logs
-            .write()
-            .expect("logs lock")
-            .remove(&(topic.to_string(), partition));
-        if let Some(log) = removed {
+        // The rename happens under the logs lock, as `get_or_create`'s
+        // open does: a log created again for the partition in between
+        // would otherwise open the old directory and be renamed away with
+        // it, appending into files about to be removed.
+        let mut logs = self.logs.write().expect("logs lock");
+        if let Some(log) = logs.remove(&(topic.to_string(), partition)) {
             log.close_for_delete();
             let dir = log.dir().to_path_buf();
             let doomed = self.data_dir.join(deleted_name(topic, partition));
             std::fs::rename(&dir, &doomed).map_err(io_err(&dir))?;
+            drop(logs);
             remove_later(doomed, Some(log));
         }
         Ok(())
