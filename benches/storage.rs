@@ -133,6 +133,7 @@ fn timed_appends(log: &Log, batch: &Bytes, iters: u64) -> Duration {
         black_box(log.append_as_leader(b, 0).unwrap());
         total += start.elapsed();
         if log.size_bytes() > 256 * MIB {
+            log.set_high_watermark(log.log_end_offset());
             log.delete_records_before(log.log_end_offset()).unwrap();
         }
     }

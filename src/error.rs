@@ -111,7 +111,8 @@ impl BrokerError {
             },
             BrokerError::Storage(e) => match e {
                 StorageError::RecordTooLarge { .. } => ErrorCode::RecordTooLarge,
-                StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+                StorageError::OffsetOutOfRange { .. }
+                | StorageError::AboveHighWatermark { .. } => ErrorCode::OffsetOutOfRange,
                 StorageError::CorruptBatch { .. } | StorageError::EmptyBatch => {
                     ErrorCode::CorruptMessage
                 }

@@ -33,6 +33,11 @@ pub enum StorageError {
         log_start_offset: i64,
         log_end_offset: i64,
     },
+    /// Records may be deleted only below the high watermark: above it
+    /// they are not yet on every in-sync replica (Kafka refuses such a
+    /// DeleteRecords the same way).
+    #[error("cannot delete records below {offset}: above the high watermark {high_watermark}")]
+    AboveHighWatermark { offset: i64, high_watermark: i64 },
     /// A follower append whose first offset is not the log end offset.
     #[error("non-contiguous append: batch starts at {base_offset}, log ends at {log_end_offset}")]
     NonContiguous {

@@ -1066,16 +1066,18 @@ impl Log {
     }
 
     /// Advances the log start offset to `offset`, deleting whole segments
-    /// below it. Returns the new log start offset.
+    /// below it. Returns the new log start offset. `offset` may not pass
+    /// the high watermark: records above it may not be on every in-sync
+    /// replica yet, and the log start would pull the high watermark past
+    /// them.
     pub fn delete_records_before(&self, offset: i64) -> Result<i64> {
         let mut w = self.lock_writer()?;
-        let log_end_offset = self.log_end_offset();
         let log_start_offset = self.log_start_offset();
-        if offset > log_end_offset {
-            return Err(StorageError::OffsetOutOfRange {
+        let high_watermark = self.high_watermark();
+        if offset > high_watermark {
+            return Err(StorageError::AboveHighWatermark {
                 offset,
-                log_start_offset,
-                log_end_offset,
+                high_watermark,
             });
         }
         if offset <= log_start_offset {

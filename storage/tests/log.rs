@@ -256,6 +256,16 @@ fn delete_records_before_and_retention() {
             .unwrap();
     }
     assert_eq!(log.segment_count(), 5);
+    // Not above the high watermark.
+    log.set_high_watermark(5);
+    assert!(matches!(
+        log.delete_records_before(6),
+        Err(StorageError::AboveHighWatermark {
+            offset: 6,
+            high_watermark: 5
+        })
+    ));
+    assert_eq!(log.log_start_offset(), 0);
     assert_eq!(log.delete_records_before(5).unwrap(), 5);
     assert_eq!(log.log_start_offset(), 5);
     assert_eq!(log.segment_base_offsets(), vec![4, 8, 12, 16]);
@@ -293,8 +303,8 @@ fn delete_records_before_and_retention() {
             log.append_as_leader(batch(i, 2, 1000 + i as i64), 0)
                 .unwrap();
         }
-        log.delete_records_before(5).unwrap();
         log.set_high_watermark(log.log_end_offset());
+        log.delete_records_before(5).unwrap();
         log
     };
     log.set_config(LogConfig {
