@@ -853,12 +853,17 @@ impl Log {
         }
         let mut attempt = 0;
         loop {
-            let log_start_offset = self.log_start_offset();
             let log_end_offset = self.log_end_offset();
             let high_watermark = self.high_watermark();
             // Taken after loading the log end, so a segment rolled for any
             // offset below that end is in the list.
             let segments = self.snapshot();
+            // Loaded after the list: retention and deletion move the log
+            // start before they drop segments, so a list that has lost
+            // `offset`'s segment comes with a log start past it (loaded
+            // before, it let the read return the first surviving batch,
+            // past `offset`, as if it held `offset`).
+            let log_start_offset = self.log_start_offset();
             if offset < log_start_offset || offset > log_end_offset {
                 return Err(StorageError::OffsetOutOfRange {
                     offset,
