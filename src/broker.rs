@@ -861,6 +861,75 @@ impl Broker {
         })
     }
 
+    /// Deletes the partition's records below an offset (DeleteRecords; at
+    /// most the high watermark, which -1 stands for) and waits until every
+    /// in-sync replica's log starts there.
+    #[instrument(skip_all, fields(topic = %req.topic, partition = req.partition, offset = req.offset))]
+    pub async fn delete_records(
+        &self,
+        req: pb::DeleteRecordsRequest,
+    ) -> Result<pb::DeleteRecordsResponse, BrokerError> {
+        let meta = self.metadata.current();
+        let partition = self.leader_partition(&meta, &req.topic, req.partition)?;
+        let offset = match req.offset {
+            -1 => partition.log.high_watermark(),
+            o if o < 0 => {
+                return Err(BrokerError::InvalidRequest {
+                    reason: format!("offset {o}: records are deleted below an offset >= 0, or -1 for the high watermark"),
+                })
+            }
+            o => o,
+        };
+        let mut moved = partition.watch_low_watermark();
+        let log = partition.log.clone();
+        let start = tokio::task::spawn_blocking(move || log.delete_records_before(offset))
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)??;
+        info!(log_start_offset = start, "records deleted on the leader");
+        // Followers learn the new log start from their next fetch answer:
+        // wake the fetches waiting for data.
+        self.appended.send_modify(|n| *n = n.wrapping_add(1));
+        let timeout_ms = match req.timeout_ms {
+            0 => self.config.broker.request_timeout_ms,
+            t => u64::from(t),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+        loop {
+            let Some(low_watermark) = partition.low_watermark() else {
+                // Leadership moved while waiting.
+                let meta = self.metadata.current();
+                return Err(
+                    match self.leader_partition(&meta, &req.topic, req.partition) {
+                        Err(e) => e,
+                        Ok(_) => BrokerError::PartitionOffline {
+                            topic: req.topic,
+                            partition: req.partition,
+                        },
+                    },
+                );
+            };
+            if low_watermark >= offset {
+                return Ok(pb::DeleteRecordsResponse {
+                    low_watermark,
+                    offset,
+                });
+            }
+            match tokio::time::timeout_at(deadline, moved.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(BrokerError::ShuttingDown),
+                Err(_) => {
+                    return Err(BrokerError::DeleteRecordsTimeout {
+                        topic: req.topic,
+                        partition: req.partition,
+                        offset,
+                        low_watermark,
+                        timeout_ms,
+                    })
+                }
+            }
+        }
+    }
+
     /// Creates a topic (or only checks it, with validate_only).
     #[instrument(skip_all, fields(topic = %req.name))]
     pub async fn create_topic(

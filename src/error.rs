@@ -55,6 +55,14 @@ pub enum BrokerError {
         offset: i64,
         timeout_ms: u64,
     },
+    #[error("{topic}-{partition}: records below {offset} are deleted on the leader, but not yet on every in-sync replica after {timeout_ms} ms (low watermark {low_watermark}); followers delete them when they next fetch")]
+    DeleteRecordsTimeout {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        low_watermark: i64,
+        timeout_ms: u64,
+    },
     #[error("invalid request: {reason}")]
     InvalidRequest { reason: String },
     #[error(
@@ -86,7 +94,9 @@ impl BrokerError {
             BrokerError::NotEnoughReplicasAfterAppend { .. } => {
                 ErrorCode::NotEnoughReplicasAfterAppend
             }
-            BrokerError::ReplicationTimeout { .. } => ErrorCode::RequestTimedOut,
+            BrokerError::ReplicationTimeout { .. } | BrokerError::DeleteRecordsTimeout { .. } => {
+                ErrorCode::RequestTimedOut
+            }
             BrokerError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
             BrokerError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
             BrokerError::Unsupported { .. } => ErrorCode::Unsupported,
@@ -111,8 +121,9 @@ impl BrokerError {
             },
             BrokerError::Storage(e) => match e {
                 StorageError::RecordTooLarge { .. } => ErrorCode::RecordTooLarge,
-                StorageError::OffsetOutOfRange { .. }
-                | StorageError::AboveHighWatermark { .. } => ErrorCode::OffsetOutOfRange,
+                StorageError::OffsetOutOfRange { .. } | StorageError::AboveHighWatermark { .. } => {
+                    ErrorCode::OffsetOutOfRange
+                }
                 StorageError::CorruptBatch { .. } | StorageError::EmptyBatch => {
                     ErrorCode::CorruptMessage
                 }

@@ -36,6 +36,9 @@ pub struct Partition {
     pub log: Arc<Log>,
     /// Publishes the high watermark; fetchers and acks=all wait on it.
     hw_tx: watch::Sender<i64>,
+    /// Bumped when the low watermark may have moved (a follower reported
+    /// another log start, or the ISR changed); DeleteRecords waits on it.
+    low_watermark_tx: watch::Sender<u64>,
     /// Leader or follower state. Short critical sections only.
     role: Mutex<Role>,
 }
@@ -50,6 +53,7 @@ impl Partition {
             topic_id,
             log,
             hw_tx,
+            low_watermark_tx: watch::channel(0).0,
             role: Mutex::new(Role::Offline),
         }
     }
@@ -104,6 +108,8 @@ impl Partition {
                     after.sort_unstable();
                     if before != after {
                         info!(topic = %self.topic, partition = self.index, leader_epoch = info.leader_epoch, partition_epoch = info.partition_epoch, from = ?before, to = ?after, "ISR changed");
+                        self.low_watermark_tx
+                            .send_modify(|n| *n = n.wrapping_add(1));
                     }
                     state.set_replicas(&info.replicas, now_ms);
                     let cmds = state.on_isr_committed(&info.isr, info.partition_epoch, leo);
@@ -183,9 +189,37 @@ impl Partition {
         self.leader_event(|s, leo| s.on_append(leo))
     }
 
-    /// A follower fetched from `fetch_offset`.
-    pub fn on_follower_fetch(&self, follower: i32, fetch_offset: i64, now_ms: i64) -> Vec<Command> {
-        self.leader_event(|s, leo| s.on_fetch(follower, fetch_offset, leo, now_ms))
+    /// A follower fetched from `fetch_offset`, its log starting at
+    /// `log_start_offset`.
+    pub fn on_follower_fetch(
+        &self,
+        follower: i32,
+        fetch_offset: i64,
+        log_start_offset: i64,
+        now_ms: i64,
+    ) -> Vec<Command> {
+        self.leader_event(|s, leo| {
+            if s.on_follower_log_start(follower, log_start_offset) {
+                self.low_watermark_tx
+                    .send_modify(|n| *n = n.wrapping_add(1));
+            }
+            s.on_fetch(follower, fetch_offset, leo, now_ms)
+        })
+    }
+
+    /// On the leader: the smallest log start offset among the in-sync
+    /// replicas (-1 while a follower has not reported its own). `None` on
+    /// a follower.
+    pub fn low_watermark(&self) -> Option<i64> {
+        match &*self.role() {
+            Role::Leader(s) => Some(s.low_watermark(self.log.log_start_offset())),
+            _ => None,
+        }
+    }
+
+    /// A receiver woken when the low watermark may have moved.
+    pub fn watch_low_watermark(&self) -> watch::Receiver<u64> {
+        self.low_watermark_tx.subscribe()
     }
 
     /// Periodic ISR check.
@@ -356,7 +390,7 @@ mod tests {
                 scope.spawn(move || {
                     let mut seen = 0;
                     while !done.load(Ordering::Acquire) {
-                        p.on_follower_fetch(follower, log.log_end_offset(), 0);
+                        p.on_follower_fetch(follower, log.log_end_offset(), 0, 0);
                         check(&mut seen);
                         let (decided, stored) = p.high_watermarks().unwrap();
                         assert_eq!(decided, stored, "decided and stored");

@@ -687,3 +687,129 @@ async fn t06_a_fetch_between_the_high_watermark_and_the_log_end_is_not_out_of_ra
     .await;
     assert_eq!(got[0].value.as_deref(), Some(&b"b"[..]));
 }
+
+/// The first record offset a fetch at `offset` of `topic`-0 returns, or
+/// its error code.
+async fn first_offset_at(client: &Client, topic: &str, offset: i64) -> Result<i64, pb::ErrorCode> {
+    client
+        .fetch(pb::FetchRequest {
+            topic: topic.into(),
+            partition: 0,
+            offset,
+            max_wait_ms: 100,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.records.first().map_or(-1, |r| r.offset))
+        .map_err(|e| e.code())
+}
+
+/// DeleteRecords answers once every in-sync replica's log starts at the
+/// offset: after the leader dies, the new one serves nothing below it.
+/// It refuses offsets above the high watermark; the CLI deletes below
+/// the high watermark with `--before end`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t07_deleted_records_are_gone_from_every_in_sync_replica() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(3, base.path(), "", CONTROLLER);
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    let configs = BTreeMap::from([("segment.bytes".to_string(), "1024".to_string())]);
+    client.create_topic("del", 1, 3, configs).await.unwrap();
+    let p = await_partition(&client, "del", -1, 3).await;
+    // Small batches, so that segments hold a few records each.
+    let producer = client.producer(ProducerConfig {
+        acks: pb::Acks::All,
+        batch_bytes_max: 256,
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..100 {
+        let record = ProducerRecord {
+            value: Some(format!("v{i:03}").repeat(10).into()),
+            partition: Some(0),
+            ..ProducerRecord::default()
+        };
+        acks.push(producer.send("del", record).await.unwrap());
+    }
+    producer.close().await.unwrap();
+    for a in acks {
+        a.await.unwrap();
+    }
+
+    let above = client
+        .delete_records("del", 0, 101, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert_eq!(above.code(), pb::ErrorCode::OffsetOutOfRange, "{above}");
+    assert!(above.to_string().contains("high watermark"), "{above}");
+    let deleted = client
+        .delete_records("del", 0, 40, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(deleted.offset, 40);
+    assert!(deleted.low_watermark >= 40, "{deleted:?}");
+    assert_eq!(
+        first_offset_at(&client, "del", 39).await,
+        Err(pb::ErrorCode::OffsetOutOfRange)
+    );
+    assert_eq!(first_offset_at(&client, "del", 40).await, Ok(40));
+    // Every replica removed whole segments below 40 from disk.
+    for id in 1..=3 {
+        let dir = cluster.data_dir(id).join("del-0");
+        let first_segment: i64 = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()
+            })
+            .min()
+            .unwrap();
+        assert!(
+            (1..=40).contains(&first_segment),
+            "node {id}: first segment {first_segment}"
+        );
+    }
+
+    // The leader dies; the new one had moved its log start too.
+    cluster.kill(p.leader);
+    await_partition(&client, "del", p.leader, 2).await;
+    let earliest = eventually("the new leader's earliest offset", WAIT, || async {
+        client
+            .list_offsets("del", 0, pb::OffsetSpec::Earliest, 0)
+            .await
+            .ok()
+            .map(|r| r.offset)
+    })
+    .await;
+    assert_eq!(earliest, 40);
+    let below = eventually(
+        "a fetch below the log start on the new leader",
+        WAIT,
+        || async {
+            match first_offset_at(&client, "del", 10).await {
+                Err(pb::ErrorCode::OffsetOutOfRange) => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(below, ());
+
+    // The CLI: everything below the high watermark, on the two left.
+    let out = common::cli_ok(
+        &cluster.bootstrap(),
+        &["topic", "delete-records", "del", "--before", "end"],
+        None,
+    );
+    assert!(out.contains("100"), "{out}");
+    let earliest = client
+        .list_offsets("del", 0, pb::OffsetSpec::Earliest, 0)
+        .await
+        .unwrap()
+        .offset;
+    assert_eq!(earliest, 100);
+}

@@ -28,6 +28,9 @@ pub struct FollowerProgress {
     pub log_end_offset: i64,
     /// Last time (ms) the follower had everything the leader had.
     pub last_caught_up_ms: i64,
+    /// The follower's log start offset as its last fetch reported it; -1
+    /// until then.
+    pub log_start_offset: i64,
     /// The leader's log end offset when this follower last fetched, and
     /// when that was: a fetch that reaches it shows the follower had, at
     /// the time of that earlier fetch, everything the leader had.
@@ -41,6 +44,7 @@ impl FollowerProgress {
         FollowerProgress {
             log_end_offset: -1,
             last_caught_up_ms: now_ms,
+            log_start_offset: -1,
             last_fetch_leader_log_end_offset: i64::MAX,
             last_fetch_ms: now_ms,
         }
@@ -211,6 +215,31 @@ impl LeaderState {
         out
     }
 
+    /// A follower's fetch reported its log start offset. Returns whether
+    /// it moved (the low watermark may have).
+    pub fn on_follower_log_start(&mut self, follower: i32, log_start_offset: i64) -> bool {
+        match self.followers.get_mut(&follower) {
+            Some(f) if f.log_start_offset != log_start_offset => {
+                f.log_start_offset = log_start_offset;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The partition's low watermark (Kafka's): the smallest log start
+    /// offset among the in-sync replicas, the leader's being
+    /// `leader_log_start_offset`; -1 while an in-sync follower has not
+    /// reported one. Records below it are gone from every replica that
+    /// could lead.
+    pub fn low_watermark(&self, leader_log_start_offset: i64) -> i64 {
+        self.isr
+            .iter()
+            .filter(|id| **id != self.leader_id)
+            .map(|id| self.followers.get(id).map_or(-1, |f| f.log_start_offset))
+            .fold(leader_log_start_offset, i64::min)
+    }
+
     /// Periodic check: ISR followers not caught up for longer than
     /// `lag_time_max_ms` are proposed for removal.
     pub fn on_tick(&mut self, now_ms: i64, lag_time_max_ms: i64) -> Vec<Command> {
@@ -300,6 +329,22 @@ impl LeaderState {
 mod tests {
     use super::*;
     use Command::*;
+
+    #[test]
+    fn the_low_watermark_is_the_smallest_in_sync_log_start() {
+        let mut s = LeaderState::new(1, 0, 0, &[1, 2, 3], &[1, 2, 3], 0, 0);
+        assert_eq!(s.low_watermark(40), -1, "followers not heard from");
+        assert!(s.on_follower_log_start(2, 40));
+        assert!(!s.on_follower_log_start(2, 40), "no change");
+        assert_eq!(s.low_watermark(40), -1);
+        assert!(s.on_follower_log_start(3, 30));
+        assert_eq!(s.low_watermark(40), 30);
+        assert_eq!(s.low_watermark(20), 20, "the leader's counts");
+        // A follower outside the ISR does not hold it back.
+        s.on_isr_committed(&[1, 2], 1, 0);
+        assert_eq!(s.low_watermark(40), 40);
+        assert!(!s.on_follower_log_start(9, 5), "not a replica");
+    }
 
     /// The proposal of `isr` that `s` makes, with its epochs.
     fn proposal(s: &LeaderState, isr: Vec<i32>) -> Command {

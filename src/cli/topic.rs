@@ -1,6 +1,6 @@
 //! `runnel topic ...`.
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Subcommand;
 use runnel::client::Client;
 use runnel_proto::v1 as pb;
@@ -44,6 +44,29 @@ pub enum TopicCommand {
         #[arg(long)]
         partitions: Option<i32>,
     },
+    /// Delete the records below an offset (every in-sync replica's log
+    /// then starts there); whole segments below it are removed from disk.
+    DeleteRecords {
+        name: String,
+        /// Partition (repeatable); every partition when absent.
+        #[arg(long = "partition", value_name = "N")]
+        partitions: Vec<i32>,
+        /// Delete below this offset, or "end" for below the high
+        /// watermark (every record consumers can read now).
+        #[arg(long, value_name = "OFFSET|end", value_parser = parse_before)]
+        before: i64,
+    },
+}
+
+/// An offset, or "end" (-1: the high watermark).
+fn parse_before(s: &str) -> Result<i64, String> {
+    match s {
+        "end" => Ok(-1),
+        _ => match s.parse::<i64>() {
+            Ok(o) if o >= 0 => Ok(o),
+            _ => Err(format!("'{s}' is not an offset (>= 0) or \"end\"")),
+        },
+    }
 }
 
 pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::Result<()> {
@@ -102,6 +125,40 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
             client.delete_topic(&name).await?;
             if output == Output::Table {
                 println!("deleted topic {name}");
+            }
+        }
+        TopicCommand::DeleteRecords {
+            name,
+            partitions,
+            before,
+        } => {
+            let partitions = if partitions.is_empty() {
+                let t = client.describe_topic(&name).await?;
+                t.partitions.iter().map(|p| p.partition).collect()
+            } else {
+                partitions
+            };
+            let mut rows = vec![vec![
+                "PARTITION".to_string(),
+                "DELETED BELOW".into(),
+                "LOW WATERMARK".into(),
+            ]];
+            let mut json = Vec::new();
+            for p in partitions {
+                let r = client
+                    .delete_records(&name, p, before, std::time::Duration::ZERO)
+                    .await
+                    .with_context(|| format!("deleting records of {name}-{p}"))?;
+                json.push(serde_json::json!({"partition": p, "offset": r.offset, "low_watermark": r.low_watermark}));
+                rows.push(vec![
+                    p.to_string(),
+                    r.offset.to_string(),
+                    r.low_watermark.to_string(),
+                ]);
+            }
+            match output {
+                Output::Json => println!("{}", serde_json::Value::Array(json)),
+                Output::Table => print_table(&rows),
             }
         }
         TopicCommand::Alter {

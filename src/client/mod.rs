@@ -609,6 +609,42 @@ impl Client {
         })
     }
 
+    /// Deletes `topic`-`partition`'s records below `offset` (-1: below
+    /// the high watermark), on the partition's leader, and waits up to
+    /// `timeout` until every in-sync replica has followed (zero: the
+    /// broker's request timeout). Returns the low watermark and the
+    /// offset used.
+    pub async fn delete_records(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        timeout: Duration,
+    ) -> Result<pb::DeleteRecordsResponse, ClientError> {
+        let mut admin = AdminClient::new(self.leader(topic, partition).await?);
+        let mut request = tonic::Request::new(pb::DeleteRecordsRequest {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        });
+        // The broker answers within its timeout (30 s by default for 0).
+        let wait = if timeout.is_zero() {
+            Duration::from_secs(30)
+        } else {
+            timeout
+        };
+        request.set_timeout(wait + REQUEST_TIMEOUT);
+        admin
+            .delete_records(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| {
+                self.invalidate(topic);
+                ClientError::from(status)
+            })
+    }
+
     /// One fetch call.
     pub async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchResponse, ClientError> {
         let topic = req.topic.clone();

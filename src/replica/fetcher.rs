@@ -346,6 +346,18 @@ async fn fetch_round(
         }
         a.partition
             .advance_high_watermark(data.high_watermark.min(log.log_end_offset()));
+        // The leader's log starts later (DeleteRecords, or its retention):
+        // so does this replica's, up to its own high watermark. Its next
+        // fetch reports the new start, which the leader's low watermark
+        // (and a DeleteRecords waiting on it) counts.
+        let to = data.log_start_offset.min(log.high_watermark());
+        if to > log.log_start_offset() {
+            let log = log.clone();
+            tokio::task::spawn_blocking(move || log.delete_records_before(to))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{}-{}: {e}", data.topic, data.partition))?;
+        }
     }
     if refresh && appended == 0 {
         // Leadership moved or our metadata is stale: wait a little for the

@@ -82,7 +82,8 @@ fn answer(broker: &Broker, req: &ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchR
                 out.error_code = ErrorCode::OffsetOutOfRange as i32;
                 return out;
             }
-            let proposals = partition.on_follower_fetch(req.replica_id, p.fetch_offset, now);
+            let proposals =
+                partition.on_follower_fetch(req.replica_id, p.fetch_offset, p.log_start_offset, now);
             broker.propose_isr_changes(&partition, proposals);
             out.high_watermark = log.high_watermark();
             out.log_start_offset = log.log_start_offset();

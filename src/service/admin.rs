@@ -103,6 +103,23 @@ impl Admin for AdminService {
         ))
     }
 
+    async fn delete_records(
+        &self,
+        request: Request<pb::DeleteRecordsRequest>,
+    ) -> Result<Response<pb::DeleteRecordsResponse>, Status> {
+        let topic = request.get_ref().topic.clone();
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &topic,
+            Operation::Delete,
+        )?;
+        Ok(Response::new(
+            self.broker.delete_records(request.into_inner()).await?,
+        ))
+    }
+
     async fn add_partitions(
         &self,
         request: Request<pb::AddPartitionsRequest>,
