@@ -173,6 +173,7 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::RebalanceInProgress
         | ErrorCode::GroupNotEmpty
         | ErrorCode::ProducerFenced
+        | ErrorCode::FencedInstanceId
         | ErrorCode::UnknownProducerId => Code::FailedPrecondition,
         ErrorCode::AuthenticationFailed => Code::Unauthenticated,
         ErrorCode::AuthorizationFailed => Code::PermissionDenied,

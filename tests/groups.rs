@@ -689,16 +689,60 @@ async fn t05_static_members_come_back_without_a_rebalance_and_broadcast_gives_al
     })
     .await;
     a.crash().await;
-    // The restarted instance gets its member id and partitions back in
-    // the same generation, before its old session expires.
+    // The restarted instance gets the partitions back in the same
+    // generation, before its old session expires, under a new member id.
     let b = Member::spawn(&client, stat);
-    let again = eventually("the static member back", WAIT, || async {
-        let s = b.snapshot();
-        (s.1 >= 1).then_some(s)
-    })
-    .await;
-    assert_eq!(again, (member, gen, assignment));
+    let (again, gen_again, assignment_again) =
+        eventually("the static member back", WAIT, || async {
+            let s = b.snapshot();
+            (s.1 >= 1).then_some(s)
+        })
+        .await;
+    assert_eq!((gen_again, assignment_again), (gen, assignment));
+    assert_ne!(again, member);
     b.close().await;
+
+    // An instance still running when its replacement joins is fenced: its
+    // polls fail with FENCED_INSTANCE_ID and it reads nothing more, while
+    // the replacement keeps the partitions.
+    let mut pod = config("f", "t");
+    pod.group_instance_id = "pod-2".into();
+    let all_four = |c: &GroupConsumer| c.assignment().len() == 4;
+    let deadline = Instant::now() + WAIT;
+    let mut old = client.group_consumer(pod.clone()).unwrap();
+    while !all_four(&old) {
+        assert!(
+            Instant::now() < deadline,
+            "the first pod-2 was never assigned"
+        );
+        old.poll().await.unwrap();
+    }
+    let mut new = client.group_consumer(pod).unwrap();
+    while !all_four(&new) {
+        assert!(
+            Instant::now() < deadline,
+            "the second pod-2 was never assigned"
+        );
+        new.poll().await.unwrap();
+    }
+    assert_eq!(new.generation(), old.generation(), "no rebalance");
+    let fenced = loop {
+        assert!(Instant::now() < deadline, "the old pod-2 was never fenced");
+        if let Err(e) = old.poll().await {
+            break e;
+        }
+    };
+    assert_eq!(fenced.code(), pb::ErrorCode::FencedInstanceId, "{fenced}");
+    assert!(old.assignment().is_empty());
+    let again = old.poll().await.unwrap_err();
+    assert_eq!(again.code(), pb::ErrorCode::FencedInstanceId, "{again}");
+    new.poll().await.unwrap();
+    assert!(all_four(&new));
+    let d = client.describe_group("f").await.unwrap();
+    let ids: Vec<&str> = d.members.iter().map(|m| m.member_id.as_str()).collect();
+    assert_eq!(ids, [new.member_id()]);
+    old.close().await.unwrap();
+    new.close().await.unwrap();
 
     let mut all = config("b", "t");
     all.strategy = pb::AssignmentStrategy::Broadcast;

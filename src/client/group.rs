@@ -273,11 +273,25 @@ impl Client {
         generation_id: i32,
         offsets: Vec<pb::PartitionOffset>,
     ) -> Result<(), ClientError> {
+        self.commit_offsets_as(group, member_id, "", generation_id, offsets)
+            .await
+    }
+
+    /// [`Client::commit_offsets`] by a member with a static instance id.
+    pub(crate) async fn commit_offsets_as(
+        &self,
+        group: &str,
+        member_id: &str,
+        group_instance_id: &str,
+        generation_id: i32,
+        offsets: Vec<pb::PartitionOffset>,
+    ) -> Result<(), ClientError> {
         let req = pb::CommitOffsetsRequest {
             group: group.to_string(),
             member_id: member_id.to_string(),
             generation_id,
             offsets,
+            group_instance_id: group_instance_id.to_string(),
         };
         self.group_call(group, req, REQUEST_TIMEOUT, |mut c, r| async move {
             c.commit_offsets(r).await
@@ -339,6 +353,15 @@ impl Client {
 const SIGNAL_OK: u8 = 0;
 const SIGNAL_REJOIN: u8 = 1;
 const SIGNAL_REJOIN_AS_NEW: u8 = 2;
+/// A newer member with this member's static instance id replaced it: it
+/// stops for good (sticky: no later signal replaces it).
+const SIGNAL_FENCED: u8 = 3;
+
+fn set_signal(signal: &AtomicU8, value: u8) {
+    let _ = signal.fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+        (now != SIGNAL_FENCED).then_some(value)
+    });
+}
 
 /// A background (cooperative) rejoin.
 type PendingJoin = JoinHandle<Result<pb::JoinGroupResponse, ClientError>>;
@@ -418,6 +441,32 @@ impl GroupConsumer {
         self.config.protocol == pb::RebalanceProtocol::Cooperative
     }
 
+    /// A newer member with this one's static instance id took its place:
+    /// it stops reading (its partitions are the new member's now) and
+    /// every later poll fails with FENCED_INSTANCE_ID; it does not rejoin,
+    /// which would fence the newer one in turn.
+    fn fenced(&mut self) -> ClientError {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+        if let Some(h) = self.pending.take() {
+            h.abort();
+        }
+        let lost = std::mem::take(&mut self.consumers);
+        self.committed.clear();
+        if !lost.is_empty() {
+            self.tell(RebalanceEvent::Revoked(lost.into_keys().collect()));
+        }
+        ClientError::Broker {
+            code: pb::ErrorCode::FencedInstanceId,
+            message: format!(
+                "member '{}' of group '{}' was replaced by a newer member with instance id '{}'",
+                self.member_id, self.config.group, self.config.group_instance_id
+            ),
+            leader: None,
+        }
+    }
+
     /// Partitions owned now.
     pub fn assignment(&self) -> Vec<(String, i32)> {
         self.consumers.keys().cloned().collect()
@@ -485,17 +534,23 @@ impl GroupConsumer {
             let pending = self.pending.take().expect("checked above");
             match pending.await {
                 Ok(Ok(resp)) => self.take_cooperative_answer(resp).await?,
+                Ok(Err(e)) if e.code() == pb::ErrorCode::FencedInstanceId => {
+                    set_signal(&self.signal, SIGNAL_FENCED);
+                }
                 Ok(Err(e)) if e.code() == pb::ErrorCode::UnknownMember => {
-                    self.signal.store(SIGNAL_REJOIN_AS_NEW, Ordering::Release);
+                    set_signal(&self.signal, SIGNAL_REJOIN_AS_NEW);
                 }
                 Ok(Err(e)) => {
-                    self.signal.store(SIGNAL_REJOIN, Ordering::Release);
+                    set_signal(&self.signal, SIGNAL_REJOIN);
                     return Err(e);
                 }
-                Err(_) => self.signal.store(SIGNAL_REJOIN, Ordering::Release),
+                Err(_) => set_signal(&self.signal, SIGNAL_REJOIN),
             }
         }
         let signal = self.signal.load(Ordering::Acquire);
+        if signal == SIGNAL_FENCED {
+            return Err(self.fenced());
+        }
         if self.generation < 0
             || signal == SIGNAL_REJOIN_AS_NEW
             || (signal == SIGNAL_REJOIN && !self.cooperative())
@@ -554,7 +609,7 @@ impl GroupConsumer {
         // first await, so a rejoin never claims them stopped while they
         // are still read, and what is not started yet comes back in the
         // next answer.
-        self.signal.store(SIGNAL_REJOIN, Ordering::Release);
+        set_signal(&self.signal, SIGNAL_REJOIN);
         if !revoked.is_empty() {
             let positions = if self.config.auto_commit_interval.is_some() {
                 self.uncommitted(Some(&revoked))
@@ -579,10 +634,7 @@ impl GroupConsumer {
         // Rejoining takes them up again.
         self.start_partitions(&added).await?;
         if self.signal.load(Ordering::Acquire) == SIGNAL_REJOIN {
-            self.signal.store(
-                if rejoin { SIGNAL_REJOIN } else { SIGNAL_OK },
-                Ordering::Release,
-            );
+            set_signal(&self.signal, if rejoin { SIGNAL_REJOIN } else { SIGNAL_OK });
         }
         if !rejoin {
             self.spawn_heartbeat(resp.heartbeat_interval_ms);
@@ -634,6 +686,9 @@ impl GroupConsumer {
             // Best effort: a fenced commit is re-read by the next owner.
             let _ = self.commit().await;
         }
+        if self.signal.load(Ordering::Acquire) == SIGNAL_FENCED {
+            return Err(self.fenced());
+        }
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }
@@ -657,7 +712,14 @@ impl GroupConsumer {
         let resp = match join(req.clone()).await {
             Err(e) if e.code() == pb::ErrorCode::UnknownMember => {
                 req.member_id.clear();
-                join(req).await?
+                join(req).await
+            }
+            other => other,
+        };
+        let resp = match resp {
+            Err(e) if e.code() == pb::ErrorCode::FencedInstanceId => {
+                set_signal(&self.signal, SIGNAL_FENCED);
+                return Err(self.fenced());
             }
             other => other?,
         };
@@ -665,7 +727,7 @@ impl GroupConsumer {
         self.generation = resp.generation_id;
         // Until the partitions are started: a poll dropped meanwhile
         // leaves the member to rejoin on the next one.
-        self.signal.store(SIGNAL_REJOIN, Ordering::Release);
+        set_signal(&self.signal, SIGNAL_REJOIN);
         let assigned: Vec<(String, i32)> = resp
             .assignment
             .iter()
@@ -694,13 +756,13 @@ impl GroupConsumer {
         self.consumers = kept;
         self.start_partitions(&fresh).await?;
         if self.signal.load(Ordering::Acquire) == SIGNAL_REJOIN {
-            self.signal.store(
+            set_signal(
+                &self.signal,
                 if resp.rejoin {
                     SIGNAL_REJOIN
                 } else {
                     SIGNAL_OK
                 },
-                Ordering::Release,
             );
         }
         if !resp.rejoin {
@@ -723,6 +785,7 @@ impl GroupConsumer {
             group: self.config.group.clone(),
             member_id: self.member_id.clone(),
             generation_id: self.generation,
+            group_instance_id: self.config.group_instance_id.clone(),
         };
         let every = Duration::from_millis(u64::from(interval_ms.max(20)));
         self.heartbeat = Some(tokio::spawn(async move {
@@ -738,16 +801,20 @@ impl GroupConsumer {
                     .await;
                 match r {
                     Ok(r) if r.rejoin => {
-                        signal.store(SIGNAL_REJOIN, Ordering::Release);
+                        set_signal(&signal, SIGNAL_REJOIN);
                         return;
                     }
                     Ok(_) => {}
+                    Err(e) if e.code() == pb::ErrorCode::FencedInstanceId => {
+                        set_signal(&signal, SIGNAL_FENCED);
+                        return;
+                    }
                     Err(e) if e.code() == pb::ErrorCode::UnknownMember => {
-                        signal.store(SIGNAL_REJOIN_AS_NEW, Ordering::Release);
+                        set_signal(&signal, SIGNAL_REJOIN_AS_NEW);
                         return;
                     }
                     Err(e) if e.code() == pb::ErrorCode::IllegalGeneration => {
-                        signal.store(SIGNAL_REJOIN, Ordering::Release);
+                        set_signal(&signal, SIGNAL_REJOIN);
                         return;
                     }
                     Err(e) => tracing::debug!(error = %e, "heartbeat failed; retrying"),
@@ -902,9 +969,10 @@ impl GroupConsumer {
         }
         let r = self
             .client
-            .commit_offsets(
+            .commit_offsets_as(
                 &self.config.group,
                 &self.member_id,
+                &self.config.group_instance_id,
                 self.generation,
                 offsets.clone(),
             )
@@ -921,11 +989,10 @@ impl GroupConsumer {
             }
             Err(e) => {
                 match e.code() {
-                    pb::ErrorCode::UnknownMember => {
-                        self.signal.store(SIGNAL_REJOIN_AS_NEW, Ordering::Release)
-                    }
+                    pb::ErrorCode::FencedInstanceId => set_signal(&self.signal, SIGNAL_FENCED),
+                    pb::ErrorCode::UnknownMember => set_signal(&self.signal, SIGNAL_REJOIN_AS_NEW),
                     pb::ErrorCode::IllegalGeneration | pb::ErrorCode::RebalanceInProgress => {
-                        self.signal.store(SIGNAL_REJOIN, Ordering::Release)
+                        set_signal(&self.signal, SIGNAL_REJOIN)
                     }
                     _ => {}
                 }
@@ -950,9 +1017,14 @@ impl GroupConsumer {
         } else {
             Ok(())
         };
+        if self.signal.load(Ordering::Acquire) == SIGNAL_FENCED {
+            // Replaced: nothing of the group is this member's any more.
+            return Ok(());
+        }
         let req = pb::LeaveGroupRequest {
             group: self.config.group.clone(),
             member_id: self.member_id.clone(),
+            group_instance_id: self.config.group_instance_id.clone(),
         };
         let left = self
             .client

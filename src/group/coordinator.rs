@@ -93,6 +93,9 @@ impl CoordinatorError {
                 pb::ErrorCode::IllegalGeneration
             }
             CoordinatorError::Group(GroupError::NotEmpty { .. }) => pb::ErrorCode::GroupNotEmpty,
+            CoordinatorError::Group(GroupError::FencedInstance { .. }) => {
+                pb::ErrorCode::FencedInstanceId
+            }
             // Fenced like a stale generation: the member must rejoin.
             CoordinatorError::Group(GroupError::NotOwner { .. }) => {
                 pb::ErrorCode::IllegalGeneration
@@ -825,6 +828,9 @@ impl GroupCoordinator {
                 member_id: req.member_id.clone(),
             })
         })?;
+        entry
+            .group
+            .check_instance(&req.member_id, &req.group_instance_id)?;
         let rejoin = entry
             .group
             .heartbeat(&req.member_id, req.generation_id, now_ms())?;
@@ -843,6 +849,9 @@ impl GroupCoordinator {
             })
         })?;
         let now = now_ms();
+        entry
+            .group
+            .check_instance(&req.member_id, &req.group_instance_id)?;
         entry.group.leave(&req.member_id, now)?;
         if entry.group.try_complete(now, &counts) {
             self.rebalanced(&entry.group, now);
@@ -939,11 +948,15 @@ impl GroupCoordinator {
                 .map(|o| (o.topic.clone(), o.partition))
                 .collect();
             match inner.groups.get(&req.group) {
-                Some(e) => e.group.validate_commit_partitions(
-                    &req.member_id,
-                    req.generation_id,
-                    &partitions,
-                )?,
+                Some(e) => {
+                    e.group
+                        .check_instance(&req.member_id, &req.group_instance_id)?;
+                    e.group.validate_commit_partitions(
+                        &req.member_id,
+                        req.generation_id,
+                        &partitions,
+                    )?
+                }
                 None if req.member_id.is_empty() => {}
                 None => {
                     return Err(GroupError::UnknownMember {

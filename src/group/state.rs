@@ -48,6 +48,12 @@ pub enum GroupError {
         generation: i32,
         current: i32,
     },
+    #[error("member '{member_id}' of group '{group}' was replaced by a newer member with instance id '{instance_id}'")]
+    FencedInstance {
+        group: String,
+        instance_id: String,
+        member_id: String,
+    },
     #[error("group '{group}' has {members} active members")]
     NotEmpty { group: String, members: usize },
     #[error("member '{member_id}' of group '{group}' does not own {topic}-{partition} (it moved in a rebalance)")]
@@ -225,20 +231,46 @@ impl Group {
         }
     }
 
+    /// Refuses a call from `member_id` made as static instance
+    /// `instance_id` when the instance is now another member: a newer
+    /// incarnation replaced it (KIP-345), and the old one must stop
+    /// rather than rejoin and take the instance back.
+    pub fn check_instance(&self, member_id: &str, instance_id: &str) -> Result<(), GroupError> {
+        if instance_id.is_empty() {
+            return Ok(());
+        }
+        match self.members.values().find(|m| m.instance_id == instance_id) {
+            Some(m) if m.member_id != member_id => Err(GroupError::FencedInstance {
+                group: self.id.clone(),
+                instance_id: instance_id.to_string(),
+                member_id: member_id.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// A member joins or rejoins; returns its member id. The member gets
     /// its assignment once [`Group::try_complete`] finishes the rebalance
     /// (at once when the join changes nothing in a stable group).
+    ///
+    /// Static membership: a join with no member id for a known instance
+    /// id takes that member's place under a new member id, with its
+    /// assignment and generation (no rebalance if its topics are the
+    /// same); the old member id is gone, and calls made with it as that
+    /// instance are fenced ([`Group::check_instance`]).
     pub fn join(&mut self, args: JoinArgs, now_ms: i64) -> Result<String, GroupError> {
         let mut member_id = args.member_id.clone();
-        if member_id.is_empty() && !args.instance_id.is_empty() {
-            // Static membership: the instance keeps its member id.
-            if let Some(m) = self
-                .members
-                .values()
-                .find(|m| m.instance_id == args.instance_id)
-            {
-                member_id = m.member_id.clone();
+        let mut replaced = None;
+        if member_id.is_empty() {
+            if !args.instance_id.is_empty() {
+                replaced = self
+                    .members
+                    .values()
+                    .find(|m| m.instance_id == args.instance_id)
+                    .map(|m| m.member_id.clone());
             }
+        } else {
+            self.check_instance(&member_id, &args.instance_id)?;
         }
         if member_id.is_empty() {
             self.next_member += 1;
@@ -255,7 +287,10 @@ impl Group {
         } else if !self.members.contains_key(&member_id) {
             return Err(self.unknown(&member_id));
         }
-        let existing = self.members.get(&member_id).cloned();
+        let existing = match &replaced {
+            Some(old) => self.members.remove(old),
+            None => self.members.get(&member_id).cloned(),
+        };
         let unchanged = existing.as_ref().is_some_and(|m| {
             m.topics == args.topics && m.generation == self.generation && self.generation > 0
         });
@@ -667,15 +702,32 @@ mod tests {
     }
 
     #[test]
-    fn static_member_keeps_its_id_and_assignment_without_rebalance() {
+    fn a_restarted_static_member_takes_the_assignment_and_fences_the_old_one() {
         let mut g = Group::new("g");
         let a = g.join(args("", "pod-1"), 0).unwrap();
+        let b = g.join(args("", "pod-2"), 0).unwrap();
         g.try_complete(0, &counts());
+        let owned_by_a = g.members[&a].assignment.clone();
+        // pod-1 restarts: a new member id, the same partitions, no
+        // rebalance.
         let again = g.join(args("", "pod-1"), 50).unwrap();
-        assert_eq!(a, again);
+        assert_ne!(a, again);
         assert_eq!(g.state, GroupState::Stable);
         assert_eq!(g.generation, 1);
-        assert!(g.assignment_ready(&a).is_some());
+        assert_eq!(g.assignment_ready(&again).unwrap().assignment, owned_by_a);
+        assert!(!g.members.contains_key(&a));
+        // The old incarnation is fenced, whatever it tries.
+        let fenced = |r: Result<(), GroupError>| {
+            assert!(matches!(r, Err(GroupError::FencedInstance { .. })), "{r:?}")
+        };
+        fenced(g.check_instance(&a, "pod-1"));
+        fenced(g.join(args(&a, "pod-1"), 60).map(drop));
+        assert_eq!(g.members.len(), 2, "the fenced join changed nothing");
+        // The new one and other members are not.
+        g.check_instance(&again, "pod-1").unwrap();
+        g.check_instance(&b, "pod-2").unwrap();
+        g.check_instance(&b, "").unwrap();
+        assert_eq!(g.heartbeat(&again, 1, 70), Ok(false));
     }
 
     #[test]
