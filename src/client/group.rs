@@ -523,6 +523,17 @@ impl GroupConsumer {
             strategy: c.strategy as i32,
             client_id: c.client_id.clone(),
             protocol: c.protocol as i32,
+            owned_partitions: if self.cooperative() {
+                self.consumers
+                    .keys()
+                    .map(|(topic, partition)| pb::TopicPartition {
+                        topic: topic.clone(),
+                        partition: *partition,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 

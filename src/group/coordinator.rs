@@ -726,6 +726,11 @@ impl GroupCoordinator {
             rebalance_timeout_ms: i64::from(rebalance),
             strategy,
             protocol,
+            owned: req
+                .owned_partitions
+                .iter()
+                .map(|tp| (tp.topic.clone(), tp.partition))
+                .collect(),
         };
         let counts = self.partition_counts();
         let (member_id, joined_at, mut rx) = {

@@ -138,6 +138,7 @@ mod tests {
                     rebalance_timeout_ms: 4000,
                     strategy: AssignmentStrategy::CooperativeSticky,
                     protocol: RebalanceProtocol::Cooperative,
+                    owned: Vec::new(),
                 },
                 10,
             )

@@ -134,6 +134,8 @@ pub struct JoinArgs {
     pub strategy: AssignmentStrategy,
     /// Rebalance protocol wanted.
     pub protocol: RebalanceProtocol,
+    /// Cooperative: partitions the member still reads as it joins.
+    pub owned: Vec<TopicPartition>,
 }
 
 /// One group.
@@ -308,8 +310,20 @@ impl Group {
                 .unwrap_or_default(),
             generation: existing.as_ref().map_or(0, |m| m.generation),
             rejoined: true,
-            // A rejoin says the revoked partitions were stopped.
-            revoked: Vec::new(),
+            // A rejoin says the revoked partitions were stopped, unless
+            // it still lists them: it was sent before the member learned
+            // they were taken (a join retried after the coordinator
+            // moved), and they stay held.
+            revoked: existing
+                .as_ref()
+                .map(|m| {
+                    m.revoked
+                        .iter()
+                        .filter(|tp| args.owned.contains(tp))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         self.members.insert(member_id.clone(), member);
         if self.members.len() == 1 || self.state == GroupState::Empty {
@@ -391,14 +405,16 @@ impl Group {
         let mut revoked_any = false;
         let cooperative = self.cooperative();
         if cooperative {
-            // Partitions still owned by someone else wait for the
-            // follow-up round; their owners lose them now.
+            // Partitions still owned (or revoked but not yet released) by
+            // someone else wait for a follow-up round; their owners lose
+            // them now.
             let owners: BTreeMap<TopicPartition, String> = self
                 .members
                 .values()
                 .flat_map(|m| {
                     m.assignment
                         .iter()
+                        .chain(&m.revoked)
                         .map(|tp| (tp.clone(), m.member_id.clone()))
                 })
                 .collect();
@@ -407,9 +423,10 @@ impl Group {
             }
             for m in self.members.values_mut() {
                 let target = assignment.get(&m.member_id);
-                m.revoked = m
-                    .assignment
-                    .iter()
+                let held: BTreeSet<&TopicPartition> =
+                    m.assignment.iter().chain(&m.revoked).collect();
+                m.revoked = held
+                    .into_iter()
                     .filter(|tp| !target.is_some_and(|t| t.contains(tp)))
                     .cloned()
                     .collect();
@@ -592,6 +609,7 @@ mod tests {
             rebalance_timeout_ms: 500,
             strategy: AssignmentStrategy::Range,
             protocol: RebalanceProtocol::Eager,
+            owned: Vec::new(),
         }
     }
 
@@ -817,6 +835,45 @@ mod tests {
         assert_eq!(owned(&g, &c).len(), 2);
         assert!(owned(&g, &c).contains(&lost_a[0]));
         assert!(g.join_result(&c, 2).is_some());
+    }
+
+    #[test]
+    fn a_join_still_listing_a_revoked_partition_does_not_release_it() {
+        let mut g = Group::new("g");
+        let a = g.join(coop(""), 0).unwrap();
+        let b = g.join(coop(""), 0).unwrap();
+        assert!(g.try_complete(0, &counts()));
+        let a1: Vec<TopicPartition> = owned(&g, &a).into_iter().collect();
+        let c = g.join(coop(""), 10).unwrap();
+        let owning = |id: &str, owned: Vec<TopicPartition>| JoinArgs { owned, ..coop(id) };
+        g.join(owning(&a, a1.clone()), 11).unwrap();
+        g.join(coop(&b), 12).unwrap();
+        assert!(g.try_complete(12, &counts()));
+        let lost_a = g.members[&a].revoked.clone();
+        assert_eq!(lost_a.len(), 1);
+        // The coordinator moves before a hears of it: a's join, retried,
+        // still lists the partition it lost. The follow-up round must not
+        // hand it over, and starts another round.
+        g.join(owning(&a, a1.clone()), 20).unwrap();
+        g.join(coop(&b), 21).unwrap();
+        g.join(coop(&c), 22).unwrap();
+        assert!(g.try_complete(22, &counts()));
+        assert!(
+            !owned(&g, &c).contains(&lost_a[0]),
+            "handed over while a reads it"
+        );
+        assert_eq!(g.members[&a].revoked, lost_a);
+        assert_eq!(g.state, GroupState::PreparingRebalance);
+        owned_disjoint(&g);
+        // a stops it and rejoins without it: now c gets it.
+        let kept: Vec<TopicPartition> = owned(&g, &a).into_iter().collect();
+        g.join(owning(&a, kept), 30).unwrap();
+        g.join(coop(&b), 31).unwrap();
+        g.join(coop(&c), 32).unwrap();
+        assert!(g.try_complete(32, &counts()));
+        assert_eq!(g.state, GroupState::Stable);
+        assert!(owned(&g, &c).contains(&lost_a[0]));
+        assert!(g.members[&a].revoked.is_empty());
     }
 
     #[test]
