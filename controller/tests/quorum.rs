@@ -694,3 +694,37 @@ async fn t08_dead_controller_is_fenced_one_session_after_its_last_contact() {
         n.kill().await;
     }
 }
+
+/// `RegisterBroker` records the registering broker's own listeners: its
+/// internal address from the request, never the serving node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t09_register_broker_records_the_brokers_own_internal_address() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, nodes) = cluster_with(root.path(), 1, &[], |c| {
+        c.internal_address = Some("127.0.0.1:1".into());
+    })
+    .await;
+    let node = &nodes[0];
+    wait_leader(&[node]).await;
+    node.store.wait_for_cluster_id(WAIT).await.unwrap();
+    let mut client = BrokerLifecycleClient::connect(format!("http://{}", node.addr))
+        .await
+        .unwrap();
+    for (id, internal) in [(8, ""), (9, "127.0.0.1:9093")] {
+        let epoch = client
+            .register_broker(runnel_proto::v1::internal::RegisterBrokerRequest {
+                broker_id: id,
+                address: format!("127.0.0.1:{}", 9000 + id),
+                internal_address: internal.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .broker_epoch;
+        assert!(epoch > 0);
+    }
+    let state = node.store.current();
+    assert_eq!(state.internal_address(8), Some("127.0.0.1:9008"));
+    assert_eq!(state.internal_address(9), Some("127.0.0.1:9093"));
+}

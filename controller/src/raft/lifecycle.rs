@@ -324,23 +324,25 @@ impl RaftMetadataStore {
         next_expiry
     }
 
-    /// Registers broker `id` at `address` (through the leader) and answers
-    /// its new broker epoch.
+    /// Registers broker `id` at `address` (and at `internal_address` for
+    /// broker-to-broker traffic, when it has a listener of its own for
+    /// that), through the leader, and answers its new broker epoch.
     pub async fn register_broker(
         &self,
         id: i32,
         address: &str,
+        internal_address: Option<&str>,
         rack: &str,
     ) -> Result<i64, MetadataError> {
         let mut roles = vec!["broker".to_string()];
         if self.config.voters.contains_key(&id) {
             roles.push("controller".to_string());
         }
-        let cmd = match &self.config.internal_address {
+        let cmd = match internal_address {
             Some(internal) => MetadataCommand::RegisterBrokerListeners {
                 id,
                 address: address.to_string(),
-                internal_address: internal.clone(),
+                internal_address: internal.to_string(),
                 rack: rack.to_string(),
                 roles,
             },
@@ -467,7 +469,11 @@ pub fn spawn_heartbeat(
         };
         while !stopped() {
             let rack = store.config.rack.clone();
-            let epoch = match store.register_broker(broker_id, &address, &rack).await {
+            let internal = store.config.internal_address.clone();
+            let registered = store
+                .register_broker(broker_id, &address, internal.as_deref(), &rack)
+                .await;
+            let epoch = match registered {
                 Ok(epoch) => epoch,
                 Err(error) => {
                     tracing::warn!(broker = broker_id, %error, "registration failed; retrying");
@@ -530,7 +536,12 @@ impl BrokerLifecycle for LifecycleService {
         }
         match self
             .store
-            .register_broker(req.broker_id, &req.address, &req.rack)
+            .register_broker(
+                req.broker_id,
+                &req.address,
+                Some(req.internal_address.as_str()).filter(|a| !a.is_empty()),
+                &req.rack,
+            )
             .await
         {
             Ok(broker_epoch) => Ok(Response::new(RegisterBrokerResponse { broker_epoch })),
