@@ -504,6 +504,18 @@ impl ServerConfig {
                 "credentials travel only over TLS: configure [tls]",
             ));
         }
+        let secured = self.security.authentication || self.security.authorization;
+        if secured && self.internal_listen.is_none() && self.security.broker_principals.is_empty() {
+            // The internal services (Raft, replication, broker lifecycle)
+            // then share the client listener, and nothing told a broker's
+            // call from a client's: any client could write cluster
+            // metadata (users, ACLs) through Raft or read any partition
+            // as a replica.
+            return Err(invalid(
+                "security.broker_principals",
+                "with authentication or authorization on, the internal services share the client listener: list the brokers' certificate names here (brokers present their [tls] certificates to each other), or give them their own internal_listen",
+            ));
+        }
         if self.security.auth_failures_max == 0 {
             return Err(invalid("security.auth_failures_max", "must be at least 1"));
         }

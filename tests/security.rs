@@ -160,13 +160,24 @@ async fn tls_mtls_authentication_and_acls() {
         d,
         &format!(
             "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\nclient_auth = \"optional\"\n\
-             [security]\nauthentication = true\nauthorization = true\nsuper_users = [\"admin\"]\n",
+             [security]\nauthentication = true\nauthorization = true\nsuper_users = [\"admin\"]\n\
+             broker_principals = [\"broker-1\"]\n",
             server_cert.cert.display(),
             server_cert.key.display(),
             good.pem_path.display()
         ),
     );
     let addr = server.addr.clone();
+
+    // The internal services share this listener: only the broker's own
+    // certificate reaches them, not a client's (not even a super user's).
+    for who in [None, Some(&carol), Some(&admin)] {
+        let err = internal_call(&addr, &good, who).await.unwrap_err();
+        assert!(err.contains("broker certificates"), "{err}");
+    }
+    internal_call(&addr, &good, Some(&server_cert))
+        .await
+        .unwrap();
 
     // A plaintext client gets nowhere with a TLS listener.
     let plain = match Client::connect(&addr).await {
@@ -872,6 +883,19 @@ fn secure_example_config_turns_everything_on() {
     let err =
         runnel::config::ServerConfig::from_toml("[security]\nauthentication = true\n").unwrap_err();
     assert!(err.to_string().contains("security.authentication"), "{err}");
+    // With the internal services on the client listener, authentication
+    // or authorization needs the brokers' certificate names: without
+    // them any client could call Raft and replication.
+    let tls = "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\n";
+    for on in ["authentication", "authorization"] {
+        let err =
+            runnel::config::ServerConfig::from_toml(&format!("{tls}[security]\n{on} = true\n"))
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("security.broker_principals"),
+            "{on}: {err}"
+        );
+    }
     let err = runnel::config::ServerConfig::from_toml(
         "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nclient_auth = \"required\"\n",
     )
