@@ -736,7 +736,10 @@ impl Broker {
     pub async fn wait_readable(&self, topic: &str, partition: i32, offset: i64, wait: Duration) {
         let meta = self.metadata.current();
         if let Ok(partition) = self.leader_partition(&meta, topic, partition) {
-            self.wait_past(&partition, offset, wait).await;
+            // Not capped by `fetch_wait_max_ms` (a subscription's wait is
+            // not a request's): with the cap at 0, idle subscriptions
+            // polled without ever waiting.
+            self.wait_past_for(&partition, offset, wait).await;
         }
     }
 
@@ -744,8 +747,15 @@ impl Broker {
     /// `fetch.wait.max.ms`) while the partition's high watermark is not
     /// past `offset`, i.e. nothing at `offset` is readable yet.
     async fn wait_past(&self, partition: &Partition, offset: i64, wait: Duration) {
-        let mut hw_rx = partition.watch_high_watermark();
         let wait = wait.min(Duration::from_millis(self.config.broker.fetch_wait_max_ms));
+        self.wait_past_for(partition, offset, wait).await;
+    }
+
+    /// [`Broker::wait_past`] without the cap. Returns early when this
+    /// broker stops leading the partition (the follow-up read answers
+    /// from what is committed; the next fetch learns of the move).
+    async fn wait_past_for(&self, partition: &Partition, offset: i64, wait: Duration) {
+        let mut hw_rx = partition.watch_high_watermark();
         if partition.log.high_watermark() > offset || wait.is_zero() {
             return;
         }
@@ -758,10 +768,20 @@ impl Broker {
                 _ = tokio::time::sleep_until(deadline) => return,
                 _ = self.shutdown.cancelled() => return,
             }
-            if partition.log.high_watermark() > offset {
+            if partition.log.high_watermark() > offset || partition.leader_epoch().is_none() {
                 return;
             }
         }
+    }
+
+    /// The most one fetch answer carries (Kafka's fetch.max.bytes): a
+    /// fetch asking for more is cut to it, so that its answer fits in a
+    /// gRPC message (records decoded for stock clients take a little more
+    /// room than their batches) and one request cannot make the broker
+    /// read a whole segment into memory. At least one batch is always
+    /// answered.
+    pub fn fetch_bytes_max(&self) -> usize {
+        self.config.broker.grpc_message_bytes_max / 4 * 3
     }
 
     /// A fetch, and the stored bytes and records it sends.
@@ -776,7 +796,8 @@ impl Broker {
         let max_bytes = match req.max_bytes {
             0 => FETCH_BYTES_DEFAULT,
             n => n as usize,
-        };
+        }
+        .min(self.fetch_bytes_max());
         let high_watermark = log.high_watermark();
         let out_of_range = |hw: i64| {
             BrokerError::Storage(StorageError::OffsetOutOfRange {
@@ -843,7 +864,9 @@ impl Broker {
         let partition = self.leader_partition(&meta, &req.topic, req.partition)?;
         let log = &partition.log;
         let (start, hw) = (log.log_start_offset(), log.high_watermark());
-        let spec = pb::OffsetSpec::try_from(req.spec).unwrap_or(pb::OffsetSpec::Latest);
+        let spec = pb::OffsetSpec::try_from(req.spec).map_err(|_| BrokerError::InvalidRequest {
+            reason: format!("unknown offset spec {}", req.spec),
+        })?;
         let (offset, timestamp_ms) = match spec {
             pb::OffsetSpec::Earliest => (start, -1),
             pb::OffsetSpec::Latest | pb::OffsetSpec::Unspecified => (hw, -1),

@@ -201,6 +201,22 @@ async fn refusals_are_clear_and_change_nothing() {
         "corrupt",
     );
 
+    // ListOffsets with a spec this broker does not know (a newer
+    // client's) is refused, not answered as the latest offset.
+    expect(
+        consumer
+            .list_offsets(pb::ListOffsetsRequest {
+                topic: "small".into(),
+                partition: 0,
+                spec: 99,
+                timestamp_ms: 0,
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_REQUEST",
+        "unknown offset spec 99",
+    );
+
     // Fetch.
     let fetch = |offset: i64| pb::FetchRequest {
         topic: "small".into(),
@@ -305,4 +321,73 @@ fn malformed_config_files_are_refused_by_key() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/runnel.toml"));
+}
+
+/// A fetch asking for more than fits in one gRPC message (here the
+/// default 1 MiB against a 64 KiB broker limit, or u32::MAX) is answered
+/// with less, from where it asked, and the rest follows. It used to be
+/// answered whole, whatever its size: a client whose limit is the
+/// broker's could not read the answer, and one request could make the
+/// broker read up to a whole segment into memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_larger_than_a_grpc_message_is_cut_to_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[broker]\ngrpc_message_bytes_max = 65536\n").unwrap();
+    let server = ServerProcess::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let url = format!("http://{}", server.addr);
+    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    admin.create_topic(create("big", 1, 1, &[])).await.unwrap();
+    let mut producer = ProducerClient::connect(url.clone()).await.unwrap();
+    for i in 0..10 {
+        let records = (0..10)
+            .map(|j| value(format!("{i}-{j}-{}", "x".repeat(2000)).as_bytes()))
+            .collect();
+        producer
+            .produce(pb::ProduceRequest {
+                topic: "big".into(),
+                records,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut consumer = ConsumerClient::connect(url).await.unwrap();
+    for raw in [false, true] {
+        for max_bytes in [0, u32::MAX] {
+            let mut offset = 0;
+            let mut answers = 0;
+            while offset < 100 {
+                let r = consumer
+                    .fetch(pb::FetchRequest {
+                        topic: "big".into(),
+                        partition: 0,
+                        offset,
+                        max_bytes,
+                        raw,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("raw {raw}, max_bytes {max_bytes}, offset {offset}: {e}")
+                    })
+                    .into_inner();
+                assert!(r.next_offset > offset, "no progress at {offset}");
+                let size = prost::Message::encoded_len(&r);
+                assert!(size <= 65536, "an answer of {size} bytes");
+                if !raw {
+                    assert_eq!(r.records[0].offset, offset);
+                }
+                offset = r.next_offset;
+                answers += 1;
+            }
+            assert!(
+                answers > 1,
+                "200 KB came in one answer under a 64 KiB limit"
+            );
+        }
+    }
 }
