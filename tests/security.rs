@@ -641,6 +641,39 @@ async fn quota_slows_a_producer_to_its_rate() {
         "measured {fetch_rate:.0} B/s against a fetch quota of {FETCH_RATE} B/s"
     );
 
+    // A fetch asking for more than the quota allows in the longest hold
+    // (10 s) is cut to that, so the next answer is held no longer than a
+    // client waits for it. Asking for all of the ~1 MB here at 20 kB/s
+    // used to put the clock 50 s ahead: every later fetch was held 30 s,
+    // past the Rust client's 15 s, and the consumer never got another
+    // answer.
+    const SLOW_RATE: u64 = 20_000;
+    common::cli_ok(
+        &server.addr,
+        &[
+            "quota",
+            "set",
+            "--fetch-bytes-per-sec",
+            &SLOW_RATE.to_string(),
+        ],
+        None,
+    );
+    let whole = pb::FetchRequest {
+        max_bytes: 4 << 20,
+        ..fetch_req("q")
+    };
+    let first = client.fetch(whole.clone()).await.unwrap();
+    let size = prost::Message::encoded_len(&first) as u64;
+    assert!(size <= SLOW_RATE * 10 + 11_000, "an answer of {size} bytes");
+    let second = client
+        .fetch(pb::FetchRequest {
+            offset: first.next_offset,
+            ..whole
+        })
+        .await
+        .expect("the fetch after a large answer is answered in time");
+    assert!(second.next_offset > first.next_offset);
+
     // Without the quota the same requests go at full speed.
     common::cli_ok(&server.addr, &["quota", "set"], None);
     let started = Instant::now();

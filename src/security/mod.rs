@@ -304,23 +304,27 @@ impl Security {
         )
     }
 
-    /// How long to hold back the answer to `bytes` moved by `principal`
-    /// (zero without a quota).
-    pub fn throttle(&self, principal: &Principal, direction: Direction, bytes: u64) -> Duration {
+    /// The byte rate `principal` may move in `direction`, if limited.
+    fn quota_rate(&self, principal: &Principal, direction: Direction) -> Option<u64> {
         let state = self.metadata.current();
         if state.quotas.is_empty() {
-            return Duration::ZERO;
+            return None;
         }
         let pick = |q: &runnel_controller::security::Quota| match direction {
             Direction::Produce => q.produce_bytes_per_sec,
             Direction::Fetch => q.fetch_bytes_per_sec,
         };
-        let rate = state
+        state
             .quotas
             .get(principal.name())
             .and_then(pick)
-            .or_else(|| state.quotas.get(DEFAULT_QUOTA_KEY).and_then(pick));
-        match rate {
+            .or_else(|| state.quotas.get(DEFAULT_QUOTA_KEY).and_then(pick))
+    }
+
+    /// How long to hold back the answer to `bytes` moved by `principal`
+    /// (zero without a quota).
+    pub fn throttle(&self, principal: &Principal, direction: Direction, bytes: u64) -> Duration {
+        match self.quota_rate(principal, direction) {
             Some(rate) => {
                 self.throttle
                     .record(principal.name(), direction, bytes, rate, Instant::now())
@@ -397,6 +401,21 @@ pub fn throttle(
     broker
         .security()
         .map_or(Duration::ZERO, |s| s.throttle(principal, direction, bytes))
+}
+
+/// The most one fetch of `principal` may ask for: what its fetch quota
+/// allows in [`quota::THROTTLE_MAX`] (at least one byte; a fetch always
+/// answers one batch), or `usize::MAX` without a quota. Without the cut,
+/// an answer worth more than that put the principal's clock more than
+/// the longest hold ahead, and it read faster than its rate.
+pub fn fetch_bytes_cap(broker: &Broker, principal: &Principal) -> usize {
+    broker
+        .security()
+        .and_then(|s| s.quota_rate(principal, Direction::Fetch))
+        .map_or(usize::MAX, |rate| {
+            let cap = rate.saturating_mul(quota::THROTTLE_MAX.as_secs()).max(1);
+            usize::try_from(cap).unwrap_or(usize::MAX)
+        })
 }
 
 /// Holds an answer until `deadline` (a quota delay, Kafka's throttle).

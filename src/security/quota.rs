@@ -19,8 +19,15 @@ pub enum Direction {
     Fetch,
 }
 
-/// Longest delay imposed on one request.
-pub const THROTTLE_MAX: Duration = Duration::from_secs(30);
+/// Longest delay imposed on one request, and the most a principal's
+/// clock runs ahead of now. Below the Rust client's margin for an answer
+/// beyond its long-poll wait (`client::REQUEST_TIMEOUT`, 15 s), as Kafka's
+/// (11 s) is below its clients' request timeout: an answer held longer
+/// would reach no one, its bytes would still be charged, and a consumer
+/// whose fetches ask for more than the rate allows in that time would
+/// never get one. Fetches of a throttled principal are cut to what its
+/// rate allows in this time, so the cap does not let it read faster.
+pub const THROTTLE_MAX: Duration = Duration::from_secs(10);
 
 /// Most (principal, direction) clocks kept; idle ones are dropped first.
 const CLOCKS_MAX: usize = 10_000;
@@ -51,7 +58,8 @@ impl Throttle {
             .entry((principal.to_string(), direction))
             .or_insert(now);
         let start = (*next).max(now);
-        *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        *next =
+            (start + Duration::from_secs_f64(bytes as f64 / rate as f64)).min(now + THROTTLE_MAX);
         (start - now).min(THROTTLE_MAX)
     }
 }
@@ -80,6 +88,20 @@ mod tests {
         );
         assert_eq!(
             t.record("a", Direction::Fetch, 100, 1000, now),
+            Duration::ZERO
+        );
+        // The clock runs at most THROTTLE_MAX ahead: a request worth a
+        // minute is held THROTTLE_MAX, and so is the one after it, not
+        // a minute.
+        let t2 = Throttle::default();
+        assert_eq!(
+            t2.record("c", Direction::Fetch, 60_000, 1000, now),
+            Duration::ZERO
+        );
+        assert_eq!(t2.record("c", Direction::Fetch, 1, 1000, now), THROTTLE_MAX);
+        let after = now + THROTTLE_MAX;
+        assert_eq!(
+            t2.record("c", Direction::Fetch, 1, 1000, after),
             Duration::ZERO
         );
         // After an idle period nothing is owed.

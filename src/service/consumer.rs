@@ -152,13 +152,20 @@ const SUBSCRIBE_BUFFER_BYTES: usize = 64 << 20;
 /// not one, are needed to make every other subscription wait.
 const SUBSCRIBE_CONNECTION_BYTES: usize = SUBSCRIBE_BUFFER_BYTES / 4;
 
-/// Permits for one chunk of up to `max_bytes` (0: the fetch default).
-fn chunk_permits(max_bytes: u32) -> u32 {
+/// A fetch's `max_bytes` (0: the fetch default) cut to `cap`.
+fn fetch_bytes(max_bytes: u32, cap: usize) -> u32 {
     let want = match max_bytes {
         0 => crate::broker::FETCH_BYTES_DEFAULT,
         n => n as usize,
     };
-    want.min(SUBSCRIBE_CONNECTION_BYTES) as u32
+    want.min(cap).clamp(1, u32::MAX as usize) as u32
+}
+
+/// Permits for one chunk of up to `max_bytes`, which the subscription has
+/// already cut to [`SUBSCRIBE_CONNECTION_BYTES`] (a chunk is larger only
+/// when its first batch is, up to `max.message.bytes`).
+fn chunk_permits(max_bytes: u32) -> u32 {
+    fetch_bytes(max_bytes, SUBSCRIBE_CONNECTION_BYTES)
 }
 
 /// Reads a subscription's next chunk (without waiting) once its
@@ -182,12 +189,13 @@ async fn read_chunk(
     Ok(hold(chunk, [connection, whole]))
 }
 
-/// Ties `permits` to the answer's batches: they go back to their budgets
-/// when the last copy of the batches is dropped, once written to the
-/// socket. Structured answers (stock clients, `raw` off) give them back at
-/// once.
+/// Ties `permits` to the answer's bytes: they go back to their budgets
+/// when the last copy is dropped, once written to the socket. Raw answers
+/// hold them on their batches; structured ones (stock clients, `raw` off)
+/// on one record's key or value, a slice of the same read buffer as all
+/// the others, which the answer drops together.
 fn hold(mut r: pb::FetchResponse, permits: [OwnedSemaphorePermit; 2]) -> pb::FetchResponse {
-    /// The batches and the permits that go with them (held, never read:
+    /// Bytes and the permits that go with them (held, never read:
     /// dropping them gives the bytes back to the budgets).
     struct Held(bytes::Bytes, #[expect(dead_code)] [OwnedSemaphorePermit; 2]);
     impl AsRef<[u8]> for Held {
@@ -195,8 +203,15 @@ fn hold(mut r: pb::FetchResponse, permits: [OwnedSemaphorePermit; 2]) -> pb::Fet
             &self.0
         }
     }
-    if !r.batches.is_empty() {
-        r.batches = bytes::Bytes::from_owner(Held(std::mem::take(&mut r.batches), permits));
+    let holder = if !r.batches.is_empty() {
+        Some(&mut r.batches)
+    } else {
+        r.records
+            .iter_mut()
+            .find_map(|rec| rec.value.as_mut().or(rec.key.as_mut()))
+    };
+    if let Some(bytes) = holder {
+        *bytes = bytes::Bytes::from_owner(Held(std::mem::take(bytes), permits));
     }
     r
 }
@@ -228,11 +243,13 @@ impl ConsumerService {
         let budgets = self.budgets(security::peer_addr(request.extensions()));
         let req = request.into_inner();
         let broker = self.broker.clone();
+        // A chunk is no larger than the budget charges for it.
+        let cap = security::fetch_bytes_cap(&broker, &principal).min(SUBSCRIBE_CONNECTION_BYTES);
         let mut fetch = pb::FetchRequest {
             topic: req.topic,
             partition: req.partition,
             offset: req.offset,
-            max_bytes: req.max_bytes,
+            max_bytes: fetch_bytes(req.max_bytes, cap),
             // The stream waits for records itself (`wait_readable`),
             // before it takes room in the budget.
             max_wait_ms: 0,
@@ -244,6 +261,11 @@ impl ConsumerService {
             SUBSCRIBE_READY,
             move |tx| async move {
                 let mut next = Some(first);
+                // When the next chunk may be read (a quota's delay for the
+                // last one): the wait happens before reading, holding no
+                // room in the budgets, which a throttled subscriber's
+                // chunks would otherwise keep from everyone else.
+                let mut throttled_until = None;
                 loop {
                     // A free slot first: the next chunk is read once the last
                     // one has been taken for sending, so a subscription holds
@@ -255,6 +277,7 @@ impl ConsumerService {
                     let response = match next.take() {
                         Some(r) => Ok(r),
                         None => {
+                            security::hold_until(throttled_until.take()).await;
                             // Wait for records without holding any of the
                             // budget: an idle subscription must not keep
                             // room from the ones with data.
@@ -272,13 +295,14 @@ impl ConsumerService {
                     match response {
                         Ok(r) => {
                             fetch.offset = r.next_offset;
+                            // Charged now, waited for before the next read.
                             let delay = security::throttle(
                                 &broker,
                                 &principal,
                                 Direction::Fetch,
                                 prost::Message::encoded_len(&r) as u64,
                             );
-                            security::hold_until(security::answer_deadline(delay)).await;
+                            throttled_until = security::answer_deadline(delay);
                             // An empty answer (the long poll ran out) gives
                             // its slot back.
                             if !(r.records.is_empty() && r.batches.is_empty()) {
@@ -311,7 +335,12 @@ impl Consumer for ConsumerService {
             Operation::Read,
         )?;
         let principal = security::principal_of(&request);
-        let response = self.broker.fetch(request.into_inner()).await?;
+        let mut req = request.into_inner();
+        req.max_bytes = fetch_bytes(
+            req.max_bytes,
+            security::fetch_bytes_cap(&self.broker, &principal),
+        );
+        let response = self.broker.fetch(req).await?;
         let delay = security::throttle(
             &self.broker,
             &principal,
@@ -347,5 +376,52 @@ impl Consumer for ConsumerService {
         Ok(Response::new(
             self.broker.list_offsets(request.into_inner()).await?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two budgets of 100 permits, and 10 taken from each.
+    fn budgets() -> ([Arc<Semaphore>; 2], [OwnedSemaphorePermit; 2]) {
+        let b = [Arc::new(Semaphore::new(100)), Arc::new(Semaphore::new(100))];
+        let permits = [
+            b[0].clone().try_acquire_many_owned(10).unwrap(),
+            b[1].clone().try_acquire_many_owned(10).unwrap(),
+        ];
+        (b, permits)
+    }
+
+    fn available(b: &[Arc<Semaphore>; 2]) -> [usize; 2] {
+        [b[0].available_permits(), b[1].available_permits()]
+    }
+
+    #[test]
+    fn an_answer_holds_its_budget_until_dropped_raw_or_structured() {
+        let read = bytes::Bytes::from(vec![7u8; 64]);
+        let raw = pb::FetchResponse {
+            batches: read.clone(),
+            ..Default::default()
+        };
+        let structured = pb::FetchResponse {
+            records: vec![
+                pb::Record::default(),
+                pb::Record {
+                    key: Some(read.slice(0..4)),
+                    value: Some(read.slice(4..64)),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        for answer in [raw, structured] {
+            let (b, permits) = budgets();
+            let held = hold(answer.clone(), permits);
+            assert_eq!(held, answer, "same content");
+            assert_eq!(available(&b), [90, 90], "held while the answer lives");
+            drop(held);
+            assert_eq!(available(&b), [100, 100], "given back when it is dropped");
+        }
     }
 }
