@@ -428,6 +428,23 @@ async fn tls_mtls_authentication_and_acls() {
     assert!(ok, "{out}");
     let (ok, out) = cli_env(&addr, &bob_env, &consume, b"");
     assert!(ok && out.contains("line one"), "{out}");
+    // Resetting a group's offsets of a topic needs READ on the topic too,
+    // as committing does: bob may not learn "orders"' offsets this way.
+    let (ok, out) = cli_env(
+        &addr,
+        &bob_env,
+        &[
+            "group",
+            "reset-offsets",
+            "g-bob",
+            "--topic",
+            "orders",
+            "--to-earliest",
+            "--dry-run",
+        ],
+        b"",
+    );
+    assert!(!ok && out.contains("AuthorizationFailed"), "{out}");
     // Another group name is still refused.
     let (ok, out) = cli_env(
         &addr,
@@ -535,6 +552,49 @@ async fn tls_mtls_authentication_and_acls() {
         Err(e) => Err(e),
     };
     let err = r.expect_err("write allowed after the ACL was removed");
+    assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
+
+    // A subscription is checked chunk by chunk: a deny added while it
+    // runs ends it.
+    let mut sub = alice
+        .partition_consumer("logs-app", 0, runnel::client::StartFrom::Earliest)
+        .await
+        .unwrap();
+    sub.streaming = true;
+    sub.max_wait_ms = 100;
+    while sub.poll().await.unwrap().is_empty() {}
+    let (ok, out) = cli_env(
+        &addr,
+        &admin_env,
+        &[
+            "acl",
+            "add",
+            "--principal",
+            "alice",
+            "--topic",
+            "logs-app",
+            "--operation",
+            "read",
+            "--deny",
+        ],
+        b"",
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = cli_env(&addr, &admin_env, &["produce", "logs-app"], b"line two\n");
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        assert!(Instant::now() < deadline, "the subscription went on");
+        match sub.poll().await {
+            Ok(records) => assert!(
+                records
+                    .iter()
+                    .all(|r| r.value.as_deref() != Some(&b"line two"[..])),
+                "read after the deny"
+            ),
+            Err(e) => break e,
+        }
+    };
     assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
 }
 

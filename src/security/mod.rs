@@ -362,11 +362,28 @@ pub fn check<T>(
     name: &str,
     operation: Operation,
 ) -> Result<(), Status> {
+    check_principal(
+        broker,
+        &principal_of(request),
+        resource_type,
+        name,
+        operation,
+    )
+}
+
+/// [`check`] for a principal found earlier (a stream's, checked again
+/// for each item).
+pub fn check_principal(
+    broker: &Broker,
+    principal: &Principal,
+    resource_type: ResourceType,
+    name: &str,
+    operation: Operation,
+) -> Result<(), Status> {
     let Some(security) = broker.security() else {
         return Ok(());
     };
-    let principal = principal_of(request);
-    if security.allowed(&principal, resource_type, name, operation) {
+    if security.allowed(principal, resource_type, name, operation) {
         return Ok(());
     }
     let what = match resource_type {

@@ -289,6 +289,19 @@ impl ConsumerService {
                                     SUBSCRIBE_POLL,
                                 )
                                 .await;
+                            // Checked for every chunk, as a produce stream
+                            // checks every batch: a READ revoked (or a
+                            // deny added) ends the subscription.
+                            if let Err(status) = security::check_principal(
+                                &broker,
+                                &principal,
+                                ResourceType::Topic,
+                                &fetch.topic,
+                                Operation::Read,
+                            ) {
+                                slot.send(Err(status));
+                                return;
+                            }
                             read_chunk(&broker, &budgets, &fetch).await
                         }
                     };

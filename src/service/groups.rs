@@ -122,9 +122,19 @@ impl ConsumerGroups for GroupsService {
             &request.get_ref().group.clone(),
             Operation::Describe,
         )?;
-        Ok(Response::new(
-            self.coordinator.fetch_offsets(request.get_ref())?,
-        ))
+        let mut answer = self.coordinator.fetch_offsets(request.get_ref())?;
+        // Only topics the caller may see (Kafka answers the others
+        // TOPIC_AUTHORIZATION_FAILED).
+        answer.offsets.retain(|o| {
+            security::allowed(
+                &self.broker,
+                &request,
+                ResourceType::Topic,
+                &o.topic,
+                Operation::Describe,
+            )
+        });
+        Ok(Response::new(answer))
     }
 
     async fn list_groups(
@@ -160,6 +170,15 @@ impl ConsumerGroups for GroupsService {
         request: Request<pb::ResetOffsetsRequest>,
     ) -> Result<Response<pb::ResetOffsetsResponse>, Status> {
         self.check(&request, &request.get_ref().group.clone(), Operation::Read)?;
+        // As for a commit: the offsets are the topic's (a dry run shows
+        // its log start, high watermark and offsets by time).
+        security::check(
+            &self.broker,
+            &request,
+            ResourceType::Topic,
+            &request.get_ref().topic.clone(),
+            Operation::Read,
+        )?;
         Ok(Response::new(
             self.coordinator.reset(request.into_inner()).await?,
         ))
