@@ -157,6 +157,13 @@ fn endpoint(addr: &str, options: &ClientOptions) -> Result<Endpoint, ClientError
         "http"
     };
     let uri = if addr.contains("://") {
+        // With TLS configured, an http:// address would make tonic skip
+        // it, and credentials would go out in the clear.
+        if options.tls.is_some() && !addr.starts_with("https://") {
+            return Err(ClientError::Invalid(format!(
+                "broker address '{addr}' is not https:// but TLS is configured"
+            )));
+        }
         addr.to_string()
     } else {
         format!("{scheme}://{addr}")
@@ -740,5 +747,27 @@ impl Client {
         from: StartFrom,
     ) -> Result<PartitionConsumer, ClientError> {
         PartitionConsumer::new(self.clone(), topic, partition, from).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_tls_a_plain_http_address_is_refused() {
+        let options = ClientOptions {
+            tls: Some(ClientTls {
+                ca_file: None,
+                cert_file: None,
+                key_file: None,
+            }),
+            ..ClientOptions::default()
+        };
+        let err = endpoint("http://127.0.0.1:9092", &options).unwrap_err();
+        assert!(err.to_string().contains("not https"), "{err}");
+        endpoint("https://127.0.0.1:9092", &options).unwrap();
+        endpoint("127.0.0.1:9092", &options).unwrap();
+        endpoint("http://127.0.0.1:9092", &ClientOptions::default()).unwrap();
     }
 }
