@@ -230,6 +230,19 @@ impl Security {
                     ));
                 }
             }
+            if failures.len() >= FAILURE_RECORDS_MAX {
+                failures.retain(|_, f| now.duration_since(f.since) < window);
+            }
+            // The attempt counts as failed until it succeeds, under the
+            // same lock as the check: concurrent guesses cannot all pass
+            // the check before any of them is counted.
+            failures
+                .entry(key.clone())
+                .or_insert(Failures {
+                    count: 0,
+                    since: now,
+                })
+                .count += 1;
         }
         let state = self.metadata.current();
         let ok = match state.users.get(user) {
@@ -268,15 +281,8 @@ impl Security {
             failures.remove(&key);
             return Ok(Principal(user.into()));
         }
-        if failures.len() >= FAILURE_RECORDS_MAX {
-            failures.retain(|_, f| now.duration_since(f.since) < window);
-        }
-        let f = failures.entry(key).or_insert(Failures {
-            count: 0,
-            since: now,
-        });
-        f.count += 1;
-        tracing::info!(user, peer = ?peer, failures = f.count, "authentication failed");
+        let count = failures.get(&key).map_or(0, |f| f.count);
+        tracing::info!(user, peer = ?peer, failures = count, "authentication failed");
         Err(unauthenticated(AUTH_FAILED))
     }
 
@@ -630,6 +636,75 @@ mod tests {
     use futures_util::FutureExt;
 
     use super::*;
+
+    /// Metadata that never changes: these users, nothing else.
+    struct Users(Arc<runnel_controller::ClusterMetadata>);
+
+    impl MetadataStore for Users {
+        fn current(&self) -> Arc<runnel_controller::ClusterMetadata> {
+            self.0.clone()
+        }
+        fn watch(&self) -> tokio::sync::watch::Receiver<Arc<runnel_controller::ClusterMetadata>> {
+            tokio::sync::watch::channel(self.0.clone()).1
+        }
+        fn submit(
+            &self,
+            _: runnel_controller::MetadataCommand,
+        ) -> futures_util::future::BoxFuture<
+            '_,
+            Result<runnel_controller::metadata::Applied, runnel_controller::MetadataError>,
+        > {
+            unimplemented!("read-only")
+        }
+        fn controller_id(&self) -> i32 {
+            1
+        }
+    }
+
+    #[test]
+    fn concurrent_guesses_stop_at_the_failure_limit() {
+        let mut meta = runnel_controller::ClusterMetadata::default();
+        meta.users
+            .insert("u".into(), password::hash("correct horse"));
+        let settings = SecuritySection {
+            authentication: true,
+            auth_failures_max: 3,
+            auth_failure_window_ms: 60_000,
+            ..SecuritySection::default()
+        };
+        let security = Security::new(settings, Arc::new(Users(Arc::new(meta))));
+        let peer = Some(IpAddr::from([127, 0, 0, 1]));
+        let barrier = std::sync::Barrier::new(16);
+        let verified = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..16 {
+                s.spawn(|| {
+                    barrier.wait();
+                    let err = security.check_password(peer, "u", b"guess").unwrap_err();
+                    if err.code() == tonic::Code::Unauthenticated {
+                        verified.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    } else {
+                        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            verified.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "guesses checked"
+        );
+        // Locked out now, even with the right password.
+        let err = security
+            .check_password(peer, "u", b"correct horse")
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        // Another address is not.
+        let other = Some(IpAddr::from([127, 0, 0, 2]));
+        security
+            .check_password(other, "u", b"correct horse")
+            .unwrap();
+    }
 
     /// No quota delay means no timer: a zero sleep would still wait for
     /// tokio's next millisecond tick before the answer could leave.
