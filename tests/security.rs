@@ -445,6 +445,13 @@ async fn tls_mtls_authentication_and_acls() {
         b"",
     );
     assert!(!ok && out.contains("AuthorizationFailed"), "{out}");
+    // Topics bob may not describe look the same whether they exist or
+    // not: both refused, neither "unknown".
+    for topic in ["orders", "no-such-topic"] {
+        let (ok, out) = cli_env(&addr, &bob_env, &["produce", topic], b"x\n");
+        assert!(!ok && out.contains("AuthorizationFailed"), "{topic}: {out}");
+        assert!(!out.contains("unknown topic"), "{topic}: {out}");
+    }
     // Another group name is still refused.
     let (ok, out) = cli_env(
         &addr,

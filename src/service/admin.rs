@@ -191,8 +191,22 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::MetadataRequest>,
     ) -> Result<Response<pb::MetadataResponse>, Status> {
+        // A named topic the caller may not describe is refused whether
+        // or not it exists (Kafka's TOPIC_AUTHORIZATION_FAILED): leaving
+        // it out while a missing name was UNKNOWN_TOPIC told which names
+        // exist.
+        for name in &request.get_ref().topics {
+            security::check(
+                &self.broker,
+                &request,
+                ResourceType::Topic,
+                name,
+                Operation::Describe,
+            )?;
+        }
         let mut response = self.broker.cluster_metadata(&request.get_ref().topics)?;
-        // Topics the caller may not describe are left out.
+        // Topics the caller may not describe are left out (all topics
+        // were asked for).
         response.topics.retain(|t| {
             security::allowed(
                 &self.broker,
