@@ -116,6 +116,8 @@ pub struct Security {
     /// and the stored hash it was verified against (so a password change
     /// invalidates the entry). Spares PBKDF2 on every request.
     verified: Mutex<HashMap<String, Verified>>,
+    /// Room for [`VERIFICATIONS_MAX`] password verifications at once.
+    verifications: Arc<tokio::sync::Semaphore>,
     throttle: quota::Throttle,
 }
 
@@ -150,25 +152,41 @@ impl Security {
             metadata,
             failures: Mutex::default(),
             verified: Mutex::default(),
+            verifications: Arc::new(tokio::sync::Semaphore::new(VERIFICATIONS_MAX)),
             throttle: quota::Throttle::default(),
         }
     }
 
-    /// Finds the principal of one HTTP/2 request to `path`.
+    /// Finds the principal of one HTTP/2 request to `path`. A password
+    /// not verified before is left to [`Authenticated::Verify`], to be
+    /// checked off the runtime's threads.
     #[allow(clippy::result_large_err)]
     pub fn authenticate(
         &self,
         path: &str,
         headers: &http::HeaderMap,
         extensions: &http::Extensions,
-    ) -> Result<Principal, Status> {
+    ) -> Authenticated {
+        match self.authenticate_inner(path, headers, extensions) {
+            Ok(a) => a,
+            Err(status) => Authenticated::Done(Err(status)),
+        }
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn authenticate_inner(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<Authenticated, Status> {
         let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
         let peer = peer_addr(extensions).map(|a| a.ip());
         let cert_principal = tls
             .and_then(|t| t.peer_certs())
             .and_then(|certs| certs.first().and_then(|c| tls::principal_of_cert(c)));
         if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
-            return Ok(Principal::anonymous());
+            return Ok(Authenticated::Done(Ok(Principal::anonymous())));
         }
         if path.starts_with("/runnel.v1.internal.") {
             // Broker-to-broker services: only the brokers' own identities
@@ -182,7 +200,9 @@ impl Security {
                     "internal services accept only broker certificates".into(),
                 ));
             }
-            return Ok(cert_principal.map_or_else(Principal::anonymous, |p| Principal(p.into())));
+            return Ok(Authenticated::Done(Ok(
+                cert_principal.map_or_else(Principal::anonymous, |p| Principal(p.into()))
+            )));
         }
         if self.settings.authentication {
             let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
@@ -195,16 +215,59 @@ impl Security {
                     .get_bin(PASSWORD_HEADER)
                     .and_then(|p| p.to_bytes().ok())
                     .unwrap_or_default();
-                return self.check_password(peer, &user, &password);
+                if let Some(done) = self.check_password_cached(peer, &user, &password) {
+                    return Ok(Authenticated::Done(done));
+                }
+                return Ok(Authenticated::Verify {
+                    peer,
+                    user,
+                    password: password.to_vec(),
+                });
             }
         }
-        match cert_principal {
+        Ok(Authenticated::Done(match cert_principal {
             Some(p) => Ok(Principal(p.into())),
             None if self.settings.authentication => Err(unauthenticated(
                 "authentication required: send a user name and password, or a client certificate",
             )),
             None => Ok(Principal::anonymous()),
+        }))
+    }
+
+    /// The answer for a password without its slow verification: a
+    /// lockout, or a password verified before. `None` when it must be
+    /// verified ([`Security::check_password`]).
+    fn check_password_cached(
+        &self,
+        peer: Option<IpAddr>,
+        user: &str,
+        password: &[u8],
+    ) -> Option<Result<Principal, Status>> {
+        let window = Duration::from_millis(self.settings.auth_failure_window_ms);
+        let key = (peer, user.to_string());
+        let now = Instant::now();
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = failures.get(&key) {
+            if now.duration_since(f.since) >= window {
+                failures.remove(&key);
+            } else if f.count >= self.settings.auth_failures_max {
+                return Some(Err(locked_out()));
+            }
         }
+        let state = self.metadata.current();
+        let cred = state.users.get(user)?;
+        let digest = password_digest(&cred.salt, password);
+        let cached = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+            .is_some_and(|(d, h)| *d == digest && *h == cred.hash);
+        if !cached {
+            return None;
+        }
+        failures.remove(&key);
+        Some(Ok(Principal(user.into())))
     }
 
     #[allow(clippy::result_large_err)]
@@ -223,11 +286,7 @@ impl Security {
                 if now.duration_since(f.since) >= window {
                     failures.remove(&key);
                 } else if f.count >= self.settings.auth_failures_max {
-                    return Err(status(
-                        tonic::Code::ResourceExhausted,
-                        ErrorCode::AuthenticationFailed,
-                        "too many failed authentication attempts; try again later",
-                    ));
+                    return Err(locked_out());
                 }
             }
             if failures.len() >= FAILURE_RECORDS_MAX {
@@ -247,12 +306,7 @@ impl Security {
         let state = self.metadata.current();
         let ok = match state.users.get(user) {
             Some(cred) => {
-                let digest = {
-                    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-                    ctx.update(&cred.salt);
-                    ctx.update(password);
-                    ctx.finish().as_ref().to_vec()
-                };
+                let digest = password_digest(&cred.salt, password);
                 let cached = self
                     .verified
                     .lock()
@@ -561,6 +615,40 @@ pub fn internal_listener_tls(
         .transpose()
 }
 
+/// What [`Security::authenticate`] found.
+pub enum Authenticated {
+    /// The principal, or why the request is refused.
+    Done(Result<Principal, Status>),
+    /// A password not verified before: [`Security::check_password`]
+    /// decides, on the blocking pool (PBKDF2 takes milliseconds, and a
+    /// caller trying names would otherwise stall the runtime's threads).
+    Verify {
+        peer: Option<IpAddr>,
+        user: String,
+        password: Vec<u8>,
+    },
+}
+
+/// Verifications (PBKDF2) running at once, at most: a flood of attempts
+/// takes no more of the machine than this.
+const VERIFICATIONS_MAX: usize = 2;
+
+fn locked_out() -> Status {
+    status(
+        tonic::Code::ResourceExhausted,
+        ErrorCode::AuthenticationFailed,
+        "too many failed authentication attempts; try again later",
+    )
+}
+
+/// SHA-256 of salt and password: the key of a password verified before.
+fn password_digest(salt: &[u8], password: &[u8]) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(salt);
+    ctx.update(password);
+    ctx.finish().as_ref().to_vec()
+}
+
 /// A tower layer that authenticates every request before the services
 /// see it, putting its [`Principal`] in the request extensions.
 #[derive(Clone, Debug)]
@@ -613,20 +701,50 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone is the one made ready by `poll_ready`'s caller's
+        // contract (tower's clone-and-swap idiom).
+        let take_inner = |this: &mut Self| {
+            let clone = this.inner.clone();
+            std::mem::replace(&mut this.inner, clone)
+        };
         match self.security.authenticate(
             request.uri().path(),
             request.headers(),
             request.extensions(),
         ) {
-            Ok(principal) => {
+            Authenticated::Done(Ok(principal)) => {
                 request.extensions_mut().insert(principal);
-                // The clone is the one made ready by `poll_ready`'s caller's
-                // contract (tower's clone-and-swap idiom).
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(request))
+                Box::pin(take_inner(self).call(request))
             }
-            Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+            Authenticated::Done(Err(status)) => Box::pin(async move { Ok(status.into_http()) }),
+            Authenticated::Verify {
+                peer,
+                user,
+                password,
+            } => {
+                let security = self.security.clone();
+                let mut inner = take_inner(self);
+                Box::pin(async move {
+                    let checked = match security.verifications.clone().acquire_owned().await {
+                        Ok(permit) => tokio::task::spawn_blocking(move || {
+                            let _permit = permit;
+                            security.check_password(peer, &user, &password)
+                        })
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Status::unavailable("the broker is shutting down"))
+                        }),
+                        Err(_) => Err(Status::unavailable("the broker is shutting down")),
+                    };
+                    match checked {
+                        Ok(principal) => {
+                            request.extensions_mut().insert(principal);
+                            inner.call(request).await
+                        }
+                        Err(status) => Ok(status.into_http()),
+                    }
+                })
+            }
         }
     }
 }
@@ -704,6 +822,50 @@ mod tests {
         security
             .check_password(other, "u", b"correct horse")
             .unwrap();
+    }
+
+    #[test]
+    fn only_a_password_not_verified_before_is_left_for_the_blocking_pool() {
+        let mut meta = runnel_controller::ClusterMetadata::default();
+        meta.users
+            .insert("u".into(), password::hash("correct horse"));
+        let settings = SecuritySection {
+            authentication: true,
+            ..SecuritySection::default()
+        };
+        let security = Security::new(settings, Arc::new(Users(Arc::new(meta))));
+        let headers = |password: &[u8]| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert(USER_HEADER, "u".parse().unwrap());
+            m.insert_bin(
+                PASSWORD_HEADER,
+                tonic::metadata::MetadataValue::from_bytes(password),
+            );
+            m.into_headers()
+        };
+        let extensions = http::Extensions::new();
+        let path = "/runnel.v1.Admin/ListTopics";
+        let right = headers(b"correct horse");
+        match security.authenticate(path, &right, &extensions) {
+            Authenticated::Verify { user, password, .. } => {
+                assert_eq!(
+                    (user.as_str(), password.as_slice()),
+                    ("u", &b"correct horse"[..])
+                );
+                security.check_password(None, &user, &password).unwrap();
+            }
+            Authenticated::Done(r) => panic!("decided without verifying: {r:?}"),
+        }
+        // Verified once: answered on the spot from then on.
+        match security.authenticate(path, &right, &extensions) {
+            Authenticated::Done(Ok(p)) => assert_eq!(p.name(), "u"),
+            _ => panic!("not taken from the verified passwords"),
+        }
+        // Another password is verified again (and fails there).
+        assert!(matches!(
+            security.authenticate(path, &headers(b"guess"), &extensions),
+            Authenticated::Verify { .. }
+        ));
     }
 
     /// No quota delay means no timer: a zero sleep would still wait for
