@@ -458,3 +458,61 @@ async fn t04_a_batch_refused_before_the_append_fails_alone() {
     let err = common::cli_err(&server.addr, &["produce", "t"], Some(line.as_bytes()));
     assert!(err.contains("grpc_message_bytes_max"), "{err}");
 }
+
+/// A batch whose answer was lost after it was stored, and whose resend is
+/// then refused before the append (here: the topic's max.message.bytes
+/// was lowered in between), may be stored: its sequence is not given
+/// back. The batch after it is stored once, at its own offset (it used
+/// to be renumbered into the stored batch's sequence, answered as its
+/// duplicate with that batch's offset, and lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t05_a_resend_refused_before_the_append_keeps_its_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = failpoint_node(dir.path());
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("r", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let failpoints = server.data_dir.join("failpoints");
+    std::fs::create_dir_all(&failpoints).unwrap();
+    let drop_response = failpoints.join("produce-drop-response");
+    let producer = client.producer(ProducerConfig {
+        batch_bytes_max: 1,
+        linger: Duration::ZERO,
+        // Room to lower the limit before the resend.
+        retry_backoff: Duration::from_secs(3),
+        delivery_timeout: Duration::from_secs(30),
+        ..ProducerConfig::default()
+    });
+    std::fs::write(&drop_response, b"").unwrap();
+    let send = |v: Vec<u8>| ProducerRecord {
+        value: Some(v.into()),
+        partition: Some(0),
+        ..ProducerRecord::default()
+    };
+    let big = producer.send("r", send(vec![b'b'; 600])).await.unwrap();
+    let next = producer.send("r", send(b"next".to_vec())).await.unwrap();
+    eventually("the failpoint to fire", WAIT, || async {
+        (!drop_response.exists()).then_some(())
+    })
+    .await;
+    let limit = [("max.message.bytes".to_string(), "300".to_string())];
+    client
+        .alter_topic_config("r", limit.into_iter().collect(), Vec::new())
+        .await
+        .unwrap();
+    let big = big.await;
+    let next = next.await.unwrap();
+    producer.close().await.unwrap();
+    // The big batch was stored at 0 (its answer lost); whether its resend
+    // was refused or answered as a duplicate depends on when the limit
+    // landed, but the next record is at 1 either way.
+    if let Err(e) = &big {
+        assert_eq!(e.code(), pb::ErrorCode::RecordTooLarge, "{e}");
+    }
+    assert_eq!(next.offset, 1);
+    let stored = read_partition(&client, "r", 2).await;
+    let values: Vec<&str> = stored.iter().map(|(_, v)| &v[..v.len().min(4)]).collect();
+    assert_eq!(values, ["bbbb", "next"]);
+}

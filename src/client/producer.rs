@@ -911,6 +911,9 @@ struct Queued {
     /// Send on the current stream, for the request timeout; `None` when
     /// not (yet, or any more) sent on it.
     sent_at: Option<Instant>,
+    /// A copy was on a stream given up before its answer came: it may
+    /// have been stored.
+    maybe_stored: bool,
 }
 
 type Responses = runnel_proto::wire::DecodeStream<
@@ -927,6 +930,8 @@ struct ProduceStream {
     stale: usize,
     /// When the copies sent before count as unanswered (request timeout).
     stale_deadline: Option<Instant>,
+    /// No more requests can be sent on it; its answers are still read.
+    send_closed: bool,
 }
 
 /// One partition's pipelined stream to its leader, with retries.
@@ -961,8 +966,15 @@ impl PartitionSender {
                     .send_unsent(&mut stream, &mut queue, &mut sent, restart.as_ref())
                     .await
                 {
-                    retry_at =
-                        self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
+                    retry_at = self.retriable_failure(
+                        e,
+                        &mut stream,
+                        &mut queue,
+                        &mut sent,
+                        &mut backoff,
+                        &mut restart,
+                        Ended::Unknown,
+                    );
                     continue;
                 }
             }
@@ -989,6 +1001,7 @@ impl PartitionSender {
                         done,
                         queued_at: Instant::now(),
                         sent_at: None,
+                        maybe_stored: false,
                     })),
                 },
                 _ = sleep_until_opt(retry_at), if retry_at.is_some() => retry_at = None,
@@ -1001,7 +1014,7 @@ impl PartitionSender {
                         ),
                         leader: None,
                     };
-                    retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
+                    retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff, &mut restart, Ended::Unknown);
                 }
                 response = next_response(&mut stream), if sent > 0 || stale_answers(&stream) > 0 => {
                     if let (Some(s), Some(Ok(r))) = (stream.as_mut(), &response) {
@@ -1016,6 +1029,8 @@ impl PartitionSender {
                             continue;
                         }
                     }
+                    // How the stream ended, if it did.
+                    let mut ended = None;
                     let result = match response {
                         Some(Ok(r)) if r.error_code == 0 => Ok(r),
                         Some(Ok(r)) => Err(ClientError::Broker {
@@ -1024,11 +1039,14 @@ impl PartitionSender {
                             leader: None,
                         }),
                         Some(Err(status)) => {
-                            stream = None;
+                            ended = Some(Ended::Unknown);
                             Err(ClientError::from(status))
                         }
                         None => {
-                            stream = None;
+                            // The leader answers every request it read
+                            // before it ends a stream: the unanswered
+                            // ones were not read.
+                            ended = Some(Ended::Unread);
                             Err(ClientError::Transport("produce stream ended".into()))
                         }
                     };
@@ -1039,10 +1057,14 @@ impl PartitionSender {
                             sent -= 1;
                             q.done.finish(Ok(r.base_offset));
                         }
-                        Err(e) if e.is_retriable() || stream.is_none() => {
-                            retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
+                        Err(e) if e.is_retriable() || ended.is_some() => {
+                            let ended = ended.unwrap_or(Ended::Unknown);
+                            retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff, &mut restart, ended);
                         }
-                        Err(e) if self.broken.is_some() && refused_before_append(e.code()) => {
+                        Err(e) if self.broken.is_some()
+                            && refused_before_append(e.code())
+                            && never_maybe_stored(&queue) =>
+                        {
                             let q = pop_front_batch(&mut queue);
                             sent -= 1;
                             restart = self.skip_refused(&q, restart, &mut stream, &mut queue, &mut sent);
@@ -1054,7 +1076,7 @@ impl PartitionSender {
                             match self.restart_sequence(&queue, restart.as_ref()) {
                                 Some(r) => {
                                     restart = Some(r);
-                                    retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff);
+                                    retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff, &mut restart, Ended::Unknown);
                                 }
                                 None => {
                                     let q = pop_front_batch(&mut queue);
@@ -1087,12 +1109,22 @@ impl PartitionSender {
         sent: &mut usize,
         restart: Option<&SequenceRestart>,
     ) -> Result<(), ClientError> {
+        if stream
+            .as_ref()
+            .is_some_and(|s| s.send_closed && *sent == 0 && s.stale == 0)
+        {
+            // Everything it read is answered: a new stream for the rest.
+            *stream = None;
+        }
         for entry in queue.iter_mut() {
             let Entry::Batch(q) = entry else { continue };
             if q.sent_at.is_some() {
                 continue;
             }
             if *sent >= self.in_flight_max {
+                break;
+            }
+            if stream.as_ref().is_some_and(|s| s.send_closed) {
                 break;
             }
             if stream.is_none() {
@@ -1106,7 +1138,7 @@ impl PartitionSender {
                     .await?,
                 );
             }
-            let s = stream.as_ref().expect("opened above");
+            let s = stream.as_mut().expect("opened above");
             if *sent + s.stale >= self.in_flight_max {
                 break;
             }
@@ -1115,8 +1147,16 @@ impl PartitionSender {
                 None => q.request.clone(),
             };
             if s.requests.send(request).await.is_err() {
-                *stream = None;
-                return Err(ClientError::Transport("produce stream closed".into()));
+                // The request side is closed (the leader stopped reading,
+                // or the connection broke): the answers to what was sent
+                // are read first, and how the stream ends tells whether
+                // the unanswered requests were read.
+                s.send_closed = true;
+                if *sent == 0 && s.stale == 0 {
+                    *stream = None;
+                    return Err(ClientError::Transport("produce stream closed".into()));
+                }
+                break;
             }
             q.sent_at = Some(Instant::now());
             *sent += 1;
@@ -1128,6 +1168,7 @@ impl PartitionSender {
     /// the oldest batch if it is out of time (or retries are off), and
     /// schedules every other queued batch to be sent again, in order, on a
     /// fresh stream after a backoff. Returns when to retry.
+    #[allow(clippy::too_many_arguments)]
     fn retriable_failure(
         &self,
         e: ClientError,
@@ -1135,13 +1176,25 @@ impl PartitionSender {
         queue: &mut VecDeque<Entry>,
         sent: &mut usize,
         backoff: &mut Duration,
+        restart: &mut Option<SequenceRestart>,
+        ended: Ended,
     ) -> Option<Instant> {
+        if ended == Ended::Unknown && stale_answers(stream) > 0 {
+            // Given up before every stale copy (`skip_refused`) was
+            // answered: the leader may still append copies it had read,
+            // after renumbered ones sent on a new stream (whose
+            // sequences they would then match). Nothing of the
+            // renumbered producer goes out again.
+            self.abandon_renumbered(queue, restart.take());
+        }
         let was_sent = std::mem::take(sent);
         *stream = None;
         self.client.invalidate(&self.topic);
         for entry in queue.iter_mut() {
             if let Entry::Batch(q) = entry {
-                q.sent_at = None;
+                if q.sent_at.take().is_some() && ended == Ended::Unknown {
+                    q.maybe_stored = true;
+                }
             }
         }
         let now = Instant::now();
@@ -1267,6 +1320,37 @@ impl PartitionSender {
         Some(shifted)
     }
 
+    /// Fails every queued batch of the producer `shift` renumbered (the
+    /// stream broke while some of their earlier copies were unanswered),
+    /// and breaks the sequence so that later batches take a new producer
+    /// id. Batches of that producer still to come are sent as stamped,
+    /// and the partition refuses them (their sequences are past the
+    /// refused batch's).
+    fn abandon_renumbered(&self, queue: &mut VecDeque<Entry>, shift: Option<SequenceRestart>) {
+        let Some(shift) = shift else { return };
+        if let Some(broken) = &self.broken {
+            broken.store(true, Ordering::Release);
+        }
+        let e = ClientError::Transport(format!(
+            "the connection to the leader of {}-{} broke while batches after a refused one were sent again; this batch may or may not have been stored",
+            self.topic, self.partition
+        ));
+        let mut kept = VecDeque::with_capacity(queue.len());
+        for entry in queue.drain(..) {
+            match entry {
+                Entry::Batch(q)
+                    if runnel_storage::batch::producer_fields(&q.request.batch)
+                        .is_some_and(|(id, epoch, _)| shift.covers(id, epoch)) =>
+                {
+                    q.done.finish(Err(e.clone()));
+                }
+                other => kept.push_back(other),
+            }
+        }
+        *queue = kept;
+        warn!(topic = %self.topic, partition = self.partition, producer_id = shift.producer_id, "stream lost while renumbering; the batches concerned fail");
+    }
+
     /// When the oldest unanswered request on the stream times out.
     fn answer_deadline(
         &self,
@@ -1357,6 +1441,28 @@ async fn next_response(
     }
 }
 
+/// Whether no copy of the oldest batch may have been stored: a batch
+/// refused before the append on a later try may have been stored by an
+/// earlier one whose answer was lost, and then its sequence cannot be
+/// given back.
+fn never_maybe_stored(queue: &VecDeque<Entry>) -> bool {
+    queue.iter().find_map(|e| match e {
+        Entry::Batch(q) => Some(!q.maybe_stored),
+        Entry::Barrier(_) => None,
+    }) == Some(true)
+}
+
+/// How a stream with batches in flight was given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// The leader ended it: it had answered every request it read, so
+    /// the unanswered ones were not read.
+    Unread,
+    /// Broken, timed out or dropped: the unanswered requests may have
+    /// been appended, and may still be.
+    Unknown,
+}
+
 fn stale_answers(stream: &Option<ProduceStream>) -> usize {
     stream.as_ref().map_or(0, |s| s.stale)
 }
@@ -1398,6 +1504,7 @@ async fn open_stream(
         responses,
         stale: 0,
         stale_deadline: None,
+        send_closed: false,
     })
 }
 
