@@ -19,14 +19,15 @@ pub enum Direction {
     Fetch,
 }
 
-/// Longest delay imposed on one request, and the most a principal's
-/// clock runs ahead of now. Below the Rust client's margin for an answer
-/// beyond its long-poll wait (`client::REQUEST_TIMEOUT`, 15 s), as Kafka's
-/// (11 s) is below its clients' request timeout: an answer held longer
-/// would reach no one, its bytes would still be charged, and a consumer
-/// whose fetches ask for more than the rate allows in that time would
-/// never get one. Fetches of a throttled principal are cut to what its
-/// rate allows in this time, so the cap does not let it read faster.
+/// Longest delay imposed on one request. Below the Rust client's margin
+/// for an answer beyond its long-poll wait (`client::REQUEST_TIMEOUT`,
+/// 15 s), as Kafka's (11 s) is below its clients' request timeout: an
+/// answer held longer would reach no one, its bytes would still be
+/// charged, and a consumer whose fetches ask for more than the rate
+/// allows in that time would never get one. The clock itself is not
+/// capped (what is owed stays owed), and fetches of a throttled principal
+/// are cut to what its rate allows in this time, so that a client waiting
+/// for each answer reads at its rate.
 pub const THROTTLE_MAX: Duration = Duration::from_secs(10);
 
 /// Most (principal, direction) clocks kept; idle ones are dropped first.
@@ -58,8 +59,7 @@ impl Throttle {
             .entry((principal.to_string(), direction))
             .or_insert(now);
         let start = (*next).max(now);
-        *next =
-            (start + Duration::from_secs_f64(bytes as f64 / rate as f64)).min(now + THROTTLE_MAX);
+        *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
         (start - now).min(THROTTLE_MAX)
     }
 }
@@ -90,9 +90,9 @@ mod tests {
             t.record("a", Direction::Fetch, 100, 1000, now),
             Duration::ZERO
         );
-        // The clock runs at most THROTTLE_MAX ahead: a request worth a
-        // minute is held THROTTLE_MAX, and so is the one after it, not
-        // a minute.
+        // No answer is held longer than THROTTLE_MAX, but what is owed
+        // stays owed: after a request worth a minute, the next one is
+        // held THROTTLE_MAX, and so is one THROTTLE_MAX later.
         let t2 = Throttle::default();
         assert_eq!(
             t2.record("c", Direction::Fetch, 60_000, 1000, now),
@@ -102,7 +102,7 @@ mod tests {
         let after = now + THROTTLE_MAX;
         assert_eq!(
             t2.record("c", Direction::Fetch, 1, 1000, after),
-            Duration::ZERO
+            THROTTLE_MAX
         );
         // After an idle period nothing is owed.
         let later = now + Duration::from_secs(5);
