@@ -459,10 +459,10 @@ impl RaftMetadataStore {
         if leader == Some(self.config.node_id as NodeId) {
             return self.write_local(cmd.clone(), deadline).await;
         }
-        let addr = match leader_addr {
-            Some(addr) => addr,
+        let (addr, known) = match leader_addr {
+            Some(addr) => (addr, true),
             None => match self.next_voter_addr() {
-                Some(addr) => addr,
+                Some(addr) => (addr, false),
                 None => return Attempt::Retry(None),
             },
         };
@@ -470,7 +470,7 @@ impl RaftMetadataStore {
             cmd: cmd.clone(),
             hops: 1,
         };
-        self.forward(&addr, &req, deadline).await
+        self.forward(&addr, &req, deadline, known).await
     }
 
     /// Proposes on this node, which believes it leads.
@@ -488,11 +488,24 @@ impl RaftMetadataStore {
     }
 
     /// Sends a command to `addr` over `Raft.ClientWrite`.
-    async fn forward(&self, addr: &str, req: &ForwardRequest, deadline: Instant) -> Attempt {
-        // One attempt may not take the whole submission's time: a leader
-        // that stopped answering (paused, cut off) is replaced within an
-        // election timeout, and the next attempt goes to its successor.
-        let attempt = Duration::from_millis(self.config.election_timeout_max_ms.max(500) * 2);
+    async fn forward(
+        &self,
+        addr: &str,
+        req: &ForwardRequest,
+        deadline: Instant,
+        to_leader: bool,
+    ) -> Attempt {
+        // An attempt at a voter picked while no leader is known may not
+        // take the whole submission's time: that voter may have stopped
+        // answering (paused, cut off), and a leader is elected within an
+        // election timeout. One at the known leader may: it may be
+        // committing the command, and a second attempt would apply it
+        // twice (commands carry no request id).
+        let attempt = if to_leader {
+            Duration::MAX
+        } else {
+            Duration::from_millis(self.config.election_timeout_max_ms.max(500) * 2)
+        };
         let remaining = deadline
             .saturating_duration_since(Instant::now())
             .min(attempt);

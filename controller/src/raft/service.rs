@@ -87,7 +87,7 @@ impl RaftRpc for RaftService {
                 cmd: req.cmd,
                 hops: req.hops - 1,
             };
-            store.forward(&addr, &next, deadline).await
+            store.forward(&addr, &next, deadline, true).await
         } else {
             Attempt::Retry(leader)
         };
