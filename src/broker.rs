@@ -1261,7 +1261,9 @@ impl Broker {
         self.metadata
             .submit(MetadataCommand::FenceBroker {
                 id: self.node_id,
-                epoch: meta.brokers.get(&self.node_id).map(|b| b.epoch),
+                // This process's own registration, whatever this copy of
+                // the metadata holds yet.
+                epoch: None,
             })
             .await?;
         let me = self.node_id;

@@ -149,9 +149,12 @@ impl Partition {
             // produce request checked against the old metadata may
             // append after that.
             self.log.fence_leader_appends(info.leader_epoch);
-            // Wake producers waiting for replicas as leader: they must
+            // Wake producers waiting for replicas as leader, and
+            // DeleteRecords waiting for the low watermark: they must
             // learn that leadership moved.
             self.hw_tx.send_modify(|_| {});
+            self.low_watermark_tx
+                .send_modify(|n| *n = n.wrapping_add(1));
         }
         Vec::new()
     }
