@@ -452,6 +452,30 @@ async fn tls_mtls_authentication_and_acls() {
         assert!(!ok && out.contains("AuthorizationFailed"), "{topic}: {out}");
         assert!(!out.contains("unknown topic"), "{topic}: {out}");
     }
+    // Offsets of topics bob may not see stay hidden in his own group:
+    // the admin resets g-bob's offsets of "orders" (the group is empty
+    // now); bob's describe and offset fetch show "logs-app" only.
+    let (ok, out) = cli_env(
+        &addr,
+        &admin_env,
+        &[
+            "group",
+            "reset-offsets",
+            "g-bob",
+            "--topic",
+            "orders",
+            "--to-earliest",
+        ],
+        b"",
+    );
+    assert!(ok && out.contains("orders"), "{out}");
+    let (ok, out) = cli_env(&addr, &admin_env, &["group", "describe", "g-bob"], b"");
+    assert!(ok && out.contains("orders"), "{out}");
+    let (ok, out) = cli_env(&addr, &bob_env, &["group", "describe", "g-bob"], b"");
+    assert!(
+        ok && out.contains("logs-app") && !out.contains("orders"),
+        "{out}"
+    );
     // Another group name is still refused.
     let (ok, out) = cli_env(
         &addr,

@@ -159,9 +159,19 @@ impl ConsumerGroups for GroupsService {
             &request.get_ref().group.clone(),
             Operation::Describe,
         )?;
-        Ok(Response::new(
-            self.coordinator.describe(&request.get_ref().group).await?,
-        ))
+        let mut d = self.coordinator.describe(&request.get_ref().group).await?;
+        // Offsets and high watermarks only of topics the caller may see,
+        // as in FetchOffsets.
+        d.lags.retain(|l| {
+            security::allowed(
+                &self.broker,
+                &request,
+                ResourceType::Topic,
+                &l.topic,
+                Operation::Describe,
+            )
+        });
+        Ok(Response::new(d))
     }
 
     #[instrument(skip_all, fields(group = %request.get_ref().group))]
