@@ -332,12 +332,8 @@ fn malformed_config_files_are_refused_by_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_larger_than_a_grpc_message_is_cut_to_fit() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("node.toml");
-    std::fs::write(&config, "[broker]\ngrpc_message_bytes_max = 65536\n").unwrap();
-    let server = ServerProcess::start(
-        &dir.path().join("data"),
-        &["--config", config.to_str().unwrap()],
-    );
+    let server =
+        ServerProcess::start_with_toml(dir.path(), "[broker]\ngrpc_message_bytes_max = 65536\n");
     let url = format!("http://{}", server.addr);
     let mut admin = AdminClient::connect(url.clone()).await.unwrap();
     admin.create_topic(create("big", 1, 1, &[])).await.unwrap();

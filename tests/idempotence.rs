@@ -21,9 +21,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// A single node with failpoints enabled.
 fn failpoint_node(dir: &std::path::Path) -> ServerProcess {
-    let config = dir.join("node.toml");
-    std::fs::write(&config, "[broker]\nfailpoints = true\n").unwrap();
-    ServerProcess::start(&dir.join("data"), &["--config", config.to_str().unwrap()])
+    ServerProcess::start_with_toml(dir, "[broker]\nfailpoints = true\n")
 }
 
 /// Every (offset, value) of partition 0 below the high watermark, in log
@@ -379,12 +377,8 @@ async fn t03_bad_sequences_epochs_and_ids_are_refused_and_state_survives_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t04_a_batch_refused_before_the_append_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("node.toml");
-    std::fs::write(&config, "[broker]\ngrpc_message_bytes_max = 65536\n").unwrap();
-    let server = ServerProcess::start(
-        &dir.path().join("data"),
-        &["--config", config.to_str().unwrap()],
-    );
+    let server =
+        ServerProcess::start_with_toml(dir.path(), "[broker]\ngrpc_message_bytes_max = 65536\n");
     let client = Client::connect(&server.addr).await.unwrap();
     let configs = [("max.message.bytes".to_string(), "1024".to_string())];
     client

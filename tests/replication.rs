@@ -55,6 +55,22 @@ async fn await_partition(
     .await
 }
 
+/// The base offset of the first segment file in a partition directory.
+fn first_segment_base(partition_dir: &std::path::Path) -> i64 {
+    std::fs::read_dir(partition_dir)
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()
+        })
+        .min()
+        .expect("a segment file")
+}
+
 /// Reads every record value of partition 0 (up to the high watermark).
 async fn read_all(client: &Client, topic: &str) -> Vec<(i64, String)> {
     // A new leader's high watermark lags its log end until its followers
@@ -501,19 +517,7 @@ async fn t04_replica_behind_the_leaders_log_start_copies_from_there() {
         (d.partitions[0].isr.len() == 3).then_some(())
     })
     .await;
-    let dir = cluster.data_dir(away).join("ret-0");
-    let first_segment: i64 = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .to_str()?
-                .strip_suffix(".log")?
-                .parse()
-                .ok()
-        })
-        .min()
-        .unwrap();
+    let first_segment = first_segment_base(&cluster.data_dir(away).join("ret-0"));
     assert!(
         first_segment >= start,
         "replica kept offsets below the leader's start {start}: {first_segment}"
@@ -755,19 +759,7 @@ async fn t07_deleted_records_are_gone_from_every_in_sync_replica() {
     assert_eq!(first_offset_at(&client, "del", 40).await, Ok(40));
     // Every replica removed whole segments below 40 from disk.
     for id in 1..=3 {
-        let dir = cluster.data_dir(id).join("del-0");
-        let first_segment: i64 = std::fs::read_dir(&dir)
-            .unwrap()
-            .filter_map(|e| {
-                e.ok()?
-                    .file_name()
-                    .to_str()?
-                    .strip_suffix(".log")?
-                    .parse()
-                    .ok()
-            })
-            .min()
-            .unwrap();
+        let first_segment = first_segment_base(&cluster.data_dir(id).join("del-0"));
         assert!(
             (1..=40).contains(&first_segment),
             "node {id}: first segment {first_segment}"

@@ -97,6 +97,9 @@ struct Failures {
     since: Instant,
 }
 
+/// Failed attempts are counted per (peer address, user name).
+type FailureKey = (Option<IpAddr>, String);
+
 /// A password verified before: SHA-256 of salt and password, and the
 /// stored hash it matched.
 type Verified = (Vec<u8>, Vec<u8>);
@@ -111,7 +114,7 @@ pub struct Security {
     super_users: HashSet<String>,
     broker_principals: HashSet<String>,
     metadata: Arc<dyn MetadataStore>,
-    failures: Mutex<HashMap<(Option<IpAddr>, String), Failures>>,
+    failures: Mutex<HashMap<FailureKey, Failures>>,
     /// Passwords verified before, by user: SHA-256 of salt and password,
     /// and the stored hash it was verified against (so a password change
     /// invalidates the entry). Spares PBKDF2 on every request.
@@ -243,31 +246,56 @@ impl Security {
         user: &str,
         password: &[u8],
     ) -> Option<Result<Principal, Status>> {
-        let window = Duration::from_millis(self.settings.auth_failure_window_ms);
         let key = (peer, user.to_string());
-        let now = Instant::now();
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = failures.get(&key) {
-            if now.duration_since(f.since) >= window {
-                failures.remove(&key);
-            } else if f.count >= self.settings.auth_failures_max {
-                return Some(Err(locked_out()));
-            }
+        if let Err(status) = self.check_lockout(&mut self.lock_failures(), &key, Instant::now()) {
+            return Some(Err(status));
         }
         let state = self.metadata.current();
         let cred = state.users.get(user)?;
-        let digest = password_digest(&cred.salt, password);
-        let cached = self
-            .verified
+        if !self.verified_before(user, cred, &password_digest(&cred.salt, password)) {
+            return None;
+        }
+        self.lock_failures().remove(&key);
+        Some(Ok(Principal(user.into())))
+    }
+
+    fn lock_failures(&self) -> std::sync::MutexGuard<'_, HashMap<FailureKey, Failures>> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses `key` while it has made too many failed attempts within
+    /// the window; forgets an expired record.
+    #[allow(clippy::result_large_err)]
+    fn check_lockout(
+        &self,
+        failures: &mut HashMap<FailureKey, Failures>,
+        key: &FailureKey,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let window = Duration::from_millis(self.settings.auth_failure_window_ms);
+        if let Some(f) = failures.get(key) {
+            if now.duration_since(f.since) >= window {
+                failures.remove(key);
+            } else if f.count >= self.settings.auth_failures_max {
+                return Err(locked_out());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `user`'s password with this digest was verified against
+    /// its current credential before.
+    fn verified_before(
+        &self,
+        user: &str,
+        cred: &runnel_controller::security::UserCredential,
+        digest: &[u8],
+    ) -> bool {
+        self.verified
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(user)
-            .is_some_and(|(d, h)| *d == digest && *h == cred.hash);
-        if !cached {
-            return None;
-        }
-        failures.remove(&key);
-        Some(Ok(Principal(user.into())))
+            .is_some_and(|(d, h)| d == digest && *h == cred.hash)
     }
 
     #[allow(clippy::result_large_err)]
@@ -281,14 +309,8 @@ impl Security {
         let key = (peer, user.to_string());
         let now = Instant::now();
         {
-            let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(f) = failures.get(&key) {
-                if now.duration_since(f.since) >= window {
-                    failures.remove(&key);
-                } else if f.count >= self.settings.auth_failures_max {
-                    return Err(locked_out());
-                }
-            }
+            let mut failures = self.lock_failures();
+            self.check_lockout(&mut failures, &key, now)?;
             if failures.len() >= FAILURE_RECORDS_MAX {
                 failures.retain(|_, f| now.duration_since(f.since) < window);
             }
@@ -307,13 +329,8 @@ impl Security {
         let ok = match state.users.get(user) {
             Some(cred) => {
                 let digest = password_digest(&cred.salt, password);
-                let cached = self
-                    .verified
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(user)
-                    .is_some_and(|(d, h)| *d == digest && *h == cred.hash);
-                cached || {
+                // Another request may have verified it meanwhile.
+                self.verified_before(user, cred, &digest) || {
                     let ok = password::verify(cred, password);
                     if ok {
                         let mut v = self.verified.lock().unwrap_or_else(|e| e.into_inner());
@@ -330,7 +347,7 @@ impl Security {
                 false
             }
         };
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failures = self.lock_failures();
         if ok {
             failures.remove(&key);
             return Ok(Principal(user.into()));

@@ -45,6 +45,17 @@ impl ServerProcess {
         Self::spawn(&args, data_dir).wait()
     }
 
+    /// [`ServerProcess::start`] with `toml` as its config file
+    /// (`dir/node.toml`) and its data in `dir/data`.
+    pub fn start_with_toml(dir: &Path, toml: &str) -> ServerProcess {
+        let config = dir.join("node.toml");
+        std::fs::write(&config, toml).expect("write the node's config");
+        Self::start(
+            &dir.join("data"),
+            &["--config", config.to_str().expect("utf-8 path")],
+        )
+    }
+
     /// Starts `runnel ARGS` without waiting for it to be ready.
     pub fn spawn(args: &[String], data_dir: &Path) -> Starting {
         let mut command = Command::new(runnel_bin());
