@@ -627,6 +627,58 @@ async fn tls_mtls_authentication_and_acls() {
         }
     };
     assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
+
+    // A producer whose credentials stop working: its next call is refused,
+    // and the batch fails with that error at once instead of being retried
+    // until its delivery timeout (as Kafka's producer does).
+    admin
+        .create_topic("payments", 2, 1, Default::default())
+        .await
+        .unwrap();
+    let (ok, out) = cli_env(
+        &addr,
+        &admin_env,
+        &[
+            "acl",
+            "add",
+            "--principal",
+            "alice",
+            "--topic",
+            "payments",
+            "--operation",
+            "write",
+        ],
+        b"",
+    );
+    assert!(ok, "{out}");
+    let producer = alice.producer(ProducerConfig {
+        idempotence: false,
+        delivery_timeout: Duration::from_secs(600),
+        ..ProducerConfig::default()
+    });
+    let to = |partition| {
+        let mut r = ProducerRecord::value("payment");
+        r.partition = Some(partition);
+        r
+    };
+    producer
+        .send("payments", to(0))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    admin.delete_user("alice").await.unwrap();
+    // Partition 1's stream is opened only now, with the topic's metadata
+    // cached from partition 0's send.
+    let r = match producer.send("payments", to(1)).await {
+        Ok(delivery) => tokio::time::timeout(Duration::from_secs(60), delivery)
+            .await
+            .expect("the refused batch was retried")
+            .map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let err = r.expect_err("produced after the user was removed");
+    assert_eq!(code(&err), pb::ErrorCode::AuthenticationFailed, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -966,6 +966,10 @@ impl PartitionSender {
                     .send_unsent(&mut stream, &mut queue, &mut sent, restart.as_ref())
                     .await
                 {
+                    if call_refused(&e) {
+                        self.refused_call(e, &mut stream, &mut queue, &mut sent);
+                        continue;
+                    }
                     retry_at = self.retriable_failure(
                         e,
                         &mut stream,
@@ -1056,6 +1060,9 @@ impl PartitionSender {
                             let q = pop_front_batch(&mut queue);
                             sent -= 1;
                             q.done.finish(Ok(r.base_offset));
+                        }
+                        Err(e) if ended.is_some() && call_refused(&e) => {
+                            self.refused_call(e, &mut stream, &mut queue, &mut sent);
                         }
                         Err(e) if e.is_retriable() || ended.is_some() => {
                             let ended = ended.unwrap_or(Ended::Unknown);
@@ -1365,6 +1372,33 @@ impl PartitionSender {
         stale.into_iter().chain(sent).min()
     }
 
+    /// The stream's call was refused as a whole (see [`call_refused`]):
+    /// nothing on it was read. The oldest batch fails with that error,
+    /// as Kafka's producer fails a batch on an authentication or
+    /// authorization error instead of retrying it until its delivery
+    /// timeout; the later ones are sent again on a new call, which is
+    /// refused too unless the credentials or ACLs changed meanwhile.
+    fn refused_call(
+        &self,
+        e: ClientError,
+        stream: &mut Option<ProduceStream>,
+        queue: &mut VecDeque<Entry>,
+        sent: &mut usize,
+    ) {
+        debug!(topic = %self.topic, partition = self.partition, error = %e, "produce call refused");
+        *stream = None;
+        *sent = 0;
+        for entry in queue.iter_mut() {
+            if let Entry::Batch(q) = entry {
+                q.sent_at = None;
+            }
+        }
+        if queue.iter().any(|e| matches!(e, Entry::Batch(_))) {
+            let q = pop_front_batch(queue);
+            self.fail_for_good(q, &e);
+        }
+    }
+
     fn fail_for_good(&self, q: Queued, e: &ClientError) {
         if let Some(broken) = &self.broken {
             broken.store(true, Ordering::Release);
@@ -1465,6 +1499,17 @@ enum Ended {
 
 fn stale_answers(stream: &Option<ProduceStream>) -> usize {
     stream.as_ref().map_or(0, |s| s.stale)
+}
+
+/// Whether a produce call (or the metadata lookup before it) was refused
+/// as a whole: the credentials were not accepted, or the caller may not
+/// see the topic. Such a call read no request, and trying again does not
+/// help until an administrator acts.
+fn call_refused(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        pb::ErrorCode::AuthenticationFailed | pb::ErrorCode::AuthorizationFailed
+    )
 }
 
 /// Refusals the partition makes before it looks at the batch's sequence
