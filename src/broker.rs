@@ -595,7 +595,11 @@ impl Broker {
                 let bytes = batch.len();
                 let info = partition.log.append_as_leader(batch, leader_epoch)?;
                 metrics.produce_latency(started - queued, started.elapsed());
-                metrics.appended(&partition.topic, bytes, info.record_count);
+                if !info.duplicate {
+                    // A retry answered with its first copy's offsets
+                    // wrote nothing.
+                    metrics.appended(&partition.topic, bytes, info.record_count);
+                }
                 partition.on_append();
                 appended.send_modify(|n| *n = n.wrapping_add(1));
                 Ok::<_, StorageError>(info)

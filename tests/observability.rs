@@ -190,6 +190,31 @@ async fn t01_metrics_under_load_and_group_lag() {
         })
         .await;
     assert!(refused.is_err());
+    // An idempotent retry answered with its first copy's offsets wrote
+    // nothing, and is not counted again.
+    let id = raw
+        .init_producer_id(pb::InitProducerIdRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let batch = pb::ProduceRequest {
+        topic: "obs".into(),
+        partition: Some(1),
+        records: (0..3)
+            .map(|i| pb::Record {
+                value: Some(format!("idempotent-{i}").into_bytes().into()),
+                ..Default::default()
+            })
+            .collect(),
+        acks: pb::Acks::All as i32,
+        producer_id: id.producer_id,
+        producer_epoch: id.producer_epoch,
+        base_sequence: 0,
+        ..Default::default()
+    };
+    let first = raw.produce(batch.clone()).await.unwrap().into_inner();
+    let again = raw.produce(batch).await.unwrap().into_inner();
+    assert_eq!((first.base_offset, again.base_offset), (30, 30));
 
     // A group the test controls: offsets committed directly.
     let commit = |partition: i32, offset: i64| pb::PartitionOffset {
@@ -206,8 +231,8 @@ async fn t01_metrics_under_load_and_group_lag() {
     let s = scrape(&metrics).await;
     let p0 = [("topic", "obs"), ("partition", "0")];
     let p1 = [("topic", "obs"), ("partition", "1")];
-    assert_eq!(counter(&s, "runnel_topic_records_in_total", &t), 2_030.0);
-    assert!(counter(&s, "runnel_topic_in_bytes_total", &t) > 2_030.0 * 12.0);
+    assert_eq!(counter(&s, "runnel_topic_records_in_total", &t), 2_033.0);
+    assert!(counter(&s, "runnel_topic_in_bytes_total", &t) > 2_033.0 * 12.0);
     assert!(counter(&s, "runnel_produce_requests_total", &t) >= 1.0);
     assert!(counter(&s, "runnel_fetch_requests_total", &t) >= 1.0);
     assert!(counter(&s, "runnel_topic_records_out_total", &t) >= consumed as f64);
@@ -234,7 +259,7 @@ async fn t01_metrics_under_load_and_group_lag() {
     }
     let leo0 = value(&s, "runnel_partition_log_end_offset", &p0).unwrap();
     let leo1 = value(&s, "runnel_partition_log_end_offset", &p1).unwrap();
-    assert_eq!((leo0, leo1), (2_000.0, 30.0));
+    assert_eq!((leo0, leo1), (2_000.0, 33.0));
     assert_eq!(
         value(&s, "runnel_partition_high_watermark", &p0),
         Some(leo0)
@@ -352,6 +377,26 @@ async fn cluster_value(cluster: &Cluster, ids: &[i32], name: &str, labels: &[(&s
     sum
 }
 
+/// Whether any of the nodes `ids` exports group "watch"'s committed
+/// offset of solo-`partition`, and whether any exports its lag there or
+/// its total lag.
+async fn watch_samples(cluster: &Cluster, ids: &[i32], partition: &str) -> (bool, bool) {
+    let (mut committed, mut lag) = (false, false);
+    for id in ids {
+        let s = scrape(&cluster.metrics_addr(*id)).await;
+        for x in &s.samples {
+            if x.labels.get("group") != Some("watch") {
+                continue;
+            }
+            let here = x.labels.get("partition") == Some(partition);
+            committed |= here && x.metric == "runnel_group_committed_offset";
+            lag |= x.metric == "runnel_group_total_lag_records"
+                || (here && x.metric == "runnel_group_lag_records");
+        }
+    }
+    (committed, lag)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t02_under_replicated_partitions_and_cluster_health() {
     let base = tempfile::tempdir().unwrap();
@@ -370,6 +415,41 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
     for p in 0..3 {
         produce(&client, "r", p, 50).await;
     }
+    // One unreplicated partition per broker, and a group with offsets in
+    // each: its lag on node 3's partition becomes unknown once node 3 is
+    // down, and is then left out rather than reported as 0.
+    client
+        .create_topic("solo", 3, 1, Default::default())
+        .await
+        .unwrap();
+    let solo = client.describe_topic("solo").await.unwrap();
+    let on_3 = solo
+        .partitions
+        .iter()
+        .find(|p| p.replicas == [3])
+        .expect("a partition of 'solo' on node 3")
+        .partition
+        .to_string();
+    client
+        .commit_offsets(
+            "watch",
+            "",
+            0,
+            (0..3)
+                .map(|partition| pb::PartitionOffset {
+                    topic: "solo".into(),
+                    partition,
+                    offset: 0,
+                    metadata: String::new(),
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    eventually("the group's lag on node 3's partition", WAIT, || async {
+        (watch_samples(&cluster, &[1, 2, 3], &on_3).await == (true, true)).then_some(())
+    })
+    .await;
     let under = "runnel_cluster_partitions_under_replicated";
     let m1 = cluster.metrics_addr(1);
     eventually("a fully replicated cluster", WAIT, || async {
@@ -385,7 +465,10 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
             lags.extend(
                 s.samples
                     .iter()
-                    .filter(|x| x.metric == "runnel_replication_follower_lag_records")
+                    .filter(|x| {
+                        x.metric == "runnel_replication_follower_lag_records"
+                            && x.labels.get("topic") == Some("r")
+                    })
                     .map(|x| match x.value {
                         Value::Gauge(v) => v,
                         _ => -1.0,
@@ -418,9 +501,21 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
     // A follower stops: its partitions become under-replicated.
     assert!(cluster.stop(3).success());
     let survivors = format!("{},{}", cluster.addrs[0], cluster.addrs[1]);
-    eventually("three under-replicated partitions", WAIT, || async {
+    // The replicated partitions on node 3: those of 'r' and of the
+    // group offsets topic the commit above created.
+    let mut replicated_on_3 = 0;
+    for topic in ["r", "__consumer_offsets"] {
+        let t = client.describe_topic(topic).await.unwrap();
+        replicated_on_3 += t
+            .partitions
+            .iter()
+            .filter(|p| p.replicas.len() > 1 && p.replicas.contains(&3))
+            .count();
+    }
+    assert!(replicated_on_3 > 3, "{replicated_on_3}");
+    eventually("under-replicated partitions", WAIT, || async {
         let s = scrape(&m1).await;
-        (value(&s, under, &[]) == Some(3.0)
+        (value(&s, under, &[]) == Some(replicated_on_3 as f64)
             && value(&s, "runnel_cluster_brokers", &[("state", "fenced")]) == Some(1.0))
         .then_some(())
     })
@@ -430,7 +525,10 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "healthy with a node down?\n{stdout}");
     assert!(stdout.contains("fenced [3]"), "{stdout}");
-    assert!(stdout.contains("3 under-replicated"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{replicated_on_3} under-replicated")),
+        "{stdout}"
+    );
     assert!(stderr.contains("under-replicated"), "{stderr}");
     // The per-node check still passes on a live node.
     let node = cli(&cluster.addrs[0], &["cluster", "health", "--node"], None);
@@ -440,6 +538,16 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON summary");
     assert_eq!(v["healthy"], false);
     assert_eq!(v["brokers_fenced"], serde_json::json!([3]));
+    // The group (moved off node 3 if it was its coordinator) still
+    // reports its committed offset there, but no lag: it is unknown.
+    eventually("the group described without node 3", WAIT, || async {
+        (watch_samples(&cluster, &[1, 2], &on_3).await == (true, false)).then_some(())
+    })
+    .await;
+    let out = cli(&survivors, &["group", "describe", "watch"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("total lag:    -"), "{stdout}");
 
     // It returns and catches up: the count falls back to zero.
     cluster.restart(3);

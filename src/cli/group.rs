@@ -190,12 +190,12 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                     l.partition.to_string(),
                     show(l.committed_offset),
                     show(l.log_end_offset),
-                    l.lag.to_string(),
+                    show(l.lag),
                     l.member_id.clone(),
                 ]);
             }
             print_table(&rows);
-            println!("total lag:    {}", d.total_lag);
+            println!("total lag:    {}", show(d.total_lag));
         }
         GroupCommand::ResetOffsets(args) => {
             let to = target(&args)?;

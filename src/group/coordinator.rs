@@ -1163,6 +1163,7 @@ impl GroupCoordinator {
         };
         let keys: BTreeSet<(String, i32)> =
             committed.keys().chain(owners.keys()).cloned().collect();
+        let mut unknown_lag = false;
         for (t, p) in keys {
             let c = committed.get(&(t.clone(), p)).copied().unwrap_or(-1);
             let (start, end) = match self.log_range(&t, p, pb::OffsetSpec::Latest, 0).await {
@@ -1170,13 +1171,17 @@ impl GroupCoordinator {
                 Err(_) => (-1, -1),
             };
             let lag = if end < 0 {
-                0
+                // Unknown: the leader did not answer. Reported as -1
+                // rather than 0, so a dashboard does not show a lagging
+                // group as caught up while a broker is down.
+                unknown_lag = true;
+                -1
             } else if c >= 0 {
                 (end - c).max(0)
             } else {
                 (end - start.max(0)).max(0)
             };
-            d.total_lag += lag;
+            d.total_lag += lag.max(0);
             d.lags.push(pb::PartitionLag {
                 member_id: owners.get(&(t.clone(), p)).cloned().unwrap_or_default(),
                 topic: t,
@@ -1185,6 +1190,9 @@ impl GroupCoordinator {
                 log_end_offset: end,
                 lag,
             });
+        }
+        if unknown_lag {
+            d.total_lag = -1;
         }
         Ok(d)
     }

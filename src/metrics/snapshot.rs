@@ -87,6 +87,7 @@ pub struct GroupPartitionLag {
     pub committed_offset: i64,
     /// The partition's high watermark, -1 when its leader did not answer.
     pub log_end_offset: i64,
+    /// -1 when unknown (with `log_end_offset`): no sample is exported.
     pub lag: i64,
 }
 
@@ -97,6 +98,7 @@ pub struct GroupStats {
     pub members: usize,
     pub generation: i32,
     pub partitions: Vec<GroupPartitionLag>,
+    /// -1 when any partition's lag is unknown: no sample is exported.
     pub total_lag: i64,
 }
 
@@ -419,7 +421,7 @@ impl Collector for Snapshot {
             "Consumer-group lag per partition: high watermark minus committed offset",
             None,
             self.groups.iter().flat_map(|g| {
-                g.partitions.iter().map(|p| {
+                g.partitions.iter().filter(|p| p.lag >= 0).map(|p| {
                     (
                         vec![
                             ("group", g.group.clone()),
@@ -456,6 +458,7 @@ impl Collector for Snapshot {
             None,
             self.groups
                 .iter()
+                .filter(|g| g.total_lag >= 0)
                 .map(|g| (vec![("group", g.group.clone())], g.total_lag as f64)),
         )?;
         gauge(
@@ -606,5 +609,35 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn unknown_group_lag_is_left_out_not_reported_as_zero() {
+        let lag = |partition, log_end_offset, lag| GroupPartitionLag {
+            topic: "t".into(),
+            partition,
+            committed_offset: 4,
+            log_end_offset,
+            lag,
+        };
+        let s = Snapshot {
+            groups: vec![GroupStats {
+                group: "g".into(),
+                partitions: vec![lag(0, 9, 5), lag(1, -1, -1)],
+                total_lag: -1,
+                ..GroupStats::default()
+            }],
+            ..Snapshot::default()
+        };
+        let text = encode(&prometheus_client::registry::Registry::default(), s).unwrap();
+        assert!(
+            text.contains("runnel_group_lag_records{group=\"g\",topic=\"t\",partition=\"0\"} 5"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("runnel_group_lag_records{group=\"g\",topic=\"t\",partition=\"1\"}"),
+            "{text}"
+        );
+        assert!(!text.contains("runnel_group_total_lag_records{"), "{text}");
     }
 }
