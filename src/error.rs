@@ -69,8 +69,11 @@ pub enum BrokerError {
         "producer id {producer_id} was never allocated by this cluster (InitProducerId first)"
     )]
     UnknownProducerId { producer_id: i64 },
-    #[error("consumer groups are not implemented yet")]
-    Unsupported { what: &'static str },
+    #[error("topic '{topic}' is internal to the cluster: clients may not {operation} it")]
+    InternalTopic {
+        topic: String,
+        operation: &'static str,
+    },
     #[error("broker is shutting down")]
     ShuttingDown,
     #[error("{reason}")]
@@ -99,7 +102,7 @@ impl BrokerError {
             }
             BrokerError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
             BrokerError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
-            BrokerError::Unsupported { .. } => ErrorCode::Unsupported,
+            BrokerError::InternalTopic { .. } => ErrorCode::InvalidTopic,
             BrokerError::ShuttingDown => ErrorCode::BrokerNotAvailable,
             BrokerError::NotAuthorized { .. } => ErrorCode::AuthorizationFailed,
             BrokerError::Metadata(e) => match e {

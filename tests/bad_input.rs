@@ -387,3 +387,112 @@ async fn a_fetch_larger_than_a_grpc_message_is_cut_to_fit() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_may_not_delete_grow_or_write_the_offsets_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let url = format!("http://{}", server.addr);
+    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    let mut producer = ProducerClient::connect(url.clone()).await.unwrap();
+    let client = runnel::client::Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("t", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let committed = vec![pb::PartitionOffset {
+        topic: "t".into(),
+        partition: 0,
+        offset: 0,
+        metadata: "kept".into(),
+    }];
+    client
+        .commit_offsets("g", "", 0, committed.clone())
+        .await
+        .unwrap();
+    let offsets = "__consumer_offsets";
+    let partitions = client
+        .describe_topic(offsets)
+        .await
+        .unwrap()
+        .partitions
+        .len();
+    assert!(partitions > 1, "{partitions}");
+
+    fn internal(r: Result<impl std::fmt::Debug, tonic::Status>) {
+        expect(
+            r,
+            Code::InvalidArgument,
+            "INVALID_TOPIC",
+            "internal to the cluster",
+        )
+    }
+    internal(
+        admin
+            .delete_topic(pb::DeleteTopicRequest {
+                name: offsets.into(),
+            })
+            .await,
+    );
+    internal(
+        admin
+            .delete_records(pb::DeleteRecordsRequest {
+                topic: offsets.into(),
+                partition: 0,
+                offset: -1,
+                timeout_ms: 1_000,
+            })
+            .await,
+    );
+    internal(
+        admin
+            .add_partitions(pb::AddPartitionsRequest {
+                name: offsets.into(),
+                total_partitions: partitions as i32 + 1,
+            })
+            .await,
+    );
+    internal(admin.create_topic(create(offsets, 1, 1, &[])).await);
+    internal(
+        producer
+            .produce(pb::ProduceRequest {
+                topic: offsets.into(),
+                partition: Some(0),
+                records: vec![value(b"garbage")],
+                ..Default::default()
+            })
+            .await,
+    );
+    // The streaming path answers in band.
+    let p = client.producer(runnel::client::ProducerConfig {
+        idempotence: false,
+        ..Default::default()
+    });
+    let mut record = runnel::client::ProducerRecord::value("garbage");
+    record.partition = Some(0);
+    let err = p
+        .send(offsets, record)
+        .await
+        .unwrap()
+        .await
+        .expect_err("written to the offsets topic");
+    assert_eq!(err.code(), pb::ErrorCode::InvalidTopic, "{err}");
+    let addr = server.addr.as_str();
+    let err = cli_err(addr, &["topic", "delete", offsets], None);
+    assert!(err.contains("internal to the cluster"), "{err}");
+    let err = cli_err(
+        addr,
+        &["topic", "delete-records", offsets, "--before", "end"],
+        None,
+    );
+    assert!(err.contains("internal to the cluster"), "{err}");
+
+    // Nothing changed: the topic, its size and the group's offsets.
+    let d = client.describe_topic(offsets).await.unwrap();
+    assert_eq!(d.partitions.len(), partitions);
+    let got = client
+        .fetch_offsets("g", &[("t".to_string(), 0)])
+        .await
+        .unwrap();
+    assert_eq!(got, committed);
+}

@@ -30,6 +30,7 @@ impl Admin for AdminService {
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
         let name = request.get_ref().name.clone();
+        super::refuse_internal(&name, "create")?;
         if !security::allowed(
             &self.broker,
             &request,
@@ -56,6 +57,7 @@ impl Admin for AdminService {
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         let name = request.get_ref().name.clone();
+        super::refuse_internal(&name, "delete")?;
         security::check(
             &self.broker,
             &request,
@@ -108,6 +110,7 @@ impl Admin for AdminService {
         request: Request<pb::DeleteRecordsRequest>,
     ) -> Result<Response<pb::DeleteRecordsResponse>, Status> {
         let topic = request.get_ref().topic.clone();
+        super::refuse_internal(&topic, "delete records of")?;
         security::check(
             &self.broker,
             &request,
@@ -125,6 +128,7 @@ impl Admin for AdminService {
         request: Request<pb::AddPartitionsRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
         let name = request.get_ref().name.clone();
+        super::refuse_internal(&name, "add partitions to")?;
         security::check(
             &self.broker,
             &request,

@@ -14,3 +14,20 @@ pub use producer::{producer_server, ProducerService, PRODUCE_STREAM_PATH};
 pub use security::SecurityService;
 
 pub(crate) use producer::async_stream;
+
+use crate::error::BrokerError;
+
+/// Refuses a client's `operation` on an internal topic, as Kafka does
+/// with INVALID_TOPIC: the group coordinator alone creates and writes
+/// `__consumer_offsets`, deleting it or its records loses every group's
+/// committed offsets, and its partition count decides which partition
+/// (and coordinator) each group has.
+fn refuse_internal(topic: &str, operation: &'static str) -> Result<(), BrokerError> {
+    if topic == crate::group::OFFSETS_TOPIC {
+        return Err(BrokerError::InternalTopic {
+            topic: topic.to_string(),
+            operation,
+        });
+    }
+    Ok(())
+}

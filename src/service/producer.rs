@@ -35,6 +35,7 @@ impl Producer for ProducerService {
         request: Request<pb::ProduceRequest>,
     ) -> Result<Response<pb::ProduceResponse>, Status> {
         let topic = request.get_ref().topic.clone();
+        super::refuse_internal(&topic, "write")?;
         security::check(
             &self.broker,
             &request,
@@ -159,7 +160,9 @@ where
                         prost::Message::encoded_len(&req) as u64,
                     );
                     let answer_at = security::answer_deadline(delay);
-                    let appended = if allowed {
+                    let appended = if let Err(e) = super::refuse_internal(&topic, "write") {
+                        Err(e)
+                    } else if allowed {
                         broker.produce_append(req).await
                     } else {
                         Err(crate::error::BrokerError::NotAuthorized {
