@@ -32,14 +32,28 @@ pub const HTTP2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// header parse and a buffer hand-off).
 pub const HTTP2_FRAME_MAX: u32 = 1024 * 1024;
 
+/// How often a connection with nothing to read is probed with an HTTP/2
+/// PING, on both ends.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a PING may go unanswered before the connection counts as
+/// dead and every call on it fails.
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The HTTP/2 and TCP settings every outgoing channel uses (clients and
 /// replica fetchers): no Nagle delay, the wide receive windows and the
-/// large frames above.
+/// large frames above, and keepalive PINGs even while idle, so a call
+/// waiting on a peer that stopped answering (host down, cable out,
+/// process frozen) fails within about 20 s instead of after the
+/// kernel's TCP retransmission limit, some 15 minutes; a subscription
+/// that receives nothing would otherwise wait forever.
 pub fn tune_endpoint(e: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
     e.tcp_nodelay(true)
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .max_frame_size(HTTP2_FRAME_MAX)
+        .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
 }
 
 /// How long a starting node waits for the quorum and its registration.
@@ -238,6 +252,10 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
             .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
             .max_frame_size(HTTP2_FRAME_MAX)
             .tcp_nodelay(true)
+            // Clients that vanish are found the same way: their streams
+            // (subscriptions, produce streams) end and free what they hold.
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .layer(AuthLayer::new(security.clone()))
     };
     let replication = crate::replica::service::replication_server(broker.clone(), message_max);

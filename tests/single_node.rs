@@ -888,3 +888,57 @@ async fn a_deleted_topic_leaves_no_data_and_starts_empty_when_created_again() {
     assert_eq!(&seen[..3000], &new[..], "each once, in order");
     assert_eq!(seen[3000], "last");
 }
+
+/// A subscription to a broker that stops answering without closing its
+/// connection (a frozen process; a host gone from the network) fails
+/// once the connection's keepalive PINGs go unanswered, instead of
+/// waiting for records forever; and one to a thawed broker reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_to_a_frozen_broker_fails_instead_of_waiting_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("quiet", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let mut c = client
+        .partition_consumer("quiet", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    c.streaming = true;
+    c.max_wait_ms = 200;
+    // Open: an empty poll answered on the live stream.
+    assert!(c.poll().await.unwrap().is_empty());
+    server.signal("STOP");
+    let failed = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            match c.poll().await {
+                Ok(records) => assert!(records.is_empty()),
+                Err(e) => break e,
+            }
+        }
+    })
+    .await;
+    server.signal("CONT");
+    let err = failed.expect("still waiting on the frozen broker after 60 s");
+    assert!(err.is_retriable(), "{err}");
+    let producer = client.producer(ProducerConfig::default());
+    producer
+        .send("quiet", ProducerRecord::value("after the thaw"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let records = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let records = c.poll().await.unwrap_or_default();
+            if !records.is_empty() {
+                break records;
+            }
+        }
+    })
+    .await
+    .expect("nothing read after the thaw");
+    assert_eq!(records[0].value.as_deref(), Some(&b"after the thaw"[..]));
+}
