@@ -1305,3 +1305,36 @@ async fn t12_polls_cut_short_hand_partitions_over_cleanly() {
     stop_producing.send(true).unwrap();
     producing.await.unwrap();
 }
+
+/// Partitions added to a subscribed topic are assigned and read, even by
+/// a member whose client cached the topic with fewer partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_a_member_reads_partitions_added_to_its_topic() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1, base.path(), "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("grow", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let m = Member::run(
+        client.group_consumer(config("g-grow", "grow")).unwrap(),
+        None,
+        None,
+    );
+    produce(&client, "grow", 0, 20).await;
+    await_all_values(&[&m], 20).await;
+    // Another client grows the topic: the member's client still has it
+    // cached with one partition.
+    let admin = Client::connect(&cluster.bootstrap()).await.unwrap();
+    admin.add_partitions("grow", 3).await.unwrap();
+    await_balanced(&[&m], 3, "the new partitions assigned").await;
+    produce(&admin, "grow", 20, 80).await;
+    let d = admin.describe_topic("grow").await.unwrap();
+    assert!(
+        d.partitions.iter().all(|p| p.log_end_offset > 0),
+        "the keys did not reach every partition: {d:?}"
+    );
+    await_values(&[&m], 20, 80).await;
+    m.close().await;
+}

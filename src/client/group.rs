@@ -671,7 +671,7 @@ impl GroupConsumer {
             } else {
                 self.reset_point()
             };
-            let mut pc = self.client.partition_consumer(&tp.0, tp.1, from).await?;
+            let mut pc = self.start_partition(&tp, from).await?;
             pc.max_wait_ms = self.config.max_wait_ms;
             started.push((tp, o.offset, pc));
         }
@@ -688,6 +688,36 @@ impl GroupConsumer {
         }
         self.tell(RebalanceEvent::Assigned(names));
         Ok(())
+    }
+
+    /// A consumer of one owned partition. Retriable failures (its leader
+    /// moving or restarting during the rebalance) are tried again with
+    /// backoff for up to a request timeout, as Kafka's consumer retries
+    /// its offset lookups, rather than failing the poll and with it every
+    /// partition of the assignment.
+    async fn start_partition(
+        &mut self,
+        (topic, partition): &(String, i32),
+        from: StartFrom,
+    ) -> Result<PartitionConsumer, ClientError> {
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self
+                .client
+                .partition_consumer(topic, *partition, from)
+                .await
+            {
+                Ok(pc) => return Ok(pc),
+                Err(e) if e.is_retriable() && Instant::now() + backoff < deadline => {
+                    tracing::debug!(%topic, partition, error = %e, "starting a partition failed; retrying");
+                    self.client.invalidate(topic);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Joins (or rejoins) the group in the foreground and takes up the new

@@ -49,6 +49,11 @@ use crate::error::error_code_of;
 /// Deadline of a unary request beyond any long-poll wait it asks for.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long a topic's cached metadata is trusted without an error that
+/// invalidates it (Kafka's metadata.max.age.ms, shorter): partitions
+/// added to a topic reach producers within this time.
+pub const METADATA_MAX_AGE: Duration = Duration::from_secs(60);
+
 /// Largest message the client sends or accepts.
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -140,8 +145,9 @@ struct Inner {
     seeds: Vec<String>,
     /// Channels by broker address.
     channels: Mutex<HashMap<String, Channel>>,
-    /// Last metadata seen, by topic.
-    topics: Mutex<HashMap<String, pb::TopicDescription>>,
+    /// Last metadata seen, by topic, with when it was read: entries older
+    /// than [`METADATA_MAX_AGE`] are read again.
+    topics: Mutex<HashMap<String, (pb::TopicDescription, std::time::Instant)>>,
     /// Broker addresses by id.
     brokers: Mutex<HashMap<i32, String>>,
     /// Coordinator address by group (see `group`), dropped on errors.
@@ -351,8 +357,9 @@ impl Client {
                 brokers.insert(b.id, b.address.clone());
             }
             let mut cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
             for t in &resp.topics {
-                cache.insert(t.name.clone(), t.clone());
+                cache.insert(t.name.clone(), (t.clone(), now));
             }
         }
         Ok(resp)
@@ -377,7 +384,10 @@ impl Client {
     pub async fn partition_count(&self, name: &str) -> Result<i32, ClientError> {
         let cached = {
             let cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
-            cache.get(name).map(|t| t.partitions.len() as i32)
+            cache
+                .get(name)
+                .filter(|(_, at)| at.elapsed() < METADATA_MAX_AGE)
+                .map(|(t, _)| t.partitions.len() as i32)
         };
         match cached {
             Some(n) => Ok(n),
@@ -387,7 +397,10 @@ impl Client {
 
     fn cached_topic(&self, name: &str) -> Option<pb::TopicDescription> {
         let cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get(name).cloned()
+        cache
+            .get(name)
+            .filter(|(_, at)| at.elapsed() < METADATA_MAX_AGE)
+            .map(|(t, _)| t.clone())
     }
 
     /// Forgets cached metadata of `topic` (after NOT_LEADER and the like).
@@ -398,7 +411,13 @@ impl Client {
 
     /// The channel to the leader of `topic`-`partition`.
     pub(crate) async fn leader(&self, topic: &str, partition: i32) -> Result<Channel, ClientError> {
-        let t = self.topic(topic).await?;
+        let mut t = self.topic(topic).await?;
+        if !t.partitions.iter().any(|p| p.partition == partition) {
+            // Cached before the topic grew (a group can be handed a new
+            // partition before this client heard of it): read it again.
+            self.invalidate(topic);
+            t = self.topic(topic).await?;
+        }
         let p = t
             .partitions
             .iter()
