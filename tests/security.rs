@@ -627,6 +627,39 @@ async fn tls_mtls_authentication_and_acls() {
         }
     };
     assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
+    // A group member is told too: its poll fails with the refusal
+    // instead of answering nothing forever.
+    let (ok, out) = cli_env(
+        &addr,
+        &admin_env,
+        &[
+            "acl",
+            "add",
+            "--principal",
+            "alice",
+            "--group",
+            "g-alice",
+            "--operation",
+            "read",
+        ],
+        b"",
+    );
+    assert!(ok, "{out}");
+    let mut member = alice
+        .group_consumer(runnel::client::GroupConfig::new("g-alice", &["logs-app"]))
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Err(e) = member.poll().await {
+                break e;
+            }
+        }
+    })
+    .await
+    .expect("a member denied READ kept polling without an error");
+    assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
+    assert!(member.generation() >= 1, "refused before it joined: {err}");
+    drop(member);
 
     // A producer whose credentials stop working: its next call is refused,
     // and the batch fails with that error at once instead of being retried

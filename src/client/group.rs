@@ -32,6 +32,20 @@ use tokio::task::JoinHandle;
 
 use super::{Client, ClientError, ConsumedRecord, PartitionConsumer, StartFrom, REQUEST_TIMEOUT};
 
+/// Whether a partition's fetch failure goes to the application: the
+/// rest (a leader moving, a topic being deleted and the rebalance that
+/// follows) are retried quietly.
+fn fetch_failure_is_fatal(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        pb::ErrorCode::AuthorizationFailed
+            | pb::ErrorCode::AuthenticationFailed
+            | pb::ErrorCode::CorruptMessage
+            | pb::ErrorCode::InvalidRequest
+            | pb::ErrorCode::Unsupported
+    )
+}
+
 /// Long-poll wait of fetches while a background rejoin is under way (ms).
 const REBALANCE_POLL_WAIT_MS: u32 = 10;
 
@@ -868,6 +882,10 @@ impl GroupConsumer {
     /// the long-poll wait). Joins first when needed, and commits when the
     /// auto-commit interval has passed.
     ///
+    /// A fetch refused for good (READ revoked, a corrupt batch) fails the
+    /// poll when no other partition has records; failures that pass (a
+    /// leader moving) are retried quietly.
+    ///
     /// Cancel-safe once the member has joined: a poll dropped while it
     /// waits for records (in a `select!` or a timeout) keeps every owned
     /// partition, its position and its fetch in flight for the next poll,
@@ -924,6 +942,7 @@ impl GroupConsumer {
         }
         let mut out = Vec::new();
         let mut failed = None;
+        let mut fatal = None;
         let mut out_of_range = Vec::new();
         {
             let mut polls: FuturesUnordered<_> = self
@@ -941,6 +960,7 @@ impl GroupConsumer {
                 Err(e) if e.code() == pb::ErrorCode::OffsetOutOfRange => {
                     out_of_range.push(tp.clone());
                 }
+                Err(e) if fetch_failure_is_fatal(&e) => fatal = Some(e),
                 Err(e) => failed = Some(e),
             };
             while let Some((tp, r)) = polls.next().await {
@@ -958,6 +978,12 @@ impl GroupConsumer {
         // Started over by the next poll: no await here with records in hand.
         self.out_of_range = out_of_range;
         if out.is_empty() {
+            if let Some(e) = fatal {
+                // Retrying does not help until someone acts (READ
+                // revoked, a corrupt batch): the application is told, as
+                // Kafka's poll throws, instead of seeing empty polls.
+                return Err(e);
+            }
             if let Some(e) = failed {
                 // Leadership moving: back off a little, routes refresh.
                 tracing::debug!(error = %e, "fetch failed");
