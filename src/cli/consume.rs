@@ -136,13 +136,27 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
             if printed >= limit {
                 break;
             }
-            write_record(&mut out, &record, output)?;
+            if reader_gone(write_record(&mut out, &record, output))? {
+                return Ok(());
+            }
             printed += 1;
         }
-        out.flush()?;
+        if reader_gone(out.flush())? {
+            return Ok(());
+        }
     }
-    out.flush()?;
+    reader_gone(out.flush())?;
     Ok(())
+}
+
+/// Whether a write failed because the reader closed the pipe (`| head`),
+/// which ends the command normally, as it does other Unix tools.
+fn reader_gone(written: std::io::Result<()>) -> std::io::Result<bool> {
+    match written {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// `consume --group G`: a group member that prints what it is assigned,
@@ -189,26 +203,46 @@ async fn run_group(
             }
             let mut rewind: std::collections::BTreeMap<(std::sync::Arc<str>, i32), i64> =
                 Default::default();
+            let mut rewind_to = |record: &ConsumedRecord| {
+                let key = (record.topic.clone(), record.partition);
+                let at = rewind.entry(key).or_insert(record.offset);
+                *at = (*at).min(record.offset);
+            };
+            let mut written = Ok(());
             for record in &records {
                 if printed >= limit {
-                    let key = (record.topic.clone(), record.partition);
-                    let at = rewind.entry(key).or_insert(record.offset);
-                    *at = (*at).min(record.offset);
+                    rewind_to(record);
                     continue;
                 }
-                write_record(&mut out, record, output)?;
+                written = write_record(&mut out, record, output);
+                if written.is_err() {
+                    break;
+                }
                 printed += 1;
             }
-            out.flush()?;
+            if written.is_ok() {
+                written = out.flush();
+            }
+            if written.is_err() {
+                // Which of this batch's records reached the reader is not
+                // known (the buffer may have been partly written): none
+                // of them counts as printed.
+                records.iter().for_each(&mut rewind_to);
+            }
             // Unprinted records stay uncommitted for the next member.
             for ((topic, partition), offset) in rewind {
                 consumer.seek(&topic, partition, offset)?;
+            }
+            if reader_gone(written)? {
+                break;
             }
         }
         Ok(())
     }
     .await;
-    out.flush()?;
+    // The buffer is empty unless a write failed; then its records were
+    // rewound above and are not committed.
+    let _ = out.flush();
     let closed = consumer.close().await;
     result?;
     closed.context("committing and leaving the group")?;
