@@ -22,6 +22,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    #[error("environment variables {names} (RUNNEL_KEY or RUNNEL_SECTION__KEY override config keys): {message}")]
+    Env { names: String, message: String },
 }
 
 /// The whole server configuration.
@@ -225,8 +227,10 @@ impl Default for ControllerSection {
     }
 }
 
-/// Environment variables the CLI itself reads; never config keys.
-const CLI_ENV: &[&str] = &[
+/// `RUNNEL_…` environment variables that are never config keys: those
+/// the CLI itself reads, and those of docker-compose.yml and the
+/// benchmark scripts, which the README has users export.
+const NOT_CONFIG_ENV: &[&str] = &[
     "RUNNEL_BOOTSTRAP",
     "RUNNEL_CONFIG",
     "RUNNEL_LOG_FORMAT",
@@ -236,7 +240,35 @@ const CLI_ENV: &[&str] = &[
     "RUNNEL_USER",
     "RUNNEL_PASSWORD",
     "RUNNEL_PASSWORD_FILE",
+    "RUNNEL_HOST_IP",
+    "RUNNEL_SUBNET",
+    "RUNNEL_IMAGE",
+    "RUNNEL_COMPOSE_PROFILE",
+    "RUNNEL_BENCH_LOG_BYTES",
 ];
+
+/// Whether the environment variable `name` overrides a config key.
+pub fn is_config_env(name: &str) -> bool {
+    name.starts_with("RUNNEL_") && !NOT_CONFIG_ENV.contains(&name)
+}
+
+/// This process's config overrides from its environment (see
+/// [`ServerConfig::load`]). A variable that is not Unicode is refused
+/// if it would be one, and skipped otherwise.
+pub fn env_overrides() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| is_config_env(n)) else {
+            continue;
+        };
+        let value = value.into_string().map_err(|_| ConfigError::Invalid {
+            key: name.to_string(),
+            reason: "the environment variable's value is not valid Unicode".into(),
+        })?;
+        out.push((name.to_string(), value));
+    }
+    Ok(out)
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -293,11 +325,19 @@ impl ServerConfig {
             path: shown.clone(),
             message,
         };
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
-        apply_env(&mut table, env)?;
-        let config: ServerConfig = table
-            .try_into()
-            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        let file: toml::Table = toml::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
+        let mut table = file.clone();
+        let applied = apply_env(&mut table, env)?;
+        let config: ServerConfig = table.try_into().map_err(|e: toml::de::Error| {
+            // Blame the environment when the file alone is fine.
+            match (applied.is_empty(), file.try_into::<ServerConfig>()) {
+                (false, Ok(_)) => ConfigError::Env {
+                    names: applied.join(", "),
+                    message: e.message().to_string(),
+                },
+                _ => parse_err(e.to_string()),
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -539,18 +579,18 @@ impl ServerConfig {
     }
 }
 
-/// Applies `RUNNEL_…` environment overrides to a parsed TOML table.
+/// Applies `RUNNEL_…` environment overrides to a parsed TOML table;
+/// returns the names of those applied.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
+    let mut applied = Vec::new();
     for (name, raw) in env {
-        let Some(rest) = name.strip_prefix("RUNNEL_") else {
-            continue;
-        };
-        if CLI_ENV.contains(&name.as_str()) {
+        if !is_config_env(&name) {
             continue;
         }
+        let rest = &name["RUNNEL_".len()..];
         let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
         if path.iter().any(String::is_empty) || path.len() > 2 {
             return Err(ConfigError::Invalid {
@@ -573,8 +613,9 @@ fn apply_env(
             })?;
         }
         target.insert(path[path.len() - 1].clone(), value);
+        applied.push(name);
     }
-    Ok(())
+    Ok(applied)
 }
 
 #[cfg(test)]
@@ -639,6 +680,41 @@ mod tests {
         let err = ServerConfig::load(None, [("RUNNEL_NODE_IDX".to_string(), "1".to_string())])
             .unwrap_err();
         assert!(err.to_string().contains("node_idx"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_environment_override_is_blamed_not_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, "node_id = 1\n").unwrap();
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let err = ServerConfig::load(Some(&path), env(&[("RUNNEL_NODE_IDX", "2")])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("RUNNEL_NODE_IDX") && text.contains("node_idx"),
+            "{text}"
+        );
+        assert!(!text.contains("n.toml"), "{text}");
+        // The compose file's and the benchmarks' variables are not keys.
+        let c = ServerConfig::load(
+            Some(&path),
+            env(&[
+                ("RUNNEL_HOST_IP", "169.254.10.1"),
+                ("RUNNEL_SUBNET", "169.254.10.0/24"),
+                ("RUNNEL_IMAGE", "runnel:dev"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.node_id, 1);
+        // A broken file is still blamed on the file.
+        std::fs::write(&path, "node_idd = 1\n").unwrap();
+        let err = ServerConfig::load(Some(&path), env(&[("RUNNEL_NODE_ID", "2")])).unwrap_err();
+        assert!(err.to_string().contains("n.toml"), "{err}");
     }
 
     #[test]

@@ -83,6 +83,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the runnel binary")?;
+    // Each node's config is generated: an exported override (say
+    // RUNNEL_NODE_ID) would give every node the same value.
+    let inherited: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(name, _)| name)
+        .filter(|name| name.to_str().is_some_and(runnel::config::is_config_env))
+        .collect();
+    if !inherited.is_empty() {
+        eprintln!(
+            "runnel dev: ignoring {} for the generated node configs",
+            inherited
+                .iter()
+                .map(|n| n.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let mut children: Vec<Child> = Vec::new();
     let mut ready = Vec::new();
     for id in 1..=args.nodes {
@@ -98,7 +114,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             ),
         )
         .with_context(|| format!("cannot write {}", path.display()))?;
-        let mut child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        for name in &inherited {
+            command.env_remove(name);
+        }
+        let mut child = command
             .arg("server")
             .arg("--config")
             .arg(&path)

@@ -52,7 +52,7 @@ pub struct LoadedServer {
 pub fn load(args: ServerArgs) -> anyhow::Result<LoadedServer> {
     // Precedence: flags over RUNNEL_… environment over the file. Flags are
     // applied as the last overrides so one validation sees the result.
-    let mut overrides: Vec<(String, String)> = std::env::vars().collect();
+    let mut overrides = runnel::config::env_overrides()?;
     let quoted = |s: String| toml::Value::String(s).to_string();
     if let Some(v) = args.node_id {
         overrides.push(("RUNNEL_NODE_ID".into(), v.to_string()));

@@ -1,0 +1,129 @@
+//! The README's first command: `runnel dev` starts a local three-node
+//! cluster that replicates, ignores exported config overrides (each node
+//! has its own generated config), and stops every node on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{cli_ok, free_ports, runnel_bin};
+
+/// `n` consecutive free ports (`runnel dev` puts node N on BASE + N - 1).
+fn consecutive_ports(n: usize) -> u16 {
+    loop {
+        let ports = free_ports(n);
+        if ports.windows(2).all(|w| w[1] == w[0] + 1) {
+            return ports[0];
+        }
+    }
+}
+
+#[test]
+fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = consecutive_ports(3);
+    let metrics = consecutive_ports(3);
+    let mut dev = Command::new(runnel_bin())
+        .args(["dev", "--nodes", "3"])
+        .args(["--base-port", &base.to_string()])
+        .args(["--metrics-base-port", &metrics.to_string()])
+        .arg("--data-dir")
+        .arg(dir.path())
+        // Would give every node id 7 if the nodes inherited it.
+        .env("RUNNEL_NODE_ID", "7")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = dev.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(b) = line.strip_prefix("bootstrap: ") {
+                let _ = tx.send(b.trim().to_string());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let bootstrap = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(b) => b,
+        Err(_) => {
+            let _ = dev.kill();
+            let out = dev.wait_with_output().unwrap();
+            panic!(
+                "runnel dev did not come up:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    assert_eq!(bootstrap.split(',').count(), 3, "{bootstrap}");
+
+    cli_ok(
+        &bootstrap,
+        &[
+            "topic",
+            "create",
+            "demo",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "3",
+        ],
+        None,
+    );
+    let described = cli_ok(
+        &bootstrap,
+        &["--output", "json", "cluster", "describe"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&described).expect("JSON");
+    let mut ids: Vec<i64> = v["brokers"]
+        .as_array()
+        .expect("brokers")
+        .iter()
+        .map(|b| b["id"].as_i64().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, [1, 2, 3], "{described}");
+    cli_ok(&bootstrap, &["produce", "demo"], Some(b"one\ntwo\nthree\n"));
+    let out = cli_ok(
+        &bootstrap,
+        &[
+            "consume",
+            "demo",
+            "--from",
+            "earliest",
+            "--max-records",
+            "3",
+        ],
+        None,
+    );
+    let mut got: Vec<&str> = out.lines().collect();
+    got.sort();
+    assert_eq!(got, ["one", "three", "two"], "{out}");
+
+    // SIGTERM stops every node before `runnel dev` exits.
+    let status = Command::new("kill")
+        .args(["-TERM", &dev.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = dev.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("ignoring RUNNEL_NODE_ID"), "{stderr}");
+    let stdout = reader.join().unwrap();
+    assert!(stdout.contains("runnel dev: stopped"), "{stdout}");
+    for port in base..base + 3 {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "a node still listens on {port}"
+        );
+    }
+}
