@@ -34,13 +34,14 @@ pub struct ServerConfig {
     pub node_id: i32,
     /// Address the client gRPC listener binds, HOST:PORT (port 0 picks one).
     pub listen: SocketAddr,
-    /// Address other brokers and clients should use; defaults to `listen`.
+    /// Address other brokers and clients should use, HOST:PORT; defaults
+    /// to `listen`, and is required when that is every interface (0.0.0.0).
     pub advertised_address: Option<String>,
     /// Where partition logs and metadata live.
     pub data_dir: PathBuf,
     /// Rack label, for replica placement.
     pub rack: String,
-    /// Roles: "broker" and/or "controller".
+    /// Roles: "broker" (every node), plus "controller" on the voters.
     pub roles: Vec<String>,
     /// Address of the HTTP endpoint serving `/metrics` (Prometheus text),
     /// `/health` and `/ready`, HOST:PORT (port 0 picks one); none when
@@ -415,6 +416,25 @@ impl ServerConfig {
                 ));
             }
         }
+        if !self.roles.iter().any(|r| r == "broker") {
+            return Err(invalid(
+                "roles",
+                "every node is a broker (controller-only nodes are not supported): list \"broker\", and \"controller\" on voters"
+                    .to_string(),
+            ));
+        }
+        check_advertised(
+            "advertised_address",
+            self.advertised_address.as_deref(),
+            "listen",
+            Some(self.listen),
+        )?;
+        check_advertised(
+            "internal_advertised_address",
+            self.internal_advertised_address.as_deref(),
+            "internal_listen",
+            self.internal_listen,
+        )?;
         if let Some(m) = self.metrics_listen {
             if m == self.listen && m.port() != 0 {
                 return Err(invalid(
@@ -579,6 +599,49 @@ impl ServerConfig {
     }
 }
 
+/// An advertised address is what others dial: HOST:PORT, with a host
+/// that is not the every-interface address. Without one, the listener's
+/// address is advertised, so it must not be every interface either
+/// (as Kafka refuses to advertise 0.0.0.0).
+fn check_advertised(
+    key: &str,
+    advertised: Option<&str>,
+    listen_key: &str,
+    listen: Option<SocketAddr>,
+) -> Result<(), ConfigError> {
+    let Some(a) = advertised else {
+        return match listen {
+            Some(l) if l.ip().is_unspecified() => Err(ConfigError::Invalid {
+                key: key.to_string(),
+                reason: format!(
+                    "`{listen_key}` is {l}, every interface, which others cannot dial: set the address they should use, HOST:PORT"
+                ),
+            }),
+            _ => Ok(()),
+        };
+    };
+    let bad = |reason: String| ConfigError::Invalid {
+        key: key.to_string(),
+        reason,
+    };
+    let (host, port) = a
+        .rsplit_once(':')
+        .ok_or_else(|| bad(format!("'{a}' is not HOST:PORT")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad(format!("'{a}' is not HOST:PORT")));
+    }
+    if host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+    {
+        return Err(bad(format!(
+            "'{a}' names every interface, which others cannot dial"
+        )));
+    }
+    Ok(())
+}
+
 /// Applies `RUNNEL_…` environment overrides to a parsed TOML table;
 /// returns the names of those applied.
 fn apply_env(
@@ -718,6 +781,38 @@ mod tests {
     }
 
     #[test]
+    fn advertised_addresses_are_dialable() {
+        let err = ServerConfig::from_toml("listen = \"0.0.0.0:9092\"\n").unwrap_err();
+        assert!(err.to_string().contains("advertised_address"), "{err}");
+        let c = ServerConfig::from_toml(
+            "listen = \"0.0.0.0:9092\"\nadvertised_address = \"broker-1:9092\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.advertised(), "broker-1:9092");
+        for bad in [
+            "broker-1",
+            ":9092",
+            "broker-1:x",
+            "broker-1:0",
+            "0.0.0.0:9092",
+            "[::]:9092",
+        ] {
+            let err =
+                ServerConfig::from_toml(&format!("advertised_address = \"{bad}\"\n")).unwrap_err();
+            assert!(
+                err.to_string().contains("advertised_address"),
+                "{bad}: {err}"
+            );
+        }
+        ServerConfig::from_toml("advertised_address = \"[::1]:9092\"\n").unwrap();
+        let err = ServerConfig::from_toml("internal_listen = \"[::]:9192\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("internal_advertised_address"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn metrics_listen_is_optional_and_needs_its_own_port() {
         assert_eq!(ServerConfig::from_toml("").unwrap().metrics_listen, None);
         let c = ServerConfig::from_toml("metrics_listen = \"127.0.0.1:9644\"\n").unwrap();
@@ -742,6 +837,8 @@ mod tests {
             ServerConfig::from_toml("roles = [\"broker\"]\n[controller]\nvoters = [\"2@h:1\"]\n")
                 .unwrap();
         assert!(!ok.is_voter());
+        let err = ServerConfig::from_toml("roles = [\"controller\"]\n").unwrap_err();
+        assert!(err.to_string().contains("controller-only"), "{err}");
         // No voters: this node alone.
         let single = ServerConfig::from_toml("node_id = 4\n").unwrap();
         assert_eq!(

@@ -418,7 +418,12 @@ fn compose_file_agrees_with_dockerfile_and_cluster_config() {
 
     let cluster_rel = "config/docker/cluster.toml";
     let cluster = toml_file(cluster_rel);
-    let base = load(cluster_rel, &[]);
+    // As a container loads it: its advertised address comes from its
+    // environment (the file listens on every interface).
+    let base = load(
+        cluster_rel,
+        &[("RUNNEL_ADVERTISED_ADDRESS", "runnel-1:9092")],
+    );
     let listen_port = base.listen.port();
     let data_dir = base.data_dir.display().to_string();
 
@@ -605,7 +610,10 @@ fn yaml_subset_reader() {
 fn prometheus_scrapes_every_compose_node_on_its_metrics_port() {
     let compose = yaml(&read("docker-compose.yml"));
     let services = compose["services"].as_object().expect("services");
-    let cluster = load("config/docker/cluster.toml", &[]);
+    let cluster = load(
+        "config/docker/cluster.toml",
+        &[("RUNNEL_ADVERTISED_ADDRESS", "runnel-1:9092")],
+    );
     let metrics = cluster.metrics_listen.expect("cluster.toml serves metrics");
     assert_eq!(
         metrics.ip().to_string(),
