@@ -549,6 +549,27 @@ fn compose_file_agrees_with_dockerfile_and_cluster_config() {
             ctx("healthcheck")
         );
 
+        // A stop gives the node time for its own shutdown budget: the
+        // leadership handover (fence, then wait: two submit timeouts),
+        // leaving the quorum (5 s), the open requests' and the metrics
+        // endpoint's grace periods, and the final flush. Past it, the
+        // container is SIGKILLed and the restart recovers the logs.
+        let grace = s["stop_grace_period"].as_str().expect("stop_grace_period");
+        let grace_ms: u64 = grace
+            .strip_suffix('s')
+            .and_then(|n| n.parse::<u64>().ok())
+            .map(|n| n * 1000)
+            .unwrap_or_else(|| panic!("{}", ctx("stop_grace_period in seconds")));
+        let budget_ms = 2 * base.controller.submit_timeout_ms
+            + 5_000
+            + 2 * base.broker.shutdown_grace_ms
+            + 5_000;
+        assert!(
+            grace_ms >= budget_ms,
+            "{}: {grace_ms} ms < {budget_ms} ms",
+            ctx("stop_grace_period")
+        );
+
         // No node waits for another to be healthy: health may need the
         // quorum, and the quorum needs every node started.
         if let Some(deps) = s.get("depends_on").and_then(Value::as_object) {
