@@ -10,9 +10,9 @@
 //! watermark] → wait on the high-watermark watch when caught up → read
 //! whole stored batches → send them raw or decoded.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -91,6 +91,9 @@ pub struct Broker {
     producer_ids: tokio::sync::Mutex<(i64, i64)>,
     /// Event metrics (counters, latency histograms).
     metrics: Arc<Metrics>,
+    /// The topics of the metadata last reconciled: a topic gone from it
+    /// loses its metric series on every broker, hosting it or not.
+    known_topics: Mutex<HashSet<String>>,
     /// Authentication, ACLs and quotas; unset = everything allowed.
     security: std::sync::OnceLock<Arc<crate::security::Security>>,
 }
@@ -125,6 +128,7 @@ impl Broker {
             appended: Arc::new(watch::channel(0).0),
             producer_ids: tokio::sync::Mutex::new((0, 0)),
             metrics: Arc::new(Metrics::new()),
+            known_topics: Mutex::new(HashSet::new()),
             security: std::sync::OnceLock::new(),
             config,
         }))
@@ -426,11 +430,14 @@ impl Broker {
             if !wanted.contains_key(&(topic.clone(), index)) {
                 info!(%topic, partition = index, "deleting partition no longer hosted");
                 self.logs.delete(&topic, index)?;
-                if !meta.topics.contains_key(&topic) {
-                    self.metrics.forget_topic(&topic);
-                }
             }
         }
+        let now: HashSet<String> = meta.topics.keys().cloned().collect();
+        let mut known = self.known_topics.lock().unwrap_or_else(|e| e.into_inner());
+        for gone in known.difference(&now) {
+            self.metrics.forget_topic(gone);
+        }
+        *known = now;
         Ok(())
     }
 

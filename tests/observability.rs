@@ -314,6 +314,15 @@ async fn t01_metrics_under_load_and_group_lag() {
     let m = [("group", "members")];
     assert!(counter(&s, "runnel_group_rebalances_total", &m) >= 1.0);
     assert!(value(&s, "runnel_group_rebalance_duration_seconds_count", &[]).unwrap() >= 1.0);
+    // A deleted group's series go with it (group ids are the clients'
+    // to choose: they would pile up).
+    client.delete_group("members").await.unwrap();
+    let after = scrape(&metrics).await;
+    assert_eq!(
+        value(&after, "runnel_group_rebalances_total", &m),
+        None,
+        "a deleted group's series lingers"
+    );
 
     // Cluster, controller and process gauges of a healthy single node.
     for (name, want) in [
@@ -563,6 +572,46 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
         cli(&bootstrap, &["cluster", "health"], None)
             .status
             .success()
+            .then_some(())
+    })
+    .await;
+
+    // A topic's series go with it on every node, also on one that never
+    // hosted it: a produce sent to a node that does not lead the
+    // partition counts there.
+    client
+        .create_topic("brief", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let leader = client.describe_topic("brief").await.unwrap().partitions[0].leader;
+    let other = (1..=3).find(|id| *id != leader).unwrap();
+    let mut raw = pb::producer_client::ProducerClient::connect(format!(
+        "http://{}",
+        cluster.addrs[other as usize - 1]
+    ))
+    .await
+    .unwrap();
+    let misrouted = raw
+        .produce(pb::ProduceRequest {
+            topic: "brief".into(),
+            partition: Some(0),
+            records: vec![pb::Record {
+                value: Some(b"x".to_vec().into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await;
+    assert!(misrouted.is_err(), "{misrouted:?}");
+    let brief = [("topic", "brief")];
+    let m_other = cluster.metrics_addr(other);
+    let s = scrape(&m_other).await;
+    assert_eq!(counter(&s, "runnel_produce_requests_total", &brief), 1.0);
+    client.delete_topic("brief").await.unwrap();
+    eventually("the deleted topic's series gone", WAIT, || async {
+        let s = scrape(&m_other).await;
+        value(&s, "runnel_produce_requests_total", &brief)
+            .is_none()
             .then_some(())
     })
     .await;

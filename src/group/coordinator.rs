@@ -307,6 +307,7 @@ impl GroupCoordinator {
                     if let Some(e) = inner.groups.remove(&id) {
                         e.notify();
                     }
+                    self.broker.metrics().forget_group(&id);
                 }
             }
             for (&i, &epoch) in &led {
@@ -1322,6 +1323,7 @@ impl GroupCoordinator {
                 if let Some(e) = inner.groups.remove(group) {
                     e.notify();
                 }
+                self.broker.metrics().forget_group(group);
             }
         }
         info!(%group, "group deleted");

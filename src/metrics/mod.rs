@@ -259,6 +259,15 @@ impl Metrics {
         }
     }
 
+    /// Drops the series of a group this node no longer coordinates (it
+    /// was deleted, or its offsets partition moved): group ids are the
+    /// clients' to choose, and would otherwise pile up.
+    pub fn forget_group(&self, group: &str) {
+        self.rebalances.remove(&GroupLabels {
+            group: group.to_string(),
+        });
+    }
+
     /// A rebalance of `group` completed after `took`.
     pub fn rebalanced(&self, group: &str, took: Duration) {
         self.rebalances
