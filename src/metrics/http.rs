@@ -5,15 +5,23 @@
 //! to see its own registration). Plain HTTP/1.1, separate from the gRPC
 //! port so scrapers and load-balancer probes need no gRPC.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::Listener;
 use axum::Router;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -92,17 +100,52 @@ impl Endpoint {
     }
 }
 
+/// How many connections the endpoint serves at once, at most; more wait
+/// in the listen backlog. Scrapers and probes need a few.
+const CONNECTIONS_MAX: usize = 64;
+/// A connection that moves no byte for this long is closed (a client
+/// that opened it and sent nothing, or half a request).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection is closed after this long whatever it does, so a client
+/// trickling bytes cannot keep it either (keep-alive scrapers reconnect).
+const LIFETIME_MAX: Duration = Duration::from_secs(120);
+
 /// Serves the endpoint on `listener` until `shutdown` is cancelled.
+///
+/// Connections are bounded in number and time: the server has no
+/// header-read or idle timeout of its own, and each connection is a file
+/// descriptor from the broker's budget, shared with segment files and
+/// gRPC.
 pub fn spawn(
     listener: TcpListener,
     endpoint: Arc<Endpoint>,
     shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    spawn_bounded(
+        listener,
+        endpoint,
+        shutdown,
+        (CONNECTIONS_MAX, IDLE_TIMEOUT, LIFETIME_MAX),
+    )
+}
+
+fn spawn_bounded(
+    listener: TcpListener,
+    endpoint: Arc<Endpoint>,
+    shutdown: CancellationToken,
+    (connections, idle, lifetime): (usize, Duration, Duration),
 ) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .with_state(endpoint);
+    let listener = Bounded {
+        inner: listener,
+        slots: Arc::new(Semaphore::new(connections)),
+        idle,
+        lifetime,
+    };
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -111,6 +154,116 @@ pub fn spawn(
             warn!(%error, "metrics endpoint stopped");
         }
     })
+}
+
+/// A listener that accepts while fewer than its slots are taken, and
+/// hands out connections that time out.
+struct Bounded {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+    idle: Duration,
+    lifetime: Duration,
+}
+
+impl Listener for Bounded {
+    type Io = Guarded<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (io, addr) = Listener::accept(&mut self.inner).await;
+        let ends = Instant::now() + self.lifetime;
+        let guarded = Guarded {
+            io,
+            idle: Box::pin(tokio::time::sleep_until(
+                (Instant::now() + self.idle).min(ends),
+            )),
+            idle_for: self.idle,
+            ends,
+            _slot: slot,
+        };
+        (guarded, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Listener::local_addr(&self.inner)
+    }
+}
+
+/// A connection that fails with TimedOut once it has moved no byte for
+/// `idle_for`, or once `ends` has passed; it holds its slot until dropped.
+struct Guarded<T> {
+    io: T,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_for: Duration,
+    ends: Instant,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<T> Guarded<T> {
+    /// Wraps one poll of the connection: progress restarts the idle
+    /// clock; waiting past it fails.
+    fn guard<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        match polled {
+            Poll::Ready(r) => {
+                let next = (Instant::now() + self.idle_for).min(self.ends);
+                self.idle.as_mut().reset(next);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "metrics connection idle or open too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.guard(cx, polled)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.guard(cx, polled)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.guard(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.guard(cx, polled)
+    }
 }
 
 async fn metrics(State(endpoint): State<Arc<Endpoint>>) -> Response {
@@ -129,5 +282,62 @@ async fn ready(State(endpoint): State<Arc<Endpoint>>) -> Response {
             format!("not ready: {why}\n"),
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn silent_and_trickling_connections_are_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let limits = (2, Duration::from_millis(300), Duration::from_secs(2));
+        spawn_bounded(listener, Endpoint::new(), shutdown.clone(), limits);
+
+        // Opened, nothing sent: closed once idle.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+            .await
+            .expect("a silent connection stayed open");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+        // Half a request, a byte every 100 ms: closed at its lifetime.
+        let mut trickle = TcpStream::connect(addr).await.unwrap();
+        trickle
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if trickle.write_all(b"a").await.is_err() {
+                    return;
+                }
+                // Pacing the trickle, not waiting for anything.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a trickling connection stayed open");
+        drop((silent, trickle));
+
+        // The slots are free again: requests are answered.
+        for _ in 0..3 {
+            let mut ok = TcpStream::connect(addr).await.unwrap();
+            ok.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            ok.read_to_string(&mut answer).await.unwrap();
+            assert!(
+                answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"),
+                "{answer}"
+            );
+        }
+        shutdown.cancel();
     }
 }
