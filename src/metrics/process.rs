@@ -45,7 +45,8 @@ impl ProcessStats {
             }
         }
         if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-            s.open_fds = dir.count() as u64;
+            // Less the descriptor that lists them.
+            s.open_fds = dir.count().saturating_sub(1) as u64;
         }
         if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
             s.max_fds = limits
