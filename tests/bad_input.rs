@@ -286,6 +286,14 @@ async fn refusals_are_clear_and_change_nothing() {
     let big = format!("{}\n", "y".repeat(2000));
     let err = cli_err(addr, &["produce", "small"], Some(big.as_bytes()));
     assert!(err.contains("max.message.bytes"), "{err}");
+    // Destructive commands say what they touch: delete-records names its
+    // partitions or says all of them.
+    let err = cli_err(
+        addr,
+        &["topic", "delete-records", "small", "--before", "end"],
+        None,
+    );
+    assert!(err.contains("--all-partitions"), "{err}");
     let out = cli_ok(addr, &["topic", "list"], None);
     assert_eq!(out.lines().count(), 2, "{out}");
 }
@@ -482,7 +490,14 @@ async fn clients_may_not_delete_grow_or_write_the_offsets_topic() {
     assert!(err.contains("internal to the cluster"), "{err}");
     let err = cli_err(
         addr,
-        &["topic", "delete-records", offsets, "--before", "end"],
+        &[
+            "topic",
+            "delete-records",
+            offsets,
+            "--before",
+            "end",
+            "--all-partitions",
+        ],
         None,
     );
     assert!(err.contains("internal to the cluster"), "{err}");

@@ -544,7 +544,7 @@ async fn t04_cli_describe_reset_delete_and_refusals() {
         "{listed}"
     );
 
-    // Dry run shows, commits nothing.
+    // Dry run (the default) shows, commits nothing.
     let reset = |args: &[&str]| -> serde_json::Value {
         let mut all = vec![
             "--output",
@@ -568,20 +568,36 @@ async fn t04_cli_describe_reset_delete_and_refusals() {
         0
     );
     assert_eq!(committed(), 4);
-    assert_eq!(reset(&["--to-offset", "7"])["offsets"][0]["offset"], 7);
-    assert_eq!(committed(), 7);
-    assert_eq!(reset(&["--shift-by", "-2"])["offsets"][0]["offset"], 5);
+    let shown = reset(&["--to-earliest"]);
+    assert_eq!(shown["dry_run"], true);
+    assert_eq!(shown["offsets"][0]["offset"], 0);
+    assert_eq!(committed(), 4);
     assert_eq!(
-        reset(&["--to-offset", "99"])["offsets"][0]["offset"],
+        reset(&["--to-offset", "7", "--execute"])["offsets"][0]["offset"],
+        7
+    );
+    assert_eq!(committed(), 7);
+    assert_eq!(
+        reset(&["--shift-by", "-2", "--execute"])["offsets"][0]["offset"],
+        5
+    );
+    assert_eq!(
+        reset(&["--to-offset", "99", "--execute"])["offsets"][0]["offset"],
         10,
         "clamped"
     );
     assert_eq!(
-        reset(&["--to-datetime", "2000-01-01T00:00:00Z"])["offsets"][0]["offset"],
+        reset(&["--to-datetime", "2000-01-01T00:00:00Z", "--execute"])["offsets"][0]["offset"],
         0
     );
-    assert_eq!(reset(&["--to-latest"])["offsets"][0]["offset"], 10);
-    assert_eq!(reset(&["--to-earliest"])["offsets"][0]["offset"], 0);
+    assert_eq!(
+        reset(&["--to-latest", "--execute"])["offsets"][0]["offset"],
+        10
+    );
+    assert_eq!(
+        reset(&["--to-earliest", "--execute"])["offsets"][0]["offset"],
+        0
+    );
     assert_eq!(committed(), 0);
     let table = cli_ok(addr, &["group", "describe", "g"], None);
     assert!(table.contains("total lag:    10"), "{table}");
@@ -595,7 +611,15 @@ async fn t04_cli_describe_reset_delete_and_refusals() {
     .await;
     let err = cli_err(
         addr,
-        &["group", "reset-offsets", "g", "--topic", "t", "--to-latest"],
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-latest",
+            "--execute",
+        ],
         None,
     );
     assert!(

@@ -794,7 +794,14 @@ async fn t07_deleted_records_are_gone_from_every_in_sync_replica() {
     // The CLI: everything below the high watermark, on the two left.
     let out = common::cli_ok(
         &cluster.bootstrap(),
-        &["topic", "delete-records", "del", "--before", "end"],
+        &[
+            "topic",
+            "delete-records",
+            "del",
+            "--before",
+            "end",
+            "--all-partitions",
+        ],
         None,
     );
     assert!(out.contains("100"), "{out}");

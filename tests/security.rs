@@ -465,6 +465,7 @@ async fn tls_mtls_authentication_and_acls() {
             "--topic",
             "orders",
             "--to-earliest",
+            "--execute",
         ],
         b"",
     );

@@ -13,7 +13,8 @@ pub enum GroupCommand {
     List,
     /// Members, assignment, committed offsets, log end offsets and lag.
     Describe { group: String },
-    /// Move a group's committed offsets (refused while it has members).
+    /// Move a group's committed offsets (refused while it has members);
+    /// shows the new offsets, and commits them with --execute.
     ResetOffsets(ResetArgs),
     /// Delete an empty group and its committed offsets.
     Delete { group: String },
@@ -44,9 +45,13 @@ pub struct ResetArgs {
     /// By N from the committed offset (negative moves back).
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     shift_by: Option<i64>,
-    /// Show the new offsets without committing them.
-    #[arg(long)]
+    /// Show the new offsets without committing them (the default).
+    #[arg(long, conflicts_with = "execute")]
     dry_run: bool,
+    /// Commit the new offsets; without it the command only shows them,
+    /// as Kafka's kafka-consumer-groups does.
+    #[arg(long)]
+    execute: bool,
 }
 
 fn target(args: &ResetArgs) -> anyhow::Result<pb::reset_offsets_request::To> {
@@ -199,12 +204,13 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
         }
         GroupCommand::ResetOffsets(args) => {
             let to = target(&args)?;
+            let dry_run = !args.execute;
             let offsets = client
                 .reset_offsets(pb::ResetOffsetsRequest {
                     group: args.group.clone(),
                     topic: args.topic.clone(),
                     to: Some(to),
-                    dry_run: args.dry_run,
+                    dry_run,
                 })
                 .await?;
             if output == Output::Json {
@@ -212,10 +218,7 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                     .iter()
                     .map(|o| serde_json::json!({"topic": o.topic, "partition": o.partition, "offset": o.offset}))
                     .collect();
-                println!(
-                    "{}",
-                    serde_json::json!({"dry_run": args.dry_run, "offsets": v})
-                );
+                println!("{}", serde_json::json!({"dry_run": dry_run, "offsets": v}));
                 return Ok(());
             }
             let mut rows = vec![vec![
@@ -227,8 +230,8 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                 rows.push(vec![o.topic, o.partition.to_string(), o.offset.to_string()]);
             }
             print_table(&rows);
-            if args.dry_run {
-                println!("(dry run: nothing committed)");
+            if dry_run {
+                println!("(dry run: nothing committed; add --execute to commit)");
             }
         }
         GroupCommand::Delete { group } => {

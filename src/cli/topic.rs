@@ -46,11 +46,16 @@ pub enum TopicCommand {
     },
     /// Delete the records below an offset (every in-sync replica's log
     /// then starts there); whole segments below it are removed from disk.
+    /// Name the partitions, or say --all-partitions.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["partitions", "all_partitions"])))]
     DeleteRecords {
         name: String,
-        /// Partition (repeatable); every partition when absent.
+        /// Partition (repeatable).
         #[arg(long = "partition", value_name = "N")]
         partitions: Vec<i32>,
+        /// Every partition of the topic.
+        #[arg(long)]
+        all_partitions: bool,
         /// Delete below this offset, or "end" for below the high
         /// watermark (every record consumers can read now).
         #[arg(long, value_name = "OFFSET|end", value_parser = parse_before)]
@@ -130,9 +135,10 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
         TopicCommand::DeleteRecords {
             name,
             partitions,
+            all_partitions,
             before,
         } => {
-            let partitions = if partitions.is_empty() {
+            let partitions = if all_partitions {
                 let t = client.describe_topic(&name).await?;
                 t.partitions.iter().map(|p| p.partition).collect()
             } else {
