@@ -987,3 +987,56 @@ async fn a_group_consume_into_a_closed_pipe_commits_only_what_was_written() {
     // reached the pipe; the fetch that failed held about 50.
     assert!(offset <= 5, "committed {offset}");
 }
+
+/// `runnel produce` takes lines of any bytes (keys split at the
+/// separator), and fits its batches to the topic's max.message.bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_produce_takes_any_bytes_and_fits_batches_to_the_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    let configs = [("max.message.bytes".to_string(), "4096".to_string())];
+    client
+        .create_topic("raw", 1, 1, configs.into_iter().collect())
+        .await
+        .unwrap();
+    let value = |i: usize| {
+        let mut v = vec![0xff, 0xfe, 0x80 + (i % 100) as u8];
+        v.extend(b"x".repeat(100));
+        v
+    };
+    let mut input = Vec::new();
+    for i in 0..200 {
+        input.extend_from_slice(format!("k{i}\t").as_bytes());
+        input.extend(value(i));
+        input.push(b'\n');
+    }
+    let out = common::cli(
+        &server.addr,
+        &[
+            "produce",
+            "raw",
+            "--key-separator",
+            "\t",
+            "--batch-bytes",
+            "1000000",
+        ],
+        Some(&input),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("max.message.bytes 4096"), "{stderr}");
+    assert!(stderr.contains("produced 200 records"), "{stderr}");
+    let mut c = client
+        .partition_consumer("raw", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 200 {
+        got.extend(c.poll().await.unwrap());
+    }
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.key.as_deref(), Some(format!("k{i}").as_bytes()));
+        assert_eq!(r.value.as_deref(), Some(&value(i)[..]), "record {i}");
+    }
+}

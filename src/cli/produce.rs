@@ -43,7 +43,7 @@ enum AcksArg {
 
 pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
     // Fail fast on an unknown topic or partition, before reading input.
-    let topic = client.topic(&args.topic).await?;
+    let topic = client.describe_topic(&args.topic).await?;
     if let Some(p) = args.partition {
         if p < 0 || p as usize >= topic.partitions.len() {
             bail!(
@@ -53,13 +53,28 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
             );
         }
     }
+    // A batch larger than the topic takes would fail whole.
+    let mut batch_bytes = args.batch_bytes;
+    if let Some(max) = topic
+        .configs
+        .get("max.message.bytes")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if batch_bytes > max {
+            eprintln!(
+                "--batch-bytes {batch_bytes} is more than topic '{}' takes (max.message.bytes {max}): batches of at most {max} bytes",
+                args.topic
+            );
+            batch_bytes = max;
+        }
+    }
     let producer = client.producer(ProducerConfig {
         acks: match args.acks {
             AcksArg::All => pb::Acks::All,
             AcksArg::Leader => pb::Acks::Leader,
             AcksArg::None => pb::Acks::None,
         },
-        batch_bytes_max: args.batch_bytes,
+        batch_bytes_max: batch_bytes,
         linger: Duration::from_millis(args.linger_ms),
         ..ProducerConfig::default()
     });
@@ -71,24 +86,44 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
         ),
         None => Box::new(tokio::io::stdin()),
     };
-    let mut lines = BufReader::new(input).lines();
+    // Lines are bytes: a record's value need not be text.
+    let mut input = BufReader::new(input);
     let mut acks = Vec::new();
-    while let Some(line) = lines.next_line().await.context("reading input")? {
-        let (key, value) = match &args.key_separator {
-            Some(sep) => match line.split_once(sep.as_str()) {
-                Some((k, v)) => (Some(Bytes::from(k.to_string())), v.to_string()),
-                None => (None, line),
-            },
-            None => (None, line),
-        };
+    let mut stopped = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match input.read_until(b'\n', &mut line).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                stopped = Some(anyhow::Error::from(e).context("reading input"));
+                break;
+            }
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+        }
+        let (key, value) = split_key(&line, args.key_separator.as_deref());
         let record = ProducerRecord {
             key,
-            value: Some(Bytes::from(value)),
+            value: Some(value),
             partition: args.partition,
             ..ProducerRecord::default()
         };
-        acks.push(producer.send(&args.topic, record).await?);
+        match producer.send(&args.topic, record).await {
+            Ok(ack) => acks.push(ack),
+            Err(e) => {
+                stopped = Some(e.into());
+                break;
+            }
+        }
     }
+    // Whatever happened to the input, what was sent is seen through and
+    // counted.
     producer.close().await?;
     let total = acks.len();
     let mut failed = 0usize;
@@ -99,9 +134,54 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
             first_error.get_or_insert(e);
         }
     }
+    let produced = total - failed;
+    if let Some(e) = stopped {
+        return Err(e.context(format!(
+            "stopped after {produced} of the {total} records read were produced"
+        )));
+    }
     if let Some(e) = first_error {
         bail!("{failed} of {total} records were not produced: {e}");
     }
     eprintln!("produced {total} records to {}", args.topic);
     Ok(())
+}
+
+/// A line as (key, value): split at the first `sep` when given and
+/// present, else all value.
+fn split_key(line: &[u8], sep: Option<&str>) -> (Option<Bytes>, Bytes) {
+    if let Some(sep) = sep.map(str::as_bytes).filter(|s| !s.is_empty()) {
+        if let Some(at) = line.windows(sep.len()).position(|w| w == sep) {
+            return (
+                Some(Bytes::copy_from_slice(&line[..at])),
+                Bytes::copy_from_slice(&line[at + sep.len()..]),
+            );
+        }
+    }
+    (None, Bytes::copy_from_slice(line))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_split_at_the_first_separator_and_may_be_any_bytes() {
+        assert_eq!(
+            split_key(b"k=v=w", Some("=")),
+            (Some(Bytes::from_static(b"k")), Bytes::from_static(b"v=w"))
+        );
+        assert_eq!(
+            split_key(b"no-sep", Some("=")),
+            (None, Bytes::from_static(b"no-sep"))
+        );
+        assert_eq!(
+            split_key(b"\xff\xfe::\x00", Some("::")),
+            (
+                Some(Bytes::from_static(b"\xff\xfe")),
+                Bytes::from_static(b"\x00")
+            )
+        );
+        assert_eq!(split_key(b"a", None), (None, Bytes::from_static(b"a")));
+    }
 }
