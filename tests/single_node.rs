@@ -723,6 +723,31 @@ fn perf_tools_report_what_they_moved() {
     let consumed = json(&["consume", "--topic", "pf", "--records", "2000"]);
     assert_eq!(consumed["records"], 2000);
     assert_eq!(consumed["bytes"], 200_000);
+    // A figure for another shape than asked for is refused: "pf" has one
+    // partition. Options perf consume does not use are refused too.
+    let err = common::cli_err(
+        &server.addr,
+        &[
+            "perf",
+            "produce",
+            "--topic",
+            "pf",
+            "--records",
+            "10",
+            "--partitions",
+            "8",
+        ],
+        None,
+    );
+    assert!(err.contains("exists with 1 partitions"), "{err}");
+    let err = common::cli_err(
+        &server.addr,
+        &["perf", "consume", "--topic", "pf", "--record-size", "10"],
+        None,
+    );
+    assert!(err.contains("--record-size"), "{err}");
+    let err = common::cli_err(&server.addr, &["perf", "produce", "--acks", "some"], None);
+    assert!(err.contains("invalid value 'some'"), "{err}");
     // Up to 5,000 records as a group member, stopping once caught up.
     let group_consume = |topic: &str, group: &str| {
         json(&[

@@ -48,21 +48,33 @@ pub struct Workload {
     /// Value size in bytes.
     #[arg(long, default_value_t = 1024)]
     record_size: usize,
-    /// Partitions when the topic is created.
-    #[arg(long, default_value_t = 1)]
-    partitions: i32,
-    /// Replication factor when the topic is created.
-    #[arg(long, default_value_t = 1)]
-    replication_factor: i32,
+    /// Partitions of the topic: created with this many (1 when not
+    /// given); an existing topic with another count is refused.
+    #[arg(long)]
+    partitions: Option<i32>,
+    /// Replication factor of the topic, likewise (1 when not given).
+    #[arg(long)]
+    replication_factor: Option<i32>,
+}
+
+/// What `perf consume` reads.
+#[derive(Debug, Args, Clone)]
+pub struct Target {
+    /// Topic to read.
+    #[arg(long, default_value = "perf")]
+    topic: String,
+    /// Number of records.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: u64,
 }
 
 #[derive(Debug, Args, Clone)]
 pub struct ProduceArgs {
     #[command(flatten)]
     workload: Workload,
-    /// all, leader or none.
-    #[arg(long, default_value = "leader")]
-    acks: String,
+    /// Durability each record waits for.
+    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    acks: AcksArg,
     /// Batch size in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     batch_bytes: usize,
@@ -109,7 +121,7 @@ pub struct E2eArgs {
 #[derive(Debug, Args, Clone)]
 pub struct ConsumeArgs {
     #[command(flatten)]
-    workload: Workload,
+    target: Target,
     /// Bytes per fetch (the consumer's default, Kafka's
     /// max.partition.fetch.bytes: 1 MiB). Larger answers fall out of the
     /// CPU caches between their copies and read slower.
@@ -346,18 +358,33 @@ pub async fn run(
     Ok(())
 }
 
+/// Creates the workload's topic, or checks that the existing one has the
+/// shape asked for: a figure measured on another partition count or
+/// replication factor than the command line says would mislead.
 async fn ensure_topic(client: &Client, w: &Workload) -> anyhow::Result<()> {
     match client
         .create_topic(
             &w.topic,
-            w.partitions,
-            w.replication_factor,
+            w.partitions.unwrap_or(1),
+            w.replication_factor.unwrap_or(1),
             Default::default(),
         )
         .await
     {
         Ok(_) => Ok(()),
-        Err(e) if e.code() == pb::ErrorCode::TopicAlreadyExists => Ok(()),
+        Err(e) if e.code() == pb::ErrorCode::TopicAlreadyExists => {
+            let t = client.describe_topic(&w.topic).await?;
+            let has = (t.partitions.len() as i32, t.replication_factor);
+            let partitions = w.partitions.unwrap_or(has.0);
+            let rf = w.replication_factor.unwrap_or(has.1);
+            if (partitions, rf) != has {
+                bail!(
+                    "topic '{}' exists with {} partitions and replication factor {}, not {partitions} and {rf}: pick another --topic or delete it",
+                    w.topic, has.0, has.1
+                );
+            }
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -376,13 +403,21 @@ fn progress(total: u64, output: Output, what: &str) -> ProgressBar {
     bar
 }
 
-fn acks(s: &str) -> anyhow::Result<pb::Acks> {
-    Ok(match s {
-        "all" => pb::Acks::All,
-        "leader" => pb::Acks::Leader,
-        "none" => pb::Acks::None,
-        other => bail!("--acks must be all, leader or none, got '{other}'"),
-    })
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AcksArg {
+    All,
+    Leader,
+    None,
+}
+
+impl From<AcksArg> for pb::Acks {
+    fn from(a: AcksArg) -> Self {
+        match a {
+            AcksArg::All => pb::Acks::All,
+            AcksArg::Leader => pb::Acks::Leader,
+            AcksArg::None => pb::Acks::None,
+        }
+    }
 }
 
 /// What `perf e2e` asks of its producer: each value starts with the
@@ -410,7 +445,7 @@ async fn produce(
         bail!("--record-size must be at least 8 for e2e");
     }
     let producer = client.producer(ProducerConfig {
-        acks: acks(&args.acks)?,
+        acks: args.acks.into(),
         batch_bytes_max: args.batch_bytes,
         linger: Duration::from_millis(args.linger_ms),
         in_flight_max: args.in_flight,
@@ -538,7 +573,7 @@ async fn consume(client: &Client, args: &ConsumeArgs, output: Output) -> anyhow:
     if let Some(group) = &args.group {
         return consume_group(client, args, group, output).await;
     }
-    let w = &args.workload;
+    let w = &args.target;
     let topic = client.topic(&w.topic).await?;
     let (tx, mut rx) = mpsc::channel::<anyhow::Result<(u64, u64)>>(64);
     let mut available = 0u64;
@@ -603,7 +638,7 @@ async fn consume_group(
     group: &str,
     output: Output,
 ) -> anyhow::Result<Report> {
-    let w = &args.workload;
+    let w = &args.target;
     client.topic(&w.topic).await?;
     let mut config = GroupConfig::new(group, &[w.topic.as_str()]);
     config.client_id = "runnel-perf".into();
