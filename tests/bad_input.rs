@@ -294,6 +294,29 @@ async fn refusals_are_clear_and_change_nothing() {
         None,
     );
     assert!(err.contains("--all-partitions"), "{err}");
+    // A bad config in an alter that also adds partitions changes nothing.
+    let err = cli_err(
+        addr,
+        &[
+            "topic",
+            "alter",
+            "small",
+            "--partitions",
+            "3",
+            "--config",
+            "retention.msec=1",
+        ],
+        None,
+    );
+    assert!(err.contains("retention.msec"), "{err}");
+    let d = admin
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "small".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.partitions.len(), 1, "partitions added by a refused alter");
     let out = cli_ok(addr, &["topic", "list"], None);
     assert_eq!(out.lines().count(), 2, "{out}");
 }

@@ -177,11 +177,20 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
             if set.is_empty() && delete_config.is_empty() && partitions.is_none() {
                 bail!("nothing to alter: give --config, --delete-config or --partitions");
             }
+            let configs = !set.is_empty() || !delete_config.is_empty();
+            if configs && partitions.is_some() {
+                // Adding partitions cannot be undone (it moves keys to
+                // other partitions): the configs are checked first, so a
+                // typo in a key changes nothing.
+                client
+                    .alter_topic_config_checked(&name, set.clone(), delete_config.clone(), true)
+                    .await?;
+            }
             let mut t = None;
             if let Some(n) = partitions {
                 t = Some(client.add_partitions(&name, n).await?);
             }
-            if !set.is_empty() || !delete_config.is_empty() {
+            if configs {
                 t = Some(client.alter_topic_config(&name, set, delete_config).await?);
             }
             let t = t.expect("one branch ran");

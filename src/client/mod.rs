@@ -537,13 +537,26 @@ impl Client {
         set: BTreeMap<String, String>,
         delete: Vec<String>,
     ) -> Result<pb::TopicDescription, ClientError> {
+        self.alter_topic_config_checked(name, set, delete, false)
+            .await
+    }
+
+    /// [`Client::alter_topic_config`], or with `validate_only` only its
+    /// checks: the answer is the topic as it would be.
+    pub async fn alter_topic_config_checked(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+        delete: Vec<String>,
+        validate_only: bool,
+    ) -> Result<pb::TopicDescription, ClientError> {
         self.admin_call(
             false,
             pb::AlterTopicConfigRequest {
                 name: name.to_string(),
                 set: set.into_iter().collect(),
                 delete,
-                validate_only: false,
+                validate_only,
             },
             |mut a, r| async move { a.alter_topic_config(r).await },
         )
