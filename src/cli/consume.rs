@@ -19,7 +19,8 @@ pub struct ConsumeArgs {
     /// Topic to read.
     topic: String,
     /// Where to start: earliest, latest, an offset, or an ISO-8601 time
-    /// (e.g. 2026-11-24T10:00:00Z).
+    /// (2026-11-24T10:00:00Z, 2026-11-24T11:00:00+01:00; UTC without a
+    /// zone).
     #[arg(long, default_value = "earliest")]
     from: String,
     /// Read only this partition (default: all).
@@ -50,13 +51,9 @@ fn parse_from(s: &str) -> anyhow::Result<StartFrom> {
         }
         return Ok(StartFrom::Offset(offset));
     }
-    let time = humantime::parse_rfc3339_weak(s).with_context(|| {
+    let ms = super::parse_time_ms(s).with_context(|| {
         format!("--from expects earliest, latest, an offset or an ISO-8601 time, got '{s}'")
     })?;
-    let ms = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
     Ok(StartFrom::Timestamp(ms))
 }
 

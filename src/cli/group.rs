@@ -39,7 +39,8 @@ pub struct ResetArgs {
     /// To this offset (clamped to the log).
     #[arg(long, value_name = "N")]
     to_offset: Option<i64>,
-    /// To the first record at or after this ISO-8601 time.
+    /// To the first record at or after this ISO-8601 time (with Z or an
+    /// offset such as +01:00; UTC without a zone).
     #[arg(long, value_name = "ISO")]
     to_datetime: Option<String>,
     /// By N from the committed offset (negative moves back).
@@ -66,12 +67,8 @@ fn target(args: &ResetArgs) -> anyhow::Result<pb::reset_offsets_request::To> {
         }
         To::ToOffset(o)
     } else if let Some(t) = &args.to_datetime {
-        let time = humantime::parse_rfc3339_weak(t)
+        let ms = super::parse_time_ms(t)
             .with_context(|| format!("--to-datetime expects an ISO-8601 time, got '{t}'"))?;
-        let ms = time
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
         To::ToTimestampMs(ms)
     } else if let Some(n) = args.shift_by {
         To::ShiftBy(n)

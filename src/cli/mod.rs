@@ -321,3 +321,78 @@ pub fn print_table(rows: &[Vec<String>]) {
         println!("{}", line.join("  ").trim_end());
     }
 }
+
+/// An ISO-8601 time as milliseconds since the Unix epoch:
+/// `2026-01-01T10:00:00Z`, with fractional seconds, a space for the `T`,
+/// and a zone: `Z`, an offset (`+01:00`, `-0530`, `+02`), or none for UTC.
+/// Times before 1970 are the epoch.
+pub(crate) fn parse_time_ms(s: &str) -> anyhow::Result<i64> {
+    let bad = || {
+        anyhow::anyhow!("'{s}' is not an ISO-8601 time (2026-01-01T10:00:00Z, or with an offset such as +01:00)")
+    };
+    // The offset follows the seconds: past "YYYY-MM-DDTHH:MM:SS".
+    let (base, offset_s) = match s.get(19..).and_then(|t| t.rfind(['+', '-'])) {
+        Some(i) => {
+            let at = 19 + i;
+            let sign = if s.as_bytes()[at] == b'-' { -1 } else { 1 };
+            let digits: String = s[at + 1..].chars().filter(|c| *c != ':').collect();
+            if !digits.chars().all(|c| c.is_ascii_digit()) || !matches!(digits.len(), 2 | 4) {
+                return Err(bad());
+            }
+            let hours: i64 = digits[..2].parse().map_err(|_| bad())?;
+            let minutes: i64 = if digits.len() == 4 {
+                digits[2..].parse().map_err(|_| bad())?
+            } else {
+                0
+            };
+            if hours > 23 || minutes > 59 {
+                return Err(bad());
+            }
+            (&s[..at], sign * (hours * 3600 + minutes * 60))
+        }
+        None => (s, 0),
+    };
+    let time = humantime::parse_rfc3339_weak(base).map_err(|_| bad())?;
+    let ms = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    Ok((ms - offset_s * 1000).max(0))
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::parse_time_ms;
+
+    #[test]
+    fn iso_times_take_zones_and_offsets() {
+        let utc = 1_767_261_600_000; // 2026-01-01T10:00:00Z
+        for s in [
+            "2026-01-01T10:00:00Z",
+            "2026-01-01T10:00:00",
+            "2026-01-01 10:00:00Z",
+            "2026-01-01T11:00:00+01:00",
+            "2026-01-01T11:00:00+0100",
+            "2026-01-01T12:00:00+02",
+            "2026-01-01T04:30:00-05:30",
+        ] {
+            assert_eq!(parse_time_ms(s).unwrap(), utc, "{s}");
+        }
+        assert_eq!(
+            parse_time_ms("2026-01-01T10:00:00.250Z").unwrap(),
+            utc + 250
+        );
+        assert_eq!(
+            parse_time_ms("2026-01-01T11:00:00.250+01:00").unwrap(),
+            utc + 250
+        );
+        for bad in [
+            "yesterday",
+            "2026-01-01T10:00:00+1",
+            "2026-01-01T10:00:00+25:00",
+            "2026-01-01T10:00:00+ab:cd",
+        ] {
+            assert!(parse_time_ms(bad).is_err(), "{bad}");
+        }
+    }
+}
