@@ -1065,3 +1065,56 @@ async fn cli_produce_takes_any_bytes_and_fits_batches_to_the_topic() {
         assert_eq!(r.value.as_deref(), Some(&value(i)[..]), "record {i}");
     }
 }
+
+/// `runnel consume --from earliest` whose position falls off the log
+/// while it reads (deleted records, retention) reads on from the new log
+/// start, as Kafka's auto.offset.reset does, instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_consume_reads_on_when_its_position_leaves_the_log() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("shrinking", 1, 1, Default::default())
+        .await
+        .unwrap();
+    // 40 MB: more than the command's buffers (a pipe, 16 fetched chunks
+    // of at most 1 MiB) hold, so it is still reading when records go.
+    const RECORDS: usize = 40_000;
+    let producer = client.producer(ProducerConfig::default());
+    let values = (0..RECORDS).map(|i| format!("{i:06}{}", "v".repeat(994)));
+    for ack in send_values(&producer, "shrinking", values).await {
+        ack.await.unwrap();
+    }
+    let mut child = std::process::Command::new(common::runnel_bin())
+        .args(["--bootstrap", &server.addr, "consume", "shrinking"])
+        .args(["--from", "earliest"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("000000"), "{}", &first[..6]);
+    // Everything below the end goes while the command has read at most
+    // its buffers' worth.
+    client
+        .delete_records("shrinking", 0, -1, std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("no longer in the log; reading on from {RECORDS}")),
+        "{stderr}"
+    );
+    // What was printed is in order, without gaps, and stops short.
+    let read = 1 + rest.len();
+    assert!(read < RECORDS, "read {read}");
+    for (i, line) in rest.iter().enumerate() {
+        assert_eq!(&line[..6], format!("{:06}", i + 1), "line {}", i + 1);
+    }
+}

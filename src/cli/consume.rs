@@ -5,6 +5,7 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use clap::Args;
 use runnel::client::{Client, ConsumedRecord, GroupConfig, OffsetReset, StartFrom};
+use runnel_proto::v1 as pb;
 use tokio::sync::mpsc;
 
 use super::Output;
@@ -88,9 +89,20 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
         consumer.streaming = true;
         consumers.push(consumer);
     }
+    // Where a reader whose position left the log (retention or deleted
+    // records overtook it) starts again, as Kafka's auto.offset.reset:
+    // the log start for earliest or a time, the end for latest; an exact
+    // offset asked for is an error.
+    let reset = match from {
+        StartFrom::Earliest | StartFrom::Timestamp(_) => Some(pb::OffsetSpec::Earliest),
+        StartFrom::Latest => Some(pb::OffsetSpec::Latest),
+        StartFrom::Offset(_) => None,
+    };
     for mut consumer in consumers {
         let tx = tx.clone();
         let follow = args.follow;
+        let client = client.clone();
+        let topic = args.topic.clone();
         tokio::spawn(async move {
             // Without --follow, stop at the high watermark seen at start.
             let end = consumer.high_watermark();
@@ -113,6 +125,22 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
                             continue;
                         }
                         Err(anyhow::Error::from(e))
+                    }
+                    Err(e) if e.code() == pb::ErrorCode::OffsetOutOfRange && reset.is_some() => {
+                        let spec = reset.expect("checked");
+                        let partition = consumer.partition();
+                        match client.list_offsets(&topic, partition, spec, 0).await {
+                            Ok(o) => {
+                                eprintln!(
+                                    "{topic}-{partition}: offset {} is no longer in the log; reading on from {}",
+                                    consumer.position(),
+                                    o.offset
+                                );
+                                consumer.seek(o.offset);
+                                continue;
+                            }
+                            Err(e) => Err(anyhow::Error::from(e)),
+                        }
                     }
                     Err(e) => Err(anyhow::Error::from(e)),
                 };

@@ -155,6 +155,11 @@ impl PartitionConsumer {
         })
     }
 
+    /// The partition this consumer reads.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
     /// The next offset to read.
     pub fn position(&self) -> i64 {
         self.position
