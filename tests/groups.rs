@@ -1362,3 +1362,43 @@ async fn t10_a_member_reads_partitions_added_to_its_topic() {
     await_values(&[&m], 20, 80).await;
     m.close().await;
 }
+
+/// A cooperative member whose background rejoin was answered keeps
+/// heartbeating until a poll takes the answer up: an application busy
+/// with the records it has, for longer than the session timeout, is not
+/// expired from a group that is otherwise stable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t11_a_cooperative_member_busy_after_its_rejoin_was_answered_stays() {
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    let mut cfg = config("g-busy", "t");
+    cfg.protocol = pb::RebalanceProtocol::Cooperative;
+    let session = Duration::from_millis(u64::from(cfg.session_timeout_ms));
+    let mut a = client.group_consumer(cfg.clone()).unwrap();
+    let b = Member::spawn(&client, cfg.clone());
+    let deadline = std::time::Instant::now() + WAIT;
+    while !(a.assignment().len() == 3 && b.snapshot().2.len() == 3) {
+        assert!(std::time::Instant::now() < deadline, "never balanced");
+        a.poll().await.unwrap();
+    }
+    // B leaves: A is asked to rejoin and takes all six, without giving
+    // any up, so the answer does not ask for another round.
+    b.close().await;
+    while !a.rebalancing() {
+        assert!(std::time::Instant::now() < deadline, "no rejoin asked for");
+        a.poll().await.unwrap();
+    }
+    // This poll starts the rejoin in the background.
+    a.poll().await.unwrap();
+    let member = a.member_id().to_string();
+    // A is busy with what it has, for three session timeouts, while its
+    // rejoin is answered in the background.
+    tokio::time::sleep(3 * session).await;
+    let d = client.describe_group("g-busy").await.unwrap();
+    let members: Vec<&str> = d.members.iter().map(|m| m.member_id.as_str()).collect();
+    assert_eq!(members, [member.as_str()], "expired while busy: {d:?}");
+    a.poll().await.unwrap();
+    assert_eq!(a.assignment().len(), 6);
+    assert_eq!(a.member_id(), member);
+    a.close().await.unwrap();
+}

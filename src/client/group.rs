@@ -32,6 +32,50 @@ use tokio::task::JoinHandle;
 
 use super::{Client, ClientError, ConsumedRecord, PartitionConsumer, StartFrom, REQUEST_TIMEOUT};
 
+/// Heartbeats `req` every `interval_ms` until the coordinator answers
+/// something other than "carry on", which it leaves in `signal`.
+fn heartbeats(
+    client: Client,
+    signal: Arc<AtomicU8>,
+    req: pb::HeartbeatRequest,
+    interval_ms: u32,
+) -> JoinHandle<()> {
+    let every = Duration::from_millis(u64::from(interval_ms.max(20)));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let r = client
+                .group_call(
+                    &req.group,
+                    req.clone(),
+                    every.max(Duration::from_secs(2)),
+                    |mut g, r| async move { g.heartbeat(r).await },
+                )
+                .await;
+            match r {
+                Ok(r) if r.rejoin => {
+                    set_signal(&signal, SIGNAL_REJOIN);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) if e.code() == pb::ErrorCode::FencedInstanceId => {
+                    set_signal(&signal, SIGNAL_FENCED);
+                    return;
+                }
+                Err(e) if e.code() == pb::ErrorCode::UnknownMember => {
+                    set_signal(&signal, SIGNAL_REJOIN_AS_NEW);
+                    return;
+                }
+                Err(e) if e.code() == pb::ErrorCode::IllegalGeneration => {
+                    set_signal(&signal, SIGNAL_REJOIN);
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "heartbeat failed; retrying"),
+            }
+        }
+    })
+}
+
 /// Whether a partition's fetch failure goes to the application: the
 /// rest (a leader moving, a topic being deleted and the rebalance that
 /// follows) are retried quietly.
@@ -378,7 +422,24 @@ fn set_signal(signal: &AtomicU8, value: u8) {
 }
 
 /// A background (cooperative) rejoin.
-type PendingJoin = JoinHandle<Result<pb::JoinGroupResponse, ClientError>>;
+/// A background rejoin: its answer, and the heartbeats started for the
+/// generation it joined, which keep the member alive until a poll takes
+/// the answer up (the application may spend longer than the session
+/// timeout on the records it already has).
+type PendingJoin = JoinHandle<(
+    Result<pb::JoinGroupResponse, ClientError>,
+    Option<Heartbeats>,
+)>;
+
+/// A heartbeat task, stopped when dropped.
+#[derive(Debug)]
+struct Heartbeats(JoinHandle<()>);
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 struct Listener(RebalanceListener);
 
@@ -557,7 +618,9 @@ impl GroupConsumer {
     async fn rebalance(&mut self) -> Result<(), ClientError> {
         if self.pending.as_ref().is_some_and(JoinHandle::is_finished) {
             let pending = self.pending.take().expect("checked above");
-            match pending.await {
+            // The bridging heartbeats stop here: what they learned (a new
+            // rebalance, say) the member's own heartbeats learn again.
+            match pending.await.map(|(answer, _bridge)| answer) {
                 Ok(Ok(resp)) => self.take_cooperative_answer(resp).await?,
                 Ok(Err(e)) if e.code() == pb::ErrorCode::FencedInstanceId => {
                     set_signal(&self.signal, SIGNAL_FENCED);
@@ -595,13 +658,30 @@ impl GroupConsumer {
             let client = self.client.clone();
             let req = self.join_request();
             let wait = self.join_wait();
+            let signal = self.signal.clone();
             self.pending = Some(tokio::spawn(async move {
                 let group = req.group.clone();
-                client
+                let instance = req.group_instance_id.clone();
+                let answer = client
                     .group_call(&group, req, wait, |mut g, r| async move {
                         g.join_group(r).await
                     })
-                    .await
+                    .await;
+                let bridge = match &answer {
+                    Ok(r) if !r.rejoin => Some(Heartbeats(heartbeats(
+                        client,
+                        signal,
+                        pb::HeartbeatRequest {
+                            group,
+                            member_id: r.member_id.clone(),
+                            generation_id: r.generation_id,
+                            group_instance_id: instance,
+                        },
+                        r.heartbeat_interval_ms,
+                    ))),
+                    _ => None,
+                };
+                (answer, bridge)
             }));
         }
         Ok(())
@@ -834,48 +914,18 @@ impl GroupConsumer {
     }
 
     fn spawn_heartbeat(&mut self, interval_ms: u32) {
-        let client = self.client.clone();
-        let signal = self.signal.clone();
         let req = pb::HeartbeatRequest {
             group: self.config.group.clone(),
             member_id: self.member_id.clone(),
             generation_id: self.generation,
             group_instance_id: self.config.group_instance_id.clone(),
         };
-        let every = Duration::from_millis(u64::from(interval_ms.max(20)));
-        self.heartbeat = Some(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let r = client
-                    .group_call(
-                        &req.group,
-                        req.clone(),
-                        every.max(Duration::from_secs(2)),
-                        |mut g, r| async move { g.heartbeat(r).await },
-                    )
-                    .await;
-                match r {
-                    Ok(r) if r.rejoin => {
-                        set_signal(&signal, SIGNAL_REJOIN);
-                        return;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.code() == pb::ErrorCode::FencedInstanceId => {
-                        set_signal(&signal, SIGNAL_FENCED);
-                        return;
-                    }
-                    Err(e) if e.code() == pb::ErrorCode::UnknownMember => {
-                        set_signal(&signal, SIGNAL_REJOIN_AS_NEW);
-                        return;
-                    }
-                    Err(e) if e.code() == pb::ErrorCode::IllegalGeneration => {
-                        set_signal(&signal, SIGNAL_REJOIN);
-                        return;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "heartbeat failed; retrying"),
-                }
-            }
-        }));
+        self.heartbeat = Some(heartbeats(
+            self.client.clone(),
+            self.signal.clone(),
+            req,
+            interval_ms,
+        ));
     }
 
     /// Reads the next records of the owned partitions (possibly none after
