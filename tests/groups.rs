@@ -1402,3 +1402,66 @@ async fn t11_a_cooperative_member_busy_after_its_rejoin_was_answered_stays() {
     assert_eq!(a.member_id(), member);
     a.close().await.unwrap();
 }
+
+/// A first join asks for its member id before joining (KIP-394): one
+/// abandoned after that (a poll dropped by a timeout, a retried call)
+/// leaves no member in the group to be handed partitions nobody reads;
+/// the id handed out joins as a new member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t13_an_abandoned_first_join_leaves_no_member_behind() {
+    let base = tempfile::tempdir().unwrap();
+    let (cluster, client) = one_node_with_topic_t(base.path()).await;
+    let url = format!("http://{}", cluster.addrs[0]);
+    let mut groups = pb::consumer_groups_client::ConsumerGroupsClient::connect(url)
+        .await
+        .unwrap();
+    let join = pb::JoinGroupRequest {
+        group: "g-first".into(),
+        topics: vec!["t".into()],
+        session_timeout_ms: 10_000,
+        rebalance_timeout_ms: 10_000,
+        client_id: "raw".into(),
+        member_id_first: true,
+        ..Default::default()
+    };
+    // (Once the coordinator is up: the offsets topic is created on first
+    // use.)
+    let first = eventually("a member id handed out", WAIT, || async {
+        let mut groups = groups.clone();
+        let find = pb::FindCoordinatorRequest {
+            group: "g-first".into(),
+        };
+        groups.find_coordinator(find).await.ok()?;
+        groups.join_group(join.clone()).await.ok()
+    })
+    .await
+    .into_inner();
+    assert!(first.member_id_required, "{first:?}");
+    assert!(!first.member_id.is_empty(), "{first:?}");
+    assert_eq!(first.generation_id, -1);
+    assert!(first.assignment.is_empty());
+
+    // Abandoned: a member joining now is alone, in the first generation.
+    let mut m = client.group_consumer(config("g-first", "t")).unwrap();
+    while m.generation() < 1 {
+        m.poll().await.unwrap();
+    }
+    assert_eq!(m.generation(), 1);
+    assert_eq!(m.assignment().len(), 6);
+    let d = client.describe_group("g-first").await.unwrap();
+    assert_eq!(d.members.len(), 1, "{d:?}");
+    m.close().await.unwrap();
+
+    // The id handed out joins the group, now empty, as a new member.
+    let joined = groups
+        .join_group(pb::JoinGroupRequest {
+            member_id: first.member_id.clone(),
+            ..join
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(joined.member_id, first.member_id);
+    assert!(!joined.member_id_required);
+    assert_eq!(joined.assignment.len(), 6);
+}

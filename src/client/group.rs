@@ -598,6 +598,9 @@ impl GroupConsumer {
             strategy: c.strategy as i32,
             client_id: c.client_id.clone(),
             protocol: c.protocol as i32,
+            // A first join that this poll's caller drops leaves nothing
+            // in the group (see `join`).
+            member_id_first: true,
             owned_partitions: if self.cooperative() {
                 self.consumers
                     .keys()
@@ -695,6 +698,14 @@ impl GroupConsumer {
         &mut self,
         resp: pb::JoinGroupResponse,
     ) -> Result<(), ClientError> {
+        if resp.member_id_required {
+            // Only a first join asks for an id, and background rejoins
+            // are not first; should one be answered so, the next poll
+            // joins in the foreground with the id.
+            self.member_id = resp.member_id;
+            self.generation = -1;
+            return Ok(());
+        }
         self.member_id = resp.member_id.clone();
         self.generation = resp.generation_id;
         let assigned: BTreeSet<(String, i32)> = resp
@@ -838,25 +849,32 @@ impl GroupConsumer {
         let old_member = self.member_id.clone();
         let wait = self.join_wait();
         let mut req = self.join_request();
+        let (client, group) = (self.client.clone(), self.config.group.clone());
         let join = |req: pb::JoinGroupRequest| {
-            self.client
-                .group_call(&self.config.group, req, wait, |mut g, r| async move {
-                    g.join_group(r).await
-                })
+            client.group_call(&group, req, wait, |mut g, r| async move {
+                g.join_group(r).await
+            })
         };
-        let resp = match join(req.clone()).await {
-            Err(e) if e.code() == pb::ErrorCode::UnknownMember => {
-                req.member_id.clear();
-                join(req).await
+        // At most: forgotten (UNKNOWN_MEMBER), then given an id, then in.
+        let mut tries = 0;
+        let resp = loop {
+            tries += 1;
+            match join(req.clone()).await {
+                Err(e) if e.code() == pb::ErrorCode::UnknownMember && tries < 3 => {
+                    req.member_id.clear();
+                }
+                Err(e) if e.code() == pb::ErrorCode::FencedInstanceId => {
+                    set_signal(&self.signal, SIGNAL_FENCED);
+                    return Err(self.fenced());
+                }
+                Ok(r) if r.member_id_required && tries < 3 => {
+                    // Kept even if this poll is dropped now: the next
+                    // join uses it, and the group gains no second member.
+                    self.member_id = r.member_id.clone();
+                    req.member_id = r.member_id;
+                }
+                other => break other?,
             }
-            other => other,
-        };
-        let resp = match resp {
-            Err(e) if e.code() == pb::ErrorCode::FencedInstanceId => {
-                set_signal(&self.signal, SIGNAL_FENCED);
-                return Err(self.fenced());
-            }
-            other => other?,
         };
         self.member_id = resp.member_id.clone();
         self.generation = resp.generation_id;

@@ -150,6 +150,10 @@ struct Entry {
     /// Bumped when a rebalance completes or the group goes away; waiting
     /// joins look again.
     changed: watch::Sender<u64>,
+    /// Member ids handed to joins that asked for one first, not yet used
+    /// to join, with when they lapse (ms). Not persisted: a member whose
+    /// coordinator moved is told UNKNOWN_MEMBER and starts over.
+    ids_handed_out: HashMap<String, i64>,
 }
 
 impl Entry {
@@ -160,6 +164,7 @@ impl Entry {
             queued: 0,
             persisted: 0,
             changed: watch::channel(0).0,
+            ids_handed_out: HashMap::new(),
         }
     }
 
@@ -577,6 +582,7 @@ impl GroupCoordinator {
         let mut inner = self.lock();
         let mut moved = Vec::new();
         for e in inner.groups.values_mut() {
+            e.ids_handed_out.retain(|_, lapses| *lapses > now);
             let before = e.group.generation;
             let gone = e.group.expire(now);
             if !gone.is_empty() {
@@ -732,7 +738,33 @@ impl GroupCoordinator {
                 .iter()
                 .map(|tp| (tp.topic.clone(), tp.partition))
                 .collect(),
+            preassigned: false,
         };
+        if req.member_id.is_empty() && req.group_instance_id.is_empty() && req.member_id_first {
+            // KIP-394: the id first; the member joins with it next. A
+            // first join that is dropped leaves only this, which lapses.
+            let mut inner = self.lock();
+            self.coordinator_partition(&inner, &req.group)?;
+            let entry = inner
+                .groups
+                .entry(req.group.clone())
+                .or_insert_with(|| Entry::new(&req.group));
+            let now = now_ms();
+            entry.ids_handed_out.retain(|_, lapses| *lapses > now);
+            let member_id = entry.group.new_member_id(&req.client_id, now);
+            entry
+                .ids_handed_out
+                .insert(member_id.clone(), now + i64::from(session));
+            debug!(group = %req.group, %member_id, "member id handed out");
+            return Ok(pb::JoinGroupResponse {
+                member_id,
+                generation_id: -1,
+                rejoin: true,
+                member_id_required: true,
+                ..Default::default()
+            });
+        }
+        let mut args = args;
         let counts = self.partition_counts();
         let (member_id, joined_at, mut rx) = {
             let mut inner = self.lock();
@@ -761,6 +793,12 @@ impl GroupCoordinator {
             }
             let joined_at = entry.group.generation;
             let now = now_ms();
+            if !args.member_id.is_empty() {
+                args.preassigned = entry
+                    .ids_handed_out
+                    .remove(&args.member_id)
+                    .is_some_and(|lapses| lapses > now);
+            }
             let member_id = entry.group.join(args, now)?;
             if entry.group.try_complete(now, &counts) {
                 self.rebalanced(&entry.group, now);
@@ -803,6 +841,7 @@ impl GroupCoordinator {
                         // Frequent enough that members learn of a rebalance quickly.
                         heartbeat_interval_ms: (session / 5).clamp(50, 1_000),
                         rejoin: entry.group.state == GroupState::PreparingRebalance,
+                        member_id_required: false,
                     });
                 }
                 if !entry.group.members.contains_key(&member_id) {

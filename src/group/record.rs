@@ -139,6 +139,7 @@ mod tests {
                     strategy: AssignmentStrategy::CooperativeSticky,
                     protocol: RebalanceProtocol::Cooperative,
                     owned: Vec::new(),
+                    preassigned: false,
                 },
                 10,
             )

@@ -136,6 +136,9 @@ pub struct JoinArgs {
     pub protocol: RebalanceProtocol,
     /// Cooperative: partitions the member still reads as it joins.
     pub owned: Vec<TopicPartition>,
+    /// `member_id` was handed out by the coordinator to a join that asked
+    /// for an id first: a new member joins under it.
+    pub preassigned: bool,
 }
 
 /// One group.
@@ -178,6 +181,21 @@ impl Group {
             assigned_counts: BTreeMap::new(),
             next_member: 0,
         }
+    }
+
+    /// A fresh member id: `client_id-N-now`.
+    pub fn new_member_id(&mut self, client_id: &str, now_ms: i64) -> String {
+        self.next_member += 1;
+        format!(
+            "{}-{}-{}",
+            if client_id.is_empty() {
+                "member"
+            } else {
+                client_id
+            },
+            self.next_member,
+            now_ms
+        )
     }
 
     /// The member id counter (persisted with the group).
@@ -275,18 +293,8 @@ impl Group {
             self.check_instance(&member_id, &args.instance_id)?;
         }
         if member_id.is_empty() {
-            self.next_member += 1;
-            member_id = format!(
-                "{}-{}-{}",
-                if args.client_id.is_empty() {
-                    "member"
-                } else {
-                    &args.client_id
-                },
-                self.next_member,
-                now_ms
-            );
-        } else if !self.members.contains_key(&member_id) {
+            member_id = self.new_member_id(&args.client_id, now_ms);
+        } else if !self.members.contains_key(&member_id) && !args.preassigned {
             return Err(self.unknown(&member_id));
         }
         let existing = match &replaced {
@@ -610,6 +618,7 @@ mod tests {
             strategy: AssignmentStrategy::Range,
             protocol: RebalanceProtocol::Eager,
             owned: Vec::new(),
+            preassigned: false,
         }
     }
 
