@@ -1465,3 +1465,41 @@ async fn t13_an_abandoned_first_join_leaves_no_member_behind() {
     assert!(!joined.member_id_required);
     assert_eq!(joined.assignment.len(), 6);
 }
+
+/// A member whose application stops polling for longer than
+/// max_poll_interval leaves the group although its heartbeats could go
+/// on: its partitions move to a member that reads. Its next poll joins
+/// again, as a new member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t14_a_member_that_stops_polling_leaves_after_max_poll_interval() {
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    let mut cfg = config("g-stuck", "t");
+    cfg.max_poll_interval = Duration::from_secs(2);
+    let mut stuck = client.group_consumer(cfg.clone()).unwrap();
+    let reader = Member::spawn(&client, cfg.clone());
+    let deadline = std::time::Instant::now() + WAIT;
+    while !(stuck.assignment().len() == 3 && reader.snapshot().2.len() == 3) {
+        assert!(std::time::Instant::now() < deadline, "never balanced");
+        stuck.poll().await.unwrap();
+    }
+    let before = stuck.member_id().to_string();
+    // The application is stuck: no poll. Its heartbeats alone would keep
+    // its three partitions unread for as long as it stays stuck.
+    eventually("the reader holding all six", WAIT, || async {
+        (reader.snapshot().2.len() == 6).then_some(())
+    })
+    .await;
+    // Unstuck, it joins again as a new member and takes a share.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !(stuck.assignment().len() == 3 && reader.snapshot().2.len() == 3) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never rebalanced back"
+        );
+        stuck.poll().await.unwrap();
+    }
+    assert_ne!(stuck.member_id(), before);
+    stuck.close().await.unwrap();
+    reader.close().await;
+}

@@ -19,7 +19,7 @@
 //! when none is committed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,11 +39,41 @@ fn heartbeats(
     signal: Arc<AtomicU8>,
     req: pb::HeartbeatRequest,
     interval_ms: u32,
+    watch: PollWatch,
 ) -> JoinHandle<()> {
     let every = Duration::from_millis(u64::from(interval_ms.max(20)));
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
+            if watch.clock.overdue(watch.max) {
+                // The application stopped polling: its partitions go to
+                // members that read. A dynamic member leaves at once; a
+                // static one stops heartbeating and its session runs out
+                // (KIP-345: a restart within it keeps the assignment).
+                tracing::warn!(group = %req.group, member_id = %req.member_id, max_poll_interval_ms = watch.max.as_millis() as u64, "no poll within max_poll_interval; leaving the group");
+                let dynamic = req.group_instance_id.is_empty();
+                if dynamic {
+                    let leave = pb::LeaveGroupRequest {
+                        group: req.group.clone(),
+                        member_id: req.member_id.clone(),
+                        group_instance_id: String::new(),
+                    };
+                    let _ = client
+                        .group_call(&req.group, leave, REQUEST_TIMEOUT, |mut g, r| async move {
+                            g.leave_group(r).await
+                        })
+                        .await;
+                }
+                set_signal(
+                    &signal,
+                    if dynamic {
+                        SIGNAL_REJOIN_AS_NEW
+                    } else {
+                        SIGNAL_REJOIN
+                    },
+                );
+                return;
+            }
             let r = client
                 .group_call(
                     &req.group,
@@ -147,6 +177,11 @@ pub struct GroupConfig {
     pub group_instance_id: String,
     /// Long-poll wait per fetch (ms).
     pub max_wait_ms: u32,
+    /// The longest the application may go between polls (Kafka's
+    /// max.poll.interval.ms): past it the member leaves the group, so
+    /// that a stuck application does not hold its partitions while
+    /// heartbeats keep it alive, and the next poll joins again.
+    pub max_poll_interval: Duration,
 }
 
 impl GroupConfig {
@@ -164,8 +199,60 @@ impl GroupConfig {
             client_id: "runnel-rust".to_string(),
             group_instance_id: String::new(),
             max_wait_ms: 200,
+            max_poll_interval: Duration::from_secs(300),
         }
     }
+}
+
+/// When the application last polled, for the heartbeats to see.
+#[derive(Debug)]
+struct PollClock {
+    origin: Instant,
+    /// Ms since `origin` when the last poll returned.
+    returned_ms: AtomicU64,
+    /// A poll is running (it may wait for a rebalance for long).
+    polling: AtomicBool,
+}
+
+impl PollClock {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            origin: Instant::now(),
+            returned_ms: AtomicU64::new(0),
+            polling: AtomicBool::new(false),
+        })
+    }
+
+    /// Marks a poll as running until the guard is dropped.
+    fn enter(self: &Arc<Self>) -> PollGuard {
+        self.polling.store(true, Ordering::Release);
+        PollGuard(self.clone())
+    }
+
+    /// Whether no poll ran for longer than `max`.
+    fn overdue(&self, max: Duration) -> bool {
+        let returned = Duration::from_millis(self.returned_ms.load(Ordering::Acquire));
+        !self.polling.load(Ordering::Acquire)
+            && self.origin.elapsed().saturating_sub(returned) > max
+    }
+}
+
+struct PollGuard(Arc<PollClock>);
+
+impl Drop for PollGuard {
+    fn drop(&mut self) {
+        let c = &self.0;
+        c.returned_ms
+            .store(c.origin.elapsed().as_millis() as u64, Ordering::Release);
+        c.polling.store(false, Ordering::Release);
+    }
+}
+
+/// What the heartbeats watch besides the coordinator's answers.
+#[derive(Clone, Debug)]
+struct PollWatch {
+    clock: Arc<PollClock>,
+    max: Duration,
 }
 
 /// Retriable while the coordinator is being found, created or moved.
@@ -403,6 +490,7 @@ impl Client {
             pending: None,
             listener: None,
             last_commit: Instant::now(),
+            polled: PollClock::new(),
         })
     }
 }
@@ -466,6 +554,8 @@ pub struct GroupConsumer {
     /// Set by the heartbeat task: rejoin needed.
     signal: Arc<AtomicU8>,
     heartbeat: Option<JoinHandle<()>>,
+    /// When the application last polled (see `max_poll_interval`).
+    polled: Arc<PollClock>,
     /// Cooperative: the rejoin under way while partitions are still read.
     pending: Option<PendingJoin>,
     listener: Option<Listener>,
@@ -662,6 +752,7 @@ impl GroupConsumer {
             let req = self.join_request();
             let wait = self.join_wait();
             let signal = self.signal.clone();
+            let watch = self.poll_watch();
             self.pending = Some(tokio::spawn(async move {
                 let group = req.group.clone();
                 let instance = req.group_instance_id.clone();
@@ -681,6 +772,7 @@ impl GroupConsumer {
                             group_instance_id: instance,
                         },
                         r.heartbeat_interval_ms,
+                        watch,
                     ))),
                     _ => None,
                 };
@@ -943,7 +1035,15 @@ impl GroupConsumer {
             self.signal.clone(),
             req,
             interval_ms,
+            self.poll_watch(),
         ));
+    }
+
+    fn poll_watch(&self) -> PollWatch {
+        PollWatch {
+            clock: self.polled.clone(),
+            max: self.config.max_poll_interval,
+        }
     }
 
     /// Reads the next records of the owned partitions (possibly none after
@@ -960,6 +1060,7 @@ impl GroupConsumer {
     /// and no record is lost. A poll dropped during a join leaves the
     /// member to rejoin on the next poll, as after a revocation.
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>, ClientError> {
+        let _polling = self.polled.enter();
         self.rebalance().await?;
         if let Some(every) = self.config.auto_commit_interval {
             if self.last_commit.elapsed() >= every {
