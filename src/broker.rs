@@ -802,6 +802,19 @@ impl Broker {
         req: pb::FetchRequest,
     ) -> Result<(pb::FetchResponse, usize, u64), BrokerError> {
         let meta = self.metadata.current();
+        if !req.topic_id.is_empty() {
+            if let Some(t) = meta
+                .topics
+                .get(&req.topic)
+                .filter(|t| t.topic_id != req.topic_id)
+            {
+                return Err(BrokerError::UnknownTopicId {
+                    topic: req.topic.clone(),
+                    asked: req.topic_id.clone(),
+                    current: t.topic_id.clone(),
+                });
+            }
+        }
         let partition = self.leader_partition(&meta, &req.topic, req.partition)?;
         let log = &partition.log;
         let max_bytes = match req.max_bytes {

@@ -69,6 +69,12 @@ pub enum BrokerError {
         "producer id {producer_id} was never allocated by this cluster (InitProducerId first)"
     )]
     UnknownProducerId { producer_id: i64 },
+    #[error("topic '{topic}' was deleted and created again (id {current}, not {asked}): look it up again")]
+    UnknownTopicId {
+        topic: String,
+        asked: String,
+        current: String,
+    },
     #[error("topic '{topic}' is internal to the cluster: clients may not {operation} it")]
     InternalTopic {
         topic: String,
@@ -103,6 +109,7 @@ impl BrokerError {
             BrokerError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
             BrokerError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
             BrokerError::InternalTopic { .. } => ErrorCode::InvalidTopic,
+            BrokerError::UnknownTopicId { .. } => ErrorCode::UnknownTopicId,
             BrokerError::ShuttingDown => ErrorCode::BrokerNotAvailable,
             BrokerError::NotAuthorized { .. } => ErrorCode::AuthorizationFailed,
             BrokerError::Metadata(e) => match e {
@@ -150,9 +157,10 @@ impl BrokerError {
 fn grpc_code(code: ErrorCode) -> Code {
     match code {
         ErrorCode::None => Code::Ok,
-        ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownGroup => {
-            Code::NotFound
-        }
+        ErrorCode::UnknownTopic
+        | ErrorCode::UnknownPartition
+        | ErrorCode::UnknownGroup
+        | ErrorCode::UnknownTopicId => Code::NotFound,
         ErrorCode::TopicAlreadyExists => Code::AlreadyExists,
         ErrorCode::NotLeader
         | ErrorCode::NotCoordinator

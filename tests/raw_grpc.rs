@@ -118,6 +118,7 @@ async fn stock_grpc_client_produces_and_consumes() {
             max_bytes: 0,
             max_wait_ms: 0,
             raw: false,
+            topic_id: String::new(),
         })
         .await
         .unwrap()

@@ -113,6 +113,7 @@ fn fetch_req(topic: &str) -> pb::FetchRequest {
         max_bytes: 1 << 20,
         max_wait_ms: 0,
         raw: false,
+        topic_id: String::new(),
     }
 }
 

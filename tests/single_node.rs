@@ -1118,3 +1118,81 @@ async fn cli_consume_reads_on_when_its_position_leaves_the_log() {
         assert_eq!(&line[..6], format!("{:06}", i + 1), "line {}", i + 1);
     }
 }
+
+/// A consumer of a topic that is deleted and created again under the same
+/// name is told (UNKNOWN_TOPIC_ID) instead of reading the new topic's
+/// records at the old one's offsets; a consumer started afresh reads the
+/// new topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_of_a_recreated_topic_is_told_not_fed_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("again", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig {
+        idempotence: false,
+        ..ProducerConfig::default()
+    });
+    let old = (0..5).map(|i| format!("old-{i}"));
+    for ack in send_values(&producer, "again", old).await {
+        ack.await.unwrap();
+    }
+    let mut c = client
+        .partition_consumer("again", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut read = 0;
+    while read < 5 {
+        read += c.poll().await.unwrap().len();
+    }
+    client.delete_topic("again").await.unwrap();
+    common::eventually(
+        "the topic recreated",
+        std::time::Duration::from_secs(60),
+        || async {
+            client
+                .create_topic("again", 1, 1, Default::default())
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let admin = Client::connect(&server.addr).await.unwrap();
+    let producer = admin.producer(ProducerConfig {
+        idempotence: false,
+        ..ProducerConfig::default()
+    });
+    let new = (0..10).map(|i| format!("new-{i}"));
+    for ack in send_values(&producer, "again", new).await {
+        ack.await.unwrap();
+    }
+    let err = loop {
+        match c.poll().await {
+            Ok(records) => assert!(
+                records.is_empty(),
+                "read the new topic at old offsets: {records:?}"
+            ),
+            Err(e) if e.is_retriable() => {}
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        err.code(),
+        runnel_proto::v1::ErrorCode::UnknownTopicId,
+        "{err}"
+    );
+    let mut fresh = admin
+        .partition_consumer("again", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut values = Vec::new();
+    while values.len() < 10 {
+        for r in fresh.poll().await.unwrap() {
+            values.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
+        }
+    }
+    assert_eq!(values[0], "new-0");
+}

@@ -50,6 +50,10 @@ pub struct ConsumedRecord {
 pub struct PartitionConsumer {
     client: Client,
     topic: Arc<str>,
+    /// The id of the topic this consumer started on: every read names it,
+    /// so a topic deleted and created again under the same name is
+    /// refused (UNKNOWN_TOPIC_ID), not read at the old one's offsets.
+    topic_id: String,
     partition: i32,
     /// Next offset to read.
     position: i64,
@@ -131,6 +135,7 @@ impl PartitionConsumer {
         partition: i32,
         from: StartFrom,
     ) -> Result<Self, ClientError> {
+        let topic_id = client.topic(topic).await?.topic_id;
         let lookup = |spec, ts| client.list_offsets(topic, partition, spec, ts);
         let offsets = match from {
             StartFrom::Earliest => lookup(pb::OffsetSpec::Earliest, 0).await?,
@@ -144,6 +149,7 @@ impl PartitionConsumer {
         Ok(Self {
             client,
             topic: topic.into(),
+            topic_id,
             partition,
             position,
             max_bytes: 1024 * 1024,
@@ -192,6 +198,7 @@ impl PartitionConsumer {
             max_bytes: self.max_bytes,
             max_wait_ms: self.max_wait_ms,
             raw: true,
+            topic_id: self.topic_id.clone(),
         };
         async move { client.fetch(request).await }
     }
@@ -208,6 +215,7 @@ impl PartitionConsumer {
                 offset: self.position,
                 max_bytes: self.max_bytes,
                 raw: true,
+                topic_id: self.topic_id.clone(),
             };
             let open = tokio::spawn(async move { client.subscribe(request).await });
             self.subscription = Some((self.position, Stream::Opening(open)));

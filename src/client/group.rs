@@ -1098,6 +1098,9 @@ impl GroupConsumer {
                 continue; // revoked meanwhile
             }
             let from = self.reset_point();
+            // The topic may have been created again (a new id): looked up
+            // afresh.
+            self.client.invalidate(&tp.0);
             match self.client.partition_consumer(&tp.0, tp.1, from).await {
                 Ok(mut pc) => {
                     pc.max_wait_ms = self.config.max_wait_ms;
@@ -1125,8 +1128,14 @@ impl GroupConsumer {
             let mut take = |tp: &(String, i32), r: Result<Vec<ConsumedRecord>, ClientError>| match r
             {
                 Ok(records) => out.extend(records),
-                // The position fell off the log: start over per policy.
-                Err(e) if e.code() == pb::ErrorCode::OffsetOutOfRange => {
+                // The position fell off the log, or the topic was deleted
+                // and created again: start over per policy.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        pb::ErrorCode::OffsetOutOfRange | pb::ErrorCode::UnknownTopicId
+                    ) =>
+                {
                     out_of_range.push(tp.clone());
                 }
                 Err(e) if fetch_failure_is_fatal(&e) => fatal = Some(e),

@@ -254,6 +254,7 @@ impl ConsumerService {
             // before it takes room in the budget.
             max_wait_ms: 0,
             raw: req.raw,
+            topic_id: req.topic_id,
         };
         // Fail fast on a bad first request instead of opening the stream.
         let first = read_chunk(&broker, &budgets, &fetch).await?;
