@@ -1384,12 +1384,12 @@ async fn t11_a_cooperative_member_busy_after_its_rejoin_was_answered_stays() {
     // B leaves: A is asked to rejoin and takes all six, without giving
     // any up, so the answer does not ask for another round.
     b.close().await;
-    while !a.rebalancing() {
-        assert!(std::time::Instant::now() < deadline, "no rejoin asked for");
+    // Polled until a poll has started the rejoin in the background, and
+    // not after: its answer arrives while the application is busy.
+    while !a.rejoining_in_background() {
+        assert!(std::time::Instant::now() < deadline, "no rejoin started");
         a.poll().await.unwrap();
     }
-    // This poll starts the rejoin in the background.
-    a.poll().await.unwrap();
     let member = a.member_id().to_string();
     // A is busy with what it has, for three session timeouts, while its
     // rejoin is answered in the background.
@@ -1501,5 +1501,42 @@ async fn t14_a_member_that_stops_polling_leaves_after_max_poll_interval() {
     }
     assert_ne!(stuck.member_id(), before);
     stuck.close().await.unwrap();
+    reader.close().await;
+}
+
+/// A member whose second join (with the id it was given) is dropped by
+/// its caller, and which is then closed, leaves the group: the join had
+/// made it a member, which would otherwise be handed partitions nobody
+/// reads until its session ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t15_a_member_closed_after_a_dropped_join_leaves() {
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    let cfg = config("g-dropped", "t");
+    let reader = Member::spawn(&client, cfg.clone());
+    eventually("the reader holding all six", WAIT, || async {
+        (reader.snapshot().2.len() == 6).then_some(())
+    })
+    .await;
+    // The second join waits for the reader to rejoin (a heartbeat, some
+    // hundreds of ms): a 100 ms poll is dropped inside it.
+    let mut dropped = None;
+    for _ in 0..20 {
+        let mut m = client.group_consumer(cfg.clone()).unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(100), m.poll()).await;
+        if !m.member_id().is_empty() && m.generation() < 0 {
+            dropped = Some(m);
+            break;
+        }
+        m.close().await.unwrap();
+    }
+    let m = dropped.expect("no poll was dropped inside the second join");
+    let id = m.member_id().to_string();
+    m.close().await.unwrap();
+    let d = client.describe_group("g-dropped").await.unwrap();
+    assert!(
+        d.members.iter().all(|x| x.member_id != id),
+        "the closed member is still in the group: {d:?}"
+    );
     reader.close().await;
 }

@@ -502,6 +502,32 @@ const SIGNAL_REJOIN_AS_NEW: u8 = 2;
 /// A newer member with this member's static instance id replaced it: it
 /// stops for good (sticky: no later signal replaces it).
 const SIGNAL_FENCED: u8 = 3;
+/// A poll is taking up a join's answer (starting partitions): left
+/// behind by a poll dropped meanwhile, the next poll rejoins; heartbeats,
+/// which run meanwhile, replace it with what they learn, which the end of
+/// the take-up keeps.
+const SIGNAL_STARTING: u8 = 4;
+
+/// Marks a join's answer as being taken up, unless heartbeats already
+/// found the member forgotten or fenced (then the answer is stale: false).
+fn start_taking_up(signal: &AtomicU8) -> bool {
+    signal
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+            matches!(now, SIGNAL_OK | SIGNAL_REJOIN | SIGNAL_STARTING).then_some(SIGNAL_STARTING)
+        })
+        .is_ok()
+}
+
+/// Ends the take-up: OK, or REJOIN when the answer asked for another
+/// round; what heartbeats signalled meanwhile stays.
+fn end_taking_up(signal: &AtomicU8, rejoin: bool) {
+    let _ = signal.compare_exchange(
+        SIGNAL_STARTING,
+        if rejoin { SIGNAL_REJOIN } else { SIGNAL_OK },
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+}
 
 fn set_signal(signal: &AtomicU8, value: u8) {
     let _ = signal.fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
@@ -594,6 +620,12 @@ impl GroupConsumer {
     /// are still being read meanwhile).
     pub fn rebalancing(&self) -> bool {
         self.pending.is_some() || self.signal.load(Ordering::Acquire) != SIGNAL_OK
+    }
+
+    /// Whether a cooperative rejoin runs in the background (started by a
+    /// poll; a later poll takes its answer up).
+    pub fn rejoining_in_background(&self) -> bool {
+        self.pending.is_some()
     }
 
     fn tell(&self, event: RebalanceEvent) {
@@ -709,6 +741,13 @@ impl GroupConsumer {
     /// coordinator asked for it; joins in the foreground first (eager, the
     /// first join, or after the member was forgotten).
     async fn rebalance(&mut self) -> Result<(), ClientError> {
+        // A poll dropped while it took up an answer: rejoin.
+        let _ = self.signal.compare_exchange(
+            SIGNAL_STARTING,
+            SIGNAL_REJOIN,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         if self.pending.as_ref().is_some_and(JoinHandle::is_finished) {
             let pending = self.pending.take().expect("checked above");
             // The bridging heartbeats stop here: what they learned (a new
@@ -817,7 +856,11 @@ impl GroupConsumer {
         // first await, so a rejoin never claims them stopped while they
         // are still read, and what is not started yet comes back in the
         // next answer.
-        set_signal(&self.signal, SIGNAL_REJOIN);
+        if !start_taking_up(&self.signal) {
+            // The bridging heartbeats found the member forgotten (or
+            // fenced) before this poll: the answer is stale.
+            return Ok(());
+        }
         if !revoked.is_empty() {
             let positions = if self.config.auto_commit_interval.is_some() {
                 self.uncommitted(Some(&revoked))
@@ -839,14 +882,14 @@ impl GroupConsumer {
             .filter(|tp| !self.consumers.contains_key(*tp))
             .cloned()
             .collect();
-        // Rejoining takes them up again.
-        self.start_partitions(&added).await?;
-        if self.signal.load(Ordering::Acquire) == SIGNAL_REJOIN {
-            set_signal(&self.signal, if rejoin { SIGNAL_REJOIN } else { SIGNAL_OK });
-        }
+        // Heartbeats first: starting partitions may take a while (retried
+        // while their leaders move), longer than the session.
         if !rejoin {
             self.spawn_heartbeat(resp.heartbeat_interval_ms);
         }
+        // Rejoining takes them up again.
+        self.start_partitions(&added).await?;
+        end_taking_up(&self.signal, rejoin);
         Ok(())
     }
 
@@ -971,8 +1014,10 @@ impl GroupConsumer {
         self.member_id = resp.member_id.clone();
         self.generation = resp.generation_id;
         // Until the partitions are started: a poll dropped meanwhile
-        // leaves the member to rejoin on the next one.
-        set_signal(&self.signal, SIGNAL_REJOIN);
+        // leaves the member to rejoin on the next one. (The answer is
+        // fresh and no heartbeats run: whatever was signalled before the
+        // join, such as REJOIN_AS_NEW, is done with.)
+        set_signal(&self.signal, SIGNAL_STARTING);
         let assigned: Vec<(String, i32)> = resp
             .assignment
             .iter()
@@ -999,20 +1044,13 @@ impl GroupConsumer {
             self.tell(RebalanceEvent::Assigned(kept.keys().cloned().collect()));
         }
         self.consumers = kept;
-        self.start_partitions(&fresh).await?;
-        if self.signal.load(Ordering::Acquire) == SIGNAL_REJOIN {
-            set_signal(
-                &self.signal,
-                if resp.rejoin {
-                    SIGNAL_REJOIN
-                } else {
-                    SIGNAL_OK
-                },
-            );
-        }
+        // Heartbeats first: starting partitions may take a while (retried
+        // while their leaders move), longer than the session.
         if !resp.rejoin {
             self.spawn_heartbeat(resp.heartbeat_interval_ms);
         }
+        self.start_partitions(&fresh).await?;
+        end_taking_up(&self.signal, resp.rejoin);
         Ok(())
     }
 
@@ -1254,10 +1292,12 @@ impl GroupConsumer {
         if let Some(h) = self.pending.take() {
             h.abort();
         }
-        if self.generation < 0 {
+        if self.member_id.is_empty() {
             return Ok(());
         }
-        let committed = if self.config.auto_commit_interval.is_some() {
+        // A member given its id whose join was dropped before its answer
+        // may be in the group: it leaves too (it has nothing to commit).
+        let committed = if self.config.auto_commit_interval.is_some() && self.generation >= 0 {
             self.commit().await
         } else {
             Ok(())
