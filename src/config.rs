@@ -245,7 +245,12 @@ const NOT_CONFIG_ENV: &[&str] = &[
     "RUNNEL_SUBNET",
     "RUNNEL_IMAGE",
     "RUNNEL_COMPOSE_PROFILE",
+    "RUNNEL_COMPOSE_NO_BUILD",
+    "RUNNEL_COMPOSE_CACHE",
     "RUNNEL_BENCH_LOG_BYTES",
+    "RUNNEL_BENCH_DIR",
+    "RUNNEL_BIN",
+    "RUNNEL_BINARY",
 ];
 
 /// Whether the environment variable `name` overrides a config key.

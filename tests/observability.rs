@@ -557,6 +557,19 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("total lag:    -"), "{stdout}");
+    // cluster health lists it first, its lag unknown.
+    let out = cli(&survivors, &["cluster", "health"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let first = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("group lag"))
+        .nth(1)
+        .unwrap_or_default();
+    assert_eq!(
+        first.split_whitespace().take(2).collect::<Vec<_>>(),
+        ["watch", "-"],
+        "{stdout}"
+    );
 
     // It returns and catches up: the count falls back to zero.
     cluster.restart(3);
@@ -585,24 +598,36 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
         .unwrap();
     let leader = client.describe_topic("brief").await.unwrap().partitions[0].leader;
     let other = (1..=3).find(|id| *id != leader).unwrap();
-    let mut raw = pb::producer_client::ProducerClient::connect(format!(
+    let raw = pb::producer_client::ProducerClient::connect(format!(
         "http://{}",
         cluster.addrs[other as usize - 1]
     ))
     .await
     .unwrap();
-    let misrouted = raw
-        .produce(pb::ProduceRequest {
-            topic: "brief".into(),
-            partition: Some(0),
-            records: vec![pb::Record {
-                value: Some(b"x".to_vec().into()),
+    // Sent until that node knows the topic (until then it answers
+    // UNKNOWN_TOPIC and counts nothing): NOT_LEADER, counted once.
+    eventually("a produce refused as misrouted", WAIT, || async {
+        let mut raw = raw.clone();
+        let misrouted = raw
+            .produce(pb::ProduceRequest {
+                topic: "brief".into(),
+                partition: Some(0),
+                records: vec![pb::Record {
+                    value: Some(b"x".to_vec().into()),
+                    ..Default::default()
+                }],
                 ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .await;
-    assert!(misrouted.is_err(), "{misrouted:?}");
+            })
+            .await;
+        let status = misrouted.expect_err("a node that does not lead stored it");
+        let code = status
+            .metadata()
+            .get("runnel-error-code")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        (code.as_deref() == Some("NOT_LEADER")).then_some(())
+    })
+    .await;
     let brief = [("topic", "brief")];
     let m_other = cluster.metrics_addr(other);
     let s = scrape(&m_other).await;

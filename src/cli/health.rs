@@ -217,9 +217,14 @@ fn print_summary(
     if lags.is_empty() {
         println!("group lag:   no groups");
     } else {
-        println!("group lag (largest first):");
+        println!("group lag (unknown, then largest first):");
         for g in lags.iter().take(LISTED_MAX) {
-            println!("  {:<30} {:>12}  {}", g.group, g.total_lag, g.state);
+            let lag = if g.total_lag < 0 {
+                "-".to_string()
+            } else {
+                g.total_lag.to_string()
+            };
+            println!("  {:<30} {:>12}  {}", g.group, lag, g.state);
         }
     }
     if problems.is_empty() {
@@ -229,8 +234,9 @@ fn print_summary(
     }
 }
 
-/// Every group's total lag, largest first (groups whose coordinator does
-/// not answer within a few seconds are left out).
+/// Every group's total lag: unknown first (-1: a partition's leader did
+/// not answer, the group to look at), then largest first (groups whose
+/// coordinator does not answer within a few seconds are left out).
 async fn group_lags(client: &Client) -> Vec<GroupLag> {
     let Ok(groups) = client.list_groups().await else {
         return Vec::new();
@@ -246,7 +252,12 @@ async fn group_lags(client: &Client) -> Vec<GroupLag> {
             });
         }
     }
-    out.sort_by(|a, b| b.total_lag.cmp(&a.total_lag).then(a.group.cmp(&b.group)));
+    let rank = |lag: i64| if lag < 0 { i64::MAX } else { lag };
+    out.sort_by(|a, b| {
+        rank(b.total_lag)
+            .cmp(&rank(a.total_lag))
+            .then(a.group.cmp(&b.group))
+    });
     out
 }
 
