@@ -967,7 +967,7 @@ impl PartitionSender {
                     .await
                 {
                     if call_refused(&e) {
-                        self.refused_call(e, &mut stream, &mut queue, &mut sent);
+                        restart = self.refused_call(e, &mut stream, &mut queue, &mut sent, restart);
                         continue;
                     }
                     retry_at = self.retriable_failure(
@@ -1062,7 +1062,7 @@ impl PartitionSender {
                             q.done.finish(Ok(r.base_offset));
                         }
                         Err(e) if ended.is_some() && call_refused(&e) => {
-                            self.refused_call(e, &mut stream, &mut queue, &mut sent);
+                            restart = self.refused_call(e, &mut stream, &mut queue, &mut sent, restart);
                         }
                         Err(e) if e.is_retriable() || ended.is_some() => {
                             let ended = ended.unwrap_or(Ended::Unknown);
@@ -1377,14 +1377,19 @@ impl PartitionSender {
     /// as Kafka's producer fails a batch on an authentication or
     /// authorization error instead of retrying it until its delivery
     /// timeout; the later ones are sent again on a new call, which is
-    /// refused too unless the credentials or ACLs changed meanwhile.
+    /// refused too unless the credentials or ACLs changed meanwhile. With
+    /// idempotence, the refused batch's sequence is given back when no
+    /// copy of it may have been stored (as for a batch refused before the
+    /// append), so the later ones are not refused as out of order once a
+    /// call is accepted again. Returns the renumbering in force.
     fn refused_call(
         &self,
         e: ClientError,
         stream: &mut Option<ProduceStream>,
         queue: &mut VecDeque<Entry>,
         sent: &mut usize,
-    ) {
+        restart: Option<SequenceRestart>,
+    ) -> Option<SequenceRestart> {
         debug!(topic = %self.topic, partition = self.partition, error = %e, "produce call refused");
         *stream = None;
         *sent = 0;
@@ -1393,10 +1398,18 @@ impl PartitionSender {
                 q.sent_at = None;
             }
         }
-        if queue.iter().any(|e| matches!(e, Entry::Batch(_))) {
-            let q = pop_front_batch(queue);
-            self.fail_for_good(q, &e);
+        if !queue.iter().any(|e| matches!(e, Entry::Batch(_))) {
+            return restart;
         }
+        if self.broken.is_some() && never_maybe_stored(queue) {
+            let q = pop_front_batch(queue);
+            let restart = self.skip_refused(&q, restart, stream, queue, sent);
+            q.done.finish(Err(e));
+            return restart;
+        }
+        let q = pop_front_batch(queue);
+        self.fail_for_good(q, &e);
+        restart
     }
 
     fn fail_for_good(&self, q: Queued, e: &ClientError) {
