@@ -341,7 +341,9 @@ impl Client {
                 }
                 Err(status) => {
                     let e = ClientError::from(status);
-                    if matches!(e, ClientError::Broker { .. }) {
+                    // A refusal is the cluster's answer; a broker that is
+                    // starting or stopping is not: the next one is asked.
+                    if matches!(e, ClientError::Broker { .. }) && !e.is_retriable() {
                         return Err(e);
                     }
                     last = Some(e);
@@ -370,7 +372,17 @@ impl Client {
         if let Some(t) = self.cached_topic(name) {
             return Ok(t);
         }
-        self.metadata(&[name.to_string()]).await?;
+        if let Err(e) = self.metadata(&[name.to_string()]).await {
+            // Aged metadata still routes while no broker answers (a
+            // rolling restart); refusals are not papered over.
+            match self.aged_topic(name).filter(|_| e.is_retriable()) {
+                Some(t) => {
+                    tracing::debug!(topic = name, error = %e, "metadata refresh failed; using the aged copy");
+                    return Ok(t);
+                }
+                None => return Err(e),
+            }
+        }
         self.cached_topic(name).ok_or_else(|| ClientError::Broker {
             code: pb::ErrorCode::UnknownTopic,
             message: format!("unknown topic '{name}'"),
@@ -393,6 +405,12 @@ impl Client {
             Some(n) => Ok(n),
             None => Ok(self.topic(name).await?.partitions.len() as i32),
         }
+    }
+
+    /// A cached description however old (not one invalidated).
+    fn aged_topic(&self, name: &str) -> Option<pb::TopicDescription> {
+        let cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(name).map(|(t, _)| t.clone())
     }
 
     fn cached_topic(&self, name: &str) -> Option<pb::TopicDescription> {
