@@ -104,11 +104,11 @@ impl Endpoint {
 /// in the listen backlog. Scrapers and probes need a few.
 const CONNECTIONS_MAX: usize = 64;
 /// A connection that moves no byte for this long is closed (a client
-/// that opened it and sent nothing, or half a request).
+/// that opened it and sent nothing, or half a request). A client that
+/// trickles bytes keeps its connection, but holds one of the bounded
+/// slots only (no cap on a connection's age: closing it would cut a
+/// scrape short).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A connection is closed after this long whatever it does, so a client
-/// trickling bytes cannot keep it either (keep-alive scrapers reconnect).
-const LIFETIME_MAX: Duration = Duration::from_secs(120);
 
 /// Serves the endpoint on `listener` until `shutdown` is cancelled.
 ///
@@ -125,7 +125,7 @@ pub fn spawn(
         listener,
         endpoint,
         shutdown,
-        (CONNECTIONS_MAX, IDLE_TIMEOUT, LIFETIME_MAX),
+        (CONNECTIONS_MAX, IDLE_TIMEOUT),
     )
 }
 
@@ -133,7 +133,7 @@ fn spawn_bounded(
     listener: TcpListener,
     endpoint: Arc<Endpoint>,
     shutdown: CancellationToken,
-    (connections, idle, lifetime): (usize, Duration, Duration),
+    (connections, idle): (usize, Duration),
 ) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -144,7 +144,6 @@ fn spawn_bounded(
         inner: listener,
         slots: Arc::new(Semaphore::new(connections)),
         idle,
-        lifetime,
     };
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -162,7 +161,6 @@ struct Bounded {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     idle: Duration,
-    lifetime: Duration,
 }
 
 impl Listener for Bounded {
@@ -177,14 +175,10 @@ impl Listener for Bounded {
             .await
             .expect("the semaphore is never closed");
         let (io, addr) = Listener::accept(&mut self.inner).await;
-        let ends = Instant::now() + self.lifetime;
         let guarded = Guarded {
             io,
-            idle: Box::pin(tokio::time::sleep_until(
-                (Instant::now() + self.idle).min(ends),
-            )),
+            idle: Box::pin(tokio::time::sleep_until(Instant::now() + self.idle)),
             idle_for: self.idle,
-            ends,
             _slot: slot,
         };
         (guarded, addr)
@@ -196,12 +190,11 @@ impl Listener for Bounded {
 }
 
 /// A connection that fails with TimedOut once it has moved no byte for
-/// `idle_for`, or once `ends` has passed; it holds its slot until dropped.
+/// `idle_for`; it holds its slot until dropped.
 struct Guarded<T> {
     io: T,
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_for: Duration,
-    ends: Instant,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -215,7 +208,7 @@ impl<T> Guarded<T> {
     ) -> Poll<std::io::Result<R>> {
         match polled {
             Poll::Ready(r) => {
-                let next = (Instant::now() + self.idle_for).min(self.ends);
+                let next = Instant::now() + self.idle_for;
                 self.idle.as_mut().reset(next);
                 Poll::Ready(r)
             }
@@ -290,13 +283,27 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    async fn get_health(addr: std::net::SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
     #[tokio::test]
-    async fn silent_and_trickling_connections_are_closed() {
+    async fn silent_connections_are_closed_and_connections_are_bounded() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let limits = (2, Duration::from_millis(300), Duration::from_secs(2));
-        spawn_bounded(listener, Endpoint::new(), shutdown.clone(), limits);
+        spawn_bounded(
+            listener,
+            Endpoint::new(),
+            shutdown.clone(),
+            (2, Duration::from_millis(300)),
+        );
 
         // Opened, nothing sent: closed once idle.
         let mut silent = TcpStream::connect(addr).await.unwrap();
@@ -305,39 +312,42 @@ mod tests {
             .await
             .expect("a silent connection stayed open");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        drop(silent);
 
-        // Half a request, a byte every 100 ms: closed at its lifetime.
-        let mut trickle = TcpStream::connect(addr).await.unwrap();
-        trickle
-            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-            .await
-            .unwrap();
-        let closed = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if trickle.write_all(b"a").await.is_err() {
-                    return;
-                }
+        // Two clients trickling half a request (a byte every 100 ms, under
+        // the idle time) take both slots: a third waits, unanswered, and
+        // is answered once they go.
+        let trickle = |stop: tokio_util::sync::CancellationToken| async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .await
+                .unwrap();
+            while !stop.is_cancelled() {
+                c.write_all(b"a").await.unwrap();
                 // Pacing the trickle, not waiting for anything.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        })
-        .await;
-        assert!(closed.is_ok(), "a trickling connection stayed open");
-        drop((silent, trickle));
-
-        // The slots are free again: requests are answered.
-        for _ in 0..3 {
-            let mut ok = TcpStream::connect(addr).await.unwrap();
-            ok.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await
-                .unwrap();
-            let mut answer = String::new();
-            ok.read_to_string(&mut answer).await.unwrap();
-            assert!(
-                answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"),
-                "{answer}"
-            );
+        };
+        let stop = CancellationToken::new();
+        let trickling = [
+            tokio::spawn(trickle(stop.clone())),
+            tokio::spawn(trickle(stop.clone())),
+        ];
+        let third = tokio::spawn(get_health(addr));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(!third.is_finished(), "answered beyond the connection cap");
+        stop.cancel();
+        for t in trickling {
+            t.await.unwrap();
         }
+        let answer = tokio::time::timeout(Duration::from_secs(10), third)
+            .await
+            .expect("still waiting after the slots were freed")
+            .unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"),
+            "{answer}"
+        );
         shutdown.cancel();
     }
 }
