@@ -485,6 +485,24 @@ async fn clients_may_not_delete_grow_or_write_the_offsets_topic() {
     );
     internal(admin.create_topic(create(offsets, 1, 1, &[])).await);
     internal(
+        admin
+            .alter_topic_config(pb::AlterTopicConfigRequest {
+                name: offsets.into(),
+                set: [("retention.ms".to_string(), "60000".to_string())].into(),
+                ..Default::default()
+            })
+            .await,
+    );
+    internal(
+        admin
+            .alter_topic_config(pb::AlterTopicConfigRequest {
+                name: offsets.into(),
+                delete: vec!["retention.ms".into()],
+                ..Default::default()
+            })
+            .await,
+    );
+    internal(
         producer
             .produce(pb::ProduceRequest {
                 topic: offsets.into(),

@@ -149,6 +149,13 @@ impl Admin for AdminService {
         request: Request<pb::AlterTopicConfigRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
         let name = request.get_ref().name.clone();
+        let req = request.get_ref();
+        let retention = |k: &str| k == "retention.ms" || k == "retention.bytes";
+        if req.set.keys().any(|k| retention(k)) || req.delete.iter().any(|k| retention(k)) {
+            // Retention would delete committed offsets, as deleting
+            // records of it would.
+            super::refuse_internal(&name, "change the retention of")?;
+        }
         security::check(
             &self.broker,
             &request,
