@@ -39,6 +39,10 @@ pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// dead and every call on it fails.
 pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The server's PINGs to its clients: every minute, 20 s to answer.
+const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The HTTP/2 and TCP settings every outgoing channel uses (clients and
 /// replica fetchers): no Nagle delay, the wide receive windows and the
 /// large frames above, and keepalive PINGs even while idle, so a call
@@ -252,10 +256,12 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
             .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
             .max_frame_size(HTTP2_FRAME_MAX)
             .tcp_nodelay(true)
-            // Clients that vanish are found the same way: their streams
-            // (subscriptions, produce streams) end and free what they hold.
-            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            // Clients that vanish are found the same way, more patiently
+            // (a client process paused for a while keeps its streams):
+            // their streams (subscriptions, produce streams) end and free
+            // what they hold.
+            .http2_keepalive_interval(Some(SERVER_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(SERVER_KEEPALIVE_TIMEOUT))
             .layer(AuthLayer::new(security.clone()))
     };
     let replication = crate::replica::service::replication_server(broker.clone(), message_max);
