@@ -1540,3 +1540,47 @@ async fn t15_a_member_closed_after_a_dropped_join_leaves() {
     );
     reader.close().await;
 }
+
+/// A deleted topic's committed offsets go with it: a topic created again
+/// under the name is read by the group from its reset point, not from the
+/// old topic's offsets (which would skip the new one's first records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t16_a_recreated_topic_is_not_read_from_the_old_offsets() {
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    client
+        .create_topic("doomed", 1, 1, Default::default())
+        .await
+        .unwrap();
+    produce(&client, "doomed", 0, 10).await;
+    let at = |offset| {
+        vec![pb::PartitionOffset {
+            topic: "doomed".into(),
+            partition: 0,
+            offset,
+            metadata: String::new(),
+        }]
+    };
+    client
+        .commit_offsets("g-doomed", "", 0, at(8))
+        .await
+        .unwrap();
+    client.delete_topic("doomed").await.unwrap();
+    let tp = [("doomed".to_string(), 0)];
+    eventually("the deleted topic's offsets removed", WAIT, || async {
+        let got = client.fetch_offsets("g-doomed", &tp).await.ok()?;
+        got.iter().all(|o| o.offset < 0).then_some(())
+    })
+    .await;
+    eventually("the topic created again", WAIT, || async {
+        client
+            .create_topic("doomed", 1, 1, Default::default())
+            .await
+            .ok()
+    })
+    .await;
+    produce(&client, "doomed", 100, 110).await;
+    let m = Member::spawn(&client, config("g-doomed", "doomed"));
+    await_values(&[&m], 100, 110).await;
+    m.close().await;
+}

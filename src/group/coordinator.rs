@@ -26,7 +26,7 @@
 //! retention.ms -1: storage has no compaction yet, so the log keeps every
 //! commit and a new coordinator replays all of its partition.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -1333,6 +1333,41 @@ impl GroupCoordinator {
     }
 
     /// DeleteGroup: tombstones every committed offset.
+    /// Removes the committed offsets of deleted topics from the groups
+    /// this node coordinates, as Kafka's coordinator does: a topic
+    /// created again under the name would otherwise be read from the old
+    /// topic's offsets, skipping its first records. Best effort: a group
+    /// whose write fails keeps them.
+    async fn forget_offsets_of(&self, topics: &[String]) {
+        let work: Vec<(String, i32, Vec<OffsetWrite>)> = {
+            let inner = self.lock();
+            inner
+                .groups
+                .iter()
+                .filter_map(|(group, e)| {
+                    let gone: Vec<OffsetWrite> = e
+                        .offsets
+                        .keys()
+                        .filter(|(t, _)| topics.contains(t))
+                        .map(|(t, p)| (t.clone(), *p, None))
+                        .collect();
+                    if gone.is_empty() {
+                        return None;
+                    }
+                    let index = self.coordinator_partition(&inner, group).ok()?;
+                    Some((group.clone(), index, gone))
+                })
+                .collect()
+        };
+        for (group, index, gone) in work {
+            let n = gone.len();
+            match self.append_offsets(&group, index, gone, Vec::new()).await {
+                Ok(()) => info!(%group, partitions = n, "offsets of deleted topics removed"),
+                Err(e) => warn!(%group, error = %e, "could not remove offsets of deleted topics"),
+            }
+        }
+    }
+
     pub async fn delete(&self, group: &str) -> Result<()> {
         validate_group_id(group)?;
         let (index, keys) = {
@@ -1377,6 +1412,9 @@ async fn run(
 ) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Topics this node has seen in the metadata: one that leaves it was
+    // deleted (one never seen may only be unknown here yet).
+    let mut seen: HashSet<String> = HashSet::new();
     loop {
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
@@ -1385,6 +1423,13 @@ async fn run(
         let Some(c) = weak.upgrade() else { return };
         c.sync_leadership();
         c.tick();
+        let now: HashSet<String> = rx.borrow().topics.keys().cloned().collect();
+        let deleted: Vec<String> = seen.difference(&now).cloned().collect();
+        seen = now;
+        if !deleted.is_empty() {
+            // Not awaited here: the ticks go on while it is written.
+            tokio::spawn(async move { c.forget_offsets_of(&deleted).await });
+        }
     }
 }
 
