@@ -772,6 +772,33 @@ async fn quota_slows_a_producer_to_its_rate() {
         "measured {rate:.0} B/s against a quota of {RATE} B/s ({elapsed:.2} s)"
     );
 
+    // Concurrent calls are held to the rate too: their appends are
+    // spread out (before, every call was appended at once and only the
+    // answers waited).
+    let end = || async {
+        client
+            .list_offsets("q", 0, pb::OffsetSpec::Latest, 0)
+            .await
+            .unwrap()
+            .offset
+    };
+    let before = end().await;
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            let (mut p, r) = (producer.clone(), request.clone());
+            tokio::spawn(async move { p.produce(r).await })
+        })
+        .collect();
+    // The measurement window: 40 calls of ~10 kB are 2 s of quota, so
+    // half a second holds about ten of them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let appended = end().await - before;
+    assert!(appended <= 20, "{appended} of 40 appended within 0.5 s");
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(end().await - before, 40);
+
     // A fetch quota delays fetch answers the same way.
     const FETCH_RATE: u64 = 200_000;
     common::cli_ok(

@@ -51,15 +51,17 @@ impl Producer for ProducerService {
             Direction::Produce,
             prost::Message::encoded_len(&req) as u64,
         );
-        let answer_at = security::answer_deadline(delay);
+        // Quota exceeded: the request waits before it is appended (it
+        // does not fail). Waiting before, not after, keeps concurrent
+        // calls to the rate too: each one's delay counts the bytes of
+        // those before it, so their appends are spread out.
+        security::hold_until(security::answer_deadline(delay)).await;
         let response = self.broker.produce(req).await?;
         if self.broker.take_failpoint(DROP_RESPONSE_FAILPOINT) {
             return Err(Status::unavailable(
                 "failpoint: response dropped after append",
             ));
         }
-        // Quota exceeded: the answer waits (Kafka's throttle), it does not fail.
-        security::hold_until(answer_at).await;
         Ok(Response::new(response))
     }
 
@@ -125,9 +127,15 @@ where
         use futures_util::stream::FuturesOrdered;
         let mut waiting = FuturesOrdered::new();
         let mut open = true;
+        // Over its quota, the stream reads nothing more until the delay of
+        // its last request has passed (Kafka mutes the connection): the
+        // requests already read are appended and answered meanwhile, and
+        // the client's window fills.
+        let mut muted_until: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
-                next = input.next(), if open && waiting.len() < STREAM_IN_FLIGHT_MAX => {
+                _ = security::hold_until(muted_until), if muted_until.is_some() => muted_until = None,
+                next = input.next(), if open && muted_until.is_none() && waiting.len() < STREAM_IN_FLIGHT_MAX => {
                     let req = match next {
                         Some(Ok(req)) => req,
                         Some(Err(status)) => {
@@ -160,6 +168,7 @@ where
                         prost::Message::encoded_len(&req) as u64,
                     );
                     let answer_at = security::answer_deadline(delay);
+                    muted_until = answer_at;
                     let appended = if let Err(e) = super::refuse_internal(&topic, "write") {
                         Err(e)
                     } else if allowed {
