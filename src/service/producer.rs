@@ -127,15 +127,9 @@ where
         use futures_util::stream::FuturesOrdered;
         let mut waiting = FuturesOrdered::new();
         let mut open = true;
-        // Over its quota, the stream reads nothing more until the delay of
-        // its last request has passed (Kafka mutes the connection): the
-        // requests already read are appended and answered meanwhile, and
-        // the client's window fills.
-        let mut muted_until: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
-                _ = security::hold_until(muted_until), if muted_until.is_some() => muted_until = None,
-                next = input.next(), if open && muted_until.is_none() && waiting.len() < STREAM_IN_FLIGHT_MAX => {
+                next = input.next(), if open && waiting.len() < STREAM_IN_FLIGHT_MAX => {
                     let req = match next {
                         Some(Ok(req)) => req,
                         Some(Err(status)) => {
@@ -168,7 +162,6 @@ where
                         prost::Message::encoded_len(&req) as u64,
                     );
                     let answer_at = security::answer_deadline(delay);
-                    muted_until = answer_at;
                     let appended = if let Err(e) = super::refuse_internal(&topic, "write") {
                         Err(e)
                     } else if allowed {
