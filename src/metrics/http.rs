@@ -302,7 +302,7 @@ mod tests {
             listener,
             Endpoint::new(),
             shutdown.clone(),
-            (2, Duration::from_millis(300)),
+            (2, Duration::from_secs(2)),
         );
 
         // Opened, nothing sent: closed once idle.
@@ -314,9 +314,9 @@ mod tests {
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
         drop(silent);
 
-        // Two clients trickling half a request (a byte every 100 ms, under
-        // the idle time) take both slots: a third waits, unanswered, and
-        // is answered once they go.
+        // Two clients trickling half a request (a byte every 100 ms, well
+        // under the idle time) take both slots: a third waits, unanswered,
+        // and is answered once they go.
         let trickle = |stop: tokio_util::sync::CancellationToken| async move {
             let mut c = TcpStream::connect(addr).await.unwrap();
             c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
