@@ -816,6 +816,14 @@ impl Broker {
             }
         }
         let partition = self.leader_partition(&meta, &req.topic, req.partition)?;
+        if !req.topic_id.is_empty() && partition.topic_id != req.topic_id {
+            // The metadata has the new topic, this broker still hosts the
+            // old one's log (not reconciled yet): retry shortly.
+            return Err(BrokerError::PartitionOffline {
+                topic: req.topic.clone(),
+                partition: req.partition,
+            });
+        }
         let log = &partition.log;
         let max_bytes = match req.max_bytes {
             0 => FETCH_BYTES_DEFAULT,

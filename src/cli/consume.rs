@@ -105,7 +105,7 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
         let topic = args.topic.clone();
         tokio::spawn(async move {
             // Without --follow, stop at the high watermark seen at start.
-            let end = consumer.high_watermark();
+            let mut end = consumer.high_watermark();
             // Leadership moves and broker restarts are ridden out: retriable
             // errors are retried for up to RETRY_WINDOW.
             let mut failing_since: Option<std::time::Instant> = None;
@@ -137,6 +137,29 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
                                     o.offset
                                 );
                                 consumer.seek(o.offset);
+                                continue;
+                            }
+                            Err(e) => Err(anyhow::Error::from(e)),
+                        }
+                    }
+                    Err(e) if e.code() == pb::ErrorCode::UnknownTopicId && reset.is_some() => {
+                        // Deleted and created again: the new topic is read
+                        // from the same reset point, up to its own end.
+                        let partition = consumer.partition();
+                        client.invalidate(&topic);
+                        let from = match reset {
+                            Some(pb::OffsetSpec::Latest) => StartFrom::Latest,
+                            _ => StartFrom::Earliest,
+                        };
+                        match client.partition_consumer(&topic, partition, from).await {
+                            Ok(mut fresh) => {
+                                eprintln!(
+                                    "{topic}-{partition}: the topic was deleted and created again; reading the new one from {}",
+                                    fresh.position()
+                                );
+                                fresh.streaming = true;
+                                end = fresh.high_watermark();
+                                consumer = fresh;
                                 continue;
                             }
                             Err(e) => Err(anyhow::Error::from(e)),

@@ -485,6 +485,9 @@ impl Client {
             })
             .await?
             .into_inner();
+        // A copy cached of an earlier topic of this name (deleted by
+        // another client) would route with the old topic's id.
+        self.invalidate(name);
         resp.topic
             .ok_or_else(|| ClientError::Transport("create_topic answered no topic".into()))
     }
