@@ -1572,6 +1572,12 @@ async fn t16_a_recreated_topic_is_not_read_from_the_old_offsets() {
         got.iter().all(|o| o.offset < 0).then_some(())
     })
     .await;
+    // A late commit (an auto-commit, a revocation's) cannot bring them back.
+    let late = client
+        .commit_offsets("g-doomed", "", 0, at(9))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), pb::ErrorCode::UnknownTopic, "{late}");
     eventually("the topic created again", WAIT, || async {
         client
             .create_topic("doomed", 1, 1, Default::default())

@@ -26,7 +26,7 @@
 //! retention.ms -1: storage has no compaction yet, so the log keeps every
 //! commit and a new coordinator replays all of its partition.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -984,6 +984,21 @@ impl GroupCoordinator {
                 )));
             }
         }
+        // Offsets of a topic that does not exist (any more) are refused,
+        // as Kafka refuses them: a commit arriving after the topic was
+        // deleted (an auto-commit, a revocation's) would otherwise bring
+        // back the offsets its deletion removed.
+        let meta = self.broker.metadata().current();
+        if let Some(o) = req
+            .offsets
+            .iter()
+            .find(|o| !meta.topics.contains_key(&o.topic))
+        {
+            return Err(BrokerError::UnknownTopic {
+                topic: o.topic.clone(),
+            }
+            .into());
+        }
         let index = {
             let inner = self.lock();
             let index = self.coordinator_partition(&inner, &req.group)?;
@@ -1412,9 +1427,11 @@ async fn run(
 ) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Topics this node has seen in the metadata: one that leaves it was
-    // deleted (one never seen may only be unknown here yet).
-    let mut seen: HashSet<String> = HashSet::new();
+    // Topics this node has seen in the metadata, with their ids: one that
+    // leaves it, or comes back with another id (deleted and created again
+    // between two looks), was deleted. One never seen may only be unknown
+    // here yet.
+    let mut seen: HashMap<String, String> = HashMap::new();
     loop {
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
@@ -1423,8 +1440,17 @@ async fn run(
         let Some(c) = weak.upgrade() else { return };
         c.sync_leadership();
         c.tick();
-        let now: HashSet<String> = rx.borrow().topics.keys().cloned().collect();
-        let deleted: Vec<String> = seen.difference(&now).cloned().collect();
+        let now: HashMap<String, String> = rx
+            .borrow()
+            .topics
+            .iter()
+            .map(|(name, t)| (name.clone(), t.topic_id.clone()))
+            .collect();
+        let deleted: Vec<String> = seen
+            .iter()
+            .filter(|(name, id)| now.get(*name) != Some(*id))
+            .map(|(name, _)| name.clone())
+            .collect();
         seen = now;
         if !deleted.is_empty() {
             // Not awaited here: the ticks go on while it is written.
