@@ -1142,6 +1142,9 @@ impl GroupConsumer {
             match self.client.partition_consumer(&tp.0, tp.1, from).await {
                 Ok(mut pc) => {
                     pc.max_wait_ms = self.config.max_wait_ms;
+                    // What was committed belonged to the old position (or
+                    // topic): the new one is committed even if equal.
+                    self.committed.remove(&tp);
                     self.consumers.insert(tp, pc);
                 }
                 // Kept as it is: it fails the same way next time.
