@@ -802,26 +802,23 @@ impl Broker {
         req: pb::FetchRequest,
     ) -> Result<(pb::FetchResponse, usize, u64), BrokerError> {
         let meta = self.metadata.current();
-        if !req.topic_id.is_empty() {
-            if let Some(t) = meta
-                .topics
-                .get(&req.topic)
-                .filter(|t| t.topic_id != req.topic_id)
-            {
-                return Err(BrokerError::UnknownTopicId {
-                    topic: req.topic.clone(),
-                    asked: req.topic_id.clone(),
-                    current: t.topic_id.clone(),
-                });
-            }
-        }
         let partition = self.leader_partition(&meta, &req.topic, req.partition)?;
         if !req.topic_id.is_empty() && partition.topic_id != req.topic_id {
-            // The metadata has the new topic, this broker still hosts the
-            // old one's log (not reconciled yet): retry shortly.
-            return Err(BrokerError::PartitionOffline {
-                topic: req.topic.clone(),
-                partition: req.partition,
+            // Rare, so the metadata is asked only now: the topic was
+            // created again since the reader looked it up, or this broker
+            // still hosts the old log of a topic the metadata names anew
+            // (not reconciled yet: retry shortly).
+            let current = meta.topics.get(&req.topic).map(|t| t.topic_id.clone());
+            return Err(match current {
+                Some(current) if current != req.topic_id => BrokerError::UnknownTopicId {
+                    topic: req.topic.clone(),
+                    asked: req.topic_id.clone(),
+                    current,
+                },
+                _ => BrokerError::PartitionOffline {
+                    topic: req.topic.clone(),
+                    partition: req.partition,
+                },
             });
         }
         let log = &partition.log;

@@ -94,8 +94,8 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
     // the log start for earliest or a time, the end for latest; an exact
     // offset asked for is an error.
     let reset = match from {
-        StartFrom::Earliest | StartFrom::Timestamp(_) => Some(pb::OffsetSpec::Earliest),
-        StartFrom::Latest => Some(pb::OffsetSpec::Latest),
+        StartFrom::Earliest | StartFrom::Timestamp(_) => Some(StartFrom::Earliest),
+        StartFrom::Latest => Some(StartFrom::Latest),
         StartFrom::Offset(_) => None,
     };
     for mut consumer in consumers {
@@ -126,39 +126,38 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
                         }
                         Err(anyhow::Error::from(e))
                     }
-                    Err(e) if e.code() == pb::ErrorCode::OffsetOutOfRange && reset.is_some() => {
-                        let spec = reset.expect("checked");
-                        let partition = consumer.partition();
-                        match client.list_offsets(&topic, partition, spec, 0).await {
-                            Ok(o) => {
-                                eprintln!(
-                                    "{topic}-{partition}: offset {} is no longer in the log; reading on from {}",
-                                    consumer.position(),
-                                    o.offset
-                                );
-                                consumer.seek(o.offset);
-                                continue;
-                            }
-                            Err(e) => Err(anyhow::Error::from(e)),
-                        }
-                    }
-                    Err(e) if e.code() == pb::ErrorCode::UnknownTopicId && reset.is_some() => {
-                        // Deleted and created again: the new topic is read
-                        // from the same reset point, up to its own end.
+                    // The position left the log, or the topic was deleted
+                    // and created again: a fresh consumer starts over at
+                    // the reset point (up to the new topic's own end).
+                    Err(e)
+                        if reset.is_some()
+                            && matches!(
+                                e.code(),
+                                pb::ErrorCode::OffsetOutOfRange | pb::ErrorCode::UnknownTopicId
+                            ) =>
+                    {
+                        let recreated = e.code() == pb::ErrorCode::UnknownTopicId;
                         let partition = consumer.partition();
                         client.invalidate(&topic);
-                        let from = match reset {
-                            Some(pb::OffsetSpec::Latest) => StartFrom::Latest,
-                            _ => StartFrom::Earliest,
-                        };
+                        let from = reset.expect("checked");
                         match client.partition_consumer(&topic, partition, from).await {
                             Ok(mut fresh) => {
+                                let why = if recreated {
+                                    "the topic was deleted and created again".to_string()
+                                } else {
+                                    format!(
+                                        "offset {} is no longer in the log",
+                                        consumer.position()
+                                    )
+                                };
                                 eprintln!(
-                                    "{topic}-{partition}: the topic was deleted and created again; reading the new one from {}",
+                                    "{topic}-{partition}: {why}; reading on from {}",
                                     fresh.position()
                                 );
                                 fresh.streaming = true;
-                                end = fresh.high_watermark();
+                                if recreated {
+                                    end = fresh.high_watermark();
+                                }
                                 consumer = fresh;
                                 continue;
                             }

@@ -53,16 +53,13 @@ fn heartbeats(
                 tracing::warn!(group = %req.group, member_id = %req.member_id, max_poll_interval_ms = watch.max.as_millis() as u64, "no poll within max_poll_interval; leaving the group");
                 let dynamic = req.group_instance_id.is_empty();
                 if dynamic {
-                    let leave = pb::LeaveGroupRequest {
+                    let request = pb::LeaveGroupRequest {
                         group: req.group.clone(),
                         member_id: req.member_id.clone(),
                         group_instance_id: String::new(),
                     };
-                    let _ = client
-                        .group_call(&req.group, leave, REQUEST_TIMEOUT, |mut g, r| async move {
-                            g.leave_group(r).await
-                        })
-                        .await;
+                    // Best effort: a member that did not leave expires.
+                    let _ = leave(&client, request).await;
                 }
                 set_signal(
                     &signal,
@@ -1309,24 +1306,30 @@ impl GroupConsumer {
             // Replaced: nothing of the group is this member's any more.
             return Ok(());
         }
-        let req = pb::LeaveGroupRequest {
-            group: self.config.group.clone(),
-            member_id: self.member_id.clone(),
-            group_instance_id: self.config.group_instance_id.clone(),
-        };
-        let left = self
-            .client
-            .group_call(
-                &self.config.group,
-                req,
-                REQUEST_TIMEOUT,
-                |mut g, r| async move { g.leave_group(r).await },
-            )
-            .await;
+        let left = leave(
+            &self.client,
+            pb::LeaveGroupRequest {
+                group: self.config.group.clone(),
+                member_id: self.member_id.clone(),
+                group_instance_id: self.config.group_instance_id.clone(),
+            },
+        )
+        .await;
         committed?;
-        match left {
-            Err(e) if e.code() != pb::ErrorCode::UnknownMember => Err(e),
-            _ => Ok(()),
-        }
+        left
+    }
+}
+
+/// Leaves the group; a member the group no longer knows has left already.
+async fn leave(client: &Client, req: pb::LeaveGroupRequest) -> Result<(), ClientError> {
+    let group = req.group.clone();
+    match client
+        .group_call(&group, req, REQUEST_TIMEOUT, |mut g, r| async move {
+            g.leave_group(r).await
+        })
+        .await
+    {
+        Err(e) if e.code() != pb::ErrorCode::UnknownMember => Err(e),
+        _ => Ok(()),
     }
 }

@@ -607,6 +607,16 @@ impl GroupCoordinator {
     }
 
     /// The offsets partition of `group` if this broker coordinates it now.
+    /// `group`'s entry, created if missing, once this node is checked to
+    /// coordinate it.
+    fn served_entry<'a>(&self, inner: &'a mut Inner, group: &str) -> Result<&'a mut Entry> {
+        self.coordinator_partition(inner, group)?;
+        Ok(inner
+            .groups
+            .entry(group.to_string())
+            .or_insert_with(|| Entry::new(group)))
+    }
+
     fn coordinator_partition(&self, inner: &Inner, group: &str) -> Result<i32> {
         let meta = self.broker.metadata().current();
         let not = || CoordinatorError::NotCoordinator {
@@ -724,31 +734,11 @@ impl GroupCoordinator {
             .map_err(|_| invalid(format!("unknown assignment strategy {}", req.strategy)))?;
         let protocol = pb::RebalanceProtocol::try_from(req.protocol)
             .map_err(|_| invalid(format!("unknown rebalance protocol {}", req.protocol)))?;
-        let args = JoinArgs {
-            member_id: req.member_id.clone(),
-            instance_id: req.group_instance_id.clone(),
-            client_id: req.client_id.clone(),
-            topics: req.topics.iter().cloned().collect(),
-            session_timeout_ms: i64::from(session),
-            rebalance_timeout_ms: i64::from(rebalance),
-            strategy,
-            protocol,
-            owned: req
-                .owned_partitions
-                .iter()
-                .map(|tp| (tp.topic.clone(), tp.partition))
-                .collect(),
-            preassigned: false,
-        };
         if req.member_id.is_empty() && req.group_instance_id.is_empty() && req.member_id_first {
             // KIP-394: the id first; the member joins with it next. A
             // first join that is dropped leaves only this, which lapses.
             let mut inner = self.lock();
-            self.coordinator_partition(&inner, &req.group)?;
-            let entry = inner
-                .groups
-                .entry(req.group.clone())
-                .or_insert_with(|| Entry::new(&req.group));
+            let entry = self.served_entry(&mut inner, &req.group)?;
             let now = now_ms();
             entry.ids_handed_out.retain(|_, lapses| *lapses > now);
             let member_id = entry.group.new_member_id(&req.client_id, now);
@@ -764,15 +754,26 @@ impl GroupCoordinator {
                 ..Default::default()
             });
         }
-        let mut args = args;
+        let mut args = JoinArgs {
+            member_id: req.member_id.clone(),
+            instance_id: req.group_instance_id.clone(),
+            client_id: req.client_id.clone(),
+            topics: req.topics.iter().cloned().collect(),
+            session_timeout_ms: i64::from(session),
+            rebalance_timeout_ms: i64::from(rebalance),
+            strategy,
+            protocol,
+            owned: req
+                .owned_partitions
+                .iter()
+                .map(|tp| (tp.topic.clone(), tp.partition))
+                .collect(),
+            preassigned: false,
+        };
         let counts = self.partition_counts();
         let (member_id, joined_at, mut rx) = {
             let mut inner = self.lock();
-            self.coordinator_partition(&inner, &req.group)?;
-            let entry = inner
-                .groups
-                .entry(req.group.clone())
-                .or_insert_with(|| Entry::new(&req.group));
+            let entry = self.served_entry(&mut inner, &req.group)?;
             if entry.group.state != GroupState::Empty
                 && !entry.group.members.is_empty()
                 && entry.group.strategy != strategy
@@ -939,11 +940,7 @@ impl GroupCoordinator {
         })?;
         let base_offset = appender.append(records).await?;
         let mut inner = self.lock();
-        self.coordinator_partition(&inner, group)?;
-        let entry = inner
-            .groups
-            .entry(group.to_string())
-            .or_insert_with(|| Entry::new(group));
+        let entry = self.served_entry(&mut inner, group)?;
         for (i, (t, p, v)) in offsets.into_iter().enumerate() {
             let log_offset = base_offset + i as i64;
             let key = (t, p);
