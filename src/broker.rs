@@ -986,8 +986,16 @@ impl Broker {
     #[instrument(skip_all, fields(topic = %req.name))]
     pub async fn create_topic(
         &self,
-        req: pb::CreateTopicRequest,
+        mut req: pb::CreateTopicRequest,
     ) -> Result<pb::TopicDescription, BrokerError> {
+        // 0 (unset) or -1 (Kafka's CreateTopics, KIP-464): this broker's
+        // defaults.
+        if matches!(req.partitions, 0 | -1) {
+            req.partitions = self.config.broker.num_partitions;
+        }
+        if matches!(req.replication_factor, 0 | -1) {
+            req.replication_factor = self.config.broker.default_replication_factor;
+        }
         let cmd = MetadataCommand::CreateTopic {
             name: req.name.clone(),
             topic_id: random_id(),

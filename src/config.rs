@@ -165,6 +165,12 @@ pub struct BrokerSection {
     pub replica_fetch_wait_max_ms: u32,
     /// Replication byte-rate limit per fetcher; 0 = unlimited.
     pub replication_bytes_per_sec_max: u64,
+    /// Partitions of a topic created without a count (Kafka's
+    /// `num.partitions`).
+    pub num_partitions: i32,
+    /// Replicas per partition of a topic created without a replication
+    /// factor (Kafka's `default.replication.factor`).
+    pub default_replication_factor: i32,
     /// Fault injection for tests: when true, a file named after a
     /// failpoint in `DATA_DIR/failpoints/` switches it on
     /// (`pause-replica-fetch`: followers drop what they fetch).
@@ -184,6 +190,8 @@ impl Default for BrokerSection {
             replica_fetch_bytes_max: 8 * 1024 * 1024,
             replica_fetch_wait_max_ms: 500,
             replication_bytes_per_sec_max: 0,
+            num_partitions: 1,
+            default_replication_factor: 1,
             failpoints: false,
         }
     }
@@ -504,6 +512,17 @@ impl ServerConfig {
                 "must be at least 1024".into(),
             ));
         }
+        for (key, value) in [
+            ("broker.num_partitions", self.broker.num_partitions),
+            (
+                "broker.default_replication_factor",
+                self.broker.default_replication_factor,
+            ),
+        ] {
+            if value < 1 {
+                return Err(invalid(key, format!("{value} is below 1")));
+            }
+        }
         self.validate_security()?;
         for (key, value) in self.topic_defaults_strings()? {
             topic_config::validate(&key, &value)
@@ -719,6 +738,15 @@ mod tests {
         assert!(err.to_string().contains("worker_threads"), "{err}");
         let err = ServerConfig::from_toml("worker_threads = -1\n").unwrap_err();
         assert!(err.to_string().contains("worker_threads"), "{err}");
+        let err = ServerConfig::from_toml("[broker]\nnum_partitions = 0\n").unwrap_err();
+        assert!(err.to_string().contains("broker.num_partitions"), "{err}");
+        let err =
+            ServerConfig::from_toml("[broker]\ndefault_replication_factor = -1\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("broker.default_replication_factor"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -66,17 +66,17 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
 
     cli_ok(
         &bootstrap,
-        &[
-            "topic",
-            "create",
-            "demo",
-            "--partitions",
-            "3",
-            "--replication-factor",
-            "3",
-        ],
+        &["topic", "create", "demo", "--partitions", "3"],
         None,
     );
+    // Without --replication-factor, `runnel dev`'s nodes keep three copies.
+    let described = cli_ok(
+        &bootstrap,
+        &["--output", "json", "topic", "describe", "demo"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&described).expect("JSON");
+    assert_eq!(v["replication_factor"], 3, "{described}");
     let described = cli_ok(
         &bootstrap,
         &["--output", "json", "cluster", "describe"],

@@ -1196,3 +1196,64 @@ async fn a_consumer_of_a_recreated_topic_is_told_not_fed_the_new_one() {
     }
     assert_eq!(values[0], "new-0");
 }
+
+/// `topic create` without `--partitions` or `--replication-factor` takes the
+/// broker's `num_partitions` and `default_replication_factor`, as Kafka's
+/// `num.partitions` and `default.replication.factor`.
+#[test]
+fn topic_create_takes_the_broker_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_toml(
+        dir.path(),
+        "[broker]\nnum_partitions = 4\ndefault_replication_factor = 2\n",
+    );
+    let addr = server.addr.as_str();
+    // Two replicas on a one-broker cluster: the default was used.
+    let err = common::cli_err(addr, &["topic", "create", "two"], None);
+    assert!(
+        err.contains("invalid replication factor 2: only 1 live brokers"),
+        "{err}"
+    );
+    let out = cli_ok(
+        addr,
+        &[
+            "--output",
+            "json",
+            "topic",
+            "create",
+            "four",
+            "--replication-factor",
+            "1",
+        ],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        v["partitions"].as_array().expect("partitions").len(),
+        4,
+        "{out}"
+    );
+    assert_eq!(v["replication_factor"], 1, "{out}");
+    // Explicit values win over the defaults.
+    let out = cli_ok(
+        addr,
+        &[
+            "--output",
+            "json",
+            "topic",
+            "create",
+            "one",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "1",
+        ],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        v["partitions"].as_array().expect("partitions").len(),
+        1,
+        "{out}"
+    );
+}

@@ -48,7 +48,10 @@ pub fn node_config(
          data_dir = {dir}\n\
          roles = [\"broker\", \"controller\"]\n\n\
          [controller]\n\
-         voters = [{voters}]\n",
+         voters = [{voters}]\n\n\
+         [broker]\n\
+         default_replication_factor = {rf}\n",
+        rf = nodes.min(3),
         port = base_port + id - 1,
         metrics_port = metrics_base_port + id - 1,
         voters = voters.join(", "),

@@ -13,12 +13,13 @@ pub enum TopicCommand {
     Create {
         /// Topic name: [a-zA-Z0-9._-], at most 249 characters.
         name: String,
-        /// Number of partitions.
-        #[arg(long, default_value_t = 1)]
-        partitions: i32,
-        /// Replicas per partition.
-        #[arg(long, default_value_t = 1)]
-        replication_factor: i32,
+        /// Number of partitions [default: the broker's `num_partitions`].
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        partitions: Option<i32>,
+        /// Replicas per partition [default: the broker's
+        /// `default_replication_factor`].
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        replication_factor: Option<i32>,
         #[command(flatten)]
         config: ConfigPairs,
     },
@@ -83,7 +84,12 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
             config,
         } => {
             let t = client
-                .create_topic(&name, partitions, replication_factor, config.to_map()?)
+                .create_topic(
+                    &name,
+                    partitions.unwrap_or(-1),
+                    replication_factor.unwrap_or(-1),
+                    config.to_map()?,
+                )
                 .await?;
             match output {
                 Output::Json => println!("{}", topic_json(&t)),

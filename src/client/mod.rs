@@ -466,7 +466,9 @@ impl Client {
             .max_encoding_message_size(MESSAGE_BYTES_MAX))
     }
 
-    /// Creates a topic.
+    /// Creates a topic. A `partitions` or `replication_factor` of -1
+    /// takes the broker's default (`num_partitions`,
+    /// `default_replication_factor`).
     pub async fn create_topic(
         &self,
         name: &str,
