@@ -95,6 +95,14 @@ pub enum Refusal {
     InvalidRequest {
         reason: String,
     },
+    InvalidIsrChange {
+        topic: String,
+        partition: i32,
+        reason: String,
+    },
+    InvalidSecurity {
+        reason: String,
+    },
 }
 
 impl From<MetadataError> for Refusal {
@@ -129,6 +137,16 @@ impl From<MetadataError> for Refusal {
                 reason,
             },
             MetadataError::InvalidRequest { reason } => Self::InvalidRequest { reason },
+            MetadataError::InvalidIsrChange {
+                topic,
+                partition,
+                reason,
+            } => Self::InvalidIsrChange {
+                topic,
+                partition,
+                reason,
+            },
+            MetadataError::InvalidSecurity { reason } => Self::InvalidSecurity { reason },
             other => Self::Other {
                 message: other.to_string(),
             },
@@ -174,6 +192,16 @@ impl From<Refusal> for MetadataError {
                 reason,
             },
             Refusal::InvalidRequest { reason } => Self::InvalidRequest { reason },
+            Refusal::InvalidIsrChange {
+                topic,
+                partition,
+                reason,
+            } => Self::InvalidIsrChange {
+                topic,
+                partition,
+                reason,
+            },
+            Refusal::InvalidSecurity { reason } => Self::InvalidSecurity { reason },
         }
     }
 }
@@ -235,12 +263,24 @@ mod tests {
             MetadataError::InvalidRequest {
                 reason: "producer id block of 0".into(),
             },
+            MetadataError::InvalidIsrChange {
+                topic: "t".into(),
+                partition: 2,
+                reason: "partition epoch 3 is stale (now 4)".into(),
+            },
+            MetadataError::InvalidSecurity {
+                reason: "unknown user 'bob'".into(),
+            },
         ];
         for e in errors {
             let text = e.to_string();
+            let kind = std::mem::discriminant(&e);
             let wire = serde_json::to_vec(&Refusal::from(e)).unwrap();
             let back: MetadataError = serde_json::from_slice::<Refusal>(&wire).unwrap().into();
             assert_eq!(back.to_string(), text);
+            // The same error on every node: a broker tells a refused ISR
+            // change (or user change) from a failure to reach the quorum.
+            assert_eq!(std::mem::discriminant(&back), kind, "{text}");
         }
     }
 }
