@@ -18,7 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use runnel_controller::metadata::Applied;
 use runnel_controller::store::random_id;
-use runnel_controller::{topic_config, ClusterMetadata, MetadataCommand, MetadataStore, TopicInfo};
+use runnel_controller::{
+    topic_config, ClusterMetadata, MetadataCommand, MetadataError, MetadataStore, TopicInfo,
+};
 use runnel_proto::v1 as pb;
 use runnel_replication::Command as ReplicationCommand;
 use runnel_storage::{BatchBuilder, LogManager, RecordBatch, StorageError};
@@ -294,17 +296,34 @@ impl Broker {
             let partition = partition.clone();
             info!(topic = %partition.topic, partition = partition.index, leader_epoch, partition_epoch, to = ?isr, "proposing ISR change");
             tokio::spawn(async move {
-                if let Err(e) = store.submit(command).await {
-                    warn!(topic = %partition.topic, partition = partition.index, error = %e, "ISR change refused");
-                    // The ISR committed now, not the one the proposal
-                    // started from: metadata may have moved on meanwhile.
-                    let meta = store.current();
-                    if let Some(info) = meta
-                        .topics
-                        .get(&partition.topic)
-                        .and_then(|t| t.partitions.get(partition.index as usize))
-                    {
-                        partition.isr_refused(&info.isr, info.partition_epoch);
+                match store.submit(command).await {
+                    Ok(_) => {}
+                    Err(
+                        e @ (MetadataError::InvalidIsrChange { .. }
+                        | MetadataError::UnknownTopic { .. }),
+                    ) => {
+                        warn!(topic = %partition.topic, partition = partition.index, error = %e, "ISR change refused");
+                        // The ISR committed now, not the one the proposal
+                        // started from: metadata may have moved on meanwhile.
+                        let meta = store.current();
+                        if let Some(info) = meta
+                            .topics
+                            .get(&partition.topic)
+                            .and_then(|t| t.partitions.get(partition.index as usize))
+                        {
+                            partition.isr_refused(
+                                (&isr, partition_epoch),
+                                &info.isr,
+                                info.partition_epoch,
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        // Not refused: it may still commit (a timeout), or
+                        // never reached the quorum. Sent again on the next
+                        // tick unless the metadata settles it first.
+                        warn!(topic = %partition.topic, partition = partition.index, error = %e, "ISR change not answered; proposing it again");
+                        partition.isr_unknown(&isr, partition_epoch);
                     }
                 }
             });

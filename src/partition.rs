@@ -230,10 +230,20 @@ impl Partition {
         self.leader_event(|s, _| s.on_tick(now_ms, lag_time_max_ms))
     }
 
-    /// The controller refused this leader's ISR proposal; `committed` is
-    /// the ISR the metadata holds now, in `partition_epoch`.
-    pub fn isr_refused(&self, committed: &[i32], partition_epoch: i32) {
-        self.leader_event(|s, leo| s.on_isr_refused(committed, partition_epoch, leo));
+    /// The controller refused this leader's proposal of `proposed` to
+    /// partition epoch `proposed_epoch`; `committed` is the ISR the
+    /// metadata holds now, in `partition_epoch`.
+    pub fn isr_refused(&self, proposed: (&[i32], i32), committed: &[i32], partition_epoch: i32) {
+        self.leader_event(|s, leo| s.on_isr_refused(proposed, committed, partition_epoch, leo));
+    }
+
+    /// The proposal of `proposed` to `proposed_epoch` got no answer (it
+    /// may still commit): the next tick sends it again.
+    pub fn isr_unknown(&self, proposed: &[i32], proposed_epoch: i32) {
+        self.leader_event(|s, _| {
+            s.on_isr_unknown(proposed, proposed_epoch);
+            Vec::new()
+        });
     }
 
     /// Feeds an event to the leader state (nothing on a follower) and

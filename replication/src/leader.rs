@@ -86,9 +86,23 @@ pub struct LeaderState {
     followers: BTreeMap<i32, FollowerProgress>,
     high_watermark: i64,
     /// An ISR change sent to the controller and not yet committed.
-    pending_isr: Option<Vec<i32>>,
+    pending_isr: Option<PendingIsr>,
     /// The partition epoch of the committed ISR this state holds.
     partition_epoch: i32,
+}
+
+/// An ISR proposal in flight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PendingIsr {
+    /// The ISR asked for (sorted).
+    isr: Vec<i32>,
+    /// The partition epoch it changes: the controller applies it only to
+    /// that epoch, so once the metadata shows another, the proposal was
+    /// either applied or will be refused.
+    partition_epoch: i32,
+    /// Its fate is unknown (the submit failed without a refusal: it may
+    /// still commit): the next tick sends it again.
+    resend: bool,
 }
 
 impl LeaderState {
@@ -147,7 +161,7 @@ impl LeaderState {
     /// every record below the high watermark; one about to leave holds it
     /// until the controller has removed it.
     fn isr_minimum(&self, leader_log_end_offset: i64) -> i64 {
-        let joining = self.pending_isr.iter().flatten();
+        let joining = self.pending_isr.iter().flat_map(|p| &p.isr);
         self.isr
             .iter()
             .chain(joining)
@@ -169,7 +183,11 @@ impl LeaderState {
 
     fn propose(&mut self, isr: BTreeSet<i32>, out: &mut Vec<Command>) {
         let isr: Vec<i32> = isr.into_iter().collect();
-        self.pending_isr = Some(isr.clone());
+        self.pending_isr = Some(PendingIsr {
+            isr: isr.clone(),
+            partition_epoch: self.partition_epoch,
+            resend: false,
+        });
         out.push(Command::ProposeIsr {
             isr,
             leader_epoch: self.leader_epoch,
@@ -241,10 +259,19 @@ impl LeaderState {
     }
 
     /// Periodic check: ISR followers not caught up for longer than
-    /// `lag_time_max_ms` are proposed for removal.
+    /// `lag_time_max_ms` are proposed for removal, and a proposal whose
+    /// fate is unknown is sent again (as it was: the controller applies
+    /// it at most once, to the partition epoch it names).
     pub fn on_tick(&mut self, now_ms: i64, lag_time_max_ms: i64) -> Vec<Command> {
         let mut out = Vec::new();
-        if self.pending_isr.is_some() {
+        if let Some(p) = &mut self.pending_isr {
+            if std::mem::take(&mut p.resend) {
+                out.push(Command::ProposeIsr {
+                    isr: p.isr.clone(),
+                    leader_epoch: self.leader_epoch,
+                    partition_epoch: p.partition_epoch,
+                });
+            }
             return out;
         }
         let lagging: Vec<i32> = self
@@ -270,12 +297,15 @@ impl LeaderState {
         out
     }
 
-    /// The metadata lists `isr` as this partition's committed ISR (on
-    /// every metadata change, whether or not it changed the ISR). A
-    /// proposal in flight stays in flight unless this is the ISR it asked
-    /// for: an unrelated change must not let the leader send the same
-    /// proposal again, whose refusal would then look like the first
-    /// one's. Shrinking may let the high watermark advance.
+    /// The metadata lists `isr` as this partition's committed ISR, in
+    /// `partition_epoch` (on every metadata change, whether or not it
+    /// changed the ISR). A proposal in flight stays in flight while the
+    /// partition epoch is the one it changes: an unrelated change must not
+    /// let the leader propose again while the first proposal may still
+    /// commit. Once the epoch moved on, the proposal was applied (perhaps
+    /// with more: completing a reassignment trims the ISR in the same
+    /// step) or will be refused, and the ISR committed is what counts.
+    /// Shrinking may let the high watermark advance.
     pub fn on_isr_committed(
         &mut self,
         isr: &[i32],
@@ -286,7 +316,11 @@ impl LeaderState {
         let mut isr: Vec<i32> = isr.to_vec();
         isr.sort_unstable();
         isr.dedup();
-        if self.pending_isr.as_ref() == Some(&isr) {
+        if self
+            .pending_isr
+            .as_ref()
+            .is_some_and(|p| p.partition_epoch != partition_epoch || p.isr == isr)
+        {
             self.pending_isr = None;
         }
         self.isr = isr.into_iter().collect();
@@ -295,16 +329,40 @@ impl LeaderState {
         out
     }
 
-    /// The controller refused the proposal in flight; `isr` is the ISR
-    /// committed now. The next event may propose again.
+    /// The controller refused the proposal of `proposed` to partition
+    /// epoch `proposed_epoch`; `isr` is the ISR committed now, in
+    /// `partition_epoch`. If that proposal is the one in flight, the next
+    /// event may propose again; a refusal of an earlier one changes
+    /// nothing of a later one's.
     pub fn on_isr_refused(
         &mut self,
+        (proposed, proposed_epoch): (&[i32], i32),
         isr: &[i32],
         partition_epoch: i32,
         leader_log_end_offset: i64,
     ) -> Vec<Command> {
-        self.pending_isr = None;
+        if self.is_pending(proposed, proposed_epoch) {
+            self.pending_isr = None;
+        }
         self.on_isr_committed(isr, partition_epoch, leader_log_end_offset)
+    }
+
+    /// The proposal of `proposed` to partition epoch `proposed_epoch` was
+    /// neither committed nor refused as far as the leader knows (the
+    /// controller could not be reached in time: it may still commit). If
+    /// it is the one in flight, the next tick sends it again.
+    pub fn on_isr_unknown(&mut self, proposed: &[i32], proposed_epoch: i32) {
+        if self.is_pending(proposed, proposed_epoch) {
+            if let Some(p) = &mut self.pending_isr {
+                p.resend = true;
+            }
+        }
+    }
+
+    fn is_pending(&self, proposed: &[i32], proposed_epoch: i32) -> bool {
+        self.pending_isr
+            .as_ref()
+            .is_some_and(|p| p.isr == proposed && p.partition_epoch == proposed_epoch)
     }
 
     /// The replica set changed under the same leader epoch (a
@@ -370,7 +428,7 @@ mod tests {
         };
         assert_eq!(s.on_tick(30_001, 30_000), vec![want(4)]);
         // Refused: the metadata had moved on to partition epoch 6.
-        s.on_isr_refused(&[1, 2, 3], 6, 10);
+        s.on_isr_refused((&[1, 2], 4), &[1, 2, 3], 6, 10);
         s.on_fetch(2, 10, 10, 30_001);
         assert_eq!(s.on_tick(30_002, 30_000), vec![want(6)]);
     }
@@ -503,9 +561,53 @@ mod tests {
         assert_eq!(s.on_fetch(3, 25, 30, 2), vec![AdvanceHighWatermark(25)]);
         // Refused: back to the committed ISR, without follower 3.
         assert_eq!(
-            s.on_isr_refused(&[1, 2], 0, 30),
+            s.on_isr_refused((&[1, 2, 3], 0), &[1, 2], 0, 30),
             vec![AdvanceHighWatermark(30)]
         );
+        assert!(!s.has_pending_isr());
+    }
+
+    /// Completing a reassignment commits an ISR other than the one
+    /// proposed (the expansion, trimmed to the target replicas) in the
+    /// same step: the proposal is done all the same, and the high
+    /// watermark moves on without the replica that left (it stayed
+    /// frozen, the proposal pending for good).
+    #[test]
+    fn a_proposal_committed_in_another_shape_is_done() {
+        let mut s = LeaderState::new(1, 0, 3, &[1, 2], &[1, 2], 0, 0);
+        s.set_replicas(&[1, 2, 3], 1);
+        s.on_append(10);
+        s.on_fetch(2, 10, 10, 2);
+        assert_eq!(s.on_fetch(3, 10, 10, 2), vec![proposal(&s, vec![1, 2, 3])]);
+        // Applied as ISR [1, 3], replicas [1, 3], two epochs on.
+        s.set_replicas(&[1, 3], 3);
+        assert_eq!(s.on_isr_committed(&[1, 3], 5, 10), vec![]);
+        assert!(!s.has_pending_isr());
+        s.on_append(20);
+        assert_eq!(s.on_fetch(3, 20, 20, 4), vec![AdvanceHighWatermark(20)]);
+    }
+
+    /// A proposal whose submit failed without an answer is sent again,
+    /// to the same epoch; a refusal of an older proposal leaves a newer
+    /// one in flight.
+    #[test]
+    fn an_unanswered_proposal_is_sent_again_and_old_refusals_are_ignored() {
+        let mut s = three(0);
+        s.on_append(10);
+        s.on_fetch(2, 10, 10, 1);
+        let first = s.on_tick(30_001, 30_000);
+        assert_eq!(first, vec![proposal(&s, vec![1, 2])]);
+        assert_eq!(s.on_tick(30_002, 30_000), vec![], "in flight");
+        // Unknown fate for another proposal: nothing to send again.
+        s.on_isr_unknown(&[1, 3], 0);
+        assert_eq!(s.on_tick(30_003, 30_000), vec![]);
+        s.on_isr_unknown(&[1, 2], 0);
+        assert_eq!(s.on_tick(30_004, 30_000), first, "sent again, as it was");
+        assert_eq!(s.on_tick(30_005, 30_000), vec![], "once");
+        // A refusal of some earlier proposal: this one stays in flight.
+        s.on_isr_refused((&[1, 2, 3], 0), &[1, 2, 3], 0, 10);
+        assert!(s.has_pending_isr());
+        s.on_isr_refused((&[1, 2], 0), &[1, 2, 3], 0, 10);
         assert!(!s.has_pending_isr());
     }
 
