@@ -90,6 +90,17 @@ impl Partition {
         }
     }
 
+    /// A follower's high watermark, learned from the leader of
+    /// `leader_epoch`: ignored unless this replica still follows in that
+    /// epoch (a round that outlived its epoch must not lower the high
+    /// watermark of a replica that leads now).
+    pub fn follower_high_watermark(&self, leader_epoch: i32, offset: i64) {
+        let role = self.role();
+        if matches!(&*role, Role::Follower { leader_epoch: e, .. } if *e == leader_epoch) {
+            self.advance_high_watermark(offset);
+        }
+    }
+
     /// A receiver that sees every high-watermark change.
     pub fn watch_high_watermark(&self) -> watch::Receiver<i64> {
         self.hw_tx.subscribe()
@@ -117,6 +128,10 @@ impl Partition {
                 }
             }
             info!(topic = %self.topic, partition = self.index, leader_epoch = info.leader_epoch, isr = ?info.isr, "became leader");
+            // A replication round of the epoch this replica followed in
+            // may still be under way: it must not truncate or append to
+            // the leader's log from here on.
+            self.log.fence_follower_writes(info.leader_epoch);
             let mut state = LeaderState::new(
                 me,
                 info.leader_epoch,

@@ -321,7 +321,8 @@ async fn fetch_round(
             info!(topic = %data.topic, partition = data.partition, from = a.partition.log.log_end_offset(), to = data.log_start_offset, "log ends below the leader's log start: starting over there");
             let log = a.partition.log.clone();
             let start = data.log_start_offset;
-            tokio::task::spawn_blocking(move || log.reset_to(start))
+            let epoch = a.leader_epoch;
+            tokio::task::spawn_blocking(move || log.reset_following(epoch, start))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
@@ -337,15 +338,18 @@ async fn fetch_round(
             appended += data.batches.len() as u64;
             let batches = data.batches.clone();
             let log2 = log.clone();
+            let epoch = a.leader_epoch;
             a.partition
-                .run_append(move || log2.append_as_follower(batches))
+                .run_append(move || log2.append_following(epoch, batches))
                 .await
                 .ok_or("append task lost")?
                 .map_err(|e| format!("{}-{}: {e}", data.topic, data.partition))?;
             broker.metrics().replicated(data.batches.len());
         }
-        a.partition
-            .advance_high_watermark(data.high_watermark.min(log.log_end_offset()));
+        a.partition.follower_high_watermark(
+            a.leader_epoch,
+            data.high_watermark.min(log.log_end_offset()),
+        );
         // The leader's log starts later (DeleteRecords, or its retention):
         // so does this replica's, up to its own high watermark. Its next
         // fetch reports the new start, which the leader's low watermark
@@ -410,12 +414,13 @@ async fn truncate_divergent(
         if let Some(to) = to {
             info!(%topic, partition = index, from = leo, to, leader_epoch = a.leader_epoch, "truncating divergent log");
             let log = log.clone();
-            tokio::task::spawn_blocking(move || log.truncate_to(to))
+            let epoch = a.leader_epoch;
+            tokio::task::spawn_blocking(move || log.truncate_following(epoch, to))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             a.partition
-                .advance_high_watermark(a.partition.log.high_watermark());
+                .follower_high_watermark(epoch, a.partition.log.high_watermark());
         }
         if !again {
             return Ok(());

@@ -74,6 +74,12 @@ pub enum StorageError {
     /// (it follows the leader of `fence` now).
     #[error("leader epoch {epoch} is fenced: this replica follows the leader of epoch {fence}")]
     FencedLeaderEpoch { epoch: i32, fence: i32 },
+    /// A follower write for a leader epoch in which (or after which) this
+    /// replica led: a replication round that outlived its epoch.
+    #[error(
+        "follower write for leader epoch {epoch} is fenced: this replica led in epoch {fence}"
+    )]
+    FencedFollowerEpoch { epoch: i32, fence: i32 },
     /// A topic name or partition number that cannot name a directory.
     #[error("invalid partition {topic}-{partition}")]
     InvalidPartition { topic: String, partition: i32 },

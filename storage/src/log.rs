@@ -189,6 +189,9 @@ pub struct Log {
     /// follows (or waits for) the leader of that epoch
     /// ([`Log::fence_leader_appends`]).
     leader_fence: AtomicI32,
+    /// Follower writes for a leader epoch at or below this are refused:
+    /// this replica led in that epoch ([`Log::fence_follower_writes`]).
+    follower_fence: AtomicI32,
     /// The next segment's file, reserved in the background (`spare`).
     spare: Arc<Spare>,
     /// Files renamed to `<name>.deleted` under the writer lock, to be
@@ -344,6 +347,7 @@ impl Log {
             high_watermark: AtomicI64::new(high_watermark),
             closed: AtomicBool::new(false),
             leader_fence: AtomicI32::new(i32::MIN),
+            follower_fence: AtomicI32::new(i32::MIN),
             trash: Mutex::new(Vec::new()),
             log_start_unpersisted: AtomicBool::new(false),
             parent_unsynced: AtomicBool::new(fresh),
@@ -514,6 +518,10 @@ impl Log {
                 fence,
             });
         }
+        // A replication round of an earlier epoch still under way must
+        // not cut or extend what this leader writes.
+        self.follower_fence
+            .fetch_max(leader_epoch, Ordering::AcqRel);
         if let SequenceCheck::Duplicate(dup) = self.lock_producers().check(&producer)? {
             return Ok(AppendInfo {
                 base_offset: dup.first_offset,
@@ -572,11 +580,70 @@ impl Log {
         self.leader_fence.fetch_max(leader_epoch, Ordering::AcqRel);
     }
 
+    /// From now on, refuses follower writes (appends, truncations and
+    /// resets for a leader epoch, [`Log::append_following`] and the
+    /// others) for `leader_epoch` and earlier ones: this replica leads
+    /// in `leader_epoch`, and a replication round of an earlier epoch
+    /// still under way must not cut or extend its log. Takes the writer
+    /// lock, so a follower write under way lands before it. Leader
+    /// appends raise it too. Only ever raises the fence.
+    pub fn fence_follower_writes(&self, leader_epoch: i32) {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.follower_fence
+            .fetch_max(leader_epoch, Ordering::AcqRel);
+    }
+
+    /// Writer only: refuses a follower write for `leader_epoch` when this
+    /// replica has led in that epoch or a later one.
+    fn check_following(&self, leader_epoch: i32) -> Result<()> {
+        let fence = self.follower_fence.load(Ordering::Acquire);
+        if leader_epoch <= fence {
+            return Err(StorageError::FencedFollowerEpoch {
+                epoch: leader_epoch,
+                fence,
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Log::append_as_follower`] for a replica that follows the leader
+    /// of `leader_epoch`: refused once it has led in that epoch or later.
+    pub fn append_following(&self, leader_epoch: i32, batches: Bytes) -> Result<AppendInfo> {
+        self.append_follower(batches, Some(leader_epoch))
+    }
+
+    /// [`Log::truncate_to`] for a replica that follows the leader of
+    /// `leader_epoch` (see [`Log::append_following`]).
+    pub fn truncate_following(&self, leader_epoch: i32, offset: i64) -> Result<()> {
+        let mut persisted = self.lock_checkpoints();
+        let mut w = self.lock_writer()?;
+        self.check_following(leader_epoch)?;
+        self.truncate_locked(&mut w, &mut persisted, offset)
+            .inspect_err(|e| self.fail(&mut w, "truncation", e))
+    }
+
+    /// [`Log::reset_to`] for a replica that follows the leader of
+    /// `leader_epoch` (see [`Log::append_following`]).
+    pub fn reset_following(&self, leader_epoch: i32, offset: i64) -> Result<()> {
+        let mut persisted = self.lock_checkpoints();
+        let mut w = self.lock_writer()?;
+        self.check_following(leader_epoch)?;
+        self.reset_locked(&mut w, &mut persisted, offset)
+            .inspect_err(|e| self.fail(&mut w, "reset", e))
+    }
+
     /// Appends batches that already carry offsets and epochs (replication).
     pub fn append_as_follower(&self, batches: Bytes) -> Result<AppendInfo> {
+        self.append_follower(batches, None)
+    }
+
+    fn append_follower(&self, batches: Bytes, following: Option<i32>) -> Result<AppendInfo> {
         let config = self.config();
         let parsed = RecordBatch::parse_all(batches)?;
         let mut w = self.lock_writer()?;
+        if let Some(epoch) = following {
+            self.check_following(epoch)?;
+        }
         let log_end_offset = self.log_end_offset();
         let Some(first) = parsed.first() else {
             return Err(StorageError::EmptyBatch);

@@ -623,3 +623,52 @@ fn leader_appends_below_the_fence_are_refused() {
     copy.append_as_follower(read.batches).unwrap();
     assert_eq!(copy.log_end_offset(), 4);
 }
+
+/// A replication round of the epoch a replica followed in must not cut
+/// or extend its log once it leads: truncating a new leader to the old
+/// leader's epoch end lost what it had appended.
+#[test]
+fn follower_writes_of_an_epoch_the_replica_led_in_are_refused() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = Log::open(source_dir.path(), small_config(1 << 20)).unwrap();
+    source.append_as_leader(batch(0, 2, 1000), 1).unwrap();
+    let from_source = source.read(0, 1 << 20, i64::MAX).unwrap().batches;
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(1 << 20)).unwrap();
+    // Following the leader of epoch 1.
+    log.append_following(1, from_source.clone()).unwrap();
+    assert_eq!(log.log_end_offset(), 2);
+    // Leading in epoch 2.
+    log.fence_follower_writes(2);
+    log.append_as_leader(batch(1, 2, 1000), 2).unwrap();
+    for epoch in [1, 2] {
+        assert!(matches!(
+            log.truncate_following(epoch, 2),
+            Err(StorageError::FencedFollowerEpoch { fence: 2, .. })
+        ));
+        assert!(matches!(
+            log.reset_following(epoch, 0),
+            Err(StorageError::FencedFollowerEpoch { fence: 2, .. })
+        ));
+    }
+    assert_eq!(log.log_end_offset(), 4, "nothing cut");
+    // A leader append raises the fence by itself (produce may run before
+    // the role change is applied).
+    log.append_as_leader(batch(2, 2, 1000), 3).unwrap();
+    assert!(matches!(
+        log.truncate_following(3, 4),
+        Err(StorageError::FencedFollowerEpoch { epoch: 3, fence: 3 })
+    ));
+    // Following a later leader again: allowed.
+    log.truncate_following(4, 4).unwrap();
+    assert_eq!(log.log_end_offset(), 4);
+    let fresh = tempfile::tempdir().unwrap();
+    let copy = Log::open(fresh.path(), small_config(1 << 20)).unwrap();
+    copy.fence_follower_writes(1);
+    assert!(matches!(
+        copy.append_following(1, from_source.clone()),
+        Err(StorageError::FencedFollowerEpoch { epoch: 1, fence: 1 })
+    ));
+    copy.append_following(5, from_source).unwrap();
+}
