@@ -375,6 +375,11 @@ impl Broker {
         // One config per topic, not per partition: with many partitions
         // this loop runs on every metadata change.
         let mut configs: HashMap<&str, runnel_storage::LogConfig> = HashMap::new();
+        // A partition whose log cannot be opened (disk full, I/O error) is
+        // left out, and the error reported once the others have taken up
+        // their roles: one bad log must not stop this broker from giving
+        // up leaderships, leading or following everywhere else.
+        let mut first_error: Option<BrokerError> = None;
         let mut map = self.partitions.write().unwrap_or_else(|e| e.into_inner());
         for ((name, index), topic) in &wanted {
             let config = configs
@@ -385,12 +390,21 @@ impl Broker {
             match map.get(&key) {
                 Some(p) if p.topic_id == topic.topic_id => p.log.set_config(config),
                 _ => {
-                    let log = self.logs.get_or_create_for(
+                    let log = match self.logs.get_or_create_for(
                         name,
                         *index,
                         &topic.topic_id,
                         config.clone(),
-                    )?;
+                    ) {
+                        Ok(log) => log,
+                        Err(e) => {
+                            warn!(topic = %name, partition = index, error = %e, "cannot open the partition's log; not hosting it");
+                            // Not the log of an earlier topic of this name.
+                            map.remove(&key);
+                            first_error.get_or_insert(e.into());
+                            continue;
+                        }
+                    };
                     log.set_config(config);
                     info!(topic = %name, partition = index, log_end_offset = log.log_end_offset(), "hosting partition");
                     map.insert(
@@ -448,7 +462,10 @@ impl Broker {
         for (topic, index, _) in self.logs.all() {
             if !wanted.contains_key(&(topic.clone(), index)) {
                 info!(%topic, partition = index, "deleting partition no longer hosted");
-                self.logs.delete(&topic, index)?;
+                if let Err(e) = self.logs.delete(&topic, index) {
+                    warn!(%topic, partition = index, error = %e, "cannot delete the partition's log");
+                    first_error.get_or_insert(e.into());
+                }
             }
         }
         let now: HashSet<String> = meta.topics.keys().cloned().collect();
@@ -457,7 +474,18 @@ impl Broker {
             self.metrics.forget_topic(gone);
         }
         *known = now;
-        Ok(())
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// [`Broker::reconcile`] after an admin change this broker
+    /// committed: the change is done whatever this broker's logs do, so
+    /// an error here (a log that cannot be opened) is logged, not handed
+    /// to the client as the change's failure; the metadata watcher tries
+    /// again on the next change.
+    fn reconcile_after_change(&self) {
+        if let Err(e) = self.reconcile() {
+            warn!(error = %e, "applying the metadata change to this broker's logs failed");
+        }
     }
 
     fn hosted(&self, topic: &str, index: i32) -> Option<Arc<Partition>> {
@@ -1033,7 +1061,7 @@ impl Broker {
             replication_factor = req.replication_factor,
             "topic created"
         );
-        self.reconcile()?;
+        self.reconcile_after_change();
         self.describe_topic(&req.name)
     }
 
@@ -1048,7 +1076,8 @@ impl Broker {
         if let Applied::TopicDeleted { partitions, .. } = applied {
             info!(topic = name, partitions, "topic deleted");
         }
-        self.reconcile()
+        self.reconcile_after_change();
+        Ok(())
     }
 
     /// Grows a topic.
@@ -1063,7 +1092,7 @@ impl Broker {
                 total_partitions,
             })
             .await?;
-        self.reconcile()?;
+        self.reconcile_after_change();
         self.describe_topic(name)
     }
 
@@ -1087,7 +1116,7 @@ impl Broker {
             _ => Vec::new(),
         };
         info!(topic = %req.topic, ?changed, unclean, "leader election");
-        self.reconcile()?;
+        self.reconcile_after_change();
         Ok(pb::ElectLeadersResponse {
             topic: Some(self.describe_topic(&req.topic)?),
             changed,
@@ -1120,7 +1149,7 @@ impl Broker {
             })
             .await?;
         info!(topic = %req.topic, ?assignments, ?applied, "partition reassignment");
-        self.reconcile()?;
+        self.reconcile_after_change();
         self.describe_topic(&req.topic)
     }
 
@@ -1140,7 +1169,7 @@ impl Broker {
             return self.describe_in(&preview, &req.name);
         }
         self.metadata.submit(cmd).await?;
-        self.reconcile()?;
+        self.reconcile_after_change();
         self.describe_topic(&req.name)
     }
 
@@ -1351,7 +1380,9 @@ impl Broker {
     /// Periodic storage work: retention, age roll, interval flush.
     pub fn tick(&self) -> Result<(), BrokerError> {
         let now = now_ms();
-        self.logs.tick(now)?;
+        // Every log was ticked; an error is reported after the ISR checks,
+        // which one failing log must not hold up for every partition.
+        let storage = self.logs.tick(now);
         let lag_max = self.config.broker.replica_lag_time_max_ms as i64;
         let hosted: Vec<Arc<Partition>> = {
             let map = self.partitions.read().unwrap_or_else(|e| e.into_inner());
@@ -1361,6 +1392,7 @@ impl Broker {
             let proposals = p.on_tick(now, lag_max);
             self.propose_isr_changes(&p, proposals);
         }
+        storage?;
         Ok(())
     }
 

@@ -1257,3 +1257,36 @@ fn topic_create_takes_the_broker_defaults() {
         "{out}"
     );
 }
+
+/// A partition whose log cannot be opened (here a file stands where its
+/// directory goes) is left out; the admin change that created it is
+/// still answered as done, and every other partition is hosted and led.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_opened_leaves_the_other_partitions_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    std::fs::write(dir.path().join("blocked-0"), b"not a directory").unwrap();
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("blocked", 1, 1, BTreeMap::new())
+        .await
+        .expect("created, though this broker cannot open its log");
+    client
+        .create_topic("fine", 8, 1, BTreeMap::new())
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for p in 0..8 {
+        let record = ProducerRecord {
+            partition: Some(p),
+            ..ProducerRecord::value(format!("v{p}"))
+        };
+        acks.push(producer.send("fine", record).await.unwrap());
+    }
+    for (p, ack) in acks.into_iter().enumerate() {
+        let m = ack.await.unwrap_or_else(|e| panic!("partition {p}: {e}"));
+        assert_eq!((m.partition, m.offset), (p as i32, 0));
+    }
+    producer.close().await.unwrap();
+}
