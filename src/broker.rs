@@ -740,6 +740,23 @@ impl Broker {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
         loop {
             if partition.log.high_watermark() >= end {
+                // Leading in another epoch now: this replica may have
+                // followed meanwhile, cut the batch and copied another
+                // leader's records past `end`. The high watermark then
+                // says nothing of the batch, unless the log still holds
+                // records up to `end` written in the batch's epoch.
+                if partition.leader_epoch() != Some(leader_epoch)
+                    && partition
+                        .log
+                        .end_offset_for_epoch(leader_epoch)
+                        .is_none_or(|(epoch, epoch_end)| epoch != leader_epoch || epoch_end < end)
+                {
+                    return Err(BrokerError::NotLeader {
+                        topic: partition.topic.clone(),
+                        partition: partition.index,
+                        leader: String::new(),
+                    });
+                }
                 let isr = partition.isr().map_or(0, |i| i.len());
                 if !runnel_replication::enough_replicas(isr, min_isr) {
                     return Err(BrokerError::NotEnoughReplicasAfterAppend {
