@@ -23,6 +23,9 @@ use crate::partition::Partition;
 
 /// Pause after a failed round, so a dead leader is not hammered.
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// Pause before setting up a leader's connection again (TLS files that
+/// could not be read).
+const SETUP_RETRY: Duration = Duration::from_secs(5);
 /// How much longer than its long-poll wait a fetch round may take.
 const ROUND_TIMEOUT_SLACK: Duration = Duration::from_secs(5);
 
@@ -72,9 +75,12 @@ impl FetcherManager {
     pub fn assign(&self, by_leader: HashMap<i32, (String, Assignments)>) {
         let mut fetchers = self.fetchers.lock().unwrap_or_else(|e| e.into_inner());
         fetchers.retain(|leader, f| {
-            let keep = by_leader
-                .get(leader)
-                .is_some_and(|(addr, _)| *addr == f.address);
+            // A task that ended (it cannot, but a panic would) is started
+            // again.
+            let keep = !f.assignments.is_closed()
+                && by_leader
+                    .get(leader)
+                    .is_some_and(|(addr, _)| *addr == f.address);
             if !keep {
                 f.cancel.cancel();
             }
@@ -137,32 +143,20 @@ async fn run_fetcher(
     cancel: CancellationToken,
 ) {
     info!(leader, %address, "replica fetcher started");
-    // TLS files are read at each fetcher start, so a rotated client
-    // certificate is used from the next (re)connection on.
-    let tls = match broker.upgrade() {
-        Some(b) => crate::security::internal_client_tls(b.config()),
-        None => return,
-    };
-    let tls = match tls {
-        Ok(tls) => tls,
-        Err(e) => {
-            warn!(leader, %address, error = %e, "cannot load internal TLS files");
-            return;
-        }
-    };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let endpoint = Endpoint::from_shared(format!("{scheme}://{address}")).and_then(|e| {
-        let e = crate::server::tune_endpoint(e.connect_timeout(Duration::from_secs(2)));
-        match tls {
-            Some(tls) => e.tls_config(tls),
-            None => Ok(e),
-        }
-    });
-    let channel = match endpoint {
-        Ok(e) => e.connect_lazy(),
-        Err(e) => {
-            warn!(leader, %address, error = %e, "bad leader address");
-            return;
+    // A fetcher that gave up here would leave its partitions unreplicated
+    // while the manager thinks it runs: it tries again until cancelled.
+    let channel = loop {
+        let Some(b) = broker.upgrade() else { return };
+        match leader_channel(&b, &address) {
+            Ok(channel) => break channel,
+            Err(e) => {
+                warn!(leader, %address, error = %e, "cannot set up the connection to the leader; trying again");
+                drop(b);
+                tokio::select! {
+                    _ = tokio::time::sleep(SETUP_RETRY) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
         }
     };
     let mut client = ReplicationClient::new(channel.clone())
@@ -231,6 +225,25 @@ async fn run_fetcher(
     info!(leader, "replica fetcher stopped");
 }
 
+/// The channel to a leader's internal listener. TLS files are read at
+/// each fetcher start, so a rotated client certificate is used from the
+/// next (re)connection on.
+fn leader_channel(broker: &Broker, address: &str) -> Result<Channel, String> {
+    let tls = crate::security::internal_client_tls(broker.config())
+        .map_err(|e| format!("cannot load internal TLS files: {e}"))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+        .and_then(|e| {
+            let e = crate::server::tune_endpoint(e.connect_timeout(Duration::from_secs(2)));
+            match tls {
+                Some(tls) => e.tls_config(tls),
+                None => Ok(e),
+            }
+        })
+        .map_err(|e| format!("bad leader address: {e}"))?;
+    Ok(endpoint.connect_lazy())
+}
+
 /// Settings of the follower side.
 #[derive(Clone, Copy, Debug)]
 pub struct ReplicaSettings {
@@ -256,12 +269,27 @@ async fn fetch_round(
     settings: ReplicaSettings,
 ) -> Result<u64, String> {
     truncated.retain(|k, _| assigned.contains_key(k));
-    for ((topic, index), a) in assigned {
-        if truncated.get(&(topic.clone(), *index)) == Some(&a.leader_epoch) {
+    // Partitions left out of this round: their divergence check failed
+    // for a reason of their own. The others are fetched all the same.
+    let mut skipped: Vec<&(String, i32)> = Vec::new();
+    for (key @ (topic, index), a) in assigned {
+        if truncated.get(key) == Some(&a.leader_epoch) {
             continue;
         }
-        truncate_divergent(client, topic, *index, a).await?;
-        truncated.insert((topic.clone(), *index), a.leader_epoch);
+        match truncate_divergent(client, topic, *index, a).await {
+            Ok(()) => {
+                truncated.insert(key.clone(), a.leader_epoch);
+            }
+            // The leader could not be asked at all: the round fails.
+            Err(DivergenceError::Call(e)) => return Err(e),
+            Err(DivergenceError::Partition(e)) => {
+                warn!(%topic, partition = index, error = %e, "divergence check failed; fetching the others");
+                skipped.push(key);
+            }
+        }
+    }
+    if skipped.len() == assigned.len() {
+        return Err("no partition could be checked for divergence".into());
     }
     if stream.is_none() {
         let (tx, rx) = mpsc::channel(1);
@@ -283,6 +311,7 @@ async fn fetch_round(
         broker_epoch: 0,
         partitions: assigned
             .iter()
+            .filter(|(key, _)| !skipped.contains(key))
             .map(|((topic, index), a)| ipb::ReplicaFetchPartition {
                 topic: topic.clone(),
                 partition: *index,
@@ -322,10 +351,21 @@ async fn fetch_round(
             let log = a.partition.log.clone();
             let start = data.log_start_offset;
             let epoch = a.leader_epoch;
-            tokio::task::spawn_blocking(move || log.reset_following(epoch, start))
+            let reset = tokio::task::spawn_blocking(move || log.reset_following(epoch, start))
                 .await
-                .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
+            if let Err(e) = reset {
+                warn!(topic = %data.topic, partition = data.partition, error = %e, "cannot start the log over");
+            }
+            continue;
+        }
+        if data.error_code == ErrorCode::OffsetOutOfRange as i32 {
+            // This log ends past the leader's: check for divergence again
+            // (the leader's epoch ends say where to cut) instead of
+            // asking for the same offset for the rest of the epoch.
+            info!(topic = %data.topic, partition = data.partition, log_end_offset = a.partition.log.log_end_offset(), "fetch offset past the leader's log: checking for divergence again");
+            truncated.remove(&(data.topic.clone(), data.partition));
+            refresh = true;
             continue;
         }
         if data.error_code != 0 {
@@ -339,11 +379,16 @@ async fn fetch_round(
             let batches = data.batches.clone();
             let log2 = log.clone();
             let epoch = a.leader_epoch;
-            a.partition
+            let appended_now = a
+                .partition
                 .run_append(move || log2.append_following(epoch, batches))
                 .await
-                .ok_or("append task lost")?
-                .map_err(|e| format!("{}-{}: {e}", data.topic, data.partition))?;
+                .ok_or("append task lost")?;
+            if let Err(e) = appended_now {
+                // This partition only: the others' data is applied.
+                warn!(topic = %data.topic, partition = data.partition, error = %e, "cannot append what the leader sent");
+                continue;
+            }
             broker.metrics().replicated(data.batches.len());
         }
         a.partition.follower_high_watermark(
@@ -357,10 +402,12 @@ async fn fetch_round(
         let to = data.log_start_offset.min(log.high_watermark());
         if to > log.log_start_offset() {
             let log = log.clone();
-            tokio::task::spawn_blocking(move || log.delete_records_before(to))
+            let deleted = tokio::task::spawn_blocking(move || log.delete_records_before(to))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("{}-{}: {e}", data.topic, data.partition))?;
+                .map_err(|e| e.to_string())?;
+            if let Err(e) = deleted {
+                warn!(topic = %data.topic, partition = data.partition, error = %e, "cannot move the log start");
+            }
         }
     }
     if refresh && appended == 0 {
@@ -371,13 +418,23 @@ async fn fetch_round(
     Ok(appended)
 }
 
+/// Why a divergence check failed.
+enum DivergenceError {
+    /// The leader could not be asked (connection, timeout): every
+    /// partition's check would fail alike.
+    Call(String),
+    /// This partition's: the leader refused it, or the local log failed.
+    Partition(String),
+}
+
 /// Asks the leader where our latest epoch ends and cuts what it never had.
 async fn truncate_divergent(
     client: &mut ReplicationClient<Channel>,
     topic: &str,
     index: i32,
     a: &Assignment,
-) -> Result<(), String> {
+) -> Result<(), DivergenceError> {
+    use DivergenceError::{Call, Partition};
     let log = &a.partition.log;
     // Each round cuts the log or ends the loop; an epoch cache holds
     // fewer entries than this in practice.
@@ -395,13 +452,13 @@ async fn truncate_divergent(
                 current_leader_epoch: a.leader_epoch,
             })
             .await
-            .map_err(|s| s.to_string())?
+            .map_err(|s| Call(s.to_string()))?
             .into_inner();
         if answer.error_code != 0 {
-            return Err(format!(
-                "{topic}-{index}: leader refused OffsetForLeaderEpoch ({})",
+            return Err(Partition(format!(
+                "leader refused OffsetForLeaderEpoch ({})",
                 answer.error_code
-            ));
+            )));
         }
         let leo = log.log_end_offset();
         debug!(%topic, partition = index, latest_epoch, answer_epoch = answer.leader_epoch, answer_end = answer.end_offset, leo, "divergence check");
@@ -417,8 +474,8 @@ async fn truncate_divergent(
             let epoch = a.leader_epoch;
             tokio::task::spawn_blocking(move || log.truncate_following(epoch, to))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Call(e.to_string()))?
+                .map_err(|e| Partition(e.to_string()))?;
             a.partition
                 .follower_high_watermark(epoch, a.partition.log.high_watermark());
         }
@@ -426,7 +483,7 @@ async fn truncate_divergent(
             return Ok(());
         }
     }
-    Err(format!(
-        "{topic}-{index}: divergence check did not settle in {ROUNDS_MAX} rounds"
-    ))
+    Err(Partition(format!(
+        "divergence check did not settle in {ROUNDS_MAX} rounds"
+    )))
 }
