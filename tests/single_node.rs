@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use common::{cli_ok, ServerProcess};
 use runnel::client::{Client, ProducerConfig, ProducerRecord, StartFrom};
@@ -1289,4 +1290,80 @@ async fn a_log_that_cannot_be_opened_leaves_the_other_partitions_alone() {
         assert_eq!((m.partition, m.offset), (p as i32, 0));
     }
     producer.close().await.unwrap();
+}
+
+/// A record for a partition past the topic's count is refused at once
+/// (it waited out the delivery timeout, two minutes); the count is read
+/// again first, so a partition another client just added is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_past_the_count_is_refused_at_once_unless_the_topic_grew() {
+    let (_dir, client, server) = with_topic("grow").await;
+    let producer = client.producer(ProducerConfig::default());
+    let to = |partition: i32| ProducerRecord {
+        partition: Some(partition),
+        ..ProducerRecord::value("v")
+    };
+    producer.send("grow", to(0)).await.unwrap().await.unwrap();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        producer.send("grow", to(3)).await.unwrap(),
+    )
+    .await
+    .expect("answered at once")
+    .unwrap_err();
+    assert!(
+        matches!(&refused, runnel::client::ClientError::Invalid(m) if m.contains("has 1 partitions")),
+        "{refused}"
+    );
+    let admin = Client::connect(&server.addr).await.unwrap();
+    admin.add_partitions("grow", 4).await.unwrap();
+    let m = producer.send("grow", to(3)).await.unwrap().await.unwrap();
+    assert_eq!((m.partition, m.offset), (3, 0));
+    producer.close().await.unwrap();
+}
+
+/// With the broker gone, every batch out of time fails together once the
+/// delivery timeout has passed since its `send`; before, the batches
+/// queued behind the first failed one per retry cycle (about a second
+/// each), so a hundred took minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_out_of_time_fail_together_when_the_broker_is_gone() {
+    let (_dir, client, server) = with_topic("gone").await;
+    let producer = client.producer(ProducerConfig {
+        // Every record is a batch of its own.
+        batch_bytes_max: 64,
+        delivery_timeout: Duration::from_secs(3),
+        ..ProducerConfig::default()
+    });
+    producer
+        .send("gone", ProducerRecord::value("first"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    server.kill();
+    let mut acks = Vec::new();
+    for i in 0..100 {
+        let value = format!("{i:0>200}");
+        acks.push(
+            producer
+                .send("gone", ProducerRecord::value(value))
+                .await
+                .unwrap(),
+        );
+    }
+    let outcomes = tokio::time::timeout(Duration::from_secs(40), async {
+        let mut outcomes = Vec::new();
+        for ack in acks {
+            outcomes.push(ack.await);
+        }
+        outcomes
+    })
+    .await
+    .expect("every batch answered within the delivery timeout and a retry cycle or two");
+    assert!(outcomes.iter().all(|o| o.is_err()), "{outcomes:?}");
+    tokio::time::timeout(Duration::from_secs(10), producer.flush())
+        .await
+        .expect("nothing left to wait for")
+        .unwrap();
 }

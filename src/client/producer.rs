@@ -13,8 +13,9 @@
 //! Retries: a batch that fails with a retriable error (leader moved,
 //! timeout, too few replicas, connection lost) is sent again, with
 //! every batch after it, in order, on a fresh stream to the current leader
-//! after a backoff, until `delivery_timeout` has passed since its
-//! partition's sender took it. Idempotence (on by default with acks=all) makes that safe:
+//! after a backoff, until `delivery_timeout` has passed since its first
+//! record was added (then it fails, with every later batch out of time
+//! too). Idempotence (on by default with acks=all) makes that safe:
 //! the producer takes a producer id from the cluster and stamps each batch
 //! with its per-partition sequence, so the leader answers a batch it
 //! already has with the original offsets instead of appending it twice,
@@ -73,8 +74,9 @@ pub struct ProducerConfig {
     /// no reordering on retries. On by default, as in Kafka.
     pub idempotence: bool,
     /// Retriable failures are retried until a batch has waited this long
-    /// since its partition's sender took it (Kafka's delivery.timeout.ms);
-    /// zero disables retries.
+    /// since its first record was sent (Kafka's delivery.timeout.ms); a
+    /// batch still unsent by then fails without being sent. Zero
+    /// disables retries.
     pub delivery_timeout: Duration,
     /// First wait before a retry; doubles up to one second.
     pub retry_backoff: Duration,
@@ -298,6 +300,11 @@ struct BatchDone {
     outcome: Arc<BatchOutcome>,
     permits: u32,
     buffer: Arc<Semaphore>,
+    /// When its first record was added: the delivery timeout counts from
+    /// here (Kafka's delivery.timeout.ms bounds the time from `send` to
+    /// the answer), whether the batch waited in a partition's queue or
+    /// was retried.
+    created_at: Instant,
 }
 
 impl BatchDone {
@@ -430,6 +437,7 @@ struct Pending {
     builder: BatchBuilder,
     outcome: Arc<BatchOutcome>,
     permits: u32,
+    created_at: Instant,
     deadline: Instant,
 }
 
@@ -490,26 +498,34 @@ impl Producer {
                 e,
             ))
         };
+        // An explicit partition past the count known: the count is read
+        // again from the cluster once (the topic may have grown) before
+        // the record is refused.
+        let mut recounted = false;
         loop {
             // Decided under the lock; anything that awaits happens after
             // it is released (the guard must not live across an await).
-            let (id_missing, added) = {
+            let (id_missing, added, past_count) = {
                 let mut st = sh.lock();
                 let id_missing = !sh.id_usable(&st);
                 let mut added = None;
+                let past_count = st
+                    .topics
+                    .get(topic)
+                    .is_some_and(|t| record.partition.is_some_and(|p| p >= t.count));
                 if !id_missing {
                     // A refresh after `sent_at` (while this call waited
                     // for it) counts as fresh.
                     let fresh = st
                         .topics
                         .get(topic)
-                        .is_some_and(|t| sent_at < t.fresh_until);
+                        .is_some_and(|t| sent_at < t.fresh_until && (recounted || !past_count));
                     if fresh {
                         let now = st.clock.ms(sent_at);
                         added = Some(sh.add(&mut st, topic, &record, permits, (sent_at, now)));
                     }
                 }
-                (id_missing, added)
+                (id_missing, added, past_count)
             };
             if let Some((future, dispatched)) = added {
                 if dispatched {
@@ -527,6 +543,10 @@ impl Producer {
                     return refused(e);
                 }
                 continue;
+            }
+            if past_count && !recounted {
+                recounted = true;
+                sh.client.invalidate(topic);
             }
             match sh.client.partition_count(topic).await {
                 Ok(0) => {
@@ -556,6 +576,14 @@ impl Producer {
 
     /// Sends every queued record now and waits for all answers.
     pub async fn flush(&self) -> Result<(), ClientError> {
+        // Open batches are stamped as they leave: with a usable producer
+        // id if one can be had (if not, they fail or go as the linger
+        // task would send them).
+        if self.shared.needs_id_for_pending() {
+            if let Err(e) = self.shared.ensure_producer_id().await {
+                debug!(error = %e, "no producer id for the batches flushed");
+            }
+        }
         let waits = {
             let mut st = self.shared.lock();
             self.shared.dispatch_all(&mut st, |_| true);
@@ -609,15 +637,7 @@ async fn linger(sh: Arc<Shared>) {
         // A producer id is only asked for when there is a batch to stamp
         // (an idle producer makes no request); `send` normally has taken
         // one already, so the scan runs only when it is missing.
-        let needs_id = {
-            let st = sh.lock();
-            !sh.id_usable(&st)
-                && st
-                    .topics
-                    .values()
-                    .any(|t| t.partitions.values().any(|p| p.pending.is_some()))
-        };
-        if needs_id {
+        if sh.needs_id_for_pending() {
             if let Err(e) = sh.ensure_producer_id().await {
                 debug!(error = %e, "no producer id for lingering batches yet");
             }
@@ -652,6 +672,16 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether an open batch waits for a usable producer id.
+    fn needs_id_for_pending(&self) -> bool {
+        let st = self.lock();
+        !self.id_usable(&st)
+            && st
+                .topics
+                .values()
+                .any(|t| t.partitions.values().any(|p| p.pending.is_some()))
+    }
+
     /// Whether batches can be stamped now: idempotence is off, or there
     /// is a producer id whose sequence is not broken.
     fn id_usable(&self, st: &State) -> bool {
@@ -678,8 +708,11 @@ impl Shared {
             .init_producer_id(self.config.delivery_timeout.max(Duration::from_secs(1)))
             .await?;
         debug!(producer_id = id.0, epoch = id.1, "idempotent producer id");
+        // Both under the state lock, the id first: a `send` between the
+        // two would otherwise stamp its batch with the broken id.
+        let mut st = self.lock();
+        st.producer_id = Some(id);
         idem.broken.store(false, Ordering::Release);
-        self.lock().producer_id = Some(id);
         Ok(())
     }
 
@@ -703,12 +736,15 @@ impl Shared {
         } = st;
         let t = topics.get_mut(topic).expect("caller checked");
         let partition = match (record.partition, &record.key) {
-            (Some(p), _) if p < 0 => {
+            (Some(p), _) if p < 0 || p >= t.count => {
                 self.buffer.add_permits(permits as usize);
                 let failed = DeliveryFuture::failed(
                     topic,
                     p,
-                    ClientError::Invalid(format!("partition {p} is negative")),
+                    ClientError::Invalid(format!(
+                        "partition {p} does not exist: topic '{topic}' has {} partitions",
+                        t.count
+                    )),
                 );
                 return (failed, false);
             }
@@ -746,12 +782,14 @@ impl Shared {
                 *lingering = true;
                 self.linger_wake.notify_one();
             }
+            let created_at = Instant::now();
             Pending {
                 // Sized for a full batch: filling it never reallocates.
                 builder: BatchBuilder::with_capacity(max + record_bytes),
                 outcome: Arc::new(BatchOutcome::new(t.name.clone(), partition)),
                 permits: 0,
-                deadline: Instant::now() + self.config.linger,
+                created_at,
+                deadline: created_at + self.config.linger,
             }
         });
         let index = pending.builder.len() as u32;
@@ -818,6 +856,7 @@ impl Shared {
             outcome: pending.outcome,
             permits: pending.permits,
             buffer: self.buffer.clone(),
+            created_at: pending.created_at,
         };
         let mut builder = pending.builder;
         let mut broken = None;
@@ -842,7 +881,7 @@ impl Shared {
         let request = pb::ProduceRequest {
             topic: topic.to_string(),
             partition: Some(partition),
-            batch: builder.build().freeze(),
+            batch: seal(builder),
             acks: self.config.acks as i32,
             timeout_ms: self.config.timeout_ms,
             ..Default::default()
@@ -868,6 +907,23 @@ impl Shared {
         let _ = sender.send(SenderMsg::Batch(request, done));
     }
 }
+
+/// The batch's bytes, in an allocation of their own size when the
+/// builder reserved far more (a batch sent by linger before it filled):
+/// the buffer counts records, not the `batch_bytes_max` each open batch
+/// reserves, and thousands of small batches queued during an outage
+/// would otherwise each hold a full batch's memory.
+fn seal(builder: BatchBuilder) -> Bytes {
+    let buf = builder.build();
+    if buf.capacity() > 2 * buf.len() + SEAL_SLACK_BYTES {
+        Bytes::copy_from_slice(&buf)
+    } else {
+        buf.freeze()
+    }
+}
+
+/// Unused capacity a sealed batch may keep without being copied.
+const SEAL_SLACK_BYTES: usize = 4096;
 
 /// Appends `record` to a batch; `now` is its timestamp unless it has one.
 fn push_record(builder: &mut BatchBuilder, record: &ProducerRecord, now: i64) {
@@ -906,8 +962,6 @@ enum Entry {
 struct Queued {
     request: pb::ProduceRequest,
     done: BatchDone,
-    /// When the sender took it, for the delivery timeout.
-    queued_at: Instant,
     /// Send on the current stream, for the request timeout; `None` when
     /// not (yet, or any more) sent on it.
     sent_at: Option<Instant>,
@@ -930,6 +984,9 @@ struct ProduceStream {
     stale: usize,
     /// When the copies sent before count as unanswered (request timeout).
     stale_deadline: Option<Instant>,
+    /// The (producer id, epoch) of the batches sent on it: a batch of
+    /// another producer id waits until every earlier one is answered.
+    producer: Option<(i64, i16)>,
     /// No more requests can be sent on it; its answers are still read.
     send_closed: bool,
 }
@@ -1000,13 +1057,23 @@ impl PartitionSender {
                             queue.push_back(Entry::Barrier(done));
                         }
                     }
-                    Some(SenderMsg::Batch(request, done)) => queue.push_back(Entry::Batch(Queued {
-                        request,
-                        done,
-                        queued_at: Instant::now(),
-                        sent_at: None,
-                        maybe_stored: false,
-                    })),
+                    Some(SenderMsg::Batch(request, done)) => {
+                        let q = Queued {
+                            request,
+                            done,
+                            sent_at: None,
+                            maybe_stored: false,
+                        };
+                        if self.expired(&q, Instant::now()) {
+                            // Out of time before it was ever sent (it
+                            // waited behind a partition that kept
+                            // failing): it fails now, not one retry
+                            // cycle at a time.
+                            self.fail_for_good(q, &self.expired_error());
+                        } else {
+                            queue.push_back(Entry::Batch(q));
+                        }
+                    }
                 },
                 _ = sleep_until_opt(retry_at), if retry_at.is_some() => retry_at = None,
                 _ = sleep_until_opt(self.answer_deadline(&queue, &stream)), if sent > 0 || stale_answers(&stream) > 0 => {
@@ -1149,6 +1216,17 @@ impl PartitionSender {
             if *sent + s.stale >= self.in_flight_max {
                 break;
             }
+            // A new producer id (taken after a batch failed for good)
+            // starts its sequence at 0, which the partition accepts at
+            // once: sent while batches of the old one may still be
+            // refused and sent again, it would be stored before them.
+            // As in Kafka, it waits until the old one's are answered.
+            let producer = runnel_storage::batch::producer_fields(&q.request.batch)
+                .map(|(id, epoch, _)| (id, epoch));
+            if (*sent > 0 || s.stale > 0) && s.producer != producer {
+                break;
+            }
+            s.producer = producer;
             let request = match restart {
                 Some(r) => r.apply(&q.request),
                 None => q.request.clone(),
@@ -1205,10 +1283,6 @@ impl PartitionSender {
             }
         }
         let now = Instant::now();
-        let front_expired = queue.iter().find_map(|e| match e {
-            Entry::Batch(q) => Some(now.duration_since(q.queued_at) >= self.delivery_timeout),
-            Entry::Barrier(_) => None,
-        });
         if self.delivery_timeout.is_zero() {
             // No retries: the batch fails, and so does every batch that
             // was on the broken stream with it.
@@ -1218,9 +1292,17 @@ impl PartitionSender {
                     self.fail_for_good(q, &e);
                 }
             }
-        } else if front_expired == Some(true) {
-            let q = pop_front_batch(queue);
-            self.fail_for_good(q, &e);
+        } else {
+            // Every batch out of time fails, not only the oldest: they
+            // are the oldest ones, in order.
+            while queue.iter().find_map(|entry| match entry {
+                Entry::Batch(q) => Some(self.expired(q, now)),
+                Entry::Barrier(_) => None,
+            }) == Some(true)
+            {
+                let q = pop_front_batch(queue);
+                self.fail_for_good(q, &e);
+            }
         }
         debug!(topic = %self.topic, partition = self.partition, error = %e, backoff_ms = backoff.as_millis() as u64, "produce failed; retrying");
         let at = now + *backoff;
@@ -1252,7 +1334,9 @@ impl PartitionSender {
             Some(r) if r.covers(producer_id, epoch) => r.renumber(first_seq),
             _ => first_seq,
         };
-        if producer_id <= 0 || sent_seq == 0 {
+        // A copy sent before may have been stored (its answer was lost):
+        // renumbered from 0, the batch would be written a second time.
+        if producer_id <= 0 || sent_seq == 0 || front.maybe_stored {
             return None;
         }
         if let Some(broken) = &self.broken {
@@ -1412,6 +1496,24 @@ impl PartitionSender {
         restart
     }
 
+    /// Whether `q` has been waiting for its answer longer than the
+    /// delivery timeout allows (never when retries are off).
+    fn expired(&self, q: &Queued, now: Instant) -> bool {
+        !self.delivery_timeout.is_zero()
+            && now.duration_since(q.done.created_at) >= self.delivery_timeout
+    }
+
+    fn expired_error(&self) -> ClientError {
+        ClientError::Broker {
+            code: pb::ErrorCode::RequestTimedOut,
+            message: format!(
+                "delivery timeout ({:?}) expired before the batch to {}-{} could be sent",
+                self.delivery_timeout, self.topic, self.partition
+            ),
+            leader: None,
+        }
+    }
+
     fn fail_for_good(&self, q: Queued, e: &ClientError) {
         if let Some(broken) = &self.broken {
             broken.store(true, Ordering::Release);
@@ -1562,6 +1664,7 @@ async fn open_stream(
         responses,
         stale: 0,
         stale_deadline: None,
+        producer: None,
         send_closed: false,
     })
 }
@@ -1651,6 +1754,27 @@ mod tests {
             "{ms1} is about {base_ms} + 1000"
         );
         assert!((ms0 - 1..=ms0 + 1).contains(&clock.ms(t0)));
+    }
+
+    /// A batch sent before it filled does not keep the full batch's
+    /// allocation its builder reserved; a full one is not copied.
+    #[test]
+    fn a_sealed_batch_holds_only_its_own_bytes() {
+        use runnel_storage::BatchBuilder;
+        let mut small = BatchBuilder::with_capacity(64 * 1024);
+        small.push(1, None, Some(b"v"), &[]);
+        let sealed = super::seal(small);
+        let len = sealed.len();
+        let back = sealed.try_into_mut().expect("one owner");
+        assert!(
+            back.capacity() < len + 1024,
+            "{} for {len}",
+            back.capacity()
+        );
+        let mut full = BatchBuilder::with_capacity(8 * 1024);
+        full.push(1, None, Some(&[7u8; 7000][..]), &[]);
+        let sealed = super::seal(full);
+        assert!(sealed.len() > 7000);
     }
 
     #[test]
