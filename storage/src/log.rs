@@ -12,7 +12,7 @@
 //! are published, so a reader never sees a half-written batch.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -148,8 +148,9 @@ struct Writer {
     last_flush_ms: i64,
     /// The persisted recovery point.
     recovery_point: i64,
-    /// A segment file was created or removed since the last dir fsync.
-    dir_dirty: bool,
+    /// Bumped when a segment file is created or removed; the directory
+    /// is synced up to `Log::dir_synced`.
+    dir_changes: u64,
     /// Bumped by every truncation or reset, so a flush that ran without
     /// the lock knows whether the end it synced still stands.
     truncations: u64,
@@ -189,6 +190,10 @@ pub struct Log {
     /// follows (or waits for) the leader of that epoch
     /// ([`Log::fence_leader_appends`]).
     leader_fence: AtomicI32,
+    /// The `Writer::dir_changes` count the last directory fsync that
+    /// succeeded started from: a sync that must cover a change waits for
+    /// its own fsync even while another thread's is under way.
+    dir_synced: AtomicU64,
     /// Follower writes for a leader epoch at or below this are refused:
     /// this replica led in that epoch ([`Log::fence_follower_writes`]).
     follower_fence: AtomicI32,
@@ -334,7 +339,7 @@ impl Log {
                 unflushed_messages: 0,
                 last_flush_ms: now_ms(),
                 recovery_point: log_end_offset,
-                dir_dirty: fresh,
+                dir_changes: u64::from(fresh),
                 truncations: 0,
                 closed: false,
                 hot_window: (-1, 0, 0),
@@ -348,6 +353,7 @@ impl Log {
             closed: AtomicBool::new(false),
             leader_fence: AtomicI32::new(i32::MIN),
             follower_fence: AtomicI32::new(i32::MIN),
+            dir_synced: AtomicU64::new(0),
             trash: Mutex::new(Vec::new()),
             log_start_unpersisted: AtomicBool::new(false),
             parent_unsynced: AtomicBool::new(fresh),
@@ -818,13 +824,18 @@ impl Log {
         let mut list = segments.as_ref().clone();
         list.push(new.clone());
         self.publish(list);
-        w.dir_dirty = true;
+        w.dir_changes += 1;
         tracing::debug!(dir = %self.dir.display(), base, "rolled segment");
         Ok(new)
     }
 
     fn after_append(&self, w: &mut Writer, config: &LogConfig, messages: u64) -> Result<()> {
         w.unflushed_messages += messages;
+        self.flush_after_append(w, config)
+            .inspect_err(|e| self.fail(w, "fsync", e))
+    }
+
+    fn flush_after_append(&self, w: &mut Writer, config: &LogConfig) -> Result<()> {
         match config.flush {
             FlushPolicy::EveryBatch => self.sync_segments(w),
             FlushPolicy::Interval { messages, .. } => {
@@ -865,11 +876,23 @@ impl Log {
         for seg in self.snapshot().iter() {
             seg.sync_data()?;
         }
-        if w.dir_dirty {
-            self.sync_dir()?;
-            w.dir_dirty = false;
-        }
+        self.sync_dir_to(Self::dir_target(w, &self.dir_synced))?;
         w.unflushed_messages = 0;
+        Ok(())
+    }
+
+    /// The directory changes a sync must cover, if some are not synced.
+    fn dir_target(w: &Writer, dir_synced: &AtomicU64) -> Option<u64> {
+        (dir_synced.load(Ordering::Acquire) < w.dir_changes).then_some(w.dir_changes)
+    }
+
+    /// fsyncs the directory when `target` changes are to be covered, and
+    /// records them as synced once that succeeded.
+    fn sync_dir_to(&self, target: Option<u64>) -> Result<()> {
+        if let Some(target) = target {
+            self.sync_dir()?;
+            self.dir_synced.fetch_max(target, Ordering::AcqRel);
+        }
         Ok(())
     }
 
@@ -881,9 +904,8 @@ impl Log {
             &self.snapshot(),
             w.recovery_point,
             log_end_offset,
-            w.dir_dirty,
+            Self::dir_target(w, &self.dir_synced),
         )?;
-        w.dir_dirty = false;
         if w.recovery_point != log_end_offset {
             checkpoint::write_offset(&self.dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
             w.recovery_point = log_end_offset;
@@ -1068,7 +1090,7 @@ impl Log {
         }
         let log_end_offset = kept.last().expect("one segment").next_offset();
         self.publish(kept);
-        w.dir_dirty = true;
+        w.dir_changes += 1;
         w.truncations += 1;
         self.log_end_offset.store(log_end_offset, Ordering::Release);
         if self.log_start_offset() > log_end_offset {
@@ -1089,8 +1111,7 @@ impl Log {
             .expect("epochs lock")
             .truncate_from_end(log_end_offset)?;
         self.rebuild_producer_states(w)?;
-        self.sync_dir()?;
-        w.dir_dirty = false;
+        self.sync_dir_to(Some(w.dir_changes))?;
         self.persist_high_watermark_locked(persisted)?;
         tracing::info!(dir = %self.dir.display(), offset, log_end_offset, removed_segments = doomed.len(), "truncated log");
         Ok(())
@@ -1115,7 +1136,7 @@ impl Log {
             seg.delete_files()?;
         }
         self.publish(vec![Arc::new(Segment::create(&self.dir, offset, &config)?)]);
-        w.dir_dirty = true;
+        w.dir_changes += 1;
         w.truncations += 1;
         checkpoint::write_offset(&self.dir, checkpoint::LOG_START_OFFSET, offset)?;
         self.log_start_offset.store(offset, Ordering::Release);
@@ -1131,8 +1152,7 @@ impl Log {
         // The producers' history is gone with the segments.
         producer_state::delete_snapshots_above(&self.dir, i64::MIN)?;
         *self.lock_producers() = ProducerStates::default();
-        self.sync_dir()?;
-        w.dir_dirty = false;
+        self.sync_dir_to(Some(w.dir_changes))?;
         tracing::info!(dir = %self.dir.display(), offset, removed_segments = segments.len(), "reset log");
         Ok(())
     }
@@ -1236,7 +1256,7 @@ impl Log {
                 seg.move_to_trash(&mut trash)?;
             }
         }
-        w.dir_dirty = true;
+        w.dir_changes += 1;
         tracing::debug!(dir = %self.dir.display(), count, log_start_offset = self.log_start_offset(), "deleted segments");
         Ok(count)
     }
@@ -1330,8 +1350,8 @@ impl Log {
     /// then scans only the active segment, and recovery time does not
     /// grow with the log. The fsyncs run without the writer lock.
     fn flush_rolled(&self) -> Result<()> {
-        let (rolled, from, target, dir_dirty, truncations) = {
-            let mut w = self.lock_writer()?;
+        let (rolled, from, target, dir, truncations) = {
+            let w = self.lock_writer()?;
             let segments = self.snapshot();
             let active_base = segments.last().expect("one segment").base_offset();
             if w.recovery_point >= active_base {
@@ -1346,11 +1366,11 @@ impl Log {
                 rolled,
                 w.recovery_point,
                 active_base,
-                std::mem::take(&mut w.dir_dirty),
+                Self::dir_target(&w, &self.dir_synced),
                 w.truncations,
             )
         };
-        self.sync_then_advance(&rolled, from, target, dir_dirty, truncations)
+        self.sync_then_advance(&rolled, from, target, dir, truncations)
             .map(drop)
     }
 
@@ -1359,19 +1379,18 @@ impl Log {
     /// recovery point moves to the log end seen before the fsyncs, unless
     /// the log was truncated in between.
     fn flush_concurrently(&self, now: i64) -> Result<()> {
-        let (segments, from, log_end_offset, dir_dirty, messages, truncations) = {
-            let mut w = self.lock_writer()?;
+        let (segments, from, log_end_offset, dir, messages, truncations) = {
+            let w = self.lock_writer()?;
             (
                 self.snapshot(),
                 w.recovery_point,
                 self.log_end_offset(),
-                std::mem::take(&mut w.dir_dirty),
+                Self::dir_target(&w, &self.dir_synced),
                 w.unflushed_messages,
                 w.truncations,
             )
         };
-        let mut w =
-            self.sync_then_advance(&segments, from, log_end_offset, dir_dirty, truncations)?;
+        let mut w = self.sync_then_advance(&segments, from, log_end_offset, dir, truncations)?;
         w.unflushed_messages = w.unflushed_messages.saturating_sub(messages);
         w.last_flush_ms = now;
         Ok(())
@@ -1380,13 +1399,13 @@ impl Log {
     /// What every flush syncs before the recovery point may move from
     /// `from` to `to`: `segments`, the producer snapshots written by rolls
     /// in between (a roll does not fsync its snapshot), and the directory
-    /// when `dir_dirty`.
+    /// up to `dir` changes.
     fn sync_for_recovery_point(
         &self,
         segments: &[Arc<Segment>],
         from: i64,
         to: i64,
-        dir_dirty: bool,
+        dir: Option<u64>,
     ) -> Result<()> {
         for seg in segments {
             // Rolled segments give back the blocks reserved past their
@@ -1396,32 +1415,29 @@ impl Log {
             seg.sync_all()?;
         }
         producer_state::sync_snapshots(&self.dir, from, to)?;
-        if dir_dirty {
-            self.sync_dir()?;
-        }
-        Ok(())
+        self.sync_dir_to(dir)
     }
 
     /// A background flush after its bookkeeping was read: the fsyncs run
     /// without the writer lock (appends go on), then the recovery point
     /// moves to `to` unless the log was truncated in between
     /// (`truncations` changed). Its checkpoint is written under the
-    /// checkpoints lock alone, so appends go on then too. On failure the
-    /// directory stays marked dirty. Returns the writer lock.
+    /// checkpoints lock alone, so appends go on then too. A failed fsync
+    /// closes the log (see [`Log::sync_failed`]). Returns the writer lock.
     fn sync_then_advance(
         &self,
         segments: &[Arc<Segment>],
         from: i64,
         to: i64,
-        dir_dirty: bool,
+        dir: Option<u64>,
         truncations: u64,
     ) -> Result<MutexGuard<'_, Writer>> {
-        let synced = self.sync_for_recovery_point(segments, from, to, dir_dirty);
+        let synced = self.sync_for_recovery_point(segments, from, to, dir);
         let _checkpoints = self.lock_checkpoints();
         let advance = {
             let mut w = self.lock_writer()?;
             if let Err(e) = synced {
-                w.dir_dirty |= dir_dirty;
+                self.fail(&mut w, "fsync", &e);
                 return Err(e);
             }
             w.truncations == truncations && w.recovery_point < to
@@ -1492,7 +1508,14 @@ impl Log {
         self.empty_trash()?;
         self.persist_log_start_locked()?;
         std::fs::File::create(&marker).map_err(io_err(&marker))?;
-        self.sync_dir()?;
+        if let Err(e) = self.sync_dir() {
+            // Not closed cleanly after all: the marker would let the next
+            // open trust segments that later appends (the log stayed
+            // writable) and a crash left torn.
+            let _ = std::fs::remove_file(&marker);
+            self.fail(&mut w, "close", &e);
+            return Err(e);
+        }
         w.closed = true;
         self.closed.store(true, Ordering::Release);
         Ok(())

@@ -133,8 +133,15 @@ pub(crate) struct Segment {
     closed: AtomicBool,
     /// Truncated in place; readers that overlapped must retry.
     retired: AtomicBool,
-    /// Log bytes written but not fsync'd.
-    dirty_data: AtomicBool,
+    /// Log bytes written but not fsync'd: appends bump `data_written`;
+    /// an fsync that succeeded records in `data_synced` the count it
+    /// started from. A sync returns only once the bytes written before
+    /// it are synced, even while another thread's fsync is under way (a
+    /// flag cleared as that fsync began let an fsync-per-batch append
+    /// return before its bytes were durable), and a failed fsync leaves
+    /// them unsynced.
+    data_written: AtomicU64,
+    data_synced: AtomicU64,
     /// Where the last `start_writeback` ended.
     writeback_from: AtomicU64,
     /// Writer only (and `release_reserved`, once sealed): blocks are
@@ -147,8 +154,10 @@ pub(crate) struct Segment {
     /// `release_reserved` has measured this sealed segment and given back
     /// what was reserved past its end: later flushes skip it.
     reservation_released: AtomicBool,
-    /// Index entries or file lengths changed since the last index sync.
-    dirty_indexes: AtomicBool,
+    /// Index entries or file lengths changed since the last index sync
+    /// (counted as `data_written` is).
+    indexes_written: AtomicU64,
+    indexes_synced: AtomicU64,
     /// The read-only mapping of a closed segment, made on first read.
     mmap: OnceLock<Bytes>,
     /// The bytes below this position have passed a CRC check in this
@@ -399,12 +408,14 @@ impl Segment {
             bytes_since_index_entry: AtomicU64::new(bytes_since_index_entry),
             closed: AtomicBool::new(false),
             retired: AtomicBool::new(false),
-            dirty_data: AtomicBool::new(false),
+            data_written: AtomicU64::new(0),
+            data_synced: AtomicU64::new(0),
             writeback_from: AtomicU64::new(0),
             preallocated_to: AtomicU64::new(0),
             born_reserved: false,
             reservation_released: AtomicBool::new(false),
-            dirty_indexes: AtomicBool::new(true),
+            indexes_written: AtomicU64::new(1),
+            indexes_synced: AtomicU64::new(0),
             mmap: OnceLock::new(),
             verified: AtomicU64::new(0),
         }
@@ -475,7 +486,10 @@ impl Segment {
                     scan.first_timestamp,
                     scan.bytes_since_index_entry,
                 );
-                seg.dirty_indexes.store(false, Ordering::Relaxed);
+                seg.indexes_synced.store(
+                    seg.indexes_written.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
                 return Ok((seg, false));
             }
         }
@@ -589,7 +603,7 @@ impl Segment {
         time_index.file().trim()?;
         drop(time_index);
         self.index.write().expect("index lock").file().trim()?;
-        self.dirty_indexes.store(true, Ordering::Release);
+        self.indexes_written.fetch_add(1, Ordering::AcqRel);
         self.closed.store(true, Ordering::Release);
         Ok(())
     }
@@ -646,7 +660,7 @@ impl Segment {
             self.discard_from(position);
             return Err(io_err(&self.log_path)(error));
         }
-        self.dirty_data.store(true, Ordering::Release);
+        self.data_written.fetch_add(1, Ordering::AcqRel);
         let max_timestamp = self.max_timestamp().max(header.max_timestamp);
         {
             let mut index = self.index.write().expect("index lock");
@@ -661,7 +675,7 @@ impl Segment {
             self.bytes_since_index_entry
                 .store(bytes_since, Ordering::Relaxed);
         }
-        self.dirty_indexes.store(true, Ordering::Release);
+        self.indexes_written.fetch_add(1, Ordering::AcqRel);
         if position == 0 {
             self.first_timestamp
                 .store(header.max_timestamp, Ordering::Release);
@@ -905,10 +919,13 @@ impl Segment {
         Ok(None)
     }
 
-    /// fsyncs appended log bytes (not the indexes).
+    /// fsyncs appended log bytes (not the indexes): returns once every
+    /// byte written before the call is durable.
     pub(crate) fn sync_data(&self) -> Result<()> {
-        if self.dirty_data.swap(false, Ordering::AcqRel) {
+        let written = self.data_written.load(Ordering::Acquire);
+        if self.data_synced.load(Ordering::Acquire) < written {
             self.file.sync_data().map_err(io_err(&self.log_path))?;
+            self.data_synced.fetch_max(written, Ordering::AcqRel);
         }
         Ok(())
     }
@@ -955,9 +972,11 @@ impl Segment {
     /// fsyncs log bytes and both indexes.
     pub(crate) fn sync_all(&self) -> Result<()> {
         self.sync_data()?;
-        if self.dirty_indexes.swap(false, Ordering::AcqRel) {
+        let written = self.indexes_written.load(Ordering::Acquire);
+        if self.indexes_synced.load(Ordering::Acquire) < written {
             self.index.read().expect("index lock").flush()?;
             self.time_index.read().expect("time index lock").flush()?;
+            self.indexes_synced.fetch_max(written, Ordering::AcqRel);
         }
         Ok(())
     }
@@ -1223,6 +1242,34 @@ mod tests {
         assert_eq!(seg.next_offset(), 70);
         assert_eq!(seg.max_timestamp(), 1021);
         assert_eq!(seg.first_timestamp(), 1002);
+    }
+
+    /// A sync covers every byte written before it, even when a sync
+    /// that started earlier (a flush on another thread) is still under
+    /// way: with a flag that sync cleared as it began, a sync for an
+    /// fsync-per-batch append returned without syncing.
+    #[test]
+    fn a_sync_covers_what_was_written_before_it_whoever_syncs_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config();
+        let seg = Segment::create(dir.path(), 0, &cfg).unwrap();
+        let unsynced = |seg: &Segment| {
+            seg.data_synced.load(Ordering::Acquire) < seg.data_written.load(Ordering::Acquire)
+        };
+        let b = batch(0, 3, 1000);
+        seg.append(&[&b], &HeaderView::read(&b).unwrap(), &cfg)
+            .unwrap();
+        assert!(unsynced(&seg));
+        // Another thread's flush begins: it syncs what was written so far.
+        let theirs = seg.data_written.load(Ordering::Acquire);
+        let b = batch(3, 3, 1000);
+        seg.append(&[&b], &HeaderView::read(&b).unwrap(), &cfg)
+            .unwrap();
+        // Its fsync ends and records what it started from.
+        seg.data_synced.fetch_max(theirs, Ordering::AcqRel);
+        assert!(unsynced(&seg), "the second batch is not covered");
+        seg.sync_data().unwrap();
+        assert!(!unsynced(&seg));
     }
 
     #[test]
