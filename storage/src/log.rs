@@ -278,6 +278,22 @@ impl Log {
             } else {
                 OpenMode::Recover
             };
+            // Segments follow on without a gap: each starts where the
+            // one before ends. A crash can break that in the unflushed
+            // tail (a rolled segment's last batches lost, the next one's
+            // file kept); the records after the gap cannot be served as
+            // if they came next, so they go as a torn tail does.
+            if mode == OpenMode::Recover {
+                if let Some(prev) = segments.last() {
+                    if prev.next_offset() != base {
+                        tracing::warn!(dir = %dir.display(), expected = prev.next_offset(), base, "segment does not follow on from the one before: removing it and the ones after");
+                        for &later in &bases[i..] {
+                            segment::delete_files(&dir, later)?;
+                        }
+                        break;
+                    }
+                }
+            }
             let (seg, truncated) = Segment::open(&dir, base, &config, mode)?;
             segments.push(Arc::new(seg));
             if truncated {

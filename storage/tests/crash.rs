@@ -127,3 +127,36 @@ fn every_position_of_a_small_tail() {
         run(21, 0, Damage::Truncate((total - k) as f64 / total as f64));
     }
 }
+
+/// A crash that loses a rolled segment's last batches but keeps the next
+/// segment's file leaves a gap in the offsets. Recovery ends the log at
+/// the gap: the records after it were served as if they came next, and
+/// a follower's append there was refused for good.
+#[test]
+fn a_gap_between_unflushed_segments_ends_the_log_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 3, 0).len() as u64;
+    let config = small_config(one * 4);
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    for i in 0..10 {
+        log.append_as_leader(batch(i, 3, i as i64), 2).unwrap();
+    }
+    let bases = log.segment_base_offsets();
+    assert!(bases.len() >= 3, "{bases:?}");
+    let second = log.segment_path_for(bases[1]).unwrap();
+    log.close_unclean();
+    drop(log);
+    // The second segment loses its last batch, a whole one.
+    let file = std::fs::read(&second).unwrap();
+    let spans = batch_spans(&file);
+    let (cut, _, _) = *spans.last().unwrap();
+    std::fs::write(&second, &file[..cut]).unwrap();
+    let end = spans[spans.len() - 2].2 + 1;
+
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!(log.log_end_offset(), end);
+    let offsets: Vec<i64> = read_all(&log, 0).iter().map(|(o, _)| *o).collect();
+    assert_eq!(offsets, (0..end).collect::<Vec<_>>());
+    let next = log.append_as_leader(batch(99, 1, 0), 3).unwrap();
+    assert_eq!(next.base_offset, end);
+}
