@@ -210,7 +210,7 @@ pub struct Log {
     parent_unsynced: AtomicBool,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -719,8 +719,13 @@ impl Log {
         let mut active = segments.last().expect("always one segment").clone();
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let now = now_ms();
-        if self.should_roll(&active, config, len as u64, header.last_offset(), now)
-            || self.should_roll_early(&active, config)
+        if self.should_roll(
+            &active,
+            config,
+            len as u64,
+            (header.last_offset(), header.max_timestamp),
+            now,
+        ) || self.should_roll_early(&active, config)
         {
             active = self.roll(w, config, header.base_offset)?;
         }
@@ -793,7 +798,7 @@ impl Log {
         active: &Segment,
         config: &LogConfig,
         len: u64,
-        last_offset: i64,
+        (last_offset, max_timestamp): (i64, i64),
         now_ms: i64,
     ) -> bool {
         let size = active.size();
@@ -801,9 +806,20 @@ impl Log {
             return false;
         }
         let too_big = size + len > config.segment_bytes_max || size + len > u64::from(u32::MAX);
-        let too_old = config
-            .segment_ms_max
-            .is_some_and(|ms| now_ms.saturating_sub(active.first_timestamp()) > ms as i64);
+        // As Kafka's: the batch's timestamp against the segment's first
+        // batch's, or the wall clock since the first append when the
+        // segment has no timestamp. Not the wall clock against record
+        // timestamps: a backfill of old records would roll a segment per
+        // append.
+        let too_old = config.segment_ms_max.is_some_and(|ms| {
+            let first = active.first_timestamp();
+            let waited = if first >= 0 {
+                max_timestamp.saturating_sub(first)
+            } else {
+                now_ms.saturating_sub(active.first_append_ms())
+            };
+            waited > ms as i64
+        });
         let offsets_overflow = last_offset - active.base_offset() > i64::from(u32::MAX);
         too_big || too_old || offsets_overflow || active.indexes_full()
     }
@@ -1298,7 +1314,7 @@ impl Log {
         let segments = self.snapshot();
         let active = segments.last().expect("one segment");
         let too_old = config.segment_ms_max.is_some_and(|ms| {
-            active.size() > 0 && now_ms.saturating_sub(active.first_timestamp()) > ms as i64
+            active.size() > 0 && now_ms.saturating_sub(active.first_append_ms()) > ms as i64
         });
         if too_old {
             self.roll(&mut w, &config, active.next_offset())?;

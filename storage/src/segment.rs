@@ -125,6 +125,8 @@ pub(crate) struct Segment {
     max_timestamp: AtomicI64,
     /// Max timestamp of the first batch (roll by age), or NO_TIMESTAMP.
     first_timestamp: AtomicI64,
+    /// See [`Segment::first_append_ms`].
+    first_append_ms: AtomicI64,
     index: RwLock<OffsetIndex>,
     time_index: RwLock<TimeIndex>,
     /// Writer-only: log bytes appended since the last index entry.
@@ -403,6 +405,13 @@ impl Segment {
             next_offset: AtomicI64::new(next_offset),
             max_timestamp: AtomicI64::new(max_timestamp),
             first_timestamp: AtomicI64::new(first_timestamp),
+            // A segment opened with records counts its age from the open,
+            // as Kafka's does from when it loads the segment.
+            first_append_ms: AtomicI64::new(if size > 0 {
+                crate::log::now_ms()
+            } else {
+                NO_TIMESTAMP
+            }),
             index: RwLock::new(index),
             time_index: RwLock::new(time_index),
             bytes_since_index_entry: AtomicU64::new(bytes_since_index_entry),
@@ -623,6 +632,12 @@ impl Segment {
     pub(crate) fn first_timestamp(&self) -> i64 {
         self.first_timestamp.load(Ordering::Acquire)
     }
+    /// Wall-clock ms of the first append in this process (or of the
+    /// open, for a segment that had records): `segment.ms` counts from
+    /// here.
+    pub(crate) fn first_append_ms(&self) -> i64 {
+        self.first_append_ms.load(Ordering::Acquire)
+    }
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
     }
@@ -679,6 +694,8 @@ impl Segment {
         if position == 0 {
             self.first_timestamp
                 .store(header.max_timestamp, Ordering::Release);
+            self.first_append_ms
+                .store(crate::log::now_ms(), Ordering::Release);
         }
         self.max_timestamp.store(max_timestamp, Ordering::Release);
         self.next_offset

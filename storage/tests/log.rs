@@ -338,14 +338,28 @@ fn roll_by_age_on_tick_and_append() {
         ..small_config(1 << 20)
     };
     let log = Log::open(dir.path(), config).unwrap();
+    // Age is wall-clock time since the segment's first append, whatever
+    // the records' timestamps: here a backfill stamped in 1970, which
+    // rolled a segment per append when age was measured from them.
+    let before = now_ms();
     log.append_as_leader(batch(0, 1, 1000), 0).unwrap();
-    assert_eq!(log.tick(1040).unwrap(), 0);
+    let after = now_ms();
+    log.append_as_leader(batch(1, 1, 1000), 0).unwrap();
     assert_eq!(log.segment_count(), 1);
-    log.tick(1051).unwrap();
-    assert_eq!(log.segment_base_offsets(), vec![0, 1]);
+    assert_eq!(log.tick(before + 40).unwrap(), 0);
+    assert_eq!(log.segment_count(), 1);
+    log.tick(after + 51).unwrap();
+    assert_eq!(log.segment_base_offsets(), vec![0, 2]);
     // An empty active segment never rolls.
-    log.tick(10_000).unwrap();
+    log.tick(after + 10_000).unwrap();
     assert_eq!(log.segment_count(), 2);
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 #[test]
@@ -464,13 +478,13 @@ fn a_rolled_segment_gives_back_its_reserved_blocks_in_tick_not_in_the_roll() {
     let log = Log::open(dir.path(), config).unwrap();
     let path = dir.path().join("00000000000000000000.log");
     let allocated = || std::fs::metadata(&path).unwrap().blocks() * 512;
-    // Timestamps of 1970: the next append finds the segment too old.
+    // The next append is stamped 61 s after the first: too old.
     log.append_as_leader(batch(0, 50, 0), 0).unwrap();
     let len = std::fs::metadata(&path).unwrap().len();
     if allocated() < len + (512 << 10) {
         return; // this file system does not reserve blocks (no fallocate)
     }
-    log.append_as_leader(batch(1, 50, 0), 0).unwrap();
+    log.append_as_leader(batch(1, 50, 61_000), 0).unwrap();
     assert_eq!(log.segment_count(), 2, "rolled by age");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
     assert!(
