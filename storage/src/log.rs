@@ -1252,6 +1252,12 @@ impl Log {
 
     /// `persist_log_start` with the checkpoints lock held by the caller.
     fn persist_log_start_locked(&self) -> Result<()> {
+        // A log closed for deletion writes nothing: its directory path
+        // may already name the partition created again.
+        // `close_for_delete` takes the checkpoints lock, held here.
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if !self.log_start_unpersisted.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
@@ -1558,6 +1564,9 @@ impl Log {
     /// and a spare reservation still queued is dropped. One already under
     /// way is left to [`Log::wait_out_spare`], on the deleting thread.
     pub(crate) fn close_for_delete(&self) {
+        // Checkpoint writes hold this lock from their `closed` check to
+        // the write: none is under way once the directory is renamed.
+        let _checkpoints = self.lock_checkpoints();
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         w.closed = true;
         self.closed.store(true, Ordering::Release);
