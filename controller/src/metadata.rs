@@ -157,6 +157,10 @@ pub enum Applied {
     /// These partitions' reassignments started, completed or were
     /// cancelled.
     Reassigned { changed: Vec<i32> },
+    /// The broker registered with this epoch: the submitter learns it
+    /// from the answer, whether or not its own copy of the metadata has
+    /// caught up.
+    Registered { epoch: i64 },
 }
 
 /// Largest producer-id block one AllocateProducerIds may take.
@@ -304,7 +308,7 @@ impl ClusterMetadata {
                         }
                     }
                 }
-                Applied::Done
+                Applied::Registered { epoch }
             }
             MetadataCommand::FenceBroker { id, epoch } => {
                 let current = self
@@ -736,7 +740,7 @@ impl ClusterMetadata {
                 rack,
                 roles,
             } => {
-                self.apply(MetadataCommand::RegisterBroker {
+                let registered = self.apply(MetadataCommand::RegisterBroker {
                     id,
                     address,
                     rack,
@@ -746,7 +750,7 @@ impl ClusterMetadata {
                     self.internal_addresses.insert(id, internal_address);
                 }
                 // `apply` above counted the command already.
-                return Ok(Applied::Done);
+                return Ok(registered);
             }
             MetadataCommand::UpsertUser { name, credential } => {
                 check_principal_name(&name)?;
@@ -885,6 +889,34 @@ mod tests {
             register(&mut s, id);
         }
         s
+    }
+
+    /// A registration's answer carries the epoch it got (the registering
+    /// node's copy of the metadata may lag behind, still showing the
+    /// previous incarnation's), with or without an internal listener.
+    #[test]
+    fn a_registration_answers_its_epoch() {
+        let mut s = three();
+        let again = |id| MetadataCommand::RegisterBroker {
+            id,
+            address: "127.0.0.1:9001".into(),
+            rack: String::new(),
+            roles: vec!["broker".into()],
+        };
+        assert_eq!(s.apply(again(1)).unwrap(), Applied::Registered { epoch: 2 });
+        assert_eq!(
+            s.apply(MetadataCommand::RegisterBrokerListeners {
+                id: 1,
+                address: "127.0.0.1:9001".into(),
+                internal_address: "127.0.0.1:9101".into(),
+                rack: String::new(),
+                roles: vec!["broker".into()],
+            })
+            .unwrap(),
+            Applied::Registered { epoch: 3 }
+        );
+        assert_eq!(s.brokers[&1].epoch, 3);
+        assert_eq!(s.apply(again(7)).unwrap(), Applied::Registered { epoch: 1 });
     }
 
     #[test]

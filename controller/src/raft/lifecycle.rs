@@ -353,13 +353,18 @@ impl RaftMetadataStore {
                 roles,
             },
         };
-        self.submit_cmd(cmd).await?;
-        let epoch = self
-            .current()
-            .brokers
-            .get(&id)
-            .map(|b| b.epoch)
-            .ok_or(MetadataError::UnknownBroker { id })?;
+        // The epoch this registration got, from its own answer: this
+        // node's copy of the metadata may still hold the previous
+        // incarnation's (its wait for the copy to catch up is bounded),
+        // whose heartbeats the controller would answer as fenced.
+        let epoch = match self.submit_cmd(cmd).await? {
+            crate::metadata::Applied::Registered { epoch } => epoch,
+            other => {
+                return Err(MetadataError::Raft {
+                    reason: format!("registration answered {other:?}"),
+                })
+            }
+        };
         if self.is_leader() {
             self.sessions.heard(id, epoch, Instant::now());
         }
