@@ -372,9 +372,23 @@ impl RaftMetadataStore {
     }
 
     /// The active controller's answer to a heartbeat.
-    fn heartbeat_local(&self, req: &BrokerHeartbeatRequest) -> BrokerHeartbeatResponse {
+    fn heartbeat_local(
+        &self,
+        req: &BrokerHeartbeatRequest,
+    ) -> Result<BrokerHeartbeatResponse, Status> {
         let state = self.current();
         let fenced = match state.brokers.get(&req.broker_id) {
+            // A registration newer than this controller's state: committed
+            // (the broker learnt its epoch from the answer) but not applied
+            // here yet, just after a change of controller. Not fenced: the
+            // broker asks again (answering "fenced" made it register anew,
+            // which fences it and moves its leaderships for nothing).
+            Some(b) if b.epoch < req.broker_epoch => {
+                return Err(Status::unavailable(format!(
+                    "the controller has not applied broker {}'s registration (epoch {}) yet",
+                    req.broker_id, req.broker_epoch
+                )))
+            }
             Some(b) => b.fenced || b.epoch != req.broker_epoch,
             None => true,
         };
@@ -382,10 +396,10 @@ impl RaftMetadataStore {
             self.sessions
                 .heard(req.broker_id, req.broker_epoch, Instant::now());
         }
-        BrokerHeartbeatResponse {
+        Ok(BrokerHeartbeatResponse {
             fenced,
             should_shut_down: req.want_shutdown,
-        }
+        })
     }
 
     /// Sends one heartbeat to the active controller (locally when this node
@@ -407,7 +421,7 @@ impl RaftMetadataStore {
             want_shutdown: false,
         };
         if self.is_leader() {
-            return Ok(self.heartbeat_local(&req));
+            return self.heartbeat_local(&req);
         }
         let addr = match self.leader().1 {
             Some(addr) => addr,
@@ -568,7 +582,7 @@ impl BrokerLifecycle for LifecycleService {
             }
             return Err(status);
         }
-        Ok(Response::new(self.store.heartbeat_local(request.get_ref())))
+        self.store.heartbeat_local(request.get_ref()).map(Response::new)
     }
 
     /// Commits an ISR change as an `AlterPartitionIsr` command, after
