@@ -582,7 +582,9 @@ impl BrokerLifecycle for LifecycleService {
             }
             return Err(status);
         }
-        self.store.heartbeat_local(request.get_ref()).map(Response::new)
+        self.store
+            .heartbeat_local(request.get_ref())
+            .map(Response::new)
     }
 
     /// Commits an ISR change as an `AlterPartitionIsr` command, after

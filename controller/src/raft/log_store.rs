@@ -10,6 +10,8 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogId, LogState, RaftLogId, RaftLogReader, StorageIOError, Vote};
@@ -28,6 +30,8 @@ pub struct SledLogStore {
     db: sled::Db,
     logs: sled::Tree,
     meta: sled::Tree,
+    /// See [`SledLogStore::limit_purges`].
+    purge_limit: Option<Arc<AtomicU64>>,
 }
 
 impl SledLogStore {
@@ -37,7 +41,20 @@ impl SledLogStore {
             db: db.clone(),
             logs: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
+            purge_limit: None,
         })
+    }
+
+    /// Purges keep every entry at or after `limit` (one past the last
+    /// entry the state machine's durably saved state covers). openraft
+    /// purges up to a snapshot it is installing while the state machine
+    /// still saves it; a crash in between must not leave a saved state
+    /// older than the purged log, which a restart could not re-apply.
+    /// Entries kept past the purge openraft asked for are harmless: it
+    /// does not read below its purge point, and the next purge (or the
+    /// restart's) removes them.
+    pub fn limit_purges(&mut self, limit: Arc<AtomicU64>) {
+        self.purge_limit = Some(limit);
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -96,8 +113,10 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             .logs
             .last()
             .map_err(|e| StorageIOError::read_logs(&e))?;
+        // Entries a crash left below the purge point (it is recorded
+        // before they are removed) do not count.
         let last_log_id = match last {
-            Some((_, value)) => Some(*decode(&value)?.get_log_id()),
+            Some((_, value)) => Some(*decode(&value)?.get_log_id()).max(last_purged_log_id),
             None => last_purged_log_id,
         };
         Ok(LogState {
@@ -173,12 +192,37 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        let mut log_id = log_id;
+        if let Some(limit) = &self.purge_limit {
+            let limit = limit.load(Ordering::Acquire);
+            if log_id.index >= limit {
+                // Up to the last entry the saved state covers, if any.
+                let Some(last) = limit.checked_sub(1) else {
+                    return Ok(());
+                };
+                let Some(bytes) = self
+                    .logs
+                    .get(last.to_be_bytes())
+                    .map_err(|e| StorageIOError::read_logs(&e))?
+                else {
+                    return Ok(());
+                };
+                log_id = *decode(&bytes)?.get_log_id();
+                tracing::debug!(asked = ?log_id, upto = last, "purge held back to the saved state");
+            }
+        }
         // Record the purge point first: a crash in between leaves extra
-        // entries, never a hole.
-        self.put_meta(LAST_PURGED, &log_id)?;
-        self.flush()
-            .await
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        // entries, never a hole. It never moves back (a purge held back
+        // above may ask for less than an earlier one recorded).
+        if self
+            .get_meta::<LogId<NodeId>>(LAST_PURGED)?
+            .is_none_or(|purged| purged < log_id)
+        {
+            self.put_meta(LAST_PURGED, &log_id)?;
+            self.flush()
+                .await
+                .map_err(|e| StorageIOError::write_logs(&e))?;
+        }
         let mut batch = sled::Batch::default();
         for kv in self.logs.range(..=log_id.index.to_be_bytes()) {
             let (key, _) = kv.map_err(|e| StorageIOError::write_logs(&e))?;
@@ -228,5 +272,62 @@ mod tests {
     #[test]
     fn sled_store_passes_the_openraft_storage_suite() {
         Suite::test_all(SledBuilder).unwrap();
+    }
+
+    fn log_id(index: u64) -> LogId<NodeId> {
+        LogId::new(openraft::CommittedLeaderId::new(1, 1), index)
+    }
+
+    fn indexes(store: &SledLogStore) -> Vec<u64> {
+        store
+            .logs
+            .iter()
+            .map(|kv| u64::from_be_bytes(kv.unwrap().0.as_ref().try_into().unwrap()))
+            .collect()
+    }
+
+    /// openraft purges up to a snapshot it installs while the state
+    /// machine may not have saved it yet: the entries the saved state does
+    /// not cover stay, so a restart can re-apply them.
+    #[tokio::test]
+    async fn purges_keep_the_entries_the_saved_state_does_not_cover() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let mut store = SledLogStore::open(&db).unwrap();
+        let saved = Arc::new(AtomicU64::new(0));
+        store.limit_purges(saved.clone());
+        for i in 1..=10 {
+            let entry = Entry {
+                log_id: log_id(i),
+                payload: openraft::EntryPayload::Blank,
+            };
+            store
+                .logs
+                .insert(i.to_be_bytes(), serde_json::to_vec(&entry).unwrap())
+                .unwrap();
+        }
+        // Nothing saved: nothing purged.
+        store.purge(log_id(5)).await.unwrap();
+        assert_eq!(indexes(&store), (1..=10).collect::<Vec<_>>());
+        assert_eq!(
+            store.get_log_state().await.unwrap().last_purged_log_id,
+            None
+        );
+        // Saved up to 3: purged up to 3.
+        saved.store(4, Ordering::Release);
+        store.purge(log_id(5)).await.unwrap();
+        assert_eq!(indexes(&store), (4..=10).collect::<Vec<_>>());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(3)));
+        assert_eq!(state.last_log_id, Some(log_id(10)));
+        // Saved past it: the purge asked for.
+        saved.store(11, Ordering::Release);
+        store.purge(log_id(5)).await.unwrap();
+        assert_eq!(indexes(&store), (6..=10).collect::<Vec<_>>());
+        // A purge point recorded past the entries left (a crash before
+        // they were removed) is the log's end.
+        store.put_meta(LAST_PURGED, &log_id(12)).unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(12)));
     }
 }

@@ -232,7 +232,7 @@ impl RaftMetadataStore {
         let sled_err = |e: sled::Error| MetadataError::Raft {
             reason: format!("sled: {e}"),
         };
-        let log_store = SledLogStore::open(&db).map_err(sled_err)?;
+        let mut log_store = SledLogStore::open(&db).map_err(sled_err)?;
         let (tx, _) = watch::channel(Arc::new(ClusterMetadata::default()));
         let sm =
             MetadataStateMachine::open(&db, tx.clone(), cluster_id.clone()).map_err(|reason| {
@@ -241,6 +241,7 @@ impl RaftMetadataStore {
                     reason,
                 }
             })?;
+        log_store.limit_purges(sm.saved());
         // A directory whose recorded id disagrees with its own state.
         cluster_id.check()?;
         let channels = Arc::new(Channels::with_tls(config.internal_tls.clone()));

@@ -10,7 +10,8 @@
 #![allow(clippy::result_large_err)]
 
 use std::io::Cursor;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -62,6 +63,47 @@ pub struct MetadataStateMachine {
     cluster_id: Arc<ClusterIdGuard>,
     /// Entries applied since the state was last saved.
     unsaved: u64,
+    /// One past the index of the last entry the durably saved state
+    /// covers (0: none saved). The log store purges no entry at or after
+    /// it: a restart re-applies from the saved state, so those entries
+    /// must still be there ([`super::log_store::SledLogStore::limit_purges`]).
+    saved: Arc<AtomicU64>,
+    /// Serialises snapshot writes: a snapshot built from an older state
+    /// never replaces a newer one installed meanwhile.
+    snapshot_lock: Arc<Mutex<()>>,
+}
+
+/// One past `log_id`'s index (0 for none).
+fn covered(log_id: Option<&LogId<NodeId>>) -> u64 {
+    log_id.map_or(0, |id| id.index + 1)
+}
+
+/// Writes `stored` as the current snapshot unless the one stored covers
+/// more of the log.
+fn store_snapshot(
+    tree: &sled::Tree,
+    lock: &Mutex<()>,
+    stored: &StoredSnapshot,
+) -> Result<(), StorageError> {
+    let meta = &stored.meta;
+    let write_err =
+        |e: openraft::AnyError| StorageIOError::write_snapshot(Some(meta.signature()), e);
+    let _one = lock.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(bytes) = tree
+        .get(SNAPSHOT)
+        .map_err(|e| write_err(openraft::AnyError::new(&e)))?
+    {
+        if let Ok(current) = serde_json::from_slice::<StoredSnapshot>(&bytes) {
+            if current.meta.last_log_id > meta.last_log_id {
+                tracing::debug!(kept = ?current.meta.last_log_id, dropped = ?meta.last_log_id, "a newer snapshot is stored already");
+                return Ok(());
+            }
+        }
+    }
+    let bytes = serde_json::to_vec(stored).map_err(|e| write_err(openraft::AnyError::new(&e)))?;
+    tree.insert(SNAPSHOT, bytes)
+        .map_err(|e| write_err(openraft::AnyError::new(&e)))?;
+    Ok(())
 }
 
 impl MetadataStateMachine {
@@ -76,12 +118,15 @@ impl MetadataStateMachine {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| e.to_string())?,
             None => StoredState::default(),
         };
+        let saved = Arc::new(AtomicU64::new(covered(state.last_applied.as_ref())));
         let sm = Self {
             tree,
             state,
             tx,
             cluster_id,
             unsaved: 0,
+            saved,
+            snapshot_lock: Arc::new(Mutex::new(())),
         };
         sm.publish();
         Ok(sm)
@@ -92,6 +137,13 @@ impl MetadataStateMachine {
         self.tx.send_replace(Arc::new(self.state.metadata.clone()));
     }
 
+    /// How far the durably saved state reaches (see the field).
+    pub fn saved(&self) -> Arc<AtomicU64> {
+        self.saved.clone()
+    }
+
+    /// Saves the state and flushes it: only then may the log store purge
+    /// the entries it covers.
     fn save(&mut self) -> Result<(), StorageError> {
         self.unsaved = 0;
         let bytes =
@@ -99,6 +151,11 @@ impl MetadataStateMachine {
         self.tree
             .insert(STATE, bytes)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.tree
+            .flush()
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.saved
+            .store(covered(self.state.last_applied.as_ref()), Ordering::Release);
         Ok(())
     }
 }
@@ -108,6 +165,7 @@ impl MetadataStateMachine {
 pub struct SnapshotBuilder {
     tree: sled::Tree,
     state: StoredState,
+    snapshot_lock: Arc<Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -130,11 +188,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: meta.clone(),
             data: data.clone(),
         };
-        let bytes = serde_json::to_vec(&stored)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.tree
-            .insert(SNAPSHOT, bytes)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        store_snapshot(&self.tree, &self.snapshot_lock, &stored)?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -198,6 +252,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
         SnapshotBuilder {
             tree: self.tree.clone(),
             state: self.state.clone(),
+            snapshot_lock: self.snapshot_lock.clone(),
         }
     }
 
@@ -222,11 +277,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
             meta: meta.clone(),
             data,
         };
-        let bytes = serde_json::to_vec(&stored)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.tree
-            .insert(SNAPSHOT, bytes)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        store_snapshot(&self.tree, &self.snapshot_lock, &stored)?;
         self.save()?;
         self.publish();
         Ok(())
@@ -246,5 +297,43 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(index: u64) -> StoredSnapshot {
+        StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: format!("s{index}"),
+            },
+            data: Vec::new(),
+        }
+    }
+
+    /// A snapshot built from an older state (openraft builds in a task of
+    /// its own) does not replace a newer one installed meanwhile.
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("state_machine").unwrap();
+        let lock = Mutex::new(());
+        let stored = |tree: &sled::Tree| {
+            let bytes = tree.get(SNAPSHOT).unwrap().unwrap();
+            serde_json::from_slice::<StoredSnapshot>(&bytes)
+                .unwrap()
+                .meta
+                .snapshot_id
+        };
+        store_snapshot(&tree, &lock, &snapshot(9000)).unwrap();
+        store_snapshot(&tree, &lock, &snapshot(5000)).unwrap();
+        assert_eq!(stored(&tree), "s9000");
+        store_snapshot(&tree, &lock, &snapshot(9500)).unwrap();
+        assert_eq!(stored(&tree), "s9500");
     }
 }
