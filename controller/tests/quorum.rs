@@ -728,3 +728,58 @@ async fn t09_register_broker_records_the_brokers_own_internal_address() {
     assert_eq!(state.internal_address(8), Some("127.0.0.1:9008"));
     assert_eq!(state.internal_address(9), Some("127.0.0.1:9093"));
 }
+
+/// A broker-only node that comes back at another address gets the log
+/// there: the leader updates its learner's address from the
+/// registration (it kept sending to the old one, so the node's metadata
+/// never advanced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_a_learner_that_moved_gets_the_log_at_its_new_address() {
+    let root = tempfile::tempdir().unwrap();
+    let (voter_addrs, mut nodes) = cluster(root.path(), 3, &[4]).await;
+    let voters: Vec<&Node> = nodes.iter().filter(|n| n.id <= 3).collect();
+    wait_leader(&voters).await;
+    let i = nodes.iter().position(|n| n.id == 4).unwrap();
+    let learner = nodes.remove(i);
+    let cancel = CancellationToken::new();
+    spawn_heartbeat(
+        learner.store.clone(),
+        4,
+        learner.addr.clone(),
+        Duration::from_millis(100),
+        cancel.clone(),
+    );
+    wait_state(&learner.store, "the learner to receive the log", |s| {
+        s.brokers.contains_key(&4)
+    })
+    .await;
+    cancel.cancel();
+    let (_, old_addr, dir) = learner.kill().await;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let new_addr = listener.local_addr().unwrap().to_string();
+    assert_ne!(new_addr, old_addr);
+    let moved = serve(listener, config(4, &new_addr, &voter_addrs, &dir)).await;
+    let cancel = CancellationToken::new();
+    spawn_heartbeat(
+        moved.store.clone(),
+        4,
+        new_addr.clone(),
+        Duration::from_millis(100),
+        cancel.clone(),
+    );
+    nodes[0]
+        .store
+        .submit(create("after-move", 1, 1))
+        .await
+        .unwrap();
+    wait_state(&moved.store, "the moved learner to receive the log", |s| {
+        s.topics.contains_key("after-move") && s.brokers[&4].address == new_addr
+    })
+    .await;
+    cancel.cancel();
+    moved.kill().await;
+    for n in nodes {
+        n.kill().await;
+    }
+}

@@ -309,16 +309,36 @@ impl RaftMetadataStore {
 
         let members = self.members();
         for b in state.brokers.values() {
-            if b.fenced || members.contains(&(b.id as NodeId)) {
+            if b.fenced {
                 continue;
             }
             let addr = state.internal_address(b.id).unwrap_or(&b.address);
-            tracing::info!(broker = b.id, %addr, "adding broker as raft learner");
             let node = BasicNode {
                 addr: addr.to_string(),
             };
-            if let Err(error) = self.raft.add_learner(b.id as NodeId, node, false).await {
-                tracing::debug!(broker = b.id, %error, "add_learner");
+            match members.get(&(b.id as NodeId)) {
+                None => {
+                    tracing::info!(broker = b.id, %addr, "adding broker as raft learner");
+                    if let Err(error) = self.raft.add_learner(b.id as NodeId, node, false).await {
+                        tracing::debug!(broker = b.id, %error, "add_learner");
+                    }
+                }
+                // A broker-only node that registered at another address
+                // (restarted elsewhere): the log goes to the new one, or
+                // its metadata never advances. Voters keep the addresses
+                // of the voter list.
+                Some((known, false)) if known != addr => {
+                    tracing::info!(broker = b.id, from = %known, to = %addr, "raft learner moved");
+                    let nodes = [(b.id as NodeId, node)].into();
+                    if let Err(error) = self
+                        .raft
+                        .change_membership(openraft::ChangeMembers::SetNodes(nodes), false)
+                        .await
+                    {
+                        tracing::debug!(broker = b.id, %error, "change_membership");
+                    }
+                }
+                Some(_) => {}
             }
         }
         next_expiry

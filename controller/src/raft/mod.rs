@@ -416,13 +416,15 @@ impl RaftMetadataStore {
     }
 
     /// Ids of every Raft member (voters and learners).
-    fn members(&self) -> BTreeSet<NodeId> {
+    /// The Raft members: each node's address, and whether it votes.
+    fn members(&self) -> BTreeMap<NodeId, (String, bool)> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
-        m.membership_config
-            .membership()
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
             .nodes()
-            .map(|(id, _)| *id)
+            .map(|(id, node)| (*id, (node.addr.clone(), voters.contains(id))))
             .collect()
     }
 
