@@ -880,7 +880,13 @@ impl Segment {
             let total = match batch::batch_len(rest) {
                 batch::Decode::Complete(total) if at + total as u64 <= verified => total,
                 batch::Decode::Incomplete(_) if end > 0 => break,
-                _ => batch::check_batch(rest).map_err(|e| self.corrupt(at, e.to_string()))?,
+                _ => match batch::check_batch(rest) {
+                    Ok(total) => total,
+                    // The batches before a corrupt one are served; a
+                    // read that starts at it gets the error, naming it.
+                    Err(_) if end > 0 => break,
+                    Err(e) => return Err(self.corrupt(at, e.to_string())),
+                },
             };
             let h = HeaderView::read(rest)
                 .ok_or_else(|| self.corrupt(start + end as u64, "bad batch header"))?;

@@ -535,8 +535,14 @@ fn corrupt_closed_segment_is_reported_with_path_and_position() {
         }
         other => panic!("expected CorruptSegment, got {other:?}"),
     }
-    // Other batches stay readable.
+    // Other batches stay readable; a read from before the corrupt batch
+    // gets the batches up to it (it failed as a whole, so a consumer or
+    // follower could not even reach the damage).
     assert_eq!(values(log.read(0, 1, i64::MAX).unwrap().batches).len(), 2);
+    assert_eq!(
+        values(log.read(0, 1 << 20, i64::MAX).unwrap().batches).len(),
+        4
+    );
     assert_eq!(
         values(log.read(8, 1 << 20, i64::MAX).unwrap().batches).len(),
         8
