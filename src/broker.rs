@@ -449,6 +449,7 @@ impl Broker {
                             Assignment {
                                 partition: partition.clone(),
                                 leader_epoch: info.leader_epoch,
+                                in_sync: info.isr.contains(&self.node_id),
                             },
                         );
                 }

@@ -615,6 +615,50 @@ async fn t05_a_follower_catching_up_is_throttled_and_produce_keeps_going() {
     );
 }
 
+/// The replication byte rate holds back replicas catching up only: with
+/// produce traffic above it, in-sync followers keep up and stay in the
+/// ISR (throttled too, they fell behind, left the ISR, and acks=all
+/// with min.insync.replicas=3 was refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t05b_in_sync_followers_are_not_throttled() {
+    const RATE: u64 = 100_000;
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(
+        3,
+        base.path(),
+        &format!("replication_bytes_per_sec_max = {RATE}\nreplica_lag_time_max_ms = 5000"),
+        CONTROLLER,
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    let configs = [("min.insync.replicas".to_string(), "3".to_string())].into();
+    client.create_topic("hot", 1, 3, configs).await.unwrap();
+    await_partition(&client, "hot", -1, 3).await;
+    // 1.5 MB: fifteen seconds of the rate.
+    let producer = client.producer(ProducerConfig {
+        acks: pb::Acks::All,
+        timeout_ms: 20_000,
+        delivery_timeout: Duration::ZERO,
+        ..ProducerConfig::default()
+    });
+    let value = "h".repeat(1000);
+    let mut acks = Vec::new();
+    for _ in 0..1500 {
+        acks.push(
+            producer
+                .send("hot", ProducerRecord::value(value.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    producer.close().await.unwrap();
+    for (i, a) in acks.into_iter().enumerate() {
+        a.await
+            .unwrap_or_else(|e| panic!("record {i} refused: {e}"));
+    }
+    let d = describe(&client, "hot").await.unwrap();
+    assert_eq!(d.partitions[0].isr.len(), 3, "{d:?}");
+}
+
 fn producer_acks_all(client: &Client) -> runnel::client::Producer {
     client.producer(ProducerConfig {
         acks: pb::Acks::All,

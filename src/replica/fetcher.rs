@@ -36,6 +36,11 @@ pub struct Assignment {
     pub partition: Arc<Partition>,
     /// The leader epoch to fetch in.
     pub leader_epoch: i32,
+    /// This replica is in the ISR: its fetches are never throttled (as
+    /// Kafka throttles only the replicas being moved or caught up), or
+    /// produce traffic above the replication byte rate would drop every
+    /// follower out of the ISR.
+    pub in_sync: bool,
 }
 
 /// Followed partitions by (topic, partition).
@@ -126,6 +131,7 @@ fn same_assignments(a: &Assignments, b: &Assignments) -> bool {
         && a.iter().zip(b.iter()).all(|((ka, va), (kb, vb))| {
             ka == kb
                 && va.leader_epoch == vb.leader_epoch
+                && va.in_sync == vb.in_sync
                 && Arc::ptr_eq(&va.partition, &vb.partition)
         })
 }
@@ -166,6 +172,8 @@ async fn run_fetcher(
     // Partitions already checked for divergence in their current epoch.
     let mut truncated: HashMap<(String, i32), i32> = HashMap::new();
     let mut throttle: Option<Throttle> = None;
+    // Until when the replicas out of the ISR wait for the byte rate.
+    let mut throttled_until: Option<tokio::time::Instant> = None;
     loop {
         if cancel.is_cancelled() {
             break;
@@ -185,6 +193,19 @@ async fn run_fetcher(
         let settings = broker.replica_settings();
         let throttle =
             throttle.get_or_insert_with(|| Throttle::new(settings.bytes_per_sec_max, now_ms()));
+        let throttled = throttled_until.filter(|t| *t > tokio::time::Instant::now());
+        if let Some(until) = throttled {
+            if current.values().all(|a| !a.in_sync) {
+                // Nothing to fetch until the rate allows.
+                drop(broker);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    r = assignments.changed() => if r.is_err() { break },
+                    _ = cancel.cancelled() => break,
+                }
+                continue;
+            }
+        }
         // A leader that stops answering (paused, partitioned) must not
         // hold this task: rounds end on a deadline, on cancellation, and
         // when the assignment changes (e.g. a new leader elsewhere).
@@ -198,6 +219,7 @@ async fn run_fetcher(
             &current,
             &mut truncated,
             settings,
+            throttled.is_some(),
         );
         let result = tokio::select! {
             r = tokio::time::timeout(deadline, round) => {
@@ -208,7 +230,13 @@ async fn run_fetcher(
         };
         drop(broker);
         let pause = match result {
-            Ok(bytes) => throttle.record(bytes, now_ms()),
+            Ok(throttled_bytes) => {
+                let wait = throttle.record(throttled_bytes, now_ms());
+                if !wait.is_zero() {
+                    throttled_until = Some(tokio::time::Instant::now() + wait);
+                }
+                Duration::ZERO
+            }
             Err(e) => {
                 debug!(leader, error = %e, "replica fetch round failed");
                 stream = None;
@@ -258,7 +286,9 @@ pub struct ReplicaSettings {
 }
 
 /// Truncates where needed, sends one fetch, applies the answer. Returns the
-/// bytes appended.
+/// bytes appended to replicas out of the ISR (the ones the byte rate
+/// counts). With `throttled`, those are left out of the fetch.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_round(
     broker: &Broker,
     client: &mut ReplicationClient<Channel>,
@@ -267,12 +297,19 @@ async fn fetch_round(
     assigned: &Assignments,
     truncated: &mut HashMap<(String, i32), i32>,
     settings: ReplicaSettings,
+    throttled: bool,
 ) -> Result<u64, String> {
     truncated.retain(|k, _| assigned.contains_key(k));
     // Partitions left out of this round: their divergence check failed
     // for a reason of their own. The others are fetched all the same.
     let mut skipped: Vec<&(String, i32)> = Vec::new();
+    if throttled {
+        skipped.extend(assigned.iter().filter(|(_, a)| !a.in_sync).map(|(k, _)| k));
+    }
     for (key @ (topic, index), a) in assigned {
+        if skipped.contains(&key) {
+            continue;
+        }
         if truncated.get(key) == Some(&a.leader_epoch) {
             continue;
         }
@@ -336,6 +373,7 @@ async fn fetch_round(
         return Err("replica fetch paused by failpoint".into());
     }
     let mut appended = 0u64;
+    let mut throttled_bytes = 0u64;
     let mut refresh = false;
     for data in response.partitions {
         let Some(a) = assigned.get(&(data.topic.clone(), data.partition)) else {
@@ -376,6 +414,9 @@ async fn fetch_round(
         let log = &a.partition.log;
         if !data.batches.is_empty() {
             appended += data.batches.len() as u64;
+            if !a.in_sync {
+                throttled_bytes += data.batches.len() as u64;
+            }
             let batches = data.batches.clone();
             let log2 = log.clone();
             let epoch = a.leader_epoch;
@@ -415,7 +456,7 @@ async fn fetch_round(
         // metadata to catch up instead of spinning.
         return Err("leader refused some partitions".into());
     }
-    Ok(appended)
+    Ok(throttled_bytes)
 }
 
 /// Why a divergence check failed.
