@@ -1085,10 +1085,20 @@ impl Broker {
 
     /// Deletes a topic and its data on this broker.
     pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+        // The topic as this broker knows it: a retried submit must not
+        // delete another topic of the name created in between.
+        let topic_id = self
+            .metadata
+            .current()
+            .topics
+            .get(name)
+            .map(|t| t.topic_id.clone())
+            .filter(|id| !id.is_empty());
         let applied = self
             .metadata
             .submit(MetadataCommand::DeleteTopic {
                 name: name.to_string(),
+                topic_id,
             })
             .await?;
         if let Applied::TopicDeleted { partitions, .. } = applied {

@@ -39,8 +39,15 @@ pub enum MetadataCommand {
         replication_factor: i32,
         configs: BTreeMap<String, String>,
     },
-    /// Deletes a topic.
-    DeleteTopic { name: String },
+    /// Deletes a topic; with `topic_id`, only that incarnation of the
+    /// name. A submit retried after its first copy committed (a
+    /// forwarded command whose answer was lost) must not delete a topic
+    /// created again under the name in between.
+    DeleteTopic {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic_id: Option<String>,
+    },
     /// Grows a topic to `total_partitions`.
     AddPartitions { name: String, total_partitions: i32 },
     /// A partition leader changes the ISR (shrink a lagging follower, add

@@ -362,11 +362,15 @@ impl ClusterMetadata {
                 );
                 Applied::Done
             }
-            MetadataCommand::DeleteTopic { name } => {
-                let topic = self
+            MetadataCommand::DeleteTopic { name, topic_id } => {
+                if self
                     .topics
-                    .remove(&name)
-                    .ok_or(MetadataError::UnknownTopic { name })?;
+                    .get(&name)
+                    .is_none_or(|t| topic_id.as_ref().is_some_and(|id| *id != t.topic_id))
+                {
+                    return Err(MetadataError::UnknownTopic { name });
+                }
+                let topic = self.topics.remove(&name).expect("checked above");
                 Applied::TopicDeleted {
                     topic_id: topic.topic_id,
                     partitions: topic.partitions.len() as i32,
@@ -919,6 +923,40 @@ mod tests {
         assert_eq!(s.apply(again(7)).unwrap(), Applied::Registered { epoch: 1 });
     }
 
+    /// A delete naming the topic's id deletes only that topic: a copy of
+    /// it committed again (a retried submit) does not delete the topic
+    /// created under the name since.
+    #[test]
+    fn a_delete_for_an_earlier_topic_of_the_name_deletes_nothing() {
+        let mut s = three();
+        s.apply(create("t", 1, 1)).unwrap();
+        let delete = MetadataCommand::DeleteTopic {
+            name: "t".into(),
+            topic_id: Some("id-t".into()),
+        };
+        s.apply(delete.clone()).unwrap();
+        s.apply(MetadataCommand::CreateTopic {
+            name: "t".into(),
+            topic_id: "id-t-again".into(),
+            partitions: 2,
+            replication_factor: 1,
+            configs: BTreeMap::new(),
+        })
+        .unwrap();
+        assert!(matches!(
+            s.apply(delete),
+            Err(MetadataError::UnknownTopic { .. })
+        ));
+        assert_eq!(s.topics["t"].topic_id, "id-t-again");
+        // By name alone, as before.
+        s.apply(MetadataCommand::DeleteTopic {
+            name: "t".into(),
+            topic_id: None,
+        })
+        .unwrap();
+        assert!(s.topics.is_empty());
+    }
+
     #[test]
     fn topic_names_follow_kafka_rules() {
         for good in ["a", "A-b_c.d", &"x".repeat(249)] {
@@ -1154,6 +1192,7 @@ mod tests {
             create("u", 1, 0),
             MetadataCommand::DeleteTopic {
                 name: "nope".into(),
+                topic_id: None,
             },
             MetadataCommand::AddPartitions {
                 name: "t".into(),

@@ -229,6 +229,7 @@ async fn t01_leader_elected_and_follower_submits_are_forwarded() {
         .store
         .submit(MetadataCommand::DeleteTopic {
             name: "nope".into(),
+            topic_id: None,
         })
         .await
         .unwrap_err();
