@@ -298,14 +298,22 @@ impl ClusterMetadata {
                     },
                 );
                 // A broker that comes back leads the partitions left
-                // offline without a leader that it replicates.
+                // offline without a leader that it replicates. Every
+                // partition it replicates moves to a new partition epoch:
+                // an ISR change a leader proposed from what the broker's
+                // previous incarnation had fetched (records it may have
+                // lost since, unflushed) is refused as stale, as Kafka's
+                // KIP-903 refuses ISR additions of an old broker epoch.
                 for topic in self.topics.values_mut() {
                     for p in &mut topic.partitions {
-                        if p.leader == -1 && p.replicas.contains(&id) && p.isr.contains(&id) {
+                        if !p.replicas.contains(&id) {
+                            continue;
+                        }
+                        if p.leader == -1 && p.isr.contains(&id) {
                             p.leader = id;
                             p.leader_epoch += 1;
-                            p.partition_epoch += 1;
                         }
+                        p.partition_epoch += 1;
                     }
                 }
                 Applied::Registered { epoch }
@@ -921,6 +929,33 @@ mod tests {
         );
         assert_eq!(s.brokers[&1].epoch, 3);
         assert_eq!(s.apply(again(7)).unwrap(), Applied::Registered { epoch: 1 });
+    }
+
+    /// An ISR addition proposed before a broker registered again (from
+    /// what its earlier incarnation fetched) is refused, even when that
+    /// incarnation had been fenced already.
+    #[test]
+    fn an_isr_addition_from_before_a_registration_is_stale() {
+        let mut s = three();
+        s.apply(create("t", 1, 3)).unwrap();
+        let p = s.topics["t"].partitions[0].clone();
+        let follower = *p.replicas.iter().find(|r| **r != p.leader).unwrap();
+        // The follower left the ISR, and was fenced.
+        let others: Vec<i32> = p.isr.iter().copied().filter(|r| *r != follower).collect();
+        s.apply(isr_of(&s, 0, others)).unwrap();
+        s.apply(MetadataCommand::FenceBroker {
+            id: follower,
+            epoch: None,
+        })
+        .unwrap();
+        // The leader proposes it back, from the old incarnation's fetches;
+        // the broker registers again before that proposal is applied.
+        let stale = isr_of(&s, 0, p.isr.clone());
+        register(&mut s, follower);
+        assert!(matches!(
+            s.apply(stale),
+            Err(MetadataError::InvalidIsrChange { .. })
+        ));
     }
 
     /// A delete naming the topic's id deletes only that topic: a copy of
