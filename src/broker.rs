@@ -355,9 +355,18 @@ impl Broker {
         &self.metadata
     }
 
-    /// Effective configs of a topic.
+    /// Effective configs of a topic. `__consumer_offsets` is kept
+    /// forever whatever the broker-wide defaults say (it has no
+    /// compaction yet: retention would drop groups' last commits), also
+    /// when it was created before it carried that override itself.
     pub fn effective_configs(&self, topic: &TopicInfo) -> BTreeMap<String, String> {
-        topic_config::effective(&self.topic_defaults, &topic.configs)
+        let mut configs = topic_config::effective(&self.topic_defaults, &topic.configs);
+        if topic.name == crate::group::OFFSETS_TOPIC {
+            for key in ["retention.ms", "retention.bytes"] {
+                configs.insert(key.to_string(), "-1".to_string());
+            }
+        }
+        configs
     }
 
     /// Opens logs for partitions this node now hosts, applies config

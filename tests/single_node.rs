@@ -1367,3 +1367,41 @@ async fn batches_out_of_time_fail_together_when_the_broker_is_gone() {
         .expect("nothing left to wait for")
         .unwrap();
 }
+
+/// `__consumer_offsets` is kept forever whatever `[topic_defaults]`
+/// says: a broker-wide `retention.bytes` deleted its oldest segments, and
+/// with them the last commits of quiet groups.
+#[test]
+fn the_offsets_topic_ignores_broker_wide_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_toml(
+        dir.path(),
+        "[topic_defaults]\n\"retention.bytes\" = 100000\n\"retention.ms\" = 60000\n",
+    );
+    let addr = server.addr.as_str();
+    cli_ok(addr, &["topic", "create", "t", "--partitions", "1"], None);
+    cli_ok(addr, &["produce", "t"], Some(b"a\nb\n"));
+    cli_ok(
+        addr,
+        &["consume", "t", "--group", "g", "--max-records", "2"],
+        None,
+    );
+    let out = cli_ok(
+        addr,
+        &[
+            "--output",
+            "json",
+            "topic",
+            "describe",
+            "__consumer_offsets",
+        ],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["configs"]["retention.bytes"], "-1", "{out}");
+    assert_eq!(v["configs"]["retention.ms"], "-1", "{out}");
+    // Other topics keep the defaults.
+    let out = cli_ok(addr, &["--output", "json", "topic", "describe", "t"], None);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["configs"]["retention.bytes"], "100000", "{out}");
+}

@@ -77,13 +77,17 @@ pub enum CoordinatorError {
     Broker(#[from] BrokerError),
     #[error("storing to {OFFSETS_TOPIC} failed: {0}")]
     Append(#[from] AppendError),
+    #[error("{OFFSETS_TOPIC} needs {want} live brokers for its replicas, {live} are registered; try again once they are")]
+    OffsetsTopicUnavailable { live: i32, want: i32 },
 }
 
 impl CoordinatorError {
     /// The wire error code.
     pub fn code(&self) -> pb::ErrorCode {
         match self {
-            CoordinatorError::NotCoordinator { .. } => pb::ErrorCode::NotCoordinator,
+            // Retriable, as Kafka's COORDINATOR_NOT_AVAILABLE.
+            CoordinatorError::NotCoordinator { .. }
+            | CoordinatorError::OffsetsTopicUnavailable { .. } => pb::ErrorCode::NotCoordinator,
             CoordinatorError::UnknownGroup { .. } => pb::ErrorCode::UnknownGroup,
             CoordinatorError::RebalanceInProgress { .. } => pb::ErrorCode::RebalanceInProgress,
             CoordinatorError::Group(GroupError::UnknownMember { .. }) => {
@@ -653,6 +657,16 @@ impl GroupCoordinator {
             .filter(|b| !b.fenced && b.roles.iter().any(|r| r == "broker"))
             .count()
             .max(1) as i32;
+        // As Kafka's offsets.topic.replication.factor (3): the topic is
+        // created with three replicas, or one per voter on a smaller
+        // cluster, once that many brokers are live. Taking whoever had
+        // registered at the first FindCoordinator gave a cluster still
+        // starting one copy of every commit for good.
+        let voters = self.broker.config().voters().map_or(1, |v| v.len()).max(1);
+        let want = (voters as i32).min(3);
+        if live < want {
+            return Err(CoordinatorError::OffsetsTopicUnavailable { live, want });
+        }
         let rf = live.min(3);
         let req = pb::CreateTopicRequest {
             name: OFFSETS_TOPIC.to_string(),
@@ -664,6 +678,7 @@ impl GroupCoordinator {
             configs: [
                 ("min.insync.replicas".to_string(), rf.min(2).to_string()),
                 ("retention.ms".to_string(), "-1".to_string()),
+                ("retention.bytes".to_string(), "-1".to_string()),
             ]
             .into_iter()
             .collect(),
