@@ -10,8 +10,9 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogId, LogState, RaftLogId, RaftLogReader, StorageIOError, Vote};
@@ -23,6 +24,8 @@ use super::type_config::{Entry, NodeId, StorageError, TypeConfig};
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
+/// Longest a purge waits for the state machine to save what it removes.
+const PURGE_WAIT: Duration = Duration::from_secs(60);
 
 /// The sled-backed log store; cheap to clone (sled handles are shared).
 #[derive(Clone, Debug)]
@@ -31,7 +34,7 @@ pub struct SledLogStore {
     logs: sled::Tree,
     meta: sled::Tree,
     /// See [`SledLogStore::limit_purges`].
-    purge_limit: Option<Arc<AtomicU64>>,
+    purge_limit: Option<watch::Receiver<u64>>,
 }
 
 impl SledLogStore {
@@ -45,16 +48,17 @@ impl SledLogStore {
         })
     }
 
-    /// Purges keep every entry at or after `limit` (one past the last
-    /// entry the state machine's durably saved state covers). openraft
-    /// purges up to a snapshot it is installing while the state machine
-    /// still saves it; a crash in between must not leave a saved state
-    /// older than the purged log, which a restart could not re-apply.
-    /// Entries kept past the purge openraft asked for are harmless: it
-    /// does not read below its purge point, and the next purge (or the
-    /// restart's) removes them.
-    pub fn limit_purges(&mut self, limit: Arc<AtomicU64>) {
-        self.purge_limit = Some(limit);
+    /// A purge waits until `saved` (one past the last entry the state
+    /// machine's durably saved state covers) passes its purge point.
+    /// openraft purges up to a snapshot it is installing while the state
+    /// machine is still saving it (on another task); recorded first, a
+    /// crash in between left a saved state older than the purged log,
+    /// which a restart cannot re-apply. Holding part of the purge back
+    /// instead left a hole in the log after the entries appended next.
+    /// The state machine never waits on the log store, so this wait ends
+    /// when the install is saved.
+    pub fn limit_purges(&mut self, saved: watch::Receiver<u64>) {
+        self.purge_limit = Some(saved);
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -192,28 +196,19 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        let mut log_id = log_id;
-        if let Some(limit) = &self.purge_limit {
-            let limit = limit.load(Ordering::Acquire);
-            if log_id.index >= limit {
-                // Up to the last entry the saved state covers, if any.
-                let Some(last) = limit.checked_sub(1) else {
-                    return Ok(());
-                };
-                let Some(bytes) = self
-                    .logs
-                    .get(last.to_be_bytes())
-                    .map_err(|e| StorageIOError::read_logs(&e))?
-                else {
-                    return Ok(());
-                };
-                log_id = *decode(&bytes)?.get_log_id();
-                tracing::debug!(asked = ?log_id, upto = last, "purge held back to the saved state");
+        if let Some(saved) = &self.purge_limit {
+            let mut saved = saved.clone();
+            let wanted = log_id.index + 1;
+            let waited = tokio::time::timeout(PURGE_WAIT, saved.wait_for(|s| *s >= wanted)).await;
+            if !matches!(waited, Ok(Ok(_))) {
+                return Err(StorageIOError::write_logs(openraft::AnyError::error(format!(
+                    "the state machine did not save its state up to {log_id} within {PURGE_WAIT:?}; not purging"
+                )))
+                .into());
             }
         }
         // Record the purge point first: a crash in between leaves extra
-        // entries, never a hole. It never moves back (a purge held back
-        // above may ask for less than an earlier one recorded).
+        // entries, never a hole. It never moves back.
         if self
             .get_meta::<LogId<NodeId>>(LAST_PURGED)?
             .is_none_or(|purged| purged < log_id)
@@ -286,16 +281,16 @@ mod tests {
             .collect()
     }
 
-    /// openraft purges up to a snapshot it installs while the state
-    /// machine may not have saved it yet: the entries the saved state does
-    /// not cover stay, so a restart can re-apply them.
+    /// openraft purges up to a snapshot it is installing while the state
+    /// machine may not have saved it yet: the purge waits until the saved
+    /// state covers it, and records nothing before.
     #[tokio::test]
-    async fn purges_keep_the_entries_the_saved_state_does_not_cover() {
+    async fn a_purge_waits_for_the_saved_state_to_cover_it() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let mut store = SledLogStore::open(&db).unwrap();
-        let saved = Arc::new(AtomicU64::new(0));
-        store.limit_purges(saved.clone());
+        let (saved, rx) = watch::channel(0u64);
+        store.limit_purges(rx);
         for i in 1..=10 {
             let entry = Entry {
                 log_id: log_id(i),
@@ -306,24 +301,28 @@ mod tests {
                 .insert(i.to_be_bytes(), serde_json::to_vec(&entry).unwrap())
                 .unwrap();
         }
-        // Nothing saved: nothing purged.
-        store.purge(log_id(5)).await.unwrap();
+        let mut purging = store.clone();
+        let purge = purging.purge(log_id(5));
+        tokio::pin!(purge);
+        // Saved up to 3: polled once, it waits, having done nothing.
+        saved.send_replace(4);
+        tokio::select! {
+            biased;
+            r = &mut purge => panic!("purged before the state was saved: {r:?}"),
+            () = std::future::ready(()) => {}
+        }
         assert_eq!(indexes(&store), (1..=10).collect::<Vec<_>>());
         assert_eq!(
             store.get_log_state().await.unwrap().last_purged_log_id,
             None
         );
-        // Saved up to 3: purged up to 3.
-        saved.store(4, Ordering::Release);
-        store.purge(log_id(5)).await.unwrap();
-        assert_eq!(indexes(&store), (4..=10).collect::<Vec<_>>());
-        let state = store.get_log_state().await.unwrap();
-        assert_eq!(state.last_purged_log_id, Some(log_id(3)));
-        assert_eq!(state.last_log_id, Some(log_id(10)));
-        // Saved past it: the purge asked for.
-        saved.store(11, Ordering::Release);
-        store.purge(log_id(5)).await.unwrap();
+        // Saved up to 5: done.
+        saved.send_replace(6);
+        purge.await.unwrap();
         assert_eq!(indexes(&store), (6..=10).collect::<Vec<_>>());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(5)));
+        assert_eq!(state.last_log_id, Some(log_id(10)));
         // A purge point recorded past the entries left (a crash before
         // they were removed) is the log's end.
         store.put_meta(LAST_PURGED, &log_id(12)).unwrap();

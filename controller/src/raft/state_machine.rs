@@ -10,7 +10,6 @@
 #![allow(clippy::result_large_err)]
 
 use std::io::Cursor;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftStateMachine;
@@ -67,7 +66,7 @@ pub struct MetadataStateMachine {
     /// covers (0: none saved). The log store purges no entry at or after
     /// it: a restart re-applies from the saved state, so those entries
     /// must still be there ([`super::log_store::SledLogStore::limit_purges`]).
-    saved: Arc<AtomicU64>,
+    saved: watch::Sender<u64>,
     /// Serialises snapshot writes: a snapshot built from an older state
     /// never replaces a newer one installed meanwhile.
     snapshot_lock: Arc<Mutex<()>>,
@@ -118,7 +117,7 @@ impl MetadataStateMachine {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| e.to_string())?,
             None => StoredState::default(),
         };
-        let saved = Arc::new(AtomicU64::new(covered(state.last_applied.as_ref())));
+        let saved = watch::Sender::new(covered(state.last_applied.as_ref()));
         let sm = Self {
             tree,
             state,
@@ -138,8 +137,8 @@ impl MetadataStateMachine {
     }
 
     /// How far the durably saved state reaches (see the field).
-    pub fn saved(&self) -> Arc<AtomicU64> {
-        self.saved.clone()
+    pub fn saved(&self) -> watch::Receiver<u64> {
+        self.saved.subscribe()
     }
 
     /// Saves the state and flushes it: only then may the log store purge
@@ -155,7 +154,7 @@ impl MetadataStateMachine {
             .flush()
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         self.saved
-            .store(covered(self.state.last_applied.as_ref()), Ordering::Release);
+            .send_replace(covered(self.state.last_applied.as_ref()));
         Ok(())
     }
 }
