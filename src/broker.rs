@@ -98,6 +98,8 @@ pub struct Broker {
     known_topics: Mutex<HashSet<String>>,
     /// Authentication, ACLs and quotas; unset = everything allowed.
     security: std::sync::OnceLock<Arc<crate::security::Security>>,
+    /// Cancelled when a hosted log failed (see [`Broker::failed`]).
+    failed: CancellationToken,
 }
 
 impl std::fmt::Debug for Broker {
@@ -132,6 +134,7 @@ impl Broker {
             metrics: Arc::new(Metrics::new()),
             known_topics: Mutex::new(HashSet::new()),
             security: std::sync::OnceLock::new(),
+            failed: CancellationToken::new(),
             config,
         }))
     }
@@ -328,6 +331,13 @@ impl Broker {
                 }
             });
         }
+    }
+
+    /// Cancelled once a hosted partition's log has failed (it closed
+    /// itself after an I/O error): the server then stops as on SIGTERM,
+    /// with an error.
+    pub fn failed(&self) -> &CancellationToken {
+        &self.failed
     }
 
     /// This node's id.
@@ -1426,6 +1436,15 @@ impl Broker {
             map.values().cloned().collect()
         };
         for p in hosted {
+            if p.log.has_failed() && !self.failed.is_cancelled() {
+                // Its data may be gone from disk (a failed fsync) while
+                // the broker still leads it. As Kafka halts a broker whose
+                // only log directory went offline, the server stops, after
+                // handing its leaderships over; a restart recovers the
+                // log from disk.
+                tracing::error!(topic = %p.topic, partition = p.index, "a hosted log failed; stopping this broker");
+                self.failed.cancel();
+            }
             let proposals = p.on_tick(now, lag_max);
             self.propose_isr_changes(&p, proposals);
         }

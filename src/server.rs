@@ -92,6 +92,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("shut down before the node was ready")]
     Interrupted,
+    #[error("stopped: a partition log failed with an I/O error (see the log); a restart recovers it from disk")]
+    LogFailed,
     #[error(transparent)]
     Tls(#[from] crate::security::tls::TlsError),
 }
@@ -405,8 +407,11 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     info!(node_id = config.node_id, addr = %local, advertised = %advertised, data_dir = %config.data_dir.display(), "runnel listening");
     println!("runnel listening on {local}");
 
-    external.cancelled().await;
-    info!("shutting down");
+    let log_failed = tokio::select! {
+        () = external.cancelled() => false,
+        () = broker.failed().cancelled() => true,
+    };
+    info!(log_failed, "shutting down");
     // No more heartbeats: a heartbeat seeing the fence below would
     // register this broker again.
     heartbeat.abort();
@@ -443,5 +448,8 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         .map_err(|_| BrokerError::ShuttingDown)??;
     info!("runnel stopped");
     drop(lock);
+    if log_failed {
+        return Err(ServerError::LogFailed);
+    }
     result
 }

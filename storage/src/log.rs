@@ -186,6 +186,8 @@ pub struct Log {
     log_end_offset: AtomicI64,
     high_watermark: AtomicI64,
     closed: AtomicBool,
+    /// Closed by [`Log::fail`], not by a close or a deletion.
+    failed: AtomicBool,
     /// Leader appends with an epoch below this are refused: this replica
     /// follows (or waits for) the leader of that epoch
     /// ([`Log::fence_leader_appends`]).
@@ -367,6 +369,7 @@ impl Log {
             log_end_offset: AtomicI64::new(log_end_offset),
             high_watermark: AtomicI64::new(high_watermark),
             closed: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             leader_fence: AtomicI32::new(i32::MIN),
             follower_fence: AtomicI32::new(i32::MIN),
             dir_synced: AtomicU64::new(0),
@@ -1080,7 +1083,15 @@ impl Log {
     fn fail(&self, w: &mut Writer, what: &str, error: &StorageError) {
         tracing::error!(dir = %self.dir.display(), %error, "{what} failed part-way: the log refuses further work until it is reopened");
         w.closed = true;
+        self.failed.store(true, Ordering::Release);
         self.closed.store(true, Ordering::Release);
+    }
+
+    /// Whether the log closed itself after an I/O error (a failed fsync,
+    /// truncation or reset): it refuses all work until it is reopened,
+    /// which recovers it from what is on disk.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Removes every record at or after `offset`.
