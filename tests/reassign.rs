@@ -186,3 +186,61 @@ async fn a_partition_moves_to_new_replicas_under_load() {
         "acked records lost"
     );
 }
+
+/// A replica added after DeleteRecords cut the log between two records
+/// of one batch starts at the leader's log start, inside that batch; the
+/// leader serves the whole batch. The new replica starts over at the
+/// batch and joins the ISR (it refused the batch as non-contiguous, for
+/// good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_of_a_log_starting_inside_a_batch_catches_up() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(3, base.path(), "", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("mid", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let before = eventually("a leader", WAIT, || async {
+        let p = partition(&client, "mid").await?;
+        (p.leader > 0).then_some(p)
+    })
+    .await;
+    // Ten records in one batch: offsets 0..=9.
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::from_secs(60),
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..10 {
+        acks.push(
+            producer
+                .send("mid", ProducerRecord::value(format!("v{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    producer.flush().await.unwrap();
+    for a in acks {
+        a.await.unwrap();
+    }
+    client
+        .delete_records("mid", 0, 5, Duration::ZERO)
+        .await
+        .unwrap();
+    let fresh = (1..=3).find(|id| *id != before.leader).unwrap();
+    client
+        .reassign_partitions("mid", vec![(0, vec![before.leader, fresh])])
+        .await
+        .unwrap();
+    eventually("the new replica in the ISR", WAIT, || async {
+        let p = partition(&client, "mid").await?;
+        (p.isr.contains(&fresh) && p.replicas.len() == 2).then_some(())
+    })
+    .await;
+    let mut consumer = client
+        .partition_consumer("mid", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    assert_eq!(consumer.position(), 5);
+}

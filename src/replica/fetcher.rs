@@ -4,7 +4,7 @@
 //! watermark. Before fetching in a new leader epoch it asks the leader for
 //! the end of its own latest epoch and truncates divergent history.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -18,11 +18,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
+use runnel_storage::StorageError;
+
 use crate::broker::{now_ms, Broker};
 use crate::partition::Partition;
 
 /// Pause after a failed round, so a dead leader is not hammered.
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// How long a partition whose append, reset or divergence check failed
+/// sits out of its fetcher's rounds.
+const PARTITION_RETRY: Duration = Duration::from_secs(1);
 /// Pause before setting up a leader's connection again (TLS files that
 /// could not be read).
 const SETUP_RETRY: Duration = Duration::from_secs(5);
@@ -171,6 +176,8 @@ async fn run_fetcher(
     let mut stream: Option<Stream> = None;
     // Partitions already checked for divergence in their current epoch.
     let mut truncated: HashMap<(String, i32), i32> = HashMap::new();
+    // Partitions sitting out after a failure of their own, until when.
+    let mut resting: HashMap<(String, i32), tokio::time::Instant> = HashMap::new();
     let mut throttle: Option<Throttle> = None;
     // Until when the replicas out of the ISR wait for the byte rate.
     let mut throttled_until: Option<tokio::time::Instant> = None;
@@ -218,6 +225,7 @@ async fn run_fetcher(
             &mut stream,
             &current,
             &mut truncated,
+            &mut resting,
             settings,
             throttled.is_some(),
         );
@@ -296,16 +304,26 @@ async fn fetch_round(
     stream: &mut Option<Stream>,
     assigned: &Assignments,
     truncated: &mut HashMap<(String, i32), i32>,
+    resting: &mut HashMap<(String, i32), tokio::time::Instant>,
     settings: ReplicaSettings,
     throttled: bool,
 ) -> Result<u64, String> {
     truncated.retain(|k, _| assigned.contains_key(k));
-    // Partitions left out of this round: their divergence check failed
-    // for a reason of their own. The others are fetched all the same.
-    let mut skipped: Vec<&(String, i32)> = Vec::new();
-    if throttled {
-        skipped.extend(assigned.iter().filter(|(_, a)| !a.in_sync).map(|(k, _)| k));
-    }
+    let now = tokio::time::Instant::now();
+    resting.retain(|k, until| *until > now && assigned.contains_key(k));
+    // Partitions left out of this round: out of the ISR while the byte
+    // rate holds them back, resting after a failure of their own (the
+    // leader answers at once while any partition has data, so retrying
+    // them each round would spin), or their divergence check failed. The
+    // others are fetched all the same.
+    let mut skipped: HashSet<&(String, i32)> = assigned
+        .iter()
+        .filter(|(k, a)| (throttled && !a.in_sync) || resting.contains_key(*k))
+        .map(|(k, _)| k)
+        .collect();
+    let rest = |resting: &mut HashMap<(String, i32), tokio::time::Instant>, key: (String, i32)| {
+        resting.insert(key, tokio::time::Instant::now() + PARTITION_RETRY);
+    };
     for (key @ (topic, index), a) in assigned {
         if skipped.contains(&key) {
             continue;
@@ -321,7 +339,8 @@ async fn fetch_round(
             Err(DivergenceError::Call(e)) => return Err(e),
             Err(DivergenceError::Partition(e)) => {
                 warn!(%topic, partition = index, error = %e, "divergence check failed; fetching the others");
-                skipped.push(key);
+                skipped.insert(key);
+                rest(resting, key.clone());
             }
         }
     }
@@ -394,6 +413,7 @@ async fn fetch_round(
                 .map_err(|e| e.to_string())?;
             if let Err(e) = reset {
                 warn!(topic = %data.topic, partition = data.partition, error = %e, "cannot start the log over");
+                rest(resting, (data.topic.clone(), data.partition));
             }
             continue;
         }
@@ -413,22 +433,40 @@ async fn fetch_round(
         }
         let log = &a.partition.log;
         if !data.batches.is_empty() {
-            appended += data.batches.len() as u64;
-            if !a.in_sync {
-                throttled_bytes += data.batches.len() as u64;
-            }
-            let batches = data.batches.clone();
-            let log2 = log.clone();
             let epoch = a.leader_epoch;
-            let appended_now = a
-                .partition
-                .run_append(move || log2.append_following(epoch, batches))
-                .await
-                .ok_or("append task lost")?;
+            let mut appended_now = append(a, epoch, &data.batches).await?;
+            if let Err(StorageError::NonContiguous { base_offset, .. }) = appended_now {
+                if log.log_start_offset() == log.log_end_offset()
+                    && base_offset < log.log_end_offset()
+                {
+                    // An empty log started at the leader's log start,
+                    // which lies inside this batch (DeleteRecords between
+                    // two records of a batch): the leader serves the whole
+                    // batch. The log starts over at the batch, and its
+                    // start moves up to the leader's below, once the high
+                    // watermark allows.
+                    info!(topic = %data.topic, partition = data.partition, from = base_offset, "the leader's log starts inside its first batch: starting over at the batch");
+                    let log2 = log.clone();
+                    let reset = tokio::task::spawn_blocking(move || {
+                        log2.reset_following(epoch, base_offset)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    appended_now = match reset {
+                        Ok(()) => append(a, epoch, &data.batches).await?,
+                        Err(e) => Err(e),
+                    };
+                }
+            }
             if let Err(e) = appended_now {
                 // This partition only: the others' data is applied.
                 warn!(topic = %data.topic, partition = data.partition, error = %e, "cannot append what the leader sent");
+                rest(resting, (data.topic.clone(), data.partition));
                 continue;
+            }
+            appended += data.batches.len() as u64;
+            if !a.in_sync {
+                throttled_bytes += data.batches.len() as u64;
             }
             broker.metrics().replicated(data.batches.len());
         }
@@ -448,6 +486,7 @@ async fn fetch_round(
                 .map_err(|e| e.to_string())?;
             if let Err(e) = deleted {
                 warn!(topic = %data.topic, partition = data.partition, error = %e, "cannot move the log start");
+                rest(resting, (data.topic.clone(), data.partition));
             }
         }
     }
@@ -457,6 +496,20 @@ async fn fetch_round(
         return Err("leader refused some partitions".into());
     }
     Ok(throttled_bytes)
+}
+
+/// Appends what the leader of `epoch` sent for `a`'s partition.
+async fn append(
+    a: &Assignment,
+    epoch: i32,
+    batches: &bytes::Bytes,
+) -> Result<Result<runnel_storage::AppendInfo, StorageError>, String> {
+    let log = a.partition.log.clone();
+    let batches = batches.clone();
+    a.partition
+        .run_append(move || log.append_following(epoch, batches))
+        .await
+        .ok_or_else(|| "append task lost".to_string())
 }
 
 /// Why a divergence check failed.
