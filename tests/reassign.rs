@@ -238,7 +238,7 @@ async fn a_new_replica_of_a_log_starting_inside_a_batch_catches_up() {
         (p.isr.contains(&fresh) && p.replicas.len() == 2).then_some(())
     })
     .await;
-    let mut consumer = client
+    let consumer = client
         .partition_consumer("mid", 0, StartFrom::Earliest)
         .await
         .unwrap();
