@@ -1064,12 +1064,24 @@ impl PartitionSender {
                             sent_at: None,
                             maybe_stored: false,
                         };
-                        if self.expired(&q, Instant::now()) {
+                        let first = !queue.iter().any(|e| matches!(e, Entry::Batch(_)));
+                        if first && self.expired(&q, Instant::now()) {
                             // Out of time before it was ever sent (it
                             // waited behind a partition that kept
                             // failing): it fails now, not one retry
-                            // cycle at a time.
-                            self.fail_for_good(q, &self.expired_error());
+                            // cycle at a time. Never sent, it was not
+                            // stored: with idempotence its sequence is
+                            // given back, so the batches after it are
+                            // not refused as out of order. (One with
+                            // batches ahead of it waits for them: it
+                            // fails with them, or goes if they do.)
+                            let e = self.expired_error();
+                            if self.broken.is_some() {
+                                restart = self.skip_refused(&q, restart, &mut stream, &mut queue, &mut sent);
+                                q.done.finish(Err(e));
+                            } else {
+                                self.fail_for_good(q, &e);
+                            }
                         } else {
                             queue.push_back(Entry::Batch(q));
                         }
