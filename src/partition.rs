@@ -109,6 +109,14 @@ impl Partition {
     /// Applies the metadata's view of this partition. Returns ISR
     /// proposals to send to the controller.
     pub fn update_role(&self, me: i32, info: &PartitionInfo, now_ms: i64) -> Vec<Command> {
+        if info.leader == me {
+            // A replication round of the epoch this replica followed in
+            // may still be under way: it must not truncate or append to
+            // the leader's log from here on. Raised before the role lock
+            // is taken (it waits for the log's writer, which a follower
+            // append may hold through an fsync); it only ever rises.
+            self.log.fence_follower_writes(info.leader_epoch);
+        }
         let mut role = self.role();
         let leo = self.log.log_end_offset();
         if info.leader == me {
@@ -128,10 +136,6 @@ impl Partition {
                 }
             }
             info!(topic = %self.topic, partition = self.index, leader_epoch = info.leader_epoch, isr = ?info.isr, "became leader");
-            // A replication round of the epoch this replica followed in
-            // may still be under way: it must not truncate or append to
-            // the leader's log from here on.
-            self.log.fence_follower_writes(info.leader_epoch);
             let mut state = LeaderState::new(
                 me,
                 info.leader_epoch,

@@ -1472,7 +1472,7 @@ impl Log {
     /// moves to `to` unless the log was truncated in between
     /// (`truncations` changed). Its checkpoint is written under the
     /// checkpoints lock alone, so appends go on then too. A failed fsync
-    /// closes the log (see [`Log::sync_failed`]). Returns the writer lock.
+    /// closes the log (see [`Log::fail`]). Returns the writer lock.
     fn sync_then_advance(
         &self,
         segments: &[Arc<Segment>],
