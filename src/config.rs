@@ -506,6 +506,16 @@ impl ServerConfig {
                 ),
             ));
         }
+        let replica_max = crate::client::MESSAGE_BYTES_MAX / 2;
+        if self.broker.replica_fetch_bytes_max as usize > replica_max {
+            return Err(invalid(
+                "broker.replica_fetch_bytes_max",
+                format!(
+                    "{} is more than {replica_max}: a follower could not decode the answer",
+                    self.broker.replica_fetch_bytes_max
+                ),
+            ));
+        }
         if self.broker.grpc_message_bytes_max < 1024 {
             return Err(invalid(
                 "broker.grpc_message_bytes_max",
@@ -738,6 +748,12 @@ mod tests {
         assert!(err.to_string().contains("worker_threads"), "{err}");
         let err = ServerConfig::from_toml("worker_threads = -1\n").unwrap_err();
         assert!(err.to_string().contains("worker_threads"), "{err}");
+        let err =
+            ServerConfig::from_toml("[broker]\nreplica_fetch_bytes_max = 100000000\n").unwrap_err();
+        assert!(
+            err.to_string().contains("broker.replica_fetch_bytes_max"),
+            "{err}"
+        );
         let err = ServerConfig::from_toml("[broker]\nnum_partitions = 0\n").unwrap_err();
         assert!(err.to_string().contains("broker.num_partitions"), "{err}");
         let err =

@@ -178,6 +178,8 @@ async fn run_fetcher(
     let mut truncated: HashMap<(String, i32), i32> = HashMap::new();
     // Partitions sitting out after a failure of their own, until when.
     let mut resting: HashMap<(String, i32), tokio::time::Instant> = HashMap::new();
+    // Where the next round's list of partitions starts.
+    let mut rotation = 0usize;
     let mut throttle: Option<Throttle> = None;
     // Until when the replicas out of the ISR wait for the byte rate.
     let mut throttled_until: Option<tokio::time::Instant> = None;
@@ -226,6 +228,7 @@ async fn run_fetcher(
             &current,
             &mut truncated,
             &mut resting,
+            &mut rotation,
             settings,
             throttled.is_some(),
         );
@@ -305,6 +308,7 @@ async fn fetch_round(
     assigned: &Assignments,
     truncated: &mut HashMap<(String, i32), i32>,
     resting: &mut HashMap<(String, i32), tokio::time::Instant>,
+    rotation: &mut usize,
     settings: ReplicaSettings,
     throttled: bool,
 ) -> Result<u64, String> {
@@ -362,20 +366,30 @@ async fn fetch_round(
         *stream = Some((tx, responses));
     }
     let (tx, responses) = stream.as_mut().expect("opened above");
+    let mut partitions: Vec<ipb::ReplicaFetchPartition> = assigned
+        .iter()
+        .filter(|(key, _)| !skipped.contains(key))
+        .map(|((topic, index), a)| ipb::ReplicaFetchPartition {
+            topic: topic.clone(),
+            partition: *index,
+            fetch_offset: a.partition.log.log_end_offset(),
+            current_leader_epoch: a.leader_epoch,
+            log_start_offset: a.partition.log.log_start_offset(),
+        })
+        .collect();
+    // The leader fills its byte budget in the order asked: each round
+    // starts one partition further, so one partition with a backlog of a
+    // whole budget (a replica catching up) does not starve the ones after
+    // it (in-sync followers falling out of the ISR), as Kafka rotates.
+    if !partitions.is_empty() {
+        let len = partitions.len();
+        partitions.rotate_left(*rotation % len);
+        *rotation = rotation.wrapping_add(1);
+    }
     let request = ipb::ReplicaFetchRequest {
         replica_id: settings.replica_id,
         broker_epoch: 0,
-        partitions: assigned
-            .iter()
-            .filter(|(key, _)| !skipped.contains(key))
-            .map(|((topic, index), a)| ipb::ReplicaFetchPartition {
-                topic: topic.clone(),
-                partition: *index,
-                fetch_offset: a.partition.log.log_end_offset(),
-                current_leader_epoch: a.leader_epoch,
-                log_start_offset: a.partition.log.log_start_offset(),
-            })
-            .collect(),
+        partitions,
         max_bytes: settings.fetch_bytes_max,
         max_wait_ms: settings.fetch_wait_max_ms,
     };

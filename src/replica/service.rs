@@ -50,9 +50,12 @@ async fn serve_fetch(broker: &Broker, req: ipb::ReplicaFetchRequest) -> ipb::Rep
 }
 
 fn answer(broker: &Broker, req: &ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchResponse {
+    // At most half of what the follower decodes (a read returns at least
+    // one whole batch, which may pass the budget): a larger answer would
+    // be refused on the follower's side, every round, for good.
     let mut budget = match req.max_bytes {
         0 => 1024 * 1024,
-        n => n as usize,
+        n => (n as usize).min(crate::client::MESSAGE_BYTES_MAX / 2),
     };
     let now = now_ms();
     let partitions = req
