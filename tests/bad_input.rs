@@ -442,7 +442,38 @@ async fn clients_may_not_delete_grow_or_write_the_offsets_topic() {
         .commit_offsets("g", "", 0, committed.clone())
         .await
         .unwrap();
+    // Commits that would grow the group's state for nothing, or fill the
+    // offsets topic's batches, are refused with the reason.
+    let refused = |partition: i32, metadata: String| {
+        let client = &client;
+        async move {
+            let offset = pb::PartitionOffset {
+                topic: "t".into(),
+                partition,
+                offset: 0,
+                metadata,
+            };
+            client
+                .commit_offsets("g", "", 0, vec![offset])
+                .await
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    let e = refused(0, "m".repeat(5000)).await;
+    assert!(e.contains("offset metadata of 5000 bytes"), "{e}");
+    let e = refused(7, String::new()).await;
+    assert!(e.contains("t-7") || e.contains("partition 7"), "{e}");
     let offsets = "__consumer_offsets";
+    let described = client.describe_topic(offsets).await.unwrap();
+    assert_eq!(
+        described
+            .configs
+            .get("max.message.bytes")
+            .map(String::as_str),
+        Some("16777216"),
+        "a group record of many members' assignments fits"
+    );
     let partitions = client
         .describe_topic(offsets)
         .await

@@ -27,6 +27,10 @@ use crate::broker::Broker;
 
 /// Most records in one append.
 const BATCH_RECORDS_MAX: usize = 4096;
+/// Most key and value bytes in one append (the offsets topic takes
+/// batches of up to 16 MiB): writes that would pass it wait for the next
+/// append, and one larger on its own goes alone, failing alone.
+const BATCH_BYTES_MAX: usize = 1024 * 1024;
 
 /// Why an append failed: the broker's error code and message, shared by
 /// every write of the batch.
@@ -127,18 +131,37 @@ impl Appender {
         rx
     }
 
-    /// The queued writes, up to [`BATCH_RECORDS_MAX`] records (at least one
-    /// write), in order.
+    /// The queued writes, up to [`BATCH_RECORDS_MAX`] records and
+    /// [`BATCH_BYTES_MAX`] bytes (at least one write), in order.
     fn take(&self) -> Vec<Write> {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let mut count = 0;
-        let mut n = 0;
-        while n < q.len() && (n == 0 || count + q[n].records.len() <= BATCH_RECORDS_MAX) {
-            count += q[n].records.len();
-            n += 1;
-        }
-        q.drain(..n).collect()
+        take_from(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()))
     }
+}
+
+/// [`Appender::take`] on the queue `q`.
+fn take_from(q: &mut Vec<Write>) -> Vec<Write> {
+    let (mut count, mut bytes) = (0, 0);
+    let mut n = 0;
+    while n < q.len() {
+        let size = write_bytes(&q[n]);
+        if n > 0
+            && (count + q[n].records.len() > BATCH_RECORDS_MAX || bytes + size > BATCH_BYTES_MAX)
+        {
+            break;
+        }
+        count += q[n].records.len();
+        bytes += size;
+        n += 1;
+    }
+    q.drain(..n).collect()
+}
+
+/// A write's key and value bytes.
+fn write_bytes(w: &Write) -> usize {
+    w.records
+        .iter()
+        .map(|r| r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len()))
+        .sum()
 }
 
 /// Appends `batch` as one request while holding the append lock, then
@@ -176,5 +199,37 @@ async fn flush(
     });
     for (done, before) in writes {
         let _ = done.send(result.clone().map(|base| base + before as i64));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(records: usize, bytes: usize) -> Write {
+        let record = pb::Record {
+            value: Some(vec![0u8; bytes / records].into()),
+            ..Default::default()
+        };
+        Write {
+            records: vec![record; records],
+            done: oneshot::channel().0,
+        }
+    }
+
+    /// A batch stays under the byte cap (the offsets topic refuses a
+    /// larger one, failing every write in it); a write larger than the
+    /// cap goes alone.
+    #[test]
+    fn batches_are_capped_by_records_and_bytes() {
+        let mut q = vec![write(1, 600_000), write(1, 600_000), write(2, 10)];
+        assert_eq!(take_from(&mut q).len(), 1);
+        assert_eq!(take_from(&mut q).len(), 2);
+        assert!(q.is_empty());
+        let mut q = vec![write(1, 3_000_000), write(1, 10)];
+        assert_eq!(take_from(&mut q).len(), 1, "alone");
+        let mut q = vec![write(4000, 4000), write(100, 100), write(1, 1)];
+        assert_eq!(take_from(&mut q).len(), 1, "records capped");
+        assert_eq!(take_from(&mut q).len(), 2);
     }
 }

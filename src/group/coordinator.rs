@@ -57,6 +57,15 @@ const TIMEOUT_MAX_MS: u32 = 300_000;
 const GROUP_ID_MAX: usize = 249;
 /// How often groups are ticked.
 const TICK: Duration = Duration::from_millis(100);
+/// Longest metadata string of a committed offset (Kafka's
+/// `offset.metadata.max.bytes`).
+pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
+
+/// `max.message.bytes` of `__consumer_offsets`: a group record names every
+/// member's assignment, which passes the 1 MiB default with a few hundred
+/// members of a large topic.
+pub const OFFSETS_MESSAGE_BYTES_MAX: &str = "16777216";
+
 /// How long a group record that failed to store waits before the next try.
 const PERSIST_RETRY: Duration = Duration::from_millis(200);
 
@@ -679,6 +688,10 @@ impl GroupCoordinator {
                 ("min.insync.replicas".to_string(), rf.min(2).to_string()),
                 ("retention.ms".to_string(), "-1".to_string()),
                 ("retention.bytes".to_string(), "-1".to_string()),
+                (
+                    "max.message.bytes".to_string(),
+                    OFFSETS_MESSAGE_BYTES_MAX.to_string(),
+                ),
             ]
             .into_iter()
             .collect(),
@@ -995,21 +1008,39 @@ impl GroupCoordinator {
                     o.offset, o.topic, o.partition
                 )));
             }
+            // Kafka's offset.metadata.max.bytes: commits share batches of
+            // __consumer_offsets, so one huge commit would fail the others.
+            if o.metadata.len() > OFFSET_METADATA_BYTES_MAX {
+                return Err(invalid(format!(
+                    "offset metadata of {} bytes for {}-{} is more than {OFFSET_METADATA_BYTES_MAX}",
+                    o.metadata.len(),
+                    o.topic,
+                    o.partition
+                )));
+            }
         }
         // Offsets of a topic that does not exist (any more) are refused,
         // as Kafka refuses them: a commit arriving after the topic was
         // deleted (an auto-commit, a revocation's) would otherwise bring
         // back the offsets its deletion removed.
         let meta = self.broker.metadata().current();
-        if let Some(o) = req
-            .offsets
-            .iter()
-            .find(|o| !meta.topics.contains_key(&o.topic))
-        {
-            return Err(BrokerError::UnknownTopic {
-                topic: o.topic.clone(),
+        for o in &req.offsets {
+            let Some(topic) = meta.topics.get(&o.topic) else {
+                return Err(BrokerError::UnknownTopic {
+                    topic: o.topic.clone(),
+                }
+                .into());
+            };
+            // Nor for a partition it does not have: offsets that would
+            // stay in the group's state (and its memory) for good.
+            if o.partition as usize >= topic.partitions.len() {
+                return Err(BrokerError::UnknownPartition {
+                    topic: o.topic.clone(),
+                    partition: o.partition,
+                    partitions: topic.partitions.len() as i32,
+                }
+                .into());
             }
-            .into());
         }
         let index = {
             let inner = self.lock();
