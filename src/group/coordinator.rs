@@ -188,6 +188,14 @@ impl Entry {
     fn exists(&self) -> bool {
         !self.group.members.is_empty() || !self.offsets.is_empty()
     }
+
+    /// Nothing to keep: see [`GroupCoordinator::tick`].
+    fn is_idle(&self) -> bool {
+        !self.exists()
+            && self.ids_handed_out.is_empty()
+            && self.changed.receiver_count() == 0
+            && self.queued == self.persisted
+    }
 }
 
 #[derive(Default)]
@@ -617,6 +625,12 @@ impl GroupCoordinator {
         for g in moved {
             self.persist(&mut inner, &g);
         }
+        // A group with nothing left (no member, no offset, no id handed
+        // out, no join waiting, its last record stored) is forgotten, as
+        // Kafka's groups go Dead: entries made by any group id a client
+        // named (a join that failed, a first join never followed up)
+        // otherwise stayed for good. Its next use starts it afresh.
+        inner.groups.retain(|_, e| !e.is_idle());
     }
 
     /// The offsets partition of `group` if this broker coordinates it now.
