@@ -3,13 +3,14 @@
 //! queued writes becomes one append to `__consumer_offsets` with acks=all
 //! (group commit).
 //!
-//! No task of its own: a writer queues its records, then takes the append
-//! lock; whoever holds it takes everything queued (its own records, or
-//! nothing when an earlier holder already took them), appends it, releases
-//! the lock and waits for the replicas outside it. So appends go out in
-//! queue order, a lone commit costs what a plain produce costs, commits
-//! that arrive while an append is under way ride in the next one, and any
-//! number of appended batches wait for their replicas at once.
+//! No task of its own: a writer queues its records and starts a task that
+//! takes the append lock; whoever holds it takes everything queued (its
+//! own records, or nothing when an earlier holder already took them),
+//! appends it, releases the lock and waits for the replicas outside it.
+//! So appends go out in queue order, commits that arrive while an append
+//! is under way ride in the next one, any number of appended batches wait
+//! for their replicas at once, and a writer that goes away (its caller
+//! dropped) strands nothing.
 //!
 //! Where it sits: between the coordinator ([`super::coordinator`]) and the
 //! produce path ([`crate::broker::Broker::produce_append`] /
@@ -42,6 +43,10 @@ pub struct AppendError {
     /// The broker's message.
     pub reason: String,
 }
+
+/// Records queued by [`Appender::queue`], not yet appended.
+#[derive(Debug)]
+pub struct Queued(oneshot::Receiver<Result<i64, AppendError>>);
 
 /// Queued records and who waits for their first offset.
 struct Write {
@@ -99,19 +104,20 @@ impl Appender {
     /// them.
     pub async fn append(&self, records: Vec<pb::Record>) -> Result<i64, AppendError> {
         let rx = self.enqueue(records);
-        let guard = self.append.clone().lock_owned().await;
-        let batch = self.take();
-        match batch.len() {
-            // An earlier holder took ours: its answer comes.
-            0 => drop(guard),
-            // Only ours: append and wait here.
-            1 => flush(self.broker.clone(), self.index, batch, guard).await,
-            // Others ride along: finish in a task, so their answers do not
-            // depend on this call running to the end.
-            _ => {
-                tokio::spawn(flush(self.broker.clone(), self.index, batch, guard));
-            }
-        }
+        self.finish(Queued(rx)).await
+    }
+
+    /// Queues `records` now (synchronously: under whatever lock the caller
+    /// holds, so nothing it checked can change before they are queued);
+    /// [`Appender::finish`] appends them and waits.
+    pub fn queue(&self, records: Vec<pb::Record>) -> Queued {
+        Queued(self.enqueue(records))
+    }
+
+    /// Appends what [`Appender::queue`] queued and returns the log offset
+    /// of its first record once every in-sync replica has it.
+    pub async fn finish(&self, Queued(rx): Queued) -> Result<i64, AppendError> {
+        self.spawn_taker();
         rx.await.map_err(|_| gone())?
     }
 
@@ -120,6 +126,16 @@ impl Appender {
     /// are appended in that order.
     pub fn submit(&self, records: Vec<pb::Record>) -> oneshot::Receiver<Result<i64, AppendError>> {
         let rx = self.enqueue(records);
+        self.spawn_taker();
+        rx
+    }
+
+    /// A task that takes the append lock and appends what is queued. In a
+    /// task of its own, not the caller's: a caller dropped while it waited
+    /// (a client gone, a deadline) left its write queued until some other
+    /// write came, and one dropped while appending failed the others'
+    /// writes of its batch.
+    fn spawn_taker(&self) {
         let me = self.clone();
         tokio::spawn(async move {
             let guard = me.append.clone().lock_owned().await;
@@ -128,7 +144,6 @@ impl Appender {
                 flush(me.broker.clone(), me.index, batch, guard).await;
             }
         });
-        rx
     }
 
     /// The queued writes, up to [`BATCH_RECORDS_MAX`] records and

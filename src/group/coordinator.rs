@@ -960,6 +960,21 @@ impl GroupCoordinator {
         offsets: Vec<OffsetWrite>,
         extra: Vec<pb::Record>,
     ) -> Result<()> {
+        self.append_offsets_checked(group, index, offsets, extra, |_| Ok(()))
+            .await
+    }
+
+    /// [`GroupCoordinator::append_offsets`] once `check` passed, under the
+    /// lock that the records are queued under: nothing `check` looked at
+    /// (a member's generation) changes before they are.
+    async fn append_offsets_checked(
+        &self,
+        group: &str,
+        index: i32,
+        offsets: Vec<OffsetWrite>,
+        extra: Vec<pb::Record>,
+        check: impl FnOnce(&Inner) -> Result<()>,
+    ) -> Result<()> {
         if offsets.is_empty() && extra.is_empty() {
             return Ok(());
         }
@@ -972,15 +987,19 @@ impl GroupCoordinator {
             })
             .collect();
         records.extend(extra);
-        let appender = {
+        let (appender, queued) = {
             let inner = self.lock();
             self.coordinator_partition(&inner, group)?;
-            inner.appenders.get(&index).cloned()
-        }
-        .ok_or_else(|| CoordinatorError::NotCoordinator {
-            group: group.to_string(),
-        })?;
-        let base_offset = appender.append(records).await?;
+            check(&inner)?;
+            let appender = inner.appenders.get(&index).cloned().ok_or_else(|| {
+                CoordinatorError::NotCoordinator {
+                    group: group.to_string(),
+                }
+            })?;
+            let queued = appender.queue(records);
+            (appender, queued)
+        };
+        let base_offset = appender.finish(queued).await?;
         let mut inner = self.lock();
         let entry = self.served_entry(&mut inner, group)?;
         for (i, (t, p, v)) in offsets.into_iter().enumerate() {
@@ -1058,39 +1077,44 @@ impl GroupCoordinator {
         }
         let index = {
             let inner = self.lock();
-            let index = self.coordinator_partition(&inner, &req.group)?;
-            let partitions: Vec<(String, i32)> = req
-                .offsets
-                .iter()
-                .map(|o| (o.topic.clone(), o.partition))
-                .collect();
-            match inner.groups.get(&req.group) {
+            self.coordinator_partition(&inner, &req.group)?
+        };
+        let partitions: Vec<(String, i32)> = req
+            .offsets
+            .iter()
+            .map(|o| (o.topic.clone(), o.partition))
+            .collect();
+        let (group, member_id, instance_id, generation) = (
+            req.group.clone(),
+            req.member_id.clone(),
+            req.group_instance_id.clone(),
+            req.generation_id,
+        );
+        // Checked under the lock the commit is queued under: a rebalance
+        // completing in between (a tick expiring the member) must not let
+        // a removed member's commit through.
+        let check = move |inner: &Inner| -> Result<()> {
+            match inner.groups.get(&group) {
                 Some(e) => {
+                    e.group.check_instance(&member_id, &instance_id)?;
                     e.group
-                        .check_instance(&req.member_id, &req.group_instance_id)?;
-                    e.group.validate_commit_partitions(
-                        &req.member_id,
-                        req.generation_id,
-                        &partitions,
-                    )?
+                        .validate_commit_partitions(&member_id, generation, &partitions)?;
+                    Ok(())
                 }
-                None if req.member_id.is_empty() => {}
-                None => {
-                    return Err(GroupError::UnknownMember {
-                        group: req.group.clone(),
-                        member_id: req.member_id.clone(),
-                    }
-                    .into())
+                None if member_id.is_empty() => Ok(()),
+                None => Err(GroupError::UnknownMember {
+                    group: group.clone(),
+                    member_id: member_id.clone(),
                 }
+                .into()),
             }
-            index
         };
         let offsets = req
             .offsets
             .into_iter()
             .map(|o| (o.topic, o.partition, Some((o.offset, o.metadata))))
             .collect();
-        self.append_offsets(&req.group, index, offsets, Vec::new())
+        self.append_offsets_checked(&req.group, index, offsets, Vec::new(), check)
             .await
     }
 
