@@ -613,6 +613,11 @@ impl Log {
     /// lock, so a follower write under way lands before it. Leader
     /// appends raise it too. Only ever raises the fence.
     pub fn fence_follower_writes(&self, leader_epoch: i32) {
+        // Already there (every metadata change of a partition this replica
+        // leads asks again): no wait for the writer.
+        if self.follower_fence.load(Ordering::Acquire) >= leader_epoch {
+            return;
+        }
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.follower_fence
             .fetch_max(leader_epoch, Ordering::AcqRel);
