@@ -245,12 +245,24 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // The logs up to the snapshot may be purged once it is built: the
         // saved state must not be older than it.
-        if let Err(e) = self.save() {
-            tracing::error!(error = %e, "saving the state machine before a snapshot failed");
-        }
+        let state = match self.save() {
+            Ok(()) => self.state.clone(),
+            Err(e) => {
+                // The snapshot covers what is saved, no more: openraft
+                // purges up to the snapshot, and a purge past the saved
+                // state waits for a save (then stops Raft after a minute).
+                tracing::error!(error = %e, "saving the state machine before a snapshot failed; snapshotting the state saved before");
+                self.tree
+                    .get(STATE)
+                    .ok()
+                    .flatten()
+                    .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                    .unwrap_or_default()
+            }
+        };
         SnapshotBuilder {
             tree: self.tree.clone(),
-            state: self.state.clone(),
+            state,
             snapshot_lock: self.snapshot_lock.clone(),
         }
     }
