@@ -740,6 +740,15 @@ impl Broker {
             .map(String::as_str)
     }
 
+    /// The effective `max.message.bytes` of topic `name`, if it exists.
+    pub fn max_message_bytes(&self, name: &str) -> Option<usize> {
+        let meta = self.metadata.current();
+        let topic = meta.topics.get(name)?;
+        self.effective_config(topic, "max.message.bytes")?
+            .parse()
+            .ok()
+    }
+
     fn min_insync_replicas(&self, topic: &TopicInfo) -> i32 {
         self.effective_config(topic, "min.insync.replicas")
             .and_then(|v| v.parse().ok())

@@ -171,6 +171,11 @@ pub struct BrokerSection {
     /// Replicas per partition of a topic created without a replication
     /// factor (Kafka's `default.replication.factor`).
     pub default_replication_factor: i32,
+    /// Replicas of `__consumer_offsets` (Kafka's
+    /// `offsets.topic.replication.factor`); groups wait until that many
+    /// brokers are live to create it. 0: three, or one per voter on a
+    /// smaller quorum (set it on clusters with broker-only nodes).
+    pub offsets_topic_replication_factor: i32,
     /// Fault injection for tests: when true, a file named after a
     /// failpoint in `DATA_DIR/failpoints/` switches it on
     /// (`pause-replica-fetch`: followers drop what they fetch).
@@ -192,6 +197,7 @@ impl Default for BrokerSection {
             replication_bytes_per_sec_max: 0,
             num_partitions: 1,
             default_replication_factor: 1,
+            offsets_topic_replication_factor: 0,
             failpoints: false,
         }
     }
@@ -532,6 +538,15 @@ impl ServerConfig {
             if value < 1 {
                 return Err(invalid(key, format!("{value} is below 1")));
             }
+        }
+        if self.broker.offsets_topic_replication_factor < 0 {
+            return Err(invalid(
+                "broker.offsets_topic_replication_factor",
+                format!(
+                    "{} is negative (0 picks three, or one per voter)",
+                    self.broker.offsets_topic_replication_factor
+                ),
+            ));
         }
         self.validate_security()?;
         for (key, value) in self.topic_defaults_strings()? {

@@ -1405,3 +1405,34 @@ fn the_offsets_topic_ignores_broker_wide_retention() {
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(v["configs"]["retention.bytes"], "100000", "{out}");
 }
+
+/// `offsets_topic_replication_factor` is waited for: with fewer brokers
+/// live, groups are told to try again, and the offsets topic is not
+/// created with fewer copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_wait_for_the_offsets_topic_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_toml(
+        dir.path(),
+        "[broker]\noffsets_topic_replication_factor = 2\n",
+    );
+    let mut groups = runnel_proto::v1::consumer_groups_client::ConsumerGroupsClient::connect(
+        format!("http://{}", server.addr),
+    )
+    .await
+    .unwrap();
+    let err = groups
+        .find_coordinator(runnel_proto::v1::FindCoordinatorRequest { group: "g".into() })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("needs 2 live brokers") && err.message().contains("and 1 are live"),
+        "{err:?}"
+    );
+    let client = Client::connect(&server.addr).await.unwrap();
+    let topics = client.list_topics(true).await.unwrap();
+    assert!(
+        topics.iter().all(|t| t.name != "__consumer_offsets"),
+        "{topics:?}"
+    );
+}

@@ -28,10 +28,15 @@ use crate::broker::Broker;
 
 /// Most records in one append.
 const BATCH_RECORDS_MAX: usize = 4096;
-/// Most key and value bytes in one append (the offsets topic takes
-/// batches of up to 16 MiB): writes that would pass it wait for the next
+/// Most bytes in one append (records counted with [`RECORD_OVERHEAD`]),
+/// and at most the offsets topic's `max.message.bytes` less
+/// [`BATCH_OVERHEAD`]: writes that would pass it wait for the next
 /// append, and one larger on its own goes alone, failing alone.
 const BATCH_BYTES_MAX: usize = 1024 * 1024;
+/// Upper bound on a record's encoding beyond its key and value.
+const RECORD_OVERHEAD: usize = 32;
+/// Upper bound on a batch header.
+const BATCH_OVERHEAD: usize = 128;
 
 /// Why an append failed: the broker's error code and message, shared by
 /// every write of the batch.
@@ -149,19 +154,28 @@ impl Appender {
     /// The queued writes, up to [`BATCH_RECORDS_MAX`] records and
     /// [`BATCH_BYTES_MAX`] bytes (at least one write), in order.
     fn take(&self) -> Vec<Write> {
-        take_from(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+        // A topic created before it carried its own 16 MiB limit keeps
+        // the default 1 MiB: batches stay under whichever applies.
+        let cap = self
+            .broker
+            .max_message_bytes(OFFSETS_TOPIC)
+            .map_or(BATCH_BYTES_MAX, |max| {
+                max.saturating_sub(BATCH_OVERHEAD).min(BATCH_BYTES_MAX)
+            });
+        take_from(
+            &mut self.queue.lock().unwrap_or_else(|e| e.into_inner()),
+            cap,
+        )
     }
 }
 
 /// [`Appender::take`] on the queue `q`.
-fn take_from(q: &mut Vec<Write>) -> Vec<Write> {
+fn take_from(q: &mut Vec<Write>, bytes_max: usize) -> Vec<Write> {
     let (mut count, mut bytes) = (0, 0);
     let mut n = 0;
     while n < q.len() {
         let size = write_bytes(&q[n]);
-        if n > 0
-            && (count + q[n].records.len() > BATCH_RECORDS_MAX || bytes + size > BATCH_BYTES_MAX)
-        {
+        if n > 0 && (count + q[n].records.len() > BATCH_RECORDS_MAX || bytes + size > bytes_max) {
             break;
         }
         count += q[n].records.len();
@@ -175,7 +189,11 @@ fn take_from(q: &mut Vec<Write>) -> Vec<Write> {
 fn write_bytes(w: &Write) -> usize {
     w.records
         .iter()
-        .map(|r| r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len()))
+        .map(|r| {
+            r.key.as_ref().map_or(0, |k| k.len())
+                + r.value.as_ref().map_or(0, |v| v.len())
+                + RECORD_OVERHEAD
+        })
         .sum()
 }
 
@@ -238,13 +256,20 @@ mod tests {
     #[test]
     fn batches_are_capped_by_records_and_bytes() {
         let mut q = vec![write(1, 600_000), write(1, 600_000), write(2, 10)];
-        assert_eq!(take_from(&mut q).len(), 1);
-        assert_eq!(take_from(&mut q).len(), 2);
+        assert_eq!(take_from(&mut q, BATCH_BYTES_MAX).len(), 1);
+        assert_eq!(take_from(&mut q, BATCH_BYTES_MAX).len(), 2);
         assert!(q.is_empty());
         let mut q = vec![write(1, 3_000_000), write(1, 10)];
-        assert_eq!(take_from(&mut q).len(), 1, "alone");
+        assert_eq!(take_from(&mut q, BATCH_BYTES_MAX).len(), 1, "alone");
         let mut q = vec![write(4000, 4000), write(100, 100), write(1, 1)];
-        assert_eq!(take_from(&mut q).len(), 1, "records capped");
-        assert_eq!(take_from(&mut q).len(), 2);
+        assert_eq!(
+            take_from(&mut q, BATCH_BYTES_MAX).len(),
+            1,
+            "records capped"
+        );
+        assert_eq!(take_from(&mut q, BATCH_BYTES_MAX).len(), 2);
+        // Record overhead counts: 1,000 empty records are 32,000 bytes.
+        let mut q = vec![write(1000, 0), write(1000, 0)];
+        assert_eq!(take_from(&mut q, 50_000).len(), 1);
     }
 }

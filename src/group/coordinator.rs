@@ -86,7 +86,7 @@ pub enum CoordinatorError {
     Broker(#[from] BrokerError),
     #[error("storing to {OFFSETS_TOPIC} failed: {0}")]
     Append(#[from] AppendError),
-    #[error("{OFFSETS_TOPIC} needs {want} live brokers for its replicas, {live} are registered; try again once they are")]
+    #[error("{OFFSETS_TOPIC} needs {want} live brokers for its replicas (offsets_topic_replication_factor), and {live} are live; try again once they are")]
     OffsetsTopicUnavailable { live: i32, want: i32 },
 }
 
@@ -630,7 +630,16 @@ impl GroupCoordinator {
         // Kafka's groups go Dead: entries made by any group id a client
         // named (a join that failed, a first join never followed up)
         // otherwise stayed for good. Its next use starts it afresh.
-        inner.groups.retain(|_, e| !e.is_idle());
+        let idle: Vec<String> = inner
+            .groups
+            .iter()
+            .filter(|(_, e)| e.is_idle())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in idle {
+            inner.groups.remove(&id);
+            self.broker.metrics().forget_group(&id);
+        }
     }
 
     /// The offsets partition of `group` if this broker coordinates it now.
@@ -685,12 +694,19 @@ impl GroupCoordinator {
         // cluster, once that many brokers are live. Taking whoever had
         // registered at the first FindCoordinator gave a cluster still
         // starting one copy of every commit for good.
+        let configured = self.broker.config().broker.offsets_topic_replication_factor;
         let voters = self.broker.config().voters().map_or(1, |v| v.len()).max(1);
-        let want = (voters as i32).min(3);
+        let want = match configured {
+            0 => (voters as i32).min(3),
+            n => n,
+        };
         if live < want {
             return Err(CoordinatorError::OffsetsTopicUnavailable { live, want });
         }
-        let rf = live.min(3);
+        let rf = match configured {
+            0 => live.min(3),
+            n => n,
+        };
         let req = pb::CreateTopicRequest {
             name: OFFSETS_TOPIC.to_string(),
             partitions: OFFSETS_PARTITIONS,
@@ -954,7 +970,7 @@ impl GroupCoordinator {
     /// acks=all (batched with other writes by the partition's appender),
     /// then applies them; `extra` records go in the same batch after them.
     async fn append_offsets(
-        &self,
+        self: &Arc<Self>,
         group: &str,
         index: i32,
         offsets: Vec<OffsetWrite>,
@@ -968,7 +984,7 @@ impl GroupCoordinator {
     /// lock that the records are queued under: nothing `check` looked at
     /// (a member's generation) changes before they are.
     async fn append_offsets_checked(
-        &self,
+        self: &Arc<Self>,
         group: &str,
         index: i32,
         offsets: Vec<OffsetWrite>,
@@ -999,7 +1015,28 @@ impl GroupCoordinator {
             let queued = appender.queue(records);
             (appender, queued)
         };
-        let base_offset = appender.finish(queued).await?;
+        // Stored and applied in a task of its own: a caller dropped while
+        // it waits for the replicas (a client gone, its deadline) would
+        // leave the write in the log but not in what FetchOffsets serves.
+        let me = self.clone();
+        let group = group.to_string();
+        tokio::spawn(async move {
+            let base_offset = appender.finish(queued).await?;
+            me.apply_offsets(&group, base_offset, offsets)
+        })
+        .await
+        .map_err(|_| CoordinatorError::NotCoordinator {
+            group: String::new(),
+        })?
+    }
+
+    /// Applies offsets stored from log offset `base_offset` on.
+    fn apply_offsets(
+        &self,
+        group: &str,
+        base_offset: i64,
+        offsets: Vec<OffsetWrite>,
+    ) -> Result<()> {
         let mut inner = self.lock();
         let entry = self.served_entry(&mut inner, group)?;
         for (i, (t, p, v)) in offsets.into_iter().enumerate() {
@@ -1032,7 +1069,7 @@ impl GroupCoordinator {
     }
 
     /// CommitOffsets.
-    pub async fn commit(&self, req: pb::CommitOffsetsRequest) -> Result<()> {
+    pub async fn commit(self: &Arc<Self>, req: pb::CommitOffsetsRequest) -> Result<()> {
         validate_group_id(&req.group)?;
         for o in &req.offsets {
             if o.offset < 0 || o.partition < 0 || o.topic.is_empty() {
@@ -1334,7 +1371,10 @@ impl GroupCoordinator {
     }
 
     /// ResetOffsets: refused while the group has members.
-    pub async fn reset(&self, req: pb::ResetOffsetsRequest) -> Result<pb::ResetOffsetsResponse> {
+    pub async fn reset(
+        self: &Arc<Self>,
+        req: pb::ResetOffsetsRequest,
+    ) -> Result<pb::ResetOffsetsResponse> {
         use pb::reset_offsets_request::To;
         validate_group_id(&req.group)?;
         let to = req.to.ok_or_else(|| {
@@ -1421,7 +1461,19 @@ impl GroupCoordinator {
                     )
                 })
                 .collect();
-            self.append_offsets(&req.group, index, v, Vec::new())
+            // Still without members when the offsets are queued.
+            let name = req.group.clone();
+            let still_empty = move |inner: &Inner| -> Result<()> {
+                match inner.groups.get(&name) {
+                    Some(e) if !e.group.members.is_empty() => Err(GroupError::NotEmpty {
+                        group: name.clone(),
+                        members: e.group.members.len(),
+                    }
+                    .into()),
+                    _ => Ok(()),
+                }
+            };
+            self.append_offsets_checked(&req.group, index, v, Vec::new(), still_empty)
                 .await?;
             info!(group = %req.group, topic = %req.topic, "offsets reset");
         }
@@ -1434,7 +1486,7 @@ impl GroupCoordinator {
     /// created again under the name would otherwise be read from the old
     /// topic's offsets, skipping its first records. Best effort: a group
     /// whose write fails keeps them.
-    async fn forget_offsets_of(&self, topics: &[String]) {
+    async fn forget_offsets_of(self: &Arc<Self>, topics: &[String]) {
         let work: Vec<(String, i32, Vec<OffsetWrite>)> = {
             let inner = self.lock();
             inner
@@ -1464,7 +1516,7 @@ impl GroupCoordinator {
         }
     }
 
-    pub async fn delete(&self, group: &str) -> Result<()> {
+    pub async fn delete(self: &Arc<Self>, group: &str) -> Result<()> {
         validate_group_id(group)?;
         let (index, keys) = {
             let inner = self.lock();
@@ -1485,7 +1537,16 @@ impl GroupCoordinator {
             value: None,
             ..Default::default()
         };
-        self.append_offsets(group, index, tombstones, vec![forget])
+        // Still empty when the tombstones are queued: a member joining in
+        // between would see its group deleted behind it.
+        let name = group.to_string();
+        let still_empty = move |inner: &Inner| -> Result<()> {
+            match inner.groups.get(&name) {
+                Some(e) => Ok(e.group.validate_commit("", 0)?),
+                None => Ok(()),
+            }
+        };
+        self.append_offsets_checked(group, index, tombstones, vec![forget], still_empty)
             .await?;
         let mut inner = self.lock();
         if let Some(e) = inner.groups.get(group) {
