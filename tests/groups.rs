@@ -1590,3 +1590,54 @@ async fn t16_a_recreated_topic_is_not_read_from_the_old_offsets() {
     await_values(&[&m], 100, 110).await;
     m.close().await;
 }
+
+/// Offsets carry the id of the topic they were committed for: a topic
+/// deleted and created again while the group's coordinator was down (no
+/// coordinator wrote the old offsets' tombstones) is not read from them
+/// by the coordinator that takes over (it served the old offset 5, which
+/// would skip the new topic's first records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t17_offsets_of_a_topic_recreated_while_the_coordinator_was_down_are_not_served() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(
+        3,
+        base.path(),
+        "",
+        "broker_session_timeout_ms = 3000\nbroker_heartbeat_interval_ms = 200\n",
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("t", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let five = vec![pb::PartitionOffset {
+        topic: "t".into(),
+        partition: 0,
+        offset: 5,
+        metadata: String::new(),
+    }];
+    client.commit_offsets("g", "", 0, five).await.unwrap();
+    let tp = [("t".to_string(), 0)];
+    assert_eq!(client.fetch_offsets("g", &tp).await.unwrap()[0].offset, 5);
+    let coordinator = client.find_coordinator("g").await.unwrap().broker_id;
+    cluster.kill(coordinator);
+    let survivor = (1..=3).find(|id| *id != coordinator).unwrap();
+    let client = Client::connect(&cluster.addrs[survivor as usize - 1])
+        .await
+        .unwrap();
+    eventually("t deleted and created again", WAIT, || async {
+        if client.describe_topic("t").await.is_ok() {
+            client.delete_topic("t").await.ok()?;
+        }
+        client
+            .create_topic("t", 1, 1, Default::default())
+            .await
+            .ok()
+    })
+    .await;
+    let served = eventually("a coordinator that answers", WAIT, || async {
+        client.fetch_offsets("g", &tp).await.ok()
+    })
+    .await;
+    assert_eq!(served[0].offset, -1, "{served:?}");
+}

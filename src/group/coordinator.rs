@@ -130,9 +130,32 @@ impl From<CoordinatorError> for tonic::Status {
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
 
-/// One offset record to append: topic, partition, and (offset, metadata)
-/// or None for a tombstone.
-type OffsetWrite = (String, i32, Option<(i64, String)>);
+/// One offset record to append: topic, partition, and the value, or None
+/// for a tombstone.
+type OffsetWrite = (String, i32, Option<OffsetValue>);
+
+/// A committed offset as its record holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct OffsetValue {
+    offset: i64,
+    metadata: String,
+    /// The id of the topic it was committed for (KIP-516's topic ids);
+    /// empty in records written before offsets carried it. An offset of
+    /// another id belongs to a topic since deleted (and perhaps created
+    /// again under the name): it is not served, whether or not its
+    /// tombstone was written (the coordinator may have been down when the
+    /// topic went, or the write failed).
+    topic_id: String,
+}
+
+/// Whether `c`, committed for `topic`, is for the topic of that name now.
+fn is_current(meta: &runnel_controller::ClusterMetadata, topic: &str, c: &Committed) -> bool {
+    c.topic_id.is_empty()
+        || meta
+            .topics
+            .get(topic)
+            .is_some_and(|t| t.topic_id == c.topic_id)
+}
 
 fn invalid(reason: impl Into<String>) -> CoordinatorError {
     CoordinatorError::Broker(BrokerError::InvalidRequest {
@@ -148,6 +171,8 @@ const STATS_TIME_MAX: Duration = Duration::from_secs(5);
 struct Committed {
     offset: i64,
     metadata: String,
+    /// See [`OffsetValue::topic_id`].
+    topic_id: String,
     /// Where the commit record sits in `__consumer_offsets` (newest wins).
     log_offset: i64,
 }
@@ -243,14 +268,32 @@ fn parse_key(key: &[u8]) -> Option<(String, String, i32)> {
     Some((g.to_string(), t.to_string(), p))
 }
 
-fn record_value(offset: i64, metadata: &str) -> Bytes {
-    Bytes::from(format!("{offset}\0{metadata}"))
+/// `{offset}\0{metadata}`, or with a topic id
+/// `v1\0{topic id}\0{offset}\0{metadata}` (an offset starts with a digit
+/// or '-', so the two never mix up).
+fn record_value(v: &OffsetValue) -> Bytes {
+    if v.topic_id.is_empty() {
+        Bytes::from(format!("{}\0{}", v.offset, v.metadata))
+    } else {
+        Bytes::from(format!("v1\0{}\0{}\0{}", v.topic_id, v.offset, v.metadata))
+    }
 }
 
-fn parse_value(v: &[u8]) -> Option<(i64, String)> {
+fn parse_value(v: &[u8]) -> Option<OffsetValue> {
     let s = std::str::from_utf8(v).ok()?;
-    let (o, m) = s.split_once('\0')?;
-    Some((o.parse().ok()?, m.to_string()))
+    let (topic_id, rest) = match s.strip_prefix("v1\0") {
+        Some(rest) => {
+            let (id, rest) = rest.split_once('\0')?;
+            (id.to_string(), rest)
+        }
+        None => (String::new(), s),
+    };
+    let (o, m) = rest.split_once('\0')?;
+    Some(OffsetValue {
+        offset: o.parse().ok()?,
+        metadata: m.to_string(),
+        topic_id,
+    })
 }
 
 fn validate_group_id(group: &str) -> Result<()> {
@@ -394,12 +437,13 @@ impl GroupCoordinator {
                         records += 1;
                         let map = offsets.entry(g).or_default();
                         match r.value.as_deref().and_then(parse_value) {
-                            Some((offset, metadata)) => {
+                            Some(v) => {
                                 map.insert(
                                     (t, p),
                                     Committed {
-                                        offset,
-                                        metadata,
+                                        offset: v.offset,
+                                        metadata: v.metadata,
+                                        topic_id: v.topic_id,
                                         log_offset: r.offset,
                                     },
                                 );
@@ -425,10 +469,8 @@ impl GroupCoordinator {
             }
             Err(_) => return,
         };
-        let still = self
-            .broker
-            .metadata()
-            .current()
+        let meta = self.broker.metadata().current();
+        let still = meta
             .topics
             .get(OFFSETS_TOPIC)
             .and_then(|t| t.partitions.get(index as usize))
@@ -446,6 +488,8 @@ impl GroupCoordinator {
             }
             let mut e = Entry::new(&g);
             e.offsets = offsets.remove(&g).unwrap_or_default();
+            // Offsets of topics gone (or recreated) since: not loaded.
+            e.offsets.retain(|(t, _), c| is_current(&meta, t, c));
             if let Some(group) = metas
                 .get(&g)
                 .and_then(Option::as_deref)
@@ -998,7 +1042,7 @@ impl GroupCoordinator {
             .iter()
             .map(|(t, p, v)| pb::Record {
                 key: Some(record_key(group, t, *p)),
-                value: v.as_ref().map(|(o, m)| record_value(*o, m)),
+                value: v.as_ref().map(record_value),
                 ..Default::default()
             })
             .collect();
@@ -1050,12 +1094,13 @@ impl GroupCoordinator {
                 continue;
             }
             match v {
-                Some((offset, metadata)) => {
+                Some(v) => {
                     entry.offsets.insert(
                         key,
                         Committed {
-                            offset,
-                            metadata,
+                            offset: v.offset,
+                            metadata: v.metadata,
+                            topic_id: v.topic_id,
                             log_offset,
                         },
                     );
@@ -1149,7 +1194,19 @@ impl GroupCoordinator {
         let offsets = req
             .offsets
             .into_iter()
-            .map(|o| (o.topic, o.partition, Some((o.offset, o.metadata))))
+            .map(|o| {
+                let topic_id = meta
+                    .topics
+                    .get(&o.topic)
+                    .map(|t| t.topic_id.clone())
+                    .unwrap_or_default();
+                let value = OffsetValue {
+                    offset: o.offset,
+                    metadata: o.metadata,
+                    topic_id,
+                };
+                (o.topic, o.partition, Some(value))
+            })
             .collect();
         self.append_offsets_checked(&req.group, index, offsets, Vec::new(), check)
             .await
@@ -1160,11 +1217,13 @@ impl GroupCoordinator {
         validate_group_id(&req.group)?;
         let inner = self.lock();
         self.coordinator_partition(&inner, &req.group)?;
+        let meta = self.broker.metadata().current();
         let committed = inner.groups.get(&req.group).map(|e| &e.offsets);
         let offsets = if req.partitions.is_empty() {
             committed
                 .into_iter()
                 .flatten()
+                .filter(|((t, _), c)| is_current(&meta, t, c))
                 .map(|((t, p), c)| pb::PartitionOffset {
                     topic: t.clone(),
                     partition: *p,
@@ -1176,7 +1235,9 @@ impl GroupCoordinator {
             req.partitions
                 .iter()
                 .map(|tp| {
-                    let c = committed.and_then(|m| m.get(&(tp.topic.clone(), tp.partition)));
+                    let c = committed
+                        .and_then(|m| m.get(&(tp.topic.clone(), tp.partition)))
+                        .filter(|c| is_current(&meta, &tp.topic, c));
                     pb::PartitionOffset {
                         topic: tp.topic.clone(),
                         partition: tp.partition,
@@ -1313,9 +1374,11 @@ impl GroupCoordinator {
                     }
                 })
                 .collect();
+            let meta = self.broker.metadata().current();
             let committed: BTreeMap<(String, i32), i64> = e
                 .offsets
                 .iter()
+                .filter(|((t, _), c)| is_current(&meta, t, c))
                 .map(|(k, c)| (k.clone(), c.offset))
                 .collect();
             (
@@ -1405,7 +1468,7 @@ impl GroupCoordinator {
                 .map(|e| {
                     e.offsets
                         .iter()
-                        .filter(|((t, _), _)| *t == req.topic)
+                        .filter(|((t, _), c)| *t == req.topic && is_current(&meta, t, c))
                         .map(|((_, p), c)| (*p, c.offset))
                         .collect()
                 })
@@ -1454,11 +1517,12 @@ impl GroupCoordinator {
             let v = offsets
                 .iter()
                 .map(|o| {
-                    (
-                        o.topic.clone(),
-                        o.partition,
-                        Some((o.offset, String::new())),
-                    )
+                    let value = OffsetValue {
+                        offset: o.offset,
+                        metadata: String::new(),
+                        topic_id: topic.topic_id.clone(),
+                    };
+                    (o.topic.clone(), o.partition, Some(value))
                 })
                 .collect();
             // Still without members when the offsets are queued.
@@ -1609,8 +1673,20 @@ mod tests {
     fn record_codec_round_trips() {
         let k = record_key("g/1", "t", 7);
         assert_eq!(parse_key(&k), Some(("g/1".into(), "t".into(), 7)));
-        let v = record_value(42, "meta\0data");
-        assert_eq!(parse_value(&v), Some((42, "meta\0data".into())));
+        let old = OffsetValue {
+            offset: 42,
+            metadata: "meta\0data".into(),
+            topic_id: String::new(),
+        };
+        assert_eq!(parse_value(&record_value(&old)), Some(old.clone()));
+        // Records written before topic ids read as they were.
+        assert_eq!(parse_value(b"42\0meta\0data"), Some(old));
+        let with_id = OffsetValue {
+            offset: -1,
+            metadata: "v1\0x".into(),
+            topic_id: "abc".into(),
+        };
+        assert_eq!(parse_value(&record_value(&with_id)), Some(with_id));
         assert_eq!(parse_key(b"other"), None);
     }
 
