@@ -38,6 +38,9 @@ use crate::replica::FetcherManager;
 
 /// Default fetch size when the request says 0.
 pub(crate) const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
+/// Room a structured fetch answer keeps for all but its records (topic,
+/// partition, offsets, and the gRPC frame).
+const ANSWER_ENVELOPE_BYTES: usize = 1024;
 /// Producer ids a broker takes from the controller at a time.
 const PRODUCER_ID_BLOCK: i32 = 1000;
 /// How long a leader waits for its metadata to show a producer id's
@@ -964,12 +967,28 @@ impl Broker {
             response.batches = read.batches;
             batches.iter().map(|b| b.record_count().max(0) as u64).sum()
         } else {
-            for batch in &batches {
+            // Decoded records take more room than their batches (tags,
+            // lengths, the offset and timestamp of each): the answer stops
+            // where its records reach `max_bytes`, so that it fits what a
+            // client that set `max_bytes` to its receive limit decodes (it
+            // was refused the same oversized answer on every try). At
+            // least one record is answered.
+            let room = max_bytes.saturating_sub(ANSWER_ENVELOPE_BYTES);
+            let mut used = 0usize;
+            'batches: for batch in &batches {
                 for record in batch.records()? {
                     if record.offset < req.offset {
                         continue;
                     }
-                    response.records.push(to_proto_record(record));
+                    let record = to_proto_record(record);
+                    let len = prost::Message::encoded_len(&record);
+                    let len = len + 1 + prost::length_delimiter_len(len);
+                    if !response.records.is_empty() && used + len > room {
+                        break 'batches;
+                    }
+                    used += len;
+                    response.next_offset = record.offset + 1;
+                    response.records.push(record);
                 }
             }
             response.records.len() as u64

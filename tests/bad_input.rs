@@ -584,3 +584,57 @@ async fn clients_may_not_delete_grow_or_write_the_offsets_topic() {
         .unwrap();
     assert_eq!(got, committed);
 }
+
+/// Records decoded for a structured fetch take more room than their
+/// batch: the answer stops where its records reach `max_bytes` (a client
+/// that sets it to its receive limit could not read the answer, on every
+/// try), and the next fetch goes on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_structured_fetch_answer_stays_within_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let url = format!("http://{}", server.addr);
+    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    admin
+        .create_topic(create("small", 1, 1, &[]))
+        .await
+        .unwrap();
+    let mut producer = ProducerClient::connect(url.clone()).await.unwrap();
+    // One batch of 1,000 ten-byte records.
+    let records = (0..1000)
+        .map(|i| value(format!("r{i:09}").as_bytes()))
+        .collect();
+    producer
+        .produce(pb::ProduceRequest {
+            topic: "small".into(),
+            records,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut consumer = ConsumerClient::connect(url).await.unwrap();
+    let mut offset = 0;
+    let mut answers = 0;
+    while offset < 1000 {
+        let r = consumer
+            .fetch(pb::FetchRequest {
+                topic: "small".into(),
+                partition: 0,
+                offset,
+                max_bytes: 4096,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let size = prost::Message::encoded_len(&r);
+        assert!(size <= 4096, "an answer of {size} bytes");
+        for (i, rec) in r.records.iter().enumerate() {
+            assert_eq!(rec.offset, offset + i as i64);
+        }
+        assert_eq!(r.next_offset, offset + r.records.len() as i64);
+        offset = r.next_offset;
+        answers += 1;
+    }
+    assert!(answers > 1, "a 30 KB batch decoded into one 4 KiB answer");
+}
