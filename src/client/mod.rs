@@ -383,7 +383,40 @@ impl Client {
                 None => return Err(e),
             }
         }
-        self.cached_topic(name).ok_or_else(|| ClientError::Broker {
+        if let Some(t) = self.cached_topic(name) {
+            return Ok(t);
+        }
+        // The broker asked may not have applied a topic created a moment
+        // ago through another one (its copy of the metadata lags by a
+        // few ms): the others are asked before the topic counts as
+        // unknown, as a Kafka producer waits for metadata naming it.
+        let first = self.candidates().into_iter().next();
+        for addr in self.candidates().into_iter().skip(1) {
+            if Some(&addr) == first.as_ref() {
+                continue;
+            }
+            let Ok(channel) = self.channel(&addr) else {
+                continue;
+            };
+            let mut call = tonic::Request::new(pb::MetadataRequest {
+                topics: vec![name.to_string()],
+            });
+            call.set_timeout(REQUEST_TIMEOUT);
+            let Ok(resp) = AdminClient::new(channel).metadata(call).await else {
+                continue;
+            };
+            if let Some(t) = resp
+                .into_inner()
+                .topics
+                .into_iter()
+                .find(|t| t.name == name)
+            {
+                let mut cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+                cache.insert(t.name.clone(), (t.clone(), std::time::Instant::now()));
+                return Ok(t);
+            }
+        }
+        Err(ClientError::Broker {
             code: pb::ErrorCode::UnknownTopic,
             message: format!("unknown topic '{name}'"),
             leader: None,
