@@ -67,6 +67,9 @@ pub struct MetadataStateMachine {
     /// it: a restart re-applies from the saved state, so those entries
     /// must still be there ([`super::log_store::SledLogStore::limit_purges`]).
     saved: watch::Sender<u64>,
+    /// The state as last saved and flushed (what a snapshot covers when a
+    /// save fails: the tree may hold an unflushed newer one).
+    durable: StoredState,
     /// Serialises snapshot writes: a snapshot built from an older state
     /// never replaces a newer one installed meanwhile.
     snapshot_lock: Arc<Mutex<()>>,
@@ -118,6 +121,7 @@ impl MetadataStateMachine {
             None => StoredState::default(),
         };
         let saved = watch::Sender::new(covered(state.last_applied.as_ref()));
+        let durable = state.clone();
         let sm = Self {
             tree,
             state,
@@ -125,6 +129,7 @@ impl MetadataStateMachine {
             cluster_id,
             unsaved: 0,
             saved,
+            durable,
             snapshot_lock: Arc::new(Mutex::new(())),
         };
         sm.publish();
@@ -153,6 +158,7 @@ impl MetadataStateMachine {
         self.tree
             .flush()
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.durable = self.state.clone();
         self.saved
             .send_replace(covered(self.state.last_applied.as_ref()));
         Ok(())
@@ -252,12 +258,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
                 // purges up to the snapshot, and a purge past the saved
                 // state waits for a save (then stops Raft after a minute).
                 tracing::error!(error = %e, "saving the state machine before a snapshot failed; snapshotting the state saved before");
-                self.tree
-                    .get(STATE)
-                    .ok()
-                    .flatten()
-                    .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-                    .unwrap_or_default()
+                self.durable.clone()
             }
         };
         SnapshotBuilder {
