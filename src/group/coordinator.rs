@@ -57,6 +57,10 @@ const TIMEOUT_MAX_MS: u32 = 300_000;
 const GROUP_ID_MAX: usize = 249;
 /// How often groups are ticked.
 const TICK: Duration = Duration::from_millis(100);
+/// How long an applied offset tombstone is remembered, against writes
+/// stored before it whose apply runs late (microseconds, in practice).
+const TOMBSTONE_MEMORY_MS: i64 = 60_000;
+
 /// Longest metadata string of a committed offset (Kafka's
 /// `offset.metadata.max.bytes`).
 pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
@@ -192,6 +196,10 @@ struct Entry {
     /// to join, with when they lapse (ms). Not persisted: a member whose
     /// coordinator moved is told UNKNOWN_MEMBER and starts over.
     ids_handed_out: HashMap<String, i64>,
+    /// Offsets deleted lately: the tombstone's log offset, and when it was
+    /// applied (ms). A commit stored before it but applied after it (their
+    /// tasks ran the other way round) must not bring the offset back.
+    tombstoned: HashMap<(String, i32), (i64, i64)>,
 }
 
 impl Entry {
@@ -203,6 +211,7 @@ impl Entry {
             persisted: 0,
             changed: watch::channel(0).0,
             ids_handed_out: HashMap::new(),
+            tombstoned: HashMap::new(),
         }
     }
 
@@ -648,6 +657,8 @@ impl GroupCoordinator {
         let mut moved = Vec::new();
         for e in inner.groups.values_mut() {
             e.ids_handed_out.retain(|_, lapses| *lapses > now);
+            e.tombstoned
+                .retain(|_, (_, applied)| now - *applied < TOMBSTONE_MEMORY_MS);
             let before = e.group.generation;
             let gone = e.group.expire(now);
             if !gone.is_empty() {
@@ -1010,22 +1021,8 @@ impl GroupCoordinator {
         Ok(())
     }
 
-    /// Appends offsets (None: tombstone) to the group's partition with
-    /// acks=all (batched with other writes by the partition's appender),
-    /// then applies them; `extra` records go in the same batch after them.
-    async fn append_offsets(
-        self: &Arc<Self>,
-        group: &str,
-        index: i32,
-        offsets: Vec<OffsetWrite>,
-        extra: Vec<pb::Record>,
-    ) -> Result<()> {
-        self.append_offsets_checked(group, index, offsets, extra, |_| Ok(()))
-            .await
-    }
-
-    /// [`GroupCoordinator::append_offsets`] once `check` passed, under the
-    /// lock that the records are queued under: nothing `check` looked at
+    /// Appends `offsets` (and `extra` records) once `check` passed, under
+    /// the lock that the records are queued under: nothing `check` looked at
     /// (a member's generation) changes before they are.
     async fn append_offsets_checked(
         self: &Arc<Self>,
@@ -1035,30 +1032,48 @@ impl GroupCoordinator {
         extra: Vec<pb::Record>,
         check: impl FnOnce(&Inner) -> Result<()>,
     ) -> Result<()> {
-        if offsets.is_empty() && extra.is_empty() {
-            return Ok(());
-        }
-        let mut records: Vec<pb::Record> = offsets
-            .iter()
-            .map(|(t, p, v)| pb::Record {
-                key: Some(record_key(group, t, *p)),
-                value: v.as_ref().map(record_value),
-                ..Default::default()
-            })
-            .collect();
-        records.extend(extra);
-        let (appender, queued) = {
+        self.append_prepared(group, index, move |inner| {
+            check(inner)?;
+            Ok((offsets, extra))
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Appends the offsets and other records `prepare` decides on under
+    /// the lock they are queued under, then applies the offsets once they
+    /// are stored. Returns how many offsets were written.
+    async fn append_prepared(
+        self: &Arc<Self>,
+        group: &str,
+        index: i32,
+        prepare: impl FnOnce(&Inner) -> Result<(Vec<OffsetWrite>, Vec<pb::Record>)>,
+    ) -> Result<usize> {
+        let (appender, queued, offsets) = {
             let inner = self.lock();
             self.coordinator_partition(&inner, group)?;
-            check(&inner)?;
+            let (offsets, extra) = prepare(&inner)?;
+            if offsets.is_empty() && extra.is_empty() {
+                return Ok(0);
+            }
+            let mut records: Vec<pb::Record> = offsets
+                .iter()
+                .map(|(t, p, v)| pb::Record {
+                    key: Some(record_key(group, t, *p)),
+                    value: v.as_ref().map(record_value),
+                    ..Default::default()
+                })
+                .collect();
+            records.extend(extra);
             let appender = inner.appenders.get(&index).cloned().ok_or_else(|| {
                 CoordinatorError::NotCoordinator {
                     group: group.to_string(),
                 }
             })?;
             let queued = appender.queue(records);
-            (appender, queued)
+            (appender, queued, offsets)
         };
+        let written = offsets.len();
         // Stored and applied in a task of its own: a caller dropped while
         // it waits for the replicas (a client gone, its deadline) would
         // leave the write in the log but not in what FetchOffsets serves.
@@ -1071,7 +1086,8 @@ impl GroupCoordinator {
         .await
         .map_err(|_| CoordinatorError::NotCoordinator {
             group: String::new(),
-        })?
+        })??;
+        Ok(written)
     }
 
     /// Applies offsets stored from log offset `base_offset` on.
@@ -1083,15 +1099,26 @@ impl GroupCoordinator {
     ) -> Result<()> {
         let mut inner = self.lock();
         let entry = self.served_entry(&mut inner, group)?;
+        let now = now_ms();
         for (i, (t, p, v)) in offsets.into_iter().enumerate() {
             let log_offset = base_offset + i as i64;
             let key = (t, p);
+            // Writes are applied as their tasks run, not in log order: a
+            // write older than what is applied (a value, or a tombstone,
+            // remembered for a while) changes nothing.
             if entry
                 .offsets
                 .get(&key)
                 .is_some_and(|c| c.log_offset > log_offset)
+                || entry
+                    .tombstoned
+                    .get(&key)
+                    .is_some_and(|(at, _)| *at > log_offset)
             {
                 continue;
+            }
+            if v.is_none() {
+                entry.tombstoned.insert(key.clone(), (log_offset, now));
             }
             match v {
                 Some(v) => {
@@ -1551,30 +1578,41 @@ impl GroupCoordinator {
     /// topic's offsets, skipping its first records. Best effort: a group
     /// whose write fails keeps them.
     async fn forget_offsets_of(self: &Arc<Self>, topics: &[String]) {
-        let work: Vec<(String, i32, Vec<OffsetWrite>)> = {
+        let work: Vec<(String, i32)> = {
             let inner = self.lock();
             inner
                 .groups
                 .iter()
-                .filter_map(|(group, e)| {
-                    let gone: Vec<OffsetWrite> = e
-                        .offsets
-                        .keys()
-                        .filter(|(t, _)| topics.contains(t))
-                        .map(|(t, p)| (t.clone(), *p, None))
-                        .collect();
-                    if gone.is_empty() {
-                        return None;
-                    }
+                .filter(|(_, e)| e.offsets.keys().any(|(t, _)| topics.contains(t)))
+                .filter_map(|(group, _)| {
                     let index = self.coordinator_partition(&inner, group).ok()?;
-                    Some((group.clone(), index, gone))
+                    Some((group.clone(), index))
                 })
                 .collect()
         };
-        for (group, index, gone) in work {
-            let n = gone.len();
-            match self.append_offsets(&group, index, gone, Vec::new()).await {
-                Ok(()) => info!(%group, partitions = n, "offsets of deleted topics removed"),
+        for (group, index) in work {
+            // Chosen under the lock they are queued under, and only those
+            // of another topic id (or none): a commit made meanwhile for
+            // the topic created again is not erased.
+            let stale = |inner: &Inner| -> Result<(Vec<OffsetWrite>, Vec<pb::Record>)> {
+                let meta = self.broker.metadata().current();
+                let gone = inner
+                    .groups
+                    .get(&group)
+                    .into_iter()
+                    .flat_map(|e| &e.offsets)
+                    .filter(|((t, _), c)| {
+                        topics.contains(t)
+                            && (c.topic_id.is_empty()
+                                || meta.topics.get(t).is_none_or(|x| x.topic_id != c.topic_id))
+                    })
+                    .map(|((t, p), _)| (t.clone(), *p, None))
+                    .collect();
+                Ok((gone, Vec::new()))
+            };
+            match self.append_prepared(&group, index, stale).await {
+                Ok(0) => {}
+                Ok(n) => info!(%group, partitions = n, "offsets of deleted topics removed"),
                 Err(e) => warn!(%group, error = %e, "could not remove offsets of deleted topics"),
             }
         }
