@@ -1641,3 +1641,96 @@ async fn t17_offsets_of_a_topic_recreated_while_the_coordinator_was_down_are_not
     .await;
     assert_eq!(served[0].offset, -1, "{served:?}");
 }
+
+/// A static member that takes its instance's place under a new member id
+/// (a restart) without a rebalance is stored before its join is answered:
+/// after a failover the new coordinator knows the new member id (it
+/// brought back the old one, fencing the live instance and accepting its
+/// zombie).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t18_a_replaced_static_member_survives_a_coordinator_failover() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(
+        3,
+        base.path(),
+        "",
+        "broker_session_timeout_ms = 3000\nbroker_heartbeat_interval_ms = 200\n",
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("t", 2, 3, Default::default())
+        .await
+        .unwrap();
+    let coordinator = eventually("a coordinator", WAIT, || async {
+        client.find_coordinator("g").await.ok()
+    })
+    .await;
+    let mut groups = pb::consumer_groups_client::ConsumerGroupsClient::connect(format!(
+        "http://{}",
+        coordinator.address
+    ))
+    .await
+    .unwrap();
+    let join = pb::JoinGroupRequest {
+        group: "g".into(),
+        group_instance_id: "i1".into(),
+        topics: vec!["t".into()],
+        session_timeout_ms: 30_000,
+        rebalance_timeout_ms: 5_000,
+        ..Default::default()
+    };
+    let first = groups.join_group(join.clone()).await.unwrap().into_inner();
+    // The instance restarts: same instance id, no member id.
+    let second = groups.join_group(join).await.unwrap().into_inner();
+    assert_ne!(first.member_id, second.member_id);
+    assert_eq!(first.generation_id, second.generation_id, "no rebalance");
+
+    cluster.kill(coordinator.broker_id);
+    let survivor = (1..=3).find(|id| *id != coordinator.broker_id).unwrap();
+    let client = Client::connect(&cluster.addrs[survivor as usize - 1])
+        .await
+        .unwrap();
+    let beat = |member_id: String| {
+        let client = &client;
+        async move {
+            let c = client.find_coordinator("g").await.ok()?;
+            let mut groups = pb::consumer_groups_client::ConsumerGroupsClient::connect(format!(
+                "http://{}",
+                c.address
+            ))
+            .await
+            .ok()?;
+            let r = groups
+                .heartbeat(pb::HeartbeatRequest {
+                    group: "g".into(),
+                    member_id,
+                    generation_id: second.generation_id,
+                    group_instance_id: "i1".into(),
+                })
+                .await;
+            match r {
+                Ok(_) => Some(Ok(())),
+                Err(s) => {
+                    let code = s
+                        .metadata()
+                        .get("runnel-error-code")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    // Still moving: ask again.
+                    (code != "NOT_COORDINATOR" && !code.is_empty()).then_some(Err(code))
+                }
+            }
+        }
+    };
+    let answer = eventually("the new coordinator", WAIT, || {
+        beat(second.member_id.clone())
+    })
+    .await;
+    assert_eq!(answer, Ok(()), "the replacing member is known");
+    let zombie = eventually("the new coordinator", WAIT, || {
+        beat(first.member_id.clone())
+    })
+    .await;
+    assert_eq!(zombie, Err("FENCED_INSTANCE_ID".to_string()));
+}

@@ -200,6 +200,14 @@ struct Entry {
     /// applied (ms). A commit stored before it but applied after it (their
     /// tasks ran the other way round) must not bring the offset back.
     tombstoned: HashMap<(String, i32), (i64, i64)>,
+    /// Bumped by a membership change that keeps the generation (a static
+    /// member replaced under a new member id): its record is written as a
+    /// new generation's is, and the join waits for it. `version_queued`
+    /// and `version_stored` follow it as `queued` and `persisted` follow
+    /// the generation.
+    version: u64,
+    version_queued: u64,
+    version_stored: u64,
 }
 
 impl Entry {
@@ -212,6 +220,9 @@ impl Entry {
             changed: watch::channel(0).0,
             ids_handed_out: HashMap::new(),
             tombstoned: HashMap::new(),
+            version: 0,
+            version_queued: 0,
+            version_stored: 0,
         }
     }
 
@@ -229,6 +240,12 @@ impl Entry {
             && self.ids_handed_out.is_empty()
             && self.changed.receiver_count() == 0
             && self.queued == self.persisted
+            && self.version_queued == self.version_stored
+    }
+
+    /// Whether the record of the current membership is stored.
+    fn stored(&self) -> bool {
+        self.persisted >= self.group.generation && self.version_stored >= self.version
     }
 }
 
@@ -596,10 +613,12 @@ impl GroupCoordinator {
             return;
         };
         let generation = e.group.generation;
-        if e.queued == generation {
+        let version = e.version;
+        if e.queued == generation && e.version_queued == version {
             return;
         }
         e.queued = generation;
+        e.version_queued = version;
         let record = pb::Record {
             key: Some(group_key(group)),
             value: Some(group_value(&e.group)),
@@ -627,6 +646,9 @@ impl GroupCoordinator {
                     if e.queued == generation {
                         e.queued = e.persisted;
                     }
+                    if e.version_queued == version {
+                        e.version_queued = e.version_stored;
+                    }
                 }
                 me.persist(&mut inner, &group);
                 return;
@@ -635,6 +657,7 @@ impl GroupCoordinator {
             let mut inner = me.lock();
             if let Some(e) = inner.groups.get_mut(&group) {
                 e.persisted = e.persisted.max(generation);
+                e.version_stored = e.version_stored.max(version);
                 e.notify();
             }
         });
@@ -913,7 +936,21 @@ impl GroupCoordinator {
                     .remove(&args.member_id)
                     .is_some_and(|lapses| lapses > now);
             }
+            // A static member taking its instance's place under a new
+            // member id, in a group that stays in its generation: the
+            // record must name the new id before the join is answered, or
+            // a failover brings back the old one (and its zombie).
+            let replacing = args.member_id.is_empty()
+                && !args.instance_id.is_empty()
+                && entry
+                    .group
+                    .members
+                    .values()
+                    .any(|m| m.instance_id == args.instance_id);
             let member_id = entry.group.join(args, now)?;
+            if replacing && entry.group.generation == joined_at {
+                entry.version += 1;
+            }
             if entry.group.try_complete(now, &counts) {
                 self.rebalanced(&entry.group, now);
                 entry.notify();
@@ -935,7 +972,7 @@ impl GroupCoordinator {
                         member_id: member_id.clone(),
                     })
                 })?;
-                let stored = entry.persisted >= entry.group.generation;
+                let stored = entry.stored();
                 if let Some(m) = entry
                     .group
                     .join_result(&member_id, joined_at)
