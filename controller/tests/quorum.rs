@@ -784,3 +784,31 @@ async fn t10_a_learner_that_moved_gets_the_log_at_its_new_address() {
         n.kill().await;
     }
 }
+
+/// A heartbeat naming a broker epoch newer than the controller has applied
+/// (a registration committed through the previous controller, not yet
+/// applied by this one) is answered UNAVAILABLE, to be retried; answered
+/// "fenced", it made the broker register again, fencing itself and moving
+/// its leaderships for nothing. A registration answers the epoch it got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t11_a_heartbeat_from_ahead_of_the_controller_is_retried_not_fenced() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, nodes) = cluster(root.path(), 3, &[]).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let leader = wait_leader(&all).await;
+    let store = &nodes.iter().find(|n| n.id == leader).unwrap().store;
+    let epoch = store
+        .register_broker(1, &nodes[0].addr, None, "")
+        .await
+        .unwrap();
+    assert_eq!(store.current().brokers[&1].epoch, epoch);
+    let current = store.heartbeat(1, epoch).await.unwrap();
+    assert!(!current.fenced);
+    let ahead = store.heartbeat(1, epoch + 1).await.unwrap_err();
+    assert_eq!(ahead.code(), tonic::Code::Unavailable, "{ahead:?}");
+    let behind = store.heartbeat(1, epoch - 1).await.unwrap();
+    assert!(behind.fenced, "an older registration is fenced");
+    for n in nodes {
+        n.kill().await;
+    }
+}
