@@ -921,13 +921,7 @@ async fn a_deleted_topic_leaves_no_data_and_starts_empty_when_created_again() {
 /// waiting for records forever; and one to a thawed broker reads again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_to_a_frozen_broker_fails_instead_of_waiting_forever() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("quiet", 1, 1, Default::default())
-        .await
-        .unwrap();
+    let (_dir, client, server) = with_topic("quiet").await;
     let mut c = client
         .partition_consumer("quiet", 0, StartFrom::Earliest)
         .await
@@ -975,13 +969,7 @@ async fn a_subscription_to_a_frozen_broker_fails_instead_of_waiting_forever() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_consume_into_a_closed_pipe_commits_only_what_was_written() {
     use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("wide-records", 1, 1, Default::default())
-        .await
-        .unwrap();
+    let (_dir, client, server) = with_topic("wide-records").await;
     // 20 kB records: a pipe (64 KiB) holds three of them.
     const SIZE: usize = 20_000;
     let producer = client.producer(ProducerConfig::default());
@@ -1073,13 +1061,7 @@ async fn cli_produce_takes_any_bytes_and_fits_batches_to_the_topic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_consume_reads_on_when_its_position_leaves_the_log() {
     use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("shrinking", 1, 1, Default::default())
-        .await
-        .unwrap();
+    let (_dir, client, server) = with_topic("shrinking").await;
     // 40 MB: more than the command's buffers (a pipe, 16 fetched chunks
     // of at most 1 MiB) hold, so it is still reading when records go.
     const RECORDS: usize = 40_000;
@@ -1126,13 +1108,7 @@ async fn cli_consume_reads_on_when_its_position_leaves_the_log() {
 /// new topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_of_a_recreated_topic_is_told_not_fed_the_new_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("again", 1, 1, Default::default())
-        .await
-        .unwrap();
+    let (_dir, client, server) = with_topic("again").await;
     let producer = client.producer(ProducerConfig {
         idempotence: false,
         ..ProducerConfig::default()
