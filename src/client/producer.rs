@@ -509,21 +509,19 @@ impl Producer {
                 let mut st = sh.lock();
                 let id_missing = !sh.id_usable(&st);
                 let mut added = None;
-                let past_count = st
-                    .topics
-                    .get(topic)
-                    .is_some_and(|t| record.partition.is_some_and(|p| p >= t.count));
-                if !id_missing {
-                    // A refresh after `sent_at` (while this call waited
-                    // for it) counts as fresh.
-                    let fresh = st
-                        .topics
-                        .get(topic)
-                        .is_some_and(|t| sent_at < t.fresh_until && (recounted || !past_count));
-                    if fresh {
-                        let now = st.clock.ms(sent_at);
-                        added = Some(sh.add(&mut st, topic, &record, permits, (sent_at, now)));
+                // One lookup per record: whether the count is fresh (a
+                // refresh after `sent_at`, while this call waited for it,
+                // counts), and whether an explicit partition is past it.
+                let (fresh, past_count) = match st.topics.get(topic) {
+                    Some(t) => {
+                        let past = record.partition.is_some_and(|p| p >= t.count);
+                        (sent_at < t.fresh_until && (recounted || !past), past)
                     }
+                    None => (false, false),
+                };
+                if !id_missing && fresh {
+                    let now = st.clock.ms(sent_at);
+                    added = Some(sh.add(&mut st, topic, &record, permits, (sent_at, now)));
                 }
                 (id_missing, added, past_count)
             };

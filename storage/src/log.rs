@@ -544,9 +544,13 @@ impl Log {
             });
         }
         // A replication round of an earlier epoch still under way must
-        // not cut or extend what this leader writes.
-        self.follower_fence
-            .fetch_max(leader_epoch, Ordering::AcqRel);
+        // not cut or extend what this leader writes. (A load first: the
+        // fence is nearly always raised already, and this is every
+        // append.)
+        if self.follower_fence.load(Ordering::Acquire) < leader_epoch {
+            self.follower_fence
+                .fetch_max(leader_epoch, Ordering::AcqRel);
+        }
         if let SequenceCheck::Duplicate(dup) = self.lock_producers().check(&producer)? {
             return Ok(AppendInfo {
                 base_offset: dup.first_offset,
