@@ -3,14 +3,14 @@
 //! queued writes becomes one append to `__consumer_offsets` with acks=all
 //! (group commit).
 //!
-//! No task of its own: a writer queues its records and starts a task that
-//! takes the append lock; whoever holds it takes everything queued (its
-//! own records, or nothing when an earlier holder already took them),
-//! appends it, releases the lock and waits for the replicas outside it.
-//! So appends go out in queue order, commits that arrive while an append
-//! is under way ride in the next one, any number of appended batches wait
-//! for their replicas at once, and a writer that goes away (its caller
-//! dropped) strands nothing.
+//! No task of its own: a writer queues its records, then (in a task no
+//! client can drop) takes the append lock; whoever holds it takes
+//! everything queued (its own records, or nothing when an earlier holder
+//! already took them), appends it, releases the lock and waits for the
+//! replicas outside it. So appends go out in queue order, commits that
+//! arrive while an append is under way ride in the next one, any number
+//! of appended batches wait for their replicas at once, and a writer
+//! whose client goes away strands nothing.
 //!
 //! Where it sits: between the coordinator ([`super::coordinator`]) and the
 //! produce path ([`crate::broker::Broker::produce_append`] /
@@ -104,14 +104,6 @@ impl Appender {
         rx
     }
 
-    /// Appends `records` (in one batch with whatever else is queued) and
-    /// returns the log offset of the first once every in-sync replica has
-    /// them.
-    pub async fn append(&self, records: Vec<pb::Record>) -> Result<i64, AppendError> {
-        let rx = self.enqueue(records);
-        self.finish(Queued(rx)).await
-    }
-
     /// Queues `records` now (synchronously: under whatever lock the caller
     /// holds, so nothing it checked can change before they are queued);
     /// [`Appender::finish`] appends them and waits.
@@ -119,10 +111,14 @@ impl Appender {
         Queued(self.enqueue(records))
     }
 
-    /// Appends what [`Appender::queue`] queued and returns the log offset
-    /// of its first record once every in-sync replica has it.
+    /// Appends what [`Appender::queue`] queued (with whatever else is
+    /// queued) and returns the log offset of its first record once every
+    /// in-sync replica has it. Run it to the end, in a task no client can
+    /// drop (the coordinator runs one per write): dropped while it held
+    /// the append lock, it would fail the other writes of its batch, and
+    /// dropped before, leave its write queued until another came.
     pub async fn finish(&self, Queued(rx): Queued) -> Result<i64, AppendError> {
-        self.spawn_taker();
+        self.take_and_flush().await;
         rx.await.map_err(|_| gone())?
     }
 
@@ -135,20 +131,20 @@ impl Appender {
         rx
     }
 
-    /// A task that takes the append lock and appends what is queued. In a
-    /// task of its own, not the caller's: a caller dropped while it waited
-    /// (a client gone, a deadline) left its write queued until some other
-    /// write came, and one dropped while appending failed the others'
-    /// writes of its batch.
+    /// A task that does [`Appender::take_and_flush`].
     fn spawn_taker(&self) {
         let me = self.clone();
-        tokio::spawn(async move {
-            let guard = me.append.clone().lock_owned().await;
-            let batch = me.take();
-            if !batch.is_empty() {
-                flush(me.broker.clone(), me.index, batch, guard).await;
-            }
-        });
+        tokio::spawn(async move { me.take_and_flush().await });
+    }
+
+    /// Takes the append lock and appends what is queued (nothing when an
+    /// earlier holder took it all).
+    async fn take_and_flush(&self) {
+        let guard = self.append.clone().lock_owned().await;
+        let batch = self.take();
+        if !batch.is_empty() {
+            flush(self.broker.clone(), self.index, batch, guard).await;
+        }
     }
 
     /// The queued writes, up to [`BATCH_RECORDS_MAX`] records and
