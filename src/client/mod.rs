@@ -156,6 +156,19 @@ struct Inner {
     options: ClientOptions,
 }
 
+/// One Metadata call to the broker behind `channel`.
+async fn ask_metadata(
+    channel: &Channel,
+    request: &pb::MetadataRequest,
+) -> Result<pb::MetadataResponse, ClientError> {
+    let mut call = tonic::Request::new(request.clone());
+    call.set_timeout(REQUEST_TIMEOUT);
+    Ok(AdminClient::new(channel.clone())
+        .metadata(call)
+        .await?
+        .into_inner())
+}
+
 fn endpoint(addr: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
     let scheme = if options.tls.is_some() {
         "https"
@@ -327,20 +340,17 @@ impl Client {
         // does, so routing survives the loss of the bootstrap broker.
         for addr in self.candidates() {
             let channel = self.channel(&addr)?;
-            let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(REQUEST_TIMEOUT);
-            match AdminClient::new(channel.clone()).metadata(call).await {
+            match ask_metadata(&channel, &request).await {
                 Ok(r) => {
                     *self
                         .inner
                         .bootstrap
                         .lock()
                         .unwrap_or_else(|e| e.into_inner()) = (addr, channel);
-                    resp = Some(r.into_inner());
+                    resp = Some(r);
                     break;
                 }
-                Err(status) => {
-                    let e = ClientError::from(status);
+                Err(e) => {
                     // A refusal is the cluster's answer; a broker that is
                     // starting or stopping is not: the next one is asked.
                     if matches!(e, ClientError::Broker { .. }) && !e.is_retriable() {
@@ -353,18 +363,21 @@ impl Client {
         let Some(resp) = resp else {
             return Err(last.unwrap_or_else(|| ClientError::Transport("no broker to ask".into())));
         };
-        {
-            let mut brokers = self.inner.brokers.lock().unwrap_or_else(|e| e.into_inner());
-            for b in &resp.brokers {
-                brokers.insert(b.id, b.address.clone());
-            }
-            let mut cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
-            let now = std::time::Instant::now();
-            for t in &resp.topics {
-                cache.insert(t.name.clone(), (t.clone(), now));
-            }
-        }
+        self.remember(&resp);
         Ok(resp)
+    }
+
+    /// Caches the brokers and topics of a metadata answer.
+    fn remember(&self, resp: &pb::MetadataResponse) {
+        let mut brokers = self.inner.brokers.lock().unwrap_or_else(|e| e.into_inner());
+        for b in &resp.brokers {
+            brokers.insert(b.id, b.address.clone());
+        }
+        let mut cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        for t in &resp.topics {
+            cache.insert(t.name.clone(), (t.clone(), now));
+        }
     }
 
     /// A topic's description from the cache, fetching it when missing.
@@ -390,29 +403,19 @@ impl Client {
         // ago through another one (its copy of the metadata lags by a
         // few ms): the others are asked before the topic counts as
         // unknown, as a Kafka producer waits for metadata naming it.
-        let first = self.candidates().into_iter().next();
+        let request = pb::MetadataRequest {
+            topics: vec![name.to_string()],
+        };
+        // The first candidate is the broker just asked.
         for addr in self.candidates().into_iter().skip(1) {
-            if Some(&addr) == first.as_ref() {
-                continue;
-            }
             let Ok(channel) = self.channel(&addr) else {
                 continue;
             };
-            let mut call = tonic::Request::new(pb::MetadataRequest {
-                topics: vec![name.to_string()],
-            });
-            call.set_timeout(REQUEST_TIMEOUT);
-            let Ok(resp) = AdminClient::new(channel).metadata(call).await else {
+            let Ok(resp) = ask_metadata(&channel, &request).await else {
                 continue;
             };
-            if let Some(t) = resp
-                .into_inner()
-                .topics
-                .into_iter()
-                .find(|t| t.name == name)
-            {
-                let mut cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
-                cache.insert(t.name.clone(), (t.clone(), std::time::Instant::now()));
+            if let Some(t) = resp.topics.iter().find(|t| t.name == name).cloned() {
+                self.remember(&resp);
                 return Ok(t);
             }
         }
