@@ -349,13 +349,39 @@ impl ServerConfig {
         let mut table = file.clone();
         let applied = apply_env(&mut table, env)?;
         let config: ServerConfig = table.try_into().map_err(|e: toml::de::Error| {
-            // Blame the environment when the file alone is fine.
-            match (applied.is_empty(), file.try_into::<ServerConfig>()) {
-                (false, Ok(_)) => ConfigError::Env {
-                    names: applied.join(", "),
-                    message: e.message().to_string(),
-                },
-                _ => parse_err(e.to_string()),
+            // Blame the environment when the file alone is fine: the
+            // variables that fail on their own, or all of them together.
+            if applied.is_empty() || file.clone().try_into::<ServerConfig>().is_err() {
+                return parse_err(e.to_string());
+            }
+            let culprits: Vec<(String, toml::de::Error)> = applied
+                .iter()
+                .filter_map(|(name, raw)| {
+                    let mut alone = file.clone();
+                    apply_env(&mut alone, [(name.clone(), raw.clone())]).ok()?;
+                    let err = alone.try_into::<ServerConfig>().err()?;
+                    Some((name.clone(), err))
+                })
+                .collect();
+            let (names, e) = match culprits.into_iter().next() {
+                Some((name, e)) => (name, e),
+                None => (
+                    applied
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    e,
+                ),
+            };
+            ConfigError::Env {
+                names,
+                // The message names the key; a value read as a number or
+                // boolean where text is expected needs TOML quotes.
+                message: format!(
+                    "{} (for a text value that looks like a number, quote it: NAME='\"value\"')",
+                    e.to_string().trim_end()
+                ),
             }
         })?;
         config.validate()?;
@@ -539,6 +565,31 @@ impl ServerConfig {
                 return Err(invalid(key, format!("{value} is below 1")));
             }
         }
+        let b = &self.broker;
+        for (key, value) in [
+            ("broker.request_timeout_ms", b.request_timeout_ms),
+            ("broker.replica_lag_time_max_ms", b.replica_lag_time_max_ms),
+            ("controller.submit_timeout_ms", c.submit_timeout_ms),
+            (
+                "security.auth_failure_window_ms",
+                self.security.auth_failure_window_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be positive".into()));
+            }
+        }
+        // A follower parked in an idle long poll must not look lagging
+        // (Kafka refuses the same combination).
+        if u64::from(b.replica_fetch_wait_max_ms) >= b.replica_lag_time_max_ms {
+            return Err(invalid(
+                "broker.replica_fetch_wait_max_ms",
+                format!(
+                    "must be below replica_lag_time_max_ms ({} >= {}): followers waiting on an idle leader would leave the ISR",
+                    b.replica_fetch_wait_max_ms, b.replica_lag_time_max_ms
+                ),
+            ));
+        }
         if self.broker.offsets_topic_replication_factor < 0 {
             return Err(invalid(
                 "broker.offsets_topic_replication_factor",
@@ -549,9 +600,21 @@ impl ServerConfig {
             ));
         }
         self.validate_security()?;
-        for (key, value) in self.topic_defaults_strings()? {
-            topic_config::validate(&key, &value)
+        let defaults = self.topic_defaults_strings()?;
+        for (key, value) in &defaults {
+            topic_config::validate(key, value)
                 .map_err(|e| invalid(&format!("topic_defaults.\"{key}\""), e.to_string()))?;
+        }
+        if let Some(min_isr) = defaults.get("min.insync.replicas") {
+            let rf = self.broker.default_replication_factor;
+            if min_isr.parse::<i64>().is_ok_and(|m| m > i64::from(rf)) {
+                return Err(invalid(
+                    "topic_defaults.\"min.insync.replicas\"",
+                    format!(
+                        "{min_isr} is more than broker.default_replication_factor ({rf}): every acks=all produce to a topic created with the default would be refused"
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -562,7 +625,9 @@ impl ServerConfig {
             .iter()
             .map(|(k, v)| {
                 let s = match v {
-                    toml::Value::String(s) => s.clone(),
+                    // As Kafka parses numbers: surrounding blanks do not
+                    // count (and must not reach the brokers' parsers).
+                    toml::Value::String(s) => s.trim().to_string(),
                     toml::Value::Integer(i) => i.to_string(),
                     toml::Value::Boolean(b) => b.to_string(),
                     other => {
@@ -696,7 +761,7 @@ fn check_advertised(
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<Vec<String>, ConfigError> {
+) -> Result<Vec<(String, String)>, ConfigError> {
     let mut applied = Vec::new();
     for (name, raw) in env {
         if !is_config_env(&name) {
@@ -725,7 +790,7 @@ fn apply_env(
             })?;
         }
         target.insert(path[path.len() - 1].clone(), value);
-        applied.push(name);
+        applied.push((name, raw));
     }
     Ok(applied)
 }
@@ -771,6 +836,36 @@ mod tests {
         );
         let err = ServerConfig::from_toml("[broker]\nnum_partitions = 0\n").unwrap_err();
         assert!(err.to_string().contains("broker.num_partitions"), "{err}");
+        for (text, key) in [
+            ("[broker]\nrequest_timeout_ms = 0\n", "broker.request_timeout_ms"),
+            (
+                "[broker]\nreplica_lag_time_max_ms = 0\n",
+                "broker.replica_lag_time_max_ms",
+            ),
+            (
+                "[broker]\nreplica_lag_time_max_ms = 10000\nreplica_fetch_wait_max_ms = 15000\n",
+                "broker.replica_fetch_wait_max_ms",
+            ),
+            (
+                "[controller]\nsubmit_timeout_ms = 0\n",
+                "controller.submit_timeout_ms",
+            ),
+            (
+                "[security]\nauth_failure_window_ms = 0\n",
+                "security.auth_failure_window_ms",
+            ),
+            (
+                "[topic_defaults]\n\"min.insync.replicas\" = 2\n",
+                "topic_defaults.\"min.insync.replicas\"",
+            ),
+        ] {
+            let err = ServerConfig::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        ServerConfig::from_toml(
+            "[broker]\ndefault_replication_factor = 3\n[topic_defaults]\n\"min.insync.replicas\" = 2\n",
+        )
+        .unwrap();
         let err =
             ServerConfig::from_toml("[broker]\ndefault_replication_factor = -1\n").unwrap_err();
         assert!(
@@ -827,6 +922,29 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("n.toml"), "{text}");
+        // A value of the wrong type: the message names the variable alone
+        // and its key.
+        let err = ServerConfig::load(
+            Some(&path),
+            env(&[
+                ("RUNNEL_NODE_ID", "1"),
+                ("RUNNEL_CONTROLLER__CLUSTER_ID", "20240101"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("RUNNEL_CONTROLLER__CLUSTER_ID")
+                && !err.contains("RUNNEL_NODE_ID")
+                && err.contains("cluster_id"),
+            "{err}"
+        );
+        let c = ServerConfig::load(
+            Some(&path),
+            env(&[("RUNNEL_CONTROLLER__CLUSTER_ID", "\"20240101\"")]),
+        )
+        .unwrap();
+        assert_eq!(c.controller.cluster_id.as_deref(), Some("20240101"));
         // The compose file's and the benchmarks' variables are not keys.
         let c = ServerConfig::load(
             Some(&path),
@@ -916,6 +1034,8 @@ mod tests {
         let c = ServerConfig::from_toml("[topic_defaults]\n\"retention.ms\" = 5\n").unwrap();
         let d = c.topic_defaults();
         assert_eq!(d["retention.ms"], "5");
+        let c = ServerConfig::from_toml("[topic_defaults]\n\"retention.ms\" = \" 7 \"\n").unwrap();
+        assert_eq!(c.topic_defaults()["retention.ms"], "7");
         assert_eq!(d["cleanup.policy"], "delete");
     }
 }
