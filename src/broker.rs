@@ -1108,12 +1108,14 @@ impl Broker {
         if matches!(req.replication_factor, 0 | -1) {
             req.replication_factor = self.config.broker.default_replication_factor;
         }
+        let configs = trimmed(req.configs);
+        self.check_min_insync_replicas(&configs, req.replication_factor)?;
         let cmd = MetadataCommand::CreateTopic {
             name: req.name.clone(),
             topic_id: random_id(),
             partitions: req.partitions,
             replication_factor: req.replication_factor,
-            configs: req.configs.into_iter().collect(),
+            configs,
         };
         if req.validate_only {
             let mut preview = (*self.metadata.current()).clone();
@@ -1233,9 +1235,18 @@ impl Broker {
         &self,
         req: pb::AlterTopicConfigRequest,
     ) -> Result<pb::TopicDescription, BrokerError> {
+        let set = trimmed(req.set);
+        if let Some(topic) = self.metadata.current().topics.get(&req.name) {
+            let mut after = topic.configs.clone();
+            for key in &req.delete {
+                after.remove(key);
+            }
+            after.extend(set.clone());
+            self.check_min_insync_replicas(&after, topic.replication_factor)?;
+        }
         let cmd = MetadataCommand::AlterTopicConfig {
             name: req.name.clone(),
-            set: req.set.into_iter().collect(),
+            set,
             delete: req.delete,
         };
         if req.validate_only {
@@ -1246,6 +1257,38 @@ impl Broker {
         self.metadata.submit(cmd).await?;
         self.reconcile_after_change();
         self.describe_topic(&req.name)
+    }
+
+    /// Refuses a topic whose `min.insync.replicas` would come from this
+    /// broker's default and exceed its replication factor: every acks=all
+    /// produce to it would be refused. (A value set on the topic itself is
+    /// checked by the metadata state machine.)
+    fn check_min_insync_replicas(
+        &self,
+        overrides: &BTreeMap<String, String>,
+        replication_factor: i32,
+    ) -> Result<(), BrokerError> {
+        const KEY: &str = "min.insync.replicas";
+        if overrides.contains_key(KEY) {
+            return Ok(());
+        }
+        let Some(value) = self.topic_defaults.get(KEY) else {
+            return Ok(());
+        };
+        if value
+            .parse::<i64>()
+            .is_ok_and(|m| m > i64::from(replication_factor))
+        {
+            return Err(MetadataError::InvalidConfig {
+                key: KEY.into(),
+                value: value.clone(),
+                reason: format!(
+                    "the broker default exceeds the replication factor {replication_factor}: set {KEY} on the topic"
+                ),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Describes one topic from the current metadata.
@@ -1485,6 +1528,15 @@ impl Broker {
         self.logs.close()?;
         Ok(())
     }
+}
+
+/// Topic config values as Kafka parses them: surrounding blanks do not
+/// count, and are not stored for the brokers' parsers to trip on.
+fn trimmed(configs: impl IntoIterator<Item = (String, String)>) -> BTreeMap<String, String> {
+    configs
+        .into_iter()
+        .map(|(k, v)| (k, v.trim().to_string()))
+        .collect()
 }
 
 fn brokers_of(meta: &ClusterMetadata) -> Vec<pb::BrokerDescription> {

@@ -837,7 +837,10 @@ mod tests {
         let err = ServerConfig::from_toml("[broker]\nnum_partitions = 0\n").unwrap_err();
         assert!(err.to_string().contains("broker.num_partitions"), "{err}");
         for (text, key) in [
-            ("[broker]\nrequest_timeout_ms = 0\n", "broker.request_timeout_ms"),
+            (
+                "[broker]\nrequest_timeout_ms = 0\n",
+                "broker.request_timeout_ms",
+            ),
             (
                 "[broker]\nreplica_lag_time_max_ms = 0\n",
                 "broker.replica_lag_time_max_ms",

@@ -322,6 +322,91 @@ async fn refusals_are_clear_and_change_nothing() {
     assert_eq!(out.lines().count(), 2, "{out}");
 }
 
+/// Topic configs are checked as the brokers will read them: a broker's
+/// default `min.insync.replicas` above a new topic's replication factor,
+/// a padded value, a batch limit no client could decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_configs_are_checked_as_the_brokers_read_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_toml(
+        dir.path(),
+        "[broker]\ndefault_replication_factor = 2\n[topic_defaults]\n\"min.insync.replicas\" = 2\n",
+    );
+    let url = format!("http://{}", server.addr);
+    let mut admin = AdminClient::connect(url).await.unwrap();
+    expect(
+        admin.create_topic(create("one", 1, 1, &[])).await,
+        Code::InvalidArgument,
+        "INVALID_CONFIG",
+        "broker default exceeds the replication factor 1",
+    );
+    admin
+        .create_topic(create("one", 1, 1, &[("min.insync.replicas", "1")]))
+        .await
+        .unwrap();
+    let alter = |set: &[(&str, &str)], delete: &[&str]| pb::AlterTopicConfigRequest {
+        name: "one".into(),
+        set: set
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        delete: delete.iter().map(|k| k.to_string()).collect(),
+        validate_only: false,
+    };
+    expect(
+        admin
+            .alter_topic_config(alter(&[], &["min.insync.replicas"]))
+            .await,
+        Code::InvalidArgument,
+        "INVALID_CONFIG",
+        "broker default exceeds the replication factor 1",
+    );
+    expect(
+        admin
+            .create_topic(create(
+                "big",
+                1,
+                1,
+                &[
+                    ("min.insync.replicas", "1"),
+                    ("max.message.bytes", "60000000"),
+                ],
+            ))
+            .await,
+        Code::InvalidArgument,
+        "INVALID_CONFIG",
+        "max.message.bytes",
+    );
+    // Blanks around a value are not stored: the log reads the value the
+    // topic shows.
+    let d = admin
+        .alter_topic_config(alter(&[("retention.ms", " 3600000 ")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        d.configs.get("retention.ms").map(String::as_str),
+        Some("3600000")
+    );
+    let d = admin
+        .describe_topic(pb::DescribeTopicRequest { name: "one".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        d.configs.get("min.insync.replicas").map(String::as_str),
+        Some("1"),
+        "a refused alter changed the topic"
+    );
+    let topics = admin
+        .list_topics(pb::ListTopicsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .topics;
+    assert_eq!(topics.len(), 1, "{topics:?}");
+}
+
 #[test]
 fn malformed_config_files_are_refused_by_key() {
     let dir = tempfile::tempdir().unwrap();
