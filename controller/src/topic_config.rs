@@ -26,6 +26,11 @@ enum Kind {
     Choice(&'static [&'static str]),
 }
 
+/// Largest `max.message.bytes`: half of the 64 MiB gRPC message clients
+/// and followers decode, so that an answer holding one batch that large
+/// and others up to the fetch budget still decodes.
+pub const MESSAGE_BYTES_MAX: i64 = 32 * 1024 * 1024;
+
 /// Every topic config Runnel understands.
 pub const KEYS: &[ConfigKey] = &[
     ConfigKey {
@@ -67,10 +72,10 @@ pub const KEYS: &[ConfigKey] = &[
     ConfigKey {
         name: "max.message.bytes",
         default: "1048588",
-        doc: "Largest record batch accepted, in bytes",
+        doc: "Largest record batch accepted, in bytes; at most 32 MiB, half the largest gRPC message a client or follower decodes",
         kind: Kind::Int {
             min: 64,
-            max: i32::MAX as i64,
+            max: MESSAGE_BYTES_MAX,
         },
     },
     ConfigKey {
@@ -217,6 +222,11 @@ mod tests {
         assert!(err.contains("unknown config key"), "{err}");
         let err = validate("retention.ms", "soon").unwrap_err().to_string();
         assert!(err.contains("not an integer"), "{err}");
+        let err = validate("max.message.bytes", "33554433")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("between 64 and 33554432"), "{err}");
+        validate("max.message.bytes", "33554432").unwrap();
         let err = validate("segment.bytes", "10").unwrap_err().to_string();
         assert!(err.contains("between 1024"), "{err}");
         let err = validate("message.timestamp.type", "Now")

@@ -50,13 +50,18 @@ async fn serve_fetch(broker: &Broker, req: ipb::ReplicaFetchRequest) -> ipb::Rep
 }
 
 fn answer(broker: &Broker, req: &ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchResponse {
-    // At most half of what the follower decodes (a read returns at least
-    // one whole batch, which may pass the budget): a larger answer would
-    // be refused on the follower's side, every round, for good.
+    // At most half of what the follower decodes: a larger answer would
+    // be refused on the follower's side, every round, for good. A read
+    // returns at least one whole batch, which may pass the budget (up to
+    // `max.message.bytes`, itself at most half): only the answer's first
+    // batches may, as in Kafka, so an answer stays within the decode
+    // limit. A partition left out comes first in a later round (the
+    // follower rotates its list).
     let mut budget = match req.max_bytes {
         0 => 1024 * 1024,
         n => (n as usize).min(crate::client::MESSAGE_BYTES_MAX / 2),
     };
+    let mut answered = 0usize;
     let now = now_ms();
     let partitions = req
         .partitions
@@ -95,8 +100,10 @@ fn answer(broker: &Broker, req: &ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchR
                 return out;
             }
             match log.read(p.fetch_offset, budget, out.log_end_offset) {
+                Ok(read) if answered > 0 && read.batches.len() > budget => {}
                 Ok(read) => {
                     budget = budget.saturating_sub(read.batches.len());
+                    answered += read.batches.len();
                     out.batches = read.batches;
                 }
                 Err(e) => {
