@@ -103,6 +103,11 @@ pub struct Broker {
     security: std::sync::OnceLock<Arc<crate::security::Security>>,
     /// Cancelled when a hosted log failed (see [`Broker::failed`]).
     failed: CancellationToken,
+    /// Set by [`Broker::start`], once this broker registered and its
+    /// metadata caught up with its registration. Until then the metadata
+    /// replayed from disk may still name this broker leader in an epoch
+    /// the quorum has moved past: nothing takes up a role from it.
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Broker {
@@ -138,6 +143,7 @@ impl Broker {
             known_topics: Mutex::new(HashSet::new()),
             security: std::sync::OnceLock::new(),
             failed: CancellationToken::new(),
+            started: std::sync::atomic::AtomicBool::new(false),
             config,
         }))
     }
@@ -145,6 +151,7 @@ impl Broker {
     /// Takes up the partitions the metadata assigns to this broker and
     /// follows every later metadata change.
     pub fn start(self: &Arc<Self>) -> Result<(), BrokerError> {
+        self.started.store(true, Ordering::Release);
         self.reconcile()?;
         self.clone().spawn_metadata_watcher();
         Ok(())
@@ -383,8 +390,12 @@ impl Broker {
     }
 
     /// Opens logs for partitions this node now hosts, applies config
-    /// changes, and deletes logs of partitions it no longer hosts.
+    /// changes, and deletes logs of partitions it no longer hosts. Does
+    /// nothing before [`Broker::start`].
     pub fn reconcile(&self) -> Result<(), BrokerError> {
+        if !self.started.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let meta = self.metadata.current();
         let mut wanted: HashMap<(String, i32), &TopicInfo> = HashMap::new();
         for topic in meta.topics.values() {
@@ -557,6 +568,7 @@ impl Broker {
         }
         match self.hosted(topic, index) {
             Some(p) => Ok(p),
+            None if !self.started.load(Ordering::Acquire) => Err(BrokerError::Starting),
             None => {
                 self.reconcile()?;
                 self.hosted(topic, index)

@@ -82,6 +82,8 @@ pub enum BrokerError {
     },
     #[error("broker is shutting down")]
     ShuttingDown,
+    #[error("broker is starting: it takes up its partitions once it has registered")]
+    Starting,
     #[error("{reason}")]
     NotAuthorized { reason: String },
     #[error(transparent)]
@@ -110,7 +112,7 @@ impl BrokerError {
             BrokerError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
             BrokerError::InternalTopic { .. } => ErrorCode::InvalidTopic,
             BrokerError::UnknownTopicId { .. } => ErrorCode::UnknownTopicId,
-            BrokerError::ShuttingDown => ErrorCode::BrokerNotAvailable,
+            BrokerError::ShuttingDown | BrokerError::Starting => ErrorCode::BrokerNotAvailable,
             BrokerError::NotAuthorized { .. } => ErrorCode::AuthorizationFailed,
             BrokerError::Metadata(e) => match e {
                 MetadataError::TopicAlreadyExists { .. } => ErrorCode::TopicAlreadyExists,

@@ -858,3 +858,61 @@ async fn t07_deleted_records_are_gone_from_every_in_sync_replica() {
         .offset;
     assert_eq!(earliest, 100);
 }
+
+/// A broker restarting after a crash serves its port before it has
+/// registered, with the metadata it had on disk: that metadata may still
+/// name it leader in an epoch the quorum has moved past. It takes up no
+/// role from it, so a produce is refused as retriable, not appended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t08_a_starting_broker_takes_no_leadership_from_its_old_metadata() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(3, base.path(), "", CONTROLLER);
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("s", 1, 3, BTreeMap::new())
+        .await
+        .unwrap();
+    let leader = await_partition(&client, "s", 0, 3).await.leader;
+    // Two more metadata entries: each node's commit index is flushed with
+    // the next append, so "s" is in the metadata each replays.
+    for name in ["later-1", "later-2"] {
+        client
+            .create_topic(name, 1, 1, BTreeMap::new())
+            .await
+            .unwrap();
+    }
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    // Alone, it cannot form a quorum: it stays "starting".
+    let _starting = cluster.spawn(leader);
+    let url = format!("http://{}", cluster.addrs[(leader - 1) as usize]);
+    let mut producer = eventually("the restarted leader's port", WAIT, || async {
+        pb::producer_client::ProducerClient::connect(url.clone())
+            .await
+            .ok()
+    })
+    .await;
+    let status = producer
+        .produce(pb::ProduceRequest {
+            topic: "s".into(),
+            partition: Some(0),
+            records: vec![pb::Record {
+                value: Some(b"stale".to_vec().into()),
+                ..Default::default()
+            }],
+            acks: pb::Acks::Leader as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a starting broker must not append as leader");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get("runnel-error-code")
+            .and_then(|v| v.to_str().ok()),
+        Some("BROKER_NOT_AVAILABLE"),
+        "{status:?}"
+    );
+}

@@ -283,9 +283,16 @@ impl Cluster {
 
     /// Restarts node `id` from its data directory and waits until ready.
     pub fn restart(&mut self, id: i32) {
+        let p = self.spawn(id).wait();
+        self.nodes[(id - 1) as usize] = Some(p);
+    }
+
+    /// Starts stopped node `id` again without waiting for it to be ready
+    /// (its client port, `addrs[id - 1]`, opens before it is).
+    pub fn spawn(&self, id: i32) -> Starting {
         let i = (id - 1) as usize;
         assert!(self.nodes[i].is_none(), "node {id} is still running");
-        let p = ServerProcess::spawn(
+        ServerProcess::spawn(
             &[
                 "server".into(),
                 "--config".into(),
@@ -293,8 +300,6 @@ impl Cluster {
             ],
             &self.dirs[i],
         )
-        .wait();
-        self.nodes[i] = Some(p);
     }
 
     /// Node `id`'s metrics endpoint, HOST:PORT.
