@@ -177,6 +177,17 @@ impl Broker {
         });
     }
 
+    /// Resolves when the broker begins to stop: long-lived streams end
+    /// then, so the listener's drain is not held open by them.
+    pub fn stopping(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.shutdown.cancelled()
+    }
+
+    /// Whether the broker has begun to stop.
+    pub fn is_stopping(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
     /// This node's event metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics

@@ -369,10 +369,37 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         r = ready => r,
         _ = shutdown.cancelled() => Err(ServerError::Interrupted),
     };
-    if let Err(e) = started.and_then(|()| broker.start().map_err(ServerError::from)) {
-        shutdown.cancel();
-        let _ = serve.await;
+    let handover = Duration::from_millis(config.controller.submit_timeout_ms);
+    let started = match started {
+        Ok(()) => broker.start().map_err(|e| (ServerError::from(e), true)),
+        Err(e) => Err((e, false)),
+    };
+    if let Err((e, registered)) = started {
+        // The same way out as a shutdown, bounded as it is: a long-lived
+        // stream (a follower's fetch, a produce stream) must not hold
+        // the drain open for good, and the logs opened above are closed
+        // cleanly so the next start need not scan them.
+        warn!(error = %e, "startup failed; stopping");
+        heartbeat.abort();
+        if registered {
+            // Registered and unfenced, maybe given leaderships: hand them
+            // over rather than leave them to the session timeout.
+            if let Err(e) = broker.controlled_shutdown(handover).await {
+                warn!(error = %e, "controlled shutdown incomplete; stopping anyway");
+            }
+        }
         store.shutdown().await;
+        shutdown.cancel();
+        if tokio::time::timeout(grace, serve).await.is_err() {
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                "shutdown grace period over; closing the logs with requests still open"
+            );
+        }
+        let b = broker.clone();
+        if let Ok(Err(close)) = tokio::task::spawn_blocking(move || b.close()).await {
+            warn!(error = %close, "closing the logs failed");
+        }
         return Err(e);
     }
     for name in [
@@ -415,7 +442,6 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     // No more heartbeats: a heartbeat seeing the fence below would
     // register this broker again.
     heartbeat.abort();
-    let handover = Duration::from_millis(config.controller.submit_timeout_ms);
     if let Err(e) = broker.controlled_shutdown(handover).await {
         warn!(error = %e, "controlled shutdown incomplete; stopping anyway");
     }
@@ -430,7 +456,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         Err(_) => {
             warn!(
                 grace_ms = grace.as_millis() as u64,
-                "shutdown grace period over; dropping open requests"
+                "shutdown grace period over; closing the logs with requests still open"
             );
             Ok(())
         }

@@ -864,7 +864,7 @@ async fn t07_deleted_records_are_gone_from_every_in_sync_replica() {
 /// name it leader in an epoch the quorum has moved past. It takes up no
 /// role from it, so a produce is refused as retriable, not appended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t08_a_starting_broker_takes_no_leadership_from_its_old_metadata() {
+async fn t08_a_starting_broker_takes_no_leadership_and_stops_cleanly() {
     let base = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(3, base.path(), "", CONTROLLER);
     let client = Client::connect(&cluster.bootstrap()).await.unwrap();
@@ -885,7 +885,7 @@ async fn t08_a_starting_broker_takes_no_leadership_from_its_old_metadata() {
         cluster.kill(id);
     }
     // Alone, it cannot form a quorum: it stays "starting".
-    let _starting = cluster.spawn(leader);
+    let starting = cluster.spawn(leader);
     let url = format!("http://{}", cluster.addrs[(leader - 1) as usize]);
     let mut producer = eventually("the restarted leader's port", WAIT, || async {
         pb::producer_client::ProducerClient::connect(url.clone())
@@ -914,5 +914,29 @@ async fn t08_a_starting_broker_takes_no_leadership_from_its_old_metadata() {
             .and_then(|v| v.to_str().ok()),
         Some("BROKER_NOT_AVAILABLE"),
         "{status:?}"
+    );
+    // Stopped while still starting, it exits even with a stream open
+    // (it waited on such streams for good before), and closes its logs.
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ProduceRequest>(1);
+    let mut answers = producer
+        .produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = tokio::task::spawn_blocking(move || starting.terminate(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a broker stopped while starting must exit (with an error): {status:?}"
+    );
+    let end = answers.message().await;
+    assert!(end.is_err() || matches!(end, Ok(None)), "{end:?}");
+    drop(tx);
+    let dir = cluster.data_dir(leader).join("s-0");
+    assert!(
+        dir.join(".clean-shutdown").exists(),
+        "the log was not closed cleanly: {:?}",
+        std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>()
     );
 }

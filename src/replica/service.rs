@@ -183,7 +183,15 @@ where
         + 'static,
 {
     crate::service::async_stream(move |tx| async move {
-        while let Some(next) = input.next().await {
+        loop {
+            let next = tokio::select! {
+                next = input.next() => next,
+                () = broker.stopping() => {
+                    let _ = tx.send(Err(Status::unavailable("the broker is shutting down"))).await;
+                    return;
+                }
+            };
+            let Some(next) = next else { return };
             let response = match next {
                 Ok(req) => Ok(serve_fetch(&broker, req).await),
                 Err(status) => Err(status),

@@ -290,6 +290,13 @@ impl ConsumerService {
                                     SUBSCRIBE_POLL,
                                 )
                                 .await;
+                            // The wait ends at once while the broker stops:
+                            // so does the subscription (the client resumes
+                            // on the partition's new leader).
+                            if broker.is_stopping() {
+                                slot.send(Err(Status::unavailable("the broker is shutting down")));
+                                return;
+                            }
                             // Checked for every chunk, as a produce stream
                             // checks every batch: a READ revoked (or a
                             // deny added) ends the subscription.

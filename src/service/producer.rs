@@ -127,8 +127,16 @@ where
         use futures_util::stream::FuturesOrdered;
         let mut waiting = FuturesOrdered::new();
         let mut open = true;
+        let mut stopping = false;
         loop {
             tokio::select! {
+                // The broker stops: no more requests are read; those read
+                // are answered, then the stream ends with UNAVAILABLE (the
+                // client sends the rest to the partitions' new leaders).
+                () = broker.stopping(), if open => {
+                    open = false;
+                    stopping = true;
+                }
                 next = input.next(), if open && waiting.len() < STREAM_IN_FLIGHT_MAX => {
                     let req = match next {
                         Some(Ok(req)) => req,
@@ -196,7 +204,12 @@ where
                         return; // client went away
                     }
                 }
-                else => return,
+                else => {
+                    if stopping {
+                        let _ = tx.send(Err(Status::unavailable("the broker is shutting down"))).await;
+                    }
+                    return;
+                }
             }
         }
     });

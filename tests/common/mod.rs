@@ -157,6 +157,30 @@ impl Starting {
     }
 }
 
+impl Starting {
+    /// Asks the still-starting server to stop (SIGTERM) and waits up to
+    /// `within` for it to exit: None if it did not (it is then killed).
+    pub fn terminate(mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take().expect("not waited yet");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("send SIGTERM");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("poll the server") {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Starting {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
