@@ -715,23 +715,21 @@ impl Broker {
             log_start_offset: partition.log.log_start_offset(),
             ..Default::default()
         };
+        let hw_rx = partition.watch_high_watermark();
+        // acks=none too: appended before the next request of the stream is
+        // read, so a stream's batches keep their order (each in a task of
+        // its own, they raced for the log, and an idempotent stream's
+        // sequence broke) and the stream's in-flight limit holds.
+        let info = partition
+            .run_append(append)
+            .await
+            .ok_or(BrokerError::ShuttingDown)??;
         if acks == pb::Acks::None {
-            let handle = tokio::task::spawn_blocking(append);
-            tokio::spawn(async move {
-                if let Ok(Err(e)) = handle.await {
-                    warn!(error = %e, "acks=none append failed");
-                }
-            });
             return Ok(Appended {
                 response,
                 wait: None,
             });
         }
-        let hw_rx = partition.watch_high_watermark();
-        let info = partition
-            .run_append(append)
-            .await
-            .ok_or(BrokerError::ShuttingDown)??;
         tracing::Span::current().record("offset", info.base_offset);
         debug!(
             base_offset = info.base_offset,

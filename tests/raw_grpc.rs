@@ -367,3 +367,69 @@ async fn a_produce_stream_broken_mid_message_appends_nothing_of_it() {
         .collect();
     assert_eq!(values, [b"kept".to_vec(), b"after".to_vec()]);
 }
+
+/// acks=none on a stream, with idempotent sequence numbers: every batch is
+/// appended in the order sent (each used to be appended in a task of its
+/// own, so batches raced for the log and, out of sequence, were dropped
+/// with only a log line), and the answers carry no offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_none_keeps_a_streams_order() {
+    const BATCHES: i32 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = server_with_topic(dir.path(), "none", 1, &[]).await;
+    let mut producer = ProducerClient::connect(url.clone()).await.unwrap();
+    let id = producer
+        .init_producer_id(pb::InitProducerIdRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let requests = (0..BATCHES).map(move |i| pb::ProduceRequest {
+        topic: "none".into(),
+        partition: Some(0),
+        records: vec![pb::Record {
+            value: Some(format!("n{i}").into()),
+            ..Default::default()
+        }],
+        acks: pb::Acks::None as i32,
+        correlation_id: i as u64,
+        producer_id: id.producer_id,
+        producer_epoch: id.producer_epoch,
+        base_sequence: i,
+        ..Default::default()
+    });
+    let mut answers = producer
+        .produce_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = 0;
+    while let Some(a) = answers.next().await {
+        let a = a.unwrap();
+        assert_eq!((a.error_code, a.base_offset), (0, -1), "{a:?}");
+        answered += 1;
+    }
+    assert_eq!(answered, BATCHES);
+    let mut consumer = ConsumerClient::connect(url).await.unwrap();
+    let mut values = Vec::new();
+    while values.len() < BATCHES as usize {
+        let fetched = consumer
+            .fetch(pb::FetchRequest {
+                topic: "none".into(),
+                partition: 0,
+                offset: values.len() as i64,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!fetched.records.is_empty(), "stopped at {}", values.len());
+        values.extend(
+            fetched
+                .records
+                .iter()
+                .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap()),
+        );
+    }
+    let expected: Vec<String> = (0..BATCHES).map(|i| format!("n{i}")).collect();
+    assert_eq!(values, expected);
+}
