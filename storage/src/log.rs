@@ -400,6 +400,9 @@ impl Log {
                 .unwrap_or((log_start_offset, ProducerStates::default()));
         let from = offset;
         let mut scanned = 0usize;
+        // Seen now, as far as expiry goes: the batches' own timestamps are
+        // the clients'.
+        let opened_ms = now_ms();
         while offset < log_end_offset {
             let read = self.read(offset, 1 << 20, log_end_offset)?;
             if read.batches.is_empty() {
@@ -410,7 +413,12 @@ impl Log {
             while let Some(header) = HeaderView::read(buf) {
                 let last = header.last_offset();
                 if last >= offset {
-                    states.record(&header.producer_batch(), header.base_offset, last);
+                    states.record(
+                        &header.producer_batch(),
+                        header.base_offset,
+                        last,
+                        opened_ms,
+                    );
                     offset = last + 1;
                     scanned += 1;
                 }
@@ -583,7 +591,7 @@ impl Log {
             &header,
         )?;
         self.lock_producers()
-            .record(&producer, base_offset, header.last_offset());
+            .record(&producer, base_offset, header.last_offset(), now_ms());
         self.after_append(&mut w, &config, i64::from(record_count) as u64)?;
         Ok(AppendInfo {
             base_offset,
@@ -706,6 +714,7 @@ impl Log {
                 &header.producer_batch(),
                 header.base_offset,
                 header.last_offset(),
+                now_ms(),
             );
         }
         self.after_append(&mut w, &config, record_count.max(0) as u64)?;

@@ -54,7 +54,11 @@ pub struct ProducerEntry {
     pub epoch: i16,
     /// Oldest first, at most [`BATCHES_RETAINED`].
     pub batches: VecDeque<BatchMeta>,
-    /// Max timestamp of its last batch; drives expiration.
+    /// When this replica last appended one of its batches, by this
+    /// broker's clock (on a rebuild from the log: when the log was
+    /// opened); drives expiration. Not the batch's own timestamp, which
+    /// the client chooses: a backfill of old records would expire its
+    /// producer within a tick, and a retry would then be stored twice.
     pub last_timestamp_ms: i64,
 }
 
@@ -147,6 +151,7 @@ impl ProducerStates {
         if let Some(dup) = entry
             .batches
             .iter()
+            .rev()
             .find(|b| b.first_seq == batch.first_seq && b.last_seq == last_seq)
         {
             return Ok(SequenceCheck::Duplicate(*dup));
@@ -167,8 +172,15 @@ impl ProducerStates {
     }
 
     /// Records an appended batch at `first_offset..=last_offset`, without
-    /// checks (leaders check first; followers and rebuilds trust the log).
-    pub fn record(&mut self, batch: &ProducerBatch, first_offset: i64, last_offset: i64) {
+    /// checks (leaders check first; followers and rebuilds trust the log),
+    /// seen at `now_ms` by this broker's clock.
+    pub fn record(
+        &mut self,
+        batch: &ProducerBatch,
+        first_offset: i64,
+        last_offset: i64,
+        now_ms: i64,
+    ) {
         if batch.producer_id <= 0 {
             return;
         }
@@ -178,9 +190,18 @@ impl ProducerStates {
             .or_insert_with(|| ProducerEntry {
                 epoch: batch.epoch,
                 batches: VecDeque::new(),
-                last_timestamp_ms: batch.max_timestamp_ms,
+                last_timestamp_ms: now_ms,
             });
-        if batch.epoch != entry.epoch {
+        // A new epoch, or the same one starting its sequence over (a
+        // producer whose state the leader had lost renumbers from 0): the
+        // window of older batches no longer applies. Kept, a renumbered
+        // batch matching an old one's range would be answered as its
+        // duplicate by this replica once it leads, and never stored.
+        let restarts = entry
+            .batches
+            .back()
+            .is_some_and(|b| batch.first_seq != add_sequence(b.last_seq, 1));
+        if batch.epoch != entry.epoch || restarts {
             entry.epoch = batch.epoch;
             entry.batches.clear();
         }
@@ -193,7 +214,7 @@ impl ProducerStates {
             first_offset,
             last_offset,
         });
-        entry.last_timestamp_ms = entry.last_timestamp_ms.max(batch.max_timestamp_ms);
+        entry.last_timestamp_ms = entry.last_timestamp_ms.max(now_ms);
     }
 
     /// Forgets producers whose last batch is `expiration_ms` older than
@@ -439,10 +460,10 @@ mod tests {
         let mut s = ProducerStates::default();
         let b0 = batch(7, 0, 0, 3);
         assert_eq!(s.check(&b0).unwrap(), SequenceCheck::Append);
-        s.record(&b0, 10, 12);
+        s.record(&b0, 10, 12, 1_000);
         let b1 = batch(7, 0, 3, 2);
         assert_eq!(s.check(&b1).unwrap(), SequenceCheck::Append);
-        s.record(&b1, 13, 14);
+        s.record(&b1, 13, 14, 1_000);
         assert_eq!(
             s.check(&b0).unwrap(),
             SequenceCheck::Duplicate(BatchMeta {
@@ -469,7 +490,7 @@ mod tests {
         for i in 0..=n {
             let b = batch(1, 0, i, 1);
             assert_eq!(s.check(&b).unwrap(), SequenceCheck::Append);
-            s.record(&b, i64::from(i), i64::from(i));
+            s.record(&b, i64::from(i), i64::from(i), 1_000);
         }
         assert_eq!(s.get(1).unwrap().batches.len(), BATCHES_RETAINED);
         // Batch 0 fell out of the window: a retry of it is out of order.
@@ -491,7 +512,7 @@ mod tests {
     #[test]
     fn epochs_fence_and_restart_sequences() {
         let mut s = ProducerStates::default();
-        s.record(&batch(1, 3, 0, 1), 0, 0);
+        s.record(&batch(1, 3, 0, 1), 0, 0, 1_000);
         assert!(matches!(
             s.check(&batch(1, 2, 1, 1)),
             Err(StorageError::ProducerFenced {
@@ -522,9 +543,33 @@ mod tests {
     }
 
     #[test]
+    fn a_sequence_starting_over_in_the_same_epoch_forgets_the_old_window() {
+        // A follower copies batches 0..=4 and 5..=9, then the producer,
+        // told by a leader that lost its state that it is unknown,
+        // renumbers from 0 in the same epoch: 0..=4 again, then 5..=9
+        // that this replica never received.
+        let mut s = ProducerStates::default();
+        s.record(&batch(1, 0, 0, 5), 0, 4, 1_000);
+        s.record(&batch(1, 0, 5, 5), 5, 9, 1_000);
+        s.record(&batch(1, 0, 0, 5), 10, 14, 1_000);
+        // Leading now, it must take the new 5..=9 as the next batch, not
+        // answer it as a duplicate of the old one at 5..=9.
+        assert_eq!(s.check(&batch(1, 0, 5, 5)).unwrap(), SequenceCheck::Append);
+        assert_eq!(
+            s.check(&batch(1, 0, 0, 5)).unwrap(),
+            SequenceCheck::Duplicate(BatchMeta {
+                first_seq: 0,
+                last_seq: 4,
+                first_offset: 10,
+                last_offset: 14
+            })
+        );
+    }
+
+    #[test]
     fn sequences_wrap_at_i32_max() {
         let mut s = ProducerStates::default();
-        s.record(&batch(1, 0, i32::MAX - 1, 2), 0, 1);
+        s.record(&batch(1, 0, i32::MAX - 1, 2), 0, 1, 1_000);
         assert_eq!(s.get(1).unwrap().batches[0].last_seq, i32::MAX);
         assert_eq!(s.check(&batch(1, 0, 0, 1)).unwrap(), SequenceCheck::Append);
     }
@@ -532,10 +577,12 @@ mod tests {
     #[test]
     fn expiry_drops_idle_producers() {
         let mut s = ProducerStates::default();
-        s.record(&batch(1, 0, 0, 1), 0, 0);
-        let mut late = batch(2, 0, 0, 1);
-        late.max_timestamp_ms = 5_000;
-        s.record(&late, 1, 1);
+        s.record(&batch(1, 0, 0, 1), 0, 0, 1_000);
+        // Timed by when this broker saw the batch, not by the batch's
+        // own (client-chosen) timestamp.
+        let mut old = batch(2, 0, 0, 1);
+        old.max_timestamp_ms = -50_000;
+        s.record(&old, 1, 1, 5_000);
         assert_eq!(s.expire(6_000, 2_000), 1);
         assert!(s.get(1).is_none() && s.get(2).is_some());
     }
@@ -549,6 +596,7 @@ mod tests {
                     &batch(pid, 1, i * 2, 2),
                     i64::from(i) * 2,
                     i64::from(i) * 2 + 1,
+                    1_000,
                 );
             }
         }
