@@ -715,16 +715,27 @@ async fn t05_static_members_come_back_without_a_rebalance_and_broadcast_gives_al
     a.crash().await;
     // The restarted instance gets the partitions back in the same
     // generation, before its old session expires, under a new member id.
-    let b = Member::spawn(&client, stat);
+    let b = Member::spawn(&client, stat.clone());
     let (again, gen_again, assignment_again) =
         eventually("the static member back", WAIT, || async {
             let s = b.snapshot();
             (s.1 >= 1).then_some(s)
         })
         .await;
-    assert_eq!((gen_again, assignment_again), (gen, assignment));
+    assert_eq!((gen_again, assignment_again), (gen, assignment.clone()));
     assert_ne!(again, member);
+    // A graceful restart too: a static member does not leave on close,
+    // so its next instance comes back without a rebalance.
     b.close().await;
+    let c = Member::spawn(&client, stat.clone());
+    let (_, gen_after_close, assignment_after_close) =
+        eventually("the static member back after a close", WAIT, || async {
+            let s = c.snapshot();
+            (s.1 >= 1).then_some(s)
+        })
+        .await;
+    assert_eq!((gen_after_close, assignment_after_close), (gen, assignment));
+    c.close().await;
 
     // An instance still running when its replacement joins is fenced: its
     // polls fail with FENCED_INSTANCE_ID and it reads nothing more, while
@@ -1720,4 +1731,55 @@ async fn t18_a_replaced_static_member_survives_a_coordinator_failover() {
     })
     .await;
     assert_eq!(zombie, Err("FENCED_INSTANCE_ID".to_string()));
+}
+
+/// A member busy with its last records when a rebalance starts keeps
+/// heartbeating through it: it is not expired after its session timeout
+/// but waited for, up to the rebalance timeout, and rejoins under its own
+/// id when it polls again (it used to stop heartbeating at the first
+/// "rejoin" answer and be dropped from the group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t19_a_member_busy_through_a_rebalance_is_waited_for() {
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    let mut cfg = config("g-busy", "t");
+    cfg.session_timeout_ms = 2_000;
+    cfg.rebalance_timeout_ms = 30_000;
+    let mut busy = client.group_consumer(cfg.clone()).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while busy.assignment().len() != 6 {
+        assert!(std::time::Instant::now() < deadline, "never assigned");
+        busy.poll().await.unwrap();
+    }
+    let id = busy.member_id().to_string();
+    let generation = busy.generation();
+    let other = Member::spawn(&client, cfg.clone());
+    eventually(
+        "the second member's join opening a rebalance",
+        WAIT,
+        || async {
+            let d = client.describe_group("g-busy").await.ok()?;
+            (d.state == "PreparingRebalance").then_some(())
+        },
+    )
+    .await;
+    // The application works on what it has for three session timeouts.
+    tokio::time::sleep(Duration::from_millis(3 * u64::from(cfg.session_timeout_ms))).await;
+    let d = client.describe_group("g-busy").await.unwrap();
+    assert!(
+        d.members.iter().any(|m| m.member_id == id),
+        "the busy member was expired: {d:?}"
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while !(busy.generation() > generation && busy.assignment().len() == 3) {
+        assert!(std::time::Instant::now() < deadline, "never rebalanced");
+        busy.poll().await.unwrap();
+    }
+    assert_eq!(busy.member_id(), id, "rejoined as a new member");
+    eventually("the other member holding the other three", WAIT, || async {
+        (other.snapshot().2.len() == 3).then_some(())
+    })
+    .await;
+    busy.close().await.unwrap();
+    other.close().await;
 }

@@ -43,6 +43,12 @@ fn heartbeats(
 ) -> JoinHandle<()> {
     let every = Duration::from_millis(u64::from(interval_ms.max(20)));
     tokio::spawn(async move {
+        // Told to rejoin: the member says so once and heartbeats on until
+        // its next poll rejoins (which stops this task), as Kafka's
+        // heartbeat thread does. Stopping here left a member busy with
+        // its last records to expire within its session, however long the
+        // rebalance would have waited for it.
+        let mut asked = false;
         loop {
             tokio::time::sleep(every).await;
             if watch.clock.overdue(watch.max) {
@@ -81,8 +87,10 @@ fn heartbeats(
                 .await;
             match r {
                 Ok(r) if r.rejoin => {
-                    set_signal(&signal, SIGNAL_REJOIN);
-                    return;
+                    if !asked {
+                        set_signal(&signal, SIGNAL_REJOIN);
+                        asked = true;
+                    }
                 }
                 Ok(_) => {}
                 Err(e) if e.code() == pb::ErrorCode::FencedInstanceId => {
@@ -162,7 +170,10 @@ pub struct GroupConfig {
     /// The coordinator removes the member after this long without a
     /// heartbeat (ms).
     pub session_timeout_ms: u32,
-    /// How long a rebalance waits for members to rejoin (ms).
+    /// How long a rebalance waits for members to rejoin (ms); members
+    /// keep heartbeating meanwhile, so one busy with its last records has
+    /// this long to poll again. Defaults to `max_poll_interval`, as in
+    /// Kafka.
     pub rebalance_timeout_ms: u32,
     /// Commit positions this often inside `poll`; None: only on `commit`.
     pub auto_commit_interval: Option<Duration>,
@@ -190,7 +201,7 @@ impl GroupConfig {
             strategy: pb::AssignmentStrategy::CooperativeSticky,
             protocol: pb::RebalanceProtocol::Cooperative,
             session_timeout_ms: 10_000,
-            rebalance_timeout_ms: 10_000,
+            rebalance_timeout_ms: 300_000,
             auto_commit_interval: Some(Duration::from_secs(1)),
             offset_reset: OffsetReset::Earliest,
             client_id: "runnel-rust".to_string(),
@@ -684,6 +695,10 @@ impl GroupConsumer {
                 ))
             })?;
         c.seek(offset);
+        // A reset pending from an earlier out-of-range fetch would undo
+        // the seek.
+        self.out_of_range
+            .retain(|tp| tp.0 != topic || tp.1 != partition);
         Ok(())
     }
 
@@ -920,6 +935,8 @@ impl GroupConsumer {
             if offset >= 0 {
                 self.committed.insert(tp.clone(), offset);
             }
+            // Started afresh: a reset pending from before is not its.
+            self.out_of_range.retain(|x| x != &tp);
             self.consumers.insert(tp.clone(), pc);
             names.push(tp);
         }
@@ -1139,6 +1156,17 @@ impl GroupConsumer {
             match self.client.partition_consumer(&tp.0, tp.1, from).await {
                 Ok(mut pc) => {
                     pc.max_wait_ms = self.config.max_wait_ms;
+                    // Records were skipped (or will be read again): said
+                    // where an operator sees it.
+                    tracing::warn!(
+                        group = %self.config.group,
+                        topic = %tp.0,
+                        partition = tp.1,
+                        position = self.consumers.get(&tp).map_or(-1, PartitionConsumer::position),
+                        reset_to = pc.position(),
+                        offset_reset = ?self.config.offset_reset,
+                        "position out of range; starting over per offset_reset"
+                    );
                     // What was committed belonged to the old position (or
                     // topic): the new one is committed even if equal.
                     self.committed.remove(&tp);
@@ -1284,7 +1312,11 @@ impl GroupConsumer {
         }
     }
 
-    /// Commits (with auto-commit on) and leaves the group.
+    /// Commits (with auto-commit on) and leaves the group. A static
+    /// member (`group_instance_id` set) does not leave, as in Kafka
+    /// (KIP-345): an instance restarted within its session timeout takes
+    /// its partitions back without a rebalance, and one that does not
+    /// come back is removed when its session runs out.
     pub async fn close(mut self) -> Result<(), ClientError> {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
@@ -1305,6 +1337,9 @@ impl GroupConsumer {
         if self.signal.load(Ordering::Acquire) == SIGNAL_FENCED {
             // Replaced: nothing of the group is this member's any more.
             return Ok(());
+        }
+        if !self.config.group_instance_id.is_empty() {
+            return committed;
         }
         let left = leave(
             &self.client,
