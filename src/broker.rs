@@ -1290,7 +1290,9 @@ impl Broker {
         replication_factor: i32,
     ) -> Result<(), BrokerError> {
         const KEY: &str = "min.insync.replicas";
-        if overrides.contains_key(KEY) {
+        // A value of its own, or a replication factor the metadata refuses
+        // anyway (with its own reason).
+        if overrides.contains_key(KEY) || replication_factor < 1 {
             return Ok(());
         }
         let Some(value) = self.topic_defaults.get(KEY) else {

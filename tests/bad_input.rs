@@ -295,6 +295,46 @@ async fn refusals_are_clear_and_change_nothing() {
         None,
     );
     assert!(err.contains("--all-partitions"), "{err}");
+    // A partition that cannot delete as far does not hide what the others
+    // did (deletions cannot be undone): every partition gets its row, and
+    // the command fails naming the one that did not.
+    admin.create_topic(create("two", 2, 1, &[])).await.unwrap();
+    producer
+        .produce(produce(
+            "two",
+            Some(0),
+            vec![value(b"a"), value(b"b"), value(b"c")],
+        ))
+        .await
+        .unwrap();
+    let out = cli(
+        addr,
+        &[
+            "topic",
+            "delete-records",
+            "two",
+            "--before",
+            "2",
+            "--all-partitions",
+        ],
+        None,
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    let row0 = stdout
+        .lines()
+        .find(|l| l.starts_with('0'))
+        .unwrap_or_default();
+    assert_eq!(
+        row0.split_whitespace().take(3).collect::<Vec<_>>(),
+        ["0", "2", "2"],
+        "{stdout}"
+    );
+    assert!(stdout.lines().any(|l| l.starts_with('1')), "{stdout}");
+    assert!(stderr.contains("partition(s) 1"), "{stderr}");
     // A bad config in an alter that also adds partitions changes nothing.
     let err = cli_err(
         addr,
@@ -319,7 +359,7 @@ async fn refusals_are_clear_and_change_nothing() {
         .into_inner();
     assert_eq!(d.partitions.len(), 1, "partitions added by a refused alter");
     let out = cli_ok(addr, &["topic", "list"], None);
-    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(out.lines().count(), 3, "{out}");
 }
 
 /// Topic configs are checked as the brokers will read them: a broker's

@@ -154,23 +154,46 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
                 "PARTITION".to_string(),
                 "DELETED BELOW".into(),
                 "LOW WATERMARK".into(),
+                "ERROR".into(),
             ]];
             let mut json = Vec::new();
+            // Every partition is tried and reported: deletions done cannot
+            // be undone, so one failing must not hide the others.
+            let mut failed = Vec::new();
             for p in partitions {
-                let r = client
+                match client
                     .delete_records(&name, p, before, std::time::Duration::ZERO)
                     .await
-                    .with_context(|| format!("deleting records of {name}-{p}"))?;
-                json.push(serde_json::json!({"partition": p, "offset": r.offset, "low_watermark": r.low_watermark}));
-                rows.push(vec![
-                    p.to_string(),
-                    r.offset.to_string(),
-                    r.low_watermark.to_string(),
-                ]);
+                {
+                    Ok(r) => {
+                        json.push(serde_json::json!({"partition": p, "offset": r.offset, "low_watermark": r.low_watermark}));
+                        rows.push(vec![
+                            p.to_string(),
+                            r.offset.to_string(),
+                            r.low_watermark.to_string(),
+                            String::new(),
+                        ]);
+                    }
+                    Err(e) => {
+                        json.push(serde_json::json!({"partition": p, "error": e.to_string()}));
+                        rows.push(vec![p.to_string(), "-".into(), "-".into(), e.to_string()]);
+                        failed.push((p, e));
+                    }
+                }
             }
             match output {
                 Output::Json => println!("{}", serde_json::Value::Array(json)),
                 Output::Table => print_table(&rows),
+            }
+            if let Some((_, first)) = failed.first() {
+                bail!(
+                    "deleting records of {name} failed for partition(s) {} ({first}); any others are done (see above)",
+                    failed
+                        .iter()
+                        .map(|(p, _)| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
         }
         TopicCommand::Alter {
@@ -197,7 +220,16 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
                 t = Some(client.add_partitions(&name, n).await?);
             }
             if configs {
-                t = Some(client.alter_topic_config(&name, set, delete_config).await?);
+                let altered = client.alter_topic_config(&name, set, delete_config).await;
+                t = Some(match (altered, partitions) {
+                    (Ok(t), _) => t,
+                    (Err(e), Some(n)) => {
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "topic {name} now has {n} partitions, but its config change failed"
+                        )))
+                    }
+                    (Err(e), None) => return Err(e.into()),
+                });
             }
             let t = t.expect("one branch ran");
             match output {
