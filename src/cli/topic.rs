@@ -1,6 +1,6 @@
 //! `runnel topic ...`.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Subcommand;
 use runnel::client::Client;
 use runnel_proto::v1 as pb;
