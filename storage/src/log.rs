@@ -428,10 +428,12 @@ impl Log {
                 break;
             }
         }
+        let mut current = self.lock_producers();
+        states.keep_older(&current, from);
         if scanned > 0 || !states.is_empty() {
             tracing::debug!(dir = %self.dir.display(), from, batches = scanned, producers = states.len(), "rebuilt producer state");
         }
-        *self.lock_producers() = states;
+        *current = states;
         Ok(())
     }
 
@@ -1172,6 +1174,7 @@ impl Log {
             .expect("epochs lock")
             .truncate_from_end(log_end_offset)?;
         self.rebuild_producer_states(w)?;
+        self.snapshot_producers_past_log_start(w)?;
         self.sync_dir_to(Some(w.dir_changes))?;
         self.persist_high_watermark_locked(persisted)?;
         tracing::info!(dir = %self.dir.display(), offset, log_end_offset, removed_segments = doomed.len(), "truncated log");
@@ -1243,11 +1246,29 @@ impl Log {
             .take_while(|s| s.next_offset() <= offset)
             .count();
         self.delete_oldest(&mut w, expired)?;
+        self.snapshot_producers_past_log_start(&mut w)?;
         drop(w);
         self.empty_trash()?;
         // Durable before the caller hears the records are gone.
         self.persist_log_start()?;
         Ok(offset)
+    }
+
+    /// Writer only: with the log start past the newest producer snapshot
+    /// (DeleteRecords inside the active segment, or a truncation below
+    /// every snapshot after it), a rebuild at open would scan from the log
+    /// start and forget the producers whose batches all lie below it. A
+    /// snapshot at the log end keeps them. Rare (admin calls), so synced.
+    fn snapshot_producers_past_log_start(&self, _w: &mut Writer) -> Result<()> {
+        let newest = producer_state::snapshot_offsets(&self.dir)?.last().copied();
+        if newest.is_some_and(|n| n >= self.log_start_offset()) {
+            return Ok(());
+        }
+        let states = self.lock_producers().clone();
+        if states.is_empty() {
+            return Ok(());
+        }
+        producer_state::write_snapshot(&self.dir, self.log_end_offset(), &states)
     }
 
     /// Writer only: moves the log start to `offset` in memory; the

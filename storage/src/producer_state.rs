@@ -226,6 +226,22 @@ impl ProducerStates {
         before - self.producers.len()
     }
 
+    /// Takes back from `previous` the producers this state lacks whose
+    /// every retained batch lies below `below`. A rebuild after a
+    /// truncation scans from `below` (a snapshot, or the log start), so
+    /// it cannot see producers whose batches were all deleted below the
+    /// log start (DeleteRecords, retention), yet the truncation did not
+    /// touch them: forgetting them would answer their next batch
+    /// UNKNOWN_PRODUCER_ID.
+    pub fn keep_older(&mut self, previous: &ProducerStates, below: i64) {
+        for (id, entry) in &previous.producers {
+            let older = entry.batches.back().is_some_and(|b| b.last_offset < below);
+            if older && !self.producers.contains_key(id) {
+                self.producers.insert(*id, entry.clone());
+            }
+        }
+    }
+
     pub fn get(&self, producer_id: i64) -> Option<&ProducerEntry> {
         self.producers.get(&producer_id)
     }

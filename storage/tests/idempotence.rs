@@ -18,6 +18,15 @@ fn pbatch(pid: i64, epoch: i16, seq: i32, n: usize) -> BytesMut {
     b.build()
 }
 
+/// `n` records of no producer.
+fn plain(n: usize) -> BytesMut {
+    let mut b = BatchBuilder::new();
+    for _ in 0..n {
+        b.push(1_700_000_000_000, None, Some(b"plain"), &[]);
+    }
+    b.build()
+}
+
 fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -150,6 +159,42 @@ fn truncation_rolls_the_state_back_so_truncated_batches_can_be_resent() {
     log.reset_to(50).unwrap();
     assert_eq!(log.producer_state(1), None);
     assert!(snapshot_files(dir.path()).is_empty());
+}
+
+/// DeleteRecords inside the active segment (past every snapshot), then a
+/// truncation or an unclean reopen: a producer whose batches were all
+/// deleted is still known (it used to be forgotten, so its next batch was
+/// refused as UNKNOWN_PRODUCER_ID here and taken on other replicas).
+#[test]
+fn producers_below_a_deleted_log_start_survive_truncation_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(1 << 20)).unwrap();
+    log.append_as_leader(pbatch(7, 0, 0, 2), 1).unwrap();
+    for _ in 0..4 {
+        log.append_as_leader(plain(2), 1).unwrap();
+    }
+    log.set_high_watermark(log.log_end_offset());
+    assert_eq!(log.delete_records_before(4).unwrap(), 4);
+    let reopen = |log: Log| {
+        log.close_unclean();
+        drop(log);
+        Log::open(dir.path(), small_config(1 << 20)).unwrap()
+    };
+    let log = reopen(log);
+    assert_eq!(log.producer_state(7), Some((0, 1, 1)), "after reopen");
+    // Truncated below the snapshot just taken (at 10): rebuilt from the
+    // log start, 4.
+    log.append_as_leader(plain(2), 1).unwrap();
+    log.truncate_to(8).unwrap();
+    assert_eq!(log.producer_state(7), Some((0, 1, 1)), "after truncation");
+    let log = reopen(log);
+    assert_eq!(
+        log.producer_state(7),
+        Some((0, 1, 1)),
+        "after truncation and reopen"
+    );
+    let next = log.append_as_leader(pbatch(7, 0, 2, 1), 1).unwrap();
+    assert!(!next.duplicate);
 }
 
 #[test]
