@@ -1783,3 +1783,60 @@ async fn t19_a_member_busy_through_a_rebalance_is_waited_for() {
     busy.close().await.unwrap();
     other.close().await;
 }
+
+/// A member assigned a partition that has no leader reads the rest of its
+/// assignment meanwhile, and takes the partition up once it is back (one
+/// such partition used to fail every start: the member read nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_a_partition_without_a_leader_does_not_stop_the_others() {
+    let base = tempfile::tempdir().unwrap();
+    let (mut cluster, client) = three_brokers(base.path(), "").await;
+    client
+        .create_topic("u", 3, 1, Default::default())
+        .await
+        .unwrap();
+    // One "probe" record in each partition.
+    await_writable(&client, "u", 3).await;
+    // The offsets topic is created while all three brokers are live.
+    let mut warm = client.group_consumer(config("g-warm", "u")).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while warm.assignment().len() != 3 {
+        assert!(Instant::now() < deadline, "the first group never formed");
+        warm.poll().await.unwrap();
+    }
+    warm.close().await.unwrap();
+    let offline = client.describe_topic("u").await.unwrap().partitions[2].leader;
+    cluster.kill(offline);
+    let d = client.describe_topic("u").await.unwrap();
+    let on_it: BTreeSet<i32> = d
+        .partitions
+        .iter()
+        .filter(|p| p.replicas == [offline])
+        .map(|p| p.partition)
+        .collect();
+    eventually("its partitions without a leader", WAIT, || async {
+        let d = client.describe_topic("u").await.ok()?;
+        d.partitions
+            .iter()
+            .filter(|p| on_it.contains(&p.partition))
+            .all(|p| p.leader < 0)
+            .then_some(())
+    })
+    .await;
+    let mut member = client.group_consumer(config("g-offline", "u")).unwrap();
+    let mut read = BTreeSet::new();
+    let deadline = Instant::now() + WAIT;
+    while read.len() + on_it.len() < 3 {
+        assert!(Instant::now() < deadline, "read only {read:?}");
+        read.extend(member.poll().await.unwrap().iter().map(|r| r.partition));
+    }
+    assert!(read.is_disjoint(&on_it), "{read:?} {on_it:?}");
+    assert!(!member.caught_up(), "a partition is not read yet");
+    cluster.restart(offline);
+    while read.len() < 3 {
+        assert!(Instant::now() < deadline, "read only {read:?}");
+        read.extend(member.poll().await.unwrap().iter().map(|r| r.partition));
+    }
+    assert_eq!(member.assignment().len(), 3);
+    member.close().await.unwrap();
+}

@@ -128,6 +128,10 @@ fn fetch_failure_is_fatal(e: &ClientError) -> bool {
 /// Long-poll wait of fetches while a background rejoin is under way (ms).
 const REBALANCE_POLL_WAIT_MS: u32 = 10;
 
+/// How often a poll tries again to start assigned partitions that could
+/// not be started (their leaders unavailable past the retries).
+const UNSTARTED_RETRY: Duration = Duration::from_secs(1);
+
 /// How long group calls retry a missing or moving coordinator.
 const COORDINATOR_RETRY: Duration = Duration::from_secs(30);
 
@@ -492,6 +496,8 @@ impl Client {
             generation: -1,
             consumers: BTreeMap::new(),
             out_of_range: Vec::new(),
+            unstarted: BTreeMap::new(),
+            unstarted_retry_at: Instant::now(),
             committed: BTreeMap::new(),
             signal: Arc::new(AtomicU8::new(SIGNAL_REJOIN)),
             heartbeat: None,
@@ -583,6 +589,13 @@ pub struct GroupConsumer {
     /// Owned partitions whose position fell off the log in the last
     /// poll; the next poll starts them over per `reset_point`.
     out_of_range: Vec<(String, i32)>,
+    /// Assigned partitions that could not be started yet, with where they
+    /// start and their committed offset (-1: none): later polls try them
+    /// again, while the rest of the assignment is read. One such
+    /// partition used to fail every start, and the member read nothing.
+    unstarted: BTreeMap<(String, i32), (StartFrom, i64)>,
+    /// When a poll next tries `unstarted`.
+    unstarted_retry_at: Instant,
     /// Last committed (or fetched) offset per assigned partition.
     committed: BTreeMap<(String, i32), i64>,
     /// Set by the heartbeat task: rejoin needed.
@@ -658,6 +671,7 @@ impl GroupConsumer {
             h.abort();
         }
         let lost = std::mem::take(&mut self.consumers);
+        self.unstarted.clear();
         self.committed.clear();
         if !lost.is_empty() {
             self.tell(RebalanceEvent::Revoked(lost.into_keys().collect()));
@@ -707,6 +721,7 @@ impl GroupConsumer {
     pub fn caught_up(&self) -> bool {
         self.generation >= 0
             && !self.rebalancing()
+            && self.unstarted.is_empty()
             && self
                 .consumers
                 .values()
@@ -888,6 +903,7 @@ impl GroupConsumer {
                 tracing::debug!(error = %e, "commit of revoked partitions failed");
             }
         }
+        self.unstarted.retain(|tp, _| assigned.contains(tp));
         let rejoin = resp.rejoin || !revoked.is_empty();
         let added: Vec<(String, i32)> = assigned
             .iter()
@@ -916,6 +932,7 @@ impl GroupConsumer {
             .fetch_offsets(&self.config.group, partitions)
             .await?;
         let mut started = Vec::new();
+        let mut failed = Vec::new();
         for o in committed {
             let tp = (o.topic.clone(), o.partition);
             let from = if o.offset >= 0 {
@@ -923,25 +940,74 @@ impl GroupConsumer {
             } else {
                 self.reset_point()
             };
-            let mut pc = self.start_partition(&tp, from).await?;
-            pc.max_wait_ms = self.config.max_wait_ms;
-            started.push((tp, o.offset, pc));
+            match self.start_partition(&tp, from).await {
+                Ok(pc) => started.push((tp, o.offset, pc)),
+                Err(e) => {
+                    tracing::warn!(group = %self.config.group, topic = %tp.0, partition = tp.1, error = %e, "could not start an assigned partition; later polls try again");
+                    failed.push((tp, from, o.offset));
+                }
+            }
         }
         // All at once, after the last await: a poll dropped above starts
         // none of them (the rejoin it leaves behind does), so every owned
         // partition was announced to the listener.
+        for (tp, from, offset) in failed {
+            self.unstarted.insert(tp, (from, offset));
+        }
+        self.unstarted_retry_at = Instant::now() + UNSTARTED_RETRY;
+        self.take_up_started(started);
+        Ok(())
+    }
+
+    /// Reads `started` partitions from now on and tells the listener.
+    fn take_up_started(&mut self, started: Vec<((String, i32), i64, PartitionConsumer)>) {
         let mut names = Vec::new();
-        for (tp, offset, pc) in started {
+        for (tp, offset, mut pc) in started {
+            pc.max_wait_ms = self.config.max_wait_ms;
             if offset >= 0 {
                 self.committed.insert(tp.clone(), offset);
             }
             // Started afresh: a reset pending from before is not its.
             self.out_of_range.retain(|x| x != &tp);
+            self.unstarted.remove(&tp);
             self.consumers.insert(tp.clone(), pc);
             names.push(tp);
         }
-        self.tell(RebalanceEvent::Assigned(names));
-        Ok(())
+        if !names.is_empty() {
+            self.tell(RebalanceEvent::Assigned(names));
+        }
+    }
+
+    /// Tries once more to start the assigned partitions that could not be
+    /// started, at most every [`UNSTARTED_RETRY`]. A failure that retrying
+    /// cannot cure (no authorization, say) is returned.
+    async fn start_unstarted(&mut self) -> Result<(), ClientError> {
+        if self.unstarted.is_empty() || Instant::now() < self.unstarted_retry_at {
+            return Ok(());
+        }
+        self.unstarted_retry_at = Instant::now() + UNSTARTED_RETRY;
+        let due: Vec<_> = self
+            .unstarted
+            .iter()
+            .map(|(tp, (from, offset))| (tp.clone(), *from, *offset))
+            .collect();
+        let mut started = Vec::new();
+        let mut fatal = None;
+        for (tp, from, offset) in due {
+            self.client.invalidate(&tp.0);
+            match self.client.partition_consumer(&tp.0, tp.1, from).await {
+                Ok(pc) => started.push((tp, offset, pc)),
+                Err(e) => {
+                    tracing::debug!(topic = %tp.0, partition = tp.1, error = %e, "starting a partition failed again");
+                    if fetch_failure_is_fatal(&e) && fatal.is_none() {
+                        fatal = Some(e);
+                    }
+                }
+            }
+        }
+        // After the last await, as in `start_partitions`.
+        self.take_up_started(started);
+        fatal.map_or(Ok(()), Err)
     }
 
     /// A consumer of one owned partition. Retriable failures (its leader
@@ -991,6 +1057,8 @@ impl GroupConsumer {
             self.member_id.clear();
         }
         let old = std::mem::take(&mut self.consumers);
+        // Started again from the answer, if still assigned.
+        self.unstarted.clear();
         if !old.is_empty() {
             self.tell(RebalanceEvent::Revoked(old.keys().cloned().collect()));
         }
@@ -1121,6 +1189,7 @@ impl GroupConsumer {
                 }
             }
         }
+        self.start_unstarted().await?;
         // While a background rejoin is under way, fetches wait only
         // briefly so its answer is taken up soon after it arrives.
         let wait_ms = if self.pending.is_some() {
