@@ -439,6 +439,19 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         () = broker.failed().cancelled() => true,
     };
     info!(log_failed, "shutting down");
+    // Not ready from now on: load balancers and health checks stop
+    // sending traffic during the handover and the drain.
+    endpoint.set_stopping();
+    for name in [
+        "",
+        "runnel.v1.Producer",
+        "runnel.v1.Consumer",
+        "runnel.v1.Admin",
+    ] {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
     // No more heartbeats: a heartbeat seeing the fence below would
     // register this broker again.
     heartbeat.abort();

@@ -35,6 +35,9 @@ pub struct Endpoint {
     broker: OnceLock<Arc<Broker>>,
     groups: OnceLock<Arc<GroupCoordinator>>,
     started: AtomicBool,
+    /// The node is stopping (or a log failed): not ready, whatever the
+    /// metadata says, so load balancers stop sending it traffic.
+    stopping: AtomicBool,
     /// One scrape at a time: group lag may ask other brokers.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -60,8 +63,16 @@ impl Endpoint {
         self.started.store(true, Ordering::Release);
     }
 
+    /// The node began to stop.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
     /// Why the node is not ready, or None when it is.
     pub fn not_ready(&self) -> Option<String> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Some("shutting down".into());
+        }
         let Some(broker) = self.broker.get() else {
             return Some("starting".into());
         };
@@ -109,6 +120,12 @@ const CONNECTIONS_MAX: usize = 64;
 /// slots only (no cap on a connection's age: closing it would cut a
 /// scrape short).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection must be answered within this long of opening (or of its
+/// last answer): a client that trickles a request byte by byte, which
+/// the idle timeout never catches, gives its slot back then. Otherwise
+/// [`CONNECTIONS_MAX`] such clients held every slot for good, and the
+/// `/health` and `/ready` probes failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves the endpoint on `listener` until `shutdown` is cancelled.
 ///
@@ -125,7 +142,7 @@ pub fn spawn(
         listener,
         endpoint,
         shutdown,
-        (CONNECTIONS_MAX, IDLE_TIMEOUT),
+        (CONNECTIONS_MAX, IDLE_TIMEOUT, REQUEST_TIMEOUT),
     )
 }
 
@@ -133,7 +150,7 @@ fn spawn_bounded(
     listener: TcpListener,
     endpoint: Arc<Endpoint>,
     shutdown: CancellationToken,
-    (connections, idle): (usize, Duration),
+    (connections, idle, request): (usize, Duration, Duration),
 ) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -144,6 +161,7 @@ fn spawn_bounded(
         inner: listener,
         slots: Arc::new(Semaphore::new(connections)),
         idle,
+        request,
     };
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -161,6 +179,7 @@ struct Bounded {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     idle: Duration,
+    request: Duration,
 }
 
 impl Listener for Bounded {
@@ -179,6 +198,8 @@ impl Listener for Bounded {
             io,
             idle: Box::pin(tokio::time::sleep_until(Instant::now() + self.idle)),
             idle_for: self.idle,
+            answer: Box::pin(tokio::time::sleep_until(Instant::now() + self.request)),
+            answer_for: self.request,
             _slot: slot,
         };
         (guarded, addr)
@@ -190,11 +211,14 @@ impl Listener for Bounded {
 }
 
 /// A connection that fails with TimedOut once it has moved no byte for
-/// `idle_for`; it holds its slot until dropped.
+/// `idle_for`, or written none for `answer_for` (a request never
+/// finished); it holds its slot until dropped.
 struct Guarded<T> {
     io: T,
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_for: Duration,
+    answer: Pin<Box<tokio::time::Sleep>>,
+    answer_for: Duration,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -212,13 +236,17 @@ impl<T> Guarded<T> {
                 self.idle.as_mut().reset(next);
                 Poll::Ready(r)
             }
-            Poll::Pending => match self.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "metrics connection idle or open too long",
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let idle = self.idle.as_mut().poll(cx).is_ready();
+                if idle || self.answer.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "metrics connection idle, or its request unfinished, too long",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
         }
     }
 }
@@ -243,6 +271,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            // An answer is under way: the next request has its own time.
+            let next = Instant::now() + this.answer_for;
+            this.answer.as_mut().reset(next);
+        }
         this.guard(cx, polled)
     }
 
@@ -293,6 +326,14 @@ mod tests {
         answer
     }
 
+    #[test]
+    fn a_stopping_endpoint_is_not_ready_whatever_else_holds() {
+        let e = Endpoint::new();
+        e.set_started();
+        e.set_stopping();
+        assert_eq!(e.not_ready().as_deref(), Some("shutting down"));
+    }
+
     #[tokio::test]
     async fn silent_connections_are_closed_and_connections_are_bounded() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -302,7 +343,7 @@ mod tests {
             listener,
             Endpoint::new(),
             shutdown.clone(),
-            (2, Duration::from_secs(2)),
+            (2, Duration::from_secs(2), Duration::from_secs(60)),
         );
 
         // Opened, nothing sent: closed once idle.
@@ -347,6 +388,50 @@ mod tests {
         assert!(
             answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"),
             "{answer}"
+        );
+        shutdown.cancel();
+    }
+}
+
+#[cfg(test)]
+mod request_deadline {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client trickling a request (a byte every 100 ms, well under the
+    /// idle time) is cut off once the request deadline passes.
+    #[tokio::test]
+    async fn a_trickled_request_is_cut_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        spawn_bounded(
+            listener,
+            Endpoint::new(),
+            shutdown.clone(),
+            (2, Duration::from_secs(30), Duration::from_secs(1)),
+        );
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        let cut = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if c.write_all(b"a").await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 16];
+                // Pacing the trickle; a closed connection reads 0 or fails.
+                match tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await {
+                    Ok(Ok(0) | Err(_)) => return,
+                    Ok(Ok(_)) | Err(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            cut.is_ok(),
+            "a trickled request held its connection for 20 s"
         );
         shutdown.cancel();
     }
