@@ -422,9 +422,10 @@ mod request_deadline {
                 }
                 let mut buf = [0u8; 16];
                 // Pacing the trickle; a closed connection reads 0 or fails.
-                match tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await {
-                    Ok(Ok(0) | Err(_)) => return,
-                    Ok(Ok(_)) | Err(_) => {}
+                if let Ok(Ok(0) | Err(_)) =
+                    tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await
+                {
+                    return;
                 }
             }
         })
