@@ -302,11 +302,8 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
                     crate::security::tls::incoming($listener, tls, shutdown.clone()),
                     shutdown.clone().cancelled_owned(),
                 )),
-                // The builder's tcp_nodelay applies only to `serve`:
-                // without it here, a response larger than one segment
-                // waits ~40 ms for a delayed ACK (Nagle).
                 None => tokio::spawn($router.serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from($listener).with_nodelay(Some(true)),
+                    plain_incoming($listener, shutdown.clone()),
                     shutdown.clone().cancelled_owned(),
                 )),
             }
@@ -492,3 +489,41 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     }
     result
 }
+
+/// Accepts plain TCP connections on `listener` for tonic, until `cancel`.
+/// A failed accept (out of file descriptors: EMFILE) is logged and
+/// retried after a pause, as the TLS listener does; tonic's own accept
+/// loop retried at once, silently, and burnt a core while it lasted.
+/// `TCP_NODELAY` is set on every connection (the builder's applies only
+/// to `serve`): without it a response larger than one segment waits
+/// ~40 ms for a delayed ACK (Nagle).
+fn plain_incoming(
+    listener: tokio::net::TcpListener,
+    cancel: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<tokio::net::TcpStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tx.closed() => return,
+                r = listener.accept() => match r {
+                    Ok((tcp, _)) => tcp,
+                    Err(error) => {
+                        warn!(%error, "accept failed");
+                        tokio::time::sleep(ACCEPT_RETRY).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            if tx.send(Ok(tcp)).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Pause after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
