@@ -108,6 +108,10 @@ pub struct Broker {
     /// replayed from disk may still name this broker leader in an epoch
     /// the quorum has moved past: nothing takes up a role from it.
     started: std::sync::atomic::AtomicBool,
+    /// Held by [`Broker::reconcile`]: one runs at a time.
+    reconciling: Mutex<()>,
+    /// This broker, for work handed to the blocking pool.
+    me: std::sync::Weak<Broker>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -144,6 +148,8 @@ impl Broker {
             security: std::sync::OnceLock::new(),
             failed: CancellationToken::new(),
             started: std::sync::atomic::AtomicBool::new(false),
+            reconciling: Mutex::new(()),
+            me: weak.clone(),
             config,
         }))
     }
@@ -170,7 +176,7 @@ impl Broker {
                     _ = shutdown.cancelled() => return,
                 }
                 let Some(broker) = weak.upgrade() else { return };
-                if let Err(e) = broker.reconcile() {
+                if let Err(e) = broker.reconcile_off_workers().await {
                     warn!(error = %e, "applying metadata change failed");
                 }
             }
@@ -418,60 +424,88 @@ impl Broker {
         }
         // One config per topic, not per partition: with many partitions
         // this loop runs on every metadata change.
-        let mut configs: HashMap<&str, runnel_storage::LogConfig> = HashMap::new();
+        let mut configs: HashMap<String, runnel_storage::LogConfig> = HashMap::new();
         // A partition whose log cannot be opened (disk full, I/O error) is
         // left out, and the error reported once the others have taken up
         // their roles: one bad log must not stop this broker from giving
         // up leaderships, leading or following everywhere else.
         let mut first_error: Option<BrokerError> = None;
-        let mut map = self.partitions.write().unwrap_or_else(|e| e.into_inner());
-        for ((name, index), topic) in &wanted {
-            let config = configs
-                .entry(topic.name.as_str())
-                .or_insert_with(|| log_config(&self.effective_configs(topic)))
-                .clone();
-            let key = (name.clone(), *index);
-            match map.get(&key) {
-                Some(p) if p.topic_id == topic.topic_id => p.log.set_config(config),
-                _ => {
-                    let log = match self.logs.get_or_create_for(
-                        name,
-                        *index,
-                        &topic.topic_id,
-                        config.clone(),
-                    ) {
-                        Ok(log) => log,
-                        Err(e) => {
-                            warn!(topic = %name, partition = index, error = %e, "cannot open the partition's log; not hosting it");
-                            // Not the log of an earlier topic of this name.
-                            map.remove(&key);
-                            first_error.get_or_insert(e.into());
-                            continue;
-                        }
-                    };
+        // One at a time (the metadata watcher's and an admin call's): the
+        // logs are opened outside the partitions' lock, below.
+        let _serial = self.reconciling.lock().unwrap_or_else(|e| e.into_inner());
+        let mut config_of = |topic: &TopicInfo| match configs.get(&topic.name) {
+            Some(c) => c.clone(),
+            None => {
+                let c = log_config(&self.effective_configs(topic));
+                configs.insert(topic.name.clone(), c.clone());
+                c
+            }
+        };
+        // Logs are created and opened (files written and fsynced) without
+        // the partitions' lock, which every produce and fetch takes to
+        // find its partition: held through a topic's creation, it stopped
+        // them all.
+        let missing: Vec<(&(String, i32), &TopicInfo)> = {
+            let map = self.partitions.read().unwrap_or_else(|e| e.into_inner());
+            wanted
+                .iter()
+                .filter(|(key, topic)| map.get(*key).is_none_or(|p| p.topic_id != topic.topic_id))
+                .map(|(key, topic)| (key, *topic))
+                .collect()
+        };
+        let mut opened = Vec::new();
+        let mut unopened = Vec::new();
+        for ((name, index), topic) in missing {
+            let config = config_of(topic);
+            match self
+                .logs
+                .get_or_create_for(name, *index, &topic.topic_id, config.clone())
+            {
+                Ok(log) => {
                     log.set_config(config);
                     info!(topic = %name, partition = index, log_end_offset = log.log_end_offset(), "hosting partition");
-                    map.insert(
-                        key,
+                    opened.push((
+                        (name.clone(), *index),
                         Arc::new(Partition::new(
                             name.clone(),
                             *index,
                             topic.topic_id.clone(),
                             log,
                         )),
-                    );
+                    ));
+                }
+                Err(e) => {
+                    warn!(topic = %name, partition = index, error = %e, "cannot open the partition's log; not hosting it");
+                    unopened.push((name.clone(), *index));
+                    first_error.get_or_insert(e.into());
                 }
             }
         }
-        map.retain(|key, _| wanted.contains_key(key));
+        let hosted: Vec<(&(String, i32), &TopicInfo, Arc<Partition>, bool)> = {
+            let mut map = self.partitions.write().unwrap_or_else(|e| e.into_inner());
+            let fresh: HashSet<(String, i32)> = opened.iter().map(|(k, _)| k.clone()).collect();
+            map.extend(opened);
+            for key in &unopened {
+                // Not the log of an earlier topic of this name.
+                map.remove(key);
+            }
+            map.retain(|key, _| wanted.contains_key(key));
+            wanted
+                .iter()
+                .filter_map(|(key, topic)| {
+                    let p = map.get(key)?.clone();
+                    Some((key, *topic, p, fresh.contains(key)))
+                })
+                .collect()
+        };
         let now = now_ms();
         let mut by_leader: HashMap<i32, (String, Assignments)> = HashMap::new();
         let mut proposals = Vec::new();
-        for ((name, index), topic) in &wanted {
-            let key = (name.clone(), *index);
-            let (Some(partition), Some(info)) =
-                (map.get(&key), topic.partitions.get(*index as usize))
-            else {
+        for (key, topic, partition, fresh) in hosted {
+            if !fresh {
+                partition.log.set_config(config_of(topic));
+            }
+            let Some(info) = topic.partitions.get(key.1 as usize) else {
                 continue;
             };
             let cmds = partition.update_role(self.node_id, info, now);
@@ -489,7 +523,7 @@ impl Broker {
                         })
                         .1
                         .insert(
-                            key,
+                            key.clone(),
                             Assignment {
                                 partition: partition.clone(),
                                 leader_epoch: info.leader_epoch,
@@ -499,7 +533,6 @@ impl Broker {
                 }
             }
         }
-        drop(map);
         self.fetchers.assign(by_leader);
         for (partition, cmds) in proposals {
             self.propose_isr_changes(&partition, cmds);
@@ -527,10 +560,23 @@ impl Broker {
     /// an error here (a log that cannot be opened) is logged, not handed
     /// to the client as the change's failure; the metadata watcher tries
     /// again on the next change.
-    fn reconcile_after_change(&self) {
-        if let Err(e) = self.reconcile() {
+    async fn reconcile_after_change(&self) {
+        if let Err(e) = self.reconcile_off_workers().await {
             warn!(error = %e, "applying the metadata change to this broker's logs failed");
         }
+    }
+
+    /// [`Broker::reconcile`] on the blocking pool: it creates, fsyncs and
+    /// deletes files, and waits for log writers mid-fsync; on a runtime
+    /// worker (two on this machine) it held up every request and the Raft
+    /// heartbeats while a topic of many partitions was created.
+    async fn reconcile_off_workers(&self) -> Result<(), BrokerError> {
+        let Some(me) = self.me.upgrade() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || me.reconcile())
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?
     }
 
     fn hosted(&self, topic: &str, index: i32) -> Option<Arc<Partition>> {
@@ -1149,7 +1195,7 @@ impl Broker {
             replication_factor = req.replication_factor,
             "topic created"
         );
-        self.reconcile_after_change();
+        self.reconcile_after_change().await;
         self.describe_topic(&req.name)
     }
 
@@ -1174,7 +1220,7 @@ impl Broker {
         if let Applied::TopicDeleted { partitions, .. } = applied {
             info!(topic = name, partitions, "topic deleted");
         }
-        self.reconcile_after_change();
+        self.reconcile_after_change().await;
         Ok(())
     }
 
@@ -1190,7 +1236,7 @@ impl Broker {
                 total_partitions,
             })
             .await?;
-        self.reconcile_after_change();
+        self.reconcile_after_change().await;
         self.describe_topic(name)
     }
 
@@ -1214,7 +1260,7 @@ impl Broker {
             _ => Vec::new(),
         };
         info!(topic = %req.topic, ?changed, unclean, "leader election");
-        self.reconcile_after_change();
+        self.reconcile_after_change().await;
         Ok(pb::ElectLeadersResponse {
             topic: Some(self.describe_topic(&req.topic)?),
             changed,
@@ -1247,7 +1293,7 @@ impl Broker {
             })
             .await?;
         info!(topic = %req.topic, ?assignments, ?applied, "partition reassignment");
-        self.reconcile_after_change();
+        self.reconcile_after_change().await;
         self.describe_topic(&req.topic)
     }
 
@@ -1276,7 +1322,7 @@ impl Broker {
             return self.describe_in(&preview, &req.name);
         }
         self.metadata.submit(cmd).await?;
-        self.reconcile_after_change();
+        self.reconcile_after_change().await;
         self.describe_topic(&req.name)
     }
 
@@ -1501,7 +1547,7 @@ impl Broker {
                 .all(|p| p.leader != me || p.isr.len() <= 1)
         };
         let _ = tokio::time::timeout(timeout, rx.wait_for(|m| leads_nothing(m))).await;
-        self.reconcile()
+        self.reconcile_off_workers().await
     }
 
     /// Starts write-back of every log's recent appends (blocking pool).
