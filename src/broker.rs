@@ -481,7 +481,7 @@ impl Broker {
                 }
             }
         }
-        let hosted: Vec<(&(String, i32), &TopicInfo, Arc<Partition>, bool)> = {
+        let hosted: Vec<Hosted<'_>> = {
             let mut map = self.partitions.write().unwrap_or_else(|e| e.into_inner());
             let fresh: HashSet<(String, i32)> = opened.iter().map(|(k, _)| k.clone()).collect();
             map.extend(opened);
@@ -1598,6 +1598,10 @@ impl Broker {
         Ok(())
     }
 }
+
+/// A partition [`Broker::reconcile`] hosts: its key, its topic, the
+/// replica, and whether its log was just opened.
+type Hosted<'m> = (&'m (String, i32), &'m TopicInfo, Arc<Partition>, bool);
 
 /// Topic config values as Kafka parses them: surrounding blanks do not
 /// count, and are not stored for the brokers' parsers to trip on.
