@@ -126,4 +126,23 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
             "a node still listens on {port}"
         );
     }
+
+    // Its directory holds a three-node quorum: started again as another
+    // cluster, it says so at once instead of waiting for a quorum that
+    // cannot form.
+    for (nodes, port) in [(1, base), (3, base + 10)] {
+        let out = Command::new(runnel_bin())
+            .args(["dev", "--nodes", &nodes.to_string()])
+            .args(["--base-port", &port.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("--nodes 3 --base-port {base}")),
+            "{stderr}"
+        );
+    }
 }

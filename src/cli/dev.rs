@@ -23,7 +23,8 @@ pub struct DevArgs {
     /// serves them on METRICS_BASE_PORT + N - 1.
     #[arg(long, default_value_t = 9644)]
     metrics_base_port: u16,
-    /// Where the nodes keep their data (node-N/ below it).
+    /// Where the nodes keep their data (node-N/ below it, and dev.toml:
+    /// the cluster it holds, which a restart must match).
     #[arg(long, default_value = "data/dev")]
     data_dir: PathBuf,
 }
@@ -58,6 +59,49 @@ pub fn node_config(
     )
 }
 
+/// The shape of the cluster a dev data directory holds, in `dev.toml`.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Layout {
+    nodes: u16,
+    base_port: u16,
+}
+
+/// A data directory keeps its quorum's membership (node ids at their
+/// ports): started again with other `--nodes` or `--base-port`, no
+/// quorum could form and nothing would say why. Refused, by name.
+fn check_layout(args: &DevArgs) -> anyhow::Result<()> {
+    let path = args.data_dir.join("dev.toml");
+    let wanted = Layout {
+        nodes: args.nodes,
+        base_port: args.base_port,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let held: Layout = toml::from_str(&text)
+                .with_context(|| format!("{} is not a `runnel dev` layout", path.display()))?;
+            if held != wanted {
+                bail!(
+                    "{} holds a cluster of {} node(s) on ports from {}: start it with --nodes {} --base-port {}, or give another --data-dir (or remove this one) for a new cluster",
+                    args.data_dir.display(),
+                    held.nodes,
+                    held.base_port,
+                    held.nodes,
+                    held.base_port
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = format!(
+                "# Written by `runnel dev`: the cluster this directory holds.\n{}",
+                toml::to_string(&wanted).context("encoding the layout")?
+            );
+            std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.nodes == 0 || args.nodes > 9 {
         bail!("--nodes must be between 1 and 9, got {}", args.nodes);
@@ -85,6 +129,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    check_layout(&args)?;
     let exe = std::env::current_exe().context("cannot find the runnel binary")?;
     // Each node's config is generated: an exported override (say
     // RUNNEL_NODE_ID) would give every node the same value.
