@@ -1280,6 +1280,16 @@ async fn t11_a_join_waits_until_its_generation_is_stored() {
         ["REBALANCE_IN_PROGRESS", "UNKNOWN_MEMBER"].contains(&code.as_str()),
         "{refused:?}"
     );
+    // The Rust client's poll, as Kafka's, takes a join that cannot
+    // complete as a rebalance still under way: no records and no error;
+    // a later poll joins again.
+    let mut cfg = GroupConfig::new("g-client", &["t"]);
+    cfg.session_timeout_ms = 10_000;
+    cfg.rebalance_timeout_ms = 1_000;
+    let mut member = client.group_consumer(cfg).unwrap();
+    let polled = member.poll().await;
+    assert!(polled.as_ref().is_ok_and(Vec::is_empty), "{polled:?}");
+    assert!(member.assignment().is_empty());
     client
         .alter_topic_config(
             "__consumer_offsets",
@@ -1296,6 +1306,12 @@ async fn t11_a_join_waits_until_its_generation_is_stored() {
     .into_inner();
     assert!(joined.generation_id >= 1);
     assert_eq!(joined.assignment.len(), 1);
+    let deadline = Instant::now() + WAIT;
+    while member.assignment().len() != 1 {
+        assert!(Instant::now() < deadline, "the client never joined");
+        member.poll().await.unwrap();
+    }
+    member.close().await.unwrap();
 }
 
 /// Members whose polls are cut short after a few milliseconds, as a

@@ -125,6 +125,18 @@ fn fetch_failure_is_fatal(e: &ClientError) -> bool {
     )
 }
 
+/// Whether a failed join is one Kafka's consumer retries inside its poll
+/// (the rebalance outlasted the join's wait, the member expired while it
+/// waited, the coordinator moved or is unreachable for now): the next
+/// poll joins again, and this one returns no records rather than an error
+/// the application would have to tell apart from a real one.
+fn join_failure_is_passing(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        pb::ErrorCode::RebalanceInProgress | pb::ErrorCode::UnknownMember
+    ) || e.is_retriable()
+}
+
 /// Long-poll wait of fetches while a background rejoin is under way (ms).
 const REBALANCE_POLL_WAIT_MS: u32 = 10;
 
@@ -789,7 +801,10 @@ impl GroupConsumer {
                 }
                 Ok(Err(e)) => {
                     set_signal(&self.signal, SIGNAL_REJOIN);
-                    return Err(e);
+                    if !join_failure_is_passing(&e) {
+                        return Err(e);
+                    }
+                    tracing::debug!(group = %self.config.group, error = %e, "background join did not complete; rejoining");
                 }
                 Err(_) => set_signal(&self.signal, SIGNAL_REJOIN),
             }
@@ -806,7 +821,19 @@ impl GroupConsumer {
                 h.abort();
             }
             // A rejoin this answer asks for starts with the next poll.
-            return self.join().await;
+            return match self.join().await {
+                Err(e) if join_failure_is_passing(&e) => {
+                    // The next poll joins again (as a new member, if this
+                    // one was forgotten meanwhile); the application is not
+                    // told of a rebalance that did not finish in time.
+                    if e.code() == pb::ErrorCode::UnknownMember {
+                        set_signal(&self.signal, SIGNAL_REJOIN_AS_NEW);
+                    }
+                    tracing::debug!(group = %self.config.group, error = %e, "join did not complete; the next poll tries again");
+                    Ok(())
+                }
+                other => other,
+            };
         }
         // A cooperative member asked to rejoin (also right after an answer
         // that says so) starts at once and reads on meanwhile.
