@@ -1120,6 +1120,14 @@ impl GroupConsumer {
                 other => break other?,
             }
         };
+        if resp.member_id_required {
+            // Given an id on the last try (forgotten, then given a new
+            // one): not a member yet. The next poll joins with it.
+            self.member_id = resp.member_id;
+            self.generation = -1;
+            set_signal(&self.signal, SIGNAL_REJOIN);
+            return Ok(());
+        }
         self.member_id = resp.member_id.clone();
         self.generation = resp.generation_id;
         // Until the partitions are started: a poll dropped meanwhile
