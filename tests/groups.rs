@@ -1695,7 +1695,19 @@ async fn t18_a_replaced_static_member_survives_a_coordinator_failover() {
         rebalance_timeout_ms: 5_000,
         ..Default::default()
     };
-    let first = groups.join_group(join.clone()).await.unwrap().into_inner();
+    // The coordinator found may still be loading the group's partition
+    // (NOT_COORDINATOR until it has): asked again, as clients do.
+    let first = eventually("the coordinator taking joins", WAIT, || {
+        let (mut groups, join) = (groups.clone(), join.clone());
+        async move {
+            match groups.join_group(join).await {
+                Ok(r) => Some(r.into_inner()),
+                Err(s) if s.code() == tonic::Code::Unavailable => None,
+                Err(s) => panic!("join refused: {s:?}"),
+            }
+        }
+    })
+    .await;
     // The instance restarts: same instance id, no member id.
     let second = groups.join_group(join).await.unwrap().into_inner();
     assert_ne!(first.member_id, second.member_id);
