@@ -120,7 +120,7 @@ pub const KEYS: &[ConfigKey] = &[
     ConfigKey {
         name: "producer.id.expiration.ms",
         default: "86400000",
-        doc: "Forget an idempotent producer's sequence state once its last batch is this old (ms)",
+        doc: "Forget an idempotent producer's sequence state once this replica has not seen it append for this long (ms, by the broker's clock)",
         kind: Kind::Int {
             min: 1,
             max: i64::MAX,

@@ -53,7 +53,8 @@ pub enum Output {
 pub enum Command {
     /// Run a broker.
     Server(server::ServerArgs),
-    /// Run a local three-node cluster on 127.0.0.1 until Ctrl-C.
+    /// Run a local cluster of --nodes nodes (default 3) on 127.0.0.1 until
+    /// Ctrl-C or SIGTERM.
     Dev(dev::DevArgs),
     /// Create, list, describe, alter and delete topics.
     #[command(subcommand)]
@@ -65,7 +66,7 @@ pub enum Command {
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
-    /// Partition leadership: describe, elect leaders.
+    /// Partitions: describe, elect leaders, reassign replicas.
     #[command(subcommand)]
     Partition(partition::PartitionCommand),
     /// List, describe, reset and delete consumer groups.
