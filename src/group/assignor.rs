@@ -128,8 +128,9 @@ fn broadcast(members: &[Subscription], partitions: &BTreeMap<String, i32>, out: 
     }
 }
 
-/// Keeps previous owners up to a balanced quota, then hands the rest to
-/// the least-loaded subscriber. Balanced when subscriptions are uniform.
+/// Keeps previous owners up to a balanced quota, hands the rest to the
+/// least-loaded subscriber, then evens out what mixed subscriptions left
+/// uneven ([`balance`]).
 fn sticky(members: &[Subscription], partitions: &BTreeMap<String, i32>, out: &mut Assignment) {
     let all = all_partitions(members, partitions);
     if members.is_empty() {
@@ -178,6 +179,49 @@ fn sticky(members: &[Subscription], partitions: &BTreeMap<String, i32>, out: &mu
         if let Some(m) = target {
             out.entry(m.member_id.clone()).or_default().push(tp);
         }
+    }
+    balance(&sorted, out);
+}
+
+/// Evens out loads the quota above could not: it assumed every member can
+/// take every partition, so with mixed subscriptions a member could keep a
+/// full quota of partitions another member wanted while the partitions
+/// only it subscribes to piled up on it too (and stickiness kept it so
+/// from one generation to the next). Moves a partition from the most
+/// loaded member to the least loaded one that subscribes to it while they
+/// differ by more than one, preferring a partition the receiver owned
+/// before. Each move lowers the sum of squared loads, so this ends; with
+/// uniform subscriptions the quota already balanced and nothing moves.
+fn balance(members: &[&Subscription], out: &mut Assignment) {
+    let load = |out: &Assignment, m: &Subscription| out.get(&m.member_id).map_or(0, Vec::len);
+    loop {
+        let mut order: Vec<&Subscription> = members.to_vec();
+        order.sort_by(|a, b| (load(out, a), &a.member_id).cmp(&(load(out, b), &b.member_id)));
+        let mut chosen = None;
+        'search: for over in order.iter().rev() {
+            let over_load = load(out, over);
+            for under in &order {
+                if load(out, under) + 1 >= over_load {
+                    break;
+                }
+                let theirs = &out[&over.member_id];
+                let movable = |tp: &&TopicPartition| under.topics.contains(&tp.0);
+                let pick = theirs
+                    .iter()
+                    .filter(movable)
+                    .find(|tp| under.owned.contains(tp))
+                    .or_else(|| theirs.iter().filter(movable).max());
+                if let Some(tp) = pick {
+                    chosen = Some((over.member_id.clone(), under.member_id.clone(), tp.clone()));
+                    break 'search;
+                }
+            }
+        }
+        let Some((from, to, tp)) = chosen else {
+            return;
+        };
+        out.entry(from).or_default().retain(|x| x != &tp);
+        out.entry(to).or_default().push(tp);
     }
 }
 
@@ -278,6 +322,63 @@ mod tests {
         let a = assign(AssignmentStrategy::CooperativeSticky, &m, &counts(2));
         assert_exact_cover(&a, 2);
         assert_eq!(a["a"], tps(&[("t", 0)]));
+    }
+
+    #[test]
+    fn sticky_balances_mixed_subscriptions_and_keeps_them_balanced() {
+        let two = |n: i32| -> BTreeMap<String, i32> {
+            [("t".to_string(), n), ("u".to_string(), n)]
+                .into_iter()
+                .collect()
+        };
+        // b owned everything; a, subscribed to t only, joins. The quota
+        // alone let b keep t0..t3 and take u0..u3 as well: a got nothing,
+        // generation after generation.
+        let all: Vec<(&str, i32)> = (0..4).flat_map(|p| [("t", p), ("u", p)]).collect();
+        let m = [sub("a", &["t"], &[]), sub("b", &["t", "u"], &all)];
+        let a = assign(AssignmentStrategy::CooperativeSticky, &m, &two(4));
+        assert_eq!(a["a"], tps(&[("t", 0), ("t", 1), ("t", 2), ("t", 3)]));
+        assert_eq!(a["b"], tps(&[("u", 0), ("u", 1), ("u", 2), ("u", 3)]));
+        // The next generation keeps it.
+        let owned = |id: &str| -> Vec<(&str, i32)> {
+            a[id].iter().map(|(t, p)| (t.as_str(), *p)).collect()
+        };
+        let m2 = [
+            sub("a", &["t"], &owned("a")),
+            sub("b", &["t", "u"], &owned("b")),
+        ];
+        assert_eq!(
+            assign(AssignmentStrategy::CooperativeSticky, &m2, &two(4)),
+            a
+        );
+        // From nothing, too.
+        let fresh = [sub("a", &["t"], &[]), sub("b", &["t", "u"], &[])];
+        let a = assign(AssignmentStrategy::CooperativeSticky, &fresh, &two(4));
+        assert_eq!((a["a"].len(), a["b"].len()), (4, 4), "{a:?}");
+        // Mixed shapes: every partition once, and no member could take a
+        // partition from one holding two more than it.
+        for n in 1..9 {
+            let m = [
+                sub("a", &["t"], &[]),
+                sub("b", &["t", "u"], &[]),
+                sub("c", &["u"], &[("u", 0)]),
+            ];
+            let a = assign(AssignmentStrategy::CooperativeSticky, &m, &two(n));
+            let mut all: Vec<_> = a.values().flatten().cloned().collect();
+            all.sort();
+            assert_eq!(all.len(), 2 * n as usize);
+            all.dedup();
+            assert_eq!(all.len(), 2 * n as usize, "{a:?}");
+            for over in &m {
+                for under in &m {
+                    let gap = a[&over.member_id].len() as i64 - a[&under.member_id].len() as i64;
+                    let movable = a[&over.member_id]
+                        .iter()
+                        .any(|tp| under.topics.contains(&tp.0));
+                    assert!(gap <= 1 || !movable, "n={n}: {a:?}");
+                }
+            }
+        }
     }
 
     #[test]
