@@ -110,6 +110,9 @@ pub struct Broker {
     started: std::sync::atomic::AtomicBool,
     /// Held by [`Broker::reconcile`]: one runs at a time.
     reconciling: Mutex<()>,
+    /// A reconcile asked for by [`Broker::request_reconcile`] has not
+    /// started yet.
+    reconcile_requested: std::sync::atomic::AtomicBool,
     /// This broker, for work handed to the blocking pool.
     me: std::sync::Weak<Broker>,
 }
@@ -149,6 +152,7 @@ impl Broker {
             failed: CancellationToken::new(),
             started: std::sync::atomic::AtomicBool::new(false),
             reconciling: Mutex::new(()),
+            reconcile_requested: std::sync::atomic::AtomicBool::new(false),
             me: weak.clone(),
             config,
         }))
@@ -413,6 +417,12 @@ impl Broker {
         if !self.started.load(Ordering::Acquire) {
             return Ok(());
         }
+        // One at a time (the metadata watcher's and an admin call's): the
+        // logs are opened outside the partitions' lock, below. Taken
+        // before the metadata is read, so a reconcile that waited cannot
+        // apply an older view after a newer one (deleting the logs of a
+        // topic created in between).
+        let _serial = self.reconciling.lock().unwrap_or_else(|e| e.into_inner());
         let meta = self.metadata.current();
         let mut wanted: HashMap<(String, i32), &TopicInfo> = HashMap::new();
         for topic in meta.topics.values() {
@@ -430,9 +440,6 @@ impl Broker {
         // their roles: one bad log must not stop this broker from giving
         // up leaderships, leading or following everywhere else.
         let mut first_error: Option<BrokerError> = None;
-        // One at a time (the metadata watcher's and an admin call's): the
-        // logs are opened outside the partitions' lock, below.
-        let _serial = self.reconciling.lock().unwrap_or_else(|e| e.into_inner());
         let mut config_of = |topic: &TopicInfo| match configs.get(&topic.name) {
             Some(c) => c.clone(),
             None => {
@@ -627,14 +634,39 @@ impl Broker {
             Some(p) => Ok(p),
             None if !self.started.load(Ordering::Acquire) => Err(BrokerError::Starting),
             None => {
-                self.reconcile()?;
-                self.hosted(topic, index)
-                    .ok_or(BrokerError::PartitionOffline {
-                        topic: topic.to_string(),
-                        partition: index,
-                    })
+                // Led here by the metadata, not taken up yet (the watcher's
+                // reconcile is opening the logs, or one failed to open).
+                // Not reconciled inline: on a runtime worker that waited
+                // for the reconcile under way, and two such requests
+                // stopped every request and the Raft heartbeats. A
+                // reconcile is asked for, and the client retries.
+                self.request_reconcile();
+                Err(BrokerError::TakingUp {
+                    topic: topic.to_string(),
+                    partition: index,
+                })
             }
         }
+    }
+
+    /// Starts a reconcile on the blocking pool unless one asked for this
+    /// way is still waiting to start (requests for a partition being taken
+    /// up come in floods: one reconcile serves them all).
+    fn request_reconcile(&self) {
+        if self.reconcile_requested.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            self.reconcile_requested.store(false, Ordering::Release);
+            return;
+        };
+        runtime.spawn_blocking(move || {
+            me.reconcile_requested.store(false, Ordering::Release);
+            if let Err(e) = me.reconcile() {
+                warn!(error = %e, "taking up partitions failed");
+            }
+        });
     }
 
     /// Appends a batch and waits as `acks` asks; see the module docs.
@@ -1176,6 +1208,9 @@ impl Broker {
             req.replication_factor = self.config.broker.default_replication_factor;
         }
         let configs = trimmed(req.configs);
+        for (key, value) in &configs {
+            topic_config::validate_new(key, value)?;
+        }
         self.check_min_insync_replicas(&configs, req.replication_factor)?;
         let cmd = MetadataCommand::CreateTopic {
             name: req.name.clone(),
@@ -1303,13 +1338,22 @@ impl Broker {
         req: pb::AlterTopicConfigRequest,
     ) -> Result<pb::TopicDescription, BrokerError> {
         let set = trimmed(req.set);
+        for (key, value) in &set {
+            topic_config::validate_new(key, value)?;
+        }
+        // Only an alter that removes the topic's own value: a topic created
+        // before this check (or under another broker's defaults) must stay
+        // alterable otherwise.
+        let removes_min_isr = req.delete.iter().any(|k| k == "min.insync.replicas");
         if let Some(topic) = self.metadata.current().topics.get(&req.name) {
-            let mut after = topic.configs.clone();
-            for key in &req.delete {
-                after.remove(key);
+            if removes_min_isr {
+                let mut after = topic.configs.clone();
+                for key in &req.delete {
+                    after.remove(key);
+                }
+                after.extend(set.clone());
+                self.check_min_insync_replicas(&after, topic.replication_factor)?;
             }
-            after.extend(set.clone());
-            self.check_min_insync_replicas(&after, topic.replication_factor)?;
         }
         let cmd = MetadataCommand::AlterTopicConfig {
             name: req.name.clone(),

@@ -602,7 +602,7 @@ impl ServerConfig {
         self.validate_security()?;
         let defaults = self.topic_defaults_strings()?;
         for (key, value) in &defaults {
-            topic_config::validate(key, value)
+            topic_config::validate_new(key, value)
                 .map_err(|e| invalid(&format!("topic_defaults.\"{key}\""), e.to_string()))?;
         }
         if let Some(min_isr) = defaults.get("min.insync.replicas") {

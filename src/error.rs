@@ -84,6 +84,8 @@ pub enum BrokerError {
     ShuttingDown,
     #[error("broker is starting: it takes up its partitions once it has registered")]
     Starting,
+    #[error("this broker leads {topic}-{partition} but has not taken it up yet (its log is being opened); try again")]
+    TakingUp { topic: String, partition: i32 },
     #[error("{reason}")]
     NotAuthorized { reason: String },
     #[error(transparent)]
@@ -112,7 +114,9 @@ impl BrokerError {
             BrokerError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
             BrokerError::InternalTopic { .. } => ErrorCode::InvalidTopic,
             BrokerError::UnknownTopicId { .. } => ErrorCode::UnknownTopicId,
-            BrokerError::ShuttingDown | BrokerError::Starting => ErrorCode::BrokerNotAvailable,
+            BrokerError::ShuttingDown | BrokerError::Starting | BrokerError::TakingUp { .. } => {
+                ErrorCode::BrokerNotAvailable
+            }
             BrokerError::NotAuthorized { .. } => ErrorCode::AuthorizationFailed,
             BrokerError::Metadata(e) => match e {
                 MetadataError::TopicAlreadyExists { .. } => ErrorCode::TopicAlreadyExists,

@@ -73,9 +73,12 @@ pub const KEYS: &[ConfigKey] = &[
         name: "max.message.bytes",
         default: "1048588",
         doc: "Largest record batch accepted, in bytes; at most 32 MiB, half the largest gRPC message a client or follower decodes",
+        // Capped at MESSAGE_BYTES_MAX for new values ([`validate_new`]),
+        // not here: entries an older version accepted are still in the
+        // Raft log, and a replay must apply them as they were.
         kind: Kind::Int {
             min: 64,
-            max: MESSAGE_BYTES_MAX,
+            max: i32::MAX as i64,
         },
     },
     ConfigKey {
@@ -188,6 +191,28 @@ pub fn validate_all(configs: &BTreeMap<String, String>) -> Result<(), MetadataEr
     configs.iter().try_for_each(|(k, v)| validate(k, v))
 }
 
+/// [`validate`] plus the limits of values set from now on, which the
+/// metadata state machine does not apply (it replays what older versions
+/// accepted): `max.message.bytes` at most [`MESSAGE_BYTES_MAX`].
+pub fn validate_new(name: &str, value: &str) -> Result<(), MetadataError> {
+    validate(name, value)?;
+    if name == "max.message.bytes"
+        && value
+            .trim()
+            .parse::<i64>()
+            .is_ok_and(|v| v > MESSAGE_BYTES_MAX)
+    {
+        return Err(MetadataError::InvalidConfig {
+            key: name.to_string(),
+            value: value.to_string(),
+            reason: format!(
+                "must be between 64 and {MESSAGE_BYTES_MAX}: half the largest gRPC message a client or follower decodes"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The built-in defaults, as a map.
 pub fn builtin_defaults() -> BTreeMap<String, String> {
     KEYS.iter()
@@ -222,11 +247,13 @@ mod tests {
         assert!(err.contains("unknown config key"), "{err}");
         let err = validate("retention.ms", "soon").unwrap_err().to_string();
         assert!(err.contains("not an integer"), "{err}");
-        let err = validate("max.message.bytes", "33554433")
+        let err = validate_new("max.message.bytes", "33554433")
             .unwrap_err()
             .to_string();
         assert!(err.contains("between 64 and 33554432"), "{err}");
-        validate("max.message.bytes", "33554432").unwrap();
+        validate_new("max.message.bytes", "33554432").unwrap();
+        // What an older version stored still applies.
+        validate("max.message.bytes", "60000000").unwrap();
         let err = validate("segment.bytes", "10").unwrap_err().to_string();
         assert!(err.contains("between 1024"), "{err}");
         let err = validate("message.timestamp.type", "Now")
