@@ -120,9 +120,9 @@ const CONNECTIONS_MAX: usize = 64;
 /// slots only (no cap on a connection's age: closing it would cut a
 /// scrape short).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A connection must be answered within this long of opening (or of its
-/// last answer): a client that trickles a request byte by byte, which
-/// the idle timeout never catches, gives its slot back then. Otherwise
+/// A request must be answered within this long of its first byte: a
+/// client that trickles one byte by byte, which the idle timeout never
+/// catches, gives its slot back then. Otherwise
 /// [`CONNECTIONS_MAX`] such clients held every slot for good, and the
 /// `/health` and `/ready` probes failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
@@ -200,6 +200,7 @@ impl Listener for Bounded {
             idle_for: self.idle,
             answer: Box::pin(tokio::time::sleep_until(Instant::now() + self.request)),
             answer_for: self.request,
+            asked: false,
             _slot: slot,
         };
         (guarded, addr)
@@ -211,14 +212,17 @@ impl Listener for Bounded {
 }
 
 /// A connection that fails with TimedOut once it has moved no byte for
-/// `idle_for`, or written none for `answer_for` (a request never
-/// finished); it holds its slot until dropped.
+/// `idle_for`, or written none for `answer_for` since a request's first
+/// byte came in (a request never finished); it holds its slot until
+/// dropped.
 struct Guarded<T> {
     io: T,
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_for: Duration,
     answer: Pin<Box<tokio::time::Sleep>>,
     answer_for: Duration,
+    /// A request came in and has not been answered yet: `answer` runs.
+    asked: bool,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -238,7 +242,7 @@ impl<T> Guarded<T> {
             }
             Poll::Pending => {
                 let idle = self.idle.as_mut().poll(cx).is_ready();
-                if idle || self.answer.as_mut().poll(cx).is_ready() {
+                if idle || (self.asked && self.answer.as_mut().poll(cx).is_ready()) {
                     Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "metrics connection idle, or its request unfinished, too long",
@@ -258,7 +262,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if !this.asked && buf.filled().len() > before {
+            // A request begins: it has `answer_for` to be answered (the
+            // clock is not reset by its later bytes).
+            this.asked = true;
+            let by = Instant::now() + this.answer_for;
+            this.answer.as_mut().reset(by);
+        }
         this.guard(cx, polled)
     }
 }
@@ -272,9 +284,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            // An answer is under way: the next request has its own time.
-            let next = Instant::now() + this.answer_for;
-            this.answer.as_mut().reset(next);
+            // Answered: the next request has its own time, from its first
+            // byte (an idle kept-alive connection falls to `idle`).
+            this.asked = false;
         }
         this.guard(cx, polled)
     }
