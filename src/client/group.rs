@@ -125,16 +125,18 @@ fn fetch_failure_is_fatal(e: &ClientError) -> bool {
     )
 }
 
-/// Whether a failed join is one Kafka's consumer retries inside its poll
-/// (the rebalance outlasted the join's wait, the member expired while it
-/// waited, the coordinator moved or is unreachable for now): the next
-/// poll joins again, and this one returns no records rather than an error
-/// the application would have to tell apart from a real one.
+/// Whether a failed join is part of a rebalance still under way, which
+/// Kafka's consumer retries inside its poll (the rebalance outlasted the
+/// join's wait, or the member expired while it waited): the next poll
+/// joins again, and this one returns no records rather than an error.
+/// An unreachable coordinator is still an error (after the group calls'
+/// own retries): swallowed, a client pointed at a dead cluster would
+/// wait silently for good.
 fn join_failure_is_passing(e: &ClientError) -> bool {
     matches!(
         e.code(),
         pb::ErrorCode::RebalanceInProgress | pb::ErrorCode::UnknownMember
-    ) || e.is_retriable()
+    )
 }
 
 /// Long-poll wait of fetches while a background rejoin is under way (ms).
@@ -143,6 +145,11 @@ const REBALANCE_POLL_WAIT_MS: u32 = 10;
 /// How often a poll tries again to start assigned partitions that could
 /// not be started (their leaders unavailable past the retries).
 const UNSTARTED_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a partition stays unstarted before a poll reports why (and
+/// again each time this long passes): the rest of the assignment is read
+/// meanwhile, but the application learns of it.
+const UNSTARTED_REPORT: Duration = Duration::from_secs(30);
 
 /// How long group calls retry a missing or moving coordinator.
 const COORDINATOR_RETRY: Duration = Duration::from_secs(30);
@@ -510,6 +517,7 @@ impl Client {
             out_of_range: Vec::new(),
             unstarted: BTreeMap::new(),
             unstarted_retry_at: Instant::now(),
+            unstarted_report_at: Instant::now(),
             committed: BTreeMap::new(),
             signal: Arc::new(AtomicU8::new(SIGNAL_REJOIN)),
             heartbeat: None,
@@ -606,6 +614,8 @@ pub struct GroupConsumer {
     /// again, while the rest of the assignment is read. One such
     /// partition used to fail every start, and the member read nothing.
     unstarted: BTreeMap<(String, i32), (StartFrom, i64)>,
+    /// When a poll next reports why a partition is still unstarted.
+    unstarted_report_at: Instant,
     /// When a poll next tries `unstarted`.
     unstarted_retry_at: Instant,
     /// Last committed (or fetched) offset per assigned partition.
@@ -978,6 +988,9 @@ impl GroupConsumer {
         // All at once, after the last await: a poll dropped above starts
         // none of them (the rejoin it leaves behind does), so every owned
         // partition was announced to the listener.
+        if self.unstarted.is_empty() && !failed.is_empty() {
+            self.unstarted_report_at = Instant::now() + UNSTARTED_REPORT;
+        }
         for (tp, from, offset) in failed {
             self.unstarted.insert(tp, (from, offset));
         }
@@ -1019,22 +1032,32 @@ impl GroupConsumer {
             .map(|(tp, (from, offset))| (tp.clone(), *from, *offset))
             .collect();
         let mut started = Vec::new();
-        let mut fatal = None;
+        let mut failure = None;
         for (tp, from, offset) in due {
             self.client.invalidate(&tp.0);
             match self.client.partition_consumer(&tp.0, tp.1, from).await {
                 Ok(pc) => started.push((tp, offset, pc)),
                 Err(e) => {
                     tracing::debug!(topic = %tp.0, partition = tp.1, error = %e, "starting a partition failed again");
-                    if fetch_failure_is_fatal(&e) && fatal.is_none() {
-                        fatal = Some(e);
+                    if failure.is_none() || fetch_failure_is_fatal(&e) {
+                        failure = Some(e);
                     }
                 }
             }
         }
         // After the last await, as in `start_partitions`.
         self.take_up_started(started);
-        fatal.map_or(Ok(()), Err)
+        let Some(e) = failure else {
+            return Ok(());
+        };
+        // Reported at once when retrying cannot cure it (no
+        // authorization, say), else once it has lasted a while.
+        let due = Instant::now() >= self.unstarted_report_at;
+        if fetch_failure_is_fatal(&e) || due {
+            self.unstarted_report_at = Instant::now() + UNSTARTED_REPORT;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// A consumer of one owned partition. Retriable failures (its leader
