@@ -145,4 +145,20 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
             "{stderr}"
         );
     }
+    // So does a directory from before the layout file: its node configs
+    // tell.
+    std::fs::remove_file(dir.path().join("dev.toml")).unwrap();
+    let out = Command::new(runnel_bin())
+        .args(["dev", "--nodes", "1"])
+        .args(["--base-port", &base.to_string()])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--nodes 3 --base-port {base}")),
+        "{stderr}"
+    );
 }

@@ -92,6 +92,20 @@ fn check_layout(args: &DevArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A directory an older `runnel dev` made has node configs but
+            // no layout: read it from them rather than take the flags'.
+            if let Some(held) = layout_of_node_configs(&args.data_dir) {
+                if held != wanted {
+                    bail!(
+                        "{} holds a cluster of {} node(s) on ports from {} (its node-N.toml files): start it with --nodes {} --base-port {}, or give another --data-dir (or remove this one) for a new cluster",
+                        args.data_dir.display(),
+                        held.nodes,
+                        held.base_port,
+                        held.nodes,
+                        held.base_port
+                    );
+                }
+            }
             let text = format!(
                 "# Written by `runnel dev`: the cluster this directory holds.\n{}",
                 toml::to_string(&wanted).context("encoding the layout")?
@@ -100,6 +114,21 @@ fn check_layout(args: &DevArgs) -> anyhow::Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
+}
+
+/// The layout of the node configs an earlier `runnel dev` wrote in `dir`:
+/// how many `node-N.toml`, and node 1's port.
+fn layout_of_node_configs(dir: &std::path::Path) -> Option<Layout> {
+    let first: toml::Table =
+        toml::from_str(&std::fs::read_to_string(dir.join("node-1.toml")).ok()?).ok()?;
+    let listen: std::net::SocketAddr = first.get("listen")?.as_str()?.parse().ok()?;
+    let nodes = (1..=9u16)
+        .take_while(|n| dir.join(format!("node-{n}.toml")).exists())
+        .count() as u16;
+    Some(Layout {
+        nodes,
+        base_port: listen.port(),
+    })
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
