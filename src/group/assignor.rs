@@ -18,10 +18,26 @@ pub type TopicPartition = (String, i32);
 pub struct Subscription {
     /// Member id.
     pub member_id: String,
+    /// Static instance id, or empty.
+    pub instance_id: String,
     /// Subscribed topics.
     pub topics: BTreeSet<String>,
     /// Partitions it owned in the previous generation (sticky uses them).
     pub owned: Vec<TopicPartition>,
+}
+
+impl Subscription {
+    /// Where the member stands in the order range and round-robin deal
+    /// in, as Kafka orders them: static members first, by instance id
+    /// (a restarted instance comes back under a new member id and must
+    /// get the same partitions), then the others by member id.
+    fn order_key(&self) -> (bool, &str) {
+        if self.instance_id.is_empty() {
+            (true, &self.member_id)
+        } else {
+            (false, &self.instance_id)
+        }
+    }
 }
 
 /// Assignment per member id (every member appears, possibly empty).
@@ -70,7 +86,7 @@ fn subscribers<'a>(members: &'a [Subscription], topic: &str) -> Vec<&'a Subscrip
         .iter()
         .filter(|m| m.topics.contains(topic))
         .collect();
-    v.sort_by(|a, b| a.member_id.cmp(&b.member_id));
+    v.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
     v
 }
 
@@ -100,7 +116,7 @@ fn range(members: &[Subscription], partitions: &BTreeMap<String, i32>, out: &mut
 /// Partitions dealt out in turn to the next member subscribing to the topic.
 fn round_robin(members: &[Subscription], partitions: &BTreeMap<String, i32>, out: &mut Assignment) {
     let mut sorted: Vec<&Subscription> = members.iter().collect();
-    sorted.sort_by(|a, b| a.member_id.cmp(&b.member_id));
+    sorted.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
     if sorted.is_empty() {
         return;
     }
@@ -232,6 +248,7 @@ mod tests {
     fn sub(id: &str, topics: &[&str], owned: &[(&str, i32)]) -> Subscription {
         Subscription {
             member_id: id.into(),
+            instance_id: String::new(),
             topics: topics.iter().map(|t| t.to_string()).collect(),
             owned: owned.iter().map(|(t, p)| (t.to_string(), *p)).collect(),
         }
@@ -378,6 +395,26 @@ mod tests {
                     assert!(gap <= 1 || !movable, "n={n}: {a:?}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn range_and_round_robin_follow_instance_ids_across_restarts() {
+        let stat = |member: &str, instance: &str| Subscription {
+            instance_id: instance.into(),
+            ..sub(member, &["t"], &[])
+        };
+        // Instance "b" restarts and comes back under an id that sorts
+        // first: it keeps its partitions.
+        let before = [stat("c-9-1", "a"), stat("c-10-1", "b")];
+        let after = [stat("c-9-1", "a"), stat("c-1-2", "b")];
+        for s in [AssignmentStrategy::Range, AssignmentStrategy::RoundRobin] {
+            let (x, y) = (
+                assign(s, &before, &counts(4)),
+                assign(s, &after, &counts(4)),
+            );
+            assert_eq!(x["c-10-1"], y["c-1-2"], "{s:?}");
+            assert_eq!(x["c-9-1"], y["c-9-1"], "{s:?}");
         }
     }
 

@@ -398,6 +398,7 @@ impl Group {
             .values()
             .map(|m| Subscription {
                 member_id: m.member_id.clone(),
+                instance_id: m.instance_id.clone(),
                 topics: m.topics.clone(),
                 owned: m.assignment.clone(),
             })
