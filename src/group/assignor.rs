@@ -405,15 +405,16 @@ mod tests {
             ..sub(member, &["t"], &[])
         };
         // Instance "b" restarts and comes back under an id that sorts
-        // first: it keeps its partitions.
+        // after "a"'s, where its old one sorted before: it keeps its
+        // partitions.
         let before = [stat("c-9-1", "a"), stat("c-10-1", "b")];
-        let after = [stat("c-9-1", "a"), stat("c-1-2", "b")];
+        let after = [stat("c-9-1", "a"), stat("c-99-2", "b")];
         for s in [AssignmentStrategy::Range, AssignmentStrategy::RoundRobin] {
             let (x, y) = (
                 assign(s, &before, &counts(4)),
                 assign(s, &after, &counts(4)),
             );
-            assert_eq!(x["c-10-1"], y["c-1-2"], "{s:?}");
+            assert_eq!(x["c-10-1"], y["c-99-2"], "{s:?}");
             assert_eq!(x["c-9-1"], y["c-9-1"], "{s:?}");
         }
     }
