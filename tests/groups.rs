@@ -1621,6 +1621,50 @@ async fn t16_a_recreated_topic_is_not_read_from_the_old_offsets() {
     m.close().await;
 }
 
+/// A member whose client cached a topic before it was deleted and created
+/// again (its fetches name the old id: UNKNOWN_TOPIC_ID) goes on from the
+/// group's committed offset for the topic as it is now; it used to take
+/// that answer as "the topic is new" and start over per offset_reset,
+/// reading records the group had already consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t21_a_stale_topic_id_resumes_from_the_committed_offset() {
+    let base = tempfile::tempdir().unwrap();
+    let (cluster, client) = one_node_with_topic_t(base.path()).await;
+    client
+        .create_topic("again", 1, 1, Default::default())
+        .await
+        .unwrap();
+    // This client caches the first "again" (for a minute).
+    let stale = Client::connect(&cluster.bootstrap()).await.unwrap();
+    stale.topic("again").await.unwrap();
+    client.delete_topic("again").await.unwrap();
+    eventually("the topic created again", WAIT, || async {
+        client
+            .create_topic("again", 1, 1, Default::default())
+            .await
+            .ok()
+    })
+    .await;
+    produce(&client, "again", 0, 10).await;
+    let at5 = vec![pb::PartitionOffset {
+        topic: "again".into(),
+        partition: 0,
+        offset: 5,
+        metadata: String::new(),
+    }];
+    client.commit_offsets("g-again", "", 0, at5).await.unwrap();
+    let mut member = stale.group_consumer(config("g-again", "again")).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let first = loop {
+        assert!(Instant::now() < deadline, "nothing read");
+        if let Some(r) = member.poll().await.unwrap().first() {
+            break r.offset;
+        }
+    };
+    assert_eq!(first, 5, "read from {first}, not the committed offset");
+    member.close().await.unwrap();
+}
+
 /// Offsets carry the id of the topic they were committed for: a topic
 /// deleted and created again while the group's coordinator was down (no
 /// coordinator wrote the old offsets' tombstones) is not read from them

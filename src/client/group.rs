@@ -606,9 +606,11 @@ pub struct GroupConsumer {
     generation: i32,
     /// Readers of the assigned partitions.
     consumers: BTreeMap<(String, i32), PartitionConsumer>,
-    /// Owned partitions whose position fell off the log in the last
-    /// poll; the next poll starts them over per `reset_point`.
-    out_of_range: Vec<(String, i32)>,
+    /// Owned partitions whose position fell off the log in the last poll
+    /// (false), or whose topic id the broker did not know (true: the
+    /// topic was created again, or this client's cached id was stale);
+    /// the next poll starts them over.
+    out_of_range: Vec<((String, i32), bool)>,
     /// Assigned partitions that could not be started yet, with where they
     /// start and their committed offset (-1: none): later polls try them
     /// again, while the rest of the assignment is read. One such
@@ -734,7 +736,7 @@ impl GroupConsumer {
         // A reset pending from an earlier out-of-range fetch would undo
         // the seek.
         self.out_of_range
-            .retain(|tp| tp.0 != topic || tp.1 != partition);
+            .retain(|(tp, _)| tp.0 != topic || tp.1 != partition);
         Ok(())
     }
 
@@ -1008,7 +1010,7 @@ impl GroupConsumer {
                 self.committed.insert(tp.clone(), offset);
             }
             // Started afresh: a reset pending from before is not its.
-            self.out_of_range.retain(|x| x != &tp);
+            self.out_of_range.retain(|(x, _)| x != &tp);
             self.unstarted.remove(&tp);
             self.consumers.insert(tp.clone(), pc);
             names.push(tp);
@@ -1272,17 +1274,40 @@ impl GroupConsumer {
         // because `PartitionConsumer::poll` is cancel-safe and records in
         // hand are returned without another await. A panic in one
         // surfaces here instead of dropping its partition.
-        for tp in std::mem::take(&mut self.out_of_range) {
+        for (tp, topic_changed) in std::mem::take(&mut self.out_of_range) {
             if !self.consumers.contains_key(&tp) {
                 continue; // revoked meanwhile
             }
-            let from = self.reset_point();
             // The topic may have been created again (a new id): looked up
             // afresh.
             self.client.invalidate(&tp.0);
+            // An unknown topic id may only mean this client's id was stale
+            // (the topic was created again before it started reading): the
+            // group's committed offset, which the coordinator serves only
+            // for the topic as it is now, is where to go on. Reset per
+            // policy only without one (the topic is new to the group).
+            let committed = if topic_changed {
+                let asked = self
+                    .client
+                    .fetch_offsets(&self.config.group, std::slice::from_ref(&tp))
+                    .await;
+                asked
+                    .ok()
+                    .and_then(|o| o.first().map(|o| o.offset))
+                    .filter(|o| *o >= 0)
+            } else {
+                None
+            };
+            let from = committed.map_or_else(|| self.reset_point(), StartFrom::Offset);
             match self.client.partition_consumer(&tp.0, tp.1, from).await {
                 Ok(mut pc) => {
                     pc.max_wait_ms = self.config.max_wait_ms;
+                    if let Some(offset) = committed {
+                        tracing::info!(group = %self.config.group, topic = %tp.0, partition = tp.1, offset, "topic id changed; going on from the group's committed offset");
+                        self.committed.insert(tp.clone(), offset);
+                        self.consumers.insert(tp, pc);
+                        continue;
+                    }
                     // Records were skipped (or will be read again): said
                     // where an operator sees it.
                     tracing::warn!(
@@ -1329,7 +1354,7 @@ impl GroupConsumer {
                         pb::ErrorCode::OffsetOutOfRange | pb::ErrorCode::UnknownTopicId
                     ) =>
                 {
-                    out_of_range.push(tp.clone());
+                    out_of_range.push((tp.clone(), e.code() == pb::ErrorCode::UnknownTopicId));
                 }
                 Err(e) if fetch_failure_is_fatal(&e) => fatal = Some(e),
                 Err(e) => failed = Some(e),
