@@ -940,3 +940,67 @@ async fn t08_a_starting_broker_takes_no_leadership_and_stops_cleanly() {
         std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>()
     );
 }
+
+/// Keyless records skip a partition that has no leader (as Kafka's sticky
+/// partitioner picks among available partitions): they used to be sent
+/// there in turn and wait out the delivery timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t09_keyless_records_skip_a_partition_without_a_leader() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(3, base.path(), "", CONTROLLER);
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("k", 3, 1, BTreeMap::new())
+        .await
+        .unwrap();
+    let d = eventually("every partition led", WAIT, || async {
+        let d = describe(&client, "k").await?;
+        d.partitions.iter().all(|p| p.leader > 0).then_some(d)
+    })
+    .await;
+    let down = d.partitions[2].leader;
+    cluster.kill(down);
+    eventually(
+        "the dead broker's partitions without a leader",
+        WAIT,
+        || async {
+            let d = describe(&client, "k").await?;
+            d.partitions
+                .iter()
+                .filter(|p| p.replicas == [down])
+                .all(|p| p.leader < 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let survivor = (1..=3).find(|id| *id != down).unwrap();
+    let fresh = Client::connect(&cluster.addrs[(survivor - 1) as usize])
+        .await
+        .unwrap();
+    let producer = fresh.producer(ProducerConfig {
+        acks: pb::Acks::Leader,
+        linger: Duration::from_millis(1),
+        batch_bytes_max: 256,
+        delivery_timeout: Duration::from_secs(10),
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..300 {
+        acks.push(
+            producer
+                .send("k", ProducerRecord::value(format!("v{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        let r = a.await.expect("a keyless record failed");
+        assert!(
+            !d.partitions
+                .iter()
+                .any(|p| p.partition == r.partition && p.replicas == [down]),
+            "sent to a partition without a leader: {r:?}"
+        );
+    }
+    producer.close().await.unwrap();
+}

@@ -443,6 +443,34 @@ impl Client {
         }
     }
 
+    /// A topic's partition count and the partitions without a leader, from
+    /// the cache when it holds the topic (as [`Client::partition_count`]).
+    pub(crate) async fn partition_layout(
+        &self,
+        name: &str,
+    ) -> Result<(i32, Vec<i32>), ClientError> {
+        let layout = |t: &pb::TopicDescription| {
+            let offline = t
+                .partitions
+                .iter()
+                .filter(|p| p.leader < 0)
+                .map(|p| p.partition)
+                .collect();
+            (t.partitions.len() as i32, offline)
+        };
+        let cached = {
+            let cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .get(name)
+                .filter(|(_, at)| at.elapsed() < METADATA_MAX_AGE)
+                .map(|(t, _)| layout(t))
+        };
+        match cached {
+            Some(l) => Ok(l),
+            None => Ok(layout(&self.topic(name).await?)),
+        }
+    }
+
     /// A cached description however old (not one invalidated).
     fn aged_topic(&self, name: &str) -> Option<pb::TopicDescription> {
         let cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());

@@ -167,6 +167,15 @@ pub struct RecordMetadata {
 /// Upper bound on a record's encoding overhead (varints, attributes).
 const RECORD_OVERHEAD_BYTES: usize = 32;
 
+/// `from`, or the next partition after it (wrapping) that has a leader;
+/// `from` itself when none has.
+fn first_online(from: i32, count: i32, offline: &[i32]) -> i32 {
+    (0..count)
+        .map(|i| (from + i) % count)
+        .find(|p| !offline.contains(p))
+        .unwrap_or(from)
+}
+
 /// How long a topic's partition count is trusted before it is read again
 /// from the client's metadata cache (which the senders invalidate when a
 /// leader moves).
@@ -420,6 +429,10 @@ struct TopicState {
     fresh_until: std::time::Instant,
     /// Where keyless records go until that partition's batch fills.
     sticky: Option<i32>,
+    /// Partitions without a leader at the last refresh: keyless records
+    /// skip them (as Kafka's sticky partitioner picks among available
+    /// partitions), rather than wait there for the delivery timeout.
+    offline: Vec<i32>,
     partitions: FxHashMap<i32, PartitionState>,
 }
 
@@ -546,13 +559,13 @@ impl Producer {
                 recounted = true;
                 sh.client.invalidate(topic);
             }
-            match sh.client.partition_count(topic).await {
-                Ok(0) => {
+            match sh.client.partition_layout(topic).await {
+                Ok((0, _)) => {
                     return refused(ClientError::Invalid(format!(
                         "topic '{topic}' has no partitions"
                     )))
                 }
-                Ok(count) => {
+                Ok((count, offline)) => {
                     let mut st = sh.lock();
                     let t = st
                         .topics
@@ -562,9 +575,11 @@ impl Producer {
                             count,
                             fresh_until: std::time::Instant::now() + TOPIC_REFRESH,
                             sticky: None,
+                            offline: Vec::new(),
                             partitions: FxHashMap::default(),
                         });
                     t.count = count;
+                    t.offline = offline;
                     t.fresh_until = std::time::Instant::now() + TOPIC_REFRESH;
                 }
                 Err(e) => return refused(e),
@@ -749,10 +764,13 @@ impl Shared {
             (Some(p), _) => p,
             (None, Some(key)) => partition_for_key(key, t.count),
             (None, None) => {
-                *t.sticky.get_or_insert_with(|| {
+                let chosen = *t.sticky.get_or_insert_with(|| {
                     *next_sticky = next_sticky.wrapping_add(1);
                     (*next_sticky % t.count as u32) as i32
-                }) % t.count
+                }) % t.count;
+                let online = first_online(chosen, t.count, &t.offline);
+                t.sticky = Some(online);
+                online
             }
         };
         let max = self.config.batch_bytes_max;
