@@ -1924,3 +1924,39 @@ async fn t20_a_partition_without_a_leader_does_not_stop_the_others() {
     assert_eq!(member.assignment().len(), 3);
     member.close().await.unwrap();
 }
+
+/// `OffsetReset::None` (Kafka's auto.offset.reset=none): a partition with
+/// no committed offset is not started anywhere; polls fail naming it until
+/// the application seeks it, and reading then starts there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t22_offset_reset_none_waits_for_a_seek() {
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    client
+        .create_topic("n", 1, 1, Default::default())
+        .await
+        .unwrap();
+    produce(&client, "n", 0, 10).await;
+    let mut cfg = config("g-none", "n");
+    cfg.offset_reset = runnel::client::OffsetReset::None;
+    let mut member = client.group_consumer(cfg).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let refused = loop {
+        assert!(Instant::now() < deadline, "never refused");
+        match member.poll().await {
+            Ok(records) => assert!(records.is_empty(), "read without a position"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(refused.code(), pb::ErrorCode::OffsetOutOfRange, "{refused}");
+    assert!(refused.to_string().contains("n-0"), "{refused}");
+    member.seek("n", 0, 3).unwrap();
+    let first = loop {
+        assert!(Instant::now() < deadline, "nothing read after the seek");
+        if let Some(r) = member.poll().await.unwrap().first() {
+            break r.offset;
+        }
+    };
+    assert_eq!(first, 3);
+    member.close().await.unwrap();
+}

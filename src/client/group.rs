@@ -154,13 +154,18 @@ const UNSTARTED_REPORT: Duration = Duration::from_secs(30);
 /// How long group calls retry a missing or moving coordinator.
 const COORDINATOR_RETRY: Duration = Duration::from_secs(30);
 
-/// Where to start a partition with no committed offset.
+/// Where to start a partition with no committed offset, or whose
+/// position fell off the log (Kafka's `auto.offset.reset`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OffsetReset {
     /// The log start.
     Earliest,
     /// The high watermark.
     Latest,
+    /// Nowhere: `poll` fails with OFFSET_OUT_OF_RANGE, naming the
+    /// partition, until the application [`GroupConsumer::seek`]s it (the
+    /// rest of the assignment is read meanwhile).
+    None,
 }
 
 /// A change of the partitions a member owns, told to its
@@ -615,7 +620,7 @@ pub struct GroupConsumer {
     /// start and their committed offset (-1: none): later polls try them
     /// again, while the rest of the assignment is read. One such
     /// partition used to fail every start, and the member read nothing.
-    unstarted: BTreeMap<(String, i32), (StartFrom, i64)>,
+    unstarted: BTreeMap<(String, i32), (Option<StartFrom>, i64)>,
     /// When a poll next reports why a partition is still unstarted.
     unstarted_report_at: Instant,
     /// When a poll next tries `unstarted`.
@@ -724,14 +729,19 @@ impl GroupConsumer {
 
     /// Moves the read position of an owned partition.
     pub fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), ClientError> {
-        let c = self
-            .consumers
-            .get_mut(&(topic.to_string(), partition))
-            .ok_or_else(|| {
-                ClientError::Invalid(format!(
-                    "{topic}-{partition} is not assigned to this member"
-                ))
-            })?;
+        let tp = (topic.to_string(), partition);
+        if let Some((from, _)) = self.unstarted.get_mut(&tp) {
+            // Assigned, not started yet (no position under
+            // `OffsetReset::None`, or its leader away): it starts there.
+            *from = Some(StartFrom::Offset(offset));
+            self.unstarted_retry_at = Instant::now();
+            return Ok(());
+        }
+        let c = self.consumers.get_mut(&tp).ok_or_else(|| {
+            ClientError::Invalid(format!(
+                "{topic}-{partition} is not assigned to this member"
+            ))
+        })?;
         c.seek(offset);
         // A reset pending from an earlier out-of-range fetch would undo
         // the seek.
@@ -975,11 +985,16 @@ impl GroupConsumer {
         for o in committed {
             let tp = (o.topic.clone(), o.partition);
             let from = if o.offset >= 0 {
-                StartFrom::Offset(o.offset)
+                Some(StartFrom::Offset(o.offset))
             } else {
                 self.reset_point()
             };
-            match self.start_partition(&tp, from).await {
+            let Some(at) = from else {
+                // OffsetReset::None: waits for a seek; polls say so.
+                failed.push((tp, None, o.offset));
+                continue;
+            };
+            match self.start_partition(&tp, at).await {
                 Ok(pc) => started.push((tp, o.offset, pc)),
                 Err(e) => {
                     tracing::warn!(group = %self.config.group, topic = %tp.0, partition = tp.1, error = %e, "could not start an assigned partition; later polls try again");
@@ -1035,7 +1050,12 @@ impl GroupConsumer {
             .collect();
         let mut started = Vec::new();
         let mut failure = None;
+        let mut unpositioned = None;
         for (tp, from, offset) in due {
+            let Some(from) = from else {
+                unpositioned.get_or_insert(tp);
+                continue;
+            };
             self.client.invalidate(&tp.0);
             match self.client.partition_consumer(&tp.0, tp.1, from).await {
                 Ok(pc) => started.push((tp, offset, pc)),
@@ -1046,6 +1066,11 @@ impl GroupConsumer {
                     }
                 }
             }
+        }
+        // After the last await, as in `start_partitions`.
+        if let Some(tp) = unpositioned {
+            self.take_up_started(started);
+            return Err(self.no_position(&tp, "it has no committed offset"));
         }
         // After the last await, as in `start_partitions`.
         self.take_up_started(started);
@@ -1196,10 +1221,23 @@ impl GroupConsumer {
         Ok(())
     }
 
-    fn reset_point(&self) -> StartFrom {
+    fn reset_point(&self) -> Option<StartFrom> {
         match self.config.offset_reset {
-            OffsetReset::Earliest => StartFrom::Earliest,
-            OffsetReset::Latest => StartFrom::Latest,
+            OffsetReset::Earliest => Some(StartFrom::Earliest),
+            OffsetReset::Latest => Some(StartFrom::Latest),
+            OffsetReset::None => None,
+        }
+    }
+
+    /// The error `OffsetReset::None` answers a partition with no position.
+    fn no_position(&self, (topic, partition): &(String, i32), why: &str) -> ClientError {
+        ClientError::Broker {
+            code: pb::ErrorCode::OffsetOutOfRange,
+            message: format!(
+                "{topic}-{partition} has no position for group '{}' ({why}) and offset_reset is None: seek it",
+                self.config.group
+            ),
+            leader: None,
         }
     }
 
@@ -1274,6 +1312,7 @@ impl GroupConsumer {
         // because `PartitionConsumer::poll` is cancel-safe and records in
         // hand are returned without another await. A panic in one
         // surfaces here instead of dropping its partition.
+        let mut unpositioned = None;
         for (tp, topic_changed) in std::mem::take(&mut self.out_of_range) {
             if !self.consumers.contains_key(&tp) {
                 continue; // revoked meanwhile
@@ -1298,7 +1337,15 @@ impl GroupConsumer {
             } else {
                 None
             };
-            let from = committed.map_or_else(|| self.reset_point(), StartFrom::Offset);
+            let Some(from) = committed
+                .map(StartFrom::Offset)
+                .or_else(|| self.reset_point())
+            else {
+                // OffsetReset::None: the consumer stays where it is (its
+                // fetches fail again) until the application seeks it.
+                unpositioned.get_or_insert(tp);
+                continue;
+            };
             match self.client.partition_consumer(&tp.0, tp.1, from).await {
                 Ok(mut pc) => {
                     pc.max_wait_ms = self.config.max_wait_ms;
@@ -1329,6 +1376,9 @@ impl GroupConsumer {
                     tracing::debug!(error = %e, topic = %tp.0, partition = tp.1, "could not start over")
                 }
             }
+        }
+        if let Some(tp) = unpositioned {
+            return Err(self.no_position(&tp, "its position is out of range"));
         }
         let mut out = Vec::new();
         let mut failed = None;
