@@ -558,6 +558,7 @@ async fn clients_may_not_delete_grow_or_write_the_offsets_topic() {
         .await
         .unwrap();
     let committed = vec![pb::PartitionOffset {
+        topic_id: String::new(),
         topic: "t".into(),
         partition: 0,
         offset: 0,
@@ -573,6 +574,7 @@ async fn clients_may_not_delete_grow_or_write_the_offsets_topic() {
         let client = &client;
         async move {
             let offset = pb::PartitionOffset {
+                topic_id: String::new(),
                 topic: "t".into(),
                 partition,
                 offset: 0,

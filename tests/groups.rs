@@ -446,6 +446,7 @@ async fn t03_committed_offsets_survive_the_coordinators_death() {
         .unwrap();
     let offsets: Vec<pb::PartitionOffset> = (0..4)
         .map(|p| pb::PartitionOffset {
+            topic_id: String::new(),
             topic: "t".into(),
             partition: p,
             offset: 10 * i64::from(p) + 1,
@@ -647,6 +648,7 @@ async fn t04_cli_describe_reset_delete_and_refusals() {
     let b = Member::spawn(&client, config("g", "t"));
     await_balanced(&[&a, &b], 1, "a second member").await;
     let one = vec![pb::PartitionOffset {
+        topic_id: String::new(),
         topic: "t".into(),
         partition: 0,
         offset: 3,
@@ -1166,6 +1168,7 @@ async fn perf_rebalance_and_commit_rate() {
 
     let offsets = |i: i64| -> Vec<pb::PartitionOffset> {
         vec![pb::PartitionOffset {
+            topic_id: String::new(),
             topic: "t".into(),
             partition: 0,
             offset: i,
@@ -1215,6 +1218,7 @@ async fn perf_rebalance_and_commit_rate() {
             tasks.spawn(async move {
                 for i in 0..each {
                     let o = pb::PartitionOffset {
+                        topic_id: String::new(),
                         topic: "t".into(),
                         partition: (w % 30) as i32,
                         offset: w * 1000 + i,
@@ -1585,6 +1589,7 @@ async fn t16_a_recreated_topic_is_not_read_from_the_old_offsets() {
     produce(&client, "doomed", 0, 10).await;
     let at = |offset| {
         vec![pb::PartitionOffset {
+            topic_id: String::new(),
             topic: "doomed".into(),
             partition: 0,
             offset,
@@ -1647,6 +1652,7 @@ async fn t21_a_stale_topic_id_resumes_from_the_committed_offset() {
     .await;
     produce(&client, "again", 0, 10).await;
     let at5 = vec![pb::PartitionOffset {
+        topic_id: String::new(),
         topic: "again".into(),
         partition: 0,
         offset: 5,
@@ -1663,6 +1669,26 @@ async fn t21_a_stale_topic_id_resumes_from_the_committed_offset() {
     };
     assert_eq!(first, 5, "read from {first}, not the committed offset");
     member.close().await.unwrap();
+    // A commit naming another topic id than the topic's (a position read
+    // from the topic before it was created again) is refused, not stored
+    // as the new topic's.
+    let old_position = vec![pb::PartitionOffset {
+        topic_id: "an-earlier-topic".into(),
+        topic: "again".into(),
+        partition: 0,
+        offset: 9,
+        metadata: String::new(),
+    }];
+    let refused = client
+        .commit_offsets("g-again", "", 0, old_position)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), pb::ErrorCode::UnknownTopicId, "{refused}");
+    let kept = client
+        .fetch_offsets("g-again", &[("again".to_string(), 0)])
+        .await
+        .unwrap();
+    assert_ne!(kept[0].offset, 9, "{kept:?}");
 }
 
 /// Offsets carry the id of the topic they were committed for: a topic
@@ -1680,6 +1706,7 @@ async fn t17_offsets_of_a_topic_recreated_while_the_coordinator_was_down_are_not
         .await
         .unwrap();
     let five = vec![pb::PartitionOffset {
+        topic_id: String::new(),
         topic: "t".into(),
         partition: 0,
         offset: 5,
@@ -1950,6 +1977,8 @@ async fn t22_offset_reset_none_waits_for_a_seek() {
     };
     assert_eq!(refused.code(), pb::ErrorCode::OffsetOutOfRange, "{refused}");
     assert!(refused.to_string().contains("n-0"), "{refused}");
+    assert_eq!(member.unpositioned(), [("n".to_string(), 0)]);
+    assert!(!member.caught_up());
     member.seek("n", 0, 3).unwrap();
     let first = loop {
         assert!(Instant::now() < deadline, "nothing read after the seek");

@@ -218,6 +218,7 @@ async fn t01_metrics_under_load_and_group_lag() {
 
     // A group the test controls: offsets committed directly.
     let commit = |partition: i32, offset: i64| pb::PartitionOffset {
+        topic_id: String::new(),
         topic: "obs".into(),
         partition,
         offset,
@@ -446,6 +447,7 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
             0,
             (0..3)
                 .map(|partition| pb::PartitionOffset {
+                    topic_id: String::new(),
                     topic: "solo".into(),
                     partition,
                     offset: 0,

@@ -187,6 +187,12 @@ impl PartitionConsumer {
         self.subscription = None;
     }
 
+    /// The id of the topic this consumer reads (as it was when the
+    /// consumer started).
+    pub fn topic_id(&self) -> &str {
+        &self.topic_id
+    }
+
     /// The high watermark as of the last call.
     pub fn high_watermark(&self) -> i64 {
         self.high_watermark

@@ -168,6 +168,20 @@ pub enum OffsetReset {
     None,
 }
 
+/// An assigned partition not being read: its start failed (no leader),
+/// or it has no position under [`OffsetReset::None`].
+#[derive(Clone, Copy, Debug)]
+struct Unstarted {
+    /// Where it starts; None: nowhere until the application seeks it.
+    from: Option<StartFrom>,
+    /// The group's committed offset when it was assigned (-1: none).
+    committed: i64,
+    /// Told to the listener as Assigned already (it was read, then lost
+    /// its position): not told again when it starts, and told Revoked
+    /// when it goes.
+    announced: bool,
+}
+
 /// A change of the partitions a member owns, told to its
 /// [`RebalanceListener`] inside [`GroupConsumer::poll`]: `Revoked` before
 /// the member rejoins (it no longer reads them), `Assigned` after the
@@ -200,8 +214,8 @@ pub struct GroupConfig {
     pub session_timeout_ms: u32,
     /// How long a rebalance waits for members to rejoin (ms); members
     /// keep heartbeating meanwhile, so one busy with its last records has
-    /// this long to poll again. Defaults to `max_poll_interval`, as in
-    /// Kafka.
+    /// this long to poll again. At most `max_poll_interval` (300 s by
+    /// default, as Kafka sends it).
     pub rebalance_timeout_ms: u32,
     /// Commit positions this often inside `poll`; None: only on `commit`.
     pub auto_commit_interval: Option<Duration>,
@@ -620,7 +634,7 @@ pub struct GroupConsumer {
     /// start and their committed offset (-1: none): later polls try them
     /// again, while the rest of the assignment is read. One such
     /// partition used to fail every start, and the member read nothing.
-    unstarted: BTreeMap<(String, i32), (Option<StartFrom>, i64)>,
+    unstarted: BTreeMap<(String, i32), Unstarted>,
     /// When a poll next reports why a partition is still unstarted.
     unstarted_report_at: Instant,
     /// When a poll next tries `unstarted`.
@@ -699,11 +713,18 @@ impl GroupConsumer {
         if let Some(h) = self.pending.take() {
             h.abort();
         }
-        let lost = std::mem::take(&mut self.consumers);
-        self.unstarted.clear();
+        let lost: Vec<(String, i32)> = std::mem::take(&mut self.consumers)
+            .into_keys()
+            .chain(
+                std::mem::take(&mut self.unstarted)
+                    .into_iter()
+                    .filter(|(_, u)| u.announced)
+                    .map(|(tp, _)| tp),
+            )
+            .collect();
         self.committed.clear();
         if !lost.is_empty() {
-            self.tell(RebalanceEvent::Revoked(lost.into_keys().collect()));
+            self.tell(RebalanceEvent::Revoked(lost));
         }
         ClientError::Broker {
             code: pb::ErrorCode::FencedInstanceId,
@@ -720,6 +741,17 @@ impl GroupConsumer {
         self.consumers.keys().cloned().collect()
     }
 
+    /// Assigned partitions with no position under [`OffsetReset::None`]
+    /// (none committed, or it fell off the log): not read until
+    /// [`GroupConsumer::seek`] gives them one.
+    pub fn unpositioned(&self) -> Vec<(String, i32)> {
+        self.unstarted
+            .iter()
+            .filter(|(_, u)| u.from.is_none())
+            .map(|(tp, _)| tp.clone())
+            .collect()
+    }
+
     /// Next offset to read of an owned partition.
     pub fn position(&self, topic: &str, partition: i32) -> Option<i64> {
         self.consumers
@@ -730,10 +762,10 @@ impl GroupConsumer {
     /// Moves the read position of an owned partition.
     pub fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), ClientError> {
         let tp = (topic.to_string(), partition);
-        if let Some((from, _)) = self.unstarted.get_mut(&tp) {
+        if let Some(u) = self.unstarted.get_mut(&tp) {
             // Assigned, not started yet (no position under
             // `OffsetReset::None`, or its leader away): it starts there.
-            *from = Some(StartFrom::Offset(offset));
+            u.from = Some(StartFrom::Offset(offset));
             self.unstarted_retry_at = Instant::now();
             return Ok(());
         }
@@ -756,6 +788,7 @@ impl GroupConsumer {
         self.generation >= 0
             && !self.rebalancing()
             && self.unstarted.is_empty()
+            && self.out_of_range.is_empty()
             && self
                 .consumers
                 .values()
@@ -765,8 +798,18 @@ impl GroupConsumer {
     /// How long a join may wait for the rebalance to complete.
     fn join_wait(&self) -> Duration {
         let c = &self.config;
-        Duration::from_millis(u64::from(c.rebalance_timeout_ms) + u64::from(c.session_timeout_ms))
-            + REQUEST_TIMEOUT
+        Duration::from_millis(
+            u64::from(self.rebalance_timeout_ms()) + u64::from(c.session_timeout_ms),
+        ) + REQUEST_TIMEOUT
+    }
+
+    /// The rebalance timeout sent: at most `max_poll_interval`, past
+    /// which a member that has not polled leaves anyway (so lowering
+    /// `max_poll_interval` lowers the default rebalance timeout with it).
+    fn rebalance_timeout_ms(&self) -> u32 {
+        let c = &self.config;
+        let poll_ms = u32::try_from(c.max_poll_interval.as_millis()).unwrap_or(u32::MAX);
+        c.rebalance_timeout_ms.min(poll_ms.max(100))
     }
 
     fn join_request(&self) -> pb::JoinGroupRequest {
@@ -777,7 +820,7 @@ impl GroupConsumer {
             group_instance_id: c.group_instance_id.clone(),
             topics: c.topics.clone(),
             session_timeout_ms: c.session_timeout_ms,
-            rebalance_timeout_ms: c.rebalance_timeout_ms,
+            rebalance_timeout_ms: self.rebalance_timeout_ms(),
             strategy: c.strategy as i32,
             client_id: c.client_id.clone(),
             protocol: c.protocol as i32,
@@ -876,8 +919,12 @@ impl GroupConsumer {
                         g.join_group(r).await
                     })
                     .await;
+                // Heartbeats whatever the answer asks: one that asks for
+                // another round (partitions given up) is taken up only by
+                // the next poll, and the application may be busy until
+                // then for longer than the session.
                 let bridge = match &answer {
-                    Ok(r) if !r.rejoin => Some(Heartbeats(heartbeats(
+                    Ok(r) if !r.member_id_required => Some(Heartbeats(heartbeats(
                         client,
                         signal,
                         pb::HeartbeatRequest {
@@ -952,18 +999,29 @@ impl GroupConsumer {
                 tracing::debug!(error = %e, "commit of revoked partitions failed");
             }
         }
+        let gone: Vec<(String, i32)> = self
+            .unstarted
+            .iter()
+            .filter(|(tp, u)| u.announced && !assigned.contains(*tp))
+            .map(|(tp, _)| tp.clone())
+            .collect();
         self.unstarted.retain(|tp, _| assigned.contains(tp));
+        if !gone.is_empty() {
+            self.tell(RebalanceEvent::Revoked(gone));
+        }
         let rejoin = resp.rejoin || !revoked.is_empty();
+        // Still unstarted ones stay with `start_unstarted` (and keep a
+        // seek the application gave them).
         let added: Vec<(String, i32)> = assigned
             .iter()
-            .filter(|tp| !self.consumers.contains_key(*tp))
+            .filter(|tp| !self.consumers.contains_key(*tp) && !self.unstarted.contains_key(*tp))
             .cloned()
             .collect();
         // Heartbeats first: starting partitions may take a while (retried
         // while their leaders move), longer than the session.
-        if !rejoin {
-            self.spawn_heartbeat(resp.heartbeat_interval_ms);
-        }
+        // Heartbeats even when another round is asked for: the next poll
+        // starts it, and the application may be busy until then.
+        self.spawn_heartbeat(resp.heartbeat_interval_ms);
         // Rejoining takes them up again.
         self.start_partitions(&added).await?;
         end_taking_up(&self.signal, rejoin);
@@ -982,6 +1040,10 @@ impl GroupConsumer {
             .await?;
         let mut started = Vec::new();
         let mut failed = Vec::new();
+        // One deadline for them all: retried one after another, each
+        // leaderless partition held the poll (and the member's next
+        // rejoin) for a request timeout of its own.
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
         for o in committed {
             let tp = (o.topic.clone(), o.partition);
             let from = if o.offset >= 0 {
@@ -994,7 +1056,7 @@ impl GroupConsumer {
                 failed.push((tp, None, o.offset));
                 continue;
             };
-            match self.start_partition(&tp, at).await {
+            match self.start_partition(&tp, at, deadline).await {
                 Ok(pc) => started.push((tp, o.offset, pc)),
                 Err(e) => {
                     tracing::warn!(group = %self.config.group, topic = %tp.0, partition = tp.1, error = %e, "could not start an assigned partition; later polls try again");
@@ -1008,8 +1070,13 @@ impl GroupConsumer {
         if self.unstarted.is_empty() && !failed.is_empty() {
             self.unstarted_report_at = Instant::now() + UNSTARTED_REPORT;
         }
-        for (tp, from, offset) in failed {
-            self.unstarted.insert(tp, (from, offset));
+        for (tp, from, committed) in failed {
+            let u = Unstarted {
+                from,
+                committed,
+                announced: false,
+            };
+            self.unstarted.insert(tp, u);
         }
         self.unstarted_retry_at = Instant::now() + UNSTARTED_RETRY;
         self.take_up_started(started);
@@ -1026,9 +1093,11 @@ impl GroupConsumer {
             }
             // Started afresh: a reset pending from before is not its.
             self.out_of_range.retain(|(x, _)| x != &tp);
-            self.unstarted.remove(&tp);
+            let announced = self.unstarted.remove(&tp).is_some_and(|u| u.announced);
             self.consumers.insert(tp.clone(), pc);
-            names.push(tp);
+            if !announced {
+                names.push(tp);
+            }
         }
         if !names.is_empty() {
             self.tell(RebalanceEvent::Assigned(names));
@@ -1039,14 +1108,20 @@ impl GroupConsumer {
     /// started, at most every [`UNSTARTED_RETRY`]. A failure that retrying
     /// cannot cure (no authorization, say) is returned.
     async fn start_unstarted(&mut self) -> Result<(), ClientError> {
-        if self.unstarted.is_empty() || Instant::now() < self.unstarted_retry_at {
+        // Not while a background rejoin is under way: its request listed
+        // what the member owned without these, and a partition started now
+        // could be handed to another member by that round.
+        if self.unstarted.is_empty()
+            || self.pending.is_some()
+            || Instant::now() < self.unstarted_retry_at
+        {
             return Ok(());
         }
         self.unstarted_retry_at = Instant::now() + UNSTARTED_RETRY;
         let due: Vec<_> = self
             .unstarted
             .iter()
-            .map(|(tp, (from, offset))| (tp.clone(), *from, *offset))
+            .map(|(tp, u)| (tp.clone(), u.from, u.committed))
             .collect();
         let mut started = Vec::new();
         let mut failure = None;
@@ -1096,8 +1171,8 @@ impl GroupConsumer {
         &mut self,
         (topic, partition): &(String, i32),
         from: StartFrom,
+        deadline: Instant,
     ) -> Result<PartitionConsumer, ClientError> {
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
         let mut backoff = Duration::from_millis(50);
         loop {
             match self
@@ -1134,10 +1209,20 @@ impl GroupConsumer {
             self.member_id.clear();
         }
         let old = std::mem::take(&mut self.consumers);
-        // Started again from the answer, if still assigned.
-        self.unstarted.clear();
-        if !old.is_empty() {
-            self.tell(RebalanceEvent::Revoked(old.keys().cloned().collect()));
+        // Kept (see below) only if the member stays the same one.
+        let old_unstarted = std::mem::take(&mut self.unstarted);
+        let told: Vec<(String, i32)> = old
+            .keys()
+            .cloned()
+            .chain(
+                old_unstarted
+                    .iter()
+                    .filter(|(_, u)| u.announced)
+                    .map(|(tp, _)| tp.clone()),
+            )
+            .collect();
+        if !told.is_empty() {
+            self.tell(RebalanceEvent::Revoked(told));
         }
         let old_generation = self.generation;
         let old_member = self.member_id.clone();
@@ -1200,10 +1285,23 @@ impl GroupConsumer {
                     kept.insert(tp, c);
                 }
             }
+            // Unstarted ones too, with where they were to start (a seek).
+            // (Told Revoked above: Assigned again when they start.)
+            self.unstarted = old_unstarted
+                .into_iter()
+                .filter(|(tp, _)| assigned.contains(tp))
+                .map(|(tp, u)| {
+                    let u = Unstarted {
+                        announced: false,
+                        ..u
+                    };
+                    (tp, u)
+                })
+                .collect();
         }
         let fresh: Vec<(String, i32)> = assigned
             .iter()
-            .filter(|tp| !kept.contains_key(*tp))
+            .filter(|tp| !kept.contains_key(*tp) && !self.unstarted.contains_key(*tp))
             .cloned()
             .collect();
         self.committed.retain(|tp, _| assigned.contains(tp));
@@ -1213,9 +1311,9 @@ impl GroupConsumer {
         self.consumers = kept;
         // Heartbeats first: starting partitions may take a while (retried
         // while their leaders move), longer than the session.
-        if !resp.rejoin {
-            self.spawn_heartbeat(resp.heartbeat_interval_ms);
-        }
+        // Heartbeats even when another round is asked for: the next poll
+        // starts it, and the application may be busy until then.
+        self.spawn_heartbeat(resp.heartbeat_interval_ms);
         self.start_partitions(&fresh).await?;
         end_taking_up(&self.signal, resp.rejoin);
         Ok(())
@@ -1341,8 +1439,17 @@ impl GroupConsumer {
                 .map(StartFrom::Offset)
                 .or_else(|| self.reset_point())
             else {
-                // OffsetReset::None: the consumer stays where it is (its
-                // fetches fail again) until the application seeks it.
+                // OffsetReset::None: not read (nor committed) until the
+                // application seeks it; the seek starts a fresh consumer
+                // (fresh metadata, if the topic id changed).
+                self.consumers.remove(&tp);
+                let u = Unstarted {
+                    from: None,
+                    committed: -1,
+                    announced: true,
+                };
+                self.unstarted.insert(tp.clone(), u);
+                self.unstarted_retry_at = Instant::now() + UNSTARTED_RETRY;
                 unpositioned.get_or_insert(tp);
                 continue;
             };
@@ -1465,6 +1572,9 @@ impl GroupConsumer {
             .filter(|(tp, _)| only.is_none_or(|o| o.contains(*tp)))
             .filter(|(tp, c)| self.committed.get(*tp) != Some(&c.position()))
             .map(|((t, p), c)| pb::PartitionOffset {
+                // A topic created again since this consumer started: the
+                // coordinator refuses the old topic's position.
+                topic_id: c.topic_id().to_string(),
                 topic: t.clone(),
                 partition: *p,
                 offset: c.position(),

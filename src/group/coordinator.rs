@@ -1210,6 +1210,16 @@ impl GroupCoordinator {
                 }
                 .into());
             };
+            // Nor an offset read from an earlier topic of the name: stored
+            // as the new topic's, it would skip its first records.
+            if !o.topic_id.is_empty() && o.topic_id != topic.topic_id {
+                return Err(BrokerError::UnknownTopicId {
+                    topic: o.topic.clone(),
+                    asked: o.topic_id.clone(),
+                    current: topic.topic_id.clone(),
+                }
+                .into());
+            }
             // Nor for a partition it does not have: offsets that would
             // stay in the group's state (and its memory) for good.
             if o.partition as usize >= topic.partitions.len() {
@@ -1289,6 +1299,7 @@ impl GroupCoordinator {
                 .flatten()
                 .filter(|((t, _), c)| is_current(&meta, t, c))
                 .map(|((t, p), c)| pb::PartitionOffset {
+                    topic_id: String::new(),
                     topic: t.clone(),
                     partition: *p,
                     offset: c.offset,
@@ -1303,6 +1314,7 @@ impl GroupCoordinator {
                         .and_then(|m| m.get(&(tp.topic.clone(), tp.partition)))
                         .filter(|c| is_current(&meta, &tp.topic, c));
                     pb::PartitionOffset {
+                        topic_id: String::new(),
                         topic: tp.topic.clone(),
                         partition: tp.partition,
                         offset: c.map_or(-1, |c| c.offset),
@@ -1564,6 +1576,7 @@ impl GroupCoordinator {
                     .saturating_add(n),
             };
             offsets.push(pb::PartitionOffset {
+                topic_id: String::new(),
                 topic: req.topic.clone(),
                 partition: p,
                 offset: target.clamp(start, end.max(start)),
