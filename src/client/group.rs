@@ -1143,12 +1143,10 @@ impl GroupConsumer {
             }
         }
         // After the last await, as in `start_partitions`.
-        if let Some(tp) = unpositioned {
-            self.take_up_started(started);
-            return Err(self.no_position(&tp, "it has no committed offset"));
-        }
-        // After the last await, as in `start_partitions`.
         self.take_up_started(started);
+        if let Some(tp) = unpositioned {
+            return Err(self.no_position(&tp, "none committed, or it fell off the log"));
+        }
         let Some(e) = failure else {
             return Ok(());
         };
