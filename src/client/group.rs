@@ -827,9 +827,12 @@ impl GroupConsumer {
             // A first join that this poll's caller drops leaves nothing
             // in the group (see `join`).
             member_id_first: true,
+            // Unstarted ones too: still this member's (a seek given them
+            // must not be lost to another member's assignment).
             owned_partitions: if self.cooperative() {
                 self.consumers
                     .keys()
+                    .chain(self.unstarted.keys())
                     .map(|(topic, partition)| pb::TopicPartition {
                         topic: topic.clone(),
                         partition: *partition,
@@ -1441,6 +1444,8 @@ impl GroupConsumer {
                 // application seeks it; the seek starts a fresh consumer
                 // (fresh metadata, if the topic id changed).
                 self.consumers.remove(&tp);
+                // Its last commit belonged to the lost position.
+                self.committed.remove(&tp);
                 let u = Unstarted {
                     from: None,
                     committed: -1,
