@@ -1207,10 +1207,7 @@ impl Broker {
         if matches!(req.replication_factor, 0 | -1) {
             req.replication_factor = self.config.broker.default_replication_factor;
         }
-        let configs = trimmed(req.configs);
-        for (key, value) in &configs {
-            topic_config::validate_new(key, value)?;
-        }
+        let configs = new_configs(req.configs)?;
         self.check_min_insync_replicas(&configs, req.replication_factor)?;
         let cmd = MetadataCommand::CreateTopic {
             name: req.name.clone(),
@@ -1337,10 +1334,7 @@ impl Broker {
         &self,
         req: pb::AlterTopicConfigRequest,
     ) -> Result<pb::TopicDescription, BrokerError> {
-        let set = trimmed(req.set);
-        for (key, value) in &set {
-            topic_config::validate_new(key, value)?;
-        }
+        let set = new_configs(req.set)?;
         // Only an alter that removes the topic's own value: a topic created
         // before this check (or under another broker's defaults) must stay
         // alterable otherwise.
@@ -1647,12 +1641,20 @@ impl Broker {
 /// replica, and whether its log was just opened.
 type Hosted<'m> = (&'m (String, i32), &'m TopicInfo, Arc<Partition>, bool);
 
-/// Topic config values as Kafka parses them: surrounding blanks do not
-/// count, and are not stored for the brokers' parsers to trip on.
-fn trimmed(configs: impl IntoIterator<Item = (String, String)>) -> BTreeMap<String, String> {
+/// Topic config values set by a request, as Kafka parses them (surrounding
+/// blanks do not count, and are not stored for the brokers' parsers to
+/// trip on), checked against the limits of new values
+/// ([`topic_config::validate_new`]).
+fn new_configs(
+    configs: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>, BrokerError> {
     configs
         .into_iter()
-        .map(|(k, v)| (k, v.trim().to_string()))
+        .map(|(k, v)| {
+            let v = v.trim().to_string();
+            topic_config::validate_new(&k, &v)?;
+            Ok((k, v))
+        })
         .collect()
 }
 

@@ -375,36 +375,22 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         // The same way out as a shutdown, bounded as it is: a long-lived
         // stream (a follower's fetch, a produce stream) must not hold
         // the drain open for good, and the logs opened above are closed
-        // cleanly so the next start need not scan them.
+        // cleanly so the next start need not scan them. Registered (and
+        // unfenced, maybe given leaderships), it hands them over rather
+        // than leave them to the session timeout.
         warn!(error = %e, "startup failed; stopping");
-        heartbeat.abort();
-        if registered {
-            // Registered and unfenced, maybe given leaderships: hand them
-            // over rather than leave them to the session timeout.
-            if let Err(e) = broker.controlled_shutdown(handover).await {
-                warn!(error = %e, "controlled shutdown incomplete; stopping anyway");
-            }
-        }
-        store.shutdown().await;
-        shutdown.cancel();
-        if tokio::time::timeout(grace, serve).await.is_err() {
-            warn!(
-                grace_ms = grace.as_millis() as u64,
-                "shutdown grace period over; closing the logs with requests still open"
-            );
-        }
+        let handover = registered.then_some(handover);
+        let _ = wind_down(
+            &broker, &store, &heartbeat, &shutdown, serve, handover, grace,
+        )
+        .await;
         let b = broker.clone();
         if let Ok(Err(close)) = tokio::task::spawn_blocking(move || b.close()).await {
             warn!(error = %close, "closing the logs failed");
         }
         return Err(e);
     }
-    for name in [
-        "",
-        "runnel.v1.Producer",
-        "runnel.v1.Consumer",
-        "runnel.v1.Admin",
-    ] {
+    for name in HEALTH_SERVICES {
         health_reporter
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
@@ -439,38 +425,21 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     // Not ready from now on: load balancers and health checks stop
     // sending traffic during the handover and the drain.
     endpoint.set_stopping();
-    for name in [
-        "",
-        "runnel.v1.Producer",
-        "runnel.v1.Consumer",
-        "runnel.v1.Admin",
-    ] {
+    for name in HEALTH_SERVICES {
         health_reporter
             .set_service_status(name, tonic_health::ServingStatus::NotServing)
             .await;
     }
-    // No more heartbeats: a heartbeat seeing the fence below would
-    // register this broker again.
-    heartbeat.abort();
-    if let Err(e) = broker.controlled_shutdown(handover).await {
-        warn!(error = %e, "controlled shutdown incomplete; stopping anyway");
-    }
-    // Leave the quorum before the listener closes: a Raft leader whose
-    // port no longer accepts connections would keep leading (its outgoing
-    // heartbeats still arrive) while no broker could reach it.
-    store.shutdown().await;
-    shutdown.cancel();
-    let result = match tokio::time::timeout(grace, serve).await {
-        Ok(Ok(r)) => r.map_err(ServerError::from),
-        Ok(Err(_)) => Ok(()),
-        Err(_) => {
-            warn!(
-                grace_ms = grace.as_millis() as u64,
-                "shutdown grace period over; closing the logs with requests still open"
-            );
-            Ok(())
-        }
-    };
+    let result = wind_down(
+        &broker,
+        &store,
+        &heartbeat,
+        &shutdown,
+        serve,
+        Some(handover),
+        grace,
+    )
+    .await;
     maintenance.abort();
     if let Some(w) = writeback {
         w.abort();
@@ -488,6 +457,55 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         return Err(ServerError::LogFailed);
     }
     result
+}
+
+/// The services gRPC health reports on: the server as a whole ("") and
+/// the client-facing ones.
+const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    "runnel.v1.Producer",
+    "runnel.v1.Consumer",
+    "runnel.v1.Admin",
+];
+
+/// The way out, after a shutdown request or a failed startup alike:
+/// hands leaderships over (with `handover`, bounded by it), leaves the
+/// quorum, then stops the listeners and waits at most `grace` for open
+/// requests. Returns how the client listener ended. The caller closes the
+/// logs.
+async fn wind_down(
+    broker: &Broker,
+    store: &RaftMetadataStore,
+    heartbeat: &runnel_controller::raft::Heartbeat,
+    shutdown: &CancellationToken,
+    serve: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    handover: Option<Duration>,
+    grace: Duration,
+) -> Result<(), ServerError> {
+    // No more heartbeats: a heartbeat seeing the fence below would
+    // register this broker again.
+    heartbeat.abort();
+    if let Some(handover) = handover {
+        if let Err(e) = broker.controlled_shutdown(handover).await {
+            warn!(error = %e, "controlled shutdown incomplete; stopping anyway");
+        }
+    }
+    // Leave the quorum before the listener closes: a Raft leader whose
+    // port no longer accepts connections would keep leading (its outgoing
+    // heartbeats still arrive) while no broker could reach it.
+    store.shutdown().await;
+    shutdown.cancel();
+    match tokio::time::timeout(grace, serve).await {
+        Ok(Ok(r)) => r.map_err(ServerError::from),
+        Ok(Err(_)) => Ok(()),
+        Err(_) => {
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                "shutdown grace period over; closing the logs with requests still open"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Accepts plain TCP connections on `listener` for tonic, until `cancel`.

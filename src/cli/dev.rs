@@ -75,44 +75,36 @@ fn check_layout(args: &DevArgs) -> anyhow::Result<()> {
         nodes: args.nodes,
         base_port: args.base_port,
     };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let held: Layout = toml::from_str(&text)
-                .with_context(|| format!("{} is not a `runnel dev` layout", path.display()))?;
-            if held != wanted {
-                bail!(
-                    "{} holds a cluster of {} node(s) on ports from {}: start it with --nodes {} --base-port {}, or give another --data-dir (or remove this one) for a new cluster",
-                    args.data_dir.display(),
-                    held.nodes,
-                    held.base_port,
-                    held.nodes,
-                    held.base_port
-                );
-            }
-            Ok(())
-        }
+    // A directory an older `runnel dev` made has node configs but no
+    // layout file: its layout is read from them rather than taken from
+    // the flags.
+    let held = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(
+            toml::from_str::<Layout>(&text)
+                .with_context(|| format!("{} is not a `runnel dev` layout", path.display()))?,
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // A directory an older `runnel dev` made has node configs but
-            // no layout: read it from them rather than take the flags'.
-            if let Some(held) = layout_of_node_configs(&args.data_dir) {
-                if held != wanted {
-                    bail!(
-                        "{} holds a cluster of {} node(s) on ports from {} (its node-N.toml files): start it with --nodes {} --base-port {}, or give another --data-dir (or remove this one) for a new cluster",
-                        args.data_dir.display(),
-                        held.nodes,
-                        held.base_port,
-                        held.nodes,
-                        held.base_port
-                    );
-                }
-            }
+            layout_of_node_configs(&args.data_dir)
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    match held {
+        Some(held) if held != wanted => bail!(
+            "{} holds a cluster of {} node(s) on ports from {}: start it with --nodes {} --base-port {}, or give another --data-dir (or remove this one) for a new cluster",
+            args.data_dir.display(),
+            held.nodes,
+            held.base_port,
+            held.nodes,
+            held.base_port
+        ),
+        Some(_) if path.exists() => Ok(()),
+        _ => {
             let text = format!(
                 "# Written by `runnel dev`: the cluster this directory holds.\n{}",
                 toml::to_string(&wanted).context("encoding the layout")?
             );
             std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
         }
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
 }
 

@@ -403,12 +403,6 @@ mod tests {
         );
         shutdown.cancel();
     }
-}
-
-#[cfg(test)]
-mod request_deadline {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A client trickling a request (a byte every 100 ms, well under the
     /// idle time) is cut off once the request deadline passes.

@@ -708,6 +708,8 @@ impl Log {
             record_count = record_count.saturating_add(b.record_count());
         }
         let base_offset = first.base_offset();
+        // One clock reading for the whole round's batches.
+        let seen_ms = now_ms();
         for b in &parsed {
             let header = HeaderView::read(b.as_bytes()).expect("parsed batch has a header");
             self.note_epoch(b.leader_epoch(), b.base_offset())?;
@@ -716,7 +718,7 @@ impl Log {
                 &header.producer_batch(),
                 header.base_offset,
                 header.last_offset(),
-                now_ms(),
+                seen_ms,
             );
         }
         self.after_append(&mut w, &config, record_count.max(0) as u64)?;
