@@ -690,6 +690,15 @@ impl ServerConfig {
                 "with authentication or authorization on, the internal services share the client listener: list the brokers' certificate names here (brokers present their [tls] certificates to each other), or give them their own internal_listen",
             ));
         }
+        if secured && self.internal_listen.is_some() && self.internal_tls.is_none() {
+            // A plaintext internal listener takes every caller as a
+            // broker: anyone reaching the port could write cluster
+            // metadata (users, ACLs) through Raft or read any partition.
+            return Err(invalid(
+                "internal_tls",
+                "with authentication or authorization on, the internal listener needs mutual TLS: configure [internal_tls] (or drop internal_listen and list broker_principals)",
+            ));
+        }
         if self.security.auth_failures_max == 0 {
             return Err(invalid("security.auth_failures_max", "must be at least 1"));
         }
@@ -865,6 +874,11 @@ mod tests {
             let err = ServerConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+        let err = ServerConfig::from_toml(
+            "internal_listen = \"127.0.0.1:9192\"\n[security]\nauthorization = true\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("internal_tls"), "{err}");
         ServerConfig::from_toml(
             "[broker]\ndefault_replication_factor = 3\n[topic_defaults]\n\"min.insync.replicas\" = 2\n",
         )
