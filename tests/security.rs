@@ -225,6 +225,11 @@ async fn tls_mtls_authentication_and_acls() {
     assert!(err.to_string().contains("'carol'"), "{err}");
     assert!(carol.list_topics(false).await.unwrap().is_empty());
     let err = carol
+        .init_producer_id(Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
+    let err = carol
         .reassign_partitions("orders", vec![(0, vec![1])])
         .await
         .unwrap_err();
@@ -517,6 +522,11 @@ async fn tls_mtls_authentication_and_acls() {
     )
     .await
     .unwrap();
+    // Write on a topic lets her be an idempotent producer.
+    alice
+        .init_producer_id(Duration::from_secs(5))
+        .await
+        .unwrap();
     // Write implies describe: alice sees "orders" and the logs topics.
     let mut visible: Vec<String> = alice
         .list_topics(false)

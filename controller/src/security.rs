@@ -160,10 +160,72 @@ pub fn authorize<'a>(
     }
 }
 
+/// Whether `principal` may do `operation` on at least one resource of
+/// `resource_type` (Kafka's authorize-by-resource-type, which lets
+/// InitProducerId through for anyone who may write some topic): some ACL
+/// allows it on a name or prefix that no deny ACL covers.
+pub fn authorize_any<'a>(
+    acls: impl IntoIterator<Item = &'a Acl> + Clone,
+    principal: &str,
+    resource_type: ResourceType,
+    operation: Operation,
+) -> bool {
+    let speaks_about = |acl: &Acl| {
+        acl.resource_type == resource_type
+            && acl.operation == operation
+            && (acl.principal == ANY_PRINCIPAL || acl.principal == principal)
+    };
+    // Whether `deny` covers every name `allow` speaks about.
+    let covers = |deny: &Acl, allow: &Acl| {
+        if resource_type == ResourceType::Cluster {
+            return true;
+        }
+        match (deny.pattern, allow.pattern) {
+            (PatternType::Literal, _) if deny.name == "*" => true,
+            (PatternType::Literal, PatternType::Literal) => deny.name == allow.name,
+            (PatternType::Literal, PatternType::Prefixed) => false,
+            (PatternType::Prefixed, _) => allow.name != "*" && allow.name.starts_with(&deny.name),
+        }
+    };
+    acls.clone().into_iter().any(|allow| {
+        speaks_about(allow)
+            && allow.permission == Permission::Allow
+            && !acls.clone().into_iter().any(|deny| {
+                speaks_about(deny) && deny.permission == Permission::Deny && covers(deny, allow)
+            })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn any_resource_of_a_type() {
+        use Operation::*;
+        use PatternType::*;
+        use Permission::*;
+        use ResourceType::*;
+        let any = |acls: &[Acl], who| authorize_any(acls, who, Topic, Write);
+        let orders = acl("alice", Topic, "orders", Literal, Write, Allow);
+        assert!(!any(&[], "alice"));
+        assert!(any(std::slice::from_ref(&orders), "alice"));
+        assert!(!any(std::slice::from_ref(&orders), "bob"));
+        let read = acl("alice", Topic, "orders", Literal, Read, Allow);
+        assert!(!any(std::slice::from_ref(&read), "alice"));
+        for deny in [
+            acl("alice", Topic, "orders", Literal, Write, Deny),
+            acl("*", Topic, "*", Literal, Write, Deny),
+            acl("alice", Topic, "ord", Prefixed, Write, Deny),
+        ] {
+            assert!(!any(&[orders.clone(), deny.clone()], "alice"), "{deny:?}");
+        }
+        // A deny of one name leaves a prefix allowed.
+        let logs = acl("*", Topic, "logs-", Prefixed, Write, Allow);
+        let secret = acl("alice", Topic, "logs-secret", Literal, Write, Deny);
+        assert!(any(&[logs, secret], "alice"));
+    }
 
     fn acl(
         principal: &str,

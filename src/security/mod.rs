@@ -381,6 +381,29 @@ impl Security {
         )
     }
 
+    /// Whether `principal` may do `operation` on some resource of
+    /// `resource_type` ([`runnel_controller::security::authorize_any`]).
+    pub fn allowed_on_any(
+        &self,
+        principal: &Principal,
+        resource_type: ResourceType,
+        operation: Operation,
+    ) -> bool {
+        if !self.settings.authorization
+            || self.super_users.contains(principal.name())
+            || self.broker_principals.contains(principal.name())
+        {
+            return true;
+        }
+        let state = self.metadata.current();
+        runnel_controller::security::authorize_any(
+            &state.acls,
+            principal.name(),
+            resource_type,
+            operation,
+        )
+    }
+
     /// The byte rate `principal` may move in `direction`, if limited.
     fn quota_rate(&self, principal: &Principal, direction: Direction) -> Option<u64> {
         let state = self.metadata.current();

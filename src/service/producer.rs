@@ -67,8 +67,22 @@ impl Producer for ProducerService {
 
     async fn init_producer_id(
         &self,
-        _request: Request<pb::InitProducerIdRequest>,
+        request: Request<pb::InitProducerIdRequest>,
     ) -> Result<Response<pb::InitProducerIdResponse>, Status> {
+        // As Kafka: cluster Write (its IdempotentWrite), or Write on some
+        // topic. Without a check, any principal could allocate ids in a
+        // loop, and every thousandth call grows the metadata log.
+        let principal = security::principal_of(&request);
+        if let Some(s) = self.broker.security() {
+            if !s.allowed(&principal, ResourceType::Cluster, "", Operation::Write)
+                && !s.allowed_on_any(&principal, ResourceType::Topic, Operation::Write)
+            {
+                return Err(security::permission_denied(format!(
+                    "principal '{}' may not write the cluster or any topic, so may not get a producer id",
+                    principal.name()
+                )));
+            }
+        }
         Ok(Response::new(self.broker.init_producer_id().await?))
     }
 
