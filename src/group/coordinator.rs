@@ -658,6 +658,9 @@ impl GroupCoordinator {
             if let Some(e) = inner.groups.get_mut(&group) {
                 e.persisted = e.persisted.max(generation);
                 e.version_stored = e.version_stored.max(version);
+                if e.stored() {
+                    e.group.touch_members(now_ms());
+                }
                 e.notify();
             }
         });
@@ -683,7 +686,16 @@ impl GroupCoordinator {
             e.tombstoned
                 .retain(|_, (_, applied)| now - *applied < TOMBSTONE_MEMORY_MS);
             let before = e.group.generation;
-            let gone = e.group.expire(now);
+            // Members whose join waits for the group record to be stored
+            // (an acks=all append held up by a stalled follower, say) get
+            // no answer and so cannot heartbeat: their sessions count
+            // from when it is stored, not from the rebalance. Else a
+            // store slower than the session expired the whole group.
+            let gone = if e.stored() {
+                e.group.expire(now)
+            } else {
+                Vec::new()
+            };
             if !gone.is_empty() {
                 info!(group = %e.group.id, members = ?gone, "session expired");
             }

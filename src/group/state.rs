@@ -485,6 +485,13 @@ impl Group {
         Ok(false)
     }
 
+    /// Restarts every member's session (their joins are answered now).
+    pub fn touch_members(&mut self, now_ms: i64) {
+        for m in self.members.values_mut() {
+            m.last_seen_ms = m.last_seen_ms.max(now_ms);
+        }
+    }
+
     /// A member leaves at once.
     pub fn leave(&mut self, member_id: &str, now_ms: i64) -> Result<(), GroupError> {
         if self.members.remove(member_id).is_none() {
