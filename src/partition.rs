@@ -168,6 +168,14 @@ impl Partition {
             // produce request checked against the old metadata may
             // append after that.
             self.log.fence_leader_appends(info.leader_epoch);
+            // Nor may a replication round of an earlier epoch, still under
+            // way (an fsyncing append on the blocking pool outlives its
+            // cancelled round), append after the new epoch's fetcher
+            // checked where the logs diverge: it would keep the old
+            // leader's unreplicated tail, which the new leader may hold
+            // other records in.
+            self.log
+                .fence_follower_writes(info.leader_epoch.saturating_sub(1));
             // Wake producers waiting for replicas as leader, and
             // DeleteRecords waiting for the low watermark: they must
             // learn that leadership moved.
@@ -383,6 +391,48 @@ mod tests {
             log.append_as_leader(batch(), 3),
             Err(runnel_storage::StorageError::FencedLeaderEpoch { .. })
         ));
+        assert_eq!(log.log_end_offset(), 1);
+    }
+
+    /// A follower that moves to a new leader epoch refuses follower
+    /// writes of the epoch it followed before: a round of that epoch still
+    /// under way (an fsyncing append outlives its cancelled round) would
+    /// otherwise land after the new epoch's fetcher checked divergence.
+    #[test]
+    fn a_follower_of_a_new_epoch_refuses_writes_of_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap());
+        let p = Partition::new("t".into(), 0, "id".into(), log.clone());
+        let mut info = PartitionInfo {
+            replicas: vec![1, 2, 3],
+            leader: 2,
+            leader_epoch: 4,
+            isr: vec![1, 2, 3],
+            partition_epoch: 0,
+            target_replicas: vec![],
+            adding: vec![],
+            removing: vec![],
+        };
+        p.update_role(1, &info, 0);
+        let batch = |base_offset| {
+            let mut b = runnel_storage::BatchBuilder::new();
+            b.push(0, None, Some(b"v"), &[]);
+            let mut bytes = b.build();
+            runnel_storage::batch::set_base_offset(&mut bytes, base_offset);
+            bytes.freeze()
+        };
+        log.append_following(4, batch(0)).unwrap();
+        info.leader = 3;
+        info.leader_epoch = 5;
+        p.update_role(1, &info, 0);
+        let late = log.append_following(4, batch(1));
+        assert!(
+            matches!(
+                late,
+                Err(runnel_storage::StorageError::FencedFollowerEpoch { .. })
+            ),
+            "{late:?}"
+        );
         assert_eq!(log.log_end_offset(), 1);
     }
 

@@ -622,8 +622,9 @@ impl Log {
     /// From now on, refuses follower writes (appends, truncations and
     /// resets for a leader epoch, [`Log::append_following`] and the
     /// others) for `leader_epoch` and earlier ones: this replica leads
-    /// in `leader_epoch`, and a replication round of an earlier epoch
-    /// still under way must not cut or extend its log. Takes the writer
+    /// in `leader_epoch` (or follows in the next one), and a replication
+    /// round of an earlier epoch still under way must not cut or extend
+    /// its log. Takes the writer
     /// lock, so a follower write under way lands before it. Leader
     /// appends raise it too. Only ever raises the fence.
     pub fn fence_follower_writes(&self, leader_epoch: i32) {
