@@ -604,7 +604,7 @@ impl Broker {
             .ok_or_else(|| BrokerError::UnknownTopic {
                 topic: topic.to_string(),
             })?;
-        let p = usize::try_from(index)
+        let pinfo = usize::try_from(index)
             .ok()
             .and_then(|i| info.partitions.get(i))
             .ok_or_else(|| BrokerError::UnknownPartition {
@@ -612,16 +612,16 @@ impl Broker {
                 partition: index,
                 partitions: info.partitions.len() as i32,
             })?;
-        if p.leader == -1 {
+        if pinfo.leader == -1 {
             return Err(BrokerError::PartitionOffline {
                 topic: topic.to_string(),
                 partition: index,
             });
         }
-        if p.leader != self.node_id {
+        if pinfo.leader != self.node_id {
             let leader = meta
                 .brokers
-                .get(&p.leader)
+                .get(&pinfo.leader)
                 .map(|b| b.address.clone())
                 .unwrap_or_default();
             return Err(BrokerError::NotLeader {
@@ -631,11 +631,22 @@ impl Broker {
             });
         }
         match self.hosted(topic, index) {
-            Some(p) => Ok(p),
-            None if !self.started.load(Ordering::Acquire) => Err(BrokerError::Starting),
-            None => {
+            // Only the replica that took up this very leadership: the
+            // topic as it is now (not a deleted one of the same name whose
+            // log reconcile has not dropped yet), in the metadata's leader
+            // epoch (not a follower's, or an earlier leadership's, whose
+            // appends an acks=all wait then refused as NOT_LEADER after
+            // they were written: a retry wrote them again).
+            Some(p)
+                if p.topic_id == info.topic_id && p.leader_epoch() == Some(pinfo.leader_epoch) =>
+            {
+                Ok(p)
+            }
+            _ if !self.started.load(Ordering::Acquire) => Err(BrokerError::Starting),
+            _ => {
                 // Led here by the metadata, not taken up yet (the watcher's
-                // reconcile is opening the logs, or one failed to open).
+                // reconcile is opening the logs or changing the role, or a
+                // log failed to open).
                 // Not reconciled inline: on a runtime worker that waited
                 // for the reconcile under way, and two such requests
                 // stopped every request and the Raft heartbeats. A
