@@ -488,15 +488,26 @@ impl Broker {
                 }
             }
         }
+        // Replicas this broker stops hosting (a deleted or recreated
+        // topic, a reassignment away): retired once the lock is released.
+        let mut dropped: Vec<Arc<Partition>> = Vec::new();
         let hosted: Vec<Hosted<'_>> = {
             let mut map = self.partitions.write().unwrap_or_else(|e| e.into_inner());
             let fresh: HashSet<(String, i32)> = opened.iter().map(|(k, _)| k.clone()).collect();
-            map.extend(opened);
+            for (key, partition) in opened {
+                dropped.extend(map.insert(key, partition));
+            }
             for key in &unopened {
                 // Not the log of an earlier topic of this name.
-                map.remove(key);
+                dropped.extend(map.remove(key));
             }
-            map.retain(|key, _| wanted.contains_key(key));
+            map.retain(|key, p| {
+                let keep = wanted.contains_key(key);
+                if !keep {
+                    dropped.push(p.clone());
+                }
+                keep
+            });
             wanted
                 .iter()
                 .filter_map(|(key, topic)| {
@@ -505,6 +516,9 @@ impl Broker {
                 })
                 .collect()
         };
+        for partition in dropped {
+            partition.retire();
+        }
         let now = now_ms();
         let mut by_leader: HashMap<i32, (String, Assignments)> = HashMap::new();
         let mut proposals = Vec::new();
@@ -887,17 +901,27 @@ impl Broker {
                 // leader's records past `end`. The high watermark then
                 // says nothing of the batch, unless the log still holds
                 // records up to `end` written in the batch's epoch.
-                if partition.leader_epoch() != Some(leader_epoch)
-                    && partition
+                if partition.leader_epoch() != Some(leader_epoch) {
+                    let kept = partition
                         .log
                         .end_offset_for_epoch(leader_epoch)
-                        .is_none_or(|(epoch, epoch_end)| epoch != leader_epoch || epoch_end < end)
-                {
-                    return Err(BrokerError::NotLeader {
-                        topic: partition.topic.clone(),
-                        partition: partition.index,
-                        leader: String::new(),
-                    });
+                        .is_some_and(|(epoch, epoch_end)| {
+                            epoch == leader_epoch && epoch_end >= end
+                        });
+                    // Kept, below the high watermark another leader
+                    // passed on: committed, whatever this replica's ISR
+                    // (it has none as a follower; counted as 0, committed
+                    // records were answered NOT_ENOUGH_REPLICAS_AFTER_APPEND
+                    // and retried into duplicates).
+                    return if kept {
+                        Ok(())
+                    } else {
+                        Err(BrokerError::NotLeader {
+                            topic: partition.topic.clone(),
+                            partition: partition.index,
+                            leader: String::new(),
+                        })
+                    };
                 }
                 let isr = partition.isr().map_or(0, |i| i.len());
                 if !runnel_replication::enough_replicas(isr, min_isr) {

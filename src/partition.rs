@@ -303,6 +303,19 @@ impl Partition {
         }
     }
 
+    /// This broker no longer hosts the replica (its topic was deleted or
+    /// recreated, or it moved away): no role, no more appends of any
+    /// kind, and whoever waits on it as leader (acks=all, DeleteRecords)
+    /// learns at once instead of at its timeout.
+    pub fn retire(&self) {
+        *self.role() = Role::Offline;
+        self.log.fence_leader_appends(i32::MAX);
+        self.log.fence_follower_writes(i32::MAX);
+        self.hw_tx.send_modify(|_| {});
+        self.low_watermark_tx
+            .send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Runs high-watermark commands here; returns the ISR proposals.
     fn run(&self, cmds: Vec<Command>) -> Vec<Command> {
         cmds.into_iter()
@@ -434,6 +447,37 @@ mod tests {
             "{late:?}"
         );
         assert_eq!(log.log_end_offset(), 1);
+    }
+
+    /// A replica this broker stops hosting wakes its acks=all waiters
+    /// (they see no leadership) and takes no more writes of any kind.
+    #[test]
+    fn a_retired_replica_wakes_its_waiters_and_takes_no_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap());
+        let p = Partition::new("t".into(), 0, "id".into(), log.clone());
+        let info = PartitionInfo {
+            replicas: vec![1, 2],
+            leader: 1,
+            leader_epoch: 3,
+            isr: vec![1, 2],
+            partition_epoch: 0,
+            target_replicas: vec![],
+            adding: vec![],
+            removing: vec![],
+        };
+        p.update_role(1, &info, 0);
+        let mut hw = p.watch_high_watermark();
+        hw.mark_unchanged();
+        p.retire();
+        assert!(hw.has_changed().unwrap());
+        assert_eq!(p.leader_epoch(), None);
+        let mut b = runnel_storage::BatchBuilder::new();
+        b.push(0, None, Some(b"v"), &[]);
+        let batch = b.build().freeze();
+        assert!(log.append_as_leader(batch.clone(), 3).is_err());
+        assert!(log.append_following(4, batch).is_err());
+        assert_eq!(log.log_end_offset(), 0);
     }
 
     /// Two followers' fetches, each on its own thread, while a third
