@@ -138,7 +138,11 @@ impl Replication for ReplicationService {
         let req = request.into_inner();
         let mut out = ipb::OffsetForLeaderEpochResponse::default();
         match self.broker.hosted_partition(&req.topic, req.partition) {
-            Some(p) if p.leader_epoch().is_some() => {
+            // Only the leadership the follower follows, as the fetch path:
+            // a replica still leading in an earlier epoch (its metadata
+            // behind the follower's) may yet lose the tail it would answer
+            // from, and the follower checks only once per epoch.
+            Some(p) if p.leader_epoch() == Some(req.current_leader_epoch) => {
                 let (epoch, end) = p
                     .log
                     .end_offset_for_epoch(req.leader_epoch)
