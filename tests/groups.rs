@@ -1988,3 +1988,91 @@ async fn t22_offset_reset_none_waits_for_a_seek() {
     assert_eq!(first, 3);
     member.close().await.unwrap();
 }
+
+/// The error code a group call was refused with.
+fn refusal_code(s: &tonic::Status) -> String {
+    s.metadata()
+        .get("runnel-error-code")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A static member replaced while its join still waits is fenced
+/// (FENCED_INSTANCE_ID), at once. It used to get UNKNOWN_MEMBER (or wait
+/// for the rebalance), and a client clears its member id on that and
+/// joins again as the same instance: the two incarnations took the
+/// instance from each other round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t23_a_static_member_replaced_mid_join_is_fenced() {
+    let base = tempfile::tempdir().unwrap();
+    let (cluster, client) = one_node_with_topic_t(base.path()).await;
+    // The offsets topic (and so a coordinator) exists once asked for.
+    eventually("a coordinator", WAIT, || async {
+        client.find_coordinator("g").await.ok()
+    })
+    .await;
+    let groups = pb::consumer_groups_client::ConsumerGroupsClient::connect(format!(
+        "http://{}",
+        cluster.addrs[0]
+    ))
+    .await
+    .unwrap();
+    let join = pb::JoinGroupRequest {
+        group: "g".into(),
+        topics: vec!["t".into()],
+        session_timeout_ms: 30_000,
+        rebalance_timeout_ms: 5_000,
+        ..Default::default()
+    };
+    // A dynamic member, stable; it will not rejoin, so the next
+    // rebalance waits for it.
+    let a = eventually("a first join", WAIT, || {
+        let (mut groups, join) = (groups.clone(), join.clone());
+        async move { groups.join_group(join).await.ok() }
+    })
+    .await
+    .into_inner();
+    let pod = pb::JoinGroupRequest {
+        group_instance_id: "pod-1".into(),
+        ..join.clone()
+    };
+    let old = tokio::spawn({
+        let (mut groups, pod) = (groups.clone(), pod.clone());
+        async move { groups.join_group(pod).await }
+    });
+    // The old incarnation's join is under way once A is asked to rejoin.
+    eventually("a rebalance under way", WAIT, || {
+        let mut groups = groups.clone();
+        let member_id = a.member_id.clone();
+        let generation_id = a.generation_id;
+        async move {
+            let r = groups
+                .heartbeat(pb::HeartbeatRequest {
+                    group: "g".into(),
+                    member_id,
+                    generation_id,
+                    group_instance_id: String::new(),
+                })
+                .await;
+            match r {
+                Ok(r) => r.into_inner().rejoin.then_some(()),
+                Err(s) if refusal_code(&s) == "REBALANCE_IN_PROGRESS" => Some(()),
+                Err(_) => None,
+            }
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let new = tokio::spawn({
+        let (mut groups, pod) = (groups.clone(), pod.clone());
+        async move { groups.join_group(pod).await }
+    });
+    let refused = old.await.unwrap().unwrap_err();
+    assert_eq!(refusal_code(&refused), "FENCED_INSTANCE_ID", "{refused:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "told only at the rebalance's end"
+    );
+    new.abort();
+}

@@ -966,6 +966,9 @@ impl GroupCoordinator {
             if entry.group.try_complete(now, &counts) {
                 self.rebalanced(&entry.group, now);
                 entry.notify();
+            } else if replacing {
+                // The replaced incarnation's join, if one waits, is told.
+                entry.notify();
             }
             let rx = entry.changed.subscribe();
             self.persist(&mut inner, &req.group);
@@ -1008,6 +1011,13 @@ impl GroupCoordinator {
                     });
                 }
                 if !entry.group.members.contains_key(&member_id) {
+                    // Replaced by a newer incarnation of its instance: fenced,
+                    // so that it does not join again as that instance and
+                    // take it back (the two then took it from each other
+                    // round after round).
+                    entry
+                        .group
+                        .check_instance(&member_id, &req.group_instance_id)?;
                     return Err(GroupError::UnknownMember {
                         group: req.group.clone(),
                         member_id,
