@@ -422,8 +422,16 @@ fn compose_file_agrees_with_dockerfile_and_cluster_config() {
     // environment (the file listens on every interface).
     let base = load(
         cluster_rel,
-        &[("RUNNEL_ADVERTISED_ADDRESS", "runnel-1:9092")],
+        &[
+            ("RUNNEL_ADVERTISED_ADDRESS", "runnel-1:9092"),
+            ("RUNNEL_INTERNAL_ADVERTISED_ADDRESS", "runnel-1:9192"),
+        ],
     );
+    let internal_port = base
+        .internal_listen
+        .expect("the nodes talk on their own port")
+        .port();
+    assert_ne!(internal_port, base.listen.port());
     let listen_port = base.listen.port();
     let data_dir = base.data_dir.display().to_string();
 
@@ -437,6 +445,12 @@ fn compose_file_agrees_with_dockerfile_and_cluster_config() {
     let net: u32 = net.parse::<std::net::Ipv4Addr>().unwrap().into();
     let gw: u32 = host_ip.parse::<std::net::Ipv4Addr>().unwrap().into();
     assert_eq!(gw & mask, net, "gateway {host_ip} lies outside {subnet}");
+    // Link-local by default: never a private range the host may route.
+    assert_eq!(
+        gw >> 16,
+        u32::from(std::net::Ipv4Addr::new(169, 254, 0, 0)) >> 16,
+        "default network {subnet} is not link-local"
+    );
     let host_ip_expr = format!("${{{ip_var}:-{host_ip}}}");
 
     let declared_volumes: BTreeSet<String> = compose["volumes"]
@@ -510,16 +524,29 @@ fn compose_file_agrees_with_dockerfile_and_cluster_config() {
             ctx("advertises its published port at the gateway address")
         );
         let resolved = advertised.replace(&host_ip_expr, &host_ip);
+        // The other nodes reach it container to container, by service
+        // name, on the internal port.
+        let internal = env["RUNNEL_INTERNAL_ADVERTISED_ADDRESS"]
+            .as_str()
+            .expect("internal advertised address");
+        assert_eq!(
+            internal,
+            format!("{name}:{internal_port}"),
+            "{}",
+            ctx("internal address by service name")
+        );
         let config = load(
             cluster_rel,
             &[
                 ("RUNNEL_NODE_ID", &n.to_string()),
                 ("RUNNEL_ADVERTISED_ADDRESS", &resolved),
+                ("RUNNEL_INTERNAL_ADVERTISED_ADDRESS", internal),
             ],
         );
         assert_eq!(config.node_id, n);
         assert_eq!(config.advertised(), resolved);
-        expected_voters.insert(format!("{n}@{name}:{listen_port}"));
+        assert_eq!(config.internal_advertised(), internal);
+        expected_voters.insert(format!("{n}@{name}:{internal_port}"));
 
         // Data on a named volume at data_dir.
         let volumes = strings(&s["volumes"]);
@@ -633,7 +660,10 @@ fn prometheus_scrapes_every_compose_node_on_its_metrics_port() {
     let services = compose["services"].as_object().expect("services");
     let cluster = load(
         "config/docker/cluster.toml",
-        &[("RUNNEL_ADVERTISED_ADDRESS", "runnel-1:9092")],
+        &[
+            ("RUNNEL_ADVERTISED_ADDRESS", "runnel-1:9092"),
+            ("RUNNEL_INTERNAL_ADVERTISED_ADDRESS", "runnel-1:9192"),
+        ],
     );
     let metrics = cluster.metrics_listen.expect("cluster.toml serves metrics");
     assert_eq!(
