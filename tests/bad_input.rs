@@ -765,3 +765,80 @@ async fn a_structured_fetch_answer_stays_within_max_bytes() {
     }
     assert!(answers > 1, "a 30 KB batch decoded into one 4 KiB answer");
 }
+
+/// `runnel produce` reading an input with no end (`tail -f … |`) stops
+/// with a clear error, naming the line, as soon as a record is refused:
+/// here its topic is deleted midway. It used to take refused records as
+/// sent and report them only at the end of input, which never came,
+/// while keeping an answer for every line read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_stops_at_the_first_refused_record_of_an_endless_input() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    cli_ok(&server.addr, &["topic", "create", "doomed"], None);
+    let mut child = Command::new(runnel_bin())
+        .args([
+            "--bootstrap",
+            &server.addr,
+            "produce",
+            "doomed",
+            "--acks",
+            "leader",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Lines keep coming until the command stops reading (broken pipe);
+    // the input is never closed.
+    let writer = std::thread::spawn(move || {
+        for n in 0u64.. {
+            if writeln!(stdin, "line {n}")
+                .and_then(|_| stdin.flush())
+                .is_err()
+            {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        unreachable!()
+    });
+    // Records are being produced once one can be read.
+    let first = cli_ok(
+        &server.addr,
+        &[
+            "consume",
+            "doomed",
+            "--from",
+            "earliest",
+            "--max-records",
+            "1",
+            "--follow",
+        ],
+        None,
+    );
+    assert!(first.contains("line "), "{first}");
+    cli_ok(&server.addr, &["topic", "delete", "doomed"], None);
+    let pid = child.id();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        panic!("runnel produce went on after its topic was deleted")
+    })
+    .unwrap()
+    .unwrap();
+    let written = writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("was not produced"), "{stderr}");
+    assert!(stderr.contains("line "), "{stderr}");
+    assert!(written > 0);
+}

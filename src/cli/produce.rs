@@ -1,12 +1,14 @@
 //! `runnel produce TOPIC`: one record per input line.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use runnel::client::{Client, ProducerConfig, ProducerRecord};
+use futures_util::FutureExt;
+use runnel::client::{Client, ClientError, DeliveryFuture, ProducerConfig, ProducerRecord};
 use runnel_proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -68,6 +70,9 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
             batch_bytes = max;
         }
     }
+    if args.key_separator.as_deref() == Some("") {
+        bail!("--key-separator must not be empty");
+    }
     let producer = client.producer(ProducerConfig {
         acks: match args.acks {
             AcksArg::All => pb::Acks::All,
@@ -88,9 +93,35 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
     };
     // Lines are bytes: a record's value need not be text.
     let mut input = BufReader::new(input);
-    let mut acks = Vec::new();
+    // Answers still awaited, oldest first, with their line numbers. Those
+    // answered are counted as they come, so the queue holds about what
+    // is in flight (the producer's buffer bounds it), not every line of
+    // an endless input; and a refused record (topic deleted, ACL
+    // revoked, too few replicas) stops the input at once, not at its end
+    // (`tail -f log | runnel produce`: there is no end).
+    let mut pending: VecDeque<(u64, DeliveryFuture)> = VecDeque::new();
+    let mut produced = 0u64;
+    let mut failed: Option<(u64, ClientError)> = None;
     let mut stopped = None;
     let mut line = Vec::new();
+    let mut line_no = 0u64;
+    // Lines without the separator go out without a key.
+    let mut keyless = 0u64;
+    let mut settle = |pending: &mut VecDeque<(u64, DeliveryFuture)>,
+                      failed: &mut Option<(u64, ClientError)>| {
+        while let Some((no, front)) = pending.front_mut() {
+            let Some(outcome) = (&mut *front).now_or_never() else {
+                break;
+            };
+            match outcome {
+                Ok(_) => produced += 1,
+                Err(e) => {
+                    failed.get_or_insert((*no, e));
+                }
+            }
+            pending.pop_front();
+        }
+    };
     loop {
         line.clear();
         match input.read_until(b'\n', &mut line).await {
@@ -101,6 +132,7 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
                 break;
             }
         }
+        line_no += 1;
         if line.last() == Some(&b'\n') {
             line.pop();
             if line.last() == Some(&b'\r') {
@@ -108,6 +140,9 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
             }
         }
         let (key, value) = split_key(&line, args.key_separator.as_deref());
+        if args.key_separator.is_some() && key.is_none() {
+            keyless += 1;
+        }
         let record = ProducerRecord {
             key,
             value: Some(value),
@@ -115,33 +150,41 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
             ..ProducerRecord::default()
         };
         match producer.send(&args.topic, record).await {
-            Ok(ack) => acks.push(ack),
+            Ok(ack) => pending.push_back((line_no, ack)),
             Err(e) => {
-                stopped = Some(e.into());
+                stopped = Some(anyhow::Error::from(e).context(format!("line {line_no}")));
                 break;
             }
+        }
+        settle(&mut pending, &mut failed);
+        if failed.is_some() {
+            break;
         }
     }
     // Whatever happened to the input, what was sent is seen through and
     // counted.
     producer.close().await?;
-    let total = acks.len();
-    let mut failed = 0usize;
-    let mut first_error = None;
-    for ack in acks {
-        if let Err(e) = ack.await {
-            failed += 1;
-            first_error.get_or_insert(e);
+    for (no, ack) in pending {
+        match ack.await {
+            Ok(_) => produced += 1,
+            Err(e) => {
+                failed.get_or_insert((no, e));
+            }
         }
     }
-    let produced = total - failed;
+    if let Some((no, e)) = failed {
+        bail!("line {no} was not produced: {e}; stopped after {produced} of the {line_no} lines read were produced");
+    }
     if let Some(e) = stopped {
         return Err(e.context(format!(
-            "stopped after {produced} of the {total} records read were produced"
+            "stopped after {produced} of the {line_no} lines read were produced"
         )));
     }
-    if let Some(e) = first_error {
-        bail!("{failed} of {total} records were not produced: {e}");
+    let total = produced;
+    if keyless > 0 {
+        eprintln!(
+            "{keyless} lines had no key separator and were sent without a key (to any partition)"
+        );
     }
     eprintln!("produced {total} records to {}", args.topic);
     Ok(())
