@@ -542,6 +542,15 @@ impl Segment {
         if check_crc {
             // The scan checked every batch it kept.
             seg.verified.store(scan.end, Ordering::Release);
+            // What the scan read after a crash may exist only in the page
+            // cache (a process killed before its fsync): not durable until
+            // synced. Counted as written, the recovery's sync fsyncs it
+            // before the recovery point moves past it; counted as synced,
+            // a power loss after the restart lost records the next open
+            // trusted.
+            if scan.end > 0 {
+                seg.data_written.store(1, Ordering::Release);
+            }
         }
         Ok((seg, truncated))
     }
@@ -1292,6 +1301,28 @@ mod tests {
         seg.data_synced.fetch_max(theirs, Ordering::AcqRel);
         assert!(unsynced(&seg), "the second batch is not covered");
         seg.sync_data().unwrap();
+        assert!(!unsynced(&seg));
+    }
+
+    /// Bytes a recovery scan kept are not taken as durable: the process
+    /// that wrote them may have died before its fsync, so the recovery's
+    /// sync must really fsync them.
+    #[test]
+    fn a_recovered_segment_is_synced_before_it_is_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config();
+        {
+            let seg = Segment::create(dir.path(), 0, &cfg).unwrap();
+            let b = batch(0, 3, 1000);
+            seg.append(&[&b], &HeaderView::read(&b).unwrap(), &cfg)
+                .unwrap();
+        }
+        let (seg, _) = Segment::open(dir.path(), 0, &cfg, OpenMode::Recover).unwrap();
+        let unsynced = |seg: &Segment| {
+            seg.data_synced.load(Ordering::Acquire) < seg.data_written.load(Ordering::Acquire)
+        };
+        assert!(unsynced(&seg));
+        seg.sync_all().unwrap();
         assert!(!unsynced(&seg));
     }
 
