@@ -1062,8 +1062,21 @@ impl Log {
     /// Replication's hook: sets the high watermark (clamped to
     /// [log_start_offset, log_end_offset]) and persists it lazily.
     pub fn set_high_watermark(&self, offset: i64) {
-        let clamped = offset.clamp(self.log_start_offset(), self.log_end_offset());
-        self.high_watermark.store(clamped, Ordering::Release);
+        loop {
+            // (A reset moves the log start before the log end: never
+            // clamped to an empty range, which panics.)
+            let start = self.log_start_offset();
+            let clamped = offset.clamp(start, self.log_end_offset().max(start));
+            self.high_watermark.store(clamped, Ordering::Release);
+            // A truncation or reset (which move the log end before the
+            // high watermark) between the loads and the store would leave
+            // it outside the log: clamped again to the bounds as they are
+            // now. Without a writer lock: this is on every acks=all path.
+            let start = self.log_start_offset();
+            if (start..=self.log_end_offset().max(start)).contains(&clamped) {
+                return;
+            }
+        }
     }
 
     /// First (offset, timestamp) whose timestamp >= `timestamp_ms`.
