@@ -1407,7 +1407,7 @@ impl Log {
             let cutoff = now_ms.saturating_sub(ms as i64);
             expired = closed
                 .iter()
-                .take_while(|s| s.max_timestamp() < cutoff)
+                .take_while(|s| s.retention_time_ms() < cutoff)
                 .count();
         }
         if let Some(bytes_max) = config.retention_bytes_max {

@@ -638,6 +638,22 @@ impl Segment {
     pub(crate) fn max_timestamp(&self) -> i64 {
         self.max_timestamp.load(Ordering::Acquire)
     }
+    /// The time retention.ms judges this segment by: its largest record
+    /// timestamp, or, when its records carry none (-1, a raw client
+    /// batch's), the log file's last modification, as Kafka does; if
+    /// that cannot be read, never old.
+    pub(crate) fn retention_time_ms(&self) -> i64 {
+        let max = self.max_timestamp();
+        if max >= 0 {
+            return max;
+        }
+        self.file
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(i64::MAX, |d| d.as_millis() as i64)
+    }
     pub(crate) fn first_timestamp(&self) -> i64 {
         self.first_timestamp.load(Ordering::Acquire)
     }

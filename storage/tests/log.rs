@@ -330,6 +330,33 @@ fn delete_records_before_and_retention() {
     assert_eq!(read_all(&log, 16).len(), 4);
 }
 
+/// Records without timestamps (-1, as a raw client batch may carry) are
+/// judged by retention.ms from their segment file's last write, as in
+/// Kafka: such segments were deleted at the first tick after they
+/// rolled, whatever retention.ms said.
+#[test]
+fn retention_by_time_of_records_without_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 2, -1).len() as u64;
+    let log = Log::open(dir.path(), small_config(one * 2)).unwrap();
+    for i in 0..6 {
+        let mut b = runnel_storage::BatchBuilder::new();
+        b.push(-1, None, Some(format!("v{i}").as_bytes()), &[]);
+        b.push(-1, None, Some(b"w"), &[]);
+        log.append_as_leader(b.build().freeze(), 0).unwrap();
+    }
+    log.set_high_watermark(log.log_end_offset());
+    let segments = log.segment_count();
+    assert!(segments > 1);
+    log.set_config(LogConfig {
+        retention_ms_max: Some(3_600_000),
+        ..small_config(one * 2)
+    });
+    assert_eq!(log.tick(now_ms()).unwrap(), 0, "written just now");
+    assert_eq!(log.segment_count(), segments);
+    assert_eq!(log.tick(now_ms() + 7_200_000).unwrap(), segments - 1);
+}
+
 #[test]
 fn roll_by_age_on_tick_and_append() {
     let dir = tempfile::tempdir().unwrap();
