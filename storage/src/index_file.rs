@@ -140,22 +140,45 @@ impl IndexFile {
             return Ok(());
         };
         self.map = Map::Empty;
-        file.set_len(len).map_err(io_err(&self.path))?;
-        if len > 0 {
+        let mapped = file.set_len(len).and_then(|()| {
+            if len == 0 {
+                return Ok(None);
+            }
             // SAFETY: the file was just sized to `len` by us; only this
             // struct writes it while it is writable, and the file is shrunk
             // (in `trim`) only after this mapping is dropped.
-            let map = unsafe { MmapMut::map_mut(file) }.map_err(io_err(&self.path))?;
+            let map = unsafe { MmapMut::map_mut(file) }?;
             // Entries are appended a page at a time into a preallocated,
             // mostly-hole file; without this hint each first touch of a
             // page reads ahead (zero-fills) a whole window of holes, which
             // cost about 9% of append time in `storage/examples` profiles.
             // Lookups are binary searches, which readahead does not help.
-            map.advise(memmap2::Advice::Random)
-                .map_err(io_err(&self.path))?;
-            self.map = Map::Writable(map);
+            map.advise(memmap2::Advice::Random)?;
+            Ok(Some(map))
+        });
+        match mapped {
+            Ok(map) => {
+                if let Some(map) = map {
+                    self.map = Map::Writable(map);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.forget_entries();
+                Err(io_err(&self.path)(e))
+            }
         }
-        Ok(())
+    }
+
+    /// After a failed resize or map: no entries in memory (they are only
+    /// hints: lookups then scan from the segment's start), and no more
+    /// pushes. Counted entries without a mapping made every lookup, and
+    /// the next roll's time-index push under its lock, slice past an
+    /// empty map and panic (poisoning the lock for good).
+    fn forget_entries(&mut self) {
+        self.map = Map::Empty;
+        self.count = 0;
+        self.count_max = 0;
     }
 
     fn bytes(&self) -> &[u8] {
@@ -224,10 +247,21 @@ impl IndexFile {
         };
         self.map = Map::Empty;
         let len = (self.count * self.entry_len) as u64;
-        file.set_len(len).map_err(io_err(&self.path))?;
-        self.count_max = self.count;
-        self.map = Self::map_read_only(file, &self.path, len)?;
-        Ok(())
+        let mapped = file
+            .set_len(len)
+            .map_err(io_err(&self.path))
+            .and_then(|()| Self::map_read_only(file, &self.path, len));
+        match mapped {
+            Ok(map) => {
+                self.count_max = self.count;
+                self.map = map;
+                Ok(())
+            }
+            Err(e) => {
+                self.forget_entries();
+                Err(e)
+            }
+        }
     }
 
     /// msyncs the mapping and fsyncs the file (length changes included).
