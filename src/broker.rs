@@ -1588,7 +1588,14 @@ impl Broker {
     /// of this broker to another in-sync replica (and take it out of the
     /// ISRs), then waits until the metadata shows it leads nothing, so a
     /// rolling restart loses nothing. Skipped when no other broker is up.
-    pub async fn controlled_shutdown(&self, timeout: Duration) -> Result<(), BrokerError> {
+    ///
+    /// `epoch`: this process's registration, when it has one; the fence
+    /// then cannot land on a later incarnation.
+    pub async fn controlled_shutdown(
+        &self,
+        timeout: Duration,
+        epoch: Option<i64>,
+    ) -> Result<(), BrokerError> {
         let meta = self.metadata.current();
         let others = meta
             .brokers
@@ -1606,9 +1613,10 @@ impl Broker {
         self.metadata
             .submit(MetadataCommand::FenceBroker {
                 id: self.node_id,
-                // This process's own registration, whatever this copy of
-                // the metadata holds yet.
-                epoch: None,
+                epoch,
+                // Leaderships go to in-sync replicas only: this broker
+                // comes back with its log.
+                controlled: true,
             })
             .await?;
         let me = self.node_id;

@@ -486,7 +486,10 @@ async fn wind_down(
     // register this broker again.
     heartbeat.abort();
     if let Some(handover) = handover {
-        if let Err(e) = broker.controlled_shutdown(handover).await {
+        // This process's own registration: a fence applied late must not
+        // land on the next incarnation.
+        let epoch = *heartbeat.registered().borrow();
+        if let Err(e) = broker.controlled_shutdown(handover, epoch).await {
             warn!(error = %e, "controlled shutdown incomplete; stopping anyway");
         }
     }

@@ -25,10 +25,20 @@ pub enum MetadataCommand {
     /// fenced: a broker that registered again since (a new broker epoch)
     /// is left alone, so a verdict reached before its new registration
     /// cannot fence the new incarnation.
+    ///
+    /// `controlled`: the broker asked itself (controlled shutdown, as in
+    /// a rolling restart). It is alive and coming back with its log, so
+    /// its leaderships move only to in-sync replicas: never to an
+    /// out-of-sync one under `unclean.leader.election.enable`, which
+    /// would make it truncate records it had acknowledged when it
+    /// returns. A partition it alone holds in sync stays without a leader
+    /// until it registers again.
     FenceBroker {
         id: i32,
         #[serde(default)]
         epoch: Option<i64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        controlled: bool,
     },
     /// Creates a topic; replicas are assigned by the state machine,
     /// deterministically, over the unfenced brokers.

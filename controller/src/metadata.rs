@@ -318,7 +318,11 @@ impl ClusterMetadata {
                 }
                 Applied::Registered { epoch }
             }
-            MetadataCommand::FenceBroker { id, epoch } => {
+            MetadataCommand::FenceBroker {
+                id,
+                epoch,
+                controlled,
+            } => {
                 let current = self
                     .brokers
                     .get(&id)
@@ -326,7 +330,7 @@ impl ClusterMetadata {
                     .epoch;
                 // A fence for an earlier registration is void.
                 if epoch.is_none_or(|e| e == current) {
-                    self.fence_broker(id, true)?;
+                    self.fence_broker(id, !controlled)?;
                 }
                 Applied::Done
             }
@@ -946,6 +950,7 @@ mod tests {
         s.apply(MetadataCommand::FenceBroker {
             id: follower,
             epoch: None,
+            controlled: false,
         })
         .unwrap();
         // The leader proposes it back, from the old incarnation's fetches;
@@ -1088,10 +1093,18 @@ mod tests {
         s.apply(create("t", 1, 2)).unwrap(); // replicas [1, 2], leader 1
         s.apply(reassign("t", 0, vec![3, 4])).unwrap();
         s.apply(isr_of(&s, 0, vec![1, 2, 3])).unwrap();
-        s.apply(MetadataCommand::FenceBroker { id: 1, epoch: None })
-            .unwrap();
-        s.apply(MetadataCommand::FenceBroker { id: 2, epoch: None })
-            .unwrap();
+        s.apply(MetadataCommand::FenceBroker {
+            id: 1,
+            epoch: None,
+            controlled: false,
+        })
+        .unwrap();
+        s.apply(MetadataCommand::FenceBroker {
+            id: 2,
+            epoch: None,
+            controlled: false,
+        })
+        .unwrap();
         let p = &s.topics["t"].partitions[0];
         assert_eq!((p.leader, p.isr.clone()), (3, vec![3]));
         let before = s.clone();
@@ -1146,8 +1159,12 @@ mod tests {
             (1, solo_before.leader_epoch + 2, vec![1])
         );
         // A fenced broker registering is not fenced again.
-        s.apply(MetadataCommand::FenceBroker { id: 3, epoch: None })
-            .unwrap();
+        s.apply(MetadataCommand::FenceBroker {
+            id: 3,
+            epoch: None,
+            controlled: false,
+        })
+        .unwrap();
         let epoch = s.topics["t"].partitions[0].leader_epoch;
         register(&mut s, 3);
         assert_eq!(s.topics["t"].partitions[0].leader_epoch, epoch);
@@ -1254,8 +1271,12 @@ mod tests {
     fn fencing_moves_leadership_within_the_isr_and_bumps_epochs() {
         let mut s = three();
         s.apply(create("t", 3, 3)).unwrap();
-        s.apply(MetadataCommand::FenceBroker { id: 1, epoch: None })
-            .unwrap();
+        s.apply(MetadataCommand::FenceBroker {
+            id: 1,
+            epoch: None,
+            controlled: false,
+        })
+        .unwrap();
         let p0 = &s.topics["t"].partitions[0];
         assert_eq!((p0.leader, p0.leader_epoch), (2, 1));
         assert_eq!(p0.isr, vec![2, 3]);
@@ -1278,6 +1299,7 @@ mod tests {
         s.apply(MetadataCommand::FenceBroker {
             id: 1,
             epoch: Some(first),
+            controlled: false,
         })
         .unwrap();
         assert_eq!(
@@ -1289,6 +1311,7 @@ mod tests {
         s.apply(MetadataCommand::FenceBroker {
             id: 1,
             epoch: Some(second),
+            controlled: false,
         })
         .unwrap();
         assert!(s.brokers[&1].fenced);
@@ -1296,7 +1319,14 @@ mod tests {
         // A command logged before the field existed fences whatever is
         // registered.
         let old: MetadataCommand = serde_json::from_str(r#"{"FenceBroker":{"id":2}}"#).unwrap();
-        assert_eq!(old, MetadataCommand::FenceBroker { id: 2, epoch: None });
+        assert_eq!(
+            old,
+            MetadataCommand::FenceBroker {
+                id: 2,
+                epoch: None,
+                controlled: false
+            }
+        );
         s.apply(old).unwrap();
         assert!(s.brokers[&2].fenced);
     }
@@ -1305,8 +1335,12 @@ mod tests {
     fn last_isr_member_fenced_leaves_partition_offline_until_it_returns() {
         let mut s = three();
         s.apply(create("t", 1, 1)).unwrap();
-        s.apply(MetadataCommand::FenceBroker { id: 1, epoch: None })
-            .unwrap();
+        s.apply(MetadataCommand::FenceBroker {
+            id: 1,
+            epoch: None,
+            controlled: false,
+        })
+        .unwrap();
         let p = &s.topics["t"].partitions[0];
         assert_eq!((p.leader, p.leader_epoch, p.isr.clone()), (-1, 1, vec![1]));
         register(&mut s, 1);
@@ -1344,8 +1378,12 @@ mod tests {
             assert_eq!(s, before);
         }
         // A fenced broker cannot rejoin.
-        s.apply(MetadataCommand::FenceBroker { id: 2, epoch: None })
-            .unwrap();
+        s.apply(MetadataCommand::FenceBroker {
+            id: 2,
+            epoch: None,
+            controlled: false,
+        })
+        .unwrap();
         let epoch = s.topics["t"].partitions[0].partition_epoch;
         let err = s
             .apply(alter_isr(0, epoch, vec![1, 2, 3]))
@@ -1380,9 +1418,13 @@ mod tests {
         assert_eq!(leaders, vec![1, 2, 3, 4]);
     }
 
+    /// Unclean election only when the topic allows it, and never for a
+    /// controlled shutdown: that broker comes back with its log, and
+    /// would truncate what it acknowledged to the unclean leader's.
     #[test]
     fn unclean_election_only_when_the_topic_allows_it() {
-        for (allow, leader) in [(false, -1), (true, 2)] {
+        for (allow, controlled, leader) in [(false, false, -1), (true, false, 2), (true, true, -1)]
+        {
             let mut s = three();
             let mut configs = BTreeMap::new();
             configs.insert(
@@ -1407,11 +1449,21 @@ mod tests {
                 isr: vec![1],
             })
             .unwrap();
-            s.apply(MetadataCommand::FenceBroker { id: 1, epoch: None })
-                .unwrap();
+            s.apply(MetadataCommand::FenceBroker {
+                id: 1,
+                epoch: None,
+                controlled,
+            })
+            .unwrap();
             let p = &s.topics["t"].partitions[0];
-            assert_eq!(p.leader, leader, "allow={allow}");
+            assert_eq!(p.leader, leader, "allow={allow} controlled={controlled}");
             assert_eq!(p.leader_epoch, 1);
+            if controlled {
+                // Back with its log, it leads again.
+                assert_eq!(p.isr, vec![1]);
+                register(&mut s, 1);
+                assert_eq!(s.topics["t"].partitions[0].leader, 1);
+            }
         }
     }
 
@@ -1419,8 +1471,12 @@ mod tests {
     fn preferred_election_returns_leadership_to_the_first_replica() {
         let mut s = three();
         s.apply(create("t", 3, 3)).unwrap();
-        s.apply(MetadataCommand::FenceBroker { id: 1, epoch: None })
-            .unwrap();
+        s.apply(MetadataCommand::FenceBroker {
+            id: 1,
+            epoch: None,
+            controlled: false,
+        })
+        .unwrap();
         register(&mut s, 1);
         // Broker 1 is back but out of every ISR: nothing to do yet.
         let elect = |unclean| MetadataCommand::ElectLeaders {
@@ -1527,7 +1583,11 @@ mod tests {
                 roles: vec![],
             },
             create("x", 5, 2),
-            MetadataCommand::FenceBroker { id: 2, epoch: None },
+            MetadataCommand::FenceBroker {
+                id: 2,
+                epoch: None,
+                controlled: false,
+            },
         ];
         let run = || {
             let mut s = ClusterMetadata::new("c");

@@ -290,6 +290,7 @@ impl RaftMetadataStore {
                     MetadataCommand::FenceBroker {
                         id,
                         epoch: Some(broker_epoch),
+                        controlled: false,
                     },
                     deadline,
                 )
