@@ -15,7 +15,7 @@ use runnel_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::broker::Broker;
 use crate::config::{ConfigError, ServerConfig};
@@ -94,6 +94,8 @@ pub enum ServerError {
     Interrupted,
     #[error("stopped: a partition log failed with an I/O error (see the log); a restart recovers it from disk")]
     LogFailed,
+    #[error("stopped: the metadata quorum's Raft core stopped ({reason}); a restart recovers it from disk")]
+    RaftStopped { reason: String },
     #[error(transparent)]
     Tls(#[from] crate::security::tls::TlsError),
 }
@@ -417,11 +419,21 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     info!(node_id = config.node_id, addr = %local, advertised = %advertised, data_dir = %config.data_dir.display(), "runnel listening");
     println!("runnel listening on {local}");
 
+    let mut raft_failed = None;
     let log_failed = tokio::select! {
         () = external.cancelled() => false,
         () = broker.failed().cancelled() => true,
+        why = store.stopped() => {
+            error!(reason = %why, "the metadata quorum's Raft core stopped; stopping this node");
+            raft_failed = Some(why);
+            false
+        }
     };
-    info!(log_failed, "shutting down");
+    info!(
+        log_failed,
+        raft_failed = raft_failed.is_some(),
+        "shutting down"
+    );
     // Not ready from now on: load balancers and health checks stop
     // sending traffic during the handover and the drain.
     endpoint.set_stopping();
@@ -455,6 +467,9 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     drop(lock);
     if log_failed {
         return Err(ServerError::LogFailed);
+    }
+    if let Some(reason) = raft_failed {
+        return Err(ServerError::RaftStopped { reason });
     }
     result
 }

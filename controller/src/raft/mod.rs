@@ -361,7 +361,30 @@ impl RaftMetadataStore {
     }
 
     fn is_leader(&self) -> bool {
-        self.leader().0 == Some(self.config.node_id as NodeId)
+        // The metrics of a Raft core that stopped keep their last leader:
+        // only a core that still runs as leader counts.
+        self.raft.metrics().borrow().state == openraft::ServerState::Leader
+            && self.leader().0 == Some(self.config.node_id as NodeId)
+    }
+
+    /// Resolves once the Raft core has stopped on its own (a fatal error:
+    /// a storage write that failed, say), with that error. A node whose
+    /// core stopped keeps a frozen copy of the metadata: it must not go
+    /// on serving from it (leading partitions that moved, answering as
+    /// controller), so the server stops when this resolves, and a restart
+    /// recovers the core from disk.
+    pub async fn stopped(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        let seen = metrics
+            .wait_for(|m| m.running_state.is_err() || m.state == openraft::ServerState::Shutdown)
+            .await;
+        match seen {
+            Ok(m) => match &m.running_state {
+                Err(fatal) => fatal.to_string(),
+                Ok(()) => "the Raft core shut down".to_string(),
+            },
+            Err(_) => "the Raft core is gone".to_string(),
+        }
     }
 
     /// Membership and progress from the Raft metrics.
