@@ -14,7 +14,9 @@ pub const ANY_PRINCIPAL: &str = "*";
 
 /// A stored password: PBKDF2-HMAC-SHA256 of the password with a random
 /// salt. The password itself is never stored or replicated.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Its `Debug` leaves out the salt and hash: commands are logged (at
+/// debug) as they are applied, and a logged hash can be cracked offline.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserCredential {
     /// Always "PBKDF2-HMAC-SHA256" today; kept so the scheme can change.
     pub mechanism: String,
@@ -24,6 +26,15 @@ pub struct UserCredential {
     pub salt: Vec<u8>,
     /// Derived key (32 bytes).
     pub hash: Vec<u8>,
+}
+
+impl std::fmt::Debug for UserCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserCredential")
+            .field("mechanism", &self.mechanism)
+            .field("iterations", &self.iterations)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What kind of thing an ACL protects.
@@ -200,6 +211,19 @@ pub fn authorize_any<'a>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_credentials_debug_shows_no_salt_or_hash() {
+        let c = UserCredential {
+            mechanism: "PBKDF2-HMAC-SHA256".into(),
+            iterations: 4096,
+            salt: vec![0xab; 16],
+            hash: vec![0xcd; 32],
+        };
+        let shown = format!("{c:?}");
+        assert!(shown.contains("4096"), "{shown}");
+        assert!(!shown.contains("171") && !shown.contains("205"), "{shown}");
+    }
 
     #[test]
     fn any_resource_of_a_type() {
