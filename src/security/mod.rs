@@ -121,7 +121,28 @@ pub struct Security {
     verified: Mutex<HashMap<String, Verified>>,
     /// Room for [`VERIFICATIONS_MAX`] password verifications at once.
     verifications: Arc<tokio::sync::Semaphore>,
+    /// Verifications waiting or running, by peer address.
+    verifying: Arc<Mutex<HashMap<Option<IpAddr>, usize>>>,
     throttle: quota::Throttle,
+}
+
+/// A place among the verifications waiting or running; given back when
+/// dropped.
+struct QueuedVerification {
+    verifying: Arc<Mutex<HashMap<Option<IpAddr>, usize>>>,
+    peer: Option<IpAddr>,
+}
+
+impl Drop for QueuedVerification {
+    fn drop(&mut self) {
+        let mut v = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = v.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                v.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Security {
@@ -156,8 +177,28 @@ impl Security {
             failures: Mutex::default(),
             verified: Mutex::default(),
             verifications: Arc::new(tokio::sync::Semaphore::new(VERIFICATIONS_MAX)),
+            verifying: Arc::default(),
             throttle: quota::Throttle::default(),
         }
+    }
+
+    /// A place in the queue of password verifications for `peer`, or
+    /// `None` when that address already has [`VERIFICATIONS_PER_PEER_MAX`]
+    /// waiting or running, or all addresses [`VERIFICATIONS_QUEUED_MAX`]:
+    /// a flood of unknown user names (each a miss of the cache) from one
+    /// address cannot queue without bound ahead of other clients.
+    fn queue_verification(&self, peer: Option<IpAddr>) -> Option<QueuedVerification> {
+        let mut v = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = v.values().sum();
+        let mine = v.get(&peer).copied().unwrap_or(0);
+        if total >= VERIFICATIONS_QUEUED_MAX || mine >= VERIFICATIONS_PER_PEER_MAX {
+            return None;
+        }
+        *v.entry(peer).or_insert(0) += 1;
+        Some(QueuedVerification {
+            verifying: self.verifying.clone(),
+            peer,
+        })
     }
 
     /// Finds the principal of one HTTP/2 request to `path`. A password
@@ -214,6 +255,12 @@ impl Security {
                     .to_str()
                     .map_err(|_| unauthenticated(AUTH_FAILED))?
                     .to_string();
+                if user.len() > USER_NAME_BYTES_MAX {
+                    // No such user can exist: refused without a
+                    // verification or a failure record (whose keys, up to
+                    // a header's 16 KiB each, filled memory).
+                    return Err(unauthenticated(AUTH_FAILED));
+                }
                 let password = metadata
                     .get_bin(PASSWORD_HEADER)
                     .and_then(|p| p.to_bytes().ok())
@@ -312,7 +359,7 @@ impl Security {
             let mut failures = self.lock_failures();
             self.check_lockout(&mut failures, &key, now)?;
             if failures.len() >= FAILURE_RECORDS_MAX {
-                failures.retain(|_, f| now.duration_since(f.since) < window);
+                bound_failures(&mut failures, now, window, self.settings.auth_failures_max);
             }
             // The attempt counts as failed until it succeeds, under the
             // same lock as the check: concurrent guesses cannot all pass
@@ -673,6 +720,47 @@ pub enum Authenticated {
 /// takes no more of the machine than this.
 const VERIFICATIONS_MAX: usize = 2;
 
+/// Verifications waiting or running from one peer address, at most.
+const VERIFICATIONS_PER_PEER_MAX: usize = 8;
+
+/// Verifications waiting or running in all, at most.
+const VERIFICATIONS_QUEUED_MAX: usize = 256;
+
+/// Longest wait for a verification to start.
+const VERIFICATION_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// Longest user name that can exist (as `UpsertUser` takes them).
+const USER_NAME_BYTES_MAX: usize = 255;
+
+/// Keeps the failure records under [`FAILURE_RECORDS_MAX`]: expired ones
+/// go first, then those not locked out, then the oldest. Dropping only
+/// expired ones let a flood of names grow the map for a whole window.
+fn bound_failures(
+    failures: &mut HashMap<FailureKey, Failures>,
+    now: Instant,
+    window: Duration,
+    failures_max: u32,
+) {
+    failures.retain(|_, f| now.duration_since(f.since) < window);
+    if failures.len() >= FAILURE_RECORDS_MAX {
+        failures.retain(|_, f| f.count >= failures_max);
+    }
+    while failures.len() >= FAILURE_RECORDS_MAX {
+        let oldest = failures
+            .iter()
+            .min_by_key(|(_, f)| f.since)
+            .map(|(k, _)| k.clone());
+        match oldest {
+            Some(k) => failures.remove(&k),
+            None => break,
+        };
+    }
+}
+
+fn verifications_backed_up() -> Status {
+    Status::unavailable("too many password checks are waiting; try again shortly")
+}
+
 fn locked_out() -> Status {
     status(
         tonic::Code::ResourceExhausted,
@@ -765,16 +853,26 @@ where
                 let security = self.security.clone();
                 let mut inner = take_inner(self);
                 Box::pin(async move {
-                    let checked = match security.verifications.clone().acquire_owned().await {
-                        Ok(permit) => tokio::task::spawn_blocking(move || {
+                    let Some(queued) = security.queue_verification(peer) else {
+                        return Ok(verifications_backed_up().into_http());
+                    };
+                    let permit = tokio::time::timeout(
+                        VERIFICATION_WAIT_MAX,
+                        security.verifications.clone().acquire_owned(),
+                    )
+                    .await;
+                    let checked = match permit {
+                        Ok(Ok(permit)) => tokio::task::spawn_blocking(move || {
                             let _permit = permit;
+                            let _queued = queued;
                             security.check_password(peer, &user, &password)
                         })
                         .await
                         .unwrap_or_else(|_| {
                             Err(Status::unavailable("the broker is shutting down"))
                         }),
-                        Err(_) => Err(Status::unavailable("the broker is shutting down")),
+                        Ok(Err(_)) => Err(Status::unavailable("the broker is shutting down")),
+                        Err(_) => Err(verifications_backed_up()),
                     };
                     match checked {
                         Ok(principal) => {
@@ -906,6 +1004,59 @@ mod tests {
             security.authenticate(path, &headers(b"guess"), &extensions),
             Authenticated::Verify { .. }
         ));
+    }
+
+    /// A flood of attempts is bounded: an overlong user name is refused
+    /// on the spot, without a verification or a failure record;
+    /// verifications queue at most [`VERIFICATIONS_PER_PEER_MAX`] per
+    /// address; failure records stay under [`FAILURE_RECORDS_MAX`],
+    /// keeping lockouts longest.
+    #[test]
+    fn a_flood_of_attempts_is_bounded() {
+        let settings = SecuritySection {
+            authentication: true,
+            auth_failures_max: 3,
+            ..SecuritySection::default()
+        };
+        let meta = runnel_controller::ClusterMetadata::default();
+        let security = Security::new(settings, Arc::new(Users(Arc::new(meta))));
+        let mut m = tonic::metadata::MetadataMap::new();
+        m.insert(USER_HEADER, "x".repeat(4000).parse().unwrap());
+        let refused = security.authenticate(
+            "/runnel.v1.Admin/ListTopics",
+            &m.into_headers(),
+            &http::Extensions::new(),
+        );
+        assert!(
+            matches!(&refused, Authenticated::Done(Err(s)) if s.code() == tonic::Code::Unauthenticated),
+            "not refused on the spot"
+        );
+        assert!(security.lock_failures().is_empty());
+
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let held: Vec<_> = (0..VERIFICATIONS_PER_PEER_MAX)
+            .map(|_| security.queue_verification(a).unwrap())
+            .collect();
+        assert!(security.queue_verification(a).is_none());
+        let b = Some(IpAddr::from([10, 0, 0, 2]));
+        assert!(security.queue_verification(b).is_some());
+        drop(held);
+        assert!(security.queue_verification(a).is_some());
+
+        let now = Instant::now();
+        let window = Duration::from_secs(60);
+        let mut failures: HashMap<FailureKey, Failures> = (0..FAILURE_RECORDS_MAX)
+            .map(|i| {
+                let count = if i == 7 { 3 } else { 1 };
+                ((a, format!("u{i}")), Failures { count, since: now })
+            })
+            .collect();
+        bound_failures(&mut failures, now, window, 3);
+        assert!(failures.len() < FAILURE_RECORDS_MAX);
+        assert!(
+            failures.contains_key(&(a, "u7".to_string())),
+            "a lockout kept"
+        );
     }
 
     /// No quota delay means no timer: a zero sleep would still wait for
