@@ -974,14 +974,32 @@ impl Broker {
     /// high watermark), without reading them. Returns at once when they
     /// already are, or when the offset is not readable at all (the fetch
     /// that follows reports why).
-    pub async fn wait_readable(&self, topic: &str, partition: i32, offset: i64, wait: Duration) {
+    ///
+    /// Returns whether a fetch at `offset` now has something to say:
+    /// records, or an error (not the leader, an offset out of range, the
+    /// broker stopping). False only when the wait ran out with nothing
+    /// new, and a read would answer nothing.
+    pub async fn wait_readable(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        wait: Duration,
+    ) -> bool {
         let meta = self.metadata.current();
-        if let Ok(partition) = self.leader_partition(&meta, topic, partition) {
-            // Not capped by `fetch_wait_max_ms` (a subscription's wait is
-            // not a request's): with the cap at 0, idle subscriptions
-            // polled without ever waiting.
-            self.wait_past_for(&partition, offset, wait).await;
-        }
+        let Ok(partition) = self.leader_partition(&meta, topic, partition) else {
+            return true;
+        };
+        // Not capped by `fetch_wait_max_ms` (a subscription's wait is
+        // not a request's): with the cap at 0, idle subscriptions
+        // polled without ever waiting.
+        self.wait_past_for(&partition, offset, wait).await;
+        let log = &partition.log;
+        log.high_watermark() > offset
+            || offset < log.log_start_offset()
+            || offset > log.log_end_offset()
+            || partition.leader_epoch().is_none()
+            || self.is_stopping()
     }
 
     /// The long poll of a fetch: waits up to `wait` (capped by

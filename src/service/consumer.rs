@@ -176,7 +176,14 @@ async fn read_chunk(
     budgets: &Budgets,
     fetch: &pb::FetchRequest,
 ) -> Result<pb::FetchResponse, Status> {
-    let permits = chunk_permits(fetch.max_bytes);
+    // A chunk holds at least one whole batch, whatever `max_bytes` asked
+    // for: charged as if it were as large as the topic's batches may be.
+    // Charged by `max_bytes` alone, subscriptions asking for one byte held
+    // megabytes each on a budget that counted one.
+    let batch_max = broker
+        .hosted_partition(&fetch.topic, fetch.partition)
+        .map_or(0, |p| p.log.config().message_bytes_max);
+    let permits = chunk_permits(fetch.max_bytes.max(batch_max));
     let take = |budget: &Arc<Semaphore>| {
         budget
             .clone()
@@ -282,7 +289,7 @@ impl ConsumerService {
                             // Wait for records without holding any of the
                             // budget: an idle subscription must not keep
                             // room from the ones with data.
-                            broker
+                            let readable = broker
                                 .wait_readable(
                                     &fetch.topic,
                                     fetch.partition,
@@ -309,6 +316,13 @@ impl ConsumerService {
                             ) {
                                 slot.send(Err(status));
                                 return;
+                            }
+                            // Nothing new: no read, so no room taken from
+                            // the budgets for an empty answer (idle
+                            // subscriptions queued for room every second,
+                            // ahead of the ones with records).
+                            if !readable {
+                                continue;
                             }
                             read_chunk(&broker, &budgets, &fetch).await
                         }
