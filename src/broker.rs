@@ -1097,7 +1097,16 @@ impl Broker {
         let wait = Duration::from_millis(u64::from(req.max_wait_ms));
         self.wait_past(&partition, req.offset, wait).await;
         let high_watermark = log.high_watermark();
-        let read = log.read(req.offset, max_bytes, high_watermark)?;
+        // Raw batches are sent as they are read: room is left for the
+        // answer's own fields, so that it fits a client that set
+        // `max_bytes` to its receive limit (batches filling it exactly
+        // were refused on every try). At least one batch is read anyway.
+        let read_bytes = if req.raw {
+            max_bytes.saturating_sub(ANSWER_ENVELOPE_BYTES).max(1)
+        } else {
+            max_bytes
+        };
+        let read = log.read(req.offset, read_bytes, high_watermark)?;
         let mut response = pb::FetchResponse {
             topic: req.topic.clone(),
             partition: req.partition,

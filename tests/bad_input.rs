@@ -764,6 +764,48 @@ async fn a_structured_fetch_answer_stays_within_max_bytes() {
         answers += 1;
     }
     assert!(answers > 1, "a 30 KB batch decoded into one 4 KiB answer");
+
+    // Raw answers too: batches filling `max_bytes` exactly, plus the
+    // answer's own fields, went over it (refused by a client that set it
+    // to its receive limit, on every try).
+    admin.create_topic(create("raw", 1, 1, &[])).await.unwrap();
+    for i in 0..40 {
+        producer
+            .produce(pb::ProduceRequest {
+                topic: "raw".into(),
+                records: vec![value(format!("r{i:09}").as_bytes())],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let raw_fetch = |max_bytes| pb::FetchRequest {
+        topic: "raw".into(),
+        partition: 0,
+        offset: 0,
+        max_bytes,
+        raw: true,
+        ..Default::default()
+    };
+    let one = consumer
+        .fetch(raw_fetch(1))
+        .await
+        .unwrap()
+        .into_inner()
+        .batches
+        .len() as u32;
+    let max_bytes = one * 30;
+    let r = consumer
+        .fetch(raw_fetch(max_bytes))
+        .await
+        .unwrap()
+        .into_inner();
+    let size = prost::Message::encoded_len(&r);
+    assert!(!r.batches.is_empty());
+    assert!(
+        size <= max_bytes as usize,
+        "a raw answer of {size} bytes > {max_bytes}"
+    );
 }
 
 /// `runnel produce` reading an input with no end (`tail -f … |`) stops
