@@ -2076,3 +2076,69 @@ async fn t23_a_static_member_replaced_mid_join_is_fenced() {
     );
     new.abort();
 }
+
+/// A join whose fields would bloat the group record is refused at once
+/// with INVALID_REQUEST naming the field: a record larger than the
+/// offsets topic takes was never stored, and every join of the group
+/// waited while it was retried forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t24_a_join_with_oversized_fields_is_refused() {
+    let base = tempfile::tempdir().unwrap();
+    let (cluster, client) = one_node_with_topic_t(base.path()).await;
+    eventually("a coordinator", WAIT, || async {
+        client.find_coordinator("g").await.ok()
+    })
+    .await;
+    let mut groups = pb::consumer_groups_client::ConsumerGroupsClient::connect(format!(
+        "http://{}",
+        cluster.addrs[0]
+    ))
+    .await
+    .unwrap();
+    let join = pb::JoinGroupRequest {
+        group: "g".into(),
+        topics: vec!["t".into()],
+        ..Default::default()
+    };
+    for (bad, field) in [
+        (
+            pb::JoinGroupRequest {
+                client_id: "c".repeat(300),
+                ..join.clone()
+            },
+            "client_id",
+        ),
+        (
+            pb::JoinGroupRequest {
+                client_id: "c\u{1}".into(),
+                ..join.clone()
+            },
+            "client_id",
+        ),
+        (
+            pb::JoinGroupRequest {
+                group_instance_id: "i".repeat(300),
+                ..join.clone()
+            },
+            "group_instance_id",
+        ),
+        (
+            pb::JoinGroupRequest {
+                topics: vec!["t".into(), "no such name!".into()],
+                ..join.clone()
+            },
+            "no such name!",
+        ),
+    ] {
+        let refused = groups.join_group(bad).await.unwrap_err();
+        assert_eq!(refusal_code(&refused), "INVALID_REQUEST", "{refused:?}");
+        assert!(refused.message().contains(field), "{refused:?}");
+    }
+    // A sound join still gets in.
+    let joined = eventually("a join", WAIT, || {
+        let (mut groups, join) = (groups.clone(), join.clone());
+        async move { groups.join_group(join).await.ok() }
+    })
+    .await;
+    assert!(!joined.into_inner().member_id.is_empty());
+}

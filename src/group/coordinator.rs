@@ -331,6 +331,57 @@ fn validate_group_id(group: &str) -> Result<()> {
     Ok(())
 }
 
+/// Longest client id, instance id or member id a join may carry.
+const MEMBER_ID_FIELD_MAX: usize = 255;
+
+/// Most topics one member may subscribe to.
+const MEMBER_TOPICS_MAX: usize = 1_000;
+
+/// Most partitions one member may list as owned.
+const MEMBER_OWNED_MAX: usize = 100_000;
+
+/// Bounds what a join puts in the group record: every member's ids and
+/// subscription are stored in it, and a record larger than the offsets
+/// topic takes could never be stored (every join of the group then
+/// waited, and the record was rebuilt and retried forever). A client id
+/// of megabytes of control characters, escaped six-fold in the record,
+/// did that alone.
+fn validate_member_fields(req: &pb::JoinGroupRequest) -> Result<()> {
+    for (name, value) in [
+        ("client_id", &req.client_id),
+        ("group_instance_id", &req.group_instance_id),
+        ("member_id", &req.member_id),
+    ] {
+        if value.len() > MEMBER_ID_FIELD_MAX || value.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "{name} must be at most {MEMBER_ID_FIELD_MAX} bytes without control characters"
+            )));
+        }
+    }
+    if req.topics.len() > MEMBER_TOPICS_MAX {
+        return Err(invalid(format!(
+            "a member may subscribe to at most {MEMBER_TOPICS_MAX} topics, not {}",
+            req.topics.len()
+        )));
+    }
+    if let Some(bad) = req
+        .topics
+        .iter()
+        .chain(req.owned_partitions.iter().map(|tp| &tp.topic))
+        .find(|t| runnel_controller::metadata::validate_topic_name(t).is_err())
+    {
+        let shown: String = bad.chars().take(64).collect();
+        return Err(invalid(format!("'{shown}' is not a valid topic name")));
+    }
+    if req.owned_partitions.len() > MEMBER_OWNED_MAX {
+        return Err(invalid(format!(
+            "a member may list at most {MEMBER_OWNED_MAX} owned partitions, not {}",
+            req.owned_partitions.len()
+        )));
+    }
+    Ok(())
+}
+
 impl GroupCoordinator {
     /// Creates the coordinator and starts its background task (it ends
     /// when the coordinator is dropped).
@@ -860,6 +911,7 @@ impl GroupCoordinator {
         if req.topics.is_empty() || req.topics.iter().any(String::is_empty) {
             return Err(invalid("a member must subscribe to at least one topic"));
         }
+        validate_member_fields(&req)?;
         let session = match req.session_timeout_ms {
             0 => SESSION_TIMEOUT_DEFAULT_MS,
             t => t,
