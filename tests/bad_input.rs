@@ -884,3 +884,26 @@ async fn produce_stops_at_the_first_refused_record_of_an_endless_input() {
     assert!(stderr.contains("line "), "{stderr}");
     assert!(written > 0);
 }
+
+/// A command whose reader has gone (`runnel topic list | head -0`) ends
+/// quietly with exit code 0, as other Unix tools do; it used to panic
+/// ("failed printing to stdout: Broken pipe") with exit code 101.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    cli_ok(&server.addr, &["topic", "create", "listed"], None);
+    let mut child = Command::new(runnel_bin())
+        .args(["--bootstrap", &server.addr, "topic", "list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes before the command has anything to print.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

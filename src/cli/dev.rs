@@ -224,18 +224,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         addrs.push(addr);
     }
     let bootstrap = addrs.join(",");
-    println!(
+    outln!(
         "runnel dev: {} nodes up, data in {}",
         args.nodes,
         args.data_dir.display()
     );
-    println!("bootstrap: {bootstrap}");
+    outln!("bootstrap: {bootstrap}");
     let metrics: Vec<String> = (0..args.nodes)
         .map(|i| format!("http://127.0.0.1:{}/metrics", args.metrics_base_port + i))
         .collect();
-    println!("metrics:   {}", metrics.join(" "));
-    println!("try:       runnel --bootstrap {bootstrap} topic create demo --partitions 3 --replication-factor {}", args.nodes.min(3));
-    println!("Ctrl-C stops the cluster.");
+    outln!("metrics:   {}", metrics.join(" "));
+    outln!("try:       runnel --bootstrap {bootstrap} topic create demo --partitions 3 --replication-factor {}", args.nodes.min(3));
+    outln!("Ctrl-C stops the cluster.");
     tokio::select! {
         _ = stop_requested() => {}
         _ = wait_any(&mut children) => bail!("a node exited unexpectedly"),
@@ -288,7 +288,7 @@ async fn stop(mut children: Vec<Child>) -> anyhow::Result<()> {
             let _ = c.kill().await;
         }
     }
-    println!("runnel dev: stopped");
+    outln!("runnel dev: stopped");
     Ok(())
 }
 

@@ -93,7 +93,7 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                     .iter()
                     .map(|g| serde_json::json!({"group": g.group, "state": g.state, "members": g.members}))
                     .collect();
-                println!("{}", serde_json::Value::Array(v));
+                outln!("{}", serde_json::Value::Array(v));
                 return Ok(());
             }
             let mut rows = vec![vec!["GROUP".to_string(), "STATE".into(), "MEMBERS".into()]];
@@ -136,7 +136,7 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                         "log_end_offset": l.log_end_offset, "lag": l.lag, "member_id": l.member_id,
                     }))
                     .collect();
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({
                         "group": d.group, "state": d.state, "generation_id": d.generation_id,
@@ -146,13 +146,13 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                 );
                 return Ok(());
             }
-            println!("group:        {}", d.group);
-            println!("state:        {}", d.state);
-            println!("generation:   {}", d.generation_id);
-            println!("strategy:     {strategy}");
-            println!("protocol:     {protocol}");
-            println!("coordinator:  {}", d.coordinator);
-            println!("members:      {}", d.members.len());
+            outln!("group:        {}", d.group);
+            outln!("state:        {}", d.state);
+            outln!("generation:   {}", d.generation_id);
+            outln!("strategy:     {strategy}");
+            outln!("protocol:     {protocol}");
+            outln!("coordinator:  {}", d.coordinator);
+            outln!("members:      {}", d.members.len());
             if !d.members.is_empty() {
                 let mut rows = vec![vec![
                     "MEMBER".to_string(),
@@ -170,7 +170,7 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                 }
                 print_table(&rows);
             }
-            println!();
+            outln!();
             let mut rows = vec![vec![
                 "TOPIC".to_string(),
                 "PARTITION".into(),
@@ -197,7 +197,7 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                 ]);
             }
             print_table(&rows);
-            println!("total lag:    {}", show(d.total_lag));
+            outln!("total lag:    {}", show(d.total_lag));
         }
         GroupCommand::ResetOffsets(args) => {
             let to = target(&args)?;
@@ -215,7 +215,7 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
                     .iter()
                     .map(|o| serde_json::json!({"topic": o.topic, "partition": o.partition, "offset": o.offset}))
                     .collect();
-                println!("{}", serde_json::json!({"dry_run": dry_run, "offsets": v}));
+                outln!("{}", serde_json::json!({"dry_run": dry_run, "offsets": v}));
                 return Ok(());
             }
             let mut rows = vec![vec![
@@ -228,15 +228,15 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
             }
             print_table(&rows);
             if dry_run {
-                println!("(dry run: nothing committed; add --execute to commit)");
+                outln!("(dry run: nothing committed; add --execute to commit)");
             }
         }
         GroupCommand::Delete { group } => {
             client.delete_group(&group).await?;
             if output == Output::Json {
-                println!("{}", serde_json::json!({"deleted": group}));
+                outln!("{}", serde_json::json!({"deleted": group}));
             } else {
-                println!("deleted group {group}");
+                outln!("deleted group {group}");
             }
         }
     }

@@ -128,7 +128,7 @@ pub async fn run(
             .iter()
             .map(|g| serde_json::json!({"group": g.group, "state": g.state, "total_lag": g.total_lag}))
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "healthy": problems.is_empty(),
@@ -182,23 +182,24 @@ fn print_summary(
     lags: &[GroupLag],
     problems: &[String],
 ) {
-    println!("cluster:     {}", meta.cluster_id);
+    outln!("cluster:     {}", meta.cluster_id);
     match (v.controller_id, quorum) {
-        (id, _) if id < 0 => println!("controller:  none"),
-        (id, Some(q)) => println!(
+        (id, _) if id < 0 => outln!("controller:  none"),
+        (id, Some(q)) => outln!(
             "controller:  node {id} (term {}, applied index {})",
-            q.term, q.applied_index
+            q.term,
+            q.applied_index
         ),
-        (id, None) => println!("controller:  node {id}"),
+        (id, None) => outln!("controller:  node {id}"),
     }
-    println!(
+    outln!(
         "brokers:     {} up [{}], {} fenced [{}]",
         v.brokers_up.len(),
         ids(&v.brokers_up),
         v.brokers_fenced.len(),
         ids(&v.brokers_fenced)
     );
-    println!(
+    outln!(
         "partitions:  {} total, {} offline, {} under-replicated, {} under min ISR",
         v.partitions,
         v.offline.len(),
@@ -211,26 +212,26 @@ fn print_summary(
         ("under min ISR", &v.under_min_isr),
     ] {
         if !list.is_empty() {
-            println!("  {what}: {}", listed(list));
+            outln!("  {what}: {}", listed(list));
         }
     }
     if lags.is_empty() {
-        println!("group lag:   no groups");
+        outln!("group lag:   no groups");
     } else {
-        println!("group lag (unknown, then largest first):");
+        outln!("group lag (unknown, then largest first):");
         for g in lags.iter().take(LISTED_MAX) {
             let lag = if g.total_lag < 0 {
                 "-".to_string()
             } else {
                 g.total_lag.to_string()
             };
-            println!("  {:<30} {:>12}  {}", g.group, lag, g.state);
+            outln!("  {:<30} {:>12}  {}", g.group, lag, g.state);
         }
     }
     if problems.is_empty() {
-        println!("status:      healthy");
+        outln!("status:      healthy");
     } else {
-        println!("status:      UNHEALTHY: {}", problems.join("; "));
+        outln!("status:      UNHEALTHY: {}", problems.join("; "));
     }
 }
 
@@ -289,7 +290,7 @@ async fn node_health(bootstrap: &str, options: &ClientOptions) -> anyhow::Result
         .into_inner()
         .status;
     if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-        println!("{addr}: serving");
+        outln!("{addr}: serving");
         Ok(())
     } else {
         bail!("{addr}: not serving")

@@ -1,5 +1,21 @@
 //! Command-line definitions (clap) and dispatch.
 
+/// `println!` for a command's output, which ends the process normally
+/// (exit 0, nothing more printed) when the reader has gone (`runnel group
+/// describe big | head -1`), as other Unix tools do; `println!` panicked
+/// there with exit code 101.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        match writeln!(out, $($arg)*) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            Err(e) => panic!("failed printing to stdout: {e}"),
+            Ok(()) => {}
+        }
+    }};
+}
+
 mod consume;
 mod dev;
 mod group;
@@ -251,7 +267,7 @@ async fn cluster_describe(client: &Client, output: Output) -> anyhow::Result<()>
         let q = c.quorum.clone().unwrap_or_default();
         let lag: std::collections::BTreeMap<String, i64> =
             q.lag.iter().map(|(id, l)| (id.to_string(), *l)).collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "cluster_id": c.cluster_id, "controller_id": c.controller_id, "brokers": brokers,
@@ -263,11 +279,11 @@ async fn cluster_describe(client: &Client, output: Output) -> anyhow::Result<()>
         );
         return Ok(());
     }
-    println!("cluster id:  {}", c.cluster_id);
-    println!("controller:  {}", c.controller_id);
+    outln!("cluster id:  {}", c.cluster_id);
+    outln!("controller:  {}", c.controller_id);
     if let Some(q) = &c.quorum {
         let ids = |v: &[i32]| v.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
-        println!(
+        outln!(
             "quorum:      term {}, voters [{}], learners [{}], log index {}, applied {}",
             q.term,
             ids(&q.voters),
@@ -278,7 +294,7 @@ async fn cluster_describe(client: &Client, output: Output) -> anyhow::Result<()>
         if !q.lag.is_empty() {
             let mut lag: Vec<String> = q.lag.iter().map(|(id, l)| format!("{id}: {l}")).collect();
             lag.sort();
-            println!("replication lag (entries): {}", lag.join(", "));
+            outln!("replication lag (entries): {}", lag.join(", "));
         }
     }
     let mut rows = vec![vec![
@@ -319,7 +335,7 @@ pub fn print_table(rows: &[Vec<String>]) {
             .enumerate()
             .map(|(i, cell)| format!("{cell:<w$}", w = widths[i]))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        outln!("{}", line.join("  ").trim_end());
     }
 }
 

@@ -75,9 +75,9 @@ pub async fn run(client: &Client, cmd: PartitionCommand, output: Output) -> anyh
             assignments.extend(cancel.into_iter().map(|p| (p, Vec::new())));
             let t = client.reassign_partitions(&topic, assignments).await?;
             match output {
-                Output::Json => println!("{}", topic::topic_json(&t)),
+                Output::Json => outln!("{}", topic::topic_json(&t)),
                 Output::Table => {
-                    println!("reassignment submitted for {topic}; progress:");
+                    outln!("reassignment submitted for {topic}; progress:");
                     topic::print_topic(&t);
                 }
             }
@@ -95,12 +95,12 @@ pub async fn run(client: &Client, cmd: PartitionCommand, output: Output) -> anyh
                 .elect_leaders(&topic, partitions, election == Election::Unclean)
                 .await?;
             match output {
-                Output::Json => println!(
+                Output::Json => outln!(
                     "{}",
                     serde_json::json!({ "topic": topic, "changed": changed })
                 ),
-                Output::Table if changed.is_empty() => println!("no leader changed"),
-                Output::Table => println!(
+                Output::Table if changed.is_empty() => outln!("no leader changed"),
+                Output::Table => outln!(
                     "new leaders for {topic} partitions {}",
                     changed
                         .iter()

@@ -291,10 +291,10 @@ impl Report {
 
     fn print(&self, output: Output) {
         if output == Output::Json {
-            println!("{}", serde_json::to_string(self).expect("serialisable"));
+            outln!("{}", serde_json::to_string(self).expect("serialisable"));
             return;
         }
-        println!(
+        outln!(
             "{}: {} records, {:.1} MB in {:.2} s: {:.0} records/s, {:.1} MB/s",
             self.test,
             self.records,
@@ -304,20 +304,27 @@ impl Report {
             self.mb_per_sec
         );
         if let Some(l) = &self.latency {
-            println!(
+            outln!(
                 "  latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-                l.p50_ms, l.p95_ms, l.p99_ms, l.p999_ms, l.max_ms
+                l.p50_ms,
+                l.p95_ms,
+                l.p99_ms,
+                l.p999_ms,
+                l.max_ms
             );
         }
         if let Some(timeline) = &self.timeline {
-            println!("  produced at ms   records   largest latency ms   largest ack ms");
+            outln!("  produced at ms   records   largest latency ms   largest ack ms");
             for w in timeline {
                 let e2e = w
                     .max_ms
                     .map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
-                println!(
+                outln!(
                     "  {:>14} {:>9} {:>20} {:>16.2}",
-                    w.start_ms, w.records, e2e, w.ack_max_ms
+                    w.start_ms,
+                    w.records,
+                    e2e,
+                    w.ack_max_ms
                 );
             }
         }

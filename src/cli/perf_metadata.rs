@@ -87,13 +87,14 @@ pub async fn run(client: &Client, args: MetadataArgs, output: Output) -> anyhow:
         commands_per_second: args.commands as f64 / commands.as_secs_f64().max(1e-9),
     };
     match output {
-        Output::Json => println!("{}", serde_json::to_string(&report)?),
+        Output::Json => outln!("{}", serde_json::to_string(&report)?),
         Output::Table => {
-            println!(
+            outln!(
                 "create topic with {} partitions: {:.3} s",
-                report.partitions, report.create_seconds
+                report.partitions,
+                report.create_seconds
             );
-            println!(
+            outln!(
                 "metadata commands: {} in {:.2} s with {} in flight: {:.0} commands/s",
                 report.commands,
                 report.commands_seconds,

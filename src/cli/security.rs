@@ -203,11 +203,11 @@ pub async fn run_user(client: &Client, cmd: UserCommand, output: Output) -> anyh
                 bail!("empty password");
             }
             client.upsert_user(&name, &password).await?;
-            println!("user '{name}' saved");
+            outln!("user '{name}' saved");
         }
         UserCommand::Remove { name } => {
             client.delete_user(&name).await?;
-            println!("user '{name}' removed");
+            outln!("user '{name}' removed");
         }
         UserCommand::List => {
             let users = client.list_users().await?;
@@ -216,7 +216,7 @@ pub async fn run_user(client: &Client, cmd: UserCommand, output: Output) -> anyh
                     .iter()
                     .map(|u| serde_json::json!({"name": u.name, "mechanism": u.mechanism, "iterations": u.iterations}))
                     .collect();
-                println!("{}", serde_json::Value::Array(v));
+                outln!("{}", serde_json::Value::Array(v));
             } else {
                 let mut rows = vec![vec!["NAME".to_string(), "MECHANISM".into()]];
                 for u in users {
@@ -237,11 +237,11 @@ pub async fn run_acl(client: &Client, cmd: AclCommand, output: Output) -> anyhow
     match cmd {
         AclCommand::Add(args) => {
             client.create_acl(args.to_pb()?).await?;
-            println!("ACL added");
+            outln!("ACL added");
         }
         AclCommand::Remove(args) => {
             client.delete_acl(args.to_pb()?).await?;
-            println!("ACL removed");
+            outln!("ACL removed");
         }
         AclCommand::List { principal } => {
             let acls = client
@@ -265,7 +265,7 @@ pub async fn run_acl(client: &Client, cmd: AclCommand, output: Output) -> anyhow
                     .iter()
                     .map(|r| serde_json::json!({"principal": r[0], "resource_type": r[1], "name": r[2], "pattern": r[3], "operation": r[4], "permission": r[5]}))
                     .collect();
-                println!("{}", serde_json::Value::Array(v));
+                outln!("{}", serde_json::Value::Array(v));
             } else {
                 let mut table = vec![[
                     "PRINCIPAL",
@@ -296,7 +296,7 @@ pub async fn run_quota(client: &Client, cmd: QuotaCommand, output: Output) -> an
             client
                 .set_quota(&p, produce_bytes_per_sec, fetch_bytes_per_sec)
                 .await?;
-            println!(
+            outln!(
                 "quota of {} set",
                 if p.is_empty() { "<default>" } else { &p }
             );
@@ -309,7 +309,7 @@ pub async fn run_quota(client: &Client, cmd: QuotaCommand, output: Output) -> an
                     .iter()
                     .map(|q| serde_json::json!({"principal": q.principal, "produce_bytes_per_sec": q.produce_bytes_per_sec, "fetch_bytes_per_sec": q.fetch_bytes_per_sec}))
                     .collect();
-                println!("{}", serde_json::Value::Array(v));
+                outln!("{}", serde_json::Value::Array(v));
             } else {
                 let mut rows = vec![vec![
                     "PRINCIPAL".to_string(),

@@ -92,8 +92,8 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
                 )
                 .await?;
             match output {
-                Output::Json => println!("{}", topic_json(&t)),
-                Output::Table => println!(
+                Output::Json => outln!("{}", topic_json(&t)),
+                Output::Table => outln!(
                     "created topic {} with {} partitions, replication factor {}",
                     t.name,
                     t.partitions.len(),
@@ -109,7 +109,7 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
                         .iter()
                         .map(|t| serde_json::json!({"name": t.name, "partitions": t.partitions, "replication_factor": t.replication_factor}))
                         .collect();
-                    println!("{}", serde_json::Value::Array(list));
+                    outln!("{}", serde_json::Value::Array(list));
                 }
                 Output::Table => {
                     let mut rows =
@@ -128,14 +128,14 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
         TopicCommand::Describe { name } => {
             let t = client.describe_topic(&name).await?;
             match output {
-                Output::Json => println!("{}", topic_json(&t)),
+                Output::Json => outln!("{}", topic_json(&t)),
                 Output::Table => print_topic(&t),
             }
         }
         TopicCommand::Delete { name } => {
             client.delete_topic(&name).await?;
             if output == Output::Table {
-                println!("deleted topic {name}");
+                outln!("deleted topic {name}");
             }
         }
         TopicCommand::DeleteRecords {
@@ -182,7 +182,7 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
                 }
             }
             match output {
-                Output::Json => println!("{}", serde_json::Value::Array(json)),
+                Output::Json => outln!("{}", serde_json::Value::Array(json)),
                 Output::Table => print_table(&rows),
             }
             if let Some((_, first)) = failed.first() {
@@ -233,7 +233,7 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
             }
             let t = t.expect("one branch ran");
             match output {
-                Output::Json => println!("{}", topic_json(&t)),
+                Output::Json => outln!("{}", topic_json(&t)),
                 Output::Table => print_topic(&t),
             }
         }
@@ -262,9 +262,9 @@ pub(crate) fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
 }
 
 pub(crate) fn print_topic(t: &pb::TopicDescription) {
-    println!("topic:               {}", t.name);
-    println!("id:                  {}", t.topic_id);
-    println!("replication factor:  {}", t.replication_factor);
+    outln!("topic:               {}", t.name);
+    outln!("id:                  {}", t.topic_id);
+    outln!("replication factor:  {}", t.replication_factor);
     let mut rows = vec![vec![
         "PARTITION".to_string(),
         "LEADER".into(),
@@ -300,11 +300,11 @@ pub(crate) fn print_topic(t: &pb::TopicDescription) {
     }
     print_table(&rows);
     if !t.overridden_configs.is_empty() {
-        println!("configs overridden:");
+        outln!("configs overridden:");
         let mut keys = t.overridden_configs.clone();
         keys.sort();
         for k in keys {
-            println!("  {k}={}", t.configs.get(&k).cloned().unwrap_or_default());
+            outln!("  {k}={}", t.configs.get(&k).cloned().unwrap_or_default());
         }
     }
 }
