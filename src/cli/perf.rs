@@ -634,7 +634,16 @@ async fn consume(client: &Client, args: &ConsumeArgs, output: Output) -> anyhow:
     }
     let elapsed = start.elapsed();
     bar.finish_and_clear();
+    warn_short(records, w.records);
     Ok(Report::new("consume", records, bytes, elapsed, None))
+}
+
+/// Says so when the topic held fewer records than `--records` asked for:
+/// the figures are then for fewer records than the run was meant to read.
+fn warn_short(read: u64, asked: u64) {
+    if read < asked {
+        eprintln!("warning: read {read} of the {asked} records asked for: the topic holds no more");
+    }
 }
 
 /// Reads up to `--records` records as a member of `group` (stopping early
@@ -649,11 +658,16 @@ async fn consume_group(
     client.topic(&w.topic).await?;
     let mut config = GroupConfig::new(group, &[w.topic.as_str()]);
     config.client_id = "runnel-perf".into();
+    config.max_bytes = args.fetch_bytes;
     let mut consumer = client.group_consumer(config)?;
     let bar = progress(w.records, output, "consume");
     let (mut records, mut bytes) = (0u64, 0u64);
-    let mut start = None;
+    // From the poll that brought the first records (joining the group is
+    // not reading) to the last records: the empty poll that finds the
+    // group caught up (a whole long poll) is not reading either.
+    let (mut start, mut end) = (None, None);
     while records < w.records {
+        let began = Instant::now();
         let batch = consumer.poll().await?;
         if batch.is_empty() {
             if consumer.caught_up() {
@@ -661,8 +675,8 @@ async fn consume_group(
             }
             continue;
         }
-        // Timed from the first records: joining the group is not reading.
-        start.get_or_insert_with(Instant::now);
+        start.get_or_insert(began);
+        end = Some(Instant::now());
         records += batch.len() as u64;
         bytes += batch
             .iter()
@@ -670,8 +684,12 @@ async fn consume_group(
             .sum::<u64>();
         bar.set_position(records);
     }
-    let elapsed = start.map_or(Duration::ZERO, |s| s.elapsed());
+    let elapsed = match (start, end) {
+        (Some(s), Some(e)) => e.duration_since(s),
+        _ => Duration::ZERO,
+    };
     bar.finish_and_clear();
+    warn_short(records, w.records);
     consumer
         .close()
         .await

@@ -227,6 +227,9 @@ pub struct GroupConfig {
     pub group_instance_id: String,
     /// Long-poll wait per fetch (ms).
     pub max_wait_ms: u32,
+    /// Most bytes one fetch of one partition asks for (Kafka's
+    /// max.partition.fetch.bytes); at least one batch comes back anyway.
+    pub max_bytes: u32,
     /// The longest the application may go between polls (Kafka's
     /// max.poll.interval.ms): past it the member leaves the group, so
     /// that a stuck application does not hold its partitions while
@@ -249,6 +252,7 @@ impl GroupConfig {
             client_id: "runnel-rust".to_string(),
             group_instance_id: String::new(),
             max_wait_ms: 200,
+            max_bytes: 1024 * 1024,
             max_poll_interval: Duration::from_secs(300),
         }
     }
@@ -1091,6 +1095,7 @@ impl GroupConsumer {
         let mut names = Vec::new();
         for (tp, offset, mut pc) in started {
             pc.max_wait_ms = self.config.max_wait_ms;
+            pc.max_bytes = self.config.max_bytes;
             if offset >= 0 {
                 self.committed.insert(tp.clone(), offset);
             }
@@ -1459,6 +1464,7 @@ impl GroupConsumer {
             match self.client.partition_consumer(&tp.0, tp.1, from).await {
                 Ok(mut pc) => {
                     pc.max_wait_ms = self.config.max_wait_ms;
+                    pc.max_bytes = self.config.max_bytes;
                     if let Some(offset) = committed {
                         tracing::info!(group = %self.config.group, topic = %tp.0, partition = tp.1, offset, "topic id changed; going on from the group's committed offset");
                         self.committed.insert(tp.clone(), offset);
