@@ -2142,3 +2142,53 @@ async fn t24_a_join_with_oversized_fields_is_refused() {
     .await;
     assert!(!joined.into_inner().member_id.is_empty());
 }
+
+/// `runnel consume --group --follow` stopped by Ctrl-C (SIGINT) commits
+/// what it printed, leaves, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t25_the_cli_group_consumer_commits_what_it_printed_on_ctrl_c() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let base = tempfile::tempdir().unwrap();
+    let (cluster, client) = one_node_with_topic_t(base.path()).await;
+    produce(&client, "t", 0, 10).await;
+    let mut child = Command::new(common::runnel_bin())
+        .args(["--bootstrap", &cluster.addrs[0]])
+        .args(["consume", "t", "--group", "cli", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        (0..10).map(|_| lines.next().unwrap().unwrap()).count()
+    })
+    .await
+    .unwrap();
+    assert_eq!(printed, 10);
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("the consumer stopped on Ctrl-C")
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    let committed: i64 = client
+        .fetch_offsets("cli", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|o| o.offset)
+        .sum();
+    assert_eq!(committed, 10, "{stderr}");
+}

@@ -234,13 +234,20 @@ async fn run_group(
     let mut printed = 0u64;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // One listener each, for the whole run: a signal that arrives while
+    // records are being printed waits here for the next poll (a listener
+    // made anew per poll missed it, and with tokio's handler installed
+    // the default action no longer ended the process).
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut stopped_by_signal = false;
     let result: anyhow::Result<()> = async {
         while printed < limit {
             let records = tokio::select! {
                 r = consumer.poll() => r?,
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
+                _ = int.recv() => { stopped_by_signal = true; break },
+                _ = term.recv() => { stopped_by_signal = true; break },
             };
             if records.is_empty() {
                 if !args.follow && consumer.caught_up() {
@@ -290,7 +297,24 @@ async fn run_group(
     // The buffer is empty unless a write failed; then its records were
     // rewound above and are not committed.
     let _ = out.flush();
-    let closed = consumer.close().await;
+    drop(out);
+    if stopped_by_signal {
+        eprintln!("committing and leaving the group (Ctrl-C again to stop at once)");
+    }
+    // Committing can wait for a coordinator that is away (each try up to
+    // its request timeout): a second signal stops at once, and the group
+    // resumes from its last commit.
+    let closed = tokio::select! {
+        c = consumer.close() => c,
+        _ = int.recv() => {
+            result?;
+            bail!("stopped before committing: the group resumes from its last commit");
+        }
+        _ = term.recv() => {
+            result?;
+            bail!("stopped before committing: the group resumes from its last commit");
+        }
+    };
     result?;
     closed.context("committing and leaving the group")?;
     Ok(())
