@@ -84,6 +84,24 @@ pub fn truncation_offset(
     (target < follower_log_end_offset).then_some(target.max(0))
 }
 
+/// The follower's end of the epoch the leader answered: its own end of
+/// its largest epoch ≤ `answered_epoch` (`own`), or, when it has no
+/// epoch that early, the start of its first epoch: every record from
+/// there on was written in an epoch later than any the leader had at
+/// those offsets. Taken as "nothing to cut" instead, the follower kept
+/// records of its own epochs where the leader holds others (after an
+/// unclean election, or epoch caches trimmed by different log starts).
+pub fn follower_end_of(
+    own: Option<(i32, i64)>,
+    first_epoch_start: Option<i64>,
+    answered_epoch: i32,
+) -> Option<(i32, i64)> {
+    if answered_epoch < 0 {
+        return None;
+    }
+    own.or_else(|| first_epoch_start.map(|start| (answered_epoch, start)))
+}
+
 /// One round of the divergence check: where to truncate
 /// ([`truncation_offset`]) and whether to ask the leader again. Again when
 /// the leader answered an epoch the follower does not have: the follower
@@ -105,7 +123,7 @@ pub fn divergence_step(
 
 #[cfg(test)]
 mod truncation_tests {
-    use super::{divergence_step, truncation_offset};
+    use super::{divergence_step, follower_end_of, truncation_offset};
 
     /// (epoch, start offset) entries and a log end, as a log's epoch
     /// cache holds them.
@@ -135,7 +153,11 @@ mod truncation_tests {
     fn resolve(follower: &mut History, leader: &History) -> i64 {
         while let Some(&(latest, _)) = follower.epochs.last() {
             let answer = leader.end_of(latest).unwrap_or((-1, -1));
-            let own = (answer.0 >= 0).then(|| follower.end_of(answer.0)).flatten();
+            let own = follower_end_of(
+                follower.end_of(answer.0),
+                follower.epochs.first().map(|(_, start)| *start),
+                answer.0,
+            );
             let (to, again) = divergence_step(follower.log_end_offset, own, answer);
             if let Some(to) = to {
                 follower.truncate(to);
@@ -169,6 +191,24 @@ mod truncation_tests {
             divergence_step(5, follower_end(&[(1, 0), (4, 2)], 5, 3), (3, 6)),
             (Some(2), true)
         );
+    }
+
+    /// The follower has no epoch at or below the one the leader answers
+    /// (its epochs start at 5; the leader's epoch 3 ran to offset 4): it
+    /// cuts from the start of its first epoch, not at the leader's end of
+    /// epoch 3, which kept offsets 0 – 3 of its epoch 5 where the leader
+    /// holds epoch-3 records.
+    #[test]
+    fn a_follower_without_an_epoch_that_early_cuts_from_its_first() {
+        let leader = History {
+            epochs: vec![(3, 0), (6, 4)],
+            log_end_offset: 8,
+        };
+        let mut follower = History {
+            epochs: vec![(5, 0)],
+            log_end_offset: 10,
+        };
+        assert_eq!(resolve(&mut follower, &leader), 0);
     }
 
     fn follower_end(epochs: &[(i32, i64)], log_end_offset: i64, epoch: i32) -> Option<(i32, i64)> {

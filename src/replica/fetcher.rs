@@ -570,11 +570,11 @@ async fn truncate_divergent(
         }
         let leo = log.log_end_offset();
         debug!(%topic, partition = index, latest_epoch, answer_epoch = answer.leader_epoch, answer_end = answer.end_offset, leo, "divergence check");
-        let own = if answer.leader_epoch >= 0 {
-            log.end_offset_for_epoch(answer.leader_epoch)
-        } else {
-            None
-        };
+        let own = runnel_replication::follower_end_of(
+            log.end_offset_for_epoch(answer.leader_epoch.max(0)),
+            log.earliest_epoch().map(|(_, start)| start),
+            answer.leader_epoch,
+        );
         let (to, again) = divergence_step(leo, own, (answer.leader_epoch, answer.end_offset));
         if let Some(to) = to {
             info!(%topic, partition = index, from = leo, to, leader_epoch = a.leader_epoch, "truncating divergent log");

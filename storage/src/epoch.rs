@@ -50,6 +50,9 @@ impl EpochCache {
         checkpoint::write(&self.dir, checkpoint::LEADER_EPOCH, &lines)
     }
 
+    pub(crate) fn earliest(&self) -> Option<(i32, i64)> {
+        self.entries.first().copied()
+    }
     pub(crate) fn latest(&self) -> Option<(i32, i64)> {
         self.entries.last().copied()
     }

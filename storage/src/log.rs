@@ -1369,6 +1369,10 @@ impl Log {
     pub fn latest_epoch(&self) -> Option<(i32, i64)> {
         self.epochs.read().expect("epochs lock").latest()
     }
+    /// Earliest (epoch, start offset) in the leader-epoch checkpoint.
+    pub fn earliest_epoch(&self) -> Option<(i32, i64)> {
+        self.epochs.read().expect("epochs lock").earliest()
+    }
     /// End offset of `epoch`: (largest epoch <= `epoch`, start of the next
     /// epoch or the log end).
     pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, i64)> {
