@@ -605,6 +605,15 @@ impl ServerConfig {
             topic_config::validate_new(key, value)
                 .map_err(|e| invalid(&format!("topic_defaults.\"{key}\""), e.to_string()))?;
         }
+        if defaults.contains_key("unclean.leader.election.enable") {
+            // The controller decides elections from each topic's own
+            // configs (its state machine must not read a broker's file);
+            // a broker-wide default showed in describe and was never used.
+            return Err(invalid(
+                "topic_defaults.\"unclean.leader.election.enable\"",
+                "cannot be a broker default: set it per topic (runnel topic create/alter --config unclean.leader.election.enable=true)".to_string(),
+            ));
+        }
         if let Some(min_isr) = defaults.get("min.insync.replicas") {
             let rf = self.broker.default_replication_factor;
             if min_isr.parse::<i64>().is_ok_and(|m| m > i64::from(rf)) {
@@ -869,6 +878,10 @@ mod tests {
             (
                 "[topic_defaults]\n\"min.insync.replicas\" = 2\n",
                 "topic_defaults.\"min.insync.replicas\"",
+            ),
+            (
+                "[topic_defaults]\n\"unclean.leader.election.enable\" = true\n",
+                "topic_defaults.\"unclean.leader.election.enable\"",
             ),
         ] {
             let err = ServerConfig::from_toml(text).unwrap_err().to_string();
