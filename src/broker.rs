@@ -320,6 +320,7 @@ impl Broker {
             };
             let command = MetadataCommand::AlterPartitionIsr {
                 topic: partition.topic.clone(),
+                topic_id: partition.topic_id.clone(),
                 partition: partition.index,
                 leader_id: self.node_id,
                 leader_epoch,

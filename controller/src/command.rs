@@ -63,8 +63,15 @@ pub enum MetadataCommand {
     /// A partition leader changes the ISR (shrink a lagging follower, add
     /// one that caught up). Refused unless the leader and both epochs are
     /// current, so a deposed leader's late proposal changes nothing.
+    ///
+    /// With `topic_id`, only for that incarnation of the topic: a late
+    /// proposal for a deleted topic does not change the ISR of one
+    /// created again under its name (placement is deterministic, and both
+    /// epochs start at 0 again).
     AlterPartitionIsr {
         topic: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        topic_id: String,
         partition: i32,
         leader_id: i32,
         leader_epoch: i32,

@@ -408,6 +408,7 @@ impl ClusterMetadata {
             }
             MetadataCommand::AlterPartitionIsr {
                 topic,
+                topic_id,
                 partition,
                 leader_id,
                 leader_epoch,
@@ -425,6 +426,12 @@ impl ClusterMetadata {
                     .ok_or_else(|| MetadataError::UnknownTopic {
                         name: topic.clone(),
                     })?;
+                if !topic_id.is_empty() && topic_id != info.topic_id {
+                    return Err(refuse(format!(
+                        "the proposal is for topic id {topic_id}, an earlier topic of this name (now {})",
+                        info.topic_id
+                    )));
+                }
                 let p = usize::try_from(partition)
                     .ok()
                     .and_then(|i| info.partitions.get(i))
@@ -1018,6 +1025,7 @@ mod tests {
         let info = &s.topics["t"].partitions[p];
         MetadataCommand::AlterPartitionIsr {
             topic: "t".into(),
+            topic_id: String::new(),
             partition: p as i32,
             leader_id: info.leader,
             leader_epoch: info.leader_epoch,
@@ -1351,6 +1359,7 @@ mod tests {
     fn alter_isr(leader_epoch: i32, partition_epoch: i32, isr: Vec<i32>) -> MetadataCommand {
         MetadataCommand::AlterPartitionIsr {
             topic: "t".into(),
+            topic_id: String::new(),
             partition: 0,
             leader_id: 1,
             leader_epoch,
@@ -1372,6 +1381,18 @@ mod tests {
             (alter_isr(1, 1, vec![1]), "not current"),
             (alter_isr(0, 1, vec![2, 3]), "contain the leader"),
             (alter_isr(0, 1, vec![1, 4]), "holds no replica"),
+            (
+                MetadataCommand::AlterPartitionIsr {
+                    topic: "t".into(),
+                    topic_id: "id-of-an-earlier-t".into(),
+                    partition: 0,
+                    leader_id: 1,
+                    leader_epoch: 0,
+                    partition_epoch: 1,
+                    isr: vec![1],
+                },
+                "earlier topic",
+            ),
         ] {
             let err = s.apply(cmd).unwrap_err().to_string();
             assert!(err.contains(why), "{err}");
@@ -1442,6 +1463,7 @@ mod tests {
             // Follower 2 fell out of the ISR, then the leader died.
             s.apply(MetadataCommand::AlterPartitionIsr {
                 topic: "t".into(),
+                topic_id: String::new(),
                 partition: 0,
                 leader_id: 1,
                 leader_epoch: 0,
@@ -1491,6 +1513,7 @@ mod tests {
         let p0 = s.topics["t"].partitions[0].clone();
         s.apply(MetadataCommand::AlterPartitionIsr {
             topic: "t".into(),
+            topic_id: String::new(),
             partition: 0,
             leader_id: p0.leader,
             leader_epoch: p0.leader_epoch,

@@ -473,6 +473,7 @@ async fn t04_silent_broker_is_fenced_and_reregistering_unfences() {
         leader_epoch: p2.leader_epoch,
         partition_epoch,
         new_isr: vec![1, 2, 3],
+        topic_id: String::new(),
     };
     let stale_broker = client
         .alter_partition(request(leader_epoch_broker - 1, p2.partition_epoch))

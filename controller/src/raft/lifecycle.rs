@@ -653,6 +653,7 @@ impl BrokerLifecycle for LifecycleService {
         }
         let cmd = MetadataCommand::AlterPartitionIsr {
             topic: req.topic.clone(),
+            topic_id: req.topic_id.clone(),
             partition: req.partition,
             leader_id: req.broker_id,
             leader_epoch: req.leader_epoch,
