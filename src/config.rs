@@ -267,9 +267,22 @@ const NOT_CONFIG_ENV: &[&str] = &[
     "RUNNEL_BINARY",
 ];
 
+/// `RUNNEL_…` variables that others set in a container's environment
+/// for a service or link named `runnel`: Kubernetes service variables
+/// (`RUNNEL_SERVICE_HOST`, `RUNNEL_PORT_9092_TCP_ADDR`, …) and Docker
+/// link variables (`RUNNEL_NAME`, `RUNNEL_ENV_…`). No config key is named
+/// like them; taken as overrides, each was an unknown key that stopped
+/// the server.
+fn is_service_env(name: &str) -> bool {
+    matches!(name, "RUNNEL_PORT" | "RUNNEL_NAME")
+        || ["RUNNEL_SERVICE_", "RUNNEL_PORT_", "RUNNEL_ENV_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+}
+
 /// Whether the environment variable `name` overrides a config key.
 pub fn is_config_env(name: &str) -> bool {
-    name.starts_with("RUNNEL_") && !NOT_CONFIG_ENV.contains(&name)
+    name.starts_with("RUNNEL_") && !NOT_CONFIG_ENV.contains(&name) && !is_service_env(name)
 }
 
 /// This process's config overrides from its environment (see
@@ -917,6 +930,12 @@ mod tests {
             ("RUNNEL_DATA_DIR", "/tmp/x"),
             ("RUNNEL_WORKER_THREADS", "1"),
             ("RUNNEL_BOOTSTRAP", "ignored"),
+            // A Kubernetes service named runnel, a Docker link.
+            ("RUNNEL_SERVICE_HOST", "10.0.0.1"),
+            ("RUNNEL_SERVICE_PORT_GRPC", "9092"),
+            ("RUNNEL_PORT", "tcp://10.0.0.1:9092"),
+            ("RUNNEL_PORT_9092_TCP_ADDR", "10.0.0.1"),
+            ("RUNNEL_NAME", "/app/runnel"),
             ("PATH", "/bin"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
