@@ -434,6 +434,33 @@ async fn tls_mtls_authentication_and_acls() {
     assert!(ok, "{out}");
     let (ok, out) = cli_env(&addr, &bob_env, &consume, b"");
     assert!(ok && out.contains("line one"), "{out}");
+    // A join naming a topic bob may not see is refused: the coordinator
+    // would assign him its partitions (telling him it exists, and how
+    // many partitions it has).
+    let bob = Client::connect_with(&addr, options(&good, None, Some(("bob", "hunter2"))))
+        .await
+        .unwrap();
+    let mut mixed = bob
+        .group_consumer(runnel::client::GroupConfig::new(
+            "g-mixed",
+            &["logs-app", "orders"],
+        ))
+        .unwrap();
+    let polled = mixed.poll().await;
+    assert!(
+        matches!(&polled, Err(e) if code(e) == pb::ErrorCode::AuthorizationFailed),
+        "{polled:?}"
+    );
+    drop(mixed);
+    if let Ok(d) = admin.describe_group("g-mixed").await {
+        assert!(
+            d.members
+                .iter()
+                .flat_map(|m| &m.assignment)
+                .all(|tp| tp.topic != "orders"),
+            "{d:?}"
+        );
+    }
     // Resetting a group's offsets of a topic needs READ on the topic too,
     // as committing does: bob may not learn "orders"' offsets this way.
     let (ok, out) = cli_env(

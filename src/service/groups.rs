@@ -70,6 +70,19 @@ impl ConsumerGroups for GroupsService {
         request: Request<pb::JoinGroupRequest>,
     ) -> Result<Response<pb::JoinGroupResponse>, Status> {
         self.check(&request, &request.get_ref().group.clone(), Operation::Read)?;
+        // Topics the member may not see are refused, as Kafka's consumer
+        // is (TOPIC_AUTHORIZATION_FAILED): the coordinator assigns their
+        // partitions itself, and the answer told whether they existed and
+        // how many partitions they had.
+        for topic in &request.get_ref().topics {
+            security::check(
+                &self.broker,
+                &request,
+                ResourceType::Topic,
+                topic,
+                Operation::Describe,
+            )?;
+        }
         Ok(Response::new(
             self.coordinator.join(request.into_inner()).await?,
         ))
@@ -162,15 +175,26 @@ impl ConsumerGroups for GroupsService {
         let mut d = self.coordinator.describe(&request.get_ref().group).await?;
         // Offsets and high watermarks only of topics the caller may see,
         // as in FetchOffsets.
-        d.lags.retain(|l| {
+        let visible = |topic: &str| {
             security::allowed(
                 &self.broker,
                 &request,
                 ResourceType::Topic,
-                &l.topic,
+                topic,
                 Operation::Describe,
             )
-        });
+        };
+        d.lags.retain(|l| visible(&l.topic));
+        // And so are the members' assignments, and the total of the lags
+        // left.
+        for m in &mut d.members {
+            m.assignment.retain(|tp| visible(&tp.topic));
+        }
+        d.total_lag = if d.lags.iter().any(|l| l.lag < 0) {
+            -1
+        } else {
+            d.lags.iter().map(|l| l.lag).sum()
+        };
         Ok(Response::new(d))
     }
 
