@@ -177,6 +177,13 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
                 .local_addr()
                 .map_err(|source| ServerError::Bind { addr, source })?;
             info!(addr = %bound, "metrics endpoint listening");
+            if (config.security.authentication || config.security.authorization)
+                && !bound.ip().is_loopback()
+            {
+                // Its labels name every topic and group, which the gRPC
+                // API shows only to those allowed to Describe them.
+                warn!(addr = %bound, "the metrics endpoint has no authentication and names every topic and group: with security on, bind it to loopback or a network only operators reach");
+            }
             println!("runnel metrics listening on {bound}");
             Some(crate::metrics::http::spawn(
                 listener,
