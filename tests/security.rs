@@ -366,6 +366,10 @@ async fn tls_mtls_authentication_and_acls() {
     assert!(ok, "bob cannot log in: {out}");
     let (ok, out) = cli_env(&addr, &bob_env, &["topic", "create", "bobs"], b"");
     assert!(!ok && out.contains("AuthorizationFailed"), "{out}");
+    // Without Describe on the cluster, bob's health summary says the
+    // groups' lag is unavailable, and why: not that there are no groups.
+    let (_, out) = cli_env(&addr, &bob_env, &["cluster", "health"], b"");
+    assert!(out.contains("group lag:   unavailable ("), "{out}");
     // Groups: bob may not join a group without READ on it (and on the
     // topic); with both, he consumes as a member and commits.
     let (ok, out) = cli_env(&addr, &admin_env, &["produce", "logs-app"], b"line one\n");

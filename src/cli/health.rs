@@ -126,6 +126,7 @@ pub async fn run(
     if output == Output::Json {
         let groups: Vec<_> = lags
             .iter()
+            .flatten()
             .map(|g| serde_json::json!({"group": g.group, "state": g.state, "total_lag": g.total_lag}))
             .collect();
         outln!(
@@ -143,6 +144,7 @@ pub async fn run(
                 "under_replicated": verdict.under_replicated,
                 "under_min_isr": verdict.under_min_isr,
                 "groups": groups,
+                "groups_error": lags.as_ref().err(),
             })
         );
     } else {
@@ -179,7 +181,7 @@ fn print_summary(
     meta: &pb::MetadataResponse,
     quorum: Option<&pb::QuorumDescription>,
     v: &Verdict,
-    lags: &[GroupLag],
+    lags: &Result<Vec<GroupLag>, String>,
     problems: &[String],
 ) {
     outln!("cluster:     {}", meta.cluster_id);
@@ -215,17 +217,19 @@ fn print_summary(
             outln!("  {what}: {}", listed(list));
         }
     }
-    if lags.is_empty() {
-        outln!("group lag:   no groups");
-    } else {
-        outln!("group lag (unknown, then largest first):");
-        for g in lags.iter().take(LISTED_MAX) {
-            let lag = if g.total_lag < 0 {
-                "-".to_string()
-            } else {
-                g.total_lag.to_string()
-            };
-            outln!("  {:<30} {:>12}  {}", g.group, lag, g.state);
+    match lags {
+        Err(e) => outln!("group lag:   unavailable ({e})"),
+        Ok(lags) if lags.is_empty() => outln!("group lag:   no groups"),
+        Ok(lags) => {
+            outln!("group lag (unknown, then largest first):");
+            for g in lags.iter().take(LISTED_MAX) {
+                let lag = if g.total_lag < 0 {
+                    "-".to_string()
+                } else {
+                    g.total_lag.to_string()
+                };
+                outln!("  {:<30} {:>12}  {}", g.group, lag, g.state);
+            }
         }
     }
     if problems.is_empty() {
@@ -236,31 +240,55 @@ fn print_summary(
 }
 
 /// Every group's total lag: unknown first (-1: a partition's leader did
-/// not answer, the group to look at), then largest first (groups whose
-/// coordinator does not answer within a few seconds are left out).
-async fn group_lags(client: &Client) -> Vec<GroupLag> {
-    let Ok(groups) = client.list_groups().await else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for g in groups {
-        let d = tokio::time::timeout(Duration::from_secs(5), client.describe_group(&g.group)).await;
-        if let Ok(Ok(d)) = d {
-            out.push(GroupLag {
-                group: d.group,
-                state: d.state,
+/// not answer, or the group's coordinator did not within a few seconds:
+/// the groups to look at), then largest first. Groups are described
+/// together under one deadline (one after another, a few seconds each,
+/// the check took minutes exactly when coordinators were down, and left
+/// those groups out). `Err` when the groups cannot be listed (say, no
+/// Describe on the cluster).
+async fn group_lags(client: &Client) -> Result<Vec<GroupLag>, String> {
+    let groups = client.list_groups().await.map_err(|e| e.to_string())?;
+    let described =
+        tokio::time::timeout(
+            GROUP_DESCRIBE_WAIT,
+            futures_util::future::join_all(groups.iter().map(|g| {
+                tokio::time::timeout(GROUP_DESCRIBE_WAIT, client.describe_group(&g.group))
+            })),
+        )
+        .await
+        .unwrap_or_default();
+    let mut out: Vec<GroupLag> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| match described.get(i) {
+            Some(Ok(Ok(d))) => GroupLag {
+                group: d.group.clone(),
+                state: d.state.clone(),
                 total_lag: d.total_lag,
-            });
-        }
-    }
+            },
+            Some(Ok(Err(e))) => GroupLag {
+                group: g.group.clone(),
+                state: format!("unknown ({e})"),
+                total_lag: -1,
+            },
+            _ => GroupLag {
+                group: g.group.clone(),
+                state: "unknown (its coordinator did not answer)".into(),
+                total_lag: -1,
+            },
+        })
+        .collect();
     let rank = |lag: i64| if lag < 0 { i64::MAX } else { lag };
     out.sort_by(|a, b| {
         rank(b.total_lag)
             .cmp(&rank(a.total_lag))
             .then(a.group.cmp(&b.group))
     });
-    out
+    Ok(out)
 }
+
+/// How long `cluster health` waits for the groups' descriptions.
+const GROUP_DESCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 /// The bootstrap node's gRPC health.
 async fn node_health(bootstrap: &str, options: &ClientOptions) -> anyhow::Result<()> {
