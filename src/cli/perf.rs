@@ -91,17 +91,21 @@ pub struct ProduceArgs {
     /// acks=all, and caps in-flight batches at 16 per partition).
     #[arg(long)]
     no_idempotence: bool,
-    /// Records sent first, at the same rate, and left out of the report,
-    /// as the OpenMessaging Benchmark's warm-up phase: a fresh client's
-    /// first few hundred milliseconds measure its own start (a new
-    /// connection and stream, a new partition) rather than the steady
-    /// state (benches/RESULTS.md, session 13).
+    /// Records sent first, at the same rate, and left out of the report's
+    /// counts, rates and percentiles, as the OpenMessaging Benchmark's
+    /// warm-up phase: a fresh client's first few hundred milliseconds
+    /// measure its own start (a new connection and stream, a new
+    /// partition) rather than the steady state (benches/RESULTS.md,
+    /// session 13). `--timeline-ms` windows do count them, so that the
+    /// start they hide can be seen.
     #[arg(long, default_value_t = 0)]
     warm_up_records: u64,
     /// Also report, for every window of this many ms of send time, how
     /// many records were sent in it and the largest acknowledgement
     /// latency among them (`perf e2e`: and the largest end-to-end
     /// latency), so that a tail shows where in the run it comes from.
+    /// Warm-up records included: its windows add up to records plus
+    /// `--warm-up-records`.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     timeline_ms: Option<u64>,
 }
