@@ -438,6 +438,32 @@ impl From<AcksArg> for pb::Acks {
 struct Stamp {
     origin: Instant,
     measured_from_ns: Arc<AtomicU64>,
+    /// This run's tag, in bytes 8..16 of each value: the consumers count
+    /// only records that carry it. Records of another producer on the
+    /// topic (`perf produce`'s payload read as a timestamp is 0x7878…)
+    /// counted as measured, ended the run early, and with a timeline
+    /// made it grow to 10^11 windows.
+    run_id: u64,
+}
+
+/// Bytes of an e2e value taken by its stamp: the send time (ns since the
+/// run's origin) and the run's tag, little-endian.
+const STAMP_BYTES: usize = 16;
+
+/// A tag for one run: not shared with a run started in another process
+/// or at another time.
+fn new_run_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15
+}
+
+/// The send time a value was stamped with in run `run_id`, if it was.
+fn stamped_at(value: &[u8], run_id: u64) -> Option<u64> {
+    let tag = value.get(8..STAMP_BYTES)?;
+    (u64::from_le_bytes(tag.try_into().ok()?) == run_id)
+        .then(|| u64::from_le_bytes(value[..8].try_into().expect("8 bytes")))
 }
 
 /// Produces the workload, after `--warm-up-records` that the report
@@ -452,8 +478,8 @@ async fn produce(
     stamp: Option<Stamp>,
 ) -> anyhow::Result<(Report, Option<Timeline>)> {
     let w = &args.workload;
-    if stamp.is_some() && w.record_size < 8 {
-        bail!("--record-size must be at least 8 for e2e");
+    if stamp.is_some() && w.record_size < STAMP_BYTES {
+        bail!("--record-size must be at least {STAMP_BYTES} for e2e");
     }
     let producer = client.producer(ProducerConfig {
         acks: args.acks.into(),
@@ -473,9 +499,9 @@ async fn produce(
     // to `send` (`sent_at`) to the moment its batch was answered
     // (`acked_at`), so a record whose batch was answered while the
     // collector waited on an earlier one is not charged for the wait.
-    let (origin, measured_from_ns) = match stamp {
-        Some(s) => (Some(s.origin), Some(s.measured_from_ns)),
-        None => (None, None),
+    let (origin, measured_from_ns, run_id) = match stamp {
+        Some(s) => (Some(s.origin), Some(s.measured_from_ns), s.run_id),
+        None => (None, None, 0),
     };
     let timeline_origin = origin.unwrap_or_else(Instant::now);
     let mut timeline = args.timeline_ms.map(Timeline::new);
@@ -531,6 +557,7 @@ async fn produce(
             Some(origin) => {
                 let mut v = BytesMut::from(&payload[..]);
                 v[..8].copy_from_slice(&(origin.elapsed().as_nanos() as u64).to_le_bytes());
+                v[8..STAMP_BYTES].copy_from_slice(&run_id.to_le_bytes());
                 v.freeze()
             }
             None => payload.clone(),
@@ -705,6 +732,7 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
     let args = &e2e_args.produce;
     let w = &args.workload;
     let origin = Instant::now();
+    let run_id = new_run_id();
     let topic = client.topic(&w.topic).await?;
     // (produced at, latency), in ns, per received record.
     let (tx, mut rx) = mpsc::channel::<anyhow::Result<Vec<(u64, u64)>>>(64);
@@ -722,11 +750,9 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
                     records
                         .iter()
                         .filter_map(|r| r.value.as_ref())
-                        .filter(|v| v.len() >= 8)
-                        .map(|v| {
-                            let produced = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
-                            (produced, now.saturating_sub(produced))
-                        })
+                        .filter_map(|v| stamped_at(v, run_id))
+                        .filter(|produced| *produced <= now)
+                        .map(|produced| (produced, now - produced))
                         .collect()
                 });
                 let failed = msg.is_err();
@@ -774,6 +800,7 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
     let stamp = Stamp {
         origin,
         measured_from_ns,
+        run_id,
     };
     let (produced, ack_timeline) = produce(client, args, output, Some(stamp)).await?;
     let (hist, seen, timeline) = tokio::time::timeout(Duration::from_secs(60), collect)
@@ -886,7 +913,19 @@ async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Timeline, Window};
+    use super::{new_run_id, stamped_at, Timeline, Window};
+
+    #[test]
+    fn only_values_stamped_in_this_run_are_measured() {
+        let run = new_run_id();
+        let mut v = vec![b'x'; 100];
+        assert_eq!(stamped_at(&v, run), None, "perf produce's payload");
+        v[..8].copy_from_slice(&42u64.to_le_bytes());
+        v[8..16].copy_from_slice(&run.to_le_bytes());
+        assert_eq!(stamped_at(&v, run), Some(42));
+        assert_eq!(stamped_at(&v, run ^ 1), None, "another run");
+        assert_eq!(stamped_at(&v[..12], run), None);
+    }
 
     #[test]
     fn timeline_keeps_count_and_largest_latency_per_window_from_the_first_record() {
