@@ -907,3 +907,28 @@ fn output_to_a_closed_pipe_ends_quietly() {
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Commands that only report what they did answer in JSON too when
+/// asked (`--output json`): topic delete printed nothing, health --node
+/// plain text.
+#[test]
+fn commands_that_report_an_action_answer_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    cli_ok(&server.addr, &["topic", "create", "gone"], None);
+    for (args, key) in [
+        (
+            &["--output", "json", "topic", "delete", "gone"][..],
+            "deleted_topic",
+        ),
+        (
+            &["--output", "json", "cluster", "health", "--node"][..],
+            "serving",
+        ),
+    ] {
+        let out = cli_ok(&server.addr, args, None);
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"));
+        assert!(v.get(key).is_some(), "{args:?}: {out}");
+    }
+}

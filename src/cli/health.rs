@@ -112,7 +112,7 @@ pub async fn run(
     output: Output,
 ) -> anyhow::Result<()> {
     if args.node {
-        return node_health(bootstrap, &options).await;
+        return node_health(bootstrap, &options, output).await;
     }
     let client = Client::connect_with(bootstrap, options)
         .await
@@ -291,7 +291,11 @@ async fn group_lags(client: &Client) -> Result<Vec<GroupLag>, String> {
 const GROUP_DESCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 /// The bootstrap node's gRPC health.
-async fn node_health(bootstrap: &str, options: &ClientOptions) -> anyhow::Result<()> {
+async fn node_health(
+    bootstrap: &str,
+    options: &ClientOptions,
+    output: Output,
+) -> anyhow::Result<()> {
     use tonic_health::pb::health_client::HealthClient;
     let addr = bootstrap.split(',').next().unwrap_or_default().trim();
     let scheme = if options.tls.is_some() {
@@ -318,7 +322,11 @@ async fn node_health(bootstrap: &str, options: &ClientOptions) -> anyhow::Result
         .into_inner()
         .status;
     if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-        outln!("{addr}: serving");
+        super::done(
+            output,
+            serde_json::json!({"address": addr, "serving": true}),
+            format_args!("{addr}: serving"),
+        );
         Ok(())
     } else {
         bail!("{addr}: not serving")

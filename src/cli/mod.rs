@@ -65,6 +65,15 @@ pub enum Output {
     Json,
 }
 
+/// Reports what a command did: `json` with `--output json`, else `text`
+/// (every client command honours `--output`).
+fn done(output: Output, json: serde_json::Value, text: impl std::fmt::Display) {
+    match output {
+        Output::Json => outln!("{json}"),
+        Output::Table => outln!("{text}"),
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a broker.

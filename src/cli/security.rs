@@ -203,11 +203,19 @@ pub async fn run_user(client: &Client, cmd: UserCommand, output: Output) -> anyh
                 bail!("empty password");
             }
             client.upsert_user(&name, &password).await?;
-            outln!("user '{name}' saved");
+            super::done(
+                output,
+                serde_json::json!({"saved_user": name}),
+                format_args!("user '{name}' saved"),
+            );
         }
         UserCommand::Remove { name } => {
             client.delete_user(&name).await?;
-            outln!("user '{name}' removed");
+            super::done(
+                output,
+                serde_json::json!({"removed_user": name}),
+                format_args!("user '{name}' removed"),
+            );
         }
         UserCommand::List => {
             let users = client.list_users().await?;
@@ -237,11 +245,11 @@ pub async fn run_acl(client: &Client, cmd: AclCommand, output: Output) -> anyhow
     match cmd {
         AclCommand::Add(args) => {
             client.create_acl(args.to_pb()?).await?;
-            outln!("ACL added");
+            super::done(output, serde_json::json!({"acl": "added"}), "ACL added");
         }
         AclCommand::Remove(args) => {
             client.delete_acl(args.to_pb()?).await?;
-            outln!("ACL removed");
+            super::done(output, serde_json::json!({"acl": "removed"}), "ACL removed");
         }
         AclCommand::List { principal } => {
             let acls = client
@@ -296,9 +304,25 @@ pub async fn run_quota(client: &Client, cmd: QuotaCommand, output: Output) -> an
             client
                 .set_quota(&p, produce_bytes_per_sec, fetch_bytes_per_sec)
                 .await?;
-            outln!(
-                "quota of {} set",
-                if p.is_empty() { "<default>" } else { &p }
+            let who = if p.is_empty() { "<default>" } else { &p };
+            let show = |v: Option<u64>| v.map_or("no limit".to_string(), |v| format!("{v} B/s"));
+            let text = if produce_bytes_per_sec.is_none() && fetch_bytes_per_sec.is_none() {
+                format!("quota of {who} removed (no limits)")
+            } else {
+                format!(
+                    "quota of {who} set: produce {}, fetch {}",
+                    show(produce_bytes_per_sec),
+                    show(fetch_bytes_per_sec)
+                )
+            };
+            super::done(
+                output,
+                serde_json::json!({
+                    "principal": who,
+                    "produce_bytes_per_sec": produce_bytes_per_sec,
+                    "fetch_bytes_per_sec": fetch_bytes_per_sec,
+                }),
+                text,
             );
         }
         QuotaCommand::Describe => {

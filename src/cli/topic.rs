@@ -134,9 +134,11 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
         }
         TopicCommand::Delete { name } => {
             client.delete_topic(&name).await?;
-            if output == Output::Table {
-                outln!("deleted topic {name}");
-            }
+            super::done(
+                output,
+                serde_json::json!({"deleted_topic": name}),
+                format_args!("deleted topic {name}"),
+            );
         }
         TopicCommand::DeleteRecords {
             name,
