@@ -404,6 +404,16 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
+    // From now on gRPC health follows /ready: a node fenced by the
+    // controller, or cut off from the quorum, reports NOT_SERVING (set
+    // once at startup, it said SERVING to container health checks
+    // while /ready said why not).
+    let health_follower = tokio::spawn(follow_readiness(
+        endpoint.clone(),
+        broker.clone(),
+        health_reporter.clone(),
+        shutdown.clone(),
+    ));
 
     let maintenance = every_interval(
         broker.clone(),
@@ -460,6 +470,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     )
     .await;
     maintenance.abort();
+    health_follower.abort();
     if let Some(w) = writeback {
         w.abort();
     }
@@ -479,6 +490,44 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         return Err(ServerError::RaftStopped { reason });
     }
     result
+}
+
+/// Keeps gRPC health in step with the metrics endpoint's readiness: on
+/// every metadata change, and every second (the controller can change
+/// without one), until `shutdown`.
+async fn follow_readiness(
+    endpoint: Arc<crate::metrics::http::Endpoint>,
+    broker: Arc<Broker>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut metadata = broker.metadata().watch();
+    let mut watching = true;
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = metadata.changed(), if watching => watching = changed.is_ok(),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let why = endpoint.not_ready();
+        if why.is_none() == serving {
+            continue;
+        }
+        serving = why.is_none();
+        match &why {
+            Some(why) => warn!(reason = %why, "not ready: gRPC health says NOT_SERVING"),
+            None => info!("ready again: gRPC health says SERVING"),
+        }
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        for name in HEALTH_SERVICES {
+            reporter.set_service_status(name, status).await;
+        }
+    }
 }
 
 /// The services gRPC health reports on: the server as a whole ("") and
