@@ -316,6 +316,11 @@ impl ClusterMetadata {
                         p.partition_epoch += 1;
                     }
                 }
+                // Still offline, where the topic allows it: the broker
+                // back out of sync leads (an unclean election, tried only
+                // when the last in-sync leader was fenced, so partitions
+                // stayed offline until that broker returned).
+                self.elect_offline_unclean(None);
                 Applied::Registered { epoch }
             }
             MetadataCommand::FenceBroker {
@@ -528,7 +533,7 @@ impl ClusterMetadata {
                 let topic = self
                     .topics
                     .get_mut(&name)
-                    .ok_or(MetadataError::UnknownTopic { name })?;
+                    .ok_or_else(|| MetadataError::UnknownTopic { name: name.clone() })?;
                 topic_config::validate_all(&set)?;
                 for key in &delete {
                     if topic_config::key(key).is_none() {
@@ -557,6 +562,8 @@ impl ClusterMetadata {
                     }
                 }
                 topic.configs = configs;
+                // Allowed from now on: offline partitions elect at once.
+                self.elect_offline_unclean(Some(&name));
                 Applied::Done
             }
             MetadataCommand::ReassignPartitions { topic, assignments } => {
@@ -741,6 +748,34 @@ impl ClusterMetadata {
             }
         }
         Ok(())
+    }
+
+    /// Unclean elections for the partitions without a leader of the topics
+    /// that allow them (`only`: of that topic): the first live replica
+    /// leads, alone in the ISR, in a new epoch.
+    fn elect_offline_unclean(&mut self, only: Option<&str>) {
+        let live = self.live_brokers();
+        for topic in self.topics.values_mut() {
+            if only.is_some_and(|n| n != topic.name)
+                || topic
+                    .configs
+                    .get("unclean.leader.election.enable")
+                    .is_none_or(|v| v != "true")
+            {
+                continue;
+            }
+            for p in &mut topic.partitions {
+                if p.leader != -1 {
+                    continue;
+                }
+                if let Some(r) = p.replicas.iter().copied().find(|r| live.contains(r)) {
+                    p.leader = r;
+                    p.isr = vec![r];
+                    p.leader_epoch += 1;
+                    p.partition_epoch += 1;
+                }
+            }
+        }
     }
 
     /// The address other brokers use for internal RPCs to broker `id`:
@@ -1486,6 +1521,63 @@ mod tests {
                 register(&mut s, 1);
                 assert_eq!(s.topics["t"].partitions[0].leader, 1);
             }
+        }
+    }
+
+    /// Unclean election is not only tried when the last in-sync leader
+    /// is fenced: a partition left offline elects when an out-of-sync
+    /// replica registers again, or when its topic starts to allow it.
+    #[test]
+    fn an_offline_partition_elects_uncleanly_once_it_can() {
+        for allow_first in [true, false] {
+            let mut s = three();
+            let mut configs = BTreeMap::new();
+            if allow_first {
+                configs.insert(
+                    "unclean.leader.election.enable".to_string(),
+                    "true".to_string(),
+                );
+            }
+            s.apply(MetadataCommand::CreateTopic {
+                name: "t".into(),
+                topic_id: "x".into(),
+                partitions: 1,
+                replication_factor: 2,
+                configs,
+            })
+            .unwrap();
+            // Follower 2 fell behind and died, then leader 1 died: nothing
+            // live to elect.
+            s.apply(alter_isr(0, 0, vec![1])).unwrap();
+            for id in [2, 1] {
+                s.apply(MetadataCommand::FenceBroker {
+                    id,
+                    epoch: None,
+                    controlled: false,
+                })
+                .unwrap();
+            }
+            assert_eq!(s.topics["t"].partitions[0].leader, -1);
+            register(&mut s, 2);
+            if !allow_first {
+                assert_eq!(s.topics["t"].partitions[0].leader, -1, "not allowed yet");
+                s.apply(MetadataCommand::AlterTopicConfig {
+                    name: "t".into(),
+                    set: [(
+                        "unclean.leader.election.enable".to_string(),
+                        "true".to_string(),
+                    )]
+                    .into(),
+                    delete: vec![],
+                })
+                .unwrap();
+            }
+            let p = &s.topics["t"].partitions[0];
+            assert_eq!(
+                (p.leader, p.isr.clone()),
+                (2, vec![2]),
+                "allow_first={allow_first}"
+            );
         }
     }
 
