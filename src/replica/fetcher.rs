@@ -131,6 +131,19 @@ impl FetcherManager {
     }
 }
 
+/// Why a round was cut short when what is followed changed.
+const ASSIGNMENT_CHANGED: &str = "assignment changed";
+
+/// The same partitions, in the same epochs, whatever their in-sync flags.
+fn same_partitions(a: &Assignments, b: &Assignments) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b.iter()).all(|((ka, va), (kb, vb))| {
+            ka == kb
+                && va.leader_epoch == vb.leader_epoch
+                && Arc::ptr_eq(&va.partition, &vb.partition)
+        })
+}
+
 fn same_assignments(a: &Assignments, b: &Assignments) -> bool {
     a.len() == b.len()
         && a.iter().zip(b.iter()).all(|((ka, va), (kb, vb))| {
@@ -232,11 +245,27 @@ async fn run_fetcher(
             settings,
             throttled.is_some(),
         );
+        // Only a change of what is followed (a partition added, dropped or
+        // in a new epoch) cuts the round short. A follower's in-sync flag
+        // alone is read at the next round: a restarted follower rejoining
+        // the ISRs of hundreds of partitions, one commit at a time, had
+        // every round cancelled (its answer thrown away, the stream
+        // dropped, a backoff) while the flags flipped.
+        let moved = async {
+            loop {
+                if assignments.changed().await.is_err() {
+                    return;
+                }
+                if !same_partitions(&current, &assignments.borrow()) {
+                    return;
+                }
+            }
+        };
         let result = tokio::select! {
             r = tokio::time::timeout(deadline, round) => {
                 r.unwrap_or_else(|_| Err("leader did not answer in time".into()))
             }
-            _ = assignments.changed() => Err("assignment changed".into()),
+            () = moved => Err(ASSIGNMENT_CHANGED.into()),
             _ = cancel.cancelled() => break,
         };
         drop(broker);
@@ -250,8 +279,15 @@ async fn run_fetcher(
             }
             Err(e) => {
                 debug!(leader, error = %e, "replica fetch round failed");
+                // The round's answer may still come on the stream, where
+                // it would be taken for the next round's.
                 stream = None;
-                RETRY_BACKOFF
+                if e == ASSIGNMENT_CHANGED {
+                    // Nothing failed: the new round starts at once.
+                    Duration::ZERO
+                } else {
+                    RETRY_BACKOFF
+                }
             }
         };
         if !pause.is_zero() {
