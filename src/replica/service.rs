@@ -36,7 +36,7 @@ type FetchStream = std::pin::Pin<
 async fn serve_fetch(broker: &Broker, req: ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchResponse {
     let wait = Duration::from_millis(u64::from(req.max_wait_ms).min(broker.fetch_wait_max_ms()));
     let mut appended = broker.watch_appends();
-    let first = answer(broker, &req);
+    let first = answer(broker, &req, true);
     let has_data = first
         .partitions
         .iter()
@@ -45,11 +45,22 @@ async fn serve_fetch(broker: &Broker, req: ipb::ReplicaFetchRequest) -> ipb::Rep
         return first;
     }
     // Long poll: wait for any append on this broker, then answer again.
+    // The follower's position was recorded by the first answer; it is not
+    // recorded again from a request that waited: the follower may have
+    // restarted meanwhile (losing what it had not flushed) and its
+    // partitions moved to a new partition epoch, in which an ISR addition
+    // proposed from this stale position would be accepted (KIP-903).
     let _ = tokio::time::timeout(wait, appended.changed()).await;
-    answer(broker, &req)
+    answer(broker, &req, false)
 }
 
-fn answer(broker: &Broker, req: &ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchResponse {
+/// The answer to `req`; with `record`, the follower's fetch position is
+/// recorded too (ISR expansion, high watermark).
+fn answer(
+    broker: &Broker,
+    req: &ipb::ReplicaFetchRequest,
+    record: bool,
+) -> ipb::ReplicaFetchResponse {
     // At most half of what the follower decodes: a larger answer would
     // be refused on the follower's side, every round, for good. A read
     // returns at least one whole batch, which may pass the budget (up to
@@ -90,9 +101,15 @@ fn answer(broker: &Broker, req: &ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchR
                 out.error_code = ErrorCode::OffsetOutOfRange as i32;
                 return out;
             }
-            let proposals =
-                partition.on_follower_fetch(req.replica_id, p.fetch_offset, p.log_start_offset, now);
-            broker.propose_isr_changes(&partition, proposals);
+            if record {
+                let proposals = partition.on_follower_fetch(
+                    req.replica_id,
+                    p.fetch_offset,
+                    p.log_start_offset,
+                    now,
+                );
+                broker.propose_isr_changes(&partition, proposals);
+            }
             out.high_watermark = log.high_watermark();
             out.log_start_offset = log.log_start_offset();
             out.log_end_offset = log.log_end_offset();
