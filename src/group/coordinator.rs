@@ -208,11 +208,21 @@ struct Entry {
     version: u64,
     version_queued: u64,
     version_stored: u64,
+    /// Which entry of this name this is (unique in the process): a record
+    /// write finishing after its group was deleted must not mark the
+    /// records of a new group of the same name as stored (its
+    /// generations start over, and its joins were answered before their
+    /// records were stored).
+    incarnation: u64,
 }
+
+/// The next [`Entry::incarnation`].
+static INCARNATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Entry {
     fn new(id: &str) -> Self {
         Self {
+            incarnation: INCARNATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             group: Group::new(id),
             offsets: BTreeMap::new(),
             queued: 0,
@@ -677,6 +687,7 @@ impl GroupCoordinator {
         };
         let stored = appender.submit(vec![record]);
         let (me, group) = (Arc::downgrade(self), group.to_string());
+        let incarnation = e.incarnation;
         tokio::spawn(async move {
             let failed = match stored.await {
                 Ok(Ok(_)) => None,
@@ -693,7 +704,11 @@ impl GroupCoordinator {
                 tokio::time::sleep(PERSIST_RETRY).await;
                 let Some(me) = me.upgrade() else { return };
                 let mut inner = me.lock();
-                if let Some(e) = inner.groups.get_mut(&group) {
+                if let Some(e) = inner
+                    .groups
+                    .get_mut(&group)
+                    .filter(|e| e.incarnation == incarnation)
+                {
                     if e.queued == generation {
                         e.queued = e.persisted;
                     }
@@ -706,7 +721,11 @@ impl GroupCoordinator {
             }
             let Some(me) = me.upgrade() else { return };
             let mut inner = me.lock();
-            if let Some(e) = inner.groups.get_mut(&group) {
+            if let Some(e) = inner
+                .groups
+                .get_mut(&group)
+                .filter(|e| e.incarnation == incarnation)
+            {
                 e.persisted = e.persisted.max(generation);
                 e.version_stored = e.version_stored.max(version);
                 if e.stored() {
