@@ -576,7 +576,20 @@ async fn tls_mtls_authentication_and_acls() {
         .await
         .unwrap();
     assert_eq!(at.offset, 0);
-    producer.close().await.unwrap();
+    // Her password changes while her produce stream is open: the stream
+    // is not served on (it was, for as long as it stayed open).
+    admin.upsert_user("alice", "battery staple").await.unwrap();
+    let r = match producer
+        .send("orders", ProducerRecord::value("after the change"))
+        .await
+    {
+        Ok(delivery) => delivery.await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let err = r.expect_err("an open stream outlived its password");
+    assert_eq!(code(&err), pb::ErrorCode::AuthenticationFailed, "{err}");
+    drop(producer);
+    admin.upsert_user("alice", "correct horse").await.unwrap();
     let err = alice.fetch(fetch_req("orders")).await.unwrap_err();
     assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
     // Prefix: "logs-app" readable; deny beats the prefixed allow.

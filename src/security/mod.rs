@@ -63,6 +63,38 @@ impl Principal {
     }
 }
 
+/// A request authenticated by password: the stored hash its password
+/// matched. Set by [`AuthLayer`] beside the [`Principal`]; a stream keeps
+/// it and checks it for each item ([`check_login`]), so that removing the
+/// user, or changing its password, ends the streams it has open.
+#[derive(Clone, Debug)]
+pub struct Login {
+    user: Arc<str>,
+    hash: Vec<u8>,
+}
+
+/// The password login a request was authenticated by, if any.
+pub fn login_of<T>(request: &tonic::Request<T>) -> Option<Login> {
+    request.extensions().get::<Login>().cloned()
+}
+
+/// Refuses with UNAUTHENTICATED when `login`'s user is gone or its
+/// password changed since the login (always passes without one: a
+/// certificate, or no authentication).
+#[allow(clippy::result_large_err)]
+pub fn check_login(broker: &Broker, login: Option<&Login>) -> Result<(), Status> {
+    let Some(login) = login else {
+        return Ok(());
+    };
+    let state = broker.metadata().current();
+    match state.users.get(&*login.user) {
+        Some(cred) if cred.hash == login.hash => Ok(()),
+        _ => Err(unauthenticated(
+            "the user was removed or its password changed since this stream opened: log in again",
+        )),
+    }
+}
+
 /// A status with the `runnel-error-code` trailer, like broker errors.
 fn status(code: tonic::Code, error: ErrorCode, message: impl Into<String>) -> Status {
     let mut s = Status::new(code, message);
@@ -811,6 +843,22 @@ pub struct AuthService<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+impl<S> AuthService<S> {
+    /// The login to record beside `principal`: when the request named a
+    /// user (password authentication) and that user is `principal`.
+    fn login_for(&self, headers: &http::HeaderMap, principal: &Principal) -> Option<Login> {
+        if !self.security.settings.authentication || !headers.contains_key(USER_HEADER) {
+            return None;
+        }
+        let state = self.security.metadata.current();
+        let cred = state.users.get(principal.name())?;
+        Some(Login {
+            user: principal.0.clone(),
+            hash: cred.hash.clone(),
+        })
+    }
+}
+
 impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
@@ -841,6 +889,9 @@ where
             request.extensions(),
         ) {
             Authenticated::Done(Ok(principal)) => {
+                if let Some(login) = self.login_for(request.headers(), &principal) {
+                    request.extensions_mut().insert(login);
+                }
                 request.extensions_mut().insert(principal);
                 Box::pin(take_inner(self).call(request))
             }
@@ -851,6 +902,7 @@ where
                 password,
             } => {
                 let security = self.security.clone();
+                let metadata = self.security.metadata.clone();
                 let mut inner = take_inner(self);
                 Box::pin(async move {
                     let Some(queued) = security.queue_verification(peer) else {
@@ -876,6 +928,13 @@ where
                     };
                     match checked {
                         Ok(principal) => {
+                            let state = metadata.current();
+                            if let Some(cred) = state.users.get(principal.name()) {
+                                request.extensions_mut().insert(Login {
+                                    user: principal.0.clone(),
+                                    hash: cred.hash.clone(),
+                                });
+                            }
                             request.extensions_mut().insert(principal);
                             inner.call(request).await
                         }

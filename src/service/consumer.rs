@@ -247,6 +247,7 @@ impl ConsumerService {
             Operation::Read,
         )?;
         let principal = security::principal_of(&request);
+        let login = security::login_of(&request);
         let budgets = self.budgets(security::peer_addr(request.extensions()));
         let req = request.into_inner();
         let broker = self.broker.clone();
@@ -307,13 +308,19 @@ impl ConsumerService {
                             // Checked for every chunk, as a produce stream
                             // checks every batch: a READ revoked (or a
                             // deny added) ends the subscription.
-                            if let Err(status) = security::check_principal(
-                                &broker,
-                                &principal,
-                                ResourceType::Topic,
-                                &fetch.topic,
-                                Operation::Read,
-                            ) {
+                            // And the login: a user removed, or whose
+                            // password changed, is not served on.
+                            if let Err(status) = security::check_login(&broker, login.as_ref())
+                                .and_then(|()| {
+                                    security::check_principal(
+                                        &broker,
+                                        &principal,
+                                        ResourceType::Topic,
+                                        &fetch.topic,
+                                        Operation::Read,
+                                    )
+                                })
+                            {
                                 slot.send(Err(status));
                                 return;
                             }

@@ -93,9 +93,11 @@ impl Producer for ProducerService {
         request: Request<Streaming<pb::ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         let principal = security::principal_of(&request);
+        let login = security::login_of(&request);
         Ok(Response::new(produce_stream(
             self.broker.clone(),
             principal,
+            login,
             request.into_inner(),
         )))
     }
@@ -112,9 +114,11 @@ pub fn producer_server(
         .max_encoding_message_size(message_max);
     RawStream::new(tonic, PRODUCE_STREAM_PATH, message_max, move |request| {
         let principal = security::principal_of(&request);
+        let login = security::login_of(&request);
         Ok(produce_stream(
             broker.clone(),
             principal,
+            login,
             request.into_inner(),
         ))
     })
@@ -128,6 +132,7 @@ pub const PRODUCE_STREAM_PATH: &str = "/runnel.v1.Producer/ProduceStream";
 pub fn produce_stream<S>(
     broker: Arc<Broker>,
     principal: security::Principal,
+    login: Option<security::Login>,
     mut input: S,
 ) -> ResponseStream
 where
@@ -142,6 +147,9 @@ where
         let mut waiting = FuturesOrdered::new();
         let mut open = true;
         let mut stopping = false;
+        // Why the stream ends once the answers owed are sent, if not at
+        // the client's end of input.
+        let mut end_with: Option<Status> = None;
         loop {
             tokio::select! {
                 // The broker stops: no more requests are read; those read
@@ -172,6 +180,14 @@ where
                             continue;
                         }
                     };
+                    // Checked for every request, as the ACLs are: a user
+                    // removed, or whose password changed, is not served
+                    // on by a stream it opened before.
+                    if let Err(status) = security::check_login(&broker, login.as_ref()) {
+                        open = false;
+                        end_with = Some(status);
+                        continue;
+                    }
                     let correlation_id = req.correlation_id;
                     let (topic, partition) = (req.topic.clone(), req.partition.unwrap_or(-1));
                     let allowed = broker.security().is_none_or(|s| {
@@ -220,7 +236,10 @@ where
                 }
                 else => {
                     if stopping {
-                        let _ = tx.send(Err(Status::unavailable("the broker is shutting down"))).await;
+                        end_with.get_or_insert_with(|| Status::unavailable("the broker is shutting down"));
+                    }
+                    if let Some(status) = end_with {
+                        let _ = tx.send(Err(status)).await;
                     }
                     return;
                 }
