@@ -14,7 +14,12 @@
 #
 # Stages are ordered so that `--target prebuilt` never reaches the Rust
 # image, also with the classic (non-BuildKit) builder, which builds every
-# stage up to the target.
+# stage up to the target. For the same reason the default target
+# (`runtime`, compiled in Docker) needs BuildKit (DOCKER_BUILDKIT=1 with
+# docker buildx): the classic builder would build `prebuilt` on the way
+# and fail without a host-built binary. Without BuildKit, build on the
+# host and use `--target prebuilt` (docker compose:
+# RUNNEL_BUILD_TARGET=prebuilt).
 
 ARG RUST_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
