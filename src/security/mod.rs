@@ -500,6 +500,17 @@ impl Security {
             .or_else(|| state.quotas.get(DEFAULT_QUOTA_KEY).and_then(pick))
     }
 
+    /// How long a stream of `principal` waits before taking in more
+    /// ([`quota::Throttle::admission`]; zero without a quota).
+    pub fn admission(&self, principal: &Principal, direction: Direction) -> Duration {
+        match self.quota_rate(principal, direction) {
+            Some(_) => self
+                .throttle
+                .admission(principal.name(), direction, Instant::now()),
+            None => Duration::ZERO,
+        }
+    }
+
     /// How long to hold back the answer to `bytes` moved by `principal`
     /// (zero without a quota).
     pub fn throttle(&self, principal: &Principal, direction: Direction, bytes: u64) -> Duration {
@@ -597,6 +608,19 @@ pub fn throttle(
     broker
         .security()
         .map_or(Duration::ZERO, |s| s.throttle(principal, direction, bytes))
+}
+
+/// When a stream of `principal` on `broker` may take in more (its next
+/// request or chunk), if it must wait.
+pub fn admission_at(
+    broker: &Broker,
+    principal: &Principal,
+    direction: Direction,
+) -> Option<tokio::time::Instant> {
+    let wait = broker
+        .security()
+        .map_or(Duration::ZERO, |s| s.admission(principal, direction));
+    (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait)
 }
 
 /// The most one fetch of `principal` may ask for: what its fetch quota

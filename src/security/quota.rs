@@ -62,6 +62,23 @@ impl Throttle {
         *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
         (start - now).min(THROTTLE_MAX)
     }
+
+    /// How long a stream of `principal` should wait before it takes in
+    /// more (reads its next request or chunk): until the principal's
+    /// clock is at most [`THROTTLE_MAX`] ahead. Each answer is held at
+    /// most that long, so streams that took in more while the clock ran
+    /// further ahead moved, together, a multiple of the rate (one chunk
+    /// per stream every ten seconds); waiting here before taking in more,
+    /// they share the rate.
+    pub fn admission(&self, principal: &str, direction: Direction, now: Instant) -> Duration {
+        let clocks = self.clocks.lock().unwrap_or_else(|e| e.into_inner());
+        clocks
+            .get(&(principal.to_string(), direction))
+            .map_or(Duration::ZERO, |next| {
+                next.saturating_duration_since(now)
+                    .saturating_sub(THROTTLE_MAX)
+            })
+    }
 }
 
 #[cfg(test)]
@@ -103,6 +120,17 @@ mod tests {
         assert_eq!(
             t2.record("c", Direction::Fetch, 1, 1000, after),
             THROTTLE_MAX
+        );
+        // Streams wait to take in more only while the clock is more than
+        // THROTTLE_MAX ahead: here it is a minute ahead, less the 10 s.
+        assert_eq!(
+            t2.admission("c", Direction::Fetch, now),
+            Duration::from_millis(60_002) - THROTTLE_MAX
+        );
+        assert_eq!(t2.admission("c", Direction::Produce, now), Duration::ZERO);
+        assert_eq!(
+            t2.admission("c", Direction::Fetch, now + Duration::from_secs(60)),
+            Duration::ZERO
         );
         // After an idle period nothing is owed.
         let later = now + Duration::from_secs(5);

@@ -287,6 +287,17 @@ impl ConsumerService {
                         Some(r) => Ok(r),
                         None => {
                             security::hold_until(throttled_until.take()).await;
+                            // And until the principal's clock, which its
+                            // other subscriptions move too, lets it take in
+                            // more: each alone waited at most ten seconds
+                            // per chunk, so many of them read a multiple of
+                            // the quota together.
+                            security::hold_until(security::admission_at(
+                                &broker,
+                                &principal,
+                                Direction::Fetch,
+                            ))
+                            .await;
                             // Wait for records without holding any of the
                             // budget: an idle subscription must not keep
                             // room from the ones with data.

@@ -150,8 +150,20 @@ where
         // Why the stream ends once the answers owed are sent, if not at
         // the client's end of input.
         let mut end_with: Option<Status> = None;
+        // While the principal's quota clock (which its other streams move
+        // too) is too far ahead, no request is read: answers are held at
+        // most ten seconds each, so streams reading on moved a multiple of
+        // the quota together. Answers owed still go out meanwhile.
+        let mut admit_at: Option<tokio::time::Instant> = None;
         loop {
+            if open && admit_at.is_none() {
+                admit_at = security::admission_at(&broker, &principal, Direction::Produce);
+            }
             tokio::select! {
+                () = tokio::time::sleep_until(admit_at.unwrap_or_else(tokio::time::Instant::now)), if admit_at.is_some() => {
+                    admit_at = None;
+                    continue;
+                }
                 // The broker stops: no more requests are read; those read
                 // are answered, then the stream ends with UNAVAILABLE (the
                 // client sends the rest to the partitions' new leaders).
@@ -159,7 +171,7 @@ where
                     open = false;
                     stopping = true;
                 }
-                next = input.next(), if open && waiting.len() < STREAM_IN_FLIGHT_MAX => {
+                next = input.next(), if open && admit_at.is_none() && waiting.len() < STREAM_IN_FLIGHT_MAX => {
                     let req = match next {
                         Some(Ok(req)) => req,
                         Some(Err(status)) => {
