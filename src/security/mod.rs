@@ -15,6 +15,7 @@
 
 pub mod password;
 pub mod quota;
+pub mod slots;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet};
@@ -154,27 +155,8 @@ pub struct Security {
     /// Room for [`VERIFICATIONS_MAX`] password verifications at once.
     verifications: Arc<tokio::sync::Semaphore>,
     /// Verifications waiting or running, by peer address.
-    verifying: Arc<Mutex<HashMap<Option<IpAddr>, usize>>>,
+    verifying: slots::PeerSlots,
     throttle: quota::Throttle,
-}
-
-/// A place among the verifications waiting or running; given back when
-/// dropped.
-struct QueuedVerification {
-    verifying: Arc<Mutex<HashMap<Option<IpAddr>, usize>>>,
-    peer: Option<IpAddr>,
-}
-
-impl Drop for QueuedVerification {
-    fn drop(&mut self) {
-        let mut v = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = v.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                v.remove(&self.peer);
-            }
-        }
-    }
 }
 
 impl std::fmt::Debug for Security {
@@ -209,7 +191,7 @@ impl Security {
             failures: Mutex::default(),
             verified: Mutex::default(),
             verifications: Arc::new(tokio::sync::Semaphore::new(VERIFICATIONS_MAX)),
-            verifying: Arc::default(),
+            verifying: slots::PeerSlots::new(VERIFICATIONS_PER_PEER_MAX, VERIFICATIONS_QUEUED_MAX),
             throttle: quota::Throttle::default(),
         }
     }
@@ -219,18 +201,8 @@ impl Security {
     /// waiting or running, or all addresses [`VERIFICATIONS_QUEUED_MAX`]:
     /// a flood of unknown user names (each a miss of the cache) from one
     /// address cannot queue without bound ahead of other clients.
-    fn queue_verification(&self, peer: Option<IpAddr>) -> Option<QueuedVerification> {
-        let mut v = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
-        let total: usize = v.values().sum();
-        let mine = v.get(&peer).copied().unwrap_or(0);
-        if total >= VERIFICATIONS_QUEUED_MAX || mine >= VERIFICATIONS_PER_PEER_MAX {
-            return None;
-        }
-        *v.entry(peer).or_insert(0) += 1;
-        Some(QueuedVerification {
-            verifying: self.verifying.clone(),
-            peer,
-        })
+    fn queue_verification(&self, peer: Option<IpAddr>) -> Option<slots::Slot> {
+        self.verifying.try_take(peer)
     }
 
     /// Finds the principal of one HTTP/2 request to `path`. A password

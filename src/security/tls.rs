@@ -212,6 +212,8 @@ impl ReloadingTls {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once, at most.
 const HANDSHAKES_MAX: usize = 256;
+/// Handshakes in progress from one peer address, at most.
+const HANDSHAKES_PER_PEER_MAX: usize = 16;
 
 /// Accepts TCP connections on `listener` and yields those that complete a
 /// TLS handshake, for tonic's `serve_with_incoming`. Stops at `cancel`.
@@ -221,7 +223,7 @@ pub fn incoming(
     cancel: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let permits = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    let slots = super::slots::PeerSlots::new(HANDSHAKES_PER_PEER_MAX, HANDSHAKES_MAX);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -237,8 +239,14 @@ pub fn incoming(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
+            // No place: the connection is closed at once, not left in the
+            // listen backlog while the accept loop waits for a place
+            // (connections that never send a ClientHello, each holding a
+            // place for the handshake timeout, stalled every client and
+            // broker behind them). One address holds at most a few.
+            let Some(permit) = slots.try_take(Some(peer.ip())) else {
+                debug!(%peer, "too many TLS handshakes in progress; connection closed");
+                continue;
             };
             let acceptor = TlsAcceptor::from(tls.current());
             let tx = tx.clone();
