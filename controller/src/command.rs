@@ -14,11 +14,18 @@ pub enum MetadataCommand {
     /// is refused, so every node ends with the first one applied.
     InitCluster { cluster_id: String },
     /// A broker starts (or restarts) and announces its address.
+    ///
+    /// `incarnation`: a random id per process start. The same incarnation
+    /// registering again while registered and not fenced is a retried
+    /// submit (its first copy committed, its answer lost): a no-op that
+    /// answers the epoch it got, not a restart that fences the broker.
     RegisterBroker {
         id: i32,
         address: String,
         rack: String,
         roles: Vec<String>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        incarnation: String,
     },
     /// A broker missed its heartbeats (or shuts down): it leaves every
     /// ISR and leads nothing. With `epoch`, only that registration is
@@ -113,6 +120,8 @@ pub enum MetadataCommand {
         internal_address: String,
         rack: String,
         roles: Vec<String>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        incarnation: String,
     },
     /// Creates a user or replaces its password hash.
     UpsertUser {

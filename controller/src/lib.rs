@@ -24,7 +24,7 @@
 //! let mut state = ClusterMetadata::new("cluster-a");
 //! state.apply(MetadataCommand::RegisterBroker {
 //!     id: 1, address: "127.0.0.1:9092".into(), rack: String::new(),
-//!     roles: vec!["broker".into()],
+//!     roles: vec!["broker".into()], incarnation: String::new(),
 //! }).unwrap();
 //! state.apply(MetadataCommand::CreateTopic {
 //!     name: "events".into(), topic_id: "t-1".into(), partitions: 3,

@@ -28,6 +28,9 @@ pub struct BrokerInfo {
     pub epoch: i64,
     /// A fenced broker is out of every ISR and leads nothing.
     pub fenced: bool,
+    /// The registering process's random id (empty from older versions).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub incarnation: String,
 }
 
 /// One partition's replica placement and leadership.
@@ -260,6 +263,7 @@ impl ClusterMetadata {
                 address,
                 rack,
                 roles,
+                incarnation,
             } => {
                 // -1 means "no leader" in partition metadata, and node ids
                 // are unsigned in the quorum: a broker id is never negative
@@ -281,6 +285,12 @@ impl ClusterMetadata {
                 // restarted broker fenced until it registers anew). No
                 // unclean election: the broker is back, and leads again
                 // (below) what it was the last in-sync replica of.
+                if let Some(b) = self.brokers.get(&id).filter(|b| {
+                    !b.fenced && !incarnation.is_empty() && b.incarnation == incarnation
+                }) {
+                    // A retried submit of this very registration.
+                    return Ok(Applied::Registered { epoch: b.epoch });
+                }
                 if self.brokers.get(&id).is_some_and(|b| !b.fenced) {
                     self.fence_broker(id, false)?;
                 }
@@ -295,6 +305,7 @@ impl ClusterMetadata {
                         roles,
                         epoch,
                         fenced: false,
+                        incarnation,
                     },
                 );
                 // A broker that comes back leads the partitions left
@@ -797,12 +808,14 @@ impl ClusterMetadata {
                 internal_address,
                 rack,
                 roles,
+                incarnation,
             } => {
                 let registered = self.apply(MetadataCommand::RegisterBroker {
                     id,
                     address,
                     rack,
                     roles,
+                    incarnation,
                 })?;
                 if !internal_address.is_empty() {
                     self.internal_addresses.insert(id, internal_address);
@@ -927,6 +940,7 @@ mod tests {
                 address: format!("127.0.0.1:{}", 9000 + id),
                 rack: String::new(),
                 roles: vec!["broker".into()],
+                incarnation: String::new(),
             })
             .unwrap();
     }
@@ -949,6 +963,34 @@ mod tests {
         s
     }
 
+    /// A registration submitted twice by one process (a retry after its
+    /// first copy committed) changes nothing the second time: it was taken
+    /// for a quick restart, fencing the live broker and moving its
+    /// leaderships. Another process's registration still is a restart.
+    #[test]
+    fn a_retried_registration_is_not_a_restart() {
+        let mut s = three();
+        s.apply(create("t", 3, 3)).unwrap();
+        let reg = |incarnation: &str| MetadataCommand::RegisterBroker {
+            id: 1,
+            address: "h:1".into(),
+            rack: String::new(),
+            roles: vec!["broker".into()],
+            incarnation: incarnation.into(),
+        };
+        let first = s.apply(reg("p-1")).unwrap();
+        let before = s.clone();
+        assert_eq!(s.apply(reg("p-1")).unwrap(), first);
+        assert_eq!(s, before, "a retried submit changed the metadata");
+        let Applied::Registered { epoch } = first else {
+            panic!("{first:?}")
+        };
+        assert_eq!(
+            s.apply(reg("p-2")).unwrap(),
+            Applied::Registered { epoch: epoch + 1 }
+        );
+    }
+
     /// A registration's answer carries the epoch it got (the registering
     /// node's copy of the metadata may lag behind, still showing the
     /// previous incarnation's), with or without an internal listener.
@@ -960,6 +1002,7 @@ mod tests {
             address: "127.0.0.1:9001".into(),
             rack: String::new(),
             roles: vec!["broker".into()],
+            incarnation: String::new(),
         };
         assert_eq!(s.apply(again(1)).unwrap(), Applied::Registered { epoch: 2 });
         assert_eq!(
@@ -969,6 +1012,7 @@ mod tests {
                 internal_address: "127.0.0.1:9101".into(),
                 rack: String::new(),
                 roles: vec!["broker".into()],
+                incarnation: String::new(),
             })
             .unwrap(),
             Applied::Registered { epoch: 3 }
@@ -1223,6 +1267,7 @@ mod tests {
                 address: "127.0.0.1:1".into(),
                 rack: String::new(),
                 roles: vec!["broker".into()],
+                incarnation: String::new(),
             })
             .unwrap_err();
         assert!(err.to_string().contains("negative"), "{err}");
@@ -1459,6 +1504,7 @@ mod tests {
                 address: format!("h:{id}"),
                 rack: rack.into(),
                 roles: vec![],
+                incarnation: String::new(),
             })
             .unwrap();
         }
@@ -1690,12 +1736,14 @@ mod tests {
                 address: "a".into(),
                 rack: String::new(),
                 roles: vec![],
+                incarnation: String::new(),
             },
             MetadataCommand::RegisterBroker {
                 id: 1,
                 address: "b".into(),
                 rack: String::new(),
                 roles: vec![],
+                incarnation: String::new(),
             },
             create("x", 5, 2),
             MetadataCommand::FenceBroker {
@@ -1758,6 +1806,7 @@ mod tests {
                 internal_address: "h:2".into(),
                 rack: String::new(),
                 roles: vec![],
+                incarnation: String::new(),
             },
         ];
         let run = || {

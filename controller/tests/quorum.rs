@@ -189,6 +189,7 @@ fn register(id: i32, addr: &str) -> MetadataCommand {
         address: addr.to_string(),
         rack: String::new(),
         roles: vec!["broker".into()],
+        incarnation: String::new(),
     }
 }
 
@@ -799,7 +800,7 @@ async fn t11_a_heartbeat_from_ahead_of_the_controller_is_retried_not_fenced() {
     let leader = wait_leader(&all).await;
     let store = &nodes.iter().find(|n| n.id == leader).unwrap().store;
     let epoch = store
-        .register_broker(1, &nodes[0].addr, None, "")
+        .register_broker(1, &nodes[0].addr, None, "", "")
         .await
         .unwrap();
     assert_eq!(store.current().brokers[&1].epoch, epoch);
@@ -809,6 +810,51 @@ async fn t11_a_heartbeat_from_ahead_of_the_controller_is_retried_not_fenced() {
     assert_eq!(ahead.code(), tonic::Code::Unavailable, "{ahead:?}");
     let behind = store.heartbeat(1, epoch - 1).await.unwrap();
     assert!(behind.fenced, "an older registration is fenced");
+    for n in nodes {
+        n.kill().await;
+    }
+}
+
+/// Every voter moves to another port (as when a deployment gives Raft its
+/// own `internal_listen`), each node's configuration listing the new
+/// addresses: the quorum forms again there and takes commands. Voters are
+/// dialled at the configured addresses; at the ones stored in the
+/// membership when the cluster first formed, each dialled the old ports
+/// for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t12_voters_that_all_moved_form_the_quorum_at_their_new_addresses() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, nodes) = cluster(root.path(), 3, &[]).await;
+    wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let first = nodes[0].addr.clone();
+    nodes[0].store.submit(register(1, &first)).await.unwrap();
+    let mut stopped = Vec::new();
+    for n in nodes {
+        stopped.push(n.kill().await);
+    }
+    let mut listeners = Vec::new();
+    for (id, _, dir) in stopped {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listeners.push((id, l.local_addr().unwrap().to_string(), dir, l));
+    }
+    let voters: BTreeMap<i32, String> = listeners
+        .iter()
+        .map(|(id, addr, _, _)| (*id, addr.clone()))
+        .collect();
+    let mut nodes = Vec::new();
+    for (id, addr, dir, l) in listeners {
+        nodes.push(serve(l, config(id, &addr, &voters, &dir)).await);
+    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_leader(&all).await;
+    within(
+        "a command after the move",
+        nodes[1].store.submit(register(2, &voters[&2])),
+    )
+    .await
+    .unwrap();
+    let state = wait_converged(&all).await;
+    assert!(state.brokers.contains_key(&1) && state.brokers.contains_key(&2));
     for n in nodes {
         n.kill().await;
     }

@@ -354,6 +354,7 @@ impl RaftMetadataStore {
         address: &str,
         internal_address: Option<&str>,
         rack: &str,
+        incarnation: &str,
     ) -> Result<i64, MetadataError> {
         let mut roles = vec!["broker".to_string()];
         if self.config.voters.contains_key(&id) {
@@ -366,12 +367,14 @@ impl RaftMetadataStore {
                 internal_address: internal.to_string(),
                 rack: rack.to_string(),
                 roles,
+                incarnation: incarnation.to_string(),
             },
             None => MetadataCommand::RegisterBroker {
                 id,
                 address: address.to_string(),
                 rack: rack.to_string(),
                 roles,
+                incarnation: incarnation.to_string(),
             },
         };
         // The epoch this registration got, from its own answer: this
@@ -495,6 +498,8 @@ pub fn spawn_heartbeat(
 ) -> Heartbeat {
     let stop = store.cancel.clone();
     let (registered_tx, registered) = tokio::sync::watch::channel(None);
+    // This process's registrations, told from a restart's.
+    let incarnation = crate::store::random_id();
     let task = tokio::spawn(async move {
         let stopped = || cancel.is_cancelled() || stop.is_cancelled();
         let pause = |d: Duration| {
@@ -511,7 +516,13 @@ pub fn spawn_heartbeat(
             let rack = store.config.rack.clone();
             let internal = store.config.internal_address.clone();
             let registered = store
-                .register_broker(broker_id, &address, internal.as_deref(), &rack)
+                .register_broker(
+                    broker_id,
+                    &address,
+                    internal.as_deref(),
+                    &rack,
+                    &incarnation,
+                )
                 .await;
             let epoch = match registered {
                 Ok(epoch) => epoch,
@@ -581,6 +592,7 @@ impl BrokerLifecycle for LifecycleService {
                 &req.address,
                 Some(req.internal_address.as_str()).filter(|a| !a.is_empty()),
                 &req.rack,
+                &req.incarnation_id,
             )
             .await
         {

@@ -248,6 +248,13 @@ impl RaftMetadataStore {
         let network = Network {
             channels: channels.clone(),
             cluster_id: cluster_id.clone(),
+            voters: Arc::new(
+                config
+                    .voters
+                    .iter()
+                    .map(|(id, addr)| (*id as NodeId, addr.clone()))
+                    .collect(),
+            ),
         };
         let raft = Raft::new(
             config.node_id as NodeId,
@@ -351,12 +358,14 @@ impl RaftMetadataStore {
         let Some(id) = m.current_leader else {
             return (None, None);
         };
-        let addr = m
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .map(|n| n.addr.clone())
-            .or_else(|| self.config.voters.get(&(id as i32)).cloned());
+        // A voter at the address this node's configuration gives it (see
+        // `Network`), a learner at the one it registered.
+        let addr = self.config.voters.get(&(id as i32)).cloned().or_else(|| {
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        });
         (Some(id), addr)
     }
 

@@ -243,15 +243,28 @@ pub async fn call(
 pub struct Network {
     pub channels: Arc<Channels>,
     pub cluster_id: Arc<ClusterIdGuard>,
+    /// The voters' addresses from this node's configuration
+    /// (`[controller] voters`).
+    pub voters: Arc<std::collections::BTreeMap<NodeId, String>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
+    /// A voter is dialled at the address this node's configuration gives
+    /// it, not the one stored in the membership when the cluster first
+    /// formed: otherwise moving the voters (say to an `internal_listen`
+    /// port) in every node's configuration left each dialling the old
+    /// port for good, a quorum that never formed again. A learner (a
+    /// broker-only node) is dialled where it registered.
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
             target,
-            addr: node.addr.clone(),
+            addr: self
+                .voters
+                .get(&target)
+                .cloned()
+                .unwrap_or_else(|| node.addr.clone()),
             net: self.clone(),
         }
     }
