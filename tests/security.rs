@@ -590,6 +590,19 @@ async fn tls_mtls_authentication_and_acls() {
     assert_eq!(code(&err), pb::ErrorCode::AuthenticationFailed, "{err}");
     drop(producer);
     admin.upsert_user("alice", "correct horse").await.unwrap();
+    // Saving the password she has already changes nothing: her streams go
+    // on (a new salt changed the stored hash and ended them).
+    let producer = alice.producer(ProducerConfig::default());
+    for value in ["before the re-save", "after the re-save"] {
+        producer
+            .send("orders", ProducerRecord::value(value))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        admin.upsert_user("alice", "correct horse").await.unwrap();
+    }
+    producer.close().await.unwrap();
     let err = alice.fetch(fetch_req("orders")).await.unwrap_err();
     assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
     // Prefix: "logs-app" readable; deny beats the prefixed allow.

@@ -134,15 +134,30 @@ impl Security for SecurityService {
         if req.password.is_empty() {
             return Err(invalid("the password is empty"));
         }
+        // The password the user has already: nothing to change. A new
+        // salt would change the stored hash, and with it end every stream
+        // the user has open (re-running provisioning did that).
+        let stored = self
+            .broker
+            .metadata()
+            .current()
+            .users
+            .get(&req.name)
+            .cloned();
         // PBKDF2 takes milliseconds: off the runtime threads.
-        let credential = tokio::task::spawn_blocking(move || password::hash(&req.password))
-            .await
-            .map_err(|_| Status::internal("hashing failed"))?;
-        self.submit(MetadataCommand::UpsertUser {
-            name: req.name,
-            credential,
+        let credential = tokio::task::spawn_blocking(move || match stored {
+            Some(cred) if password::verify(&cred, req.password.as_bytes()) => None,
+            _ => Some(password::hash(&req.password)),
         })
-        .await?;
+        .await
+        .map_err(|_| Status::internal("hashing failed"))?;
+        if let Some(credential) = credential {
+            self.submit(MetadataCommand::UpsertUser {
+                name: req.name,
+                credential,
+            })
+            .await?;
+        }
         Ok(Response::new(pb::UpsertUserResponse {}))
     }
 
