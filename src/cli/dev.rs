@@ -2,6 +2,17 @@
 //! 127.0.0.1, for trying Runnel with no Docker and no configuration.
 //! Ctrl-C or SIGTERM stops every node before `runnel dev` exits.
 
+/// `println!` that ignores a closed output (`runnel dev | head -1`): the
+/// cluster goes on until Ctrl-C, and its nodes are stopped on the way
+/// out (`outln!` would exit at once, skipping that, and leave them
+/// running).
+macro_rules! sayln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -224,18 +235,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         addrs.push(addr);
     }
     let bootstrap = addrs.join(",");
-    outln!(
+    sayln!(
         "runnel dev: {} nodes up, data in {}",
         args.nodes,
         args.data_dir.display()
     );
-    outln!("bootstrap: {bootstrap}");
+    sayln!("bootstrap: {bootstrap}");
     let metrics: Vec<String> = (0..args.nodes)
         .map(|i| format!("http://127.0.0.1:{}/metrics", args.metrics_base_port + i))
         .collect();
-    outln!("metrics:   {}", metrics.join(" "));
-    outln!("try:       runnel --bootstrap {bootstrap} topic create demo --partitions 3 --replication-factor {}", args.nodes.min(3));
-    outln!("Ctrl-C stops the cluster.");
+    sayln!("metrics:   {}", metrics.join(" "));
+    sayln!("try:       runnel --bootstrap {bootstrap} topic create demo --partitions 3 --replication-factor {}", args.nodes.min(3));
+    sayln!("Ctrl-C stops the cluster.");
     tokio::select! {
         _ = stop_requested() => {}
         _ = wait_any(&mut children) => bail!("a node exited unexpectedly"),
@@ -288,7 +299,7 @@ async fn stop(mut children: Vec<Child>) -> anyhow::Result<()> {
             let _ = c.kill().await;
         }
     }
-    outln!("runnel dev: stopped");
+    sayln!("runnel dev: stopped");
     Ok(())
 }
 
