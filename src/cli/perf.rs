@@ -698,6 +698,9 @@ async fn consume_group(
     // group caught up (a whole long poll) is not reading either.
     let (mut start, mut end) = (None, None);
     while records < w.records {
+        // A poll before the member has partitions joins the group first:
+        // timed from its end, not its start.
+        let joined = !consumer.assignment().is_empty();
         let began = Instant::now();
         let batch = consumer.poll().await?;
         if batch.is_empty() {
@@ -706,7 +709,7 @@ async fn consume_group(
             }
             continue;
         }
-        start.get_or_insert(began);
+        start.get_or_insert(if joined { began } else { Instant::now() });
         end = Some(Instant::now());
         records += batch.len() as u64;
         bytes += batch
