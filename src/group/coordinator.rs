@@ -357,14 +357,21 @@ const MEMBER_OWNED_MAX: usize = 100_000;
 /// of megabytes of control characters, escaped six-fold in the record,
 /// did that alone.
 fn validate_member_fields(req: &pb::JoinGroupRequest) -> Result<()> {
-    for (name, value) in [
-        ("client_id", &req.client_id),
-        ("group_instance_id", &req.group_instance_id),
-        ("member_id", &req.member_id),
+    // A member id is built from the client id and two numbers: room for
+    // those beyond a client id of the longest length.
+    const MEMBER_ID_MAX: usize = MEMBER_ID_FIELD_MAX + 48;
+    for (name, value, max) in [
+        ("client_id", &req.client_id, MEMBER_ID_FIELD_MAX),
+        (
+            "group_instance_id",
+            &req.group_instance_id,
+            MEMBER_ID_FIELD_MAX,
+        ),
+        ("member_id", &req.member_id, MEMBER_ID_MAX),
     ] {
-        if value.len() > MEMBER_ID_FIELD_MAX || value.chars().any(char::is_control) {
+        if value.len() > max || value.chars().any(char::is_control) {
             return Err(invalid(format!(
-                "{name} must be at most {MEMBER_ID_FIELD_MAX} bytes without control characters"
+                "{name} must be at most {max} bytes without control characters"
             )));
         }
     }
