@@ -31,6 +31,11 @@ pub struct BrokerInfo {
     /// The registering process's random id (empty from older versions).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub incarnation: String,
+    /// Fenced by its own controlled shutdown, not yet registered again:
+    /// it returns with its log, so partitions whose ISR it ends are not
+    /// elected uncleanly meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub controlled_shutdown: bool,
 }
 
 /// One partition's replica placement and leadership.
@@ -306,6 +311,7 @@ impl ClusterMetadata {
                         epoch,
                         fenced: false,
                         incarnation,
+                        controlled_shutdown: false,
                     },
                 );
                 // A broker that comes back leads the partitions left
@@ -347,6 +353,9 @@ impl ClusterMetadata {
                 // A fence for an earlier registration is void.
                 if epoch.is_none_or(|e| e == current) {
                     self.fence_broker(id, !controlled)?;
+                    if let Some(b) = self.brokers.get_mut(&id) {
+                        b.controlled_shutdown = controlled;
+                    }
                 }
                 Applied::Done
             }
@@ -766,6 +775,14 @@ impl ClusterMetadata {
     /// leads, alone in the ISR, in a new epoch.
     fn elect_offline_unclean(&mut self, only: Option<&str>) {
         let live = self.live_brokers();
+        // Brokers away for a controlled shutdown come back with their
+        // logs: what they alone hold in sync waits for them.
+        let returning: Vec<i32> = self
+            .brokers
+            .values()
+            .filter(|b| b.controlled_shutdown)
+            .map(|b| b.id)
+            .collect();
         for topic in self.topics.values_mut() {
             if only.is_some_and(|n| n != topic.name)
                 || topic
@@ -776,7 +793,7 @@ impl ClusterMetadata {
                 continue;
             }
             for p in &mut topic.partitions {
-                if p.leader != -1 {
+                if p.leader != -1 || p.isr.iter().any(|r| returning.contains(r)) {
                     continue;
                 }
                 if let Some(r) = p.replicas.iter().copied().find(|r| live.contains(r)) {
@@ -1562,8 +1579,18 @@ mod tests {
             assert_eq!(p.leader, leader, "allow={allow} controlled={controlled}");
             assert_eq!(p.leader_epoch, 1);
             if controlled {
-                // Back with its log, it leads again.
+                // Another broker's registration, or a config change, does
+                // not elect uncleanly while it is away either.
                 assert_eq!(p.isr, vec![1]);
+                register(&mut s, 3);
+                s.apply(MetadataCommand::AlterTopicConfig {
+                    name: "t".into(),
+                    set: [("retention.ms".to_string(), "1000".to_string())].into(),
+                    delete: vec![],
+                })
+                .unwrap();
+                assert_eq!(s.topics["t"].partitions[0].leader, -1);
+                // Back with its log, it leads again.
                 register(&mut s, 1);
                 assert_eq!(s.topics["t"].partitions[0].leader, 1);
             }
