@@ -290,6 +290,7 @@ impl ClusterMetadata {
                 // restarted broker fenced until it registers anew). No
                 // unclean election: the broker is back, and leads again
                 // (below) what it was the last in-sync replica of.
+                let elects = !incarnation.is_empty();
                 if let Some(b) = self.brokers.get(&id).filter(|b| {
                     !b.fenced && !incarnation.is_empty() && b.incarnation == incarnation
                 }) {
@@ -336,8 +337,13 @@ impl ClusterMetadata {
                 // Still offline, where the topic allows it: the broker
                 // back out of sync leads (an unclean election, tried only
                 // when the last in-sync leader was fenced, so partitions
-                // stayed offline until that broker returned).
-                self.elect_offline_unclean(None);
+                // stayed offline until that broker returned). Only for
+                // registrations that name their process, which older
+                // versions did not: entries they wrote replay as they
+                // applied then, on every node, whatever its snapshot.
+                if elects {
+                    self.elect_offline_unclean();
+                }
                 Applied::Registered { epoch }
             }
             MetadataCommand::FenceBroker {
@@ -582,8 +588,6 @@ impl ClusterMetadata {
                     }
                 }
                 topic.configs = configs;
-                // Allowed from now on: offline partitions elect at once.
-                self.elect_offline_unclean(Some(&name));
                 Applied::Done
             }
             MetadataCommand::ReassignPartitions { topic, assignments } => {
@@ -771,9 +775,9 @@ impl ClusterMetadata {
     }
 
     /// Unclean elections for the partitions without a leader of the topics
-    /// that allow them (`only`: of that topic): the first live replica
-    /// leads, alone in the ISR, in a new epoch.
-    fn elect_offline_unclean(&mut self, only: Option<&str>) {
+    /// that allow them: the first live replica leads, alone in the ISR, in
+    /// a new epoch.
+    fn elect_offline_unclean(&mut self) {
         let live = self.live_brokers();
         // Brokers away for a controlled shutdown come back with their
         // logs: what they alone hold in sync waits for them.
@@ -784,11 +788,10 @@ impl ClusterMetadata {
             .map(|b| b.id)
             .collect();
         for topic in self.topics.values_mut() {
-            if only.is_some_and(|n| n != topic.name)
-                || topic
-                    .configs
-                    .get("unclean.leader.election.enable")
-                    .is_none_or(|v| v != "true")
+            if topic
+                .configs
+                .get("unclean.leader.election.enable")
+                .is_none_or(|v| v != "true")
             {
                 continue;
             }
@@ -949,6 +952,7 @@ fn new_partition(live: &[i32], index: i32, replication_factor: i32) -> Partition
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     fn register(state: &mut ClusterMetadata, id: i32) {
         state
@@ -957,10 +961,13 @@ mod tests {
                 address: format!("127.0.0.1:{}", 9000 + id),
                 rack: String::new(),
                 roles: vec!["broker".into()],
-                incarnation: String::new(),
+                // One process per call: each is a (re)start.
+                incarnation: format!("test-{}", INCARNATIONS.fetch_add(1, Ordering::Relaxed)),
             })
             .unwrap();
     }
+
+    static INCARNATIONS: AtomicU64 = AtomicU64::new(0);
 
     fn create(name: &str, partitions: i32, rf: i32) -> MetadataCommand {
         MetadataCommand::CreateTopic {
@@ -1599,7 +1606,8 @@ mod tests {
 
     /// Unclean election is not only tried when the last in-sync leader
     /// is fenced: a partition left offline elects when an out-of-sync
-    /// replica registers again, or when its topic starts to allow it.
+    /// replica registers again (also one allowed only since: at its next
+    /// registration; an admin's unclean `ElectLeaders` need not wait).
     #[test]
     fn an_offline_partition_elects_uncleanly_once_it_can() {
         for allow_first in [true, false] {
@@ -1644,6 +1652,7 @@ mod tests {
                     delete: vec![],
                 })
                 .unwrap();
+                register(&mut s, 3);
             }
             let p = &s.topics["t"].partitions[0];
             assert_eq!(
