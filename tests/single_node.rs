@@ -1412,3 +1412,42 @@ async fn groups_wait_for_the_offsets_topic_replicas() {
         "{topics:?}"
     );
 }
+
+/// A `send` dropped while it waits (here for a topic's metadata, as a
+/// caller's timeout or `select!` drops it) gives its buffer bytes back:
+/// they were forgotten, and once a buffer's worth of sends had been
+/// cancelled, every later send blocked for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_send_gives_its_buffer_back() {
+    let (_dir, _client, server) = with_topic("cancelled").await;
+    // A client of its own: no topic cached, so a send asks the cluster.
+    let client = Client::connect(&server.addr).await.unwrap();
+    let producer = client.producer(ProducerConfig {
+        buffer_bytes_max: 4096,
+        batch_bytes_max: 4096,
+        idempotence: false,
+        ..ProducerConfig::default()
+    });
+    let value = vec![b'v'; 1000];
+    let mut cancelled = 0;
+    for i in 0..20 {
+        // Polled once: the bytes are taken, then it waits for metadata.
+        let topic = format!("unseen-{i}");
+        let polled = futures_util::FutureExt::now_or_never(
+            producer.send(&topic, ProducerRecord::value(value.clone())),
+        );
+        cancelled += usize::from(polled.is_none());
+    }
+    assert!(cancelled > 4, "only {cancelled} sends were cancelled");
+    let sent = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        producer
+            .send("cancelled", ProducerRecord::value(value.clone()))
+            .await
+            .unwrap()
+            .await
+    })
+    .await
+    .expect("a send blocked on bytes that cancelled sends kept");
+    sent.unwrap();
+    producer.close().await.unwrap();
+}

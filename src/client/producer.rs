@@ -502,9 +502,16 @@ impl Producer {
                 .forget(),
             Err(TryAcquireError::Closed) => return Err(ClientError::Closed),
         }
-        // From here the permits travel with the record, or are returned.
+        // From here the permits travel with the record, or are returned:
+        // also when this call is dropped while it waits (for a producer
+        // id, for metadata), as a caller's timeout or select! does. They
+        // were forgotten at once, so every cancelled send leaked its
+        // bytes for good, and once enough had, every send blocked.
+        let mut held = HeldPermits {
+            buffer: &sh.buffer,
+            count: permits,
+        };
         let refused = |e: ClientError| {
-            sh.buffer.add_permits(permits as usize);
             Ok(DeliveryFuture::failed(
                 topic,
                 record.partition.unwrap_or(-1),
@@ -535,6 +542,8 @@ impl Producer {
                 if !id_missing && fresh {
                     let now = st.clock.ms(sent_at);
                     added = Some(sh.add(&mut st, topic, &record, permits, (sent_at, now)));
+                    // The record's batch holds them now.
+                    held.count = 0;
                 }
                 (id_missing, added, past_count)
             };
@@ -622,6 +631,21 @@ impl Producer {
     /// Flushes and stops.
     pub async fn close(self) -> Result<(), ClientError> {
         self.flush().await
+    }
+}
+
+/// Buffer permits a `send` took and has not handed to a batch yet: given
+/// back when dropped (the record refused, or the call cancelled).
+struct HeldPermits<'a> {
+    buffer: &'a tokio::sync::Semaphore,
+    count: u32,
+}
+
+impl Drop for HeldPermits<'_> {
+    fn drop(&mut self) {
+        if self.count > 0 {
+            self.buffer.add_permits(self.count as usize);
+        }
     }
 }
 
