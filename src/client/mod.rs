@@ -471,7 +471,7 @@ impl Client {
         }
     }
 
-    /// A cached description however old (not one invalidated).
+    /// A cached description however old (also one invalidated).
     fn aged_topic(&self, name: &str) -> Option<pb::TopicDescription> {
         let cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
         cache.get(name).map(|(t, _)| t.clone())
@@ -485,10 +485,22 @@ impl Client {
             .map(|(t, _)| t.clone())
     }
 
-    /// Forgets cached metadata of `topic` (after NOT_LEADER and the like).
+    /// Marks cached metadata of `topic` stale (after NOT_LEADER and the
+    /// like): the next lookup asks the cluster. The stale copy is kept as
+    /// the aged one to fall back on while no broker answers: removed, a
+    /// producer's sends were refused at once during an outage (its
+    /// retrying senders invalidate the topic) instead of waiting up to
+    /// their delivery timeout.
     pub fn invalidate(&self, topic: &str) {
         let mut cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
-        cache.remove(topic);
+        let stale = std::time::Instant::now()
+            .checked_sub(METADATA_MAX_AGE + std::time::Duration::from_secs(1));
+        match (cache.get_mut(topic), stale) {
+            (Some((_, at)), Some(stale)) => *at = stale,
+            _ => {
+                cache.remove(topic);
+            }
+        }
     }
 
     /// The channel to the leader of `topic`-`partition`.
