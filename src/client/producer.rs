@@ -1173,12 +1173,35 @@ impl PartitionSender {
                             Err(ClientError::Transport("produce stream ended".into()))
                         }
                     };
+                    // A leader that does not know the topic or partition yet
+                    // (it has not applied a creation or a partition added a
+                    // moment ago, which the broker that answered the
+                    // metadata had): retried while the cluster's metadata
+                    // still lists it, as a Kafka producer retries
+                    // UNKNOWN_TOPIC_OR_PARTITION; failed at once for a
+                    // topic that is gone.
+                    let lagging = match &result {
+                        Err(e) if matches!(
+                            e.code(),
+                            pb::ErrorCode::UnknownTopic | pb::ErrorCode::UnknownPartition
+                        ) => {
+                            self.client.invalidate(&self.topic);
+                            self.client
+                                .topic(&self.topic)
+                                .await
+                                .is_ok_and(|t| t.partitions.iter().any(|p| p.partition == self.partition))
+                        }
+                        _ => false,
+                    };
                     match result {
                         Ok(r) => {
                             backoff = self.retry_backoff;
                             let q = pop_front_batch(&mut queue);
                             sent -= 1;
                             q.done.finish(Ok(r.base_offset));
+                        }
+                        Err(e) if lagging => {
+                            retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff, &mut restart, ended.unwrap_or(Ended::Unknown));
                         }
                         Err(e) if ended.is_some() && call_refused(&e) => {
                             restart = self.refused_call(e, &mut stream, &mut queue, &mut sent, restart);
