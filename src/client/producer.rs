@@ -1376,7 +1376,17 @@ impl PartitionSender {
             }) == Some(true)
             {
                 let q = pop_front_batch(queue);
-                self.fail_for_good(q, &e);
+                if self.broken.is_some() && !q.maybe_stored {
+                    // Never reached the broker (its stream could not be
+                    // opened): not stored, so its sequence is given back,
+                    // as for one that expires before it is sent. Breaking
+                    // the producer id failed the younger batches behind
+                    // it, still in time, as out of order.
+                    *restart = self.skip_refused(&q, restart.take(), stream, queue, sent);
+                    q.done.finish(Err(e.clone()));
+                } else {
+                    self.fail_for_good(q, &e);
+                }
             }
         }
         debug!(topic = %self.topic, partition = self.partition, error = %e, backoff_ms = backoff.as_millis() as u64, "produce failed; retrying");
