@@ -114,7 +114,17 @@ impl ClientError {
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
         let code = error_code_of(&status);
-        if code == pb::ErrorCode::Unknown && status.code() != tonic::Code::Internal {
+        // Without a Runnel error code the status is not the broker's
+        // answer but the connection's: also INTERNAL, which is what tonic
+        // makes of an HTTP/2 stream reset or GOAWAY (taken as the broker's
+        // refusal, a metadata lookup stopped instead of asking the next
+        // broker, and a producer id was not retried).
+        let answered = status
+            .metadata()
+            .get(crate::error::ERROR_CODE_HEADER)
+            .is_some();
+        if code == pb::ErrorCode::Unknown && (status.code() != tonic::Code::Internal || !answered)
+        {
             return ClientError::Transport(format!("{}: {}", status.code(), status.message()));
         }
         let leader = status
