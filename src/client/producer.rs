@@ -1349,7 +1349,18 @@ impl PartitionSender {
         }
         let was_sent = std::mem::take(sent);
         *stream = None;
-        self.client.invalidate(&self.topic);
+        // Only errors that say the routing may have changed: too few
+        // replicas or a timeout say nothing of who leads, and every
+        // partition's sender asking the cluster again each retry was a
+        // storm of metadata requests while an ISR was short.
+        if !matches!(
+            e.code(),
+            pb::ErrorCode::NotEnoughReplicas
+                | pb::ErrorCode::NotEnoughReplicasAfterAppend
+                | pb::ErrorCode::RequestTimedOut
+        ) {
+            self.client.invalidate(&self.topic);
+        }
         for entry in queue.iter_mut() {
             if let Entry::Batch(q) = entry {
                 if q.sent_at.take().is_some() && ended == Ended::Unknown {
