@@ -123,8 +123,7 @@ impl From<tonic::Status> for ClientError {
             .metadata()
             .get(crate::error::ERROR_CODE_HEADER)
             .is_some();
-        if code == pb::ErrorCode::Unknown && (status.code() != tonic::Code::Internal || !answered)
-        {
+        if code == pb::ErrorCode::Unknown && (status.code() != tonic::Code::Internal || !answered) {
             return ClientError::Transport(format!("{}: {}", status.code(), status.message()));
         }
         let leader = status
