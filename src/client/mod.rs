@@ -512,13 +512,23 @@ impl Client {
         }
     }
 
+    /// Forgets cached metadata of `topic` altogether (it was deleted or
+    /// created anew): no aged copy to fall back on.
+    pub fn forget(&self, topic: &str) {
+        let mut cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+        cache.remove(topic);
+    }
+
     /// The channel to the leader of `topic`-`partition`.
     pub(crate) async fn leader(&self, topic: &str, partition: i32) -> Result<Channel, ClientError> {
         let mut t = self.topic(topic).await?;
         if !t.partitions.iter().any(|p| p.partition == partition) {
             // Cached before the topic grew (a group can be handed a new
-            // partition before this client heard of it): read it again.
+            // partition before this client heard of it): read it again. A
+            // refresh that fails is the error (retriable while no broker
+            // answers), not UNKNOWN_PARTITION from the aged copy.
             self.invalidate(topic);
+            self.metadata(&[topic.to_string()]).await?;
             t = self.topic(topic).await?;
         }
         let p = t
@@ -573,8 +583,9 @@ impl Client {
             .await?
             .into_inner();
         // A copy cached of an earlier topic of this name (deleted by
-        // another client) would route with the old topic's id.
-        self.invalidate(name);
+        // another client) would route with the old topic's id: forgotten,
+        // not kept as an aged copy.
+        self.forget(name);
         resp.topic
             .ok_or_else(|| ClientError::Transport("create_topic answered no topic".into()))
     }
@@ -589,7 +600,7 @@ impl Client {
             |mut a, r| async move { a.delete_topic(r).await },
         )
         .await?;
-        self.invalidate(name);
+        self.forget(name);
         Ok(())
     }
 
