@@ -634,6 +634,10 @@ impl Producer {
     }
 }
 
+/// Longest wait of a partition sender for the metadata that tells a
+/// lagging leader from a topic that is gone.
+const LISTED_CHECK_WAIT: Duration = Duration::from_secs(2);
+
 /// Buffer permits a `send` took and has not handed to a batch yet: given
 /// back when dropped (the record refused, or the call cancelled).
 struct HeldPermits<'a> {
@@ -1185,11 +1189,15 @@ impl PartitionSender {
                             e.code(),
                             pb::ErrorCode::UnknownTopic | pb::ErrorCode::UnknownPartition
                         ) => {
+                            // Bounded: no answers are read meanwhile. Cut
+                            // short, it counts as listed (no broker answered:
+                            // an outage, retried as one).
                             self.client.invalidate(&self.topic);
-                            self.client
-                                .topic(&self.topic)
+                            tokio::time::timeout(LISTED_CHECK_WAIT, self.client.topic(&self.topic))
                                 .await
-                                .is_ok_and(|t| t.partitions.iter().any(|p| p.partition == self.partition))
+                                .map_or(true, |t| {
+                                    t.is_ok_and(|t| t.partitions.iter().any(|p| p.partition == self.partition))
+                                })
                         }
                         _ => false,
                     };
@@ -1349,15 +1357,14 @@ impl PartitionSender {
         }
         let was_sent = std::mem::take(sent);
         *stream = None;
-        // Only errors that say the routing may have changed: too few
-        // replicas or a timeout say nothing of who leads, and every
+        // Only errors that may mean the routing changed: too few replicas
+        // says nothing of who leads (a timeout may: a leader cut off from
+        // the controller times out while another leads), and every
         // partition's sender asking the cluster again each retry was a
         // storm of metadata requests while an ISR was short.
         if !matches!(
             e.code(),
-            pb::ErrorCode::NotEnoughReplicas
-                | pb::ErrorCode::NotEnoughReplicasAfterAppend
-                | pb::ErrorCode::RequestTimedOut
+            pb::ErrorCode::NotEnoughReplicas | pb::ErrorCode::NotEnoughReplicasAfterAppend
         ) {
             self.client.invalidate(&self.topic);
         }
