@@ -20,6 +20,12 @@ pub fn hash(password: &str) -> UserCredential {
     ring::rand::SystemRandom::new()
         .fill(&mut salt)
         .expect("the system random source works");
+    hash_with_salt(password, salt)
+}
+
+/// Hashes `password` with `salt` (the stored one, when a user's password
+/// is saved again unchanged: the credential is then the same bytes).
+pub fn hash_with_salt(password: &str, salt: Vec<u8>) -> UserCredential {
     let mut out = vec![0u8; HASH_LEN];
     pbkdf2::derive(
         pbkdf2::PBKDF2_HMAC_SHA256,

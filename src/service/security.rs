@@ -144,20 +144,26 @@ impl Security for SecurityService {
             .users
             .get(&req.name)
             .cloned();
-        // PBKDF2 takes milliseconds: off the runtime threads.
+        // PBKDF2 takes milliseconds: off the runtime threads. Always
+        // submitted (this broker's copy may lag: a delete, or another
+        // password, not applied here yet), but with the stored salt when
+        // the password is unchanged, so the credential is the same bytes.
         let credential = tokio::task::spawn_blocking(move || match stored {
-            Some(cred) if password::verify(&cred, req.password.as_bytes()) => None,
-            _ => Some(password::hash(&req.password)),
+            Some(cred)
+                if cred.iterations >= password::ITERATIONS
+                    && password::verify(&cred, req.password.as_bytes()) =>
+            {
+                password::hash_with_salt(&req.password, cred.salt)
+            }
+            _ => password::hash(&req.password),
         })
         .await
         .map_err(|_| Status::internal("hashing failed"))?;
-        if let Some(credential) = credential {
-            self.submit(MetadataCommand::UpsertUser {
-                name: req.name,
-                credential,
-            })
-            .await?;
-        }
+        self.submit(MetadataCommand::UpsertUser {
+            name: req.name,
+            credential,
+        })
+        .await?;
         Ok(Response::new(pb::UpsertUserResponse {}))
     }
 
