@@ -152,9 +152,9 @@ const SUBSCRIBE_BUFFER_BYTES: usize = 64 << 20;
 /// not one, are needed to make every other subscription wait.
 const SUBSCRIBE_CONNECTION_BYTES: usize = SUBSCRIBE_BUFFER_BYTES / 4;
 
-/// Most a chunk is charged beyond its `max_bytes` for the batch it may
-/// hold whole (see [`read_chunk`]).
-const CHUNK_CHARGE_FLOOR_MAX: u32 = 256 * 1024;
+/// A chunk is charged at least the topic's largest batch divided by
+/// this (see [`read_chunk`]).
+const CHUNK_UNDERCHARGE_MAX: u32 = 4;
 
 /// A fetch's `max_bytes` (0: the fetch default) cut to `cap`.
 fn fetch_bytes(max_bytes: u32, cap: usize) -> u32 {
@@ -184,14 +184,13 @@ async fn read_chunk(
     // for: charged as if it were as large as the topic's batches may be.
     // Charged by `max_bytes` alone, subscriptions asking for one byte held
     // megabytes each on a budget that counted one.
-    // (At most CHUNK_CHARGE_FLOOR_MAX as a floor: a client asking for
-    // small chunks of a topic of large batches keeps more than a few
-    // chunks in flight per connection; what it may hold beyond its charge
-    // stays within a small factor.)
+    // (A quarter of it as a floor: a client asking for small chunks keeps
+    // more than a few in flight per connection, and what it may hold
+    // beyond its charge stays within four times.)
     let batch_max = broker
         .hosted_partition(&fetch.topic, fetch.partition)
         .map_or(0, |p| p.log.config().message_bytes_max)
-        .min(CHUNK_CHARGE_FLOOR_MAX);
+        .div_ceil(CHUNK_UNDERCHARGE_MAX);
     let permits = chunk_permits(fetch.max_bytes.max(batch_max));
     let take = |budget: &Arc<Semaphore>| {
         budget
