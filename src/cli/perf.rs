@@ -697,6 +697,7 @@ async fn consume_group(
     // not reading) to the last records: the empty poll that finds the
     // group caught up (a whole long poll) is not reading either.
     let (mut start, mut end) = (None, None);
+    let (mut first_began, mut later_polls) = (None, false);
     while records < w.records {
         // A poll before the member has partitions joins the group first:
         // timed from its end, not its start.
@@ -709,7 +710,15 @@ async fn consume_group(
             }
             continue;
         }
-        start.get_or_insert(if joined { began } else { Instant::now() });
+        // (From the end of a poll that joined, its own records are
+        // counted in no time: with one poll alone, the whole poll is
+        // timed instead.)
+        if start.is_none() {
+            start = Some(if joined { began } else { Instant::now() });
+            first_began = Some(began);
+        } else {
+            later_polls = true;
+        }
         end = Some(Instant::now());
         records += batch.len() as u64;
         bytes += batch
@@ -718,8 +727,9 @@ async fn consume_group(
             .sum::<u64>();
         bar.set_position(records);
     }
-    let elapsed = match (start, end) {
-        (Some(s), Some(e)) => e.duration_since(s),
+    let elapsed = match (start, first_began, end) {
+        (Some(s), _, Some(e)) if later_polls => e.duration_since(s),
+        (_, Some(b), Some(e)) => e.duration_since(b),
         _ => Duration::ZERO,
     };
     bar.finish_and_clear();
