@@ -310,6 +310,26 @@ impl Security {
         Some(Ok(Principal(user.into())))
     }
 
+    /// The login to record for `user`, whose `password` was just
+    /// accepted: the stored hash, if the password is the one verified
+    /// against it (the `verified` cache, which every accepted password
+    /// is in). A password changed between the check and this read gives a
+    /// login that matches no stored hash, so the stream it opens ends at
+    /// its first check instead of running on under the new credential.
+    fn login(&self, user: &str, password: &[u8]) -> Login {
+        let state = self.metadata.current();
+        let hash = state
+            .users
+            .get(user)
+            .filter(|cred| self.verified_before(user, cred, &password_digest(&cred.salt, password)))
+            .map(|cred| cred.hash.clone())
+            .unwrap_or_default();
+        Login {
+            user: Arc::from(user),
+            hash,
+        }
+    }
+
     fn lock_failures(&self) -> std::sync::MutexGuard<'_, HashMap<FailureKey, Failures>> {
         self.failures.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -846,12 +866,12 @@ impl<S> AuthService<S> {
         if !self.security.settings.authentication || !headers.contains_key(USER_HEADER) {
             return None;
         }
-        let state = self.security.metadata.current();
-        let cred = state.users.get(principal.name())?;
-        Some(Login {
-            user: principal.0.clone(),
-            hash: cred.hash.clone(),
-        })
+        let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
+        let password = metadata
+            .get_bin(PASSWORD_HEADER)
+            .and_then(|p| p.to_bytes().ok())
+            .unwrap_or_default();
+        Some(self.security.login(principal.name(), &password))
     }
 }
 
@@ -898,7 +918,8 @@ where
                 password,
             } => {
                 let security = self.security.clone();
-                let metadata = self.security.metadata.clone();
+                let for_login = self.security.clone();
+                let typed = password.clone();
                 let mut inner = take_inner(self);
                 Box::pin(async move {
                     let Some(queued) = security.queue_verification(peer) else {
@@ -924,13 +945,9 @@ where
                     };
                     match checked {
                         Ok(principal) => {
-                            let state = metadata.current();
-                            if let Some(cred) = state.users.get(principal.name()) {
-                                request.extensions_mut().insert(Login {
-                                    user: principal.0.clone(),
-                                    hash: cred.hash.clone(),
-                                });
-                            }
+                            request
+                                .extensions_mut()
+                                .insert(for_login.login(principal.name(), &typed));
                             request.extensions_mut().insert(principal);
                             inner.call(request).await
                         }
@@ -1059,6 +1076,27 @@ mod tests {
             security.authenticate(path, &headers(b"guess"), &extensions),
             Authenticated::Verify { .. }
         ));
+    }
+
+    /// A login records the stored hash only for the password verified
+    /// against it: for any other (a password changed between the check
+    /// and the read), a hash that matches nothing, so the stream ends.
+    #[test]
+    fn a_login_records_the_hash_its_password_was_verified_against() {
+        let mut meta = runnel_controller::ClusterMetadata::default();
+        let cred = password::hash("correct horse");
+        meta.users.insert("u".into(), cred.clone());
+        let settings = SecuritySection {
+            authentication: true,
+            ..SecuritySection::default()
+        };
+        let security = Security::new(settings, Arc::new(Users(Arc::new(meta))));
+        security
+            .check_password(None, "u", b"correct horse")
+            .unwrap();
+        assert_eq!(security.login("u", b"correct horse").hash, cred.hash);
+        assert!(security.login("u", b"another").hash.is_empty());
+        assert!(security.login("nobody", b"correct horse").hash.is_empty());
     }
 
     /// A flood of attempts is bounded: an overlong user name is refused
