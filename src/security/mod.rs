@@ -428,6 +428,14 @@ impl Security {
         Err(unauthenticated(AUTH_FAILED))
     }
 
+    /// Whether no ACL applies to `principal`: authorization off, or a
+    /// super user or broker.
+    fn bypasses_acls(&self, principal: &Principal) -> bool {
+        !self.settings.authorization
+            || self.super_users.contains(principal.name())
+            || self.broker_principals.contains(principal.name())
+    }
+
     /// Whether `principal` may do `operation` on the resource.
     pub fn allowed(
         &self,
@@ -436,10 +444,7 @@ impl Security {
         name: &str,
         operation: Operation,
     ) -> bool {
-        if !self.settings.authorization
-            || self.super_users.contains(principal.name())
-            || self.broker_principals.contains(principal.name())
-        {
+        if self.bypasses_acls(principal) {
             return true;
         }
         let state = self.metadata.current();
@@ -460,10 +465,7 @@ impl Security {
         resource_type: ResourceType,
         operation: Operation,
     ) -> bool {
-        if !self.settings.authorization
-            || self.super_users.contains(principal.name())
-            || self.broker_principals.contains(principal.name())
-        {
+        if self.bypasses_acls(principal) {
             return true;
         }
         let state = self.metadata.current();
