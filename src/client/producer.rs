@@ -492,25 +492,20 @@ impl Producer {
         let sh = &self.shared;
         let sent_at = std::time::Instant::now();
         let permits = record.size_estimate().clamp(1, sh.config.buffer_bytes_max) as u32;
-        match sh.buffer.try_acquire_many(permits) {
-            Ok(p) => p.forget(),
+        // The permits are held (and given back if this call is dropped
+        // while it waits, for a producer id or metadata, as a caller's
+        // timeout or select! does) until the record's batch takes them.
+        // Forgotten at once, every cancelled send leaked its bytes for
+        // good, and once enough had, every send blocked.
+        let mut held = Some(match sh.buffer.try_acquire_many(permits) {
+            Ok(p) => p,
             Err(TryAcquireError::NoPermits) => sh
                 .buffer
                 .acquire_many(permits)
                 .await
-                .map_err(|_| ClientError::Closed)?
-                .forget(),
+                .map_err(|_| ClientError::Closed)?,
             Err(TryAcquireError::Closed) => return Err(ClientError::Closed),
-        }
-        // From here the permits travel with the record, or are returned:
-        // also when this call is dropped while it waits (for a producer
-        // id, for metadata), as a caller's timeout or select! does. They
-        // were forgotten at once, so every cancelled send leaked its
-        // bytes for good, and once enough had, every send blocked.
-        let mut held = HeldPermits {
-            buffer: &sh.buffer,
-            count: permits,
-        };
+        });
         let refused = |e: ClientError| {
             Ok(DeliveryFuture::failed(
                 topic,
@@ -543,7 +538,9 @@ impl Producer {
                     let now = st.clock.ms(sent_at);
                     added = Some(sh.add(&mut st, topic, &record, permits, (sent_at, now)));
                     // The record's batch holds them now.
-                    held.count = 0;
+                    if let Some(p) = held.take() {
+                        p.forget();
+                    }
                 }
                 (id_missing, added, past_count)
             };
@@ -637,21 +634,6 @@ impl Producer {
 /// Longest wait of a partition sender for the metadata that tells a
 /// lagging leader from a topic that is gone.
 const LISTED_CHECK_WAIT: Duration = Duration::from_secs(2);
-
-/// Buffer permits a `send` took and has not handed to a batch yet: given
-/// back when dropped (the record refused, or the call cancelled).
-struct HeldPermits<'a> {
-    buffer: &'a tokio::sync::Semaphore,
-    count: u32,
-}
-
-impl Drop for HeldPermits<'_> {
-    fn drop(&mut self) {
-        if self.count > 0 {
-            self.buffer.add_permits(self.count as usize);
-        }
-    }
-}
 
 impl Drop for Producer {
     /// Sends what is still queued (the senders finish their queues and
