@@ -66,6 +66,12 @@ pub struct PartitionInfo {
 }
 
 impl PartitionInfo {
+    /// Who leads after an unclean election: the first replica that is
+    /// live, in sync or not.
+    fn unclean_pick(&self, live: &[i32]) -> Option<i32> {
+        self.replicas.iter().copied().find(|r| live.contains(r))
+    }
+
     /// Finishes a reassignment whose added replicas are all in sync:
     /// replicas become the target, the ISR keeps only target replicas,
     /// and a leader outside the target hands over (bumped leader epoch).
@@ -118,6 +124,16 @@ pub struct TopicInfo {
     pub replication_factor: i32,
     /// Config overrides (only keys the user set).
     pub configs: BTreeMap<String, String>,
+}
+
+impl TopicInfo {
+    /// Whether the topic's own configs allow unclean elections (only its
+    /// own: the state machine never reads a broker's defaults).
+    fn allows_unclean(&self) -> bool {
+        self.configs
+            .get("unclean.leader.election.enable")
+            .is_some_and(|v| v == "true")
+    }
 }
 
 /// The whole cluster metadata.
@@ -533,9 +549,7 @@ impl ClusterMetadata {
                         continue;
                     }
                     let pick = if unclean {
-                        (p.leader == -1)
-                            .then(|| p.replicas.iter().copied().find(|r| live.contains(r)))
-                            .flatten()
+                        (p.leader == -1).then(|| p.unclean_pick(&live)).flatten()
                     } else {
                         let preferred = p.replicas[0];
                         (p.leader != preferred
@@ -744,11 +758,7 @@ impl ClusterMetadata {
         broker.fenced = true;
         let live = self.live_brokers();
         for topic in self.topics.values_mut() {
-            let unclean = unclean
-                && topic
-                    .configs
-                    .get("unclean.leader.election.enable")
-                    .is_some_and(|v| v == "true");
+            let unclean = unclean && topic.allows_unclean();
             for p in &mut topic.partitions {
                 if !p.replicas.contains(&id) {
                     continue;
@@ -761,7 +771,7 @@ impl ClusterMetadata {
                     if p.leader == -1 && unclean {
                         // No in-sync replica left: the topic allows an
                         // out-of-sync one to lead (records may be lost).
-                        if let Some(r) = p.replicas.iter().copied().find(|r| live.contains(r)) {
+                        if let Some(r) = p.unclean_pick(&live) {
                             p.leader = r;
                             p.isr = vec![r];
                         }
@@ -788,18 +798,14 @@ impl ClusterMetadata {
             .map(|b| b.id)
             .collect();
         for topic in self.topics.values_mut() {
-            if topic
-                .configs
-                .get("unclean.leader.election.enable")
-                .is_none_or(|v| v != "true")
-            {
+            if !topic.allows_unclean() {
                 continue;
             }
             for p in &mut topic.partitions {
                 if p.leader != -1 || p.isr.iter().any(|r| returning.contains(r)) {
                     continue;
                 }
-                if let Some(r) = p.replicas.iter().copied().find(|r| live.contains(r)) {
+                if let Some(r) = p.unclean_pick(&live) {
                     p.leader = r;
                     p.isr = vec![r];
                     p.leader_epoch += 1;
