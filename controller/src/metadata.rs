@@ -1550,6 +1550,22 @@ mod tests {
         assert_eq!(leaders, vec![1, 2, 3, 4]);
     }
 
+    /// Topic "t", one partition on brokers 1 (leading) and 2, with
+    /// unclean elections allowed or not.
+    fn two_copies_of_t(unclean: bool) -> MetadataCommand {
+        MetadataCommand::CreateTopic {
+            name: "t".into(),
+            topic_id: "x".into(),
+            partitions: 1,
+            replication_factor: 2,
+            configs: [(
+                "unclean.leader.election.enable".to_string(),
+                unclean.to_string(),
+            )]
+            .into(),
+        }
+    }
+
     /// Unclean election only when the topic allows it, and never for a
     /// controlled shutdown: that broker comes back with its log, and
     /// would truncate what it acknowledged to the unclean leader's.
@@ -1558,30 +1574,9 @@ mod tests {
         for (allow, controlled, leader) in [(false, false, -1), (true, false, 2), (true, true, -1)]
         {
             let mut s = three();
-            let mut configs = BTreeMap::new();
-            configs.insert(
-                "unclean.leader.election.enable".to_string(),
-                allow.to_string(),
-            );
-            s.apply(MetadataCommand::CreateTopic {
-                name: "t".into(),
-                topic_id: "x".into(),
-                partitions: 1,
-                replication_factor: 2,
-                configs,
-            })
-            .unwrap();
+            s.apply(two_copies_of_t(allow)).unwrap();
             // Follower 2 fell out of the ISR, then the leader died.
-            s.apply(MetadataCommand::AlterPartitionIsr {
-                topic: "t".into(),
-                topic_id: String::new(),
-                partition: 0,
-                leader_id: 1,
-                leader_epoch: 0,
-                partition_epoch: 0,
-                isr: vec![1],
-            })
-            .unwrap();
+            s.apply(alter_isr(0, 0, vec![1])).unwrap();
             s.apply(MetadataCommand::FenceBroker {
                 id: 1,
                 epoch: None,
@@ -1618,21 +1613,7 @@ mod tests {
     fn an_offline_partition_elects_uncleanly_once_it_can() {
         for allow_first in [true, false] {
             let mut s = three();
-            let mut configs = BTreeMap::new();
-            if allow_first {
-                configs.insert(
-                    "unclean.leader.election.enable".to_string(),
-                    "true".to_string(),
-                );
-            }
-            s.apply(MetadataCommand::CreateTopic {
-                name: "t".into(),
-                topic_id: "x".into(),
-                partitions: 1,
-                replication_factor: 2,
-                configs,
-            })
-            .unwrap();
+            s.apply(two_copies_of_t(allow_first)).unwrap();
             // Follower 2 fell behind and died, then leader 1 died: nothing
             // live to elect.
             s.apply(alter_isr(0, 0, vec![1])).unwrap();
