@@ -373,35 +373,49 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    /// A partition of topic "t" over a fresh log in `dir`.
+    fn partition_in(dir: &tempfile::TempDir) -> (Arc<Log>, Partition) {
+        let log = Arc::new(Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap());
+        (log.clone(), Partition::new("t".into(), 0, "id".into(), log))
+    }
+
+    /// `replicas`, all in sync, led by `leader` in `leader_epoch`.
+    fn in_sync(replicas: &[i32], leader: i32, leader_epoch: i32) -> PartitionInfo {
+        PartitionInfo {
+            replicas: replicas.to_vec(),
+            leader,
+            leader_epoch,
+            isr: replicas.to_vec(),
+            partition_epoch: 0,
+            target_replicas: vec![],
+            adding: vec![],
+            removing: vec![],
+        }
+    }
+
+    /// A batch of one record at `base_offset`.
+    fn one_record(base_offset: i64) -> bytes::Bytes {
+        let mut b = runnel_storage::BatchBuilder::new();
+        b.push(0, None, Some(b"v"), &[]);
+        let mut bytes = b.build();
+        runnel_storage::batch::set_base_offset(&mut bytes, base_offset);
+        bytes.freeze()
+    }
+
     /// A leader that becomes a follower fences its log: a produce request
     /// checked against the old metadata and appending late is refused.
     #[test]
     fn a_demoted_leader_refuses_appends_from_its_old_epoch() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap());
-        let p = Partition::new("t".into(), 0, "id".into(), log.clone());
-        let mut info = PartitionInfo {
-            replicas: vec![1, 2],
-            leader: 1,
-            leader_epoch: 3,
-            isr: vec![1, 2],
-            partition_epoch: 0,
-            target_replicas: vec![],
-            adding: vec![],
-            removing: vec![],
-        };
+        let (log, p) = partition_in(&dir);
+        let mut info = in_sync(&[1, 2], 1, 3);
         p.update_role(1, &info, 0);
-        let batch = || {
-            let mut b = runnel_storage::BatchBuilder::new();
-            b.push(0, None, Some(b"v"), &[]);
-            b.build().freeze()
-        };
-        log.append_as_leader(batch(), 3).unwrap();
+        log.append_as_leader(one_record(0), 3).unwrap();
         info.leader = 2;
         info.leader_epoch = 4;
         p.update_role(1, &info, 0);
         assert!(matches!(
-            log.append_as_leader(batch(), 3),
+            log.append_as_leader(one_record(0), 3),
             Err(runnel_storage::StorageError::FencedLeaderEpoch { .. })
         ));
         assert_eq!(log.log_end_offset(), 1);
@@ -414,31 +428,14 @@ mod tests {
     #[test]
     fn a_follower_of_a_new_epoch_refuses_writes_of_the_old_one() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap());
-        let p = Partition::new("t".into(), 0, "id".into(), log.clone());
-        let mut info = PartitionInfo {
-            replicas: vec![1, 2, 3],
-            leader: 2,
-            leader_epoch: 4,
-            isr: vec![1, 2, 3],
-            partition_epoch: 0,
-            target_replicas: vec![],
-            adding: vec![],
-            removing: vec![],
-        };
+        let (log, p) = partition_in(&dir);
+        let mut info = in_sync(&[1, 2, 3], 2, 4);
         p.update_role(1, &info, 0);
-        let batch = |base_offset| {
-            let mut b = runnel_storage::BatchBuilder::new();
-            b.push(0, None, Some(b"v"), &[]);
-            let mut bytes = b.build();
-            runnel_storage::batch::set_base_offset(&mut bytes, base_offset);
-            bytes.freeze()
-        };
-        log.append_following(4, batch(0)).unwrap();
+        log.append_following(4, one_record(0)).unwrap();
         info.leader = 3;
         info.leader_epoch = 5;
         p.update_role(1, &info, 0);
-        let late = log.append_following(4, batch(1));
+        let late = log.append_following(4, one_record(1));
         assert!(
             matches!(
                 late,
@@ -454,29 +451,16 @@ mod tests {
     #[test]
     fn a_retired_replica_wakes_its_waiters_and_takes_no_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap());
-        let p = Partition::new("t".into(), 0, "id".into(), log.clone());
-        let info = PartitionInfo {
-            replicas: vec![1, 2],
-            leader: 1,
-            leader_epoch: 3,
-            isr: vec![1, 2],
-            partition_epoch: 0,
-            target_replicas: vec![],
-            adding: vec![],
-            removing: vec![],
-        };
+        let (log, p) = partition_in(&dir);
+        let info = in_sync(&[1, 2], 1, 3);
         p.update_role(1, &info, 0);
         let mut hw = p.watch_high_watermark();
         hw.mark_unchanged();
         p.retire();
         assert!(hw.has_changed().unwrap());
         assert_eq!(p.leader_epoch(), None);
-        let mut b = runnel_storage::BatchBuilder::new();
-        b.push(0, None, Some(b"v"), &[]);
-        let batch = b.build().freeze();
-        assert!(log.append_as_leader(batch.clone(), 3).is_err());
-        assert!(log.append_following(4, batch).is_err());
+        assert!(log.append_as_leader(one_record(0), 3).is_err());
+        assert!(log.append_following(4, one_record(0)).is_err());
         assert_eq!(log.log_end_offset(), 0);
     }
 
@@ -491,16 +475,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(Log::open(dir.path().join("t-0"), LogConfig::default()).unwrap());
         let p = Arc::new(Partition::new("t".into(), 0, "id".into(), log.clone()));
-        let info = PartitionInfo {
-            replicas: vec![1, 2, 3],
-            leader: 1,
-            leader_epoch: 0,
-            isr: vec![1, 2, 3],
-            partition_epoch: 0,
-            target_replicas: vec![],
-            adding: vec![],
-            removing: vec![],
-        };
+        let info = in_sync(&[1, 2, 3], 1, 0);
         assert!(p.update_role(1, &info, 0).is_empty());
         let done = AtomicBool::new(false);
         // What this thread saw last: the high watermark one thread reads
