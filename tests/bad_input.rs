@@ -4,21 +4,12 @@
 
 mod common;
 
-use common::{cli, cli_err, cli_ok, runnel_bin, ServerProcess};
+use common::{cli, cli_err, cli_ok, error_code, runnel_bin, ServerProcess};
 use runnel_proto::v1 as pb;
 use runnel_proto::v1::admin_client::AdminClient;
 use runnel_proto::v1::consumer_client::ConsumerClient;
 use runnel_proto::v1::producer_client::ProducerClient;
 use tonic::Code;
-
-fn error_code(status: &tonic::Status) -> String {
-    status
-        .metadata()
-        .get("runnel-error-code")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("<none>")
-        .to_string()
-}
 
 fn expect(
     result: Result<impl std::fmt::Debug, tonic::Status>,

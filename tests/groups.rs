@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cli, cli_err, cli_ok, eventually, Cluster};
+use common::{cli, cli_err, cli_ok, error_code, eventually, Cluster};
 use runnel::client::{
     Client, GroupConfig, GroupConsumer, ProducerConfig, ProducerRecord, RebalanceEvent,
 };
@@ -235,6 +235,29 @@ async fn one_node_with_topic_t(base: &std::path::Path) -> (Cluster, Client) {
         .await
         .unwrap();
     (cluster, client)
+}
+
+/// [`one_node_with_topic_t`] with its group coordinator up, and a raw
+/// gRPC groups client to it.
+async fn one_node_raw_groups(
+    base: &std::path::Path,
+) -> (
+    Cluster,
+    pb::consumer_groups_client::ConsumerGroupsClient<tonic::transport::Channel>,
+) {
+    let (cluster, client) = one_node_with_topic_t(base).await;
+    // The offsets topic (and so a coordinator) exists once asked for.
+    eventually("a coordinator", WAIT, || async {
+        client.find_coordinator("g").await.ok()
+    })
+    .await;
+    let groups = pb::consumer_groups_client::ConsumerGroupsClient::connect(format!(
+        "http://{}",
+        cluster.addrs[0]
+    ))
+    .await
+    .unwrap();
+    (cluster, groups)
 }
 
 async fn produce(client: &Client, topic: &str, from: usize, to: usize) {
@@ -1279,13 +1302,7 @@ async fn t11_a_join_waits_until_its_generation_is_stored() {
     // counts from when the record is stored (before, it was expired
     // after its 1 s session, and the join refused as UNKNOWN_MEMBER).
     let refused = groups.join_group(join.clone()).await.unwrap_err();
-    let code = refused
-        .metadata()
-        .get("runnel-error-code")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    assert_eq!(code, "REBALANCE_IN_PROGRESS", "{refused:?}");
+    assert_eq!(error_code(&refused), "REBALANCE_IN_PROGRESS", "{refused:?}");
     // The Rust client's poll, as Kafka's, takes a join that cannot
     // complete as a rebalance still under way: no records and no error;
     // a later poll joins again.
@@ -1810,12 +1827,7 @@ async fn t18_a_replaced_static_member_survives_a_coordinator_failover() {
             match r {
                 Ok(_) => Some(Ok(())),
                 Err(s) => {
-                    let code = s
-                        .metadata()
-                        .get("runnel-error-code")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string();
+                    let code = error_code(&s);
                     // Still moving: ask again.
                     (code != "NOT_COORDINATOR" && !code.is_empty()).then_some(Err(code))
                 }
@@ -1989,15 +2001,6 @@ async fn t22_offset_reset_none_waits_for_a_seek() {
     member.close().await.unwrap();
 }
 
-/// The error code a group call was refused with.
-fn refusal_code(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("runnel-error-code")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// A static member replaced while its join still waits is fenced
 /// (FENCED_INSTANCE_ID), at once. It used to get UNKNOWN_MEMBER (or wait
 /// for the rebalance), and a client clears its member id on that and
@@ -2006,18 +2009,7 @@ fn refusal_code(s: &tonic::Status) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t23_a_static_member_replaced_mid_join_is_fenced() {
     let base = tempfile::tempdir().unwrap();
-    let (cluster, client) = one_node_with_topic_t(base.path()).await;
-    // The offsets topic (and so a coordinator) exists once asked for.
-    eventually("a coordinator", WAIT, || async {
-        client.find_coordinator("g").await.ok()
-    })
-    .await;
-    let groups = pb::consumer_groups_client::ConsumerGroupsClient::connect(format!(
-        "http://{}",
-        cluster.addrs[0]
-    ))
-    .await
-    .unwrap();
+    let (_cluster, groups) = one_node_raw_groups(base.path()).await;
     let join = pb::JoinGroupRequest {
         group: "g".into(),
         topics: vec!["t".into()],
@@ -2057,7 +2049,7 @@ async fn t23_a_static_member_replaced_mid_join_is_fenced() {
                 .await;
             match r {
                 Ok(r) => r.into_inner().rejoin.then_some(()),
-                Err(s) if refusal_code(&s) == "REBALANCE_IN_PROGRESS" => Some(()),
+                Err(s) if error_code(&s) == "REBALANCE_IN_PROGRESS" => Some(()),
                 Err(_) => None,
             }
         }
@@ -2069,7 +2061,7 @@ async fn t23_a_static_member_replaced_mid_join_is_fenced() {
         async move { groups.join_group(pod).await }
     });
     let refused = old.await.unwrap().unwrap_err();
-    assert_eq!(refusal_code(&refused), "FENCED_INSTANCE_ID", "{refused:?}");
+    assert_eq!(error_code(&refused), "FENCED_INSTANCE_ID", "{refused:?}");
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "told only at the rebalance's end"
@@ -2084,17 +2076,7 @@ async fn t23_a_static_member_replaced_mid_join_is_fenced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t24_a_join_with_oversized_fields_is_refused() {
     let base = tempfile::tempdir().unwrap();
-    let (cluster, client) = one_node_with_topic_t(base.path()).await;
-    eventually("a coordinator", WAIT, || async {
-        client.find_coordinator("g").await.ok()
-    })
-    .await;
-    let mut groups = pb::consumer_groups_client::ConsumerGroupsClient::connect(format!(
-        "http://{}",
-        cluster.addrs[0]
-    ))
-    .await
-    .unwrap();
+    let (_cluster, mut groups) = one_node_raw_groups(base.path()).await;
     let join = pb::JoinGroupRequest {
         group: "g".into(),
         topics: vec!["t".into()],
@@ -2131,7 +2113,7 @@ async fn t24_a_join_with_oversized_fields_is_refused() {
         ),
     ] {
         let refused = groups.join_group(bad).await.unwrap_err();
-        assert_eq!(refusal_code(&refused), "INVALID_REQUEST", "{refused:?}");
+        assert_eq!(error_code(&refused), "INVALID_REQUEST", "{refused:?}");
         assert!(refused.message().contains(field), "{refused:?}");
     }
     // A sound join still gets in.

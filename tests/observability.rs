@@ -622,12 +622,7 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
             })
             .await;
         let status = misrouted.expect_err("a node that does not lead stored it");
-        let code = status
-            .metadata()
-            .get("runnel-error-code")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        (code.as_deref() == Some("NOT_LEADER")).then_some(())
+        (common::error_code(&status) == "NOT_LEADER").then_some(())
     })
     .await;
     let brief = [("topic", "brief")];

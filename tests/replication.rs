@@ -908,11 +908,8 @@ async fn t08_a_starting_broker_takes_no_leadership_and_stops_cleanly() {
         .expect_err("a starting broker must not append as leader");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert_eq!(
-        status
-            .metadata()
-            .get("runnel-error-code")
-            .and_then(|v| v.to_str().ok()),
-        Some("BROKER_NOT_AVAILABLE"),
+        common::error_code(&status),
+        "BROKER_NOT_AVAILABLE",
         "{status:?}"
     );
     // Stopped while still starting, it exits even with a stream open

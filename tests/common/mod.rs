@@ -437,3 +437,14 @@ pub fn cli_err(addr: &str, args: &[&str], stdin: Option<&[u8]>) -> String {
     );
     String::from_utf8(out.stderr).expect("utf-8 stderr")
 }
+
+/// The Runnel error code a refused call carries (`runnel-error-code`),
+/// empty when it has none.
+pub fn error_code(status: &tonic::Status) -> String {
+    status
+        .metadata()
+        .get("runnel-error-code")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
