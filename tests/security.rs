@@ -84,6 +84,19 @@ fn options(ca: &Ca, cert: Option<&Leaf>, user: Option<(&str, &str)>) -> ClientOp
     }
 }
 
+/// Sends one record and waits for its answer.
+async fn send_one(
+    producer: &runnel::client::Producer,
+    topic: &str,
+    value: &'static str,
+) -> Result<(), ClientError> {
+    producer
+        .send(topic, ProducerRecord::value(value))
+        .await?
+        .await
+        .map(|_| ())
+}
+
 fn code(e: &ClientError) -> pb::ErrorCode {
     e.code()
 }
@@ -579,13 +592,7 @@ async fn tls_mtls_authentication_and_acls() {
     // Her password changes while her produce stream is open: the stream
     // is not served on (it was, for as long as it stayed open).
     admin.upsert_user("alice", "battery staple").await.unwrap();
-    let r = match producer
-        .send("orders", ProducerRecord::value("after the change"))
-        .await
-    {
-        Ok(delivery) => delivery.await.map(|_| ()),
-        Err(e) => Err(e),
-    };
+    let r = send_one(&producer, "orders", "after the change").await;
     let err = r.expect_err("an open stream outlived its password");
     assert_eq!(code(&err), pb::ErrorCode::AuthenticationFailed, "{err}");
     drop(producer);
@@ -644,13 +651,7 @@ async fn tls_mtls_authentication_and_acls() {
     );
     assert!(ok, "{out}");
     let producer = alice.producer(ProducerConfig::default());
-    let r = match producer
-        .send("orders", ProducerRecord::value("second order"))
-        .await
-    {
-        Ok(delivery) => delivery.await.map(|_| ()),
-        Err(e) => Err(e),
-    };
+    let r = send_one(&producer, "orders", "second order").await;
     let err = r.expect_err("write allowed after the ACL was removed");
     assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
 
