@@ -811,21 +811,23 @@ async fn produce_stops_at_the_first_refused_record_of_an_endless_input() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), &[]);
     cli_ok(&server.addr, &["topic", "create", "doomed"], None);
-    let mut child = Command::new(runnel_bin())
-        .args([
-            "--bootstrap",
-            &server.addr,
-            "produce",
-            "doomed",
-            "--acks",
-            "leader",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+    let mut child = common::Reaped::new(
+        Command::new(runnel_bin())
+            .args([
+                "--bootstrap",
+                &server.addr,
+                "produce",
+                "doomed",
+                "--acks",
+                "leader",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = child.child().stdin.take().unwrap();
     // Lines keep coming until the command stops reading (broken pipe);
     // the input is never closed.
     let writer = std::thread::spawn(move || {
@@ -856,18 +858,10 @@ async fn produce_stops_at_the_first_refused_record_of_an_endless_input() {
     );
     assert!(first.contains("line "), "{first}");
     cli_ok(&server.addr, &["topic", "delete", "doomed"], None);
-    let pid = child.id();
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || child.wait_with_output()),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        let _ = Command::new("kill").arg(pid.to_string()).status();
-        panic!("runnel produce went on after its topic was deleted")
-    })
-    .unwrap()
-    .unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || child.wait_output(std::time::Duration::from_secs(60)))
+            .await
+            .expect("runnel produce stops once its topic is deleted");
     let written = writer.join().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
@@ -885,15 +879,17 @@ fn output_to_a_closed_pipe_ends_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), &[]);
     cli_ok(&server.addr, &["topic", "create", "listed"], None);
-    let mut child = Command::new(runnel_bin())
-        .args(["--bootstrap", &server.addr, "topic", "list"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::Reaped::new(
+        Command::new(runnel_bin())
+            .args(["--bootstrap", &server.addr, "topic", "list"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // The reader goes before the command has anything to print.
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    drop(child.child().stdout.take());
+    let out = child.wait_output(common::CLI_WAIT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");

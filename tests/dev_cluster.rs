@@ -5,10 +5,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{cli_ok, free_ports, runnel_bin};
+use common::{cli_ok, free_ports, runnel_bin, Reaped};
 
 /// `n` consecutive free ports (`runnel dev` puts node N on BASE + N - 1).
 fn consecutive_ports(n: usize) -> u16 {
@@ -25,20 +26,26 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let base = consecutive_ports(3);
     let metrics = consecutive_ports(3);
-    let mut dev = Command::new(runnel_bin())
-        .args(["dev", "--nodes", "3"])
-        .args(["--base-port", &base.to_string()])
-        .args(["--metrics-base-port", &metrics.to_string()])
-        .arg("--data-dir")
-        .arg(dir.path())
-        // Would give every node id 7 if the nodes inherited it.
-        .env("RUNNEL_NODE_ID", "7")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // A group of its own: however the test ends, `runnel dev` and the
+    // nodes it started are killed together (SIGKILL to `runnel dev`
+    // alone would orphan them).
+    let mut dev = Reaped::group(
+        Command::new(runnel_bin())
+            .args(["dev", "--nodes", "3"])
+            .args(["--base-port", &base.to_string()])
+            .args(["--metrics-base-port", &metrics.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path())
+            // Would give every node id 7 if the nodes inherited it.
+            .env("RUNNEL_NODE_ID", "7")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = dev.stdout.take().unwrap();
+    let stdout = dev.child().stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(stdout).lines() {
@@ -53,14 +60,7 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
     });
     let bootstrap = match rx.recv_timeout(Duration::from_secs(120)) {
         Ok(b) => b,
-        Err(_) => {
-            let _ = dev.kill();
-            let out = dev.wait_with_output().unwrap();
-            panic!(
-                "runnel dev did not come up:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        Err(_) => panic!("runnel dev did not come up"),
     };
     assert_eq!(bootstrap.split(',').count(), 3, "{bootstrap}");
 
@@ -114,7 +114,7 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    let out = dev.wait_with_output().unwrap();
+    let out = dev.wait_output(Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("ignoring RUNNEL_NODE_ID"), "{stderr}");

@@ -2129,19 +2129,27 @@ async fn t25_the_cli_group_consumer_commits_what_it_printed_on_ctrl_c() {
     let base = tempfile::tempdir().unwrap();
     let (cluster, client) = one_node_with_topic_t(base.path()).await;
     produce(&client, "t", 0, 10).await;
-    let mut child = Command::new(common::runnel_bin())
-        .args(["--bootstrap", &cluster.addrs[0]])
-        .args(["consume", "t", "--group", "cli", "--follow"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let printed = tokio::task::spawn_blocking(move || {
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        (0..10).map(|_| lines.next().unwrap().unwrap()).count()
-    })
+    let mut child = common::Reaped::new(
+        Command::new(common::runnel_bin())
+            .args(["--bootstrap", &cluster.addrs[0]])
+            .args(["consume", "t", "--group", "cli", "--follow"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.child().stdout.take().unwrap();
+    // Bounded: a consumer printing fewer lines fails the test (and is
+    // killed, which ends the read) instead of hanging it.
+    let printed = tokio::time::timeout(
+        WAIT,
+        tokio::task::spawn_blocking(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            (0..10).map(|_| lines.next().unwrap().unwrap()).count()
+        }),
+    )
     .await
+    .expect("ten records printed")
     .unwrap();
     assert_eq!(printed, 10);
     let pid = child.id().to_string();
@@ -2150,14 +2158,9 @@ async fn t25_the_cli_group_consumer_commits_what_it_printed_on_ctrl_c() {
         .status()
         .unwrap()
         .success());
-    let out = tokio::time::timeout(
-        WAIT,
-        tokio::task::spawn_blocking(move || child.wait_with_output()),
-    )
-    .await
-    .expect("the consumer stopped on Ctrl-C")
-    .unwrap()
-    .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_output(WAIT))
+        .await
+        .expect("the consumer stopped on Ctrl-C");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     let committed: i64 = client

@@ -413,7 +413,7 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
     let mut cluster = Cluster::start(
         3,
         base.path(),
-        "replica_lag_time_max_ms = 1000\nreplica_fetch_wait_max_ms = 100",
+        "replica_lag_time_max_ms = 10000\nreplica_fetch_wait_max_ms = 100",
         CONTROLLER,
     );
     let bootstrap = cluster.bootstrap();
@@ -643,14 +643,6 @@ async fn t02_under_replicated_partitions_and_cluster_health() {
 async fn t03_json_logs_carry_role_changes_with_epochs() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    /// Kills the server however the test ends.
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut child = std::process::Command::new(common::runnel_bin())
         .args(["server", "--node-id", "1", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
@@ -664,7 +656,8 @@ async fn t03_json_logs_carry_role_changes_with_epochs() {
         .unwrap();
     let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let _child = Reaped(child);
+    // Killed however the test ends.
+    let _child = common::Reaped::new(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in stdout.lines().map_while(Result::ok) {

@@ -374,11 +374,13 @@ async fn t02_divergent_tail_is_truncated_after_leader_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t03_isr_shrinks_for_a_paused_follower_and_min_isr_refuses() {
     let base = tempfile::tempdir().unwrap();
-    // Lag detection is fast, fencing slow: the ISR shrinks by lag alone.
+    // Lag detection is faster than fencing: the ISR shrinks by lag alone.
+    // Not much faster: a healthy follower held up on a busy machine must
+    // not leave the ISR first.
     let cluster = Cluster::start(
         3,
         base.path(),
-        "replica_lag_time_max_ms = 1500",
+        "replica_lag_time_max_ms = 5000",
         "broker_session_timeout_ms = 30000\nbroker_heartbeat_interval_ms = 500\n",
     );
     let client = Client::connect(&cluster.bootstrap()).await.unwrap();
@@ -605,9 +607,12 @@ async fn t05_a_follower_catching_up_is_throttled_and_produce_keeps_going() {
         caught_up >= floor,
         "caught up {backlog} bytes in {caught_up:?}: faster than {RATE} B/s allows ({floor:?})"
     );
+    // Starved, acks=all would wait for the whole catch-up (the in-sync
+    // follower's fetches held behind the throttled backlog). A bound of
+    // half of it, and at least 2 s, leaves room for a busy machine's stalls.
     assert!(
-        slowest < Duration::from_secs(2),
-        "produce starved during catch-up: {slowest:?}"
+        slowest < (caught_up / 2).max(Duration::from_secs(2)),
+        "produce starved during catch-up: {slowest:?} of {caught_up:?}"
     );
     eprintln!(
         "caught up {backlog} bytes in {caught_up:?} ({:.0} B/s, limit {RATE}); slowest acks=all produce {slowest:?}",

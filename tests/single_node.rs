@@ -977,19 +977,20 @@ async fn a_group_consume_into_a_closed_pipe_commits_only_what_was_written() {
     for ack in send_values(&producer, "wide-records", values).await {
         ack.await.unwrap();
     }
-    let mut child = std::process::Command::new(common::runnel_bin())
+    let child = std::process::Command::new(common::runnel_bin())
         .args(["--bootstrap", &server.addr, "consume", "wide-records"])
         .args(["--group", "piped", "--from", "earliest"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut child = common::Reaped::new(child);
+    let mut reader = std::io::BufReader::new(child.child().stdout.take().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
     assert!(line.starts_with("00000"), "{}", &line[..10]);
     drop(reader);
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_output(common::CLI_WAIT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let committed = client
@@ -1070,14 +1071,15 @@ async fn cli_consume_reads_on_when_its_position_leaves_the_log() {
     for ack in send_values(&producer, "shrinking", values).await {
         ack.await.unwrap();
     }
-    let mut child = std::process::Command::new(common::runnel_bin())
+    let child = std::process::Command::new(common::runnel_bin())
         .args(["--bootstrap", &server.addr, "consume", "shrinking"])
         .args(["--from", "earliest"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut child = common::Reaped::new(child);
+    let mut lines = std::io::BufReader::new(child.child().stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     assert!(first.starts_with("000000"), "{}", &first[..6]);
     // Everything below the end goes while the command has read at most
@@ -1087,7 +1089,7 @@ async fn cli_consume_reads_on_when_its_position_leaves_the_log() {
         .await
         .unwrap();
     let rest: Vec<String> = lines.map(Result::unwrap).collect();
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_output(common::CLI_WAIT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(

@@ -390,7 +390,104 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Runs the CLI against `addr` with `stdin` as input.
+/// A child process killed and reaped however the test ends, so a failed
+/// assertion leaves no process behind (holding ports and CPU while the
+/// next tests run, its data directory deleted under it).
+pub struct Reaped {
+    child: Option<Child>,
+    /// Whether the child leads a process group of its own
+    /// (`process_group(0)`) that is killed with it.
+    group: bool,
+}
+
+impl Reaped {
+    pub fn new(child: Child) -> Self {
+        Self {
+            child: Some(child),
+            group: false,
+        }
+    }
+
+    /// A child spawned with `process_group(0)`: its whole group (the
+    /// processes it started) is killed with it.
+    pub fn group(child: Child) -> Self {
+        Self {
+            child: Some(child),
+            group: true,
+        }
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("not waited for yet")
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().expect("not waited for yet").id()
+    }
+
+    /// Waits at most `timeout` for the child to exit and returns its
+    /// output; past that, kills it and panics with what it printed.
+    pub fn wait_output(mut self, timeout: Duration) -> Output {
+        let mut child = self.child.take().expect("waited for once");
+        let pipe = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = pipe(child.stdout.take().map(|p| Box::new(p) as _));
+        let err = pipe(child.stderr.take().map(|p| Box::new(p) as _));
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for the child") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                self.child = Some(child);
+                self.kill();
+                let (out, err) = (out.join().unwrap(), err.join().unwrap());
+                panic!(
+                    "still running after {timeout:?}; killed\nstdout:\n{}\nstderr:\n{}",
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(&err)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.group {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .status();
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How long a CLI command may run before the test gives up on it.
+pub const CLI_WAIT: Duration = Duration::from_secs(120);
+
+/// Runs the CLI against `addr` with `stdin` as input (killed, and the
+/// test failed, after [`CLI_WAIT`]).
 pub fn cli(addr: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(runnel_bin())
         .arg("--bootstrap")
@@ -412,7 +509,7 @@ pub fn cli(addr: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
             let _ = pipe.write_all(&input);
         });
     }
-    child.wait_with_output().expect("cli output")
+    Reaped::new(child).wait_output(CLI_WAIT)
 }
 
 /// Runs the CLI and insists it succeeds; returns stdout.
