@@ -126,15 +126,24 @@ pub fn wait_for_deletions() {
     }
 }
 
+/// Longest file name the usual file systems take (ext4, xfs, btrfs).
+const FILE_NAME_MAX: usize = 255;
+
 /// A fresh name to rename a deleted partition's directory to, which
-/// [`parse_partition_dir`] never takes for a partition.
+/// [`parse_partition_dir`] never takes for a partition. The topic part is
+/// cut to fit [`FILE_NAME_MAX`] (as Kafka cuts it): a topic name of 249
+/// characters leaves no room for the suffix, and a rename failing with
+/// "file name too long" left the partition undeletable.
 fn deleted_name(topic: &str, partition: i32) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{topic}-{partition}.{nanos:x}{n:x}{DELETED_SUFFIX}")
+    let tail = format!("-{partition}.{nanos:x}{n:x}{DELETED_SUFFIX}");
+    // Topic names are ASCII: any byte index is a char boundary.
+    let keep = topic.len().min(FILE_NAME_MAX.saturating_sub(tail.len()));
+    format!("{}{tail}", &topic[..keep])
 }
 
 /// True for names matching `[a-zA-Z0-9._-]+`.
@@ -250,17 +259,18 @@ impl LogManager {
         if topic_id.is_empty() {
             return self.get_or_create(topic, partition, config);
         }
-        if let Some(log) = self.get(topic, partition) {
-            match topic_id_of(log.dir())? {
-                Some(id) if id == topic_id => return Ok(log),
-                Some(old) => {
-                    tracing::warn!(topic, partition, old_topic_id = %old, topic_id, "the partition's directory holds an earlier topic of this name: deleting it");
-                    self.delete(topic, partition)?;
-                }
-                None => {} // adopted: marked below
+        // Open or not: a directory left on disk but out of the map (its
+        // deletion's rename failed) is checked as an open log is.
+        let mut log = self.get_or_create(topic, partition, config.clone())?;
+        match topic_id_of(log.dir())? {
+            Some(id) if id == topic_id => return Ok(log),
+            Some(old) => {
+                tracing::warn!(topic, partition, old_topic_id = %old, topic_id, "the partition's directory holds an earlier topic of this name: deleting it");
+                self.delete(topic, partition)?;
+                log = self.get_or_create(topic, partition, config)?;
             }
+            None => {} // adopted: marked below
         }
-        let log = self.get_or_create(topic, partition, config)?;
         checkpoint::write(log.dir(), TOPIC_ID_FILE, &[topic_id.to_string()])?;
         Ok(log)
     }
@@ -480,6 +490,31 @@ mod tests {
         assert_eq!(names(dir.path()), ["t-0"]);
         assert_eq!(new.log_end_offset(), 1);
         m.close().unwrap();
+    }
+
+    /// A topic name as long as names go still leaves room for the
+    /// deleted directory's suffix: the rename used to fail with "file name
+    /// too long", leaving the partition on disk for good.
+    #[test]
+    fn a_partition_of_the_longest_topic_name_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = LogManager::open(dir.path(), LogConfig::default()).unwrap();
+        let topic = "t".repeat(249);
+        let log = m
+            .get_or_create_for(&topic, 0, "id-a", LogConfig::default())
+            .unwrap();
+        append_one(&log).unwrap();
+        m.delete(&topic, 0).unwrap();
+        assert!(!dir.path().join(format!("{topic}-0")).exists());
+        let name = deleted_name(&topic, i32::MAX);
+        assert!(name.len() <= FILE_NAME_MAX, "{}", name.len());
+        assert!(name.ends_with(DELETED_SUFFIX));
+        let new = m
+            .get_or_create_for(&topic, 0, "id-b", LogConfig::default())
+            .unwrap();
+        assert_eq!(new.log_end_offset(), 0);
+        m.close().unwrap();
+        wait_for_deletions();
     }
 
     /// A deletion cut short by a crash is finished by the next open, and
