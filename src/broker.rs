@@ -160,11 +160,17 @@ impl Broker {
 
     /// Takes up the partitions the metadata assigns to this broker and
     /// follows every later metadata change.
-    pub fn start(self: &Arc<Self>) -> Result<(), BrokerError> {
+    ///
+    /// A partition that cannot be taken up (a log that fails to open or
+    /// to be deleted) is logged and tried again at the next metadata
+    /// change, as it is while running: the others are served. Stopping
+    /// the node here made one bad partition stop it at every start.
+    pub fn start(self: &Arc<Self>) {
         self.started.store(true, Ordering::Release);
-        self.reconcile()?;
+        if let Err(e) = self.reconcile() {
+            warn!(error = %e, "taking up the partitions at start failed for some of them");
+        }
         self.clone().spawn_metadata_watcher();
-        Ok(())
     }
 
     /// Follows metadata changes made anywhere in the cluster.

@@ -375,30 +375,21 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         r = ready => r,
         _ = shutdown.cancelled() => Err(ServerError::Interrupted),
     };
-    let handover = Duration::from_millis(config.controller.submit_timeout_ms);
-    let started = match started {
-        Ok(()) => broker.start().map_err(|e| (ServerError::from(e), true)),
-        Err(e) => Err((e, false)),
-    };
-    if let Err((e, registered)) = started {
+    if let Err(e) = started {
         // The same way out as a shutdown, bounded as it is: a long-lived
         // stream (a follower's fetch, a produce stream) must not hold
         // the drain open for good, and the logs opened above are closed
-        // cleanly so the next start need not scan them. Registered (and
-        // unfenced, maybe given leaderships), it hands them over rather
-        // than leave them to the session timeout.
+        // cleanly so the next start need not scan them. Not registered,
+        // it has no leadership to hand over.
         warn!(error = %e, "startup failed; stopping");
-        let handover = registered.then_some(handover);
-        let _ = wind_down(
-            &broker, &store, &heartbeat, &shutdown, serve, handover, grace,
-        )
-        .await;
+        let _ = wind_down(&broker, &store, &heartbeat, &shutdown, serve, None, grace).await;
         let b = broker.clone();
         if let Ok(Err(close)) = tokio::task::spawn_blocking(move || b.close()).await {
             warn!(error = %close, "closing the logs failed");
         }
         return Err(e);
     }
+    broker.start();
     for name in HEALTH_SERVICES {
         health_reporter
             .set_service_status(name, tonic_health::ServingStatus::Serving)
@@ -465,7 +456,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         &heartbeat,
         &shutdown,
         serve,
-        Some(handover),
+        Some(Duration::from_millis(config.controller.submit_timeout_ms)),
         grace,
     )
     .await;

@@ -919,3 +919,40 @@ fn commands_that_report_an_action_answer_in_json() {
         assert!(v.get(key).is_some(), "{args:?}: {out}");
     }
 }
+
+/// A partition that cannot be taken up at start (here a file stands
+/// where its directory goes) is logged and left for the next metadata
+/// change; the node serves the others. It used to stop the node at every
+/// start.
+#[test]
+fn a_partition_that_cannot_be_opened_does_not_stop_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    cli_ok(&server.addr, &["topic", "create", "blocked"], None);
+    cli_ok(&server.addr, &["topic", "create", "fine"], None);
+    cli_ok(&server.addr, &["produce", "fine"], Some(b"kept\n"));
+    assert!(server.stop().success());
+    let partition = dir.path().join("blocked-0");
+    assert!(partition.is_dir(), "{partition:?}");
+    std::fs::remove_dir_all(&partition).unwrap();
+    std::fs::write(&partition, b"not a directory").unwrap();
+
+    let server = ServerProcess::start(dir.path(), &[]);
+    let out = cli_ok(
+        &server.addr,
+        &[
+            "consume",
+            "fine",
+            "--from",
+            "earliest",
+            "--max-records",
+            "1",
+        ],
+        None,
+    );
+    assert_eq!(out.trim(), "kept");
+    cli_ok(&server.addr, &["topic", "create", "after"], None);
+    cli_ok(&server.addr, &["produce", "after"], Some(b"new\n"));
+    // The file is left as it was: nothing was deleted or replaced.
+    assert_eq!(std::fs::read(&partition).unwrap(), b"not a directory");
+}
