@@ -203,6 +203,9 @@ impl Default for BrokerSection {
     }
 }
 
+/// Longest `controller.cluster_id`.
+const CLUSTER_ID_MAX: usize = 64;
+
 /// `[controller]`: the Raft metadata quorum.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -432,9 +435,13 @@ impl ServerConfig {
             let id: i32 = id
                 .trim()
                 .parse()
-                .map_err(|_| invalid(format!("'{v}': '{id}' is not a node id")))?;
-            if !addr.contains(':') {
-                return Err(invalid(format!("'{v}': '{addr}' has no port")));
+                .ok()
+                .filter(|id| *id >= 0)
+                .ok_or_else(|| invalid(format!("'{v}': '{id}' is not a node id")))?;
+            // Checked here, not when Raft first dials it: a bad address
+            // otherwise showed only as "no active controller" minutes in.
+            if let Some(problem) = host_port_problem(addr.trim()) {
+                return Err(invalid(format!("'{v}': {problem}")));
             }
             if out.insert(id, addr.trim().to_string()).is_some() {
                 return Err(invalid(format!("node id {id} is listed twice")));
@@ -468,6 +475,23 @@ impl ServerConfig {
                     self.worker_threads
                 ),
             ));
+        }
+        if let Some(id) = &self.controller.cluster_id {
+            // The recorded id is read back trimmed, and an empty one is
+            // refused by the quorum only after the start's whole wait.
+            if id.is_empty()
+                || id.len() > CLUSTER_ID_MAX
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            {
+                return Err(invalid(
+                    "controller.cluster_id",
+                    format!(
+                        "'{id}' is not a cluster id (1 to {CLUSTER_ID_MAX} of A-Z a-z 0-9 . _ -)"
+                    ),
+                ));
+            }
         }
         for role in &self.roles {
             if role != "broker" && role != "controller" {
@@ -772,22 +796,28 @@ fn check_advertised(
         key: key.to_string(),
         reason,
     };
-    let (host, port) = a
-        .rsplit_once(':')
-        .ok_or_else(|| bad(format!("'{a}' is not HOST:PORT")))?;
+    host_port_problem(a).map_or(Ok(()), |problem| Err(bad(problem)))
+}
+
+/// What is wrong with `a` as an address others dial (HOST:PORT, a port
+/// from 1, not every interface), if anything.
+fn host_port_problem(a: &str) -> Option<String> {
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return Some(format!("'{a}' is not HOST:PORT"));
+    };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(bad(format!("'{a}' is not HOST:PORT")));
+        return Some(format!("'{a}' is not HOST:PORT"));
     }
     if host
         .parse::<std::net::IpAddr>()
         .is_ok_and(|ip| ip.is_unspecified())
     {
-        return Err(bad(format!(
+        return Some(format!(
             "'{a}' names every interface, which others cannot dial"
-        )));
+        ));
     }
-    Ok(())
+    None
 }
 
 /// Applies `RUNNEL_…` environment overrides to a parsed TOML table;
@@ -1067,6 +1097,28 @@ mod tests {
         let err =
             ServerConfig::from_toml("[controller]\nvoters = [\"1@h:1\", \"1@h:2\"]\n").unwrap_err();
         assert!(err.to_string().contains("twice"), "{err}");
+        for bad in [
+            "1@h:",
+            "1@h:abc",
+            "1@:9092",
+            "1@h:0",
+            "1@0.0.0.0:9092",
+            "-1@h:1",
+        ] {
+            let err = ServerConfig::from_toml(&format!("[controller]\nvoters = [\"{bad}\"]\n"))
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("controller.voters"),
+                "{bad}: {err}"
+            );
+        }
+        for bad in ["", "prod ", "a b", &"x".repeat(65)] {
+            let err = ServerConfig::from_toml(&format!("[controller]\ncluster_id = \"{bad}\"\n"))
+                .unwrap_err();
+            assert!(err.to_string().contains("cluster_id"), "{bad:?}: {err}");
+        }
+        let ok = ServerConfig::from_toml("[controller]\ncluster_id = \"prod-eu_1.a\"\n").unwrap();
+        assert_eq!(ok.controller.cluster_id.as_deref(), Some("prod-eu_1.a"));
         let ok =
             ServerConfig::from_toml("roles = [\"broker\"]\n[controller]\nvoters = [\"2@h:1\"]\n")
                 .unwrap();
