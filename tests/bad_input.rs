@@ -652,6 +652,30 @@ async fn clients_may_not_delete_grow_or_write_the_offsets_topic() {
             })
             .await,
     );
+    for key in ["max.message.bytes", "min.insync.replicas"] {
+        internal(
+            admin
+                .alter_topic_config(pb::AlterTopicConfigRequest {
+                    name: offsets.into(),
+                    delete: vec![key.into()],
+                    ..Default::default()
+                })
+                .await,
+        );
+    }
+    internal(
+        admin
+            .alter_topic_config(pb::AlterTopicConfigRequest {
+                name: offsets.into(),
+                set: [(
+                    "unclean.leader.election.enable".to_string(),
+                    "true".to_string(),
+                )]
+                .into(),
+                ..Default::default()
+            })
+            .await,
+    );
     internal(
         producer
             .produce(pb::ProduceRequest {

@@ -150,11 +150,24 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::TopicDescription>, Status> {
         let name = request.get_ref().name.clone();
         let req = request.get_ref();
-        let retention = |k: &str| k == "retention.ms" || k == "retention.bytes";
-        if req.set.keys().any(|k| retention(k)) || req.delete.iter().any(|k| retention(k)) {
-            // Retention would delete committed offsets, as deleting
-            // records of it would.
-            super::refuse_internal(&name, "change the retention of")?;
+        // Of the offsets topic, what its commits' safety rests on:
+        // retention would delete committed offsets (as deleting records
+        // would), a smaller max.message.bytes refuses large groups'
+        // records, and min.insync.replicas and unclean election decide
+        // whether an acknowledged commit survives a broker's loss.
+        const KEPT: [&str; 5] = [
+            "retention.ms",
+            "retention.bytes",
+            "max.message.bytes",
+            "min.insync.replicas",
+            "unclean.leader.election.enable",
+        ];
+        let kept = |k: &str| KEPT.contains(&k);
+        if req.set.keys().any(|k| kept(k)) || req.delete.iter().any(|k| kept(k)) {
+            super::refuse_internal(
+                &name,
+                "change retention, max.message.bytes, min.insync.replicas or unclean election of",
+            )?;
         }
         security::check(
             &self.broker,
