@@ -246,6 +246,10 @@ impl Broker {
     /// Refuses a producer id the cluster never allocated. The id may have
     /// been handed out by another broker whose allocation this broker's
     /// metadata has not applied yet, so it waits a moment for it first.
+    /// Past that, only the active controller (whose copy holds every
+    /// allocation it answered) calls the id unknown; elsewhere the copy
+    /// may still be behind, and the refusal is retriable: UNKNOWN_PRODUCER_ID
+    /// failed a valid producer's first batch for good.
     async fn await_producer_id(&self, producer_id: i64) -> Result<(), BrokerError> {
         let mut rx = self.metadata.watch();
         let wait = async {
@@ -260,7 +264,10 @@ impl Broker {
         };
         match tokio::time::timeout(PRODUCER_ID_METADATA_WAIT, wait).await {
             Ok(true) => Ok(()),
-            _ => Err(BrokerError::UnknownProducerId { producer_id }),
+            _ if self.metadata.controller_id() == self.node_id() => {
+                Err(BrokerError::UnknownProducerId { producer_id })
+            }
+            _ => Err(BrokerError::ProducerIdNotApplied { producer_id }),
         }
     }
 
@@ -766,6 +773,19 @@ impl Broker {
                 topic: req.topic.clone(),
             })?;
         let count = topic.partitions.len() as i32;
+        // Sequences are per partition: a retry the broker routed to
+        // another partition (round-robin, or a key hashed over a grown
+        // topic) would be appended a second time there.
+        let idempotent = if req.batch.is_empty() {
+            req.producer_id > 0
+        } else {
+            batch_producer_id(&req.batch) > 0
+        };
+        if idempotent && req.partition.is_none() {
+            return Err(BrokerError::InvalidRequest {
+                reason: "an idempotent produce (a producer id) must name its partition".into(),
+            });
+        }
         let index = match req.partition {
             Some(p) => p,
             None => match req.records.first().and_then(|r| r.key.as_ref()) {

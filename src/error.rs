@@ -86,6 +86,8 @@ pub enum BrokerError {
     Starting,
     #[error("this broker leads {topic}-{partition} but has not taken it up yet (its log is being opened); try again")]
     TakingUp { topic: String, partition: i32 },
+    #[error("producer id {producer_id} is not in this broker's metadata yet (allocated by another broker moments ago?); try again")]
+    ProducerIdNotApplied { producer_id: i64 },
     #[error("{reason}")]
     NotAuthorized { reason: String },
     #[error(transparent)]
@@ -114,9 +116,10 @@ impl BrokerError {
             BrokerError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
             BrokerError::InternalTopic { .. } => ErrorCode::InvalidTopic,
             BrokerError::UnknownTopicId { .. } => ErrorCode::UnknownTopicId,
-            BrokerError::ShuttingDown | BrokerError::Starting | BrokerError::TakingUp { .. } => {
-                ErrorCode::BrokerNotAvailable
-            }
+            BrokerError::ShuttingDown
+            | BrokerError::Starting
+            | BrokerError::TakingUp { .. }
+            | BrokerError::ProducerIdNotApplied { .. } => ErrorCode::BrokerNotAvailable,
             BrokerError::NotAuthorized { .. } => ErrorCode::AuthorizationFailed,
             BrokerError::Metadata(e) => match e {
                 MetadataError::TopicAlreadyExists { .. } => ErrorCode::TopicAlreadyExists,

@@ -328,6 +328,23 @@ async fn t03_bad_sequences_epochs_and_ids_are_refused_and_state_survives_restart
         .await
         .unwrap_err();
     refused(gap, pb::ErrorCode::OutOfOrderSequence);
+    // No partition named: the broker would pick one, and a retry could
+    // land on another.
+    let unrouted = producer
+        .produce(pb::ProduceRequest {
+            topic: "t".into(),
+            records: vec![pb::Record {
+                value: Some("x".into()),
+                ..Default::default()
+            }],
+            producer_id: pid,
+            base_sequence: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(unrouted.message().contains("partition"), "{unrouted:?}");
+    refused(unrouted, pb::ErrorCode::InvalidRequest);
     // A producer id the cluster never allocated.
     let unknown = raw_produce(&mut producer, 0, (pid + 1_000_000, 0, 0), 1)
         .await
