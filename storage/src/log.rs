@@ -1607,10 +1607,11 @@ impl Log {
             seg.release_reserved()?;
             seg.sync_all()?;
         }
+        // Also when there is no producer (12 bytes): without a snapshot at
+        // the log end, the next open rebuilds the state by reading the
+        // whole active segment, on every clean restart of every partition.
         let states = self.lock_producers().clone();
-        if !states.is_empty() {
-            producer_state::write_snapshot(&self.dir, self.log_end_offset(), &states)?;
-        }
+        producer_state::write_snapshot(&self.dir, self.log_end_offset(), &states)?;
         let marker = self.dir.join(checkpoint::CLEAN_SHUTDOWN);
         self.spare.close(true)?;
         self.empty_trash()?;

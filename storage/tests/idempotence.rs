@@ -86,6 +86,25 @@ fn gaps_stale_epochs_and_lost_state_are_refused_with_nothing_written() {
     assert_eq!(log.log_end_offset(), 4);
 }
 
+/// A clean close leaves the producer state at the log end even when it
+/// is empty, so the next open reads no batch to rebuild it (it read the
+/// whole active segment of every log without idempotent producers).
+#[test]
+fn a_clean_close_snapshots_an_empty_producer_state_at_the_log_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(1 << 20)).unwrap();
+    for _ in 0..5 {
+        log.append_as_leader(common::batch(1, 3, 0), 1).unwrap();
+    }
+    assert_eq!(log.log_end_offset(), 15);
+    log.close().unwrap();
+    drop(log);
+    assert_eq!(snapshot_files(dir.path()), [format!("{:020}.snapshot", 15)]);
+    let log = Log::open(dir.path(), small_config(1 << 20)).unwrap();
+    assert_eq!(log.log_end_offset(), 15);
+    assert_eq!(log.producer_state(1), None);
+}
+
 #[test]
 fn state_survives_clean_and_unclean_reopen_using_snapshots() {
     let dir = tempfile::tempdir().unwrap();
