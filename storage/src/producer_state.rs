@@ -226,18 +226,25 @@ impl ProducerStates {
         before - self.producers.len()
     }
 
-    /// Takes back from `previous` the producers this state lacks whose
-    /// every retained batch lies below `below`. A rebuild after a
-    /// truncation scans from `below` (a snapshot, or the log start), so
-    /// it cannot see producers whose batches were all deleted below the
-    /// log start (DeleteRecords, retention), yet the truncation did not
-    /// touch them: forgetting them would answer their next batch
-    /// UNKNOWN_PRODUCER_ID.
+    /// Takes back from `previous` the producers this state lacks, with
+    /// their retained batches below `below`. A rebuild after a truncation
+    /// scans from `below` (a snapshot, or the log start), so it cannot see
+    /// producers whose batches were all deleted below the log start
+    /// (DeleteRecords, retention), yet the truncation did not touch them:
+    /// forgetting them would answer their next batch UNKNOWN_PRODUCER_ID.
+    /// A producer missing from the rebuild had no batch between `below`
+    /// and the new log end, so its batches below `below` are all it has
+    /// left (those above were truncated): it is kept with them, also
+    /// when its newest batch was among the truncated ones.
     pub fn keep_older(&mut self, previous: &ProducerStates, below: i64) {
         for (id, entry) in &previous.producers {
-            let older = entry.batches.back().is_some_and(|b| b.last_offset < below);
-            if older && !self.producers.contains_key(id) {
-                self.producers.insert(*id, entry.clone());
+            if self.producers.contains_key(id) {
+                continue;
+            }
+            let mut kept = entry.clone();
+            kept.batches.retain(|b| b.last_offset < below);
+            if !kept.batches.is_empty() {
+                self.producers.insert(*id, kept);
             }
         }
     }
@@ -497,6 +504,35 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A rebuild from offset 850 after a truncation to 900: the producer
+    /// had batches at 840 (below the rebuild) and 950 (truncated), none
+    /// in between. It keeps its batch at 840; it used to be dropped
+    /// because its newest batch was not below 850.
+    #[test]
+    fn keep_older_keeps_the_batches_below_the_rebuild_of_a_truncated_producer() {
+        let mut previous = ProducerStates::default();
+        previous.record(&batch(1, 0, 0, 1), 840, 840, 1_000);
+        previous.record(&batch(1, 0, 1, 1), 950, 950, 1_000);
+        previous.record(&batch(2, 0, 0, 1), 860, 860, 1_000);
+        previous.record(&batch(3, 0, 0, 1), 960, 960, 1_000);
+        // The rebuild of 850..900 saw producer 2 only.
+        let mut rebuilt = ProducerStates::default();
+        rebuilt.record(&batch(2, 0, 0, 1), 860, 860, 1_000);
+        rebuilt.keep_older(&previous, 850);
+        let kept = rebuilt.get(1).expect("producer 1 kept");
+        assert_eq!(kept.batches.len(), 1);
+        assert_eq!(kept.batches[0].last_offset, 840);
+        // Its next batch follows the kept one; the truncated one may be
+        // sent again.
+        assert_eq!(
+            rebuilt.check(&batch(1, 0, 1, 1)).unwrap(),
+            SequenceCheck::Append
+        );
+        assert_eq!(rebuilt.get(2), previous.get(2));
+        // Producer 3 had nothing left.
+        assert!(rebuilt.get(3).is_none());
     }
 
     #[test]
