@@ -1150,10 +1150,15 @@ impl Broker {
         if let Some(last) = batches.last() {
             response.next_offset = last.last_offset() + 1;
         }
-        let bytes = read.batches.len();
-        let records = if req.raw {
+        // Counted as `topic_out_bytes_total`: what is sent. A structured
+        // answer sends its records, not the batches read for them (a
+        // batch larger than `max_bytes` was counted once per fetch
+        // cutting into it).
+        let (records, bytes) = if req.raw {
+            let bytes = read.batches.len();
             response.batches = read.batches;
-            batches.iter().map(|b| b.record_count().max(0) as u64).sum()
+            let records = batches.iter().map(|b| b.record_count().max(0) as u64).sum();
+            (records, bytes)
         } else {
             // Decoded records take more room than their batches (tags,
             // lengths, the offset and timestamp of each): the answer stops
@@ -1179,7 +1184,7 @@ impl Broker {
                     response.records.push(record);
                 }
             }
-            response.records.len() as u64
+            (response.records.len() as u64, used)
         };
         Ok((response, bytes, records))
     }
