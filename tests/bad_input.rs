@@ -944,6 +944,27 @@ fn commands_that_report_an_action_answer_in_json() {
     }
 }
 
+/// `cluster health --node` against a node that takes the connection but
+/// never answers fails within its own bound (it waited for good).
+#[test]
+fn a_node_health_check_of_a_silent_node_fails_in_time() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    // Accepts and holds every connection, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = cli(&addr, &["cluster", "health", "--node"], None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&addr), "{stderr}");
+    eprintln!("failed after {:?}: {stderr}", started.elapsed());
+}
+
 /// A partition that cannot be taken up at start (here a file stands
 /// where its directory goes) is logged and left for the next metadata
 /// change; the node serves the others. It used to stop the node at every

@@ -305,7 +305,11 @@ async fn node_health(
     };
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .with_context(|| format!("bad address '{addr}'"))?
-        .connect_timeout(Duration::from_secs(3));
+        .connect_timeout(Duration::from_secs(3))
+        // The check itself too: a node that takes the connection but
+        // never answers (a stuck runtime, a stopped process) is unhealthy,
+        // not a wait without end for whoever runs the check.
+        .timeout(Duration::from_secs(3));
     if let Some(tls) = &options.tls {
         endpoint = endpoint.tls_config(tls.to_tonic()?)?;
     }
