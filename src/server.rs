@@ -338,6 +338,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         heartbeat_every,
         shutdown.clone(),
     );
+    endpoint.set_heartbeat_contact(heartbeat.contact());
     let ready = async {
         store.wait_for_cluster_id(STARTUP_TIMEOUT).await?;
         let mut rx = store.watch();

@@ -765,3 +765,47 @@ async fn t03_json_logs_carry_role_changes_with_epochs() {
     assert_eq!(leader["fields"]["topic"], "logged");
     assert_eq!(leader["level"], "INFO");
 }
+
+/// An active controller cut off from the other voters stays leader in
+/// its own eyes, answers its own broker's heartbeats, and keeps a copy of
+/// the metadata saying it is unfenced: /ready said 200 for good. It now
+/// reports not ready once no majority has acknowledged it for a session
+/// timeout, and ready again when the others come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t04_an_active_controller_cut_off_from_the_quorum_is_not_ready() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(3, base.path(), "", CONTROLLER);
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    let leader = eventually("an active controller", WAIT, || async {
+        let id = client.describe_cluster().await.ok()?.controller_id;
+        (id > 0).then_some(id)
+    })
+    .await;
+    let metrics = cluster.metrics_addr(leader);
+    eventually("the controller ready", WAIT, || async {
+        (http_get(&metrics, "/ready").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+    let others: Vec<i32> = (1..=3).filter(|id| *id != leader).collect();
+    for id in &others {
+        cluster.node(*id).signal("STOP");
+    }
+    let body = eventually("the cut-off controller not ready", WAIT, || async {
+        let (status, body) = http_get(&metrics, "/ready").await.ok()?;
+        (status == 503).then_some(body)
+    })
+    .await;
+    for id in &others {
+        cluster.node(*id).signal("CONT");
+    }
+    assert!(
+        ["no majority", "heartbeats", "no active controller"]
+            .iter()
+            .any(|why| body.contains(why)),
+        "{body}"
+    );
+    eventually("ready again with the quorum back", WAIT, || async {
+        (http_get(&metrics, "/ready").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+}

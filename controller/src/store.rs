@@ -34,6 +34,11 @@ pub struct QuorumStatus {
     /// On the active controller: each other member's lag in entries
     /// (`None` when the member has not acknowledged anything yet).
     pub lag: std::collections::BTreeMap<i32, Option<u64>>,
+    /// On the active controller: milliseconds since a majority of voters
+    /// last acknowledged it (`None` elsewhere, or before the first
+    /// acknowledgement). A leader cut off from the other voters stays
+    /// leader in its own eyes; this is how it can tell.
+    pub millis_since_quorum_ack: Option<u64>,
 }
 
 /// Orders metadata commands, applies them, makes them durable, and

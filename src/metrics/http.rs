@@ -34,6 +34,8 @@ use crate::group::GroupCoordinator;
 pub struct Endpoint {
     broker: OnceLock<Arc<Broker>>,
     groups: OnceLock<Arc<GroupCoordinator>>,
+    /// When the controller last answered this broker's heartbeats.
+    contact: OnceLock<runnel_controller::raft::HeartbeatContact>,
     started: AtomicBool,
     /// The node is stopping (or a log failed): not ready, whatever the
     /// metadata says, so load balancers stop sending it traffic.
@@ -56,6 +58,11 @@ impl Endpoint {
     /// The group coordinator whose lag is served (set once).
     pub fn set_groups(&self, groups: Arc<GroupCoordinator>) {
         let _ = self.groups.set(groups);
+    }
+
+    /// The heartbeat task's record of the controller's answers (set once).
+    pub fn set_heartbeat_contact(&self, contact: runnel_controller::raft::HeartbeatContact) {
+        let _ = self.contact.set(contact);
     }
 
     /// The node registered and the broker started.
@@ -85,8 +92,32 @@ impl Endpoint {
             Some(b) if b.fenced => return Some("fenced by the controller".into()),
             Some(_) => {}
         }
-        if broker.metadata().controller_id() < 0 {
+        let controller = broker.metadata().controller_id();
+        if controller < 0 {
             return Some("no active controller known".into());
+        }
+        // Cut off from the quorum, a node never learns that it was
+        // fenced (its metadata copy stays as it was, and a learner keeps
+        // its last leader's id): the silence is what tells. Past the
+        // session timeout the controller has fenced it, if it still runs.
+        let session = broker.config().controller.broker_session_timeout_ms;
+        if let Some(silent) = self.contact.get().and_then(|c| c.since_answer()) {
+            if silent.as_millis() > u128::from(session) {
+                return Some(format!(
+                    "no controller answered this broker's heartbeats for {} ms",
+                    silent.as_millis()
+                ));
+            }
+        }
+        if controller == broker.node_id() {
+            let q = broker.metadata().quorum();
+            if let Some(ms) = q.millis_since_quorum_ack {
+                if q.voters.len() > 1 && ms > session {
+                    return Some(format!(
+                        "the active controller has heard from no majority of voters for {ms} ms"
+                    ));
+                }
+            }
         }
         None
     }

@@ -467,9 +467,36 @@ impl RaftMetadataStore {
 pub struct Heartbeat {
     task: tokio::task::JoinHandle<()>,
     registered: tokio::sync::watch::Receiver<Option<i64>>,
+    contact: HeartbeatContact,
+}
+
+/// When the controller last answered this broker's registration or
+/// heartbeat (not fenced). A broker cut off from every controller never
+/// learns that it was fenced: its metadata copy stays as it was, and only
+/// the silence tells.
+#[derive(Clone, Debug, Default)]
+pub struct HeartbeatContact(Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl HeartbeatContact {
+    fn answered(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// Time since the last answer; `None` before the first.
+    pub fn since_answer(&self) -> Option<Duration> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|at| at.elapsed())
+    }
 }
 
 impl Heartbeat {
+    /// When the controller last answered (see [`HeartbeatContact`]).
+    pub fn contact(&self) -> HeartbeatContact {
+        self.contact.clone()
+    }
+
     /// The broker epoch of this task's latest registration, once the
     /// controller has accepted one. The metadata shows the broker
     /// registered by this process only once its entry has this epoch (or
@@ -498,6 +525,8 @@ pub fn spawn_heartbeat(
 ) -> Heartbeat {
     let stop = store.cancel.clone();
     let (registered_tx, registered) = tokio::sync::watch::channel(None);
+    let contact = HeartbeatContact::default();
+    let heard = contact.clone();
     // This process's registrations, told from a restart's.
     let incarnation = crate::store::random_id();
     let task = tokio::spawn(async move {
@@ -533,6 +562,7 @@ pub fn spawn_heartbeat(
                 }
             };
             tracing::info!(broker = broker_id, epoch, "broker registered");
+            heard.answered();
             registered_tx.send_replace(Some(epoch));
             loop {
                 pause(interval).await;
@@ -548,13 +578,17 @@ pub fn spawn_heartbeat(
                         );
                         break;
                     }
-                    Ok(_) => {}
+                    Ok(_) => heard.answered(),
                     Err(status) => tracing::debug!(broker = broker_id, %status, "heartbeat failed"),
                 }
             }
         }
     });
-    Heartbeat { task, registered }
+    Heartbeat {
+        task,
+        registered,
+        contact,
+    }
 }
 
 /// The tonic server of `runnel.v1.internal.BrokerLifecycle`.

@@ -46,7 +46,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use cluster_id::CLUSTER_ID_FILE;
-pub use lifecycle::{spawn_heartbeat, Heartbeat, LifecycleService};
+pub use lifecycle::{spawn_heartbeat, Heartbeat, HeartbeatContact, LifecycleService};
 pub use log_store::SledLogStore;
 pub use network::InternalTlsFiles;
 pub use service::RaftService;
@@ -444,6 +444,7 @@ impl RaftMetadataStore {
             last_log_index: last,
             applied_index: m.last_applied.map_or(0, |l| l.index),
             lag,
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
         }
     }
 
