@@ -1262,15 +1262,15 @@ async fn perf_rebalance_and_commit_rate() {
 }
 
 /// A join is answered only once its generation's record is stored: here
-/// the group record is over the offsets topic's max.message.bytes, so
-/// every store fails. The join is refused (it was answered, generation
-/// and all, although a failover would have restored an older
-/// generation). Once the limit is lifted, the coordinator's retry stores
-/// the record and a join succeeds.
+/// a failpoint fails every append to the offsets topic, so every store
+/// fails. The join is refused (it was answered, generation and all,
+/// although a failover would have restored an older generation). Once the
+/// failpoint is lifted, the coordinator's retry stores the record and a
+/// join succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t11_a_join_waits_until_its_generation_is_stored() {
     let base = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(1, base.path(), "", "");
+    let cluster = Cluster::start(1, base.path(), "failpoints = true", "");
     let client = Client::connect(&cluster.bootstrap()).await.unwrap();
     client
         .create_topic("t", 1, 1, Default::default())
@@ -1278,14 +1278,10 @@ async fn t11_a_join_waits_until_its_generation_is_stored() {
         .unwrap();
     // The offsets topic exists once a group has used it.
     client.commit_offsets("warm", "", 0, vec![]).await.unwrap();
-    client
-        .alter_topic_config(
-            "__consumer_offsets",
-            BTreeMap::from([("max.message.bytes".to_string(), "64".to_string())]),
-            vec![],
-        )
-        .await
-        .unwrap();
+    let failpoints = cluster.data_dir(1).join("failpoints");
+    std::fs::create_dir_all(&failpoints).unwrap();
+    let failpoint = failpoints.join(runnel::group::appender::FAIL_APPENDS_FAILPOINT);
+    std::fs::write(&failpoint, b"").unwrap();
     let url = format!("http://{}", cluster.addrs[0]);
     let mut groups = pb::consumer_groups_client::ConsumerGroupsClient::connect(url)
         .await
@@ -1313,18 +1309,15 @@ async fn t11_a_join_waits_until_its_generation_is_stored() {
     let polled = member.poll().await;
     assert!(polled.as_ref().is_ok_and(Vec::is_empty), "{polled:?}");
     assert!(member.assignment().is_empty());
-    client
-        .alter_topic_config(
-            "__consumer_offsets",
-            BTreeMap::new(),
-            vec!["max.message.bytes".into()],
-        )
-        .await
-        .unwrap();
-    let joined = eventually("a join answered once the record fits", WAIT, || async {
-        let mut groups = groups.clone();
-        groups.join_group(join.clone()).await.ok()
-    })
+    std::fs::remove_file(&failpoint).unwrap();
+    let joined = eventually(
+        "a join answered once the record is stored",
+        WAIT,
+        || async {
+            let mut groups = groups.clone();
+            groups.join_group(join.clone()).await.ok()
+        },
+    )
     .await
     .into_inner();
     assert!(joined.generation_id >= 1);

@@ -38,6 +38,10 @@ const RECORD_OVERHEAD: usize = 32;
 /// Upper bound on a batch header.
 const BATCH_OVERHEAD: usize = 128;
 
+/// The failpoint failing every append while it is set (tests only, with
+/// `[broker] failpoints = true`).
+pub const FAIL_APPENDS_FAILPOINT: &str = "fail-offsets-appends";
+
 /// Why an append failed: the broker's error code and message, shared by
 /// every write of the batch.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -216,7 +220,15 @@ async fn flush(
         acks: pb::Acks::All as i32,
         ..Default::default()
     };
-    let appended = broker.produce_append(req).await;
+    // Tests: every append of the offsets topic fails while this
+    // failpoint's file exists (a store that cannot complete).
+    let appended = if broker.failpoint(FAIL_APPENDS_FAILPOINT) {
+        Err(crate::error::BrokerError::InvalidRequest {
+            reason: format!("failpoint {FAIL_APPENDS_FAILPOINT}"),
+        })
+    } else {
+        broker.produce_append(req).await
+    };
     drop(guard);
     let result = match appended {
         Ok(a) => broker.produce_complete(a).await.map(|r| r.base_offset),
