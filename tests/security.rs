@@ -979,6 +979,69 @@ async fn quota_slows_a_producer_to_its_rate() {
     );
 }
 
+/// A subscription's first chunk waits for the principal's fetch quota
+/// as its later chunks do: subscribing again and again for one chunk each
+/// read at full speed (no chunk was ever a later one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_holds_a_subscription_s_first_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_node(dir.path(), "");
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("sub", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig::default());
+    for _ in 0..40 {
+        producer
+            .send("sub", ProducerRecord::value(vec![1u8; 1_000]))
+            .await
+            .unwrap();
+    }
+    producer.close().await.unwrap();
+    // 10 s of quota may be taken ahead (the throttle's longest hold):
+    // 15 chunks of ~18 kB at 20 kB/s are about 13 s, so the last ones
+    // wait.
+    const RATE: u64 = 20_000;
+    common::cli_ok(
+        &server.addr,
+        &["quota", "set", "--fetch-bytes-per-sec", &RATE.to_string()],
+        None,
+    );
+    let mut consumer = runnel_proto::v1::consumer_client::ConsumerClient::connect(format!(
+        "http://{}",
+        server.addr
+    ))
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut read = 0u64;
+    for _ in 0..15 {
+        let mut stream = consumer
+            .subscribe(pb::SubscribeRequest {
+                topic: "sub".into(),
+                partition: 0,
+                offset: 0,
+                max_bytes: 20_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let chunk = stream.message().await.unwrap().expect("a first chunk");
+        read += prost::Message::encoded_len(&chunk) as u64;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let floor = read as f64 / RATE as f64 - 10.0;
+    eprintln!("{read} bytes in first chunks took {elapsed:.2} s (at least {floor:.2} s)");
+    assert!(floor > 1.0, "{read} bytes read: too few to wait");
+    // A lower bound only: a busy machine makes it slower, never faster.
+    assert!(
+        elapsed >= floor * 0.5,
+        "{read} bytes in {elapsed:.2} s, faster than {RATE} B/s allows"
+    );
+}
+
 /// TLS connection to the internal listener at `addr` with `cert`,
 /// calling the broker-lifecycle heartbeat.
 async fn internal_call(addr: &str, ca: &Ca, cert: Option<&Leaf>) -> Result<(), String> {

@@ -10,7 +10,7 @@ use runnel_proto::v1::consumer_server::{Consumer, ConsumerServer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
-use super::producer::async_stream_bounded;
+use super::producer::abortable_stream;
 use crate::broker::Broker;
 use crate::rpc::RawStream;
 use crate::security::{self, Direction};
@@ -272,112 +272,118 @@ impl ConsumerService {
             raw: req.raw,
             topic_id: req.topic_id,
         };
+        // The principal's quota holds for the first chunk too: read at
+        // once, a client subscribing again and again (or to many
+        // partitions at once) read a chunk each time, unthrottled.
+        security::hold_until(security::admission_at(
+            &broker,
+            &principal,
+            Direction::Fetch,
+        ))
+        .await;
         // Fail fast on a bad first request instead of opening the stream.
         let first = read_chunk(&broker, &budgets, &fetch).await?;
-        Ok(async_stream_bounded(
-            SUBSCRIBE_READY,
-            move |tx| async move {
-                let mut next = Some(first);
-                // When the next chunk may be read (a quota's delay for the
-                // last one): the wait happens before reading, holding no
-                // room in the budgets, which a throttled subscriber's
-                // chunks would otherwise keep from everyone else.
-                let mut throttled_until = None;
-                loop {
-                    // A free slot first: the next chunk is read once the last
-                    // one has been taken for sending, so a subscription holds
-                    // at most two (one being sent, one ready), however slow
-                    // its client. A client gone fails the reservation.
-                    let Ok(slot) = tx.reserve().await else {
-                        return;
-                    };
-                    let response = match next.take() {
-                        Some(r) => Ok(r),
-                        None => {
-                            security::hold_until(throttled_until.take()).await;
-                            // And until the principal's clock, which its
-                            // other subscriptions move too, lets it take in
-                            // more: each alone waited at most ten seconds
-                            // per chunk, so many of them read a multiple of
-                            // the quota together.
-                            security::hold_until(security::admission_at(
-                                &broker,
-                                &principal,
-                                Direction::Fetch,
-                            ))
+        Ok(abortable_stream(SUBSCRIBE_READY, move |tx| async move {
+            let mut next = Some(first);
+            // When the next chunk may be read (a quota's delay for the
+            // last one): the wait happens before reading, holding no
+            // room in the budgets, which a throttled subscriber's
+            // chunks would otherwise keep from everyone else.
+            let mut throttled_until = None;
+            loop {
+                // A free slot first: the next chunk is read once the last
+                // one has been taken for sending, so a subscription holds
+                // at most two (one being sent, one ready), however slow
+                // its client. A client gone fails the reservation.
+                let Ok(slot) = tx.reserve().await else {
+                    return;
+                };
+                let response = match next.take() {
+                    Some(r) => Ok(r),
+                    None => {
+                        security::hold_until(throttled_until.take()).await;
+                        // And until the principal's clock, which its
+                        // other subscriptions move too, lets it take in
+                        // more: each alone waited at most ten seconds
+                        // per chunk, so many of them read a multiple of
+                        // the quota together.
+                        security::hold_until(security::admission_at(
+                            &broker,
+                            &principal,
+                            Direction::Fetch,
+                        ))
+                        .await;
+                        // Wait for records without holding any of the
+                        // budget: an idle subscription must not keep
+                        // room from the ones with data.
+                        let readable = broker
+                            .wait_readable(
+                                &fetch.topic,
+                                fetch.partition,
+                                fetch.offset,
+                                SUBSCRIBE_POLL,
+                            )
                             .await;
-                            // Wait for records without holding any of the
-                            // budget: an idle subscription must not keep
-                            // room from the ones with data.
-                            let readable = broker
-                                .wait_readable(
+                        // The wait ends at once while the broker stops:
+                        // so does the subscription (the client resumes
+                        // on the partition's new leader).
+                        if broker.is_stopping() {
+                            slot.send(Err(Status::unavailable("the broker is shutting down")));
+                            return;
+                        }
+                        // Checked for every chunk, as a produce stream
+                        // checks every batch: a READ revoked (or a
+                        // deny added) ends the subscription.
+                        // And the login: a user removed, or whose
+                        // password changed, is not served on.
+                        if let Err(status) = security::check_login(&broker, login.as_ref())
+                            .and_then(|()| {
+                                security::check_principal(
+                                    &broker,
+                                    &principal,
+                                    ResourceType::Topic,
                                     &fetch.topic,
-                                    fetch.partition,
-                                    fetch.offset,
-                                    SUBSCRIBE_POLL,
+                                    Operation::Read,
                                 )
-                                .await;
-                            // The wait ends at once while the broker stops:
-                            // so does the subscription (the client resumes
-                            // on the partition's new leader).
-                            if broker.is_stopping() {
-                                slot.send(Err(Status::unavailable("the broker is shutting down")));
-                                return;
-                            }
-                            // Checked for every chunk, as a produce stream
-                            // checks every batch: a READ revoked (or a
-                            // deny added) ends the subscription.
-                            // And the login: a user removed, or whose
-                            // password changed, is not served on.
-                            if let Err(status) = security::check_login(&broker, login.as_ref())
-                                .and_then(|()| {
-                                    security::check_principal(
-                                        &broker,
-                                        &principal,
-                                        ResourceType::Topic,
-                                        &fetch.topic,
-                                        Operation::Read,
-                                    )
-                                })
-                            {
-                                slot.send(Err(status));
-                                return;
-                            }
-                            // Nothing new: no read, so no room taken from
-                            // the budgets for an empty answer (idle
-                            // subscriptions queued for room every second,
-                            // ahead of the ones with records).
-                            if !readable {
-                                continue;
-                            }
-                            read_chunk(&broker, &budgets, &fetch).await
-                        }
-                    };
-                    match response {
-                        Ok(r) => {
-                            fetch.offset = r.next_offset;
-                            // Charged now, waited for before the next read.
-                            let delay = security::throttle(
-                                &broker,
-                                &principal,
-                                Direction::Fetch,
-                                prost::Message::encoded_len(&r) as u64,
-                            );
-                            throttled_until = security::answer_deadline(delay);
-                            // An empty answer (the long poll ran out) gives
-                            // its slot back.
-                            if !(r.records.is_empty() && r.batches.is_empty()) {
-                                slot.send(Ok(r));
-                            }
-                        }
-                        Err(status) => {
+                            })
+                        {
                             slot.send(Err(status));
                             return;
                         }
+                        // Nothing new: no read, so no room taken from
+                        // the budgets for an empty answer (idle
+                        // subscriptions queued for room every second,
+                        // ahead of the ones with records).
+                        if !readable {
+                            continue;
+                        }
+                        read_chunk(&broker, &budgets, &fetch).await
+                    }
+                };
+                match response {
+                    Ok(r) => {
+                        fetch.offset = r.next_offset;
+                        // Charged now, waited for before the next read.
+                        let delay = security::throttle(
+                            &broker,
+                            &principal,
+                            Direction::Fetch,
+                            prost::Message::encoded_len(&r) as u64,
+                        );
+                        throttled_until = security::answer_deadline(delay);
+                        // An empty answer (the long poll ran out) gives
+                        // its slot back.
+                        if !(r.records.is_empty() && r.batches.is_empty()) {
+                            slot.send(Ok(r));
+                        }
+                    }
+                    Err(status) => {
+                        slot.send(Err(status));
+                        return;
                     }
                 }
-            },
-        ))
+            }
+        }))
     }
 }
 

@@ -343,3 +343,46 @@ where
     tokio::spawn(body(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
+
+/// [`async_stream_bounded`] whose task is stopped as soon as the stream is
+/// dropped (the client gone, its stream reset), wherever it waits: a
+/// subscription waiting out a quota's delay, for records, or for room in
+/// the read budgets otherwise learnt that its client had gone only at its
+/// next send, holding its place in the budgets' queues (and hours, behind
+/// a quota clock far ahead). For bodies that are safe to stop at any
+/// await.
+pub(crate) fn abortable_stream<T, F, Fut>(
+    capacity: usize,
+    body: F,
+) -> Pin<Box<dyn Stream<Item = T> + Send>>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    /// The receiving end, aborting the task when dropped.
+    struct TaskStream<T> {
+        rx: tokio_stream::wrappers::ReceiverStream<T>,
+        task: tokio::task::JoinHandle<()>,
+    }
+    impl<T> Stream for TaskStream<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            Pin::new(&mut self.rx).poll_next(cx)
+        }
+    }
+    impl<T> Drop for TaskStream<T> {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    let task = tokio::spawn(body(tx));
+    Box::pin(TaskStream {
+        rx: tokio_stream::wrappers::ReceiverStream::new(rx),
+        task,
+    })
+}
