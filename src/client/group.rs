@@ -538,6 +538,7 @@ impl Client {
             generation: -1,
             consumers: BTreeMap::new(),
             out_of_range: Vec::new(),
+            pending_error: None,
             unstarted: BTreeMap::new(),
             unstarted_retry_at: Instant::now(),
             unstarted_report_at: Instant::now(),
@@ -634,6 +635,11 @@ pub struct GroupConsumer {
     /// topic was created again, or this client's cached id was stale);
     /// the next poll starts them over.
     out_of_range: Vec<((String, i32), bool)>,
+    /// A fetch refused for good that came with another partition's
+    /// records: the next poll returns it. Dropped, it was never reported
+    /// while other partitions had traffic, and its partition stalled
+    /// unseen.
+    pending_error: Option<ClientError>,
     /// Assigned partitions that could not be started yet, with where they
     /// start and their committed offset (-1: none): later polls try them
     /// again, while the rest of the assignment is read. One such
@@ -991,6 +997,14 @@ impl GroupConsumer {
             // fenced) before this poll: the answer is stale.
             return Ok(());
         }
+        // Heartbeats first, for the new generation: committing what is
+        // taken away may wait for the replicas (up to its retries), and
+        // starting partitions may take a while (retried while their
+        // leaders move), both longer than the session; the bridging
+        // heartbeats stopped when this answer was taken. Heartbeats even
+        // when another round is asked for: the next poll starts it, and
+        // the application may be busy until then.
+        self.spawn_heartbeat(resp.heartbeat_interval_ms);
         if !revoked.is_empty() {
             let positions = if self.config.auto_commit_interval.is_some() {
                 self.uncommitted(Some(&revoked))
@@ -1024,11 +1038,6 @@ impl GroupConsumer {
             .filter(|tp| !self.consumers.contains_key(*tp) && !self.unstarted.contains_key(*tp))
             .cloned()
             .collect();
-        // Heartbeats first: starting partitions may take a while (retried
-        // while their leaders move), longer than the session.
-        // Heartbeats even when another round is asked for: the next poll
-        // starts it, and the application may be busy until then.
-        self.spawn_heartbeat(resp.heartbeat_interval_ms);
         // Rejoining takes them up again.
         self.start_partitions(&added).await?;
         end_taking_up(&self.signal, rejoin);
@@ -1373,8 +1382,8 @@ impl GroupConsumer {
     /// auto-commit interval has passed.
     ///
     /// A fetch refused for good (READ revoked, a corrupt batch) fails the
-    /// poll when no other partition has records; failures that pass (a
-    /// leader moving) are retried quietly.
+    /// poll, or the next one when other partitions had records for this
+    /// one; failures that pass (a leader moving) are retried quietly.
     ///
     /// Cancel-safe once the member has joined: a poll dropped while it
     /// waits for records (in a `select!` or a timeout) keeps every owned
@@ -1384,6 +1393,9 @@ impl GroupConsumer {
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>, ClientError> {
         let _polling = self.polled.enter();
         self.rebalance().await?;
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
         if let Some(every) = self.config.auto_commit_interval {
             if self.last_commit.elapsed() >= every {
                 if let Err(e) = self.commit().await {
@@ -1417,6 +1429,9 @@ impl GroupConsumer {
         // hand are returned without another await. A panic in one
         // surfaces here instead of dropping its partition.
         let mut unpositioned = None;
+        // Partitions whose committed offset could not be asked: tried
+        // again by the next poll.
+        let mut ask_again = Vec::new();
         for (tp, topic_changed) in std::mem::take(&mut self.out_of_range) {
             if !self.consumers.contains_key(&tp) {
                 continue; // revoked meanwhile
@@ -1434,10 +1449,17 @@ impl GroupConsumer {
                     .client
                     .fetch_offsets(&self.config.group, std::slice::from_ref(&tp))
                     .await;
-                asked
-                    .ok()
-                    .and_then(|o| o.first().map(|o| o.offset))
-                    .filter(|o| *o >= 0)
+                match asked {
+                    Ok(o) => o.first().map(|o| o.offset).filter(|o| *o >= 0),
+                    // Not known is not "none": reset, the partition's next
+                    // commit would write the reset point over the group's
+                    // offset for the topic.
+                    Err(e) => {
+                        tracing::debug!(error = %e, topic = %tp.0, partition = tp.1, "could not ask the committed offset; trying again");
+                        ask_again.push((tp, true));
+                        continue;
+                    }
+                }
             } else {
                 None
             };
@@ -1493,6 +1515,7 @@ impl GroupConsumer {
                 }
             }
         }
+        self.out_of_range = ask_again;
         if let Some(tp) = unpositioned {
             return Err(self.no_position(&tp, "its position is out of range"));
         }
@@ -1538,7 +1561,14 @@ impl GroupConsumer {
             }
         }
         // Started over by the next poll: no await here with records in hand.
-        self.out_of_range = out_of_range;
+        for entry in out_of_range {
+            if !self.out_of_range.contains(&entry) {
+                self.out_of_range.push(entry);
+            }
+        }
+        if !out.is_empty() {
+            self.pending_error = fatal.take();
+        }
         if out.is_empty() {
             if let Some(e) = fatal {
                 // Retrying does not help until someone acts (READ
