@@ -130,12 +130,12 @@ impl Broker {
     /// once the metadata store has a leader and this broker registered.
     pub fn open(
         config: ServerConfig,
+        logs: LogManager,
         metadata: Arc<dyn MetadataStore>,
         shutdown: CancellationToken,
-    ) -> Result<Arc<Self>, BrokerError> {
+    ) -> Arc<Self> {
         let topic_defaults = config.topic_defaults();
-        let logs = LogManager::open(&config.data_dir, log_config(&topic_defaults))?;
-        Ok(Arc::new_cyclic(|weak| Self {
+        Arc::new_cyclic(|weak| Self {
             node_id: config.node_id,
             metadata,
             logs,
@@ -155,7 +155,14 @@ impl Broker {
             reconcile_requested: std::sync::atomic::AtomicBool::new(false),
             me: weak.clone(),
             config,
-        }))
+        })
+    }
+
+    /// Opens (and recovers) every partition log in the data directory,
+    /// for [`Broker::open`].
+    pub fn open_logs(config: &ServerConfig) -> Result<LogManager, BrokerError> {
+        let defaults = log_config(&config.topic_defaults());
+        Ok(LogManager::open(&config.data_dir, defaults)?)
     }
 
     /// Takes up the partitions the metadata assigns to this broker and

@@ -222,6 +222,11 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     let tick_every = Duration::from_millis(b.maintenance_interval_ms.max(10));
     let writeback_every = (b.writeback_interval_ms > 0)
         .then(|| Duration::from_millis(b.writeback_interval_ms.max(10)));
+    // The logs first: recovering them may take a while, and a voter whose
+    // Raft core ran meanwhile without its service being reachable stood
+    // for election term after term, then deposed the leader once it
+    // served (its vote higher): a controller election at every restart.
+    let logs = Broker::open_logs(&config)?;
     let c = &config.controller;
     let store = RaftMetadataStore::start(RaftConfig {
         node_id: config.node_id,
@@ -245,7 +250,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     let heartbeat_every = Duration::from_millis(c.broker_heartbeat_interval_ms);
     let metadata: Arc<dyn MetadataStore> = store.clone();
     let security = Arc::new(Security::new(config.security.clone(), metadata.clone()));
-    let broker = Broker::open(config.clone(), metadata, shutdown.clone())?;
+    let broker = Broker::open(config.clone(), logs, metadata, shutdown.clone());
     broker.set_security(security.clone());
     endpoint.set_broker(broker.clone());
     let groups = GroupsService::new(broker.clone());
