@@ -829,8 +829,8 @@ async fn t07_deleted_records_are_gone_from_every_in_sync_replica() {
     })
     .await;
     assert_eq!(earliest, 40);
-    let below = eventually(
-        "a fetch below the log start on the new leader",
+    eventually(
+        "a fetch below the log start on the new leader refused as out of range",
         WAIT,
         || async {
             match first_offset_at(&client, "del", 10).await {
@@ -840,7 +840,6 @@ async fn t07_deleted_records_are_gone_from_every_in_sync_replica() {
         },
     )
     .await;
-    assert_eq!(below, ());
 
     // The CLI: everything below the high watermark, on the two left.
     let out = common::cli_ok(

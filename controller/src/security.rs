@@ -352,14 +352,9 @@ mod tests {
                 Just(ResourceType::Topic),
                 Just(ResourceType::Group)
             ],
-            "[xy]{0,3}",
+            prop_oneof![Just("*".to_string()), "[xy]{0,3}"],
             prop_oneof![Just(PatternType::Literal), Just(PatternType::Prefixed)],
-            prop_oneof![
-                Just(Operation::Read),
-                Just(Operation::Write),
-                Just(Operation::Describe),
-                Just(Operation::Alter)
-            ],
+            arb_operation(),
             prop_oneof![Just(Permission::Allow), Just(Permission::Deny)],
         )
             .prop_map(|(p, rt, name, pattern, op, perm)| Acl {
@@ -381,14 +376,52 @@ mod tests {
                 Just(ResourceType::Group)
             ],
             "[xy]{0,4}",
-            prop_oneof![
-                Just(Operation::Read),
-                Just(Operation::Write),
-                Just(Operation::Describe),
-                Just(Operation::Alter)
-            ],
+            arb_operation(),
         )
             .prop_map(|(p, rt, n, op)| (p.to_string(), rt, n, op))
+    }
+
+    fn arb_operation() -> impl Strategy<Value = Operation> {
+        prop_oneof![
+            Just(Operation::Read),
+            Just(Operation::Write),
+            Just(Operation::Create),
+            Just(Operation::Delete),
+            Just(Operation::Alter),
+            Just(Operation::Describe),
+        ]
+    }
+
+    /// The rules written out again, matching included, without the
+    /// implementation's code: what `authorize` must answer.
+    fn expected(acls: &[Acl], p: &str, rt: ResourceType, n: &str, op: Operation) -> bool {
+        let matching = |a: &Acl, o: Operation| {
+            a.resource_type == rt
+                && a.operation == o
+                && (a.principal == "*" || a.principal == p)
+                && (rt == ResourceType::Cluster
+                    || match a.pattern {
+                        PatternType::Literal => a.name == "*" || a.name == n,
+                        PatternType::Prefixed => n.starts_with(a.name.as_str()),
+                    })
+        };
+        let has = |perm: Permission, o: Operation| {
+            acls.iter().any(|a| a.permission == perm && matching(a, o))
+        };
+        let granted = |o: Operation| has(Permission::Allow, o) && !has(Permission::Deny, o);
+        if has(Permission::Deny, op) {
+            return false;
+        }
+        granted(op)
+            || (op == Operation::Describe
+                && [
+                    Operation::Read,
+                    Operation::Write,
+                    Operation::Delete,
+                    Operation::Alter,
+                ]
+                .into_iter()
+                .any(granted))
     }
 
     proptest! {
@@ -409,27 +442,22 @@ mod tests {
             prop_assert!(!authorize(&with_deny, &p, rt, &n, op));
         }
 
-        /// Allowed only if some ACL allows the operation (or, for
-        /// Describe, an operation that implies it); order never matters.
+        /// Allowed exactly when the rules written out independently say so
+        /// (a matching allow, no matching deny; Describe also through an
+        /// allowed Read, Write, Delete or Alter); order and repeats never matter.
         #[test]
-        fn allow_needs_a_matching_allow_and_order_is_irrelevant(
+        fn authorize_answers_what_the_rules_say_in_any_order(
             acls in proptest::collection::vec(arb_acl(), 0..12),
             (p, rt, n, op) in arb_request(),
         ) {
             let result = authorize(&acls, &p, rt, &n, op);
-            let implied: &[Operation] = if op == Operation::Describe {
-                &[Operation::Describe, Operation::Read, Operation::Write, Operation::Delete, Operation::Alter]
-            } else {
-                std::slice::from_ref(&op)
-            };
-            let some_allow = acls.iter().any(|a| a.permission == Permission::Allow
-                && implied.iter().any(|o| a.matches(&p, rt, &n, *o)));
-            if result {
-                prop_assert!(some_allow);
-            }
+            prop_assert_eq!(result, expected(&acls, &p, rt, &n, op));
             let mut reversed = acls.clone();
             reversed.reverse();
             prop_assert_eq!(result, authorize(&reversed, &p, rt, &n, op));
+            // Nor does an ACL given twice (two allows are one allow).
+            let twice: Vec<Acl> = acls.iter().chain(&acls).cloned().collect();
+            prop_assert_eq!(result, authorize(&twice, &p, rt, &n, op));
         }
 
         /// A prefixed ACL matches exactly the names that start with it; a

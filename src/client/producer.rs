@@ -1860,6 +1860,10 @@ mod tests {
         full.push(1, None, Some(&[7u8; 7000][..]), &[]);
         let sealed = super::seal(full);
         assert!(sealed.len() > 7000);
+        // Not copied: the builder's own buffer, its capacity with it (a
+        // copy's capacity is its length).
+        let back = sealed.try_into_mut().expect("one owner");
+        assert!(back.capacity() >= 8 * 1024, "{}", back.capacity());
     }
 
     #[test]
