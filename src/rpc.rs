@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use prost::Message;
-use runnel_proto::wire::{DecodeStream, EncodeBody};
+use runnel_proto::wire::{DecodeCheck, DecodeStream, EncodeBody};
 use tokio_stream::Stream;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -41,6 +41,7 @@ pub struct RawStream<S, Req, Resp> {
     path: &'static str,
     message_max: usize,
     handler: Arc<Handler<Req, Resp>>,
+    check: Option<DecodeCheck>,
 }
 
 impl<S: Clone, Req, Resp> Clone for RawStream<S, Req, Resp> {
@@ -50,6 +51,7 @@ impl<S: Clone, Req, Resp> Clone for RawStream<S, Req, Resp> {
             path: self.path,
             message_max: self.message_max,
             handler: self.handler.clone(),
+            check: self.check,
         }
     }
 }
@@ -72,7 +74,14 @@ impl<S, Req, Resp> RawStream<S, Req, Resp> {
             path,
             message_max,
             handler: Arc::new(handler),
+            check: None,
         }
+    }
+
+    /// Runs `check` on every request message before decoding it.
+    pub fn with_check(mut self, check: DecodeCheck) -> Self {
+        self.check = Some(check);
+        self
     }
 }
 
@@ -136,10 +145,14 @@ where
                 "compressed requests are not accepted on this stream",
             ))
         } else {
-            let max = self.message_max;
-            (self.handler)(tonic::Request::from_http(
-                req.map(|body| DecodeStream::new(body, max)),
-            ))
+            let (max, check) = (self.message_max, self.check);
+            (self.handler)(tonic::Request::from_http(req.map(|body| {
+                let decode = DecodeStream::new(body, max);
+                match check {
+                    Some(check) => decode.with_check(check),
+                    None => decode,
+                }
+            })))
         };
         let response = match answer {
             Ok(answers) => http::Response::builder()

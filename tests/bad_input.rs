@@ -944,6 +944,55 @@ fn commands_that_report_an_action_answer_in_json() {
     }
 }
 
+/// A produce request of empty records decodes to about fifty times its
+/// size: one made of many is refused before it is decoded, on both
+/// produce calls (a 64 MiB one took gigabytes of memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_request_of_empty_records_is_refused_undecoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    cli_ok(&server.addr, &["topic", "create", "hollow"], None);
+    let mut producer = ProducerClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    let hollow = pb::ProduceRequest {
+        topic: "hollow".into(),
+        partition: Some(0),
+        records: vec![pb::Record::default(); 200_000],
+        ..Default::default()
+    };
+    expect(
+        producer.produce(hollow.clone()).await,
+        Code::InvalidArgument,
+        "INVALID_REQUEST",
+        "far more memory decoded",
+    );
+    let mut answers = producer
+        .produce_stream(tokio_stream::iter(vec![hollow]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().expect("an in-band answer");
+    assert_eq!(
+        answer.error_code,
+        pb::ErrorCode::InvalidRequest as i32,
+        "{answer:?}"
+    );
+    assert!(
+        answer.error_message.contains("far more memory"),
+        "{answer:?}"
+    );
+    // Records that carry something pass.
+    let full = pb::ProduceRequest {
+        topic: "hollow".into(),
+        partition: Some(0),
+        records: vec![value(b"sixteen bytes!!!"); 30_000],
+        ..Default::default()
+    };
+    let r = producer.produce(full).await.unwrap().into_inner();
+    assert_eq!((r.base_offset, r.last_offset), (0, 29_999));
+}
+
 /// `cluster health --node` against a node that takes the connection but
 /// never answers fails within its own bound (it waited for good).
 #[test]

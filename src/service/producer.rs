@@ -105,14 +105,23 @@ impl Producer for ProducerService {
 
 /// The `Producer` service: `ProduceStream` framed by [`crate::rpc`] (its
 /// batches skip tonic's codec copies), the other methods by tonic.
-pub fn producer_server(
-    broker: Arc<Broker>,
-    message_max: usize,
-) -> RawStream<ProducerServer<ProducerService>, pb::ProduceRequest, pb::ProduceResponse> {
-    let tonic = ProducerServer::new(ProducerService::new(broker.clone()))
+pub fn producer_server(broker: Arc<Broker>, message_max: usize) -> ProducerRawServer {
+    let service = ProducerService::new(broker.clone());
+    let tonic = ProducerServer::new(service.clone())
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
-    RawStream::new(tonic, PRODUCE_STREAM_PATH, message_max, move |request| {
+    // The unary call too, for the check before decoding (tonic's codec
+    // decodes first).
+    let produce = RawStream::unary(tonic, PRODUCE_PATH, message_max, move |request| {
+        let service = service.clone();
+        async move {
+            Producer::produce(&service, request)
+                .await
+                .map(Response::into_inner)
+        }
+    })
+    .with_check(produce_request_bound);
+    RawStream::new(produce, PRODUCE_STREAM_PATH, message_max, move |request| {
         let principal = security::principal_of(&request);
         let login = security::login_of(&request);
         Ok(produce_stream(
@@ -122,6 +131,77 @@ pub fn producer_server(
             request.into_inner(),
         ))
     })
+    .with_check(produce_request_bound)
+}
+
+/// The producer service as served: both produce calls framed by
+/// [`crate::rpc`], every other method by tonic.
+pub type ProducerRawServer = RawStream<
+    RawStream<ProducerServer<ProducerService>, pb::ProduceRequest, pb::ProduceResponse>,
+    pb::ProduceRequest,
+    pb::ProduceResponse,
+>;
+
+/// The unary produce call's HTTP/2 path.
+pub const PRODUCE_PATH: &str = "/runnel.v1.Producer/Produce";
+
+/// Wire bytes a record or header takes at least, on average, before a
+/// request counts as mostly empty entries.
+const ENTRY_WIRE_BYTES_MIN: usize = 16;
+/// Records and headers any request may have, whatever its size.
+const ENTRIES_FREE: usize = 65_536;
+
+/// Refuses a produce request whose `records` (and their headers) would
+/// take far more memory decoded than on the wire: an empty record is two
+/// bytes there and over a hundred decoded, so a 64 MiB request of them
+/// decoded to gigabytes before anything looked at it. Allowed: 65,536
+/// entries, plus one per 16 bytes of the request (decoded, at most about
+/// seven times the request). A request this walk cannot follow is left
+/// to the decoder, which says why.
+pub(crate) fn produce_request_bound(mut buf: &mut dyn bytes::Buf) -> Result<(), Status> {
+    use bytes::Buf;
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    const RECORDS: u32 = 3; // ProduceRequest.records
+    const HEADERS: u32 = 3; // Record.headers
+    let allowed = buf.remaining() / ENTRY_WIRE_BYTES_MIN + ENTRIES_FREE;
+    let mut entries = 0usize;
+    let mut walk = || -> Result<bool, prost::DecodeError> {
+        while buf.has_remaining() {
+            let (tag, wire_type) = decode_key(&mut buf)?;
+            if tag != RECORDS || wire_type != WireType::LengthDelimited {
+                skip_field(wire_type, tag, &mut buf, DecodeContext::default())?;
+                continue;
+            }
+            let len = decode_varint(&mut buf)? as usize;
+            if len > buf.remaining() {
+                return Ok(true);
+            }
+            entries += 1;
+            let mut record = Buf::take(&mut buf, len);
+            while record.has_remaining() {
+                let (tag, wire_type) = decode_key(&mut record)?;
+                if tag == HEADERS {
+                    entries += 1;
+                }
+                skip_field(wire_type, tag, &mut record, DecodeContext::default())?;
+            }
+            if entries > allowed {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    match walk() {
+        Ok(false) => Err(crate::error::BrokerError::InvalidRequest {
+            reason: format!(
+                "a produce request of {entries} records and headers or more in so few bytes \
+                 would take far more memory decoded than sent (at most {allowed} here): send \
+                 fewer per request, or an encoded batch"
+            ),
+        }
+        .into()),
+        Ok(true) | Err(_) => Ok(()),
+    }
 }
 
 /// The streaming produce call's HTTP/2 path, served by [`produce_stream`]
@@ -298,6 +378,7 @@ fn undecodable_response(status: &Status) -> pb::ProduceResponse {
     let code = match status.code() {
         tonic::Code::OutOfRange => pb::ErrorCode::RecordTooLarge,
         tonic::Code::Unimplemented => pb::ErrorCode::Unsupported,
+        tonic::Code::InvalidArgument => pb::ErrorCode::InvalidRequest,
         _ => pb::ErrorCode::CorruptMessage,
     };
     pb::ProduceResponse {
@@ -385,4 +466,39 @@ where
         rx: tokio_stream::wrappers::ReceiverStream::new(rx),
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bound(req: &pb::ProduceRequest) -> Result<(), Status> {
+        let bytes = prost::Message::encode_to_vec(req);
+        produce_request_bound(&mut &bytes[..])
+    }
+
+    #[test]
+    fn empty_records_or_headers_in_bulk_are_refused_before_decoding() {
+        let records = |n: usize, record: pb::Record| pb::ProduceRequest {
+            topic: "t".into(),
+            records: vec![record; n],
+            ..Default::default()
+        };
+        let filled = pb::Record {
+            value: Some(vec![7u8; 20].into()),
+            ..Default::default()
+        };
+        assert!(bound(&records(ENTRIES_FREE, pb::Record::default())).is_ok());
+        assert!(bound(&records(200_000, filled)).is_ok());
+        let refused = bound(&records(200_000, pb::Record::default())).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        // Headers count too: one record of many empty ones.
+        let headed = pb::Record {
+            headers: vec![pb::Header::default(); 200_000],
+            ..Default::default()
+        };
+        assert!(bound(&records(1, headed)).is_err());
+        // Bytes that are no request are the decoder's to refuse.
+        assert!(produce_request_bound(&mut &[0xffu8, 0xff, 0xff][..]).is_ok());
+    }
 }
