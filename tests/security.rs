@@ -662,6 +662,45 @@ async fn tls_mtls_authentication_and_acls() {
     let err = r.expect_err("write allowed after the ACL was removed");
     assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
 
+    // A member whose group READ is removed while it reads: its heartbeats
+    // are refused, and its poll says so (it went on reading partitions
+    // the coordinator had given to others, the refusals retried quietly).
+    let group_acl = |verb: &'static str| {
+        [
+            "acl",
+            verb,
+            "--principal",
+            "alice",
+            "--group",
+            "g-beat",
+            "--operation",
+            "read",
+        ]
+    };
+    let (ok, out) = cli_env(&addr, &admin_env, &group_acl("add"), b"");
+    assert!(ok, "{out}");
+    let mut member = alice
+        .group_consumer(runnel::client::GroupConfig::new("g-beat", &["logs-app"]))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while member.assignment().is_empty() {
+        assert!(Instant::now() < deadline, "never assigned");
+        member.poll().await.unwrap();
+    }
+    let (ok, out) = cli_env(&addr, &admin_env, &group_acl("remove"), b"");
+    assert!(ok, "{out}");
+    let err = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Err(e) = member.poll().await {
+                break e;
+            }
+        }
+    })
+    .await
+    .expect("a member refused its heartbeats kept polling without an error");
+    assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
+    drop(member);
+
     // A subscription is checked chunk by chunk: a deny added while it
     // runs ends it.
     let mut sub = alice

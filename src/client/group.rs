@@ -105,6 +105,23 @@ fn heartbeats(
                     set_signal(&signal, SIGNAL_REJOIN);
                     return;
                 }
+                // Refused for good (the group's READ revoked, a request
+                // the coordinator rejects): retried quietly, the member
+                // expired while it went on reading partitions given to
+                // others. The next poll rejoins, dropping them first, and
+                // that join reports the refusal.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        pb::ErrorCode::AuthorizationFailed
+                            | pb::ErrorCode::AuthenticationFailed
+                            | pb::ErrorCode::InvalidRequest
+                    ) =>
+                {
+                    tracing::warn!(group = %req.group, error = %e, "heartbeat refused; rejoining");
+                    set_signal(&signal, SIGNAL_REJOIN_AS_NEW);
+                    return;
+                }
                 Err(e) => tracing::debug!(error = %e, "heartbeat failed; retrying"),
             }
         }
@@ -1399,7 +1416,7 @@ impl GroupConsumer {
         if let Some(every) = self.config.auto_commit_interval {
             if self.last_commit.elapsed() >= every {
                 if let Err(e) = self.commit().await {
-                    tracing::debug!(error = %e, "auto-commit failed");
+                    tracing::warn!(group = %self.config.group, error = %e, "auto-commit failed");
                 }
             }
         }
