@@ -1421,7 +1421,7 @@ impl PartitionSender {
         };
         // A copy sent before may have been stored (its answer was lost):
         // renumbered from 0, the batch would be written a second time.
-        if producer_id <= 0 || sent_seq == 0 || front.maybe_stored {
+        if producer_id <= 0 || sent_seq == 0 || front.maybe_stored || epoch == i16::MAX {
             return None;
         }
         if let Some(broken) = &self.broken {
@@ -1438,6 +1438,13 @@ impl PartitionSender {
             producer_id,
             epoch,
             from: first_seq,
+            // Under the next epoch, as KIP-360 bumps it: a replica that
+            // still holds this producer's old batches (its expiry runs
+            // later, or a restart brought them back) takes sequence 0 of
+            // a new epoch as a fresh start. Under the same epoch it
+            // answered a renumbered batch as the duplicate of an old one
+            // of the same range, and the new records were never stored.
+            sent_epoch: epoch + 1,
         })
     }
 
@@ -1469,14 +1476,15 @@ impl PartitionSender {
         let records = runnel_storage::batch::sequence_count(&refused.request.batch)
             .unwrap_or(0)
             .max(0);
-        let from = match current {
-            Some(r) if r.covers(producer_id, epoch) => r.from,
-            _ => 0,
+        let (from, sent_epoch) = match current {
+            Some(r) if r.covers(producer_id, epoch) => (r.from, r.sent_epoch),
+            _ => (0, epoch),
         };
         let shifted = SequenceRestart {
             producer_id,
             epoch,
             from: runnel_storage::producer_state::add_sequence(from, records),
+            sent_epoch,
         };
         match stream.as_mut() {
             Some(s) if *sent > 0 => {
@@ -1608,12 +1616,18 @@ impl PartitionSender {
 }
 
 /// Renumbers one producer id's batches on one partition: the batch that
-/// was stamped `from` is sent as 0, the ones after it follow on.
+/// was stamped `from` is sent as 0, the ones after it follow on, under
+/// `sent_epoch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SequenceRestart {
     producer_id: i64,
+    /// The epoch the batches were stamped with.
     epoch: i16,
     from: i32,
+    /// The epoch they are sent with: the next one after a restart (the
+    /// partition forgot the producer), the same one when a refused
+    /// batch's sequence is given back.
+    sent_epoch: i16,
 }
 
 impl SequenceRestart {
@@ -1633,7 +1647,11 @@ impl SequenceRestart {
         if let Some((id, epoch, seq)) = runnel_storage::batch::producer_fields(&request.batch) {
             if self.covers(id, epoch) {
                 let mut batch = bytes::BytesMut::from(&request.batch[..]);
-                runnel_storage::batch::set_base_sequence(&mut batch, self.renumber(seq));
+                runnel_storage::batch::set_producer_epoch_and_sequence(
+                    &mut batch,
+                    self.sent_epoch,
+                    self.renumber(seq),
+                );
                 out.batch = batch.freeze();
             }
         }
@@ -1883,9 +1901,15 @@ mod tests {
             producer_id: 9,
             epoch: 1,
             from: 500,
+            sent_epoch: 1,
         };
         let sent = r.apply(&batch(9, 1, 507));
         assert_eq!(producer_fields(&sent.batch), Some((9, 1, 7)));
+        assert_eq!(validate_batch(&sent.batch).unwrap(), 1, "CRC recomputed");
+        // A restart goes under the next epoch.
+        let restart = SequenceRestart { sent_epoch: 2, ..r };
+        let sent = restart.apply(&batch(9, 1, 507));
+        assert_eq!(producer_fields(&sent.batch), Some((9, 2, 7)));
         assert_eq!(validate_batch(&sent.batch).unwrap(), 1, "CRC recomputed");
         // Another id or epoch goes as it was stamped.
         let other = batch(10, 1, 507);
@@ -1897,6 +1921,7 @@ mod tests {
             producer_id: 9,
             epoch: 1,
             from: i32::MAX - 1,
+            sent_epoch: 1,
         };
         assert_eq!(wrapped.renumber(i32::MAX), 1);
         assert_eq!(wrapped.renumber(0), 2);

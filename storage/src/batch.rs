@@ -220,6 +220,15 @@ pub fn set_base_sequence(batch: &mut [u8], base_sequence: i32) {
     seal_crc(batch);
 }
 
+/// Rewrites the producer epoch and base sequence and recomputes the CRC
+/// (a producer restarting its sequence under a new epoch). `batch` must
+/// be one whole, framed batch.
+pub fn set_producer_epoch_and_sequence(batch: &mut [u8], epoch: i16, base_sequence: i32) {
+    let at = field::PRODUCER_EPOCH;
+    batch[at..at + 2].copy_from_slice(&epoch.to_be_bytes());
+    set_base_sequence(batch, base_sequence);
+}
+
 /// Marks the batch as log-append-time stamped at `now_ms` and recomputes
 /// the CRC. `batch` must be one whole, framed batch.
 pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {

@@ -535,6 +535,29 @@ mod tests {
         assert!(rebuilt.get(3).is_none());
     }
 
+    /// A producer renumbering from 0 after another replica forgot it: this
+    /// replica, which still holds its old batches, would take a batch of
+    /// the same epoch and range as a duplicate of an old one (and store
+    /// nothing); under the next epoch it is a fresh start, as the client
+    /// now sends it.
+    #[test]
+    fn a_sequence_restarted_under_the_next_epoch_is_not_a_duplicate() {
+        let mut s = ProducerStates::default();
+        for i in 0..3 {
+            s.record(
+                &batch(7, 0, i, 1),
+                10 + i64::from(i),
+                10 + i64::from(i),
+                1_000,
+            );
+        }
+        assert!(matches!(
+            s.check(&batch(7, 0, 0, 1)).unwrap(),
+            SequenceCheck::Duplicate(_)
+        ));
+        assert_eq!(s.check(&batch(7, 1, 0, 1)).unwrap(), SequenceCheck::Append);
+    }
+
     #[test]
     fn only_the_last_batches_retained_are_remembered() {
         let mut s = ProducerStates::default();
