@@ -2165,3 +2165,84 @@ async fn t25_the_cli_group_consumer_commits_what_it_printed_on_ctrl_c() {
         .sum();
     assert_eq!(committed, 10, "{stderr}");
 }
+
+/// `runnel_fetch_requests_total` of topic `t` on the node whose metrics
+/// endpoint is `addr`.
+fn fetch_requests_of_t(addr: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| l.starts_with("runnel_fetch_requests_total{") && l.contains("topic=\"t\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// While a cooperative member's background rejoin waits (here for a
+/// member that stopped polling, up to its rebalance timeout), its polls
+/// long-poll as usual and stop when the answer comes. They used to fetch
+/// with a 10 ms wait: some hundred fetches a second per partition for as
+/// long as the rebalance lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t26_a_background_rejoin_does_not_spin_fetches() {
+    let base = tempfile::tempdir().unwrap();
+    let (cluster, client) = one_node_with_topic_t(base.path()).await;
+    let metrics = cluster.metrics_addr(1);
+    let mut cfg = config("spin", "t");
+    cfg.rebalance_timeout_ms = 8_000;
+    cfg.session_timeout_ms = 10_000;
+    let mut a = client.group_consumer(cfg.clone()).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while a.assignment().is_empty() {
+        assert!(Instant::now() < deadline, "a never assigned");
+        a.poll().await.unwrap();
+    }
+    // C joins, takes its share, and stops polling (its heartbeats go on).
+    let mut c = client.group_consumer(cfg.clone()).unwrap();
+    while c.assignment().is_empty() || a.rebalancing() {
+        assert!(Instant::now() < deadline, "c never assigned");
+        tokio::select! {
+            r = c.poll() => { r.unwrap(); }
+            r = a.poll() => { r.unwrap(); }
+        }
+    }
+    // B joins: the rebalance waits for C up to its rebalance timeout,
+    // and A's rejoin waits in the background meanwhile.
+    let b_client = client.clone();
+    let b_cfg = cfg.clone();
+    let b = tokio::spawn(async move {
+        let mut b = b_client.group_consumer(b_cfg).unwrap();
+        loop {
+            b.poll().await.unwrap();
+        }
+    });
+    while !a.rejoining_in_background() {
+        assert!(
+            Instant::now() < deadline,
+            "a never rejoined in the background"
+        );
+        a.poll().await.unwrap();
+    }
+    let before = fetch_requests_of_t(&metrics);
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(2) && a.rejoining_in_background() {
+        a.poll().await.unwrap();
+    }
+    let fetches = fetch_requests_of_t(&metrics) - before;
+    let spent = window.elapsed();
+    b.abort();
+    drop(c);
+    // Idle partitions long-polled (500 ms by default): a few fetches each;
+    // a 10 ms wait made it hundreds.
+    assert!(
+        fetches < 100.0,
+        "{fetches} fetches in {spent:?} of background rejoin, {} partitions",
+        a.assignment().len()
+    );
+    assert!(
+        spent >= Duration::from_millis(500),
+        "the rejoin ended early: {spent:?}"
+    );
+}

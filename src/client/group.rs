@@ -156,9 +156,6 @@ fn join_failure_is_passing(e: &ClientError) -> bool {
     )
 }
 
-/// Long-poll wait of fetches while a background rejoin is under way (ms).
-const REBALANCE_POLL_WAIT_MS: u32 = 10;
-
 /// How often a poll tries again to start assigned partitions that could
 /// not be started (their leaders unavailable past the retries).
 const UNSTARTED_RETRY: Duration = Duration::from_secs(1);
@@ -563,6 +560,7 @@ impl Client {
             signal: Arc::new(AtomicU8::new(SIGNAL_REJOIN)),
             heartbeat: None,
             pending: None,
+            pending_done: Arc::new(tokio::sync::Notify::new()),
             listener: None,
             last_commit: Instant::now(),
             polled: PollClock::new(),
@@ -675,6 +673,9 @@ pub struct GroupConsumer {
     polled: Arc<PollClock>,
     /// Cooperative: the rejoin under way while partitions are still read.
     pending: Option<PendingJoin>,
+    /// Notified when `pending` finishes: a poll waiting for records stops
+    /// waiting, so the answer is taken up at once.
+    pending_done: Arc<tokio::sync::Notify>,
     listener: Option<Listener>,
     last_commit: Instant,
 }
@@ -941,6 +942,7 @@ impl GroupConsumer {
             let wait = self.join_wait();
             let signal = self.signal.clone();
             let watch = self.poll_watch();
+            let done = self.pending_done.clone();
             self.pending = Some(tokio::spawn(async move {
                 let group = req.group.clone();
                 let instance = req.group_instance_id.clone();
@@ -968,6 +970,7 @@ impl GroupConsumer {
                     ))),
                     _ => None,
                 };
+                done.notify_one();
                 (answer, bridge)
             }));
         }
@@ -1421,18 +1424,30 @@ impl GroupConsumer {
             }
         }
         self.start_unstarted().await?;
-        // While a background rejoin is under way, fetches wait only
-        // briefly so its answer is taken up soon after it arrives.
-        let wait_ms = if self.pending.is_some() {
-            REBALANCE_POLL_WAIT_MS.min(self.config.max_wait_ms)
-        } else {
-            self.config.max_wait_ms
+        let wait_ms = self.config.max_wait_ms;
+        // While a background rejoin is under way, a poll waiting for
+        // records stops when its answer arrives, so the next poll takes
+        // it up at once. (Fetches used to wait only 10 ms meanwhile: a
+        // member with many partitions sent thousands of fetches a second
+        // for as long as the rebalance lasted.)
+        let rejoining = self.pending.is_some();
+        let joined = self.pending_done.clone();
+        let join_done = async move {
+            if rejoining {
+                joined.notified().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
         };
+        tokio::pin!(join_done);
         if self.consumers.is_empty() {
             // Nothing to read: wait, unless a rejoin is due (the next poll
             // starts it).
-            if self.signal.load(Ordering::Acquire) == SIGNAL_OK || self.pending.is_some() {
-                tokio::time::sleep(Duration::from_millis(u64::from(wait_ms))).await;
+            if self.signal.load(Ordering::Acquire) == SIGNAL_OK || rejoining {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(u64::from(wait_ms))) => {}
+                    () = &mut join_done => {}
+                }
             }
             return Ok(Vec::new());
         }
@@ -1565,7 +1580,12 @@ impl GroupConsumer {
                 Err(e) if fetch_failure_is_fatal(&e) => fatal = Some(e),
                 Err(e) => failed = Some(e),
             };
-            while let Some((tp, r)) = polls.next().await {
+            loop {
+                let next = tokio::select! {
+                    next = polls.next() => next,
+                    () = &mut join_done => None,
+                };
+                let Some((tp, r)) = next else { break };
                 let got = matches!(&r, Ok(records) if !records.is_empty());
                 take(tp, r);
                 if got {
