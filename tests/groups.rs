@@ -2246,3 +2246,42 @@ async fn t26_a_background_rejoin_does_not_spin_fetches() {
         "the rejoin ended early: {spent:?}"
     );
 }
+
+/// A static member whose application stops polling stops heartbeating
+/// (KIP-345: its session runs out, and a restart within it would keep
+/// the assignment); its partitions move to a member that reads. Its next
+/// poll drops them before anything else: it used to rejoin in the
+/// background and read on the partitions now the reader's, two owners
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t27_a_static_member_back_from_a_stall_reads_nothing_it_lost() {
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    let mut cfg = config("g-static-stuck", "t");
+    cfg.max_poll_interval = Duration::from_secs(2);
+    let mut stuck_cfg = cfg.clone();
+    stuck_cfg.group_instance_id = "stuck-1".into();
+    let mut stuck = client.group_consumer(stuck_cfg).unwrap();
+    let reader = Member::spawn(&client, cfg);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !(stuck.assignment().len() == 3 && reader.snapshot().2.len() == 3) {
+        assert!(std::time::Instant::now() < deadline, "never balanced");
+        stuck.poll().await.unwrap();
+    }
+    // Stuck past max_poll_interval, then past its session: the reader
+    // takes all six.
+    eventually("the reader holding all six", WAIT, || async {
+        (reader.snapshot().2.len() == 6).then_some(())
+    })
+    .await;
+    stuck.poll().await.unwrap();
+    let mine: BTreeSet<(String, i32)> = stuck.assignment().into_iter().collect();
+    let theirs: BTreeSet<(String, i32)> = reader.snapshot().2.into_iter().collect();
+    assert!(
+        mine.is_disjoint(&theirs),
+        "both own {:?}",
+        mine.intersection(&theirs).collect::<Vec<_>>()
+    );
+    stuck.close().await.unwrap();
+    reader.close().await;
+}

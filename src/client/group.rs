@@ -67,14 +67,13 @@ fn heartbeats(
                     // Best effort: a member that did not leave expires.
                     let _ = leave(&client, request).await;
                 }
-                set_signal(
-                    &signal,
-                    if dynamic {
-                        SIGNAL_REJOIN_AS_NEW
-                    } else {
-                        SIGNAL_REJOIN
-                    },
-                );
+                // Either way the next poll rejoins in the foreground,
+                // dropping the partitions first: by then they may well be
+                // another member's. (A static member used to rejoin in the
+                // background, cooperatively, and read on meanwhile.) A
+                // static member rejoining under its instance id gets its
+                // assignment back if its session has not run out.
+                set_signal(&signal, SIGNAL_REJOIN_AS_NEW);
                 return;
             }
             let r = client
