@@ -173,15 +173,20 @@ pub fn spawn(
         listener,
         endpoint,
         shutdown,
-        (CONNECTIONS_MAX, IDLE_TIMEOUT, REQUEST_TIMEOUT),
+        (
+            Arc::new(Semaphore::new(CONNECTIONS_MAX)),
+            IDLE_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ),
     )
 }
 
+/// [`spawn`] with `slots` (one permit per connection) and its timeouts.
 fn spawn_bounded(
     listener: TcpListener,
     endpoint: Arc<Endpoint>,
     shutdown: CancellationToken,
-    (connections, idle, request): (usize, Duration, Duration),
+    (slots, idle, request): (Arc<Semaphore>, Duration, Duration),
 ) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -190,7 +195,7 @@ fn spawn_bounded(
         .with_state(endpoint);
     let listener = Bounded {
         inner: listener,
-        slots: Arc::new(Semaphore::new(connections)),
+        slots,
         idle,
         request,
     };
@@ -382,11 +387,16 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
+        let slots = Arc::new(Semaphore::new(2));
         spawn_bounded(
             listener,
             Endpoint::new(),
             shutdown.clone(),
-            (2, Duration::from_secs(2), Duration::from_secs(60)),
+            (
+                slots.clone(),
+                Duration::from_secs(2),
+                Duration::from_secs(60),
+            ),
         );
 
         // Opened, nothing sent: closed once idle.
@@ -417,7 +427,18 @@ mod tests {
             tokio::spawn(trickle(stop.clone())),
             tokio::spawn(trickle(stop.clone())),
         ];
+        // Both slots taken before the third connects (else the look
+        // below tested nothing).
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while slots.available_permits() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the trickling clients never took both slots");
         let third = tokio::spawn(get_health(addr));
+        // Nothing to wait for: the third is not to be answered at all
+        // while the slots are taken.
         tokio::time::sleep(Duration::from_millis(800)).await;
         assert!(!third.is_finished(), "answered beyond the connection cap");
         stop.cancel();
@@ -446,7 +467,11 @@ mod tests {
             listener,
             Endpoint::new(),
             shutdown.clone(),
-            (2, Duration::from_secs(30), Duration::from_secs(1)),
+            (
+                Arc::new(Semaphore::new(2)),
+                Duration::from_secs(30),
+                Duration::from_secs(1),
+            ),
         );
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
