@@ -861,7 +861,12 @@ impl Log {
         // No fsync here: the tick's flush of rolled segments syncs the
         // snapshot with them (`flush_rolled`).
         let states = self.lock_producers().clone();
-        let superseded = producer_state::write_snapshot_unsynced(&self.dir, base, &states)?;
+        let bases: Vec<i64> = segments
+            .iter()
+            .map(|s| s.base_offset())
+            .chain(std::iter::once(base))
+            .collect();
+        let superseded = producer_state::write_snapshot_unsynced(&self.dir, base, &states, &bases)?;
         {
             let mut trash = self.lock_trash();
             for path in superseded {
@@ -1284,7 +1289,17 @@ impl Log {
         if states.is_empty() {
             return Ok(());
         }
-        producer_state::write_snapshot(&self.dir, self.log_end_offset(), &states)
+        producer_state::write_snapshot(
+            &self.dir,
+            self.log_end_offset(),
+            &states,
+            &self.segment_bases(),
+        )
+    }
+
+    /// The base offsets of the segments, ascending.
+    fn segment_bases(&self) -> Vec<i64> {
+        self.snapshot().iter().map(|s| s.base_offset()).collect()
     }
 
     /// Writer only: moves the log start to `offset` in memory; the
@@ -1611,7 +1626,12 @@ impl Log {
         // the log end, the next open rebuilds the state by reading the
         // whole active segment, on every clean restart of every partition.
         let states = self.lock_producers().clone();
-        producer_state::write_snapshot(&self.dir, self.log_end_offset(), &states)?;
+        producer_state::write_snapshot(
+            &self.dir,
+            self.log_end_offset(),
+            &states,
+            &self.segment_bases(),
+        )?;
         let marker = self.dir.join(checkpoint::CLEAN_SHUTDOWN);
         self.spare.close(true)?;
         self.empty_trash()?;
@@ -1952,9 +1972,10 @@ mod tests {
             log.append_as_leader(batch(), 0).unwrap();
         }
         assert_eq!(log.segment_count(), 5);
-        let superseded = names_ending(&path, ".snapshot.deleted");
-        assert_eq!(superseded.len(), 2, "{superseded:?}");
-        assert_eq!(names_ending(&path, ".snapshot").len(), 2);
+        // One producer snapshot per rolled-to segment base, none
+        // superseded while their segments stay.
+        assert_eq!(names_ending(&path, ".snapshot").len(), 4);
+        assert!(names_ending(&path, ".snapshot.deleted").is_empty());
 
         log.set_config(LogConfig {
             retention_bytes_max: Some(1),
@@ -1968,7 +1989,8 @@ mod tests {
         assert_eq!(log.log_start_offset(), 4);
 
         log.append_as_leader(batch(), 0).unwrap(); // rolls: trash again
-        assert!(!names_ending(&path, ".deleted").is_empty());
+        // The snapshots of the deleted segments are superseded.
+        assert_eq!(names_ending(&path, ".snapshot.deleted").len(), 3);
         log.close_unclean();
         std::fs::write(path.join("00000000000000000001.log.deleted"), b"x").unwrap();
         let log = Log::open(&path, config).unwrap();

@@ -36,7 +36,8 @@ pub const BATCHES_RETAINED: usize = 16;
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"RPS1";
 const SNAPSHOT_SUFFIX: &str = ".snapshot";
-/// Snapshots kept; older ones are deleted when a new one is written.
+/// Snapshots kept besides those at segment bases; older ones are deleted
+/// when a new one is written.
 const SNAPSHOTS_RETAINED: usize = 2;
 
 /// Sequence numbers and offsets of one appended batch.
@@ -376,10 +377,15 @@ pub(crate) fn snapshot_offsets(dir: &Path) -> Result<Vec<i64>> {
     Ok(offsets)
 }
 
-/// Writes the snapshot for `offset` (atomically), deletes all but the
-/// newest [`SNAPSHOTS_RETAINED`], and makes it durable.
-pub(crate) fn write_snapshot(dir: &Path, offset: i64, states: &ProducerStates) -> Result<()> {
-    crate::segment::remove_files(&write_snapshot_unsynced(dir, offset, states)?)?;
+/// Writes the snapshot for `offset` (atomically), deletes the ones it
+/// supersedes (see [`write_snapshot_unsynced`]), and makes it durable.
+pub(crate) fn write_snapshot(
+    dir: &Path,
+    offset: i64,
+    states: &ProducerStates,
+    bases: &[i64],
+) -> Result<()> {
+    crate::segment::remove_files(&write_snapshot_unsynced(dir, offset, states, bases)?)?;
     sync_snapshots(dir, offset.saturating_sub(1), offset)?;
     checkpoint::sync_dir(dir)
 }
@@ -390,24 +396,34 @@ pub(crate) fn write_snapshot(dir: &Path, offset: i64, states: &ProducerStates) -
 /// crash before that can leave it torn or empty; [`load_latest`] then
 /// skips it (its CRC fails) and rebuilds from the one before.
 ///
-/// Returns the snapshots it supersedes (all but the newest
-/// [`SNAPSHOTS_RETAINED`]) without deleting them: an unlink may wait for
-/// the device (a discard), so the roll leaves them to be deleted off the
-/// append path.
+/// Returns the snapshots it supersedes without deleting them: an unlink
+/// may wait for the device (a discard), so the roll leaves them to be
+/// deleted off the append path. Kept, as Kafka keeps them: the one at
+/// each segment base in `bases` (the log's segments, ascending), so that
+/// a truncation scans at most from the base of the segment it cuts into,
+/// and the newest [`SNAPSHOTS_RETAINED`]. Superseded: the rest, and any
+/// below the first segment (its segments deleted). With only the newest
+/// two kept, a truncation more than a segment deep (a former leader's
+/// unreplicated tail) rebuilt the state from the log start, reading the
+/// whole partition under the writer lock.
 pub(crate) fn write_snapshot_unsynced(
     dir: &Path,
     offset: i64,
     states: &ProducerStates,
+    bases: &[i64],
 ) -> Result<Vec<PathBuf>> {
     let path = snapshot_path(dir, offset);
     let tmp = path.with_extension("snapshot.tmp");
     std::fs::write(&tmp, states.encode()).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
     let offsets = snapshot_offsets(dir)?;
-    let excess = offsets.len().saturating_sub(SNAPSHOTS_RETAINED);
-    Ok(offsets[..excess]
+    let newest = offsets.len().saturating_sub(SNAPSHOTS_RETAINED);
+    let first_base = bases.first().copied().unwrap_or(i64::MIN);
+    Ok(offsets
         .iter()
-        .map(|&old| snapshot_path(dir, old))
+        .enumerate()
+        .filter(|&(i, &o)| o < first_base || (i < newest && bases.binary_search(&o).is_err()))
+        .map(|(_, &old)| snapshot_path(dir, old))
         .collect())
 }
 
@@ -686,7 +702,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         for offset in [10, 20, 30] {
-            write_snapshot(dir.path(), offset, &s).unwrap();
+            write_snapshot(dir.path(), offset, &s, &[]).unwrap();
         }
         assert_eq!(snapshot_offsets(dir.path()).unwrap(), vec![20, 30]);
         // A roll's snapshot that a crash left empty (written, not yet
@@ -708,13 +724,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = ProducerStates::default();
         for offset in [10, 20] {
-            write_snapshot(dir.path(), offset, &s).unwrap();
+            write_snapshot(dir.path(), offset, &s, &[]).unwrap();
         }
         let listed = snapshot_offsets(dir.path()).unwrap();
-        let superseded = write_snapshot_unsynced(dir.path(), 30, &s).unwrap();
+        let superseded = write_snapshot_unsynced(dir.path(), 30, &s, &[]).unwrap();
         assert_eq!(superseded, vec![snapshot_path(dir.path(), 10)]);
         std::fs::remove_file(&superseded[0]).unwrap();
         assert_eq!(snapshot_offsets(dir.path()).unwrap(), vec![20, 30]);
         sync_listed(dir.path(), &listed, 0, 30).unwrap();
+    }
+
+    /// One snapshot per segment base is kept (a truncation rebuilds from
+    /// the base of the segment it cuts into), plus the newest two; those
+    /// below the first segment (deleted by retention) go.
+    #[test]
+    fn snapshots_at_segment_bases_are_kept_until_their_segment_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ProducerStates::default();
+        let bases = [0, 100, 200, 300];
+        for offset in [0, 100, 150, 200, 250, 300] {
+            write_snapshot(dir.path(), offset, &s, &bases).unwrap();
+        }
+        // 150 and 250 are at no base; 250 and 300 are the newest two.
+        assert_eq!(
+            snapshot_offsets(dir.path()).unwrap(),
+            vec![0, 100, 200, 250, 300]
+        );
+        // Retention deleted the first two segments.
+        write_snapshot(dir.path(), 320, &s, &[200, 300]).unwrap();
+        assert_eq!(snapshot_offsets(dir.path()).unwrap(), vec![200, 300, 320]);
     }
 }

@@ -118,8 +118,9 @@ fn state_survives_clean_and_unclean_reopen_using_snapshots() {
         *s += 2;
     }
     assert!(log.segment_count() > 5, "{}", log.segment_count());
+    // One per segment the log rolled to.
     let snapshots = snapshot_files(dir.path());
-    assert_eq!(snapshots.len(), 2, "{snapshots:?}");
+    assert_eq!(snapshots.len(), log.segment_count() - 1, "{snapshots:?}");
     let expected: Vec<_> = (10..13).map(|pid| log.producer_state(pid)).collect();
     assert_eq!(expected[0], Some((0, 39, 115)));
     log.close_unclean();
