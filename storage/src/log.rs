@@ -1988,8 +1988,9 @@ mod tests {
         assert_eq!(names_ending(&path, ".log").len(), 1);
         assert_eq!(log.log_start_offset(), 4);
 
-        log.append_as_leader(batch(), 0).unwrap(); // rolls: trash again
-        // The snapshots of the deleted segments are superseded.
+        // Rolls: trash again, the snapshots of the deleted segments
+        // among it.
+        log.append_as_leader(batch(), 0).unwrap();
         assert_eq!(names_ending(&path, ".snapshot.deleted").len(), 3);
         log.close_unclean();
         std::fs::write(path.join("00000000000000000001.log.deleted"), b"x").unwrap();
