@@ -1505,41 +1505,64 @@ impl Broker {
     }
 
     /// Describes a topic with every partition's offsets, asking the
-    /// leaders of partitions this broker does not lead (2 s each; -1 when
-    /// a leader does not answer).
+    /// leaders of partitions this broker does not lead: one connection
+    /// per leader, every question at once, 2 s in all (-1 where a leader
+    /// does not answer). One connection per partition, asked one after
+    /// another, took 2 s per partition of a leader that did not answer
+    /// (over half an hour for a thousand).
     pub async fn describe_topic_live(
         &self,
         name: &str,
     ) -> Result<pb::TopicDescription, BrokerError> {
         let meta = self.metadata.current();
         let mut d = self.describe_in(&meta, name)?;
-        for p in d
-            .partitions
-            .iter_mut()
-            .filter(|p| p.leader >= 0 && p.leader != self.node_id)
-        {
-            let Some(addr) = meta.brokers.get(&p.leader).map(|b| b.address.clone()) else {
-                continue;
-            };
-            let ask = async {
-                let mut c = runnel_proto::v1::consumer_client::ConsumerClient::new(
-                    crate::security::connect_peer(&self.config, &addr).await?,
-                );
-                c.list_offsets(pb::ListOffsetsRequest {
-                    topic: name.to_string(),
-                    partition: p.partition,
-                    spec: pb::OffsetSpec::Latest as i32,
-                    timestamp_ms: 0,
-                })
-                .await
-                .ok()
-                .map(|r| r.into_inner())
-            };
-            if let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(2), ask).await {
-                p.log_start_offset = r.log_start_offset;
-                p.high_watermark = r.high_watermark;
-                p.log_end_offset = r.log_end_offset;
+        let mut by_leader: BTreeMap<i32, Vec<(usize, i32)>> = BTreeMap::new();
+        for (i, p) in d.partitions.iter().enumerate() {
+            if p.leader >= 0 && p.leader != self.node_id {
+                by_leader
+                    .entry(p.leader)
+                    .or_default()
+                    .push((i, p.partition));
             }
+        }
+        let asks = by_leader.into_iter().map(|(leader, partitions)| {
+            let addr = meta.brokers.get(&leader).map(|b| b.address.clone());
+            let ask = async move {
+                let addr = addr?;
+                let channel = crate::security::connect_peer(&self.config, &addr).await?;
+                let c = runnel_proto::v1::consumer_client::ConsumerClient::new(channel);
+                let answers = partitions.into_iter().map(|(i, partition)| {
+                    let mut c = c.clone();
+                    async move {
+                        let r = c
+                            .list_offsets(pb::ListOffsetsRequest {
+                                topic: name.to_string(),
+                                partition,
+                                spec: pb::OffsetSpec::Latest as i32,
+                                timestamp_ms: 0,
+                            })
+                            .await
+                            .ok()?;
+                        Some((i, r.into_inner()))
+                    }
+                });
+                Some(futures_util::future::join_all(answers).await)
+            };
+            // Each leader within the bound: a silent one costs only its
+            // own partitions' offsets.
+            async move {
+                tokio::time::timeout(Duration::from_secs(2), ask)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        });
+        let answered = futures_util::future::join_all(asks).await;
+        for (i, r) in answered.into_iter().flatten().flatten().flatten() {
+            let p = &mut d.partitions[i];
+            p.log_start_offset = r.log_start_offset;
+            p.high_watermark = r.high_watermark;
+            p.log_end_offset = r.log_end_offset;
         }
         Ok(d)
     }

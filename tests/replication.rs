@@ -1005,3 +1005,52 @@ async fn t09_keyless_records_skip_a_partition_without_a_leader() {
     }
     producer.close().await.unwrap();
 }
+
+/// DescribeTopic asks the leaders of the partitions it does not lead for
+/// their offsets: one connection per leader, all at once, 2 s in all.
+/// A stalled leader (stopped, not yet fenced) used to cost 2 s per
+/// partition it led, asked one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_describing_a_topic_waits_once_for_a_stalled_leader() {
+    let base = tempfile::tempdir().unwrap();
+    // Fencing slow: the stopped broker stays leader while described.
+    let cluster = Cluster::start(
+        3,
+        base.path(),
+        "",
+        "broker_session_timeout_ms = 60000\nbroker_heartbeat_interval_ms = 500\n",
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("wide", 30, 1, BTreeMap::new())
+        .await
+        .unwrap();
+    let d = eventually("every partition led", WAIT, || async {
+        let d = describe(&client, "wide").await?;
+        d.partitions.iter().all(|p| p.leader > 0).then_some(d)
+    })
+    .await;
+    let asked = 1;
+    let stalled = 2;
+    let led_by_stalled = d.partitions.iter().filter(|p| p.leader == stalled).count();
+    assert!(led_by_stalled >= 3, "{led_by_stalled} partitions on node 2");
+    cluster.node(stalled).signal("STOP");
+    let at_asked = Client::connect(&cluster.node(asked).addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let live = at_asked.describe_topic("wide").await;
+    let took = started.elapsed();
+    cluster.node(stalled).signal("CONT");
+    let live = live.unwrap();
+    for p in &live.partitions {
+        if p.leader == stalled {
+            assert_eq!(p.log_end_offset, -1, "{p:?}");
+        } else {
+            assert!(p.log_end_offset >= 0, "{p:?}");
+        }
+    }
+    // Waited for the stalled leader once (2 s), not once per partition.
+    assert!(
+        took < Duration::from_secs(2 * led_by_stalled as u64 - 1),
+        "{took:?} for {led_by_stalled} partitions of a stalled leader"
+    );
+}

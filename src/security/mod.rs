@@ -702,8 +702,11 @@ pub async fn connect_peer(config: &ServerConfig, addr: &str) -> Option<tonic::tr
     } else {
         "http"
     };
-    let mut endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}")).ok()?;
+    // A peer that does not accept fails the call within its caller's own
+    // bound, not the OS's connect timeout (minutes, when packets vanish).
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .ok()?
+        .connect_timeout(std::time::Duration::from_secs(2));
     if let Some(t) = &config.tls {
         let tls = tls::client_config(t.ca_file.as_deref(), Some((&t.cert_file, &t.key_file)))
             .map_err(|error| tracing::warn!(%error, "cannot load TLS files for a peer call"))
