@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use runnel_controller::metadata::Applied;
@@ -43,6 +43,10 @@ pub(crate) const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
 const ANSWER_ENVELOPE_BYTES: usize = 1024;
 /// Producer ids a broker takes from the controller at a time.
 const PRODUCER_ID_BLOCK: i32 = 1000;
+/// Most peer channels kept ([`Broker::peer_channel`]).
+const PEER_CHANNELS_MAX: usize = 256;
+/// How long a peer channel is used before it is made afresh.
+const PEER_CHANNEL_AGE_MAX: Duration = Duration::from_secs(300);
 /// How long a leader waits for its metadata to show a producer id's
 /// allocation before calling the id unknown.
 const PRODUCER_ID_METADATA_WAIT: Duration = Duration::from_secs(2);
@@ -99,6 +103,14 @@ pub struct Broker {
     /// The topics of the metadata last reconciled: a topic gone from it
     /// loses its metric series on every broker, hosting it or not.
     known_topics: Mutex<HashSet<String>>,
+    /// Channels to other brokers' client ports, by address, for the
+    /// calls a broker makes on a client's behalf (offsets of partitions
+    /// led elsewhere, groups coordinated elsewhere). A tonic channel
+    /// reconnects by itself; one connection per call cost a handshake
+    /// (TLS included) each time, a scrape's worth of them per group.
+    /// Each is made afresh after [`PEER_CHANNEL_AGE_MAX`], so that TLS
+    /// files rotated since are used.
+    peers: Mutex<HashMap<String, (Instant, tonic::transport::Channel)>>,
     /// Authentication, ACLs and quotas; unset = everything allowed.
     security: std::sync::OnceLock<Arc<crate::security::Security>>,
     /// Cancelled when a hosted log failed (see [`Broker::failed`]).
@@ -148,6 +160,7 @@ impl Broker {
             producer_ids: tokio::sync::Mutex::new((0, 0)),
             metrics: Arc::new(Metrics::new()),
             known_topics: Mutex::new(HashSet::new()),
+            peers: Mutex::new(HashMap::new()),
             security: std::sync::OnceLock::new(),
             failed: CancellationToken::new(),
             started: std::sync::atomic::AtomicBool::new(false),
@@ -156,6 +169,29 @@ impl Broker {
             me: weak.clone(),
             config,
         })
+    }
+
+    /// A channel to the broker at `addr` (its client port), kept for the
+    /// next call; `None` when it cannot be reached.
+    pub async fn peer_channel(&self, addr: &str) -> Option<tonic::transport::Channel> {
+        if let Some((made, c)) = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(addr)
+        {
+            if made.elapsed() < PEER_CHANNEL_AGE_MAX {
+                return Some(c.clone());
+            }
+        }
+        let channel = crate::security::connect_peer(&self.config, addr).await?;
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        // Brokers that moved leave their old addresses: kept few.
+        if peers.len() >= PEER_CHANNELS_MAX {
+            peers.clear();
+        }
+        peers.insert(addr.to_string(), (Instant::now(), channel.clone()));
+        Some(channel)
     }
 
     /// Opens (and recovers) every partition log in the data directory,
@@ -1529,7 +1565,7 @@ impl Broker {
             let addr = meta.brokers.get(&leader).map(|b| b.address.clone());
             let ask = async move {
                 let addr = addr?;
-                let channel = crate::security::connect_peer(&self.config, &addr).await?;
+                let channel = self.peer_channel(&addr).await?;
                 let c = runnel_proto::v1::consumer_client::ConsumerClient::new(channel);
                 let answers = partitions.into_iter().map(|(i, partition)| {
                     let mut c = c.clone();

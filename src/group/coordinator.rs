@@ -169,6 +169,8 @@ fn invalid(reason: impl Into<String>) -> CoordinatorError {
 
 /// How long the metrics endpoint may spend on group lag per scrape.
 const STATS_TIME_MAX: Duration = Duration::from_secs(5);
+/// Groups described at once for a scrape.
+const STATS_CONCURRENCY: usize = 8;
 
 /// A committed offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -636,12 +638,31 @@ impl GroupCoordinator {
             .collect();
         // A scrape must answer in time: groups not described by then are
         // left out of this one.
+        // Described a few at once: one after another, the groups last in
+        // the list were left out of every scrape of a large cluster.
         let deadline = tokio::time::Instant::now() + STATS_TIME_MAX;
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
+        // Boxed up front: a closure in the stream's type defeats the
+        // Send proof of the endpoint's handler.
+        type Describe<'a> = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<pb::GroupDescription>> + Send + 'a>,
+        >;
+        let asks: Vec<Describe<'_>> = ids
+            .iter()
+            .map(|id| Box::pin(self.describe(id)) as Describe<'_>)
+            .collect();
+        let mut described = futures_util::StreamExt::buffer_unordered(
+            futures_util::stream::iter(asks),
+            STATS_CONCURRENCY,
+        );
+        loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let Ok(Ok(d)) = tokio::time::timeout(left, self.describe(&id)).await else {
-                continue;
+            let d = match tokio::time::timeout(left, futures_util::StreamExt::next(&mut described))
+                .await
+            {
+                Ok(Some(Ok(d))) => d,
+                Ok(Some(Err(_))) => continue,
+                Ok(None) | Err(_) => break,
             };
             out.push(crate::metrics::snapshot::GroupStats {
                 group: d.group,
@@ -1457,9 +1478,7 @@ impl GroupCoordinator {
                 let addr = b.address.clone();
                 let broker = self.broker.clone();
                 let ask = async move {
-                    let mut c = ConsumerGroupsClient::new(
-                        crate::security::connect_peer(broker.config(), &addr).await?,
-                    );
+                    let mut c = ConsumerGroupsClient::new(broker.peer_channel(&addr).await?);
                     c.list_groups(pb::ListGroupsRequest { local_only: true })
                         .await
                         .ok()
@@ -1499,7 +1518,7 @@ impl GroupCoordinator {
             }) if !leader.is_empty() => {
                 let ask = async {
                     let mut c = runnel_proto::v1::consumer_client::ConsumerClient::new(
-                        crate::security::connect_peer(self.broker.config(), &leader).await?,
+                        self.broker.peer_channel(&leader).await?,
                     );
                     c.list_offsets(req).await.ok().map(|r| r.into_inner())
                 };
@@ -1575,10 +1594,18 @@ impl GroupCoordinator {
         };
         let keys: BTreeSet<(String, i32)> =
             committed.keys().chain(owners.keys()).cloned().collect();
+        // Every partition's range asked at once (one after another, a
+        // group of many partitions led elsewhere took a round trip, or a
+        // silent leader's 3 s, per partition).
+        let ranges = futures_util::future::join_all(
+            keys.iter()
+                .map(|(t, p)| self.log_range(t, *p, pb::OffsetSpec::Latest, 0)),
+        )
+        .await;
         let mut unknown_lag = false;
-        for (t, p) in keys {
+        for ((t, p), range) in keys.into_iter().zip(ranges) {
             let c = committed.get(&(t.clone(), p)).copied().unwrap_or(-1);
-            let (start, end) = match self.log_range(&t, p, pb::OffsetSpec::Latest, 0).await {
+            let (start, end) = match range {
                 Ok(r) => (r.log_start_offset, r.high_watermark),
                 Err(_) => (-1, -1),
             };
