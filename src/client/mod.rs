@@ -394,17 +394,24 @@ impl Client {
         if let Some(t) = self.cached_topic(name) {
             return Ok(t);
         }
-        if let Err(e) = self.metadata(&[name.to_string()]).await {
-            // Aged metadata still routes while no broker answers (a
-            // rolling restart); refusals are not papered over.
-            match self.aged_topic(name).filter(|_| e.is_retriable()) {
-                Some(t) => {
-                    tracing::debug!(topic = name, error = %e, "metadata refresh failed; using the aged copy");
-                    return Ok(t);
+        let unknown = match self.metadata(&[name.to_string()]).await {
+            Ok(_) => None,
+            // A broker names a topic it does not know with this refusal
+            // (it never answers leaving it out): the others are asked
+            // below.
+            Err(e) if e.code() == pb::ErrorCode::UnknownTopic => Some(e),
+            Err(e) => {
+                // Aged metadata still routes while no broker answers (a
+                // rolling restart); refusals are not papered over.
+                match self.aged_topic(name).filter(|_| e.is_retriable()) {
+                    Some(t) => {
+                        tracing::debug!(topic = name, error = %e, "metadata refresh failed; using the aged copy");
+                        return Ok(t);
+                    }
+                    None => return Err(e),
                 }
-                None => return Err(e),
             }
-        }
+        };
         if let Some(t) = self.cached_topic(name) {
             return Ok(t);
         }
@@ -412,11 +419,13 @@ impl Client {
         // ago through another one (its copy of the metadata lags by a
         // few ms): the others are asked before the topic counts as
         // unknown, as a Kafka producer waits for metadata naming it.
+        // (Only an answer leaving the topic out reached this before, and
+        // brokers never give one: a topic just created elsewhere failed
+        // at once.)
         let request = pb::MetadataRequest {
             topics: vec![name.to_string()],
         };
-        // The first candidate is the broker just asked.
-        for addr in self.candidates().into_iter().skip(1) {
+        for addr in self.candidates() {
             let Ok(channel) = self.channel(&addr) else {
                 continue;
             };
@@ -428,11 +437,11 @@ impl Client {
                 return Ok(t);
             }
         }
-        Err(ClientError::Broker {
+        Err(unknown.unwrap_or_else(|| ClientError::Broker {
             code: pb::ErrorCode::UnknownTopic,
             message: format!("unknown topic '{name}'"),
             leader: None,
-        })
+        }))
     }
 
     /// A topic's partition count, from the cache when it holds the topic:
