@@ -1050,3 +1050,26 @@ fn a_partition_that_cannot_be_opened_does_not_stop_the_node() {
     // The file is left as it was: nothing was deleted or replaced.
     assert_eq!(std::fs::read(&partition).unwrap(), b"not a directory");
 }
+
+/// A caller's "no limit" (`Duration::MAX`) is a long wait, not a panic
+/// (the client added it to an instant and to another duration).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_calls_take_duration_max_as_a_long_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = runnel::client::Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("forever", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let (id, _) = client
+        .init_producer_id(std::time::Duration::MAX)
+        .await
+        .unwrap();
+    assert!(id > 0);
+    let deleted = client
+        .delete_records("forever", 0, -1, std::time::Duration::MAX)
+        .await
+        .unwrap();
+    assert_eq!(deleted.low_watermark, 0);
+}

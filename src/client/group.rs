@@ -345,7 +345,8 @@ impl Client {
         &self,
         group: &str,
     ) -> Result<pb::FindCoordinatorResponse, ClientError> {
-        let mut c = ConsumerGroupsClient::new(self.bootstrap_channel());
+        let mut c = ConsumerGroupsClient::new(self.bootstrap_channel())
+            .max_decoding_message_size(super::MESSAGE_BYTES_MAX);
         let mut req = tonic::Request::new(pb::FindCoordinatorRequest {
             group: group.to_string(),
         });
@@ -402,10 +403,14 @@ impl Client {
                 let channel = self.channel(&address)?;
                 let mut request = tonic::Request::new(req.clone());
                 request.set_timeout(timeout);
-                call(ConsumerGroupsClient::new(channel), request)
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(ClientError::from)
+                call(
+                    ConsumerGroupsClient::new(channel)
+                        .max_decoding_message_size(super::MESSAGE_BYTES_MAX),
+                    request,
+                )
+                .await
+                .map(|r| r.into_inner())
+                .map_err(ClientError::from)
             };
             match attempt.await {
                 Ok(v) => return Ok(v),
@@ -433,7 +438,8 @@ impl Client {
 
     /// Every group of the cluster.
     pub async fn list_groups(&self) -> Result<Vec<pb::GroupSummary>, ClientError> {
-        let mut c = ConsumerGroupsClient::new(self.bootstrap_channel());
+        let mut c = ConsumerGroupsClient::new(self.bootstrap_channel())
+            .max_decoding_message_size(super::MESSAGE_BYTES_MAX);
         let mut req = tonic::Request::new(pb::ListGroupsRequest { local_only: false });
         req.set_timeout(REQUEST_TIMEOUT);
         Ok(c.list_groups(req).await?.into_inner().groups)

@@ -57,6 +57,11 @@ pub const METADATA_MAX_AGE: Duration = Duration::from_secs(60);
 /// Largest message the client sends or accepts.
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
+/// The longest wait a caller's timeout is taken as (a larger one, up to
+/// `Duration::MAX` for "no limit", would overflow the instants and sums
+/// made of it).
+const LONGEST_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 /// Why a client call failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -173,6 +178,7 @@ async fn ask_metadata(
     let mut call = tonic::Request::new(request.clone());
     call.set_timeout(REQUEST_TIMEOUT);
     Ok(AdminClient::new(channel.clone())
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .metadata(call)
         .await?
         .into_inner())
@@ -267,8 +273,11 @@ impl Client {
         b.1.clone()
     }
 
+    /// Answers (metadata of every topic, a topic of many partitions) may
+    /// pass tonic's default 4 MiB: refused, they counted as a transport
+    /// failure on every broker in turn.
     fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.bootstrap_channel())
+        AdminClient::new(self.bootstrap_channel()).max_decoding_message_size(MESSAGE_BYTES_MAX)
     }
 
     /// Runs an admin call on the current broker. On a transport failure the
@@ -788,7 +797,8 @@ impl Client {
         offset: i64,
         timeout: Duration,
     ) -> Result<pb::DeleteRecordsResponse, ClientError> {
-        let mut admin = AdminClient::new(self.leader(topic, partition).await?);
+        let mut admin = AdminClient::new(self.leader(topic, partition).await?)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX);
         let mut request = tonic::Request::new(pb::DeleteRecordsRequest {
             topic: topic.to_string(),
             partition,
@@ -796,10 +806,12 @@ impl Client {
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
         });
         // The broker answers within its timeout (30 s by default for 0).
+        // Capped: a caller's Duration::MAX ("no limit") overflowed the
+        // sums below, a panic.
         let wait = if timeout.is_zero() {
             Duration::from_secs(30)
         } else {
-            timeout
+            timeout.min(LONGEST_WAIT)
         };
         request.set_timeout(wait + REQUEST_TIMEOUT);
         admin
@@ -871,21 +883,29 @@ impl Client {
     /// with backoff (and broker failover) while the error is retriable,
     /// up to `timeout`.
     pub async fn init_producer_id(&self, timeout: Duration) -> Result<(i64, i16), ClientError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + timeout.min(LONGEST_WAIT);
         let mut backoff = Duration::from_millis(50);
+        let timed_out = || ClientError::Broker {
+            code: pb::ErrorCode::RequestTimedOut,
+            message: format!("no producer id within {timeout:?}"),
+            leader: None,
+        };
         loop {
             let mut c = ProducerClient::new(self.bootstrap_channel());
-            let result = c
-                .init_producer_id(pb::InitProducerIdRequest {})
-                .await
-                .map(|r| r.into_inner())
-                .map_err(ClientError::from);
+            // Each try within the deadline too: it was only looked at
+            // after a failure, and a try or a refresh could outlast it
+            // by tens of seconds.
+            let attempt = c.init_producer_id(pb::InitProducerIdRequest {});
+            let result = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(r) => r.map(|r| r.into_inner()).map_err(ClientError::from),
+                Err(_) => return Err(timed_out()),
+            };
             match result {
                 Ok(r) => return Ok((r.producer_id, r.producer_epoch as i16)),
                 Err(e) if e.is_retriable() && tokio::time::Instant::now() + backoff < deadline => {
                     tracing::debug!(error = %e, "InitProducerId failed; retrying");
                     // Another broker may answer: refresh the broker list.
-                    let _ = self.metadata(&[]).await;
+                    let _ = tokio::time::timeout_at(deadline, self.metadata(&[])).await;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }

@@ -8,6 +8,7 @@ use super::{Client, ClientError, REQUEST_TIMEOUT};
 impl Client {
     fn security(&self) -> SecurityClient<super::Channel> {
         SecurityClient::new(self.bootstrap_channel())
+            .max_decoding_message_size(super::MESSAGE_BYTES_MAX)
     }
 
     fn timed<T>(req: T) -> tonic::Request<T> {
