@@ -1073,3 +1073,23 @@ async fn client_calls_take_duration_max_as_a_long_wait() {
         .unwrap();
     assert_eq!(deleted.low_watermark, 0);
 }
+
+/// TLS without a CA to trust is refused up front: with no roots, every
+/// handshake failed as an unknown issuer, reported as a retriable
+/// transport error and retried.
+#[test]
+fn tls_without_a_ca_is_refused_by_name() {
+    let err = cli_err(
+        "127.0.0.1:9",
+        &[
+            "--tls-cert",
+            "client.pem",
+            "--tls-key",
+            "client.key",
+            "topic",
+            "list",
+        ],
+        None,
+    );
+    assert!(err.contains("--tls-ca"), "{err}");
+}

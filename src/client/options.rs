@@ -31,6 +31,15 @@ pub struct ClientTls {
 impl ClientTls {
     /// The tonic configuration (files are read here).
     pub fn to_tonic(&self) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
+        // No roots otherwise: every handshake failed as an unknown issuer,
+        // reported as a retriable transport error, retried for good.
+        if self.ca_file.is_none() {
+            return Err(ClientError::Invalid(
+                "TLS needs the CA that signed the brokers' certificates (--tls-ca): the system's \
+                 roots are not used"
+                    .into(),
+            ));
+        }
         let cert_key = match (&self.cert_file, &self.key_file) {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
             (None, None) => None,
