@@ -207,13 +207,31 @@ impl Broker {
     /// A partition that cannot be taken up (a log that fails to open or
     /// to be deleted) is logged and tried again at the next metadata
     /// change, as it is while running: the others are served. Stopping
-    /// the node here made one bad partition stop it at every start.
-    pub fn start(self: &Arc<Self>) {
+    /// the node here made one bad partition stop it at every start. But
+    /// one this broker leads while other replicas are in sync stops the
+    /// start: nobody would serve it (the followers fetch from this broker,
+    /// and no leader shrinks the ISR), whereas a node that stops is fenced
+    /// and its leaderships move; started again, it no longer leads it.
+    pub fn start(self: &Arc<Self>) -> Result<(), BrokerError> {
         self.started.store(true, Ordering::Release);
         if let Err(e) = self.reconcile() {
+            let meta = self.metadata.current();
+            let stranded = meta.topics.iter().find_map(|(name, t)| {
+                t.partitions.iter().enumerate().find_map(|(i, p)| {
+                    (p.leader == self.node_id
+                        && p.isr.iter().any(|r| *r != self.node_id)
+                        && self.hosted(name, i as i32).is_none())
+                    .then(|| format!("{name}-{i}"))
+                })
+            });
+            if let Some(partition) = stranded {
+                warn!(%partition, error = %e, "a partition this broker leads cannot be taken up; stopping so that another in-sync replica leads it");
+                return Err(e);
+            }
             warn!(error = %e, "taking up the partitions at start failed for some of them");
         }
         self.clone().spawn_metadata_watcher();
+        Ok(())
     }
 
     /// Follows metadata changes made anywhere in the cluster.

@@ -395,7 +395,19 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         }
         return Err(e);
     }
-    broker.start();
+    if let Err(e) = broker.start() {
+        // Registered: its leaderships are handed over on the way out.
+        let handover = Some(Duration::from_millis(config.controller.submit_timeout_ms));
+        let _ = wind_down(
+            &broker, &store, &heartbeat, &shutdown, serve, handover, grace,
+        )
+        .await;
+        let b = broker.clone();
+        if let Ok(Err(close)) = tokio::task::spawn_blocking(move || b.close()).await {
+            warn!(error = %close, "closing the logs failed");
+        }
+        return Err(e.into());
+    }
     for name in HEALTH_SERVICES {
         health_reporter
             .set_service_status(name, tonic_health::ServingStatus::Serving)

@@ -1023,13 +1023,19 @@ fn a_partition_that_cannot_be_opened_does_not_stop_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), &[]);
     cli_ok(&server.addr, &["topic", "create", "blocked"], None);
+    cli_ok(&server.addr, &["topic", "create", "broken"], None);
     cli_ok(&server.addr, &["topic", "create", "fine"], None);
+    cli_ok(&server.addr, &["produce", "broken"], Some(b"lost\n"));
     cli_ok(&server.addr, &["produce", "fine"], Some(b"kept\n"));
     assert!(server.stop().success());
     let partition = dir.path().join("blocked-0");
     assert!(partition.is_dir(), "{partition:?}");
     std::fs::remove_dir_all(&partition).unwrap();
     std::fs::write(&partition, b"not a directory").unwrap();
+    // A log that fails to open: its segment is a directory now.
+    let segment = dir.path().join("broken-0").join("00000000000000000000.log");
+    std::fs::remove_file(&segment).unwrap();
+    std::fs::create_dir(&segment).unwrap();
 
     let server = ServerProcess::start(dir.path(), &[]);
     let out = cli_ok(
@@ -1047,8 +1053,9 @@ fn a_partition_that_cannot_be_opened_does_not_stop_the_node() {
     assert_eq!(out.trim(), "kept");
     cli_ok(&server.addr, &["topic", "create", "after"], None);
     cli_ok(&server.addr, &["produce", "after"], Some(b"new\n"));
-    // The file is left as it was: nothing was deleted or replaced.
+    // Left as they were: nothing was deleted or replaced.
     assert_eq!(std::fs::read(&partition).unwrap(), b"not a directory");
+    assert!(segment.is_dir());
 }
 
 /// A caller's "no limit" (`Duration::MAX`) is a long wait, not a panic

@@ -188,8 +188,18 @@ impl LogManager {
             if !is_dir {
                 continue;
             }
-            let log = Log::open(entry.path(), default_config.clone())?;
-            logs.insert((topic, partition), Arc::new(log));
+            // One log that cannot be opened (an unreadable file, a
+            // corrupt closed segment) is left out, not the whole node
+            // stopped: it stays as it is on disk, and taking the partition
+            // up opens it again, reporting the error there.
+            match Log::open(entry.path(), default_config.clone()) {
+                Ok(log) => {
+                    logs.insert((topic, partition), Arc::new(log));
+                }
+                Err(error) => {
+                    tracing::error!(dir = %entry.path().display(), %error, "cannot open the partition's log; left out");
+                }
+            }
         }
         Ok(LogManager {
             data_dir,
