@@ -172,20 +172,17 @@ impl Broker {
     }
 
     /// A channel to the broker at `addr` (its client port), kept for the
-    /// next call; `None` when it cannot be reached.
-    pub async fn peer_channel(&self, addr: &str) -> Option<tonic::transport::Channel> {
-        if let Some((made, c)) = self
-            .peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(addr)
-        {
+    /// next call and connected on first use, so that calls made at once
+    /// share one connection attempt; `None` when the address or the TLS
+    /// files are unusable.
+    pub fn peer_channel(&self, addr: &str) -> Option<tonic::transport::Channel> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((made, c)) = peers.get(addr) {
             if made.elapsed() < PEER_CHANNEL_AGE_MAX {
                 return Some(c.clone());
             }
         }
-        let channel = crate::security::connect_peer(&self.config, addr).await?;
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let channel = crate::security::peer_channel(&self.config, addr)?;
         // Brokers that moved leave their old addresses: kept few.
         if peers.len() >= PEER_CHANNELS_MAX {
             peers.clear();
@@ -1583,7 +1580,7 @@ impl Broker {
             let addr = meta.brokers.get(&leader).map(|b| b.address.clone());
             let ask = async move {
                 let addr = addr?;
-                let channel = self.peer_channel(&addr).await?;
+                let channel = self.peer_channel(&addr)?;
                 let c = runnel_proto::v1::consumer_client::ConsumerClient::new(channel);
                 let answers = partitions.into_iter().map(|(i, partition)| {
                     let mut c = c.clone();

@@ -1034,8 +1034,18 @@ async fn t10_describing_a_topic_waits_once_for_a_stalled_leader() {
     let stalled = 2;
     let led_by_stalled = d.partitions.iter().filter(|p| p.leader == stalled).count();
     assert!(led_by_stalled >= 3, "{led_by_stalled} partitions on node 2");
-    cluster.node(stalled).signal("STOP");
     let at_asked = Client::connect(&cluster.node(asked).addr).await.unwrap();
+    // Every leader answers first (node 1's channels to the others made),
+    // so that only the stalled one can be slow below.
+    eventually("every partition's offsets through node 1", WAIT, || async {
+        let d = at_asked.describe_topic("wide").await.ok()?;
+        d.partitions
+            .iter()
+            .all(|p| p.log_end_offset >= 0)
+            .then_some(())
+    })
+    .await;
+    cluster.node(stalled).signal("STOP");
     let started = std::time::Instant::now();
     let live = at_asked.describe_topic("wide").await;
     let took = started.elapsed();

@@ -1478,7 +1478,7 @@ impl GroupCoordinator {
                 let addr = b.address.clone();
                 let broker = self.broker.clone();
                 let ask = async move {
-                    let mut c = ConsumerGroupsClient::new(broker.peer_channel(&addr).await?);
+                    let mut c = ConsumerGroupsClient::new(broker.peer_channel(&addr)?);
                     c.list_groups(pb::ListGroupsRequest { local_only: true })
                         .await
                         .ok()
@@ -1518,7 +1518,7 @@ impl GroupCoordinator {
             }) if !leader.is_empty() => {
                 let ask = async {
                     let mut c = runnel_proto::v1::consumer_client::ConsumerClient::new(
-                        self.broker.peer_channel(&leader).await?,
+                        self.broker.peer_channel(&leader)?,
                     );
                     c.list_offsets(req).await.ok().map(|r| r.into_inner())
                 };

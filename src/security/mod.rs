@@ -695,8 +695,10 @@ pub fn internal_client_tls_files(
 
 /// A channel to another broker's client port (group listings, offset
 /// lookups), over TLS with this broker's certificate when the client
-/// listeners speak TLS. `None` when it cannot be reached.
-pub async fn connect_peer(config: &ServerConfig, addr: &str) -> Option<tonic::transport::Channel> {
+/// listeners speak TLS, connected when first used (concurrent first
+/// calls share one connection attempt). `None` when the address or the
+/// TLS files are unusable.
+pub fn peer_channel(config: &ServerConfig, addr: &str) -> Option<tonic::transport::Channel> {
     let scheme = if config.tls.is_some() {
         "https"
     } else {
@@ -713,7 +715,7 @@ pub async fn connect_peer(config: &ServerConfig, addr: &str) -> Option<tonic::tr
             .ok()?;
         endpoint = endpoint.tls_config(tls).ok()?;
     }
-    endpoint.connect().await.ok()
+    Some(endpoint.connect_lazy())
 }
 
 /// The client listener's TLS, when configured.
