@@ -228,7 +228,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     // served (its vote higher): a controller election at every restart.
     let logs = Broker::open_logs(&config)?;
     let c = &config.controller;
-    let store = RaftMetadataStore::start(RaftConfig {
+    let started = RaftMetadataStore::start(RaftConfig {
         node_id: config.node_id,
         raft_addr: config.internal_advertised(),
         voters: config.voters()?,
@@ -246,7 +246,17 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         internal_address: config.internal_listen.map(|_| config.internal_advertised()),
         ..RaftConfig::default()
     })
-    .await?;
+    .await;
+    let store = match started {
+        Ok(store) => store,
+        Err(e) => {
+            // Closed cleanly, so the next start need not scan them again.
+            if let Ok(Err(close)) = tokio::task::spawn_blocking(move || logs.close()).await {
+                warn!(error = %close, "closing the logs failed");
+            }
+            return Err(e.into());
+        }
+    };
     let heartbeat_every = Duration::from_millis(c.broker_heartbeat_interval_ms);
     let metadata: Arc<dyn MetadataStore> = store.clone();
     let security = Arc::new(Security::new(config.security.clone(), metadata.clone()));
