@@ -958,7 +958,7 @@ async fn a_produce_request_of_empty_records_is_refused_undecoded() {
     let hollow = pb::ProduceRequest {
         topic: "hollow".into(),
         partition: Some(0),
-        records: vec![pb::Record::default(); 200_000],
+        records: vec![pb::Record::default(); 1_000_000],
         ..Default::default()
     };
     expect(
@@ -1011,7 +1011,13 @@ fn a_node_health_check_of_a_silent_node_fails_in_time() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&addr), "{stderr}");
-    eprintln!("failed after {:?}: {stderr}", started.elapsed());
+    // Its own bound is 3 s; without one it waited until the test's
+    // CLI_WAIT killed it.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "failed only after {:?}: {stderr}",
+        started.elapsed()
+    );
 }
 
 /// A partition that cannot be taken up at start (here a file stands

@@ -145,25 +145,28 @@ pub type ProducerRawServer = RawStream<
 /// The unary produce call's HTTP/2 path.
 pub const PRODUCE_PATH: &str = "/runnel.v1.Producer/Produce";
 
-/// Wire bytes a record or header takes at least, on average, before a
-/// request counts as mostly empty entries.
-const ENTRY_WIRE_BYTES_MIN: usize = 16;
-/// Records and headers any request may have, whatever its size.
-const ENTRIES_FREE: usize = 65_536;
+/// Memory a decoded record or header takes at most, beyond its bytes
+/// (`pb::Record` is 104 bytes, `pb::Header` 56).
+const ENTRY_DECODED_BYTES: usize = 112;
+/// What a request's entries may take decoded: eight times the request,
+/// and 64 MiB whatever its size.
+const DECODED_PER_WIRE_BYTE: usize = 8;
+const DECODED_FREE_BYTES: usize = 64 << 20;
 
 /// Refuses a produce request whose `records` (and their headers) would
 /// take far more memory decoded than on the wire: an empty record is two
 /// bytes there and over a hundred decoded, so a 64 MiB request of them
-/// decoded to gigabytes before anything looked at it. Allowed: 65,536
-/// entries, plus one per 16 bytes of the request (decoded, at most about
-/// seven times the request). A request this walk cannot follow is left
-/// to the decoder, which says why.
+/// decoded to gigabytes before anything looked at it. Allowed: entries
+/// taking, decoded, up to eight times the request or 64 MiB, whichever is
+/// more (a request of half a million one-byte records passes). A request
+/// this walk cannot follow is left to the decoder, which says why.
 pub(crate) fn produce_request_bound(mut buf: &mut dyn bytes::Buf) -> Result<(), Status> {
     use bytes::Buf;
     use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
     const RECORDS: u32 = 3; // ProduceRequest.records
     const HEADERS: u32 = 3; // Record.headers
-    let allowed = buf.remaining() / ENTRY_WIRE_BYTES_MIN + ENTRIES_FREE;
+    let allowed =
+        (buf.remaining() * DECODED_PER_WIRE_BYTE).max(DECODED_FREE_BYTES) / ENTRY_DECODED_BYTES;
     let mut entries = 0usize;
     let mut walk = || -> Result<bool, prost::DecodeError> {
         while buf.has_remaining() {
@@ -488,13 +491,19 @@ mod tests {
             value: Some(vec![7u8; 20].into()),
             ..Default::default()
         };
-        assert!(bound(&records(ENTRIES_FREE, pb::Record::default())).is_ok());
-        assert!(bound(&records(200_000, filled)).is_ok());
-        let refused = bound(&records(200_000, pb::Record::default())).unwrap_err();
+        // Half a million one-byte records: about 10 MB decoded.
+        let tiny = pb::Record {
+            value: Some(vec![7u8; 1].into()),
+            ..Default::default()
+        };
+        assert!(bound(&records(500_000, tiny)).is_ok());
+        assert!(bound(&records(500_000, pb::Record::default())).is_ok());
+        assert!(bound(&records(1_000_000, filled)).is_ok());
+        let refused = bound(&records(1_000_000, pb::Record::default())).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         // Headers count too: one record of many empty ones.
         let headed = pb::Record {
-            headers: vec![pb::Header::default(); 200_000],
+            headers: vec![pb::Header::default(); 1_000_000],
             ..Default::default()
         };
         assert!(bound(&records(1, headed)).is_err());
