@@ -947,6 +947,9 @@ impl GroupConsumer {
             let wait = self.join_wait();
             let signal = self.signal.clone();
             let watch = self.poll_watch();
+            // A fresh one per join: an earlier join's notice, never
+            // waited for, would end the next wait at once.
+            self.pending_done = Arc::new(tokio::sync::Notify::new());
             let done = self.pending_done.clone();
             self.pending = Some(tokio::spawn(async move {
                 let group = req.group.clone();

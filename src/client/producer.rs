@@ -1415,13 +1415,13 @@ impl PartitionSender {
         })?;
         let (producer_id, epoch, first_seq) =
             runnel_storage::batch::producer_fields(&front.request.batch)?;
-        let sent_seq = match current {
-            Some(r) if r.covers(producer_id, epoch) => r.renumber(first_seq),
-            _ => first_seq,
+        let (sent_seq, sent_epoch) = match current {
+            Some(r) if r.covers(producer_id, epoch) => (r.renumber(first_seq), r.sent_epoch),
+            _ => (first_seq, epoch),
         };
         // A copy sent before may have been stored (its answer was lost):
         // renumbered from 0, the batch would be written a second time.
-        if producer_id <= 0 || sent_seq == 0 || front.maybe_stored || epoch == i16::MAX {
+        if producer_id <= 0 || sent_seq == 0 || front.maybe_stored || sent_epoch == i16::MAX {
             return None;
         }
         if let Some(broken) = &self.broken {
@@ -1444,7 +1444,8 @@ impl PartitionSender {
             // a new epoch as a fresh start. Under the same epoch it
             // answered a renumbered batch as the duplicate of an old one
             // of the same range, and the new records were never stored.
-            sent_epoch: epoch + 1,
+            // After the epoch of a restart before this one, if any.
+            sent_epoch: sent_epoch + 1,
         })
     }
 
