@@ -62,6 +62,10 @@ pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// made of it).
 const LONGEST_WAIT: Duration = Duration::from_secs(24 * 3600);
 
+/// How long a topic unknown to the broker asked is looked for on the
+/// others ([`Client::topic`]).
+const ELSEWHERE_WAIT: Duration = Duration::from_secs(1);
+
 /// Why a client call failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -434,17 +438,31 @@ impl Client {
         let request = pb::MetadataRequest {
             topics: vec![name.to_string()],
         };
-        for addr in self.candidates() {
-            let Ok(channel) = self.channel(&addr) else {
-                continue;
-            };
-            let Ok(resp) = ask_metadata(&channel, &request).await else {
-                continue;
-            };
-            if let Some(t) = resp.topics.iter().find(|t| t.name == name).cloned() {
-                self.remember(&resp);
-                return Ok(t);
+        // All at once, within a short bound, the first to know it wins:
+        // one after another, a dead broker still listed cost its connect
+        // timeout, a stalled one the request timeout, each.
+        let mut asks: futures_util::stream::FuturesUnordered<_> = self
+            .candidates()
+            .into_iter()
+            .filter_map(|addr| self.channel(&addr).ok())
+            .map(|channel| {
+                let request = request.clone();
+                async move { ask_metadata(&channel, &request).await.ok() }
+            })
+            .collect();
+        let found = tokio::time::timeout(ELSEWHERE_WAIT, async {
+            while let Some(answer) = futures_util::StreamExt::next(&mut asks).await {
+                let Some(resp) = answer else { continue };
+                if let Some(t) = resp.topics.iter().find(|t| t.name == name).cloned() {
+                    self.remember(&resp);
+                    return Some(t);
+                }
             }
+            None
+        })
+        .await;
+        if let Ok(Some(t)) = found {
+            return Ok(t);
         }
         Err(unknown.unwrap_or_else(|| ClientError::Broker {
             code: pb::ErrorCode::UnknownTopic,
