@@ -101,16 +101,54 @@ where
         Self::new(inner, path, message_max, move |request| {
             let (metadata, extensions, mut messages) = request.into_parts();
             let handler = handler.clone();
+            // The caller's deadline, as tonic's own unary calls keep it:
+            // the answer's headers go out at once here, so a client's
+            // timeout no longer covered a call held by a quota or waiting
+            // for its replicas.
+            let deadline = grpc_timeout(&metadata);
             let answer = async move {
-                let message = match tokio_stream::StreamExt::next(&mut messages).await {
-                    Some(m) => m?,
-                    None => return Err(Status::invalid_argument("the call carried no request")),
+                let call = async move {
+                    let message = match tokio_stream::StreamExt::next(&mut messages).await {
+                        Some(m) => m?,
+                        None => {
+                            return Err(Status::invalid_argument("the call carried no request"))
+                        }
+                    };
+                    handler(tonic::Request::from_parts(metadata, extensions, message)).await
                 };
-                handler(tonic::Request::from_parts(metadata, extensions, message)).await
+                match deadline {
+                    Some(d) => tokio::time::timeout(d, call).await.unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "no answer within the call's deadline of {d:?}"
+                        )))
+                    }),
+                    None => call.await,
+                }
             };
             Ok(Box::pin(futures_util::stream::once(answer)) as Answers<Resp>)
         })
     }
+}
+
+/// The `grpc-timeout` of a call (gRPC over HTTP/2: at most 8 digits and
+/// a unit, H M S m u n), if it has a valid one.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 impl<S: NamedService, Req, Resp> NamedService for RawStream<S, Req, Resp> {
@@ -236,6 +274,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_as_the_protocol_writes_them() {
+        use std::time::Duration;
+        let at = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(at("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(at("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(at("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(at("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "5", "5x", "123456789m", "-5m"] {
+            assert_eq!(at(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
     use bytes::Bytes;
     use http_body_util::BodyExt;
     use runnel_proto::v1 as pb;

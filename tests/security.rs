@@ -1329,3 +1329,56 @@ fn secure_example_config_turns_everything_on() {
     .unwrap_err();
     assert!(err.to_string().contains("ca_file"), "{err}");
 }
+
+/// A produce held by its principal's quota ends at the call's deadline
+/// (grpc-timeout) with DEADLINE_EXCEEDED, appending nothing: served by
+/// the raw framing, the call ran on past any deadline the client set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_produce_ends_at_the_call_s_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_node(dir.path(), "");
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("late", 1, 1, Default::default())
+        .await
+        .unwrap();
+    common::cli_ok(
+        &server.addr,
+        &["quota", "set", "--produce-bytes-per-sec", "10000"],
+        None,
+    );
+    let mut producer = runnel_proto::v1::producer_client::ProducerClient::connect(format!(
+        "http://{}",
+        server.addr
+    ))
+    .await
+    .unwrap();
+    let request = pb::ProduceRequest {
+        topic: "late".into(),
+        partition: Some(0),
+        records: vec![pb::Record {
+            value: Some(vec![7u8; 100_000].into()),
+            ..Default::default()
+        }],
+        acks: pb::Acks::Leader as i32,
+        ..Default::default()
+    };
+    // The first passes and puts the quota's clock 10 s ahead.
+    producer.produce(request.clone()).await.unwrap();
+    let mut held = tonic::Request::new(request);
+    held.set_timeout(Duration::from_millis(500));
+    let started = Instant::now();
+    let status = producer.produce(held).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let end = client
+        .list_offsets("late", 0, pb::OffsetSpec::Latest, 0)
+        .await
+        .unwrap()
+        .offset;
+    assert_eq!(end, 1, "the held request was appended");
+}
