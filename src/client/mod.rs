@@ -284,7 +284,9 @@ impl Client {
         AdminClient::new(self.bootstrap_channel()).max_decoding_message_size(MESSAGE_BYTES_MAX)
     }
 
-    /// Runs an admin call on the current broker. On a transport failure the
+    /// Runs an admin call on the current broker, within the request
+    /// timeout (none: a broker that kept the connection but never
+    /// answered held the call for good). On a transport failure the
     /// client moves to another live broker; `idempotent` calls are then
     /// retried there once.
     async fn admin_call<R, T, F, Fut>(
@@ -295,10 +297,15 @@ impl Client {
     ) -> Result<T, ClientError>
     where
         R: Clone,
-        F: Fn(AdminClient<Channel>, R) -> Fut,
+        F: Fn(AdminClient<Channel>, tonic::Request<R>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        match call(self.admin(), req.clone()).await {
+        let timed = |req: R| {
+            let mut r = tonic::Request::new(req);
+            r.set_timeout(REQUEST_TIMEOUT);
+            r
+        };
+        match call(self.admin(), timed(req.clone())).await {
             Ok(r) => Ok(r.into_inner()),
             Err(status) => {
                 let e = ClientError::from(status);
@@ -310,7 +317,7 @@ impl Client {
                 if !idempotent {
                     return Err(e);
                 }
-                Ok(call(self.admin(), req).await?.into_inner())
+                Ok(call(self.admin(), timed(req)).await?.into_inner())
             }
         }
     }
@@ -607,17 +614,21 @@ impl Client {
         replication_factor: i32,
         configs: BTreeMap<String, String>,
     ) -> Result<pb::TopicDescription, ClientError> {
+        // Not retried (a lost answer's topic exists), but a broker that
+        // went away is replaced for the next call, and the call is bounded.
         let resp = self
-            .admin()
-            .create_topic(pb::CreateTopicRequest {
-                name: name.to_string(),
-                partitions,
-                replication_factor,
-                configs: configs.into_iter().collect(),
-                validate_only: false,
-            })
-            .await?
-            .into_inner();
+            .admin_call(
+                false,
+                pb::CreateTopicRequest {
+                    name: name.to_string(),
+                    partitions,
+                    replication_factor,
+                    configs: configs.into_iter().collect(),
+                    validate_only: false,
+                },
+                |mut a, r| async move { a.create_topic(r).await },
+            )
+            .await?;
         // A copy cached of an earlier topic of this name (deleted by
         // another client) would route with the old topic's id: forgotten,
         // not kept as an aged copy.

@@ -11,6 +11,21 @@ impl Client {
             .max_decoding_message_size(super::MESSAGE_BYTES_MAX)
     }
 
+    /// The error of a failed call; a transport failure also moves the
+    /// client to another live broker (in the background) for its next
+    /// call, as the admin calls do: else every call failed until some
+    /// other call happened to fail over.
+    fn failed_over(&self, status: tonic::Status) -> ClientError {
+        let e = ClientError::from(status);
+        if !matches!(e, ClientError::Broker { .. }) {
+            let client = self.clone();
+            tokio::spawn(async move {
+                let _ = client.metadata(&[]).await;
+            });
+        }
+        e
+    }
+
     fn timed<T>(req: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(req);
         r.set_timeout(REQUEST_TIMEOUT);
@@ -24,7 +39,8 @@ impl Client {
                 name: name.to_string(),
                 password: password.to_string(),
             }))
-            .await?;
+            .await
+            .map_err(|status| self.failed_over(status))?;
         Ok(())
     }
 
@@ -34,7 +50,8 @@ impl Client {
             .delete_user(Self::timed(pb::DeleteUserRequest {
                 name: name.to_string(),
             }))
-            .await?;
+            .await
+            .map_err(|status| self.failed_over(status))?;
         Ok(())
     }
 
@@ -43,7 +60,8 @@ impl Client {
         Ok(self
             .security()
             .list_users(Self::timed(pb::ListUsersRequest {}))
-            .await?
+            .await
+            .map_err(|status| self.failed_over(status))?
             .into_inner()
             .users)
     }
@@ -52,7 +70,8 @@ impl Client {
     pub async fn create_acl(&self, acl: pb::Acl) -> Result<(), ClientError> {
         self.security()
             .create_acl(Self::timed(pb::CreateAclRequest { acl: Some(acl) }))
-            .await?;
+            .await
+            .map_err(|status| self.failed_over(status))?;
         Ok(())
     }
 
@@ -60,7 +79,8 @@ impl Client {
     pub async fn delete_acl(&self, acl: pb::Acl) -> Result<(), ClientError> {
         self.security()
             .delete_acl(Self::timed(pb::DeleteAclRequest { acl: Some(acl) }))
-            .await?;
+            .await
+            .map_err(|status| self.failed_over(status))?;
         Ok(())
     }
 
@@ -71,7 +91,8 @@ impl Client {
             .list_acls(Self::timed(pb::ListAclsRequest {
                 principal: principal.to_string(),
             }))
-            .await?
+            .await
+            .map_err(|status| self.failed_over(status))?
             .into_inner()
             .acls)
     }
@@ -90,7 +111,8 @@ impl Client {
                 produce_bytes_per_sec,
                 fetch_bytes_per_sec,
             }))
-            .await?;
+            .await
+            .map_err(|status| self.failed_over(status))?;
         Ok(())
     }
 
@@ -99,7 +121,8 @@ impl Client {
         Ok(self
             .security()
             .describe_quotas(Self::timed(pb::DescribeQuotasRequest {}))
-            .await?
+            .await
+            .map_err(|status| self.failed_over(status))?
             .into_inner()
             .quotas)
     }
