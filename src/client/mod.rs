@@ -166,6 +166,13 @@ struct Inner {
     /// Last metadata seen, by topic, with when it was read: entries older
     /// than [`METADATA_MAX_AGE`] are read again.
     topics: Mutex<HashMap<String, (pb::TopicDescription, std::time::Instant)>>,
+    /// One refresh of a topic at a time: the tasks that find it stale
+    /// together wait for the first one's answer instead of each asking
+    /// (a leader's loss sent one Metadata call per partition of the topic,
+    /// every 100 ms, each answer describing all of them).
+    /// A failed refresh is the answer of those that waited for it (with
+    /// when it failed), not a queue of refreshes one after another.
+    refreshing: Mutex<HashMap<String, RefreshTurn>>,
     /// Broker addresses by id.
     brokers: Mutex<HashMap<i32, String>>,
     /// Coordinator address by group (see `group`), dropped on errors.
@@ -173,6 +180,9 @@ struct Inner {
     /// TLS and credentials for every connection.
     options: ClientOptions,
 }
+
+/// See `Inner::refreshing`.
+type RefreshTurn = Arc<tokio::sync::Mutex<Option<(std::time::Instant, ClientError)>>>;
 
 /// One Metadata call to the broker behind `channel`.
 async fn ask_metadata(
@@ -253,6 +263,7 @@ impl Client {
                             seeds: seeds.clone(),
                             channels: Mutex::new(channels),
                             topics: Mutex::new(HashMap::new()),
+                            refreshing: Mutex::new(HashMap::new()),
                             brokers: Mutex::new(HashMap::new()),
                             coordinators: Mutex::new(HashMap::new()),
                             options: options.clone(),
@@ -405,7 +416,25 @@ impl Client {
         let mut cache = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
         for t in &resp.topics {
-            cache.insert(t.name.clone(), (t.clone(), now));
+            let mut t = t.clone();
+            // A broker whose metadata lags (failover to it, or one cut
+            // off from the quorum) must not roll a partition's leader
+            // back: of the same topic, the newer leader epoch is kept.
+            if let Some((old, _)) = cache
+                .get(&t.name)
+                .filter(|(old, _)| old.topic_id == t.topic_id)
+            {
+                for p in &mut t.partitions {
+                    if let Some(known) = old
+                        .partitions
+                        .iter()
+                        .find(|o| o.partition == p.partition && o.leader_epoch > p.leader_epoch)
+                    {
+                        *p = known.clone();
+                    }
+                }
+            }
+            cache.insert(t.name.clone(), (t, now));
         }
     }
 
@@ -414,6 +443,49 @@ impl Client {
         if let Some(t) = self.cached_topic(name) {
             return Ok(t);
         }
+        let asked = std::time::Instant::now();
+        let turn = self
+            .inner
+            .refreshing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let found = async {
+            let mut failed = turn.lock().await;
+            // Refreshed by the task whose turn it was, or failed since
+            // this one asked: its answer is this one's too.
+            if let Some(t) = self.cached_topic(name) {
+                return Ok(t);
+            }
+            if let Some((at, e)) = failed.as_ref() {
+                if *at >= asked {
+                    return Err(e.clone());
+                }
+            }
+            let found = self.refresh_topic(name).await;
+            if let Err(e) = &found {
+                *failed = Some((std::time::Instant::now(), e.clone()));
+            }
+            found
+        }
+        .await;
+        // The last one out forgets the turn (topic names asked once do
+        // not stay).
+        let mut refreshing = self
+            .inner
+            .refreshing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&turn) <= 2 {
+            refreshing.remove(name);
+        }
+        found
+    }
+
+    /// [`Client::topic`]'s refresh, on its turn.
+    async fn refresh_topic(&self, name: &str) -> Result<pb::TopicDescription, ClientError> {
         let unknown = match self.metadata(&[name.to_string()]).await {
             Ok(_) => None,
             // A broker names a topic it does not know with this refusal
