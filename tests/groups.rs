@@ -2285,3 +2285,48 @@ async fn t27_a_static_member_back_from_a_stall_reads_nothing_it_lost() {
     stuck.close().await.unwrap();
     reader.close().await;
 }
+
+/// A member reading two topics commits the one left when the other is
+/// deleted: the coordinator refuses a whole commit naming a deleted
+/// topic, and every commit failed until a rebalance took its partitions
+/// away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t28_a_deleted_topic_does_not_fail_the_commits_of_the_others() {
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    client
+        .create_topic("doomed", 1, 1, Default::default())
+        .await
+        .unwrap();
+    for p in 0..6 {
+        produce_to(&client, "t", p, 5).await;
+    }
+    produce_to(&client, "doomed", 0, 5).await;
+    let mut cfg = GroupConfig::new("g-two", &["t", "doomed"]);
+    cfg.auto_commit_interval = None;
+    let mut member = client.group_consumer(cfg).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut read = 0;
+    while read < 35 {
+        assert!(Instant::now() < deadline, "read {read} of 35");
+        read += member.poll().await.unwrap().len();
+    }
+    client.delete_topic("doomed").await.unwrap();
+    for p in 0..6 {
+        produce_to(&client, "t", p, 5).await;
+    }
+    while read < 65 {
+        assert!(Instant::now() < deadline, "read {read} of 65");
+        read += member.poll().await.unwrap().len();
+    }
+    member.commit().await.unwrap();
+    let committed: i64 = client
+        .fetch_offsets("g-two", &[])
+        .await
+        .unwrap()
+        .iter()
+        .filter(|o| o.topic == "t")
+        .map(|o| o.offset)
+        .sum();
+    assert_eq!(committed, 60);
+}

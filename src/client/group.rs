@@ -1674,7 +1674,8 @@ impl GroupConsumer {
         if offsets.is_empty() {
             return Ok(());
         }
-        let r = self
+        let mut offsets = offsets;
+        let mut r = self
             .client
             .commit_offsets_as(
                 &self.config.group,
@@ -1684,6 +1685,45 @@ impl GroupConsumer {
                 offsets.clone(),
             )
             .await;
+        // The coordinator refuses a whole commit naming a topic deleted
+        // (or created again) meanwhile: one such topic failed every
+        // commit of the others until a rebalance took it away (their
+        // positions read again after a crash, and a revocation's commit
+        // lost). The rest are committed again without it.
+        if r.as_ref().is_err_and(|e| {
+            matches!(
+                e.code(),
+                pb::ErrorCode::UnknownTopic
+                    | pb::ErrorCode::UnknownTopicId
+                    | pb::ErrorCode::UnknownPartition
+            )
+        }) {
+            let mut kept = Vec::with_capacity(offsets.len());
+            for o in std::mem::take(&mut offsets) {
+                self.client.invalidate(&o.topic);
+                let current = self.client.topic(&o.topic).await.ok().filter(|t| {
+                    (o.topic_id.is_empty() || t.topic_id == o.topic_id)
+                        && (o.partition as usize) < t.partitions.len()
+                });
+                if current.is_some() {
+                    kept.push(o);
+                }
+            }
+            if !kept.is_empty() {
+                tracing::debug!(group = %self.config.group, "commit refused for a topic gone; committing the others");
+                offsets = kept;
+                r = self
+                    .client
+                    .commit_offsets_as(
+                        &self.config.group,
+                        &self.member_id,
+                        &self.config.group_instance_id,
+                        self.generation,
+                        offsets.clone(),
+                    )
+                    .await;
+            }
+        }
         match r {
             Ok(()) => {
                 for o in offsets {
