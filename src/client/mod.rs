@@ -62,6 +62,12 @@ pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// made of it).
 const LONGEST_WAIT: Duration = Duration::from_secs(24 * 3600);
 
+/// How long an admin call may take: longer than the broker's own bound
+/// on a metadata change (`submit_timeout_ms`, 10 s by default, plus taking
+/// up the partitions it creates), so that a slow success is not reported
+/// as a failure.
+const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long a topic unknown to the broker asked is looked for on the
 /// others ([`Client::topic`]).
 const ELSEWHERE_WAIT: Duration = Duration::from_secs(1);
@@ -170,9 +176,13 @@ struct Inner {
     /// together wait for the first one's answer instead of each asking
     /// (a leader's loss sent one Metadata call per partition of the topic,
     /// every 100 ms, each answer describing all of them).
-    /// A failed refresh is the answer of those that waited for it (with
-    /// when it failed), not a queue of refreshes one after another.
+    /// The last refresh's outcome, with when it started: the answer of
+    /// those that asked before it started (not a queue of refreshes one
+    /// after another during an outage), not of those that asked later.
     refreshing: Mutex<HashMap<String, RefreshTurn>>,
+    /// A background failover (after a security call's transport failure)
+    /// is under way.
+    failing_over: std::sync::atomic::AtomicBool,
     /// Broker addresses by id.
     brokers: Mutex<HashMap<i32, String>>,
     /// Coordinator address by group (see `group`), dropped on errors.
@@ -182,7 +192,14 @@ struct Inner {
 }
 
 /// See `Inner::refreshing`.
-type RefreshTurn = Arc<tokio::sync::Mutex<Option<(std::time::Instant, ClientError)>>>;
+type RefreshTurn = Arc<
+    tokio::sync::Mutex<
+        Option<(
+            std::time::Instant,
+            Result<pb::TopicDescription, ClientError>,
+        )>,
+    >,
+>;
 
 /// One Metadata call to the broker behind `channel`.
 async fn ask_metadata(
@@ -264,6 +281,7 @@ impl Client {
                             channels: Mutex::new(channels),
                             topics: Mutex::new(HashMap::new()),
                             refreshing: Mutex::new(HashMap::new()),
+                            failing_over: std::sync::atomic::AtomicBool::new(false),
                             brokers: Mutex::new(HashMap::new()),
                             coordinators: Mutex::new(HashMap::new()),
                             options: options.clone(),
@@ -295,9 +313,9 @@ impl Client {
         AdminClient::new(self.bootstrap_channel()).max_decoding_message_size(MESSAGE_BYTES_MAX)
     }
 
-    /// Runs an admin call on the current broker, within the request
-    /// timeout (none: a broker that kept the connection but never
-    /// answered held the call for good). On a transport failure the
+    /// Runs an admin call on the current broker, within
+    /// [`ADMIN_CALL_TIMEOUT`] (none: a broker that kept the connection
+    /// but never answered held the call for good). On a transport failure the
     /// client moves to another live broker; `idempotent` calls are then
     /// retried there once.
     async fn admin_call<R, T, F, Fut>(
@@ -313,7 +331,7 @@ impl Client {
     {
         let timed = |req: R| {
             let mut r = tonic::Request::new(req);
-            r.set_timeout(REQUEST_TIMEOUT);
+            r.set_timeout(ADMIN_CALL_TIMEOUT);
             r
         };
         match call(self.admin(), timed(req.clone())).await {
@@ -424,6 +442,12 @@ impl Client {
                 .get(&t.name)
                 .filter(|(old, _)| old.topic_id == t.topic_id)
             {
+                // Nor shrink its partition count (partitions are never
+                // removed): keys would hash over the old count.
+                if old.partitions.len() > t.partitions.len() {
+                    t.partitions
+                        .extend_from_slice(&old.partitions[t.partitions.len()..]);
+                }
                 for p in &mut t.partitions {
                     if let Some(known) = old
                         .partitions
@@ -453,21 +477,20 @@ impl Client {
             .or_default()
             .clone();
         let found = async {
-            let mut failed = turn.lock().await;
-            // Refreshed by the task whose turn it was, or failed since
-            // this one asked: its answer is this one's too.
+            let mut last = turn.lock().await;
             if let Some(t) = self.cached_topic(name) {
                 return Ok(t);
             }
-            if let Some((at, e)) = failed.as_ref() {
-                if *at >= asked {
-                    return Err(e.clone());
+            // A refresh that started after this task asked answers for
+            // it too, whatever came of it (an error, an aged copy).
+            if let Some((started, outcome)) = last.as_ref() {
+                if *started >= asked {
+                    return outcome.clone();
                 }
             }
+            let started = std::time::Instant::now();
             let found = self.refresh_topic(name).await;
-            if let Err(e) = &found {
-                *failed = Some((std::time::Instant::now(), e.clone()));
-            }
+            *last = Some((started, found.clone()));
             found
         }
         .await;
@@ -520,21 +543,29 @@ impl Client {
         // All at once, within a short bound, the first to know it wins:
         // one after another, a dead broker still listed cost its connect
         // timeout, a stalled one the request timeout, each.
-        let mut asks: futures_util::stream::FuturesUnordered<_> = self
-            .candidates()
-            .into_iter()
-            .filter_map(|addr| self.channel(&addr).ok())
+        // The first candidate is the broker that just answered.
+        let others: Vec<String> = self.candidates().into_iter().skip(1).collect();
+        let mut asks: futures_util::stream::FuturesUnordered<_> = others
+            .iter()
+            .filter_map(|addr| self.channel(addr).ok())
             .map(|channel| {
                 let request = request.clone();
-                async move { ask_metadata(&channel, &request).await.ok() }
+                async move { ask_metadata(&channel, &request).await }
             })
             .collect();
+        let mut denied = false;
         let found = tokio::time::timeout(ELSEWHERE_WAIT, async {
             while let Some(answer) = futures_util::StreamExt::next(&mut asks).await {
-                let Some(resp) = answer else { continue };
-                if let Some(t) = resp.topics.iter().find(|t| t.name == name).cloned() {
-                    self.remember(&resp);
-                    return Some(t);
+                match answer {
+                    Ok(resp) => {
+                        if let Some(t) = resp.topics.iter().find(|t| t.name == name).cloned() {
+                            self.remember(&resp);
+                            return Some(t);
+                        }
+                        denied = true;
+                    }
+                    Err(e) if e.code() == pb::ErrorCode::UnknownTopic => denied = true,
+                    Err(_) => {}
                 }
             }
             None
@@ -543,11 +574,24 @@ impl Client {
         if let Ok(Some(t)) = found {
             return Ok(t);
         }
-        Err(unknown.unwrap_or_else(|| ClientError::Broker {
+        let unknown = unknown.unwrap_or_else(|| ClientError::Broker {
             code: pb::ErrorCode::UnknownTopic,
             message: format!("unknown topic '{name}'"),
             leader: None,
-        }))
+        });
+        // Unknown if no other broker is known, or another one said so
+        // too. Otherwise the one broker that answered may only lag, and
+        // none of the others could say: not "unknown", which a producer
+        // takes as the topic gone.
+        if others.is_empty() || denied {
+            return Err(unknown);
+        }
+        match self.aged_topic(name) {
+            Some(t) => Ok(t),
+            None => Err(ClientError::Transport(format!(
+                "topic '{name}' is unknown to one broker and no other answered in time"
+            ))),
+        }
     }
 
     /// A topic's partition count, from the cache when it holds the topic:
