@@ -1698,15 +1698,49 @@ impl GroupConsumer {
                     | pb::ErrorCode::UnknownPartition
             )
         }) {
+            // One lookup per topic, all within the request timeout.
+            let topics: BTreeSet<String> = offsets.iter().map(|o| o.topic.clone()).collect();
+            let client = self.client.clone();
+            let looked_up = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                futures_util::future::join_all(topics.into_iter().map(|t| {
+                    let client = client.clone();
+                    async move {
+                        client.invalidate(&t);
+                        let found = client.topic(&t).await;
+                        (t, found)
+                    }
+                })),
+            )
+            .await
+            .unwrap_or_default();
+            // Gone: known to be (refused as unknown, or another topic of
+            // the name now). A lookup that failed otherwise, or did not
+            // finish, keeps its offsets.
+            let current: BTreeMap<String, Option<pb::TopicDescription>> = looked_up
+                .into_iter()
+                .filter_map(|(t, found)| match found {
+                    Ok(d) => Some((t, Some(d))),
+                    Err(e) if e.code() == pb::ErrorCode::UnknownTopic => Some((t, None)),
+                    Err(_) => None,
+                })
+                .collect();
             let mut kept = Vec::with_capacity(offsets.len());
             for o in std::mem::take(&mut offsets) {
-                self.client.invalidate(&o.topic);
-                let current = self.client.topic(&o.topic).await.ok().filter(|t| {
-                    (o.topic_id.is_empty() || t.topic_id == o.topic_id)
-                        && (o.partition as usize) < t.partitions.len()
-                });
-                if current.is_some() {
+                let live = match current.get(&o.topic) {
+                    None => true,
+                    Some(None) => false,
+                    Some(Some(t)) => {
+                        (o.topic_id.is_empty() || t.topic_id == o.topic_id)
+                            && (o.partition as usize) < t.partitions.len()
+                    }
+                };
+                if live {
                     kept.push(o);
+                } else {
+                    // Not sent again at every commit until a rebalance
+                    // takes it away: its position stays where it is.
+                    self.committed.insert((o.topic, o.partition), o.offset);
                 }
             }
             if !kept.is_empty() {

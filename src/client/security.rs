@@ -17,10 +17,20 @@ impl Client {
     /// other call happened to fail over.
     fn failed_over(&self, status: tonic::Status) -> ClientError {
         let e = ClientError::from(status);
-        if !matches!(e, ClientError::Broker { .. }) {
+        // One at a time: a caller retrying fast must not pile them up.
+        if !matches!(e, ClientError::Broker { .. })
+            && !self
+                .inner
+                .failing_over
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             let client = self.clone();
             tokio::spawn(async move {
                 let _ = client.metadata(&[]).await;
+                client
+                    .inner
+                    .failing_over
+                    .store(false, std::sync::atomic::Ordering::Release);
             });
         }
         e
