@@ -1667,6 +1667,19 @@ impl GroupConsumer {
             .collect()
     }
 
+    /// One CommitOffsets call as this member and generation.
+    async fn send_commit(&self, offsets: Vec<pb::PartitionOffset>) -> Result<(), ClientError> {
+        self.client
+            .commit_offsets_as(
+                &self.config.group,
+                &self.member_id,
+                &self.config.group_instance_id,
+                self.generation,
+                offsets,
+            )
+            .await
+    }
+
     /// Commits `offsets` as this member and generation, and records them
     /// for the partitions it still owns (a revoked partition's last
     /// position is committed after it was dropped).
@@ -1675,16 +1688,7 @@ impl GroupConsumer {
             return Ok(());
         }
         let mut offsets = offsets;
-        let mut r = self
-            .client
-            .commit_offsets_as(
-                &self.config.group,
-                &self.member_id,
-                &self.config.group_instance_id,
-                self.generation,
-                offsets.clone(),
-            )
-            .await;
+        let mut r = self.send_commit(offsets.clone()).await;
         // The coordinator refuses a whole commit naming a topic deleted
         // (or created again) meanwhile: one such topic failed every
         // commit of the others until a rebalance took it away (their
@@ -1746,16 +1750,7 @@ impl GroupConsumer {
             if !kept.is_empty() {
                 tracing::debug!(group = %self.config.group, "commit refused for a topic gone; committing the others");
                 offsets = kept;
-                r = self
-                    .client
-                    .commit_offsets_as(
-                        &self.config.group,
-                        &self.member_id,
-                        &self.config.group_instance_id,
-                        self.generation,
-                        offsets.clone(),
-                    )
-                    .await;
+                r = self.send_commit(offsets.clone()).await;
             }
         }
         match r {
