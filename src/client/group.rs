@@ -1667,8 +1667,10 @@ impl GroupConsumer {
             .collect()
     }
 
-    /// One CommitOffsets call as this member and generation.
-    async fn send_commit(&self, offsets: Vec<pb::PartitionOffset>) -> Result<(), ClientError> {
+    /// One CommitOffsets call as this member and generation (`&mut`: a
+    /// shared borrow held across the await would need the consumer to be
+    /// `Sync`, which its streams are not).
+    async fn send_commit(&mut self, offsets: Vec<pb::PartitionOffset>) -> Result<(), ClientError> {
         self.client
             .commit_offsets_as(
                 &self.config.group,
