@@ -634,48 +634,30 @@ async fn clients_may_not_delete_grow_or_write_the_offsets_topic() {
             .await,
     );
     internal(admin.create_topic(create(offsets, 1, 1, &[])).await);
-    internal(
-        admin
-            .alter_topic_config(pb::AlterTopicConfigRequest {
-                name: offsets.into(),
-                set: [("retention.ms".to_string(), "60000".to_string())].into(),
-                ..Default::default()
-            })
-            .await,
-    );
-    internal(
-        admin
-            .alter_topic_config(pb::AlterTopicConfigRequest {
-                name: offsets.into(),
-                delete: vec!["retention.ms".into()],
-                ..Default::default()
-            })
-            .await,
-    );
-    for key in ["max.message.bytes", "min.insync.replicas"] {
+    // What the offsets topic's safety rests on, set or deleted.
+    type Change<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+    let refused_changes: [Change; 5] = [
+        (&[("retention.ms", "60000")], &[]),
+        (&[], &["retention.ms"]),
+        (&[], &["max.message.bytes"]),
+        (&[], &["min.insync.replicas"]),
+        (&[("unclean.leader.election.enable", "true")], &[]),
+    ];
+    for (set, delete) in refused_changes {
         internal(
             admin
                 .alter_topic_config(pb::AlterTopicConfigRequest {
                     name: offsets.into(),
-                    delete: vec![key.into()],
+                    set: set
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    delete: delete.iter().map(|k| k.to_string()).collect(),
                     ..Default::default()
                 })
                 .await,
         );
     }
-    internal(
-        admin
-            .alter_topic_config(pb::AlterTopicConfigRequest {
-                name: offsets.into(),
-                set: [(
-                    "unclean.leader.election.enable".to_string(),
-                    "true".to_string(),
-                )]
-                .into(),
-                ..Default::default()
-            })
-            .await,
-    );
     internal(
         producer
             .produce(pb::ProduceRequest {

@@ -118,6 +118,30 @@ fn start_node(dir: &Path, extra_toml: &str) -> ServerProcess {
     )
 }
 
+/// A raw gRPC producer to `addr` (plaintext).
+async fn raw_producer(
+    addr: &str,
+) -> runnel_proto::v1::producer_client::ProducerClient<tonic::transport::Channel> {
+    runnel_proto::v1::producer_client::ProducerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+/// A produce of one record of `size` bytes to partition 0 of `topic`,
+/// acks=leader.
+fn one_record(topic: &str, size: usize) -> pb::ProduceRequest {
+    pb::ProduceRequest {
+        topic: topic.into(),
+        partition: Some(0),
+        records: vec![pb::Record {
+            value: Some(vec![7u8; size].into()),
+            ..Default::default()
+        }],
+        acks: pb::Acks::Leader as i32,
+        ..Default::default()
+    }
+}
+
 fn fetch_req(topic: &str) -> pb::FetchRequest {
     pb::FetchRequest {
         topic: topic.into(),
@@ -850,20 +874,8 @@ async fn quota_slows_a_producer_to_its_rate() {
     let out = common::cli_ok(&server.addr, &["quota", "describe"], None);
     assert!(out.contains("200000"), "{out}");
 
-    let url = format!("http://{}", server.addr);
-    let mut producer = runnel_proto::v1::producer_client::ProducerClient::connect(url)
-        .await
-        .unwrap();
-    let request = pb::ProduceRequest {
-        topic: "q".into(),
-        partition: Some(0),
-        records: vec![pb::Record {
-            value: Some(vec![7u8; 10_000].into()),
-            ..Default::default()
-        }],
-        acks: pb::Acks::Leader as i32,
-        ..Default::default()
-    };
+    let mut producer = raw_producer(&server.addr).await;
+    let request = one_record("q", 10_000);
     let size = prost::Message::encoded_len(&request) as u64;
     // 50 requests of ~10 kB at 200 kB/s: about 2.5 s. Each answer waits
     // for the bytes before it, so the last arrives after 49 requests'
@@ -1347,22 +1359,8 @@ async fn a_held_produce_ends_at_the_call_s_deadline() {
         &["quota", "set", "--produce-bytes-per-sec", "10000"],
         None,
     );
-    let mut producer = runnel_proto::v1::producer_client::ProducerClient::connect(format!(
-        "http://{}",
-        server.addr
-    ))
-    .await
-    .unwrap();
-    let request = pb::ProduceRequest {
-        topic: "late".into(),
-        partition: Some(0),
-        records: vec![pb::Record {
-            value: Some(vec![7u8; 100_000].into()),
-            ..Default::default()
-        }],
-        acks: pb::Acks::Leader as i32,
-        ..Default::default()
-    };
+    let mut producer = raw_producer(&server.addr).await;
+    let request = one_record("late", 100_000);
     // The first passes and puts the quota's clock 10 s ahead.
     producer.produce(request.clone()).await.unwrap();
     let mut held = tonic::Request::new(request);

@@ -402,33 +402,20 @@ fn undecodable_response(status: &Status) -> pb::ProduceResponse {
     }
 }
 
-/// Runs `body` as a task feeding a bounded channel, returned as a stream.
+/// Runs `body` as a task feeding a channel of 16 items (how far it may
+/// run ahead of the stream's reader), returned as a stream.
 pub(crate) fn async_stream<T, F, Fut>(body: F) -> Pin<Box<dyn Stream<Item = T> + Send>>
 where
     T: Send + 'static,
     F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    async_stream_bounded(16, body)
-}
-
-/// [`async_stream`] with a channel of `capacity` items: how far `body`
-/// may run ahead of the stream's reader.
-pub(crate) fn async_stream_bounded<T, F, Fut>(
-    capacity: usize,
-    body: F,
-) -> Pin<Box<dyn Stream<Item = T> + Send>>
-where
-    T: Send + 'static,
-    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(body(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// [`async_stream_bounded`] whose task is stopped as soon as the stream is
+/// [`async_stream`] with a channel of `capacity` items, whose task is stopped as soon as the stream is
 /// dropped (the client gone, its stream reset), wherever it waits: a
 /// subscription waiting out a quota's delay, for records, or for room in
 /// the read budgets otherwise learnt that its client had gone only at its
