@@ -448,11 +448,13 @@ impl Client {
                     t.partitions
                         .extend_from_slice(&old.partitions[t.partitions.len()..]);
                 }
+                // Partitions are listed by index (as the extension above
+                // takes them).
                 for p in &mut t.partitions {
                     if let Some(known) = old
                         .partitions
-                        .iter()
-                        .find(|o| o.partition == p.partition && o.leader_epoch > p.leader_epoch)
+                        .get(p.partition as usize)
+                        .filter(|o| o.partition == p.partition && o.leader_epoch > p.leader_epoch)
                     {
                         *p = known.clone();
                     }
