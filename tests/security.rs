@@ -1345,6 +1345,9 @@ fn secure_example_config_turns_everything_on() {
 /// A produce held by its principal's quota ends at the call's deadline
 /// (grpc-timeout) with DEADLINE_EXCEEDED, appending nothing: served by
 /// the raw framing, the call ran on past any deadline the client set.
+/// And it is not charged: its retries, each with the same short
+/// deadline, get through once the quota's clock has come down to it.
+/// Charged, each retry pushed the clock further ahead, and none did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_produce_ends_at_the_call_s_deadline() {
     let dir = tempfile::tempdir().unwrap();
@@ -1356,14 +1359,14 @@ async fn a_held_produce_ends_at_the_call_s_deadline() {
         .unwrap();
     common::cli_ok(
         &server.addr,
-        &["quota", "set", "--produce-bytes-per-sec", "10000"],
+        &["quota", "set", "--produce-bytes-per-sec", "50000"],
         None,
     );
     let mut producer = raw_producer(&server.addr).await;
     let request = one_record("late", 100_000);
-    // The first passes and puts the quota's clock 10 s ahead.
+    // The first passes and puts the quota's clock 2 s ahead.
     producer.produce(request.clone()).await.unwrap();
-    let mut held = tonic::Request::new(request);
+    let mut held = tonic::Request::new(request.clone());
     held.set_timeout(Duration::from_millis(500));
     let started = Instant::now();
     let status = producer.produce(held).await.unwrap_err();
@@ -1379,4 +1382,23 @@ async fn a_held_produce_ends_at_the_call_s_deadline() {
         .unwrap()
         .offset;
     assert_eq!(end, 1, "the held request was appended");
+    let retrying = Instant::now();
+    loop {
+        let mut retry = tonic::Request::new(request.clone());
+        retry.set_timeout(Duration::from_millis(500));
+        match producer.produce(retry).await {
+            Ok(_) => break,
+            Err(status) => assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}"),
+        }
+        assert!(
+            retrying.elapsed() < Duration::from_secs(20),
+            "no retry got through: each was charged"
+        );
+    }
+    let end = client
+        .list_offsets("late", 0, pb::OffsetSpec::Latest, 0)
+        .await
+        .unwrap()
+        .offset;
+    assert_eq!(end, 2, "only the retry that got through was appended");
 }

@@ -604,6 +604,73 @@ pub fn throttle(
         .map_or(Duration::ZERO, |s| s.throttle(principal, direction, bytes))
 }
 
+/// A quota charge for a request whose answer (or, for a produce, whose
+/// append) waits for it: [`QuotaCharge::hold`] waits, and a charge dropped
+/// before that wait ends (the call's deadline passed, or its client
+/// went) is refunded, since nothing was moved. Kept, each retry of a
+/// client whose deadline is shorter than its hold would be charged again
+/// and held longer, and none would ever be served.
+#[must_use = "a charge is refunded when dropped before `hold` ends"]
+pub struct QuotaCharge {
+    refund: Option<(Arc<Security>, Principal, Direction, u64, u64)>,
+    until: Option<tokio::time::Instant>,
+}
+
+impl QuotaCharge {
+    /// Waits out the quota delay; from then on the charge stands.
+    pub async fn hold(mut self) {
+        hold_until(self.until).await;
+        self.refund = None;
+    }
+}
+
+impl Drop for QuotaCharge {
+    fn drop(&mut self) {
+        if let Some((security, principal, direction, bytes, rate)) = self.refund.take() {
+            security
+                .throttle
+                .refund(principal.name(), direction, bytes, rate, Instant::now());
+        }
+    }
+}
+
+/// Charges `bytes` moved by `principal` on `broker` to its quota.
+pub fn charge(
+    broker: &Broker,
+    principal: &Principal,
+    direction: Direction,
+    bytes: u64,
+) -> QuotaCharge {
+    let Some(security) = broker.security() else {
+        return QuotaCharge {
+            refund: None,
+            until: None,
+        };
+    };
+    let Some(rate) = security.quota_rate(principal, direction) else {
+        return QuotaCharge {
+            refund: None,
+            until: None,
+        };
+    };
+    let delay = security
+        .throttle
+        .record(principal.name(), direction, bytes, rate, Instant::now());
+    QuotaCharge {
+        // Only a held charge can be dropped before its wait ends.
+        refund: (!delay.is_zero()).then(|| {
+            (
+                Arc::clone(security),
+                principal.clone(),
+                direction,
+                bytes,
+                rate,
+            )
+        }),
+        until: answer_deadline(delay),
+    }
+}
+
 /// When a stream of `principal` on `broker` may take in more (its next
 /// request or chunk), if it must wait.
 pub fn admission_at(

@@ -63,6 +63,28 @@ impl Throttle {
         (start - now).min(THROTTLE_MAX)
     }
 
+    /// Takes back a charge of `bytes` at `rate` that [`Throttle::record`]
+    /// made for a request dropped while held (its deadline passed or its
+    /// client went): nothing was moved. Kept, each retry of a client
+    /// whose deadline is shorter than its hold would push the clock
+    /// further ahead, and none would ever be served.
+    pub fn refund(
+        &self,
+        principal: &str,
+        direction: Direction,
+        bytes: u64,
+        rate: u64,
+        now: Instant,
+    ) {
+        let rate = rate.max(1);
+        let mut clocks = self.clocks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(next) = clocks.get_mut(&(principal.to_string(), direction)) {
+            let charged = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            // Not below now: a clock behind now counts as now anyway.
+            *next = next.checked_sub(charged).map_or(now, |n| n.max(now));
+        }
+    }
+
     /// How long a stream of `principal` should wait before it takes in
     /// more (reads its next request or chunk): until the principal's
     /// clock is at most [`THROTTLE_MAX`] ahead. Each answer is held at
@@ -130,6 +152,20 @@ mod tests {
         assert_eq!(t2.admission("c", Direction::Produce, now), Duration::ZERO);
         assert_eq!(
             t2.admission("c", Direction::Fetch, now + Duration::from_secs(60)),
+            Duration::ZERO
+        );
+        // A refunded charge is as if never made: a request held past its
+        // deadline leaves the clock where it was, so a retry is not held
+        // longer; refunds never put the clock behind now.
+        let t3 = Throttle::default();
+        t3.record("d", Direction::Produce, 5_000, 1000, now);
+        let held = t3.record("d", Direction::Produce, 1_000, 1000, now);
+        assert_eq!(held, Duration::from_secs(5));
+        t3.refund("d", Direction::Produce, 1_000, 1000, now);
+        assert_eq!(t3.record("d", Direction::Produce, 1_000, 1000, now), held);
+        t3.refund("d", Direction::Produce, 60_000, 1000, now);
+        assert_eq!(
+            t3.record("d", Direction::Produce, 1, 1000, now),
             Duration::ZERO
         );
         // After an idle period nothing is owed.

@@ -408,14 +408,16 @@ impl Consumer for ConsumerService {
             security::fetch_bytes_cap(&self.broker, &principal),
         );
         let response = self.broker.fetch(req).await?;
-        let delay = security::throttle(
+        // Quota exceeded: the answer waits (Kafka's throttle), it does not
+        // fail. An answer dropped while it waits is not charged.
+        security::charge(
             &self.broker,
             &principal,
             Direction::Fetch,
             prost::Message::encoded_len(&response) as u64,
-        );
-        // Quota exceeded: the answer waits (Kafka's throttle), it does not fail.
-        security::hold_until(security::answer_deadline(delay)).await;
+        )
+        .hold()
+        .await;
         Ok(Response::new(response))
     }
 

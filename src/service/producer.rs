@@ -45,17 +45,19 @@ impl Producer for ProducerService {
         )?;
         let principal = security::principal_of(&request);
         let req = request.into_inner();
-        let delay = security::throttle(
+        // Quota exceeded: the request waits before it is appended (it
+        // does not fail). Waiting before, not after, keeps concurrent
+        // calls to the rate too: each one's delay counts the bytes of
+        // those before it, so their appends are spread out. A request
+        // dropped while it waits is not charged.
+        security::charge(
             &self.broker,
             &principal,
             Direction::Produce,
             prost::Message::encoded_len(&req) as u64,
-        );
-        // Quota exceeded: the request waits before it is appended (it
-        // does not fail). Waiting before, not after, keeps concurrent
-        // calls to the rate too: each one's delay counts the bytes of
-        // those before it, so their appends are spread out.
-        security::hold_until(security::answer_deadline(delay)).await;
+        )
+        .hold()
+        .await;
         let response = self.broker.produce(req).await?;
         if self.broker.take_failpoint(DROP_RESPONSE_FAILPOINT) {
             return Err(Status::unavailable(
