@@ -10,6 +10,9 @@ use runnel_proto::v1 as pb;
 use runnel_proto::v1::admin_client::AdminClient;
 use runnel_proto::v1::consumer_client::ConsumerClient;
 use runnel_proto::v1::producer_client::ProducerClient;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
 /// A broker in `dir` with one topic, created with a stock admin client;
@@ -432,4 +435,165 @@ async fn acks_none_keeps_a_streams_order() {
     }
     let expected: Vec<String> = (0..BATCHES).map(|i| format!("n{i}")).collect();
     assert_eq!(values, expected);
+}
+
+/// The broker's anonymous resident memory, in bytes (the pages its heap
+/// holds; the page cache of mapped segments is not counted).
+fn rss_anon(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("RssAnon in /proc/<pid>/status");
+    kib * 1024
+}
+
+/// A proxy to `target` for one connection. Once `stall` is set, it
+/// stops reading the server's side (as a client that stops reading its
+/// socket) and holds back what the client sends until that contains
+/// `release_after` copies of `marker`, then passes it on in one piece:
+/// the server reads those requests together, before it can answer any.
+/// Returns its URL.
+async fn stalling_proxy(
+    target: String,
+    stall: Arc<AtomicBool>,
+    marker: &'static [u8],
+    release_after: usize,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let upstream_stall = stall.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut held = Vec::new();
+            loop {
+                let n = client_read.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                if upstream_stall.load(Ordering::SeqCst) {
+                    held.extend_from_slice(&buf[..n]);
+                    let copies = held.windows(marker.len()).filter(|w| *w == marker).count();
+                    if copies < release_after {
+                        continue;
+                    }
+                    if server_write.write_all(&held).await.is_err() {
+                        return;
+                    }
+                    // Released: from now on, passed on as it comes.
+                    break;
+                }
+                if server_write.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        });
+        let mut buf = vec![0u8; 16 << 10];
+        while !stall.load(Ordering::SeqCst) {
+            let n = server_read.read(&mut buf).await.unwrap_or(0);
+            if n == 0 || client_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+        // Holds both sockets open, reading nothing more.
+        std::future::pending::<()>().await;
+    });
+    url
+}
+
+/// Unary fetches whose client stops reading its socket are read under
+/// the same budgets as subscriptions: one connection holds at most its
+/// share in the broker. Unbounded, 40 such fetches of 16 MiB from the
+/// active segment (each read a heap copy) held 640 MiB, and another
+/// connection was still served, so nothing else showed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_unary_fetches_hold_a_bounded_share_of_the_broker() {
+    const RECORDS: usize = 20;
+    const STALLED: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    // One segment, written without reservations: every read of it is a
+    // positional read into a buffer of its own (a closed segment's would
+    // be a slice of its map).
+    let (server, url) = server_with_topic(dir.path(), "big", 1, &[("preallocate", "false")]).await;
+    let mut producer = ProducerClient::connect(url.clone()).await.unwrap();
+    for i in 0..RECORDS {
+        let answer = producer
+            .produce(pb::ProduceRequest {
+                topic: "big".into(),
+                partition: Some(0),
+                records: vec![pb::Record {
+                    value: Some(vec![i as u8; 900 << 10].into()),
+                    ..Default::default()
+                }],
+                acks: pb::Acks::Leader as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.error_code, 0, "{answer:?}");
+    }
+    let fetch = |max_bytes: u32| pb::FetchRequest {
+        topic: "big".into(),
+        partition: 0,
+        offset: 0,
+        max_bytes,
+        raw: true,
+        ..Default::default()
+    };
+    // Flow control does not hold the answers back: the client's windows
+    // are as large as HTTP/2 allows. Its socket is what stops.
+    let stall = Arc::new(AtomicBool::new(false));
+    // Each request names the topic once: field 1, length 3, "big".
+    let proxy = stalling_proxy(server.addr.clone(), stall.clone(), b"\x0a\x03big", STALLED).await;
+    let channel = tonic::transport::Endpoint::from_shared(proxy)
+        .unwrap()
+        .initial_connection_window_size(i32::MAX as u32)
+        .initial_stream_window_size(i32::MAX as u32)
+        .connect()
+        .await
+        .unwrap();
+    let stalled = ConsumerClient::new(channel).max_decoding_message_size(64 << 20);
+    stalled.clone().fetch(fetch(1 << 10)).await.unwrap();
+    let before = rss_anon(server.pid());
+    stall.store(true, Ordering::SeqCst);
+    let pending: Vec<_> = (0..STALLED)
+        .map(|_| {
+            let mut client = stalled.clone();
+            let request = fetch(16 << 20);
+            tokio::spawn(async move { client.fetch(request).await })
+        })
+        .collect();
+    // Another connection is served meanwhile; by then the broker has
+    // had time to read the stalled fetches, and two seconds more.
+    let mut other = ConsumerClient::connect(url)
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
+    let served = other.fetch(fetch(1 << 20)).await.unwrap().into_inner();
+    assert!(!served.batches.is_empty());
+    let watched = std::time::Instant::now();
+    let mut most = before;
+    while watched.elapsed() < std::time::Duration::from_secs(2) {
+        most = most.max(rss_anon(server.pid()));
+        // A sampling interval, not a wait for something to happen.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // One connection's budget is 16 MiB; allow the rest for allocator
+    // slack and the other fetch.
+    assert!(
+        most < before + (128 << 20),
+        "{} MiB of answers held for one connection",
+        (most - before) >> 20
+    );
+    for call in pending {
+        call.abort();
+    }
 }

@@ -402,12 +402,28 @@ impl Consumer for ConsumerService {
             Operation::Read,
         )?;
         let principal = security::principal_of(&request);
+        let budgets = self.budgets(security::peer_addr(request.extensions()));
         let mut req = request.into_inner();
+        // Read under the same budgets as a subscription's chunks: an
+        // answer waiting for a client that does not read it stays in the
+        // broker, and unbounded, one connection's fetches held as much as
+        // it asked for (a fetch read from the active segment is a copy).
         req.max_bytes = fetch_bytes(
             req.max_bytes,
-            security::fetch_bytes_cap(&self.broker, &principal),
+            security::fetch_bytes_cap(&self.broker, &principal).min(SUBSCRIBE_CONNECTION_BYTES),
         );
-        let response = self.broker.fetch(req).await?;
+        // The long poll first, holding none of the budgets: a waiting
+        // fetch must not keep room from the ones with records.
+        if req.max_wait_ms > 0 {
+            let wait = std::time::Duration::from_millis(
+                u64::from(req.max_wait_ms).min(self.broker.fetch_wait_max_ms()),
+            );
+            self.broker
+                .wait_readable(&req.topic, req.partition, req.offset, wait)
+                .await;
+            req.max_wait_ms = 0;
+        }
+        let response = read_chunk(&self.broker, &budgets, &req).await?;
         // Quota exceeded: the answer waits (Kafka's throttle), it does not
         // fail. An answer dropped while it waits is not charged.
         security::charge(
