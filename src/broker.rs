@@ -1418,6 +1418,7 @@ impl Broker {
             .submit(MetadataCommand::AddPartitions {
                 name: name.to_string(),
                 total_partitions,
+                current_factor: true,
             })
             .await?;
         self.reconcile_after_change().await;
@@ -1498,13 +1499,14 @@ impl Broker {
                     after.remove(key);
                 }
                 after.extend(set.clone());
-                self.check_min_insync_replicas(&after, topic.replication_factor)?;
+                self.check_min_insync_replicas(&after, topic.current_replication_factor())?;
             }
         }
         let cmd = MetadataCommand::AlterTopicConfig {
             name: req.name.clone(),
             set,
             delete: req.delete,
+            current_factor: true,
         };
         if req.validate_only {
             let mut preview = (*self.metadata.current()).clone();
@@ -1660,7 +1662,7 @@ impl Broker {
             partitions,
             configs: self.effective_configs(topic).into_iter().collect(),
             overridden_configs: topic.configs.keys().cloned().collect(),
-            replication_factor: topic.replication_factor,
+            replication_factor: topic.current_replication_factor(),
         })
     }
 
@@ -1674,7 +1676,7 @@ impl Broker {
             .map(|t| pb::TopicSummary {
                 name: t.name.clone(),
                 partitions: t.partitions.len() as i32,
-                replication_factor: t.replication_factor,
+                replication_factor: t.current_replication_factor(),
                 internal: t.name.starts_with("__"),
             })
             .collect();

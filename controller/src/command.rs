@@ -65,8 +65,19 @@ pub enum MetadataCommand {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         topic_id: Option<String>,
     },
-    /// Grows a topic to `total_partitions`.
-    AddPartitions { name: String, total_partitions: i32 },
+    /// Grows a topic to `total_partitions`. With `current_factor`, each
+    /// new partition gets as many replicas as the topic's partitions have
+    /// now ([`TopicInfo::current_replication_factor`], which follows
+    /// reassignments); without (commands written before the field), as
+    /// many as the topic was created with, as they were applied then.
+    ///
+    /// [`TopicInfo::current_replication_factor`]: crate::metadata::TopicInfo::current_replication_factor
+    AddPartitions {
+        name: String,
+        total_partitions: i32,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        current_factor: bool,
+    },
     /// A partition leader changes the ISR (shrink a lagging follower, add
     /// one that caught up). Refused unless the leader and both epochs are
     /// current, so a deposed leader's late proposal changes nothing.
@@ -97,6 +108,12 @@ pub enum MetadataCommand {
         name: String,
         set: BTreeMap<String, String>,
         delete: Vec<String>,
+        /// `min.insync.replicas` is checked against the topic's current
+        /// replication factor (see `AddPartitions`); without (commands
+        /// written before the field), against the factor it was created
+        /// with.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        current_factor: bool,
     },
     /// Hands `count` fresh idempotent-producer ids to broker `broker_id`,
     /// which gives them out to producers (InitProducerId). Ids come from a

@@ -127,6 +127,23 @@ pub struct TopicInfo {
 }
 
 impl TopicInfo {
+    /// Replicas per partition as they are now: partition 0's (its target
+    /// while a reassignment moves it), as Kafka derives a topic's factor
+    /// from its assignment. `replication_factor` is what the topic was
+    /// created with; a reassignment changes the replica lists, not it.
+    pub fn current_replication_factor(&self) -> i32 {
+        self.partitions
+            .first()
+            .map_or(self.replication_factor, |p| {
+                let replicas = if p.target_replicas.is_empty() {
+                    &p.replicas
+                } else {
+                    &p.target_replicas
+                };
+                replicas.len() as i32
+            })
+    }
+
     /// Whether the topic's own configs allow unclean elections (only its
     /// own: the state machine never reads a broker's defaults).
     fn allows_unclean(&self) -> bool {
@@ -438,6 +455,7 @@ impl ClusterMetadata {
             MetadataCommand::AddPartitions {
                 name,
                 total_partitions,
+                current_factor,
             } => {
                 let live = self.placement_order();
                 let topic = self
@@ -445,11 +463,14 @@ impl ClusterMetadata {
                     .get_mut(&name)
                     .ok_or(MetadataError::UnknownTopic { name })?;
                 check_partitions(total_partitions, topic.partitions.len() as i32)?;
-                check_replication_factor(topic.replication_factor, live.len())?;
+                let factor = if current_factor {
+                    topic.current_replication_factor()
+                } else {
+                    topic.replication_factor
+                };
+                check_replication_factor(factor, live.len())?;
                 for p in topic.partitions.len() as i32..total_partitions {
-                    topic
-                        .partitions
-                        .push(new_partition(&live, p, topic.replication_factor));
+                    topic.partitions.push(new_partition(&live, p, factor));
                 }
                 Applied::Done
             }
@@ -569,7 +590,12 @@ impl ClusterMetadata {
                 }
                 Applied::Elected { changed }
             }
-            MetadataCommand::AlterTopicConfig { name, set, delete } => {
+            MetadataCommand::AlterTopicConfig {
+                name,
+                set,
+                delete,
+                current_factor,
+            } => {
                 let topic = self
                     .topics
                     .get_mut(&name)
@@ -590,14 +616,16 @@ impl ClusterMetadata {
                 }
                 configs.extend(set);
                 if let Some(min_isr) = configs.get("min.insync.replicas") {
-                    if min_isr.parse::<i32>().unwrap_or(i32::MAX) > topic.replication_factor {
+                    let factor = if current_factor {
+                        topic.current_replication_factor()
+                    } else {
+                        topic.replication_factor
+                    };
+                    if min_isr.parse::<i32>().unwrap_or(i32::MAX) > factor {
                         return Err(MetadataError::InvalidConfig {
                             key: "min.insync.replicas".into(),
                             value: min_isr.clone(),
-                            reason: format!(
-                                "exceeds the replication factor {}",
-                                topic.replication_factor
-                            ),
+                            reason: format!("exceeds the replication factor {factor}"),
                         });
                     }
                 }
@@ -1169,6 +1197,56 @@ mod tests {
         assert!(p.target_replicas.is_empty() && p.adding.is_empty() && p.removing.is_empty());
     }
 
+    /// A topic grown from one replica to three by reassignment has a
+    /// factor of three from then on: partitions added later get three
+    /// replicas, `min.insync.replicas=2` is allowed, and describe says 3.
+    /// Commands written before `current_factor` apply as they did.
+    #[test]
+    fn a_reassignment_changes_the_topic_s_replication_factor() {
+        let mut s = three();
+        s.apply(create("t", 1, 1)).unwrap();
+        s.apply(reassign("t", 0, vec![1, 2, 3])).unwrap();
+        assert_eq!(
+            s.topics["t"].current_replication_factor(),
+            3,
+            "the target counts"
+        );
+        s.apply(isr_of(&s, 0, vec![1, 2, 3])).unwrap();
+        assert_eq!(s.topics["t"].partitions[0].replicas, vec![1, 2, 3]);
+        assert_eq!(s.topics["t"].current_replication_factor(), 3);
+        let min_isr = |current_factor| MetadataCommand::AlterTopicConfig {
+            name: "t".into(),
+            set: [("min.insync.replicas".to_string(), "2".to_string())].into(),
+            delete: vec![],
+            current_factor,
+        };
+        let grow = |total_partitions, current_factor| MetadataCommand::AddPartitions {
+            name: "t".into(),
+            total_partitions,
+            current_factor,
+        };
+        let mut old = s.clone();
+        assert!(old.apply(min_isr(false)).is_err(), "as it applied before");
+        old.apply(grow(2, false)).unwrap();
+        assert_eq!(old.topics["t"].partitions[1].replicas.len(), 1);
+        s.apply(min_isr(true)).unwrap();
+        s.apply(grow(2, true)).unwrap();
+        assert_eq!(s.topics["t"].partitions[1].replicas.len(), 3);
+        // And back down: a factor of 2 refuses min.insync.replicas=3.
+        s.apply(reassign("t", 0, vec![1, 2])).unwrap();
+        s.apply(reassign("t", 1, vec![1, 2])).unwrap();
+        assert_eq!(s.topics["t"].current_replication_factor(), 2);
+        let err = s
+            .apply(MetadataCommand::AlterTopicConfig {
+                name: "t".into(),
+                set: [("min.insync.replicas".to_string(), "3".to_string())].into(),
+                delete: vec![],
+                current_factor: true,
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("replication factor 2"), "{err}");
+    }
+
     #[test]
     fn reassignment_reorders_at_once_and_can_be_cancelled() {
         let mut s = three();
@@ -1367,16 +1445,19 @@ mod tests {
             MetadataCommand::AddPartitions {
                 name: "t".into(),
                 total_partitions: 1,
+                current_factor: true,
             },
             MetadataCommand::AlterTopicConfig {
                 name: "t".into(),
                 set: [("retention.ms".to_string(), "x".to_string())].into(),
                 delete: vec![],
+                current_factor: true,
             },
             MetadataCommand::AlterTopicConfig {
                 name: "t".into(),
                 set: [("min.insync.replicas".to_string(), "2".to_string())].into(),
                 delete: vec![],
+                current_factor: true,
             },
         ];
         for cmd in cases {
@@ -1595,6 +1676,7 @@ mod tests {
                     name: "t".into(),
                     set: [("retention.ms".to_string(), "1000".to_string())].into(),
                     delete: vec![],
+                    current_factor: true,
                 })
                 .unwrap();
                 assert_eq!(s.topics["t"].partitions[0].leader, -1);
@@ -1637,6 +1719,7 @@ mod tests {
                     )]
                     .into(),
                     delete: vec![],
+                    current_factor: true,
                 })
                 .unwrap();
                 register(&mut s, 3);
@@ -1710,6 +1793,7 @@ mod tests {
         s.apply(MetadataCommand::AddPartitions {
             name: "t".into(),
             total_partitions: 3,
+            current_factor: true,
         })
         .unwrap();
         assert_eq!(s.topics["t"].partitions.len(), 3);
@@ -1717,6 +1801,7 @@ mod tests {
             name: "t".into(),
             set: [("retention.ms".to_string(), "1000".to_string())].into(),
             delete: vec![],
+            current_factor: true,
         })
         .unwrap();
         assert_eq!(s.topics["t"].configs["retention.ms"], "1000");
@@ -1724,6 +1809,7 @@ mod tests {
             name: "t".into(),
             set: BTreeMap::new(),
             delete: vec!["retention.ms".into()],
+            current_factor: true,
         })
         .unwrap();
         assert!(s.topics["t"].configs.is_empty());
