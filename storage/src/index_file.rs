@@ -264,15 +264,24 @@ impl IndexFile {
         }
     }
 
-    /// msyncs the mapping and fsyncs the file (length changes included).
-    pub(crate) fn flush(&self) -> Result<()> {
+    /// Starts the mapping's write-back and returns a handle of the file
+    /// whose fsync ([`IndexSync::finish`]) makes it durable, so that the
+    /// caller can drop the index's lock first: an fsync under it held up
+    /// every append (which takes the lock to add an entry) and, behind
+    /// that waiting writer, every read. On Linux the page cache is
+    /// shared, and fsync writes back pages dirtied through the mapping.
+    pub(crate) fn sync_handle(&self) -> Result<Option<IndexSync>> {
         let Some(file) = &self.file else {
-            return Ok(());
+            return Ok(None);
         };
         if let Map::Writable(m) = &self.map {
-            m.flush().map_err(io_err(&self.path))?;
+            m.flush_async().map_err(io_err(&self.path))?;
         }
-        file.sync_all().map_err(io_err(&self.path))
+        let file = file.try_clone().map_err(io_err(&self.path))?;
+        Ok(Some(IndexSync {
+            file,
+            path: self.path.clone(),
+        }))
     }
 
     /// Binary search: the last entry `i` with `key(entry(i)) <= target`.
@@ -287,6 +296,21 @@ impl IndexFile {
             }
         }
         lo.checked_sub(1)
+    }
+}
+
+/// An index file to fsync once its lock is dropped
+/// ([`IndexFile::sync_handle`]).
+pub(crate) struct IndexSync {
+    file: File,
+    path: PathBuf,
+}
+
+impl IndexSync {
+    /// fsyncs the file (its length and the pages written through the
+    /// mapping).
+    pub(crate) fn finish(self) -> Result<()> {
+        self.file.sync_all().map_err(io_err(&self.path))
     }
 }
 
@@ -323,8 +347,13 @@ mod tests {
         let mut idx = IndexFile::create(&path, 8, 80).unwrap();
         assert!(!path.exists(), "a new index must not create its file");
         assert!(!idx.is_full());
-        idx.flush().unwrap();
+        assert!(idx.sync_handle().unwrap().is_none(), "nothing to sync");
         assert!(idx.push(&7u64.to_be_bytes()));
+        idx.sync_handle()
+            .unwrap()
+            .expect("a file")
+            .finish()
+            .unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 80);
         assert_eq!(idx.entry(0), &7u64.to_be_bytes());
         idx.trim().unwrap();

@@ -1258,6 +1258,11 @@ impl Log {
             });
         }
         if offset <= log_start_offset {
+            // Durable before the caller hears, this time too: a first
+            // call that moved the start but failed to persist it was
+            // answered with an error, and its retry lands here.
+            drop(w);
+            self.persist_log_start()?;
             return Ok(log_start_offset);
         }
         self.advance_log_start(offset);

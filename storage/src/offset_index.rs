@@ -95,8 +95,9 @@ impl OffsetIndex {
         &mut self.file
     }
 
-    pub(crate) fn flush(&self) -> Result<()> {
-        self.file.flush()
+    /// See [`crate::index_file::IndexFile::sync_handle`].
+    pub(crate) fn sync_handle(&self) -> Result<Option<crate::index_file::IndexSync>> {
+        self.file.sync_handle()
     }
 }
 

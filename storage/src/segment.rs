@@ -803,6 +803,16 @@ impl Segment {
         if meta.blocks() * 512 > size.div_ceil(block) * block {
             // Truncating to the current length frees what lies beyond it.
             self.file.set_len(size).map_err(io_err(&self.log_path))?;
+            // But it also sets the file's modification time, which is
+            // what retention.ms judges a segment without record
+            // timestamps by: set back, or every restart (which measures
+            // reopened segments again; one with an extent-tree block
+            // always counts a block more) would make them all new.
+            if let Ok(modified) = meta.modified() {
+                self.file
+                    .set_modified(modified)
+                    .map_err(io_err(&self.log_path))?;
+            }
         }
         self.preallocated_to.store(0, Ordering::Relaxed);
         self.reservation_released.store(true, Ordering::Release);
@@ -1022,8 +1032,17 @@ impl Segment {
         self.sync_data()?;
         let written = self.indexes_written.load(Ordering::Acquire);
         if self.indexes_synced.load(Ordering::Acquire) < written {
-            self.index.read().expect("index lock").flush()?;
-            self.time_index.read().expect("time index lock").flush()?;
+            // The fsyncs run with the locks dropped: appends take the
+            // index's write lock, and reads wait behind a waiting writer.
+            let index = self.index.read().expect("index lock").sync_handle()?;
+            let time_index = self
+                .time_index
+                .read()
+                .expect("time index lock")
+                .sync_handle()?;
+            for pending in [index, time_index].into_iter().flatten() {
+                pending.finish()?;
+            }
             self.indexes_synced.fetch_max(written, Ordering::AcqRel);
         }
         Ok(())
@@ -1447,7 +1466,17 @@ mod preallocation_tests {
         assert!(!seg.reservation_released.load(Ordering::Acquire));
         seg.seal().unwrap();
         assert!(allocated(&path) >= 1 << 20, "sealing leaves it to the tick");
+        // Giving the blocks back keeps the file's modification time, by
+        // which retention judges segments without record timestamps.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(30 * 86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         seg.release_reserved().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), old);
         assert!(seg.reservation_released.load(Ordering::Acquire));
         assert!(allocated(&path) < len + 64 * 1024, "{}", allocated(&path));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);

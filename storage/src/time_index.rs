@@ -85,8 +85,9 @@ impl TimeIndex {
         &mut self.file
     }
 
-    pub(crate) fn flush(&self) -> Result<()> {
-        self.file.flush()
+    /// See [`crate::index_file::IndexFile::sync_handle`].
+    pub(crate) fn sync_handle(&self) -> Result<Option<crate::index_file::IndexSync>> {
+        self.file.sync_handle()
     }
 }
 
