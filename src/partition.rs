@@ -116,6 +116,12 @@ impl Partition {
             // is taken (it waits for the log's writer, which a follower
             // append may hold through an fsync); it only ever rises.
             self.log.fence_follower_writes(info.leader_epoch);
+            // Nor may a produce request checked against an earlier epoch
+            // append: leading in epoch E and then in E + 2 (the offline
+            // epoch between them coalesced away), such a batch was
+            // stamped E after records of E + 2, and answered NOT_LEADER
+            // though committed (a retry then stored it twice).
+            self.log.fence_leader_appends(info.leader_epoch);
         }
         let mut role = self.role();
         let leo = self.log.log_end_offset();
@@ -419,6 +425,32 @@ mod tests {
             Err(runnel_storage::StorageError::FencedLeaderEpoch { .. })
         ));
         assert_eq!(log.log_end_offset(), 1);
+    }
+
+    /// A leader that leads again in a later epoch, with no metadata
+    /// in between naming another role (the offline epoch between the two
+    /// coalesced away), refuses appends from its earlier epoch: stamped
+    /// with it after the later epoch's records, such a batch was
+    /// answered NOT_LEADER though committed.
+    #[test]
+    fn a_leader_of_a_later_epoch_refuses_appends_from_its_earlier_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, p) = partition_in(&dir);
+        let mut info = in_sync(&[1, 2], 1, 3);
+        p.update_role(1, &info, 0);
+        log.append_as_leader(one_record(0), 3).unwrap();
+        info.leader_epoch = 5;
+        p.update_role(1, &info, 0);
+        log.append_as_leader(one_record(0), 5).unwrap();
+        let late = log.append_as_leader(one_record(0), 3);
+        assert!(
+            matches!(
+                late,
+                Err(runnel_storage::StorageError::FencedLeaderEpoch { .. })
+            ),
+            "{late:?}"
+        );
+        assert_eq!(log.log_end_offset(), 2);
     }
 
     /// A follower that moves to a new leader epoch refuses follower

@@ -615,6 +615,11 @@ impl Log {
     /// would keep as its own divergent history. Only ever raises the
     /// fence.
     pub fn fence_leader_appends(&self, leader_epoch: i32) {
+        // Already there (every metadata change of a partition this
+        // replica leads asks again): no wait for the writer.
+        if self.leader_fence.load(Ordering::Acquire) >= leader_epoch {
+            return;
+        }
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.leader_fence.fetch_max(leader_epoch, Ordering::AcqRel);
     }
