@@ -289,8 +289,18 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
             meta: meta.clone(),
             data,
         };
-        store_snapshot(&self.tree, &self.snapshot_lock, &stored)?;
+        // The state first: sled flushes in the background too, so a
+        // snapshot stored first could reach the disk without the state it
+        // covers, and a restart after a crash then took the snapshot as
+        // installed (openraft ignores a resent one that is not newer)
+        // over an older state, until the leader built a newer snapshot.
+        // A stored snapshot older than the state is harmless.
         self.save()?;
+        store_snapshot(&self.tree, &self.snapshot_lock, &stored)?;
+        self.tree
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         self.publish();
         Ok(())
     }
