@@ -524,7 +524,11 @@ impl GroupCoordinator {
                         }
                         if let Some(g) = r.key.as_deref().and_then(parse_group_key) {
                             records += 1;
-                            metas.insert(g, r.value.clone());
+                            // A copy: the value is a slice of the read
+                            // buffer (a megabyte, from the active segment),
+                            // which a slice kept alive until the replay
+                            // ended, one per group.
+                            metas.insert(g, r.value.as_deref().map(bytes::Bytes::copy_from_slice));
                             continue;
                         }
                         let Some((g, t, p)) = r.key.as_deref().and_then(parse_key) else {
