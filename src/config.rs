@@ -274,16 +274,41 @@ const NOT_CONFIG_ENV: &[&str] = &[
 ];
 
 /// `RUNNEL_…` variables that others set in a container's environment
-/// for a service or link named `runnel`: Kubernetes service variables
-/// (`RUNNEL_SERVICE_HOST`, `RUNNEL_PORT_9092_TCP_ADDR`, …) and Docker
-/// link variables (`RUNNEL_NAME`, `RUNNEL_ENV_…`). No config key is named
-/// like them; taken as overrides, each was an unknown key that stopped
-/// the server.
+/// for a service or link named `runnel` or `runnel-<x>`: Kubernetes
+/// service variables (`RUNNEL_SERVICE_HOST`, `RUNNEL_PORT_9092_TCP_ADDR`,
+/// `RUNNEL_METRICS_SERVICE_PORT`, …) and Docker link variables
+/// (`RUNNEL_NAME`, `RUNNEL_ENV_…`, `RUNNEL_2_PORT`). No config key is
+/// named like them (a section's keys have `__` in their names); taken as
+/// overrides, each was an unknown key that stopped the server.
 fn is_service_env(name: &str) -> bool {
-    matches!(name, "RUNNEL_PORT" | "RUNNEL_NAME")
+    if matches!(name, "RUNNEL_PORT" | "RUNNEL_NAME")
         || ["RUNNEL_SERVICE_", "RUNNEL_PORT_", "RUNNEL_ENV_"]
             .iter()
             .any(|p| name.starts_with(p))
+    {
+        return true;
+    }
+    // `RUNNEL_<X>_…` for a service or link `runnel-<x>`.
+    let Some(rest) = name.strip_prefix("RUNNEL_") else {
+        return false;
+    };
+    if rest.contains("__") {
+        return false;
+    }
+    let port_spec = rest.split("_PORT_").skip(1).any(|tail| {
+        let mut parts = tail.splitn(3, '_');
+        let digits = parts.next().unwrap_or_default();
+        let protocol = parts.next().unwrap_or_default();
+        !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && matches!(protocol, "TCP" | "UDP" | "SCTP")
+    });
+    port_spec
+        || rest.ends_with("_SERVICE_HOST")
+        || rest.contains("_SERVICE_PORT")
+        || rest.ends_with("_PORT")
+        || rest.ends_with("_NAME")
+        || rest.contains("_ENV_")
 }
 
 /// Whether the environment variable `name` overrides a config key.
@@ -969,6 +994,17 @@ mod tests {
             ("RUNNEL_PORT", "tcp://10.0.0.1:9092"),
             ("RUNNEL_PORT_9092_TCP_ADDR", "10.0.0.1"),
             ("RUNNEL_NAME", "/app/runnel"),
+            // Services named runnel-metrics and runnel-client, a link
+            // runnel_2.
+            ("RUNNEL_METRICS_SERVICE_HOST", "10.0.0.2"),
+            ("RUNNEL_METRICS_SERVICE_PORT", "9644"),
+            ("RUNNEL_METRICS_SERVICE_PORT_HTTP", "9644"),
+            ("RUNNEL_METRICS_PORT", "tcp://10.0.0.2:9644"),
+            ("RUNNEL_METRICS_PORT_9644_TCP", "tcp://10.0.0.2:9644"),
+            ("RUNNEL_CLIENT_PORT_9092_TCP_ADDR", "10.0.0.3"),
+            ("RUNNEL_CLIENT_PORT_9092_UDP_PROTO", "udp"),
+            ("RUNNEL_2_NAME", "/app/runnel_2"),
+            ("RUNNEL_2_ENV_FOO", "bar"),
             ("PATH", "/bin"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
@@ -981,6 +1017,23 @@ mod tests {
             c.voters().unwrap(),
             BTreeMap::from([(2, "h:1".to_string())])
         );
+        // Every top-level key stays an override.
+        for key in [
+            "NODE_ID",
+            "LISTEN",
+            "ADVERTISED_ADDRESS",
+            "DATA_DIR",
+            "RACK",
+            "ROLES",
+            "METRICS_LISTEN",
+            "INTERNAL_LISTEN",
+            "INTERNAL_ADVERTISED_ADDRESS",
+            "WORKER_THREADS",
+            "BROKER__REPLICA_FETCH_WAIT_MAX_MS",
+            "TOPIC_DEFAULTS__SEGMENT_NAME",
+        ] {
+            assert!(is_config_env(&format!("RUNNEL_{key}")), "{key}");
+        }
         let err = ServerConfig::load(None, [("RUNNEL_NODE_IDX".to_string(), "1".to_string())])
             .unwrap_err();
         assert!(err.to_string().contains("node_idx"), "{err}");
