@@ -269,6 +269,23 @@ async fn refusals_are_clear_and_change_nothing() {
     assert!(err.contains("invalid topic name"), "{err}");
     let err = cli_err(addr, &["topic", "create", "t", "--partitions", "0"], None);
     assert!(err.contains("invalid value '0' for '--partitions"), "{err}");
+    // `perf` too: 0 used to mean the broker's default, another shape
+    // than asked for.
+    for args in [
+        &["perf", "produce", "--topic", "p", "--partitions", "0"][..],
+        &[
+            "perf",
+            "produce",
+            "--topic",
+            "p",
+            "--replication-factor",
+            "0",
+        ],
+        &["perf", "metadata", "--partitions", "0"],
+    ] {
+        let err = cli_err(addr, args, None);
+        assert!(err.contains("invalid value '0'"), "{args:?}: {err}");
+    }
     let err = cli_err(addr, &["produce", "nope"], Some(b"x\n"));
     assert!(err.contains("unknown topic 'nope'"), "{err}");
     let err = cli_err(addr, &["consume", "small", "--from", "whenever"], None);

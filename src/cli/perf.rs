@@ -50,10 +50,10 @@ pub struct Workload {
     record_size: usize,
     /// Partitions of the topic: created with this many (1 when not
     /// given); an existing topic with another count is refused.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     partitions: Option<i32>,
     /// Replication factor of the topic, likewise (1 when not given).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     replication_factor: Option<i32>,
 }
 

@@ -17,10 +17,10 @@ use super::Output;
 #[derive(Debug, Args, Clone)]
 pub struct MetadataArgs {
     /// Partitions of the topic created in one request.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i32).range(1..))]
     partitions: i32,
     /// Replication factor of that topic (at most the broker count).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
     replication_factor: i32,
     /// Config-change commands to submit.
     #[arg(long, default_value_t = 5000)]
