@@ -81,7 +81,11 @@ pub struct ProduceArgs {
     /// Linger in ms.
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
-    /// Target records per second; 0 is flat out.
+    /// Target records per second; 0 is flat out. With a rate, each
+    /// record's latency (and its e2e stamp) runs from when it was due,
+    /// not from when the producer took it: a record held back while the
+    /// producer's buffer was full is charged for the wait (no
+    /// coordinated omission).
     #[arg(long, default_value_t = 0)]
     rate: u64,
     /// Batches in flight per partition (at most 16 with idempotence).
@@ -494,11 +498,15 @@ async fn produce(
     let bar = progress(w.records, output, "produce");
     // Acks travel to the collector in chunks: a channel message per record
     // cost the one client thread about 4 % of its time.
-    let (tx, mut rx) = mpsc::channel::<Vec<runnel::client::DeliveryFuture>>(256);
+    let (tx, mut rx) = mpsc::channel::<Vec<(runnel::client::DeliveryFuture, Option<Instant>)>>(256);
     // Records are awaited in send order; each latency runs from the call
-    // to `send` (`sent_at`) to the moment its batch was answered
-    // (`acked_at`), so a record whose batch was answered while the
-    // collector waited on an earlier one is not charged for the wait.
+    // to `send` (`sent_at`), or with a rate from when the record was due,
+    // to the moment its batch was answered (`acked_at`), so a record
+    // whose batch was answered while the collector waited on an earlier
+    // one is not charged for the wait. From `sent_at` alone, the records
+    // due while `send` waited for room in a full buffer went out late in
+    // a burst and looked fast: a stall of a second hid most of its
+    // delay from the percentiles.
     let (origin, measured_from_ns, run_id) = match stamp {
         Some(s) => (Some(s.origin), Some(s.measured_from_ns), s.run_id),
         None => (None, None, 0),
@@ -514,17 +522,18 @@ async fn produce(
         // the warm-up's.
         let mut index = 0u64;
         while let Some(chunk) = rx.recv().await {
-            for mut fut in chunk {
+            for (mut fut, due) in chunk {
                 index += 1;
                 match (&mut fut).await {
                     Ok(_) => {
                         let acked = fut.acked_at().unwrap_or_else(Instant::now);
-                        let took = acked.saturating_duration_since(fut.sent_at());
+                        let from = due.map_or(fut.sent_at(), |d| d.min(fut.sent_at()));
+                        let took = acked.saturating_duration_since(from);
                         if index > warm_up {
                             let _ = hist.record(took.as_micros().max(1) as u64);
                         }
                         if let Some(t) = &mut timeline {
-                            let sent = fut.sent_at().saturating_duration_since(timeline_origin);
+                            let sent = from.saturating_duration_since(timeline_origin);
                             t.record(sent.as_nanos() as u64, took.as_nanos() as u64);
                         }
                     }
@@ -543,8 +552,9 @@ async fn produce(
     // Where the measured records start (the report's clock).
     let mut measured_start = start;
     for i in 0..total {
-        if args.rate > 0 {
-            let due = start + Duration::from_secs_f64(i as f64 / args.rate as f64);
+        let due =
+            (args.rate > 0).then(|| start + Duration::from_secs_f64(i as f64 / args.rate as f64));
+        if let Some(due) = due {
             tokio::time::sleep_until(due.into()).await;
         }
         if i == warm_up && warm_up > 0 {
@@ -556,7 +566,10 @@ async fn produce(
         let value = match origin {
             Some(origin) => {
                 let mut v = BytesMut::from(&payload[..]);
-                v[..8].copy_from_slice(&(origin.elapsed().as_nanos() as u64).to_le_bytes());
+                // Stamped with when it was due, for the same reason.
+                let stamp =
+                    due.map_or_else(|| origin.elapsed(), |d| d.saturating_duration_since(origin));
+                v[..8].copy_from_slice(&(stamp.as_nanos() as u64).to_le_bytes());
                 v[8..STAMP_BYTES].copy_from_slice(&run_id.to_le_bytes());
                 v.freeze()
             }
@@ -571,7 +584,7 @@ async fn produce(
                 },
             )
             .await?;
-        chunk.push(ack);
+        chunk.push((ack, due));
         if chunk.len() == ACK_CHUNK {
             let full = std::mem::replace(&mut chunk, Vec::with_capacity(ACK_CHUNK));
             tx.send(full).await.context("collector stopped")?;
