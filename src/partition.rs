@@ -226,20 +226,22 @@ impl Partition {
     }
 
     /// A follower fetched from `fetch_offset`, its log starting at
-    /// `log_start_offset`.
+    /// `log_start_offset`; `eligible` unless its broker is fenced (see
+    /// [`LeaderState::on_fetch`]).
     pub fn on_follower_fetch(
         &self,
         follower: i32,
         fetch_offset: i64,
         log_start_offset: i64,
         now_ms: i64,
+        eligible: bool,
     ) -> Vec<Command> {
         self.leader_event(|s, leo| {
             if s.on_follower_log_start(follower, log_start_offset) {
                 self.low_watermark_tx
                     .send_modify(|n| *n = n.wrapping_add(1));
             }
-            s.on_fetch(follower, fetch_offset, leo, now_ms)
+            s.on_fetch(follower, fetch_offset, leo, now_ms, eligible)
         })
     }
 
@@ -523,7 +525,7 @@ mod tests {
                 scope.spawn(move || {
                     let mut seen = 0;
                     while !done.load(Ordering::Acquire) {
-                        p.on_follower_fetch(follower, log.log_end_offset(), 0, 0);
+                        p.on_follower_fetch(follower, log.log_end_offset(), 0, 0, true);
                         check(&mut seen);
                         let (decided, stored) = p.high_watermarks().unwrap();
                         assert_eq!(decided, stored, "decided and stored");

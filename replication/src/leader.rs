@@ -204,12 +204,17 @@ impl LeaderState {
 
     /// A follower fetched from `fetch_offset` (so it holds everything
     /// below). Returns the commands; an unknown follower is ignored.
+    /// Without `eligible` (its broker is fenced, or shutting down), a
+    /// caught-up follower outside the ISR is not proposed back into it,
+    /// as KIP-841 has it: the controller refuses such a proposal, and
+    /// each of its fetches proposed it again, a Raft entry every time.
     pub fn on_fetch(
         &mut self,
         follower: i32,
         fetch_offset: i64,
         leader_log_end_offset: i64,
         now_ms: i64,
+        eligible: bool,
     ) -> Vec<Command> {
         let mut out = Vec::new();
         let Some(progress) = self.followers.get_mut(&follower) else {
@@ -222,6 +227,7 @@ impl LeaderState {
         // watermark, so that adding it never leaves a member without a
         // committed record.
         if caught_up
+            && eligible
             && fetch_offset >= self.high_watermark
             && !self.isr.contains(&follower)
             && self.pending_isr.is_none()
@@ -420,7 +426,7 @@ mod tests {
     fn a_proposal_carries_the_epochs_of_the_isr_it_changes() {
         let mut s = LeaderState::new(1, 7, 4, &[1, 2, 3], &[1, 2, 3], 0, 0);
         s.on_append(10);
-        s.on_fetch(2, 10, 10, 1);
+        s.on_fetch(2, 10, 10, 1, true);
         let want = |partition_epoch| ProposeIsr {
             isr: vec![1, 2],
             leader_epoch: 7,
@@ -429,7 +435,7 @@ mod tests {
         assert_eq!(s.on_tick(30_001, 30_000), vec![want(4)]);
         // Refused: the metadata had moved on to partition epoch 6.
         s.on_isr_refused((&[1, 2], 4), &[1, 2, 3], 6, 10);
-        s.on_fetch(2, 10, 10, 30_001);
+        s.on_fetch(2, 10, 10, 30_001, true);
         assert_eq!(s.on_tick(30_002, 30_000), vec![want(6)]);
     }
 
@@ -441,11 +447,14 @@ mod tests {
     fn high_watermark_waits_for_every_isr_member() {
         let mut s = three(0);
         assert_eq!(s.on_append(10), vec![]);
-        assert_eq!(s.on_fetch(2, 10, 10, 1), vec![]);
-        assert_eq!(s.on_fetch(3, 4, 10, 1), vec![AdvanceHighWatermark(4)]);
-        assert_eq!(s.on_fetch(3, 10, 10, 2), vec![AdvanceHighWatermark(10)]);
+        assert_eq!(s.on_fetch(2, 10, 10, 1, true), vec![]);
+        assert_eq!(s.on_fetch(3, 4, 10, 1, true), vec![AdvanceHighWatermark(4)]);
+        assert_eq!(
+            s.on_fetch(3, 10, 10, 2, true),
+            vec![AdvanceHighWatermark(10)]
+        );
         // Never moves backwards.
-        assert_eq!(s.on_fetch(3, 7, 10, 3), vec![]);
+        assert_eq!(s.on_fetch(3, 7, 10, 3, true), vec![]);
         assert_eq!(s.high_watermark(), 10);
     }
 
@@ -459,8 +468,8 @@ mod tests {
     fn lagging_follower_is_proposed_out_and_hw_advances_without_it() {
         let mut s = three(0);
         s.on_append(10);
-        s.on_fetch(2, 10, 10, 100);
-        s.on_fetch(3, 2, 10, 100);
+        s.on_fetch(2, 10, 10, 100, true);
+        s.on_fetch(3, 2, 10, 100, true);
         assert_eq!(s.high_watermark(), 2);
         // Follower 2 caught up at 100, follower 3 never since 0.
         assert_eq!(s.on_tick(20_000, 30_000), vec![]);
@@ -478,23 +487,47 @@ mod tests {
         let mut s = LeaderState::new(1, 0, 0, &[1, 2], &[1, 2], 0, 0);
         s.on_append(10);
         // Unknown before the replica set changes.
-        assert_eq!(s.on_fetch(3, 10, 10, 1), vec![]);
+        assert_eq!(s.on_fetch(3, 10, 10, 1, true), vec![]);
         s.set_replicas(&[1, 2, 3], 1);
         assert_eq!(s.follower(3).unwrap().log_end_offset, -1);
-        assert_eq!(s.on_fetch(3, 4, 10, 2), vec![]);
-        assert_eq!(s.on_fetch(3, 10, 10, 3), vec![proposal(&s, vec![1, 2, 3])]);
+        assert_eq!(s.on_fetch(3, 4, 10, 2, true), vec![]);
+        assert_eq!(
+            s.on_fetch(3, 10, 10, 3, true),
+            vec![proposal(&s, vec![1, 2, 3])]
+        );
         s.on_isr_committed(&[1, 2, 3], 0, 10);
         // Dropped again: forgotten.
         s.set_replicas(&[1, 3], 4);
         assert!(s.follower(2).is_none());
     }
 
+    /// A fenced follower's fetches keep its progress (and the high
+    /// watermark) but never propose it into the ISR; once eligible again,
+    /// its next fetch does.
+    #[test]
+    fn a_fenced_follower_is_not_proposed_into_the_isr() {
+        let mut s = LeaderState::new(1, 0, 0, &[1, 2, 3], &[1, 2], 0, 0);
+        s.on_append(10);
+        s.on_fetch(2, 10, 10, 1, true);
+        for now in 2..5 {
+            assert_eq!(s.on_fetch(3, 10, 10, now, false), vec![]);
+        }
+        assert_eq!(s.follower(3).unwrap().log_end_offset, 10);
+        assert_eq!(
+            s.on_fetch(3, 10, 10, 6, true),
+            vec![proposal(&s, vec![1, 2, 3])]
+        );
+    }
+
     #[test]
     fn follower_rejoins_once_it_reaches_the_log_end() {
         let mut s = LeaderState::new(1, 0, 0, &[1, 2], &[1], 0, 0);
         s.on_append(10);
-        assert_eq!(s.on_fetch(2, 5, 10, 1), vec![]);
-        assert_eq!(s.on_fetch(2, 10, 10, 2), vec![proposal(&s, vec![1, 2])]);
+        assert_eq!(s.on_fetch(2, 5, 10, 1, true), vec![]);
+        assert_eq!(
+            s.on_fetch(2, 10, 10, 2, true),
+            vec![proposal(&s, vec![1, 2])]
+        );
         assert!(s.has_pending_isr());
         assert_eq!(s.on_isr_committed(&[1, 2], 0, 10), vec![]);
         assert_eq!(s.isr(), vec![1, 2]);
@@ -506,8 +539,8 @@ mod tests {
         // they fetch.
         let mut s = LeaderState::new(2, 1, 0, &[1, 2, 3], &[1, 2, 3], 7, 0);
         assert_eq!(s.on_append(12), vec![]);
-        assert_eq!(s.on_fetch(1, 12, 12, 1), vec![]);
-        assert_eq!(s.on_fetch(3, 9, 12, 1), vec![AdvanceHighWatermark(9)]);
+        assert_eq!(s.on_fetch(1, 12, 12, 1, true), vec![]);
+        assert_eq!(s.on_fetch(3, 9, 12, 1, true), vec![AdvanceHighWatermark(9)]);
     }
 
     #[test]
@@ -521,15 +554,15 @@ mod tests {
             let fetch_offset = leo; // what the previous answer carried
             leo += 10;
             s.on_append(leo);
-            s.on_fetch(2, fetch_offset, leo, t * 1_000);
-            s.on_fetch(3, leo, leo, t * 1_000);
+            s.on_fetch(2, fetch_offset, leo, t * 1_000, true);
+            s.on_fetch(3, leo, leo, t * 1_000, true);
             assert_eq!(s.on_tick(t * 1_000, 30_000), vec![], "at {t} s");
         }
         // Caught up as of its previous fetch, one second before.
         assert_eq!(s.follower(2).unwrap().last_caught_up_ms, 99_000);
         // One that falls behind what the leader had is not.
         s.on_append(leo + 10);
-        s.on_fetch(2, leo - 5, leo + 10, 101_000);
+        s.on_fetch(2, leo - 5, leo + 10, 101_000, true);
         assert_eq!(s.follower(2).unwrap().last_caught_up_ms, 99_000);
         assert_eq!(s.on_tick(129_001, 30_000), vec![proposal(&s, vec![1, 3])]);
     }
@@ -538,27 +571,36 @@ mod tests {
     fn a_follower_rejoins_only_with_every_committed_record() {
         let mut s = LeaderState::new(1, 0, 0, &[1, 2, 3], &[1, 2], 0, 0);
         s.on_append(20);
-        s.on_fetch(2, 20, 20, 1);
+        s.on_fetch(2, 20, 20, 1, true);
         assert_eq!(s.high_watermark(), 20);
         // Follower 3 reaches where the leader ended at its previous fetch,
         // but not the high watermark: not yet.
-        s.on_fetch(3, 0, 10, 2);
-        assert_eq!(s.on_fetch(3, 10, 20, 3), vec![]);
-        assert_eq!(s.on_fetch(3, 20, 30, 4), vec![proposal(&s, vec![1, 2, 3])]);
+        s.on_fetch(3, 0, 10, 2, true);
+        assert_eq!(s.on_fetch(3, 10, 20, 3, true), vec![]);
+        assert_eq!(
+            s.on_fetch(3, 20, 30, 4, true),
+            vec![proposal(&s, vec![1, 2, 3])]
+        );
     }
 
     #[test]
     fn a_follower_about_to_join_holds_the_high_watermark() {
         let mut s = LeaderState::new(1, 0, 0, &[1, 2, 3], &[1, 2], 0, 0);
         s.on_append(10);
-        s.on_fetch(2, 10, 10, 1);
-        assert_eq!(s.on_fetch(3, 10, 10, 1), vec![proposal(&s, vec![1, 2, 3])]);
+        s.on_fetch(2, 10, 10, 1, true);
+        assert_eq!(
+            s.on_fetch(3, 10, 10, 1, true),
+            vec![proposal(&s, vec![1, 2, 3])]
+        );
         // While the proposal is in flight, follower 3 counts: the high
         // watermark may not pass what it holds.
         s.on_append(30);
-        assert_eq!(s.on_fetch(2, 30, 30, 2), vec![]);
+        assert_eq!(s.on_fetch(2, 30, 30, 2, true), vec![]);
         assert_eq!(s.high_watermark(), 10);
-        assert_eq!(s.on_fetch(3, 25, 30, 2), vec![AdvanceHighWatermark(25)]);
+        assert_eq!(
+            s.on_fetch(3, 25, 30, 2, true),
+            vec![AdvanceHighWatermark(25)]
+        );
         // Refused: back to the committed ISR, without follower 3.
         assert_eq!(
             s.on_isr_refused((&[1, 2, 3], 0), &[1, 2], 0, 30),
@@ -577,14 +619,20 @@ mod tests {
         let mut s = LeaderState::new(1, 0, 3, &[1, 2], &[1, 2], 0, 0);
         s.set_replicas(&[1, 2, 3], 1);
         s.on_append(10);
-        s.on_fetch(2, 10, 10, 2);
-        assert_eq!(s.on_fetch(3, 10, 10, 2), vec![proposal(&s, vec![1, 2, 3])]);
+        s.on_fetch(2, 10, 10, 2, true);
+        assert_eq!(
+            s.on_fetch(3, 10, 10, 2, true),
+            vec![proposal(&s, vec![1, 2, 3])]
+        );
         // Applied as ISR [1, 3], replicas [1, 3], two epochs on.
         s.set_replicas(&[1, 3], 3);
         assert_eq!(s.on_isr_committed(&[1, 3], 5, 10), vec![]);
         assert!(!s.has_pending_isr());
         s.on_append(20);
-        assert_eq!(s.on_fetch(3, 20, 20, 4), vec![AdvanceHighWatermark(20)]);
+        assert_eq!(
+            s.on_fetch(3, 20, 20, 4, true),
+            vec![AdvanceHighWatermark(20)]
+        );
     }
 
     /// A proposal whose submit failed without an answer is sent again,
@@ -594,7 +642,7 @@ mod tests {
     fn an_unanswered_proposal_is_sent_again_and_old_refusals_are_ignored() {
         let mut s = three(0);
         s.on_append(10);
-        s.on_fetch(2, 10, 10, 1);
+        s.on_fetch(2, 10, 10, 1, true);
         let first = s.on_tick(30_001, 30_000);
         assert_eq!(first, vec![proposal(&s, vec![1, 2])]);
         assert_eq!(s.on_tick(30_002, 30_000), vec![], "in flight");
@@ -615,7 +663,7 @@ mod tests {
     fn a_proposal_stays_in_flight_across_unrelated_metadata() {
         let mut s = three(0);
         s.on_append(10);
-        s.on_fetch(2, 10, 10, 1);
+        s.on_fetch(2, 10, 10, 1, true);
         assert_eq!(s.on_tick(30_001, 30_000), vec![proposal(&s, vec![1, 2])]);
         // Metadata changes elsewhere: the same committed ISR is applied
         // again. The proposal is still in flight, so none is sent again.
@@ -636,7 +684,7 @@ mod tests {
         let mut s = LeaderState::new(1, 0, 0, &[1, 2], &[1], 0, 0);
         assert_eq!(s.on_append(5), vec![AdvanceHighWatermark(5)]);
         // Behind, so not proposed to join either.
-        assert_eq!(s.on_fetch(2, 0, 5, 0), vec![]);
+        assert_eq!(s.on_fetch(2, 0, 5, 0, true), vec![]);
         assert_eq!(s.on_append(8), vec![AdvanceHighWatermark(8)]);
     }
 }

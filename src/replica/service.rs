@@ -74,6 +74,15 @@ fn answer(
     };
     let mut answered = 0usize;
     let now = now_ms();
+    // A fenced follower (shutting down, or cut off from the controllers)
+    // is not proposed back into an ISR however caught up it is.
+    let eligible = record
+        && broker
+            .metadata()
+            .current()
+            .brokers
+            .get(&req.replica_id)
+            .is_some_and(|b| !b.fenced);
     let partitions = req
         .partitions
         .iter()
@@ -107,6 +116,7 @@ fn answer(
                     p.fetch_offset,
                     p.log_start_offset,
                     now,
+                    eligible,
                 );
                 broker.propose_isr_changes(&partition, proposals);
             }
