@@ -766,6 +766,77 @@ async fn t03_json_logs_carry_role_changes_with_epochs() {
     assert_eq!(leader["level"], "INFO");
 }
 
+/// A broker-only node whose active controller is cut off from the other
+/// voters turns not ready: that controller stays leader in its own eyes
+/// (openraft has no check-quorum), and it answered the node's heartbeats
+/// "not fenced" while the majority's new controller fenced it, so the
+/// node stayed ready, serving stale leaderships, for the whole split. It
+/// now refuses heartbeats once no majority has acknowledged it for a
+/// session timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t05_a_broker_whose_controller_is_cut_off_is_not_ready() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(3, base.path(), "", CONTROLLER);
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    let leader = eventually("an active controller", WAIT, || async {
+        let id = client.describe_cluster().await.ok()?.controller_id;
+        (id > 0).then_some(id)
+    })
+    .await;
+    let voters: Vec<String> = cluster
+        .addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("\"{}@{a}\"", i + 1))
+        .collect();
+    let port = common::free_ports(1)[0];
+    let dir = base.path().join("node-4");
+    let config = base.path().join("node-4.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 4\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
+             metrics_listen = \"127.0.0.1:0\"\nroles = [\"broker\"]\n\
+             [controller]\nvoters = [{}]\nelection_timeout_min_ms = 300\n\
+             election_timeout_max_ms = 600\nheartbeat_interval_ms = 50\n{CONTROLLER}\n",
+            dir.display(),
+            voters.join(", "),
+        ),
+    )
+    .unwrap();
+    let broker = ServerProcess::spawn(
+        &[
+            "server".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        &dir,
+    )
+    .wait();
+    let metrics = broker.metrics_addr.clone().expect("metrics");
+    eventually("the broker-only node ready", WAIT, || async {
+        (http_get(&metrics, "/ready").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+    let others: Vec<i32> = (1..=3).filter(|id| *id != leader).collect();
+    for id in &others {
+        cluster.node(*id).signal("STOP");
+    }
+    let body = eventually("the broker-only node not ready", WAIT, || async {
+        let (status, body) = http_get(&metrics, "/ready").await.ok()?;
+        (status == 503).then_some(body)
+    })
+    .await;
+    for id in &others {
+        cluster.node(*id).signal("CONT");
+    }
+    assert!(body.contains("heartbeats"), "{body}");
+    eventually("ready again with the quorum back", WAIT, || async {
+        (http_get(&metrics, "/ready").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+}
+
 /// An active controller cut off from the other voters stays leader in
 /// its own eyes, answers its own broker's heartbeats, and keeps a copy of
 /// the metadata saying it is unfenced: /ready said 200 for good. It now

@@ -400,6 +400,29 @@ impl RaftMetadataStore {
         &self,
         req: &BrokerHeartbeatRequest,
     ) -> Result<BrokerHeartbeatResponse, Status> {
+        // A leader cut off from the other voters stays leader (openraft
+        // has no check-quorum), and the majority elects another that
+        // fences this node's brokers. Answering them "not fenced" kept
+        // them ready and serving their stale leaderships for as long as
+        // the split lasted; unanswered, they turn not ready a session
+        // later.
+        let session_ms = self.config.broker_session_timeout_ms;
+        let quorum = self.quorum_status();
+        if quorum.voters.len() > 1 {
+            match quorum.millis_since_quorum_ack {
+                Some(ms) if ms <= session_ms => {}
+                Some(ms) => {
+                    return Err(Status::unavailable(format!(
+                        "the controller has heard from no majority of voters for {ms} ms"
+                    )))
+                }
+                None => {
+                    return Err(Status::unavailable(
+                        "the controller has not heard from a majority of voters yet",
+                    ))
+                }
+            }
+        }
         let state = self.current();
         let fenced = match state.brokers.get(&req.broker_id) {
             // A registration newer than this controller's state: committed
