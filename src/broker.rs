@@ -51,6 +51,29 @@ const PEER_CHANNEL_AGE_MAX: Duration = Duration::from_secs(300);
 /// allocation before calling the id unknown.
 const PRODUCER_ID_METADATA_WAIT: Duration = Duration::from_secs(2);
 
+/// Whether this broker's metadata explains the controller's refusal of
+/// an ISR proposal of `proposed` to partition epoch `proposed_epoch`:
+/// the epoch moved on, or a broker the proposal adds is fenced. If not,
+/// the metadata lags the controller's (its wait for the refusal to be
+/// applied here is bounded), which refused a stale epoch, perhaps moved
+/// on by this very proposal's first copy, committed after its answer
+/// timed out. Such a refusal is taken as unanswered: the proposal stays
+/// in flight until the metadata shows the new epoch. Taken as a refusal,
+/// the leader went back to the ISR of the old epoch, without the
+/// follower it added, and the high watermark could pass that follower's
+/// log end while the controller counted it in sync.
+fn refusal_explained(
+    meta: &ClusterMetadata,
+    info: &runnel_controller::metadata::PartitionInfo,
+    proposed: &[i32],
+    proposed_epoch: i32,
+) -> bool {
+    info.partition_epoch != proposed_epoch
+        || proposed
+            .iter()
+            .any(|r| !info.isr.contains(r) && meta.brokers.get(r).is_none_or(|b| b.fenced))
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -417,11 +440,15 @@ impl Broker {
                             .get(&partition.topic)
                             .and_then(|t| t.partitions.get(partition.index as usize))
                         {
-                            partition.isr_refused(
-                                (&isr, partition_epoch),
-                                &info.isr,
-                                info.partition_epoch,
-                            );
+                            if refusal_explained(&meta, info, &isr, partition_epoch) {
+                                partition.isr_refused(
+                                    (&isr, partition_epoch),
+                                    &info.isr,
+                                    info.partition_epoch,
+                                );
+                            } else {
+                                partition.isr_unknown(&isr, partition_epoch);
+                            }
                         }
                     }
                     Err(e) => {
@@ -1920,5 +1947,51 @@ pub fn to_proto_record(r: runnel_storage::Record) -> pb::Record {
             .collect(),
         timestamp_ms: r.timestamp_ms,
         offset: r.offset,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runnel_controller::metadata::{BrokerInfo, PartitionInfo};
+
+    /// A refused ISR proposal is taken as refused only when this broker's
+    /// metadata shows why; otherwise it waits for the metadata.
+    #[test]
+    fn an_isr_refusal_the_metadata_does_not_explain_is_not_taken() {
+        let broker = |id: i32, fenced: bool| BrokerInfo {
+            id,
+            address: String::new(),
+            rack: String::new(),
+            roles: vec![],
+            epoch: 1,
+            fenced,
+            incarnation: String::new(),
+            controlled_shutdown: false,
+        };
+        let mut meta = ClusterMetadata::default();
+        for id in 1..=3 {
+            meta.brokers.insert(id, broker(id, false));
+        }
+        let info = PartitionInfo {
+            replicas: vec![1, 2, 3],
+            leader: 1,
+            leader_epoch: 1,
+            isr: vec![1, 2],
+            partition_epoch: 4,
+            target_replicas: vec![],
+            adding: vec![],
+            removing: vec![],
+        };
+        // Adding 3 to epoch 4, refused while the metadata still shows
+        // epoch 4 and 3 unfenced: the controller is ahead (stale epoch).
+        assert!(!refusal_explained(&meta, &info, &[1, 2, 3], 4));
+        // The epoch moved on here too: explained.
+        assert!(refusal_explained(&meta, &info, &[1, 2, 3], 3));
+        // 3 is fenced: explained, whatever the epoch.
+        meta.brokers.insert(3, broker(3, true));
+        assert!(refusal_explained(&meta, &info, &[1, 2, 3], 4));
+        // A shrink's refusal in the same epoch is not explained either.
+        assert!(!refusal_explained(&meta, &info, &[1], 4));
     }
 }
