@@ -28,6 +28,13 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(200);
 /// How long a partition whose append, reset or divergence check failed
 /// sits out of its fetcher's rounds.
 const PARTITION_RETRY: Duration = Duration::from_secs(1);
+
+/// Divergence checks a fetch round makes at most; partitions beyond wait
+/// for later rounds, while the checked ones are fetched.
+const DIVERGENCE_CHECKS_PER_ROUND: usize = 64;
+
+/// Divergence checks under way at once.
+const DIVERGENCE_CHECKS_CONCURRENT: usize = 8;
 /// Pause before setting up a leader's connection again (TLS files that
 /// could not be read).
 const SETUP_RETRY: Duration = Duration::from_secs(5);
@@ -364,19 +371,42 @@ async fn fetch_round(
     let rest = |resting: &mut HashMap<(String, i32), tokio::time::Instant>, key: (String, i32)| {
         resting.insert(key, tokio::time::Instant::now() + PARTITION_RETRY);
     };
-    for (key @ (topic, index), a) in assigned {
-        if skipped.contains(&key) {
-            continue;
+    // Divergence checks (one call each, and a truncation that fsyncs):
+    // up to DIVERGENCE_CHECKS_PER_ROUND per round, several at once. The
+    // partitions not checked yet wait for a later round; the others are
+    // fetched meanwhile. Checked one after another before any fetch, a
+    // thousand partitions gained from a dead leader held up the
+    // partitions already followed for tens of seconds (their ISRs shrank,
+    // their acks=all producers waited), and one failed call failed the
+    // round for all.
+    let unchecked: Vec<&(String, i32)> = assigned
+        .iter()
+        .filter(|(k, a)| !skipped.contains(k) && truncated.get(*k) != Some(&a.leader_epoch))
+        .map(|(k, _)| k)
+        .collect();
+    for key in unchecked.iter().skip(DIVERGENCE_CHECKS_PER_ROUND) {
+        skipped.insert(key);
+    }
+    let mut queue = unchecked.into_iter().take(DIVERGENCE_CHECKS_PER_ROUND);
+    let mut checks = futures_util::stream::FuturesUnordered::new();
+    for key in queue.by_ref().take(DIVERGENCE_CHECKS_CONCURRENT) {
+        checks.push(check_divergence(client.clone(), key, &assigned[key]));
+    }
+    let mut call_failed = None;
+    while let Some((key, checked)) = futures_util::StreamExt::next(&mut checks).await {
+        if let Some(next) = queue.next() {
+            checks.push(check_divergence(client.clone(), next, &assigned[next]));
         }
-        if truncated.get(key) == Some(&a.leader_epoch) {
-            continue;
-        }
-        match truncate_divergent(client, topic, *index, a).await {
+        let (topic, index) = key;
+        match checked {
             Ok(()) => {
-                truncated.insert(key.clone(), a.leader_epoch);
+                truncated.insert(key.clone(), assigned[key].leader_epoch);
             }
-            // The leader could not be asked at all: the round fails.
-            Err(DivergenceError::Call(e)) => return Err(e),
+            // The leader could not be asked: tried again next round.
+            Err(DivergenceError::Call(e)) => {
+                skipped.insert(key);
+                call_failed = Some(e);
+            }
             Err(DivergenceError::Partition(e)) => {
                 warn!(%topic, partition = index, error = %e, "divergence check failed; fetching the others");
                 skipped.insert(key);
@@ -384,8 +414,11 @@ async fn fetch_round(
             }
         }
     }
+    drop(checks);
     if skipped.len() == assigned.len() {
-        return Err("no partition could be checked for divergence".into());
+        return Err(
+            call_failed.unwrap_or_else(|| "no partition could be checked for divergence".into())
+        );
     }
     if stream.is_none() {
         let (tx, rx) = mpsc::channel(1);
@@ -572,6 +605,16 @@ enum DivergenceError {
 }
 
 /// Asks the leader where our latest epoch ends and cuts what it never had.
+/// [`truncate_divergent`] for the partition `key`, with its own client.
+async fn check_divergence<'a>(
+    mut client: ReplicationClient<Channel>,
+    key: &'a (String, i32),
+    a: &'a Assignment,
+) -> (&'a (String, i32), Result<(), DivergenceError>) {
+    let checked = truncate_divergent(&mut client, &key.0, key.1, a).await;
+    (key, checked)
+}
+
 async fn truncate_divergent(
     client: &mut ReplicationClient<Channel>,
     topic: &str,
