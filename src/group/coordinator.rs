@@ -57,6 +57,10 @@ const TIMEOUT_MAX_MS: u32 = 300_000;
 const GROUP_ID_MAX: usize = 249;
 /// How often groups are ticked.
 const TICK: Duration = Duration::from_millis(100);
+/// The first and the longest wait before a failed replay of an offsets
+/// partition is tried again (doubling in between).
+const REPLAY_RETRY_MIN: Duration = Duration::from_secs(1);
+const REPLAY_RETRY_MAX: Duration = Duration::from_secs(60);
 /// How long an applied offset tombstone is remembered, against writes
 /// stored before it whose apply runs late (microseconds, in practice).
 const TOMBSTONE_MEMORY_MS: i64 = 60_000;
@@ -250,6 +254,10 @@ impl Entry {
     fn is_idle(&self) -> bool {
         !self.exists()
             && self.ids_handed_out.is_empty()
+            // Tombstones are remembered until they lapse: forgotten with
+            // the entry, a commit older than a delete that applied after
+            // it made a fresh entry with that offset.
+            && self.tombstoned.is_empty()
             && self.changed.receiver_count() == 0
             && self.queued == self.persisted
             && self.version_queued == self.version_stored
@@ -267,6 +275,11 @@ struct Inner {
     loaded: HashMap<i32, i32>,
     /// Replays under way: (index, epoch).
     loading: BTreeSet<(i32, i32)>,
+    /// Replays that failed: (index, epoch) → when to try again, and the
+    /// wait after the next failure. Without, a partition that could not
+    /// be read (a corrupt batch) was read again from its start every
+    /// tick, with a warning each time.
+    failed: HashMap<(i32, i32), (tokio::time::Instant, Duration)>,
     /// Groups of the loaded partitions.
     groups: HashMap<String, Entry>,
     /// The writer of every loaded partition.
@@ -475,8 +488,18 @@ impl GroupCoordinator {
                     self.broker.metrics().forget_group(&id);
                 }
             }
+            inner
+                .failed
+                .retain(|(i, epoch), _| led.get(i) == Some(epoch));
+            let now = tokio::time::Instant::now();
             for (&i, &epoch) in &led {
-                if inner.loaded.get(&i) == Some(&epoch) || inner.loading.contains(&(i, epoch)) {
+                if inner.loaded.get(&i) == Some(&epoch)
+                    || inner.loading.contains(&(i, epoch))
+                    || inner
+                        .failed
+                        .get(&(i, epoch))
+                        .is_some_and(|(again, _)| *again > now)
+                {
                     continue;
                 }
                 let ready = self
@@ -564,11 +587,23 @@ impl GroupCoordinator {
         let (mut offsets, metas, records) = match replay {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
-                warn!(partition = index, error = %e, "replaying offsets partition failed");
+                let wait = inner
+                    .failed
+                    .get(&(index, epoch))
+                    .map_or(REPLAY_RETRY_MIN, |(_, wait)| *wait);
+                warn!(partition = index, error = %e, retry_in = ?wait, "replaying offsets partition failed");
+                inner.failed.insert(
+                    (index, epoch),
+                    (
+                        tokio::time::Instant::now() + wait,
+                        (wait * 2).min(REPLAY_RETRY_MAX),
+                    ),
+                );
                 return;
             }
             Err(_) => return,
         };
+        inner.failed.remove(&(index, epoch));
         let meta = self.broker.metadata().current();
         let still = meta
             .topics
@@ -1831,12 +1866,12 @@ impl GroupCoordinator {
         };
         self.append_offsets_checked(group, index, tombstones, vec![forget], still_empty)
             .await?;
-        let mut inner = self.lock();
+        let inner = self.lock();
         if let Some(e) = inner.groups.get(group) {
             if !e.exists() {
-                if let Some(e) = inner.groups.remove(group) {
-                    e.notify();
-                }
+                // The entry itself goes at a tick once its tombstones
+                // lapse (see `Entry::is_idle`).
+                e.notify();
                 self.broker.metrics().forget_group(group);
             }
         }
@@ -1915,6 +1950,20 @@ mod tests {
         assert!(validate_group_id("a\0b").is_err());
         assert!(validate_group_id(&"x".repeat(250)).is_err());
         assert!(validate_group_id("orders-v2").is_ok());
+    }
+
+    /// A group with nothing left but remembered tombstones (just
+    /// deleted) stays until they lapse: forgotten at once, a commit
+    /// stored before the delete and applied after it made the group
+    /// again, with that offset.
+    #[test]
+    fn a_deleted_group_is_kept_while_its_tombstones_are_remembered() {
+        let mut e = Entry::new("g");
+        assert!(e.is_idle());
+        e.tombstoned.insert(("t".into(), 0), (10, 1_000));
+        assert!(!e.is_idle());
+        e.tombstoned.clear();
+        assert!(e.is_idle());
     }
 
     #[test]
