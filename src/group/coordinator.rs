@@ -286,12 +286,21 @@ struct Inner {
     appenders: HashMap<i32, Appender>,
 }
 
+/// Every topic's partition count, and the metadata it was computed from.
+type CountsOf = (
+    Arc<runnel_controller::metadata::ClusterMetadata>,
+    Arc<BTreeMap<String, i32>>,
+);
+
 /// The coordinator of every group whose offsets partition this broker leads.
 pub struct GroupCoordinator {
     broker: Arc<Broker>,
     inner: Mutex<Inner>,
     /// Serialises the creation of the offsets topic on this broker.
     create: tokio::sync::Mutex<()>,
+    /// [`GroupCoordinator::partition_counts`] of the metadata it was
+    /// computed from.
+    counts: std::sync::Mutex<Option<CountsOf>>,
 }
 
 impl std::fmt::Debug for GroupCoordinator {
@@ -422,6 +431,7 @@ impl GroupCoordinator {
             broker,
             inner: Mutex::new(Inner::default()),
             create: tokio::sync::Mutex::new(()),
+            counts: std::sync::Mutex::new(None),
         });
         let weak = Arc::downgrade(&me);
         let rx = me.broker.metadata().watch();
@@ -434,12 +444,24 @@ impl GroupCoordinator {
     }
 
     /// Partition counts of every topic.
-    fn partition_counts(&self) -> BTreeMap<String, i32> {
+    /// Every topic's partition count, computed again only when the
+    /// metadata changed (every tick asks).
+    fn partition_counts(&self) -> Arc<BTreeMap<String, i32>> {
         let meta = self.broker.metadata().current();
-        meta.topics
-            .values()
-            .map(|t| (t.name.clone(), t.partitions.len() as i32))
-            .collect()
+        let mut cached = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((of, counts)) = &*cached {
+            if Arc::ptr_eq(of, &meta) {
+                return counts.clone();
+            }
+        }
+        let counts: Arc<BTreeMap<String, i32>> = Arc::new(
+            meta.topics
+                .values()
+                .map(|t| (t.name.clone(), t.partitions.len() as i32))
+                .collect(),
+        );
+        *cached = Some((meta, counts.clone()));
+        counts
     }
 
     /// Takes up and drops offsets partitions as leadership moves.

@@ -541,11 +541,13 @@ impl Group {
         if self.state != GroupState::Stable {
             return false;
         }
-        let topics = self.subscribed_topics();
-        let now: BTreeMap<String, i32> = partitions
-            .iter()
-            .filter(|(t, _)| topics.contains(*t))
-            .map(|(t, n)| (t.clone(), *n))
+        // Looked up by subscribed topic: a scan of every topic in the
+        // cluster, for every stable group at every tick, held the
+        // coordinator's lock for most of the tick with thousands of both.
+        let now: BTreeMap<String, i32> = self
+            .subscribed_topics()
+            .into_iter()
+            .filter_map(|t| partitions.get(&t).map(|n| (t, *n)))
             .collect();
         if now != self.assigned_counts {
             self.start_rebalance(now_ms);
