@@ -40,6 +40,13 @@ pub(crate) struct IndexFile {
     count: usize,
     /// Capacity of the current mapping, in entries.
     count_max: usize,
+    /// A map or resize failed: no entries are kept from then on (they
+    /// are hints; lookups scan the segment from its start), and the
+    /// index does not count as full. Counted full, it rolled its segment,
+    /// and the next segment's index failed the same way at its first
+    /// entry: with the process out of mappings, a new segment (and a
+    /// producer snapshot) every few KiB.
+    broken: bool,
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
@@ -67,6 +74,7 @@ impl IndexFile {
             entry_len,
             count: 0,
             count_max: Self::capacity(bytes_max, entry_len, 0) as usize / entry_len,
+            broken: false,
         })
     }
 
@@ -110,6 +118,7 @@ impl IndexFile {
             entry_len,
             count,
             count_max: count,
+            broken: false,
         }))
     }
 
@@ -179,6 +188,7 @@ impl IndexFile {
         self.map = Map::Empty;
         self.count = 0;
         self.count_max = 0;
+        self.broken = true;
     }
 
     fn bytes(&self) -> &[u8] {
@@ -194,6 +204,9 @@ impl IndexFile {
     }
 
     pub(crate) fn is_full(&self) -> bool {
+        if self.broken {
+            return false;
+        }
         if self.file.is_none() {
             return self.count >= self.count_max;
         }
@@ -208,7 +221,7 @@ impl IndexFile {
     /// Appends one entry; false when full or read-only.
     pub(crate) fn push(&mut self, entry: &[u8]) -> bool {
         debug_assert_eq!(entry.len(), self.entry_len);
-        if self.is_full() {
+        if self.broken || self.is_full() {
             return false;
         }
         if self.file.is_none() {
@@ -368,6 +381,28 @@ mod tests {
         assert!(!idx.push(&1u64.to_be_bytes()));
         assert!(!empty.exists());
         assert!(IndexFile::open(&empty, 8).unwrap().is_none());
+    }
+
+    /// An index whose map failed keeps no entries and does not count as
+    /// full: full, it rolled its segment, and with the process out of
+    /// mappings every new segment rolled again at its first entry.
+    #[test]
+    fn an_index_that_cannot_map_is_not_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.index");
+        let mut idx = IndexFile::create(&path, 8, 80).unwrap();
+        assert!(idx.push(&1u64.to_be_bytes()));
+        // What a failed map or resize does.
+        idx.forget_entries();
+        assert!(!idx.is_full());
+        for k in 0..20u64 {
+            assert!(!idx.push(&k.to_be_bytes()), "nothing is kept");
+        }
+        assert_eq!(idx.count(), 0);
+        assert_eq!(
+            idx.floor_by(&5u64, |e| u64::from_be_bytes(e.try_into().unwrap())),
+            None
+        );
     }
 
     impl IndexFile {
