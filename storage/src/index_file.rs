@@ -203,6 +203,12 @@ impl IndexFile {
         self.count
     }
 
+    /// Trimmed and mapped read-only already (an index opened trusted, or
+    /// trimmed before): trimming it again would change nothing.
+    pub(crate) fn is_sealed(&self) -> bool {
+        matches!(self.map, Map::ReadOnly(_))
+    }
+
     pub(crate) fn is_full(&self) -> bool {
         if self.broken {
             return false;

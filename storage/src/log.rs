@@ -1772,6 +1772,33 @@ mod tests {
         records
     }
 
+    /// Reopened after a clean close, the closed segments' indexes are
+    /// taken as they are: sealing them again counted them as written,
+    /// and the next close fsynced two index files per segment.
+    #[test]
+    fn a_clean_reopen_leaves_closed_segments_indexes_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        let config = LogConfig {
+            segment_bytes_max: 64 << 10,
+            index_interval_bytes: 4096,
+            preallocate: false,
+            ..LogConfig::default()
+        };
+        let log = Log::open(&path, config.clone()).unwrap();
+        for _ in 0..3 {
+            fill_to_roll(&log);
+        }
+        log.close().unwrap();
+        let log = Log::open(&path, config).unwrap();
+        let segments = log.snapshot();
+        assert!(segments.len() >= 4);
+        for seg in &segments[..segments.len() - 1] {
+            assert!(!seg.indexes_unsynced(), "segment {}", seg.base_offset());
+        }
+        log.close().unwrap();
+    }
+
     /// Once the active segment is half full, the next segment's file is
     /// created and reserved whole in the background; the roll renames it
     /// into place, so the new segment's appends never reserve blocks

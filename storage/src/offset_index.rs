@@ -95,6 +95,11 @@ impl OffsetIndex {
         &mut self.file
     }
 
+    /// See [`IndexFile::is_sealed`].
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.file.is_sealed()
+    }
+
     /// See [`crate::index_file::IndexFile::sync_handle`].
     pub(crate) fn sync_handle(&self) -> Result<Option<crate::index_file::IndexSync>> {
         self.file.sync_handle()
