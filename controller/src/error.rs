@@ -62,8 +62,10 @@ pub enum MetadataError {
     /// The data directory belongs to another cluster.
     #[error("data directory belongs to cluster '{found}', not '{expected}'")]
     ClusterIdMismatch { expected: String, found: String },
-    /// No controller leader could be reached before the deadline; the
-    /// command was not applied. Retryable.
+    /// No answer from a controller leader before the deadline. Retryable,
+    /// but the command may or may not have been applied: a proposal that
+    /// reached a leader can commit after its answer was lost, so a retry
+    /// of a create or delete may then be refused as already done.
     #[error("no active controller after {waited_ms} ms (last known leader: {leader_hint:?})")]
     NotController {
         leader_hint: Option<i32>,

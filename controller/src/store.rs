@@ -49,6 +49,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// A receiver that sees each new state.
     fn watch(&self) -> watch::Receiver<Arc<ClusterMetadata>>;
     /// Applies `cmd` once it is durable; refused commands change nothing.
+    /// `NotController` leaves its fate open (see that error).
     fn submit(&self, cmd: MetadataCommand) -> BoxFuture<'_, Result<Applied, MetadataError>>;
     /// Broker id of the active controller, or -1 when there is none.
     fn controller_id(&self) -> i32;

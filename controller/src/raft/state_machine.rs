@@ -148,15 +148,19 @@ impl MetadataStateMachine {
 
     /// Saves the state and flushes it: only then may the log store purge
     /// the entries it covers.
-    fn save(&mut self) -> Result<(), StorageError> {
+    async fn save(&mut self) -> Result<(), StorageError> {
         self.unsaved = 0;
         let bytes =
             serde_json::to_vec(&self.state).map_err(|e| StorageIOError::write_state_machine(&e))?;
         self.tree
             .insert(STATE, bytes)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        // Awaited, not blocking: sled's flush is an fsync of the whole
+        // database, which under broker write load took a runtime worker
+        // (serving gRPC calls) for hundreds of milliseconds.
         self.tree
-            .flush()
+            .flush_async()
+            .await
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         self.durable = self.state.clone();
         self.saved
@@ -242,7 +246,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
             });
         }
         if self.unsaved >= SAVE_EVERY {
-            self.save()?;
+            self.save().await?;
         }
         self.publish();
         Ok(out)
@@ -251,7 +255,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // The logs up to the snapshot may be purged once it is built: the
         // saved state must not be older than it.
-        let state = match self.save() {
+        let state = match self.save().await {
             Ok(()) => self.state.clone(),
             Err(e) => {
                 // The snapshot covers what is saved, no more: openraft
@@ -295,7 +299,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
         // installed (openraft ignores a resent one that is not newer)
         // over an older state, until the leader built a newer snapshot.
         // A stored snapshot older than the state is harmless.
-        self.save()?;
+        self.save().await?;
         store_snapshot(&self.tree, &self.snapshot_lock, &stored)?;
         self.tree
             .flush_async()
