@@ -28,8 +28,10 @@ printf '%9s %5s %4s %8s %8s %8s\n' interval round run p50_ms p99_ms max_ms
 for round in $(seq "$ROUNDS"); do
     for interval in $INTERVALS; do
         rm -rf "$WORK/dev"
-        RUNNEL_BROKER__WRITEBACK_INTERVAL_MS=$interval \
-            "$R" dev --data-dir "$WORK/dev" --base-port 39092 >"$WORK/dev.out" 2>"$WORK/dev.err" &
+        # (`runnel dev` ignores RUNNEL_… variables: each node's config is
+        # generated. An exported override measured the default twice.)
+        "$R" dev --data-dir "$WORK/dev" --base-port 39092 \
+            --set "broker.writeback_interval_ms=$interval" >"$WORK/dev.out" 2>"$WORK/dev.err" &
         PIDS=($!)
         wait_for "$WORK/dev.out" "bootstrap:"
         "$R" --bootstrap $D topic create wb --partitions 3 --replication-factor 3 --config min.insync.replicas=2 >/dev/null

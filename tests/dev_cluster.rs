@@ -38,6 +38,8 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
             .arg(dir.path())
             // Would give every node id 7 if the nodes inherited it.
             .env("RUNNEL_NODE_ID", "7")
+            // A key for every node's config.
+            .args(["--set", "broker.writeback_interval_ms=0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -118,6 +120,12 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("ignoring RUNNEL_NODE_ID"), "{stderr}");
+    for id in 1..=3 {
+        let path = dir.path().join(format!("node-{id}.toml"));
+        let c = runnel::config::ServerConfig::from_file(&path).unwrap();
+        assert_eq!(c.broker.writeback_interval_ms, 0, "node {id}");
+        assert_eq!(c.node_id, id);
+    }
     let stdout = reader.join().unwrap();
     assert!(stdout.contains("runnel dev: stopped"), "{stdout}");
     for port in base..base + 3 {

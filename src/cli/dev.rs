@@ -38,6 +38,65 @@ pub struct DevArgs {
     /// the cluster it holds, which a restart must match).
     #[arg(long, default_value = "data/dev")]
     data_dir: PathBuf,
+    /// A config key for every node, as `SECTION.KEY=VALUE` or `KEY=VALUE`
+    /// (say `broker.writeback_interval_ms=0`); repeatable. The value is
+    /// read as TOML (a number, `true`, `["a"]`), else taken as a string.
+    /// The nodes' ids, addresses, data directories and voters are
+    /// `runnel dev`'s. (`RUNNEL_…` variables are ignored: they would give
+    /// every node the same id and address.)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+/// Keys `runnel dev` sets itself, per node.
+const DEV_KEYS: &[&str] = &[
+    "node_id",
+    "listen",
+    "metrics_listen",
+    "data_dir",
+    "roles",
+    "controller.voters",
+];
+
+/// `text` (a node config) with each `KEY=VALUE` of `set` applied.
+fn with_settings(text: &str, set: &[String]) -> anyhow::Result<String> {
+    if set.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut table: toml::Table = toml::from_str(text).context("the generated node config")?;
+    for item in set {
+        let Some((key, value)) = item.split_once('=') else {
+            bail!("--set {item}: expected KEY=VALUE");
+        };
+        let key = key.trim();
+        if DEV_KEYS.contains(&key) {
+            bail!("--set {key}: runnel dev sets it for each node");
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().filter(|k| !k.is_empty());
+        let Some(last) = last else {
+            bail!("--set {item}: empty key");
+        };
+        let mut at = &mut table;
+        for part in parts {
+            at = at
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .with_context(|| format!("--set {key}: {part} is not a section"))?;
+        }
+        at.insert(last.to_string(), value);
+    }
+    let text = format!(
+        "# Written by `runnel dev`.\n{}",
+        toml::to_string(&table).context("encoding the node config")?
+    );
+    runnel::config::ServerConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("--set: {e}"))?;
+    Ok(text)
 }
 
 /// The config file of node `id` in a local cluster.
@@ -183,17 +242,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut ready = Vec::new();
     for id in 1..=args.nodes {
         let path = args.data_dir.join(format!("node-{id}.toml"));
-        std::fs::write(
-            &path,
-            node_config(
+        let text = with_settings(
+            &node_config(
                 id,
                 args.nodes,
                 args.base_port,
                 args.metrics_base_port,
                 &args.data_dir,
             ),
-        )
-        .with_context(|| format!("cannot write {}", path.display()))?;
+            &args.set,
+        )?;
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         let mut command = Command::new(&exe);
         for name in &inherited {
             command.env_remove(name);
@@ -306,6 +365,37 @@ async fn stop(mut children: Vec<Child>) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_apply_to_the_node_configs() {
+        let dir = std::path::Path::new("/tmp/runnel-dev");
+        let text = node_config(2, 3, 9092, 9644, dir);
+        let set = |items: &[&str]| {
+            with_settings(
+                &text,
+                &items.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        let c = runnel::config::ServerConfig::from_toml(
+            &set(&["broker.writeback_interval_ms=0", "rack=r1"]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.broker.writeback_interval_ms, 0);
+        assert_eq!(c.rack, "r1");
+        assert_eq!(c.node_id, 2, "the rest is kept");
+        for (bad, why) in [
+            (&["node_id=1"][..], "runnel dev sets it"),
+            (&["broker.no_such_key=1"], "no_such_key"),
+            (&["broker.writeback_interval_ms"], "KEY=VALUE"),
+            (
+                &["broker.writeback_interval_ms=soon"],
+                "writeback_interval_ms",
+            ),
+        ] {
+            let err = set(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn node_configs_parse_and_agree() {
