@@ -159,4 +159,61 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
     // tell.
     std::fs::remove_file(dir.path().join("dev.toml")).unwrap();
     refused_as_another_cluster(1, base);
+
+    // A node that dies makes `runnel dev` name it, stop the others (not
+    // kill them: they had no controlled shutdown) and exit non-zero.
+    let mut dev = Reaped::group(
+        Command::new(runnel_bin())
+            .args(["dev", "--nodes", "3"])
+            .args(["--base-port", &base.to_string()])
+            .args(["--metrics-base-port", &metrics.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = dev.child().stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if line.starts_with("bootstrap: ") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("the cluster came up again");
+    let node_2 = dir.path().join("node-2.toml");
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(node_2.to_str().unwrap()))
+        })
+        .expect("node 2's process");
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = dev.wait_output(Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("node 2 exited unexpectedly"), "{stderr}");
+    assert!(reader.join().unwrap().contains("runnel dev: stopped"));
+    for port in base..base + 3 {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "a node still listens on {port}"
+        );
+    }
 }

@@ -221,6 +221,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     check_layout(&args)?;
+    // Listened to from here on: a signal between two waits is kept, and
+    // a second one during the stop is seen (each wait used to install
+    // listeners of its own, and once tokio had, a signal no one was
+    // waiting for did nothing).
+    let mut signals = Signals::new()?;
     let exe = std::env::current_exe().context("cannot find the runnel binary")?;
     // Each node's config is generated: an exported override (say
     // RUNNEL_NODE_ID) would give every node the same value.
@@ -289,7 +294,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 Ok(Ok(addr)) => addr,
                 _ => bail!("node {} did not start (see its log above)", i + 1),
             },
-            _ = stop_requested() => return stop(children).await,
+            _ = signals.next() => return stop(children, &mut signals).await,
         };
         addrs.push(addr);
     }
@@ -306,57 +311,94 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     sayln!("metrics:   {}", metrics.join(" "));
     sayln!("try:       runnel --bootstrap {bootstrap} topic create demo --partitions 3 --replication-factor {}", args.nodes.min(3));
     sayln!("Ctrl-C stops the cluster.");
-    tokio::select! {
-        _ = stop_requested() => {}
-        _ = wait_any(&mut children) => bail!("a node exited unexpectedly"),
+    let exited = tokio::select! {
+        _ = signals.next() => None,
+        exited = wait_any(&mut children) => Some(exited),
+    };
+    if let Some((id, status)) = exited {
+        // The others are stopped as on Ctrl-C, not killed.
+        eprintln!("runnel dev: node {id} exited unexpectedly ({status}); stopping the others");
+        stop(children, &mut signals).await?;
+        bail!("node {id} exited unexpectedly ({status})");
     }
-    stop(children).await
+    stop(children, &mut signals).await
 }
 
-/// Ctrl-C or SIGTERM: either stops the nodes before `runnel dev` exits.
-async fn stop_requested() {
-    #[cfg(unix)]
-    {
+/// Ctrl-C (SIGINT) and SIGTERM, listened to for the whole run.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    /// The next Ctrl-C or SIGTERM.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn wait_any(children: &mut [Child]) {
+/// The first node to exit, by id (index + 1), with its exit status.
+async fn wait_any(children: &mut [Child]) -> (usize, std::process::ExitStatus) {
     loop {
-        for c in children.iter_mut() {
-            if let Ok(Some(_)) = c.try_wait() {
-                return;
+        for (i, c) in children.iter_mut().enumerate() {
+            if let Ok(Some(status)) = c.try_wait() {
+                return (i + 1, status);
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
+/// Sends SIGTERM to process `pid`.
+#[allow(unsafe_code)]
+fn terminate(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) takes two integers and touches no memory of ours;
+    // `pid` is a child of this process that has not been reaped (tokio
+    // reaps it only in `wait`), so the id cannot name another process.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+}
+
 /// SIGTERM every node and wait for it (they also got Ctrl-C's SIGINT if
-/// they share the terminal).
-async fn stop(mut children: Vec<Child>) -> anyhow::Result<()> {
+/// they share the terminal), up to 30 s each; a second Ctrl-C or SIGTERM
+/// kills the ones left at once.
+async fn stop(mut children: Vec<Child>, signals: &mut Signals) -> anyhow::Result<()> {
     for c in &children {
         if let Some(pid) = c.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
+            terminate(pid);
         }
     }
+    let mut hurry = false;
     for c in &mut children {
-        if tokio::time::timeout(Duration::from_secs(30), c.wait())
-            .await
-            .is_err()
-        {
-            let _ = c.kill().await;
+        if !hurry {
+            tokio::select! {
+                r = tokio::time::timeout(Duration::from_secs(30), c.wait()) => {
+                    if r.is_ok() {
+                        continue;
+                    }
+                }
+                _ = signals.next() => {
+                    eprintln!("runnel dev: stopping now");
+                    hurry = true;
+                }
+            }
         }
+        let _ = c.kill().await;
     }
     sayln!("runnel dev: stopped");
     Ok(())
