@@ -35,13 +35,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(job.run()) {
+    let abandon = job.may_abandon_blocking();
+    let code = match runtime.block_on(job.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    if abandon {
+        runtime.shutdown_background();
     }
+    code
 }
 
 /// glibc's malloc serves blocks over its (adaptive) mmap threshold with

@@ -295,6 +295,28 @@ async fn refusals_are_clear_and_change_nothing() {
     let big = format!("{}\n", "y".repeat(2000));
     let err = cli_err(addr, &["produce", "small"], Some(big.as_bytes()));
     assert!(err.contains("max.message.bytes"), "{err}");
+    // The same with the input left open (`tail -f`): the refusal stops
+    // the command when it comes, not when the next line does.
+    {
+        use std::io::Write;
+        let mut produce = common::Reaped::new(
+            std::process::Command::new(runnel_bin())
+                .args(["--bootstrap", addr, "produce", "small"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut stdin = produce.child().stdin.take().unwrap();
+        stdin.write_all(big.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let out = produce.wait_output(std::time::Duration::from_secs(30));
+        drop(stdin);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("max.message.bytes"), "{err}");
+    }
     // Destructive commands say what they touch: delete-records names its
     // partitions or says all of them.
     let err = cli_err(

@@ -146,6 +146,15 @@ impl Job {
         }
     }
 
+    /// Whether the runtime may be dropped without waiting for its
+    /// blocking threads once `run` returns: yes for the client commands,
+    /// whose blocking reads of stdin (`produce`) would otherwise keep the
+    /// process until the next line, which may never come; not for the
+    /// server, whose blocking-pool work (log writes) must end first.
+    pub fn may_abandon_blocking(&self) -> bool {
+        matches!(self, Job::Command(_))
+    }
+
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Job::Server(server) => server::run(*server).await,

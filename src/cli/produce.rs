@@ -107,14 +107,15 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
     let mut line_no = 0u64;
     // Lines without the separator go out without a key.
     let mut keyless = 0u64;
-    let mut settle = |pending: &mut VecDeque<(u64, DeliveryFuture)>,
-                      failed: &mut Option<(u64, ClientError)>| {
+    let settle = |pending: &mut VecDeque<(u64, DeliveryFuture)>,
+                  produced: &mut u64,
+                  failed: &mut Option<(u64, ClientError)>| {
         while let Some((no, front)) = pending.front_mut() {
             let Some(outcome) = (&mut *front).now_or_never() else {
                 break;
             };
             match outcome {
-                Ok(_) => produced += 1,
+                Ok(_) => *produced += 1,
                 Err(e) => {
                     failed.get_or_insert((*no, e));
                 }
@@ -122,9 +123,36 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
             pending.pop_front();
         }
     };
-    loop {
+    'lines: loop {
         line.clear();
-        match input.read_until(b'\n', &mut line).await {
+        // The next line, or meanwhile the oldest answer: a record refused
+        // while the input is quiet (`tail -f` of an idle log) stops the
+        // command then, not when the next line comes, which may be never.
+        // (`read_until` keeps what it read of a line it was interrupted
+        // in, and goes on from there.)
+        let read = loop {
+            let oldest = pending.front_mut().map(|(_, f)| f);
+            let answered = async move {
+                match oldest {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                read = input.read_until(b'\n', &mut line) => break read,
+                outcome = answered => {
+                    let (no, _) = pending.pop_front().expect("an answer was awaited");
+                    match outcome {
+                        Ok(_) => produced += 1,
+                        Err(e) => {
+                            failed.get_or_insert((no, e));
+                            break 'lines;
+                        }
+                    }
+                }
+            }
+        };
+        match read {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => {
@@ -156,7 +184,7 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
                 break;
             }
         }
-        settle(&mut pending, &mut failed);
+        settle(&mut pending, &mut produced, &mut failed);
         if failed.is_some() {
             break;
         }
