@@ -2330,3 +2330,77 @@ async fn t28_a_deleted_topic_does_not_fail_the_commits_of_the_others() {
         .sum();
     assert_eq!(committed, 60);
 }
+
+/// A group whose record (its members and their topics) is larger than
+/// the offsets topic takes: its joins are refused with RECORD_TOO_LARGE,
+/// and its members' sessions expire as usual. The record used to be
+/// retried forever: every join waited until its deadline, round after
+/// round, and no member ever expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t29_a_group_too_large_to_store_refuses_its_joins() {
+    const MEMBERS: usize = 69;
+    let base = tempfile::tempdir().unwrap();
+    let (cluster, groups) = one_node_raw_groups(base.path()).await;
+    // 1,000 topics of 249 characters (the most a member may name; they
+    // need not exist): about 250 kB per member, so that 69 members make
+    // a record over the offsets topic's 16 MiB.
+    let topics: Vec<String> = (0..1000).map(|i| format!("{i:0>249}")).collect();
+    let join = pb::JoinGroupRequest {
+        group: "huge".into(),
+        topics,
+        session_timeout_ms: 6_000,
+        rebalance_timeout_ms: 2_000,
+        client_id: "raw".into(),
+        ..Default::default()
+    };
+    // A small member first, once the group's coordinator has loaded its
+    // partition: it forms a generation alone. The big ones, all at once,
+    // form the next once it has not rejoined within its rebalance
+    // timeout.
+    eventually("a first member", WAIT, || {
+        let (mut groups, join) = (groups.clone(), join.clone());
+        async move {
+            let small = pb::JoinGroupRequest {
+                topics: vec!["t".into()],
+                ..join
+            };
+            groups.join_group(small).await.ok()
+        }
+    })
+    .await;
+    let joins: Vec<_> = (0..MEMBERS)
+        .map(|_| {
+            let (groups, join) = (groups.clone(), join.clone());
+            tokio::spawn(async move {
+                groups
+                    .max_decoding_message_size(64 << 20)
+                    .join_group(join)
+                    .await
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for j in joins {
+        if let Err(status) = j.await.unwrap() {
+            refused.push(status);
+        }
+    }
+    assert!(!refused.is_empty(), "every join was answered");
+    for status in &refused {
+        assert_eq!(error_code(status), "RECORD_TOO_LARGE", "{status:?}");
+        assert!(status.message().contains("too large"), "{status:?}");
+    }
+    // Nobody heartbeats: the members expire, and the group empties.
+    let client = runnel::client::Client::connect(&cluster.addrs[0])
+        .await
+        .unwrap();
+    eventually("the members expired", WAIT, || async {
+        // Empty, it is forgotten: an unknown group.
+        let gone = match client.describe_group("huge").await {
+            Ok(d) => d.members.is_empty(),
+            Err(e) => e.code() == pb::ErrorCode::UnknownGroup,
+        };
+        gone.then_some(())
+    })
+    .await;
+}

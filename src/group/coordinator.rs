@@ -96,6 +96,10 @@ pub enum CoordinatorError {
     Append(#[from] AppendError),
     #[error("{OFFSETS_TOPIC} needs {want} live brokers for its replicas (offsets_topic_replication_factor), and {live} are live; try again once they are")]
     OffsetsTopicUnavailable { live: i32, want: i32 },
+    /// The group's record (its members, their topics and assignments) is
+    /// larger than the offsets topic takes: fewer members or topics.
+    #[error("group '{group}' is too large to store with this member (fewer members, or fewer or shorter topic names): {reason}")]
+    GroupTooLarge { group: String, reason: String },
 }
 
 impl CoordinatorError {
@@ -123,6 +127,7 @@ impl CoordinatorError {
             }
             CoordinatorError::Broker(e) => e.code(),
             CoordinatorError::Append(e) => e.code,
+            CoordinatorError::GroupTooLarge { .. } => pb::ErrorCode::RecordTooLarge,
         }
     }
 }
@@ -220,6 +225,13 @@ struct Entry {
     /// generations start over, and its joins were answered before their
     /// records were stored).
     incarnation: u64,
+    /// The (generation, version) whose record the offsets topic refused
+    /// as too large, and why. Not tried again: the joins of that
+    /// membership are refused, and sessions expire as if it were stored,
+    /// so the group shrinks until its record fits. Retried forever, its
+    /// joins waited until their deadline, round after round, and no
+    /// member ever expired.
+    unstorable: Option<(i32, u64, String)>,
 }
 
 /// The next [`Entry::incarnation`].
@@ -236,6 +248,7 @@ impl Entry {
             changed: watch::channel(0).0,
             ids_handed_out: HashMap::new(),
             tombstoned: HashMap::new(),
+            unstorable: None,
             version: 0,
             version_queued: 0,
             version_stored: 0,
@@ -266,6 +279,17 @@ impl Entry {
     /// Whether the record of the current membership is stored.
     fn stored(&self) -> bool {
         self.persisted >= self.group.generation && self.version_stored >= self.version
+    }
+
+    /// Why the record of the current membership cannot be stored, if the
+    /// offsets topic refused it as too large.
+    fn unstorable(&self) -> Option<&str> {
+        self.unstorable
+            .as_ref()
+            .filter(|(generation, version, _)| {
+                *generation == self.group.generation && *version == self.version
+            })
+            .map(|(_, _, why)| why.as_str())
     }
 }
 
@@ -778,11 +802,27 @@ impl GroupCoordinator {
         let (me, group) = (Arc::downgrade(self), group.to_string());
         let incarnation = e.incarnation;
         tokio::spawn(async move {
-            let failed = match stored.await {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("the writer stopped".to_string()),
+            let (failed, too_large) = match stored.await {
+                Ok(Ok(_)) => (None, false),
+                Ok(Err(e)) => (Some(e.to_string()), e.code == pb::ErrorCode::RecordTooLarge),
+                Err(_) => (Some("the writer stopped".to_string()), false),
             };
+            if let (Some(error), true) = (&failed, too_large) {
+                // Never fits, however often it is tried: its joins are
+                // told (see `Entry::unstorable`).
+                warn!(%group, generation, %error, "the group record is too large to store; its joins are refused");
+                let Some(me) = me.upgrade() else { return };
+                let mut inner = me.lock();
+                if let Some(e) = inner
+                    .groups
+                    .get_mut(&group)
+                    .filter(|e| e.incarnation == incarnation)
+                {
+                    e.unstorable = Some((generation, version, error.clone()));
+                    e.notify();
+                }
+                return;
+            }
             if let Some(error) = failed {
                 // Not stored: the joins of this generation stay waiting
                 // (until their deadline: REBALANCE_IN_PROGRESS, and the
@@ -817,6 +857,7 @@ impl GroupCoordinator {
             {
                 e.persisted = e.persisted.max(generation);
                 e.version_stored = e.version_stored.max(version);
+                e.unstorable = None;
                 if e.stored() {
                     e.group.touch_members(now_ms());
                 }
@@ -850,7 +891,7 @@ impl GroupCoordinator {
             // no answer and so cannot heartbeat: their sessions count
             // from when it is stored, not from the rebalance. Else a
             // store slower than the session expired the whole group.
-            let gone = if e.stored() {
+            let gone = if e.stored() || e.unstorable().is_some() {
                 e.group.expire(now)
             } else {
                 Vec::new()
@@ -1148,6 +1189,14 @@ impl GroupCoordinator {
                     })
                 })?;
                 let stored = entry.stored();
+                if let Some(why) = entry.unstorable() {
+                    if entry.group.members.contains_key(&member_id) {
+                        return Err(CoordinatorError::GroupTooLarge {
+                            group: req.group.clone(),
+                            reason: why.to_string(),
+                        });
+                    }
+                }
                 if let Some(m) = entry
                     .group
                     .join_result(&member_id, joined_at)
