@@ -818,6 +818,14 @@ async fn t05_a_broker_whose_controller_is_cut_off_is_not_ready() {
         (http_get(&metrics, "/ready").await.ok()?.0 == 200).then_some(())
     })
     .await;
+    let epochs = |c: pb::ClusterDescription| -> BTreeSet<(i32, i64, bool)> {
+        c.brokers
+            .iter()
+            .map(|b| (b.id, b.epoch, b.fenced))
+            .collect()
+    };
+    let before = epochs(client.describe_cluster().await.unwrap());
+    assert_eq!(before.len(), 4, "{before:?}");
     let others: Vec<i32> = (1..=3).filter(|id| *id != leader).collect();
     for id in &others {
         cluster.node(*id).signal("STOP");
@@ -835,6 +843,21 @@ async fn t05_a_broker_whose_controller_is_cut_off_is_not_ready() {
         (http_get(&metrics, "/ready").await.ok()?.0 == 200).then_some(())
     })
     .await;
+    // Nobody was fenced for it (the cut-off controller hears from no
+    // broker, and fences it queued would commit if the voters rejoined
+    // under its term). A write committed now comes after any of those.
+    let on_leader = Client::connect(&cluster.addrs[(leader - 1) as usize])
+        .await
+        .unwrap();
+    eventually("a metadata write", WAIT, || async {
+        on_leader
+            .create_topic("after", 1, 1, Default::default())
+            .await
+            .ok()
+    })
+    .await;
+    let after = epochs(on_leader.describe_cluster().await.unwrap());
+    assert_eq!(after, before, "brokers fenced or registered again");
 }
 
 /// An active controller cut off from the other voters stays leader in

@@ -199,6 +199,17 @@ impl RaftMetadataStore {
         }
         let now = Instant::now();
         let session = Duration::from_millis(self.config.broker_session_timeout_ms);
+        if !self.quorum_heard_within(session) {
+            // Cut off from the other voters, this leader refuses
+            // heartbeats (`heartbeat_local`), so it hears from no broker:
+            // fenced now, every broker was fenced once the voters came
+            // back (its queued entries commit if they rejoin under its
+            // term). Nothing is fenced meanwhile, and every broker gets a
+            // fresh grace period once a majority answers again, as after
+            // a pause.
+            self.sessions.lock().paused = true;
+            return None;
+        }
         let state = self.current();
         {
             let mut s = self.sessions.lock();
@@ -395,6 +406,17 @@ impl RaftMetadataStore {
         Ok(epoch)
     }
 
+    /// Whether a majority of voters acknowledged this leader within
+    /// `within` (always, with one voter). openraft has no check-quorum: a
+    /// leader cut off from the others stays leader in its own eyes.
+    fn quorum_heard_within(&self, within: Duration) -> bool {
+        let quorum = self.quorum_status();
+        quorum.voters.len() <= 1
+            || quorum
+                .millis_since_quorum_ack
+                .is_some_and(|ms| u128::from(ms) <= within.as_millis())
+    }
+
     /// The active controller's answer to a heartbeat.
     fn heartbeat_local(
         &self,
@@ -406,22 +428,12 @@ impl RaftMetadataStore {
         // them ready and serving their stale leaderships for as long as
         // the split lasted; unanswered, they turn not ready a session
         // later.
-        let session_ms = self.config.broker_session_timeout_ms;
-        let quorum = self.quorum_status();
-        if quorum.voters.len() > 1 {
-            match quorum.millis_since_quorum_ack {
-                Some(ms) if ms <= session_ms => {}
-                Some(ms) => {
-                    return Err(Status::unavailable(format!(
-                        "the controller has heard from no majority of voters for {ms} ms"
-                    )))
-                }
-                None => {
-                    return Err(Status::unavailable(
-                        "the controller has not heard from a majority of voters yet",
-                    ))
-                }
-            }
+        let session = Duration::from_millis(self.config.broker_session_timeout_ms);
+        if !self.quorum_heard_within(session) {
+            return Err(Status::unavailable(format!(
+                "the controller has heard from no majority of voters for {} ms or more",
+                session.as_millis()
+            )));
         }
         let state = self.current();
         let fenced = match state.brokers.get(&req.broker_id) {
