@@ -1094,6 +1094,7 @@ impl Broker {
     pub async fn wait_readable(
         &self,
         topic: &str,
+        topic_id: &str,
         partition: i32,
         offset: i64,
         wait: Duration,
@@ -1102,6 +1103,18 @@ impl Broker {
         let Ok(partition) = self.leader_partition(&meta, topic, partition) else {
             return true;
         };
+        // Another topic of the name than the reader's: said at once too.
+        if !topic_id.is_empty() && partition.topic_id != topic_id {
+            return true;
+        }
+        // An offset outside the log is answered at once (the read that
+        // follows says why). Waited for, records appended meanwhile could
+        // bring the high watermark past an offset beyond the log end, and
+        // the read then served from there, skipping those before it.
+        let log = &partition.log;
+        if offset < log.log_start_offset() || offset > log.log_end_offset() {
+            return true;
+        }
         // Not capped by `fetch_wait_max_ms` (a subscription's wait is
         // not a request's): with the cap at 0, idle subscriptions
         // polled without ever waiting.

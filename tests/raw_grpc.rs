@@ -597,3 +597,51 @@ async fn unread_unary_fetches_hold_a_bounded_share_of_the_broker() {
         call.abort();
     }
 }
+
+/// A fetch past the log end is refused at once with OFFSET_OUT_OF_RANGE,
+/// even with a long poll asked for. Waited out first (as fetches did for
+/// a while), records appended meanwhile brought the high watermark past
+/// the offset, and the fetch answered from there: the records between
+/// the old log end and the offset were skipped without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_past_the_log_end_is_refused_not_waited_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = server_with_topic(dir.path(), "ahead", 1, &[]).await;
+    let mut producer = ProducerClient::connect(url.clone()).await.unwrap();
+    let produce = |i: usize| pb::ProduceRequest {
+        topic: "ahead".into(),
+        partition: Some(0),
+        records: vec![pb::Record {
+            value: Some(format!("r{i}").into()),
+            ..Default::default()
+        }],
+        acks: pb::Acks::Leader as i32,
+        ..Default::default()
+    };
+    producer.produce(produce(0)).await.unwrap();
+    // Offset 3: two past the log end (1).
+    let mut consumer = ConsumerClient::connect(url).await.unwrap();
+    let fetch = tokio::spawn(async move {
+        consumer
+            .fetch(pb::FetchRequest {
+                topic: "ahead".into(),
+                partition: 0,
+                offset: 3,
+                max_wait_ms: 10_000,
+                ..Default::default()
+            })
+            .await
+    });
+    for i in 1..6 {
+        producer.produce(produce(i)).await.unwrap();
+    }
+    let answer = fetch.await.unwrap();
+    match answer {
+        Err(status) => assert_eq!(
+            common::error_code(&status),
+            "OFFSET_OUT_OF_RANGE",
+            "{status:?}"
+        ),
+        Ok(r) => panic!("served past the log end: {:?}", r.into_inner()),
+    }
+}

@@ -319,6 +319,7 @@ impl ConsumerService {
                         let readable = broker
                             .wait_readable(
                                 &fetch.topic,
+                                &fetch.topic_id,
                                 fetch.partition,
                                 fetch.offset,
                                 SUBSCRIBE_POLL,
@@ -419,7 +420,7 @@ impl Consumer for ConsumerService {
                 u64::from(req.max_wait_ms).min(self.broker.fetch_wait_max_ms()),
             );
             self.broker
-                .wait_readable(&req.topic, req.partition, req.offset, wait)
+                .wait_readable(&req.topic, &req.topic_id, req.partition, req.offset, wait)
                 .await;
             req.max_wait_ms = 0;
         }
