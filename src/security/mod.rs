@@ -505,6 +505,17 @@ impl Security {
         }
     }
 
+    /// What `principal` owes in `direction` ([`quota::Throttle::owed`];
+    /// zero without a quota).
+    pub fn owed(&self, principal: &Principal, direction: Direction) -> Duration {
+        match self.quota_rate(principal, direction) {
+            Some(_) => self
+                .throttle
+                .owed(principal.name(), direction, Instant::now()),
+            None => Duration::ZERO,
+        }
+    }
+
     /// How long to hold back the answer to `bytes` moved by `principal`
     /// (zero without a quota).
     pub fn throttle(&self, principal: &Principal, direction: Direction, bytes: u64) -> Duration {
@@ -604,8 +615,8 @@ pub fn throttle(
         .map_or(Duration::ZERO, |s| s.throttle(principal, direction, bytes))
 }
 
-/// A quota charge for a request whose answer (or, for a produce, whose
-/// append) waits for it: [`QuotaCharge::hold`] waits, and a charge dropped
+/// A quota charge for a unary produce, whose append waits for it:
+/// [`QuotaCharge::hold`] waits, and a charge dropped
 /// before that wait ends (the call's deadline passed, or its client
 /// went) is refunded, since nothing was moved. Kept, each retry of a
 /// client whose deadline is shorter than its hold would be charged again
@@ -669,6 +680,19 @@ pub fn charge(
         }),
         until: answer_deadline(delay),
     }
+}
+
+/// Until when `principal` on `broker` owes for what it moved before, if
+/// it does ([`Security::owed`]).
+pub fn owed_until(
+    broker: &Broker,
+    principal: &Principal,
+    direction: Direction,
+) -> Option<tokio::time::Instant> {
+    let owed = broker
+        .security()
+        .map_or(Duration::ZERO, |s| s.owed(principal, direction));
+    answer_deadline(owed)
 }
 
 /// When a stream of `principal` on `broker` may take in more (its next

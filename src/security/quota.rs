@@ -85,6 +85,18 @@ impl Throttle {
         }
     }
 
+    /// How far `principal`'s clock is ahead of `now` (what it owes), at
+    /// most [`THROTTLE_MAX`]: a request waits this long before it is
+    /// served and charged, so that it holds nothing while it waits.
+    pub fn owed(&self, principal: &str, direction: Direction, now: Instant) -> Duration {
+        let clocks = self.clocks.lock().unwrap_or_else(|e| e.into_inner());
+        clocks
+            .get(&(principal.to_string(), direction))
+            .map_or(Duration::ZERO, |next| {
+                next.saturating_duration_since(now).min(THROTTLE_MAX)
+            })
+    }
+
     /// How long a stream of `principal` should wait before it takes in
     /// more (reads its next request or chunk): until the principal's
     /// clock is at most [`THROTTLE_MAX`] ahead. Each answer is held at
@@ -168,6 +180,13 @@ mod tests {
             t3.record("d", Direction::Produce, 1, 1000, now),
             Duration::ZERO
         );
+        // What is owed, up to the longest hold.
+        assert_eq!(
+            t3.owed("d", Direction::Produce, now),
+            Duration::from_millis(1)
+        );
+        assert_eq!(t2.owed("c", Direction::Fetch, now), THROTTLE_MAX);
+        assert_eq!(t2.owed("nobody", Direction::Fetch, now), Duration::ZERO);
         // After an idle period nothing is owed.
         let later = now + Duration::from_secs(5);
         assert_eq!(

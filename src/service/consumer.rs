@@ -413,8 +413,20 @@ impl Consumer for ConsumerService {
             req.max_bytes,
             security::fetch_bytes_cap(&self.broker, &principal).min(SUBSCRIBE_CONNECTION_BYTES),
         );
-        // The long poll first, holding none of the budgets: a waiting
-        // fetch must not keep room from the ones with records.
+        // Quota: what the principal owes for its earlier answers is
+        // waited out first, holding no room in the budgets; this answer
+        // is then charged and sent at once (Kafka mutes a throttled
+        // channel after its answer, likewise). Held after reading, a
+        // throttled principal's answers kept their room for up to ten
+        // seconds each, and four such connections held all of it.
+        security::hold_until(security::owed_until(
+            &self.broker,
+            &principal,
+            Direction::Fetch,
+        ))
+        .await;
+        // The long poll next, holding none of the budgets either: a
+        // waiting fetch must not keep room from the ones with records.
         if req.max_wait_ms > 0 {
             let wait = std::time::Duration::from_millis(
                 u64::from(req.max_wait_ms).min(self.broker.fetch_wait_max_ms()),
@@ -425,16 +437,12 @@ impl Consumer for ConsumerService {
             req.max_wait_ms = 0;
         }
         let response = read_chunk(&self.broker, &budgets, &req).await?;
-        // Quota exceeded: the answer waits (Kafka's throttle), it does not
-        // fail. An answer dropped while it waits is not charged.
-        security::charge(
+        security::throttle(
             &self.broker,
             &principal,
             Direction::Fetch,
             prost::Message::encoded_len(&response) as u64,
-        )
-        .hold()
-        .await;
+        );
         Ok(Response::new(response))
     }
 
