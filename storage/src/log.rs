@@ -2065,41 +2065,6 @@ mod tests {
         log.start_writeback().unwrap();
     }
 
-    /// A truncation that keeps a batch no longer matching its CRC (bit
-    /// rot below the cut) fails, naming it: the kept prefix is rebuilt
-    /// without checking CRCs again, and the producer-state rebuild that
-    /// reads it reports the batch. Rebuilt in Recover mode, the prefix
-    /// was cut at that batch with only a warning, and the truncation
-    /// succeeded with the log ending below where it was asked to.
-    #[test]
-    fn a_truncation_over_a_corrupt_kept_batch_fails_rather_than_cutting_short() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        // An index entry per batch: finding the cut reads no batch below.
-        let config = LogConfig {
-            index_interval_bytes: 1,
-            ..LogConfig::default()
-        };
-        let log = Log::open(dir.path().join("t-0"), config).unwrap();
-        for _ in 0..5 {
-            log.append_as_leader(batch(), 0).unwrap();
-        }
-        let active = log.snapshot().last().unwrap().clone();
-        let one = active.size() / 5;
-        // The last byte of the second batch (its value), on disk.
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(active.log_path())
-            .unwrap();
-        file.write_all_at(b"X", 2 * one - 1).unwrap();
-        drop(active);
-        let err = log.truncate_to(4).unwrap_err();
-        assert!(
-            matches!(err, StorageError::CorruptSegment { position, .. } if position == one),
-            "{err:?}"
-        );
-    }
-
     /// Under write-back an fsync takes tens of ms; the high-watermark
     /// checkpoint's used to run under the writer lock, so every append
     /// (and every acks=all answer) waited for it once a second.

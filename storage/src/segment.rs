@@ -361,14 +361,6 @@ pub(crate) enum OpenMode {
     /// At or after the recovery point: CRC-check every batch, rebuild the
     /// indexes, truncate at the first bad batch.
     Recover,
-    /// What this process kept of a segment it truncated: trust the bytes
-    /// (each batch was checked when appended, or by the recovery that
-    /// opened it), rebuild the indexes (theirs point past the cut), fail
-    /// on a batch whose framing is wrong. Recover mode read the whole
-    /// prefix again, CRCs included, under the log's locks, and cut it
-    /// short at a bad batch with only a warning: the log then ended below
-    /// where the truncation was asked to end.
-    Rebuild,
 }
 
 impl Segment {
@@ -523,7 +515,7 @@ impl Segment {
             .map_err(io_err(&paths.0))?;
         let mut truncated = false;
         if let Some((position, reason)) = &scan.error {
-            if mode != OpenMode::Recover {
+            if mode == OpenMode::Trusted {
                 return Err(StorageError::CorruptSegment {
                     path: paths.0.clone(),
                     position: *position,
@@ -1108,16 +1100,7 @@ impl Segment {
             self.file.sync_all().map_err(io_err(&self.log_path))?;
         }
         // The prefix is trusted data; rebuild the indexes from it.
-        let (seg, _) = Segment::open(dir, self.base_offset, config, OpenMode::Rebuild)?;
-        if seg.size() != position {
-            return Err(self.corrupt(
-                seg.size(),
-                format!(
-                    "the truncated segment ends at {}, not {position}",
-                    seg.size()
-                ),
-            ));
-        }
+        let (seg, _) = Segment::open(dir, self.base_offset, config, OpenMode::Recover)?;
         Ok(seg)
     }
 
