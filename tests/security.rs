@@ -1363,8 +1363,11 @@ async fn a_held_produce_ends_at_the_call_s_deadline() {
         None,
     );
     let mut producer = raw_producer(&server.addr).await;
-    let request = one_record("late", 100_000);
-    // The first passes and puts the quota's clock 2 s ahead.
+    // The first passes and puts the quota's clock 2.25 s ahead: each
+    // retry (every 0.5 s) is then held 1.75, 1.25, 0.75 and 0.25 s, never
+    // close to the 0.5 s deadline, where a hold ending just inside it
+    // would append a record whose answer still came too late.
+    let request = one_record("late", 112_500);
     producer.produce(request.clone()).await.unwrap();
     let mut held = tonic::Request::new(request.clone());
     held.set_timeout(Duration::from_millis(500));
