@@ -764,6 +764,16 @@ impl ServerConfig {
                 "with authentication or authorization on, the internal services share the client listener: list the brokers' certificate names here (brokers present their [tls] certificates to each other), or give them their own internal_listen",
             ));
         }
+        if secured && self.internal_listen.is_some() && self.security.broker_principals.is_empty() {
+            // The internal listener's mutual TLS then takes any
+            // certificate its CA signed as a broker's: with the clients'
+            // CA (the example config's), any client with a certificate
+            // could write cluster metadata through Raft.
+            return Err(invalid(
+                "security.broker_principals",
+                "with authentication or authorization on, list the brokers' certificate names: the internal listener otherwise takes any certificate its CA signed (a client's too) as a broker's",
+            ));
+        }
         if secured && self.internal_listen.is_some() && self.internal_tls.is_none() {
             // A plaintext internal listener takes every caller as a
             // broker: anyone reaching the port could write cluster
@@ -959,10 +969,17 @@ mod tests {
             assert!(err.contains(key), "{text}: {err}");
         }
         let err = ServerConfig::from_toml(
-            "internal_listen = \"127.0.0.1:9192\"\n[security]\nauthorization = true\n",
+            "internal_listen = \"127.0.0.1:9192\"\n[security]\nauthorization = true\nbroker_principals = [\"b\"]\n",
         )
         .unwrap_err();
         assert!(err.to_string().contains("internal_tls"), "{err}");
+        // With its own listener too, the brokers' names are required: its
+        // mutual TLS takes any certificate of its CA, a client's too.
+        let err = ServerConfig::from_toml(
+            "internal_listen = \"127.0.0.1:9192\"\n[internal_tls]\ncert_file = \"a\"\nkey_file = \"b\"\nca_file = \"c\"\n[security]\nauthorization = true\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("broker_principals"), "{err}");
         ServerConfig::from_toml(
             "[broker]\ndefault_replication_factor = 3\n[topic_defaults]\n\"min.insync.replicas\" = 2\n",
         )
