@@ -764,6 +764,21 @@ impl ServerConfig {
                 "with authentication or authorization on, the internal services share the client listener: list the brokers' certificate names here (brokers present their [tls] certificates to each other), or give them their own internal_listen",
             ));
         }
+        let several_voters = self.voters().is_ok_and(|v| v.len() > 1);
+        let certs_asked = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_auth != ClientAuth::None);
+        if secured && self.internal_listen.is_none() && several_voters && !certs_asked {
+            // Brokers are told apart by the certificates they present to
+            // each other on the shared listener; a listener that asks for
+            // none saw every broker as anonymous, refused its Raft and
+            // replication calls, and the cluster never formed.
+            return Err(invalid(
+                "tls.client_auth",
+                "with authentication or authorization on, brokers present their certificates to each other on the client listener: set tls.client_auth to \"optional\" or \"required\" (with tls.ca_file), or give them an internal_listen",
+            ));
+        }
         if secured && self.internal_listen.is_some() && self.security.broker_principals.is_empty() {
             // The internal listener's mutual TLS then takes any
             // certificate its CA signed as a broker's: with the clients'
@@ -973,6 +988,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("internal_tls"), "{err}");
+        // Several brokers on a shared listener that asks for no
+        // certificates could never tell each other apart.
+        let err = ServerConfig::from_toml(
+            "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\n[security]\nauthentication = true\nbroker_principals = [\"b\"]\n[controller]\nvoters = [\"1@h:1\", \"2@h:2\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("tls.client_auth"), "{err}");
         // With its own listener too, the brokers' names are required: its
         // mutual TLS takes any certificate of its CA, a client's too.
         let err = ServerConfig::from_toml(
