@@ -195,7 +195,14 @@ pub fn authorize_any<'a>(
             (PatternType::Literal, _) if deny.name == "*" => true,
             (PatternType::Literal, PatternType::Literal) => deny.name == allow.name,
             (PatternType::Literal, PatternType::Prefixed) => false,
-            (PatternType::Prefixed, _) => allow.name != "*" && allow.name.starts_with(&deny.name),
+            // A literal `*` allow speaks of every name: only a deny of
+            // every prefix (the empty one) covers it.
+            (PatternType::Prefixed, PatternType::Literal) if allow.name == "*" => {
+                deny.name.is_empty()
+            }
+            // A prefixed allow of `*` is names starting with the
+            // character `*`, no wildcard.
+            (PatternType::Prefixed, _) => allow.name.starts_with(&deny.name),
         }
     };
     acls.clone().into_iter().any(|allow| {
@@ -249,6 +256,29 @@ mod tests {
         let logs = acl("*", Topic, "logs-", Prefixed, Write, Allow);
         let secret = acl("alice", Topic, "logs-secret", Literal, Write, Deny);
         assert!(any(&[logs, secret], "alice"));
+        // A deny of every prefix covers an allow of every name, and a
+        // prefixed allow of names starting with `*`.
+        let every = acl("alice", Topic, "", Prefixed, Write, Deny);
+        for allow in [
+            acl("alice", Topic, "*", Literal, Write, Allow),
+            acl("alice", Topic, "*", Prefixed, Write, Allow),
+        ] {
+            assert!(!any(&[allow.clone(), every.clone()], "alice"), "{allow:?}");
+        }
+        let star = acl("alice", Topic, "*", Prefixed, Write, Deny);
+        assert!(!any(
+            &[
+                acl("alice", Topic, "*x", Prefixed, Write, Allow),
+                star.clone()
+            ],
+            "alice"
+        ));
+        // A prefixed deny of `*` is no wildcard: a literal `*` allow
+        // still allows other names.
+        assert!(any(
+            &[acl("alice", Topic, "*", Literal, Write, Allow), star],
+            "alice"
+        ));
     }
 
     fn acl(
