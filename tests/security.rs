@@ -287,6 +287,10 @@ async fn tls_mtls_authentication_and_acls() {
     // Users: passwords are checked; a wrong password and an unknown user
     // get the same answer.
     admin.upsert_user("alice", "correct horse").await.unwrap();
+    // A name no login header can carry is refused, not stored.
+    let err = admin.upsert_user("josé", "pw").await.unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::InvalidRequest, "{err}");
+    assert!(err.to_string().contains("visible ASCII"), "{err}");
     let users = admin.list_users().await.unwrap();
     assert_eq!(users.len(), 1);
     assert_eq!(users[0].name, "alice");

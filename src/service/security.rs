@@ -134,6 +134,16 @@ impl Security for SecurityService {
         if req.password.is_empty() {
             return Err(invalid("the password is empty"));
         }
+        // A user logs in by a header value, which carries visible ASCII
+        // only (clients and this server refuse the rest): a user named
+        // otherwise could be created but never log in. Checked here, not
+        // by the metadata (older entries must apply as they did).
+        if !req.name.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err(invalid(format!(
+                "user name {:?}: only visible ASCII characters (a user logs in by a header that carries no others)",
+                req.name
+            )));
+        }
         // The password the user has already: nothing to change. A new
         // salt would change the stored hash, and with it end every stream
         // the user has open (re-running provisioning did that).
