@@ -157,30 +157,45 @@ pub struct ReloadingTls {
 #[derive(Debug)]
 struct ReloadState {
     checked: Instant,
-    mtimes: Vec<Option<SystemTime>>,
+    /// The files' stamps when `config` was loaded from them.
+    stamps: Vec<Option<FileStamp>>,
+    /// Stamps of files that changed but failed to load (not tried again
+    /// until they change once more).
+    failed: Option<Vec<Option<FileStamp>>>,
     config: Arc<rustls::ServerConfig>,
 }
+
+/// What tells a changed file: its modification time and its length. The
+/// length as well, since a rewrite in place (`cp` truncates, then
+/// writes) can end within the time's granularity of the failed read
+/// of its first half.
+type FileStamp = (SystemTime, u64);
 
 impl ReloadingTls {
     /// Loads the files once; errors here stop the server from starting.
     pub fn new(files: TlsFiles) -> Result<Self, TlsError> {
+        let stamps = Self::stamps(&files);
         let config = Arc::new(server_config(&files)?);
-        let mtimes = Self::mtimes(&files);
         Ok(Self {
             files,
             state: Mutex::new(ReloadState {
                 checked: Instant::now(),
-                mtimes,
+                stamps,
+                failed: None,
                 config,
             }),
         })
     }
 
-    fn mtimes(files: &TlsFiles) -> Vec<Option<SystemTime>> {
+    fn stamps(files: &TlsFiles) -> Vec<Option<FileStamp>> {
         [Some(&files.cert), Some(&files.key), files.ca.as_ref()]
             .into_iter()
             .flatten()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .map(|p| {
+                std::fs::metadata(p)
+                    .and_then(|m| Ok((m.modified()?, m.len())))
+                    .ok()
+            })
             .collect()
     }
 
@@ -190,21 +205,32 @@ impl ReloadingTls {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.checked.elapsed() >= RELOAD_CHECK_EVERY {
             state.checked = Instant::now();
-            let mtimes = Self::mtimes(&self.files);
-            if mtimes != state.mtimes {
-                state.mtimes = mtimes;
-                match server_config(&self.files) {
-                    Ok(c) => {
-                        info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
-                        state.config = Arc::new(c);
-                    }
-                    Err(error) => {
-                        warn!(%error, "TLS files changed but cannot be loaded; keeping the previous ones")
-                    }
-                }
-            }
+            self.reload_if_changed(&mut state);
         }
         state.config.clone()
+    }
+
+    /// Loads the files again if they changed since they were last loaded
+    /// (or last failed to). A failed load is tried again once they
+    /// change again: taken as loaded, a certificate whose rewrite was
+    /// read half-written was never read whole.
+    fn reload_if_changed(&self, state: &mut ReloadState) {
+        let stamps = Self::stamps(&self.files);
+        if stamps == state.stamps || state.failed.as_ref() == Some(&stamps) {
+            return;
+        }
+        match server_config(&self.files) {
+            Ok(c) => {
+                info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+                state.config = Arc::new(c);
+                state.stamps = stamps;
+                state.failed = None;
+            }
+            Err(error) => {
+                warn!(%error, "TLS files changed but cannot be loaded; keeping the previous ones");
+                state.failed = Some(stamps);
+            }
+        }
     }
 }
 
@@ -349,6 +375,64 @@ fn tlv(buf: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A self-signed certificate and key for `name`, as PEM.
+    fn pem_pair(name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![name.into()]).unwrap();
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    /// A certificate read half-written (a failed load) is loaded once
+    /// whole, even when the rewrite ends within the same modification
+    /// time: the failed attempt used to be taken as the files' state.
+    #[test]
+    fn a_failed_reload_is_tried_again_once_the_file_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let (old_cert, old_key) = pem_pair("old");
+        std::fs::write(&cert, &old_cert).unwrap();
+        std::fs::write(&key, &old_key).unwrap();
+        let tls = ReloadingTls::new(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: None,
+            client_auth: ClientAuth::None,
+        })
+        .unwrap();
+        let at = SystemTime::now() + Duration::from_secs(60);
+        let stamp = |path: &std::path::Path| {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+        };
+        let reload = || {
+            let mut state = tls.state.lock().unwrap();
+            tls.reload_if_changed(&mut state);
+            state.config.clone()
+        };
+        let before = reload();
+        // Half of the new certificate: refused, the old one kept.
+        let (new_cert, new_key) = pem_pair("new");
+        std::fs::write(&key, &new_key).unwrap();
+        std::fs::write(&cert, &new_cert[..new_cert.len() / 2]).unwrap();
+        stamp(&cert);
+        stamp(&key);
+        assert!(
+            Arc::ptr_eq(&reload(), &before),
+            "a half certificate was loaded"
+        );
+        // Whole, with the same modification time.
+        std::fs::write(&cert, &new_cert).unwrap();
+        stamp(&cert);
+        assert!(
+            !Arc::ptr_eq(&reload(), &before),
+            "the whole certificate was not loaded"
+        );
+    }
 
     #[test]
     fn common_name_is_read_from_the_subject() {

@@ -52,12 +52,21 @@ impl InternalTlsFiles {
         self.ca_file.iter().chain([&self.cert_file, &self.key_file])
     }
 
-    fn mtimes(&self) -> Vec<Option<SystemTime>> {
+    /// Each file's modification time and length (a rewrite in place can
+    /// end within the time's granularity of a read of its first half).
+    fn stamps(&self) -> Vec<Option<(SystemTime, u64)>> {
         self.paths()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .map(|p| {
+                std::fs::metadata(p)
+                    .and_then(|m| Ok((m.modified()?, m.len())))
+                    .ok()
+            })
             .collect()
     }
 
+    /// The files, read and checked: a configuration whose PEM does not
+    /// parse (a file read half-written) is refused here rather than
+    /// taken, which made every later channel fail.
     fn load(&self) -> std::io::Result<ClientTlsConfig> {
         let mut config = ClientTlsConfig::new().identity(Identity::from_pem(
             std::fs::read(&self.cert_file)?,
@@ -66,6 +75,9 @@ impl InternalTlsFiles {
         if let Some(ca) = &self.ca_file {
             config = config.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
         }
+        Endpoint::from_static("https://localhost")
+            .tls_config(config.clone())
+            .map_err(std::io::Error::other)?;
         Ok(config)
     }
 }
@@ -75,7 +87,11 @@ impl InternalTlsFiles {
 struct TlsState {
     files: InternalTlsFiles,
     checked: Instant,
-    mtimes: Vec<Option<SystemTime>>,
+    /// The files' stamps when `config` was loaded from them.
+    stamps: Vec<Option<(SystemTime, u64)>>,
+    /// Stamps of files that changed but failed to load (not tried again
+    /// until they change once more).
+    failed: Option<Vec<Option<(SystemTime, u64)>>>,
     config: Option<ClientTlsConfig>,
 }
 
@@ -91,12 +107,14 @@ impl Channels {
     /// Channels that speak TLS to every peer when `tls` is set.
     pub fn with_tls(tls: Option<InternalTlsFiles>) -> Self {
         let tls = tls.map(|files| {
+            let stamps = files.stamps();
             let config = files
                 .load()
                 .map_err(|error| tracing::warn!(%error, "cannot read internal TLS files"))
                 .ok();
             Mutex::new(TlsState {
-                mtimes: files.mtimes(),
+                failed: config.is_none().then(|| stamps.clone()),
+                stamps,
                 files,
                 checked: Instant::now(),
                 config,
@@ -114,20 +132,22 @@ impl Channels {
         let mut state = self.tls.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
         if state.checked.elapsed() >= Duration::from_secs(1) {
             state.checked = Instant::now();
-            let mtimes = state.files.mtimes();
-            if mtimes != state.mtimes {
-                state.mtimes = mtimes;
+            let stamps = state.files.stamps();
+            if stamps != state.stamps && state.failed.as_ref() != Some(&stamps) {
                 match state.files.load() {
                     Ok(config) => {
                         tracing::info!("internal TLS client certificate reloaded");
                         state.config = Some(config);
+                        state.stamps = stamps;
+                        state.failed = None;
                         self.by_addr
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .clear();
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "internal TLS files changed but cannot be read")
+                        tracing::warn!(%error, "internal TLS files changed but cannot be loaded; keeping the previous ones");
+                        state.failed = Some(stamps);
                     }
                 }
             }
@@ -380,5 +400,37 @@ mod tests {
         age(&channels);
         assert!(channels.current_tls().is_some());
         assert!(channels.by_addr.lock().unwrap().is_empty());
+        // Half a certificate (a rewrite read midway) is not taken: the
+        // channels and the configuration stay. Taken, every later channel
+        // failed to build.
+        channels.get("127.0.0.1:1").unwrap();
+        let pem = cert.pem();
+        std::fs::write(&files.cert_file, &pem[..pem.len() / 2]).unwrap();
+        age(&channels);
+        assert!(channels.current_tls().is_some());
+        assert_eq!(
+            channels.by_addr.lock().unwrap().len(),
+            1,
+            "dropped for a broken file"
+        );
+        // Whole again, with the same modification time: loaded.
+        let at = std::fs::metadata(&files.cert_file)
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::fs::write(&files.cert_file, &pem).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&files.cert_file)
+            .unwrap()
+            .set_modified(at)
+            .unwrap();
+        age(&channels);
+        assert!(channels.current_tls().is_some());
+        assert!(
+            channels.by_addr.lock().unwrap().is_empty(),
+            "the whole file was not loaded"
+        );
+        channels.get("127.0.0.1:1").unwrap();
     }
 }
