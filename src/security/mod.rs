@@ -297,7 +297,7 @@ impl Security {
         user: &str,
         password: &[u8],
     ) -> Option<Result<Principal, Status>> {
-        let key = (peer, user.to_string());
+        let key = (peer.map(source_of), user.to_string());
         if let Err(status) = self.check_lockout(&mut self.lock_failures(), &key, Instant::now()) {
             return Some(Err(status));
         }
@@ -343,15 +343,38 @@ impl Security {
         key: &FailureKey,
         now: Instant,
     ) -> Result<(), Status> {
+        self.check_lockout_max(failures, key, now, self.settings.auth_failures_max)
+    }
+
+    /// [`Security::check_lockout`] with `max` failures allowed.
+    #[allow(clippy::result_large_err)]
+    fn check_lockout_max(
+        &self,
+        failures: &mut HashMap<FailureKey, Failures>,
+        key: &FailureKey,
+        now: Instant,
+        max: u32,
+    ) -> Result<(), Status> {
         let window = Duration::from_millis(self.settings.auth_failure_window_ms);
         if let Some(f) = failures.get(key) {
             if now.duration_since(f.since) >= window {
                 failures.remove(key);
-            } else if f.count >= self.settings.auth_failures_max {
+            } else if f.count >= max {
                 return Err(locked_out());
             }
         }
         Ok(())
+    }
+
+    /// Failed password checks one source may make within the window,
+    /// over every user name: without, a source could try other names (or
+    /// made-up ones, flooding the records until its own were dropped)
+    /// and keep guessing each user's password at several times the rate
+    /// the per-user count allows.
+    fn source_failures_max(&self) -> u32 {
+        self.settings
+            .auth_failures_max
+            .saturating_mul(SOURCE_FAILURES_FACTOR)
     }
 
     /// Whether `user`'s password with this digest was verified against
@@ -377,24 +400,30 @@ impl Security {
         password: &[u8],
     ) -> Result<Principal, Status> {
         let window = Duration::from_millis(self.settings.auth_failure_window_ms);
-        let key = (peer, user.to_string());
+        let source = peer.map(source_of);
+        let key = (source, user.to_string());
+        // Every user name from this source (user names are not empty).
+        let source_key = (source, String::new());
         let now = Instant::now();
         {
             let mut failures = self.lock_failures();
             self.check_lockout(&mut failures, &key, now)?;
+            self.check_lockout_max(&mut failures, &source_key, now, self.source_failures_max())?;
             if failures.len() >= FAILURE_RECORDS_MAX {
                 bound_failures(&mut failures, now, window, self.settings.auth_failures_max);
             }
             // The attempt counts as failed until it succeeds, under the
             // same lock as the check: concurrent guesses cannot all pass
             // the check before any of them is counted.
-            failures
-                .entry(key.clone())
-                .or_insert(Failures {
-                    count: 0,
-                    since: now,
-                })
-                .count += 1;
+            for k in [&key, &source_key] {
+                failures
+                    .entry(k.clone())
+                    .or_insert(Failures {
+                        count: 0,
+                        since: now,
+                    })
+                    .count += 1;
+            }
         }
         let state = self.metadata.current();
         let ok = match state.users.get(user) {
@@ -421,6 +450,12 @@ impl Security {
         let mut failures = self.lock_failures();
         if ok {
             failures.remove(&key);
+            // This attempt was no failure of the source's either (its
+            // earlier ones stay counted: a login between guesses must not
+            // clear them).
+            if let Some(f) = failures.get_mut(&source_key) {
+                f.count = f.count.saturating_sub(1);
+            }
             return Ok(Principal(user.into()));
         }
         let count = failures.get(&key).map_or(0, |f| f.count);
@@ -878,6 +913,27 @@ const VERIFICATION_WAIT_MAX: Duration = Duration::from_secs(5);
 /// Longest user name that can exist (as `UpsertUser` takes them).
 const USER_NAME_BYTES_MAX: usize = 255;
 
+/// A source's failed password checks over all user names, at most, as a
+/// multiple of `auth_failures_max` (per user name).
+const SOURCE_FAILURES_FACTOR: u32 = 10;
+
+/// Where a password check comes from, for counting its failures: the
+/// address, or for IPv6 its /64 (one host commonly holds a whole /64,
+/// and rotating addresses within it made every guess a first one). An
+/// IPv4 address mapped into IPv6 counts as itself.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 /// Keeps the failure records under [`FAILURE_RECORDS_MAX`]: expired ones
 /// go first, then those not locked out, then the oldest. Dropping only
 /// expired ones let a flood of names grow the map for a whole window.
@@ -1130,6 +1186,52 @@ mod tests {
         security
             .check_password(other, "u", b"correct horse")
             .unwrap();
+    }
+
+    /// Failures count per source over all user names too, and an IPv6
+    /// source is its /64: trying other names, or other addresses of one
+    /// /64, no longer gives fresh guesses.
+    #[test]
+    fn a_source_guessing_many_names_is_locked_out() {
+        let mut meta = runnel_controller::ClusterMetadata::default();
+        meta.users
+            .insert("u".into(), password::hash("correct horse"));
+        let settings = SecuritySection {
+            authentication: true,
+            auth_failures_max: 3,
+            auth_failure_window_ms: 60_000,
+            ..SecuritySection::default()
+        };
+        let security = Security::new(settings, Arc::new(Users(Arc::new(meta))));
+        let peer = |last: u16| Some(IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]));
+        // Two guesses per name (under the per-name limit of 3), a new
+        // address of the /64 each time: 15 names make 30 failures.
+        for n in 0..15u16 {
+            for g in 0..2u16 {
+                let err = security
+                    .check_password(peer(n * 2 + g), &format!("name{n}"), b"guess")
+                    .unwrap_err();
+                assert_eq!(err.code(), tonic::Code::Unauthenticated, "{n}/{g}");
+            }
+        }
+        // The source's 30 failures are the most it may make.
+        let err = security
+            .check_password(peer(999), "u", b"correct horse")
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        // Another /64 is another source; an IPv4-mapped address is its
+        // IPv4 address.
+        security
+            .check_password(
+                Some(IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1])),
+                "u",
+                b"correct horse",
+            )
+            .unwrap();
+        assert_eq!(
+            source_of(IpAddr::from([0, 0, 0, 0, 0, 0xffff, 0x7f00, 1])),
+            IpAddr::from([127, 0, 0, 1])
+        );
     }
 
     #[test]
