@@ -56,6 +56,10 @@ struct SessionState {
     last_alive: Option<Instant>,
     /// The loop noticed a pause since the last step that led.
     paused: bool,
+    /// Since when this leader has heard from no majority of voters (for
+    /// a session timeout or more); its brokers get a fresh grace period
+    /// once one answers again.
+    without_quorum: Option<Instant>,
     /// Raft leader → when its latest `AppendEntries` that this node
     /// accepted arrived, for every leader heard from since this node last
     /// became the active controller; taken when it becomes it again.
@@ -192,6 +196,7 @@ impl RaftMetadataStore {
         if !leading {
             let mut s = self.sessions.lock();
             s.term = None;
+            s.without_quorum = None;
             // A pause while following changes nothing: a new controller
             // starts its clocks afresh anyway.
             s.paused = false;
@@ -207,12 +212,21 @@ impl RaftMetadataStore {
             // term). Nothing is fenced meanwhile, and every broker gets a
             // fresh grace period once a majority answers again, as after
             // a pause.
-            self.sessions.lock().paused = true;
+            self.sessions.lock().without_quorum.get_or_insert(now);
             return None;
         }
         let state = self.current();
         {
             let mut s = self.sessions.lock();
+            if let Some(since) = s.without_quorum.take() {
+                if now.duration_since(since) >= session {
+                    tracing::warn!(
+                        silent_ms = now.duration_since(since).as_millis() as u64,
+                        "a majority of voters answers again: fresh broker grace period"
+                    );
+                }
+                s.last_seen.clear();
+            }
             // The loop not running for far longer than its interval means
             // this process was paused (SIGSTOP, a VM freeze): nobody could
             // reach it, so every broker gets a fresh grace period rather
