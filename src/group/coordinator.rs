@@ -802,66 +802,61 @@ impl GroupCoordinator {
         let (me, group) = (Arc::downgrade(self), group.to_string());
         let incarnation = e.incarnation;
         tokio::spawn(async move {
-            let (failed, too_large) = match stored.await {
-                Ok(Ok(_)) => (None, false),
-                Ok(Err(e)) => (Some(e.to_string()), e.code == pb::ErrorCode::RecordTooLarge),
-                Err(_) => (Some("the writer stopped".to_string()), false),
+            // Err((why, whether it can never be stored)).
+            let outcome = match stored.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err((e.to_string(), e.code == pb::ErrorCode::RecordTooLarge)),
+                Err(_) => Err(("the writer stopped".to_string(), false)),
             };
-            if let (Some(error), true) = (&failed, too_large) {
+            match &outcome {
+                Ok(()) => {}
                 // Never fits, however often it is tried: its joins are
                 // told (see `Entry::unstorable`).
-                warn!(%group, generation, %error, "the group record is too large to store; its joins are refused");
-                let Some(me) = me.upgrade() else { return };
-                let mut inner = me.lock();
-                if let Some(e) = inner
-                    .groups
-                    .get_mut(&group)
-                    .filter(|e| e.incarnation == incarnation)
-                {
-                    e.unstorable = Some((generation, version, error.clone()));
-                    e.notify();
+                Err((error, true)) => {
+                    warn!(%group, generation, %error, "the group record is too large to store; its joins are refused");
                 }
-                return;
-            }
-            if let Some(error) = failed {
                 // Not stored: the joins of this generation stay waiting
                 // (until their deadline: REBALANCE_IN_PROGRESS, and the
                 // clients join again). Answering them would let a
                 // failover bring back an older generation whose members
                 // it accepts again, and their commits with it.
-                warn!(%group, generation, %error, "storing the group record failed; retrying");
-                tokio::time::sleep(PERSIST_RETRY).await;
-                let Some(me) = me.upgrade() else { return };
-                let mut inner = me.lock();
-                if let Some(e) = inner
-                    .groups
-                    .get_mut(&group)
-                    .filter(|e| e.incarnation == incarnation)
-                {
+                Err((error, false)) => {
+                    warn!(%group, generation, %error, "storing the group record failed; retrying");
+                    tokio::time::sleep(PERSIST_RETRY).await;
+                }
+            }
+            let Some(me) = me.upgrade() else { return };
+            let mut inner = me.lock();
+            let Some(e) = inner
+                .groups
+                .get_mut(&group)
+                .filter(|e| e.incarnation == incarnation)
+            else {
+                return;
+            };
+            match outcome {
+                Ok(()) => {
+                    e.persisted = e.persisted.max(generation);
+                    e.version_stored = e.version_stored.max(version);
+                    e.unstorable = None;
+                    if e.stored() {
+                        e.group.touch_members(now_ms());
+                    }
+                    e.notify();
+                }
+                Err((error, true)) => {
+                    e.unstorable = Some((generation, version, error));
+                    e.notify();
+                }
+                Err((_, false)) => {
                     if e.queued == generation {
                         e.queued = e.persisted;
                     }
                     if e.version_queued == version {
                         e.version_queued = e.version_stored;
                     }
+                    me.persist(&mut inner, &group);
                 }
-                me.persist(&mut inner, &group);
-                return;
-            }
-            let Some(me) = me.upgrade() else { return };
-            let mut inner = me.lock();
-            if let Some(e) = inner
-                .groups
-                .get_mut(&group)
-                .filter(|e| e.incarnation == incarnation)
-            {
-                e.persisted = e.persisted.max(generation);
-                e.version_stored = e.version_stored.max(version);
-                e.unstorable = None;
-                if e.stored() {
-                    e.group.touch_members(now_ms());
-                }
-                e.notify();
             }
         });
     }

@@ -1143,8 +1143,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn concurrent_guesses_stop_at_the_failure_limit() {
+    /// Authentication on, user `u` with password "correct horse", three
+    /// failures a minute allowed.
+    fn user_u_three_failures() -> Security {
         let mut meta = runnel_controller::ClusterMetadata::default();
         meta.users
             .insert("u".into(), password::hash("correct horse"));
@@ -1154,7 +1155,12 @@ mod tests {
             auth_failure_window_ms: 60_000,
             ..SecuritySection::default()
         };
-        let security = Security::new(settings, Arc::new(Users(Arc::new(meta))));
+        Security::new(settings, Arc::new(Users(Arc::new(meta))))
+    }
+
+    #[test]
+    fn concurrent_guesses_stop_at_the_failure_limit() {
+        let security = user_u_three_failures();
         let peer = Some(IpAddr::from([127, 0, 0, 1]));
         let barrier = std::sync::Barrier::new(16);
         let verified = std::sync::atomic::AtomicUsize::new(0);
@@ -1193,16 +1199,7 @@ mod tests {
     /// /64, no longer gives fresh guesses.
     #[test]
     fn a_source_guessing_many_names_is_locked_out() {
-        let mut meta = runnel_controller::ClusterMetadata::default();
-        meta.users
-            .insert("u".into(), password::hash("correct horse"));
-        let settings = SecuritySection {
-            authentication: true,
-            auth_failures_max: 3,
-            auth_failure_window_ms: 60_000,
-            ..SecuritySection::default()
-        };
-        let security = Security::new(settings, Arc::new(Users(Arc::new(meta))));
+        let security = user_u_three_failures();
         let peer = |last: u16| Some(IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]));
         // Two guesses per name (under the per-name limit of 3), a new
         // address of the /64 each time: 15 names make 30 failures.
