@@ -21,25 +21,27 @@ fn consecutive_ports(n: usize) -> u16 {
     }
 }
 
-#[test]
-fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = consecutive_ports(3);
-    let metrics = consecutive_ports(3);
-    // A group of its own: however the test ends, `runnel dev` and the
-    // nodes it started are killed together (SIGKILL to `runnel dev`
-    // alone would orphan them).
+/// Starts `runnel dev` with three nodes in `dir` (with `env` set and
+/// `extra` arguments), in a process group of its own: however the test
+/// ends, it and the nodes it started are killed together (SIGKILL to
+/// `runnel dev` alone would orphan them). Returns it once up, its
+/// bootstrap addresses, and the thread collecting its stdout.
+fn start_dev(
+    dir: &std::path::Path,
+    base: u16,
+    metrics: u16,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> (Reaped, String, std::thread::JoinHandle<String>) {
     let mut dev = Reaped::group(
         Command::new(runnel_bin())
             .args(["dev", "--nodes", "3"])
             .args(["--base-port", &base.to_string()])
             .args(["--metrics-base-port", &metrics.to_string()])
             .arg("--data-dir")
-            .arg(dir.path())
-            // Would give every node id 7 if the nodes inherited it.
-            .env("RUNNEL_NODE_ID", "7")
-            // A key for every node's config.
-            .args(["--set", "broker.writeback_interval_ms=0"])
+            .arg(dir)
+            .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -60,10 +62,36 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
         }
         all
     });
-    let bootstrap = match rx.recv_timeout(Duration::from_secs(120)) {
-        Ok(b) => b,
-        Err(_) => panic!("runnel dev did not come up"),
-    };
+    let bootstrap = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("runnel dev did not come up");
+    (dev, bootstrap, reader)
+}
+
+/// No node listens on the three client ports from `base` any more.
+fn assert_nothing_listens(base: u16) {
+    for port in base..base + 3 {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "a node still listens on {port}"
+        );
+    }
+}
+
+#[test]
+fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = consecutive_ports(3);
+    let metrics = consecutive_ports(3);
+    let (dev, bootstrap, reader) = start_dev(
+        dir.path(),
+        base,
+        metrics,
+        // Would give every node id 7 if the nodes inherited it.
+        &[("RUNNEL_NODE_ID", "7")],
+        // A key for every node's config.
+        &["--set", "broker.writeback_interval_ms=0"],
+    );
     assert_eq!(bootstrap.split(',').count(), 3, "{bootstrap}");
 
     cli_ok(
@@ -128,12 +156,7 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
     }
     let stdout = reader.join().unwrap();
     assert!(stdout.contains("runnel dev: stopped"), "{stdout}");
-    for port in base..base + 3 {
-        assert!(
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "a node still listens on {port}"
-        );
-    }
+    assert_nothing_listens(base);
 
     // Its directory holds a three-node quorum: started again as another
     // cluster, it says so at once instead of waiting for a quorum that
@@ -162,35 +185,7 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
 
     // A node that dies makes `runnel dev` name it, stop the others (not
     // kill them: they had no controlled shutdown) and exit non-zero.
-    let mut dev = Reaped::group(
-        Command::new(runnel_bin())
-            .args(["dev", "--nodes", "3"])
-            .args(["--base-port", &base.to_string()])
-            .args(["--metrics-base-port", &metrics.to_string()])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = dev.child().stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            if line.starts_with("bootstrap: ") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    rx.recv_timeout(Duration::from_secs(120))
-        .expect("the cluster came up again");
+    let (dev, _, reader) = start_dev(dir.path(), base, metrics, &[], &[]);
     let node_2 = dir.path().join("node-2.toml");
     let pid = std::fs::read_dir("/proc")
         .unwrap()
@@ -210,10 +205,5 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("node 2 exited unexpectedly"), "{stderr}");
     assert!(reader.join().unwrap().contains("runnel dev: stopped"));
-    for port in base..base + 3 {
-        assert!(
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "a node still listens on {port}"
-        );
-    }
+    assert_nothing_listens(base);
 }

@@ -766,6 +766,32 @@ async fn t03_json_logs_carry_role_changes_with_epochs() {
     assert_eq!(leader["level"], "INFO");
 }
 
+/// The active controller's id, once there is one.
+async fn active_controller(client: &Client) -> i32 {
+    eventually("an active controller", WAIT, || async {
+        let id = client.describe_cluster().await.ok()?.controller_id;
+        (id > 0).then_some(id)
+    })
+    .await
+}
+
+/// Waits until `metrics`' `/ready` answers `status` (`what` names the
+/// wait); returns the body.
+async fn ready_answers(metrics: &str, status: u16, what: &str) -> String {
+    eventually(what, WAIT, || async {
+        let (got, body) = http_get(metrics, "/ready").await.ok()?;
+        (got == status).then_some(body)
+    })
+    .await
+}
+
+/// Sends signal `name` to each node of `ids`.
+fn signal_all(cluster: &Cluster, ids: &[i32], name: &str) {
+    for id in ids {
+        cluster.node(*id).signal(name);
+    }
+}
+
 /// A broker-only node whose active controller is cut off from the other
 /// voters turns not ready: that controller stays leader in its own eyes
 /// (openraft has no check-quorum), and it answered the node's heartbeats
@@ -778,11 +804,7 @@ async fn t05_a_broker_whose_controller_is_cut_off_is_not_ready() {
     let base = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(3, base.path(), "", CONTROLLER);
     let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    let leader = eventually("an active controller", WAIT, || async {
-        let id = client.describe_cluster().await.ok()?.controller_id;
-        (id > 0).then_some(id)
-    })
-    .await;
+    let leader = active_controller(&client).await;
     let voters: Vec<String> = cluster
         .addrs
         .iter()
@@ -814,10 +836,7 @@ async fn t05_a_broker_whose_controller_is_cut_off_is_not_ready() {
     )
     .wait();
     let metrics = broker.metrics_addr.clone().expect("metrics");
-    eventually("the broker-only node ready", WAIT, || async {
-        (http_get(&metrics, "/ready").await.ok()?.0 == 200).then_some(())
-    })
-    .await;
+    ready_answers(&metrics, 200, "the broker-only node ready").await;
     let epochs = |c: pb::ClusterDescription| -> BTreeSet<(i32, i64, bool)> {
         c.brokers
             .iter()
@@ -827,22 +846,11 @@ async fn t05_a_broker_whose_controller_is_cut_off_is_not_ready() {
     let before = epochs(client.describe_cluster().await.unwrap());
     assert_eq!(before.len(), 4, "{before:?}");
     let others: Vec<i32> = (1..=3).filter(|id| *id != leader).collect();
-    for id in &others {
-        cluster.node(*id).signal("STOP");
-    }
-    let body = eventually("the broker-only node not ready", WAIT, || async {
-        let (status, body) = http_get(&metrics, "/ready").await.ok()?;
-        (status == 503).then_some(body)
-    })
-    .await;
-    for id in &others {
-        cluster.node(*id).signal("CONT");
-    }
+    signal_all(&cluster, &others, "STOP");
+    let body = ready_answers(&metrics, 503, "the broker-only node not ready").await;
+    signal_all(&cluster, &others, "CONT");
     assert!(body.contains("heartbeats"), "{body}");
-    eventually("ready again with the quorum back", WAIT, || async {
-        (http_get(&metrics, "/ready").await.ok()?.0 == 200).then_some(())
-    })
-    .await;
+    ready_answers(&metrics, 200, "ready again with the quorum back").await;
     // Nobody was fenced for it (the cut-off controller hears from no
     // broker, and fences it queued would commit if the voters rejoined
     // under its term). A write committed now comes after any of those.
@@ -870,36 +878,18 @@ async fn t04_an_active_controller_cut_off_from_the_quorum_is_not_ready() {
     let base = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(3, base.path(), "", CONTROLLER);
     let client = Client::connect(&cluster.bootstrap()).await.unwrap();
-    let leader = eventually("an active controller", WAIT, || async {
-        let id = client.describe_cluster().await.ok()?.controller_id;
-        (id > 0).then_some(id)
-    })
-    .await;
+    let leader = active_controller(&client).await;
     let metrics = cluster.metrics_addr(leader);
-    eventually("the controller ready", WAIT, || async {
-        (http_get(&metrics, "/ready").await.ok()?.0 == 200).then_some(())
-    })
-    .await;
+    ready_answers(&metrics, 200, "the controller ready").await;
     let others: Vec<i32> = (1..=3).filter(|id| *id != leader).collect();
-    for id in &others {
-        cluster.node(*id).signal("STOP");
-    }
-    let body = eventually("the cut-off controller not ready", WAIT, || async {
-        let (status, body) = http_get(&metrics, "/ready").await.ok()?;
-        (status == 503).then_some(body)
-    })
-    .await;
-    for id in &others {
-        cluster.node(*id).signal("CONT");
-    }
+    signal_all(&cluster, &others, "STOP");
+    let body = ready_answers(&metrics, 503, "the cut-off controller not ready").await;
+    signal_all(&cluster, &others, "CONT");
     assert!(
         ["no majority", "heartbeats", "no active controller"]
             .iter()
             .any(|why| body.contains(why)),
         "{body}"
     );
-    eventually("ready again with the quorum back", WAIT, || async {
-        (http_get(&metrics, "/ready").await.ok()?.0 == 200).then_some(())
-    })
-    .await;
+    ready_answers(&metrics, 200, "ready again with the quorum back").await;
 }

@@ -717,15 +717,11 @@ async fn tls_mtls_authentication_and_acls() {
     }
     let (ok, out) = cli_env(&addr, &admin_env, &group_acl("remove"), b"");
     assert!(ok, "{out}");
-    let err = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if let Err(e) = member.poll().await {
-                break e;
-            }
-        }
-    })
-    .await
-    .expect("a member refused its heartbeats kept polling without an error");
+    let err = first_poll_error(
+        &mut member,
+        "a member refused its heartbeats kept polling without an error",
+    )
+    .await;
     assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
     drop(member);
 
@@ -792,15 +788,11 @@ async fn tls_mtls_authentication_and_acls() {
     let mut member = alice
         .group_consumer(runnel::client::GroupConfig::new("g-alice", &["logs-app"]))
         .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if let Err(e) = member.poll().await {
-                break e;
-            }
-        }
-    })
-    .await
-    .expect("a member denied READ kept polling without an error");
+    let err = first_poll_error(
+        &mut member,
+        "a member denied READ kept polling without an error",
+    )
+    .await;
     assert_eq!(code(&err), pb::ErrorCode::AuthorizationFailed, "{err}");
     assert!(member.generation() >= 1, "refused before it joined: {err}");
     drop(member);
@@ -1408,4 +1400,21 @@ async fn a_held_produce_ends_at_the_call_s_deadline() {
         .unwrap()
         .offset;
     assert_eq!(end, 2, "only the retry that got through was appended");
+}
+
+/// The first error `member`'s polls return, within a minute; `what`
+/// names the failure if none comes.
+async fn first_poll_error(
+    member: &mut runnel::client::GroupConsumer,
+    what: &str,
+) -> runnel::client::ClientError {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Err(e) = member.poll().await {
+                break e;
+            }
+        }
+    })
+    .await
+    .expect(what)
 }

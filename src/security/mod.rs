@@ -740,7 +740,7 @@ pub fn admission_at(
     let wait = broker
         .security()
         .map_or(Duration::ZERO, |s| s.admission(principal, direction));
-    (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait)
+    answer_deadline(wait)
 }
 
 /// The most one fetch of `principal` may ask for: what its fetch quota

@@ -85,16 +85,19 @@ impl Throttle {
         }
     }
 
-    /// How far `principal`'s clock is ahead of `now` (what it owes), at
-    /// most [`THROTTLE_MAX`]: a request waits this long before it is
-    /// served and charged, so that it holds nothing while it waits.
-    pub fn owed(&self, principal: &str, direction: Direction, now: Instant) -> Duration {
+    /// How far `principal`'s clock is ahead of `now`.
+    fn ahead(&self, principal: &str, direction: Direction, now: Instant) -> Duration {
         let clocks = self.clocks.lock().unwrap_or_else(|e| e.into_inner());
         clocks
             .get(&(principal.to_string(), direction))
-            .map_or(Duration::ZERO, |next| {
-                next.saturating_duration_since(now).min(THROTTLE_MAX)
-            })
+            .map_or(Duration::ZERO, |next| next.saturating_duration_since(now))
+    }
+
+    /// What `principal` owes: how far its clock is ahead of `now`, at
+    /// most [`THROTTLE_MAX`]. A request waits this long before it is
+    /// served and charged, so that it holds nothing while it waits.
+    pub fn owed(&self, principal: &str, direction: Direction, now: Instant) -> Duration {
+        self.ahead(principal, direction, now).min(THROTTLE_MAX)
     }
 
     /// How long a stream of `principal` should wait before it takes in
@@ -105,13 +108,8 @@ impl Throttle {
     /// per stream every ten seconds); waiting here before taking in more,
     /// they share the rate.
     pub fn admission(&self, principal: &str, direction: Direction, now: Instant) -> Duration {
-        let clocks = self.clocks.lock().unwrap_or_else(|e| e.into_inner());
-        clocks
-            .get(&(principal.to_string(), direction))
-            .map_or(Duration::ZERO, |next| {
-                next.saturating_duration_since(now)
-                    .saturating_sub(THROTTLE_MAX)
-            })
+        self.ahead(principal, direction, now)
+            .saturating_sub(THROTTLE_MAX)
     }
 }
 
