@@ -176,6 +176,11 @@ pub struct BrokerSection {
     /// brokers are live to create it. 0: three, or one per voter on a
     /// smaller quorum (set it on clusters with broker-only nodes).
     pub offsets_topic_replication_factor: i32,
+    /// Records an offsets partition may hold before its coordinator
+    /// compacts it (copies each key's newest record to the log end and
+    /// deletes the rest), and at least twice what its last compaction
+    /// kept; 0 never compacts.
+    pub offsets_compaction_records: u64,
     /// Fault injection for tests: when true, a file named after a
     /// failpoint in `DATA_DIR/failpoints/` switches it on
     /// (`pause-replica-fetch`: followers drop what they fetch).
@@ -198,6 +203,7 @@ impl Default for BrokerSection {
             num_partitions: 1,
             default_replication_factor: 1,
             offsets_topic_replication_factor: 0,
+            offsets_compaction_records: 100_000,
             failpoints: false,
         }
     }

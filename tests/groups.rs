@@ -2404,3 +2404,121 @@ async fn t29_a_group_too_large_to_store_refuses_its_joins() {
     })
     .await;
 }
+
+/// An offsets partition is compacted once it holds more records than
+/// `offsets_compaction_records`: its log start moves up, and a new
+/// coordinator replaying what is left serves the newest commits, the
+/// membership of a group with a member, and nothing of a deleted group.
+/// Before compaction, the partition kept every commit ever made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_an_offsets_partition_is_compacted_and_replays_the_same() {
+    use runnel::group::coordinator::partition_for_group;
+    let base = tempfile::tempdir().unwrap();
+    let (mut cluster, client) = three_brokers(
+        base.path(),
+        "replica_lag_time_max_ms = 10000\noffsets_compaction_records = 40",
+    )
+    .await;
+    client
+        .create_topic("t", 4, 3, Default::default())
+        .await
+        .unwrap();
+    // Three groups on one offsets partition: "g" commits standalone, "m"
+    // has a member, "d" is deleted.
+    let index = partition_for_group("g", 16);
+    let same = |prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|g| partition_for_group(g, 16) == index)
+            .unwrap()
+    };
+    let (m, d) = (same("m"), same("d"));
+    let member = Member::spawn(&client, config(&m, "t"));
+    eventually("the member assigned every partition", WAIT, || async {
+        (member.snapshot().2.len() == 4).then_some(())
+    })
+    .await;
+    let commit = |group: String, partition: i32, offset: i64| {
+        let client = &client;
+        async move {
+            let o = pb::PartitionOffset {
+                topic: "t".into(),
+                partition,
+                offset,
+                metadata: format!("at {offset}"),
+                ..Default::default()
+            };
+            eventually("a commit", WAIT, || async {
+                client
+                    .commit_offsets(&group, "", 0, vec![o.clone()])
+                    .await
+                    .ok()
+            })
+            .await;
+        }
+    };
+    for i in 0..10 {
+        commit(d.clone(), i % 4, i.into()).await;
+    }
+    client.delete_group(&d).await.unwrap();
+    for i in 0..200 {
+        commit("g".into(), i % 4, i.into()).await;
+    }
+    let start = eventually("the offsets partition compacted", WAIT, || async {
+        let r = client
+            .list_offsets("__consumer_offsets", index, pb::OffsetSpec::Earliest, 0)
+            .await
+            .ok()?;
+        (r.offset > 0).then_some(r.offset)
+    })
+    .await;
+    // The end is past the start by less than a compaction's threshold,
+    // plus what was committed while it ran.
+    let end = client
+        .list_offsets("__consumer_offsets", index, pb::OffsetSpec::Latest, 0)
+        .await
+        .unwrap()
+        .offset;
+    assert!(end - start < 200, "start {start}, end {end}");
+    // A commit after it is kept too.
+    commit("g".into(), 0, 1000).await;
+    let expected = |o: i64| pb::PartitionOffset {
+        topic: "t".into(),
+        partition: (o % 4) as i32,
+        offset: o,
+        metadata: format!("at {o}"),
+        ..Default::default()
+    };
+    let want = vec![expected(1000), expected(197), expected(198), expected(199)];
+    let before = client.describe_group(&m).await.unwrap();
+    assert_eq!((before.state.as_str(), before.members.len()), ("Stable", 1));
+
+    let old = client.find_coordinator("g").await.unwrap().broker_id;
+    cluster.kill(old);
+    let survivor = cluster.addrs[(old % 3) as usize].clone();
+    let client = Client::connect(&survivor).await.unwrap();
+    let got = eventually("a new coordinator serving the offsets", WAIT, || async {
+        let c = client.find_coordinator("g").await.ok()?;
+        if c.broker_id == old {
+            return None;
+        }
+        client.fetch_offsets("g", &[]).await.ok()
+    })
+    .await;
+    let strip = |v: Vec<pb::PartitionOffset>| -> Vec<(i32, i64, String)> {
+        let mut v: Vec<_> = v
+            .into_iter()
+            .map(|o| (o.partition, o.offset, o.metadata))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(strip(got), strip(want));
+    assert!(client.fetch_offsets(&d, &[]).await.unwrap().is_empty());
+    let after = client.describe_group(&m).await.unwrap();
+    assert_eq!(
+        (after.state, after.generation_id, after.members.len()),
+        (before.state, before.generation_id, 1)
+    );
+    member.close().await;
+}

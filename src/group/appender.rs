@@ -27,7 +27,7 @@ use super::coordinator::OFFSETS_TOPIC;
 use crate::broker::Broker;
 
 /// Most records in one append.
-const BATCH_RECORDS_MAX: usize = 4096;
+pub(super) const BATCH_RECORDS_MAX: usize = 4096;
 /// Most bytes in one append (records counted with [`RECORD_OVERHEAD`]),
 /// and at most the offsets topic's `max.message.bytes` less
 /// [`BATCH_OVERHEAD`]: writes that would pass it wait for the next
@@ -152,20 +152,41 @@ impl Appender {
     }
 
     /// The queued writes, up to [`BATCH_RECORDS_MAX`] records and
-    /// [`BATCH_BYTES_MAX`] bytes (at least one write), in order.
+    /// [`Appender::batch_bytes_max`] bytes (at least one write), in order.
     fn take(&self) -> Vec<Write> {
-        // A topic created before it carried its own 16 MiB limit keeps
-        // the default 1 MiB: batches stay under whichever applies.
-        let cap = self
-            .broker
-            .max_message_bytes(OFFSETS_TOPIC)
-            .map_or(BATCH_BYTES_MAX, |max| {
-                max.saturating_sub(BATCH_OVERHEAD).min(BATCH_BYTES_MAX)
-            });
+        let cap = self.batch_bytes_max();
         take_from(
             &mut self.queue.lock().unwrap_or_else(|e| e.into_inner()),
             cap,
         )
+    }
+
+    /// The most bytes of records (counted by [`record_bytes`]) in one
+    /// append: [`BATCH_BYTES_MAX`], or less when the topic's
+    /// `max.message.bytes` is (a topic created before it carried its own
+    /// 16 MiB limit keeps the default 1 MiB).
+    pub(super) fn batch_bytes_max(&self) -> usize {
+        self.broker
+            .max_message_bytes(OFFSETS_TOPIC)
+            .map_or(BATCH_BYTES_MAX, |max| {
+                max.saturating_sub(BATCH_OVERHEAD).min(BATCH_BYTES_MAX)
+            })
+    }
+
+    /// Holds every write back until the guard is dropped (compaction:
+    /// [`super::compact`]). Writes queued meanwhile are appended after.
+    pub(super) async fn exclusive(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.append.clone().lock_owned().await
+    }
+
+    /// The broker it appends through.
+    pub(super) fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// The offsets partition it writes.
+    pub(super) fn index(&self) -> i32 {
+        self.index
     }
 }
 
@@ -187,14 +208,14 @@ fn take_from(q: &mut Vec<Write>, bytes_max: usize) -> Vec<Write> {
 
 /// A write's key and value bytes.
 fn write_bytes(w: &Write) -> usize {
-    w.records
-        .iter()
-        .map(|r| {
-            r.key.as_ref().map_or(0, |k| k.len())
-                + r.value.as_ref().map_or(0, |v| v.len())
-                + RECORD_OVERHEAD
-        })
-        .sum()
+    w.records.iter().map(record_bytes).sum()
+}
+
+/// A record's key and value bytes, plus [`RECORD_OVERHEAD`].
+pub(super) fn record_bytes(r: &pb::Record) -> usize {
+    r.key.as_ref().map_or(0, |k| k.len())
+        + r.value.as_ref().map_or(0, |v| v.len())
+        + RECORD_OVERHEAD
 }
 
 /// Appends `batch` as one request while holding the append lock, then

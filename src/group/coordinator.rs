@@ -22,9 +22,11 @@
 //! grew) every 100 ms.
 //!
 //! `__consumer_offsets` gets 16 partitions, replication factor
-//! min(3, live brokers), min.insync.replicas min(2, rf) and
-//! retention.ms -1: storage has no compaction yet, so the log keeps every
-//! commit and a new coordinator replays all of its partition.
+//! min(3, live brokers), min.insync.replicas min(2, rf), 100 MiB segments
+//! and retention.ms -1: storage has no log cleaner, so the coordinator
+//! compacts its partitions itself ([`super::compact`]) once they hold
+//! `offsets_compaction_records` records, and a new coordinator replays
+//! what is left.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -33,11 +35,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use runnel_proto::v1 as pb;
 use runnel_proto::v1::consumer_groups_client::ConsumerGroupsClient;
-use runnel_storage::RecordBatch;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::appender::{AppendError, Appender};
+use super::compact::{compact, due, for_each_record};
 use super::record::{group_key, group_value, parse_group_key, parse_group_value};
 use super::state::{Group, GroupError, GroupState, JoinArgs};
 use crate::broker::{now_ms, Broker};
@@ -73,6 +75,11 @@ pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 /// member's assignment, which passes the 1 MiB default with a few hundred
 /// members of a large topic.
 pub const OFFSETS_MESSAGE_BYTES_MAX: &str = "16777216";
+
+/// `segment.bytes` of `__consumer_offsets`: compaction deletes only
+/// whole segments below its copy, so the default gigabyte would rarely
+/// give any space back.
+pub const OFFSETS_SEGMENT_BYTES: &str = "104857600";
 
 /// How long a group record that failed to store waits before the next try.
 const PERSIST_RETRY: Duration = Duration::from_millis(200);
@@ -308,7 +315,23 @@ struct Inner {
     groups: HashMap<String, Entry>,
     /// The writer of every loaded partition.
     appenders: HashMap<i32, Appender>,
+    /// Compaction of each offsets partition ([`super::compact`]).
+    compactions: HashMap<i32, Compaction>,
 }
+
+/// An offsets partition's compaction.
+#[derive(Debug, Default)]
+struct Compaction {
+    /// Whether one runs.
+    running: bool,
+    /// Records the last one kept: the next waits for twice as many.
+    live: u64,
+    /// When one may run again after a failure.
+    not_before: Option<tokio::time::Instant>,
+}
+
+/// How long a failed compaction waits before the next try.
+const COMPACTION_RETRY: Duration = Duration::from_secs(30);
 
 /// Every topic's partition count, and the metadata it was computed from.
 type CountsOf = (
@@ -342,7 +365,7 @@ fn record_key(group: &str, topic: &str, partition: i32) -> Bytes {
     Bytes::from(format!("offset\0{group}\0{topic}\0{partition}"))
 }
 
-fn parse_key(key: &[u8]) -> Option<(String, String, i32)> {
+pub(super) fn parse_key(key: &[u8]) -> Option<(String, String, i32)> {
     let s = std::str::from_utf8(key).ok()?;
     let mut it = s.split('\0');
     if it.next()? != "offset" {
@@ -576,55 +599,38 @@ impl GroupCoordinator {
             let mut offsets: HashMap<String, BTreeMap<(String, i32), Committed>> = HashMap::new();
             // The last metadata record of each group (None: deleted).
             let mut metas: HashMap<String, Option<bytes::Bytes>> = HashMap::new();
-            let end = log.log_end_offset();
-            let mut next = log.log_start_offset();
             let mut records = 0u64;
-            while next < end {
-                let from = next;
-                let read = log.read(from, 1024 * 1024, end)?;
-                if read.batches.is_empty() {
-                    break;
+            for_each_record(&log, log.log_start_offset(), log.log_end_offset(), |r| {
+                if let Some(g) = r.key.as_deref().and_then(parse_group_key) {
+                    records += 1;
+                    // A copy: the value is a slice of the read buffer (a
+                    // megabyte, from the active segment), which a slice
+                    // kept alive until the replay ended, one per group.
+                    metas.insert(g, r.value.as_deref().map(bytes::Bytes::copy_from_slice));
+                    return;
                 }
-                for batch in RecordBatch::parse_all(read.batches)? {
-                    for r in batch.records()? {
-                        // The first batch may start before `from`.
-                        if r.offset < from {
-                            continue;
-                        }
-                        if let Some(g) = r.key.as_deref().and_then(parse_group_key) {
-                            records += 1;
-                            // A copy: the value is a slice of the read
-                            // buffer (a megabyte, from the active segment),
-                            // which a slice kept alive until the replay
-                            // ended, one per group.
-                            metas.insert(g, r.value.as_deref().map(bytes::Bytes::copy_from_slice));
-                            continue;
-                        }
-                        let Some((g, t, p)) = r.key.as_deref().and_then(parse_key) else {
-                            continue;
-                        };
-                        records += 1;
-                        let map = offsets.entry(g).or_default();
-                        match r.value.as_deref().and_then(parse_value) {
-                            Some(v) => {
-                                map.insert(
-                                    (t, p),
-                                    Committed {
-                                        offset: v.offset,
-                                        metadata: v.metadata,
-                                        topic_id: v.topic_id,
-                                        log_offset: r.offset,
-                                    },
-                                );
-                            }
-                            None => {
-                                map.remove(&(t, p));
-                            }
-                        }
+                let Some((g, t, p)) = r.key.as_deref().and_then(parse_key) else {
+                    return;
+                };
+                records += 1;
+                let map = offsets.entry(g).or_default();
+                match r.value.as_deref().and_then(parse_value) {
+                    Some(v) => {
+                        map.insert(
+                            (t, p),
+                            Committed {
+                                offset: v.offset,
+                                metadata: v.metadata,
+                                topic_id: v.topic_id,
+                                log_offset: r.offset,
+                            },
+                        );
                     }
-                    next = next.max(batch.last_offset() + 1);
+                    None => {
+                        map.remove(&(t, p));
+                    }
                 }
-            }
+            })?;
             Ok::<_, runnel_storage::StorageError>((offsets, metas, records))
         })
         .await;
@@ -910,6 +916,7 @@ impl GroupCoordinator {
         for g in moved {
             self.persist(&mut inner, &g);
         }
+        self.start_compactions(&mut inner);
         // A group with nothing left (no member, no offset, no id handed
         // out, no join waiting, its last record stored) is forgotten, as
         // Kafka's groups go Dead: entries made by any group id a client
@@ -924,6 +931,62 @@ impl GroupCoordinator {
         for id in idle {
             inner.groups.remove(&id);
             self.broker.metrics().forget_group(&id);
+        }
+    }
+
+    /// Starts a compaction of each loaded offsets partition that holds
+    /// more records than `offsets_compaction_records` and twice what its
+    /// last compaction kept, unless one runs or failed lately.
+    fn start_compactions(self: &Arc<Self>, inner: &mut Inner) {
+        let min = self.broker.config().broker.offsets_compaction_records;
+        if min == 0 {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let Inner {
+            appenders,
+            compactions,
+            ..
+        } = inner;
+        for (&index, appender) in appenders.iter() {
+            let c = compactions.entry(index).or_default();
+            if c.running || c.not_before.is_some_and(|t| t > now) {
+                continue;
+            }
+            let Some(p) = self.broker.hosted_partition(OFFSETS_TOPIC, index) else {
+                continue;
+            };
+            let records = p.log.log_end_offset() - p.log.log_start_offset();
+            if !due(records, c.live, min) {
+                continue;
+            }
+            c.running = true;
+            let (me, appender) = (self.clone(), appender.clone());
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let result = compact(&appender).await;
+                let mut inner = me.lock();
+                let c = inner.compactions.entry(index).or_default();
+                c.running = false;
+                match result {
+                    Ok(done) => {
+                        c.live = done.live;
+                        c.not_before = None;
+                        info!(
+                            partition = index,
+                            records,
+                            kept = done.live,
+                            log_start_offset = done.log_start,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "offsets partition compacted"
+                        );
+                    }
+                    Err(e) => {
+                        c.not_before = Some(tokio::time::Instant::now() + COMPACTION_RETRY);
+                        warn!(partition = index, error = %e, retry_in = ?COMPACTION_RETRY, "compacting offsets partition failed");
+                    }
+                }
+            });
         }
     }
 
@@ -996,10 +1059,15 @@ impl GroupCoordinator {
             name: OFFSETS_TOPIC.to_string(),
             partitions: OFFSETS_PARTITIONS,
             replication_factor: rf,
-            // Kept forever: without compaction (not supported yet), time
-            // retention would drop the last commit of a partition that
-            // stopped moving. The log grows with every commit meanwhile.
+            // Kept forever: time retention would drop the last commit of
+            // a partition that stopped moving. The coordinator compacts
+            // it instead (`super::compact`), which frees whole segments:
+            // 100 MiB ones, as Kafka's `offsets.topic.segment.bytes`.
             configs: [
+                (
+                    "segment.bytes".to_string(),
+                    OFFSETS_SEGMENT_BYTES.to_string(),
+                ),
                 ("min.insync.replicas".to_string(), rf.min(2).to_string()),
                 ("retention.ms".to_string(), "-1".to_string()),
                 ("retention.bytes".to_string(), "-1".to_string()),

@@ -11,11 +11,14 @@
 //!   blocking joins, commits, describe/reset/delete.
 //! - [`appender`]: the one writer per offsets partition, batching
 //!   concurrent commits into one acks=all append.
+//! - [`compact`]: copying an offsets partition's live records to its end
+//!   and deleting the rest.
 //! - [`record`]: group metadata records (membership persisted next to the
 //!   offsets).
 
 pub mod appender;
 pub mod assignor;
+mod compact;
 pub mod coordinator;
 pub mod record;
 pub mod state;
