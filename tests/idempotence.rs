@@ -526,3 +526,78 @@ async fn t05_a_resend_refused_before_the_append_keeps_its_sequence() {
     let values: Vec<&str> = stored.iter().map(|(_, v)| &v[..v.len().min(4)]).collect();
     assert_eq!(values, ["bbbb", "next"]);
 }
+
+/// A batch refused with NOT_ENOUGH_REPLICAS (before anything is written)
+/// until its delivery timeout passed fails alone: its sequence is given
+/// back, and a younger batch still in time is stored once the ISR is back.
+/// The refusals used to mark every sent batch as maybe stored, so the
+/// expired one broke the sequence and the younger one failed with
+/// OUT_OF_ORDER_SEQUENCE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t07_a_batch_expired_while_the_isr_was_short_fails_alone() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(
+        3,
+        base.path(),
+        "replica_lag_time_max_ms = 2000",
+        "broker_session_timeout_ms = 30000\nbroker_heartbeat_interval_ms = 500\n",
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    let configs = [("min.insync.replicas".to_string(), "3".to_string())].into();
+    client.create_topic("t", 1, 3, configs).await.unwrap();
+    let p = eventually("all replicas in sync", WAIT, || async {
+        let d = client.describe_topic("t").await.ok()?;
+        let p = d.partitions.into_iter().next()?;
+        (p.leader > 0 && p.isr.len() == 3).then_some(p)
+    })
+    .await;
+    let producer = client.producer(ProducerConfig {
+        batch_bytes_max: 1,
+        linger: Duration::ZERO,
+        delivery_timeout: Duration::from_secs(8),
+        ..ProducerConfig::default()
+    });
+    for ack in send_all(&producer, "t", &["a".to_string()]).await {
+        ack.unwrap();
+    }
+    // A follower other than the active controller stops: the ISR shrinks
+    // below min.insync.replicas.
+    let controller = client.describe_cluster().await.unwrap().controller_id;
+    let paused = *p
+        .replicas
+        .iter()
+        .find(|r| **r != p.leader && **r != controller)
+        .unwrap();
+    cluster.node(paused).signal("STOP");
+    eventually("the ISR to shrink", WAIT, || async {
+        let d = client.describe_topic("t").await.ok()?;
+        (d.partitions[0].isr.len() == 2).then_some(())
+    })
+    .await;
+    let send = |v: &str| {
+        producer.send(
+            "t",
+            ProducerRecord {
+                value: Some(v.to_string().into()),
+                partition: Some(0),
+                ..ProducerRecord::default()
+            },
+        )
+    };
+    let old = send("old").await.unwrap();
+    // Half its delivery timeout later, a younger batch.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let young = send("young").await.unwrap();
+    let e = old.await.expect_err("stored with the ISR short");
+    assert_eq!(e.code(), pb::ErrorCode::NotEnoughReplicas, "{e}");
+    cluster.node(paused).signal("CONT");
+    let young = young.await.expect("the younger batch, still in time");
+    producer.close().await.unwrap();
+    assert_eq!(young.offset, 1);
+    let stored: Vec<String> = read_partition(&client, "t", 2)
+        .await
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(stored, ["a", "young"]);
+}

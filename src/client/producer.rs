@@ -35,7 +35,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -362,9 +362,9 @@ impl std::fmt::Debug for Shared {
 
 /// The idempotent producer's identity.
 struct Idempotence {
-    /// Set by a partition sender when a batch failed for good: the next
-    /// batch takes a new producer id.
-    broken: Arc<AtomicBool>,
+    /// Broken by a partition sender when a batch failed for good: the
+    /// next batch takes a new producer id.
+    broken: Arc<Sequence>,
     /// One producer id request at a time.
     init: tokio::sync::Mutex<()>,
 }
@@ -468,7 +468,7 @@ impl Producer {
             client,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
             idempotence: idempotent.then(|| Idempotence {
-                broken: Arc::new(AtomicBool::new(false)),
+                broken: Arc::new(Sequence::default()),
                 init: tokio::sync::Mutex::new(()),
             }),
             config,
@@ -710,7 +710,7 @@ impl Shared {
     fn id_usable(&self, st: &State) -> bool {
         self.idempotence
             .as_ref()
-            .is_none_or(|idem| st.producer_id.is_some() && !idem.broken.load(Ordering::Acquire))
+            .is_none_or(|idem| st.producer_id.is_some() && !idem.broken.is_broken())
     }
 
     /// Takes a producer id when idempotence is on and there is none, or
@@ -735,7 +735,7 @@ impl Shared {
         // two would otherwise stamp its batch with the broken id.
         let mut st = self.lock();
         st.producer_id = Some(id);
-        idem.broken.store(false, Ordering::Release);
+        idem.broken.start(id.0);
         Ok(())
     }
 
@@ -1026,8 +1026,8 @@ struct PartitionSender {
     request_timeout: Duration,
     delivery_timeout: Duration,
     retry_backoff: Duration,
-    /// The idempotent producer's "sequence broken" flag.
-    broken: Option<Arc<AtomicBool>>,
+    /// The idempotent producer's sequence (None without idempotence).
+    broken: Option<Arc<Sequence>>,
 }
 
 impl PartitionSender {
@@ -1191,13 +1191,14 @@ impl PartitionSender {
                             q.done.finish(Ok(r.base_offset));
                         }
                         Err(e) if lagging => {
-                            retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff, &mut restart, ended.unwrap_or(Ended::Unknown));
+                            let ended = ended.unwrap_or_else(|| self.answered_ended(&e, &queue));
+                            retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff, &mut restart, ended);
                         }
                         Err(e) if ended.is_some() && call_refused(&e) => {
                             restart = self.refused_call(e, &mut stream, &mut queue, &mut sent, restart);
                         }
                         Err(e) if e.is_retriable() || ended.is_some() => {
-                            let ended = ended.unwrap_or(Ended::Unknown);
+                            let ended = ended.unwrap_or_else(|| self.answered_ended(&e, &queue));
                             retry_at = self.retriable_failure(e, &mut stream, &mut queue, &mut sent, &mut backoff, &mut restart, ended);
                         }
                         Err(e) if self.broken.is_some()
@@ -1395,6 +1396,22 @@ impl PartitionSender {
         Some(at)
     }
 
+    /// How to take the batches in flight when the oldest one's answer is
+    /// the retriable refusal `e` (the stream goes on). A refusal made
+    /// before anything was written (too few replicas, an unknown topic or
+    /// partition) of a batch no copy of which may be stored: with
+    /// idempotence nothing sent after it was stored either (its sequence
+    /// follows a missing one), as if the stream had ended unread. Taken
+    /// as maybe stored, such a batch out of time broke the sequence, and
+    /// the younger ones, still in time, failed as out of order.
+    fn answered_ended(&self, e: &ClientError, queue: &VecDeque<Entry>) -> Ended {
+        if self.broken.is_some() && retried_before_append(e.code()) && never_maybe_stored(queue) {
+            Ended::Unread
+        } else {
+            Ended::Unknown
+        }
+    }
+
     /// The oldest batch was refused with UNKNOWN_PRODUCER_ID: the
     /// partition keeps no state for this producer (the topic was deleted
     /// and created again, or the state expired), so nothing of this
@@ -1425,7 +1442,7 @@ impl PartitionSender {
             return None;
         }
         if let Some(broken) = &self.broken {
-            broken.store(true, Ordering::Release);
+            broken.break_for(producer_id);
         }
         warn!(
             topic = %self.topic,
@@ -1514,7 +1531,7 @@ impl PartitionSender {
     fn abandon_renumbered(&self, queue: &mut VecDeque<Entry>, shift: Option<SequenceRestart>) {
         let Some(shift) = shift else { return };
         if let Some(broken) = &self.broken {
-            broken.store(true, Ordering::Release);
+            broken.break_for(shift.producer_id);
         }
         let e = ClientError::Transport(format!(
             "the connection to the leader of {}-{} broke while batches after a refused one were sent again; this batch may or may not have been stored",
@@ -1610,9 +1627,47 @@ impl PartitionSender {
 
     fn fail_for_good(&self, q: Queued, e: &ClientError) {
         if let Some(broken) = &self.broken {
-            broken.store(true, Ordering::Release);
+            match runnel_storage::batch::producer_fields(&q.request.batch) {
+                Some((producer_id, ..)) => broken.break_for(producer_id),
+                None => broken.break_for(broken.current()),
+            }
         }
         q.done.finish(Err(e.clone()));
+    }
+}
+
+/// The idempotent producer's id in use, and whether its sequence is
+/// broken (a batch failed for good: later batches take a new id).
+#[derive(Debug, Default)]
+struct Sequence {
+    broken: AtomicBool,
+    producer_id: AtomicI64,
+}
+
+impl Sequence {
+    /// A new producer id is in use, its sequence whole.
+    fn start(&self, producer_id: i64) {
+        self.producer_id.store(producer_id, Ordering::Release);
+        self.broken.store(false, Ordering::Release);
+    }
+
+    fn current(&self) -> i64 {
+        self.producer_id.load(Ordering::Acquire)
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Breaks the sequence of `producer_id` (a failed batch's) if it is
+    /// the id in use. The batches of an earlier id that fail after it
+    /// was replaced (the ones in flight behind the batch that broke it)
+    /// say nothing of the new one: each took yet another id, and every
+    /// partition started over, once per failed batch.
+    fn break_for(&self, producer_id: i64) {
+        if producer_id == self.current() {
+            self.broken.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -1745,6 +1800,19 @@ fn refused_before_append(code: pb::ErrorCode) -> bool {
     )
 }
 
+/// Whether a retriable per-batch refusal is made before the append: too
+/// few in-sync replicas, or a topic or partition the leader does not know.
+/// (NOT_LEADER is also answered by a leader that lost its leadership
+/// after the append.)
+fn retried_before_append(code: pb::ErrorCode) -> bool {
+    matches!(
+        code,
+        pb::ErrorCode::NotEnoughReplicas
+            | pb::ErrorCode::UnknownTopic
+            | pb::ErrorCode::UnknownPartition
+    )
+}
+
 async fn open_stream(
     client: &Client,
     topic: &str,
@@ -1778,7 +1846,7 @@ mod tests {
     use std::pin::Pin;
     use std::time::{Duration, Instant};
 
-    use super::{BatchOutcome, ClientError, DeliveryFuture, SequenceRestart, WallClock};
+    use super::{BatchOutcome, ClientError, DeliveryFuture, Sequence, SequenceRestart, WallClock};
     use crate::broker::now_ms;
     use std::future::Future;
     use std::sync::Arc;
@@ -1791,6 +1859,22 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    /// A batch of an earlier producer id failing breaks nothing: only the
+    /// id in use is replaced.
+    #[test]
+    fn only_a_failure_under_the_id_in_use_breaks_the_sequence() {
+        let seq = Sequence::default();
+        seq.start(7);
+        seq.break_for(6);
+        assert!(!seq.is_broken());
+        seq.break_for(7);
+        assert!(seq.is_broken());
+        seq.start(8);
+        assert!(!seq.is_broken());
+        seq.break_for(7);
+        assert!(!seq.is_broken(), "a batch in flight under 7 failed late");
     }
 
     #[test]
