@@ -871,12 +871,21 @@ impl Broker {
                 reason: "an idempotent produce (a producer id) must name its partition".into(),
             });
         }
+        // The request's shape first: one that can never be stored is not
+        // answered with a retriable routing error.
+        let batch = encode_batch(&req)?;
         let index = match req.partition {
             Some(p) => p,
-            None => match req.records.first().and_then(|r| r.key.as_ref()) {
-                Some(key) => partition_for_key(key, count),
-                None => (self.round_robin.fetch_add(1, Ordering::Relaxed) % count as u32) as i32,
-            },
+            None => {
+                let key = match req.records.first() {
+                    Some(r) => r.key.clone(),
+                    None => RecordBatch::parse(batch.clone())?.first_key()?,
+                };
+                match key {
+                    Some(key) => partition_for_key(&key, count),
+                    None => self.round_robin_partition(topic),
+                }
+            }
         };
         tracing::Span::current().record("partition", index);
         let partition = self.leader_partition(&meta, &req.topic, index)?;
@@ -893,7 +902,6 @@ impl Broker {
                 });
             }
         }
-        let batch = encode_batch(&req)?;
         let producer_id = batch_producer_id(&batch);
         if producer_id > 0 && producer_id >= meta.next_producer_id {
             self.await_producer_id(producer_id).await?;
@@ -967,6 +975,30 @@ impl Broker {
             },
         });
         Ok(Appended { response, wait })
+    }
+
+    /// The next partition of `topic` for a keyless produce that named
+    /// none: round-robin over the partitions this broker leads, so that
+    /// it is not refused as NOT_LEADER for the others' (over every
+    /// partition, two requests in three failed on three brokers, and the
+    /// retry at the leader named in the refusal picked yet another).
+    /// Over every partition when it leads none (the refusal then names
+    /// a leader).
+    fn round_robin_partition(&self, topic: &TopicInfo) -> i32 {
+        let turn = self.round_robin.fetch_add(1, Ordering::Relaxed) as usize;
+        let me = self.node_id();
+        let led = topic.partitions.iter().filter(|p| p.leader == me).count();
+        if led == 0 {
+            return (turn % topic.partitions.len()) as i32;
+        }
+        let nth = turn % led;
+        topic
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.leader == me)
+            .nth(nth)
+            .map_or(0, |(i, _)| i as i32)
     }
 
     /// One effective topic config value (the override, else the broker's

@@ -645,3 +645,43 @@ async fn a_fetch_past_the_log_end_is_refused_not_waited_out() {
         Ok(r) => panic!("served past the log end: {:?}", r.into_inner()),
     }
 }
+
+/// A pre-encoded batch that names no partition goes where its first
+/// record's key hashes to, as `records` do (it went round-robin); a
+/// request with neither records nor batch is refused as INVALID_REQUEST
+/// even when it names no partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_batch_without_a_partition_goes_where_its_key_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = server_with_topic(dir.path(), "keyed", 8, &[]).await;
+    let mut producer = ProducerClient::connect(url).await.unwrap();
+    for i in 0..8 {
+        let key = format!("key-{i}");
+        let mut builder = runnel_storage::BatchBuilder::new();
+        builder.push(1, Some(key.as_bytes()), Some(b"v"), &[]);
+        let resp = producer
+            .produce(pb::ProduceRequest {
+                topic: "keyed".into(),
+                batch: builder.build().freeze(),
+                acks: pb::Acks::Leader as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            resp.partition,
+            runnel::partitioner::partition_for_key(key.as_bytes(), 8),
+            "{key}"
+        );
+    }
+    let status = producer
+        .produce(pb::ProduceRequest {
+            topic: "keyed".into(),
+            acks: pb::Acks::Leader as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(common::error_code(&status), "INVALID_REQUEST", "{status:?}");
+}

@@ -1064,3 +1064,71 @@ async fn t10_describing_a_topic_waits_once_for_a_stalled_leader() {
         "{took:?} for {led_by_stalled} partitions of a stalled leader"
     );
 }
+
+/// A keyless produce that names no partition goes to a partition the
+/// broker it reached leads: on three brokers, two requests in three were
+/// refused as NOT_LEADER, and a retry at the named leader picked yet
+/// another partition there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t11_a_keyless_produce_without_a_partition_goes_to_one_the_broker_leads() {
+    let base = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(3, base.path(), "", CONTROLLER);
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("rr", 6, 1, Default::default())
+        .await
+        .unwrap();
+    let led: std::collections::BTreeSet<i32> = eventually("every partition led", WAIT, || async {
+        let d = describe(&client, "rr").await?;
+        d.partitions.iter().all(|p| p.leader > 0).then(|| {
+            d.partitions
+                .iter()
+                .filter(|p| p.leader == 1)
+                .map(|p| p.partition)
+                .collect()
+        })
+    })
+    .await;
+    assert!(!led.is_empty() && led.len() < 6, "{led:?}");
+    let mut producer = runnel_proto::v1::producer_client::ProducerClient::connect(format!(
+        "http://{}",
+        cluster.node(1).addr
+    ))
+    .await
+    .unwrap();
+    // Each partition node 1 leads takes writes there.
+    for &p in &led {
+        eventually("the partition taking writes", WAIT, || {
+            let mut producer = producer.clone();
+            async move {
+                let req = pb::ProduceRequest {
+                    topic: "rr".into(),
+                    partition: Some(p),
+                    records: vec![pb::Record::default()],
+                    acks: pb::Acks::Leader as i32,
+                    ..Default::default()
+                };
+                producer.produce(req).await.ok()
+            }
+        })
+        .await;
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let resp = producer
+            .produce(pb::ProduceRequest {
+                topic: "rr".into(),
+                records: vec![pb::Record {
+                    value: Some(format!("v{i}").into()),
+                    ..Default::default()
+                }],
+                acks: pb::Acks::Leader as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("request {i}: {s:?}"))
+            .into_inner();
+        used.insert(resp.partition);
+    }
+    assert_eq!(used, led);
+}

@@ -997,6 +997,28 @@ impl RecordBatch {
     pub fn as_bytes(&self) -> &Bytes {
         &self.bytes
     }
+    /// The first record's key (None for a null key or no records),
+    /// decoding that record only: where a batch whose producer named no
+    /// partition is routed.
+    pub fn first_key(&self) -> Result<Option<Bytes>> {
+        let codec = self.attributes() & ATTR_COMPRESSION_MASK;
+        if codec != 0 {
+            return Err(corrupt(format!("unsupported compression codec {codec}")));
+        }
+        if self.record_count() <= 0 {
+            return Ok(None);
+        }
+        let body = self.bytes.slice(HEADER_LEN..);
+        let mut cursor = Cursor {
+            buf: &body,
+            position: 0,
+        };
+        let record = cursor
+            .record(self.base_offset(), self.base_timestamp(), None)
+            .map_err(|reason| corrupt(format!("record 0: {reason}")))?;
+        Ok(record.key)
+    }
+
     /// Decodes the records, zero-copy.
     pub fn records(&self) -> Result<Vec<Record>> {
         let codec = self.attributes() & ATTR_COMPRESSION_MASK;
