@@ -943,10 +943,12 @@ impl Broker {
         // read, so a stream's batches keep their order (each in a task of
         // its own, they raced for the log, and an idempotent stream's
         // sequence broke) and the stream's in-flight limit holds.
-        let info = partition
-            .run_append(append)
-            .await
-            .ok_or(BrokerError::ShuttingDown)??;
+        let info = partition.run_append(append).await.ok_or_else(|| {
+            BrokerError::StoppedAfterAppend {
+                topic: req.topic.clone(),
+                partition: index,
+            }
+        })??;
         if acks == pb::Acks::None {
             return Ok(Appended {
                 response,
@@ -1038,6 +1040,10 @@ impl Broker {
         timeout_ms: u64,
     ) -> Result<(), BrokerError> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+        let stopped = || BrokerError::StoppedAfterAppend {
+            topic: partition.topic.clone(),
+            partition: partition.index,
+        };
         loop {
             if partition.log.high_watermark() >= end {
                 // Leading in another epoch now: this replica may have
@@ -1088,7 +1094,7 @@ impl Broker {
                 });
             }
             tokio::select! {
-                r = hw_rx.changed() => if r.is_err() { return Err(BrokerError::ShuttingDown) },
+                r = hw_rx.changed() => if r.is_err() { return Err(stopped()) },
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(BrokerError::ReplicationTimeout {
                         topic: partition.topic.clone(),
@@ -1097,7 +1103,7 @@ impl Broker {
                         timeout_ms,
                     });
                 }
-                _ = self.shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                _ = self.shutdown.cancelled() => return Err(stopped()),
             }
         }
     }

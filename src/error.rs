@@ -26,7 +26,7 @@ pub enum BrokerError {
         partition: i32,
         partitions: i32,
     },
-    #[error("this broker does not lead {topic}-{partition}; the leader is {leader}")]
+    #[error("this broker does not lead {topic}-{partition}{}", leader_hint(.leader))]
     NotLeader {
         topic: String,
         partition: i32,
@@ -82,6 +82,12 @@ pub enum BrokerError {
     },
     #[error("broker is shutting down")]
     ShuttingDown,
+    /// The broker stopped (shutting down, or the append's task was lost)
+    /// after the append may have been made: NOT_LEADER, which clients
+    /// retry as a request whose fate is unknown, not BROKER_NOT_AVAILABLE,
+    /// which says nothing was written.
+    #[error("{topic}-{partition}: the broker is shutting down and stopped waiting for this append; the records may or may not be stored")]
+    StoppedAfterAppend { topic: String, partition: i32 },
     #[error("broker is starting: it takes up its partitions once it has registered")]
     Starting,
     #[error("this broker leads {topic}-{partition} but has not taken it up yet (its log is being opened); try again")]
@@ -102,9 +108,9 @@ impl BrokerError {
         match self {
             BrokerError::UnknownTopic { .. } => ErrorCode::UnknownTopic,
             BrokerError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
-            BrokerError::NotLeader { .. } | BrokerError::PartitionOffline { .. } => {
-                ErrorCode::NotLeader
-            }
+            BrokerError::NotLeader { .. }
+            | BrokerError::PartitionOffline { .. }
+            | BrokerError::StoppedAfterAppend { .. } => ErrorCode::NotLeader,
             BrokerError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
             BrokerError::NotEnoughReplicasAfterAppend { .. } => {
                 ErrorCode::NotEnoughReplicasAfterAppend
@@ -175,7 +181,8 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::NotCoordinator
         | ErrorCode::NotController
         | ErrorCode::BrokerNotAvailable
-        | ErrorCode::NotEnoughReplicas => Code::Unavailable,
+        | ErrorCode::NotEnoughReplicas
+        | ErrorCode::NotEnoughReplicasAfterAppend => Code::Unavailable,
         ErrorCode::OffsetOutOfRange => Code::OutOfRange,
         ErrorCode::RecordTooLarge
         | ErrorCode::InvalidTopic
@@ -185,9 +192,7 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::InvalidRequest
         | ErrorCode::CorruptMessage
         | ErrorCode::OutOfOrderSequence => Code::InvalidArgument,
-        ErrorCode::RequestTimedOut | ErrorCode::NotEnoughReplicasAfterAppend => {
-            Code::DeadlineExceeded
-        }
+        ErrorCode::RequestTimedOut => Code::DeadlineExceeded,
         ErrorCode::UnknownMember
         | ErrorCode::IllegalGeneration
         | ErrorCode::RebalanceInProgress
@@ -209,22 +214,41 @@ pub fn status(code: ErrorCode, message: impl Into<String>, leader: Option<&str>)
     if let Ok(v) = code.as_str_name().parse() {
         md.insert(ERROR_CODE_HEADER, v);
     }
-    if let Some(Ok(v)) = leader.map(str::parse) {
+    // Only a known address: an empty one parses, and a client would
+    // dial it.
+    if let Some(Ok(v)) = leader.filter(|l| !l.is_empty()).map(str::parse) {
         md.insert(LEADER_HEADER, v);
     }
     status
+}
+
+/// `; the leader is ADDR`, or nothing when it is not known.
+fn leader_hint(leader: &str) -> String {
+    if leader.is_empty() {
+        String::new()
+    } else {
+        format!("; the leader is {leader}")
+    }
+}
+
+impl BrokerError {
+    /// The message a client is shown: an internal failure's detail (file
+    /// paths, I/O errors) is logged here and left out.
+    pub fn client_message(&self) -> String {
+        let code = self.code();
+        if self.is_internal() {
+            tracing::error!(error = %self, ?code, "request failed");
+            return format!("internal broker error ({})", code.as_str_name());
+        }
+        self.to_string()
+    }
 }
 
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Status {
         let code = e.code();
         if e.is_internal() {
-            tracing::error!(error = %e, ?code, "request failed");
-            return status(
-                code,
-                format!("internal broker error ({})", code.as_str_name()),
-                None,
-            );
+            return status(code, e.client_message(), None);
         }
         let leader = match &e {
             BrokerError::NotLeader { leader, .. } => Some(leader.as_str()),
@@ -242,4 +266,60 @@ pub fn error_code_of(status: &Status) -> ErrorCode {
         .and_then(|v| v.to_str().ok())
         .and_then(ErrorCode::from_str_name)
         .unwrap_or(ErrorCode::Unknown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NOT_LEADER whose leader is not known names none: no empty
+    /// `runnel-leader` trailer for a client to dial, no dangling "the
+    /// leader is" in the message.
+    #[test]
+    fn an_unknown_leader_is_not_named() {
+        let unknown = Status::from(BrokerError::NotLeader {
+            topic: "t".into(),
+            partition: 0,
+            leader: String::new(),
+        });
+        assert!(unknown.metadata().get(LEADER_HEADER).is_none());
+        assert_eq!(unknown.message(), "this broker does not lead t-0");
+        assert_eq!(error_code_of(&unknown), ErrorCode::NotLeader);
+        let known = Status::from(BrokerError::NotLeader {
+            topic: "t".into(),
+            partition: 0,
+            leader: "h:1".into(),
+        });
+        assert_eq!(known.metadata().get(LEADER_HEADER).unwrap(), "h:1");
+        assert!(known.message().ends_with("; the leader is h:1"));
+    }
+
+    /// Stopping after an append is not BROKER_NOT_AVAILABLE (nothing
+    /// written); too few replicas after an append is not a deadline.
+    #[test]
+    fn answers_after_an_append_say_the_fate_is_open() {
+        let stopped = BrokerError::StoppedAfterAppend {
+            topic: "t".into(),
+            partition: 0,
+        };
+        assert_eq!(stopped.code(), ErrorCode::NotLeader);
+        assert!(stopped.to_string().contains("may or may not"));
+        assert_eq!(
+            grpc_code(ErrorCode::NotEnoughReplicasAfterAppend),
+            Code::Unavailable
+        );
+    }
+
+    /// An internal failure's detail stays in the broker's log, on every
+    /// path that answers a client.
+    #[test]
+    fn internal_details_are_not_shown() {
+        let e = BrokerError::Storage(StorageError::Io {
+            path: "/data/t-0/0.log".into(),
+            source: std::io::Error::other("No space left on device"),
+        });
+        let message = e.client_message();
+        assert!(!message.contains("/data"), "{message}");
+        assert_eq!(message, "internal broker error (STORAGE_ERROR)");
+    }
 }

@@ -371,7 +371,9 @@ fn failed_response(
         log_append_time_ms: -1,
         log_start_offset: -1,
         error_code: e.code() as i32,
-        error_message: e.to_string(),
+        // As a unary call's status says it: the detail of an internal
+        // failure is logged, not sent (a stream sent it, and logged none).
+        error_message: e.client_message(),
     }
 }
 
@@ -467,6 +469,19 @@ mod tests {
     fn bound(req: &pb::ProduceRequest) -> Result<(), Status> {
         let bytes = prost::Message::encode_to_vec(req);
         produce_request_bound(&mut &bytes[..])
+    }
+
+    /// A stream's answer to an internal failure hides its detail, as a
+    /// unary call's status does (it sent file paths and I/O errors).
+    #[test]
+    fn a_streams_failed_answer_hides_internal_details() {
+        let e = crate::error::BrokerError::Storage(runnel_storage::StorageError::Io {
+            path: "/data/t-0/0.log".into(),
+            source: std::io::Error::other("No space left on device"),
+        });
+        let r = failed_response(1, "t".into(), 0, e);
+        assert_eq!(r.error_code, pb::ErrorCode::StorageError as i32);
+        assert!(!r.error_message.contains("/data"), "{}", r.error_message);
     }
 
     #[test]
