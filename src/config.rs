@@ -155,6 +155,10 @@ pub struct BrokerSection {
     pub writeback_interval_ms: u64,
     /// Largest gRPC message accepted (bytes).
     pub grpc_message_bytes_max: usize,
+    /// Bytes of produce requests over 64 KiB being received at once, over
+    /// every connection (Kafka's `queued.max.request.bytes`); at least
+    /// `grpc_message_bytes_max`.
+    pub queued_request_bytes_max: usize,
     /// Grace period for draining requests at shutdown (ms).
     pub shutdown_grace_ms: u64,
     /// A follower not caught up for this long leaves the ISR (ms).
@@ -195,6 +199,7 @@ impl Default for BrokerSection {
             maintenance_interval_ms: 1_000,
             writeback_interval_ms: 100,
             grpc_message_bytes_max: 64 * 1024 * 1024,
+            queued_request_bytes_max: 256 * 1024 * 1024,
             shutdown_grace_ms: 5_000,
             replica_lag_time_max_ms: 30_000,
             replica_fetch_bytes_max: 8 * 1024 * 1024,
@@ -625,6 +630,24 @@ impl ServerConfig {
                 "must be at least 1024".into(),
             ));
         }
+        // A request of the largest size must fit, or it would wait for
+        // good.
+        if self.broker.queued_request_bytes_max < self.broker.grpc_message_bytes_max {
+            return Err(invalid(
+                "broker.queued_request_bytes_max",
+                format!(
+                    "{} is less than broker.grpc_message_bytes_max ({}): a request of that size could never be received",
+                    self.broker.queued_request_bytes_max, self.broker.grpc_message_bytes_max
+                ),
+            ));
+        }
+        // What a semaphore holds at most.
+        if self.broker.queued_request_bytes_max > usize::MAX >> 3 {
+            return Err(invalid(
+                "broker.queued_request_bytes_max",
+                format!("must be at most {}", usize::MAX >> 3),
+            ));
+        }
         for (key, value) in [
             ("broker.num_partitions", self.broker.num_partitions),
             (
@@ -972,6 +995,10 @@ mod tests {
             (
                 "[controller]\nsubmit_timeout_ms = 0\n",
                 "controller.submit_timeout_ms",
+            ),
+            (
+                "[broker]\ngrpc_message_bytes_max = 2000000\nqueued_request_bytes_max = 1000000\n",
+                "broker.queued_request_bytes_max",
             ),
             (
                 "[security]\nauth_failure_window_ms = 0\n",

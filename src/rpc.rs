@@ -42,6 +42,7 @@ pub struct RawStream<S, Req, Resp> {
     message_max: usize,
     handler: Arc<Handler<Req, Resp>>,
     check: Option<DecodeCheck>,
+    budget: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl<S: Clone, Req, Resp> Clone for RawStream<S, Req, Resp> {
@@ -52,6 +53,7 @@ impl<S: Clone, Req, Resp> Clone for RawStream<S, Req, Resp> {
             message_max: self.message_max,
             handler: self.handler.clone(),
             check: self.check,
+            budget: self.budget.clone(),
         }
     }
 }
@@ -75,7 +77,16 @@ impl<S, Req, Resp> RawStream<S, Req, Resp> {
             message_max,
             handler: Arc::new(handler),
             check: None,
+            budget: None,
         }
+    }
+
+    /// Receives request messages under `budget`
+    /// ([`DecodeStream::with_budget`]): the bytes of large messages not
+    /// received whole yet, over every call sharing it.
+    pub fn with_budget(mut self, budget: Arc<tokio::sync::Semaphore>) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Runs `check` on every request message before decoding it.
@@ -183,13 +194,16 @@ where
                 "compressed requests are not accepted on this stream",
             ))
         } else {
-            let (max, check) = (self.message_max, self.check);
+            let (max, check, budget) = (self.message_max, self.check, self.budget.clone());
             (self.handler)(tonic::Request::from_http(req.map(|body| {
-                let decode = DecodeStream::new(body, max);
-                match check {
-                    Some(check) => decode.with_check(check),
-                    None => decode,
+                let mut decode = DecodeStream::new(body, max);
+                if let Some(check) = check {
+                    decode = decode.with_check(check);
                 }
+                if let Some(budget) = budget {
+                    decode = decode.with_budget(budget);
+                }
+                decode
             })))
         };
         let response = match answer {

@@ -27,12 +27,15 @@
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{buf::UninitSlice, Buf, BufMut, Bytes, BytesMut};
 use http_body::{Body, Frame};
 use prost::Message;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
+use tokio_util::sync::PollSemaphore;
 use tonic::Status;
 
 /// The gRPC message prefix: a compression flag and a big-endian length.
@@ -177,6 +180,26 @@ impl Decoder {
 
     /// The next whole message, or `None` until more frames arrive.
     pub fn next_message<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
+        let Some(len) = self.head_len()? else {
+            return Ok(None);
+        };
+        if self.buffered() < PREFIX_LEN + len {
+            return Ok(None);
+        }
+        self.flush_small();
+        self.frames.advance(PREFIX_LEN);
+        let body = self.frames.split_to(len);
+        if let Some(check) = self.check {
+            check(&mut body.clone())?;
+        }
+        M::decode(body)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("decoding a message: {e}")))
+    }
+
+    /// The length the next message's prefix declares, once its prefix is
+    /// here; an error for a compressed or oversized one.
+    pub fn head_len(&self) -> Result<Option<usize>, Status> {
         if self.buffered() < PREFIX_LEN {
             return Ok(None);
         }
@@ -216,18 +239,7 @@ impl Decoder {
                 self.max
             )));
         }
-        if self.buffered() < PREFIX_LEN + len {
-            return Ok(None);
-        }
-        self.flush_small();
-        self.frames.advance(PREFIX_LEN);
-        let body = self.frames.split_to(len);
-        if let Some(check) = self.check {
-            check(&mut body.clone())?;
-        }
-        M::decode(body)
-            .map(Some)
-            .map_err(|e| Status::internal(format!("decoding a message: {e}")))
+        Ok(Some(len))
     }
 }
 
@@ -399,8 +411,18 @@ pub struct DecodeStream<B, M> {
     body: B,
     decoder: Decoder,
     done: bool,
+    /// Bytes every stream sharing it may hold of messages not received
+    /// whole yet (see [`DecodeStream::with_budget`]).
+    budget: Option<PollSemaphore>,
+    /// The share of the budget the message being received holds.
+    held: Option<OwnedSemaphorePermit>,
     _message: PhantomData<fn() -> M>,
 }
+
+/// Messages up to this long are received without a share of the budget:
+/// a stream of small requests (a replica's fetches, a consumer's) is not
+/// held up behind large produce requests.
+pub const BUDGET_FREE_BYTES: usize = 64 * 1024;
 
 impl<B, M> DecodeStream<B, M> {
     /// Decodes `body`, refusing messages longer than `max` bytes.
@@ -409,8 +431,23 @@ impl<B, M> DecodeStream<B, M> {
             body,
             decoder: Decoder::new(max),
             done: false,
+            budget: None,
+            held: None,
             _message: PhantomData,
         }
+    }
+
+    /// Reads no more of a message over [`BUDGET_FREE_BYTES`] until its
+    /// declared length is taken from `budget` (one permit a byte, given
+    /// back once it is decoded). Without one, a client opening many
+    /// streams, each announcing a message of the largest size and
+    /// sending it, made the receiver buffer them all: its memory had no
+    /// bound. Meanwhile the stream's body is not read, and HTTP/2 flow
+    /// control holds the sender back. `budget` must have at least the
+    /// decoder's largest message in permits.
+    pub fn with_budget(mut self, budget: Arc<Semaphore>) -> Self {
+        self.budget = Some(PollSemaphore::new(budget));
+        self
     }
 
     /// Runs `check` on every message before decoding it.
@@ -435,11 +472,23 @@ where
                 return Poll::Ready(None);
             }
             match this.decoder.next_message() {
-                Ok(Some(msg)) => return Poll::Ready(Some(Ok(msg))),
+                Ok(Some(msg)) => {
+                    this.held = None;
+                    return Poll::Ready(Some(Ok(msg)));
+                }
                 Ok(None) => {}
                 Err(status) => {
                     this.done = true;
                     return Poll::Ready(Some(Err(status)));
+                }
+            }
+            if this.held.is_none() {
+                if let (Some(budget), Ok(Some(len))) = (&mut this.budget, this.decoder.head_len()) {
+                    if len > BUDGET_FREE_BYTES {
+                        let bytes = u32::try_from(len).unwrap_or(u32::MAX);
+                        // None: the budget was closed, which nothing does.
+                        this.held = ready!(budget.poll_acquire_many(cx, bytes));
+                    }
                 }
             }
             match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
@@ -636,5 +685,75 @@ mod tests {
         .unwrap();
         let status = Status::from_header_map(ok.trailers().unwrap()).unwrap();
         assert_eq!(status.code(), tonic::Code::Ok);
+    }
+
+    /// A message over the free size is read only once its length is
+    /// taken from the shared budget: a second stream waits, its body
+    /// unread, until the first stream's message is decoded.
+    #[test]
+    fn large_messages_wait_for_the_budget_with_their_bodies_unread() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::task::Waker;
+        type Frames =
+            tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>;
+        let budget = Arc::new(Semaphore::new(300_000));
+        let open = |budget: &Arc<Semaphore>| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let reads = Arc::new(AtomicUsize::new(0));
+            let counted = reads.clone();
+            let frames = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                move |f| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    f
+                },
+            );
+            let body = http_body_util::StreamBody::new(frames);
+            let stream =
+                DecodeStream::<_, ProduceRequest>::new(body, 1 << 20).with_budget(budget.clone());
+            (tx, reads, stream)
+        };
+        let send = |tx: &Frames, bytes: &[u8]| {
+            tx.send(Ok(Frame::data(Bytes::copy_from_slice(bytes))))
+                .unwrap();
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        let msg = request(200_000);
+        let wire = tonic_bytes(&msg);
+        let (a_tx, _, mut a) = open(&budget);
+        let (b_tx, b_reads, mut b) = open(&budget);
+        send(&a_tx, &wire[..1000]);
+        assert!(Pin::new(&mut a).poll_next(&mut cx).is_pending());
+        assert_eq!(
+            budget.available_permits(),
+            300_000 - wire.len() + PREFIX_LEN
+        );
+        send(&b_tx, &wire[..1000]);
+        send(&b_tx, &wire[1000..]);
+        assert!(Pin::new(&mut b).poll_next(&mut cx).is_pending());
+        assert!(Pin::new(&mut b).poll_next(&mut cx).is_pending());
+        assert_eq!(b_reads.load(Ordering::SeqCst), 1, "only its prefix's frame");
+        send(&a_tx, &wire[1000..]);
+        match Pin::new(&mut a).poll_next(&mut cx) {
+            Poll::Ready(Some(Ok(m))) => assert_eq!(m, msg),
+            other => panic!("{other:?}"),
+        }
+        // Handed on to the waiting stream.
+        assert_eq!(
+            budget.available_permits(),
+            300_000 - wire.len() + PREFIX_LEN
+        );
+        match Pin::new(&mut b).poll_next(&mut cx) {
+            Poll::Ready(Some(Ok(m))) => assert_eq!(m, msg),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(budget.available_permits(), 300_000);
+        // Small messages take nothing.
+        let (c_tx, _, mut c) = open(&Arc::new(Semaphore::new(0)));
+        send(&c_tx, &tonic_bytes(&request(1000)));
+        assert!(matches!(
+            Pin::new(&mut c).poll_next(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
     }
 }

@@ -109,6 +109,10 @@ impl Producer for ProducerService {
 /// batches skip tonic's codec copies), the other methods by tonic.
 pub fn producer_server(broker: Arc<Broker>, message_max: usize) -> ProducerRawServer {
     let service = ProducerService::new(broker.clone());
+    // Shared by both produce calls of every connection.
+    let budget = Arc::new(tokio::sync::Semaphore::new(
+        broker.config().broker.queued_request_bytes_max,
+    ));
     let tonic = ProducerServer::new(service.clone())
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
@@ -122,7 +126,8 @@ pub fn producer_server(broker: Arc<Broker>, message_max: usize) -> ProducerRawSe
                 .map(Response::into_inner)
         }
     })
-    .with_check(produce_request_bound);
+    .with_check(produce_request_bound)
+    .with_budget(budget.clone());
     RawStream::new(produce, PRODUCE_STREAM_PATH, message_max, move |request| {
         let principal = security::principal_of(&request);
         let login = security::login_of(&request);
@@ -134,6 +139,7 @@ pub fn producer_server(broker: Arc<Broker>, message_max: usize) -> ProducerRawSe
         ))
     })
     .with_check(produce_request_bound)
+    .with_budget(budget)
 }
 
 /// The producer service as served: both produce calls framed by
