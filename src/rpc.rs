@@ -120,7 +120,7 @@ where
             let answer = async move {
                 let call = async move {
                     let message = match tokio_stream::StreamExt::next(&mut messages).await {
-                        Some(m) => m?,
+                        Some(m) => m.map_err(undecodable_status)?,
                         None => {
                             return Err(Status::invalid_argument("the call carried no request"))
                         }
@@ -139,6 +139,49 @@ where
             Ok(Box::pin(futures_util::stream::once(answer)) as Answers<Resp>)
         })
     }
+}
+
+/// The error code and message for a request message that could not be
+/// decoded ([`runnel_proto::wire::Decoder`]'s statuses): too large for
+/// `broker.grpc_message_bytes_max` (RECORD_TOO_LARGE: no topic setting
+/// could admit it), compressed framing (UNSUPPORTED), refused by the
+/// call's check (INVALID_REQUEST), or bytes that are not a request
+/// (CORRUPT_MESSAGE).
+pub fn undecodable(status: &Status) -> (runnel_proto::v1::ErrorCode, String) {
+    use runnel_proto::v1::ErrorCode;
+    match status.code() {
+        tonic::Code::OutOfRange => (
+            ErrorCode::RecordTooLarge,
+            format!(
+                "request refused: {} (broker.grpc_message_bytes_max)",
+                status.message()
+            ),
+        ),
+        tonic::Code::Unimplemented => (
+            ErrorCode::Unsupported,
+            format!("request refused: {}", status.message()),
+        ),
+        tonic::Code::InvalidArgument => (
+            ErrorCode::InvalidRequest,
+            format!("request refused: {}", status.message()),
+        ),
+        _ => (
+            ErrorCode::CorruptMessage,
+            format!("request refused: {}", status.message()),
+        ),
+    }
+}
+
+/// [`undecodable`] as a status with Runnel's trailers (a unary call's
+/// answer): the decoder's own statuses carried no `runnel-error-code`,
+/// and OUT_OF_RANGE is what clients take for OFFSET_OUT_OF_RANGE.
+fn undecodable_status(status: Status) -> Status {
+    if status.code() == tonic::Code::Cancelled {
+        // The client went away mid-request: nobody reads the answer.
+        return status;
+    }
+    let (code, message) = undecodable(&status);
+    crate::error::status(code, message, None)
 }
 
 /// The `grpc-timeout` of a call (gRPC over HTTP/2: at most 8 digits and
@@ -190,8 +233,10 @@ where
             .get("grpc-encoding")
             .is_some_and(|v| v.as_bytes() != b"identity");
         let answer = if compressed {
-            Err(Status::unimplemented(
-                "compressed requests are not accepted on this stream",
+            Err(crate::error::status(
+                runnel_proto::v1::ErrorCode::Unsupported,
+                "compressed requests (grpc-encoding) are not accepted on this call",
+                None,
             ))
         } else {
             let (max, check, budget) = (self.message_max, self.check, self.budget.clone());

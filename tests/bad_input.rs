@@ -1127,3 +1127,37 @@ fn tls_without_a_ca_is_refused_by_name() {
     );
     assert!(err.contains("--tls-ca"), "{err}");
 }
+
+/// A unary produce the broker cannot decode names its cause in the
+/// `runnel-error-code` trailer like every other refusal: one over
+/// `grpc_message_bytes_max` is RECORD_TOO_LARGE (it was a bare
+/// OUT_OF_RANGE, which clients take for OFFSET_OUT_OF_RANGE), and a
+/// compressed call is UNSUPPORTED (a bare UNIMPLEMENTED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_unary_produce_names_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        ServerProcess::start_with_toml(dir.path(), "[broker]\ngrpc_message_bytes_max = 65536\n");
+    let url = format!("http://{}", server.addr);
+    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    admin.create_topic(create("t", 1, 1, &[])).await.unwrap();
+    let request = |bytes: usize| pb::ProduceRequest {
+        topic: "t".into(),
+        partition: Some(0),
+        records: vec![value(&vec![b'x'; bytes])],
+        ..Default::default()
+    };
+    let mut producer = ProducerClient::connect(url.clone())
+        .await
+        .unwrap()
+        .max_encoding_message_size(1 << 20);
+    let e = producer.produce(request(100_000)).await.unwrap_err();
+    assert_eq!(error_code(&e), "RECORD_TOO_LARGE", "{e:?}");
+    assert!(e.message().contains("grpc_message_bytes_max"), "{e:?}");
+    // The header alone: the broker refuses the call before reading it.
+    let mut call = tonic::Request::new(request(10));
+    call.metadata_mut()
+        .insert("grpc-encoding", "gzip".parse().unwrap());
+    let e = producer.produce(call).await.unwrap_err();
+    assert_eq!(error_code(&e), "UNSUPPORTED", "{e:?}");
+}

@@ -383,17 +383,10 @@ fn failed_response(
     }
 }
 
-/// The in-stream answer for a request the stream could not decode: too
-/// large for `broker.grpc_message_bytes_max` (RECORD_TOO_LARGE: no topic
-/// setting could admit it), compressed framing (UNSUPPORTED), or bytes
-/// that are not a request (CORRUPT_MESSAGE).
+/// The in-stream answer for a request the stream could not decode
+/// ([`crate::rpc::undecodable`]).
 fn undecodable_response(status: &Status) -> pb::ProduceResponse {
-    let code = match status.code() {
-        tonic::Code::OutOfRange => pb::ErrorCode::RecordTooLarge,
-        tonic::Code::Unimplemented => pb::ErrorCode::Unsupported,
-        tonic::Code::InvalidArgument => pb::ErrorCode::InvalidRequest,
-        _ => pb::ErrorCode::CorruptMessage,
-    };
+    let (code, message) = crate::rpc::undecodable(status);
     pb::ProduceResponse {
         partition: -1,
         base_offset: -1,
@@ -401,13 +394,7 @@ fn undecodable_response(status: &Status) -> pb::ProduceResponse {
         log_append_time_ms: -1,
         log_start_offset: -1,
         error_code: code as i32,
-        error_message: match code {
-            pb::ErrorCode::RecordTooLarge => format!(
-                "produce request refused: {} (broker.grpc_message_bytes_max)",
-                status.message()
-            ),
-            _ => format!("produce request refused: {}", status.message()),
-        },
+        error_message: message,
         ..Default::default()
     }
 }
