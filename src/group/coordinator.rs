@@ -177,6 +177,16 @@ fn is_current(meta: &runnel_controller::ClusterMetadata, topic: &str, c: &Commit
             .is_some_and(|t| t.topic_id == c.topic_id)
 }
 
+/// `s` as compared between members: UNSPECIFIED is cooperative sticky
+/// (the default), so a member asking for either joins a group of the
+/// other.
+fn same_strategy(s: pb::AssignmentStrategy) -> pb::AssignmentStrategy {
+    match s {
+        pb::AssignmentStrategy::Unspecified => pb::AssignmentStrategy::CooperativeSticky,
+        other => other,
+    }
+}
+
 fn invalid(reason: impl Into<String>) -> CoordinatorError {
     CoordinatorError::Broker(BrokerError::InvalidRequest {
         reason: reason.into(),
@@ -1188,7 +1198,7 @@ impl GroupCoordinator {
             let entry = self.served_entry(&mut inner, &req.group)?;
             if entry.group.state != GroupState::Empty
                 && !entry.group.members.is_empty()
-                && entry.group.strategy != strategy
+                && same_strategy(entry.group.strategy) != same_strategy(strategy)
             {
                 return Err(invalid(format!(
                     "group '{}' uses {:?}; every member must ask for the same strategy",
@@ -2056,6 +2066,16 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_strategy_is_cooperative_sticky() {
+        use pb::AssignmentStrategy as S;
+        assert_eq!(
+            same_strategy(S::Unspecified),
+            same_strategy(S::CooperativeSticky)
+        );
+        assert_ne!(same_strategy(S::Unspecified), same_strategy(S::Range));
+    }
 
     #[test]
     fn record_codec_round_trips() {
