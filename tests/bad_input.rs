@@ -390,6 +390,19 @@ async fn refusals_are_clear_and_change_nothing() {
     assert_eq!(d.partitions.len(), 1, "partitions added by a refused alter");
     let out = cli_ok(addr, &["topic", "list"], None);
     assert_eq!(out.lines().count(), 3, "{out}");
+    // An offset names a position in one partition.
+    cli_ok(
+        addr,
+        &["topic", "create", "three", "--partitions", "3"],
+        None,
+    );
+    let err = cli_err(addr, &["consume", "three", "--from", "5"], None);
+    assert!(err.contains("add --partition"), "{err}");
+    cli_ok(
+        addr,
+        &["consume", "three", "--from", "0", "--partition", "1"],
+        None,
+    );
 }
 
 /// Topic configs are checked as the brokers will read them: a broker's

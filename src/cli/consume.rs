@@ -73,6 +73,16 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
             )
         }
         Some(p) => vec![p],
+        // An offset is a position in one partition (Kafka's console
+        // consumer also wants one named): applied to each, a partition
+        // shorter than it failed the whole command at once with --follow,
+        // and was skipped without a word without.
+        None if matches!(from, StartFrom::Offset(_)) && topic.partitions.len() > 1 => bail!(
+            "--from {} is an offset in one partition, and topic '{}' has {}: add --partition (or use earliest, latest or a time)",
+            args.from,
+            args.topic,
+            topic.partitions.len()
+        ),
         None => topic.partitions.iter().map(|p| p.partition).collect(),
     };
     let limit = args.max_records.unwrap_or(u64::MAX);
