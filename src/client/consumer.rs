@@ -375,7 +375,11 @@ impl PartitionConsumer {
                 });
             }
         }
-        self.position = self.position.max(resp.next_offset);
+        // Past every record returned too, whatever the answer says: an
+        // answer whose records ran past its next_offset made every later
+        // fetch return them again.
+        let past_returned = out.last().map_or(self.position, |r| r.offset + 1);
+        self.position = self.position.max(resp.next_offset).max(past_returned);
         Ok(out)
     }
 }
