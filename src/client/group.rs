@@ -378,7 +378,10 @@ impl Client {
         F: Fn(ConsumerGroupsClient<Channel>, tonic::Request<R>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let deadline = Instant::now() + COORDINATOR_RETRY;
+        // Counted from the first failure, not from the call: a join may
+        // rightly wait for minutes before its coordinator moves, and then
+        // it found no time left to find the new one.
+        let mut failing_since: Option<Instant> = None;
         loop {
             let attempt = async {
                 let cached = self
@@ -414,7 +417,11 @@ impl Client {
             };
             match attempt.await {
                 Ok(v) => return Ok(v),
-                Err(e) if retriable(&e) && Instant::now() < deadline => {
+                Err(e)
+                    if retriable(&e)
+                        && failing_since.get_or_insert_with(Instant::now).elapsed()
+                            < COORDINATOR_RETRY =>
+                {
                     self.forget_coordinator(group);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -1294,6 +1301,16 @@ impl GroupConsumer {
                     // join uses it, and the group gains no second member.
                     self.member_id = r.member_id.clone();
                     req.member_id = r.member_id;
+                    // Nor if this join fails (REBALANCE_IN_PROGRESS): the
+                    // next poll joined as new again, leaving the member
+                    // this id made behind, with partitions nobody read
+                    // until its session ran out.
+                    let _ = self.signal.compare_exchange(
+                        SIGNAL_REJOIN_AS_NEW,
+                        SIGNAL_REJOIN,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
                 }
                 other => break other?,
             }
