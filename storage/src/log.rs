@@ -716,18 +716,31 @@ impl Log {
         let base_offset = first.base_offset();
         // One clock reading for the whole round's batches.
         let seen_ms = now_ms();
+        let mut written: u64 = 0;
         for b in &parsed {
             let header = HeaderView::read(b.as_bytes()).expect("parsed batch has a header");
-            self.note_epoch(b.leader_epoch(), b.base_offset())?;
-            self.append_locked(&mut w, &config, &[b.as_bytes()], &header)?;
+            let appended = self
+                .note_epoch(b.leader_epoch(), b.base_offset())
+                .and_then(|()| self.append_locked(&mut w, &config, &[b.as_bytes()], &header));
+            if let Err(e) = appended {
+                // The batches before it are in the log, and the leader
+                // learns so from the next fetch: flushed as the policy
+                // says (flush.messages=1 left them unsynced while the
+                // leader counted them towards the high watermark).
+                if written > 0 {
+                    self.after_append(&mut w, &config, written)?;
+                }
+                return Err(e);
+            }
             self.lock_producers().record(
                 &header.producer_batch(),
                 header.base_offset,
                 header.last_offset(),
                 seen_ms,
             );
+            written += b.record_count().max(0) as u64;
         }
-        self.after_append(&mut w, &config, record_count.max(0) as u64)?;
+        self.after_append(&mut w, &config, written)?;
         Ok(AppendInfo {
             base_offset,
             last_offset: expected - 1,
@@ -1417,8 +1430,16 @@ impl Log {
         let too_old = config.segment_ms_max.is_some_and(|ms| {
             active.size() > 0 && now_ms.saturating_sub(active.first_append_ms()) > ms as i64
         });
+        // Every step runs whatever the ones before did, and the first
+        // error is returned at the end: a roll failing on a full disk
+        // (its producer snapshot needs a new file) stopped retention,
+        // which is what frees the disk, on every tick; and a failed
+        // cleanup stopped the flush.ms fsync and the checkpoints.
+        let mut failed: Option<StorageError> = None;
         if too_old {
-            self.roll(&mut w, &config, active.next_offset())?;
+            if let Err(e) = self.roll(&mut w, &config, active.next_offset()) {
+                failed.get_or_insert(e);
+            }
         }
         let segments = self.snapshot();
         // Only segments wholly below the high watermark, as in Kafka:
@@ -1451,7 +1472,10 @@ impl Log {
             }
             expired = expired.max(by_size);
         }
-        let deleted = self.delete_oldest(&mut w, expired)?;
+        let deleted = self.delete_oldest(&mut w, expired).unwrap_or_else(|e| {
+            failed.get_or_insert(e);
+            0
+        });
         let gone = self
             .lock_producers()
             .expire(now_ms, config.producer_id_expiration_ms as i64);
@@ -1464,15 +1488,25 @@ impl Log {
             || matches!(config.flush, FlushPolicy::Interval { ms: Some(ms), .. }
             if now_ms.saturating_sub(w.last_flush_ms) >= ms as i64);
         drop(w);
-        self.empty_trash()?;
-        self.persist_log_start()?;
-        if flush_due {
-            self.flush_concurrently(now_ms)?;
-        } else {
-            self.flush_rolled()?;
+        let steps = [
+            self.empty_trash(),
+            self.persist_log_start(),
+            if flush_due {
+                self.flush_concurrently(now_ms)
+            } else {
+                self.flush_rolled()
+            },
+            self.persist_high_watermark(),
+        ];
+        for step in steps {
+            if let Err(e) = step {
+                failed.get_or_insert(e);
+            }
         }
-        self.persist_high_watermark()?;
-        Ok(deleted)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(deleted),
+        }
     }
 
     /// Kafka's flush on roll, off the append path: fsyncs the segments

@@ -382,6 +382,36 @@ fn roll_by_age_on_tick_and_append() {
     assert_eq!(log.segment_count(), 2);
 }
 
+/// A roll by age that fails (here its producer snapshot cannot be
+/// written: a directory holds its name, as a full disk would refuse the
+/// file) does not stop the tick's retention, which frees the disk: the
+/// tick used to return at the roll's error, on every tick.
+#[test]
+fn a_failed_roll_does_not_stop_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 2, 1000).len() as u64;
+    let config = LogConfig {
+        segment_ms_max: Some(50),
+        ..small_config(one * 2)
+    };
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    for i in 0..5 {
+        log.append_as_leader(batch(i, 2, 1000 + i as i64), 0)
+            .unwrap();
+    }
+    log.set_high_watermark(log.log_end_offset());
+    assert_eq!(log.segment_base_offsets(), vec![0, 4, 8]);
+    // The active segment (8..10) is due to roll at 10.
+    std::fs::create_dir(dir.path().join(format!("{:020}.snapshot", 10))).unwrap();
+    log.set_config(LogConfig {
+        retention_ms_max: Some(100),
+        ..config
+    });
+    assert!(log.tick(now_ms() + 60_000).is_err(), "the roll failed");
+    assert_eq!(log.segment_base_offsets(), vec![8], "retention ran");
+    assert_eq!(log.log_start_offset(), 8);
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
