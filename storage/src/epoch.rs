@@ -63,12 +63,19 @@ impl EpochCache {
         if epoch < 0 || self.latest().is_some_and(|(e, _)| epoch <= e) {
             return Ok(false);
         }
+        let before = self.entries.clone();
         // A newer epoch starting before an older one's start supersedes it.
         while self.entries.last().is_some_and(|&(_, s)| s >= start_offset) {
             self.entries.pop();
         }
         self.entries.push((epoch, start_offset));
-        self.persist()?;
+        if let Err(e) = self.persist() {
+            // As it was: kept in memory only, the epoch counted as known
+            // and was never saved by the appends after (a restart then
+            // took its records for the epoch before's).
+            self.entries = before;
+            return Err(e);
+        }
         Ok(true)
     }
 
@@ -118,6 +125,26 @@ impl EpochCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An epoch whose checkpoint could not be written is not kept in
+    /// memory either: the next append of it tries again.
+    #[test]
+    fn an_epoch_that_failed_to_save_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = EpochCache::load(dir.path()).unwrap();
+        assert!(c.assign(1, 0).unwrap());
+        assert!(c.assign(2, 5).unwrap());
+        // The temporary file's name taken: the save fails, as on a full
+        // disk.
+        let tmp = dir.path().join(format!("{}.tmp", checkpoint::LEADER_EPOCH));
+        std::fs::create_dir(&tmp).unwrap();
+        assert!(c.assign(3, 5).is_err());
+        assert_eq!(c.latest(), Some((2, 5)), "the superseded epoch is back");
+        std::fs::remove_dir(&tmp).unwrap();
+        assert!(c.assign(3, 5).unwrap(), "tried again");
+        let c = EpochCache::load(dir.path()).unwrap();
+        assert_eq!(c.latest(), Some((3, 5)));
+    }
 
     #[test]
     fn assign_lookup_truncate_persist() {
