@@ -668,8 +668,12 @@ impl Log {
         let mut persisted = self.lock_checkpoints();
         let mut w = self.lock_writer()?;
         self.check_following(leader_epoch)?;
-        self.truncate_locked(&mut w, &mut persisted, offset)
-            .inspect_err(|e| self.fail(&mut w, "truncation", e))
+        let mut touched = false;
+        let result = self.truncate_locked(&mut w, &mut persisted, offset, &mut touched);
+        if let (Err(e), true) = (&result, touched) {
+            self.fail(&mut w, "truncation", e);
+        }
+        result
     }
 
     /// [`Log::reset_to`] for a replica that follows the leader of
@@ -1157,11 +1161,23 @@ impl Log {
     pub fn truncate_to(&self, offset: i64) -> Result<()> {
         let mut persisted = self.lock_checkpoints();
         let mut w = self.lock_writer()?;
-        self.truncate_locked(&mut w, &mut persisted, offset)
-            .inspect_err(|e| self.fail(&mut w, "truncation", e))
+        let mut touched = false;
+        let result = self.truncate_locked(&mut w, &mut persisted, offset, &mut touched);
+        if let (Err(e), true) = (&result, touched) {
+            self.fail(&mut w, "truncation", e);
+        }
+        result
     }
 
-    fn truncate_locked(&self, w: &mut Writer, persisted: &mut i64, offset: i64) -> Result<()> {
+    /// `touched`: set once something was removed; an error before leaves
+    /// the log as it was, and the caller does not fail it.
+    fn truncate_locked(
+        &self,
+        w: &mut Writer,
+        persisted: &mut i64,
+        offset: i64,
+        touched: &mut bool,
+    ) -> Result<()> {
         let config = self.config();
         if offset >= self.log_end_offset() {
             return Ok(());
@@ -1174,6 +1190,7 @@ impl Log {
             // Nothing survives: start over at `offset`.
             let new_start = offset.max(0);
             doomed = segments.iter().rev().cloned().collect();
+            *touched = true;
             for seg in &doomed {
                 seg.delete_files()?;
             }
@@ -1182,11 +1199,13 @@ impl Log {
             self.log_start_offset.store(new_start, Ordering::Release);
         } else {
             let i = segments.partition_point(|s| s.base_offset() <= offset) - 1;
+            let cut = segments[i].prepare_truncation(offset)?;
             doomed = segments[i + 1..].iter().rev().cloned().collect();
+            *touched = true;
             for seg in &doomed {
                 seg.delete_files()?;
             }
-            let replacement = Arc::new(segments[i].truncate_to(&self.dir, offset, &config)?);
+            let replacement = Arc::new(segments[i].truncate_to(&self.dir, &config, cut)?);
             kept = segments[..i].to_vec();
             kept.push(replacement);
         }

@@ -1071,33 +1071,61 @@ impl Segment {
         Ok(self.find(offset, size)?.map_or(size, |(p, _)| p))
     }
 
-    /// Writer only: removes every batch whose last offset is >= `offset`.
+    /// Writer only, the first step of cutting every batch whose last
+    /// offset is >= `offset`, taken before the log removes anything: a
+    /// closed segment's kept part is copied out and synced here, which
+    /// needs room on disk. A copy that fails leaves the segment as it was.
+    /// (Made after the later segments were unlinked, a failed copy failed
+    /// the log with them gone, and the broker stopped; on its restart the
+    /// same cut, and the same failure.)
+    pub(crate) fn prepare_truncation(&self, offset: i64) -> Result<PreparedCut> {
+        let position = self.truncation_position(offset)?;
+        if !self.closed.load(Ordering::Acquire) {
+            return Ok(PreparedCut {
+                position,
+                swap: None,
+            });
+        }
+        // Live mmaps of this file must stay valid: the kept part is
+        // copied, and the copy renamed over the file by `truncate_to`.
+        let swap = self.log_path.with_extension("log.swap");
+        let copied = (|| {
+            let mut out = File::create(&swap)?;
+            let mut src = std::io::Read::take(File::open(&self.log_path)?, position);
+            std::io::copy(&mut src, &mut out)?;
+            out.sync_all()
+        })();
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&swap);
+            return Err(io_err(&swap)(e));
+        }
+        Ok(PreparedCut {
+            position,
+            swap: Some(swap),
+        })
+    }
+
+    /// Writer only: removes every batch whose last offset is >= the
+    /// offset `cut` was prepared for ([`Segment::prepare_truncation`]).
     /// Returns the replacement (active) segment; `self` must be dropped
     /// from the segment list.
     pub(crate) fn truncate_to(
         &self,
         dir: &Path,
-        offset: i64,
         config: &LogConfig,
+        cut: PreparedCut,
     ) -> Result<Segment> {
-        let position = self.truncation_position(offset)?;
-        if self.closed.load(Ordering::Acquire) {
-            // Live mmaps of this file must stay valid: copy and rename.
-            let swap = self.log_path.with_extension("log.swap");
-            let mut out = File::create(&swap).map_err(io_err(&swap))?;
-            let mut src = std::io::Read::take(
-                File::open(&self.log_path).map_err(io_err(&self.log_path))?,
-                position,
-            );
-            std::io::copy(&mut src, &mut out).map_err(io_err(&swap))?;
-            out.sync_all().map_err(io_err(&swap))?;
-            std::fs::rename(&swap, &self.log_path).map_err(io_err(&self.log_path))?;
-        } else {
-            self.retired.store(true, Ordering::SeqCst);
-            self.file
-                .set_len(position)
-                .map_err(io_err(&self.log_path))?;
-            self.file.sync_all().map_err(io_err(&self.log_path))?;
+        match cut.swap {
+            Some(swap) => {
+                std::fs::rename(&swap, &self.log_path).map_err(io_err(&self.log_path))?;
+            }
+            None => {
+                self.retired.store(true, Ordering::SeqCst);
+                self.file
+                    .set_len(cut.position)
+                    .map_err(io_err(&self.log_path))?;
+                self.file.sync_all().map_err(io_err(&self.log_path))?;
+            }
         }
         // The prefix is trusted data; rebuild the indexes from it.
         let (seg, _) = Segment::open(dir, self.base_offset, config, OpenMode::Recover)?;
@@ -1119,6 +1147,15 @@ impl Segment {
         }
         Ok(())
     }
+}
+
+/// A cut of a segment prepared by [`Segment::prepare_truncation`].
+#[derive(Debug)]
+pub(crate) struct PreparedCut {
+    /// File position of the first batch cut.
+    position: u64,
+    /// A closed segment's kept part, copied and synced.
+    swap: Option<PathBuf>,
 }
 
 /// Up to `len` bytes at `offset` (fewer only at end of file), read into
