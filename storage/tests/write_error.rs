@@ -10,7 +10,7 @@ mod common;
 use std::sync::Mutex;
 
 use common::{batch, read_all, small_config};
-use runnel_storage::{Log, StorageError};
+use runnel_storage::Log;
 
 /// Held by a test while it may change the file size limit.
 static LIMIT: Mutex<()> = Mutex::new(());
