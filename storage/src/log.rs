@@ -1461,35 +1461,25 @@ impl Log {
             }
         }
         let segments = self.snapshot();
-        // Only segments wholly below the high watermark, as in Kafka:
-        // records no follower has yet are not deleted, and deleting them
-        // would move the log start, and with it the high watermark, past
-        // records an acks=all producer is still waiting on.
-        let high_watermark = self.high_watermark();
-        let closed = &segments[..segments.len() - 1];
-        let closed = &closed[..closed
-            .iter()
-            .take_while(|s| s.next_offset() <= high_watermark)
-            .count()];
-        let mut expired = 0;
-        if let Some(ms) = config.retention_ms_max {
-            let cutoff = now_ms.saturating_sub(ms as i64);
-            expired = closed
-                .iter()
-                .take_while(|s| s.retention_time_ms() < cutoff)
-                .count();
-        }
-        if let Some(bytes_max) = config.retention_bytes_max {
-            let mut total: u64 = segments.iter().map(|s| s.size()).sum();
-            let mut by_size = 0;
-            for s in closed {
-                if total.saturating_sub(s.size()) < bytes_max || total <= bytes_max {
-                    break;
-                }
-                total -= s.size();
-                by_size += 1;
+        let mut expired = Self::expired_segments(
+            &segments,
+            &config,
+            self.high_watermark(),
+            self.log_start_offset(),
+            now_ms,
+        );
+        if expired == segments.len() {
+            // The active segment is due too (its records all expired, or
+            // past the size limit, and all of them replicated): rolled,
+            // then deleted with the others, as in Kafka. Kept, the
+            // records of a quiet topic stayed readable until the segment
+            // rolled by age (segment.ms, a week) whatever retention.ms
+            // said.
+            let active = segments.last().expect("one segment");
+            if let Err(e) = self.roll(&mut w, &config, active.next_offset()) {
+                failed.get_or_insert(e);
+                expired -= 1;
             }
-            expired = expired.max(by_size);
         }
         let deleted = self.delete_oldest(&mut w, expired).unwrap_or_else(|e| {
             failed.get_or_insert(e);
@@ -1526,6 +1516,54 @@ impl Log {
             Some(e) => Err(e),
             None => Ok(deleted),
         }
+    }
+
+    /// How many of `segments`, oldest first, retention deletes: those wholly
+    /// below the high watermark (records no follower has yet are not deleted,
+    /// and deleting them would move the log start, and with it the high
+    /// watermark, past records an acks=all producer is still waiting on),
+    /// the active one included (then the caller rolls first), that are
+    /// older than `retention.ms`, or that the log can lose and still hold
+    /// `retention.bytes`, or that lie wholly below the log start (records
+    /// deleted by DeleteRecords, in a segment that rolled since).
+    fn expired_segments(
+        segments: &[Arc<Segment>],
+        config: &LogConfig,
+        high_watermark: i64,
+        log_start_offset: i64,
+        now_ms: i64,
+    ) -> usize {
+        let candidates = segments
+            .iter()
+            .take_while(|s| s.size() > 0 && s.next_offset() <= high_watermark)
+            .count();
+        let candidates = &segments[..candidates];
+        let mut expired = candidates
+            .iter()
+            .take_while(|s| s.next_offset() <= log_start_offset)
+            .count();
+        if let Some(ms) = config.retention_ms_max {
+            let cutoff = now_ms.saturating_sub(ms as i64);
+            expired = expired.max(
+                candidates
+                    .iter()
+                    .take_while(|s| s.retention_time_ms() < cutoff)
+                    .count(),
+            );
+        }
+        if let Some(bytes_max) = config.retention_bytes_max {
+            let mut total: u64 = segments.iter().map(|s| s.size()).sum();
+            let mut by_size = 0;
+            for s in candidates {
+                if total.saturating_sub(s.size()) < bytes_max || total <= bytes_max {
+                    break;
+                }
+                total -= s.size();
+                by_size += 1;
+            }
+            expired = expired.max(by_size);
+        }
+        expired
     }
 
     /// Kafka's flush on roll, off the append path: fsyncs the segments
@@ -2069,6 +2107,9 @@ mod tests {
 
         log.set_config(LogConfig {
             retention_bytes_max: Some(1),
+            // By size only: the records' 1970 timestamps would expire
+            // the active segment too.
+            retention_ms_max: None,
             ..config.clone()
         });
         log.set_high_watermark(log.log_end_offset());
@@ -2248,6 +2289,9 @@ mod tests {
             log.set_high_watermark(log.log_end_offset());
             log.set_config(LogConfig {
                 retention_bytes_max: Some(1),
+                // By size only: the records' 1970 timestamps would
+                // expire the active segment too.
+                retention_ms_max: None,
                 ..config.clone()
             });
             let info = append_while_checkpoint_held(&log, name, now_ms())

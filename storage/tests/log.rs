@@ -314,20 +314,33 @@ fn delete_records_before_and_retention() {
     assert_eq!(log.tick(0).unwrap(), 1);
     assert_eq!(log.segment_base_offsets(), vec![8, 12, 16]);
     assert_eq!(log.log_start_offset(), 8);
-    // Retention by time uses each segment's largest timestamp; never the
-    // active segment.
+    // Retention by time uses each segment's largest timestamp.
     log.set_config(LogConfig {
         retention_ms_max: Some(100),
         ..small_config(one * 2)
     });
     assert_eq!(log.tick(1107).unwrap(), 1); // segment 8..12 max ts 1005+1
-    assert_eq!(log.tick(1_000_000).unwrap(), 1);
+    assert_eq!(log.segment_base_offsets(), vec![12, 16]);
+    // The active segment too, once every segment before it went and its
+    // own records expired (all replicated): it is rolled and deleted, as
+    // in Kafka (it used to stay until it rolled by age).
+    log.set_high_watermark(18);
+    assert_eq!(log.tick(1_000_000).unwrap(), 1, "not all replicated");
     assert_eq!(log.segment_base_offsets(), vec![16]);
-    assert_eq!(log.log_start_offset(), 16);
+    log.set_high_watermark(20);
+    assert_eq!(log.tick(1_000_000).unwrap(), 1);
+    assert_eq!(log.segment_base_offsets(), vec![20]);
+    assert_eq!(log.log_start_offset(), 20);
+    assert_eq!(log.log_end_offset(), 20);
     log.close().unwrap();
     let log = Log::open(dir.path(), small_config(one * 2)).unwrap();
-    assert_eq!(log.log_start_offset(), 16);
-    assert_eq!(read_all(&log, 16).len(), 4);
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (20, 20));
+    assert_eq!(
+        log.append_as_leader(batch(20, 2, 2000), 0)
+            .unwrap()
+            .base_offset,
+        20
+    );
 }
 
 /// Records without timestamps (-1, as a raw client batch may carry) are
@@ -354,7 +367,9 @@ fn retention_by_time_of_records_without_timestamps() {
     });
     assert_eq!(log.tick(now_ms()).unwrap(), 0, "written just now");
     assert_eq!(log.segment_count(), segments);
-    assert_eq!(log.tick(now_ms() + 7_200_000).unwrap(), segments - 1);
+    // The active segment too: its file was last written as long ago.
+    assert_eq!(log.tick(now_ms() + 7_200_000).unwrap(), segments);
+    assert_eq!(log.log_start_offset(), log.log_end_offset());
 }
 
 #[test]
@@ -380,6 +395,27 @@ fn roll_by_age_on_tick_and_append() {
     // An empty active segment never rolls.
     log.tick(after + 10_000).unwrap();
     assert_eq!(log.segment_count(), 2);
+}
+
+/// A segment wholly below the log start (its records deleted by
+/// DeleteRecords after it was written) is removed by the next tick, the
+/// active one too (rolled first): it used to stay until time or size
+/// retention took it.
+#[test]
+fn segments_below_the_log_start_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 2, 1000).len() as u64;
+    let log = Log::open(dir.path(), small_config(one * 2)).unwrap();
+    for i in 0..5 {
+        log.append_as_leader(batch(i, 2, now_ms()), 0).unwrap();
+    }
+    log.set_high_watermark(log.log_end_offset());
+    assert_eq!(log.segment_base_offsets(), vec![0, 4, 8]);
+    assert_eq!(log.delete_records_before(10).unwrap(), 10);
+    assert_eq!(log.segment_base_offsets(), vec![8]);
+    assert_eq!(log.tick(now_ms()).unwrap(), 1);
+    assert_eq!(log.segment_base_offsets(), vec![10]);
+    assert_eq!(log.log_start_offset(), 10);
 }
 
 /// A roll by age that fails (here its producer snapshot cannot be
