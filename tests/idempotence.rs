@@ -601,3 +601,44 @@ async fn t07_a_batch_expired_while_the_isr_was_short_fails_alone() {
         .collect();
     assert_eq!(stored, ["a", "young"]);
 }
+
+/// Duration::MAX and usize::MAX in a producer's settings mean "no limit":
+/// they are capped, and records are delivered. Linger and the request
+/// timeout overflowed an Instant (a panic in `send`, or in the partition's
+/// sender task), and a batch size past u32::MAX panicked at the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlimited_producer_settings_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("t", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::ZERO,
+        request_timeout: Duration::MAX,
+        delivery_timeout: Duration::MAX,
+        retry_backoff: Duration::MAX,
+        buffer_bytes_max: usize::MAX,
+        ..ProducerConfig::default()
+    });
+    let acks = send_all(&producer, "t", &["a".to_string(), "b".to_string()]).await;
+    for ack in acks {
+        ack.unwrap();
+    }
+    producer.close().await.unwrap();
+    let lingering = client.producer(ProducerConfig {
+        linger: Duration::MAX,
+        batch_bytes_max: usize::MAX,
+        ..ProducerConfig::default()
+    });
+    let ack = lingering
+        .send("t", ProducerRecord::value("c"))
+        .await
+        .unwrap();
+    // Sent by the flush, not by a linger that never ends.
+    lingering.flush().await.unwrap();
+    assert_eq!(ack.await.unwrap().offset, 2);
+    lingering.close().await.unwrap();
+}

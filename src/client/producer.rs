@@ -460,10 +460,23 @@ impl Producer {
         if idempotent {
             config.in_flight_max = config.in_flight_max.clamp(1, IDEMPOTENT_IN_FLIGHT_MAX);
         }
-        config.buffer_bytes_max = config.buffer_bytes_max.clamp(
-            config.batch_bytes_max.max(1),
-            Semaphore::MAX_PERMITS.min(u32::MAX as usize),
-        );
+        let permits_max = Semaphore::MAX_PERMITS.min(u32::MAX as usize);
+        config.batch_bytes_max = config.batch_bytes_max.clamp(1, permits_max);
+        config.buffer_bytes_max = config
+            .buffer_bytes_max
+            .clamp(config.batch_bytes_max, permits_max);
+        // Duration::MAX for "no limit" is capped, as the client's other
+        // waits are: added to an Instant, it panicked in `send` (linger)
+        // or in the partition's sender task (the others), whose partition
+        // then failed every later batch as closed.
+        for wait in [
+            &mut config.linger,
+            &mut config.request_timeout,
+            &mut config.delivery_timeout,
+            &mut config.retry_backoff,
+        ] {
+            *wait = (*wait).min(super::LONGEST_WAIT);
+        }
         let shared = Arc::new(Shared {
             client,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
