@@ -642,3 +642,51 @@ async fn unlimited_producer_settings_are_capped() {
     assert_eq!(ack.await.unwrap().offset, 2);
     lingering.close().await.unwrap();
 }
+
+/// A `send` dropped before it returned (by a select! or a timeout) sent
+/// nothing, so sending the record again stores it once. It used to yield
+/// after queuing the record when its batch was full, and a call dropped
+/// there sent a record whose DeliveryFuture its caller never got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_dropped_before_it_returned_sent_nothing() {
+    use futures_util::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("t", 1, 1, Default::default())
+        .await
+        .unwrap();
+    let producer = client.producer(ProducerConfig {
+        batch_bytes_max: 1,
+        linger: Duration::ZERO,
+        ..ProducerConfig::default()
+    });
+    let record = |v: &str| ProducerRecord {
+        value: Some(v.to_string().into()),
+        partition: Some(0),
+        ..ProducerRecord::default()
+    };
+    // The topic known, a producer id taken, a full batch handed over.
+    let warm = producer.send("t", record("warm")).await.unwrap();
+    let mut dropped = 0;
+    for i in 0..20 {
+        // Polled once, and dropped if it did not return.
+        match producer.send("t", record(&format!("r{i}"))).now_or_never() {
+            Some(sent) => {
+                sent.unwrap().await.unwrap();
+            }
+            None => dropped += 1,
+        }
+    }
+    warm.await.unwrap();
+    producer.flush().await.unwrap();
+    producer.close().await.unwrap();
+    assert!(dropped > 0, "every send returned at its first poll");
+    let end = client
+        .list_offsets("t", 0, pb::OffsetSpec::Latest, 0)
+        .await
+        .unwrap()
+        .offset;
+    assert_eq!(end, 1 + 20 - dropped, "{dropped} dropped");
+}

@@ -82,7 +82,9 @@ pub struct ProducerConfig {
     pub retry_backoff: Duration,
     /// Record bytes (estimated encoded size) buffered but not yet
     /// acknowledged; `send` waits while the buffer is full (Kafka's
-    /// buffer.memory).
+    /// buffer.memory). Not counted: the room each partition's open batch
+    /// reserves (`batch_bytes_max`), so a producer writing to P partitions
+    /// at once may hold P × `batch_bytes_max` more.
     pub buffer_bytes_max: usize,
 }
 
@@ -350,6 +352,9 @@ struct Shared {
     linger_wake: Notify,
     /// Permits = record bytes that may still be buffered.
     buffer: Arc<Semaphore>,
+    /// A `send` handed a full batch to its sender: the next `send` yields
+    /// first (see [`Producer::send`]).
+    yield_due: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -487,6 +492,7 @@ impl Producer {
             config,
             state: Mutex::new(State::default()),
             linger_wake: Notify::new(),
+            yield_due: std::sync::atomic::AtomicBool::new(false),
         });
         let linger_task = tokio::spawn(linger(shared.clone()));
         Producer {
@@ -503,6 +509,18 @@ impl Producer {
         record: ProducerRecord,
     ) -> Result<DeliveryFuture, ClientError> {
         let sh = &self.shared;
+        // Let the partition's sender start the batch the last call handed
+        // it: on a single-threaded runtime it runs only when this task
+        // yields, and a caller sending in a tight loop would otherwise
+        // fill the whole buffer first while the broker idles
+        // (benches/RESULTS.md, row 26). Here, before anything is queued:
+        // a call dropped at this yield sent nothing. (The yield came after
+        // the record was queued, and a call dropped there, by a select! or
+        // a timeout, sent a record whose DeliveryFuture its caller never
+        // got: sent again, it was stored twice.)
+        if sh.yield_due.swap(false, Ordering::Relaxed) {
+            tokio::task::yield_now().await;
+        }
         let sent_at = std::time::Instant::now();
         let permits = record.size_estimate().clamp(1, sh.config.buffer_bytes_max) as u32;
         // The permits are held (and given back if this call is dropped
@@ -559,12 +577,7 @@ impl Producer {
             };
             if let Some((future, dispatched)) = added {
                 if dispatched {
-                    // Let the partition's sender start the batch now: on a
-                    // single-threaded runtime it runs only when this task
-                    // yields, and a caller sending in a tight loop would
-                    // otherwise fill the whole buffer first while the
-                    // broker idles (benches/RESULTS.md, row 26).
-                    tokio::task::yield_now().await;
+                    sh.yield_due.store(true, Ordering::Relaxed);
                 }
                 return Ok(future);
             }
