@@ -214,6 +214,9 @@ impl Default for BrokerSection {
     }
 }
 
+/// Shortest long-poll cap a broker accepts (ms).
+const FETCH_WAIT_MIN_MS: u64 = 10;
+
 /// Longest `controller.cluster_id`.
 const CLUSTER_ID_MAX: usize = 64;
 
@@ -673,6 +676,34 @@ impl ServerConfig {
                 return Err(invalid(key, "must be positive".into()));
             }
         }
+        // Long polls that do not wait: every idle follower (or consumer)
+        // asked again at once, in a loop at the network's round trip.
+        for (key, value) in [
+            ("broker.fetch_wait_max_ms", b.fetch_wait_max_ms),
+            (
+                "broker.replica_fetch_wait_max_ms",
+                u64::from(b.replica_fetch_wait_max_ms),
+            ),
+        ] {
+            if value < FETCH_WAIT_MIN_MS {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{value} is below {FETCH_WAIT_MIN_MS} ms: idle fetches would be answered at once, in a loop"
+                    ),
+                ));
+            }
+        }
+        if b.num_partitions > runnel_controller::metadata::PARTITIONS_MAX {
+            return Err(invalid(
+                "broker.num_partitions",
+                format!(
+                    "{} is above the most a topic may have ({})",
+                    b.num_partitions,
+                    runnel_controller::metadata::PARTITIONS_MAX
+                ),
+            ));
+        }
         // A follower parked in an idle long poll must not look lagging
         // (Kafka refuses the same combination).
         if u64::from(b.replica_fetch_wait_max_ms) >= b.replica_lag_time_max_ms {
@@ -999,6 +1030,18 @@ mod tests {
             (
                 "[broker]\ngrpc_message_bytes_max = 2000000\nqueued_request_bytes_max = 1000000\n",
                 "broker.queued_request_bytes_max",
+            ),
+            (
+                "[broker]\nfetch_wait_max_ms = 0\n",
+                "broker.fetch_wait_max_ms",
+            ),
+            (
+                "[broker]\nreplica_fetch_wait_max_ms = 0\n",
+                "broker.replica_fetch_wait_max_ms",
+            ),
+            (
+                "[broker]\nnum_partitions = 20000\n",
+                "broker.num_partitions",
             ),
             (
                 "[security]\nauth_failure_window_ms = 0\n",

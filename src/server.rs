@@ -151,8 +151,16 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
         dir: dir.clone(),
         source,
     })?;
-    if lock.try_lock().is_err() {
-        return Err(ServerError::DataDirLocked { dir });
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(ServerError::DataDirLocked { dir });
+        }
+        // Not another process: a file system without locks (some NFS or
+        // FUSE mounts), say. Named as it is.
+        Err(std::fs::TryLockError::Error(source)) => {
+            return Err(ServerError::DataDir { dir, source });
+        }
     }
 
     let listener = TcpListener::bind(config.listen)

@@ -34,7 +34,11 @@ type FetchStream = std::pin::Pin<
 
 /// Answers one fetch request for many partitions.
 async fn serve_fetch(broker: &Broker, req: ipb::ReplicaFetchRequest) -> ipb::ReplicaFetchResponse {
-    let wait = Duration::from_millis(u64::from(req.max_wait_ms).min(broker.fetch_wait_max_ms()));
+    // Capped by the lag time, not by the clients' fetch_wait_max_ms: a
+    // low client cap made every idle follower ask again at once.
+    let wait = Duration::from_millis(
+        u64::from(req.max_wait_ms).min(broker.config().broker.replica_lag_time_max_ms),
+    );
     let mut appended = broker.watch_appends();
     let first = answer(broker, &req, true);
     let has_data = first
