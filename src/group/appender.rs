@@ -179,6 +179,12 @@ impl Appender {
         self.append.clone().lock_owned().await
     }
 
+    /// Whether `other` is this appender (a clone of it), not a later one
+    /// of the same partition.
+    pub(super) fn same_as(&self, other: &Appender) -> bool {
+        Arc::ptr_eq(&self.append, &other.append)
+    }
+
     /// The broker it appends through.
     pub(super) fn broker(&self) -> &Arc<Broker> {
         &self.broker

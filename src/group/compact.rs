@@ -163,11 +163,38 @@ fn chunks(records: Vec<pb::Record>, bytes_max: usize) -> Vec<Vec<pb::Record>> {
     out
 }
 
+/// Why a compaction failed, and how many records it copied if the copy
+/// was appended (then the next compaction waits for twice as many: each
+/// try that failed after its copy, a DeleteRecords that timed out say,
+/// left another copy of the live records behind).
+#[derive(Debug)]
+pub(super) struct CompactError {
+    pub error: BrokerError,
+    pub copied: Option<u64>,
+}
+
+impl From<BrokerError> for CompactError {
+    fn from(error: BrokerError) -> Self {
+        Self {
+            error,
+            copied: None,
+        }
+    }
+}
+
 /// Compacts the offsets partition `appender` writes (see the module
-/// docs). Fails with the broker's error when this broker stops leading it
+/// docs), while `current` (asked under the appender's lock, before the
+/// copy) says the appender still writes for the leadership the
+/// compaction started in: one that outlived it (leadership moved away and
+/// back meanwhile) would copy values read from a log since cut back or
+/// written past, after newer commits made through the next appender.
+/// Fails with the broker's error when this broker stops leading it
 /// meanwhile, or a read, append or delete fails; what was appended by
 /// then is harmless.
-pub(super) async fn compact(appender: &Appender) -> Result<Compacted, BrokerError> {
+pub(super) async fn compact(
+    appender: &Appender,
+    current: impl FnOnce() -> bool,
+) -> Result<Compacted, CompactError> {
     let broker = appender.broker().clone();
     let index = appender.index();
     let not_leader = || BrokerError::NotLeader {
@@ -186,6 +213,9 @@ pub(super) async fn compact(appender: &Appender) -> Result<Compacted, BrokerErro
     let lock = appender.exclusive().await;
     let end = log.log_end_offset();
     let (live, _) = scan(log.clone(), scanned, end, live).await?;
+    if !current() {
+        return Err(not_leader().into());
+    }
     let records = live.into_records();
     let count = records.len() as u64;
     let mut appended = Vec::new();
@@ -200,23 +230,33 @@ pub(super) async fn compact(appender: &Appender) -> Result<Compacted, BrokerErro
         appended.push(broker.produce_append(req).await?);
     }
     drop(lock);
+    let copied = |error| CompactError {
+        error,
+        copied: Some(count),
+    };
     let mut copy_start = None;
     for a in appended {
-        let r = broker.produce_complete(a).await?;
+        let r = broker.produce_complete(a).await.map_err(copied)?;
         copy_start.get_or_insert(r.base_offset);
     }
     // Nothing live (every key's newest record a tombstone): every
     // committed record may go.
     let to = copy_start.unwrap_or_else(|| end.min(log.high_watermark()));
     if to > start {
-        broker
+        let deleted = broker
             .delete_records(pb::DeleteRecordsRequest {
                 topic: OFFSETS_TOPIC.to_string(),
                 partition: index,
                 offset: to,
                 timeout_ms: 0,
             })
-            .await?;
+            .await;
+        match deleted {
+            // Deleted on the leader; the followers follow on their next
+            // fetches.
+            Ok(_) | Err(BrokerError::DeleteRecordsTimeout { .. }) => {}
+            Err(e) => return Err(copied(e)),
+        }
     }
     Ok(Compacted {
         live: count,

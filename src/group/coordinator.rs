@@ -956,9 +956,13 @@ impl GroupCoordinator {
         let Inner {
             appenders,
             compactions,
+            loaded,
             ..
         } = inner;
         for (&index, appender) in appenders.iter() {
+            let Some(&epoch) = loaded.get(&index) else {
+                continue;
+            };
             let c = compactions.entry(index).or_default();
             if c.running || c.not_before.is_some_and(|t| t > now) {
                 continue;
@@ -974,7 +978,15 @@ impl GroupCoordinator {
             let (me, appender) = (self.clone(), appender.clone());
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
-                let result = compact(&appender).await;
+                let current = || {
+                    let inner = me.lock();
+                    inner.loaded.get(&index) == Some(&epoch)
+                        && inner
+                            .appenders
+                            .get(&index)
+                            .is_some_and(|a| a.same_as(&appender))
+                };
+                let result = compact(&appender, current).await;
                 let mut inner = me.lock();
                 let c = inner.compactions.entry(index).or_default();
                 c.running = false;
@@ -992,8 +1004,11 @@ impl GroupCoordinator {
                         );
                     }
                     Err(e) => {
+                        if let Some(copied) = e.copied {
+                            c.live = copied;
+                        }
                         c.not_before = Some(tokio::time::Instant::now() + COMPACTION_RETRY);
-                        warn!(partition = index, error = %e, retry_in = ?COMPACTION_RETRY, "compacting offsets partition failed");
+                        warn!(partition = index, error = %e.error, copied = ?e.copied, retry_in = ?COMPACTION_RETRY, "compacting offsets partition failed");
                     }
                 }
             });
