@@ -157,8 +157,9 @@ pub struct BrokerSection {
     pub grpc_message_bytes_max: usize,
     /// Bytes of produce requests over 64 KiB being received at once, over
     /// every connection (Kafka's `queued.max.request.bytes`); at least
-    /// `grpc_message_bytes_max`.
-    pub queued_request_bytes_max: usize,
+    /// `grpc_message_bytes_max`. Absent: 256 MiB, or
+    /// `grpc_message_bytes_max` when larger ([`BrokerSection::queued_request_bytes`]).
+    pub queued_request_bytes_max: Option<usize>,
     /// Grace period for draining requests at shutdown (ms).
     pub shutdown_grace_ms: u64,
     /// A follower not caught up for this long leaves the ISR (ms).
@@ -191,6 +192,16 @@ pub struct BrokerSection {
     pub failpoints: bool,
 }
 
+impl BrokerSection {
+    /// The receive budget: `queued_request_bytes_max`, or by default
+    /// 256 MiB, or `grpc_message_bytes_max` when larger (a config that
+    /// raised it past 256 MiB before the budget existed still starts).
+    pub fn queued_request_bytes(&self) -> usize {
+        self.queued_request_bytes_max
+            .unwrap_or_else(|| (256 * 1024 * 1024).max(self.grpc_message_bytes_max))
+    }
+}
+
 impl Default for BrokerSection {
     fn default() -> Self {
         Self {
@@ -199,7 +210,7 @@ impl Default for BrokerSection {
             maintenance_interval_ms: 1_000,
             writeback_interval_ms: 100,
             grpc_message_bytes_max: 64 * 1024 * 1024,
-            queued_request_bytes_max: 256 * 1024 * 1024,
+            queued_request_bytes_max: None,
             shutdown_grace_ms: 5_000,
             replica_lag_time_max_ms: 30_000,
             replica_fetch_bytes_max: 8 * 1024 * 1024,
@@ -635,17 +646,17 @@ impl ServerConfig {
         }
         // A request of the largest size must fit, or it would wait for
         // good.
-        if self.broker.queued_request_bytes_max < self.broker.grpc_message_bytes_max {
+        if self.broker.queued_request_bytes() < self.broker.grpc_message_bytes_max {
             return Err(invalid(
                 "broker.queued_request_bytes_max",
                 format!(
                     "{} is less than broker.grpc_message_bytes_max ({}): a request of that size could never be received",
-                    self.broker.queued_request_bytes_max, self.broker.grpc_message_bytes_max
+                    self.broker.queued_request_bytes(), self.broker.grpc_message_bytes_max
                 ),
             ));
         }
         // What a semaphore holds at most.
-        if self.broker.queued_request_bytes_max > usize::MAX >> 3 {
+        if self.broker.queued_request_bytes() > usize::MAX >> 3 {
             return Err(invalid(
                 "broker.queued_request_bytes_max",
                 format!("must be at most {}", usize::MAX >> 3),
@@ -986,6 +997,16 @@ mod tests {
         assert!(err.to_string().contains("listen_port"), "{err}");
         let err = ServerConfig::from_toml("[broker]\nrequest_timeout = 3\n").unwrap_err();
         assert!(err.to_string().contains("request_timeout"), "{err}");
+    }
+
+    /// A config that raised grpc_message_bytes_max past 256 MiB before the
+    /// receive budget existed still loads: the budget grows with it.
+    #[test]
+    fn the_receive_budget_follows_a_larger_message_limit() {
+        let c = ServerConfig::from_toml("[broker]\ngrpc_message_bytes_max = 300000000\n").unwrap();
+        assert_eq!(c.broker.queued_request_bytes(), 300_000_000);
+        let c = ServerConfig::from_toml("").unwrap();
+        assert_eq!(c.broker.queued_request_bytes(), 256 * 1024 * 1024);
     }
 
     #[test]

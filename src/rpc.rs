@@ -26,6 +26,10 @@ use tonic::server::NamedService;
 use tonic::Status;
 use tower::{Service, ServiceExt};
 
+/// Longest wait of a request for room in the receive budget
+/// ([`RawStream::with_budget`]); it is then refused as BROKER_NOT_AVAILABLE.
+pub const BUDGET_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The stream of requests a [`RawStream`] handler receives.
 pub type Requests<M> = DecodeStream<Body, M>;
 
@@ -145,8 +149,9 @@ where
 /// decoded ([`runnel_proto::wire::Decoder`]'s statuses): too large for
 /// `broker.grpc_message_bytes_max` (RECORD_TOO_LARGE: no topic setting
 /// could admit it), compressed framing (UNSUPPORTED), refused by the
-/// call's check (INVALID_REQUEST), or bytes that are not a request
-/// (CORRUPT_MESSAGE).
+/// call's check (INVALID_REQUEST), no room among the requests being
+/// received for long (BROKER_NOT_AVAILABLE, retriable), or bytes that are
+/// not a request (CORRUPT_MESSAGE).
 pub fn undecodable(status: &Status) -> (runnel_proto::v1::ErrorCode, String) {
     use runnel_proto::v1::ErrorCode;
     match status.code() {
@@ -163,6 +168,11 @@ pub fn undecodable(status: &Status) -> (runnel_proto::v1::ErrorCode, String) {
         ),
         tonic::Code::InvalidArgument => (
             ErrorCode::InvalidRequest,
+            format!("request refused: {}", status.message()),
+        ),
+        // Nothing was read of it, nor appended: retriable.
+        tonic::Code::ResourceExhausted => (
+            ErrorCode::BrokerNotAvailable,
             format!("request refused: {}", status.message()),
         ),
         _ => (
@@ -246,7 +256,7 @@ where
                     decode = decode.with_check(check);
                 }
                 if let Some(budget) = budget {
-                    decode = decode.with_budget(budget);
+                    decode = decode.with_budget(budget, BUDGET_WAIT_MAX);
                 }
                 decode
             })))

@@ -25,6 +25,7 @@
 //! these paths.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -416,6 +417,9 @@ pub struct DecodeStream<B, M> {
     budget: Option<PollSemaphore>,
     /// The share of the budget the message being received holds.
     held: Option<OwnedSemaphorePermit>,
+    /// The longest wait for a share, and the running wait's timer.
+    budget_wait_max: std::time::Duration,
+    budget_wait: Option<Pin<Box<tokio::time::Sleep>>>,
     _message: PhantomData<fn() -> M>,
 }
 
@@ -433,6 +437,8 @@ impl<B, M> DecodeStream<B, M> {
             done: false,
             budget: None,
             held: None,
+            budget_wait_max: std::time::Duration::ZERO,
+            budget_wait: None,
             _message: PhantomData,
         }
     }
@@ -445,9 +451,24 @@ impl<B, M> DecodeStream<B, M> {
     /// bound. Meanwhile the stream's body is not read, and HTTP/2 flow
     /// control holds the sender back. `budget` must have at least the
     /// decoder's largest message in permits.
-    pub fn with_budget(mut self, budget: Arc<Semaphore>) -> Self {
+    ///
+    /// A message that waits longer than `wait_max` is refused
+    /// (RESOURCE_EXHAUSTED) and the stream ends: a stream that waits does
+    /// not read its body, and what its sender sent meanwhile takes up the
+    /// connection's HTTP/2 window, so streams of one connection that hold
+    /// shares could otherwise wait for good for the rest of their
+    /// messages.
+    pub fn with_budget(mut self, budget: Arc<Semaphore>, wait_max: std::time::Duration) -> Self {
         self.budget = Some(PollSemaphore::new(budget));
+        self.budget_wait_max = wait_max;
         self
+    }
+
+    /// Whether a message is being received under a share of the budget:
+    /// its reader should read on until it is whole, holding that share
+    /// only as long as the sender takes.
+    pub fn holds_budget(&self) -> bool {
+        self.held.is_some()
     }
 
     /// Runs `check` on every message before decoding it.
@@ -486,8 +507,31 @@ where
                 if let (Some(budget), Ok(Some(len))) = (&mut this.budget, this.decoder.head_len()) {
                     if len > BUDGET_FREE_BYTES {
                         let bytes = u32::try_from(len).unwrap_or(u32::MAX);
-                        // None: the budget was closed, which nothing does.
-                        this.held = ready!(budget.poll_acquire_many(cx, bytes));
+                        match budget.poll_acquire_many(cx, bytes) {
+                            // None: the budget was closed, which nothing
+                            // does.
+                            Poll::Ready(permit) => {
+                                this.held = permit;
+                                this.budget_wait = None;
+                            }
+                            Poll::Pending => {
+                                let wait_max = this.budget_wait_max;
+                                let wait = this
+                                    .budget_wait
+                                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(wait_max)));
+                                if wait.as_mut().poll(cx).is_pending() {
+                                    return Poll::Pending;
+                                }
+                                this.done = true;
+                                // Its queued acquire goes with it: left
+                                // queued, it would take the next permits
+                                // given back, for nobody.
+                                this.budget = None;
+                                return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                                    "a message of {len} bytes waited {wait_max:?} for room among the requests being received (queued_request_bytes_max); try again"
+                                )))));
+                            }
+                        }
                     }
                 }
             }
@@ -690,8 +734,8 @@ mod tests {
     /// A message over the free size is read only once its length is
     /// taken from the shared budget: a second stream waits, its body
     /// unread, until the first stream's message is decoded.
-    #[test]
-    fn large_messages_wait_for_the_budget_with_their_bodies_unread() {
+    #[tokio::test]
+    async fn large_messages_wait_for_the_budget_with_their_bodies_unread() {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use std::task::Waker;
         type Frames =
@@ -709,8 +753,8 @@ mod tests {
                 },
             );
             let body = http_body_util::StreamBody::new(frames);
-            let stream =
-                DecodeStream::<_, ProduceRequest>::new(body, 1 << 20).with_budget(budget.clone());
+            let stream = DecodeStream::<_, ProduceRequest>::new(body, 1 << 20)
+                .with_budget(budget.clone(), std::time::Duration::from_secs(60));
             (tx, reads, stream)
         };
         let send = |tx: &Frames, bytes: &[u8]| {
@@ -755,5 +799,29 @@ mod tests {
             Pin::new(&mut c).poll_next(&mut cx),
             Poll::Ready(Some(Ok(_)))
         ));
+    }
+
+    /// A message that waits too long for its share is refused, and its
+    /// queued acquire goes with it: the next stream gets the permits.
+    #[tokio::test]
+    async fn a_message_that_waits_too_long_for_the_budget_is_refused() {
+        use tokio_stream::StreamExt;
+        let budget = Arc::new(Semaphore::new(100_000));
+        let held = budget.clone().acquire_many_owned(100_000).await.unwrap();
+        let wire = tonic_bytes(&request(70_000));
+        let frames = [&wire[..1000], &wire[1000..]]
+            .map(|f| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::copy_from_slice(f))));
+        let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+        let mut stream = DecodeStream::<_, ProduceRequest>::new(body, 1 << 20)
+            .with_budget(budget.clone(), std::time::Duration::from_millis(50));
+        match stream.next().await {
+            Some(Err(e)) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}"),
+            Some(Ok(_)) => panic!("decoded without room in the budget"),
+            None => panic!("ended"),
+        }
+        assert!(stream.next().await.is_none());
+        drop(held);
+        // Nobody waits on in its place.
+        assert_eq!(budget.available_permits(), 100_000);
     }
 }

@@ -111,7 +111,7 @@ pub fn producer_server(broker: Arc<Broker>, message_max: usize) -> ProducerRawSe
     let service = ProducerService::new(broker.clone());
     // Shared by both produce calls of every connection.
     let budget = Arc::new(tokio::sync::Semaphore::new(
-        broker.config().broker.queued_request_bytes_max,
+        broker.config().broker.queued_request_bytes(),
     ));
     let tonic = ProducerServer::new(service.clone())
         .max_decoding_message_size(message_max)
@@ -219,16 +219,32 @@ pub(crate) fn produce_request_bound(mut buf: &mut dyn bytes::Buf) -> Result<(), 
 /// through [`crate::rpc::RawStream`].
 pub const PRODUCE_STREAM_PATH: &str = "/runnel.v1.Producer/ProduceStream";
 
+/// A stream of produce requests as [`produce_stream`] reads it.
+pub trait ProduceRequests:
+    Stream<Item = Result<pb::ProduceRequest, Status>> + Send + Unpin + 'static
+{
+    /// Whether a request is being received under a share of the broker's
+    /// receive budget ([`runnel_proto::wire::DecodeStream::holds_budget`]).
+    fn holds_budget(&self) -> bool {
+        false
+    }
+}
+
+impl ProduceRequests for Streaming<pb::ProduceRequest> {}
+
+impl ProduceRequests for crate::rpc::Requests<pb::ProduceRequest> {
+    fn holds_budget(&self) -> bool {
+        runnel_proto::wire::DecodeStream::holds_budget(self)
+    }
+}
+
 /// Answers a stream of produce requests from `principal`.
-pub fn produce_stream<S>(
+pub fn produce_stream<S: ProduceRequests>(
     broker: Arc<Broker>,
     principal: security::Principal,
     login: Option<security::Login>,
     mut input: S,
-) -> ResponseStream
-where
-    S: Stream<Item = Result<pb::ProduceRequest, Status>> + Send + Unpin + 'static,
-{
+) -> ResponseStream {
     // Requests are appended in arrival order, one at a time, so a
     // partition's batches keep the order the client sent them in; the
     // waits for replicas (acks=all) overlap, and answers leave in
@@ -247,7 +263,10 @@ where
         // the quota together. Answers owed still go out meanwhile.
         let mut admit_at: Option<tokio::time::Instant> = None;
         loop {
-            if open && admit_at.is_none() {
+            // Between messages only: a message being received holds a
+            // share of the broker's receive budget until it is whole, and
+            // waiting out the quota then held it from every principal.
+            if open && admit_at.is_none() && !input.holds_budget() {
                 admit_at = security::admission_at(&broker, &principal, Direction::Produce);
             }
             tokio::select! {
