@@ -146,11 +146,15 @@ impl Endpoint {
 /// in the listen backlog. Scrapers and probes need a few.
 const CONNECTIONS_MAX: usize = 64;
 /// A connection that moves no byte for this long is closed (a client
-/// that opened it and sent nothing, or half a request). A client that
-/// trickles bytes keeps its connection, but holds one of the bounded
-/// slots only (no cap on a connection's age: closing it would cut a
-/// scrape short).
+/// that opened it and sent nothing, or half a request).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection is closed once this old, when it next waits: clients
+/// that kept theirs busy (asking again and again on keep-alive, or
+/// reading an answer a few bytes at a time) otherwise held every slot for
+/// good, and the `/health` and `/ready` probes waited in the backlog
+/// unanswered. Scrapers and probes reconnect; a scrape takes well under
+/// it.
+const LIFETIME: Duration = Duration::from_secs(60);
 /// A request must be answered within this long of its first byte: a
 /// client that trickles one byte by byte, which the idle timeout never
 /// catches, gives its slot back then. Otherwise
@@ -177,6 +181,7 @@ pub fn spawn(
             Arc::new(Semaphore::new(CONNECTIONS_MAX)),
             IDLE_TIMEOUT,
             REQUEST_TIMEOUT,
+            LIFETIME,
         ),
     )
 }
@@ -186,7 +191,7 @@ fn spawn_bounded(
     listener: TcpListener,
     endpoint: Arc<Endpoint>,
     shutdown: CancellationToken,
-    (slots, idle, request): (Arc<Semaphore>, Duration, Duration),
+    (slots, idle, request, lifetime): (Arc<Semaphore>, Duration, Duration, Duration),
 ) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -198,6 +203,7 @@ fn spawn_bounded(
         slots,
         idle,
         request,
+        lifetime,
     };
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -216,6 +222,7 @@ struct Bounded {
     slots: Arc<Semaphore>,
     idle: Duration,
     request: Duration,
+    lifetime: Duration,
 }
 
 impl Listener for Bounded {
@@ -237,6 +244,7 @@ impl Listener for Bounded {
             answer: Box::pin(tokio::time::sleep_until(Instant::now() + self.request)),
             answer_for: self.request,
             asked: false,
+            end: Box::pin(tokio::time::sleep_until(Instant::now() + self.lifetime)),
             _slot: slot,
         };
         (guarded, addr)
@@ -259,6 +267,8 @@ struct Guarded<T> {
     answer_for: Duration,
     /// A request came in and has not been answered yet: `answer` runs.
     asked: bool,
+    /// The end of its [`LIFETIME`].
+    end: Pin<Box<tokio::time::Sleep>>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -278,10 +288,11 @@ impl<T> Guarded<T> {
             }
             Poll::Pending => {
                 let idle = self.idle.as_mut().poll(cx).is_ready();
-                if idle || (self.asked && self.answer.as_mut().poll(cx).is_ready()) {
+                let ended = self.end.as_mut().poll(cx).is_ready();
+                if idle || ended || (self.asked && self.answer.as_mut().poll(cx).is_ready()) {
                     Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        "metrics connection idle, or its request unfinished, too long",
+                        "metrics connection idle, its request unfinished, or open too long",
                     )))
                 } else {
                     Poll::Pending
@@ -396,6 +407,7 @@ mod tests {
                 slots.clone(),
                 Duration::from_secs(2),
                 Duration::from_secs(60),
+                Duration::from_secs(600),
             ),
         );
 
@@ -471,6 +483,7 @@ mod tests {
                 Arc::new(Semaphore::new(2)),
                 Duration::from_secs(30),
                 Duration::from_secs(1),
+                Duration::from_secs(600),
             ),
         );
         let mut c = TcpStream::connect(addr).await.unwrap();
@@ -496,6 +509,51 @@ mod tests {
             cut.is_ok(),
             "a trickled request held its connection for 20 s"
         );
+        shutdown.cancel();
+    }
+
+    /// A keep-alive client asking again and again (each request answered
+    /// at once, so neither the idle nor the request deadline passes) is
+    /// closed once its connection's lifetime is over, giving its slot
+    /// back: such clients held every slot for good.
+    #[tokio::test]
+    async fn a_busy_keep_alive_connection_is_closed_when_old() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        spawn_bounded(
+            listener,
+            Endpoint::new(),
+            shutdown.clone(),
+            (
+                Arc::new(Semaphore::new(2)),
+                Duration::from_secs(30),
+                Duration::from_secs(20),
+                Duration::from_secs(1),
+            ),
+        );
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut answers = 0;
+            loop {
+                if c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return answers;
+                }
+                let mut buf = [0u8; 1024];
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => return answers,
+                    Ok(_) => answers += 1,
+                }
+                // Pacing: a request every 50 ms, well under the idle time.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let answers = closed.expect("a busy connection stayed open for 20 s");
+        assert!(answers > 1, "closed after {answers} answers");
         shutdown.cancel();
     }
 }
