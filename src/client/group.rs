@@ -378,6 +378,25 @@ impl Client {
         F: Fn(ConsumerGroupsClient<Channel>, tonic::Request<R>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.group_call_as(group, req, timeout, true, call).await
+    }
+
+    /// [`Client::group_call`]; a call that is not `idempotent` is not sent
+    /// again after a transport error, which may have come after the
+    /// coordinator applied it (a lost answer).
+    async fn group_call_as<R, T, F, Fut>(
+        &self,
+        group: &str,
+        req: R,
+        timeout: Duration,
+        idempotent: bool,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        R: Clone,
+        F: Fn(ConsumerGroupsClient<Channel>, tonic::Request<R>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         // Counted from the first failure, not from the call: a join may
         // rightly wait for minutes before its coordinator moves, and then
         // it found no time left to find the new one.
@@ -419,6 +438,7 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(e)
                     if retriable(&e)
+                        && (idempotent || !matches!(e, ClientError::Transport(_)))
                         && failing_since.get_or_insert_with(Instant::now).elapsed()
                             < COORDINATOR_RETRY =>
                 {
@@ -469,10 +489,18 @@ impl Client {
         req: pb::ResetOffsetsRequest,
     ) -> Result<Vec<pb::PartitionOffset>, ClientError> {
         let group = req.group.clone();
+        // A shift is relative to the committed offsets: sent again after
+        // an answer lost once it was applied, it moved them twice.
+        let idempotent =
+            req.dry_run || !matches!(req.to, Some(pb::reset_offsets_request::To::ShiftBy(_)));
         let r = self
-            .group_call(&group, req, REQUEST_TIMEOUT, |mut c, r| async move {
-                c.reset_offsets(r).await
-            })
+            .group_call_as(
+                &group,
+                req,
+                REQUEST_TIMEOUT,
+                idempotent,
+                |mut c, r| async move { c.reset_offsets(r).await },
+            )
             .await?;
         Ok(r.offsets)
     }
