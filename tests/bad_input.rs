@@ -504,11 +504,21 @@ fn malformed_config_files_are_refused_by_key() {
     for (i, (text, needle)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad-{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        let out = std::process::Command::new(runnel_bin())
+        // Bounded, in its own directory, without the caller's RUNNEL_…
+        // variables: a config accepted by mistake starts a server, which
+        // would otherwise hold the run for good.
+        let mut command = std::process::Command::new(runnel_bin());
+        command
             .args(["server", "--config"])
             .arg(&path)
-            .output()
-            .unwrap();
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("RUNNEL_")) {
+            command.env_remove(key);
+        }
+        let out = common::Reaped::new(command.spawn().unwrap())
+            .wait_output(std::time::Duration::from_secs(30));
         assert!(!out.status.success(), "config {text:?} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");

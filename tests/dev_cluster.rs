@@ -162,13 +162,20 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
     // cluster, it says so at once instead of waiting for a quorum that
     // cannot form.
     let refused_as_another_cluster = |nodes: u16, port: u16| {
-        let out = Command::new(runnel_bin())
-            .args(["dev", "--nodes", &nodes.to_string()])
-            .args(["--base-port", &port.to_string()])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .output()
-            .unwrap();
+        // Bounded: a regression would wait for good for its quorum.
+        let out = common::Reaped::group(
+            Command::new(runnel_bin())
+                .args(["dev", "--nodes", &nodes.to_string()])
+                .args(["--base-port", &port.to_string()])
+                .arg("--data-dir")
+                .arg(dir.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .process_group(0)
+                .spawn()
+                .unwrap(),
+        )
+        .wait_output(Duration::from_secs(60));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{stderr}");
         assert!(

@@ -585,8 +585,10 @@ async fn t07_a_batch_expired_while_the_isr_was_short_fails_alone() {
         )
     };
     let old = send("old").await.unwrap();
-    // Half its delivery timeout later, a younger batch.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Most of its delivery timeout later, a younger batch: it has as long
+    // (6 s) for the follower to resume and rejoin the ISR once the old one
+    // failed.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let young = send("young").await.unwrap();
     let e = old.await.expect_err("stored with the ISR short");
     assert_eq!(e.code(), pb::ErrorCode::NotEnoughReplicas, "{e}");

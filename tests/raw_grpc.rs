@@ -619,23 +619,25 @@ async fn a_fetch_past_the_log_end_is_refused_not_waited_out() {
         ..Default::default()
     };
     producer.produce(produce(0)).await.unwrap();
-    // Offset 3: two past the log end (1).
+    // Offset 3: two past the log end (1), with a long poll asked for and
+    // nothing appended meanwhile: refused at once, not waited out. (A
+    // fetch waiting there would be served from offset 3 by the next
+    // appends, records 1 and 2 skipped.) Records produced while it was
+    // in flight raced it: once they reached offset 3 first, waiting there
+    // was right.
     let mut consumer = ConsumerClient::connect(url).await.unwrap();
-    let fetch = tokio::spawn(async move {
-        consumer
-            .fetch(pb::FetchRequest {
-                topic: "ahead".into(),
-                partition: 0,
-                offset: 3,
-                max_wait_ms: 10_000,
-                ..Default::default()
-            })
-            .await
-    });
-    for i in 1..6 {
-        producer.produce(produce(i)).await.unwrap();
-    }
-    let answer = fetch.await.unwrap();
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        consumer.fetch(pb::FetchRequest {
+            topic: "ahead".into(),
+            partition: 0,
+            offset: 3,
+            max_wait_ms: 60_000,
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("a fetch past the log end was waited out");
     match answer {
         Err(status) => assert_eq!(
             common::error_code(&status),
@@ -644,6 +646,21 @@ async fn a_fetch_past_the_log_end_is_refused_not_waited_out() {
         ),
         Ok(r) => panic!("served past the log end: {:?}", r.into_inner()),
     }
+    // The records after the old end are all served from it.
+    for i in 1..6 {
+        producer.produce(produce(i)).await.unwrap();
+    }
+    let r = consumer
+        .fetch(pb::FetchRequest {
+            topic: "ahead".into(),
+            partition: 0,
+            offset: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.records.first().map(|r| r.offset), Some(1));
 }
 
 /// A pre-encoded batch that names no partition goes where its first

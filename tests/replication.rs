@@ -609,9 +609,10 @@ async fn t05_a_follower_catching_up_is_throttled_and_produce_keeps_going() {
     );
     // Starved, acks=all would wait for the whole catch-up (the in-sync
     // follower's fetches held behind the throttled backlog). A bound of
-    // half of it, and at least 2 s, leaves room for a busy machine's stalls.
+    // three quarters of it, and at least 2 s, leaves room for a busy
+    // machine's stalls.
     assert!(
-        slowest < (caught_up / 2).max(Duration::from_secs(2)),
+        slowest < (caught_up * 3 / 4).max(Duration::from_secs(2)),
         "produce starved during catch-up: {slowest:?} of {caught_up:?}"
     );
     eprintln!(
@@ -1058,9 +1059,10 @@ async fn t10_describing_a_topic_waits_once_for_a_stalled_leader() {
             assert!(p.log_end_offset >= 0, "{p:?}");
         }
     }
-    // Waited for the stalled leader once (2 s), not once per partition.
+    // Waited for the stalled leader once (2 s), not once per partition
+    // (2 s each), nor a few at a time.
     assert!(
-        took < Duration::from_secs(2 * led_by_stalled as u64 - 1),
+        took < Duration::from_secs(6),
         "{took:?} for {led_by_stalled} partitions of a stalled leader"
     );
 }

@@ -1359,14 +1359,15 @@ async fn a_held_produce_ends_at_the_call_s_deadline() {
         None,
     );
     let mut producer = raw_producer(&server.addr).await;
-    // The first passes and puts the quota's clock 2.25 s ahead: each
-    // retry (every 0.5 s) is then held 1.75, 1.25, 0.75 and 0.25 s, never
-    // close to the 0.5 s deadline, where a hold ending just inside it
+    // The first passes and puts the quota's clock 4.5 s ahead: each
+    // retry (every second) is then held 3.5, 2.5, 1.5 and 0.5 s, half a
+    // second from the 1 s deadline either way (delays on a busy machine
+    // eat into it), never close to it, where a hold ending just inside it
     // would append a record whose answer still came too late.
-    let request = one_record("late", 112_500);
+    let request = one_record("late", 225_000);
     producer.produce(request.clone()).await.unwrap();
     let mut held = tonic::Request::new(request.clone());
-    held.set_timeout(Duration::from_millis(500));
+    held.set_timeout(Duration::from_secs(1));
     let started = Instant::now();
     let status = producer.produce(held).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
@@ -1384,7 +1385,7 @@ async fn a_held_produce_ends_at_the_call_s_deadline() {
     let retrying = Instant::now();
     loop {
         let mut retry = tonic::Request::new(request.clone());
-        retry.set_timeout(Duration::from_millis(500));
+        retry.set_timeout(Duration::from_secs(1));
         match producer.produce(retry).await {
             Ok(_) => break,
             Err(status) => assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}"),

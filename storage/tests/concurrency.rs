@@ -34,8 +34,14 @@ fn readers_see_only_whole_contiguous_batches() {
                     state ^= state << 13;
                     state ^= state >> 7;
                     state ^= state << 17;
-                    let end = log.log_end_offset();
+                    // The start first: read after the end, it could be
+                    // past it (the writer appended and deleted records in
+                    // between), and the range below divided by zero.
                     let start = log.log_start_offset();
+                    let end = log.log_end_offset();
+                    if end < start {
+                        continue;
+                    }
                     let offset = start + (state % (end - start + 1) as u64) as i64;
                     let bound = if state % 3 == 0 {
                         log.high_watermark()

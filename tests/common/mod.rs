@@ -112,14 +112,27 @@ impl ServerProcess {
         self.child.wait().expect("reap server");
     }
 
-    /// Asks for a graceful stop (SIGTERM) and waits for the exit status.
+    /// Asks for a graceful stop (SIGTERM) and waits for the exit status,
+    /// at most a minute: a stop that hangs fails the test (killed), not
+    /// the whole run.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .expect("send SIGTERM");
-        self.child.wait().expect("reap server")
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("reap server") {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("the server did not stop within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
