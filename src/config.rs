@@ -186,6 +186,11 @@ pub struct BrokerSection {
     /// deletes the rest), and at least twice what its last compaction
     /// kept; 0 never compacts.
     pub offsets_compaction_records: u64,
+    /// How long the committed offsets of a group without members are kept
+    /// (ms), counted from their commit or from when the group emptied,
+    /// whichever is later (Kafka's `offsets.retention.minutes`, 7 days);
+    /// 0 keeps them for good.
+    pub offsets_retention_ms: u64,
     /// Fault injection for tests: when true, a file named after a
     /// failpoint in `DATA_DIR/failpoints/` switches it on
     /// (`pause-replica-fetch`: followers drop what they fetch).
@@ -220,6 +225,7 @@ impl Default for BrokerSection {
             default_replication_factor: 1,
             offsets_topic_replication_factor: 0,
             offsets_compaction_records: 100_000,
+            offsets_retention_ms: 7 * 24 * 60 * 60 * 1000,
             failpoints: false,
         }
     }

@@ -2524,3 +2524,86 @@ async fn t30_an_offsets_partition_is_compacted_and_replays_the_same() {
     );
     member.close().await;
 }
+
+/// The committed offsets of a group without members expire
+/// `offsets_retention_ms` after their commit (or after the group emptied),
+/// as in Kafka: the group is forgotten, and stays so after a restart (its
+/// tombstones are stored). A group with a member keeps its offsets, and
+/// so does a group committed to lately. Before, a group used once kept
+/// its offsets for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t31_offsets_of_a_group_without_members_expire() {
+    let base = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(1, base.path(), "offsets_retention_ms = 3000", "");
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("t", 2, 1, Default::default())
+        .await
+        .unwrap();
+    let offset = |partition: i32, offset: i64| pb::PartitionOffset {
+        topic: "t".into(),
+        partition,
+        offset,
+        ..Default::default()
+    };
+    eventually("a commit", WAIT, || async {
+        client
+            .commit_offsets("old", "", 0, vec![offset(0, 5), offset(1, 6)])
+            .await
+            .ok()
+    })
+    .await;
+    let old_committed = std::time::Instant::now();
+    let member = Member::spawn(&client, config("live", "t"));
+    eventually("the member assigned", WAIT, || async {
+        (member.snapshot().2.len() == 2).then_some(())
+    })
+    .await;
+    client
+        .commit_offsets("fresh", "", 0, vec![offset(0, 1)])
+        .await
+        .unwrap();
+    eventually("the old group's offsets expired", WAIT, || async {
+        client
+            .fetch_offsets("old", &[])
+            .await
+            .ok()?
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    // Not before their retention (less the commit's answer's way back).
+    assert!(
+        old_committed.elapsed() >= Duration::from_millis(2_500),
+        "expired {:?} after the commit",
+        old_committed.elapsed()
+    );
+    // The one kept fresh by a commit each second stays meanwhile.
+    for i in 0..4 {
+        client
+            .commit_offsets("fresh", "", 0, vec![offset(0, 2 + i)])
+            .await
+            .unwrap();
+        assert_eq!(client.fetch_offsets("fresh", &[]).await.unwrap().len(), 1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let gone = client.describe_group("old").await.map(|d| d.members.len());
+    assert!(
+        matches!(&gone, Err(e) if e.code() == pb::ErrorCode::UnknownGroup),
+        "{gone:?}"
+    );
+    // The member's group keeps its membership (its offsets, if any, too).
+    let d = client.describe_group("live").await.unwrap();
+    assert_eq!(d.members.len(), 1);
+    member.close().await;
+
+    // Stored: a restart does not bring the old group's offsets back.
+    cluster.kill(1);
+    cluster.restart(1);
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    let old = eventually("the coordinator back", WAIT, || async {
+        client.fetch_offsets("old", &[]).await.ok()
+    })
+    .await;
+    assert!(old.is_empty(), "{old:?}");
+}

@@ -207,6 +207,8 @@ struct Committed {
     topic_id: String,
     /// Where the commit record sits in `__consumer_offsets` (newest wins).
     log_offset: i64,
+    /// When it was committed (ms; replayed: its record's timestamp).
+    committed_ms: i64,
 }
 
 /// A loaded group: membership plus committed offsets.
@@ -249,6 +251,17 @@ struct Entry {
     /// joins waited until their deadline, round after round, and no
     /// member ever expired.
     unstorable: Option<(i32, u64, String)>,
+    /// Since when the group has had no member (ms), as this coordinator
+    /// saw it (a new coordinator counts from its first tick): its offsets
+    /// expire `offsets_retention_ms` after that or after their commit,
+    /// whichever is later.
+    empty_since: Option<i64>,
+    /// Tombstones for its expired offsets are being written.
+    expiring: bool,
+    /// Writes queued for it and not applied yet: its offsets do not
+    /// expire meanwhile (a commit in flight would be deleted by the
+    /// tombstones written after it).
+    pending_writes: usize,
 }
 
 /// The next [`Entry::incarnation`].
@@ -269,6 +282,9 @@ impl Entry {
             version: 0,
             version_queued: 0,
             version_stored: 0,
+            empty_since: None,
+            expiring: false,
+            pending_writes: 0,
         }
     }
 
@@ -291,6 +307,8 @@ impl Entry {
             && self.changed.receiver_count() == 0
             && self.queued == self.persisted
             && self.version_queued == self.version_stored
+            && self.pending_writes == 0
+            && !self.expiring
     }
 
     /// Whether the record of the current membership is stored.
@@ -633,6 +651,7 @@ impl GroupCoordinator {
                                 metadata: v.metadata,
                                 topic_id: v.topic_id,
                                 log_offset: r.offset,
+                                committed_ms: r.timestamp_ms,
                             },
                         );
                     }
@@ -927,6 +946,7 @@ impl GroupCoordinator {
             self.persist(&mut inner, &g);
         }
         self.start_compactions(&mut inner);
+        self.start_expiries(&mut inner, now);
         // A group with nothing left (no member, no offset, no id handed
         // out, no join waiting, its last record stored) is forgotten, as
         // Kafka's groups go Dead: entries made by any group id a client
@@ -941,6 +961,109 @@ impl GroupCoordinator {
         for id in idle {
             inner.groups.remove(&id);
             self.broker.metrics().forget_group(&id);
+        }
+    }
+
+    /// Starts writing tombstones for the offsets of each group without
+    /// members that are older than `offsets_retention_ms` (counted from
+    /// their commit or from when the group emptied, whichever is later),
+    /// as Kafka expires offsets (KIP-211): without, a group used once kept
+    /// its offsets, and its entry, for good. A group whose offsets all
+    /// expire has its record deleted too, and is forgotten.
+    fn start_expiries(self: &Arc<Self>, inner: &mut Inner, now: i64) {
+        let retention = self.broker.config().broker.offsets_retention_ms;
+        if retention == 0 {
+            return;
+        }
+        let retention = i64::try_from(retention).unwrap_or(i64::MAX);
+        let mut due = Vec::new();
+        for e in inner.groups.values_mut() {
+            if !e.group.members.is_empty() {
+                e.empty_since = None;
+                continue;
+            }
+            let since = *e.empty_since.get_or_insert(now);
+            if e.expiring || e.pending_writes > 0 {
+                continue;
+            }
+            let stale: Vec<((String, i32), i64)> = e
+                .offsets
+                .iter()
+                .filter(|(_, c)| now.saturating_sub(c.committed_ms.max(since)) > retention)
+                .map(|(k, c)| (k.clone(), c.log_offset))
+                .collect();
+            if stale.is_empty() {
+                continue;
+            }
+            e.expiring = true;
+            let all = stale.len() == e.offsets.len();
+            due.push((e.group.id.clone(), stale, all));
+        }
+        for (group, stale, all) in due {
+            let me = self.clone();
+            tokio::spawn(async move { me.expire(group, stale, all).await });
+        }
+    }
+
+    /// Writes tombstones for `stale` offsets of `group` (each with the
+    /// log offset it was judged by), and for its record when `all` its
+    /// offsets go, unless it gained a member, a write or a newer commit of
+    /// one of them meanwhile.
+    async fn expire(self: Arc<Self>, group: String, stale: Vec<((String, i32), i64)>, all: bool) {
+        let index = {
+            let inner = self.lock();
+            self.coordinator_partition(&inner, &group)
+        };
+        let result = match index {
+            Err(e) => Err(e),
+            Ok(index) => {
+                let tombstones = stale
+                    .iter()
+                    .map(|((t, p), _)| (t.clone(), *p, None))
+                    .collect();
+                let forget = all.then(|| pb::Record {
+                    key: Some(group_key(&group)),
+                    value: None,
+                    ..Default::default()
+                });
+                let name = group.clone();
+                let unchanged = move |inner: &Inner| -> Result<()> {
+                    let untouched = inner.groups.get(&name).is_some_and(|e| {
+                        e.group.members.is_empty()
+                            && e.pending_writes == 0
+                            && stale.iter().all(|(k, at)| {
+                                e.offsets.get(k).is_some_and(|c| c.log_offset == *at)
+                            })
+                    });
+                    if untouched {
+                        Ok(())
+                    } else {
+                        Err(CoordinatorError::RebalanceInProgress {
+                            group: name.clone(),
+                        })
+                    }
+                };
+                self.append_offsets_checked(
+                    &group,
+                    index,
+                    tombstones,
+                    forget.into_iter().collect(),
+                    unchanged,
+                )
+                .await
+            }
+        };
+        let mut inner = self.lock();
+        if let Some(e) = inner.groups.get_mut(&group) {
+            e.expiring = false;
+            if result.is_ok() && !e.exists() {
+                e.notify();
+                self.broker.metrics().forget_group(&group);
+            }
+        }
+        match result {
+            Ok(()) => info!(%group, all, "expired committed offsets"),
+            Err(e) => debug!(%group, error = %e, "offsets not expired this time"),
         }
     }
 
@@ -1406,7 +1529,7 @@ impl GroupCoordinator {
         prepare: impl FnOnce(&Inner) -> Result<(Vec<OffsetWrite>, Vec<pb::Record>)>,
     ) -> Result<usize> {
         let (appender, queued, offsets) = {
-            let inner = self.lock();
+            let mut inner = self.lock();
             self.coordinator_partition(&inner, group)?;
             let (offsets, extra) = prepare(&inner)?;
             if offsets.is_empty() && extra.is_empty() {
@@ -1427,6 +1550,9 @@ impl GroupCoordinator {
                 }
             })?;
             let queued = appender.queue(records);
+            if let Some(e) = inner.groups.get_mut(group) {
+                e.pending_writes += 1;
+            }
             (appender, queued, offsets)
         };
         let written = offsets.len();
@@ -1436,8 +1562,14 @@ impl GroupCoordinator {
         let me = self.clone();
         let group = group.to_string();
         tokio::spawn(async move {
-            let base_offset = appender.finish(queued).await?;
-            me.apply_offsets(&group, base_offset, offsets)
+            let applied = match appender.finish(queued).await {
+                Ok(base_offset) => me.apply_offsets(&group, base_offset, offsets),
+                Err(e) => Err(e.into()),
+            };
+            if let Some(e) = me.lock().groups.get_mut(&group) {
+                e.pending_writes = e.pending_writes.saturating_sub(1);
+            }
+            applied
         })
         .await
         .map_err(|_| CoordinatorError::NotCoordinator {
@@ -1485,6 +1617,7 @@ impl GroupCoordinator {
                             metadata: v.metadata,
                             topic_id: v.topic_id,
                             log_offset,
+                            committed_ms: now,
                         },
                     );
                 }
