@@ -604,6 +604,17 @@ async fn t07_a_batch_expired_while_the_isr_was_short_fails_alone() {
     assert_eq!(stored, ["a", "young"]);
 }
 
+/// A single node in `dir` with topic `t` of one partition, and a client.
+async fn one_node_with_topic_t(dir: &std::path::Path) -> (ServerProcess, Client) {
+    let server = ServerProcess::start(dir, &[]);
+    let client = Client::connect(&server.addr).await.unwrap();
+    client
+        .create_topic("t", 1, 1, Default::default())
+        .await
+        .unwrap();
+    (server, client)
+}
+
 /// Duration::MAX and usize::MAX in a producer's settings mean "no limit":
 /// they are capped, and records are delivered. Linger and the request
 /// timeout overflowed an Instant (a panic in `send`, or in the partition's
@@ -611,12 +622,7 @@ async fn t07_a_batch_expired_while_the_isr_was_short_fails_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unlimited_producer_settings_are_capped() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("t", 1, 1, Default::default())
-        .await
-        .unwrap();
+    let (_server, client) = one_node_with_topic_t(dir.path()).await;
     let producer = client.producer(ProducerConfig {
         linger: Duration::ZERO,
         request_timeout: Duration::MAX,
@@ -653,12 +659,7 @@ async fn unlimited_producer_settings_are_capped() {
 async fn a_send_dropped_before_it_returned_sent_nothing() {
     use futures_util::FutureExt;
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
-    let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .create_topic("t", 1, 1, Default::default())
-        .await
-        .unwrap();
+    let (_server, client) = one_node_with_topic_t(dir.path()).await;
     let producer = client.producer(ProducerConfig {
         batch_bytes_max: 1,
         linger: Duration::ZERO,

@@ -468,10 +468,12 @@ mod tests {
         shutdown.cancel();
     }
 
-    /// A client trickling a request (a byte every 100 ms, well under the
-    /// idle time) is cut off once the request deadline passes.
-    #[tokio::test]
-    async fn a_trickled_request_is_cut_off() {
+    /// An endpoint of two slots and a 30 s idle time, with the request
+    /// deadline and connection lifetime given.
+    async fn serve_two(
+        request: Duration,
+        lifetime: Duration,
+    ) -> (std::net::SocketAddr, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -482,10 +484,18 @@ mod tests {
             (
                 Arc::new(Semaphore::new(2)),
                 Duration::from_secs(30),
-                Duration::from_secs(1),
-                Duration::from_secs(600),
+                request,
+                lifetime,
             ),
         );
+        (addr, shutdown)
+    }
+
+    /// A client trickling a request (a byte every 100 ms, well under the
+    /// idle time) is cut off once the request deadline passes.
+    #[tokio::test]
+    async fn a_trickled_request_is_cut_off() {
+        let (addr, shutdown) = serve_two(Duration::from_secs(1), Duration::from_secs(600)).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             .await
@@ -518,20 +528,7 @@ mod tests {
     /// back: such clients held every slot for good.
     #[tokio::test]
     async fn a_busy_keep_alive_connection_is_closed_when_old() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        spawn_bounded(
-            listener,
-            Endpoint::new(),
-            shutdown.clone(),
-            (
-                Arc::new(Semaphore::new(2)),
-                Duration::from_secs(30),
-                Duration::from_secs(20),
-                Duration::from_secs(1),
-            ),
-        );
+        let (addr, shutdown) = serve_two(Duration::from_secs(20), Duration::from_secs(1)).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
         let closed = tokio::time::timeout(Duration::from_secs(20), async {
             let mut answers = 0;
