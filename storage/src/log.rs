@@ -562,10 +562,22 @@ impl Log {
                 .fetch_max(leader_epoch, Ordering::AcqRel);
         }
         if let SequenceCheck::Duplicate(dup) = self.lock_producers().check(&producer)? {
+            // With LogAppendTime, the time the first copy was stamped with,
+            // as Kafka answers (read back from the log: reads take no
+            // writer lock); it was -1, which says CreateTime.
+            let log_append_time_ms = if config.timestamp_type == TimestampType::LogAppendTime {
+                self.read(dup.first_offset, 1, i64::MAX)
+                    .ok()
+                    .and_then(|r| RecordBatch::parse_all(r.batches).ok())
+                    .and_then(|b| b.into_iter().find(|b| b.base_offset() == dup.first_offset))
+                    .map_or(-1, |b| b.max_timestamp())
+            } else {
+                -1
+            };
             return Ok(AppendInfo {
                 base_offset: dup.first_offset,
                 last_offset: dup.last_offset,
-                log_append_time_ms: -1,
+                log_append_time_ms,
                 record_count,
                 duplicate: true,
             });

@@ -262,3 +262,22 @@ fn wall_ms() -> i64 {
         .unwrap()
         .as_millis() as i64
 }
+
+/// A retry on a LogAppendTime log is answered with the time its first
+/// copy was stamped with, as Kafka answers; it was -1, which says
+/// CreateTime.
+#[test]
+fn a_retry_on_log_append_time_gets_the_first_copys_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = runnel_storage::LogConfig {
+        timestamp_type: runnel_storage::TimestampType::LogAppendTime,
+        ..small_config(1 << 20)
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    let first = log.append_as_leader(pbatch(5, 0, 0, 3), 1).unwrap();
+    assert!(first.log_append_time_ms > 0);
+    log.append_as_leader(pbatch(5, 0, 3, 2), 1).unwrap();
+    let retry = log.append_as_leader(pbatch(5, 0, 0, 3), 1).unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.log_append_time_ms, first.log_append_time_ms);
+}
