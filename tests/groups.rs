@@ -2607,3 +2607,54 @@ async fn t31_offsets_of_a_group_without_members_expire() {
     .await;
     assert!(old.is_empty(), "{old:?}");
 }
+
+/// A group forgotten once it has nothing left (its members gone, no
+/// offset committed) has its record deleted from the offsets topic too:
+/// compaction kept one such record per group id ever used, for every
+/// replay to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t32_a_forgotten_groups_record_is_deleted() {
+    use runnel::group::coordinator::partition_for_group;
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    let mut cfg = config("brief", "t");
+    cfg.auto_commit_interval = None;
+    let member = Member::spawn(&client, cfg);
+    eventually("the member assigned", WAIT, || async {
+        (member.snapshot().2.len() == 6).then_some(())
+    })
+    .await;
+    member.close().await;
+    let index = partition_for_group("brief", 16);
+    // The last record of the group's key, once it is a tombstone.
+    let key = b"group\0brief".to_vec();
+    eventually("the group's record deleted", WAIT, || async {
+        let end = client
+            .list_offsets("__consumer_offsets", index, pb::OffsetSpec::Latest, 0)
+            .await
+            .ok()?
+            .offset;
+        let mut offset = 0;
+        let mut last = None;
+        while offset < end {
+            let r = client
+                .fetch(pb::FetchRequest {
+                    topic: "__consumer_offsets".into(),
+                    partition: index,
+                    offset,
+                    max_bytes: 1 << 20,
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            for rec in &r.records {
+                if rec.key.as_deref() == Some(&key[..]) {
+                    last = Some(rec.value.is_none());
+                }
+            }
+            offset = r.next_offset.max(offset + 1);
+        }
+        (last == Some(true)).then_some(())
+    })
+    .await;
+}

@@ -464,11 +464,14 @@ impl<B, M> DecodeStream<B, M> {
         self
     }
 
-    /// Whether a message is being received under a share of the budget:
-    /// its reader should read on until it is whole, holding that share
-    /// only as long as the sender takes.
+    /// Whether a message is being received under a share of the budget,
+    /// or waits for one: its reader should read on until it is whole (or
+    /// refused), holding that share only as long as the sender takes.
     pub fn holds_budget(&self) -> bool {
-        self.held.is_some()
+        // Waiting for its share counts: its queued acquire takes the
+        // permits given back, and a reader that stopped polling for its
+        // quota kept them from everyone.
+        self.held.is_some() || self.budget_wait.is_some()
     }
 
     /// Runs `check` on every message before decoding it.

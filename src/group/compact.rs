@@ -227,7 +227,17 @@ pub(super) async fn compact(
             acks: pb::Acks::All as i32,
             ..Default::default()
         };
-        appended.push(broker.produce_append(req).await?);
+        match broker.produce_append(req).await {
+            Ok(a) => appended.push(a),
+            // Earlier chunks are in the log: counted, so that the next
+            // try waits for twice as many records.
+            Err(error) => {
+                return Err(CompactError {
+                    error,
+                    copied: (!appended.is_empty()).then_some(count),
+                })
+            }
+        }
     }
     drop(lock);
     let copied = |error| CompactError {

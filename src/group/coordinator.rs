@@ -258,6 +258,8 @@ struct Entry {
     empty_since: Option<i64>,
     /// Tombstones for its expired offsets are being written.
     expiring: bool,
+    /// After a failed expiry, when the next may run.
+    expire_not_before: i64,
     /// Writes queued for it and not applied yet: its offsets do not
     /// expire meanwhile (a commit in flight would be deleted by the
     /// tombstones written after it).
@@ -284,6 +286,7 @@ impl Entry {
             version_stored: 0,
             empty_since: None,
             expiring: false,
+            expire_not_before: 0,
             pending_writes: 0,
         }
     }
@@ -345,6 +348,8 @@ struct Inner {
     appenders: HashMap<i32, Appender>,
     /// Compaction of each offsets partition ([`super::compact`]).
     compactions: HashMap<i32, Compaction>,
+    /// When groups are next looked at for expired offsets (ms).
+    next_expiry_scan: i64,
 }
 
 /// An offsets partition's compaction.
@@ -357,6 +362,13 @@ struct Compaction {
     /// When one may run again after a failure.
     not_before: Option<tokio::time::Instant>,
 }
+
+/// How often groups are looked at for expired offsets (ms).
+const EXPIRY_SCAN_MS: i64 = 5_000;
+/// Most offsets of one group expired in one write.
+const EXPIRE_BATCH_MAX: usize = 1_000;
+/// How long a group whose expiry failed waits before the next (ms).
+const EXPIRE_RETRY_MS: i64 = 30_000;
 
 /// How long a failed compaction waits before the next try.
 const COMPACTION_RETRY: Duration = Duration::from_secs(30);
@@ -958,9 +970,25 @@ impl GroupCoordinator {
             .filter(|(_, e)| e.is_idle())
             .map(|(id, _)| id.clone())
             .collect();
+        let count = self.offsets_partition_count();
         for id in idle {
-            inner.groups.remove(&id);
+            let e = inner.groups.remove(&id).expect("listed above");
             self.broker.metrics().forget_group(&id);
+            // Its last record (no member, no offset) is deleted too:
+            // compaction kept it, one per group id ever used, for every
+            // replay to read. Queued now, it lands before the record of
+            // any group of that name made later.
+            if e.persisted > 0 || e.version_stored > 0 {
+                if let Some(appender) = inner.appenders.get(&partition_for_group(&id, count)) {
+                    // Nobody waits for it: a failed write leaves the
+                    // record, as before.
+                    drop(appender.submit(vec![pb::Record {
+                        key: Some(group_key(&id)),
+                        value: None,
+                        ..Default::default()
+                    }]));
+                }
+            }
         }
     }
 
@@ -975,6 +1003,13 @@ impl GroupCoordinator {
         if retention == 0 {
             return;
         }
+        // Every few seconds, not every tick: the scan walks every offset
+        // of every group without members, under the lock heartbeats and
+        // commits need, for a retention counted in days.
+        if now < inner.next_expiry_scan {
+            return;
+        }
+        inner.next_expiry_scan = now + EXPIRY_SCAN_MS;
         let retention = i64::try_from(retention).unwrap_or(i64::MAX);
         let mut due = Vec::new();
         for e in inner.groups.values_mut() {
@@ -983,14 +1018,18 @@ impl GroupCoordinator {
                 continue;
             }
             let since = *e.empty_since.get_or_insert(now);
-            if e.expiring || e.pending_writes > 0 {
+            if e.expiring || e.pending_writes > 0 || now < e.expire_not_before {
                 continue;
             }
+            // At most a batch's worth at a time: one write of them all
+            // could pass the offsets topic's max.message.bytes, refused
+            // on every try.
             let stale: Vec<((String, i32), i64)> = e
                 .offsets
                 .iter()
                 .filter(|(_, c)| now.saturating_sub(c.committed_ms.max(since)) > retention)
                 .map(|(k, c)| (k.clone(), c.log_offset))
+                .take(EXPIRE_BATCH_MAX)
                 .collect();
             if stale.is_empty() {
                 continue;
@@ -1056,6 +1095,9 @@ impl GroupCoordinator {
         let mut inner = self.lock();
         if let Some(e) = inner.groups.get_mut(&group) {
             e.expiring = false;
+            if result.is_err() {
+                e.expire_not_before = now_ms() + EXPIRE_RETRY_MS;
+            }
             if result.is_ok() && !e.exists() {
                 e.notify();
                 self.broker.metrics().forget_group(&group);
@@ -1372,6 +1414,10 @@ impl GroupCoordinator {
                     .values()
                     .any(|m| m.instance_id == args.instance_id);
             let member_id = entry.group.join(args, now)?;
+            // Its offsets' retention counts again from when it next
+            // empties (a member that joins and leaves between two looks
+            // would otherwise go unseen).
+            entry.empty_since = None;
             if replacing && entry.group.generation == joined_at {
                 entry.version += 1;
             }
