@@ -388,6 +388,8 @@ pub struct GroupCoordinator {
     /// [`GroupCoordinator::partition_counts`] of the metadata it was
     /// computed from.
     counts: std::sync::Mutex<Option<CountsOf>>,
+    /// Where the next metrics scrape starts describing groups.
+    stats_cursor: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for GroupCoordinator {
@@ -519,6 +521,7 @@ impl GroupCoordinator {
             inner: Mutex::new(Inner::default()),
             create: tokio::sync::Mutex::new(()),
             counts: std::sync::Mutex::new(None),
+            stats_cursor: std::sync::atomic::AtomicUsize::new(0),
         });
         let weak = Arc::downgrade(&me);
         let rx = me.broker.metadata().watch();
@@ -761,13 +764,20 @@ impl GroupCoordinator {
     /// for the metrics endpoint (partitions led elsewhere are asked of
     /// their leaders, as `describe` does).
     pub async fn stats(&self) -> Vec<crate::metrics::snapshot::GroupStats> {
-        let ids: Vec<String> = self
+        let mut ids: Vec<String> = self
             .list_groups(true)
             .await
             .groups
             .into_iter()
             .map(|g| g.group)
             .collect();
+        // Each scrape starts where the last one ran out of time: from the
+        // top every time, the same groups were left out of every scrape.
+        let total = ids.len();
+        if total > 0 {
+            let from = self.stats_cursor.load(std::sync::atomic::Ordering::Relaxed) % total;
+            ids.rotate_left(from);
+        }
         // A scrape must answer in time: groups not described by then are
         // left out of this one.
         // Described a few at once: one after another, the groups last in
@@ -794,7 +804,18 @@ impl GroupCoordinator {
             {
                 Ok(Some(Ok(d))) => d,
                 Ok(Some(Err(_))) => continue,
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(_) => {
+                    let done = out.len();
+                    self.stats_cursor
+                        .fetch_add(done.max(1), std::sync::atomic::Ordering::Relaxed);
+                    warn!(
+                        described = done,
+                        left_out = total - done,
+                        "group lag for the metrics ran out of time; the next scrape goes on from there"
+                    );
+                    break;
+                }
             };
             out.push(crate::metrics::snapshot::GroupStats {
                 group: d.group,
