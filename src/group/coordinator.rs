@@ -259,7 +259,7 @@ struct Entry {
     /// Tombstones for its expired offsets are being written.
     expiring: bool,
     /// After a failed expiry, when the next may run.
-    expire_not_before: i64,
+    expire_not_before: Option<tokio::time::Instant>,
     /// Writes queued for it and not applied yet: its offsets do not
     /// expire meanwhile (a commit in flight would be deleted by the
     /// tombstones written after it).
@@ -286,7 +286,7 @@ impl Entry {
             version_stored: 0,
             empty_since: None,
             expiring: false,
-            expire_not_before: 0,
+            expire_not_before: None,
             pending_writes: 0,
         }
     }
@@ -348,8 +348,8 @@ struct Inner {
     appenders: HashMap<i32, Appender>,
     /// Compaction of each offsets partition ([`super::compact`]).
     compactions: HashMap<i32, Compaction>,
-    /// When groups are next looked at for expired offsets (ms).
-    next_expiry_scan: i64,
+    /// When groups are next looked at for expired offsets.
+    next_expiry_scan: Option<tokio::time::Instant>,
 }
 
 /// An offsets partition's compaction.
@@ -363,12 +363,12 @@ struct Compaction {
     not_before: Option<tokio::time::Instant>,
 }
 
-/// How often groups are looked at for expired offsets (ms).
-const EXPIRY_SCAN_MS: i64 = 5_000;
+/// How often groups are looked at for expired offsets.
+const EXPIRY_SCAN: Duration = Duration::from_secs(5);
 /// Most offsets of one group expired in one write.
 const EXPIRE_BATCH_MAX: usize = 1_000;
-/// How long a group whose expiry failed waits before the next (ms).
-const EXPIRE_RETRY_MS: i64 = 30_000;
+/// How long a group whose expiry failed waits before the next.
+const EXPIRE_RETRY: Duration = Duration::from_secs(30);
 
 /// How long a failed compaction waits before the next try.
 const COMPACTION_RETRY: Duration = Duration::from_secs(30);
@@ -713,6 +713,12 @@ impl GroupCoordinator {
         let mut ids: BTreeSet<String> = offsets.keys().cloned().collect();
         ids.extend(metas.keys().cloned());
         let mut groups = 0;
+        // Groups whose record (parsed: one of another version's format is
+        // left alone) says they are empty, and which have no offsets:
+        // forgotten, as a tick forgets them, with their record deleted
+        // (one stored just before a failover, or by an older version,
+        // was otherwise kept by every compaction for good).
+        let mut orphans = Vec::new();
         for g in ids {
             if partition_for_group(&g, count) != index {
                 continue;
@@ -721,16 +727,25 @@ impl GroupCoordinator {
             e.offsets = offsets.remove(&g).unwrap_or_default();
             // Offsets of topics gone (or recreated) since: not loaded.
             e.offsets.retain(|(t, _), c| is_current(&meta, t, c));
+            let mut parsed = false;
             if let Some(group) = metas
                 .get(&g)
                 .and_then(Option::as_deref)
                 .and_then(|v| parse_group_value(&g, v, now))
             {
+                parsed = true;
                 e.queued = group.generation;
                 e.persisted = group.generation;
                 e.group = group;
             }
             if !e.exists() {
+                if parsed {
+                    orphans.push(pb::Record {
+                        key: Some(group_key(&g)),
+                        value: None,
+                        ..Default::default()
+                    });
+                }
                 continue;
             }
             groups += 1;
@@ -739,9 +754,13 @@ impl GroupCoordinator {
             }
         }
         inner.loaded.insert(index, epoch);
-        inner
-            .appenders
-            .insert(index, Appender::start(self.broker.clone(), index));
+        let appender = Appender::start(self.broker.clone(), index);
+        if !orphans.is_empty() {
+            // Nobody waits: one not deleted now is deleted by the next
+            // coordinator's replay.
+            drop(appender.submit(orphans));
+        }
+        inner.appenders.insert(index, appender);
         info!(
             partition = index,
             leader_epoch = epoch,
@@ -1027,10 +1046,13 @@ impl GroupCoordinator {
         // Every few seconds, not every tick: the scan walks every offset
         // of every group without members, under the lock heartbeats and
         // commits need, for a retention counted in days.
-        if now < inner.next_expiry_scan {
+        // Monotonic: a wall clock stepped back would stop the scans for
+        // as long as the step.
+        let at = tokio::time::Instant::now();
+        if inner.next_expiry_scan.is_some_and(|next| at < next) {
             return;
         }
-        inner.next_expiry_scan = now + EXPIRY_SCAN_MS;
+        inner.next_expiry_scan = Some(at + EXPIRY_SCAN);
         let retention = i64::try_from(retention).unwrap_or(i64::MAX);
         let mut due = Vec::new();
         for e in inner.groups.values_mut() {
@@ -1039,7 +1061,7 @@ impl GroupCoordinator {
                 continue;
             }
             let since = *e.empty_since.get_or_insert(now);
-            if e.expiring || e.pending_writes > 0 || now < e.expire_not_before {
+            if e.expiring || e.pending_writes > 0 || e.expire_not_before.is_some_and(|t| at < t) {
                 continue;
             }
             // At most a batch's worth at a time: one write of them all
@@ -1117,7 +1139,7 @@ impl GroupCoordinator {
         if let Some(e) = inner.groups.get_mut(&group) {
             e.expiring = false;
             if result.is_err() {
-                e.expire_not_before = now_ms() + EXPIRE_RETRY_MS;
+                e.expire_not_before = Some(tokio::time::Instant::now() + EXPIRE_RETRY);
             }
             if result.is_ok() && !e.exists() {
                 e.notify();
