@@ -879,7 +879,7 @@ impl Broker {
             None => {
                 let key = match req.records.first() {
                     Some(r) => r.key.clone(),
-                    None => RecordBatch::parse(batch.clone())?.first_key()?,
+                    None => runnel_storage::batch::first_record_key(&batch)?,
                 };
                 match key {
                     Some(key) => partition_for_key(&key, count),

@@ -506,8 +506,10 @@ where
                     return Poll::Ready(Some(Err(status)));
                 }
             }
-            if this.held.is_none() {
-                if let (Some(budget), Ok(Some(len))) = (&mut this.budget, this.decoder.head_len()) {
+            // Only with a budget: a decoder without one (a client's, or
+            // the other calls') does not read the prefix again per frame.
+            if let (None, Some(budget)) = (&this.held, &mut this.budget) {
+                if let Ok(Some(len)) = this.decoder.head_len() {
                     if len > BUDGET_FREE_BYTES {
                         let bytes = u32::try_from(len).unwrap_or(u32::MAX);
                         match budget.poll_acquire_many(cx, bytes) {

@@ -120,6 +120,33 @@ pub fn check_batch(buf: &[u8]) -> Result<usize> {
     Ok(total)
 }
 
+/// The first record's key of the one batch `batch` holds (None for a
+/// null key or no records), framed without a CRC check: where a batch
+/// whose producer named no partition is routed, before the append checks
+/// it whole (a CRC pass here would be a second one).
+pub fn first_record_key(batch: &Bytes) -> Result<Option<Bytes>> {
+    match batch_len(batch) {
+        Decode::Complete(total) if total == batch.len() => {}
+        Decode::Complete(total) => {
+            return Err(corrupt(format!(
+                "batch length {total} but {} bytes given",
+                batch.len()
+            )))
+        }
+        Decode::Incomplete(needed) => {
+            return Err(corrupt(format!(
+                "truncated batch: {} bytes of {needed}",
+                batch.len()
+            )))
+        }
+        Decode::Invalid(reason) => return Err(corrupt(reason.to_string())),
+    }
+    RecordBatch {
+        bytes: batch.clone(),
+    }
+    .first_key()
+}
+
 fn corrupt(reason: String) -> StorageError {
     StorageError::CorruptBatch { reason }
 }
@@ -1000,7 +1027,7 @@ impl RecordBatch {
     /// The first record's key (None for a null key or no records),
     /// decoding that record only: where a batch whose producer named no
     /// partition is routed.
-    pub fn first_key(&self) -> Result<Option<Bytes>> {
+    fn first_key(&self) -> Result<Option<Bytes>> {
         let codec = self.attributes() & ATTR_COMPRESSION_MASK;
         if codec != 0 {
             return Err(corrupt(format!("unsupported compression codec {codec}")));
