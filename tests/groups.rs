@@ -2554,7 +2554,15 @@ async fn t31_offsets_of_a_group_without_members_expire() {
     })
     .await;
     let old_committed = std::time::Instant::now();
-    let member = Member::spawn(&client, config("live", "t"));
+    // "live" commits now, then gains a member that commits nothing: its
+    // offsets grow as old as the old group's, and stay.
+    client
+        .commit_offsets("live", "", 0, vec![offset(0, 7)])
+        .await
+        .unwrap();
+    let mut quiet = config("live", "t");
+    quiet.auto_commit_interval = None;
+    let member = Member::spawn(&client, quiet);
     eventually("the member assigned", WAIT, || async {
         (member.snapshot().2.len() == 2).then_some(())
     })
@@ -2578,23 +2586,38 @@ async fn t31_offsets_of_a_group_without_members_expire() {
         "expired {:?} after the commit",
         old_committed.elapsed()
     );
-    // The one kept fresh by a commit each second stays meanwhile.
-    for i in 0..4 {
+    // A group without members committed to each second keeps its offset
+    // past its first commit's retention (for longer than a scan's 5 s
+    // after it): each commit counts anew. Looked at before each commit,
+    // so that one deleted in between is seen.
+    client
+        .commit_offsets("fresh", "", 0, vec![offset(0, 10)])
+        .await
+        .unwrap();
+    for i in 0..9 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let kept = client.fetch_offsets("fresh", &[]).await.unwrap();
+        assert_eq!(
+            kept.iter().map(|o| o.offset).collect::<Vec<_>>(),
+            vec![10 + i],
+            "second {i}"
+        );
         client
-            .commit_offsets("fresh", "", 0, vec![offset(0, 2 + i)])
+            .commit_offsets("fresh", "", 0, vec![offset(0, 11 + i)])
             .await
             .unwrap();
-        assert_eq!(client.fetch_offsets("fresh", &[]).await.unwrap().len(), 1);
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let gone = client.describe_group("old").await.map(|d| d.members.len());
     assert!(
         matches!(&gone, Err(e) if e.code() == pb::ErrorCode::UnknownGroup),
         "{gone:?}"
     );
-    // The member's group keeps its membership (its offsets, if any, too).
+    // The group with a member keeps its offset, committed longer ago
+    // than the retention.
     let d = client.describe_group("live").await.unwrap();
     assert_eq!(d.members.len(), 1);
+    let live = client.fetch_offsets("live", &[]).await.unwrap();
+    assert_eq!(live.iter().map(|o| o.offset).collect::<Vec<_>>(), vec![7]);
     member.close().await;
 
     // Stored: a restart does not bring the old group's offsets back.
