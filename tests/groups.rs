@@ -2681,3 +2681,68 @@ async fn t32_a_forgotten_groups_record_is_deleted() {
     })
     .await;
 }
+
+/// A poll returns at most `max_poll_records` records (Kafka's
+/// `max.poll.records`), and a commit covers only the records polls
+/// returned: the rest of the partitions' answers wait, decoded, for the
+/// next polls. A partition consumer's `max_records` does the same for
+/// one partition, and a seek drops what it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t33_a_poll_returns_at_most_max_poll_records() {
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    const N: usize = 3_000;
+    produce(&client, "t", 0, N).await;
+    let mut cfg = config("g-max-poll", "t");
+    cfg.auto_commit_interval = None;
+    cfg.max_poll_records = 200;
+    let mut member = client.group_consumer(cfg).unwrap();
+    let tps: Vec<Tp> = (0..6).map(|p| ("t".to_string(), p)).collect();
+    let mut seen = BTreeSet::new();
+    let mut returned = 0;
+    let mut committed_once = false;
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < N {
+        assert!(Instant::now() < deadline, "only {} of {N} read", seen.len());
+        let records = member.poll().await.unwrap();
+        assert!(records.len() <= 200, "a poll returned {}", records.len());
+        returned += records.len();
+        for r in records {
+            let value = String::from_utf8(r.value.unwrap().to_vec()).unwrap();
+            assert!(seen.insert(value), "read twice");
+        }
+        if returned > 0 && !committed_once {
+            // Each partition's answer held all of its ~500 records: the
+            // commit covers the 200 or fewer returned, not those.
+            member.commit().await.unwrap();
+            let offsets = client.fetch_offsets("g-max-poll", &tps).await.unwrap();
+            let total: i64 = offsets.iter().map(|o| o.offset.max(0)).sum();
+            assert_eq!(total, returned as i64, "committed past what polls returned");
+            committed_once = true;
+        }
+    }
+    assert_eq!(returned, N);
+    member.commit().await.unwrap();
+    await_committed_at_end(&client, "g-max-poll", "t", 6).await;
+    member.close().await.unwrap();
+
+    let refused = client.group_consumer(GroupConfig {
+        max_poll_records: 0,
+        ..config("g-zero", "t")
+    });
+    assert!(refused.is_err(), "max_poll_records 0 was accepted");
+
+    let mut pc = client
+        .partition_consumer("t", 0, runnel::client::StartFrom::Earliest)
+        .await
+        .unwrap();
+    pc.max_records = 100;
+    let first = pc.poll().await.unwrap();
+    assert_eq!(first.len(), 100);
+    assert_eq!(pc.position(), first[99].offset + 1);
+    let second = pc.poll().await.unwrap();
+    assert_eq!(second.first().map(|r| r.offset), Some(100));
+    pc.seek(7);
+    let again = pc.poll().await.unwrap();
+    assert_eq!(again.first().map(|r| r.offset), Some(7));
+}

@@ -4,6 +4,7 @@
 //! while the last one travels and is decoded here). Either way the broker
 //! sends raw batches (its stored bytes unchanged), decoded here zero-copy.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -61,6 +62,17 @@ pub struct PartitionConsumer {
     pub max_bytes: u32,
     /// Long-poll wait per fetch (ms).
     pub max_wait_ms: u32,
+    /// Most records one poll returns (Kafka's `max.poll.records`; at
+    /// least one). The rest of an answer is kept, decoded, for the next
+    /// polls, and the position moves only past the records returned, so a
+    /// commit never covers records the application has not seen.
+    pub max_records: usize,
+    /// Records of an answer decoded but not returned yet (past
+    /// `max_records`), in order: the next polls return them first.
+    held: VecDeque<ConsumedRecord>,
+    /// Where the position goes once `held` is all returned (past the
+    /// answer they came in).
+    held_next: i64,
     /// High watermark seen in the last fetch.
     high_watermark: i64,
     /// The fetch in flight (a task) and the offset it asks for: the next
@@ -159,6 +171,9 @@ impl PartitionConsumer {
             position,
             max_bytes: 1024 * 1024,
             max_wait_ms: 500,
+            max_records: usize::MAX,
+            held: VecDeque::new(),
+            held_next: position,
             high_watermark: offsets.high_watermark,
             prefetch: None,
             answered: None,
@@ -180,6 +195,7 @@ impl PartitionConsumer {
     /// Moves the read position.
     pub fn seek(&mut self, offset: i64) {
         self.position = offset;
+        self.held.clear();
         if let Some((_, fetch)) = self.prefetch.take() {
             fetch.abort();
         }
@@ -289,6 +305,9 @@ impl PartitionConsumer {
     /// position moves only when records are returned), and the fetch or
     /// subscription open in flight is kept for the next poll.
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>, ClientError> {
+        if !self.held.is_empty() {
+            return Ok(self.take_held());
+        }
         // Whichever way the caller last chose, the other one's read-ahead
         // is dropped.
         if self.streaming {
@@ -375,11 +394,50 @@ impl PartitionConsumer {
                 });
             }
         }
-        // Past every record returned too, whatever the answer says: an
+        // Past every record decoded too, whatever the answer says: an
         // answer whose records ran past its next_offset made every later
         // fetch return them again.
-        let past_returned = out.last().map_or(self.position, |r| r.offset + 1);
-        self.position = self.position.max(resp.next_offset).max(past_returned);
+        let past_decoded = out.last().map_or(self.position, |r| r.offset + 1);
+        let next = self.position.max(resp.next_offset).max(past_decoded);
+        let max = self.max_records.max(1);
+        if out.len() <= max {
+            self.position = next;
+            return Ok(out);
+        }
+        self.held = out.split_off(max).into();
+        self.held_next = next;
+        self.position = out.last().map_or(self.position, |r| r.offset + 1);
         Ok(out)
+    }
+
+    /// Up to `max_records` of the held records; the position moves past
+    /// them (past the answer they came in once none is left).
+    fn take_held(&mut self) -> Vec<ConsumedRecord> {
+        let n = self.max_records.max(1).min(self.held.len());
+        let out: Vec<_> = self.held.drain(..n).collect();
+        self.position = if self.held.is_empty() {
+            self.held_next
+        } else {
+            out.last().map_or(self.position, |r| r.offset + 1)
+        };
+        out
+    }
+
+    /// Gives back the last records a poll returned, unseen by the
+    /// application: the next polls return them again, and the position
+    /// moves back to the first. `records` must be the tail of what was
+    /// returned, in order (the group consumer keeps a poll within its
+    /// `max_poll_records`).
+    pub(crate) fn unread(&mut self, records: Vec<ConsumedRecord>) {
+        let Some(first) = records.first() else {
+            return;
+        };
+        if self.held.is_empty() {
+            self.held_next = self.position;
+        }
+        self.position = first.offset;
+        for r in records.into_iter().rev() {
+            self.held.push_front(r);
+        }
     }
 }

@@ -248,6 +248,13 @@ pub struct GroupConfig {
     /// that a stuck application does not hold its partitions while
     /// heartbeats keep it alive, and the next poll joins again.
     pub max_poll_interval: Duration,
+    /// Most records one `poll` returns (Kafka's `max.poll.records`, 500 by
+    /// default; at least 1). The rest stay with the member, decoded, for
+    /// the next polls, and commits cover only what polls returned: an
+    /// application that handles each poll's records before the next poll
+    /// bounds its time between polls by this many records, not by
+    /// `max_bytes` of every owned partition.
+    pub max_poll_records: usize,
 }
 
 impl GroupConfig {
@@ -267,6 +274,7 @@ impl GroupConfig {
             max_wait_ms: 200,
             max_bytes: 1024 * 1024,
             max_poll_interval: Duration::from_secs(300),
+            max_poll_records: 500,
         }
     }
 }
@@ -583,6 +591,11 @@ impl Client {
         if config.group.is_empty() || config.topics.is_empty() {
             return Err(ClientError::Invalid(
                 "a group consumer needs a group id and at least one topic".into(),
+            ));
+        }
+        if config.max_poll_records == 0 {
+            return Err(ClientError::Invalid(
+                "max_poll_records must be at least 1".into(),
             ));
         }
         Ok(GroupConsumer {
@@ -1168,6 +1181,7 @@ impl GroupConsumer {
         for (tp, offset, mut pc) in started {
             pc.max_wait_ms = self.config.max_wait_ms;
             pc.max_bytes = self.config.max_bytes;
+            pc.max_records = self.config.max_poll_records;
             if offset >= 0 {
                 self.committed.insert(tp.clone(), offset);
             }
@@ -1572,6 +1586,7 @@ impl GroupConsumer {
                 Ok(mut pc) => {
                     pc.max_wait_ms = self.config.max_wait_ms;
                     pc.max_bytes = self.config.max_bytes;
+                    pc.max_records = self.config.max_poll_records;
                     if let Some(offset) = committed {
                         tracing::info!(group = %self.config.group, topic = %tp.0, partition = tp.1, offset, "topic id changed; going on from the group's committed offset");
                         self.committed.insert(tp.clone(), offset);
@@ -1648,6 +1663,24 @@ impl GroupConsumer {
                     }
                     break;
                 }
+            }
+        }
+        // Past max_poll_records (several partitions had records): the
+        // rest go back to their partitions, unseen, for the next polls.
+        if out.len() > self.config.max_poll_records {
+            let mut back = out.split_off(self.config.max_poll_records);
+            while let Some(first) = back.first() {
+                let (topic, partition) = (first.topic.clone(), first.partition);
+                let rest = back
+                    .iter()
+                    .position(|r| r.partition != partition || r.topic != topic)
+                    .unwrap_or(back.len());
+                let tail = back.split_off(rest);
+                let tp = (topic.to_string(), partition);
+                if let Some(c) = self.consumers.get_mut(&tp) {
+                    c.unread(back);
+                }
+                back = tail;
             }
         }
         // Started over by the next poll: no await here with records in hand.
