@@ -566,24 +566,30 @@ async fn produce(
         if let Some(due) = due {
             tokio::time::sleep_until(due.into()).await;
         }
+        // Stamped with when it was due, for the same reason. Stamps never
+        // decrease (both sides of the min grow).
+        let stamp = origin.map(|origin| {
+            due.map_or_else(
+                || origin.elapsed(),
+                |d| {
+                    origin
+                        .elapsed()
+                        .min((d + DUE_SLACK).saturating_duration_since(origin))
+                },
+            )
+        });
         if i == warm_up && warm_up > 0 {
             measured_start = Instant::now();
-            if let (Some(origin), Some(from)) = (origin, &measured_from_ns) {
-                from.store(origin.elapsed().as_nanos() as u64, Ordering::Release);
+            // The first measured record's own stamp splits the records:
+            // the time now is later than it when this loop runs behind,
+            // and measured records stamped before it were left out.
+            if let (Some(stamp), Some(from)) = (stamp, &measured_from_ns) {
+                from.store(stamp.as_nanos() as u64, Ordering::Release);
             }
         }
-        let value = match origin {
-            Some(origin) => {
+        let value = match stamp {
+            Some(stamp) => {
                 let mut v = BytesMut::from(&payload[..]);
-                // Stamped with when it was due, for the same reason.
-                let stamp = due.map_or_else(
-                    || origin.elapsed(),
-                    |d| {
-                        origin
-                            .elapsed()
-                            .min((d + DUE_SLACK).saturating_duration_since(origin))
-                    },
-                );
                 v[..8].copy_from_slice(&(stamp.as_nanos() as u64).to_le_bytes());
                 v[8..STAMP_BYTES].copy_from_slice(&run_id.to_le_bytes());
                 v.freeze()
@@ -848,6 +854,12 @@ async fn e2e(client: &Client, e2e_args: &E2eArgs, output: Output) -> anyhow::Res
         .await
         .context("consumers did not receive every record within 60 s")?
         .context("collector panicked")??;
+    if seen != w.records {
+        eprintln!(
+            "warning: {seen} records measured, not the {} asked for (the warm-up's boundary fell among them)",
+            w.records
+        );
+    }
     let mut report = Report::new(
         "e2e",
         seen,
