@@ -367,10 +367,19 @@ impl<S> EncodeBody<S> {
     }
 }
 
+/// A message's last chunk, keeping the message alive until it is dropped.
+struct LastChunk<M>(Bytes, #[allow(dead_code)] M);
+
+impl<M> AsRef<[u8]> for LastChunk<M> {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl<S, M> Body for EncodeBody<S>
 where
     S: Stream<Item = Result<M, Status>> + Unpin,
-    M: Message,
+    M: Message + 'static,
 {
     type Data = Bytes;
     type Error = Status;
@@ -388,8 +397,19 @@ where
                 return Poll::Ready(None);
             }
             match ready!(Pin::new(&mut this.messages).poll_next(cx)) {
+                // The message lives until its last chunk is dropped (sent):
+                // whatever its bytes carry (a broker's read budget, held
+                // by the answer's values) is given back only then, not
+                // when it is encoded, as small values are copied into the
+                // encoded chunks and those may wait in hyper's and h2's
+                // send queues for a slow reader.
                 Some(Ok(msg)) => match encode(&msg) {
-                    Ok(chunks) => this.pending.extend(chunks),
+                    Ok(mut chunks) => {
+                        if let Some(last) = chunks.pop() {
+                            chunks.push(Bytes::from_owner(LastChunk(last, msg)));
+                        }
+                        this.pending.extend(chunks);
+                    }
                     Err(status) => return Poll::Ready(this.finish(Some(status))),
                 },
                 Some(Err(status)) => return Poll::Ready(this.finish(Some(status))),
