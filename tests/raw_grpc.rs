@@ -720,3 +720,88 @@ async fn a_keyed_batch_without_a_partition_goes_where_its_key_hashes() {
         .unwrap_err();
     assert_eq!(common::error_code(&status), "INVALID_REQUEST", "{status:?}");
 }
+
+/// A replica fetch and an OffsetForLeaderEpoch name the follower's topic
+/// by id: a leader hosting another topic of the same name (deleted and
+/// created again, one of the brokers behind; both at leader epoch 0)
+/// refuses with UNKNOWN_TOPIC_ID instead of serving the other topic's
+/// records or counting the follower's progress for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_calls_for_another_topic_of_the_same_name_are_refused() {
+    use runnel_proto::v1::internal as ipb;
+    use runnel_proto::v1::internal::replication_client::ReplicationClient;
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = server_with_topic(dir.path(), "twin", 1, &[]).await;
+    let mut producer = ProducerClient::connect(url.clone()).await.unwrap();
+    let answer = producer
+        .produce(pb::ProduceRequest {
+            topic: "twin".into(),
+            partition: Some(0),
+            records: vec![pb::Record {
+                value: Some(b"x".to_vec().into()),
+                ..Default::default()
+            }],
+            acks: pb::Acks::Leader as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.error_code, 0, "{answer:?}");
+    let topic_id = AdminClient::connect(url.clone())
+        .await
+        .unwrap()
+        .metadata(pb::MetadataRequest {
+            topics: vec!["twin".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .topics[0]
+        .topic_id
+        .clone();
+    assert!(!topic_id.is_empty());
+    let mut replication = ReplicationClient::connect(url).await.unwrap();
+    let fetch = |topic_id: &str| ipb::ReplicaFetchRequest {
+        replica_id: 99,
+        partitions: vec![ipb::ReplicaFetchPartition {
+            topic: "twin".into(),
+            partition: 0,
+            fetch_offset: 0,
+            current_leader_epoch: 0,
+            topic_id: topic_id.into(),
+            ..Default::default()
+        }],
+        max_bytes: 1 << 20,
+        ..Default::default()
+    };
+    for (id, code, served) in [
+        ("another-topics-id", pb::ErrorCode::UnknownTopicId, false),
+        (topic_id.as_str(), pb::ErrorCode::None, true),
+    ] {
+        let answer = replication
+            .replica_fetch(tokio_stream::iter([fetch(id)]))
+            .await
+            .unwrap()
+            .into_inner()
+            .next()
+            .await
+            .unwrap()
+            .unwrap();
+        let p = &answer.partitions[0];
+        assert_eq!(p.error_code, code as i32, "{id}");
+        assert_eq!(!p.batches.is_empty(), served, "{id}");
+        let epochs = replication
+            .offset_for_leader_epoch(ipb::OffsetForLeaderEpochRequest {
+                topic: "twin".into(),
+                partition: 0,
+                leader_epoch: 0,
+                current_leader_epoch: 0,
+                topic_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(epochs.error_code, code as i32, "{id}");
+    }
+}

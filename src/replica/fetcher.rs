@@ -55,6 +55,17 @@ pub struct Assignment {
     pub in_sync: bool,
 }
 
+/// What a partition was checked for divergence as: its leader epoch and
+/// topic id.
+#[derive(Debug, PartialEq, Eq)]
+struct Checked(i32, String);
+
+impl Checked {
+    fn of(a: &Assignment) -> Self {
+        Self(a.leader_epoch, a.partition.topic_id.clone())
+    }
+}
+
 /// Followed partitions by (topic, partition).
 pub type Assignments = BTreeMap<(String, i32), Assignment>;
 
@@ -194,8 +205,9 @@ async fn run_fetcher(
         .max_decoding_message_size(crate::client::MESSAGE_BYTES_MAX)
         .max_encoding_message_size(crate::client::MESSAGE_BYTES_MAX);
     let mut stream: Option<Stream> = None;
-    // Partitions already checked for divergence in their current epoch.
-    let mut truncated: HashMap<(String, i32), i32> = HashMap::new();
+    // Partitions already checked for divergence in their current epoch
+    // (and topic id: a topic created again starts at epoch 0 again).
+    let mut truncated: HashMap<(String, i32), Checked> = HashMap::new();
     // Partitions sitting out after a failure of their own, until when.
     let mut resting: HashMap<(String, i32), tokio::time::Instant> = HashMap::new();
     // Where the next round's list of partitions starts.
@@ -349,7 +361,7 @@ async fn fetch_round(
     channel: &Channel,
     stream: &mut Option<Stream>,
     assigned: &Assignments,
-    truncated: &mut HashMap<(String, i32), i32>,
+    truncated: &mut HashMap<(String, i32), Checked>,
     resting: &mut HashMap<(String, i32), tokio::time::Instant>,
     rotation: &mut usize,
     settings: ReplicaSettings,
@@ -381,7 +393,7 @@ async fn fetch_round(
     // round for all.
     let unchecked: Vec<&(String, i32)> = assigned
         .iter()
-        .filter(|(k, a)| !skipped.contains(k) && truncated.get(*k) != Some(&a.leader_epoch))
+        .filter(|(k, a)| !skipped.contains(k) && truncated.get(*k) != Some(&Checked::of(a)))
         .map(|(k, _)| k)
         .collect();
     for key in unchecked.iter().skip(DIVERGENCE_CHECKS_PER_ROUND) {
@@ -400,7 +412,7 @@ async fn fetch_round(
         let (topic, index) = key;
         match checked {
             Ok(()) => {
-                truncated.insert(key.clone(), assigned[key].leader_epoch);
+                truncated.insert(key.clone(), Checked::of(&assigned[key]));
             }
             // The leader could not be asked: tried again next round.
             Err(DivergenceError::Call(e)) => {
@@ -444,6 +456,7 @@ async fn fetch_round(
             fetch_offset: a.partition.log.log_end_offset(),
             current_leader_epoch: a.leader_epoch,
             log_start_offset: a.partition.log.log_start_offset(),
+            topic_id: a.partition.topic_id.clone(),
         })
         .collect();
     // The leader fills its byte budget in the order asked: each round
@@ -637,6 +650,7 @@ async fn truncate_divergent(
                 partition: index,
                 leader_epoch: latest_epoch,
                 current_leader_epoch: a.leader_epoch,
+                topic_id: a.partition.topic_id.clone(),
             })
             .await
             .map_err(|s| Call(s.to_string()))?

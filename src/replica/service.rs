@@ -100,6 +100,10 @@ fn answer(
                 out.error_code = ErrorCode::UnknownPartition as i32;
                 return out;
             };
+            if !same_topic(&partition, &p.topic_id) {
+                out.error_code = ErrorCode::UnknownTopicId as i32;
+                return out;
+            }
             if partition.leader_epoch() != Some(p.current_leader_epoch) {
                 out.error_code = ErrorCode::NotLeader as i32;
                 return out;
@@ -148,6 +152,14 @@ fn answer(
     ipb::ReplicaFetchResponse { partitions }
 }
 
+/// Whether the hosted `partition` belongs to the topic a follower named
+/// by id (either side without an id, from an older version: assumed).
+/// Names alone do not tell a topic from one deleted and created again:
+/// both start at leader epoch 0, on the same replicas.
+fn same_topic(partition: &crate::partition::Partition, topic_id: &str) -> bool {
+    topic_id.is_empty() || partition.topic_id.is_empty() || partition.topic_id == topic_id
+}
+
 #[tonic::async_trait]
 impl Replication for ReplicationService {
     type ReplicaFetchStream = FetchStream;
@@ -173,6 +185,9 @@ impl Replication for ReplicationService {
             // a replica still leading in an earlier epoch (its metadata
             // behind the follower's) may yet lose the tail it would answer
             // from, and the follower checks only once per epoch.
+            Some(p) if !same_topic(&p, &req.topic_id) => {
+                out.error_code = ErrorCode::UnknownTopicId as i32;
+            }
             Some(p) if p.leader_epoch() == Some(req.current_leader_epoch) => {
                 let (epoch, end) = p
                     .log
