@@ -231,12 +231,20 @@ impl Partition {
     pub fn on_follower_fetch(
         &self,
         follower: i32,
+        leader_epoch: i32,
         fetch_offset: i64,
         log_start_offset: i64,
         now_ms: i64,
         eligible: bool,
     ) -> Vec<Command> {
         self.leader_event(|s, leo| {
+            // Checked again under the role lock: a fetch checked against
+            // epoch E before a move away and back (E + 2) must not count
+            // for the new leadership, whose log may have been cut while
+            // following.
+            if s.leader_epoch() != leader_epoch {
+                return Vec::new();
+            }
             if s.on_follower_log_start(follower, log_start_offset) {
                 self.low_watermark_tx
                     .send_modify(|n| *n = n.wrapping_add(1));
@@ -429,6 +437,23 @@ mod tests {
         assert_eq!(log.log_end_offset(), 1);
     }
 
+    /// A follower's fetch checked against an earlier leader epoch than the
+    /// one now led (the leadership moved away and back in between) does
+    /// not count toward the high watermark.
+    #[test]
+    fn a_fetch_of_an_earlier_leader_epoch_moves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, p) = partition_in(&dir);
+        let info = in_sync(&[1, 2], 1, 5);
+        p.update_role(1, &info, 0);
+        log.append_as_leader(one_record(0), 5).unwrap();
+        p.on_append();
+        p.on_follower_fetch(2, 3, 1, 0, 0, true);
+        assert_eq!(log.high_watermark(), 0);
+        p.on_follower_fetch(2, 5, 1, 0, 0, true);
+        assert_eq!(log.high_watermark(), 1);
+    }
+
     /// A leader that leads again in a later epoch, with no metadata
     /// in between naming another role (the offline epoch between the two
     /// coalesced away), refuses appends from its earlier epoch: stamped
@@ -525,7 +550,7 @@ mod tests {
                 scope.spawn(move || {
                     let mut seen = 0;
                     while !done.load(Ordering::Acquire) {
-                        p.on_follower_fetch(follower, log.log_end_offset(), 0, 0, true);
+                        p.on_follower_fetch(follower, 0, log.log_end_offset(), 0, 0, true);
                         check(&mut seen);
                         let (decided, stored) = p.high_watermarks().unwrap();
                         assert_eq!(decided, stored, "decided and stored");

@@ -121,6 +121,7 @@ fn answer(
             if record {
                 let proposals = partition.on_follower_fetch(
                     req.replica_id,
+                    p.current_leader_epoch,
                     p.fetch_offset,
                     p.log_start_offset,
                     now,
