@@ -51,6 +51,11 @@ const PEER_CHANNEL_AGE_MAX: Duration = Duration::from_secs(300);
 /// allocation before calling the id unknown.
 const PRODUCER_ID_METADATA_WAIT: Duration = Duration::from_secs(2);
 
+/// The longest ListOffsets waits for a new leader's high watermark to
+/// reach where its leadership started before answering
+/// OFFSET_NOT_AVAILABLE.
+const SETTLE_WAIT: Duration = Duration::from_secs(2);
+
 /// Whether this broker's metadata explains the controller's refusal of
 /// an ISR proposal of `proposed` to partition epoch `proposed_epoch`:
 /// the epoch moved on, or a broker the proposal adds is fenced. If not,
@@ -1332,11 +1337,14 @@ impl Broker {
     ) -> Result<pb::ListOffsetsResponse, BrokerError> {
         let meta = self.metadata.current();
         let partition = self.leader_partition(&meta, &req.topic, req.partition)?;
-        let log = &partition.log;
-        let (start, hw) = (log.log_start_offset(), log.high_watermark());
         let spec = pb::OffsetSpec::try_from(req.spec).map_err(|_| BrokerError::InvalidRequest {
             reason: format!("unknown offset spec {}", req.spec),
         })?;
+        if spec != pb::OffsetSpec::Earliest {
+            self.high_watermark_settled(&partition).await?;
+        }
+        let log = &partition.log;
+        let (start, hw) = (log.log_start_offset(), log.high_watermark());
         let (offset, timestamp_ms) = match spec {
             pb::OffsetSpec::Earliest => (start, -1),
             pb::OffsetSpec::Latest | pb::OffsetSpec::Unspecified => (hw, -1),
@@ -1352,6 +1360,34 @@ impl Broker {
             high_watermark: hw,
             log_end_offset: log.log_end_offset(),
         })
+    }
+
+    /// Waits until a leader's high watermark reached where its leadership
+    /// started (its followers fetch from it within a round, usually), at
+    /// most [`SETTLE_WAIT`]: then OFFSET_NOT_AVAILABLE, retriable.
+    async fn high_watermark_settled(&self, partition: &Partition) -> Result<(), BrokerError> {
+        let mut hw = partition.watch_high_watermark();
+        let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+        loop {
+            match partition.high_watermark_settled() {
+                Some(true) => return Ok(()),
+                None => {
+                    return Err(BrokerError::NotLeader {
+                        topic: partition.topic.clone(),
+                        partition: partition.index,
+                        leader: String::new(),
+                    })
+                }
+                Some(false) => {}
+            }
+            let woke = tokio::time::timeout_at(deadline, hw.changed()).await;
+            if !matches!(woke, Ok(Ok(()))) {
+                return Err(BrokerError::OffsetNotAvailable {
+                    topic: partition.topic.clone(),
+                    partition: partition.index,
+                });
+            }
+        }
     }
 
     /// Deletes the partition's records below an offset (DeleteRecords; at

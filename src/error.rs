@@ -96,6 +96,8 @@ pub enum BrokerError {
     ProducerIdNotApplied { producer_id: i64 },
     #[error("{reason}")]
     NotAuthorized { reason: String },
+    #[error("{topic}-{partition} has a new leader whose high watermark has not caught up with its log yet; try again")]
+    OffsetNotAvailable { topic: String, partition: i32 },
     #[error(transparent)]
     Metadata(#[from] MetadataError),
     #[error(transparent)]
@@ -127,6 +129,7 @@ impl BrokerError {
             | BrokerError::TakingUp { .. }
             | BrokerError::ProducerIdNotApplied { .. } => ErrorCode::BrokerNotAvailable,
             BrokerError::NotAuthorized { .. } => ErrorCode::AuthorizationFailed,
+            BrokerError::OffsetNotAvailable { .. } => ErrorCode::OffsetNotAvailable,
             BrokerError::Metadata(e) => match e {
                 MetadataError::TopicAlreadyExists { .. } => ErrorCode::TopicAlreadyExists,
                 MetadataError::UnknownTopic { .. } => ErrorCode::UnknownTopic,
@@ -181,6 +184,7 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::NotCoordinator
         | ErrorCode::NotController
         | ErrorCode::BrokerNotAvailable
+        | ErrorCode::OffsetNotAvailable
         | ErrorCode::NotEnoughReplicas
         | ErrorCode::NotEnoughReplicasAfterAppend => Code::Unavailable,
         ErrorCode::OffsetOutOfRange => Code::OutOfRange,

@@ -41,6 +41,11 @@ pub struct Partition {
     low_watermark_tx: watch::Sender<u64>,
     /// Leader or follower state. Short critical sections only.
     role: Mutex<Role>,
+    /// The log end offset when this replica last became leader: below it,
+    /// the leader's high watermark still lags the previous leader's
+    /// (followers have not fetched from it yet). Written and read under
+    /// the role lock.
+    epoch_start: std::sync::atomic::AtomicI64,
 }
 
 impl Partition {
@@ -55,6 +60,7 @@ impl Partition {
             hw_tx,
             low_watermark_tx: watch::channel(0).0,
             role: Mutex::new(Role::Offline),
+            epoch_start: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -153,6 +159,8 @@ impl Partition {
             );
             let cmds = state.on_append(leo);
             *role = Role::Leader(state);
+            self.epoch_start
+                .store(leo, std::sync::atomic::Ordering::Relaxed);
             return self.run(cmds);
         }
         let next = if info.leader < 0 {
@@ -190,6 +198,20 @@ impl Partition {
                 .send_modify(|n| *n = n.wrapping_add(1));
         }
         Vec::new()
+    }
+
+    /// On the leader: whether its high watermark has reached where its
+    /// leadership started (KIP-207). Until then it lags the previous
+    /// leader's, which producers and readers may have seen: offsets from
+    /// it would go backwards. `None` on a follower.
+    pub fn high_watermark_settled(&self) -> Option<bool> {
+        match &*self.role() {
+            Role::Leader(_) => Some(
+                self.log.high_watermark()
+                    >= self.epoch_start.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            _ => None,
+        }
     }
 
     /// The leader epoch when this broker leads the partition.

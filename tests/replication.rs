@@ -1134,3 +1134,65 @@ async fn t11_a_keyless_produce_without_a_partition_goes_to_one_the_broker_leads(
     }
     assert_eq!(used, led);
 }
+
+/// A new leader's high watermark lags the old one's until its followers
+/// fetch from it: ListOffsets (latest) there answers OFFSET_NOT_AVAILABLE
+/// (retriable) meanwhile, never an offset below one already acknowledged
+/// (KIP-207). Here the follower that would move it is paused; the new
+/// leader answered its stale high watermark, 1, below the acknowledged 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t12_a_new_leaders_latest_offset_never_goes_back() {
+    let base = tempfile::tempdir().unwrap();
+    // Followers learn the high watermark of an acknowledged record only
+    // from their next fetch's long poll (30 s): the new leader's lags.
+    // Neither lag nor fencing removes the paused follower meanwhile.
+    let mut cluster = Cluster::start(
+        3,
+        base.path(),
+        "replica_lag_time_max_ms = 60000\nreplica_fetch_wait_max_ms = 30000",
+        "broker_session_timeout_ms = 60000\nbroker_heartbeat_interval_ms = 500\n",
+    );
+    let client = Client::connect(&cluster.bootstrap()).await.unwrap();
+    client
+        .create_topic("s", 1, 3, BTreeMap::new())
+        .await
+        .unwrap();
+    let p = await_partition(&client, "s", -1, 3).await;
+    let producer = producer(&client, pb::Acks::All);
+    for v in ["a", "b"] {
+        let ack = producer.send("s", ProducerRecord::value(v)).await.unwrap();
+        ack.await.unwrap();
+    }
+    producer.close().await.unwrap();
+    // The ISR member after the leader takes over; the other is paused.
+    let next = *p.isr.iter().find(|r| **r != p.leader).unwrap();
+    let paused = *p
+        .isr
+        .iter()
+        .find(|r| **r != p.leader && **r != next)
+        .unwrap();
+    cluster.node(paused).signal("STOP");
+    cluster.stop(p.leader);
+    let first = eventually("an answer from the new leader", WAIT, || async {
+        match client.list_offsets("s", 0, pb::OffsetSpec::Latest, 0).await {
+            Ok(r) => Some(Ok(r.offset)),
+            Err(e) if e.code() == pb::ErrorCode::OffsetNotAvailable => Some(Err(e)),
+            Err(_) => None,
+        }
+    })
+    .await;
+    assert!(!matches!(first, Ok(o) if o < 2), "{first:?}");
+    if let Err(e) = &first {
+        assert!(e.is_retriable(), "{e:?}");
+    }
+    cluster.node(paused).signal("CONT");
+    eventually(
+        "the latest offset once the follower fetched",
+        WAIT,
+        || async {
+            let r = client.list_offsets("s", 0, pb::OffsetSpec::Latest, 0).await;
+            (r.ok()?.offset == 2).then_some(())
+        },
+    )
+    .await;
+}

@@ -112,6 +112,7 @@ impl ClientError {
                     | pb::ErrorCode::NotController
                     | pb::ErrorCode::NotCoordinator
                     | pb::ErrorCode::BrokerNotAvailable
+                    | pb::ErrorCode::OffsetNotAvailable
             ),
             ClientError::Invalid(_) | ClientError::Closed => false,
         }
