@@ -425,6 +425,27 @@ impl Consumer for ConsumerService {
             Direction::Fetch,
         ))
         .await;
+        // Still further ahead than one answer's hold: the principal's
+        // other fetches (many partitions, many connections) took the quota
+        // meanwhile. Answered empty, to be asked again, as Kafka answers a
+        // throttled fetch: each fetch waiting out its own hold and then
+        // reading, N of them moved N times the quota.
+        if security::admission_at(&self.broker, &principal, Direction::Fetch).is_some() {
+            let (high_watermark, log_start_offset) = self
+                .broker
+                .hosted_partition(&req.topic, req.partition)
+                .map_or((-1, -1), |p| {
+                    (p.log.high_watermark(), p.log.log_start_offset())
+                });
+            return Ok(Response::new(pb::FetchResponse {
+                topic: req.topic,
+                partition: req.partition,
+                high_watermark,
+                log_start_offset,
+                next_offset: req.offset,
+                ..Default::default()
+            }));
+        }
         // The long poll next, holding none of the budgets either: a
         // waiting fetch must not keep room from the ones with records.
         if req.max_wait_ms > 0 {
