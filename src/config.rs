@@ -841,7 +841,9 @@ impl ServerConfig {
                 "with authentication or authorization on, the internal services share the client listener: list the brokers' certificate names here (brokers present their [tls] certificates to each other), or give them their own internal_listen",
             ));
         }
-        let several_voters = self.voters().is_ok_and(|v| v.len() > 1);
+        // Peers to call: other voters, or (on a broker-only node) the
+        // voters themselves.
+        let several_voters = self.voters().is_ok_and(|v| v.len() > 1) || !self.is_voter();
         let certs_asked = self
             .tls
             .as_ref()
@@ -1095,6 +1097,12 @@ mod tests {
         // certificates could never tell each other apart.
         let err = ServerConfig::from_toml(
             "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\n[security]\nauthentication = true\nbroker_principals = [\"b\"]\n[controller]\nvoters = [\"1@h:1\", \"2@h:2\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("tls.client_auth"), "{err}");
+        // So could a broker-only node and its one controller.
+        let err = ServerConfig::from_toml(
+            "roles = [\"broker\"]\n[tls]\ncert_file = \"a\"\nkey_file = \"b\"\n[security]\nauthentication = true\nbroker_principals = [\"b\"]\n[controller]\nvoters = [\"2@h:2\"]\n",
         )
         .unwrap_err();
         assert!(err.to_string().contains("tls.client_auth"), "{err}");

@@ -259,10 +259,12 @@ impl Security {
                     .to_str()
                     .map_err(|_| unauthenticated(AUTH_FAILED))?
                     .to_string();
-                if user.len() > USER_NAME_BYTES_MAX {
+                if user.is_empty() || user.len() > USER_NAME_BYTES_MAX {
                     // No such user can exist: refused without a
                     // verification or a failure record (whose keys, up to
-                    // a header's 16 KiB each, filled memory).
+                    // a header's 16 KiB each, filled memory; an empty name
+                    // is the source-wide record's key, which it counted
+                    // twice toward the lockout of every user there).
                     return Err(unauthenticated(AUTH_FAILED));
                 }
                 let password = metadata
@@ -297,9 +299,19 @@ impl Security {
         user: &str,
         password: &[u8],
     ) -> Option<Result<Principal, Status>> {
-        let key = (peer.map(source_of), user.to_string());
-        if let Err(status) = self.check_lockout(&mut self.lock_failures(), &key, Instant::now()) {
-            return Some(Err(status));
+        let source = peer.map(source_of);
+        let key = (source, user.to_string());
+        {
+            // A source locked out over every user name is refused here
+            // too, without a place in the verification queue.
+            let (mut failures, now) = (self.lock_failures(), Instant::now());
+            let source_key = (source, String::new());
+            let checked = self.check_lockout(&mut failures, &key, now).and_then(|()| {
+                self.check_lockout_max(&mut failures, &source_key, now, self.source_failures_max())
+            });
+            if let Err(status) = checked {
+                return Some(Err(status));
+            }
         }
         let state = self.metadata.current();
         let cred = state.users.get(user)?;
@@ -921,7 +933,7 @@ const SOURCE_FAILURES_FACTOR: u32 = 10;
 /// address, or for IPv6 its /64 (one host commonly holds a whole /64,
 /// and rotating addresses within it made every guess a first one). An
 /// IPv4 address mapped into IPv6 counts as itself.
-fn source_of(ip: IpAddr) -> IpAddr {
+pub(crate) fn source_of(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -1275,6 +1287,39 @@ mod tests {
         ));
     }
 
+    /// A source locked out over every user name is refused on the spot,
+    /// even a password verified before (as the full check refuses it),
+    /// without a place in the verification queue.
+    #[test]
+    fn a_locked_out_source_is_refused_before_the_cache() {
+        let mut meta = runnel_controller::ClusterMetadata::default();
+        meta.users
+            .insert("u".into(), password::hash("correct horse"));
+        let settings = SecuritySection {
+            authentication: true,
+            auth_failures_max: 1,
+            ..SecuritySection::default()
+        };
+        let security = Security::new(settings, Arc::new(Users(Arc::new(meta))));
+        let peer = Some(IpAddr::from([10, 0, 0, 7]));
+        security
+            .check_password(peer, "u", b"correct horse")
+            .unwrap();
+        assert!(security
+            .check_password_cached(peer, "u", b"correct horse")
+            .is_some_and(|r| r.is_ok()));
+        for i in 0..SOURCE_FAILURES_FACTOR {
+            assert!(security
+                .check_password(peer, &format!("nobody-{i}"), b"guess")
+                .is_err());
+        }
+        let cached = security.check_password_cached(peer, "u", b"correct horse");
+        assert!(matches!(&cached, Some(Err(_))), "{cached:?}");
+        assert!(security
+            .check_password(peer, "u", b"correct horse")
+            .is_err());
+    }
+
     /// A login records the stored hash only for the password verified
     /// against it: for any other (a password changed between the check
     /// and the read), a hash that matches nothing, so the stream ends.
@@ -1296,7 +1341,7 @@ mod tests {
         assert!(security.login("nobody", b"correct horse").hash.is_empty());
     }
 
-    /// A flood of attempts is bounded: an overlong user name is refused
+    /// A flood of attempts is bounded: an overlong or empty user name is refused
     /// on the spot, without a verification or a failure record;
     /// verifications queue at most [`VERIFICATIONS_PER_PEER_MAX`] per
     /// address; failure records stay under [`FAILURE_RECORDS_MAX`],
@@ -1310,18 +1355,22 @@ mod tests {
         };
         let meta = runnel_controller::ClusterMetadata::default();
         let security = Security::new(settings, Arc::new(Users(Arc::new(meta))));
-        let mut m = tonic::metadata::MetadataMap::new();
-        m.insert(USER_HEADER, "x".repeat(4000).parse().unwrap());
-        let refused = security.authenticate(
-            "/runnel.v1.Admin/ListTopics",
-            &m.into_headers(),
-            &http::Extensions::new(),
-        );
-        assert!(
-            matches!(&refused, Authenticated::Done(Err(s)) if s.code() == tonic::Code::Unauthenticated),
-            "not refused on the spot"
-        );
-        assert!(security.lock_failures().is_empty());
+        // So is an empty one (the source-wide record's key).
+        for name in ["x".repeat(4000), String::new()] {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert(USER_HEADER, name.parse().unwrap());
+            let refused = security.authenticate(
+                "/runnel.v1.Admin/ListTopics",
+                &m.into_headers(),
+                &http::Extensions::new(),
+            );
+            assert!(
+                matches!(&refused, Authenticated::Done(Err(s)) if s.code() == tonic::Code::Unauthenticated),
+                "{} bytes: not refused on the spot",
+                name.len()
+            );
+            assert!(security.lock_failures().is_empty());
+        }
 
         let a = Some(IpAddr::from([10, 0, 0, 1]));
         let held: Vec<_> = (0..VERIFICATIONS_PER_PEER_MAX)
