@@ -406,7 +406,14 @@ impl ClusterMetadata {
                 configs,
             } => {
                 validate_topic_name(&name)?;
-                if self.topics.contains_key(&name) {
+                if let Some(existing) = self.topics.get(&name) {
+                    // The same creation applied twice (its first answer
+                    // was lost and the submitter sent it again): it
+                    // succeeded. Every creation carries a fresh id, so a
+                    // second call of a user's still finds the name taken.
+                    if existing.topic_id == topic_id && !topic_id.is_empty() {
+                        return Ok(Applied::Done);
+                    }
                     return Err(MetadataError::TopicAlreadyExists { name });
                 }
                 check_partitions(partitions, 0)?;
@@ -1021,6 +1028,29 @@ mod tests {
         s
     }
 
+    /// A creation submitted twice (its first answer lost, the submitter
+    /// sent it again) succeeds the second time without a change; another
+    /// creation of the name (another id) still finds it taken.
+    #[test]
+    fn a_retried_creation_succeeds() {
+        let mut s = three();
+        s.apply(create("t", 3, 3)).unwrap();
+        let before = s.clone();
+        assert_eq!(s.apply(create("t", 3, 3)).unwrap(), Applied::Done);
+        assert_eq!(s, before);
+        let other = MetadataCommand::CreateTopic {
+            name: "t".into(),
+            topic_id: "another".into(),
+            partitions: 1,
+            replication_factor: 1,
+            configs: BTreeMap::new(),
+        };
+        assert!(matches!(
+            s.apply(other),
+            Err(MetadataError::TopicAlreadyExists { .. })
+        ));
+    }
+
     /// A registration submitted twice by one process (a retry after its
     /// first copy committed) changes nothing the second time: it was taken
     /// for a quick restart, fencing the live broker and moving its
@@ -1433,7 +1463,14 @@ mod tests {
         s.apply(create("t", 1, 1)).unwrap();
         let before = s.clone();
         let cases = [
-            create("t", 1, 1),
+            // The name taken by another creation (another id).
+            MetadataCommand::CreateTopic {
+                name: "t".into(),
+                topic_id: "another".into(),
+                partitions: 1,
+                replication_factor: 1,
+                configs: BTreeMap::new(),
+            },
             create("bad name", 1, 1),
             create("u", 0, 1),
             create("u", 1, 4),
