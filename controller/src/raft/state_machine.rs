@@ -293,18 +293,39 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
             meta: meta.clone(),
             data,
         };
-        // The state first: sled flushes in the background too, so a
-        // snapshot stored first could reach the disk without the state it
-        // covers, and a restart after a crash then took the snapshot as
-        // installed (openraft ignores a resent one that is not newer)
-        // over an older state, until the leader built a newer snapshot.
-        // A stored snapshot older than the state is harmless.
-        self.save().await?;
-        store_snapshot(&self.tree, &self.snapshot_lock, &stored)?;
-        self.tree
-            .flush_async()
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        // The state and the snapshot in one atomic batch: stored apart,
+        // a crash between them left either the snapshot without the state
+        // it covers (a restart took it as installed over an older state;
+        // openraft ignores a resent snapshot that is not newer), or the
+        // state without it, over an older snapshot than the log purged at
+        // restart, which this node, leading later, sent again and again to
+        // a follower needing the entries between the two.
+        let write_err = |e: &dyn std::fmt::Display| {
+            StorageIOError::write_snapshot(Some(meta.signature()), openraft::AnyError::error(e))
+        };
+        let state_bytes =
+            serde_json::to_vec(&self.state).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        let snapshot_bytes = serde_json::to_vec(&stored).map_err(|e| write_err(&e))?;
+        {
+            let _one = self.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let newer_stored = self
+                .tree
+                .get(SNAPSHOT)
+                .map_err(|e| write_err(&e))?
+                .and_then(|b| serde_json::from_slice::<StoredSnapshot>(&b).ok())
+                .is_some_and(|current| current.meta.last_log_id > meta.last_log_id);
+            let mut batch = sled::Batch::default();
+            batch.insert(STATE, state_bytes);
+            if !newer_stored {
+                batch.insert(SNAPSHOT, snapshot_bytes);
+            }
+            self.tree.apply_batch(batch).map_err(|e| write_err(&e))?;
+        }
+        self.tree.flush_async().await.map_err(|e| write_err(&e))?;
+        self.unsaved = 0;
+        self.durable = self.state.clone();
+        self.saved
+            .send_replace(covered(self.state.last_applied.as_ref()));
         self.publish();
         Ok(())
     }
