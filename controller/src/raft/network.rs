@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -313,11 +314,13 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
+    /// One call; `entries`, for AppendEntries, is how many it carries.
     async fn send<Req, Resp, E>(
         &self,
         rpc: Rpc,
         req: &Req,
         option: &RPCOption,
+        entries: Option<u64>,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
     where
         Req: Serialize,
@@ -332,9 +335,16 @@ impl PeerClient {
         let payload = encode(&self.net.cluster_id, req);
         let resp = call(channel, rpc, payload, option.hard_ttl())
             .await
-            .map_err(|s| match s.code() {
-                tonic::Code::Unavailable | tonic::Code::Cancelled => {
+            .map_err(|s| match (s.code(), entries) {
+                (tonic::Code::Unavailable | tonic::Code::Cancelled, _) => {
                     RPCError::Unreachable(Unreachable::new(&s))
+                }
+                // The peer would not decode a message this large (its
+                // limit is 64 MiB): openraft sends fewer entries at once
+                // only when told so. As a network error the same batch
+                // was sent again for good, and the follower never moved.
+                (tonic::Code::OutOfRange | tonic::Code::ResourceExhausted, Some(n)) if n > 1 => {
+                    RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(n / 2))
                 }
                 _ => RPCError::Network(NetworkError::new(&s)),
             })?;
@@ -350,7 +360,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send(Rpc::AppendEntries, &rpc, &option).await
+        let entries = rpc.entries.len() as u64;
+        self.send(Rpc::AppendEntries, &rpc, &option, Some(entries))
+            .await
     }
 
     async fn install_snapshot(
@@ -361,7 +373,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.send(Rpc::InstallSnapshot, &rpc, &option).await
+        self.send(Rpc::InstallSnapshot, &rpc, &option, None).await
     }
 
     async fn vote(
@@ -369,13 +381,98 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send(Rpc::Vote, &rpc, &option).await
+        self.send(Rpc::Vote, &rpc, &option, None).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Raft service refusing every call as too large to decode.
+    struct TooLarge;
+
+    #[tonic::async_trait]
+    impl runnel_proto::v1::internal::raft_server::Raft for TooLarge {
+        async fn append_entries(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::out_of_range(
+                "Error, decoded message length too large",
+            ))
+        }
+        async fn vote(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::out_of_range("too large"))
+        }
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::out_of_range("too large"))
+        }
+        async fn client_write(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::out_of_range("too large"))
+        }
+    }
+
+    /// Entries a peer will not decode (past its 64 MiB message limit) are
+    /// reported as too large, with a hint of half as many, so openraft
+    /// sends fewer at once: as a network error the same batch went again
+    /// for good and the follower never moved.
+    #[tokio::test]
+    async fn entries_a_peer_will_not_decode_are_sent_fewer_at_once() {
+        let incoming =
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = incoming.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(runnel_proto::v1::internal::raft_server::RaftServer::new(
+                    TooLarge,
+                ))
+                .serve_with_incoming(incoming),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut net = Network {
+            channels: Arc::new(Channels::with_tls(None)),
+            cluster_id: Arc::new(ClusterIdGuard::open(dir.path(), Some("c")).unwrap()),
+            voters: Arc::new(std::collections::BTreeMap::from([(2, addr.to_string())])),
+        };
+        let mut peer = net.new_client(2, &BasicNode::default()).await;
+        let entries: Vec<_> = (1..=10)
+            .map(|i| openraft::Entry::<TypeConfig> {
+                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+                payload: openraft::EntryPayload::Blank,
+            })
+            .collect();
+        let request = |entries| AppendEntriesRequest {
+            vote: openraft::Vote::new(1, 1),
+            prev_log_id: None,
+            entries,
+            leader_commit: None,
+        };
+        let option = RPCOption::new(Duration::from_secs(5));
+        let err = peer
+            .append_entries(request(entries.clone()), option.clone())
+            .await
+            .unwrap_err();
+        let RPCError::PayloadTooLarge(too_large) = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(too_large.entries_hint(), 5);
+        // One entry alone cannot be split: a network error, as before.
+        let err = peer
+            .append_entries(request(entries[..1].to_vec()), option)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RPCError::Network(_)), "{err:?}");
+    }
 
     #[tokio::test]
     async fn changed_tls_files_are_reloaded_and_channels_dropped() {
