@@ -10,7 +10,7 @@
 //! watermark] → wait on the high-watermark watch when caught up → read
 //! whole stored batches → send them raw or decoded.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -50,6 +50,10 @@ const PEER_CHANNEL_AGE_MAX: Duration = Duration::from_secs(300);
 /// How long a leader waits for its metadata to show a producer id's
 /// allocation before calling the id unknown.
 const PRODUCER_ID_METADATA_WAIT: Duration = Duration::from_secs(2);
+
+/// The most replicas a reassignment may list for one partition (each
+/// must be a distinct broker; the state machine checks the rest).
+const REPLICAS_LISTED_MAX: usize = 1_000;
 
 /// The longest ListOffsets waits for a new leader's high watermark to
 /// reach where its leadership started before answering
@@ -1546,11 +1550,24 @@ impl Broker {
         req: pb::ElectLeadersRequest,
     ) -> Result<pb::ElectLeadersResponse, BrokerError> {
         let unclean = pb::ElectionType::try_from(req.r#type) == Ok(pb::ElectionType::Unclean);
+        // Checked here, before it becomes a Raft entry: the state machine
+        // refuses a bad list only once it is in the log, and a few
+        // requests of millions of repeated indexes (4 MB each) made Raft
+        // batches no follower would decode.
+        let partitions: BTreeSet<i32> = req.partitions.iter().copied().collect();
+        if let Some(bad) = partitions
+            .iter()
+            .find(|p| **p < 0 || **p >= runnel_controller::metadata::PARTITIONS_MAX)
+        {
+            return Err(BrokerError::InvalidRequest {
+                reason: format!("no partition {bad}"),
+            });
+        }
         let applied = self
             .metadata
             .submit(MetadataCommand::ElectLeaders {
                 topic: req.topic.clone(),
-                partitions: req.partitions,
+                partitions: partitions.into_iter().collect(),
                 unclean,
             })
             .await?;
@@ -1571,6 +1588,29 @@ impl Broker {
         &self,
         req: pb::ReassignPartitionsRequest,
     ) -> Result<pb::TopicDescription, BrokerError> {
+        // Bounded before it becomes a Raft entry (see elect_leaders).
+        if req.reassignments.len() > runnel_controller::metadata::PARTITIONS_MAX as usize {
+            return Err(BrokerError::InvalidRequest {
+                reason: format!(
+                    "{} reassignments: a topic has at most {} partitions",
+                    req.reassignments.len(),
+                    runnel_controller::metadata::PARTITIONS_MAX
+                ),
+            });
+        }
+        if let Some(r) = req
+            .reassignments
+            .iter()
+            .find(|r| r.replicas.len() > REPLICAS_LISTED_MAX)
+        {
+            return Err(BrokerError::InvalidRequest {
+                reason: format!(
+                    "partition {} lists {} replicas (at most {REPLICAS_LISTED_MAX})",
+                    r.partition,
+                    r.replicas.len()
+                ),
+            });
+        }
         let mut assignments = BTreeMap::new();
         for r in req.reassignments {
             if assignments.insert(r.partition, r.replicas).is_some() {
