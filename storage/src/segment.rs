@@ -890,9 +890,35 @@ impl Segment {
     /// Position and header of the first batch whose last offset >= `offset`,
     /// within the first `size` bytes.
     fn find(&self, offset: i64, size: u64) -> Result<Option<(u64, HeaderView)>> {
-        let mut position = self.index.read().expect("index lock").lookup(offset);
+        let indexed = self.index.read().expect("index lock").lookup(offset);
+        self.find_from(indexed, offset, size, indexed > 0)
+    }
+
+    /// [`Segment::find`] scanning forward from `position`. With
+    /// `from_index`, `position` came from the offset index and is checked:
+    /// offsets within a segment have no gaps, so a first header there that
+    /// starts after `offset`, or is not one, means the entry pointed past
+    /// the batch holding it (a corrupt entry; an open checks only the
+    /// first and the last). Trusted, a reader skipped the records in
+    /// between without a word; the segment is scanned from its start.
+    fn find_from(
+        &self,
+        mut position: u64,
+        offset: i64,
+        size: u64,
+        from_index: bool,
+    ) -> Result<Option<(u64, HeaderView)>> {
+        let mut checked = !from_index;
         while position < size {
-            let h = self.header_at(position, size)?;
+            let header = self.header_at(position, size);
+            if !checked {
+                checked = true;
+                if !header.as_ref().is_ok_and(|h| h.base_offset <= offset) {
+                    tracing::warn!(path = %self.log_path.display(), offset, position, "offset index entry points past its batch; scanning the segment");
+                    return self.find_from(0, offset, size, false);
+                }
+            }
+            let h = header?;
             if h.last_offset() >= offset {
                 return Ok(Some((position, h)));
             }

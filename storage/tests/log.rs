@@ -785,3 +785,50 @@ fn follower_writes_of_an_epoch_the_replica_led_in_are_refused() {
     ));
     copy.append_following(5, from_source).unwrap();
 }
+
+/// An offset index whose middle entry points past the batch it names
+/// (a corrupt entry; an open checks only the first and the last) is not
+/// trusted for that read: the segment is scanned from its start instead.
+/// Trusted, the read began at a later batch and a reader skipped the
+/// records in between without a word.
+#[test]
+fn an_index_entry_pointing_too_far_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = batch(0, 2, 0).len() as u64;
+    let config = || small_config(1 << 20);
+    let log = Log::open(dir.path(), config()).unwrap();
+    for i in 0..30 {
+        log.append_as_leader(batch(i, 2, 100 + i as i64), 0)
+            .unwrap();
+    }
+    log.close().unwrap();
+    drop(log);
+    let path = dir.path().join("00000000000000000000.index");
+    let mut index = std::fs::read(&path).unwrap();
+    let entries: Vec<(u32, u32)> = index
+        .chunks_exact(8)
+        .map(|e| {
+            (
+                u32::from_be_bytes(e[..4].try_into().unwrap()),
+                u32::from_be_bytes(e[4..].try_into().unwrap()),
+            )
+        })
+        .enumerate()
+        .take_while(|(i, e)| *i == 0 || *e != (0, 0))
+        .map(|(_, e)| e)
+        .collect();
+    assert!(entries.len() > 4, "{entries:?} ({one} bytes a batch)");
+    // The third entry points at the fifth one's batch.
+    let (_, later) = entries[4];
+    index[2 * 8 + 4..2 * 8 + 8].copy_from_slice(&later.to_be_bytes());
+    std::fs::write(&path, index).unwrap();
+    let log = Log::open(dir.path(), config()).unwrap();
+    let wanted = i64::from(entries[2].0);
+    let read = values(log.read(wanted, 1, i64::MAX).unwrap().batches);
+    assert!(
+        read.first().is_some_and(|(o, _)| *o <= wanted),
+        "asked {wanted}, read from {:?}",
+        read.first()
+    );
+    assert_eq!(read_all(&log, 0).len(), 60);
+}
