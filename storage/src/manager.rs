@@ -269,6 +269,24 @@ impl LogManager {
         if topic_id.is_empty() {
             return self.get_or_create(topic, partition, config);
         }
+        if self.get(topic, partition).is_none() {
+            // A directory on disk but out of the map (it failed to open at
+            // startup, or its deletion's rename failed) that names another
+            // topic is set aside unopened: opened first, one that failed
+            // at startup failed again here, and the new topic was never
+            // hosted on this broker.
+            let dir = self.partition_dir(topic, partition);
+            if topic_id_of(&dir)?.is_some_and(|old| old != topic_id) {
+                let logs = self.logs.write().expect("logs lock");
+                if !logs.contains_key(&(topic.to_string(), partition)) {
+                    tracing::warn!(topic, partition, topic_id, "the partition's directory (not open) holds an earlier topic of this name: deleting it");
+                    let doomed = self.data_dir.join(deleted_name(topic, partition));
+                    std::fs::rename(&dir, &doomed).map_err(io_err(&dir))?;
+                    drop(logs);
+                    remove_later(doomed, None);
+                }
+            }
+        }
         // Open or not: a directory left on disk but out of the map (its
         // deletion's rename failed) is checked as an open log is.
         let mut log = self.get_or_create(topic, partition, config.clone())?;
@@ -450,6 +468,27 @@ mod tests {
         let adopted = m.get_or_create_for("u", 0, "id-c", config()).unwrap();
         assert!(Arc::ptr_eq(&legacy, &adopted));
         assert_eq!(topic_id_of(adopted.dir()).unwrap().as_deref(), Some("id-c"));
+        m.close().unwrap();
+        wait_for_deletions();
+    }
+
+    /// A directory of an earlier topic that failed to open at startup
+    /// (left out of the map) is set aside unopened for a new topic of the
+    /// same name: opened first, it failed again, and the new topic's
+    /// partition was never hosted here.
+    #[test]
+    fn an_unopenable_directory_of_an_earlier_topic_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig::default;
+        let old = dir.path().join("t-0");
+        std::fs::create_dir_all(old.join("00000000000000000000.log")).unwrap();
+        checkpoint::write(&old, TOPIC_ID_FILE, &["id-a".to_string()]).unwrap();
+        let m = LogManager::open(dir.path(), config()).unwrap();
+        assert!(m.get("t", 0).is_none(), "opened");
+        assert!(m.get_or_create_for("t", 0, "id-a", config()).is_err());
+        let new = m.get_or_create_for("t", 0, "id-b", config()).unwrap();
+        assert_eq!(new.log_end_offset(), 0);
+        assert_eq!(topic_id_of(new.dir()).unwrap().as_deref(), Some("id-b"));
         m.close().unwrap();
         wait_for_deletions();
     }
