@@ -490,6 +490,8 @@ async fn fetch_round(
     let mut appended = 0u64;
     let mut throttled_bytes = 0u64;
     let mut refresh = false;
+    // Partitions the leader answered without refusing.
+    let mut served = 0usize;
     for data in response.partitions {
         let Some(a) = assigned.get(&(data.topic.clone(), data.partition)) else {
             continue;
@@ -523,10 +525,21 @@ async fn fetch_round(
             continue;
         }
         if data.error_code != 0 {
+            // This partition sits out a moment, not the round: the leader
+            // answers at once when any partition is refused, so one it
+            // keeps refusing (a log it cannot open or read) made every
+            // round fail and back off, holding up the others' records by
+            // up to the backoff each (Kafka backs off the partition,
+            // replica.fetch.backoff.ms).
             debug!(topic = %data.topic, partition = data.partition, code = data.error_code, "leader refused fetch");
+            resting.insert(
+                (data.topic.clone(), data.partition),
+                tokio::time::Instant::now() + RETRY_BACKOFF,
+            );
             refresh = true;
             continue;
         }
+        served += 1;
         let log = &a.partition.log;
         if !data.batches.is_empty() {
             let epoch = a.leader_epoch;
@@ -586,10 +599,10 @@ async fn fetch_round(
             }
         }
     }
-    if refresh && appended == 0 {
+    if refresh && appended == 0 && served == 0 {
         // Leadership moved or our metadata is stale: wait a little for the
         // metadata to catch up instead of spinning.
-        return Err("leader refused some partitions".into());
+        return Err("leader refused every partition".into());
     }
     Ok(throttled_bytes)
 }
