@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{cli_ok, ServerProcess};
+use common::{cli, cli_ok, ServerProcess};
 use runnel::client::{Client, ProducerConfig, ProducerRecord, StartFrom};
 use runnel::partitioner::partition_for_key;
 
@@ -269,6 +269,16 @@ async fn consume_from_offset_time_and_max_records() {
 
     let out = cli_ok(&addr, &["consume", "t", "--max-records", "3"], None);
     assert_eq!(out.lines().collect::<Vec<_>>(), vec!["v0", "v1", "v2"]);
+
+    // An offset past the end reads nothing, and says so.
+    let past = cli(&addr, &["consume", "t", "--from", "150"], None);
+    assert!(past.status.success());
+    assert!(past.stdout.is_empty());
+    let said = String::from_utf8_lossy(&past.stderr);
+    assert!(
+        said.contains("past the end") && said.contains("high watermark 100"),
+        "{said}"
+    );
 
     // Every record was stamped before now, so a time in the future yields
     // nothing and a time in the past yields everything.

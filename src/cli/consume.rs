@@ -97,6 +97,17 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
             .partition_consumer(&args.topic, partition, from)
             .await?;
         consumer.streaming = true;
+        if let StartFrom::Offset(o) = from {
+            if !args.follow && o > consumer.high_watermark() {
+                // Nothing to read without waiting: said, rather than an
+                // empty run that looks like an empty partition.
+                eprintln!(
+                    "warning: offset {o} is past the end of {}-{partition} (high watermark {}): nothing to read; --follow waits for it",
+                    args.topic,
+                    consumer.high_watermark()
+                );
+            }
+        }
         consumers.push(consumer);
     }
     // Where a reader whose position left the log (retention or deleted
