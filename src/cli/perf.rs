@@ -877,6 +877,15 @@ async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
     let dir = args.dir.clone();
     let (disk, fsync) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Report, Report)> {
         let path = dir.join(format!(".runnel-baseline-{}", std::process::id()));
+        /// Removes the scratch file however the measurement ends (a
+        /// failed write, ENOSPC most likely, left up to `--bytes` behind).
+        struct Scratch<'a>(&'a std::path::Path);
+        impl Drop for Scratch<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+        let _scratch = Scratch(&path);
         let chunk = vec![0x5au8; 1 << 20];
         let start = Instant::now();
         {
@@ -885,7 +894,8 @@ async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
             let mut written = 0u64;
             while written < bytes {
                 let n = chunk.len().min((bytes - written) as usize);
-                f.write_all(&chunk[..n])?;
+                f.write_all(&chunk[..n])
+                    .with_context(|| format!("write {}", path.display()))?;
                 written += n as u64;
             }
         }
@@ -901,11 +911,13 @@ async fn baseline(args: BaselineArgs, output: Output) -> anyhow::Result<()> {
         let sync_bytes = (bytes / 16).max(1 << 20);
         let start = Instant::now();
         {
-            let mut f = std::fs::File::create(&path)?;
+            let mut f = std::fs::File::create(&path)
+                .with_context(|| format!("create {}", path.display()))?;
             let mut written = 0u64;
             while written < sync_bytes {
-                f.write_all(&chunk[..64 * 1024])?;
-                f.sync_data()?;
+                f.write_all(&chunk[..64 * 1024])
+                    .and_then(|()| f.sync_data())
+                    .with_context(|| format!("write {}", path.display()))?;
                 written += 64 * 1024;
             }
         }

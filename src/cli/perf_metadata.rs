@@ -71,12 +71,19 @@ pub async fn run(client: &Client, args: MetadataArgs, output: Output) -> anyhow:
         .await;
     let commands = started.elapsed();
     let failed = results.iter().filter(|r| r.is_err()).count();
+    let first_failure = results
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .map(|e| e.to_string());
     client
         .delete_topic(&topic)
         .await
         .with_context(|| format!("deleting {topic}"))?;
-    if failed > 0 {
-        anyhow::bail!("{failed} of {} config changes failed", args.commands);
+    if let Some(first) = first_failure {
+        anyhow::bail!(
+            "{failed} of {} config changes failed; the first: {first}",
+            args.commands
+        );
     }
     let report = MetadataReport {
         partitions: args.partitions,
