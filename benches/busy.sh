@@ -39,6 +39,8 @@ fi
 sync
 perf record -q -e sched:sched_switch -g -a -o "$WORK/perf.data" &
 TRACE=$!
+# Stopped by the exit trap too if the run below fails.
+PIDS+=($TRACE)
 sleep 0.5
 if [ -n "${CONSUME:-}" ]; then
     "$R" --bootstrap $S --output json perf consume --topic busy --records "$RECORDS" >"$WORK/res.json"
@@ -49,6 +51,7 @@ else
 fi
 kill -INT $TRACE
 wait $TRACE || true
+unset 'PIDS[-1]'
 perf script -i "$WORK/perf.data" >"$WORK/trace.txt" 2>/dev/null
 [ -n "${KEEP_TRACE:-}" ] && cp "$WORK/trace.txt" "$KEEP_TRACE"
 python3 - "$WORK/res.json" "$WORK/trace.txt" "$(basename "$R" | cut -c1-15)" "${PIDS[0]}" <<'PY'

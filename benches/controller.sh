@@ -34,7 +34,7 @@ EOF
     "$R" server --config "$WORK/node-$id.toml" >"$WORK/node-$id.out" 2>"$WORK/node-$id.err" &
     PIDS+=($!)
 done
-for id in 1 2 3; do wait_for "$WORK/node-$id.out" "runnel listening"; done
+for id in 1 2 3; do wait_for "$WORK/node-$id.out" "runnel listening" "${PIDS[$((id - 1))]}"; done
 B=127.0.0.1:49092,127.0.0.1:49093,127.0.0.1:49094
 
 echo "== metadata throughput (runnel perf metadata)"
@@ -69,7 +69,13 @@ import json,sys; d=json.load(sys.stdin); print(sum(p['leader']==$VICTIM for p in
 kill -KILL "${PIDS[$((VICTIM - 1))]}"
 KILLED=$(date +%s.%N)
 B2=$(echo "$B" | tr ',' '\n' | grep -v ":$((49091 + VICTIM))$" | paste -sd,)
+# Bounded: a failover that never completes is what this measures.
+FAILOVER_DEADLINE=$(($(date +%s) + 120))
 while true; do
+    if [ "$(date +%s)" -gt "$FAILOVER_DEADLINE" ]; then
+        echo "no new leaders 120 s after kill -9 of broker $VICTIM" >&2
+        exit 1
+    fi
     if "$R" --bootstrap "$B2" --output json partition describe fo 2>/dev/null | python3 -c "
 import json,sys; d=json.load(sys.stdin)
 sys.exit(0 if all(p['leader'] not in ($VICTIM, -1) for p in d['partitions']) else 1)"; then
