@@ -213,4 +213,31 @@ fn runnel_dev_runs_a_replicated_cluster_until_sigterm() {
     assert!(stderr.contains("node 2 exited unexpectedly"), "{stderr}");
     assert!(reader.join().unwrap().contains("runnel dev: stopped"));
     assert_nothing_listens(base);
+
+    // `runnel dev` killed outright (no chance to stop its nodes): the
+    // nodes are told by the kernel and stop. Left running, they held the
+    // ports and the data directory, and the next `runnel dev` failed.
+    let (mut dev, _, _reader) = start_dev(dir.path(), base, metrics, &[], &[]);
+    // Drained, so that nodes logging to the stderr they share with it
+    // never block on a full pipe.
+    let mut stderr = dev.child().stderr.take().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let status = Command::new("kill")
+        .args(["-KILL", &dev.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Its output is not read to the end: nodes left running would hold
+    // its pipes open for good. Dropped, `dev` kills its process group,
+    // nodes included, however this ends.
+    assert!(!dev.child().wait().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (base..base + 3).any(|p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the nodes of a killed runnel dev still listen"
+        );
+        // A polling interval, not a wait for something to happen.
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -262,6 +262,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         for name in &inherited {
             command.env_remove(name);
         }
+        stop_with_parent(&mut command);
         let mut child = command
             .arg("server")
             .arg("--config")
@@ -292,7 +293,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let addr = tokio::select! {
             a = tokio::time::timeout(Duration::from_secs(120), rx) => match a {
                 Ok(Ok(addr)) => addr,
-                _ => bail!("node {} did not start (see its log above)", i + 1),
+                _ => {
+                    // The node that exited, if one did (another may have
+                    // failed first and taken this one's quorum with it).
+                    let exited = children
+                        .iter_mut()
+                        .position(|c| matches!(c.try_wait(), Ok(Some(_))))
+                        .unwrap_or(i);
+                    // The others stop as on Ctrl-C (they were killed
+                    // outright when dropped).
+                    stop(children, &mut signals).await?;
+                    bail!("node {} did not start (see its log above)", exited + 1)
+                }
             },
             _ = signals.next() => return stop(children, &mut signals).await,
         };
@@ -377,6 +389,26 @@ fn terminate(pid: u32) {
 /// SIGTERM every node and wait for it (they also got Ctrl-C's SIGINT if
 /// they share the terminal), up to 30 s each; a second Ctrl-C or SIGTERM
 /// kills the ones left at once.
+/// Linux: the node gets SIGTERM when `runnel dev` dies without stopping
+/// it (killed outright, the OOM killer): left running, it held its ports
+/// and data directory, and the next `runnel dev` could not start.
+fn stop_with_parent(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe, and the closure touches nothing
+    // else between fork and exec.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
+}
+
 async fn stop(mut children: Vec<Child>, signals: &mut Signals) -> anyhow::Result<()> {
     for c in &children {
         if let Some(pid) = c.id() {
