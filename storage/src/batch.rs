@@ -1078,6 +1078,54 @@ impl RecordBatch {
         }
         Ok(records)
     }
+
+    /// The records at or after `from_offset`, one at a time, until `each`
+    /// returns false. Records below `from_offset` are skipped by their
+    /// length (their key, value and headers are not decoded), and nothing
+    /// is collected: a reader wanting a few records from the middle of a
+    /// large batch does not decode, nor hold, the whole of it. Checked as
+    /// [`RecordBatch::records`] checks what it reads (the trailing bytes
+    /// only when it reached the end).
+    pub fn for_each_record_from(
+        &self,
+        from_offset: i64,
+        mut each: impl FnMut(Record) -> bool,
+    ) -> Result<()> {
+        let codec = self.attributes() & ATTR_COMPRESSION_MASK;
+        if codec != 0 {
+            return Err(corrupt(format!("unsupported compression codec {codec}")));
+        }
+        let count = self.record_count();
+        let body = self.bytes.slice(HEADER_LEN..);
+        let count_usize = usize::try_from(count)
+            .map_err(|_| corrupt(format!("negative record count {count}")))?;
+        let mut cursor = Cursor {
+            buf: &body,
+            position: 0,
+        };
+        let log_append_time = self.is_log_append_time().then(|| self.max_timestamp());
+        for index in 0..count_usize {
+            let skipped = cursor
+                .skip_below(self.base_offset(), from_offset)
+                .map_err(|reason| corrupt(format!("record {index}: {reason}")))?;
+            if skipped {
+                continue;
+            }
+            let record = cursor
+                .record(self.base_offset(), self.base_timestamp(), log_append_time)
+                .map_err(|reason| corrupt(format!("record {index}: {reason}")))?;
+            if !each(record) {
+                return Ok(());
+            }
+        }
+        if cursor.position != body.len() {
+            return Err(corrupt(format!(
+                "{} trailing bytes after {count} records",
+                body.len() - cursor.position
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A bounds-checked reader over a batch body.
@@ -1116,6 +1164,35 @@ impl Cursor<'_> {
         self.position += len;
         Ok(Some(out))
     }
+    /// Skips the next record when its offset is below `from`, reading only
+    /// its length and the fields before its offset delta; whether it did
+    /// (if not, the cursor is where it was).
+    fn skip_below(&mut self, base_offset: i64, from: i64) -> Result<bool, &'static str> {
+        let start = self.position;
+        let len = self.varint()?;
+        let len = usize::try_from(len).map_err(|_| "negative record length")?;
+        if len > self.buf.len() - self.position {
+            return Err("record length beyond batch");
+        }
+        let end = self.position + len;
+        let _attributes = self.i8()?;
+        let _timestamp_delta = self.varlong()?;
+        let offset_delta = self.varint()?;
+        if self.position > end {
+            return Err("record length does not match its fields");
+        }
+        let offset = base_offset
+            .checked_add(i64::from(offset_delta))
+            .ok_or("offset overflow")?;
+        if offset < from {
+            self.position = end;
+            Ok(true)
+        } else {
+            self.position = start;
+            Ok(false)
+        }
+    }
+
     fn record(
         &mut self,
         base_offset: i64,
@@ -1180,6 +1257,32 @@ mod tests {
         b.push(990, None, Some(b"v2"), &[]);
         b.push(1010, Some(b""), None, &[]);
         b.build()
+    }
+
+    /// Records from an offset, one at a time, stopping when asked: the
+    /// same records `records` gives from there.
+    #[test]
+    fn records_from_an_offset_skip_and_stop() {
+        let batch = RecordBatch::parse(sample().freeze()).unwrap();
+        let all = batch.records().unwrap();
+        for from in 0..4 {
+            let mut seen = Vec::new();
+            batch
+                .for_each_record_from(from, |r| {
+                    seen.push(r);
+                    true
+                })
+                .unwrap();
+            assert_eq!(seen, all[from.min(3) as usize..].to_vec(), "from {from}");
+        }
+        let mut first = Vec::new();
+        batch
+            .for_each_record_from(1, |r| {
+                first.push(r);
+                false
+            })
+            .unwrap();
+        assert_eq!(first, all[1..2].to_vec());
     }
 
     #[test]
