@@ -168,6 +168,13 @@ pub(crate) struct Segment {
     /// Consumers and followers check every batch they decode anyway; this
     /// keeps the broker's own check to once per byte, not once per fetch.
     verified: AtomicU64,
+    /// The log's size when this process took the segment up: every batch
+    /// starting at or after it was appended (and checked) by this process,
+    /// so it is not checked again either. After a clean restart `verified`
+    /// starts at 0 and the append's move of it never matched, so every
+    /// fetch of the active segment checked every batch again until it
+    /// rolled.
+    appended_from: u64,
 }
 
 /// What a scan of a segment's log found.
@@ -427,6 +434,7 @@ impl Segment {
             indexes_synced: AtomicU64::new(0),
             mmap: OnceLock::new(),
             verified: AtomicU64::new(0),
+            appended_from: size,
         }
     }
 
@@ -948,7 +956,11 @@ impl Segment {
             let rest = &data[end..];
             let at = start + end as u64;
             let total = match batch::batch_len(rest) {
-                batch::Decode::Complete(total) if at + total as u64 <= verified => total,
+                batch::Decode::Complete(total)
+                    if at + total as u64 <= verified || at >= self.appended_from =>
+                {
+                    total
+                }
                 batch::Decode::Incomplete(_) if end > 0 => break,
                 _ => match batch::check_batch(rest) {
                     Ok(total) => total,
@@ -1480,6 +1492,19 @@ mod tests {
         assert_eq!(seg.verified.load(Ordering::Acquire), one);
         assert_eq!(corrupt_at(&seg), one);
         drop(seg);
+
+        // What this process appends after the open is not checked again.
+        let (seg, _) = Segment::open(dir.path(), 0, &cfg, OpenMode::Trusted).unwrap();
+        let b = batch(6, 3, 1000);
+        seg.append(&[&b], &HeaderView::read(&b).unwrap(), &cfg)
+            .unwrap();
+        file.read_exact_at(&mut byte, 3 * one - 2).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x55], 3 * one - 2).unwrap();
+        assert_eq!(seg.read(6, 1 << 20, i64::MAX).unwrap().len() as u64, one);
+        assert_eq!(corrupt_at(&seg), one);
+        drop(seg);
+        let cut = OpenOptions::new().write(true).open(&path).unwrap();
+        cut.set_len(2 * one).unwrap();
 
         // Recovery checks what it scans and truncates the corrupt tail.
         let (seg, truncated) = Segment::open(dir.path(), 0, &cfg, OpenMode::Recover).unwrap();
