@@ -264,8 +264,8 @@ impl Log {
             }
         }
         let clean = dir.join(checkpoint::CLEAN_SHUTDOWN).exists();
-        let recovery_point =
-            checkpoint::read_offset(&dir, checkpoint::RECOVERY_POINT)?.unwrap_or(0);
+        let recovery_point_stored = checkpoint::read_offset(&dir, checkpoint::RECOVERY_POINT)?;
+        let recovery_point = recovery_point_stored.unwrap_or(0);
         let scan_from = if clean {
             bases.len()
         } else {
@@ -335,7 +335,10 @@ impl Log {
                 seg.sync_all()?;
             }
         }
-        if !fresh {
+        // Rewritten only when it moves (a clean open finds it at the end
+        // already, written by the close): each write is two fsyncs and a
+        // rename, and a broker opens its partitions one after another.
+        if !fresh && recovery_point_stored != Some(log_end_offset) {
             checkpoint::write_offset(&dir, checkpoint::RECOVERY_POINT, log_end_offset)?;
         }
         if clean {

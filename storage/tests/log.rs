@@ -832,3 +832,24 @@ fn an_index_entry_pointing_too_far_is_not_trusted() {
     );
     assert_eq!(read_all(&log, 0).len(), 60);
 }
+
+/// A clean open finds the recovery point at the log end (the close wrote
+/// it) and leaves the file alone: rewritten, each open of each partition
+/// cost two fsyncs and a rename, one partition after another.
+#[test]
+fn a_clean_open_does_not_rewrite_the_recovery_point() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(1 << 20)).unwrap();
+    for i in 0..4 {
+        log.append_as_leader(batch(i, 1, 0), 0).unwrap();
+    }
+    log.close().unwrap();
+    drop(log);
+    let path = dir.path().join("recovery-point");
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    let log = Log::open(dir.path(), small_config(1 << 20)).unwrap();
+    assert_eq!(log.log_end_offset(), 4);
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n4\n");
+}
