@@ -109,17 +109,26 @@ impl IndexFile {
             return Ok(None);
         }
         let count = (len / entry_len as u64) as usize;
-        let map = Self::map_read_only(&file, path, len)?;
-        Ok(Some(IndexFile {
+        let mut index = IndexFile {
             path: path.to_path_buf(),
             file: Some(file),
             bytes_max: 0,
-            map,
+            map: Map::Empty,
             entry_len,
             count,
             count_max: count,
             broken: false,
-        }))
+        };
+        match Self::map_read_only(index.file.as_ref().expect("set above"), path, len) {
+            Ok(map) => index.map = map,
+            // Out of mappings (tens of thousands of segments): no entries,
+            // lookups scan, rather than a log that cannot be opened.
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot map the index; lookups scan the segment");
+                index.forget_entries();
+            }
+        }
+        Ok(Some(index))
     }
 
     #[allow(unsafe_code)]
@@ -233,7 +242,9 @@ impl IndexFile {
         if self.file.is_none() {
             if let Err(error) = self.materialize() {
                 // Entries are sparse hints: without this one, lookups scan
-                // from an earlier entry. The next push tries again.
+                // from an earlier entry. A map that failed (`broken`)
+                // takes no more; a failed create, the next push tries
+                // again.
                 tracing::warn!(path = %self.path.display(), %error, "could not create index file");
                 self.file = None;
                 self.map = Map::Empty;
@@ -259,6 +270,11 @@ impl IndexFile {
     /// for the index's write-back: 22 ms on the append path at every roll
     /// (benches/RESULTS.md, session 9).
     pub(crate) fn trim(&mut self) -> Result<()> {
+        if self.broken {
+            // Its entries were forgotten, not its file: cut to none, a
+            // file that could not be mapped lost its entries on disk too.
+            return Ok(());
+        }
         let Some(file) = &self.file else {
             // Never written: no file, and read-only from now on.
             self.count_max = self.count;

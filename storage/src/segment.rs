@@ -603,13 +603,21 @@ impl Segment {
     /// Makes the indexes appendable again (the active segment after a
     /// clean open, whose indexes were trimmed at close).
     pub(crate) fn make_active(&self, config: &LogConfig) -> Result<()> {
+        // An index that cannot be mapped keeps no entries (they are
+        // hints: lookups scan), rather than failing the log's open (out of
+        // mappings with tens of thousands of segments, every partition
+        // opened after that was left out).
         let mut index = self.index.write().expect("index lock");
         if index.is_full() {
-            index.file().make_writable(config.index_bytes_max)?;
+            if let Err(error) = index.file().make_writable(config.index_bytes_max) {
+                tracing::warn!(path = %self.log_path.display(), %error, "cannot map the offset index; lookups scan the segment");
+            }
         }
         let mut time_index = self.time_index.write().expect("time index lock");
         if time_index.is_full() {
-            time_index.file().make_writable(config.index_bytes_max)?;
+            if let Err(error) = time_index.file().make_writable(config.index_bytes_max) {
+                tracing::warn!(path = %self.log_path.display(), %error, "cannot map the time index; lookups scan the segment");
+            }
         }
         Ok(())
     }
@@ -841,10 +849,19 @@ impl Segment {
     /// truncated concurrently (the caller checks `is_retired`).
     fn read_range(&self, position: u64, len: usize) -> Result<Bytes> {
         if self.closed.load(Ordering::Acquire) {
-            let map = self.mapped()?;
-            let start = (position as usize).min(map.len());
-            let end = start.saturating_add(len).min(map.len());
-            return Ok(map.slice(start..end));
+            match self.mapped() {
+                Ok(map) => {
+                    let start = (position as usize).min(map.len());
+                    let end = start.saturating_add(len).min(map.len());
+                    return Ok(map.slice(start..end));
+                }
+                // No map (vm.max_map_count reached with tens of thousands
+                // of segments, or no address space): read as the active
+                // segment is read, instead of failing every read of it.
+                Err(error) => {
+                    tracing::debug!(path = %self.log_path.display(), %error, "cannot map a closed segment; reading it");
+                }
+            }
         }
         let buf = read_exact_at_most(&self.file, position, len).map_err(io_err(&self.log_path))?;
         Ok(Bytes::from(buf))
