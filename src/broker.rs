@@ -55,6 +55,17 @@ const PRODUCER_ID_METADATA_WAIT: Duration = Duration::from_secs(2);
 /// must be a distinct broker; the state machine checks the rest).
 const REPLICAS_LISTED_MAX: usize = 1_000;
 
+/// This broker's block of producer ids.
+#[derive(Debug, Default)]
+struct ProducerIds {
+    /// The next id to hand out.
+    next: i64,
+    /// One past the block's last id.
+    end: i64,
+    /// When the last allocation of a block failed.
+    failed_at: Option<Instant>,
+}
+
 /// The longest ListOffsets waits for a new leader's high watermark to
 /// reach where its leadership started before answering
 /// OFFSET_NOT_AVAILABLE.
@@ -129,7 +140,7 @@ pub struct Broker {
     appended: Arc<watch::Sender<u64>>,
     /// Producer ids this broker may still hand out: `next..end`, from a
     /// block the controller allocated. The lock also serialises refills.
-    producer_ids: tokio::sync::Mutex<(i64, i64)>,
+    producer_ids: tokio::sync::Mutex<ProducerIds>,
     /// Event metrics (counters, latency histograms).
     metrics: Arc<Metrics>,
     /// The topics of the metadata last reconciled: a topic gone from it
@@ -189,7 +200,7 @@ impl Broker {
             fetchers: FetcherManager::new(weak.clone(), shutdown.clone()),
             shutdown,
             appended: Arc::new(watch::channel(0).0),
-            producer_ids: tokio::sync::Mutex::new((0, 0)),
+            producer_ids: tokio::sync::Mutex::new(ProducerIds::default()),
             metrics: Arc::new(Metrics::new()),
             known_topics: Mutex::new(HashSet::new()),
             peers: Mutex::new(HashMap::new()),
@@ -365,25 +376,44 @@ impl Broker {
     /// broker's block; a new block comes from the controller when it runs
     /// out. A block lost with a restart is simply never used.
     pub async fn init_producer_id(&self) -> Result<pb::InitProducerIdResponse, BrokerError> {
+        let asked = Instant::now();
         let mut ids = self.producer_ids.lock().await;
-        if ids.0 >= ids.1 {
+        if ids.next >= ids.end {
+            // Another caller's allocation failed while this one waited
+            // for the lock: refused at once too. Each asked the controller
+            // in turn, the k-th waiting k submit timeouts (10 s each)
+            // during an outage.
+            if ids.failed_at.is_some_and(|t| t >= asked) {
+                return Err(BrokerError::Metadata(MetadataError::NotController {
+                    leader_hint: None,
+                    waited_ms: asked.elapsed().as_millis() as u64,
+                }));
+            }
             let applied = self
                 .metadata
                 .submit(MetadataCommand::AllocateProducerIds {
                     broker_id: self.node_id,
                     count: PRODUCER_ID_BLOCK,
                 })
-                .await?;
+                .await;
+            let applied = match applied {
+                Ok(applied) => applied,
+                Err(e) => {
+                    ids.failed_at = Some(Instant::now());
+                    return Err(e.into());
+                }
+            };
             let Applied::ProducerIds { first, count } = applied else {
                 return Err(BrokerError::InvalidRequest {
                     reason: format!("unexpected controller answer {applied:?}"),
                 });
             };
             info!(first, count, "allocated producer id block");
-            *ids = (first, first + i64::from(count));
+            ids.next = first;
+            ids.end = first + i64::from(count);
         }
-        let producer_id = ids.0;
-        ids.0 += 1;
+        let producer_id = ids.next;
+        ids.next += 1;
         Ok(pb::InitProducerIdResponse {
             producer_id,
             producer_epoch: 0,
