@@ -257,6 +257,7 @@ async fn consume_from_offset_time_and_max_records() {
     let server = ServerProcess::start(dir.path(), &[]);
     let addr = server.addr.clone();
     cli_ok(&addr, &["topic", "create", "t", "--partitions", "1"], None);
+    cli_ok(&addr, &["topic", "create", "b", "--partitions", "1"], None);
     let input: String = (0..100).map(|i| format!("v{i}\n")).collect();
     cli_ok(&addr, &["produce", "t"], Some(input.as_bytes()));
 
@@ -269,6 +270,24 @@ async fn consume_from_offset_time_and_max_records() {
 
     let out = cli_ok(&addr, &["consume", "t", "--max-records", "3"], None);
     assert_eq!(out.lines().collect::<Vec<_>>(), vec!["v0", "v1", "v2"]);
+
+    // With --output json, produce reports on stdout; consume gives bytes
+    // that are not UTF-8 whole, in base64, beside the lossy string.
+    let produced = cli_ok(
+        &addr,
+        &["--output", "json", "produce", "b"],
+        Some(b"\xff\xfe\n"),
+    );
+    let v: serde_json::Value = serde_json::from_str(produced.trim()).unwrap();
+    assert_eq!(v["produced"], 1, "{produced}");
+    let out = cli_ok(
+        &addr,
+        &["--output", "json", "consume", "b", "--from", "earliest"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["value_base64"], "//4=", "{out}");
+    assert!(v.get("key_base64").is_none(), "{out}");
 
     // An offset past the end reads nothing, and says so.
     let past = cli(&addr, &["consume", "t", "--from", "150"], None);

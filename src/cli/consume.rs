@@ -360,11 +360,19 @@ fn write_record(out: &mut impl Write, r: &ConsumedRecord, output: Output) -> std
                 .iter()
                 .map(|(k, v)| (k.clone(), lossy(v)))
                 .collect();
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "topic": r.topic, "partition": r.partition, "offset": r.offset,
                 "timestamp_ms": r.timestamp_ms, "key": lossy(&r.key), "value": lossy(&r.value),
                 "headers": headers,
             });
+            // Bytes that are not UTF-8 (the lossy strings above replace
+            // them with U+FFFD) come whole in base64 beside them.
+            for (name, field) in [("key_base64", &r.key), ("value_base64", &r.value)] {
+                if let Some(b) = field.as_ref().filter(|b| std::str::from_utf8(b).is_err()) {
+                    use base64::Engine as _;
+                    line[name] = base64::engine::general_purpose::STANDARD.encode(b).into();
+                }
+            }
             writeln!(out, "{line}")
         }
     }

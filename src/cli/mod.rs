@@ -240,7 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match command {
                 Command::Topic(cmd) => topic::run(&client, cmd, cli.output).await,
                 Command::Partition(cmd) => partition::run(&client, cmd, cli.output).await,
-                Command::Produce(args) => produce::run(&client, args).await,
+                Command::Produce(args) => produce::run(&client, args, cli.output).await,
                 Command::Consume(args) => consume::run(&client, args, cli.output).await,
                 Command::Group(cmd) => group::run(&client, cmd, cli.output).await,
                 Command::User(cmd) => security::run_user(&client, cmd, cli.output).await,

@@ -43,7 +43,7 @@ enum AcksArg {
     None,
 }
 
-pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
+pub async fn run(client: &Client, args: ProduceArgs, output: super::Output) -> anyhow::Result<()> {
     // Fail fast on an unknown topic or partition, before reading input.
     let topic = client.describe_topic(&args.topic).await?;
     if let Some(p) = args.partition {
@@ -214,7 +214,15 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
             "{keyless} lines had no key separator and were sent without a key (to any partition)"
         );
     }
-    eprintln!("produced {total} records to {}", args.topic);
+    match output {
+        // The count on stdout, for scripts; stdout carries nothing else.
+        super::Output::Json => super::done(
+            output,
+            serde_json::json!({ "topic": args.topic, "produced": total, "keyless": keyless }),
+            "",
+        ),
+        super::Output::Table => eprintln!("produced {total} records to {}", args.topic),
+    }
     Ok(())
 }
 
