@@ -1775,6 +1775,7 @@ impl Broker {
                 let addr = addr?;
                 let channel = self.peer_channel(&addr)?;
                 let c = runnel_proto::v1::consumer_client::ConsumerClient::new(channel);
+                let addr = &addr;
                 let answers = partitions.into_iter().map(|(i, partition)| {
                     let mut c = c.clone();
                     async move {
@@ -1786,6 +1787,7 @@ impl Broker {
                                 timestamp_ms: 0,
                             })
                             .await
+                            .map_err(|s| crate::security::peer_call_failed(addr, "ListOffsets", &s))
                             .ok()?;
                         Some((i, r.into_inner()))
                     }

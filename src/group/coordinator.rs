@@ -1901,6 +1901,7 @@ impl GroupCoordinator {
                     let mut c = ConsumerGroupsClient::new(broker.peer_channel(&addr)?);
                     c.list_groups(pb::ListGroupsRequest { local_only: true })
                         .await
+                        .map_err(|s| crate::security::peer_call_failed(&addr, "ListGroups", &s))
                         .ok()
                         .map(|r| r.into_inner())
                 };
@@ -1940,7 +1941,11 @@ impl GroupCoordinator {
                     let mut c = runnel_proto::v1::consumer_client::ConsumerClient::new(
                         self.broker.peer_channel(&leader)?,
                     );
-                    c.list_offsets(req).await.ok().map(|r| r.into_inner())
+                    c.list_offsets(req)
+                        .await
+                        .map_err(|s| crate::security::peer_call_failed(&leader, "ListOffsets", &s))
+                        .ok()
+                        .map(|r| r.into_inner())
                 };
                 tokio::time::timeout(Duration::from_secs(3), ask)
                     .await

@@ -856,6 +856,21 @@ pub fn peer_channel(config: &ServerConfig, addr: &str) -> Option<tonic::transpor
     Some(endpoint.connect_lazy())
 }
 
+/// Logs a failed call from this broker to another's client listener (a
+/// group list, a partition's offsets for describe, a group's lags): a
+/// refusal by the peer's authentication or ACLs is a configuration to
+/// fix, said at warn; the answer is left out either way.
+pub fn peer_call_failed(addr: &str, call: &str, status: &tonic::Status) {
+    if matches!(
+        status.code(),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    ) {
+        tracing::warn!(peer = addr, call, error = %status.message(), "a broker's call to another's client listener was refused: calls between brokers there present the [tls] certificate, which the peer must ask for (tls.client_auth, tls.ca_file) and whose name must be in security.broker_principals");
+    } else {
+        tracing::debug!(peer = addr, call, error = %status, "a call to another broker failed");
+    }
+}
+
 /// The client listener's TLS, when configured.
 pub fn client_listener_tls(
     config: &ServerConfig,
