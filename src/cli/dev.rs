@@ -394,13 +394,19 @@ fn terminate(pid: u32) {
 /// and data directory, and the next `runnel dev` could not start.
 fn stop_with_parent(command: &mut Command) {
     #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe, and the closure touches nothing
-    // else between fork and exec.
+    // SAFETY: prctl and getppid are async-signal-safe, and the closure
+    // touches nothing else (allocates nothing) between fork and exec.
     #[allow(unsafe_code)]
     unsafe {
-        command.pre_exec(|| {
+        let parent = libc::getpid();
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // Died between the fork and the prctl: no signal will come.
+            // (No allocation here, after a fork: a raw error code.)
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
