@@ -2746,3 +2746,46 @@ async fn t33_a_poll_returns_at_most_max_poll_records() {
     let again = pc.poll().await.unwrap();
     assert_eq!(again.first().map(|r| r.offset), Some(7));
 }
+
+/// With more records than `max_poll_records` ready, the partitions take
+/// turns at the front of a poll: with every partition's records in hand
+/// (ready at once on every poll), the first partition in order came
+/// first every time, and the others' records went back every time until
+/// its backlog was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t34_a_backlog_does_not_starve_the_other_partitions() {
+    let base = tempfile::tempdir().unwrap();
+    let (_cluster, client) = one_node_with_topic_t(base.path()).await;
+    // A backlog far longer to read than the others' first fetches take
+    // to arrive (about a millisecond), so that they are in hand while it
+    // lasts.
+    produce_to(&client, "t", 0, 30_000).await;
+    for p in 1..6 {
+        produce_to(&client, "t", p, 1_000).await;
+    }
+    let mut cfg = config("g-turns", "t");
+    cfg.auto_commit_interval = None;
+    cfg.max_poll_records = 100;
+    let mut member = client.group_consumer(cfg).unwrap();
+    let (mut backlog, mut others) = (0, 0);
+    let deadline = Instant::now() + WAIT;
+    while others < 5_000 {
+        assert!(
+            Instant::now() < deadline,
+            "{others} of the others' records read"
+        );
+        for r in member.poll().await.unwrap() {
+            if r.partition == 0 {
+                backlog += 1;
+            } else {
+                others += 1;
+            }
+        }
+    }
+    // Taking turns, the others were read long before the backlog was.
+    assert!(
+        backlog <= 20_000,
+        "{backlog} of the backlog read before the others' 5,000"
+    );
+    member.close().await.unwrap();
+}

@@ -617,6 +617,7 @@ impl Client {
             listener: None,
             last_commit: Instant::now(),
             polled: PollClock::new(),
+            poll_cursor: 0,
         })
     }
 }
@@ -724,6 +725,9 @@ pub struct GroupConsumer {
     heartbeat: Option<JoinHandle<()>>,
     /// When the application last polled (see `max_poll_interval`).
     polled: Arc<PollClock>,
+    /// Which partition's records come first when a poll has more than
+    /// `max_poll_records` (moves on each time).
+    poll_cursor: usize,
     /// Cooperative: the rejoin under way while partitions are still read.
     pending: Option<PendingJoin>,
     /// Notified when `pending` finishes: a poll waiting for records stops
@@ -1667,7 +1671,30 @@ impl GroupConsumer {
         }
         // Past max_poll_records (several partitions had records): the
         // rest go back to their partitions, unseen, for the next polls.
+        // The partitions take turns at the front (a cursor over their
+        // order that moves each time): a partition whose records are ready
+        // at once on every poll (a backlog) came first every time and,
+        // cut at the limit, the others' records went back every time.
         if out.len() > self.config.max_poll_records {
+            let mut runs: Vec<Vec<ConsumedRecord>> = Vec::new();
+            for r in out.drain(..) {
+                match runs.last_mut() {
+                    Some(run) if run[0].partition == r.partition && run[0].topic == r.topic => {
+                        run.push(r)
+                    }
+                    _ => runs.push(vec![r]),
+                }
+            }
+            let n = self.consumers.len().max(1);
+            let cursor = self.poll_cursor % n;
+            let turn = |run: &Vec<ConsumedRecord>| {
+                let tp = (run[0].topic.to_string(), run[0].partition);
+                let at = self.consumers.keys().position(|k| *k == tp).unwrap_or(0);
+                (at + n - cursor) % n
+            };
+            runs.sort_by_key(turn);
+            self.poll_cursor = self.poll_cursor.wrapping_add(1);
+            out = runs.concat();
             let mut back = out.split_off(self.config.max_poll_records);
             while let Some(first) = back.first() {
                 let (topic, partition) = (first.topic.clone(), first.partition);
