@@ -1783,7 +1783,10 @@ impl Broker {
                             .list_offsets(pb::ListOffsetsRequest {
                                 topic: name.to_string(),
                                 partition,
-                                spec: pb::OffsetSpec::Latest as i32,
+                                // The range is in every answer; only the
+                                // latest waits for a new leader's high
+                                // watermark.
+                                spec: pb::OffsetSpec::Earliest as i32,
                                 timestamp_ms: 0,
                             })
                             .await

@@ -1185,6 +1185,19 @@ async fn t12_a_new_leaders_latest_offset_never_goes_back() {
     if let Err(e) = &first {
         assert!(e.is_retriable(), "{e:?}");
     }
+    // Meanwhile, a reader resuming from an offset it knows (a group's
+    // committed one) does not wait for the latest offset: it starts, and
+    // reads what is committed.
+    let mut resumed = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.partition_consumer("s", 0, runnel::client::StartFrom::Offset(0)),
+    )
+    .await
+    .expect("a consumer from an offset waited for the latest offset")
+    .unwrap();
+    assert_eq!(resumed.position(), 0);
+    let polled = resumed.poll().await.unwrap();
+    assert!(polled.iter().all(|r| r.offset < 2), "{polled:?}");
     cluster.node(paused).signal("CONT");
     eventually(
         "the latest offset once the follower fetched",

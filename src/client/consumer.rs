@@ -156,7 +156,12 @@ impl PartitionConsumer {
         let lookup = |spec, ts| client.list_offsets(topic, partition, spec, ts);
         let offsets = match from {
             StartFrom::Earliest => lookup(pb::OffsetSpec::Earliest, 0).await?,
-            StartFrom::Latest | StartFrom::Offset(_) => lookup(pb::OffsetSpec::Latest, 0).await?,
+            StartFrom::Latest => lookup(pb::OffsetSpec::Latest, 0).await?,
+            // Only the high watermark is wanted, which every answer
+            // carries: the latest offset waits for a new leader's to
+            // settle (and then may be refused), a consumer resuming from
+            // a committed offset need not.
+            StartFrom::Offset(_) => lookup(pb::OffsetSpec::Earliest, 0).await?,
             StartFrom::Timestamp(ts) => lookup(pb::OffsetSpec::Timestamp, ts).await?,
         };
         let position = match from {

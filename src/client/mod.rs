@@ -918,19 +918,33 @@ impl Client {
         spec: pb::OffsetSpec,
         timestamp_ms: i64,
     ) -> Result<pb::ListOffsetsResponse, ClientError> {
-        let mut c = self.consumer_client(topic, partition).await?;
-        c.list_offsets(pb::ListOffsetsRequest {
-            topic: topic.to_string(),
-            partition,
-            spec: spec as i32,
-            timestamp_ms,
-        })
-        .await
-        .map(|r| r.into_inner())
-        .map_err(|status| {
-            self.invalidate(topic);
-            ClientError::from(status)
-        })
+        // A new leader answers OFFSET_NOT_AVAILABLE until its high
+        // watermark has caught up (after waiting 2 s itself): asked again
+        // a few times, as Kafka's consumer does, before the caller hears.
+        let mut tries = 0;
+        loop {
+            let mut c = self.consumer_client(topic, partition).await?;
+            let answer = c
+                .list_offsets(pb::ListOffsetsRequest {
+                    topic: topic.to_string(),
+                    partition,
+                    spec: spec as i32,
+                    timestamp_ms,
+                })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|status| {
+                    self.invalidate(topic);
+                    ClientError::from(status)
+                });
+            match answer {
+                Err(e) if e.code() == pb::ErrorCode::OffsetNotAvailable && tries < 3 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                answer => return answer,
+            }
+        }
     }
 
     /// Deletes `topic`-`partition`'s records below `offset` (-1: below

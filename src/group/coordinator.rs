@@ -2021,10 +2021,12 @@ impl GroupCoordinator {
             committed.keys().chain(owners.keys()).cloned().collect();
         // Every partition's range asked at once (one after another, a
         // group of many partitions led elsewhere took a round trip, or a
-        // silent leader's 3 s, per partition).
+        // silent leader's 3 s, per partition). Asked as the earliest
+        // offset: the answer carries the range all the same, and only
+        // the latest waits for a new leader's high watermark.
         let ranges = futures_util::future::join_all(
             keys.iter()
-                .map(|(t, p)| self.log_range(t, *p, pb::OffsetSpec::Latest, 0)),
+                .map(|(t, p)| self.log_range(t, *p, pb::OffsetSpec::Earliest, 0)),
         )
         .await;
         let mut unknown_lag = false;
@@ -2105,9 +2107,14 @@ impl GroupCoordinator {
         };
         let mut offsets = Vec::new();
         for p in 0..count {
+            // Only a reset to the latest offset (or a time) needs the
+            // latest answer, which waits for a new leader's high
+            // watermark: the others need the range, which every answer
+            // carries.
             let spec = match to {
                 To::ToTimestampMs(_) => pb::OffsetSpec::Timestamp,
-                _ => pb::OffsetSpec::Latest,
+                To::ToLatest(_) => pb::OffsetSpec::Latest,
+                _ => pb::OffsetSpec::Earliest,
             };
             let ts = if let To::ToTimestampMs(ts) = to {
                 ts
