@@ -430,18 +430,24 @@ impl Consumer for ConsumerService {
         // meanwhile. Answered empty, to be asked again, as Kafka answers a
         // throttled fetch: each fetch waiting out its own hold and then
         // reading, N of them moved N times the quota.
-        if security::admission_at(&self.broker, &principal, Direction::Fetch).is_some() {
-            let (high_watermark, log_start_offset) = self
-                .broker
-                .hosted_partition(&req.topic, req.partition)
-                .map_or((-1, -1), |p| {
-                    (p.log.high_watermark(), p.log.log_start_offset())
-                });
+        // Only for a partition led here, of the topic asked for: any
+        // other fetch goes on to the refusal it gets anyway (a figure from
+        // a follower's or another topic's log misled the client).
+        let led = self
+            .broker
+            .hosted_partition(&req.topic, req.partition)
+            .filter(|p| {
+                p.leader_epoch().is_some()
+                    && (req.topic_id.is_empty() || p.topic_id == req.topic_id)
+            });
+        if let Some(p) = led.filter(|_| {
+            security::admission_at(&self.broker, &principal, Direction::Fetch).is_some()
+        }) {
             return Ok(Response::new(pb::FetchResponse {
                 topic: req.topic,
                 partition: req.partition,
-                high_watermark,
-                log_start_offset,
+                high_watermark: p.log.high_watermark(),
+                log_start_offset: p.log.log_start_offset(),
                 next_offset: req.offset,
                 ..Default::default()
             }));
