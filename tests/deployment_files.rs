@@ -351,6 +351,12 @@ fn dockerfile_image_defaults_agree_with_its_config() {
         1,
         "the image default is one node"
     );
+    // One node has no replicas: it fsyncs, as config/single.toml does.
+    assert_eq!(
+        single.topic_defaults().get("flush.ms").map(String::as_str),
+        Some("1000"),
+        "the image's single node fsyncs at least every second"
+    );
 
     let health = get("HEALTHCHECK");
     assert_eq!(health.len(), 1);
