@@ -1499,3 +1499,22 @@ async fn a_cancelled_send_gives_its_buffer_back() {
     sent.unwrap();
     producer.close().await.unwrap();
 }
+
+/// SIGHUP (the terminal or session running the node went away) stops the
+/// node as SIGTERM does, cleanly: its default action killed it, without
+/// a controlled shutdown or a clean close of its logs.
+#[test]
+fn sighup_stops_the_node_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    cli_ok(
+        &server.addr,
+        &["topic", "create", "hup", "--partitions", "1"],
+        None,
+    );
+    cli_ok(&server.addr, &["produce", "hup"], Some(b"one\n"));
+    let status = server.stop_with("HUP");
+    assert!(status.success(), "{status:?}");
+    // Closed cleanly: the next open trusts the log without a scan.
+    assert!(dir.path().join("hup-0").join(".clean-shutdown").exists());
+}

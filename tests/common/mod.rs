@@ -115,12 +115,17 @@ impl ServerProcess {
     /// Asks for a graceful stop (SIGTERM) and waits for the exit status,
     /// at most a minute: a stop that hangs fails the test (killed), not
     /// the whole run.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    pub fn stop(self) -> std::process::ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// [`ServerProcess::stop`] with another signal (e.g. "HUP").
+    pub fn stop_with(mut self, signal: &str) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([&format!("-{signal}"), &pid])
             .status()
-            .expect("send SIGTERM");
+            .expect("send the signal");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().expect("reap server") {
@@ -129,7 +134,7 @@ impl ServerProcess {
             if std::time::Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!("the server did not stop within 60 s of SIGTERM");
+                panic!("the server did not stop within 60 s of SIG{signal}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
