@@ -559,11 +559,13 @@ async fn follow_readiness(
 
 /// The services gRPC health reports on: the server as a whole ("") and
 /// the client-facing ones.
-const HEALTH_SERVICES: [&str; 4] = [
+const HEALTH_SERVICES: [&str; 6] = [
     "",
     "runnel.v1.Producer",
     "runnel.v1.Consumer",
     "runnel.v1.Admin",
+    "runnel.v1.ConsumerGroups",
+    "runnel.v1.Security",
 ];
 
 /// The way out, after a shutdown request or a failed startup alike:

@@ -239,14 +239,24 @@ async fn reflection_and_health_answer() {
         .await
         .unwrap();
     let mut health = HealthClient::new(channel.clone());
-    let status = health
-        .check(HealthCheckRequest {
-            service: "runnel.v1.Producer".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.status, 1, "SERVING");
+    // Every client-facing service, for probes that name one.
+    for service in [
+        "",
+        "runnel.v1.Producer",
+        "runnel.v1.Consumer",
+        "runnel.v1.Admin",
+        "runnel.v1.ConsumerGroups",
+        "runnel.v1.Security",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{service}: {e}"))
+            .into_inner();
+        assert_eq!(status.status, 1, "{service} SERVING");
+    }
 
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
