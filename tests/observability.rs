@@ -215,6 +215,16 @@ async fn t01_metrics_under_load_and_group_lag() {
     let first = raw.produce(batch.clone()).await.unwrap().into_inner();
     let again = raw.produce(batch).await.unwrap().into_inner();
     assert_eq!((first.base_offset, again.base_offset), (30, 30));
+    // Refused before the broker (the internal topic) counts as an error
+    // too.
+    let refused = raw
+        .produce(pb::ProduceRequest {
+            topic: "__consumer_offsets".into(),
+            records: vec![pb::Record::default()],
+            ..Default::default()
+        })
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
 
     // A group the test controls: offsets committed directly.
     let commit = |partition: i32, offset: i64| pb::PartitionOffset {
@@ -294,6 +304,14 @@ async fn t01_metrics_under_load_and_group_lag() {
             &s,
             "runnel_request_errors_total",
             &[("request", "produce"), ("code", "UNKNOWN_PARTITION")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &s,
+            "runnel_request_errors_total",
+            &[("request", "produce"), ("code", "INVALID_TOPIC")]
         ),
         1.0
     );

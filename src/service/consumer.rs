@@ -247,12 +247,16 @@ impl ConsumerService {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<SubscribeStream, Status> {
         let topic = request.get_ref().topic.clone();
-        security::check(
+        super::counted(
             &self.broker,
-            &request,
-            ResourceType::Topic,
-            &topic,
-            Operation::Read,
+            "fetch",
+            security::check(
+                &self.broker,
+                &request,
+                ResourceType::Topic,
+                &topic,
+                Operation::Read,
+            ),
         )?;
         let principal = security::principal_of(&request);
         let login = security::login_of(&request);
@@ -395,12 +399,16 @@ impl Consumer for ConsumerService {
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
         let topic = request.get_ref().topic.clone();
-        security::check(
+        super::counted(
             &self.broker,
-            &request,
-            ResourceType::Topic,
-            &topic,
-            Operation::Read,
+            "fetch",
+            security::check(
+                &self.broker,
+                &request,
+                ResourceType::Topic,
+                &topic,
+                Operation::Read,
+            ),
         )?;
         let principal = security::principal_of(&request);
         let budgets = self.budgets(security::peer_addr(request.extensions()));

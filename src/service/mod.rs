@@ -22,6 +22,23 @@ use crate::error::BrokerError;
 /// `__consumer_offsets`, deleting it or its records loses every group's
 /// committed offsets, and its partition count decides which partition
 /// (and coordinator) each group has.
+/// Counts a produce or fetch refused here, before the broker (no access,
+/// the internal topic, a request that could not be read), in
+/// `runnel_request_errors_total` as the broker counts its own refusals:
+/// clients were refused while the counter stayed flat.
+fn counted<T>(
+    broker: &crate::broker::Broker,
+    request: &str,
+    result: Result<T, tonic::Status>,
+) -> Result<T, tonic::Status> {
+    if let Err(status) = &result {
+        broker
+            .metrics()
+            .request_error(request, crate::error::error_code_of(status));
+    }
+    result
+}
+
 fn refuse_internal(topic: &str, operation: &'static str) -> Result<(), BrokerError> {
     if topic == crate::group::OFFSETS_TOPIC {
         return Err(BrokerError::InternalTopic {

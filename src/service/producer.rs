@@ -35,13 +35,20 @@ impl Producer for ProducerService {
         request: Request<pb::ProduceRequest>,
     ) -> Result<Response<pb::ProduceResponse>, Status> {
         let topic = request.get_ref().topic.clone();
-        super::refuse_internal(&topic, "write")?;
-        security::check(
+        super::counted(
             &self.broker,
-            &request,
-            ResourceType::Topic,
-            &topic,
-            Operation::Write,
+            "produce",
+            super::refuse_internal(&topic, "write")
+                .map_err(Status::from)
+                .and_then(|()| {
+                    security::check(
+                        &self.broker,
+                        &request,
+                        ResourceType::Topic,
+                        &topic,
+                        Operation::Write,
+                    )
+                }),
         )?;
         let principal = security::principal_of(&request);
         let req = request.into_inner();
@@ -285,6 +292,9 @@ pub fn produce_stream<S: ProduceRequests>(
                     let req = match next {
                         Some(Ok(req)) => req,
                         Some(Err(status)) => {
+                            broker
+                                .metrics()
+                                .request_error("produce", crate::rpc::undecodable(&status).0);
                             // The request cannot be read (too large for
                             // gRPC, or not a message), and nothing after it
                             // can: it is answered in its place, after the
@@ -323,16 +333,19 @@ pub fn produce_stream<S: ProduceRequests>(
                     );
                     let answer_at = security::answer_deadline(delay);
                     let appended = if let Err(e) = super::refuse_internal(&topic, "write") {
+                        broker.metrics().request_error("produce", e.code());
                         Err(e)
                     } else if allowed {
                         broker.produce_append(req).await
                     } else {
-                        Err(crate::error::BrokerError::NotAuthorized {
+                        let e = crate::error::BrokerError::NotAuthorized {
                             reason: format!(
                                 "principal '{}' may not Write topic '{topic}'",
                                 principal.name()
                             ),
-                        })
+                        };
+                        broker.metrics().request_error("produce", e.code());
+                        Err(e)
                     };
                     let broker = broker.clone();
                     waiting.push_back(Box::pin(async move {
