@@ -934,9 +934,18 @@ fn host_port_problem(a: &str) -> Option<String> {
     let Some((host, port)) = a.rsplit_once(':') else {
         return Some(format!("'{a}' is not HOST:PORT"));
     };
+    let bracketed = host.starts_with('[') && host.ends_with(']');
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
         return Some(format!("'{a}' is not HOST:PORT"));
+    }
+    // Dialled as http(s)://HOST:PORT: a scheme, a path or an IPv6
+    // address without brackets made an address no one could dial, found
+    // only when the quorum never formed.
+    if host.contains('/') || host.contains('@') || (host.contains(':') && !bracketed) {
+        return Some(format!(
+            "'{a}' is not HOST:PORT (no scheme or path; an IPv6 address goes in brackets: [::1]:9092)"
+        ));
     }
     if host
         .parse::<std::net::IpAddr>()
@@ -1076,6 +1085,11 @@ mod tests {
                 "[security]\nauth_failure_window_ms = 0\n",
                 "security.auth_failure_window_ms",
             ),
+            (
+                "[controller]\nvoters = [\"1@http://h:9092\"]\n",
+                "controller.voters",
+            ),
+            ("advertised_address = \"::1:9092\"\n", "advertised_address"),
             (
                 "[topic_defaults]\n\"min.insync.replicas\" = 2\n",
                 "topic_defaults.\"min.insync.replicas\"",
