@@ -1434,6 +1434,13 @@ impl Log {
         }
         w.dir_changes += 1;
         tracing::debug!(dir = %self.dir.display(), count, log_start_offset = self.log_start_offset(), "deleted segments");
+        // The log start may now be past every producer snapshot (those at
+        // the later segments' bases lost in a crash before their fsync):
+        // a rebuild from it would forget the producers whose batches were
+        // just deleted. (Failed, the next deletion tries again.)
+        if let Err(error) = self.snapshot_producers_past_log_start(w) {
+            tracing::warn!(dir = %self.dir.display(), %error, "cannot snapshot the producers past the new log start");
+        }
         Ok(count)
     }
 

@@ -281,3 +281,38 @@ fn a_retry_on_log_append_time_gets_the_first_copys_time() {
     assert!(retry.duplicate);
     assert_eq!(retry.log_append_time_ms, first.log_append_time_ms);
 }
+
+/// Retention that moves the log start past every producer snapshot (the
+/// ones since lost: written at a roll without fsync, then a crash) writes
+/// one at the log end: otherwise a rebuild from the log start forgets the
+/// producers whose batches retention deleted.
+#[test]
+fn retention_past_every_snapshot_keeps_the_producers() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = plain(2).len() as u64;
+    let mut config = small_config(one * 2);
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    log.append_as_leader(pbatch(7, 0, 0, 2), 1).unwrap();
+    for _ in 0..6 {
+        log.append_as_leader(plain(2), 1).unwrap();
+    }
+    log.set_high_watermark(log.log_end_offset());
+    assert!(log.segment_count() >= 3);
+    log.close_unclean();
+    drop(log);
+    for name in snapshot_files(dir.path()) {
+        std::fs::remove_file(dir.path().join(name)).unwrap();
+    }
+    config.retention_bytes_max = Some(1);
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    log.set_high_watermark(log.log_end_offset());
+    assert!(
+        log.tick(wall_ms()).unwrap() > 0,
+        "retention deleted nothing"
+    );
+    assert!(log.log_start_offset() > 2);
+    log.close_unclean();
+    drop(log);
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!(log.producer_state(7), Some((0, 1, 1)));
+}
