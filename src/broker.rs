@@ -2069,11 +2069,24 @@ fn encode_batch(req: &pb::ProduceRequest) -> Result<Bytes, BrokerError> {
             let now = now_ms();
             let mut builder = BatchBuilder::new();
             if req.producer_id > 0 {
-                builder = builder.producer(
-                    req.producer_id,
-                    req.producer_epoch as i16,
-                    req.base_sequence,
-                );
+                // Checked, not narrowed: an epoch of 65,536 was taken as
+                // 0 (and 32,768 as negative, refused as a sequence gap).
+                let epoch = i16::try_from(req.producer_epoch)
+                    .ok()
+                    .filter(|e| *e >= 0)
+                    .ok_or_else(|| BrokerError::InvalidRequest {
+                        reason: format!(
+                            "producer_epoch {} is not within 0..={}",
+                            req.producer_epoch,
+                            i16::MAX
+                        ),
+                    })?;
+                if req.base_sequence < 0 {
+                    return Err(BrokerError::InvalidRequest {
+                        reason: format!("base_sequence {} is negative", req.base_sequence),
+                    });
+                }
+                builder = builder.producer(req.producer_id, epoch, req.base_sequence);
             }
             for r in &req.records {
                 let headers: Vec<(&str, Option<&[u8]>)> = r

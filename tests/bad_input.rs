@@ -174,6 +174,24 @@ async fn refusals_are_clear_and_change_nothing() {
         "INVALID_REQUEST",
         "no records",
     );
+    // Producer fields out of range are refused as such, not narrowed
+    // (an epoch of 65,536 was taken as 0).
+    for (epoch, sequence, text) in [
+        (65_536, 0, "producer_epoch 65536"),
+        (-1, 0, "producer_epoch -1"),
+        (0, -5, "base_sequence -5"),
+    ] {
+        let mut req = produce("small", Some(0), vec![value(b"x")]);
+        req.producer_id = 1;
+        req.producer_epoch = epoch;
+        req.base_sequence = sequence;
+        expect(
+            producer.produce(req).await,
+            Code::InvalidArgument,
+            "INVALID_REQUEST",
+            text,
+        );
+    }
     let mut corrupt = pb::ProduceRequest {
         topic: "small".into(),
         batch: vec![0u8; 80].into(),
