@@ -155,9 +155,14 @@ impl BrokerError {
                 StorageError::CorruptBatch { .. } | StorageError::EmptyBatch => {
                     ErrorCode::CorruptMessage
                 }
-                StorageError::Closed { .. } | StorageError::FencedLeaderEpoch { .. } => {
-                    ErrorCode::NotLeader
-                }
+                // Maybe stored (written, then its fsync failed; the log
+                // is closed and leadership moves): retriable, and a retry
+                // of an idempotent producer is deduplicated where it
+                // lands, as STORAGE_ERROR, final, told the application
+                // the batch failed.
+                StorageError::Closed { .. }
+                | StorageError::FencedLeaderEpoch { .. }
+                | StorageError::FailedAfterWrite(_) => ErrorCode::NotLeader,
                 StorageError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
                 StorageError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
                 StorageError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
@@ -169,6 +174,10 @@ impl BrokerError {
     /// Whether the detail is safe and useful to show to clients.
     fn is_internal(&self) -> bool {
         matches!(self.code(), ErrorCode::Unknown | ErrorCode::StorageError)
+            || matches!(
+                self,
+                BrokerError::Storage(StorageError::FailedAfterWrite(_))
+            )
     }
 }
 
@@ -325,5 +334,19 @@ mod tests {
         let message = e.client_message();
         assert!(!message.contains("/data"), "{message}");
         assert_eq!(message, "internal broker error (STORAGE_ERROR)");
+    }
+
+    /// A batch written whose fsync then failed may be stored: answered
+    /// retriable (NOT_LEADER, as a leader that stopped after its append),
+    /// not STORAGE_ERROR, which the client takes as final; its detail
+    /// stays in the broker's log too.
+    #[test]
+    fn a_failure_after_the_write_is_retriable_and_maybe_stored() {
+        let e = BrokerError::Storage(StorageError::FailedAfterWrite(Box::new(StorageError::Io {
+            path: "/data/t-0/0.log".into(),
+            source: std::io::Error::other("Input/output error"),
+        })));
+        assert_eq!(e.code(), ErrorCode::NotLeader);
+        assert!(!e.client_message().contains("/data"));
     }
 }

@@ -83,4 +83,9 @@ pub enum StorageError {
     /// A topic name or partition number that cannot name a directory.
     #[error("invalid partition {topic}-{partition}")]
     InvalidPartition { topic: String, partition: i32 },
+    /// The batch was written (and readers may have seen it), then what
+    /// the append does after the write failed (the fsync of
+    /// `flush.messages`): it may be stored, and the log is closed.
+    #[error("the batch was written, then: {0}")]
+    FailedAfterWrite(Box<StorageError>),
 }

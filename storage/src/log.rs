@@ -609,7 +609,8 @@ impl Log {
         )?;
         self.lock_producers()
             .record(&producer, base_offset, header.last_offset(), now_ms());
-        self.after_append(&mut w, &config, i64::from(record_count) as u64)?;
+        self.after_append(&mut w, &config, i64::from(record_count) as u64)
+            .map_err(|e| StorageError::FailedAfterWrite(Box::new(e)))?;
         Ok(AppendInfo {
             base_offset,
             last_offset: header.last_offset(),
