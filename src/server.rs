@@ -72,6 +72,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("not registered with the cluster within {waited_s} s: the metadata quorum did not form or did not apply this broker's registration (are a majority of the [controller] voters up and reachable at the addresses configured?)")]
+    NotRegistered { waited_s: u64 },
     #[error("data directory {dir} is in use by another runnel process")]
     DataDirLocked { dir: std::path::PathBuf },
     #[error("cannot use data directory {dir}: {source}")]
@@ -386,9 +388,8 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
             .map_err(|_| ())
         })
         .await
-        .map_err(|_| MetadataError::NotController {
-            leader_hint: None,
-            waited_ms: STARTUP_TIMEOUT.as_millis() as u64,
+        .map_err(|_| ServerError::NotRegistered {
+            waited_s: STARTUP_TIMEOUT.as_secs(),
         })?
         .map_err(|_| MetadataError::Raft {
             reason: "metadata store stopped".into(),
