@@ -705,4 +705,17 @@ fn prometheus_scrapes_every_compose_node_on_its_metrics_port() {
     let dashboard: Value =
         serde_json::from_str(&read("deploy/grafana/runnel.json")).expect("dashboard is JSON");
     assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() > 10));
+    // Cluster-wide figures come from the active controller's view: every
+    // node reports its own copy of the metadata, and one cut off from the
+    // quorum keeps a stale one (a max over the nodes showed four brokers
+    // of three).
+    let text = read("deploy/grafana/runnel.json");
+    for line in text.lines().filter(|l| l.contains("\"expr\"")) {
+        if line.contains("runnel_cluster_") || line.contains("runnel_controller_leader_id") {
+            assert!(
+                line.contains("runnel_controller_active == 1"),
+                "not from the active controller: {line}"
+            );
+        }
+    }
 }
