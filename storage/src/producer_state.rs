@@ -34,6 +34,16 @@ use crate::{checkpoint, Result, StorageError};
 /// 10). Snapshots written with five (or any count up to this) still load.
 pub const BATCHES_RETAINED: usize = 16;
 
+/// Producer ids one partition keeps state for. Each id that writes once
+/// stays until `producer.id.expiration.ms` (a day) without it: a client
+/// that makes a producer per request (or a hostile one with Write)
+/// grew the state, every roll's snapshot of it (copied and written under
+/// the writer lock) and every tick's expiry scan without bound (Kafka's
+/// KIP-936). Past it, the eighth least recently used are forgotten: their
+/// next batch, if any, gets UNKNOWN_PRODUCER_ID, which a client recovers
+/// from by starting its sequence over (KIP-360).
+pub const PRODUCERS_MAX: usize = 20_000;
+
 const SNAPSHOT_MAGIC: &[u8; 4] = b"RPS1";
 const SNAPSHOT_SUFFIX: &str = ".snapshot";
 /// Snapshots kept besides those at segment bases; older ones are deleted
@@ -185,6 +195,10 @@ impl ProducerStates {
         if batch.producer_id <= 0 {
             return;
         }
+        if self.producers.len() >= PRODUCERS_MAX && !self.producers.contains_key(&batch.producer_id)
+        {
+            self.evict_least_recent(PRODUCERS_MAX / 8);
+        }
         let entry = self
             .producers
             .entry(batch.producer_id)
@@ -216,6 +230,23 @@ impl ProducerStates {
             last_offset,
         });
         entry.last_timestamp_ms = entry.last_timestamp_ms.max(now_ms);
+    }
+
+    /// Forgets the `n` producers whose last batch this replica saw longest
+    /// ago (ties, as in a rebuild where all were seen at the open, by id).
+    fn evict_least_recent(&mut self, n: usize) {
+        let mut seen: Vec<(i64, i64)> = self
+            .producers
+            .iter()
+            .map(|(id, e)| (e.last_timestamp_ms, *id))
+            .collect();
+        if n == 0 || seen.len() <= n {
+            return;
+        }
+        let (_, cut, _) = seen.select_nth_unstable(n - 1);
+        let cut = *cut;
+        self.producers
+            .retain(|id, e| (e.last_timestamp_ms, *id) > cut);
     }
 
     /// Forgets producers whose last batch is `expiration_ms` older than
@@ -676,6 +707,36 @@ mod tests {
         s.record(&old, 1, 1, 5_000);
         assert_eq!(s.expire(6_000, 2_000), 1);
         assert!(s.get(1).is_none() && s.get(2).is_some());
+    }
+
+    /// Past PRODUCERS_MAX ids, the least recently seen are forgotten
+    /// (about an eighth at a time), and the newest kept.
+    #[test]
+    fn producer_ids_past_the_cap_forget_the_least_recent() {
+        let mut s = ProducerStates::default();
+        for id in 1..=PRODUCERS_MAX as i64 {
+            s.record(&batch(id, 0, 0, 1), id, id, id);
+        }
+        assert_eq!(s.len(), PRODUCERS_MAX);
+        let newest = PRODUCERS_MAX as i64 + 1;
+        s.record(&batch(newest, 0, 0, 1), newest, newest, newest);
+        assert!(
+            s.len() <= PRODUCERS_MAX - PRODUCERS_MAX / 8 + 1,
+            "{}",
+            s.len()
+        );
+        assert!(s.get(1).is_none(), "the least recent kept");
+        assert!(s.get(newest).is_some() && s.get(newest - 1).is_some());
+        // A known producer's batch evicts nothing.
+        let len = s.len();
+        s.record(&batch(newest, 0, 1, 1), newest + 1, newest + 1, newest + 1);
+        assert_eq!(s.len(), len);
+        // All seen at once (a rebuild at open): an eighth goes, not all.
+        let mut s = ProducerStates::default();
+        for id in 1..=PRODUCERS_MAX as i64 + 1 {
+            s.record(&batch(id, 0, 0, 1), id, id, 7);
+        }
+        assert_eq!(s.len(), PRODUCERS_MAX - PRODUCERS_MAX / 8 + 1);
     }
 
     #[test]
