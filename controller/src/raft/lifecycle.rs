@@ -334,6 +334,24 @@ impl RaftMetadataStore {
         }
 
         let members = self.members();
+        // The voter set is fixed when the cluster first forms (no voter
+        // is added or removed since): a node added to the configured
+        // voters only ever joins as a learner, and one taken out still
+        // counts toward the majority. Said once, where an operator looks.
+        let voting: std::collections::BTreeSet<i32> = members
+            .iter()
+            .filter(|(_, (_, votes))| *votes)
+            .map(|(id, _)| *id as i32)
+            .collect();
+        let configured: std::collections::BTreeSet<i32> =
+            self.config.voters.keys().copied().collect();
+        if voting != configured
+            && !self
+                .voters_differ_said
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(?configured, quorum = ?voting, "the configured [controller] voters differ from the quorum's, which is fixed when the cluster first forms: added voters join as learners (no vote), removed ones still count toward the majority");
+        }
         for b in state.brokers.values() {
             if b.fenced {
                 continue;

@@ -194,6 +194,9 @@ pub struct RaftMetadataStore {
     db: Mutex<Option<sled::Db>>,
     /// Round-robin over voters while no leader is known.
     next_voter: AtomicUsize,
+    /// Whether this node, leading, has said that the configured voters
+    /// differ from the quorum's (once per process).
+    voters_differ_said: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RaftMetadataStore {
@@ -278,6 +281,7 @@ impl RaftMetadataStore {
             tasks: Mutex::new(JoinSet::new()),
             db: Mutex::new(Some(db)),
             next_voter: AtomicUsize::new(0),
+            voters_differ_said: std::sync::atomic::AtomicBool::new(false),
         });
         let mut tasks = store.tasks.lock().unwrap_or_else(|e| e.into_inner());
         if store.config.is_voter && store.config.voters.keys().next() == Some(&store.config.node_id)
