@@ -34,15 +34,24 @@ use crate::{checkpoint, Result, StorageError};
 /// 10). Snapshots written with five (or any count up to this) still load.
 pub const BATCHES_RETAINED: usize = 16;
 
-/// Producer ids one partition keeps state for. Each id that writes once
-/// stays until `producer.id.expiration.ms` (a day) without it: a client
-/// that makes a producer per request (or a hostile one with Write)
-/// grew the state, every roll's snapshot of it (copied and written under
-/// the writer lock) and every tick's expiry scan without bound (Kafka's
-/// KIP-936). Past it, the eighth least recently used are forgotten: their
-/// next batch, if any, gets UNKNOWN_PRODUCER_ID, which a client recovers
-/// from by starting its sequence over (KIP-360).
+/// Producer ids one partition keeps state for, unless they are all
+/// recent. Each id that writes once stays until
+/// `producer.id.expiration.ms` (a day) without it: a client that makes a
+/// producer per request (or a hostile one with Write) grew the state,
+/// every roll's snapshot of it (copied and written under the writer lock)
+/// and every tick's expiry scan without bound (Kafka's KIP-936). Past it,
+/// up to an eighth of the least recently seen are forgotten, among those
+/// idle for [`EVICTABLE_IDLE_MS`] only: a producer that may still retry a
+/// batch keeps its state (forgotten, its retry of a first batch was
+/// stored again, and a flood of made-up ids could wipe every producer's
+/// protection). A forgotten producer's next batch gets
+/// UNKNOWN_PRODUCER_ID, which a client recovers from (KIP-360).
 pub const PRODUCERS_MAX: usize = 20_000;
+
+/// How long a producer must have been idle before the cap may forget it:
+/// past any client's delivery timeout (2 minutes by default), so no retry
+/// of its can still come.
+pub const EVICTABLE_IDLE_MS: i64 = 10 * 60 * 1000;
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"RPS1";
 const SNAPSHOT_SUFFIX: &str = ".snapshot";
@@ -110,6 +119,10 @@ pub fn add_sequence(seq: i32, delta: i32) -> i32 {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProducerStates {
     producers: HashMap<i64, ProducerEntry>,
+    /// The size at which the cap next looks for producers to forget (an
+    /// eighth of the cap past the last look, which may find none idle
+    /// enough): each look scans every producer.
+    next_eviction_at: usize,
 }
 
 impl ProducerStates {
@@ -195,9 +208,11 @@ impl ProducerStates {
         if batch.producer_id <= 0 {
             return;
         }
-        if self.producers.len() >= PRODUCERS_MAX && !self.producers.contains_key(&batch.producer_id)
+        if self.producers.len() >= PRODUCERS_MAX.max(self.next_eviction_at)
+            && !self.producers.contains_key(&batch.producer_id)
         {
-            self.evict_least_recent(PRODUCERS_MAX / 8);
+            self.evict_least_recent(PRODUCERS_MAX / 8, now_ms - EVICTABLE_IDLE_MS);
+            self.next_eviction_at = self.producers.len() + PRODUCERS_MAX / 8;
         }
         let entry = self
             .producers
@@ -232,14 +247,21 @@ impl ProducerStates {
         entry.last_timestamp_ms = entry.last_timestamp_ms.max(now_ms);
     }
 
-    /// Forgets the `n` producers whose last batch this replica saw longest
-    /// ago (ties, as in a rebuild where all were seen at the open, by id).
-    fn evict_least_recent(&mut self, n: usize) {
+    /// Forgets up to `n` producers whose last batch this replica saw
+    /// longest ago, before `idle_before` (ties, as in a rebuild where all
+    /// were seen at the open, by id).
+    fn evict_least_recent(&mut self, n: usize, idle_before: i64) {
         let mut seen: Vec<(i64, i64)> = self
             .producers
             .iter()
+            .filter(|(_, e)| e.last_timestamp_ms < idle_before)
             .map(|(id, e)| (e.last_timestamp_ms, *id))
             .collect();
+        if n > 0 && !seen.is_empty() && seen.len() <= n {
+            let idle: std::collections::HashSet<i64> = seen.iter().map(|(_, id)| *id).collect();
+            self.producers.retain(|id, _| !idle.contains(id));
+            return;
+        }
         if n == 0 || seen.len() <= n {
             return;
         }
@@ -356,7 +378,10 @@ impl ProducerStates {
                 },
             );
         }
-        r.0.is_empty().then_some(ProducerStates { producers })
+        r.0.is_empty().then_some(ProducerStates {
+            producers,
+            next_eviction_at: 0,
+        })
     }
 }
 
@@ -709,34 +734,36 @@ mod tests {
         assert!(s.get(1).is_none() && s.get(2).is_some());
     }
 
-    /// Past PRODUCERS_MAX ids, the least recently seen are forgotten
-    /// (about an eighth at a time), and the newest kept.
+    /// Past PRODUCERS_MAX ids, up to an eighth of the least recently seen
+    /// are forgotten, among those idle long enough that no retry of
+    /// theirs can still come; while every producer is recent, none is.
     #[test]
-    fn producer_ids_past_the_cap_forget_the_least_recent() {
+    fn producer_ids_past_the_cap_forget_the_least_recent_idle_ones() {
         let mut s = ProducerStates::default();
         for id in 1..=PRODUCERS_MAX as i64 {
             s.record(&batch(id, 0, 0, 1), id, id, id);
         }
         assert_eq!(s.len(), PRODUCERS_MAX);
         let newest = PRODUCERS_MAX as i64 + 1;
-        s.record(&batch(newest, 0, 0, 1), newest, newest, newest);
-        assert!(
-            s.len() <= PRODUCERS_MAX - PRODUCERS_MAX / 8 + 1,
-            "{}",
-            s.len()
-        );
+        let later = EVICTABLE_IDLE_MS + PRODUCERS_MAX as i64;
+        s.record(&batch(newest, 0, 0, 1), newest, newest, later);
+        assert_eq!(s.len(), PRODUCERS_MAX - PRODUCERS_MAX / 8 + 1);
         assert!(s.get(1).is_none(), "the least recent kept");
         assert!(s.get(newest).is_some() && s.get(newest - 1).is_some());
-        // A known producer's batch evicts nothing.
+        // A known producer's batch forgets nothing.
         let len = s.len();
-        s.record(&batch(newest, 0, 1, 1), newest + 1, newest + 1, newest + 1);
+        s.record(&batch(newest, 0, 1, 1), newest + 1, newest + 1, later);
         assert_eq!(s.len(), len);
-        // All seen at once (a rebuild at open): an eighth goes, not all.
+
+        // All recent (seen within the idle time, or all at once by a
+        // rebuild at open): none is forgotten, and the next look waits
+        // for another eighth of the cap.
         let mut s = ProducerStates::default();
-        for id in 1..=PRODUCERS_MAX as i64 + 1 {
+        for id in 1..=PRODUCERS_MAX as i64 + 10 {
             s.record(&batch(id, 0, 0, 1), id, id, 7);
         }
-        assert_eq!(s.len(), PRODUCERS_MAX - PRODUCERS_MAX / 8 + 1);
+        assert_eq!(s.len(), PRODUCERS_MAX + 10);
+        assert!(s.get(1).is_some());
     }
 
     #[test]
