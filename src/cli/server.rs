@@ -117,31 +117,53 @@ async fn wait_for_signal() {
         use tokio::signal::unix::{signal, SignalKind};
         // SIGHUP too (the terminal or SSH session running the node went
         // away): its default action killed the node without a controlled
-        // shutdown, its partitions offline until its session ran out.
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(mut term), Ok(mut hup)) => {
+        // shutdown, its partitions offline until its session ran out. Not
+        // when it is ignored (`nohup`): a handler would replace that, and
+        // stop a node its operator meant to outlive the session.
+        let mut hup = if sighup_ignored() {
+            None
+        } else {
+            signal(SignalKind::hangup()).ok()
+        };
+        let hangup = async {
+            match &mut hup {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
-                    _ = hup.recv() => {}
+                    () = hangup => {}
                 }
             }
-            (Ok(mut term), Err(_)) => {
+            Err(_) => {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    () = hangup => {}
                 }
-            }
-            (Err(_), _) => {
-                let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Whether SIGHUP is ignored (`nohup`), before any handler is installed.
+#[cfg(unix)]
+fn sighup_ignored() -> bool {
+    // SAFETY: with no new action, sigaction only reads the current one
+    // into `old`, a zeroed plain C struct.
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
     }
 }
