@@ -18,7 +18,7 @@
 //! New partitions start from the committed offset, or from `offset_reset`
 //! when none is committed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1687,12 +1687,19 @@ impl GroupConsumer {
             }
             let n = self.consumers.len().max(1);
             let cursor = self.poll_cursor % n;
-            let turn = |run: &Vec<ConsumedRecord>| {
-                let tp = (run[0].topic.to_string(), run[0].partition);
-                let at = self.consumers.keys().position(|k| *k == tp).unwrap_or(0);
+            let order: HashMap<(&str, i32), usize> = self
+                .consumers
+                .keys()
+                .enumerate()
+                .map(|(i, (t, p))| ((t.as_str(), *p), i))
+                .collect();
+            runs.sort_by_cached_key(|run| {
+                let at = order
+                    .get(&(&*run[0].topic, run[0].partition))
+                    .copied()
+                    .unwrap_or(0);
                 (at + n - cursor) % n
-            };
-            runs.sort_by_key(turn);
+            });
             self.poll_cursor = self.poll_cursor.wrapping_add(1);
             out = runs.concat();
             let mut back = out.split_off(self.config.max_poll_records);
