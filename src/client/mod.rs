@@ -919,8 +919,9 @@ impl Client {
         timestamp_ms: i64,
     ) -> Result<pb::ListOffsetsResponse, ClientError> {
         // A new leader answers OFFSET_NOT_AVAILABLE until its high
-        // watermark has caught up (after waiting 2 s itself): asked again
-        // a few times, as Kafka's consumer does, before the caller hears.
+        // watermark has caught up (after waiting 2 s itself): asked once
+        // more before the caller hears (callers that loop over partitions
+        // retry on their own; more tries stacked 8 s per partition).
         let mut tries = 0;
         loop {
             let mut c = self.consumer_client(topic, partition).await?;
@@ -938,7 +939,7 @@ impl Client {
                     ClientError::from(status)
                 });
             match answer {
-                Err(e) if e.code() == pb::ErrorCode::OffsetNotAvailable && tries < 3 => {
+                Err(e) if e.code() == pb::ErrorCode::OffsetNotAvailable && tries < 1 => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }

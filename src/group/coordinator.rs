@@ -2107,14 +2107,15 @@ impl GroupCoordinator {
         };
         let mut offsets = Vec::new();
         for p in 0..count {
-            // Only a reset to the latest offset (or a time) needs the
-            // latest answer, which waits for a new leader's high
-            // watermark: the others need the range, which every answer
-            // carries.
+            // A target clamped by the high watermark asks the latest
+            // offset, which waits for a new leader's high watermark to
+            // catch up (the earliest answer's could be behind, and clamp
+            // an offset already acknowledged); a reset to the earliest
+            // needs only the log start.
             let spec = match to {
                 To::ToTimestampMs(_) => pb::OffsetSpec::Timestamp,
-                To::ToLatest(_) => pb::OffsetSpec::Latest,
-                _ => pb::OffsetSpec::Earliest,
+                To::ToEarliest(_) => pb::OffsetSpec::Earliest,
+                _ => pb::OffsetSpec::Latest,
             };
             let ts = if let To::ToTimestampMs(ts) = to {
                 ts
