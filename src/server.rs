@@ -365,11 +365,20 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
     );
     endpoint.set_heartbeat_contact(heartbeat.contact());
     let ready = async {
-        store.wait_for_cluster_id(STARTUP_TIMEOUT).await?;
+        // One deadline for both waits: the quorum, then this broker's
+        // registration.
+        let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
+        let not_registered = || ServerError::NotRegistered {
+            waited_s: STARTUP_TIMEOUT.as_secs(),
+        };
+        store
+            .wait_for_cluster_id(STARTUP_TIMEOUT)
+            .await
+            .map_err(|_| not_registered())?;
         let mut rx = store.watch();
         let mut registered = heartbeat.registered();
         let node = config.node_id;
-        tokio::time::timeout(STARTUP_TIMEOUT, async {
+        tokio::time::timeout_at(deadline, async {
             // This process's registration, not one left by a crashed
             // predecessor (replayed from the metadata log, unfenced if it
             // died within its session; it may name another port).
@@ -388,9 +397,7 @@ pub async fn run(mut config: ServerConfig, external: CancellationToken) -> Resul
             .map_err(|_| ())
         })
         .await
-        .map_err(|_| ServerError::NotRegistered {
-            waited_s: STARTUP_TIMEOUT.as_secs(),
-        })?
+        .map_err(|_| not_registered())?
         .map_err(|_| MetadataError::Raft {
             reason: "metadata store stopped".into(),
         })?;

@@ -17,11 +17,6 @@ pub(crate) use producer::async_stream;
 
 use crate::error::BrokerError;
 
-/// Refuses a client's `operation` on an internal topic, as Kafka does
-/// with INVALID_TOPIC: the group coordinator alone creates and writes
-/// `__consumer_offsets`, deleting it or its records loses every group's
-/// committed offsets, and its partition count decides which partition
-/// (and coordinator) each group has.
 /// Counts a produce or fetch refused here, before the broker (no access,
 /// the internal topic, a request that could not be read), in
 /// `runnel_request_errors_total` as the broker counts its own refusals:
@@ -39,6 +34,11 @@ fn counted<T>(
     result
 }
 
+/// Refuses a client's `operation` on an internal topic, as Kafka does
+/// with INVALID_TOPIC: the group coordinator alone creates and writes
+/// `__consumer_offsets`, deleting it or its records loses every group's
+/// committed offsets, and its partition count decides which partition
+/// (and coordinator) each group has.
 fn refuse_internal(topic: &str, operation: &'static str) -> Result<(), BrokerError> {
     if topic == crate::group::OFFSETS_TOPIC {
         return Err(BrokerError::InternalTopic {

@@ -292,9 +292,13 @@ pub fn produce_stream<S: ProduceRequests>(
                     let req = match next {
                         Some(Ok(req)) => req,
                         Some(Err(status)) => {
-                            broker
-                                .metrics()
-                                .request_error("produce", crate::rpc::undecodable(&status).0);
+                            // A stream the client broke (a reset, a crash,
+                            // a call dropped) is no refusal.
+                            if status.code() != tonic::Code::Cancelled {
+                                broker
+                                    .metrics()
+                                    .request_error("produce", crate::rpc::undecodable(&status).0);
+                            }
                             // The request cannot be read (too large for
                             // gRPC, or not a message), and nothing after it
                             // can: it is answered in its place, after the
