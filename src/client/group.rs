@@ -18,7 +18,7 @@
 //! New partitions start from the committed offset, or from `offset_reset`
 //! when none is committed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1628,17 +1628,34 @@ impl GroupConsumer {
         let mut fatal = None;
         let mut out_of_range = Vec::new();
         {
-            let mut polls: FuturesUnordered<_> = self
-                .consumers
-                .iter_mut()
+            // Polled from a partition one further each time (the order
+            // decides who is taken first when several are ready), and no
+            // more are taken once a poll's worth is in hand: gathered from
+            // every ready partition and cut, most records went back to
+            // their partitions on every poll (consume --group at half
+            // speed).
+            let mut owned: Vec<_> = self.consumers.iter_mut().collect();
+            if !owned.is_empty() {
+                let turn = self.poll_cursor % owned.len();
+                owned.rotate_left(turn);
+            }
+            self.poll_cursor = self.poll_cursor.wrapping_add(1);
+            let mut polls: FuturesUnordered<_> = owned
+                .into_iter()
                 .map(|(tp, c)| {
                     c.max_wait_ms = wait_ms;
                     async move { (tp, c.poll().await) }
                 })
                 .collect();
+            let max_records = self.config.max_poll_records;
+            let mut taken = 0usize;
             let mut take = |tp: &(String, i32), r: Result<Vec<ConsumedRecord>, ClientError>| match r
             {
-                Ok(records) => out.extend(records),
+                Ok(records) => {
+                    taken += records.len();
+                    out.extend(records);
+                    taken
+                }
                 // The position fell off the log, or the topic was deleted
                 // and created again: start over per policy.
                 Err(e)
@@ -1648,9 +1665,16 @@ impl GroupConsumer {
                     ) =>
                 {
                     out_of_range.push((tp.clone(), e.code() == pb::ErrorCode::UnknownTopicId));
+                    taken
                 }
-                Err(e) if fetch_failure_is_fatal(&e) => fatal = Some(e),
-                Err(e) => failed = Some(e),
+                Err(e) if fetch_failure_is_fatal(&e) => {
+                    fatal = Some(e);
+                    taken
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    taken
+                }
             };
             loop {
                 let next = tokio::select! {
@@ -1659,49 +1683,23 @@ impl GroupConsumer {
                 };
                 let Some((tp, r)) = next else { break };
                 let got = matches!(&r, Ok(records) if !records.is_empty());
-                take(tp, r);
+                let mut so_far = take(tp, r);
                 if got {
-                    // Whatever else is ready now, without waiting.
-                    while let Some(Some((tp, r))) = polls.next().now_or_never() {
-                        take(tp, r);
+                    // Whatever else is ready now, without waiting, up to
+                    // a poll's worth.
+                    while so_far < max_records {
+                        let Some(Some((tp, r))) = polls.next().now_or_never() else {
+                            break;
+                        };
+                        so_far = take(tp, r);
                     }
                     break;
                 }
             }
         }
-        // Past max_poll_records (several partitions had records): the
-        // rest go back to their partitions, unseen, for the next polls.
-        // The partitions take turns at the front (a cursor over their
-        // order that moves each time): a partition whose records are ready
-        // at once on every poll (a backlog) came first every time and,
-        // cut at the limit, the others' records went back every time.
+        // Past max_poll_records (the last partition taken brought more):
+        // the rest go back to their partitions, unseen, for the next polls.
         if out.len() > self.config.max_poll_records {
-            let mut runs: Vec<Vec<ConsumedRecord>> = Vec::new();
-            for r in out.drain(..) {
-                match runs.last_mut() {
-                    Some(run) if run[0].partition == r.partition && run[0].topic == r.topic => {
-                        run.push(r)
-                    }
-                    _ => runs.push(vec![r]),
-                }
-            }
-            let n = self.consumers.len().max(1);
-            let cursor = self.poll_cursor % n;
-            let order: HashMap<(&str, i32), usize> = self
-                .consumers
-                .keys()
-                .enumerate()
-                .map(|(i, (t, p))| ((t.as_str(), *p), i))
-                .collect();
-            runs.sort_by_cached_key(|run| {
-                let at = order
-                    .get(&(&*run[0].topic, run[0].partition))
-                    .copied()
-                    .unwrap_or(0);
-                (at + n - cursor) % n
-            });
-            self.poll_cursor = self.poll_cursor.wrapping_add(1);
-            out = runs.concat();
             let mut back = out.split_off(self.config.max_poll_records);
             while let Some(first) = back.first() {
                 let (topic, partition) = (first.topic.clone(), first.partition);
