@@ -1048,34 +1048,16 @@ impl RecordBatch {
 
     /// Decodes the records, zero-copy.
     pub fn records(&self) -> Result<Vec<Record>> {
-        let codec = self.attributes() & ATTR_COMPRESSION_MASK;
-        if codec != 0 {
-            return Err(corrupt(format!("unsupported compression codec {codec}")));
-        }
-        let count = self.record_count();
-        let body = self.bytes.slice(HEADER_LEN..);
-        let count_usize = usize::try_from(count)
-            .map_err(|_| corrupt(format!("negative record count {count}")))?;
         // Never trust the count for allocation: bound it by what the bytes
         // could possibly hold.
-        let mut records = Vec::with_capacity(count_usize.min(body.len() / RECORD_BYTES_MIN));
-        let mut cursor = Cursor {
-            buf: &body,
-            position: 0,
-        };
-        let log_append_time = self.is_log_append_time().then(|| self.max_timestamp());
-        for index in 0..count_usize {
-            let record = cursor
-                .record(self.base_offset(), self.base_timestamp(), log_append_time)
-                .map_err(|reason| corrupt(format!("record {index}: {reason}")))?;
-            records.push(record);
-        }
-        if cursor.position != body.len() {
-            return Err(corrupt(format!(
-                "{} trailing bytes after {count} records",
-                body.len() - cursor.position
-            )));
-        }
+        let bound = usize::try_from(self.record_count())
+            .unwrap_or(0)
+            .min(self.bytes.len().saturating_sub(HEADER_LEN) / RECORD_BYTES_MIN);
+        let mut records = Vec::with_capacity(bound);
+        self.for_each_record_from(i64::MIN, |r| {
+            records.push(r);
+            true
+        })?;
         Ok(records)
     }
 
@@ -1104,12 +1086,19 @@ impl RecordBatch {
             position: 0,
         };
         let log_append_time = self.is_log_append_time().then(|| self.max_timestamp());
+        // Offsets grow within a batch: once one record is at or past
+        // `from_offset`, the rest are too (and none is skipped when the
+        // batch starts there).
+        let mut skipping = from_offset > self.base_offset();
         for index in 0..count_usize {
-            let skipped = cursor
-                .skip_below(self.base_offset(), from_offset)
-                .map_err(|reason| corrupt(format!("record {index}: {reason}")))?;
-            if skipped {
-                continue;
+            if skipping {
+                let skipped = cursor
+                    .skip_below(self.base_offset(), from_offset)
+                    .map_err(|reason| corrupt(format!("record {index}: {reason}")))?;
+                if skipped {
+                    continue;
+                }
+                skipping = false;
             }
             let record = cursor
                 .record(self.base_offset(), self.base_timestamp(), log_append_time)
