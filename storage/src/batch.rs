@@ -1153,11 +1153,9 @@ impl Cursor<'_> {
         self.position += len;
         Ok(Some(out))
     }
-    /// Skips the next record when its offset is below `from`, reading only
-    /// its length and the fields before its offset delta; whether it did
-    /// (if not, the cursor is where it was).
-    fn skip_below(&mut self, base_offset: i64, from: i64) -> Result<bool, &'static str> {
-        let start = self.position;
+    /// A record's length and the fields before its key: (where the record
+    /// ends, timestamp delta, offset delta). Attributes are unused.
+    fn record_head(&mut self) -> Result<(usize, i64, i32), &'static str> {
         let len = self.varint()?;
         let len = usize::try_from(len).map_err(|_| "negative record length")?;
         if len > self.buf.len() - self.position {
@@ -1165,8 +1163,17 @@ impl Cursor<'_> {
         }
         let end = self.position + len;
         let _attributes = self.i8()?;
-        let _timestamp_delta = self.varlong()?;
+        let timestamp_delta = self.varlong()?;
         let offset_delta = self.varint()?;
+        Ok((end, timestamp_delta, offset_delta))
+    }
+
+    /// Skips the next record when its offset is below `from`, reading only
+    /// its length and the fields before its offset delta; whether it did
+    /// (if not, the cursor is where it was).
+    fn skip_below(&mut self, base_offset: i64, from: i64) -> Result<bool, &'static str> {
+        let start = self.position;
+        let (end, _, offset_delta) = self.record_head()?;
         if self.position > end {
             return Err("record length does not match its fields");
         }
@@ -1188,15 +1195,7 @@ impl Cursor<'_> {
         base_timestamp: i64,
         log_append_time: Option<i64>,
     ) -> Result<Record, &'static str> {
-        let len = self.varint()?;
-        let len = usize::try_from(len).map_err(|_| "negative record length")?;
-        if len > self.buf.len() - self.position {
-            return Err("record length beyond batch");
-        }
-        let end = self.position + len;
-        let _attributes = self.i8()?;
-        let timestamp_delta = self.varlong()?;
-        let offset_delta = self.varint()?;
+        let (end, timestamp_delta, offset_delta) = self.record_head()?;
         let key = self.bytes(end)?;
         let value = self.bytes(end)?;
         let header_count = self.varint()?;
